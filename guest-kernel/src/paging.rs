@@ -1,0 +1,326 @@
+//! Building, querying and tearing down 4-level x86-64 page tables.
+//!
+//! The code is generic over [`PageTableMemory`]: how page-table frames are
+//! reached and where new ones come from (the kernel's direct map and frame
+//! allocator in the guest, a map of boxed tables in host tests). It uses
+//! the `x86_64` crate's `PageTable` and `PageTableFlags` types.
+//!
+//! Invariant: intermediate entries of user mappings carry
+//! `PRESENT | WRITABLE | USER_ACCESSIBLE` and never restrict anything; all
+//! permissions (`WRITABLE`, `USER_ACCESSIBLE`, `NO_EXECUTE`) are decided by the
+//! leaf entry alone, so the VMM's walk and the kernel's agree on what a leaf means.
+
+use superos_protocol::layout::PAGE_SIZE;
+use x86_64::structures::paging::{PageTable, PageTableFlags as Flags};
+use x86_64::PhysAddr;
+
+/// Access to page-table frames by physical address, and a source of new ones.
+pub trait PageTableMemory {
+    /// Returns the page table stored in the frame at `frame`.
+    fn table(&mut self, frame: u64) -> &mut PageTable;
+    /// Allocates a zeroed frame for a new table, or `None` when out of memory.
+    fn alloc_table(&mut self) -> Option<u64>;
+    /// Releases a table frame; the implementation scrubs it.
+    fn free_table(&mut self, frame: u64);
+}
+
+/// Why a mapping could not be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The virtual address is already mapped.
+    AlreadyMapped,
+    /// No frame for an intermediate table.
+    OutOfMemory,
+    /// A large page already covers the address.
+    LargePageInTheWay,
+    /// The address is not canonical or not aligned to the page size.
+    BadAddress,
+}
+
+/// Size of a mapping made by [`map`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageSize {
+    /// A 4 KiB page (level-1 leaf).
+    Size4K,
+    /// A 2 MiB page (level-2 leaf).
+    Size2M,
+}
+
+/// The result of [`translate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The physical address the virtual address maps to.
+    pub phys: u64,
+    /// The leaf entry's flags.
+    pub flags: Flags,
+}
+
+/// Flags of intermediate entries for user mappings (see the module invariant).
+pub const USER_TABLE_FLAGS: Flags =
+    Flags::PRESENT.union(Flags::WRITABLE).union(Flags::USER_ACCESSIBLE);
+/// Flags of intermediate entries for kernel mappings.
+pub const KERNEL_TABLE_FLAGS: Flags = Flags::PRESENT.union(Flags::WRITABLE);
+
+fn index(va: u64, level: u32) -> usize {
+    ((va >> (12 + 9 * (level - 1))) & 0x1ff) as usize
+}
+
+fn is_canonical(va: u64) -> bool {
+    let top = va >> 47;
+    top == 0 || top == 0x1ffff
+}
+
+/// Maps `va` to `phys` in the tables rooted at `pml4` with the leaf `flags`
+/// (`PRESENT` is added). Intermediate tables are created as needed with
+/// `table_flags`.
+#[allow(clippy::too_many_arguments)]
+pub fn map<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    va: u64,
+    phys: u64,
+    size: PageSize,
+    flags: Flags,
+    table_flags: Flags,
+) -> Result<(), MapError> {
+    let (leaf_level, align) = match size {
+        PageSize::Size4K => (1, PAGE_SIZE),
+        PageSize::Size2M => (2, 2 << 20),
+    };
+    if !is_canonical(va) || va % align != 0 || phys % align != 0 {
+        return Err(MapError::BadAddress);
+    }
+    let mut table = pml4;
+    for level in (leaf_level + 1..=4).rev() {
+        let entry = &mut mem.table(table)[index(va, level)];
+        if entry.is_unused() {
+            let new = mem.alloc_table().ok_or(MapError::OutOfMemory)?;
+            mem.table(table)[index(va, level)].set_addr(PhysAddr::new(new), table_flags);
+            table = new;
+        } else if entry.flags().contains(Flags::HUGE_PAGE) {
+            return Err(MapError::LargePageInTheWay);
+        } else {
+            table = entry.addr().as_u64();
+        }
+    }
+    let entry = &mut mem.table(table)[index(va, leaf_level)];
+    if !entry.is_unused() {
+        return Err(MapError::AlreadyMapped);
+    }
+    let mut leaf = flags | Flags::PRESENT;
+    if size == PageSize::Size2M {
+        leaf |= Flags::HUGE_PAGE;
+    }
+    entry.set_addr(PhysAddr::new(phys), leaf);
+    Ok(())
+}
+
+/// Translates `va` through the tables rooted at `pml4`, honouring 2 MiB and
+/// 1 GiB leaves. Returns `None` if any level is not present.
+pub fn translate<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<Translation> {
+    if !is_canonical(va) {
+        return None;
+    }
+    let mut table = pml4;
+    for level in (1..=4).rev() {
+        let entry = &mem.table(table)[index(va, level)];
+        let flags = entry.flags();
+        if !flags.contains(Flags::PRESENT) {
+            return None;
+        }
+        let is_leaf = level == 1 || (level <= 3 && flags.contains(Flags::HUGE_PAGE));
+        if is_leaf {
+            let page_mask = (1u64 << (12 + 9 * (level - 1))) - 1;
+            let base = entry.addr().as_u64() & !page_mask;
+            return Some(Translation { phys: base | (va & page_mask), flags });
+        }
+        table = entry.addr().as_u64();
+    }
+    None
+}
+
+/// Removes the 4 KiB mapping of `va` and returns the frame it mapped. Empty
+/// intermediate tables are kept (they are freed with the address space).
+pub fn unmap<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<u64> {
+    let mut table = pml4;
+    for level in (2..=4).rev() {
+        let entry = &mem.table(table)[index(va, level)];
+        if !entry.flags().contains(Flags::PRESENT) || entry.flags().contains(Flags::HUGE_PAGE) {
+            return None;
+        }
+        table = entry.addr().as_u64();
+    }
+    let entry = &mut mem.table(table)[index(va, 1)];
+    if !entry.flags().contains(Flags::PRESENT) {
+        return None;
+    }
+    let frame = entry.addr().as_u64();
+    entry.set_unused();
+    Some(frame)
+}
+
+/// Tears down the user half (PML4 slots 0..256) of an address space: calls
+/// `on_leaf(va, frame, flags)` for every 4 KiB leaf, then frees every user-half
+/// table frame. The PML4 itself and the
+/// kernel half are left alone. Large user pages are never created, so a large
+/// leaf here is reported to `on_leaf` with its base frame and dropped.
+pub fn free_user_half<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    mut on_leaf: impl FnMut(u64, u64, Flags),
+) {
+    for i4 in 0..256 {
+        let Some(pdpt) = take_table(mem, pml4, i4) else { continue };
+        for i3 in 0..512 {
+            let Some(pd) = take_table_or_leaf(mem, pdpt, i3, &mut on_leaf, va_of(i4, i3, 0, 0)) else {
+                continue;
+            };
+            for i2 in 0..512 {
+                let Some(pt) = take_table_or_leaf(mem, pd, i2, &mut on_leaf, va_of(i4, i3, i2, 0)) else {
+                    continue;
+                };
+                for i1 in 0..512 {
+                    let entry = &mut mem.table(pt)[i1];
+                    if entry.flags().contains(Flags::PRESENT) {
+                        let (frame, flags) = (entry.addr().as_u64(), entry.flags());
+                        entry.set_unused();
+                        on_leaf(va_of(i4, i3, i2, i1), frame, flags);
+                    }
+                }
+                mem.free_table(pt);
+            }
+            mem.free_table(pd);
+        }
+        mem.free_table(pdpt);
+    }
+}
+
+fn va_of(i4: usize, i3: usize, i2: usize, i1: usize) -> u64 {
+    ((i4 as u64) << 39) | ((i3 as u64) << 30) | ((i2 as u64) << 21) | ((i1 as u64) << 12)
+}
+
+/// Clears entry `i` of `table` and returns the table it pointed to.
+fn take_table<M: PageTableMemory>(mem: &mut M, table: u64, i: usize) -> Option<u64> {
+    let entry = &mut mem.table(table)[i];
+    if !entry.flags().contains(Flags::PRESENT) {
+        return None;
+    }
+    let next = entry.addr().as_u64();
+    entry.set_unused();
+    Some(next)
+}
+
+fn take_table_or_leaf<M: PageTableMemory>(
+    mem: &mut M,
+    table: u64,
+    i: usize,
+    on_leaf: &mut impl FnMut(u64, u64, Flags),
+    va: u64,
+) -> Option<u64> {
+    let entry = &mut mem.table(table)[i];
+    let flags = entry.flags();
+    if !flags.contains(Flags::PRESENT) {
+        return None;
+    }
+    let next = entry.addr().as_u64();
+    entry.set_unused();
+    if flags.contains(Flags::HUGE_PAGE) {
+        on_leaf(va, next, flags);
+        return None;
+    }
+    Some(next)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Host stand-in for guest-physical memory: a map of boxed tables.
+    #[derive(Default)]
+    pub(crate) struct FakeMemory {
+        pub tables: BTreeMap<u64, Box<PageTable>>,
+        next: u64,
+    }
+
+    impl PageTableMemory for FakeMemory {
+        fn table(&mut self, frame: u64) -> &mut PageTable {
+            self.tables.get_mut(&frame).unwrap_or_else(|| panic!("no table at {frame:#x}"))
+        }
+        fn alloc_table(&mut self) -> Option<u64> {
+            self.next += PAGE_SIZE;
+            let frame = 0x100_0000 + self.next;
+            self.tables.insert(frame, Box::new(PageTable::new()));
+            Some(frame)
+        }
+        fn free_table(&mut self, frame: u64) {
+            assert!(self.tables.remove(&frame).is_some(), "freed unknown table {frame:#x}");
+        }
+    }
+
+    fn map_4k(mem: &mut FakeMemory, pml4: u64, va: u64, pa: u64, flags: Flags) -> Result<(), MapError> {
+        map(mem, pml4, va, pa, PageSize::Size4K, flags, USER_TABLE_FLAGS)
+    }
+
+    #[test]
+    fn map_then_translate_and_unmap() {
+        let mut mem = FakeMemory::default();
+        let pml4 = mem.alloc_table().unwrap();
+        let flags = Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
+        map_4k(&mut mem, pml4, 0x40_0000, 0x20_0000, flags).unwrap();
+        let t = translate(&mut mem, pml4, 0x40_0123).unwrap();
+        assert_eq!(t.phys, 0x20_0123);
+        assert!(t.flags.contains(Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE));
+        assert!(!t.flags.contains(Flags::WRITABLE));
+        assert_eq!(map_4k(&mut mem, pml4, 0x40_0000, 0x30_0000, flags), Err(MapError::AlreadyMapped));
+        assert_eq!(unmap(&mut mem, pml4, 0x40_0000), Some(0x20_0000));
+        assert_eq!(translate(&mut mem, pml4, 0x40_0000), None);
+        assert_eq!(unmap(&mut mem, pml4, 0x40_0000), None);
+    }
+
+    #[test]
+    fn rejects_misaligned_and_non_canonical_addresses() {
+        let mut mem = FakeMemory::default();
+        let pml4 = mem.alloc_table().unwrap();
+        assert_eq!(map_4k(&mut mem, pml4, 0x40_0001, 0, Flags::empty()), Err(MapError::BadAddress));
+        assert_eq!(map_4k(&mut mem, pml4, 0x0000_8000_0000_0000, 0, Flags::empty()), Err(MapError::BadAddress));
+        assert_eq!(translate(&mut mem, pml4, 0x1234_0000_0000_0000), None);
+    }
+
+    #[test]
+    fn large_pages_translate_and_block_small_mappings() {
+        let mut mem = FakeMemory::default();
+        let pml4 = mem.alloc_table().unwrap();
+        let base = 0xffff_8000_0000_0000;
+        map(&mut mem, pml4, base, 0x40_0000, PageSize::Size2M, Flags::WRITABLE, KERNEL_TABLE_FLAGS).unwrap();
+        assert_eq!(translate(&mut mem, pml4, base + 0x1_2345).unwrap().phys, 0x41_2345);
+        assert_eq!(map_4k(&mut mem, pml4, base + 0x1000, 0, Flags::empty()), Err(MapError::LargePageInTheWay));
+    }
+
+    proptest! {
+        /// Random sets of user pages anywhere in the user half: each translates
+        /// to its frame, and tearing the user half down reports exactly those
+        /// pages and frees every table but the PML4.
+        #[test]
+        fn teardown_reports_every_leaf_and_frees_every_table(
+            pages in prop::collection::btree_map(0u64..(1 << 35), 0u64..(1 << 20), 1..60)
+        ) {
+            let mut mem = FakeMemory::default();
+            let pml4 = mem.alloc_table().unwrap();
+            for (&page, &frame) in &pages {
+                map_4k(&mut mem, pml4, page << 12, frame << 12, Flags::USER_ACCESSIBLE).unwrap();
+            }
+            for (&page, &frame) in &pages {
+                prop_assert_eq!(translate(&mut mem, pml4, page << 12).map(|t| t.phys), Some(frame << 12));
+            }
+            let mut seen = BTreeMap::new();
+            free_user_half(&mut mem, pml4, |va, frame, _| {
+                seen.insert(va >> 12, frame >> 12);
+            });
+            prop_assert_eq!(&seen, &pages);
+            let remaining: BTreeSet<u64> = mem.tables.keys().copied().collect();
+            prop_assert_eq!(remaining, BTreeSet::from([pml4]));
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! Kernel event records and the ring the VMM drains.
+//!
+//! The kernel appends fixed-size [`EventRecord`]s to a single-producer,
+//! single-consumer ring in its own memory and tells the VMM with
+//! [`crate::hypercall::Hypercall::EventNotify`]. `head` counts records ever
+//! written (kernel-owned), `tail` records ever consumed (VMM-owned); the slot of
+//! record `n` is `n % capacity`. When the ring is full the kernel drops the new
+//! record and increments `lost`, so nothing disappears silently.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// `EventRingHeader::magic`: "EVNT".
+pub const EVENT_RING_MAGIC: u32 = u32::from_le_bytes(*b"EVNT");
+
+/// Header of the event ring; `capacity` records follow it directly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct EventRingHeader {
+    /// [`EVENT_RING_MAGIC`].
+    pub magic: u32,
+    /// [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Number of record slots.
+    pub capacity: u32,
+    /// `size_of::<EventRecord>()`, checked by the reader.
+    pub record_size: u32,
+    /// Records written so far (kernel-written).
+    pub head: u64,
+    /// Records consumed so far (VMM-written).
+    pub tail: u64,
+    /// Records dropped because the ring was full (kernel-written).
+    pub lost: u64,
+    /// Always zero.
+    pub reserved: u64,
+}
+
+/// One event as stored in the ring. The meaning of `args` depends on `kind`; use
+/// [`EventRecord::decode`] rather than reading them directly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct EventRecord {
+    /// Sequence number, starting at 0, one per record written.
+    pub seq: u64,
+    /// Timer ticks since boot when the event happened.
+    pub tick: u64,
+    /// [`EventKind`] as a raw value.
+    pub kind: u32,
+    /// The process concerned (0 for the kernel itself).
+    pub pid: u32,
+    /// Kind-specific arguments.
+    pub args: [u64; 5],
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EventRingHeader>() == 48);
+    assert!(core::mem::size_of::<EventRecord>() == 64);
+};
+
+/// Event kinds (the `kind` field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum EventKind {
+    /// The kernel finished booting. args: [gate kind, free frames, total frames].
+    KernelReady = 1,
+    /// A gate failed its boot self-test. args: [gate kind, vector, rip, error code].
+    GateSelfTestFailed = 2,
+    /// A process was created. args: [boot spec index, PML4 frame GPA].
+    ProcessSpawned = 3,
+    /// A process could not be created. args: [boot spec index, [`SpawnError`]].
+    SpawnFailed = 4,
+    /// A process exited by itself. args: [exit code (as i64), times preempted].
+    ProcessExited = 5,
+    /// A process was terminated by the kernel. args: [[`FaultKind`], address,
+    /// rip, error code, vector].
+    ProcessKilled = 6,
+    /// A malformed hypercall was refused as expected (debug self-check).
+    /// args: [hypercall port, status the VMM returned].
+    HypercallRefused = 7,
+}
+
+impl EventKind {
+    /// Decodes a raw kind.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            1 => Self::KernelReady,
+            2 => Self::GateSelfTestFailed,
+            3 => Self::ProcessSpawned,
+            4 => Self::SpawnFailed,
+            5 => Self::ProcessExited,
+            6 => Self::ProcessKilled,
+            7 => Self::HypercallRefused,
+            _ => return None,
+        })
+    }
+}
+
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal => $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u32)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)*
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            /// Decodes a raw value.
+            pub fn from_raw(raw: u32) -> Option<Self> {
+                match raw {
+                    $($value => Some(Self::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// The stable kebab-case name used in logs, scenario files and tests.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)*
+                }
+            }
+
+            /// Looks a variant up by its [`Self::name`].
+            pub fn from_name(name: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.name() == name)
+            }
+        }
+
+        impl core::fmt::Display for $name {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// Why the kernel terminated a process.
+    FaultKind {
+        /// Access to an address the process does not map.
+        UnmappedAccess = 1 => "unmapped-access",
+        /// Access to the unmapped guard page below the stack.
+        StackGuard = 2 => "stack-guard",
+        /// Write to a code page (including the gate page).
+        WriteToCode = 3 => "write-to-code",
+        /// Write to a read-only data page.
+        WriteToReadOnly = 4 => "write-to-read-only",
+        /// Instruction fetch from a non-executable page.
+        ExecuteNonExecutable = 5 => "execute-non-executable",
+        /// Access to a kernel address or a supervisor-only page.
+        KernelAccess = 6 => "kernel-access",
+        /// General-protection fault (privileged instruction, non-canonical address).
+        GeneralProtection = 7 => "general-protection",
+        /// Invalid or undefined opcode.
+        InvalidOpcode = 8 => "invalid-opcode",
+        /// Divide error.
+        DivideError = 9 => "divide-error",
+        /// A system-call entry that did not come through the gate stub.
+        IllegalGateEntry = 10 => "illegal-gate-entry",
+        /// Any other CPU exception raised in ring 3.
+        OtherException = 11 => "other-exception",
+    }
+}
+
+named_enum! {
+    /// Why a boot process could not be created.
+    SpawnError {
+        /// The program index names no program image.
+        NoSuchProgram = 1 => "no-such-program",
+        /// The ELF image is malformed or not an x86-64 executable.
+        BadElf = 2 => "bad-elf",
+        /// A segment lies outside the user image window or overlaps another.
+        BadSegmentAddress = 3 => "bad-segment-address",
+        /// A segment asks to be both writable and executable (W^X).
+        WritableAndExecutable = 4 => "writable-and-executable",
+        /// The entry point is not inside an executable segment.
+        BadEntryPoint = 5 => "bad-entry-point",
+        /// Out of physical memory.
+        OutOfMemory = 6 => "out-of-memory",
+        /// The process table is full.
+        TooManyProcesses = 7 => "too-many-processes",
+        /// The image needs more virtual memory than the process's quota.
+        QuotaExceeded = 8 => "quota-exceeded",
+    }
+}
+
+/// A decoded event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// See [`EventKind::KernelReady`].
+    KernelReady {
+        /// `GATE_KIND_*` in use.
+        gate_kind: u32,
+        /// Free frames after boot.
+        free_frames: u64,
+        /// Frames of guest RAM managed by the allocator.
+        total_frames: u64,
+    },
+    /// See [`EventKind::GateSelfTestFailed`].
+    GateSelfTestFailed {
+        /// The gate that failed.
+        gate_kind: u32,
+        /// The exception it raised instead of a system call.
+        vector: u64,
+        /// Where.
+        rip: u64,
+        /// The exception's error code.
+        error_code: u64,
+    },
+    /// See [`EventKind::ProcessSpawned`].
+    ProcessSpawned {
+        /// The new process.
+        pid: u32,
+        /// Its index in the boot process list.
+        spec_index: u64,
+        /// GPA of its PML4.
+        pml4_gpa: u64,
+    },
+    /// See [`EventKind::SpawnFailed`].
+    SpawnFailed {
+        /// Index in the boot process list.
+        spec_index: u64,
+        /// Why (`None` if the kernel sent an unknown code).
+        error: Option<SpawnError>,
+    },
+    /// See [`EventKind::ProcessExited`].
+    ProcessExited {
+        /// The process.
+        pid: u32,
+        /// Its exit code.
+        code: i64,
+        /// How often the timer preempted it.
+        preemptions: u64,
+    },
+    /// See [`EventKind::ProcessKilled`].
+    ProcessKilled {
+        /// The process.
+        pid: u32,
+        /// Why (`None` if the kernel sent an unknown code).
+        fault: Option<FaultKind>,
+        /// Faulting address (CR2 for page faults, else 0).
+        addr: u64,
+        /// Faulting instruction.
+        rip: u64,
+        /// Exception error code.
+        error_code: u64,
+        /// Exception vector.
+        vector: u64,
+    },
+    /// See [`EventKind::HypercallRefused`].
+    HypercallRefused {
+        /// The port of the refused call.
+        port: u64,
+        /// The status the VMM answered.
+        status: u64,
+    },
+}
+
+/// An event record whose kind the reader does not know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownEventKind(pub u32);
+
+impl EventRecord {
+    /// Decodes the record into a typed [`Event`].
+    pub fn decode(&self) -> Result<Event, UnknownEventKind> {
+        let [a0, a1, a2, a3, a4] = self.args;
+        let pid = self.pid;
+        let kind = EventKind::from_raw(self.kind).ok_or(UnknownEventKind(self.kind))?;
+        Ok(match kind {
+            EventKind::KernelReady => Event::KernelReady {
+                gate_kind: a0 as u32,
+                free_frames: a1,
+                total_frames: a2,
+            },
+            EventKind::GateSelfTestFailed => Event::GateSelfTestFailed {
+                gate_kind: a0 as u32,
+                vector: a1,
+                rip: a2,
+                error_code: a3,
+            },
+            EventKind::ProcessSpawned => Event::ProcessSpawned { pid, spec_index: a0, pml4_gpa: a1 },
+            EventKind::SpawnFailed => Event::SpawnFailed {
+                spec_index: a0,
+                error: u32::try_from(a1).ok().and_then(SpawnError::from_raw),
+            },
+            EventKind::ProcessExited => Event::ProcessExited { pid, code: a0 as i64, preemptions: a1 },
+            EventKind::ProcessKilled => Event::ProcessKilled {
+                pid,
+                fault: u32::try_from(a0).ok().and_then(FaultKind::from_raw),
+                addr: a1,
+                rip: a2,
+                error_code: a3,
+                vector: a4,
+            },
+            EventKind::HypercallRefused => Event::HypercallRefused { port: a0, status: a1 },
+        })
+    }
+}
+
+impl Event {
+    /// Encodes the event into a record (`seq` and `tick` are left zero for the
+    /// ring to fill in).
+    pub fn encode(&self) -> EventRecord {
+        let (kind, pid, args) = match *self {
+            Event::KernelReady { gate_kind, free_frames, total_frames } => {
+                (EventKind::KernelReady, 0, [gate_kind as u64, free_frames, total_frames, 0, 0])
+            }
+            Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => {
+                (EventKind::GateSelfTestFailed, 0, [gate_kind as u64, vector, rip, error_code, 0])
+            }
+            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
+                (EventKind::ProcessSpawned, pid, [spec_index, pml4_gpa, 0, 0, 0])
+            }
+            Event::SpawnFailed { spec_index, error } => {
+                (EventKind::SpawnFailed, 0, [spec_index, error.map_or(0, |e| e as u64), 0, 0, 0])
+            }
+            Event::ProcessExited { pid, code, preemptions } => {
+                (EventKind::ProcessExited, pid, [code as u64, preemptions, 0, 0, 0])
+            }
+            Event::ProcessKilled { pid, fault, addr, rip, error_code, vector } => (
+                EventKind::ProcessKilled,
+                pid,
+                [fault.map_or(0, |f| f as u64), addr, rip, error_code, vector],
+            ),
+            Event::HypercallRefused { port, status } => (EventKind::HypercallRefused, 0, [port, status, 0, 0, 0]),
+        };
+        EventRecord { seq: 0, tick: 0, kind: kind as u32, pid, args }
+    }
+}
+
+struct OptName<T>(Option<T>);
+
+impl<T: core::fmt::Display> core::fmt::Display for OptName<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match &self.0 {
+            Some(value) => value.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+impl core::fmt::Display for Event {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use crate::syscall::gate_kind_name;
+        match *self {
+            Event::KernelReady { gate_kind, free_frames, total_frames } => write!(
+                f,
+                "kernel ready: gate={}, {free_frames} of {total_frames} frames free",
+                gate_kind_name(gate_kind)
+            ),
+            Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => write!(
+                f,
+                "gate self-test failed for {}: vector {vector} at rip {rip:#x} (error {error_code:#x})",
+                gate_kind_name(gate_kind)
+            ),
+            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
+                write!(f, "pid {pid} spawned (boot process #{spec_index}, pml4 at {pml4_gpa:#x})")
+            }
+            Event::SpawnFailed { spec_index, error } => {
+                write!(f, "boot process #{spec_index} not started: {}", OptName(error))
+            }
+            Event::ProcessExited { pid, code, preemptions } => {
+                write!(f, "pid {pid} exited with code {code} (preempted {preemptions} times)")
+            }
+            Event::ProcessKilled { pid, fault, addr, rip, error_code, vector } => write!(
+                f,
+                "pid {pid} killed: {} at {addr:#x} (rip {rip:#x}, vector {vector}, error {error_code:#x})",
+                OptName(fault)
+            ),
+            Event::HypercallRefused { port, status } => {
+                write!(f, "malformed hypercall to port {port:#x} refused with status {status}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_records() {
+        let events = [
+            Event::KernelReady { gate_kind: 2, free_frames: 10, total_frames: 20 },
+            Event::GateSelfTestFailed { gate_kind: 1, vector: 14, rip: 0xffff_ffff_8010_0000, error_code: 0x15 },
+            Event::ProcessSpawned { pid: 3, spec_index: 1, pml4_gpa: 0x20_0000 },
+            Event::SpawnFailed { spec_index: 2, error: Some(SpawnError::WritableAndExecutable) },
+            Event::ProcessExited { pid: 4, code: -7, preemptions: 9 },
+            Event::ProcessKilled {
+                pid: 5,
+                fault: Some(FaultKind::WriteToCode),
+                addr: 0x40_1000,
+                rip: 0x40_1003,
+                error_code: 7,
+                vector: 14,
+            },
+            Event::HypercallRefused { port: 0x501, status: 1 },
+        ];
+        for event in events {
+            assert_eq!(event.encode().decode(), Ok(event));
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_and_codes_are_reported_not_trusted() {
+        let record = EventRecord { kind: 999, ..Default::default() };
+        assert_eq!(record.decode(), Err(UnknownEventKind(999)));
+        let record = EventRecord { kind: EventKind::ProcessKilled as u32, args: [77, 0, 0, 0, 0], ..Default::default() };
+        match record.decode() {
+            Ok(Event::ProcessKilled { fault: None, .. }) => {}
+            other => panic!("unexpected decode {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fault_names_are_unique_and_round_trip() {
+        for fault in FaultKind::ALL {
+            assert_eq!(FaultKind::from_name(fault.name()), Some(*fault));
+            assert_eq!(FaultKind::from_raw(*fault as u32), Some(*fault));
+        }
+        assert_eq!(FaultKind::from_name("no-such-fault"), None);
+    }
+}

@@ -1,0 +1,192 @@
+//! Kernel -> VMM calls ("hypercalls").
+//!
+//! A hypercall is a 32-bit `out` to one of the ports in [`Hypercall`] (the
+//! discriminants *are* the port numbers). For calls with parameters, the value
+//! written is the guest-physical address of a `#[repr(C)]` parameter block below
+//! 4 GiB; for the others it is the argument itself. The VMM copies the block out of
+//! guest memory, validates every field, and writes back only the documented
+//! host-written fields (`status`). The guest sets `status` to [`STATUS_PENDING`]
+//! before the call: if the block address itself is invalid the VMM cannot answer,
+//! the field stays pending, and the guest treats that as an error.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// The hypercall ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Hypercall {
+    /// The kernel has started: value = GPA of [`BootHelloParams`].
+    BootHello = 0x500,
+    /// Write bytes to the console: value = GPA of [`ConsoleWriteParams`].
+    ConsoleWrite = 0x501,
+    /// A boot phase was reached: value = a [`BootPhase`].
+    Phase = 0x502,
+    /// New records are in the event ring: value ignored.
+    EventNotify = 0x503,
+    /// The kernel panicked: value = GPA of [`PanicParams`]. Does not return.
+    Panic = 0x504,
+    /// The kernel is done: value = the guest's exit status. Does not return.
+    Shutdown = 0x505,
+}
+
+impl Hypercall {
+    /// Maps an I/O port to a hypercall; `None` for ports that are not hypercalls.
+    pub fn from_port(port: u16) -> Option<Self> {
+        Some(match port {
+            0x500 => Self::BootHello,
+            0x501 => Self::ConsoleWrite,
+            0x502 => Self::Phase,
+            0x503 => Self::EventNotify,
+            0x504 => Self::Panic,
+            0x505 => Self::Shutdown,
+            _ => return None,
+        })
+    }
+
+    /// The I/O port of this hypercall.
+    pub const fn port(self) -> u16 {
+        self as u16
+    }
+
+    /// A short name for logs and statistics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::BootHello => "boot-hello",
+            Self::ConsoleWrite => "console-write",
+            Self::Phase => "phase",
+            Self::EventNotify => "event-notify",
+            Self::Panic => "panic",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// `status` value the guest writes before a call; still there afterwards means
+/// the VMM could not even read the parameter block.
+pub const STATUS_PENDING: u32 = u32::MAX;
+/// The call succeeded.
+pub const STATUS_OK: u32 = 0;
+/// A guest address in the parameter block lies outside guest RAM.
+pub const STATUS_BAD_ADDRESS: u32 = 1;
+/// A length exceeds the documented maximum.
+pub const STATUS_TOO_LARGE: u32 = 2;
+/// The protocol version in the block is not the VMM's.
+pub const STATUS_BAD_VERSION: u32 = 3;
+/// Some other field is invalid.
+pub const STATUS_BAD_ARGUMENT: u32 = 4;
+
+/// Boot milestones reported with [`Hypercall::Phase`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum BootPhase {
+    /// The kernel is about to execute the first user instruction of a scenario
+    /// process (after the gate self-test).
+    FirstUserInstruction = 1,
+}
+
+impl BootPhase {
+    /// Decodes a raw phase number.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::FirstUserInstruction),
+            _ => None,
+        }
+    }
+}
+
+/// Parameters of [`Hypercall::BootHello`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct BootHelloParams {
+    /// The kernel's [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Host-written status (`STATUS_*`).
+    pub status: u32,
+    /// GPA of the kernel's event ring ([`crate::event::EventRingHeader`]).
+    pub event_ring_gpa: u64,
+    /// Size of the event ring in bytes, header included.
+    pub event_ring_bytes: u64,
+    /// GPA of the kernel's text section.
+    pub kernel_text_gpa: u64,
+    /// Length of the kernel's text section in bytes.
+    pub kernel_text_len: u64,
+}
+
+/// Most bytes one [`Hypercall::ConsoleWrite`] may carry.
+pub const CONSOLE_WRITE_MAX: u64 = 4096;
+
+/// Parameters of [`Hypercall::ConsoleWrite`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ConsoleWriteParams {
+    /// Who wrote it: 0 for the kernel, otherwise the writing process's pid.
+    pub source_pid: u32,
+    /// Host-written status (`STATUS_*`).
+    pub status: u32,
+    /// GPA of the bytes (contiguous in guest-physical memory).
+    pub gpa: u64,
+    /// Number of bytes, at most [`CONSOLE_WRITE_MAX`].
+    pub len: u64,
+}
+
+/// Most message bytes one [`Hypercall::Panic`] may carry.
+pub const PANIC_MESSAGE_MAX: u64 = 1024;
+/// `PanicParams::vector` when the panic did not come from a CPU exception.
+pub const PANIC_NO_VECTOR: u32 = u32::MAX;
+
+/// Parameters of [`Hypercall::Panic`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct PanicParams {
+    /// GPA of the UTF-8 panic message.
+    pub msg_gpa: u64,
+    /// Length of the message, at most [`PANIC_MESSAGE_MAX`].
+    pub msg_len: u64,
+    /// Exception vector if a ring-0 exception caused the panic, else
+    /// [`PANIC_NO_VECTOR`].
+    pub vector: u32,
+    /// Host-written status (`STATUS_*`).
+    pub status: u32,
+    /// Error code pushed by the exception (0 if none).
+    pub error_code: u64,
+    /// RIP of the faulting instruction (0 if not from an exception).
+    pub fault_rip: u64,
+    /// CR2 at the time of the exception (page faults).
+    pub fault_addr: u64,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<BootHelloParams>() == 40);
+    assert!(core::mem::size_of::<ConsoleWriteParams>() == 24);
+    assert!(core::mem::size_of::<PanicParams>() == 48);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_round_trip() {
+        for call in [
+            Hypercall::BootHello,
+            Hypercall::ConsoleWrite,
+            Hypercall::Phase,
+            Hypercall::EventNotify,
+            Hypercall::Panic,
+            Hypercall::Shutdown,
+        ] {
+            assert_eq!(Hypercall::from_port(call.port()), Some(call));
+        }
+        assert_eq!(Hypercall::from_port(0x3f8), None);
+        assert_eq!(Hypercall::from_port(0x506), None);
+    }
+
+    #[test]
+    fn parameter_layouts_are_stable() {
+        use core::mem::offset_of;
+        assert_eq!(offset_of!(ConsoleWriteParams, status), 4);
+        assert_eq!(offset_of!(ConsoleWriteParams, gpa), 8);
+        assert_eq!(offset_of!(PanicParams, status), 20);
+        assert_eq!(offset_of!(BootHelloParams, event_ring_gpa), 8);
+    }
+}
