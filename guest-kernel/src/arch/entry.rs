@@ -1,0 +1,143 @@
+//! Assembly entry points: the kernel's `_start`, one stub per interrupt vector,
+//! the `syscall` entry, and the common path that saves a [`super::TrapFrame`],
+//! calls [`crate::kernel::trap_dispatch`] and resumes whatever context the
+//! frame then holds with `iretq`.
+//!
+//! There is one kernel stack. Every entry from ring 3 starts on an empty stack
+//! (TSS.RSP0 for interrupts and exceptions, an explicit switch for `syscall`),
+//! so the kernel keeps no per-process kernel state on a stack: switching
+//! processes means rewriting the frame before `iretq`.
+
+use super::{tables, SYSCALL_VECTOR};
+use core::arch::global_asm;
+
+global_asm!(
+    r#"
+    .section .text.entry, "ax"
+    .global _start
+_start:
+    cli
+    lea rsp, [rip + __kernel_stack_top]
+    xor ebp, ebp
+    // rdi = guest-physical address of the boot info, from the VMM.
+    call {kernel_main}
+    ud2
+
+    .text
+    .macro TRAP_NO_ERROR_CODE vector
+    .global trap_stub_\vector
+trap_stub_\vector:
+    push 0
+    push \vector
+    jmp trap_common
+    .endm
+
+    .macro TRAP_WITH_ERROR_CODE vector
+    .global trap_stub_\vector
+trap_stub_\vector:
+    push \vector
+    jmp trap_common
+    .endm
+
+    .irp vector, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,255
+    TRAP_NO_ERROR_CODE \vector
+    .endr
+    .irp vector, 8,10,11,12,13,14,17,21,29,30
+    TRAP_WITH_ERROR_CODE \vector
+    .endr
+
+trap_common:
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    cld
+    mov rdi, rsp
+    call {dispatch}
+trap_exit:
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rbp
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    add rsp, 16
+    iretq
+
+    // syscall: rcx = user rip, r11 = user rflags, rsp = user stack. Build the
+    // same frame an interrupt from ring 3 would, then share the common path.
+    .global syscall_entry
+syscall_entry:
+    mov [rip + syscall_user_rsp], rsp
+    lea rsp, [rip + __kernel_stack_top]
+    push {user_ss}
+    push qword ptr [rip + syscall_user_rsp]
+    push r11
+    push {user_cs}
+    push rcx
+    push 0
+    push {syscall_vector}
+    jmp trap_common
+
+    // enter_user(frame: *const TrapFrame) -> !: resume the context in `frame`.
+    .global enter_user
+enter_user:
+    mov rsp, rdi
+    jmp trap_exit
+
+    .section .rodata
+    .balign 8
+    .global trap_stub_table
+trap_stub_table:
+    .irp vector, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad trap_stub_\vector
+    .endr
+
+    .section .data
+    .balign 8
+syscall_user_rsp:
+    .quad 0
+"#,
+    kernel_main = sym crate::kernel::kernel_main,
+    dispatch = sym crate::kernel::trap_dispatch,
+    user_ss = const tables::USER_DATA_SELECTOR,
+    user_cs = const tables::USER_CODE_SELECTOR,
+    syscall_vector = const SYSCALL_VECTOR,
+);
+
+extern "C" {
+    /// Addresses of the stubs for exception vectors 0..32.
+    pub static trap_stub_table: [u64; 32];
+    /// Stub for the timer vector.
+    pub fn trap_stub_32();
+    /// Stub for the spurious vector.
+    pub fn trap_stub_255();
+    /// The `syscall` entry point (LSTAR).
+    pub fn syscall_entry();
+    /// Resumes the ring-3 context stored at `frame`; never returns.
+    pub fn enter_user(frame: *const super::TrapFrame) -> !;
+    /// Top of the kernel stack (linker script).
+    pub static __kernel_stack_top: u8;
+    /// Top of the double-fault stack (linker script).
+    pub static __ist_stack_top: u8;
+}

@@ -1,0 +1,108 @@
+//! Everything that touches the CPU: entry code, trap stubs, descriptor tables,
+//! the local APIC, control registers and port I/O. All of the kernel's
+//! `unsafe` code lives in this module and in the direct-map accessors of
+//! [`crate::kernel`]; each block says which contract it relies on.
+
+pub mod cpu;
+pub mod entry;
+pub mod lapic;
+pub mod tables;
+
+use core::cell::UnsafeCell;
+
+/// Global kernel state that needs interior mutability.
+///
+/// The kernel runs on one CPU, and ring 0 always runs with interrupts disabled
+/// (every IDT gate is an interrupt gate and `syscall` masks IF), so kernel code
+/// is never re-entered while it holds a reference obtained here: the only
+/// entries into the kernel are traps from ring 3, which start on an empty
+/// kernel stack. A ring-0 exception does not return; it reports a panic.
+pub struct KernelCell<T>(UnsafeCell<T>);
+
+// SAFETY: see the type documentation: a single CPU, no preemption in ring 0,
+// so no two contexts ever access the cell concurrently.
+unsafe impl<T> Sync for KernelCell<T> {}
+
+impl<T> KernelCell<T> {
+    /// Wraps a value.
+    pub const fn new(value: T) -> Self {
+        Self(UnsafeCell::new(value))
+    }
+
+    /// Returns the value.
+    ///
+    /// # Safety
+    /// The caller must not hold another reference obtained from this cell
+    /// while using the returned one (see the type documentation for why this
+    /// holds across traps).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn get(&self) -> &mut T {
+        // SAFETY: exclusivity is the caller's obligation, documented above.
+        unsafe { &mut *self.0.get() }
+    }
+
+    /// Raw pointer to the value (for taking addresses without a reference).
+    pub const fn as_ptr(&self) -> *mut T {
+        self.0.get()
+    }
+}
+
+/// The register state saved on every entry from ring 3, in the order the trap
+/// stubs push it. The same layout is used to resume a process: `iretq` reads
+/// `rip`..`ss`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+#[allow(missing_docs)]
+pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    /// Vector number, or [`SYSCALL_VECTOR`] for the `syscall` instruction.
+    pub vector: u64,
+    /// Exception error code (0 where the CPU pushes none).
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+/// Pseudo-vector the `syscall` entry stub records in [`TrapFrame::vector`].
+pub const SYSCALL_VECTOR: u64 = 0x100;
+/// Vector of the LAPIC timer interrupt.
+pub const TIMER_VECTOR: u8 = 0x20;
+/// Vector of the LAPIC spurious interrupt.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+impl TrapFrame {
+    /// True if the trap came from ring 3.
+    pub fn from_user(&self) -> bool {
+        self.cs & 3 == 3
+    }
+
+    /// A fresh ring-3 context starting at `rip` with stack `rsp`.
+    pub fn new_user(rip: u64, rsp: u64, interrupts: bool) -> Self {
+        TrapFrame {
+            rip,
+            rsp,
+            cs: u64::from(tables::USER_CODE_SELECTOR),
+            ss: u64::from(tables::USER_DATA_SELECTOR),
+            // Bit 1 is reserved-one; IF lets the timer preempt the process.
+            rflags: if interrupts { 0x202 } else { 0x2 },
+            ..Default::default()
+        }
+    }
+}

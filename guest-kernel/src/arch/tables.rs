@@ -1,0 +1,117 @@
+//! GDT, TSS and IDT, in the Linux layout that `syscall`/`sysret` expect
+//! (kernel CS 0x10, kernel DS 0x18, user DS 0x2b, user CS 0x33, TSS 0x40).
+
+use super::entry;
+use super::{KernelCell, SPURIOUS_VECTOR, TIMER_VECTOR};
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::instructions::tables::load_tss;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
+use x86_64::structures::idt::InterruptDescriptorTable;
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::{PrivilegeLevel, VirtAddr};
+
+/// Kernel code selector.
+pub const KERNEL_CODE_SELECTOR: u16 = 0x10;
+/// Kernel data selector.
+pub const KERNEL_DATA_SELECTOR: u16 = 0x18;
+/// User data selector (RPL 3).
+pub const USER_DATA_SELECTOR: u16 = 0x2b;
+/// User 64-bit code selector (RPL 3).
+pub const USER_CODE_SELECTOR: u16 = 0x33;
+/// TSS selector.
+pub const TSS_SELECTOR: u16 = 0x40;
+/// `STAR` value: `syscall` loads CS 0x10/SS 0x18; `sysret` CS 0x33/SS 0x2b.
+pub const STAR_VALUE: u64 = (0x23 << 48) | ((KERNEL_CODE_SELECTOR as u64) << 32);
+
+/// IST slot (1-based in the CPU, 0-based here) used by the double-fault handler.
+const DOUBLE_FAULT_IST: u16 = 0;
+
+static TSS: KernelCell<TaskStateSegment> = KernelCell::new(TaskStateSegment::new());
+static GDT: KernelCell<GlobalDescriptorTable<10>> = KernelCell::new(GlobalDescriptorTable::empty());
+static IDT: KernelCell<Option<InterruptDescriptorTable>> = KernelCell::new(None);
+
+/// Loads the GDT, TSS and IDT. Called once, early at boot.
+pub fn init() {
+    // SAFETY: called once at boot before anything else uses these cells.
+    let (tss, gdt, idt) = unsafe { (TSS.get(), GDT.get(), IDT.get()) };
+    // The symbols are defined by the linker script; only their addresses are taken.
+    let stack_top = core::ptr::addr_of!(entry::__kernel_stack_top) as u64;
+    let ist_top = core::ptr::addr_of!(entry::__ist_stack_top) as u64;
+    tss.privilege_stack_table[0] = VirtAddr::new(stack_top);
+    tss.interrupt_stack_table[DOUBLE_FAULT_IST as usize] = VirtAddr::new(ist_top);
+
+    let placeholder = Descriptor::UserSegment(0);
+    gdt.append(placeholder); // 0x08
+    let code = gdt.append(Descriptor::kernel_code_segment()); // 0x10
+    let data = gdt.append(Descriptor::kernel_data_segment()); // 0x18
+    gdt.append(Descriptor::UserSegment(0x00cf_fa00_0000_ffff)); // 0x20 user32 code (sysret layout)
+    gdt.append(Descriptor::user_data_segment()); // 0x28
+    gdt.append(Descriptor::user_code_segment()); // 0x30
+    gdt.append(placeholder); // 0x38
+    // SAFETY: the TSS is a static that lives for the whole run and is not
+    // moved; it is only modified above, before the descriptor is loaded.
+    let tss_selector = gdt.append(unsafe { Descriptor::tss_segment_unchecked(TSS.as_ptr()) }); // 0x40
+    debug_assert_eq!(code.0, KERNEL_CODE_SELECTOR);
+    debug_assert_eq!(tss_selector.0, TSS_SELECTOR);
+
+    // SAFETY: the GDT is a static, so the 'static borrow `load` needs holds
+    // for as long as the CPU uses it; it is never modified again.
+    unsafe { (*GDT.as_ptr()).load_unsafe() };
+    // SAFETY: the selectors index the descriptors appended above.
+    unsafe {
+        CS::set_reg(code);
+        SS::set_reg(data);
+        DS::set_reg(data);
+        ES::set_reg(data);
+        load_tss(tss_selector);
+    }
+
+    let idt = idt.insert(InterruptDescriptorTable::new());
+    // SAFETY: trap_stub_table is filled by the assembler with the addresses of
+    // the stubs in entry.rs, each of which saves a TrapFrame and matches the
+    // error-code convention of its vector.
+    let stubs = unsafe { &entry::trap_stub_table };
+    // SAFETY (all set_handler_addr calls below): each address is the stub for
+    // that vector; the stubs are valid interrupt handlers for the kernel CS.
+    unsafe {
+        let addr = |v: usize| VirtAddr::new(stubs[v]);
+        idt.divide_error.set_handler_addr(addr(0));
+        idt.debug.set_handler_addr(addr(1));
+        idt.non_maskable_interrupt.set_handler_addr(addr(2));
+        // int3 is the system-call gate on PVM hosts: callable from ring 3.
+        idt.breakpoint.set_handler_addr(addr(3)).set_privilege_level(PrivilegeLevel::Ring3);
+        idt.overflow.set_handler_addr(addr(4));
+        idt.bound_range_exceeded.set_handler_addr(addr(5));
+        idt.invalid_opcode.set_handler_addr(addr(6));
+        idt.device_not_available.set_handler_addr(addr(7));
+        idt.double_fault.set_handler_addr(addr(8)).set_stack_index(DOUBLE_FAULT_IST);
+        idt.invalid_tss.set_handler_addr(addr(10));
+        idt.segment_not_present.set_handler_addr(addr(11));
+        idt.stack_segment_fault.set_handler_addr(addr(12));
+        idt.general_protection_fault.set_handler_addr(addr(13));
+        idt.page_fault.set_handler_addr(addr(14));
+        idt.x87_floating_point.set_handler_addr(addr(16));
+        idt.alignment_check.set_handler_addr(addr(17));
+        idt.machine_check.set_handler_addr(addr(18));
+        idt.simd_floating_point.set_handler_addr(addr(19));
+        idt.virtualization.set_handler_addr(addr(20));
+        idt.cp_protection_exception.set_handler_addr(addr(21));
+        idt.hv_injection_exception.set_handler_addr(addr(28));
+        idt.vmm_communication_exception.set_handler_addr(addr(29));
+        idt.security_exception.set_handler_addr(addr(30));
+        idt[TIMER_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_32 as *const () as u64));
+        idt[SPURIOUS_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_255 as *const () as u64));
+    }
+    // SAFETY: the IDT lives in a static and is never modified after loading.
+    unsafe { idt.load_unsafe() };
+}
+
+/// Replaces the IDT with an empty one (debug: forces a triple fault on the
+/// next exception).
+pub fn load_empty_idt() {
+    use x86_64::instructions::tables::{lidt, DescriptorTablePointer};
+    let pointer = DescriptorTablePointer { limit: 0, base: VirtAddr::new(0) };
+    // SAFETY: deliberately breaks exception delivery; only used by the
+    // DEBUG_TRIPLE_FAULT boot flag, which expects the VM to shut down.
+    unsafe { lidt(&pointer) };
+}
