@@ -22,6 +22,8 @@ _start:
     // rdi = guest-physical address of the boot info, from the VMM.
     call {kernel_main}
     ud2
+    .type _start, @function
+    .size _start, . - _start
 
     .text
     .macro TRAP_NO_ERROR_CODE vector
@@ -98,6 +100,8 @@ syscall_entry:
     push 0
     push {syscall_vector}
     jmp trap_common
+    .type syscall_entry, @function
+    .size syscall_entry, . - syscall_entry
 
     // enter_user(frame: *const TrapFrame) -> !: resume the context in `frame`.
     .global enter_user

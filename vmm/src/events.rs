@@ -1,0 +1,171 @@
+//! Draining the kernel's event ring (see `superos_protocol::event`) from
+//! guest memory. The ring's location comes from the kernel's boot hello; every
+//! field read from it is validated, and a corrupt ring is an error, not a
+//! reason to trust the guest.
+
+use crate::memory::{GuestRam, MemoryError};
+use superos_protocol::event::{EventRecord, EventRingHeader, EVENT_RING_MAGIC};
+use superos_protocol::PROTOCOL_VERSION;
+use thiserror::Error;
+
+/// Why the ring could not be used.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EventRingError {
+    /// The header is not an event ring header of our protocol version.
+    #[error("event ring at {gpa:#x} has a bad header (magic {magic:#x}, version {version}, record size {record_size})")]
+    BadHeader {
+        /// Ring address.
+        gpa: u64,
+        /// Magic found.
+        magic: u32,
+        /// Version found.
+        version: u32,
+        /// Record size found.
+        record_size: u32,
+    },
+    /// The ring does not fit where the kernel said it is.
+    #[error("event ring at {gpa:#x} with {capacity} records does not fit in {bytes} bytes of guest memory")]
+    BadSize {
+        /// Ring address.
+        gpa: u64,
+        /// Capacity claimed.
+        capacity: u32,
+        /// Bytes announced.
+        bytes: u64,
+    },
+    /// `head` is behind `tail` or more than a full ring ahead.
+    #[error("event ring indices are inconsistent: head {head}, tail {tail}, capacity {capacity}")]
+    BadIndices {
+        /// Head found.
+        head: u64,
+        /// Tail expected.
+        tail: u64,
+        /// Capacity.
+        capacity: u32,
+    },
+    /// Reading guest memory failed.
+    #[error("event ring: {0}")]
+    Memory(String),
+}
+
+impl From<MemoryError> for EventRingError {
+    fn from(error: MemoryError) -> Self {
+        EventRingError::Memory(error.to_string())
+    }
+}
+
+/// A validated event ring location.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRing {
+    gpa: u64,
+    capacity: u32,
+    /// Records consumed so far (the VMM's copy of `tail`).
+    tail: u64,
+    /// Lost-record count last seen.
+    lost: u64,
+}
+
+/// What one drain produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// New records, oldest first.
+    pub records: Vec<EventRecord>,
+    /// Records the kernel dropped since the last drain.
+    pub newly_lost: u64,
+}
+
+const HEADER_SIZE: u64 = core::mem::size_of::<EventRingHeader>() as u64;
+const RECORD_SIZE: u64 = core::mem::size_of::<EventRecord>() as u64;
+
+impl EventRing {
+    /// Validates the ring the kernel announced at `gpa` (`bytes` long).
+    pub fn open(ram: &GuestRam, gpa: u64, bytes: u64) -> Result<EventRing, EventRingError> {
+        let header: EventRingHeader = ram.read(gpa)?;
+        if header.magic != EVENT_RING_MAGIC || header.version != PROTOCOL_VERSION || header.record_size as u64 != RECORD_SIZE
+        {
+            return Err(EventRingError::BadHeader {
+                gpa,
+                magic: header.magic,
+                version: header.version,
+                record_size: header.record_size,
+            });
+        }
+        let needed = HEADER_SIZE + u64::from(header.capacity) * RECORD_SIZE;
+        if header.capacity == 0 || needed > bytes || !ram.contains(gpa, needed) {
+            return Err(EventRingError::BadSize { gpa, capacity: header.capacity, bytes });
+        }
+        Ok(EventRing { gpa, capacity: header.capacity, tail: header.tail, lost: header.lost })
+    }
+
+    /// Copies out every record written since the last drain and hands the
+    /// slots back to the kernel.
+    pub fn drain(&mut self, ram: &GuestRam) -> Result<Drained, EventRingError> {
+        let header: EventRingHeader = ram.read(self.gpa)?;
+        let pending = header.head.wrapping_sub(self.tail);
+        if pending > u64::from(self.capacity) {
+            return Err(EventRingError::BadIndices { head: header.head, tail: self.tail, capacity: self.capacity });
+        }
+        let mut records = Vec::with_capacity(pending as usize);
+        for seq in self.tail..header.head {
+            let slot = seq % u64::from(self.capacity);
+            records.push(ram.read::<EventRecord>(self.gpa + HEADER_SIZE + slot * RECORD_SIZE)?);
+        }
+        self.tail = header.head;
+        ram.write(self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64, &self.tail)?;
+        let newly_lost = header.lost.saturating_sub(self.lost);
+        self.lost = header.lost;
+        Ok(Drained { records, newly_lost })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use superos_protocol::event::Event;
+
+    const RING: u64 = 0x20_0000;
+
+    fn ring_with(ram: &GuestRam, capacity: u32, events: &[Event]) {
+        let header = EventRingHeader {
+            magic: EVENT_RING_MAGIC,
+            version: PROTOCOL_VERSION,
+            capacity,
+            record_size: RECORD_SIZE as u32,
+            head: events.len() as u64,
+            ..Default::default()
+        };
+        ram.write(RING, &header).unwrap();
+        for (i, event) in events.iter().enumerate() {
+            let mut record = event.encode();
+            record.seq = i as u64;
+            ram.write(RING + HEADER_SIZE + (i as u64 % capacity as u64) * RECORD_SIZE, &record).unwrap();
+        }
+    }
+
+    #[test]
+    fn drains_records_and_advances_the_tail() {
+        let ram = GuestRam::new(16).unwrap();
+        let events = [Event::HypercallRefused { port: 1, status: 2 }, Event::ProcessExited { pid: 1, code: 0, preemptions: 0 }];
+        ring_with(&ram, 4, &events);
+        let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
+        let drained = ring.drain(&ram).unwrap();
+        let decoded: Vec<Event> = drained.records.iter().map(|r| r.decode().unwrap()).collect();
+        assert_eq!(decoded, events);
+        let header: EventRingHeader = ram.read(RING).unwrap();
+        assert_eq!(header.tail, 2);
+        assert!(ring.drain(&ram).unwrap().records.is_empty());
+    }
+
+    #[test]
+    fn corrupt_rings_are_refused() {
+        let ram = GuestRam::new(16).unwrap();
+        ring_with(&ram, 4, &[]);
+        assert!(matches!(EventRing::open(&ram, RING, 100), Err(EventRingError::BadSize { .. })));
+        assert!(matches!(EventRing::open(&ram, 15 << 20, 4096), Err(EventRingError::BadHeader { .. })));
+        assert!(matches!(EventRing::open(&ram, u64::MAX - 8, 4096), Err(EventRingError::Memory(_))));
+        let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
+        // The guest claims more records than the ring holds.
+        ram.write(RING + core::mem::offset_of!(EventRingHeader, head) as u64, &100u64).unwrap();
+        assert!(matches!(ring.drain(&ram), Err(EventRingError::BadIndices { head: 100, .. })));
+    }
+}

@@ -1,0 +1,333 @@
+//! Hypercalls from the guest kernel: [`decode`] turns a port write into a
+//! typed [`Request`]; [`handle`] carries it out against the [`Session`].
+//!
+//! Every parameter block is copied out of guest memory and validated; a bad
+//! block gets an error status written back (when its own address is valid)
+//! and a line in the VMM log. Nothing the guest sends can panic the VMM.
+
+use crate::events::EventRing;
+use crate::session::Session;
+use superos_protocol::hypercall::{
+    self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, Hypercall, PanicParams,
+};
+use superos_protocol::PROTOCOL_VERSION;
+use thiserror::Error;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// A decoded hypercall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Boot hello; parameter block at the GPA.
+    BootHello(u64),
+    /// Console write; parameter block at the GPA.
+    ConsoleWrite(u64),
+    /// A boot phase number.
+    Phase(u32),
+    /// New events in the ring.
+    EventNotify,
+    /// Kernel panic; parameter block at the GPA.
+    Panic(u64),
+    /// Guest shutdown with a status.
+    Shutdown(u32),
+}
+
+/// A port write that is not a well-formed hypercall.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not a hypercall port.
+    #[error("write to unknown I/O port {0:#x}")]
+    UnknownPort(u16),
+    /// Hypercalls are 32-bit writes.
+    #[error("{width}-byte write to hypercall port {port:#x} (hypercalls are 4-byte writes)")]
+    BadWidth {
+        /// The port.
+        port: u16,
+        /// Bytes written.
+        width: usize,
+    },
+}
+
+/// Decodes an `out` of `data` to `port`.
+pub fn decode(port: u16, data: &[u8]) -> Result<Request, DecodeError> {
+    let call = Hypercall::from_port(port).ok_or(DecodeError::UnknownPort(port))?;
+    let value = <[u8; 4]>::try_from(data)
+        .map(u32::from_le_bytes)
+        .map_err(|_| DecodeError::BadWidth { port, width: data.len() })?;
+    let gpa = u64::from(value);
+    Ok(match call {
+        Hypercall::BootHello => Request::BootHello(gpa),
+        Hypercall::ConsoleWrite => Request::ConsoleWrite(gpa),
+        Hypercall::Phase => Request::Phase(value),
+        Hypercall::EventNotify => Request::EventNotify,
+        Hypercall::Panic => Request::Panic(gpa),
+        Hypercall::Shutdown => Request::Shutdown(value),
+    })
+}
+
+/// How the run continues after a hypercall.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Resume the vCPU.
+    Continue,
+    /// The guest shut down with this status.
+    Shutdown(u32),
+    /// The kernel panicked.
+    Panic(PanicReport),
+}
+
+/// What the kernel said when it panicked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PanicReport {
+    /// The panic message.
+    pub message: String,
+    /// The exception vector, if an exception caused it.
+    pub vector: Option<u32>,
+    /// The exception's error code.
+    pub error_code: u64,
+    /// The faulting RIP (0 if not from an exception).
+    pub fault_rip: u64,
+    /// CR2 for page faults.
+    pub fault_addr: u64,
+}
+
+/// Carries out `request`.
+pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
+    match request {
+        Request::BootHello(gpa) => boot_hello(session, gpa),
+        Request::ConsoleWrite(gpa) => console_write(session, gpa),
+        Request::Phase(raw) => {
+            match BootPhase::from_raw(raw) {
+                Some(BootPhase::FirstUserInstruction) => {
+                    session.phases.first_user_instruction.get_or_insert(session.now());
+                }
+                None => session.warn(format!("hypercall phase: unknown phase {raw}")),
+            }
+            Flow::Continue
+        }
+        Request::EventNotify => {
+            drain_events(session);
+            Flow::Continue
+        }
+        Request::Panic(gpa) => {
+            drain_events(session);
+            Flow::Panic(read_panic(session, gpa))
+        }
+        Request::Shutdown(code) => {
+            drain_events(session);
+            Flow::Shutdown(code)
+        }
+    }
+}
+
+/// Reads a parameter block, or logs why it could not.
+fn read_params<T: FromBytes>(session: &mut Session<'_>, call: Hypercall, gpa: u64) -> Option<T> {
+    match session.ram.read::<T>(gpa) {
+        Ok(params) => Some(params),
+        Err(error) => {
+            session.warn(format!("hypercall {}: parameter block unreadable: {error}", call.name()));
+            None
+        }
+    }
+}
+
+/// Writes a `status` field back at `gpa + offset`.
+fn write_status<T: IntoBytes + Immutable>(session: &mut Session<'_>, gpa: u64, offset: usize, status: &T) {
+    // The block was readable a moment ago, so this cannot fail; if the guest
+    // raced us there is nothing more useful to do than log it.
+    if let Err(error) = session.ram.write(gpa + offset as u64, status) {
+        session.warn(format!("hypercall status write at {gpa:#x}: {error}"));
+    }
+}
+
+fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
+    session.phases.kernel_entry.get_or_insert(session.now());
+    let Some(params) = read_params::<BootHelloParams>(session, Hypercall::BootHello, gpa) else {
+        return Flow::Continue;
+    };
+    let status = if params.version != PROTOCOL_VERSION {
+        session.warn(format!(
+            "boot hello: kernel speaks protocol version {}, the VMM {PROTOCOL_VERSION}",
+            params.version
+        ));
+        hc::STATUS_BAD_VERSION
+    } else {
+        match EventRing::open(session.ram, params.event_ring_gpa, params.event_ring_bytes) {
+            Ok(ring) => {
+                session.ring = Some(ring);
+                if session.ram.contains(params.kernel_text_gpa, params.kernel_text_len) {
+                    session.kernel_text = Some((params.kernel_text_gpa, params.kernel_text_len));
+                }
+                hc::STATUS_OK
+            }
+            Err(error) => {
+                session.warn(format!("boot hello: {error}"));
+                hc::STATUS_BAD_ADDRESS
+            }
+        }
+    };
+    write_status(session, gpa, core::mem::offset_of!(BootHelloParams, status), &status);
+    Flow::Continue
+}
+
+fn console_write(session: &mut Session<'_>, gpa: u64) -> Flow {
+    let Some(params) = read_params::<ConsoleWriteParams>(session, Hypercall::ConsoleWrite, gpa) else {
+        return Flow::Continue;
+    };
+    let status = if params.len > hc::CONSOLE_WRITE_MAX {
+        session.warn(format!("console write of {} bytes refused (limit {})", params.len, hc::CONSOLE_WRITE_MAX));
+        hc::STATUS_TOO_LARGE
+    } else {
+        let mut bytes = vec![0u8; params.len as usize];
+        match session.ram.read_bytes(params.gpa, &mut bytes) {
+            Ok(()) => {
+                let lines = session.console.push(params.source_pid, &bytes);
+                session.add_lines(lines);
+                hc::STATUS_OK
+            }
+            Err(error) => {
+                session.warn(format!("console write refused: {error}"));
+                hc::STATUS_BAD_ADDRESS
+            }
+        }
+    };
+    write_status(session, gpa, core::mem::offset_of!(ConsoleWriteParams, status), &status);
+    Flow::Continue
+}
+
+fn drain_events(session: &mut Session<'_>) {
+    let Some(ring) = session.ring.as_mut() else {
+        session.warn("event notify before the kernel announced its event ring".into());
+        return;
+    };
+    match ring.drain(session.ram) {
+        Ok(drained) => {
+            if drained.newly_lost > 0 {
+                session.lost_events += drained.newly_lost;
+                session.warn(format!("the kernel's event ring overflowed: {} events lost", drained.newly_lost));
+            }
+            for record in drained.records {
+                session.add_record(record);
+            }
+        }
+        Err(error) => session.warn(error.to_string()),
+    }
+}
+
+fn read_panic(session: &mut Session<'_>, gpa: u64) -> PanicReport {
+    let Some(params) = read_params::<PanicParams>(session, Hypercall::Panic, gpa) else {
+        return PanicReport {
+            message: format!("(panic parameter block at {gpa:#x} is unreadable)"),
+            vector: None,
+            error_code: 0,
+            fault_rip: 0,
+            fault_addr: 0,
+        };
+    };
+    let len = params.msg_len.min(hc::PANIC_MESSAGE_MAX) as usize;
+    let mut bytes = vec![0u8; len];
+    let message = match session.ram.read_bytes(params.msg_gpa, &mut bytes) {
+        Ok(()) => crate::console::sanitize(&bytes),
+        Err(error) => format!("(panic message unreadable: {error})"),
+    };
+    PanicReport {
+        message,
+        vector: (params.vector != hc::PANIC_NO_VECTOR).then_some(params.vector),
+        error_code: params.error_code,
+        fault_rip: params.fault_rip,
+        fault_addr: params.fault_addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+    use crate::session::Echo;
+    use std::time::Instant;
+
+    const PARAMS: u64 = 0x10_0000;
+
+    fn console_params(ram: &GuestRam, gpa: u64, len: u64) -> u32 {
+        let ram_ref = ram;
+        let mut session = Session::new(ram_ref, Instant::now(), Echo::Quiet, vec![]);
+        ram.write(PARAMS, &ConsoleWriteParams { source_pid: 7, status: hc::STATUS_PENDING, gpa, len }).unwrap();
+        assert_eq!(handle(&mut session, Request::ConsoleWrite(PARAMS)), Flow::Continue);
+        ram.read::<ConsoleWriteParams>(PARAMS).unwrap().status
+    }
+
+    #[test]
+    fn decode_checks_port_and_width() {
+        assert_eq!(decode(0x501, &0x1000u32.to_le_bytes()), Ok(Request::ConsoleWrite(0x1000)));
+        assert_eq!(decode(0x505, &3u32.to_le_bytes()), Ok(Request::Shutdown(3)));
+        assert_eq!(decode(0x3f8, &[b'x']), Err(DecodeError::UnknownPort(0x3f8)));
+        assert_eq!(decode(0x501, &[1, 2]), Err(DecodeError::BadWidth { port: 0x501, width: 2 }));
+    }
+
+    #[test]
+    fn console_writes_are_validated() {
+        let ram = GuestRam::new(16).unwrap();
+        ram.write_bytes(0x2000, b"hi\n").unwrap();
+        assert_eq!(console_params(&ram, 0x2000, 3), hc::STATUS_OK);
+        assert_eq!(console_params(&ram, 0x2000, hc::CONSOLE_WRITE_MAX + 1), hc::STATUS_TOO_LARGE);
+        assert_eq!(console_params(&ram, ram.size() - 1, 2), hc::STATUS_BAD_ADDRESS);
+        assert_eq!(console_params(&ram, u64::MAX, 16), hc::STATUS_BAD_ADDRESS);
+    }
+
+    #[test]
+    fn console_output_is_collected_per_process() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        ram.write_bytes(0x2000, b"hello\n").unwrap();
+        ram.write(PARAMS, &ConsoleWriteParams { source_pid: 2, status: 0, gpa: 0x2000, len: 6 }).unwrap();
+        handle(&mut session, Request::ConsoleWrite(PARAMS));
+        assert_eq!(session.lines.len(), 1);
+        assert_eq!((session.lines[0].pid, session.lines[0].text.as_str()), (2, "hello"));
+    }
+
+    #[test]
+    fn unreadable_parameter_blocks_are_logged_not_fatal() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        assert_eq!(handle(&mut session, Request::ConsoleWrite(ram.size() - 4)), Flow::Continue);
+        assert_eq!(handle(&mut session, Request::BootHello(u32::MAX as u64)), Flow::Continue);
+        assert_eq!(handle(&mut session, Request::EventNotify), Flow::Continue);
+        assert_eq!(session.log.len(), 3, "{:?}", session.log);
+        match handle(&mut session, Request::Panic(ram.size())) {
+            Flow::Panic(report) => assert!(report.message.contains("unreadable")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn panic_messages_are_bounded_and_sanitized() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        ram.write_bytes(0x3000, b"boom\x1b").unwrap();
+        let params = PanicParams {
+            msg_gpa: 0x3000,
+            msg_len: u64::MAX,
+            vector: 14,
+            status: 0,
+            error_code: 2,
+            fault_rip: 0x1234,
+            fault_addr: 0x10,
+        };
+        ram.write(PARAMS, &params).unwrap();
+        let Flow::Panic(report) = handle(&mut session, Request::Panic(PARAMS)) else { panic!("not a panic") };
+        assert!(report.message.starts_with("boom\\u{1b}"));
+        // Clamped to PANIC_MESSAGE_MAX bytes of guest memory (each escaped
+        // control byte grows to at most 6 characters).
+        assert!(report.message.len() <= 6 * hc::PANIC_MESSAGE_MAX as usize);
+        assert_eq!((report.vector, report.fault_rip), (Some(14), 0x1234));
+    }
+
+    #[test]
+    fn a_hello_with_the_wrong_version_is_refused() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        ram.write(PARAMS, &BootHelloParams { version: 99, ..Default::default() }).unwrap();
+        handle(&mut session, Request::BootHello(PARAMS));
+        assert_eq!(ram.read::<BootHelloParams>(PARAMS).unwrap().status, hc::STATUS_BAD_VERSION);
+        assert!(session.kernel_text.is_none());
+    }
+}

@@ -1,0 +1,26 @@
+//! `superos-vmm`: a small VMM that boots the SuperOS kernel on KVM, runs a
+//! scenario of user processes, prints what they and the kernel say, and
+//! reports how each process ended.
+//!
+//! Data flow of a run ([`run::run`]): [`scenario`] resolves the programs;
+//! [`memory`] allocates guest RAM; [`vm`] creates the KVM VM and vCPU;
+//! [`boot`] checks and loads the kernel ELF, places the program images and
+//! writes the boot page tables and boot info; the vCPU thread then runs the
+//! guest, and every VM exit goes through [`run::handle_exit`] to
+//! [`hypercall`], which feeds the [`session`] (console lines, kernel events
+//! drained from the [`events`] ring). A crash is explained by [`diagnose`].
+#![deny(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod arch;
+pub mod boot;
+pub mod console;
+pub mod diagnose;
+pub mod events;
+pub mod hypercall;
+pub mod images;
+pub mod memory;
+pub mod run;
+pub mod scenario;
+pub mod session;
+pub mod vm;

@@ -1,0 +1,186 @@
+//! `superos-vmm`: command-line front end. Parses arguments, runs the
+//! scenario, prints the summary, and maps the outcome to an exit status.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use superos_protocol::boot::{self, GatePreference};
+use superos_vmm::images;
+use superos_vmm::run::{self, RunConfig, RunReport, EXIT_USAGE};
+use superos_vmm::scenario::Scenario;
+use superos_vmm::session::Echo;
+
+#[derive(Parser)]
+#[command(name = "superos-vmm", version, about = "Boot the SuperOS kernel on KVM and run its processes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot the kernel and run a scenario (the embedded `default` one if none is given).
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// List the embedded scenarios and programs.
+    List,
+}
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  superos-vmm run                          run the embedded default scenario
+  superos-vmm run two-hellos --stats       an embedded scenario, with exit counts and boot phases
+  superos-vmm run my-scenario.toml         a scenario file (programs by name or ELF path)
+  superos-vmm run --mem 128 --timeout 10   more guest memory, a shorter watchdog
+
+Exit status: 0 every process did what the scenario expects; 1 some process did not;
+2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired.";
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A scenario file (TOML) or the name of an embedded scenario (see `superos-vmm list`).
+    #[arg(default_value = "default")]
+    scenario: String,
+    /// Guest memory in MiB (a multiple of 2, 16 to 3072); overrides the scenario's.
+    #[arg(long, value_name = "MIB")]
+    mem: Option<u64>,
+    /// Stop the guest after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = run::DEFAULT_TIMEOUT.as_secs_f64())]
+    timeout: f64,
+    /// Print VM exit counts and boot phase timings at the end.
+    #[arg(long)]
+    stats: bool,
+    /// System-call gate the kernel tries first (it falls back if the boot self-test fails).
+    #[arg(long, value_enum, default_value_t = Gate::Auto)]
+    gate: Gate,
+    /// Boot this kernel ELF instead of the embedded one.
+    #[arg(long, value_name = "ELF")]
+    kernel: Option<PathBuf>,
+    /// Only print the summary, not the console and events as they happen.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
+    #[arg(long, value_enum, hide = true)]
+    debug_inject: Vec<Inject>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Gate {
+    Auto,
+    Syscall,
+    Int3,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Inject {
+    /// Panic right after boot.
+    Panic,
+    /// Triple-fault during boot.
+    TripleFault,
+    /// Send malformed hypercalls and check they are refused.
+    BadHypercalls,
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::List => {
+            println!("embedded scenarios:");
+            for name in images::scenario_names() {
+                let description = Scenario::load(name).map(|s| s.description).unwrap_or_default();
+                println!("  {name:<14} {description}");
+            }
+            println!("embedded programs: {}", images::program_names().join(", "));
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => match run_command(args, started) {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(message) => {
+                eprintln!("superos-vmm: error: {message}");
+                ExitCode::from(EXIT_USAGE as u8)
+            }
+        },
+    }
+}
+
+fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
+    let scenario = Scenario::load(&args.scenario).map_err(|e| e.to_string())?;
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(format!("--timeout must be a positive number of seconds, not {}", args.timeout));
+    }
+    let kernel = match &args.kernel {
+        Some(path) => Cow::Owned(std::fs::read(path).map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?),
+        None => Cow::Borrowed(images::KERNEL_ELF),
+    };
+    let debug_flags = args.debug_inject.iter().fold(0, |flags, inject| {
+        flags
+            | match inject {
+                Inject::Panic => boot::DEBUG_PANIC_AFTER_BOOT,
+                Inject::TripleFault => boot::DEBUG_TRIPLE_FAULT,
+                Inject::BadHypercalls => boot::DEBUG_BAD_HYPERCALLS,
+            }
+    });
+    let config = RunConfig {
+        scenario,
+        kernel,
+        memory_mib: args.mem,
+        timeout: Duration::from_secs_f64(args.timeout),
+        gate: match args.gate {
+            Gate::Auto => GatePreference::Auto,
+            Gate::Syscall => GatePreference::Syscall,
+            Gate::Int3 => GatePreference::Int3,
+        },
+        debug_flags,
+        echo: if args.quiet { Echo::Quiet } else { Echo::Live },
+        started,
+    };
+    let origin = config.scenario.origin.clone();
+    if !args.quiet {
+        println!("superos-vmm: running {origin}: {}", config.scenario.description);
+    }
+    let report = run::run(config).map_err(|e| e.to_string())?;
+    print_summary(&report);
+    if args.stats {
+        print_stats(&report);
+    }
+    Ok(report.exit_status())
+}
+
+fn print_summary(report: &RunReport) {
+    if let Some(diagnosis) = &report.diagnosis {
+        eprint!("{diagnosis}");
+    }
+    println!();
+    println!("{:<16} {:>4}  {:<36} {:<28} ", "process", "pid", "outcome", "expected");
+    for p in &report.processes {
+        let pid = p.pid.map_or("-".to_string(), |pid| pid.to_string());
+        let verdict = if p.as_expected() { "ok" } else { "UNEXPECTED" };
+        println!("{:<16} {:>4}  {:<36} {:<28} {verdict}", p.name, pid, p.status.to_string(), p.expected.to_string());
+    }
+    let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
+    println!(
+        "superos-vmm: {}; {behaved} of {} processes as expected; {:.1} ms",
+        report.exit,
+        report.processes.len(),
+        report.stats.wall.as_secs_f64() * 1e3
+    );
+}
+
+fn print_stats(report: &RunReport) {
+    let ms = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.3} ms", d.as_secs_f64() * 1e3));
+    let phases = &report.stats.phases;
+    println!("boot phases (since VMM start, host {:?}):", report.host);
+    println!("  vCPU start              {}", ms(phases.vcpu_start));
+    println!("  kernel entry            {}", ms(phases.kernel_entry));
+    println!("  first user instruction  {}", ms(phases.first_user_instruction));
+    println!("  guest exit              {}", ms(phases.guest_exit));
+    println!("VM exits:");
+    for (kind, count) in &report.stats.exits {
+        println!("  {kind:<28} {count}");
+    }
+    let total: u64 = report.stats.exits.values().sum();
+    println!("  {:<28} {total}", "total");
+}

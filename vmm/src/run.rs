@@ -1,0 +1,598 @@
+//! One guest run, end to end: guest RAM, the VM, boot preparation, the vCPU
+//! thread and its exit loop, the watchdog, and the [`RunReport`].
+//!
+//! The vCPU runs on its own thread; the calling thread is the watchdog. On
+//! timeout it sets a stop flag and kicks the vCPU thread out of `KVM_RUN`
+//! with a signal (repeated until the thread notices, since a signal that
+//! lands between two `KVM_RUN`s is otherwise lost).
+
+use crate::boot::{self, BootError, BootOptions};
+use crate::console::ConsoleLine;
+use crate::diagnose::{Diagnosis, KernelSymbols};
+use crate::hypercall::{self, Flow, PanicReport};
+use crate::images;
+use crate::memory::{GuestRam, MemoryError};
+use crate::scenario::{Expectation, Scenario, DEFAULT_MEMORY_MIB};
+use crate::session::{Echo, EventEntry, Phases, Session};
+use crate::vm::{detect_host_flavor, Vm, VmError};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+use superos_protocol::boot::{GatePreference, HostFlavor};
+use superos_protocol::event::{Event, FaultKind, SpawnError};
+use superos_protocol::layout::BOOT_INFO_GPA;
+use thiserror::Error;
+
+/// Default watchdog.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything a run needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// What to run.
+    pub scenario: Scenario,
+    /// The kernel ELF (normally the embedded one).
+    pub kernel: Cow<'static, [u8]>,
+    /// Guest memory in MiB; overrides the scenario's.
+    pub memory_mib: Option<u64>,
+    /// Watchdog: the guest is stopped after this long.
+    pub timeout: Duration,
+    /// Which system-call gate the kernel should try first.
+    pub gate: GatePreference,
+    /// `superos_protocol::boot::DEBUG_*` flags.
+    pub debug_flags: u32,
+    /// Print console and events live?
+    pub echo: Echo,
+    /// When the VMM started (boot phases are measured from here).
+    pub started: Instant,
+}
+
+impl RunConfig {
+    /// A quiet run of `scenario` with the embedded kernel and defaults.
+    pub fn new(scenario: Scenario) -> Self {
+        RunConfig {
+            scenario,
+            kernel: Cow::Borrowed(images::KERNEL_ELF),
+            memory_mib: None,
+            timeout: DEFAULT_TIMEOUT,
+            gate: GatePreference::Auto,
+            debug_flags: 0,
+            echo: Echo::Quiet,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Why the guest stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The kernel shut down normally with this status.
+    Shutdown {
+        /// Kernel status (0 = all processes finished).
+        code: u32,
+    },
+    /// The kernel reported a panic.
+    KernelPanic(PanicReport),
+    /// The vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// KVM could not run or emulate an instruction (KVM_EXIT_INTERNAL_ERROR).
+    InternalError {
+        /// KVM's suberror (1 = emulation failure).
+        suberror: u32,
+        /// KVM's extra data words.
+        data: Vec<u64>,
+    },
+    /// KVM_EXIT_FAIL_ENTRY.
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// Some other exit the VMM does not expect from this kernel.
+    UnexpectedExit(String),
+    /// The watchdog fired.
+    Timeout(Duration),
+    /// KVM_RUN itself failed.
+    VcpuError(String),
+}
+
+impl std::fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestExit::Shutdown { code } => write!(f, "the kernel shut down with status {code}"),
+            GuestExit::KernelPanic(report) => write!(f, "kernel panic: {}", report.message),
+            GuestExit::TripleFault => write!(f, "triple fault (the vCPU shut down)"),
+            GuestExit::InternalError { suberror, data } => {
+                let kind = if *suberror == 1 { " (instruction emulation failed)" } else { "" };
+                write!(f, "KVM internal error, suberror {suberror}{kind}, data {data:x?}")
+            }
+            GuestExit::FailEntry { reason } => write!(f, "VM entry failed, hardware reason {reason:#x}"),
+            GuestExit::UnexpectedExit(what) => write!(f, "unexpected VM exit: {what}"),
+            GuestExit::Timeout(after) => write!(f, "timed out after {:.1} s (--timeout)", after.as_secs_f64()),
+            GuestExit::VcpuError(error) => write!(f, "KVM_RUN failed: {error}"),
+        }
+    }
+}
+
+/// What became of one scenario process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessStatus {
+    /// It exited with a code.
+    Exited(i64),
+    /// The kernel terminated it.
+    Killed {
+        /// Why (None if the kernel sent an unknown code).
+        fault: Option<FaultKind>,
+        /// Faulting address.
+        addr: u64,
+        /// Faulting instruction.
+        rip: u64,
+    },
+    /// The kernel could not start it.
+    NotStarted(Option<SpawnError>),
+    /// It was still running (or never reported) when the guest stopped.
+    Unfinished,
+}
+
+impl std::fmt::Display for ProcessStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProcessStatus::Exited(code) => write!(f, "exit {code}"),
+            ProcessStatus::Killed { fault: Some(fault), addr, .. } => write!(f, "killed: {fault} at {addr:#x}"),
+            ProcessStatus::Killed { fault: None, .. } => write!(f, "killed: unknown fault"),
+            ProcessStatus::NotStarted(Some(error)) => write!(f, "not started: {error}"),
+            ProcessStatus::NotStarted(None) => write!(f, "not started"),
+            ProcessStatus::Unfinished => write!(f, "unfinished"),
+        }
+    }
+}
+
+/// One scenario process, after the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessOutcome {
+    /// Its name in the scenario.
+    pub name: String,
+    /// Its pid, once spawned.
+    pub pid: Option<u32>,
+    /// What happened.
+    pub status: ProcessStatus,
+    /// What the scenario expected.
+    pub expected: Expectation,
+    /// Times the timer preempted it (known once it exited).
+    pub preemptions: u64,
+}
+
+impl ProcessOutcome {
+    /// True if it did what the scenario expected.
+    pub fn as_expected(&self) -> bool {
+        match (self.expected, self.status) {
+            (Expectation::Exit(want), ProcessStatus::Exited(got)) => want == got,
+            (Expectation::Fault(want), ProcessStatus::Killed { fault: Some(got), .. }) => want == got,
+            _ => false,
+        }
+    }
+}
+
+/// Counters and timings of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// VM exits by kind.
+    pub exits: BTreeMap<String, u64>,
+    /// Boot milestones.
+    pub phases: Phases,
+    /// Total wall time from VMM start to the end of the run.
+    pub wall: Duration,
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// Why the guest stopped.
+    pub exit: GuestExit,
+    /// One entry per scenario process, in scenario order.
+    pub processes: Vec<ProcessOutcome>,
+    /// Console lines, in order.
+    pub lines: Vec<ConsoleLine>,
+    /// Kernel events, in order.
+    pub events: Vec<EventEntry>,
+    /// What the VMM noticed about the guest (bad hypercalls, ...).
+    pub log: Vec<String>,
+    /// Events the kernel dropped.
+    pub lost_events: u64,
+    /// Counters and timings.
+    pub stats: RunStats,
+    /// Where the guest died, if it crashed.
+    pub diagnosis: Option<Diagnosis>,
+    /// The host flavor the run detected.
+    pub host: HostFlavor,
+}
+
+/// `superos-vmm run` exit status: all processes behaved as expected.
+pub const EXIT_OK: i32 = 0;
+/// A process did not do what the scenario expected.
+pub const EXIT_UNEXPECTED_OUTCOME: i32 = 1;
+/// Bad command line, scenario or image (the guest never ran).
+pub const EXIT_USAGE: i32 = 2;
+/// The guest crashed (kernel panic, triple fault, KVM error).
+pub const EXIT_GUEST_CRASH: i32 = 3;
+/// The watchdog stopped the guest.
+pub const EXIT_TIMEOUT: i32 = 4;
+
+impl RunReport {
+    /// True if the kernel shut down cleanly and every process behaved.
+    pub fn success(&self) -> bool {
+        self.exit_status() == EXIT_OK
+    }
+
+    /// The process exit status `superos-vmm run` uses for this report.
+    pub fn exit_status(&self) -> i32 {
+        match self.exit {
+            GuestExit::Shutdown { code: 0 } if self.processes.iter().all(ProcessOutcome::as_expected) => EXIT_OK,
+            GuestExit::Shutdown { .. } => EXIT_UNEXPECTED_OUTCOME,
+            GuestExit::Timeout(_) => EXIT_TIMEOUT,
+            _ => EXIT_GUEST_CRASH,
+        }
+    }
+
+    /// Console lines written by the scenario process named `name`.
+    pub fn output_of(&self, name: &str) -> Vec<&str> {
+        let pids: Vec<u32> = self.processes.iter().filter(|p| p.name == name).filter_map(|p| p.pid).collect();
+        self.lines.iter().filter(|l| pids.contains(&l.pid)).map(|l| l.text.as_str()).collect()
+    }
+
+    /// The outcome of the scenario process named `name`.
+    pub fn process(&self, name: &str) -> Option<&ProcessOutcome> {
+        self.processes.iter().find(|p| p.name == name)
+    }
+}
+
+/// Errors before the guest could run.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel or program images.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// KVM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The vCPU thread could not be started or died.
+    #[error("vCPU thread: {0}")]
+    Thread(String),
+}
+
+/// Runs the scenario in `config` to completion (or crash, or timeout).
+pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
+    let memory_mib = config.memory_mib.or(config.scenario.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
+    let ram = GuestRam::new(memory_mib)?;
+    let host = detect_host_flavor();
+    let symbols = KernelSymbols::parse(&config.kernel);
+    let mut vm = Vm::new(&ram)?;
+    let options = BootOptions { host, gate: config.gate, debug_flags: config.debug_flags, tsc_khz: vm.tsc_khz() };
+    let prepared = boot::prepare(&ram, &config.kernel, &config.scenario, options)?;
+    vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
+
+    let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
+    let mut session = Session::new(&ram, config.started, config.echo, names);
+    let stop = AtomicBool::new(false);
+    let (exit, exits, diagnosis) = std::thread::scope(|scope| -> Result<_, RunError> {
+        let (sender, receiver) = mpsc::channel();
+        let vcpu = &mut vm.vcpu;
+        let session = &mut session;
+        let stop = &stop;
+        let symbols = &symbols;
+        let handle = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn_scoped(scope, move || {
+                // SAFETY: pthread_self has no preconditions.
+                let _ = sender.send(VcpuMessage::Started(unsafe { libc::pthread_self() }));
+                let result = vcpu_loop(vcpu, session, stop, symbols);
+                let _ = sender.send(VcpuMessage::Done);
+                result
+            })
+            .map_err(|e| RunError::Thread(e.to_string()))?;
+        let thread = match receiver.recv() {
+            Ok(VcpuMessage::Started(thread)) => thread,
+            _ => return Err(RunError::Thread("the vCPU thread exited before starting".into())),
+        };
+        watchdog(&receiver, thread, stop, config.timeout);
+        handle.join().map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
+    })?;
+    session.finish_console();
+    session.phases.guest_exit.get_or_insert(session.now());
+    let processes = outcomes(&config.scenario, &session.events);
+    let stats = RunStats { exits, phases: session.phases, wall: config.started.elapsed() };
+    let report = RunReport {
+        exit,
+        processes,
+        lines: std::mem::take(&mut session.lines),
+        events: std::mem::take(&mut session.events),
+        log: std::mem::take(&mut session.log),
+        lost_events: session.lost_events,
+        stats,
+        diagnosis,
+        host,
+    };
+    drop(vm);
+    Ok(report)
+}
+
+enum VcpuMessage {
+    Started(libc::pthread_t),
+    Done,
+}
+
+/// The signal used to kick the vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn watchdog(receiver: &mpsc::Receiver<VcpuMessage>, thread: libc::pthread_t, stop: &AtomicBool, timeout: Duration) {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // Without a handler the signal would kill the whole process.
+        if let Err(error) = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_signal) {
+            eprintln!("superos-vmm: cannot install the vCPU kick signal handler: {error}");
+        }
+    });
+    if !matches!(receiver.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Timeout)) {
+        return;
+    }
+    stop.store(true, Ordering::SeqCst);
+    loop {
+        // SAFETY: `thread` is the vCPU thread, which is still running (it has
+        // not sent Done) and is only joined after this function returns, so
+        // its pthread_t is valid.
+        unsafe { libc::pthread_kill(thread, kick_signal()) };
+        if !matches!(receiver.recv_timeout(Duration::from_millis(20)), Err(mpsc::RecvTimeoutError::Timeout)) {
+            return;
+        }
+    }
+}
+
+/// What to do after one VM exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Run the vCPU again.
+    Continue,
+    /// The guest is done.
+    Stop(GuestExit),
+}
+
+/// Handles one VM exit. A free function of the exit and the session, so it
+/// can be tested with made-up exits.
+pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BTreeMap<String, u64>) -> Step {
+    let mut count = |kind: &str| *exits.entry(kind.to_string()).or_default() += 1;
+    match exit {
+        VcpuExit::IoOut(port, data) => match hypercall::decode(port, data) {
+            Ok(request) => {
+                count(&format!("hypercall {}", hypercall_name(&request)));
+                match hypercall::handle(session, request) {
+                    Flow::Continue => Step::Continue,
+                    Flow::Shutdown(code) => Step::Stop(GuestExit::Shutdown { code }),
+                    Flow::Panic(report) => Step::Stop(GuestExit::KernelPanic(report)),
+                }
+            }
+            Err(error) => {
+                count("io-out (other)");
+                session.warn(format!("ignored: {error}"));
+                Step::Continue
+            }
+        },
+        VcpuExit::IoIn(port, data) => {
+            count("io-in");
+            data.fill(0xff);
+            session.warn(format!("ignored: read from I/O port {port:#x}"));
+            Step::Continue
+        }
+        VcpuExit::MmioRead(address, data) => {
+            count("mmio-read");
+            data.fill(0xff);
+            session.warn(format!("ignored: MMIO read at {address:#x}"));
+            Step::Continue
+        }
+        VcpuExit::MmioWrite(address, _) => {
+            count("mmio-write");
+            session.warn(format!("ignored: MMIO write at {address:#x}"));
+            Step::Continue
+        }
+        VcpuExit::Shutdown => {
+            count("shutdown");
+            Step::Stop(GuestExit::TripleFault)
+        }
+        VcpuExit::InternalError => {
+            count("internal-error");
+            Step::Stop(GuestExit::InternalError { suberror: 0, data: Vec::new() })
+        }
+        VcpuExit::FailEntry(reason, _) => {
+            count("fail-entry");
+            Step::Stop(GuestExit::FailEntry { reason })
+        }
+        VcpuExit::Hlt => {
+            count("hlt");
+            Step::Stop(GuestExit::UnexpectedExit("hlt".into()))
+        }
+        other => {
+            count("other");
+            Step::Stop(GuestExit::UnexpectedExit(format!("{other:?}")))
+        }
+    }
+}
+
+fn hypercall_name(request: &hypercall::Request) -> &'static str {
+    use hypercall::Request::*;
+    match request {
+        BootHello(_) => "boot-hello",
+        ConsoleWrite(_) => "console-write",
+        Phase(_) => "phase",
+        EventNotify => "event-notify",
+        Panic(_) => "panic",
+        Shutdown(_) => "shutdown",
+    }
+}
+
+type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>);
+
+fn vcpu_loop(vcpu: &mut VcpuFd, session: &mut Session<'_>, stop: &AtomicBool, symbols: &KernelSymbols) -> LoopResult {
+    let mut exits = BTreeMap::new();
+    session.phases.vcpu_start = Some(session.now());
+    let exit = loop {
+        let step = match vcpu.run() {
+            Ok(exit) => handle_exit(session, exit, &mut exits),
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
+                *exits.entry("interrupted".to_string()).or_default() += 1;
+                if stop.load(Ordering::SeqCst) {
+                    Step::Stop(GuestExit::Timeout(session.now()))
+                } else {
+                    Step::Continue
+                }
+            }
+            Err(error) => Step::Stop(GuestExit::VcpuError(error.to_string())),
+        };
+        if let Step::Stop(exit) = step {
+            break exit;
+        }
+    };
+    session.phases.guest_exit = Some(session.now());
+    let exit = match exit {
+        GuestExit::InternalError { .. } => internal_error_details(vcpu),
+        other => other,
+    };
+    let diagnosis = diagnose(vcpu, session, &exit, symbols);
+    (exit, exits, diagnosis)
+}
+
+fn internal_error_details(vcpu: &mut VcpuFd) -> GuestExit {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the last exit reason was KVM_EXIT_INTERNAL_ERROR, for which
+    // KVM fills the `internal` member of the exit union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let count = (internal.ndata as usize).min(internal.data.len());
+    GuestExit::InternalError { suberror: internal.suberror, data: internal.data[..count].to_vec() }
+}
+
+fn diagnose(vcpu: &VcpuFd, session: &Session<'_>, exit: &GuestExit, symbols: &KernelSymbols) -> Option<Diagnosis> {
+    let rip_override = match exit {
+        GuestExit::Shutdown { .. } | GuestExit::Timeout(_) => return None,
+        GuestExit::KernelPanic(report) if report.fault_rip != 0 => Some(report.fault_rip),
+        _ => None,
+    };
+    let regs = vcpu.get_regs().ok()?;
+    let sregs = vcpu.get_sregs().ok()?;
+    let rip = rip_override.unwrap_or(regs.rip);
+    Some(Diagnosis::new(exit.to_string(), rip, &regs, &sregs, session.ram, symbols))
+}
+
+/// Matches kernel events to scenario processes.
+fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
+    let mut outcomes: Vec<ProcessOutcome> = scenario
+        .processes
+        .iter()
+        .map(|p| ProcessOutcome {
+            name: p.name.clone(),
+            pid: None,
+            status: ProcessStatus::Unfinished,
+            expected: p.expect,
+            preemptions: 0,
+        })
+        .collect();
+    let mut by_pid: BTreeMap<u32, usize> = BTreeMap::new();
+    for entry in events {
+        match entry.event {
+            Event::ProcessSpawned { pid, spec_index, .. } => {
+                if let Some(outcome) = outcomes.get_mut(spec_index as usize) {
+                    outcome.pid = Some(pid);
+                    by_pid.insert(pid, spec_index as usize);
+                }
+            }
+            Event::SpawnFailed { spec_index, error } => {
+                if let Some(outcome) = outcomes.get_mut(spec_index as usize) {
+                    outcome.status = ProcessStatus::NotStarted(error);
+                }
+            }
+            Event::ProcessExited { pid, code, preemptions } => {
+                if let Some(&i) = by_pid.get(&pid) {
+                    outcomes[i].status = ProcessStatus::Exited(code);
+                    outcomes[i].preemptions = preemptions;
+                }
+            }
+            Event::ProcessKilled { pid, fault, addr, rip, .. } => {
+                if let Some(&i) = by_pid.get(&pid) {
+                    outcomes[i].status = ProcessStatus::Killed { fault, addr, rip };
+                }
+            }
+            Event::KernelReady { .. } | Event::GateSelfTestFailed { .. } | Event::HypercallRefused { .. } => {}
+        }
+    }
+    outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_handled_without_kvm() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        let mut exits = BTreeMap::new();
+        let shutdown = 0u32.to_le_bytes();
+        assert_eq!(
+            handle_exit(&mut session, VcpuExit::IoOut(0x505, &shutdown), &mut exits),
+            Step::Stop(GuestExit::Shutdown { code: 0 })
+        );
+        assert_eq!(handle_exit(&mut session, VcpuExit::IoOut(0x80, &[1]), &mut exits), Step::Continue);
+        let mut data = [0u8; 2];
+        assert_eq!(handle_exit(&mut session, VcpuExit::IoIn(0x60, &mut data), &mut exits), Step::Continue);
+        assert_eq!(data, [0xff, 0xff]);
+        assert_eq!(handle_exit(&mut session, VcpuExit::Shutdown, &mut exits), Step::Stop(GuestExit::TripleFault));
+        assert_eq!(exits["hypercall shutdown"], 1);
+        assert_eq!(exits["io-out (other)"], 1);
+        assert_eq!(session.log.len(), 2);
+    }
+
+    #[test]
+    fn warnings_from_a_flooding_guest_are_bounded() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        let mut exits = BTreeMap::new();
+        for _ in 0..10_000 {
+            handle_exit(&mut session, VcpuExit::IoOut(0x99, &[0]), &mut exits);
+        }
+        assert_eq!(session.log.len() as u64, crate::session::MAX_WARNINGS);
+        assert_eq!(session.warning_count(), 10_000);
+    }
+
+    #[test]
+    fn outcomes_follow_the_events() {
+        let scenario = Scenario::load("default").unwrap();
+        let entry = |event| EventEntry { seq: 0, tick: 0, event };
+        let events = [
+            entry(Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0 }),
+            entry(Event::ProcessSpawned { pid: 2, spec_index: 3, pml4_gpa: 0 }),
+            entry(Event::SpawnFailed { spec_index: 2, error: Some(SpawnError::OutOfMemory) }),
+            entry(Event::ProcessExited { pid: 1, code: 0, preemptions: 2 }),
+            entry(Event::ProcessKilled {
+                pid: 2,
+                fault: Some(FaultKind::WriteToCode),
+                addr: 1,
+                rip: 2,
+                error_code: 7,
+                vector: 14,
+            }),
+        ];
+        let result = outcomes(&scenario, &events);
+        assert!(result[0].as_expected());
+        assert_eq!(result[0].preemptions, 2);
+        assert_eq!(result[1].status, ProcessStatus::Unfinished);
+        assert_eq!(result[2].status, ProcessStatus::NotStarted(Some(SpawnError::OutOfMemory)));
+        assert!(result[3].as_expected());
+    }
+}

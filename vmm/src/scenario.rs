@@ -1,0 +1,347 @@
+//! Scenarios: which programs to run, with what arguments, and what each is
+//! expected to do. Read from TOML files (or the embedded examples) with serde;
+//! a bad file is reported with its path, line, column and reason.
+//!
+//! ```toml
+//! description = "what this shows"
+//! [vm]
+//! memory_mib = 64                      # optional; --mem overrides it
+//! [[process]]
+//! program = "hello"                    # an embedded example program, or
+//! # path = "build/my-program.elf"      # an ELF file, relative to this file
+//! name = "hello-a"                     # optional, defaults to the program name
+//! args = "spin=40"                     # optional, at most 128 bytes
+//! expect = { exit = 0 }                # default; or { fault = "write-to-code" }
+//! ```
+
+use crate::images;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use superos_protocol::boot::{ARGS_LEN, MAX_BOOT_PROCESSES, NAME_LEN};
+use superos_protocol::event::FaultKind;
+use thiserror::Error;
+
+/// Default guest memory when neither the scenario nor `--mem` sets it.
+pub const DEFAULT_MEMORY_MIB: u64 = 64;
+
+/// What a process is expected to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expectation {
+    /// Exit by itself with this code.
+    Exit(i64),
+    /// Be terminated by the kernel for this fault.
+    Fault(FaultKind),
+}
+
+impl std::fmt::Display for Expectation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expectation::Exit(code) => write!(f, "exit {code}"),
+            Expectation::Fault(kind) => write!(f, "killed: {kind}"),
+        }
+    }
+}
+
+/// One process of a scenario, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessConfig {
+    /// Name shown in logs.
+    pub name: String,
+    /// The program's name (embedded name or file stem).
+    pub program: String,
+    /// The program's ELF image.
+    pub image: Vec<u8>,
+    /// Argument bytes.
+    pub args: String,
+    /// Expected outcome.
+    pub expect: Expectation,
+}
+
+/// A resolved scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// Where it came from (a path, or `embedded:<name>`).
+    pub origin: String,
+    /// What it shows.
+    pub description: String,
+    /// Guest memory in MiB, if the scenario sets it.
+    pub memory_mib: Option<u64>,
+    /// The processes, in start order.
+    pub processes: Vec<ProcessConfig>,
+}
+
+/// Why a scenario could not be used.
+#[derive(Debug, Error)]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("cannot read scenario {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or mistyped fields.
+    #[error("{origin}:{line}:{column}: {message}")]
+    Syntax {
+        /// The file.
+        origin: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A field has a value that is well-typed but not acceptable.
+    #[error("{origin}: process #{index} ({name}): {message}")]
+    Invalid {
+        /// The file.
+        origin: String,
+        /// 1-based index of the process.
+        index: usize,
+        /// Its name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A scenario-wide problem.
+    #[error("{origin}: {message}")]
+    Scenario {
+        /// The file.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Neither a file nor an embedded scenario has this name.
+    #[error("no scenario file or embedded scenario named {name:?} (embedded: {available})")]
+    NotFound {
+        /// What was asked for.
+        name: String,
+        /// The embedded scenario names.
+        available: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    vm: RawVm,
+    #[serde(default)]
+    process: Vec<RawProcess>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    memory_mib: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProcess {
+    program: Option<String>,
+    path: Option<PathBuf>,
+    name: Option<String>,
+    #[serde(default)]
+    args: String,
+    expect: Option<RawExpect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExpect {
+    exit: Option<i64>,
+    fault: Option<String>,
+}
+
+impl Scenario {
+    /// Loads `spec`: a path to a TOML file if one exists there, otherwise the
+    /// name of an embedded scenario.
+    pub fn load(spec: &str) -> Result<Scenario, ScenarioError> {
+        let path = Path::new(spec);
+        if path.exists() {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ScenarioError::Read { path: path.to_path_buf(), source })?;
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            return Scenario::parse(&text, &path.display().to_string(), &base);
+        }
+        match images::scenario(spec) {
+            Some(text) => Scenario::parse(text, &format!("embedded:{spec}"), Path::new(".")),
+            None => Err(ScenarioError::NotFound { name: spec.to_string(), available: images::scenario_names().join(", ") }),
+        }
+    }
+
+    /// Parses scenario text. `origin` names it in errors; relative program
+    /// paths are resolved against `base`.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Scenario, ScenarioError> {
+        let raw: RawScenario = toml::from_str(text).map_err(|error| {
+            let (line, column) = error.span().map_or((1, 1), |span| line_column(text, span.start));
+            ScenarioError::Syntax {
+                origin: origin.to_string(),
+                line,
+                column,
+                message: error.message().to_string(),
+            }
+        })?;
+        let scenario_error = |message: String| ScenarioError::Scenario { origin: origin.to_string(), message };
+        if raw.process.is_empty() {
+            return Err(scenario_error("a scenario needs at least one [[process]]".into()));
+        }
+        if raw.process.len() > MAX_BOOT_PROCESSES {
+            return Err(scenario_error(format!(
+                "{} processes, but at most {MAX_BOOT_PROCESSES} can be started at boot",
+                raw.process.len()
+            )));
+        }
+        let processes = raw
+            .process
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| resolve_process(p, i + 1, origin, base))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Scenario {
+            origin: origin.to_string(),
+            description: raw.description,
+            memory_mib: raw.vm.memory_mib,
+            processes,
+        })
+    }
+}
+
+fn resolve_process(raw: RawProcess, index: usize, origin: &str, base: &Path) -> Result<ProcessConfig, ScenarioError> {
+    let shown = raw.name.clone().or(raw.program.clone()).unwrap_or_else(|| "?".into());
+    let invalid = |message: String| ScenarioError::Invalid {
+        origin: origin.to_string(),
+        index,
+        name: shown.clone(),
+        message,
+    };
+    let (program, image) = match (&raw.program, &raw.path) {
+        (Some(name), None) => match images::program(name) {
+            Some(image) => (name.clone(), image.to_vec()),
+            None => {
+                return Err(invalid(format!(
+                    "no embedded program {name:?} (embedded: {})",
+                    images::program_names().join(", ")
+                )))
+            }
+        },
+        (None, Some(path)) => {
+            let full = base.join(path);
+            let image = std::fs::read(&full).map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            (stem, image)
+        }
+        _ => return Err(invalid("give exactly one of `program` (embedded) or `path` (ELF file)".into())),
+    };
+    guest_kernel::elf_image::check_user_image(&image)
+        .map_err(|e| invalid(format!("program {program} is not a loadable SuperOS program: {e}")))?;
+    let name = raw.name.unwrap_or_else(|| program.clone());
+    if name.is_empty() || name.len() > NAME_LEN {
+        return Err(invalid(format!("the name must be 1 to {NAME_LEN} bytes long")));
+    }
+    if raw.args.len() > ARGS_LEN {
+        return Err(invalid(format!("args are {} bytes long; the limit is {ARGS_LEN}", raw.args.len())));
+    }
+    let expect = match raw.expect {
+        None => Expectation::Exit(0),
+        Some(RawExpect { exit: Some(code), fault: None }) => Expectation::Exit(code),
+        Some(RawExpect { exit: None, fault: Some(fault) }) => {
+            Expectation::Fault(FaultKind::from_name(&fault).ok_or_else(|| {
+                let known: Vec<&str> = FaultKind::ALL.iter().map(|f| f.name()).collect();
+                invalid(format!("unknown fault kind {fault:?} (known: {})", known.join(", ")))
+            })?)
+        }
+        Some(_) => return Err(invalid("`expect` takes exactly one of `exit` or `fault`".into())),
+    };
+    Ok(ProcessConfig { name, program, image, args: raw.args, expect })
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        Scenario::parse(text, "test.toml", Path::new("."))
+    }
+
+    #[test]
+    fn every_embedded_scenario_parses() {
+        for name in images::scenario_names() {
+            let scenario = Scenario::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!scenario.processes.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_full_process_entry_resolves() {
+        let s = parse(
+            "[vm]\nmemory_mib = 32\n[[process]]\nprogram = \"exit-code\"\nname = \"x\"\nargs = \"5\"\nexpect = { exit = 5 }\n",
+        )
+        .unwrap();
+        assert_eq!(s.memory_mib, Some(32));
+        assert_eq!(s.processes[0].name, "x");
+        assert_eq!(s.processes[0].expect, Expectation::Exit(5));
+        let s = parse("[[process]]\nprogram = \"write-code\"\nexpect = { fault = \"write-to-code\" }\n").unwrap();
+        assert_eq!(s.processes[0].expect, Expectation::Fault(FaultKind::WriteToCode));
+        assert_eq!(s.processes[0].name, "write-code");
+    }
+
+    #[test]
+    fn syntax_errors_name_file_line_and_column() {
+        let error = parse("[[process]]\nprogram = \"hello\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(error.starts_with("test.toml:3:1: unknown field `bogus`"), "{error}");
+        let error = parse("[[process]]\nprogram = hello\n").unwrap_err().to_string();
+        assert!(error.starts_with("test.toml:2:"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_reasons() {
+        let cases = [
+            ("", "at least one [[process]]"),
+            ("[[process]]\nprogram = \"nope\"\n", "no embedded program \"nope\""),
+            ("[[process]]\n", "exactly one of `program`"),
+            ("[[process]]\nprogram = \"hello\"\npath = \"x\"\n", "exactly one of `program`"),
+            ("[[process]]\npath = \"/nonexistent.elf\"\n", "cannot read /nonexistent.elf"),
+            ("[[process]]\nprogram = \"hello\"\nexpect = { fault = \"melted\" }\n", "unknown fault kind \"melted\""),
+            ("[[process]]\nprogram = \"hello\"\nexpect = { exit = 1, fault = \"stack-guard\" }\n", "exactly one of `exit`"),
+            ("[[process]]\nprogram = \"hello\"\nname = \"\"\n", "1 to 32 bytes"),
+        ];
+        for (text, needle) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{text:?} gave {error:?}");
+        }
+        let long_args = format!("[[process]]\nprogram = \"hello\"\nargs = \"{}\"\n", "a".repeat(129));
+        assert!(parse(&long_args).unwrap_err().to_string().contains("the limit is 128"));
+        let many = "[[process]]\nprogram = \"hello\"\n".repeat(33);
+        assert!(parse(&many).unwrap_err().to_string().contains("at most 32"));
+    }
+
+    #[test]
+    fn a_non_elf_program_file_is_rejected() {
+        let dir = std::env::temp_dir().join(format!("superos-scenario-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("junk.elf"), b"not an elf").unwrap();
+        let error = Scenario::parse("[[process]]\npath = \"junk.elf\"\n", "t.toml", &dir).unwrap_err().to_string();
+        assert!(error.contains("program junk is not a loadable SuperOS program: bad-elf"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_names_list_what_exists() {
+        let error = Scenario::load("no-such-scenario").unwrap_err().to_string();
+        assert!(error.contains("default"), "{error}");
+    }
+}
