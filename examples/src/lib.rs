@@ -134,7 +134,10 @@ pub struct Console {
 impl Console {
     /// An empty line buffer.
     pub const fn new() -> Self {
-        Console { buffer: [0; 256], len: 0 }
+        Console {
+            buffer: [0; 256],
+            len: 0,
+        }
     }
     /// Sends the buffered bytes.
     pub fn flush(&mut self) {

@@ -143,11 +143,14 @@ impl<'a> FrameAllocator<'a> {
 
     /// Returns true if `frame` is managed by this allocator and currently allocated.
     pub fn is_allocated(&self, frame: u64) -> bool {
-        self.bit_of(frame).is_some_and(|(word, bit)| self.allocated[word] & bit != 0)
+        self.bit_of(frame)
+            .is_some_and(|(word, bit)| self.allocated[word] & bit != 0)
     }
 
     fn bit_of(&self, frame: u64) -> Option<(usize, u64)> {
-        let range = self.ranges[..self.range_count].iter().find(|r| r.start <= frame && frame < r.end)?;
+        let range = self.ranges[..self.range_count]
+            .iter()
+            .find(|r| r.start <= frame && frame < r.end)?;
         let index = range.first_index + (frame - range.start) / PAGE_SIZE;
         Some(((index / 64) as usize, 1u64 << (index % 64)))
     }
@@ -182,7 +185,10 @@ mod tests {
         assert_eq!(alloc.total_frames(), 8);
         let frames: Vec<u64> = std::iter::from_fn(|| alloc.alloc()).collect();
         // Storage for 8 frames caps the second range.
-        assert_eq!(frames, vec![0x1000, 0x2000, 0x3000, 0x10000, 0x11000, 0x12000, 0x13000, 0x14000]);
+        assert_eq!(
+            frames,
+            vec![0x1000, 0x2000, 0x3000, 0x10000, 0x11000, 0x12000, 0x13000, 0x14000]
+        );
         assert_eq!(alloc.free_frames(), 0);
     }
 

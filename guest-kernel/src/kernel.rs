@@ -78,15 +78,24 @@ fn hypercall_with<T: IntoBytes + zerocopy::Immutable>(call: Hypercall, params: &
     hypercall(call, image_gpa(params as *const T) as u32);
 }
 
-static CONSOLE_PARAMS: KernelCell<hc::ConsoleWriteParams> =
-    KernelCell::new(hc::ConsoleWriteParams { source_pid: 0, status: 0, gpa: 0, len: 0 });
+static CONSOLE_PARAMS: KernelCell<hc::ConsoleWriteParams> = KernelCell::new(hc::ConsoleWriteParams {
+    source_pid: 0,
+    status: 0,
+    gpa: 0,
+    len: 0,
+});
 
 /// Asks the VMM to print `len` bytes at guest-physical `gpa` on behalf of
 /// `pid` (0 = the kernel). Returns the VMM's status.
 fn console_write(pid: u32, gpa: u64, len: u64) -> u32 {
     // SAFETY: single-CPU kernel with interrupts off (KernelCell invariant).
     let params = unsafe { CONSOLE_PARAMS.get() };
-    *params = hc::ConsoleWriteParams { source_pid: pid, status: hc::STATUS_PENDING, gpa, len };
+    *params = hc::ConsoleWriteParams {
+        source_pid: pid,
+        status: hc::STATUS_PENDING,
+        gpa,
+        len,
+    };
     hypercall_with(Hypercall::ConsoleWrite, params);
     // SAFETY: the VMM wrote `status` during the hypercall; read it afresh.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(params.status)) }
@@ -143,7 +152,10 @@ fn report_panic(message: core::fmt::Arguments<'_>, exception: Option<ExceptionIn
     *panicking = true;
     // SAFETY: as above; nothing else uses these cells.
     let (buffer, params) = unsafe { (PANIC_BUFFER.get(), PANIC_PARAMS.get()) };
-    let mut out = FixedBuffer { bytes: buffer, len: 0 };
+    let mut out = FixedBuffer {
+        bytes: buffer,
+        len: 0,
+    };
     let _ = out.write_fmt(message);
     let len = out.len as u64;
     let (vector, error_code, rip, addr) = match exception {
@@ -180,7 +192,9 @@ static ALLOCATOR: linked_list_allocator::LockedHeap = linked_list_allocator::Loc
 struct HeapSpace {
     bytes: [u8; HEAP_SIZE],
 }
-static HEAP_SPACE: KernelCell<HeapSpace> = KernelCell::new(HeapSpace { bytes: [0; HEAP_SIZE] });
+static HEAP_SPACE: KernelCell<HeapSpace> = KernelCell::new(HeapSpace {
+    bytes: [0; HEAP_SIZE],
+});
 
 // ---------------------------------------------------------------------------
 // Event ring
@@ -205,7 +219,13 @@ static EVENT_RING: KernelCell<EventRing> = KernelCell::new(EventRing {
         lost: 0,
         reserved: 0,
     },
-    records: [EventRecord { seq: 0, tick: 0, kind: 0, pid: 0, args: [0; 5] }; EVENT_RING_CAPACITY],
+    records: [EventRecord {
+        seq: 0,
+        tick: 0,
+        kind: 0,
+        pid: 0,
+        args: [0; 5],
+    }; EVENT_RING_CAPACITY],
 });
 
 /// Appends an event to the ring and tells the VMM.
@@ -388,7 +408,12 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     unsafe { cpu::write_cr3(kernel_pml4) };
     enable_protection_features();
     // SAFETY: HEAP_SPACE is a static used only as the heap, handed over once.
-    unsafe { ALLOCATOR.lock().init(core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8, HEAP_SIZE) };
+    unsafe {
+        ALLOCATOR.lock().init(
+            core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8,
+            HEAP_SIZE,
+        )
+    };
     setup_syscall_msrs();
 
     if boot.debug_flags & boot::DEBUG_BAD_HYPERCALLS != 0 {
@@ -406,7 +431,9 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
             _ => Gate::Syscall,
         },
     };
-    let gate_frame = frames.alloc().unwrap_or_else(|| panic!("out of memory for the gate page"));
+    let gate_frame = frames
+        .alloc()
+        .unwrap_or_else(|| panic!("out of memory for the gate page"));
     let mut kernel = Kernel {
         boot,
         frames,
@@ -420,8 +447,13 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         ticks: 0,
     };
     kernel.write_gate_page();
-    let pml4 = kernel.new_address_space().unwrap_or_else(|| panic!("out of memory for the gate self-test"));
-    kernel.phase = Phase::GateSelfTest { pml4, tried_other: false };
+    let pml4 = kernel
+        .new_address_space()
+        .unwrap_or_else(|| panic!("out of memory for the gate self-test"));
+    kernel.phase = Phase::GateSelfTest {
+        pml4,
+        tried_other: false,
+    };
 
     // SAFETY: KernelCell invariant; boot is the only user so far.
     let (slot, frame) = unsafe { (KERNEL.get(), BOOT_FRAME.get()) };
@@ -453,7 +485,10 @@ fn read_boot_info(gpa: u64) -> &'static BootInfo {
         panic!("boot info has a bad magic number {:#x}", boot.magic);
     }
     if boot.version != PROTOCOL_VERSION {
-        panic!("boot info protocol version {} but kernel speaks {}", boot.version, PROTOCOL_VERSION);
+        panic!(
+            "boot info protocol version {} but kernel speaks {}",
+            boot.version, PROTOCOL_VERSION
+        );
     }
     if boot.mem_size > MAX_GUEST_MEMORY || boot.mem_size < MIN_GUEST_MEMORY {
         panic!("boot info memory size {:#x} out of range", boot.mem_size);
@@ -502,11 +537,21 @@ fn frame_allocator(boot: &BootInfo) -> FrameAllocator<'static> {
 }
 
 fn build_kernel_page_tables(boot: &BootInfo, frames: &mut FrameAllocator<'static>) -> u64 {
-    let pml4 = frames.alloc().unwrap_or_else(|| panic!("out of memory for the kernel PML4"));
+    let pml4 = frames
+        .alloc()
+        .unwrap_or_else(|| panic!("out of memory for the kernel PML4"));
     let mut memory = DirectMap(frames);
     let mut map_4k = |va: u64, pa: u64, flags: Flags| {
-        paging::map(&mut memory, pml4, va, pa, PageSize::Size4K, flags, KERNEL_TABLE_FLAGS)
-            .unwrap_or_else(|e| panic!("mapping kernel page {va:#x}: {e:?}"));
+        paging::map(
+            &mut memory,
+            pml4,
+            va,
+            pa,
+            PageSize::Size4K,
+            flags,
+            KERNEL_TABLE_FLAGS,
+        )
+        .unwrap_or_else(|e| panic!("mapping kernel page {va:#x}: {e:?}"));
     };
     // SAFETY: linker-script symbols; only their addresses are used.
     let (text, rodata, data, guard) = unsafe {
@@ -529,7 +574,11 @@ fn build_kernel_page_tables(boot: &BootInfo, frames: &mut FrameAllocator<'static
             }
         }
     }
-    map_4k(LAPIC_VA, LAPIC_GPA, Flags::WRITABLE | Flags::NO_EXECUTE | Flags::NO_CACHE | Flags::WRITE_THROUGH);
+    map_4k(
+        LAPIC_VA,
+        LAPIC_GPA,
+        Flags::WRITABLE | Flags::NO_EXECUTE | Flags::NO_CACHE | Flags::WRITE_THROUGH,
+    );
     let direct_end = boot.mem_size.next_multiple_of(LARGE_PAGE_SIZE);
     for pa in (0..direct_end).step_by(LARGE_PAGE_SIZE as usize) {
         paging::map(
@@ -573,8 +622,8 @@ fn enable_protection_features() {
 fn setup_syscall_msrs() {
     use cpu::msr;
     const FMASK_VALUE: u64 = 0x4_7700; // IF, DF, TF, AC, NT
-    // SAFETY: architectural MSRs; LSTAR points at the syscall entry stub and
-    // STAR holds the selectors of our GDT.
+                                       // SAFETY: architectural MSRs; LSTAR points at the syscall entry stub and
+                                       // STAR holds the selectors of our GDT.
     unsafe {
         cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | msr::EFER_SCE);
         cpu::wrmsr(msr::STAR, tables::STAR_VALUE);
@@ -586,16 +635,22 @@ fn setup_syscall_msrs() {
 /// DEBUG_BAD_HYPERCALLS: each malformed call must come back refused.
 fn send_bad_hypercalls() {
     let cases: [(u64, u64); 3] = [
-        (MAX_GUEST_MEMORY + PAGE_SIZE, 16),        // outside guest RAM
-        (PAGE_SIZE, hc::CONSOLE_WRITE_MAX + 1),    // too long
-        (u64::MAX - 4, 16),                        // wraps around
+        (MAX_GUEST_MEMORY + PAGE_SIZE, 16),     // outside guest RAM
+        (PAGE_SIZE, hc::CONSOLE_WRITE_MAX + 1), // too long
+        (u64::MAX - 4, 16),                     // wraps around
     ];
     for (gpa, len) in cases {
         let status = console_write(0, gpa, len);
         if status == hc::STATUS_OK {
             panic!("the VMM accepted a console write of {len} bytes at {gpa:#x}");
         }
-        log_event(Event::HypercallRefused { port: Hypercall::ConsoleWrite.port().into(), status: status.into() }, 0);
+        log_event(
+            Event::HypercallRefused {
+                port: Hypercall::ConsoleWrite.port().into(),
+                status: status.into(),
+            },
+            0,
+        );
     }
 }
 
@@ -631,7 +686,12 @@ fn kernel_exception(frame: &TrapFrame) -> ! {
             "exception {} in ring 0 at rip {:#x} (error code {:#x}, address {addr:#x})",
             frame.vector, frame.rip, frame.error_code
         ),
-        Some(ExceptionInfo { vector: frame.vector, error_code: frame.error_code, rip: frame.rip, addr }),
+        Some(ExceptionInfo {
+            vector: frame.vector,
+            error_code: frame.error_code,
+            rip: frame.rip,
+            addr,
+        }),
     )
 }
 
@@ -643,7 +703,11 @@ impl Kernel {
     fn write_gate_page(&mut self) {
         let page = direct::<u8>(self.gate_frame);
         let stub = self.gate.stub();
-        let info = GateInfo { magic: sc::GATE_INFO_MAGIC, gate_kind: self.gate.kind(), tsc_khz: self.boot.tsc_khz };
+        let info = GateInfo {
+            magic: sc::GATE_INFO_MAGIC,
+            gate_kind: self.gate.kind(),
+            tsc_khz: self.boot.tsc_khz,
+        };
         // SAFETY: the gate frame is a whole frame owned by the kernel. Every
         // byte outside the stub is int3, so a jump to any other offset traps
         // as an illegal gate entry.
@@ -664,8 +728,16 @@ impl Kernel {
             let entry = memory.table(kernel_pml4)[slot].clone();
             memory.table(pml4)[slot] = entry;
         }
-        if paging::map(&mut memory, pml4, GATE_VA, gate_frame, PageSize::Size4K, Flags::USER_ACCESSIBLE, USER_TABLE_FLAGS)
-            .is_err()
+        if paging::map(
+            &mut memory,
+            pml4,
+            GATE_VA,
+            gate_frame,
+            PageSize::Size4K,
+            Flags::USER_ACCESSIBLE,
+            USER_TABLE_FLAGS,
+        )
+        .is_err()
         {
             self.destroy_address_space(pml4);
             return None;
@@ -726,14 +798,23 @@ impl Kernel {
         }
         self.gate = self.gate.other();
         self.write_gate_page();
-        self.phase = Phase::GateSelfTest { pml4, tried_other: true };
+        self.phase = Phase::GateSelfTest {
+            pml4,
+            tried_other: true,
+        };
         *frame = self_test_frame();
     }
 
     fn start_processes(&mut self, frame: &mut TrapFrame) {
         for index in 0..self.boot.processes().len() {
             if let Err(error) = self.spawn(index) {
-                log_event(Event::SpawnFailed { spec_index: index as u64, error: Some(error) }, self.ticks);
+                log_event(
+                    Event::SpawnFailed {
+                        spec_index: index as u64,
+                        error: Some(error),
+                    },
+                    self.ticks,
+                );
             }
         }
         lapic::start_timer(TIMER_VECTOR, SPURIOUS_VECTOR);
@@ -743,7 +824,11 @@ impl Kernel {
 
     fn spawn(&mut self, index: usize) -> Result<(), SpawnError> {
         let spec = &self.boot.processes()[index];
-        let program = self.boot.programs().get(spec.program as usize).ok_or(SpawnError::NoSuchProgram)?;
+        let program = self
+            .boot
+            .programs()
+            .get(spec.program as usize)
+            .ok_or(SpawnError::NoSuchProgram)?;
         let image_end = program.gpa.checked_add(program.len).ok_or(SpawnError::BadElf)?;
         if image_end > self.boot.mem_size {
             return Err(SpawnError::BadElf);
@@ -774,7 +859,14 @@ impl Kernel {
             regions,
             preemptions: 0,
         });
-        log_event(Event::ProcessSpawned { pid, spec_index: index as u64, pml4_gpa: pml4 }, self.ticks);
+        log_event(
+            Event::ProcessSpawned {
+                pid,
+                spec_index: index as u64,
+                pml4_gpa: pml4,
+            },
+            self.ticks,
+        );
         Ok(())
     }
 
@@ -791,8 +883,14 @@ impl Kernel {
         for segment in plan.segments() {
             let (kind, flags) = match (segment.rights.execute, segment.rights.write) {
                 (true, _) => (RegionKind::Code, Flags::USER_ACCESSIBLE),
-                (false, true) => (RegionKind::Data, Flags::USER_ACCESSIBLE | Flags::WRITABLE | Flags::NO_EXECUTE),
-                (false, false) => (RegionKind::ReadOnlyData, Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE),
+                (false, true) => (
+                    RegionKind::Data,
+                    Flags::USER_ACCESSIBLE | Flags::WRITABLE | Flags::NO_EXECUTE,
+                ),
+                (false, false) => (
+                    RegionKind::ReadOnlyData,
+                    Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE,
+                ),
             };
             let file_start = segment.vaddr;
             let file_end = segment.vaddr + segment.file_len;
@@ -814,7 +912,11 @@ impl Kernel {
                     };
                 }
             }
-            regions.push(Region { start: segment.first_page(), end: segment.end_page(), kind });
+            regions.push(Region {
+                start: segment.first_page(),
+                end: segment.end_page(),
+                kind,
+            });
         }
         let stack_bottom = USER_STACK_TOP - USER_STACK_PAGES * PAGE_SIZE;
         let stack_flags = Flags::USER_ACCESSIBLE | Flags::WRITABLE | Flags::NO_EXECUTE;
@@ -833,15 +935,35 @@ impl Kernel {
             )
         };
         let guard_bottom = stack_bottom - USER_STACK_GUARD_PAGES * PAGE_SIZE;
-        regions.push(Region { start: guard_bottom, end: stack_bottom, kind: RegionKind::StackGuard });
-        regions.push(Region { start: stack_bottom, end: USER_STACK_TOP, kind: RegionKind::Stack });
-        regions.push(Region { start: GATE_VA, end: GATE_VA + PAGE_SIZE, kind: RegionKind::Gate });
+        regions.push(Region {
+            start: guard_bottom,
+            end: stack_bottom,
+            kind: RegionKind::StackGuard,
+        });
+        regions.push(Region {
+            start: stack_bottom,
+            end: USER_STACK_TOP,
+            kind: RegionKind::Stack,
+        });
+        regions.push(Region {
+            start: GATE_VA,
+            end: GATE_VA + PAGE_SIZE,
+            kind: RegionKind::Gate,
+        });
         Ok(())
     }
 
     fn map_fresh_page(&mut self, pml4: u64, va: u64, flags: Flags) -> Result<u64, SpawnError> {
         let frame = self.frames.alloc().ok_or(SpawnError::OutOfMemory)?;
-        match paging::map(&mut self.memory(), pml4, va, frame, PageSize::Size4K, flags, USER_TABLE_FLAGS) {
+        match paging::map(
+            &mut self.memory(),
+            pml4,
+            va,
+            frame,
+            PageSize::Size4K,
+            flags,
+            USER_TABLE_FLAGS,
+        ) {
             Ok(()) => Ok(frame),
             Err(_) => {
                 // Frames from the allocator are zero, so it can go straight back.
@@ -862,7 +984,10 @@ impl Kernel {
             v if v == u64::from(SPURIOUS_VECTOR) => {}
             14 => {
                 let addr = cpu::read_cr2();
-                let regions = self.current_process().map(|p| p.regions.as_slice()).unwrap_or(&[]);
+                let regions = self
+                    .current_process()
+                    .map(|p| p.regions.as_slice())
+                    .unwrap_or(&[]);
                 let fault = classify_page_fault(regions, addr, frame.error_code);
                 self.kill_current(frame, fault, addr);
             }
@@ -942,7 +1067,11 @@ impl Kernel {
         process.state = ProcessState::Dead;
         process.regions = Vec::new();
         let event = match how {
-            Termination::Exit(code) => Event::ProcessExited { pid, code, preemptions },
+            Termination::Exit(code) => Event::ProcessExited {
+                pid,
+                code,
+                preemptions,
+            },
             Termination::Killed { fault, addr } => Event::ProcessKilled {
                 pid,
                 fault: Some(fault),

@@ -56,8 +56,9 @@ pub struct Translation {
 }
 
 /// Flags of intermediate entries for user mappings (see the module invariant).
-pub const USER_TABLE_FLAGS: Flags =
-    Flags::PRESENT.union(Flags::WRITABLE).union(Flags::USER_ACCESSIBLE);
+pub const USER_TABLE_FLAGS: Flags = Flags::PRESENT
+    .union(Flags::WRITABLE)
+    .union(Flags::USER_ACCESSIBLE);
 /// Flags of intermediate entries for kernel mappings.
 pub const KERNEL_TABLE_FLAGS: Flags = Flags::PRESENT.union(Flags::WRITABLE);
 
@@ -132,7 +133,10 @@ pub fn translate<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<
         if is_leaf {
             let page_mask = (1u64 << (12 + 9 * (level - 1))) - 1;
             let base = entry.addr().as_u64() & !page_mask;
-            return Some(Translation { phys: base | (va & page_mask), flags });
+            return Some(Translation {
+                phys: base | (va & page_mask),
+                flags,
+            });
         }
         table = entry.addr().as_u64();
     }
@@ -164,13 +168,11 @@ pub fn unmap<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<u64>
 /// table frame. The PML4 itself and the
 /// kernel half are left alone. Large user pages are never created, so a large
 /// leaf here is reported to `on_leaf` with its base frame and dropped.
-pub fn free_user_half<M: PageTableMemory>(
-    mem: &mut M,
-    pml4: u64,
-    mut on_leaf: impl FnMut(u64, u64, Flags),
-) {
+pub fn free_user_half<M: PageTableMemory>(mem: &mut M, pml4: u64, mut on_leaf: impl FnMut(u64, u64, Flags)) {
     for i4 in 0..256 {
-        let Some(pdpt) = take_table(mem, pml4, i4) else { continue };
+        let Some(pdpt) = take_table(mem, pml4, i4) else {
+            continue;
+        };
         for i3 in 0..512 {
             let Some(pd) = take_table_or_leaf(mem, pdpt, i3, &mut on_leaf, va_of(i4, i3, 0, 0)) else {
                 continue;
@@ -246,7 +248,9 @@ pub(crate) mod tests {
 
     impl PageTableMemory for FakeMemory {
         fn table(&mut self, frame: u64) -> &mut PageTable {
-            self.tables.get_mut(&frame).unwrap_or_else(|| panic!("no table at {frame:#x}"))
+            self.tables
+                .get_mut(&frame)
+                .unwrap_or_else(|| panic!("no table at {frame:#x}"))
         }
         fn alloc_table(&mut self) -> Option<u64> {
             self.next += PAGE_SIZE;
@@ -255,7 +259,10 @@ pub(crate) mod tests {
             Some(frame)
         }
         fn free_table(&mut self, frame: u64) {
-            assert!(self.tables.remove(&frame).is_some(), "freed unknown table {frame:#x}");
+            assert!(
+                self.tables.remove(&frame).is_some(),
+                "freed unknown table {frame:#x}"
+            );
         }
     }
 
@@ -271,9 +278,14 @@ pub(crate) mod tests {
         map_4k(&mut mem, pml4, 0x40_0000, 0x20_0000, flags).unwrap();
         let t = translate(&mut mem, pml4, 0x40_0123).unwrap();
         assert_eq!(t.phys, 0x20_0123);
-        assert!(t.flags.contains(Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE));
+        assert!(t
+            .flags
+            .contains(Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE));
         assert!(!t.flags.contains(Flags::WRITABLE));
-        assert_eq!(map_4k(&mut mem, pml4, 0x40_0000, 0x30_0000, flags), Err(MapError::AlreadyMapped));
+        assert_eq!(
+            map_4k(&mut mem, pml4, 0x40_0000, 0x30_0000, flags),
+            Err(MapError::AlreadyMapped)
+        );
         assert_eq!(unmap(&mut mem, pml4, 0x40_0000), Some(0x20_0000));
         assert_eq!(translate(&mut mem, pml4, 0x40_0000), None);
         assert_eq!(unmap(&mut mem, pml4, 0x40_0000), None);
@@ -283,8 +295,14 @@ pub(crate) mod tests {
     fn rejects_misaligned_and_non_canonical_addresses() {
         let mut mem = FakeMemory::default();
         let pml4 = mem.alloc_table().unwrap();
-        assert_eq!(map_4k(&mut mem, pml4, 0x40_0001, 0, Flags::empty()), Err(MapError::BadAddress));
-        assert_eq!(map_4k(&mut mem, pml4, 0x0000_8000_0000_0000, 0, Flags::empty()), Err(MapError::BadAddress));
+        assert_eq!(
+            map_4k(&mut mem, pml4, 0x40_0001, 0, Flags::empty()),
+            Err(MapError::BadAddress)
+        );
+        assert_eq!(
+            map_4k(&mut mem, pml4, 0x0000_8000_0000_0000, 0, Flags::empty()),
+            Err(MapError::BadAddress)
+        );
         assert_eq!(translate(&mut mem, pml4, 0x1234_0000_0000_0000), None);
     }
 
@@ -293,9 +311,24 @@ pub(crate) mod tests {
         let mut mem = FakeMemory::default();
         let pml4 = mem.alloc_table().unwrap();
         let base = 0xffff_8000_0000_0000;
-        map(&mut mem, pml4, base, 0x40_0000, PageSize::Size2M, Flags::WRITABLE, KERNEL_TABLE_FLAGS).unwrap();
-        assert_eq!(translate(&mut mem, pml4, base + 0x1_2345).unwrap().phys, 0x41_2345);
-        assert_eq!(map_4k(&mut mem, pml4, base + 0x1000, 0, Flags::empty()), Err(MapError::LargePageInTheWay));
+        map(
+            &mut mem,
+            pml4,
+            base,
+            0x40_0000,
+            PageSize::Size2M,
+            Flags::WRITABLE,
+            KERNEL_TABLE_FLAGS,
+        )
+        .unwrap();
+        assert_eq!(
+            translate(&mut mem, pml4, base + 0x1_2345).unwrap().phys,
+            0x41_2345
+        );
+        assert_eq!(
+            map_4k(&mut mem, pml4, base + 0x1000, 0, Flags::empty()),
+            Err(MapError::LargePageInTheWay)
+        );
     }
 
     proptest! {

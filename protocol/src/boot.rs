@@ -215,8 +215,8 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zerocopy::FromZeros;
     use core::mem::offset_of;
+    use zerocopy::FromZeros;
 
     #[test]
     fn boot_info_layout_is_stable() {
@@ -227,7 +227,10 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, memory_map), 72);
         assert_eq!(offset_of!(BootInfo, programs), 72 + 16 * 24);
         assert_eq!(offset_of!(BootInfo, processes), 72 + 16 * 24 + 32 * 48);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 72 + 16 * 24 + 32 * 48 + 32 * 200);
+        assert_eq!(
+            core::mem::size_of::<BootInfo>(),
+            72 + 16 * 24 + 32 * 48 + 32 * 200
+        );
         assert_eq!(offset_of!(ProcessSpec, quota), 168);
     }
 

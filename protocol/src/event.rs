@@ -280,12 +280,20 @@ impl EventRecord {
                 rip: a2,
                 error_code: a3,
             },
-            EventKind::ProcessSpawned => Event::ProcessSpawned { pid, spec_index: a0, pml4_gpa: a1 },
+            EventKind::ProcessSpawned => Event::ProcessSpawned {
+                pid,
+                spec_index: a0,
+                pml4_gpa: a1,
+            },
             EventKind::SpawnFailed => Event::SpawnFailed {
                 spec_index: a0,
                 error: u32::try_from(a1).ok().and_then(SpawnError::from_raw),
             },
-            EventKind::ProcessExited => Event::ProcessExited { pid, code: a0 as i64, preemptions: a1 },
+            EventKind::ProcessExited => Event::ProcessExited {
+                pid,
+                code: a0 as i64,
+                preemptions: a1,
+            },
             EventKind::ProcessKilled => Event::ProcessKilled {
                 pid,
                 fault: u32::try_from(a0).ok().and_then(FaultKind::from_raw),
@@ -304,29 +312,63 @@ impl Event {
     /// ring to fill in).
     pub fn encode(&self) -> EventRecord {
         let (kind, pid, args) = match *self {
-            Event::KernelReady { gate_kind, free_frames, total_frames } => {
-                (EventKind::KernelReady, 0, [gate_kind as u64, free_frames, total_frames, 0, 0])
-            }
-            Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => {
-                (EventKind::GateSelfTestFailed, 0, [gate_kind as u64, vector, rip, error_code, 0])
-            }
-            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
-                (EventKind::ProcessSpawned, pid, [spec_index, pml4_gpa, 0, 0, 0])
-            }
-            Event::SpawnFailed { spec_index, error } => {
-                (EventKind::SpawnFailed, 0, [spec_index, error.map_or(0, |e| e as u64), 0, 0, 0])
-            }
-            Event::ProcessExited { pid, code, preemptions } => {
-                (EventKind::ProcessExited, pid, [code as u64, preemptions, 0, 0, 0])
-            }
-            Event::ProcessKilled { pid, fault, addr, rip, error_code, vector } => (
+            Event::KernelReady {
+                gate_kind,
+                free_frames,
+                total_frames,
+            } => (
+                EventKind::KernelReady,
+                0,
+                [gate_kind as u64, free_frames, total_frames, 0, 0],
+            ),
+            Event::GateSelfTestFailed {
+                gate_kind,
+                vector,
+                rip,
+                error_code,
+            } => (
+                EventKind::GateSelfTestFailed,
+                0,
+                [gate_kind as u64, vector, rip, error_code, 0],
+            ),
+            Event::ProcessSpawned {
+                pid,
+                spec_index,
+                pml4_gpa,
+            } => (EventKind::ProcessSpawned, pid, [spec_index, pml4_gpa, 0, 0, 0]),
+            Event::SpawnFailed { spec_index, error } => (
+                EventKind::SpawnFailed,
+                0,
+                [spec_index, error.map_or(0, |e| e as u64), 0, 0, 0],
+            ),
+            Event::ProcessExited {
+                pid,
+                code,
+                preemptions,
+            } => (EventKind::ProcessExited, pid, [code as u64, preemptions, 0, 0, 0]),
+            Event::ProcessKilled {
+                pid,
+                fault,
+                addr,
+                rip,
+                error_code,
+                vector,
+            } => (
                 EventKind::ProcessKilled,
                 pid,
                 [fault.map_or(0, |f| f as u64), addr, rip, error_code, vector],
             ),
-            Event::HypercallRefused { port, status } => (EventKind::HypercallRefused, 0, [port, status, 0, 0, 0]),
+            Event::HypercallRefused { port, status } => {
+                (EventKind::HypercallRefused, 0, [port, status, 0, 0, 0])
+            }
         };
-        EventRecord { seq: 0, tick: 0, kind: kind as u32, pid, args }
+        EventRecord {
+            seq: 0,
+            tick: 0,
+            kind: kind as u32,
+            pid,
+            args,
+        }
     }
 }
 
@@ -345,32 +387,65 @@ impl core::fmt::Display for Event {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         use crate::syscall::gate_kind_name;
         match *self {
-            Event::KernelReady { gate_kind, free_frames, total_frames } => write!(
+            Event::KernelReady {
+                gate_kind,
+                free_frames,
+                total_frames,
+            } => write!(
                 f,
                 "kernel ready: gate={}, {free_frames} of {total_frames} frames free",
                 gate_kind_name(gate_kind)
             ),
-            Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => write!(
+            Event::GateSelfTestFailed {
+                gate_kind,
+                vector,
+                rip,
+                error_code,
+            } => write!(
                 f,
                 "gate self-test failed for {}: vector {vector} at rip {rip:#x} (error {error_code:#x})",
                 gate_kind_name(gate_kind)
             ),
-            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
-                write!(f, "pid {pid} spawned (boot process #{spec_index}, pml4 at {pml4_gpa:#x})")
+            Event::ProcessSpawned {
+                pid,
+                spec_index,
+                pml4_gpa,
+            } => {
+                write!(
+                    f,
+                    "pid {pid} spawned (boot process #{spec_index}, pml4 at {pml4_gpa:#x})"
+                )
             }
             Event::SpawnFailed { spec_index, error } => {
                 write!(f, "boot process #{spec_index} not started: {}", OptName(error))
             }
-            Event::ProcessExited { pid, code, preemptions } => {
-                write!(f, "pid {pid} exited with code {code} (preempted {preemptions} times)")
+            Event::ProcessExited {
+                pid,
+                code,
+                preemptions,
+            } => {
+                write!(
+                    f,
+                    "pid {pid} exited with code {code} (preempted {preemptions} times)"
+                )
             }
-            Event::ProcessKilled { pid, fault, addr, rip, error_code, vector } => write!(
+            Event::ProcessKilled {
+                pid,
+                fault,
+                addr,
+                rip,
+                error_code,
+                vector,
+            } => write!(
                 f,
                 "pid {pid} killed: {} at {addr:#x} (rip {rip:#x}, vector {vector}, error {error_code:#x})",
                 OptName(fault)
             ),
             Event::HypercallRefused { port, status } => {
-                write!(f, "malformed hypercall to port {port:#x} refused with status {status}")
+                write!(
+                    f,
+                    "malformed hypercall to port {port:#x} refused with status {status}"
+                )
             }
         }
     }
@@ -383,11 +458,31 @@ mod tests {
     #[test]
     fn events_round_trip_through_records() {
         let events = [
-            Event::KernelReady { gate_kind: 2, free_frames: 10, total_frames: 20 },
-            Event::GateSelfTestFailed { gate_kind: 1, vector: 14, rip: 0xffff_ffff_8010_0000, error_code: 0x15 },
-            Event::ProcessSpawned { pid: 3, spec_index: 1, pml4_gpa: 0x20_0000 },
-            Event::SpawnFailed { spec_index: 2, error: Some(SpawnError::WritableAndExecutable) },
-            Event::ProcessExited { pid: 4, code: -7, preemptions: 9 },
+            Event::KernelReady {
+                gate_kind: 2,
+                free_frames: 10,
+                total_frames: 20,
+            },
+            Event::GateSelfTestFailed {
+                gate_kind: 1,
+                vector: 14,
+                rip: 0xffff_ffff_8010_0000,
+                error_code: 0x15,
+            },
+            Event::ProcessSpawned {
+                pid: 3,
+                spec_index: 1,
+                pml4_gpa: 0x20_0000,
+            },
+            Event::SpawnFailed {
+                spec_index: 2,
+                error: Some(SpawnError::WritableAndExecutable),
+            },
+            Event::ProcessExited {
+                pid: 4,
+                code: -7,
+                preemptions: 9,
+            },
             Event::ProcessKilled {
                 pid: 5,
                 fault: Some(FaultKind::WriteToCode),
@@ -396,7 +491,10 @@ mod tests {
                 error_code: 7,
                 vector: 14,
             },
-            Event::HypercallRefused { port: 0x501, status: 1 },
+            Event::HypercallRefused {
+                port: 0x501,
+                status: 1,
+            },
         ];
         for event in events {
             assert_eq!(event.encode().decode(), Ok(event));
@@ -405,9 +503,16 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_codes_are_reported_not_trusted() {
-        let record = EventRecord { kind: 999, ..Default::default() };
+        let record = EventRecord {
+            kind: 999,
+            ..Default::default()
+        };
         assert_eq!(record.decode(), Err(UnknownEventKind(999)));
-        let record = EventRecord { kind: EventKind::ProcessKilled as u32, args: [77, 0, 0, 0, 0], ..Default::default() };
+        let record = EventRecord {
+            kind: EventKind::ProcessKilled as u32,
+            args: [77, 0, 0, 0, 0],
+            ..Default::default()
+        };
         match record.decode() {
             Ok(Event::ProcessKilled { fault: None, .. }) => {}
             other => panic!("unexpected decode {other:?}"),

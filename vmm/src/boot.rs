@@ -14,10 +14,13 @@ use elf::ElfBytes;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::io::Cursor;
 use superos_protocol::boot::{
-    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, QuotaSpec, BOOT_INFO_MAGIC,
-    MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE, MEMORY_PROGRAM_IMAGES, MEMORY_USABLE,
+    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, QuotaSpec,
+    BOOT_INFO_MAGIC, MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE,
+    MEMORY_PROGRAM_IMAGES, MEMORY_USABLE,
 };
-use superos_protocol::layout::{BOOT_INFO_GPA, BOOT_PAGE_TABLES_GPA, KERNEL_PHYS_BASE, KERNEL_VMA_BASE, PAGE_SIZE};
+use superos_protocol::layout::{
+    BOOT_INFO_GPA, BOOT_PAGE_TABLES_GPA, KERNEL_PHYS_BASE, KERNEL_VMA_BASE, PAGE_SIZE,
+};
 use superos_protocol::{name_to_array, PROTOCOL_VERSION};
 use thiserror::Error;
 use zerocopy::FromZeros;
@@ -29,7 +32,7 @@ pub const MIN_FREE_MEMORY: u64 = 4 << 20;
 #[derive(Debug, Error)]
 pub enum BootError {
     /// Not an ELF file at all, or its headers are malformed or truncated.
-    #[error("the kernel image is not a valid ELF file: {0}")]
+    #[error("the kernel image is not a valid ELF file (malformed or truncated): {0}")]
     KernelNotElf(String),
     /// An ELF file for another machine or class.
     #[error("the kernel image is a {class} ELF for machine {machine:#x}; SuperOS needs a 64-bit x86-64 (machine 0x3e) kernel")]
@@ -103,17 +106,29 @@ pub struct KernelLayout {
 /// Checks that `image` is a kernel this VMM can boot in `mem` bytes of RAM.
 /// Every header field linux-loader will act on is checked here first.
 pub fn check_kernel_elf(image: &[u8], mem: u64) -> Result<KernelLayout, BootError> {
-    let file = ElfBytes::<AnyEndian>::minimal_parse(image).map_err(|e| BootError::KernelNotElf(e.to_string()))?;
+    let file =
+        ElfBytes::<AnyEndian>::minimal_parse(image).map_err(|e| BootError::KernelNotElf(e.to_string()))?;
     let header = &file.ehdr;
     if header.class != Class::ELF64 || header.e_machine != EM_X86_64 {
-        let class = if header.class == Class::ELF64 { "64-bit" } else { "32-bit" };
-        return Err(BootError::KernelWrongArchitecture { class, machine: header.e_machine });
+        let class = if header.class == Class::ELF64 {
+            "64-bit"
+        } else {
+            "32-bit"
+        };
+        return Err(BootError::KernelWrongArchitecture {
+            class,
+            machine: header.e_machine,
+        });
     }
     if header.e_type != ET_EXEC {
         return Err(BootError::KernelNotExecutable(header.e_type));
     }
     let segments = file.segments().ok_or(BootError::KernelNoSegments)?;
-    let mut layout = KernelLayout { entry: header.e_entry, phys_start: u64::MAX, phys_end: 0 };
+    let mut layout = KernelLayout {
+        entry: header.e_entry,
+        phys_start: u64::MAX,
+        phys_end: 0,
+    };
     let mut entry_ok = false;
     for segment in segments.iter().filter(|s| s.p_type == PT_LOAD) {
         let file_end = segment.p_offset.checked_add(segment.p_filesz);
@@ -138,7 +153,8 @@ pub fn check_kernel_elf(image: &[u8], mem: u64) -> Result<KernelLayout, BootErro
         }
         layout.phys_start = layout.phys_start.min(segment.p_paddr);
         layout.phys_end = layout.phys_end.max(phys_end.unwrap_or(0));
-        let in_segment = segment.p_vaddr <= header.e_entry && header.e_entry - segment.p_vaddr < segment.p_memsz;
+        let in_segment =
+            segment.p_vaddr <= header.e_entry && header.e_entry - segment.p_vaddr < segment.p_memsz;
         entry_ok |= segment.p_flags & PF_X != 0 && in_segment;
     }
     if layout.phys_end == 0 {
@@ -189,7 +205,10 @@ pub fn prepare(
     // Distinct programs, each placed once, page-aligned, after the kernel.
     let mut programs: Vec<(&str, &[u8])> = Vec::new();
     for process in &scenario.processes {
-        if !programs.iter().any(|(name, image)| *name == process.program && *image == process.image.as_slice()) {
+        if !programs
+            .iter()
+            .any(|(name, image)| *name == process.program && *image == process.image.as_slice())
+        {
             programs.push((&process.program, &process.image));
         }
     }
@@ -202,14 +221,24 @@ pub fn prepare(
     for (i, (name, image)) in programs.iter().enumerate() {
         let needed = cursor + image.len() as u64 + MIN_FREE_MEMORY;
         if needed > mem {
-            return Err(BootError::DoesNotFit { needed: needed >> 10, mem: mem >> 10 });
+            return Err(BootError::DoesNotFit {
+                needed: needed >> 10,
+                mem: mem >> 10,
+            });
         }
         ram.write_bytes(cursor, image)?;
-        boot_info.programs[i] = ProgramImage { gpa: cursor, len: image.len() as u64, name: name_to_array(name) };
+        boot_info.programs[i] = ProgramImage {
+            gpa: cursor,
+            len: image.len() as u64,
+            name: name_to_array(name),
+        };
         cursor = (cursor + image.len() as u64).next_multiple_of(PAGE_SIZE);
     }
     if cursor + MIN_FREE_MEMORY > mem {
-        return Err(BootError::DoesNotFit { needed: (cursor + MIN_FREE_MEMORY) >> 10, mem: mem >> 10 });
+        return Err(BootError::DoesNotFit {
+            needed: (cursor + MIN_FREE_MEMORY) >> 10,
+            mem: mem >> 10,
+        });
     }
     let images_end = cursor;
 
@@ -235,14 +264,23 @@ pub fn prepare(
     let regions = [
         (BOOT_INFO_GPA, boot_data_end, MEMORY_BOOT_DATA),
         (boot_data_end, layout.phys_start, MEMORY_USABLE),
-        (layout.phys_start, layout.phys_end.next_multiple_of(PAGE_SIZE), MEMORY_KERNEL_IMAGE),
+        (
+            layout.phys_start,
+            layout.phys_end.next_multiple_of(PAGE_SIZE),
+            MEMORY_KERNEL_IMAGE,
+        ),
         (images_start, images_end, MEMORY_PROGRAM_IMAGES),
         (images_end, mem, MEMORY_USABLE),
     ];
     let mut count = 0;
     for (start, end, kind) in regions {
         if start < end && count < MAX_MEMORY_REGIONS {
-            boot_info.memory_map[count] = MemoryRegion { start, len: end - start, kind, reserved: 0 };
+            boot_info.memory_map[count] = MemoryRegion {
+                start,
+                len: end - start,
+                kind,
+                reserved: 0,
+            };
             count += 1;
         }
     }
@@ -259,7 +297,11 @@ pub fn prepare(
     boot_info.program_count = programs.len() as u32;
     boot_info.process_count = scenario.processes.len() as u32;
     ram.write(BOOT_INFO_GPA, &*boot_info)?;
-    Ok(PreparedGuest { entry: layout.entry, boot_pml4: BOOT_PAGE_TABLES_GPA, boot_info })
+    Ok(PreparedGuest {
+        entry: layout.entry,
+        boot_pml4: BOOT_PAGE_TABLES_GPA,
+        boot_info,
+    })
 }
 
 #[cfg(test)]
@@ -278,13 +320,20 @@ mod tests {
     fn malformed_kernels_are_rejected_with_clear_errors() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (Vec::new(), "not a valid ELF file"),
-            (b"MZ\x90\x00 definitely not an ELF".to_vec(), "not a valid ELF file"),
+            (
+                b"MZ\x90\x00 definitely not an ELF".to_vec(),
+                "not a valid ELF file",
+            ),
             (KERNEL_ELF[..40].to_vec(), "not a valid ELF file"),
             (KERNEL_ELF[..KERNEL_ELF.len() / 3].to_vec(), "truncated"),
             (patch(KERNEL_ELF, 18, &[0xb7, 0x00]), "machine 0xb7"),
-            (patch(KERNEL_ELF, 4, &[1]), "32-bit"),
+            // ELFCLASS32: the 64-bit headers no longer parse.
+            (patch(KERNEL_ELF, 4, &[1]), "not a valid ELF file"),
             (patch(KERNEL_ELF, 16, &[3, 0]), "not an executable"),
-            (patch(KERNEL_ELF, 24, &0x1234u64.to_le_bytes()), "entry point 0x1234"),
+            (
+                patch(KERNEL_ELF, 24, &0x1234u64.to_le_bytes()),
+                "entry point 0x1234",
+            ),
         ];
         for (image, needle) in cases {
             let error = check_kernel_elf(&image, 64 << 20).unwrap_err().to_string();
@@ -316,7 +365,12 @@ mod tests {
     fn boot_info_describes_memory_and_processes() {
         let ram = GuestRam::new(64).unwrap();
         let scenario = Scenario::load("default").unwrap();
-        let options = BootOptions { host: HostFlavor::Kvm, gate: GatePreference::Auto, debug_flags: 0, tsc_khz: 1 };
+        let options = BootOptions {
+            host: HostFlavor::Kvm,
+            gate: GatePreference::Auto,
+            debug_flags: 0,
+            tsc_khz: 1,
+        };
         let prepared = prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
         assert_eq!(info, *prepared.boot_info);
@@ -324,7 +378,10 @@ mod tests {
         // Two hellos share one placed image.
         assert_eq!(info.program_count, 3);
         let map = info.memory_map();
-        assert!(map.windows(2).all(|w| w[0].start + w[0].len <= w[1].start), "sorted and disjoint");
+        assert!(
+            map.windows(2).all(|w| w[0].start + w[0].len <= w[1].start),
+            "sorted and disjoint"
+        );
         assert_eq!(map.last().unwrap().start + map.last().unwrap().len, 64 << 20);
         let first = info.programs()[0];
         let mut magic = [0u8; 4];

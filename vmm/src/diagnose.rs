@@ -21,14 +21,22 @@ impl KernelSymbols {
     /// Reads the symbol table of a kernel ELF; an image without one (or a
     /// malformed one) gives an empty table rather than an error.
     pub fn parse(image: &[u8]) -> Self {
-        let Ok(file) = ElfBytes::<AnyEndian>::minimal_parse(image) else { return Self::default() };
-        let Ok(Some((symbols, strings))) = file.symbol_table() else { return Self::default() };
+        let Ok(file) = ElfBytes::<AnyEndian>::minimal_parse(image) else {
+            return Self::default();
+        };
+        let Ok(Some((symbols, strings))) = file.symbol_table() else {
+            return Self::default();
+        };
         let mut entries: Vec<(u64, u64, String)> = symbols
             .iter()
             .filter(|s| s.st_value != 0 && s.st_symtype() == elf::abi::STT_FUNC)
             .filter_map(|s| {
                 let name = strings.get(s.st_name as usize).ok()?;
-                Some((s.st_value, s.st_size, format!("{:#}", rustc_demangle::demangle(name))))
+                Some((
+                    s.st_value,
+                    s.st_size,
+                    format!("{:#}", rustc_demangle::demangle(name)),
+                ))
             })
             .collect();
         entries.sort_by_key(|e| e.0);
@@ -85,15 +93,42 @@ pub struct Diagnosis {
 impl Diagnosis {
     /// Builds a diagnosis for `reason` at `rip` (the vCPU's RIP unless a
     /// better one, such as a faulting RIP reported by the kernel, is known).
-    pub fn new(reason: String, rip: u64, regs: &kvm_regs, sregs: &kvm_sregs, ram: &GuestRam, symbols: &KernelSymbols) -> Self {
+    pub fn new(
+        reason: String,
+        rip: u64,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+        ram: &GuestRam,
+        symbols: &KernelSymbols,
+    ) -> Self {
         let instruction_bytes = read_virtual(ram, sregs.cr3, rip, 16);
         let mut registers = String::new();
         let r = regs;
-        let _ = writeln!(registers, "rip {:#018x}  rsp {:#018x}  rflags {:#x}", r.rip, r.rsp, r.rflags);
-        let _ = writeln!(registers, "rax {:#018x}  rbx {:#018x}  rcx {:#018x}  rdx {:#018x}", r.rax, r.rbx, r.rcx, r.rdx);
-        let _ = writeln!(registers, "rsi {:#018x}  rdi {:#018x}  rbp {:#018x}  r8  {:#018x}", r.rsi, r.rdi, r.rbp, r.r8);
-        let _ = writeln!(registers, "r9  {:#018x}  r10 {:#018x}  r11 {:#018x}  r12 {:#018x}", r.r9, r.r10, r.r11, r.r12);
-        let _ = writeln!(registers, "r13 {:#018x}  r14 {:#018x}  r15 {:#018x}", r.r13, r.r14, r.r15);
+        let _ = writeln!(
+            registers,
+            "rip {:#018x}  rsp {:#018x}  rflags {:#x}",
+            r.rip, r.rsp, r.rflags
+        );
+        let _ = writeln!(
+            registers,
+            "rax {:#018x}  rbx {:#018x}  rcx {:#018x}  rdx {:#018x}",
+            r.rax, r.rbx, r.rcx, r.rdx
+        );
+        let _ = writeln!(
+            registers,
+            "rsi {:#018x}  rdi {:#018x}  rbp {:#018x}  r8  {:#018x}",
+            r.rsi, r.rdi, r.rbp, r.r8
+        );
+        let _ = writeln!(
+            registers,
+            "r9  {:#018x}  r10 {:#018x}  r11 {:#018x}  r12 {:#018x}",
+            r.r9, r.r10, r.r11, r.r12
+        );
+        let _ = writeln!(
+            registers,
+            "r13 {:#018x}  r14 {:#018x}  r15 {:#018x}",
+            r.r13, r.r14, r.r15
+        );
         let _ = write!(
             registers,
             "cs {:#x} (cpl {})  cr0 {:#x}  cr2 {:#x}  cr3 {:#x}  cr4 {:#x}  efer {:#x}",
@@ -105,14 +140,25 @@ impl Diagnosis {
             sregs.cr4,
             sregs.efer
         );
-        Diagnosis { reason, rip, symbol: symbols.lookup(rip), instruction_bytes, registers }
+        Diagnosis {
+            reason,
+            rip,
+            symbol: symbols.lookup(rip),
+            instruction_bytes,
+            registers,
+        }
     }
 }
 
 impl std::fmt::Display for Diagnosis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "guest crashed: {}", self.reason)?;
-        writeln!(f, "  at rip {:#x} in {}", self.rip, self.symbol.as_deref().unwrap_or("<no kernel symbol>"))?;
+        writeln!(
+            f,
+            "  at rip {:#x} in {}",
+            self.rip,
+            self.symbol.as_deref().unwrap_or("<no kernel symbol>")
+        )?;
         match &self.instruction_bytes {
             Some(bytes) => {
                 let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();

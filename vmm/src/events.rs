@@ -81,7 +81,9 @@ impl EventRing {
     /// Validates the ring the kernel announced at `gpa` (`bytes` long).
     pub fn open(ram: &GuestRam, gpa: u64, bytes: u64) -> Result<EventRing, EventRingError> {
         let header: EventRingHeader = ram.read(gpa)?;
-        if header.magic != EVENT_RING_MAGIC || header.version != PROTOCOL_VERSION || header.record_size as u64 != RECORD_SIZE
+        if header.magic != EVENT_RING_MAGIC
+            || header.version != PROTOCOL_VERSION
+            || header.record_size as u64 != RECORD_SIZE
         {
             return Err(EventRingError::BadHeader {
                 gpa,
@@ -92,9 +94,18 @@ impl EventRing {
         }
         let needed = HEADER_SIZE + u64::from(header.capacity) * RECORD_SIZE;
         if header.capacity == 0 || needed > bytes || !ram.contains(gpa, needed) {
-            return Err(EventRingError::BadSize { gpa, capacity: header.capacity, bytes });
+            return Err(EventRingError::BadSize {
+                gpa,
+                capacity: header.capacity,
+                bytes,
+            });
         }
-        Ok(EventRing { gpa, capacity: header.capacity, tail: header.tail, lost: header.lost })
+        Ok(EventRing {
+            gpa,
+            capacity: header.capacity,
+            tail: header.tail,
+            lost: header.lost,
+        })
     }
 
     /// Copies out every record written since the last drain and hands the
@@ -103,7 +114,11 @@ impl EventRing {
         let header: EventRingHeader = ram.read(self.gpa)?;
         let pending = header.head.wrapping_sub(self.tail);
         if pending > u64::from(self.capacity) {
-            return Err(EventRingError::BadIndices { head: header.head, tail: self.tail, capacity: self.capacity });
+            return Err(EventRingError::BadIndices {
+                head: header.head,
+                tail: self.tail,
+                capacity: self.capacity,
+            });
         }
         let mut records = Vec::with_capacity(pending as usize);
         for seq in self.tail..header.head {
@@ -111,7 +126,10 @@ impl EventRing {
             records.push(ram.read::<EventRecord>(self.gpa + HEADER_SIZE + slot * RECORD_SIZE)?);
         }
         self.tail = header.head;
-        ram.write(self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64, &self.tail)?;
+        ram.write(
+            self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64,
+            &self.tail,
+        )?;
         let newly_lost = header.lost.saturating_sub(self.lost);
         self.lost = header.lost;
         Ok(Drained { records, newly_lost })
@@ -138,14 +156,25 @@ mod tests {
         for (i, event) in events.iter().enumerate() {
             let mut record = event.encode();
             record.seq = i as u64;
-            ram.write(RING + HEADER_SIZE + (i as u64 % capacity as u64) * RECORD_SIZE, &record).unwrap();
+            ram.write(
+                RING + HEADER_SIZE + (i as u64 % capacity as u64) * RECORD_SIZE,
+                &record,
+            )
+            .unwrap();
         }
     }
 
     #[test]
     fn drains_records_and_advances_the_tail() {
         let ram = GuestRam::new(16).unwrap();
-        let events = [Event::HypercallRefused { port: 1, status: 2 }, Event::ProcessExited { pid: 1, code: 0, preemptions: 0 }];
+        let events = [
+            Event::HypercallRefused { port: 1, status: 2 },
+            Event::ProcessExited {
+                pid: 1,
+                code: 0,
+                preemptions: 0,
+            },
+        ];
         ring_with(&ram, 4, &events);
         let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
         let drained = ring.drain(&ram).unwrap();
@@ -160,12 +189,28 @@ mod tests {
     fn corrupt_rings_are_refused() {
         let ram = GuestRam::new(16).unwrap();
         ring_with(&ram, 4, &[]);
-        assert!(matches!(EventRing::open(&ram, RING, 100), Err(EventRingError::BadSize { .. })));
-        assert!(matches!(EventRing::open(&ram, 15 << 20, 4096), Err(EventRingError::BadHeader { .. })));
-        assert!(matches!(EventRing::open(&ram, u64::MAX - 8, 4096), Err(EventRingError::Memory(_))));
+        assert!(matches!(
+            EventRing::open(&ram, RING, 100),
+            Err(EventRingError::BadSize { .. })
+        ));
+        assert!(matches!(
+            EventRing::open(&ram, 15 << 20, 4096),
+            Err(EventRingError::BadHeader { .. })
+        ));
+        assert!(matches!(
+            EventRing::open(&ram, u64::MAX - 8, 4096),
+            Err(EventRingError::Memory(_))
+        ));
         let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
         // The guest claims more records than the ring holds.
-        ram.write(RING + core::mem::offset_of!(EventRingHeader, head) as u64, &100u64).unwrap();
-        assert!(matches!(ring.drain(&ram), Err(EventRingError::BadIndices { head: 100, .. })));
+        ram.write(
+            RING + core::mem::offset_of!(EventRingHeader, head) as u64,
+            &100u64,
+        )
+        .unwrap();
+        assert!(matches!(
+            ring.drain(&ram),
+            Err(EventRingError::BadIndices { head: 100, .. })
+        ));
     }
 }

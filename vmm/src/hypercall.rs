@@ -52,7 +52,10 @@ pub fn decode(port: u16, data: &[u8]) -> Result<Request, DecodeError> {
     let call = Hypercall::from_port(port).ok_or(DecodeError::UnknownPort(port))?;
     let value = <[u8; 4]>::try_from(data)
         .map(u32::from_le_bytes)
-        .map_err(|_| DecodeError::BadWidth { port, width: data.len() })?;
+        .map_err(|_| DecodeError::BadWidth {
+            port,
+            width: data.len(),
+        })?;
     let gpa = u64::from(value);
     Ok(match call {
         Hypercall::BootHello => Request::BootHello(gpa),
@@ -105,15 +108,15 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
             Flow::Continue
         }
         Request::EventNotify => {
-            drain_events(session);
+            drain_events(session, true);
             Flow::Continue
         }
         Request::Panic(gpa) => {
-            drain_events(session);
+            drain_events(session, false);
             Flow::Panic(read_panic(session, gpa))
         }
         Request::Shutdown(code) => {
-            drain_events(session);
+            drain_events(session, false);
             Flow::Shutdown(code)
         }
     }
@@ -124,7 +127,10 @@ fn read_params<T: FromBytes>(session: &mut Session<'_>, call: Hypercall, gpa: u6
     match session.ram.read::<T>(gpa) {
         Ok(params) => Some(params),
         Err(error) => {
-            session.warn(format!("hypercall {}: parameter block unreadable: {error}", call.name()));
+            session.warn(format!(
+                "hypercall {}: parameter block unreadable: {error}",
+                call.name()
+            ));
             None
         }
     }
@@ -154,7 +160,10 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
         match EventRing::open(session.ram, params.event_ring_gpa, params.event_ring_bytes) {
             Ok(ring) => {
                 session.ring = Some(ring);
-                if session.ram.contains(params.kernel_text_gpa, params.kernel_text_len) {
+                if session
+                    .ram
+                    .contains(params.kernel_text_gpa, params.kernel_text_len)
+                {
                     session.kernel_text = Some((params.kernel_text_gpa, params.kernel_text_len));
                 }
                 hc::STATUS_OK
@@ -165,7 +174,12 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
             }
         }
     };
-    write_status(session, gpa, core::mem::offset_of!(BootHelloParams, status), &status);
+    write_status(
+        session,
+        gpa,
+        core::mem::offset_of!(BootHelloParams, status),
+        &status,
+    );
     Flow::Continue
 }
 
@@ -174,7 +188,11 @@ fn console_write(session: &mut Session<'_>, gpa: u64) -> Flow {
         return Flow::Continue;
     };
     let status = if params.len > hc::CONSOLE_WRITE_MAX {
-        session.warn(format!("console write of {} bytes refused (limit {})", params.len, hc::CONSOLE_WRITE_MAX));
+        session.warn(format!(
+            "console write of {} bytes refused (limit {})",
+            params.len,
+            hc::CONSOLE_WRITE_MAX
+        ));
         hc::STATUS_TOO_LARGE
     } else {
         let mut bytes = vec![0u8; params.len as usize];
@@ -190,20 +208,32 @@ fn console_write(session: &mut Session<'_>, gpa: u64) -> Flow {
             }
         }
     };
-    write_status(session, gpa, core::mem::offset_of!(ConsoleWriteParams, status), &status);
+    write_status(
+        session,
+        gpa,
+        core::mem::offset_of!(ConsoleWriteParams, status),
+        &status,
+    );
     Flow::Continue
 }
 
-fn drain_events(session: &mut Session<'_>) {
+/// Drains the event ring; `notified` says the kernel claimed there are
+/// events (so a missing ring is worth a warning).
+fn drain_events(session: &mut Session<'_>, notified: bool) {
     let Some(ring) = session.ring.as_mut() else {
-        session.warn("event notify before the kernel announced its event ring".into());
+        if notified {
+            session.warn("event notify before the kernel announced its event ring".into());
+        }
         return;
     };
     match ring.drain(session.ram) {
         Ok(drained) => {
             if drained.newly_lost > 0 {
                 session.lost_events += drained.newly_lost;
-                session.warn(format!("the kernel's event ring overflowed: {} events lost", drained.newly_lost));
+                session.warn(format!(
+                    "the kernel's event ring overflowed: {} events lost",
+                    drained.newly_lost
+                ));
             }
             for record in drained.records {
                 session.add_record(record);
@@ -226,7 +256,8 @@ fn read_panic(session: &mut Session<'_>, gpa: u64) -> PanicReport {
     let len = params.msg_len.min(hc::PANIC_MESSAGE_MAX) as usize;
     let mut bytes = vec![0u8; len];
     let message = match session.ram.read_bytes(params.msg_gpa, &mut bytes) {
-        Ok(()) => crate::console::sanitize(&bytes),
+        // The message's own line breaks become spaces; the rest is escaped.
+        Ok(()) => crate::console::sanitize(&bytes).replace("\\n", " "),
         Err(error) => format!("(panic message unreadable: {error})"),
     };
     PanicReport {
@@ -250,17 +281,38 @@ mod tests {
     fn console_params(ram: &GuestRam, gpa: u64, len: u64) -> u32 {
         let ram_ref = ram;
         let mut session = Session::new(ram_ref, Instant::now(), Echo::Quiet, vec![]);
-        ram.write(PARAMS, &ConsoleWriteParams { source_pid: 7, status: hc::STATUS_PENDING, gpa, len }).unwrap();
-        assert_eq!(handle(&mut session, Request::ConsoleWrite(PARAMS)), Flow::Continue);
+        ram.write(
+            PARAMS,
+            &ConsoleWriteParams {
+                source_pid: 7,
+                status: hc::STATUS_PENDING,
+                gpa,
+                len,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            handle(&mut session, Request::ConsoleWrite(PARAMS)),
+            Flow::Continue
+        );
         ram.read::<ConsoleWriteParams>(PARAMS).unwrap().status
     }
 
     #[test]
     fn decode_checks_port_and_width() {
-        assert_eq!(decode(0x501, &0x1000u32.to_le_bytes()), Ok(Request::ConsoleWrite(0x1000)));
+        assert_eq!(
+            decode(0x501, &0x1000u32.to_le_bytes()),
+            Ok(Request::ConsoleWrite(0x1000))
+        );
         assert_eq!(decode(0x505, &3u32.to_le_bytes()), Ok(Request::Shutdown(3)));
         assert_eq!(decode(0x3f8, &[b'x']), Err(DecodeError::UnknownPort(0x3f8)));
-        assert_eq!(decode(0x501, &[1, 2]), Err(DecodeError::BadWidth { port: 0x501, width: 2 }));
+        assert_eq!(
+            decode(0x501, &[1, 2]),
+            Err(DecodeError::BadWidth {
+                port: 0x501,
+                width: 2
+            })
+        );
     }
 
     #[test]
@@ -268,7 +320,10 @@ mod tests {
         let ram = GuestRam::new(16).unwrap();
         ram.write_bytes(0x2000, b"hi\n").unwrap();
         assert_eq!(console_params(&ram, 0x2000, 3), hc::STATUS_OK);
-        assert_eq!(console_params(&ram, 0x2000, hc::CONSOLE_WRITE_MAX + 1), hc::STATUS_TOO_LARGE);
+        assert_eq!(
+            console_params(&ram, 0x2000, hc::CONSOLE_WRITE_MAX + 1),
+            hc::STATUS_TOO_LARGE
+        );
         assert_eq!(console_params(&ram, ram.size() - 1, 2), hc::STATUS_BAD_ADDRESS);
         assert_eq!(console_params(&ram, u64::MAX, 16), hc::STATUS_BAD_ADDRESS);
     }
@@ -278,18 +333,36 @@ mod tests {
         let ram = GuestRam::new(16).unwrap();
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
         ram.write_bytes(0x2000, b"hello\n").unwrap();
-        ram.write(PARAMS, &ConsoleWriteParams { source_pid: 2, status: 0, gpa: 0x2000, len: 6 }).unwrap();
+        ram.write(
+            PARAMS,
+            &ConsoleWriteParams {
+                source_pid: 2,
+                status: 0,
+                gpa: 0x2000,
+                len: 6,
+            },
+        )
+        .unwrap();
         handle(&mut session, Request::ConsoleWrite(PARAMS));
         assert_eq!(session.lines.len(), 1);
-        assert_eq!((session.lines[0].pid, session.lines[0].text.as_str()), (2, "hello"));
+        assert_eq!(
+            (session.lines[0].pid, session.lines[0].text.as_str()),
+            (2, "hello")
+        );
     }
 
     #[test]
     fn unreadable_parameter_blocks_are_logged_not_fatal() {
         let ram = GuestRam::new(16).unwrap();
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
-        assert_eq!(handle(&mut session, Request::ConsoleWrite(ram.size() - 4)), Flow::Continue);
-        assert_eq!(handle(&mut session, Request::BootHello(u32::MAX as u64)), Flow::Continue);
+        assert_eq!(
+            handle(&mut session, Request::ConsoleWrite(ram.size() - 4)),
+            Flow::Continue
+        );
+        assert_eq!(
+            handle(&mut session, Request::BootHello(u32::MAX as u64)),
+            Flow::Continue
+        );
         assert_eq!(handle(&mut session, Request::EventNotify), Flow::Continue);
         assert_eq!(session.log.len(), 3, "{:?}", session.log);
         match handle(&mut session, Request::Panic(ram.size())) {
@@ -313,7 +386,9 @@ mod tests {
             fault_addr: 0x10,
         };
         ram.write(PARAMS, &params).unwrap();
-        let Flow::Panic(report) = handle(&mut session, Request::Panic(PARAMS)) else { panic!("not a panic") };
+        let Flow::Panic(report) = handle(&mut session, Request::Panic(PARAMS)) else {
+            panic!("not a panic")
+        };
         assert!(report.message.starts_with("boom\\u{1b}"));
         // Clamped to PANIC_MESSAGE_MAX bytes of guest memory (each escaped
         // control byte grows to at most 6 characters).
@@ -325,9 +400,19 @@ mod tests {
     fn a_hello_with_the_wrong_version_is_refused() {
         let ram = GuestRam::new(16).unwrap();
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
-        ram.write(PARAMS, &BootHelloParams { version: 99, ..Default::default() }).unwrap();
+        ram.write(
+            PARAMS,
+            &BootHelloParams {
+                version: 99,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         handle(&mut session, Request::BootHello(PARAMS));
-        assert_eq!(ram.read::<BootHelloParams>(PARAMS).unwrap().status, hc::STATUS_BAD_VERSION);
+        assert_eq!(
+            ram.read::<BootHelloParams>(PARAMS).unwrap().status,
+            hc::STATUS_BAD_VERSION
+        );
         assert!(session.kernel_text.is_none());
     }
 }

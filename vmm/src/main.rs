@@ -10,10 +10,21 @@ use superos_protocol::boot::{self, GatePreference};
 use superos_vmm::images;
 use superos_vmm::run::{self, RunConfig, RunReport, EXIT_USAGE};
 use superos_vmm::scenario::Scenario;
-use superos_vmm::session::Echo;
+use superos_vmm::session::{emit, Echo};
+
+/// `println!` that ignores a closed stdout instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))
+    };
+}
 
 #[derive(Parser)]
-#[command(name = "superos-vmm", version, about = "Boot the SuperOS kernel on KVM and run its processes")]
+#[command(
+    name = "superos-vmm",
+    version,
+    about = "Boot the SuperOS kernel on KVM and run its processes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,18 +99,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::List => {
-            println!("embedded scenarios:");
+            out!("embedded scenarios:");
             for name in images::scenario_names() {
                 let description = Scenario::load(name).map(|s| s.description).unwrap_or_default();
-                println!("  {name:<14} {description}");
+                out!("  {name:<14} {description}");
             }
-            println!("embedded programs: {}", images::program_names().join(", "));
+            out!("embedded programs: {}", images::program_names().join(", "));
             ExitCode::SUCCESS
         }
         Command::Run(args) => match run_command(args, started) {
             Ok(code) => ExitCode::from(code as u8),
             Err(message) => {
-                eprintln!("superos-vmm: error: {message}");
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "superos-vmm: error: {message}");
                 ExitCode::from(EXIT_USAGE as u8)
             }
         },
@@ -109,10 +121,15 @@ fn main() -> ExitCode {
 fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     let scenario = Scenario::load(&args.scenario).map_err(|e| e.to_string())?;
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(format!("--timeout must be a positive number of seconds, not {}", args.timeout));
+        return Err(format!(
+            "--timeout must be a positive number of seconds, not {}",
+            args.timeout
+        ));
     }
     let kernel = match &args.kernel {
-        Some(path) => Cow::Owned(std::fs::read(path).map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?),
+        Some(path) => Cow::Owned(
+            std::fs::read(path).map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?,
+        ),
         None => Cow::Borrowed(images::KERNEL_ELF),
     };
     let debug_flags = args.debug_inject.iter().fold(0, |flags, inject| {
@@ -139,7 +156,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     };
     let origin = config.scenario.origin.clone();
     if !args.quiet {
-        println!("superos-vmm: running {origin}: {}", config.scenario.description);
+        out!("superos-vmm: running {origin}: {}", config.scenario.description);
     }
     let report = run::run(config).map_err(|e| e.to_string())?;
     print_summary(&report);
@@ -151,17 +168,30 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
 
 fn print_summary(report: &RunReport) {
     if let Some(diagnosis) = &report.diagnosis {
-        eprint!("{diagnosis}");
+        use std::io::Write;
+        let _ = write!(std::io::stderr(), "{diagnosis}");
     }
-    println!();
-    println!("{:<16} {:>4}  {:<36} {:<28} ", "process", "pid", "outcome", "expected");
+    out!("");
+    out!(
+        "{:<16} {:>4}  {:<36} {:<28} ",
+        "process",
+        "pid",
+        "outcome",
+        "expected"
+    );
     for p in &report.processes {
         let pid = p.pid.map_or("-".to_string(), |pid| pid.to_string());
         let verdict = if p.as_expected() { "ok" } else { "UNEXPECTED" };
-        println!("{:<16} {:>4}  {:<36} {:<28} {verdict}", p.name, pid, p.status.to_string(), p.expected.to_string());
+        out!(
+            "{:<16} {:>4}  {:<36} {:<28} {verdict}",
+            p.name,
+            pid,
+            p.status.to_string(),
+            p.expected.to_string()
+        );
     }
     let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
-    println!(
+    out!(
         "superos-vmm: {}; {behaved} of {} processes as expected; {:.1} ms",
         report.exit,
         report.processes.len(),
@@ -172,15 +202,15 @@ fn print_summary(report: &RunReport) {
 fn print_stats(report: &RunReport) {
     let ms = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.3} ms", d.as_secs_f64() * 1e3));
     let phases = &report.stats.phases;
-    println!("boot phases (since VMM start, host {:?}):", report.host);
-    println!("  vCPU start              {}", ms(phases.vcpu_start));
-    println!("  kernel entry            {}", ms(phases.kernel_entry));
-    println!("  first user instruction  {}", ms(phases.first_user_instruction));
-    println!("  guest exit              {}", ms(phases.guest_exit));
-    println!("VM exits:");
+    out!("boot phases (since VMM start, host {:?}):", report.host);
+    out!("  vCPU start              {}", ms(phases.vcpu_start));
+    out!("  kernel entry            {}", ms(phases.kernel_entry));
+    out!("  first user instruction  {}", ms(phases.first_user_instruction));
+    out!("  guest exit              {}", ms(phases.guest_exit));
+    out!("VM exits:");
     for (kind, count) in &report.stats.exits {
-        println!("  {kind:<28} {count}");
+        out!("  {kind:<28} {count}");
     }
     let total: u64 = report.stats.exits.values().sum();
-    println!("  {:<28} {total}", "total");
+    out!("  {:<28} {total}", "total");
 }

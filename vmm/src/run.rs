@@ -106,12 +106,18 @@ impl std::fmt::Display for GuestExit {
             GuestExit::KernelPanic(report) => write!(f, "kernel panic: {}", report.message),
             GuestExit::TripleFault => write!(f, "triple fault (the vCPU shut down)"),
             GuestExit::InternalError { suberror, data } => {
-                let kind = if *suberror == 1 { " (instruction emulation failed)" } else { "" };
+                let kind = if *suberror == 1 {
+                    " (instruction emulation failed)"
+                } else {
+                    ""
+                };
                 write!(f, "KVM internal error, suberror {suberror}{kind}, data {data:x?}")
             }
             GuestExit::FailEntry { reason } => write!(f, "VM entry failed, hardware reason {reason:#x}"),
             GuestExit::UnexpectedExit(what) => write!(f, "unexpected VM exit: {what}"),
-            GuestExit::Timeout(after) => write!(f, "timed out after {:.1} s (--timeout)", after.as_secs_f64()),
+            GuestExit::Timeout(after) => {
+                write!(f, "timed out after {:.1} s (--timeout)", after.as_secs_f64())
+            }
             GuestExit::VcpuError(error) => write!(f, "KVM_RUN failed: {error}"),
         }
     }
@@ -141,7 +147,11 @@ impl std::fmt::Display for ProcessStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProcessStatus::Exited(code) => write!(f, "exit {code}"),
-            ProcessStatus::Killed { fault: Some(fault), addr, .. } => write!(f, "killed: {fault} at {addr:#x}"),
+            ProcessStatus::Killed {
+                fault: Some(fault),
+                addr,
+                ..
+            } => write!(f, "killed: {fault} at {addr:#x}"),
             ProcessStatus::Killed { fault: None, .. } => write!(f, "killed: unknown fault"),
             ProcessStatus::NotStarted(Some(error)) => write!(f, "not started: {error}"),
             ProcessStatus::NotStarted(None) => write!(f, "not started"),
@@ -230,7 +240,9 @@ impl RunReport {
     /// The process exit status `superos-vmm run` uses for this report.
     pub fn exit_status(&self) -> i32 {
         match self.exit {
-            GuestExit::Shutdown { code: 0 } if self.processes.iter().all(ProcessOutcome::as_expected) => EXIT_OK,
+            GuestExit::Shutdown { code: 0 } if self.processes.iter().all(ProcessOutcome::as_expected) => {
+                EXIT_OK
+            }
             GuestExit::Shutdown { .. } => EXIT_UNEXPECTED_OUTCOME,
             GuestExit::Timeout(_) => EXIT_TIMEOUT,
             _ => EXIT_GUEST_CRASH,
@@ -239,8 +251,17 @@ impl RunReport {
 
     /// Console lines written by the scenario process named `name`.
     pub fn output_of(&self, name: &str) -> Vec<&str> {
-        let pids: Vec<u32> = self.processes.iter().filter(|p| p.name == name).filter_map(|p| p.pid).collect();
-        self.lines.iter().filter(|l| pids.contains(&l.pid)).map(|l| l.text.as_str()).collect()
+        let pids: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|p| p.name == name)
+            .filter_map(|p| p.pid)
+            .collect();
+        self.lines
+            .iter()
+            .filter(|l| pids.contains(&l.pid))
+            .map(|l| l.text.as_str())
+            .collect()
     }
 
     /// The outcome of the scenario process named `name`.
@@ -268,12 +289,20 @@ pub enum RunError {
 
 /// Runs the scenario in `config` to completion (or crash, or timeout).
 pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
-    let memory_mib = config.memory_mib.or(config.scenario.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
+    let memory_mib = config
+        .memory_mib
+        .or(config.scenario.memory_mib)
+        .unwrap_or(DEFAULT_MEMORY_MIB);
     let ram = GuestRam::new(memory_mib)?;
     let host = detect_host_flavor();
     let symbols = KernelSymbols::parse(&config.kernel);
     let mut vm = Vm::new(&ram)?;
-    let options = BootOptions { host, gate: config.gate, debug_flags: config.debug_flags, tsc_khz: vm.tsc_khz() };
+    let options = BootOptions {
+        host,
+        gate: config.gate,
+        debug_flags: config.debug_flags,
+        tsc_khz: vm.tsc_khz(),
+    };
     let prepared = boot::prepare(&ram, &config.kernel, &config.scenario, options)?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
 
@@ -301,12 +330,18 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
             _ => return Err(RunError::Thread("the vCPU thread exited before starting".into())),
         };
         watchdog(&receiver, thread, stop, config.timeout);
-        handle.join().map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
+        handle
+            .join()
+            .map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
     })?;
     session.finish_console();
     session.phases.guest_exit.get_or_insert(session.now());
     let processes = outcomes(&config.scenario, &session.events);
-    let stats = RunStats { exits, phases: session.phases, wall: config.started.elapsed() };
+    let stats = RunStats {
+        exits,
+        phases: session.phases,
+        wall: config.started.elapsed(),
+    };
     let report = RunReport {
         exit,
         processes,
@@ -334,7 +369,12 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn watchdog(receiver: &mpsc::Receiver<VcpuMessage>, thread: libc::pthread_t, stop: &AtomicBool, timeout: Duration) {
+fn watchdog(
+    receiver: &mpsc::Receiver<VcpuMessage>,
+    thread: libc::pthread_t,
+    stop: &AtomicBool,
+    timeout: Duration,
+) {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
         // Without a handler the signal would kill the whole process.
@@ -342,7 +382,10 @@ fn watchdog(receiver: &mpsc::Receiver<VcpuMessage>, thread: libc::pthread_t, sto
             eprintln!("superos-vmm: cannot install the vCPU kick signal handler: {error}");
         }
     });
-    if !matches!(receiver.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Timeout)) {
+    if !matches!(
+        receiver.recv_timeout(timeout),
+        Err(mpsc::RecvTimeoutError::Timeout)
+    ) {
         return;
     }
     stop.store(true, Ordering::SeqCst);
@@ -351,7 +394,10 @@ fn watchdog(receiver: &mpsc::Receiver<VcpuMessage>, thread: libc::pthread_t, sto
         // not sent Done) and is only joined after this function returns, so
         // its pthread_t is valid.
         unsafe { libc::pthread_kill(thread, kick_signal()) };
-        if !matches!(receiver.recv_timeout(Duration::from_millis(20)), Err(mpsc::RecvTimeoutError::Timeout)) {
+        if !matches!(
+            receiver.recv_timeout(Duration::from_millis(20)),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        ) {
             return;
         }
     }
@@ -409,7 +455,10 @@ pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BT
         }
         VcpuExit::InternalError => {
             count("internal-error");
-            Step::Stop(GuestExit::InternalError { suberror: 0, data: Vec::new() })
+            Step::Stop(GuestExit::InternalError {
+                suberror: 0,
+                data: Vec::new(),
+            })
         }
         VcpuExit::FailEntry(reason, _) => {
             count("fail-entry");
@@ -440,7 +489,12 @@ fn hypercall_name(request: &hypercall::Request) -> &'static str {
 
 type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>);
 
-fn vcpu_loop(vcpu: &mut VcpuFd, session: &mut Session<'_>, stop: &AtomicBool, symbols: &KernelSymbols) -> LoopResult {
+fn vcpu_loop(
+    vcpu: &mut VcpuFd,
+    session: &mut Session<'_>,
+    stop: &AtomicBool,
+    symbols: &KernelSymbols,
+) -> LoopResult {
     let mut exits = BTreeMap::new();
     session.phases.vcpu_start = Some(session.now());
     let exit = loop {
@@ -475,10 +529,18 @@ fn internal_error_details(vcpu: &mut VcpuFd) -> GuestExit {
     // KVM fills the `internal` member of the exit union.
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let count = (internal.ndata as usize).min(internal.data.len());
-    GuestExit::InternalError { suberror: internal.suberror, data: internal.data[..count].to_vec() }
+    GuestExit::InternalError {
+        suberror: internal.suberror,
+        data: internal.data[..count].to_vec(),
+    }
 }
 
-fn diagnose(vcpu: &VcpuFd, session: &Session<'_>, exit: &GuestExit, symbols: &KernelSymbols) -> Option<Diagnosis> {
+fn diagnose(
+    vcpu: &VcpuFd,
+    session: &Session<'_>,
+    exit: &GuestExit,
+    symbols: &KernelSymbols,
+) -> Option<Diagnosis> {
     let rip_override = match exit {
         GuestExit::Shutdown { .. } | GuestExit::Timeout(_) => return None,
         GuestExit::KernelPanic(report) if report.fault_rip != 0 => Some(report.fault_rip),
@@ -487,7 +549,14 @@ fn diagnose(vcpu: &VcpuFd, session: &Session<'_>, exit: &GuestExit, symbols: &Ke
     let regs = vcpu.get_regs().ok()?;
     let sregs = vcpu.get_sregs().ok()?;
     let rip = rip_override.unwrap_or(regs.rip);
-    Some(Diagnosis::new(exit.to_string(), rip, &regs, &sregs, session.ram, symbols))
+    Some(Diagnosis::new(
+        exit.to_string(),
+        rip,
+        &regs,
+        &sregs,
+        session.ram,
+        symbols,
+    ))
 }
 
 /// Matches kernel events to scenario processes.
@@ -517,18 +586,29 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
                     outcome.status = ProcessStatus::NotStarted(error);
                 }
             }
-            Event::ProcessExited { pid, code, preemptions } => {
+            Event::ProcessExited {
+                pid,
+                code,
+                preemptions,
+            } => {
                 if let Some(&i) = by_pid.get(&pid) {
                     outcomes[i].status = ProcessStatus::Exited(code);
                     outcomes[i].preemptions = preemptions;
                 }
             }
-            Event::ProcessKilled { pid, fault, addr, rip, .. } => {
+            Event::ProcessKilled {
+                pid,
+                fault,
+                addr,
+                rip,
+                ..
+            } => {
                 if let Some(&i) = by_pid.get(&pid) {
                     outcomes[i].status = ProcessStatus::Killed { fault, addr, rip };
                 }
             }
-            Event::KernelReady { .. } | Event::GateSelfTestFailed { .. } | Event::HypercallRefused { .. } => {}
+            Event::KernelReady { .. } | Event::GateSelfTestFailed { .. } | Event::HypercallRefused { .. } => {
+            }
         }
     }
     outcomes
@@ -548,11 +628,20 @@ mod tests {
             handle_exit(&mut session, VcpuExit::IoOut(0x505, &shutdown), &mut exits),
             Step::Stop(GuestExit::Shutdown { code: 0 })
         );
-        assert_eq!(handle_exit(&mut session, VcpuExit::IoOut(0x80, &[1]), &mut exits), Step::Continue);
+        assert_eq!(
+            handle_exit(&mut session, VcpuExit::IoOut(0x80, &[1]), &mut exits),
+            Step::Continue
+        );
         let mut data = [0u8; 2];
-        assert_eq!(handle_exit(&mut session, VcpuExit::IoIn(0x60, &mut data), &mut exits), Step::Continue);
+        assert_eq!(
+            handle_exit(&mut session, VcpuExit::IoIn(0x60, &mut data), &mut exits),
+            Step::Continue
+        );
         assert_eq!(data, [0xff, 0xff]);
-        assert_eq!(handle_exit(&mut session, VcpuExit::Shutdown, &mut exits), Step::Stop(GuestExit::TripleFault));
+        assert_eq!(
+            handle_exit(&mut session, VcpuExit::Shutdown, &mut exits),
+            Step::Stop(GuestExit::TripleFault)
+        );
         assert_eq!(exits["hypercall shutdown"], 1);
         assert_eq!(exits["io-out (other)"], 1);
         assert_eq!(session.log.len(), 2);
@@ -573,12 +662,31 @@ mod tests {
     #[test]
     fn outcomes_follow_the_events() {
         let scenario = Scenario::load("default").unwrap();
-        let entry = |event| EventEntry { seq: 0, tick: 0, event };
+        let entry = |event| EventEntry {
+            seq: 0,
+            tick: 0,
+            event,
+        };
         let events = [
-            entry(Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0 }),
-            entry(Event::ProcessSpawned { pid: 2, spec_index: 3, pml4_gpa: 0 }),
-            entry(Event::SpawnFailed { spec_index: 2, error: Some(SpawnError::OutOfMemory) }),
-            entry(Event::ProcessExited { pid: 1, code: 0, preemptions: 2 }),
+            entry(Event::ProcessSpawned {
+                pid: 1,
+                spec_index: 0,
+                pml4_gpa: 0,
+            }),
+            entry(Event::ProcessSpawned {
+                pid: 2,
+                spec_index: 3,
+                pml4_gpa: 0,
+            }),
+            entry(Event::SpawnFailed {
+                spec_index: 2,
+                error: Some(SpawnError::OutOfMemory),
+            }),
+            entry(Event::ProcessExited {
+                pid: 1,
+                code: 0,
+                preemptions: 2,
+            }),
             entry(Event::ProcessKilled {
                 pid: 2,
                 fault: Some(FaultKind::WriteToCode),
@@ -592,7 +700,10 @@ mod tests {
         assert!(result[0].as_expected());
         assert_eq!(result[0].preemptions, 2);
         assert_eq!(result[1].status, ProcessStatus::Unfinished);
-        assert_eq!(result[2].status, ProcessStatus::NotStarted(Some(SpawnError::OutOfMemory)));
+        assert_eq!(
+            result[2].status,
+            ProcessStatus::NotStarted(Some(SpawnError::OutOfMemory))
+        );
         assert!(result[3].as_expected());
     }
 }

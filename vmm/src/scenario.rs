@@ -164,14 +164,19 @@ impl Scenario {
     pub fn load(spec: &str) -> Result<Scenario, ScenarioError> {
         let path = Path::new(spec);
         if path.exists() {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ScenarioError::Read { path: path.to_path_buf(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             return Scenario::parse(&text, &path.display().to_string(), &base);
         }
         match images::scenario(spec) {
             Some(text) => Scenario::parse(text, &format!("embedded:{spec}"), Path::new(".")),
-            None => Err(ScenarioError::NotFound { name: spec.to_string(), available: images::scenario_names().join(", ") }),
+            None => Err(ScenarioError::NotFound {
+                name: spec.to_string(),
+                available: images::scenario_names().join(", "),
+            }),
         }
     }
 
@@ -187,7 +192,10 @@ impl Scenario {
                 message: error.message().to_string(),
             }
         })?;
-        let scenario_error = |message: String| ScenarioError::Scenario { origin: origin.to_string(), message };
+        let scenario_error = |message: String| ScenarioError::Scenario {
+            origin: origin.to_string(),
+            message,
+        };
         if raw.process.is_empty() {
             return Err(scenario_error("a scenario needs at least one [[process]]".into()));
         }
@@ -212,8 +220,17 @@ impl Scenario {
     }
 }
 
-fn resolve_process(raw: RawProcess, index: usize, origin: &str, base: &Path) -> Result<ProcessConfig, ScenarioError> {
-    let shown = raw.name.clone().or(raw.program.clone()).unwrap_or_else(|| "?".into());
+fn resolve_process(
+    raw: RawProcess,
+    index: usize,
+    origin: &str,
+    base: &Path,
+) -> Result<ProcessConfig, ScenarioError> {
+    let shown = raw
+        .name
+        .clone()
+        .or(raw.program.clone())
+        .unwrap_or_else(|| "?".into());
     let invalid = |message: String| ScenarioError::Invalid {
         origin: origin.to_string(),
         index,
@@ -232,40 +249,70 @@ fn resolve_process(raw: RawProcess, index: usize, origin: &str, base: &Path) -> 
         },
         (None, Some(path)) => {
             let full = base.join(path);
-            let image = std::fs::read(&full).map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
-            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let image =
+                std::fs::read(&full).map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             (stem, image)
         }
-        _ => return Err(invalid("give exactly one of `program` (embedded) or `path` (ELF file)".into())),
+        _ => {
+            return Err(invalid(
+                "give exactly one of `program` (embedded) or `path` (ELF file)".into(),
+            ))
+        }
     };
-    guest_kernel::elf_image::check_user_image(&image)
-        .map_err(|e| invalid(format!("program {program} is not a loadable SuperOS program: {e}")))?;
+    guest_kernel::elf_image::check_user_image(&image).map_err(|e| {
+        invalid(format!(
+            "program {program} is not a loadable SuperOS program: {e}"
+        ))
+    })?;
     let name = raw.name.unwrap_or_else(|| program.clone());
     if name.is_empty() || name.len() > NAME_LEN {
         return Err(invalid(format!("the name must be 1 to {NAME_LEN} bytes long")));
     }
     if raw.args.len() > ARGS_LEN {
-        return Err(invalid(format!("args are {} bytes long; the limit is {ARGS_LEN}", raw.args.len())));
+        return Err(invalid(format!(
+            "args are {} bytes long; the limit is {ARGS_LEN}",
+            raw.args.len()
+        )));
     }
     let expect = match raw.expect {
         None => Expectation::Exit(0),
-        Some(RawExpect { exit: Some(code), fault: None }) => Expectation::Exit(code),
-        Some(RawExpect { exit: None, fault: Some(fault) }) => {
-            Expectation::Fault(FaultKind::from_name(&fault).ok_or_else(|| {
-                let known: Vec<&str> = FaultKind::ALL.iter().map(|f| f.name()).collect();
-                invalid(format!("unknown fault kind {fault:?} (known: {})", known.join(", ")))
-            })?)
-        }
+        Some(RawExpect {
+            exit: Some(code),
+            fault: None,
+        }) => Expectation::Exit(code),
+        Some(RawExpect {
+            exit: None,
+            fault: Some(fault),
+        }) => Expectation::Fault(FaultKind::from_name(&fault).ok_or_else(|| {
+            let known: Vec<&str> = FaultKind::ALL.iter().map(|f| f.name()).collect();
+            invalid(format!(
+                "unknown fault kind {fault:?} (known: {})",
+                known.join(", ")
+            ))
+        })?),
         Some(_) => return Err(invalid("`expect` takes exactly one of `exit` or `fault`".into())),
     };
-    Ok(ProcessConfig { name, program, image, args: raw.args, expect })
+    Ok(ProcessConfig {
+        name,
+        program,
+        image,
+        args: raw.args,
+        expect,
+    })
 }
 
 /// 1-based line and column of byte `offset` in `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 
@@ -294,15 +341,21 @@ mod tests {
         assert_eq!(s.memory_mib, Some(32));
         assert_eq!(s.processes[0].name, "x");
         assert_eq!(s.processes[0].expect, Expectation::Exit(5));
-        let s = parse("[[process]]\nprogram = \"write-code\"\nexpect = { fault = \"write-to-code\" }\n").unwrap();
+        let s =
+            parse("[[process]]\nprogram = \"write-code\"\nexpect = { fault = \"write-to-code\" }\n").unwrap();
         assert_eq!(s.processes[0].expect, Expectation::Fault(FaultKind::WriteToCode));
         assert_eq!(s.processes[0].name, "write-code");
     }
 
     #[test]
     fn syntax_errors_name_file_line_and_column() {
-        let error = parse("[[process]]\nprogram = \"hello\"\nbogus = 1\n").unwrap_err().to_string();
-        assert!(error.starts_with("test.toml:3:1: unknown field `bogus`"), "{error}");
+        let error = parse("[[process]]\nprogram = \"hello\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("test.toml:3:1: unknown field `bogus`"),
+            "{error}"
+        );
         let error = parse("[[process]]\nprogram = hello\n").unwrap_err().to_string();
         assert!(error.starts_with("test.toml:2:"), "{error}");
     }
@@ -311,20 +364,41 @@ mod tests {
     fn bad_values_are_rejected_with_reasons() {
         let cases = [
             ("", "at least one [[process]]"),
-            ("[[process]]\nprogram = \"nope\"\n", "no embedded program \"nope\""),
+            (
+                "[[process]]\nprogram = \"nope\"\n",
+                "no embedded program \"nope\"",
+            ),
             ("[[process]]\n", "exactly one of `program`"),
-            ("[[process]]\nprogram = \"hello\"\npath = \"x\"\n", "exactly one of `program`"),
-            ("[[process]]\npath = \"/nonexistent.elf\"\n", "cannot read /nonexistent.elf"),
-            ("[[process]]\nprogram = \"hello\"\nexpect = { fault = \"melted\" }\n", "unknown fault kind \"melted\""),
-            ("[[process]]\nprogram = \"hello\"\nexpect = { exit = 1, fault = \"stack-guard\" }\n", "exactly one of `exit`"),
+            (
+                "[[process]]\nprogram = \"hello\"\npath = \"x\"\n",
+                "exactly one of `program`",
+            ),
+            (
+                "[[process]]\npath = \"/nonexistent.elf\"\n",
+                "cannot read /nonexistent.elf",
+            ),
+            (
+                "[[process]]\nprogram = \"hello\"\nexpect = { fault = \"melted\" }\n",
+                "unknown fault kind \"melted\"",
+            ),
+            (
+                "[[process]]\nprogram = \"hello\"\nexpect = { exit = 1, fault = \"stack-guard\" }\n",
+                "exactly one of `exit`",
+            ),
             ("[[process]]\nprogram = \"hello\"\nname = \"\"\n", "1 to 32 bytes"),
         ];
         for (text, needle) in cases {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.contains(needle), "{text:?} gave {error:?}");
         }
-        let long_args = format!("[[process]]\nprogram = \"hello\"\nargs = \"{}\"\n", "a".repeat(129));
-        assert!(parse(&long_args).unwrap_err().to_string().contains("the limit is 128"));
+        let long_args = format!(
+            "[[process]]\nprogram = \"hello\"\nargs = \"{}\"\n",
+            "a".repeat(129)
+        );
+        assert!(parse(&long_args)
+            .unwrap_err()
+            .to_string()
+            .contains("the limit is 128"));
         let many = "[[process]]\nprogram = \"hello\"\n".repeat(33);
         assert!(parse(&many).unwrap_err().to_string().contains("at most 32"));
     }
@@ -334,8 +408,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("superos-scenario-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("junk.elf"), b"not an elf").unwrap();
-        let error = Scenario::parse("[[process]]\npath = \"junk.elf\"\n", "t.toml", &dir).unwrap_err().to_string();
-        assert!(error.contains("program junk is not a loadable SuperOS program: bad-elf"), "{error}");
+        let error = Scenario::parse("[[process]]\npath = \"junk.elf\"\n", "t.toml", &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("program junk is not a loadable SuperOS program: bad-elf"),
+            "{error}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -9,6 +9,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use superos_protocol::event::{Event, EventRecord};
 
+/// Prints one line on stdout. Write errors (a closed pipe, say) are
+/// ignored: losing live output must not stop the VM.
+pub fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 /// Warnings stored per run; later ones are only counted.
 pub const MAX_WARNINGS: u64 = 100;
 
@@ -111,7 +118,8 @@ impl<'a> Session<'a> {
             message
         };
         if self.echo == Echo::Live {
-            eprintln!("superos-vmm: {message}");
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "superos-vmm: {message}");
         }
         self.log.push(message);
     }
@@ -134,7 +142,7 @@ impl<'a> Session<'a> {
     pub fn add_lines(&mut self, lines: Vec<ConsoleLine>) {
         for line in lines {
             if self.echo == Echo::Live {
-                println!("[{}] {}", self.label(line.pid), line.text);
+                emit(format_args!("[{}] {}", self.label(line.pid), line.text));
             }
             self.lines.push(line);
         }
@@ -145,13 +153,24 @@ impl<'a> Session<'a> {
         match record.decode() {
             Ok(event) => {
                 if let Event::ProcessSpawned { pid, spec_index, .. } = event {
-                    let name = self.process_names.get(spec_index as usize).cloned().unwrap_or_else(|| "?".into());
+                    let name = self
+                        .process_names
+                        .get(spec_index as usize)
+                        .cloned()
+                        .unwrap_or_else(|| "?".into());
                     self.pid_names.insert(pid, name);
                 }
                 if self.echo == Echo::Live {
-                    println!("  event #{:<3} tick {:<5} {}", record.seq, record.tick, event);
+                    emit(format_args!(
+                        "  event #{:<3} tick {:<5} {}",
+                        record.seq, record.tick, event
+                    ));
                 }
-                self.events.push(EventEntry { seq: record.seq, tick: record.tick, event });
+                self.events.push(EventEntry {
+                    seq: record.seq,
+                    tick: record.tick,
+                    event,
+                });
             }
             Err(unknown) => self.warn(format!("event #{} has unknown kind {}", record.seq, unknown.0)),
         }
