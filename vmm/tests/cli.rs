@@ -1,0 +1,120 @@
+//! The `superos-vmm` command line: exit statuses and messages users see.
+
+use std::process::Command;
+
+fn vmm(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+        .args(args)
+        .output()
+        .expect("run superos-vmm");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn kvm_available() -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert!(
+        usable || std::env::var_os("CI").is_none(),
+        "/dev/kvm is not usable, and CI is set"
+    );
+    usable
+}
+
+#[test]
+fn run_with_no_arguments_runs_the_default_scenario_and_exits_0() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, stderr) = vmm(&["run", "--stats"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("running embedded:default"), "{stdout}");
+    assert!(stdout.contains("[hello-a#1] hello from ring 3"), "{stdout}");
+    assert!(stdout.contains("processes as expected"), "{stdout}");
+    for needle in [
+        "boot phases",
+        "kernel entry",
+        "first user instruction",
+        "VM exits:",
+        "hypercall shutdown",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "--stats output lacks {needle:?}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_clear_message() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["run", "no-such-scenario"],
+            "no scenario file or embedded scenario named \"no-such-scenario\"",
+        ),
+        (&["run", "--mem", "15"], "guest memory of 15 MiB is not allowed"),
+        (
+            &["run", "--mem", "100000"],
+            "guest memory of 100000 MiB is not allowed",
+        ),
+        (
+            &["run", "--kernel", "/nonexistent/kernel.elf"],
+            "cannot read kernel /nonexistent/kernel.elf",
+        ),
+        (&["run", "--timeout", "0"], "--timeout must be a positive number"),
+    ];
+    for (args, needle) in cases {
+        let (code, _, stderr) = vmm(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_kernel_that_is_not_elf_is_rejected() {
+    if !kvm_available() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("superos-cli-kernel-{}", std::process::id()));
+    std::fs::write(&path, b"\x7fELF but not really").unwrap();
+    let (code, _, stderr) = vmm(&["run", "--kernel", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("the kernel image is not a valid ELF file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_kernel_panic_exits_3_with_a_diagnosis() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, stderr) = vmm(&["run", "hello", "--debug-inject", "panic"]);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stderr.contains("guest crashed: kernel panic"), "{stderr}");
+    assert!(stderr.contains("instruction bytes:"), "{stderr}");
+}
+
+#[test]
+fn help_shows_examples_and_list_shows_what_is_embedded() {
+    let (code, stdout, _) = vmm(&["run", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("Examples:") && stdout.contains("Exit status:"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = vmm(&["list"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("default") && stdout.contains("write-code"),
+        "{stdout}"
+    );
+}
