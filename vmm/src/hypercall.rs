@@ -305,7 +305,7 @@ mod tests {
             Ok(Request::ConsoleWrite(0x1000))
         );
         assert_eq!(decode(0x505, &3u32.to_le_bytes()), Ok(Request::Shutdown(3)));
-        assert_eq!(decode(0x3f8, &[b'x']), Err(DecodeError::UnknownPort(0x3f8)));
+        assert_eq!(decode(0x3f8, b"x"), Err(DecodeError::UnknownPort(0x3f8)));
         assert_eq!(
             decode(0x501, &[1, 2]),
             Err(DecodeError::BadWidth {

@@ -14,7 +14,7 @@ fn main(args: &[u8]) -> i32 {
     }
     let cycles = rdtsc().wrapping_sub(start) / calls;
     let khz = gate_info().tsc_khz;
-    let nanos = if khz == 0 { 0 } else { cycles * 1_000_000 / khz };
+    let nanos = (cycles * 1_000_000).checked_div(khz).unwrap_or(0);
     let gate = superos_protocol::syscall::gate_kind_name(gate_info().gate_kind);
     println!("syscall-cost: {calls} getpid calls via {gate}: {cycles} cycles = {nanos} ns per round trip");
     0

@@ -71,8 +71,9 @@ pub fn init() {
     // the stubs in entry.rs, each of which saves a TrapFrame and matches the
     // error-code convention of its vector.
     let stubs = unsafe { &entry::trap_stub_table };
-    // SAFETY (all set_handler_addr calls below): each address is the stub for
-    // that vector; the stubs are valid interrupt handlers for the kernel CS.
+    // SAFETY: (covers every set_handler_addr call below) each address is the
+    // stub for that vector; the stubs are valid interrupt handlers for the
+    // kernel CS.
     unsafe {
         let addr = |v: usize| VirtAddr::new(stubs[v]);
         idt.divide_error.set_handler_addr(addr(0));
