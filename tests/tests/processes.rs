@@ -231,3 +231,24 @@ fn the_gate_self_test_confirms_or_replaces_the_requested_gate() {
         }
     }
 }
+
+#[test]
+fn yield_hands_the_cpu_to_the_other_process() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(
+        "[[process]]\nname = \"a\"\nprogram = \"yield-turns\"\nargs = \"n=5\"\n\
+         [[process]]\nname = \"b\"\nprogram = \"yield-turns\"\nargs = \"n=5\"\n",
+    );
+    assert_success(&report);
+    let turns: Vec<String> = (0..5).map(|i| format!("turn {i}")).collect();
+    assert_eq!(report.output_of("a"), turns);
+    assert_eq!(report.output_of("b"), turns);
+    // Each run is far shorter than a time slice, so only yield can explain
+    // b starting before a is done.
+    let pid_a = report.process("a").unwrap().pid.unwrap();
+    let first_b = report.lines.iter().position(|l| l.pid != pid_a).unwrap();
+    let last_a = report.lines.iter().rposition(|l| l.pid == pid_a).unwrap();
+    assert!(first_b < last_a, "no turn taking: {:?}", report.lines);
+}

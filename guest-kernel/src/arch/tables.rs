@@ -66,6 +66,8 @@ pub fn init() {
         load_tss(tss_selector);
     }
 
+    // Vectors 15, 22-27 and 31 are reserved by the architecture and never
+    // raised; everything else gets its stub.
     let idt = idt.insert(InterruptDescriptorTable::new());
     // SAFETY: trap_stub_table is filled by the assembler with the addresses of
     // the stubs in entry.rs, each of which saves a TrapFrame and matches the
