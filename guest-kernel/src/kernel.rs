@@ -1013,7 +1013,16 @@ impl Kernel {
                 return self.reschedule(frame, true);
             }
             Some(Syscall::GetPid) => Ok(self.current_process().map_or(0, |p| u64::from(p.pid))),
-            Some(Syscall::GateSelfTest) | None => Err(SysError::NoSys),
+            Some(
+                Syscall::MemMap
+                | Syscall::MemUnmap
+                | Syscall::MemProtect
+                | Syscall::MemStat
+                | Syscall::IpcSend
+                | Syscall::IpcRecv
+                | Syscall::GateSelfTest,
+            )
+            | None => Err(SysError::NoSys),
         };
         frame.rax = encode_result(result);
     }

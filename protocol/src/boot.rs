@@ -67,6 +67,32 @@ impl GatePreference {
     }
 }
 
+/// How the kernel zeroes freed frames before they can be handed out again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ScrubStrategy {
+    /// Pick from the host flavor: [`Self::Hypercall`] on PVM (where ring-0
+    /// stores are emulated one by one), [`Self::Kernel`] on ordinary KVM.
+    Auto = 0,
+    /// The kernel zeroes each frame itself (`rep stosq`).
+    Kernel = 1,
+    /// The kernel hands batches of freed frames to the VMM
+    /// ([`crate::hypercall::Hypercall::ScrubFrames`]), which zeroes them.
+    Hypercall = 2,
+}
+
+impl ScrubStrategy {
+    /// Decodes the raw field; unknown values yield `None`.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Auto),
+            1 => Some(Self::Kernel),
+            2 => Some(Self::Hypercall),
+            _ => None,
+        }
+    }
+}
+
 /// `MemoryRegion::kind`: RAM the kernel may allocate from.
 pub const MEMORY_USABLE: u32 = 1;
 /// `MemoryRegion::kind`: boot info and boot page tables.
@@ -138,6 +164,11 @@ pub struct ProcessSpec {
     pub args: [u8; ARGS_LEN],
     /// The process's memory quotas.
     pub quota: QuotaSpec,
+    /// How many times to start the program in a row (0 and 1 mean once):
+    /// each run begins when the previous one has ended.
+    pub runs: u32,
+    /// Always zero.
+    pub reserved: u32,
 }
 
 /// `BootInfo::debug_flags`: panic right after the kernel has initialised (to test
@@ -178,8 +209,8 @@ pub struct BootInfo {
     pub program_count: u32,
     /// Valid entries in `processes`.
     pub process_count: u32,
-    /// Always zero.
-    pub reserved: u32,
+    /// [`ScrubStrategy`] as a raw value.
+    pub scrub_strategy: u32,
     /// Physical memory map.
     pub memory_map: [MemoryRegion; MAX_MEMORY_REGIONS],
     /// Program images placed by the VMM.
@@ -207,7 +238,7 @@ const _: () = {
     assert!(core::mem::size_of::<MemoryRegion>() == 24);
     assert!(core::mem::size_of::<ProgramImage>() == 48);
     assert!(core::mem::size_of::<QuotaSpec>() == 32);
-    assert!(core::mem::size_of::<ProcessSpec>() == 200);
+    assert!(core::mem::size_of::<ProcessSpec>() == 208);
     assert!(core::mem::size_of::<BootInfo>() as u64 <= crate::layout::BOOT_INFO_MAX_SIZE);
     assert!(ARGS_LEN as u64 == crate::layout::USER_ARGS_MAX);
 };
@@ -229,7 +260,7 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, processes), 72 + 16 * 24 + 32 * 48);
         assert_eq!(
             core::mem::size_of::<BootInfo>(),
-            72 + 16 * 24 + 32 * 48 + 32 * 200
+            72 + 16 * 24 + 32 * 48 + 32 * 208
         );
         assert_eq!(offset_of!(ProcessSpec, quota), 168);
     }

@@ -76,6 +76,23 @@ pub enum EventKind {
     /// A malformed hypercall was refused as expected (debug self-check).
     /// args: [hypercall port, status the VMM returned].
     HypercallRefused = 7,
+    /// `mem_map` succeeded. args: [address, length, prot].
+    MemMapped = 8,
+    /// `mem_unmap` succeeded. args: [address, length, resident pages freed].
+    MemUnmapped = 9,
+    /// `mem_protect` succeeded. args: [address, length, new prot].
+    MemProtected = 10,
+    /// A request was refused because of a quota. args: [[`QuotaKind`],
+    /// bytes requested in total, limit].
+    QuotaDenied = 11,
+    /// A process crossed 90% of a quota. args: [[`QuotaKind`], bytes used, limit].
+    QuotaPressure = 12,
+    /// The free-frame pool fell below 10% of guest memory. args: [free
+    /// frames, total frames].
+    FramePoolLow = 13,
+    /// The kernel is shutting down. args: [free frames, total frames,
+    /// processes created].
+    KernelShutdown = 14,
 }
 
 impl EventKind {
@@ -89,6 +106,13 @@ impl EventKind {
             5 => Self::ProcessExited,
             6 => Self::ProcessKilled,
             7 => Self::HypercallRefused,
+            8 => Self::MemMapped,
+            9 => Self::MemUnmapped,
+            10 => Self::MemProtected,
+            11 => Self::QuotaDenied,
+            12 => Self::QuotaPressure,
+            13 => Self::FramePoolLow,
+            14 => Self::KernelShutdown,
             _ => return None,
         })
     }
@@ -161,6 +185,30 @@ named_enum! {
         IllegalGateEntry = 10 => "illegal-gate-entry",
         /// Any other CPU exception raised in ring 3.
         OtherException = 11 => "other-exception",
+        /// A demand-zero page would exceed the resident-set quota.
+        ResidentQuotaExceeded = 12 => "resident-quota-exceeded",
+        /// A mapping would exceed the virtual quota (policy `kill`).
+        VirtualQuotaExceeded = 13 => "virtual-quota-exceeded",
+        /// Shared memory would exceed the shared quota (policy `kill`).
+        SharedQuotaExceeded = 14 => "shared-quota-exceeded",
+        /// The guest ran out of physical memory while serving the process.
+        OutOfMemory = 15 => "out-of-memory",
+        /// Access to a shared region after its capability was revoked.
+        UseAfterRevoke = 16 => "use-after-revoke",
+        /// Blocked in a receive that no live process can ever satisfy.
+        Deadlock = 17 => "deadlock",
+    }
+}
+
+named_enum! {
+    /// Which quota an event is about.
+    QuotaKind {
+        /// Virtual size.
+        Virtual = 1 => "virtual",
+        /// Resident set size.
+        Resident = 2 => "resident",
+        /// Shared memory.
+        Shared = 3 => "shared",
     }
 }
 
@@ -256,6 +304,77 @@ pub enum Event {
         /// The status the VMM answered.
         status: u64,
     },
+    /// See [`EventKind::MemMapped`].
+    MemMapped {
+        /// The process.
+        pid: u32,
+        /// Start of the mapping.
+        addr: u64,
+        /// Length in bytes (whole pages).
+        len: u64,
+        /// `PROT_*` bits.
+        prot: u64,
+    },
+    /// See [`EventKind::MemUnmapped`].
+    MemUnmapped {
+        /// The process.
+        pid: u32,
+        /// Start of the range.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Resident pages released (scrubbed and freed).
+        freed_pages: u64,
+    },
+    /// See [`EventKind::MemProtected`].
+    MemProtected {
+        /// The process.
+        pid: u32,
+        /// Start of the range.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// New `PROT_*` bits.
+        prot: u64,
+    },
+    /// See [`EventKind::QuotaDenied`].
+    QuotaDenied {
+        /// The process.
+        pid: u32,
+        /// Which quota (None if unknown).
+        quota: Option<QuotaKind>,
+        /// Bytes the request would have brought the total to.
+        requested: u64,
+        /// The quota.
+        limit: u64,
+    },
+    /// See [`EventKind::QuotaPressure`].
+    QuotaPressure {
+        /// The process.
+        pid: u32,
+        /// Which quota (None if unknown).
+        quota: Option<QuotaKind>,
+        /// Bytes in use.
+        used: u64,
+        /// The quota.
+        limit: u64,
+    },
+    /// See [`EventKind::FramePoolLow`].
+    FramePoolLow {
+        /// Free frames.
+        free_frames: u64,
+        /// Frames managed.
+        total_frames: u64,
+    },
+    /// See [`EventKind::KernelShutdown`].
+    KernelShutdown {
+        /// Free frames at shutdown.
+        free_frames: u64,
+        /// Frames managed.
+        total_frames: u64,
+        /// Processes created since boot.
+        spawned: u64,
+    },
 }
 
 /// An event record whose kind the reader does not know.
@@ -303,6 +422,45 @@ impl EventRecord {
                 vector: a4,
             },
             EventKind::HypercallRefused => Event::HypercallRefused { port: a0, status: a1 },
+            EventKind::MemMapped => Event::MemMapped {
+                pid,
+                addr: a0,
+                len: a1,
+                prot: a2,
+            },
+            EventKind::MemUnmapped => Event::MemUnmapped {
+                pid,
+                addr: a0,
+                len: a1,
+                freed_pages: a2,
+            },
+            EventKind::MemProtected => Event::MemProtected {
+                pid,
+                addr: a0,
+                len: a1,
+                prot: a2,
+            },
+            EventKind::QuotaDenied => Event::QuotaDenied {
+                pid,
+                quota: u32::try_from(a0).ok().and_then(QuotaKind::from_raw),
+                requested: a1,
+                limit: a2,
+            },
+            EventKind::QuotaPressure => Event::QuotaPressure {
+                pid,
+                quota: u32::try_from(a0).ok().and_then(QuotaKind::from_raw),
+                used: a1,
+                limit: a2,
+            },
+            EventKind::FramePoolLow => Event::FramePoolLow {
+                free_frames: a0,
+                total_frames: a1,
+            },
+            EventKind::KernelShutdown => Event::KernelShutdown {
+                free_frames: a0,
+                total_frames: a1,
+                spawned: a2,
+            },
         })
     }
 }
@@ -361,6 +519,49 @@ impl Event {
             Event::HypercallRefused { port, status } => {
                 (EventKind::HypercallRefused, 0, [port, status, 0, 0, 0])
             }
+            Event::MemMapped { pid, addr, len, prot } => (EventKind::MemMapped, pid, [addr, len, prot, 0, 0]),
+            Event::MemUnmapped {
+                pid,
+                addr,
+                len,
+                freed_pages,
+            } => (EventKind::MemUnmapped, pid, [addr, len, freed_pages, 0, 0]),
+            Event::MemProtected { pid, addr, len, prot } => {
+                (EventKind::MemProtected, pid, [addr, len, prot, 0, 0])
+            }
+            Event::QuotaDenied {
+                pid,
+                quota,
+                requested,
+                limit,
+            } => (
+                EventKind::QuotaDenied,
+                pid,
+                [quota.map_or(0, |q| q as u64), requested, limit, 0, 0],
+            ),
+            Event::QuotaPressure {
+                pid,
+                quota,
+                used,
+                limit,
+            } => (
+                EventKind::QuotaPressure,
+                pid,
+                [quota.map_or(0, |q| q as u64), used, limit, 0, 0],
+            ),
+            Event::FramePoolLow {
+                free_frames,
+                total_frames,
+            } => (EventKind::FramePoolLow, 0, [free_frames, total_frames, 0, 0, 0]),
+            Event::KernelShutdown {
+                free_frames,
+                total_frames,
+                spawned,
+            } => (
+                EventKind::KernelShutdown,
+                0,
+                [free_frames, total_frames, spawned, 0, 0],
+            ),
         };
         EventRecord {
             seq: 0,
@@ -369,6 +570,22 @@ impl Event {
             pid,
             args,
         }
+    }
+}
+
+struct ProtName(u64);
+
+impl core::fmt::Display for ProtName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use crate::syscall::{PROT_EXEC, PROT_READ, PROT_WRITE};
+        let bit = |mask: u64, c: char| if self.0 & mask != 0 { c } else { '-' };
+        write!(
+            f,
+            "{}{}{}",
+            bit(PROT_READ, 'r'),
+            bit(PROT_WRITE, 'w'),
+            bit(PROT_EXEC, 'x')
+        )
     }
 }
 
@@ -442,11 +659,32 @@ impl core::fmt::Display for Event {
                 OptName(fault)
             ),
             Event::HypercallRefused { port, status } => {
-                write!(
-                    f,
-                    "malformed hypercall to port {port:#x} refused with status {status}"
-                )
+                write!(f, "malformed hypercall to port {port:#x} refused with status {status}")
             }
+            Event::MemMapped { pid, addr, len, prot } => {
+                write!(f, "pid {pid} mapped {len:#x} bytes at {addr:#x} ({})", ProtName(prot))
+            }
+            Event::MemUnmapped { pid, addr, len, freed_pages } => {
+                write!(f, "pid {pid} unmapped {len:#x} bytes at {addr:#x} ({freed_pages} resident pages freed)")
+            }
+            Event::MemProtected { pid, addr, len, prot } => {
+                write!(f, "pid {pid} protected {len:#x} bytes at {addr:#x} as {}", ProtName(prot))
+            }
+            Event::QuotaDenied { pid, quota, requested, limit } => write!(
+                f,
+                "pid {pid} denied: {} quota of {limit} bytes would be exceeded ({requested} bytes)",
+                OptName(quota)
+            ),
+            Event::QuotaPressure { pid, quota, used, limit } => {
+                write!(f, "pid {pid} memory pressure: {} usage {used} of {limit} bytes", OptName(quota))
+            }
+            Event::FramePoolLow { free_frames, total_frames } => {
+                write!(f, "free-frame pool low: {free_frames} of {total_frames} frames free")
+            }
+            Event::KernelShutdown { free_frames, total_frames, spawned } => write!(
+                f,
+                "kernel shutting down: {free_frames} of {total_frames} frames free, {spawned} processes created"
+            ),
         }
     }
 }

@@ -27,6 +27,8 @@ pub enum Hypercall {
     Panic = 0x504,
     /// The kernel is done: value = the guest's exit status. Does not return.
     Shutdown = 0x505,
+    /// Zero a batch of freed frames: value = GPA of [`ScrubFramesParams`].
+    ScrubFrames = 0x506,
 }
 
 impl Hypercall {
@@ -39,6 +41,7 @@ impl Hypercall {
             0x503 => Self::EventNotify,
             0x504 => Self::Panic,
             0x505 => Self::Shutdown,
+            0x506 => Self::ScrubFrames,
             _ => return None,
         })
     }
@@ -57,6 +60,7 @@ impl Hypercall {
             Self::EventNotify => "event-notify",
             Self::Panic => "panic",
             Self::Shutdown => "shutdown",
+            Self::ScrubFrames => "scrub-frames",
         }
     }
 }
@@ -155,7 +159,23 @@ pub struct PanicParams {
     pub fault_addr: u64,
 }
 
+/// Most frames one [`Hypercall::ScrubFrames`] may name.
+pub const SCRUB_BATCH_MAX: u64 = 512;
+
+/// Parameters of [`Hypercall::ScrubFrames`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ScrubFramesParams {
+    /// GPA of an array of `count` frame addresses (u64, page-aligned).
+    pub list_gpa: u64,
+    /// Number of frames, at most [`SCRUB_BATCH_MAX`].
+    pub count: u32,
+    /// Host-written status (`STATUS_*`); on error no frame was touched.
+    pub status: u32,
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<ScrubFramesParams>() == 16);
     assert!(core::mem::size_of::<BootHelloParams>() == 40);
     assert!(core::mem::size_of::<ConsoleWriteParams>() == 24);
     assert!(core::mem::size_of::<PanicParams>() == 48);
@@ -174,11 +194,12 @@ mod tests {
             Hypercall::EventNotify,
             Hypercall::Panic,
             Hypercall::Shutdown,
+            Hypercall::ScrubFrames,
         ] {
             assert_eq!(Hypercall::from_port(call.port()), Some(call));
         }
         assert_eq!(Hypercall::from_port(0x3f8), None);
-        assert_eq!(Hypercall::from_port(0x506), None);
+        assert_eq!(Hypercall::from_port(0x507), None);
     }
 
     #[test]

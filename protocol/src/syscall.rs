@@ -24,6 +24,25 @@ pub enum Syscall {
     Yield = 3,
     /// `getpid() -> pid`.
     GetPid = 4,
+    /// `mem_map(len, prot) -> addr`: reserve `len` bytes (rounded up to pages)
+    /// of demand-zero memory at an address the kernel chooses. `prot` is
+    /// [`PROT_READ`] or `PROT_READ | PROT_WRITE`; executable mappings are
+    /// refused.
+    MemMap = 10,
+    /// `mem_unmap(addr, len) -> 0`: remove whole pages of `mem_map` memory.
+    MemUnmap = 11,
+    /// `mem_protect(addr, len, prot) -> 0`: change the rights of `mem_map`
+    /// pages; rights can only be removed.
+    MemProtect = 12,
+    /// `mem_stat(buf) -> 0`: write a [`MemStat`] to `buf`.
+    MemStat = 13,
+    /// `ipc_send(pid, buf, len) -> 0`: copy a message of at most
+    /// [`MESSAGE_MAX`] bytes into `pid`'s mailbox.
+    IpcSend = 20,
+    /// `ipc_recv(buf, cap, flags) -> packed (sender, len)`: take the oldest
+    /// message from the caller's mailbox, blocking unless `flags` has
+    /// [`RECV_NONBLOCK`]; see [`decode_recv`].
+    IpcRecv = 21,
     /// Used once by the kernel's own boot self-test of the gate; refused with
     /// [`SysError::NoSys`] from any user process.
     GateSelfTest = 0x5e1f,
@@ -37,6 +56,12 @@ impl Syscall {
             2 => Self::Exit,
             3 => Self::Yield,
             4 => Self::GetPid,
+            10 => Self::MemMap,
+            11 => Self::MemUnmap,
+            12 => Self::MemProtect,
+            13 => Self::MemStat,
+            20 => Self::IpcSend,
+            21 => Self::IpcRecv,
             0x5e1f => Self::GateSelfTest,
             _ => return None,
         })
@@ -45,6 +70,52 @@ impl Syscall {
 
 /// Most bytes one `write` call accepts.
 pub const WRITE_MAX: u64 = 4096;
+
+/// `prot` bit: readable.
+pub const PROT_READ: u64 = 1;
+/// `prot` bit: writable (requires [`PROT_READ`]).
+pub const PROT_WRITE: u64 = 2;
+/// `prot` bit: executable. Always refused for data mappings.
+pub const PROT_EXEC: u64 = 4;
+
+/// Most bytes in one message.
+pub const MESSAGE_MAX: u64 = 4096;
+/// Most messages waiting in one mailbox.
+pub const MAILBOX_DEPTH: usize = 8;
+/// `ipc_recv` flag: return [`SysError::WouldBlock`] instead of blocking.
+pub const RECV_NONBLOCK: u64 = 1;
+
+/// Packs an `ipc_recv` result: sender pid in the high 32 bits, length low.
+pub const fn encode_recv(sender: u32, len: u32) -> u64 {
+    ((sender as u64) << 32) | len as u64
+}
+
+/// Unpacks an `ipc_recv` result into (sender pid, length).
+pub const fn decode_recv(value: u64) -> (u32, u32) {
+    ((value >> 32) as u32, value as u32)
+}
+
+/// What `mem_stat` reports about the caller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct MemStat {
+    /// Bytes of virtual address space in use (image, stack, mappings).
+    pub virtual_bytes: u64,
+    /// Bytes backed by frames.
+    pub resident_bytes: u64,
+    /// Bytes of shared regions mapped.
+    pub shared_bytes: u64,
+    /// Virtual quota (0 = none).
+    pub max_virtual_bytes: u64,
+    /// Resident quota (0 = none).
+    pub max_resident_bytes: u64,
+    /// Shared quota (0 = none).
+    pub max_shared_bytes: u64,
+    /// `QUOTA_POLICY_*` of `superos_protocol::boot`.
+    pub policy: u32,
+    /// Always zero.
+    pub reserved: u32,
+}
 
 /// Typed system-call errors. Returned to user space as `-(error as i64)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +144,11 @@ pub enum SysError {
     NoSuchProcess = 10,
     /// The call would block and the caller asked not to.
     WouldBlock = 11,
+    /// The receiver's mailbox is full.
+    MailboxFull = 12,
+    /// The receive buffer is smaller than the waiting message (which stays
+    /// queued).
+    BufferTooSmall = 13,
 }
 
 impl SysError {
@@ -90,6 +166,8 @@ impl SysError {
             9 => Self::OutOfMemory,
             10 => Self::NoSuchProcess,
             11 => Self::WouldBlock,
+            12 => Self::MailboxFull,
+            13 => Self::BufferTooSmall,
             _ => return None,
         })
     }
@@ -108,6 +186,8 @@ impl SysError {
             Self::OutOfMemory => "out-of-memory",
             Self::NoSuchProcess => "no-such-process",
             Self::WouldBlock => "would-block",
+            Self::MailboxFull => "mailbox-full",
+            Self::BufferTooSmall => "buffer-too-small",
         }
     }
 }
@@ -178,7 +258,7 @@ mod tests {
         for value in [0u64, 1, 4096, u64::MAX - MAX_ERRNO] {
             assert_eq!(decode_result(encode_result(Ok(value))), Ok(value));
         }
-        for raw in 1..=11 {
+        for raw in 1..=13 {
             let error = SysError::from_raw(raw).unwrap();
             assert_eq!(decode_result(encode_result(Err(error))), Err(error));
         }
@@ -205,7 +285,16 @@ mod tests {
     }
 
     #[test]
-    fn gate_info_layout() {
+    fn gate_info_and_mem_stat_layouts() {
         assert_eq!(core::mem::size_of::<GateInfo>(), 16);
+        assert_eq!(core::mem::size_of::<MemStat>(), 56);
+    }
+
+    #[test]
+    fn recv_results_pack_sender_and_length() {
+        assert_eq!(decode_recv(encode_recv(7, 4096)), (7, 4096));
+        assert_eq!(decode_recv(encode_recv(u32::MAX, 0)), (u32::MAX, 0));
+        // A packed result is never mistaken for an error (pids stay below 2^31).
+        assert!(decode_result(encode_recv(i32::MAX as u32, MESSAGE_MAX as u32)).is_ok());
     }
 }

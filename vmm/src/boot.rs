@@ -255,6 +255,8 @@ pub fn prepare(
             name: name_to_array(&process.name),
             args,
             quota: QuotaSpec::default(),
+            runs: 1,
+            reserved: 0,
         };
     }
 

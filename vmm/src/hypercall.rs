@@ -8,7 +8,7 @@
 use crate::events::EventRing;
 use crate::session::Session;
 use superos_protocol::hypercall::{
-    self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, Hypercall, PanicParams,
+    self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, Hypercall, PanicParams, ScrubFramesParams,
 };
 use superos_protocol::PROTOCOL_VERSION;
 use thiserror::Error;
@@ -29,6 +29,8 @@ pub enum Request {
     Panic(u64),
     /// Guest shutdown with a status.
     Shutdown(u32),
+    /// Zero freed frames; parameter block at the GPA.
+    ScrubFrames(u64),
 }
 
 /// A port write that is not a well-formed hypercall.
@@ -64,6 +66,7 @@ pub fn decode(port: u16, data: &[u8]) -> Result<Request, DecodeError> {
         Hypercall::EventNotify => Request::EventNotify,
         Hypercall::Panic => Request::Panic(gpa),
         Hypercall::Shutdown => Request::Shutdown(value),
+        Hypercall::ScrubFrames => Request::ScrubFrames(gpa),
     })
 }
 
@@ -118,6 +121,10 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
         Request::Shutdown(code) => {
             drain_events(session, false);
             Flow::Shutdown(code)
+        }
+        Request::ScrubFrames(gpa) => {
+            scrub_frames(session, gpa);
+            Flow::Continue
         }
     }
 }
@@ -215,6 +222,60 @@ fn console_write(session: &mut Session<'_>, gpa: u64) -> Flow {
         &status,
     );
     Flow::Continue
+}
+
+/// Zeroes the frames the kernel lists. The whole list is validated first
+/// (count, alignment, inside guest RAM); on any error nothing is zeroed.
+fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
+    let Some(params) = read_params::<ScrubFramesParams>(session, Hypercall::ScrubFrames, gpa) else {
+        return;
+    };
+    let status = if u64::from(params.count) > hc::SCRUB_BATCH_MAX {
+        session.warn(format!(
+            "scrub of {} frames refused (limit {})",
+            params.count,
+            hc::SCRUB_BATCH_MAX
+        ));
+        hc::STATUS_TOO_LARGE
+    } else {
+        let mut list = vec![0u8; params.count as usize * 8];
+        match session.ram.read_bytes(params.list_gpa, &mut list) {
+            Err(error) => {
+                session.warn(format!("scrub refused: frame list unreadable: {error}"));
+                hc::STATUS_BAD_ADDRESS
+            }
+            Ok(()) => {
+                let frames: Vec<u64> = list
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                let page = superos_protocol::layout::PAGE_SIZE;
+                match frames
+                    .iter()
+                    .find(|&&f| f % page != 0 || !session.ram.contains(f, page))
+                {
+                    Some(bad) => {
+                        session.warn(format!("scrub refused: {bad:#x} is not a frame of guest memory"));
+                        hc::STATUS_BAD_ADDRESS
+                    }
+                    None => {
+                        let zero = [0u8; 4096];
+                        for frame in frames {
+                            // Validated above: aligned and inside guest RAM.
+                            let _ = session.ram.write_bytes(frame, &zero);
+                        }
+                        hc::STATUS_OK
+                    }
+                }
+            }
+        }
+    };
+    write_status(
+        session,
+        gpa,
+        core::mem::offset_of!(ScrubFramesParams, status),
+        &status,
+    );
 }
 
 /// Drains the event ring; `notified` says the kernel claimed there are

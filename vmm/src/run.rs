@@ -484,6 +484,7 @@ fn hypercall_name(request: &hypercall::Request) -> &'static str {
         EventNotify => "event-notify",
         Panic(_) => "panic",
         Shutdown(_) => "shutdown",
+        ScrubFrames(_) => "scrub-frames",
     }
 }
 
@@ -607,8 +608,16 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
                     outcomes[i].status = ProcessStatus::Killed { fault, addr, rip };
                 }
             }
-            Event::KernelReady { .. } | Event::GateSelfTestFailed { .. } | Event::HypercallRefused { .. } => {
-            }
+            Event::KernelReady { .. }
+            | Event::GateSelfTestFailed { .. }
+            | Event::HypercallRefused { .. }
+            | Event::MemMapped { .. }
+            | Event::MemUnmapped { .. }
+            | Event::MemProtected { .. }
+            | Event::QuotaDenied { .. }
+            | Event::QuotaPressure { .. }
+            | Event::FramePoolLow { .. }
+            | Event::KernelShutdown { .. } => {}
         }
     }
     outcomes
