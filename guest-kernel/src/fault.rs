@@ -22,6 +22,23 @@ pub enum RegionKind {
     StackGuard,
     /// The kernel's system-call gate page.
     Gate,
+    /// Demand-zero memory from `mem_map`.
+    Anonymous {
+        /// Whether the mapping may be written.
+        writable: bool,
+    },
+}
+
+impl RegionKind {
+    /// True for regions whose pages are allocated on first touch.
+    pub fn is_demand_zero(self) -> bool {
+        matches!(self, RegionKind::Stack | RegionKind::Anonymous { .. })
+    }
+
+    /// True for regions user code may write.
+    pub fn is_writable(self) -> bool {
+        matches!(self, RegionKind::Data | RegionKind::Stack | RegionKind::Anonymous { writable: true })
+    }
 }
 
 /// A page-aligned virtual range `[start, end)` of one kind.
@@ -53,6 +70,11 @@ pub fn classify_page_fault(regions: &[Region], addr: u64, error_code: u64) -> Fa
     };
     if region.kind == RegionKind::StackGuard {
         return FaultKind::StackGuard;
+    }
+    // Jumping into data is a no-execute violation whether or not the page
+    // was resident yet.
+    if error_code & PF_FETCH != 0 && !matches!(region.kind, RegionKind::Code | RegionKind::Gate) {
+        return FaultKind::ExecuteNonExecutable;
     }
     if error_code & PF_PRESENT == 0 {
         return FaultKind::UnmappedAccess;

@@ -1,4 +1,4 @@
-//! Physical frame allocator.
+//! Physical frame allocator and the frame-ownership table.
 //!
 //! Frames come from two places: a bump cursor over the usable RAM ranges of the
 //! boot memory map, which hands out frames nobody has touched since the VMM
@@ -7,14 +7,19 @@
 //! initialisation pass over memory, which matters when every ring-0 instruction
 //! is emulated (see `shared/kvm-host-notes.md`).
 //!
-//! Invariant: a frame is handed out at most once until it is freed; freeing a
-//! frame that is not allocated (double free, or a frame outside the managed
-//! ranges) is refused with an error instead of corrupting the free stack.
+//! Every managed frame has a [`FrameOwner`] in the ownership table (one `u32`
+//! per frame, encoded with [`FrameOwner::encode`]), which is also what the VMM
+//! reads to check the kernel from outside.
 //!
+//! Invariants: a frame is handed out at most once until it is freed, and gets
+//! its owner at that moment; the owner never changes while it is allocated;
+//! freeing a frame that is not allocated (double free, or a frame outside the
+//! managed ranges) is refused instead of corrupting the free stack.
 //! Scrubbing is the caller's job and happens *before* [`FrameAllocator::free`]:
 //! every frame on the free stack is zero, so every frame handed out is zero.
 
 use superos_protocol::layout::PAGE_SIZE;
+use superos_protocol::ownership::FrameOwner;
 
 /// Most disjoint usable ranges the allocator tracks.
 pub const MAX_RANGES: usize = 16;
@@ -36,11 +41,11 @@ struct Range {
     end: u64,
     /// First frame of this range the bump cursor has not handed out yet.
     cursor: u64,
-    /// Index of this range's first frame in the `allocated` bitmap.
+    /// Index of this range's first frame in the ownership table.
     first_index: u64,
 }
 
-/// The frame allocator. Storage for the free stack and the allocation bitmap is
+/// The frame allocator. Storage for the free stack and the ownership table is
 /// borrowed so that the kernel can carve it out of guest memory at boot and the
 /// host tests can use plain vectors.
 pub struct FrameAllocator<'a> {
@@ -50,33 +55,34 @@ pub struct FrameAllocator<'a> {
     bump_range: usize,
     free_stack: &'a mut [u32],
     free_top: usize,
-    allocated: &'a mut [u64],
+    owners: &'a mut [u32],
     total: u64,
     in_use: u64,
 }
 
 impl<'a> FrameAllocator<'a> {
-    /// Number of `u32` stack slots and `u64` bitmap words needed to manage
-    /// `frames` frames.
-    pub const fn storage_words(frames: u64) -> (usize, usize) {
-        (frames as usize, frames.div_ceil(64) as usize)
+    /// Number of `u32` entries the free stack and the ownership table each need
+    /// to manage `frames` frames.
+    pub const fn storage_entries(frames: u64) -> usize {
+        frames as usize
     }
 
     /// Creates an allocator over the page-aligned `ranges` (start, end), which
-    /// must be sorted and disjoint. The bitmap storage must be zeroed. Ranges
-    /// beyond [`MAX_RANGES`], or beyond what the storage can manage, are ignored.
-    pub fn new(ranges: &[(u64, u64)], free_stack: &'a mut [u32], allocated: &'a mut [u64]) -> Self {
+    /// must be sorted and disjoint. The ownership storage must be zeroed (all
+    /// frames free). Ranges beyond [`MAX_RANGES`], or beyond what the storage
+    /// can manage, are ignored.
+    pub fn new(ranges: &[(u64, u64)], free_stack: &'a mut [u32], owners: &'a mut [u32]) -> Self {
         let mut allocator = FrameAllocator {
             ranges: [Range::default(); MAX_RANGES],
             range_count: 0,
             bump_range: 0,
             free_stack,
             free_top: 0,
-            allocated,
+            owners,
             total: 0,
             in_use: 0,
         };
-        let capacity = (allocator.free_stack.len() as u64).min(allocator.allocated.len() as u64 * 64);
+        let capacity = allocator.free_stack.len().min(allocator.owners.len()) as u64;
         for &(start, end) in ranges.iter().take(MAX_RANGES) {
             let start = start.next_multiple_of(PAGE_SIZE);
             let end = end & !(PAGE_SIZE - 1);
@@ -96,16 +102,18 @@ impl<'a> FrameAllocator<'a> {
         allocator
     }
 
-    /// Allocates one zeroed frame, or `None` when memory is exhausted.
-    pub fn alloc(&mut self) -> Option<u64> {
+    /// Allocates one zeroed frame for `owner`, or `None` when memory is
+    /// exhausted. `owner` must not be [`FrameOwner::Free`].
+    pub fn alloc(&mut self, owner: FrameOwner) -> Option<u64> {
+        debug_assert!(!owner.is_free());
         let frame = if self.free_top > 0 {
             self.free_top -= 1;
             u64::from(self.free_stack[self.free_top]) * PAGE_SIZE
         } else {
             self.bump()?
         };
-        let (word, bit) = self.bit_of(frame).expect("allocated frames are managed");
-        self.allocated[word] |= bit;
+        let index = self.index_of(frame).expect("allocated frames are managed");
+        self.owners[index] = owner.encode();
         self.in_use += 1;
         Some(frame)
     }
@@ -128,11 +136,11 @@ impl<'a> FrameAllocator<'a> {
         if frame % PAGE_SIZE != 0 {
             return Err(FreeError::Unaligned(frame));
         }
-        let (word, bit) = self.bit_of(frame).ok_or(FreeError::NotManaged(frame))?;
-        if self.allocated[word] & bit == 0 {
+        let index = self.index_of(frame).ok_or(FreeError::NotManaged(frame))?;
+        if self.owners[index] == FrameOwner::Free.encode() {
             return Err(FreeError::DoubleFree(frame));
         }
-        self.allocated[word] &= !bit;
+        self.owners[index] = FrameOwner::Free.encode();
         // Cannot overflow: at most `total` frames are allocated at once and the
         // stack has room for `total` entries.
         self.free_stack[self.free_top] = (frame / PAGE_SIZE) as u32;
@@ -141,18 +149,20 @@ impl<'a> FrameAllocator<'a> {
         Ok(())
     }
 
-    /// Returns true if `frame` is managed by this allocator and currently allocated.
-    pub fn is_allocated(&self, frame: u64) -> bool {
-        self.bit_of(frame)
-            .is_some_and(|(word, bit)| self.allocated[word] & bit != 0)
+    /// The owner of a managed frame (`None` if the frame is not managed, or
+    /// if its table entry is corrupt).
+    pub fn owner(&self, frame: u64) -> Option<FrameOwner> {
+        FrameOwner::decode(self.owners[self.index_of(frame)?])
     }
 
-    fn bit_of(&self, frame: u64) -> Option<(usize, u64)> {
-        let range = self.ranges[..self.range_count]
-            .iter()
-            .find(|r| r.start <= frame && frame < r.end)?;
-        let index = range.first_index + (frame - range.start) / PAGE_SIZE;
-        Some(((index / 64) as usize, 1u64 << (index % 64)))
+    fn index_of(&self, frame: u64) -> Option<usize> {
+        let range = self.ranges[..self.range_count].iter().find(|r| r.start <= frame && frame < r.end)?;
+        Some((range.first_index + (frame - range.start) / PAGE_SIZE) as usize)
+    }
+
+    /// The managed ranges, as (start, end) pairs, in ownership-table order.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges[..self.range_count].iter().map(|r| (r.start, r.end))
     }
 
     /// Frames managed in total.
@@ -172,31 +182,46 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
-    fn storage(frames: u64) -> (Vec<u32>, Vec<u64>) {
-        let (stack, words) = FrameAllocator::storage_words(frames);
-        (vec![0; stack], vec![0; words])
+    fn storage(frames: u64) -> (Vec<u32>, Vec<u32>) {
+        let entries = FrameAllocator::storage_entries(frames);
+        (vec![0; entries], vec![0; entries])
     }
+
+    const OWNER: FrameOwner = FrameOwner::Private(1);
 
     #[test]
     fn hands_out_every_frame_once_then_runs_dry() {
-        let (mut stack, mut bits) = storage(8);
-        let mut alloc = FrameAllocator::new(&[(0x1000, 0x4000), (0x10000, 0x16000)], &mut stack, &mut bits);
+        let (mut stack, mut owners) = storage(8);
+        let mut alloc = FrameAllocator::new(&[(0x1000, 0x4000), (0x10000, 0x16000)], &mut stack, &mut owners);
         // Storage for 8 frames caps the 3 + 6 frames of the ranges.
         assert_eq!(alloc.total_frames(), 8);
-        let frames: Vec<u64> = std::iter::from_fn(|| alloc.alloc()).collect();
-        // Storage for 8 frames caps the second range.
-        assert_eq!(
-            frames,
-            vec![0x1000, 0x2000, 0x3000, 0x10000, 0x11000, 0x12000, 0x13000, 0x14000]
-        );
+        let frames: Vec<u64> = std::iter::from_fn(|| alloc.alloc(OWNER)).collect();
+        assert_eq!(frames, vec![0x1000, 0x2000, 0x3000, 0x10000, 0x11000, 0x12000, 0x13000, 0x14000]);
         assert_eq!(alloc.free_frames(), 0);
     }
 
     #[test]
+    fn owners_are_recorded_and_released() {
+        let (mut stack, mut owners) = storage(4);
+        let mut alloc = FrameAllocator::new(&[(0x1000, 0x5000)], &mut stack, &mut owners);
+        let table = alloc.alloc(FrameOwner::PageTable(3)).unwrap();
+        let page = alloc.alloc(FrameOwner::Private(3)).unwrap();
+        assert_eq!(alloc.owner(table), Some(FrameOwner::PageTable(3)));
+        assert_eq!(alloc.owner(page), Some(FrameOwner::Private(3)));
+        assert_eq!(alloc.owner(0x4000), Some(FrameOwner::Free));
+        assert_eq!(alloc.owner(0x9000), None);
+        alloc.free(page).unwrap();
+        assert_eq!(alloc.owner(page), Some(FrameOwner::Free));
+        // The freed frame is reused first and takes its new owner.
+        assert_eq!(alloc.alloc(FrameOwner::Kernel), Some(page));
+        assert_eq!(alloc.owner(page), Some(FrameOwner::Kernel));
+    }
+
+    #[test]
     fn refuses_double_free_unaligned_and_foreign_frames() {
-        let (mut stack, mut bits) = storage(4);
-        let mut alloc = FrameAllocator::new(&[(0x1000, 0x5000)], &mut stack, &mut bits);
-        let frame = alloc.alloc().unwrap();
+        let (mut stack, mut owners) = storage(4);
+        let mut alloc = FrameAllocator::new(&[(0x1000, 0x5000)], &mut stack, &mut owners);
+        let frame = alloc.alloc(OWNER).unwrap();
         assert_eq!(alloc.free(frame), Ok(()));
         assert_eq!(alloc.free(frame), Err(FreeError::DoubleFree(frame)));
         assert_eq!(alloc.free(0x1234), Err(FreeError::Unaligned(0x1234)));
@@ -208,38 +233,43 @@ mod tests {
 
     #[test]
     fn unaligned_ranges_are_trimmed_to_whole_frames() {
-        let (mut stack, mut bits) = storage(16);
-        let alloc = FrameAllocator::new(&[(0x1001, 0x4fff), (0x8000, 0x8000)], &mut stack, &mut bits);
+        let (mut stack, mut owners) = storage(16);
+        let alloc = FrameAllocator::new(&[(0x1001, 0x4fff), (0x8000, 0x8000)], &mut stack, &mut owners);
         assert_eq!(alloc.total_frames(), 2);
     }
 
     proptest! {
         /// Random alloc/free sequences never hand out a frame twice, never lose
-        /// one, and keep the counters equal to the model.
+        /// one, keep the counters equal to the model, and the ownership table
+        /// names exactly the frames held.
         #[test]
         fn alloc_free_sequences_match_a_model(ops in prop::collection::vec(any::<(bool, u8)>(), 1..400)) {
-            let (mut stack, mut bits) = storage(40);
-            let mut alloc = FrameAllocator::new(&[(0x2000, 0x12000), (0x40000, 0x58000)], &mut stack, &mut bits);
-            let mut held: Vec<u64> = Vec::new();
+            let (mut stack, mut owners) = storage(40);
+            let mut alloc = FrameAllocator::new(&[(0x2000, 0x12000), (0x40000, 0x58000)], &mut stack, &mut owners);
+            let mut held: Vec<(u64, FrameOwner)> = Vec::new();
             for (is_alloc, pick) in ops {
                 if is_alloc {
-                    match alloc.alloc() {
+                    let owner = FrameOwner::Private(u32::from(pick % 5) + 1);
+                    match alloc.alloc(owner) {
                         Some(frame) => {
-                            prop_assert!(!held.contains(&frame), "frame {frame:#x} handed out twice");
-                            held.push(frame);
+                            prop_assert!(!held.iter().any(|h| h.0 == frame), "frame {frame:#x} handed out twice");
+                            held.push((frame, owner));
                         }
                         None => prop_assert_eq!(held.len() as u64, alloc.total_frames()),
                     }
                 } else if !held.is_empty() {
-                    let frame = held.swap_remove(pick as usize % held.len());
+                    let (frame, _) = held.swap_remove(pick as usize % held.len());
                     prop_assert_eq!(alloc.free(frame), Ok(()));
                 }
                 prop_assert_eq!(alloc.free_frames(), alloc.total_frames() - held.len() as u64);
             }
-            for frame in held.drain(..) {
+            for &(frame, owner) in &held {
+                prop_assert_eq!(alloc.owner(frame), Some(owner));
+            }
+            for (frame, _) in held.drain(..) {
                 prop_assert_eq!(alloc.free(frame), Ok(()));
             }
-            let everything: BTreeSet<u64> = std::iter::from_fn(|| alloc.alloc()).collect();
+            let everything: BTreeSet<u64> = std::iter::from_fn(|| alloc.alloc(OWNER)).collect();
             prop_assert_eq!(everything.len() as u64, alloc.total_frames());
         }
     }

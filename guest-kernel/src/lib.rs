@@ -1,7 +1,9 @@
 //! The SuperOS kernel.
 //!
 //! Hardware-independent logic lives in modules that build and are unit-tested
-//! on the host: [`frame`] (physical frame allocator), [`paging`] (page-table
+//! on the host: [`frame`] (physical frame allocator and ownership table),
+//! [`address_space`] (regions, demand paging, quotas, `mem_*` calls),
+//! [`paging`] (page-table
 //! construction and walks), [`elf_image`] (user image checks and load plans)
 //! and [`fault`] (user fault classification). Everything that touches the CPU
 //! lives under [`arch`] and [`kernel`], which are only compiled for
@@ -12,6 +14,7 @@
 
 extern crate alloc;
 
+pub mod address_space;
 pub mod elf_image;
 pub mod fault;
 pub mod frame;

@@ -16,7 +16,8 @@
 //!             | kernel image       |
 //!             +--------------------+             user virtual (per process, private)
 //!             | user program ELF   |             0x0040_0000 USER_IMAGE_BASE: ELF segments
-//!             | images (VMM-placed)|             0x7fff_fefe_f000 stack guard (unmapped)
+//!             | images (VMM-placed)|             0x1_0000_0000 USER_MMAP_BASE: mem_map area
+//!             |                    |             0x7fff_fefe_f000 stack guard (unmapped)
 //!             +--------------------+             0x7fff_ff00_0000 USER_STACK_TOP
 //!             | free frames        |             0x7fff_ffff_0000 GATE_VA: system-call gate
 //! mem_size    +--------------------+
@@ -71,6 +72,12 @@ pub const USER_HALF_END: u64 = 0x0000_8000_0000_0000;
 pub const USER_IMAGE_BASE: u64 = 0x40_0000;
 /// One past the highest address a user ELF segment may occupy.
 pub const USER_IMAGE_LIMIT: u64 = 0x4000_0000;
+/// Lowest address `mem_map` hands out.
+pub const USER_MMAP_BASE: u64 = 0x1_0000_0000;
+/// One past the highest address `mem_map` hands out.
+pub const USER_MMAP_LIMIT: u64 = 0x7000_0000_0000;
+/// Largest single `mem_map` request.
+pub const USER_MMAP_MAX: u64 = 1 << 30;
 /// One past the top of every process's stack.
 pub const USER_STACK_TOP: u64 = 0x7fff_ff00_0000;
 /// Pages of stack every process starts with.
@@ -99,6 +106,8 @@ const _: () = {
     assert!(BOOT_PAGE_TABLES_GPA % PAGE_SIZE == 0);
     assert!(BOOT_PAGE_TABLES_GPA + BOOT_PAGE_TABLES_FRAMES * PAGE_SIZE <= KERNEL_PHYS_BASE);
     assert!(MAX_GUEST_MEMORY <= LAPIC_GPA);
+    assert!(USER_IMAGE_LIMIT <= USER_MMAP_BASE);
+    assert!(USER_MMAP_LIMIT < USER_STACK_TOP - (USER_STACK_PAGES + USER_STACK_GUARD_PAGES) * PAGE_SIZE);
     assert!(USER_IMAGE_LIMIT < USER_STACK_TOP);
     assert!(USER_STACK_TOP < GATE_VA);
     assert!(GATE_VA + PAGE_SIZE <= USER_HALF_END);

@@ -9,6 +9,7 @@
 //! * [`hypercall`]: the kernel -> VMM calls (port I/O) and their parameter blocks.
 //! * [`syscall`]: the user -> kernel system-call numbers, argument and error encoding.
 //! * [`event`]: the kernel event records and the ring the VMM drains.
+//! * [`ownership`]: the frame-ownership encoding shared by kernel and VMM.
 //!
 //! All shared structures are `#[repr(C)]`, contain no padding and no pointers
 //! (guest addresses are plain `u64`), derive zerocopy's byte-level traits so the
@@ -22,6 +23,7 @@ pub mod boot;
 pub mod event;
 pub mod hypercall;
 pub mod layout;
+pub mod ownership;
 pub mod syscall;
 
 /// Version of the whole ABI in this crate. The VMM writes it into
