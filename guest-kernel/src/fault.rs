@@ -37,7 +37,10 @@ impl RegionKind {
 
     /// True for regions user code may write.
     pub fn is_writable(self) -> bool {
-        matches!(self, RegionKind::Data | RegionKind::Stack | RegionKind::Anonymous { writable: true })
+        matches!(
+            self,
+            RegionKind::Data | RegionKind::Stack | RegionKind::Anonymous { writable: true }
+        )
     }
 }
 

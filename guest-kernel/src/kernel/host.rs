@@ -1,0 +1,207 @@
+//! The kernel's side of the VMM interface: hypercalls, console output, the
+//! panic report, and the event ring.
+
+use super::memory::image_gpa;
+use crate::arch::{cpu, KernelCell};
+use core::fmt::Write;
+use superos_protocol::event::{Event, EventRecord, EventRingHeader, EVENT_RING_MAGIC};
+use superos_protocol::hypercall::{self as hc, Hypercall};
+use superos_protocol::PROTOCOL_VERSION;
+use zerocopy::{Immutable, IntoBytes};
+
+/// A hypercall with a plain value.
+pub fn hypercall(call: Hypercall, value: u32) {
+    cpu::out32(call.port(), value);
+}
+
+/// A hypercall with a parameter block. Blocks live in kernel statics, whose
+/// guest-physical addresses are below 4 GiB by construction of the linker
+/// script.
+pub fn hypercall_with<T: IntoBytes + Immutable>(call: Hypercall, params: &T) {
+    hypercall(call, image_gpa(params as *const T) as u32);
+}
+
+static CONSOLE_PARAMS: KernelCell<hc::ConsoleWriteParams> = KernelCell::new(hc::ConsoleWriteParams {
+    source_pid: 0,
+    status: 0,
+    gpa: 0,
+    len: 0,
+});
+
+/// Asks the VMM to print `len` bytes at guest-physical `gpa` on behalf of
+/// `pid` (0 = the kernel). Returns the VMM's status.
+pub fn console_write(pid: u32, gpa: u64, len: u64) -> u32 {
+    // SAFETY: single-CPU kernel with interrupts off (KernelCell invariant).
+    let params = unsafe { CONSOLE_PARAMS.get() };
+    *params = hc::ConsoleWriteParams {
+        source_pid: pid,
+        status: hc::STATUS_PENDING,
+        gpa,
+        len,
+    };
+    hypercall_with(Hypercall::ConsoleWrite, params);
+    // SAFETY: the VMM wrote `status` during the hypercall; read it afresh.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(params.status)) }
+}
+
+static SCRUB_PARAMS: KernelCell<hc::ScrubFramesParams> = KernelCell::new(hc::ScrubFramesParams {
+    list_gpa: 0,
+    count: 0,
+    status: 0,
+});
+
+/// Asks the VMM to zero the frames in `list` (a kernel static). Returns the
+/// VMM's status.
+pub fn scrub_frames(list: &[u64]) -> u32 {
+    // SAFETY: KernelCell invariant.
+    let params = unsafe { SCRUB_PARAMS.get() };
+    *params = hc::ScrubFramesParams {
+        list_gpa: image_gpa(list.as_ptr()),
+        count: list.len() as u32,
+        status: hc::STATUS_PENDING,
+    };
+    hypercall_with(Hypercall::ScrubFrames, params);
+    // SAFETY: as for console_write.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(params.status)) }
+}
+
+/// A `fmt::Write` sink into a fixed buffer that silently truncates.
+struct FixedBuffer<'a> {
+    bytes: &'a mut [u8],
+    len: usize,
+}
+
+impl Write for FixedBuffer<'_> {
+    fn write_str(&mut self, text: &str) -> core::fmt::Result {
+        let room = self.bytes.len() - self.len;
+        let take = text.len().min(room);
+        self.bytes[self.len..self.len + take].copy_from_slice(&text.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+static PANIC_BUFFER: KernelCell<[u8; hc::PANIC_MESSAGE_MAX as usize]> =
+    KernelCell::new([0; hc::PANIC_MESSAGE_MAX as usize]);
+static PANIC_PARAMS: KernelCell<hc::PanicParams> = KernelCell::new(hc::PanicParams {
+    msg_gpa: 0,
+    msg_len: 0,
+    vector: 0,
+    status: 0,
+    error_code: 0,
+    fault_rip: 0,
+    fault_addr: 0,
+});
+static PANICKING: KernelCell<bool> = KernelCell::new(false);
+
+/// Details of the CPU exception behind a panic, if any.
+pub struct ExceptionInfo {
+    /// Exception vector.
+    pub vector: u64,
+    /// Error code.
+    pub error_code: u64,
+    /// Faulting instruction.
+    pub rip: u64,
+    /// CR2 for page faults.
+    pub addr: u64,
+}
+
+/// Reports a kernel panic to the VMM and stops.
+pub fn report_panic(message: core::fmt::Arguments<'_>, exception: Option<ExceptionInfo>) -> ! {
+    // SAFETY: KernelCell invariant; the flag stops a panic inside the panic
+    // path from recursing.
+    let panicking = unsafe { PANICKING.get() };
+    if *panicking {
+        hypercall(Hypercall::Shutdown, 0xdead);
+        cpu::halt_forever();
+    }
+    *panicking = true;
+    // SAFETY: as above; nothing else uses these cells.
+    let (buffer, params) = unsafe { (PANIC_BUFFER.get(), PANIC_PARAMS.get()) };
+    let mut out = FixedBuffer {
+        bytes: buffer,
+        len: 0,
+    };
+    let _ = out.write_fmt(message);
+    let len = out.len as u64;
+    let (vector, error_code, rip, addr) = match exception {
+        Some(e) => (e.vector as u32, e.error_code, e.rip, e.addr),
+        None => (hc::PANIC_NO_VECTOR, 0, 0, 0),
+    };
+    *params = hc::PanicParams {
+        msg_gpa: image_gpa(buffer.as_ptr()),
+        msg_len: len,
+        vector,
+        status: hc::STATUS_PENDING,
+        error_code,
+        fault_rip: rip,
+        fault_addr: addr,
+    };
+    hypercall_with(Hypercall::Panic, params);
+    cpu::halt_forever();
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    report_panic(format_args!("{info}"), None)
+}
+
+/// Record slots in the event ring (header + records fit in 16 KiB).
+const EVENT_RING_CAPACITY: usize = 255;
+
+/// The event ring: a header and its records, in one static the VMM reads.
+#[repr(C, align(4096))]
+pub struct EventRing {
+    header: EventRingHeader,
+    records: [EventRecord; EVENT_RING_CAPACITY],
+}
+
+static EVENT_RING: KernelCell<EventRing> = KernelCell::new(EventRing {
+    header: EventRingHeader {
+        magic: EVENT_RING_MAGIC,
+        version: PROTOCOL_VERSION,
+        capacity: EVENT_RING_CAPACITY as u32,
+        record_size: core::mem::size_of::<EventRecord>() as u32,
+        head: 0,
+        tail: 0,
+        lost: 0,
+        reserved: 0,
+    },
+    records: [EventRecord {
+        seq: 0,
+        tick: 0,
+        kind: 0,
+        pid: 0,
+        args: [0; 5],
+    }; EVENT_RING_CAPACITY],
+});
+
+/// Guest-physical address and size of the event ring.
+pub fn event_ring_location() -> (u64, u64) {
+    (
+        image_gpa(EVENT_RING.as_ptr()),
+        core::mem::size_of::<EventRing>() as u64,
+    )
+}
+
+/// Appends an event to the ring and tells the VMM.
+pub fn log_event(event: Event, tick: u64) {
+    // SAFETY: KernelCell invariant. The VMM writes only `tail`, read volatile.
+    let ring = unsafe { EVENT_RING.get() };
+    let head = ring.header.head;
+    // SAFETY: `tail` is a plain u64 inside the ring; the VMM updates it while
+    // the vCPU is stopped in a hypercall, so read it fresh.
+    let tail = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(ring.header.tail)) };
+    if head.wrapping_sub(tail) >= EVENT_RING_CAPACITY as u64 {
+        ring.header.lost += 1;
+    } else {
+        let mut record = event.encode();
+        record.seq = head;
+        record.tick = tick;
+        ring.records[(head % EVENT_RING_CAPACITY as u64) as usize] = record;
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+        ring.header.head = head + 1;
+    }
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    hypercall(Hypercall::EventNotify, 0);
+}

@@ -1,0 +1,184 @@
+//! Physical memory as the kernel reaches it: the direct map, the frame
+//! allocator with its ownership table, and frame scrubbing.
+//!
+//! Scrubbing strategy: a freed frame is zeroed before it returns to the free
+//! pool. On ordinary KVM the kernel zeroes it itself (`rep stosq`, ~100 ns a
+//! page). On the PVM fork every ring-0 store is emulated (~270 us a page), so
+//! freed frames are batched and handed to the VMM in one `ScrubFrames`
+//! hypercall (one VM exit per batch, a host `memset` per frame); they stay
+//! owned by their old owner until the VMM has zeroed them, so a frame marked
+//! free is always zero.
+
+use super::host::scrub_frames;
+use crate::address_space::Memory;
+use crate::arch::{cpu, KernelCell};
+use crate::frame::FrameAllocator;
+use crate::paging::PageTableMemory;
+use superos_protocol::hypercall::{SCRUB_BATCH_MAX, STATUS_OK};
+use superos_protocol::layout::{DIRECT_MAP_BASE, KERNEL_VMA_BASE, PAGE_SIZE};
+use superos_protocol::ownership::FrameOwner;
+use x86_64::structures::paging::PageTable;
+
+/// Kernel virtual address of guest-physical `phys` in the direct map.
+pub fn direct<T>(phys: u64) -> *mut T {
+    (DIRECT_MAP_BASE + phys) as *mut T
+}
+
+/// Guest-physical address of a kernel-image virtual address (statics).
+pub fn image_gpa<T>(pointer: *const T) -> u64 {
+    pointer as u64 - KERNEL_VMA_BASE
+}
+
+/// Zeroes one frame through the direct map.
+pub fn zero_frame(frame: u64) {
+    // SAFETY: `frame` is a whole guest-RAM frame owned by the caller, reached
+    // through the direct map, which covers all of guest RAM.
+    unsafe { core::ptr::write_bytes(direct::<u8>(frame), 0, PAGE_SIZE as usize) };
+}
+
+/// Copies `bytes` into guest-physical memory at `phys`.
+///
+/// The range must lie in one frame the kernel owns or is filling on a
+/// process's behalf (checked by the callers' page-table walks).
+pub fn write_phys(phys: u64, bytes: &[u8]) {
+    // SAFETY: the direct map covers all guest RAM; callers pass ranges inside
+    // frames they hold (see above), which no Rust reference aliases.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), direct::<u8>(phys), bytes.len()) };
+}
+
+/// Copies guest-physical memory at `phys` into `out`.
+pub fn read_phys(phys: u64, out: &mut [u8]) {
+    // SAFETY: as for `write_phys`.
+    unsafe { core::ptr::copy_nonoverlapping(direct::<u8>(phys), out.as_mut_ptr(), out.len()) };
+}
+
+/// Copies `len` bytes between guest-physical ranges.
+pub fn copy_phys(from: u64, to: u64, len: u64) {
+    // SAFETY: as for `write_phys`; the ranges belong to different frames.
+    unsafe { core::ptr::copy_nonoverlapping(direct::<u8>(from), direct::<u8>(to), len as usize) };
+}
+
+/// How freed frames are zeroed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scrub {
+    /// By the kernel, immediately.
+    InKernel,
+    /// By the VMM, in batches.
+    ByHypercall,
+}
+
+static SCRUB_LIST: KernelCell<[u64; SCRUB_BATCH_MAX as usize]> =
+    KernelCell::new([0; SCRUB_BATCH_MAX as usize]);
+
+/// Guest physical memory: frames, their owners, and scrubbing.
+pub struct KernelMemory {
+    /// The frame allocator and ownership table.
+    pub frames: FrameAllocator<'static>,
+    scrub: Scrub,
+    pending: usize,
+    /// Frames scrubbed so far (statistics).
+    pub scrubbed: u64,
+}
+
+impl KernelMemory {
+    /// Wraps the allocator.
+    pub fn new(frames: FrameAllocator<'static>, scrub: Scrub) -> Self {
+        KernelMemory {
+            frames,
+            scrub,
+            pending: 0,
+            scrubbed: 0,
+        }
+    }
+
+    /// Which strategy is in use.
+    pub fn strategy(&self) -> Scrub {
+        self.scrub
+    }
+
+    /// Zeroes and frees every frame waiting for the VMM.
+    pub fn flush_scrub(&mut self) {
+        if self.pending == 0 {
+            return;
+        }
+        // SAFETY: KernelCell invariant; the list is only used here and in
+        // release_frame, never at the same time.
+        let list = unsafe { SCRUB_LIST.get() };
+        let batch = &list[..self.pending];
+        if scrub_frames(batch) != STATUS_OK {
+            // The VMM refused: never hand out a dirty frame, zero them here.
+            batch.iter().for_each(|&frame| zero_frame(frame));
+        }
+        for &frame in batch {
+            self.free_zeroed(frame);
+        }
+        self.pending = 0;
+    }
+
+    fn free_zeroed(&mut self, frame: u64) {
+        if let Err(error) = self.frames.free(frame) {
+            panic!("freeing frame {frame:#x}: {error:?}");
+        }
+        self.scrubbed += 1;
+    }
+}
+
+impl Memory for KernelMemory {
+    fn table(&mut self, frame: u64) -> &mut PageTable {
+        // SAFETY: callers only pass frames holding page tables the kernel
+        // built (reached from a PML4 it owns); the direct map covers them, and
+        // the paging code holds one table reference at a time.
+        unsafe { &mut *direct::<PageTable>(frame) }
+    }
+
+    fn alloc_frame(&mut self, owner: FrameOwner) -> Option<u64> {
+        self.frames.alloc(owner).or_else(|| {
+            // Frames waiting to be scrubbed are memory too.
+            self.flush_scrub();
+            self.frames.alloc(owner)
+        })
+    }
+
+    fn release_frame(&mut self, frame: u64) {
+        match self.scrub {
+            Scrub::InKernel => {
+                zero_frame(frame);
+                self.free_zeroed(frame);
+            }
+            Scrub::ByHypercall => {
+                if self.pending == SCRUB_BATCH_MAX as usize {
+                    self.flush_scrub();
+                }
+                // SAFETY: KernelCell invariant (see flush_scrub).
+                let list = unsafe { SCRUB_LIST.get() };
+                list[self.pending] = frame;
+                self.pending += 1;
+            }
+        }
+    }
+
+    fn owner(&self, frame: u64) -> Option<FrameOwner> {
+        self.frames.owner(frame)
+    }
+
+    fn flush(&mut self, pml4: u64, va: u64) {
+        if cpu::read_cr3() & !0xfff == pml4 {
+            cpu::invlpg(va);
+        }
+    }
+}
+
+/// The kernel's own page tables: table frames are owned by the kernel.
+pub struct KernelTables<'a>(pub &'a mut KernelMemory);
+
+impl PageTableMemory for KernelTables<'_> {
+    fn table(&mut self, frame: u64) -> &mut PageTable {
+        self.0.table(frame)
+    }
+    fn alloc_table(&mut self) -> Option<u64> {
+        self.0.alloc_frame(FrameOwner::Kernel)
+    }
+    fn free_table(&mut self, frame: u64) {
+        self.0.release_frame(frame);
+    }
+}

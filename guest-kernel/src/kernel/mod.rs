@@ -1,0 +1,652 @@
+//! The kernel proper: boot, processes, scheduling, system calls, fault
+//! handling, and the link to the VMM.
+//!
+//! Control flow: the VMM enters [`kernel_main`] in long mode. It sets up the
+//! CPU, the frame allocator and the kernel's own page tables, then runs the
+//! system-call gate self-test as a tiny ring-3 context. From then on the kernel
+//! only runs in [`trap_dispatch`], called by the assembly stubs on every entry
+//! from ring 3 with the interrupted context in a [`TrapFrame`]; switching
+//! processes means replacing that frame before it is resumed.
+//!
+//! Modules: [`host`] (hypercalls, console, panic, event ring), [`memory`]
+//! (direct map, frames and scrubbing), [`process`] (creation, scheduling,
+//! termination), [`syscalls`] (the system calls, IPC included).
+
+pub mod host;
+pub mod memory;
+pub mod process;
+pub mod syscalls;
+
+use crate::address_space::{AddressSpace, Memory};
+use crate::arch::entry::{enter_user, syscall_entry};
+use crate::arch::{cpu, lapic, tables, KernelCell, TrapFrame, SPURIOUS_VECTOR, SYSCALL_VECTOR, TIMER_VECTOR};
+use crate::fault::classify_exception;
+use crate::frame::FrameAllocator;
+use crate::paging::{self, PageSize, KERNEL_TABLE_FLAGS};
+use alloc::vec::Vec;
+use host::{hypercall, hypercall_with, log_event, report_panic, ExceptionInfo};
+use memory::{direct, KernelMemory, KernelTables, Scrub};
+use process::Process;
+use superos_protocol::boot::{self, BootInfo, GatePreference, HostFlavor, ScrubStrategy, MEMORY_USABLE};
+use superos_protocol::event::{Event, FaultKind, QuotaKind};
+use superos_protocol::hypercall::{self as hc, Hypercall};
+use superos_protocol::layout::*;
+use superos_protocol::ownership::FrameOwner;
+use superos_protocol::syscall::{self as sc, GateInfo, Syscall};
+use superos_protocol::PROTOCOL_VERSION;
+use x86_64::structures::paging::PageTableFlags as Flags;
+
+// ---------------------------------------------------------------------------
+// Kernel heap
+
+const HEAP_SIZE: usize = 256 * 1024;
+
+#[global_allocator]
+static ALLOCATOR: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+
+#[repr(C, align(4096))]
+struct HeapSpace {
+    bytes: [u8; HEAP_SIZE],
+}
+static HEAP_SPACE: KernelCell<HeapSpace> = KernelCell::new(HeapSpace {
+    bytes: [0; HEAP_SIZE],
+});
+
+// ---------------------------------------------------------------------------
+// The system-call gate
+
+/// Which instruction enters the kernel from the gate page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    Syscall,
+    Int3,
+}
+
+impl Gate {
+    fn kind(self) -> u32 {
+        match self {
+            Gate::Syscall => sc::GATE_KIND_SYSCALL,
+            Gate::Int3 => sc::GATE_KIND_INT3,
+        }
+    }
+    fn other(self) -> Gate {
+        match self {
+            Gate::Syscall => Gate::Int3,
+            Gate::Int3 => Gate::Syscall,
+        }
+    }
+    /// The stub at the start of the gate page: the entry instruction, then `ret`.
+    fn stub(self) -> &'static [u8] {
+        match self {
+            Gate::Syscall => &[0x0f, 0x05, 0xc3],
+            Gate::Int3 => &[0xcc, 0xc3],
+        }
+    }
+    /// Where the trap frame's RIP points after a legitimate entry.
+    fn return_rip(self) -> u64 {
+        GATE_VA + self.stub().len() as u64 - 1
+    }
+    fn vector(self) -> u64 {
+        match self {
+            Gate::Syscall => SYSCALL_VECTOR,
+            Gate::Int3 => 3,
+        }
+    }
+}
+
+enum Phase {
+    /// The gate self-test context is running; `tried_other` once the
+    /// preferred gate has failed.
+    GateSelfTest { tried_other: bool },
+    /// Scenario processes are running.
+    Running,
+}
+
+/// All kernel state after boot.
+pub struct Kernel {
+    boot: &'static BootInfo,
+    memory: KernelMemory,
+    kernel_pml4: u64,
+    gate: Gate,
+    gate_frame: u64,
+    phase: Phase,
+    /// The address space the gate self-test runs in (only the gate page).
+    self_test: Option<AddressSpace>,
+    processes: Vec<Process>,
+    /// Index into `processes` of the process whose context is live in the
+    /// trap frame.
+    current: Option<usize>,
+    /// Where the round-robin scan resumes when the current process is gone.
+    resume_at: usize,
+    next_pid: u32,
+    /// Runs started so far, per boot process.
+    runs_started: Vec<u32>,
+    spawned: u64,
+    ticks: u64,
+    pool_low_reported: bool,
+}
+
+static KERNEL: KernelCell<Option<Kernel>> = KernelCell::new(None);
+/// The context the gate self-test is entered from.
+static BOOT_FRAME: KernelCell<TrapFrame> = KernelCell::new(TrapFrame {
+    r15: 0,
+    r14: 0,
+    r13: 0,
+    r12: 0,
+    r11: 0,
+    r10: 0,
+    r9: 0,
+    r8: 0,
+    rbp: 0,
+    rdi: 0,
+    rsi: 0,
+    rdx: 0,
+    rcx: 0,
+    rbx: 0,
+    rax: 0,
+    vector: 0,
+    error_code: 0,
+    rip: 0,
+    cs: 0,
+    rflags: 0,
+    rsp: 0,
+    ss: 0,
+});
+
+// ---------------------------------------------------------------------------
+// Boot
+
+extern "C" {
+    static __text_start: u8;
+    static __text_end: u8;
+    static __rodata_start: u8;
+    static __rodata_end: u8;
+    static __data_start: u8;
+    static __data_end: u8;
+    static __kernel_stack_guard: u8;
+}
+
+fn symbol_address(symbol: &u8) -> u64 {
+    symbol as *const u8 as u64
+}
+
+/// Entry point, called by `_start` with the boot-info GPA.
+#[no_mangle]
+pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
+    tables::init();
+    let boot = read_boot_info(boot_info_gpa);
+
+    // SAFETY: linker-script symbols; only addresses are used.
+    let (text_start, text_end) = unsafe { (symbol_address(&__text_start), symbol_address(&__text_end)) };
+    let (ring_gpa, ring_bytes) = host::event_ring_location();
+    let hello = hc::BootHelloParams {
+        version: PROTOCOL_VERSION,
+        status: hc::STATUS_PENDING,
+        event_ring_gpa: ring_gpa,
+        event_ring_bytes: ring_bytes,
+        kernel_text_gpa: text_start - KERNEL_VMA_BASE,
+        kernel_text_len: text_end - text_start,
+    };
+    hypercall_with(Hypercall::BootHello, &hello);
+
+    if boot.debug_flags & boot::DEBUG_TRIPLE_FAULT != 0 {
+        tables::load_empty_idt();
+        // SAFETY: deliberately raises #UD with no IDT: the CPU shuts down.
+        unsafe { core::arch::asm!("ud2", options(noreturn)) };
+    }
+
+    let scrub = match ScrubStrategy::from_raw(boot.scrub_strategy) {
+        Some(ScrubStrategy::Kernel) => Scrub::InKernel,
+        Some(ScrubStrategy::Hypercall) => Scrub::ByHypercall,
+        _ => match HostFlavor::from_raw(boot.host_flavor) {
+            Some(HostFlavor::Pvm) => Scrub::ByHypercall,
+            _ => Scrub::InKernel,
+        },
+    };
+    let mut memory = KernelMemory::new(frame_allocator(boot), scrub);
+    let kernel_pml4 = build_kernel_page_tables(boot, &mut memory);
+    // SAFETY: the new tables map the kernel image, stacks and direct map
+    // exactly as the VMM's boot tables did (same virtual addresses).
+    unsafe { cpu::write_cr3(kernel_pml4) };
+    enable_protection_features();
+    // SAFETY: HEAP_SPACE is a static used only as the heap, handed over once.
+    unsafe {
+        ALLOCATOR.lock().init(
+            core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8,
+            HEAP_SIZE,
+        )
+    };
+    setup_syscall_msrs();
+
+    if boot.debug_flags & boot::DEBUG_BAD_HYPERCALLS != 0 {
+        send_bad_hypercalls();
+    }
+    if boot.debug_flags & boot::DEBUG_PANIC_AFTER_BOOT != 0 {
+        panic!("injected kernel panic (DEBUG_PANIC_AFTER_BOOT)");
+    }
+
+    let gate = match GatePreference::from_raw(boot.gate_preference) {
+        Some(GatePreference::Syscall) => Gate::Syscall,
+        Some(GatePreference::Int3) => Gate::Int3,
+        _ => match HostFlavor::from_raw(boot.host_flavor) {
+            Some(HostFlavor::Pvm) => Gate::Int3,
+            _ => Gate::Syscall,
+        },
+    };
+    let gate_frame = memory
+        .alloc_frame(FrameOwner::Kernel)
+        .unwrap_or_else(|| panic!("out of memory for the gate page"));
+    let mut kernel = Kernel {
+        boot,
+        memory,
+        kernel_pml4,
+        gate,
+        gate_frame,
+        phase: Phase::Running,
+        self_test: None,
+        processes: Vec::new(),
+        current: None,
+        resume_at: 0,
+        next_pid: 1,
+        runs_started: alloc::vec![0; boot.processes().len()],
+        spawned: 0,
+        ticks: 0,
+        pool_low_reported: false,
+    };
+    kernel.write_gate_page();
+    let space = AddressSpace::new(&mut kernel.memory, 0, kernel_pml4, gate_frame, Default::default())
+        .unwrap_or_else(|| panic!("out of memory for the gate self-test"));
+    let pml4 = space.pml4();
+    kernel.self_test = Some(space);
+    kernel.phase = Phase::GateSelfTest { tried_other: false };
+
+    // SAFETY: KernelCell invariant; boot is the only user so far.
+    let (slot, frame) = unsafe { (KERNEL.get(), BOOT_FRAME.get()) };
+    *slot = Some(kernel);
+    // SAFETY: `pml4` maps the kernel half like the kernel's own tables.
+    unsafe { cpu::write_cr3(pml4) };
+    *frame = self_test_frame();
+    // SAFETY: the frame describes a ring-3 context at the gate stub, in an
+    // address space that maps the gate page.
+    unsafe { enter_user(frame) }
+}
+
+fn self_test_frame() -> TrapFrame {
+    let mut frame = TrapFrame::new_user(GATE_VA, 0, false);
+    frame.rax = Syscall::GateSelfTest as u64;
+    frame
+}
+
+fn read_boot_info(gpa: u64) -> &'static BootInfo {
+    if gpa != BOOT_INFO_GPA {
+        panic!("boot info at unexpected address {gpa:#x}");
+    }
+    // SAFETY: the VMM wrote a BootInfo at BOOT_INFO_GPA (checked above), in a
+    // region the memory map reserves for it, and the boot page tables map it
+    // through the direct map. BootInfo is plain data: any bytes are a valid
+    // value, and the fields are validated below before use.
+    let boot = unsafe { &*direct::<BootInfo>(gpa) };
+    if boot.magic != boot::BOOT_INFO_MAGIC {
+        panic!("boot info has a bad magic number {:#x}", boot.magic);
+    }
+    if boot.version != PROTOCOL_VERSION {
+        panic!(
+            "boot info protocol version {} but kernel speaks {}",
+            boot.version, PROTOCOL_VERSION
+        );
+    }
+    if boot.mem_size > MAX_GUEST_MEMORY || boot.mem_size < MIN_GUEST_MEMORY {
+        panic!("boot info memory size {:#x} out of range", boot.mem_size);
+    }
+    boot
+}
+
+/// Carves the allocator's own bookkeeping (free stack and ownership table)
+/// out of the largest usable region and hands the rest of usable RAM to it.
+fn frame_allocator(boot: &BootInfo) -> FrameAllocator<'static> {
+    let mut ranges = [(0u64, 0u64); crate::frame::MAX_RANGES];
+    let mut count = 0;
+    for region in boot.memory_map().iter().filter(|r| r.kind == MEMORY_USABLE) {
+        let end = region.start.saturating_add(region.len).min(boot.mem_size);
+        if count < ranges.len() && region.start < end {
+            ranges[count] = (region.start, end);
+            count += 1;
+        }
+    }
+    let ranges = &mut ranges[..count];
+    let total: u64 = ranges.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
+    let entries = FrameAllocator::storage_entries(total);
+    let storage_pages = (2 * entries as u64 * 4).div_ceil(PAGE_SIZE);
+    let largest = ranges
+        .iter_mut()
+        .max_by_key(|(s, e)| e - s)
+        .unwrap_or_else(|| panic!("the memory map has no usable RAM"));
+    let storage_start = largest.0.next_multiple_of(PAGE_SIZE);
+    if storage_start + storage_pages * PAGE_SIZE > largest.1 {
+        panic!("not enough RAM for the frame allocator");
+    }
+    largest.0 = storage_start + storage_pages * PAGE_SIZE;
+    // SAFETY: [storage_start, +storage_pages) is usable guest RAM removed from
+    // the allocator's ranges above, so nothing else will ever use it; the VMM
+    // hands over guest RAM zeroed (all frames free in the ownership table);
+    // both slices are 4-aligned and disjoint.
+    let (stack, owners) = unsafe {
+        (
+            core::slice::from_raw_parts_mut(direct::<u32>(storage_start), entries),
+            core::slice::from_raw_parts_mut(direct::<u32>(storage_start + entries as u64 * 4), entries),
+        )
+    };
+    FrameAllocator::new(ranges, stack, owners)
+}
+
+fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
+    let pml4 = memory
+        .alloc_frame(FrameOwner::Kernel)
+        .unwrap_or_else(|| panic!("out of memory for the kernel PML4"));
+    let mut tables = KernelTables(memory);
+    let map_4k = |tables: &mut KernelTables<'_>, va: u64, pa: u64, flags: Flags| {
+        paging::map(tables, pml4, va, pa, PageSize::Size4K, flags, KERNEL_TABLE_FLAGS)
+            .unwrap_or_else(|e| panic!("mapping kernel page {va:#x}: {e:?}"));
+    };
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (text, rodata, data, guard) = unsafe {
+        (
+            (symbol_address(&__text_start), symbol_address(&__text_end)),
+            (symbol_address(&__rodata_start), symbol_address(&__rodata_end)),
+            (symbol_address(&__data_start), symbol_address(&__data_end)),
+            symbol_address(&__kernel_stack_guard),
+        )
+    };
+    let sections = [
+        (text, Flags::empty()),
+        (rodata, Flags::NO_EXECUTE),
+        (data, Flags::WRITABLE | Flags::NO_EXECUTE),
+    ];
+    for ((start, end), flags) in sections {
+        for va in (start..end).step_by(PAGE_SIZE as usize) {
+            if va != guard {
+                map_4k(&mut tables, va, va - KERNEL_VMA_BASE, flags);
+            }
+        }
+    }
+    let lapic_flags = Flags::WRITABLE | Flags::NO_EXECUTE | Flags::NO_CACHE | Flags::WRITE_THROUGH;
+    map_4k(&mut tables, LAPIC_VA, LAPIC_GPA, lapic_flags);
+    let direct_end = boot.mem_size.next_multiple_of(LARGE_PAGE_SIZE);
+    for pa in (0..direct_end).step_by(LARGE_PAGE_SIZE as usize) {
+        let flags = Flags::WRITABLE | Flags::NO_EXECUTE;
+        paging::map(
+            &mut tables,
+            pml4,
+            DIRECT_MAP_BASE + pa,
+            pa,
+            PageSize::Size2M,
+            flags,
+            KERNEL_TABLE_FLAGS,
+        )
+        .unwrap_or_else(|e| panic!("mapping the direct map at {pa:#x}: {e:?}"));
+    }
+    pml4
+}
+
+/// CR0.WP (the kernel cannot write read-only pages either), EFER.NXE, and
+/// SMEP/SMAP where the CPU has them: the kernel never executes or touches user
+/// pages through user addresses (it reads user memory via the direct map).
+fn enable_protection_features() {
+    const CR0_WP: u64 = 1 << 16;
+    const CR4_SMEP: u64 = 1 << 20;
+    const CR4_SMAP: u64 = 1 << 21;
+    // SAFETY: setting WP keeps paging on and only adds protection.
+    unsafe { cpu::write_cr0(cpu::read_cr0() | CR0_WP) };
+    // SAFETY: NXE is required by the NX bits in our page tables.
+    unsafe { cpu::wrmsr(cpu::msr::EFER, cpu::rdmsr(cpu::msr::EFER) | cpu::msr::EFER_NXE) };
+    if let Some((ebx, _, _)) = cpu::cpuid_leaf7() {
+        let mut cr4 = cpu::read_cr4();
+        if ebx & (1 << 7) != 0 {
+            cr4 |= CR4_SMEP;
+        }
+        if ebx & (1 << 20) != 0 {
+            cr4 |= CR4_SMAP;
+        }
+        // SAFETY: only bits CPUID reports as supported are set.
+        unsafe { cpu::write_cr4(cr4) };
+    }
+}
+
+fn setup_syscall_msrs() {
+    use cpu::msr;
+    const FMASK_VALUE: u64 = 0x4_7700; // IF, DF, TF, AC, NT
+                                       // SAFETY: architectural MSRs; LSTAR points at the syscall entry stub and
+                                       // STAR holds the selectors of our GDT.
+    unsafe {
+        cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | msr::EFER_SCE);
+        cpu::wrmsr(msr::STAR, tables::STAR_VALUE);
+        cpu::wrmsr(msr::LSTAR, syscall_entry as *const () as u64);
+        cpu::wrmsr(msr::FMASK, FMASK_VALUE);
+    }
+}
+
+/// DEBUG_BAD_HYPERCALLS: each malformed call must come back refused.
+fn send_bad_hypercalls() {
+    let cases: [(u64, u64); 3] = [
+        (MAX_GUEST_MEMORY + PAGE_SIZE, 16),     // outside guest RAM
+        (PAGE_SIZE, hc::CONSOLE_WRITE_MAX + 1), // too long
+        (u64::MAX - 4, 16),                     // wraps around
+    ];
+    for (gpa, len) in cases {
+        let status = host::console_write(0, gpa, len);
+        if status == hc::STATUS_OK {
+            panic!("the VMM accepted a console write of {len} bytes at {gpa:#x}");
+        }
+        log_event(
+            Event::HypercallRefused {
+                port: Hypercall::ConsoleWrite.port().into(),
+                status: status.into(),
+            },
+            0,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Traps
+
+fn kernel() -> &'static mut Kernel {
+    // SAFETY: KernelCell invariant: called once per trap, at its start.
+    match unsafe { KERNEL.get() } {
+        Some(kernel) => kernel,
+        None => panic!("trap before the kernel was initialised"),
+    }
+}
+
+/// Called by the assembly stubs for every trap. On return, the context in
+/// `frame` is resumed.
+#[no_mangle]
+pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    if !frame.from_user() {
+        kernel_exception(frame);
+    }
+    let kernel = kernel();
+    match kernel.phase {
+        Phase::GateSelfTest { tried_other } => kernel.gate_self_test(frame, tried_other),
+        Phase::Running => kernel.handle_user_trap(frame),
+    }
+    kernel.memory.flush_scrub();
+}
+
+fn kernel_exception(frame: &TrapFrame) -> ! {
+    let addr = if frame.vector == 14 { cpu::read_cr2() } else { 0 };
+    report_panic(
+        format_args!(
+            "exception {} in ring 0 at rip {:#x} (error code {:#x}, address {addr:#x})",
+            frame.vector, frame.rip, frame.error_code
+        ),
+        Some(ExceptionInfo {
+            vector: frame.vector,
+            error_code: frame.error_code,
+            rip: frame.rip,
+            addr,
+        }),
+    )
+}
+
+impl Kernel {
+    fn write_gate_page(&mut self) {
+        let page = direct::<u8>(self.gate_frame);
+        let stub = self.gate.stub();
+        let info = GateInfo {
+            magic: sc::GATE_INFO_MAGIC,
+            gate_kind: self.gate.kind(),
+            tsc_khz: self.boot.tsc_khz,
+        };
+        // SAFETY: the gate frame is a whole frame owned by the kernel. Every
+        // byte outside the stub is int3, so a jump to any other offset traps
+        // as an illegal gate entry.
+        unsafe {
+            core::ptr::write_bytes(page, 0xcc, PAGE_SIZE as usize);
+            core::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len());
+            core::ptr::write_unaligned(page.add(GATE_INFO_OFFSET as usize) as *mut GateInfo, info);
+        }
+    }
+
+    fn is_gate_entry(&self, frame: &TrapFrame) -> bool {
+        frame.vector == self.gate.vector() && frame.rip == self.gate.return_rip()
+    }
+
+    fn gate_self_test(&mut self, frame: &mut TrapFrame, tried_other: bool) {
+        if self.is_gate_entry(frame) && frame.rax == Syscall::GateSelfTest as u64 {
+            // SAFETY: switching to the kernel's own tables before freeing these.
+            unsafe { cpu::write_cr3(self.kernel_pml4) };
+            if let Some(space) = self.self_test.take() {
+                space.destroy(&mut self.memory);
+            }
+            self.memory.flush_scrub();
+            self.phase = Phase::Running;
+            log_event(
+                Event::KernelReady {
+                    gate_kind: self.gate.kind(),
+                    free_frames: self.memory.frames.free_frames(),
+                    total_frames: self.memory.frames.total_frames(),
+                },
+                0,
+            );
+            self.start_processes(frame);
+            return;
+        }
+        log_event(
+            Event::GateSelfTestFailed {
+                gate_kind: self.gate.kind(),
+                vector: frame.vector,
+                rip: frame.rip,
+                error_code: frame.error_code,
+            },
+            0,
+        );
+        if tried_other {
+            panic!("no working system-call gate: both syscall and int3 failed the self-test");
+        }
+        self.gate = self.gate.other();
+        self.write_gate_page();
+        self.phase = Phase::GateSelfTest { tried_other: true };
+        *frame = self_test_frame();
+    }
+
+    fn start_processes(&mut self, frame: &mut TrapFrame) {
+        for index in 0..self.boot.processes().len() {
+            self.start_run(index);
+        }
+        lapic::start_timer(TIMER_VECTOR, SPURIOUS_VECTOR);
+        hypercall(Hypercall::Phase, hc::BootPhase::FirstUserInstruction as u32);
+        self.reschedule(frame, false);
+    }
+
+    fn handle_user_trap(&mut self, frame: &mut TrapFrame) {
+        match frame.vector {
+            _ if self.is_gate_entry(frame) => self.syscall(frame),
+            v if v == u64::from(TIMER_VECTOR) => {
+                lapic::end_of_interrupt();
+                self.ticks += 1;
+                self.reschedule(frame, true);
+            }
+            v if v == u64::from(SPURIOUS_VECTOR) => {}
+            14 => self.page_fault(frame),
+            SYSCALL_VECTOR => self.kill_current(frame, FaultKind::IllegalGateEntry, frame.rip),
+            vector => self.kill_current(frame, classify_exception(vector), 0),
+        }
+    }
+
+    fn page_fault(&mut self, frame: &mut TrapFrame) {
+        let addr = cpu::read_cr2();
+        let Some(index) = self.current else {
+            panic!("page fault from ring 3 with no current process");
+        };
+        let process = &mut self.processes[index];
+        match process
+            .space
+            .handle_page_fault(&mut self.memory, addr, frame.error_code)
+        {
+            Ok(()) => self.after_allocation(index),
+            Err(fault) => {
+                if fault == FaultKind::ResidentQuotaExceeded {
+                    let quotas = process.space.quotas();
+                    let event = Event::QuotaDenied {
+                        pid: process.pid,
+                        quota: Some(QuotaKind::Resident),
+                        requested: (process.space.resident_pages() + 1) * PAGE_SIZE,
+                        limit: quotas.max_resident,
+                    };
+                    log_event(event, self.ticks);
+                }
+                self.kill_current(frame, fault, addr);
+            }
+        }
+    }
+
+    /// Pressure events after a process grew: its quotas and the free pool.
+    fn after_allocation(&mut self, index: usize) {
+        let process = &mut self.processes[index];
+        let pid = process.pid;
+        let crossings: Vec<_> = process.space.pressure_crossings().collect();
+        for (quota, used, limit) in crossings {
+            log_event(
+                Event::QuotaPressure {
+                    pid,
+                    quota: Some(quota),
+                    used,
+                    limit,
+                },
+                self.ticks,
+            );
+        }
+        let (free, total) = (
+            self.memory.frames.free_frames(),
+            self.memory.frames.total_frames(),
+        );
+        if free * 10 < total && !self.pool_low_reported {
+            self.pool_low_reported = true;
+            log_event(
+                Event::FramePoolLow {
+                    free_frames: free,
+                    total_frames: total,
+                },
+                self.ticks,
+            );
+        } else if free * 5 > total {
+            self.pool_low_reported = false;
+        }
+    }
+
+    /// Shuts the VM down after logging the final frame accounting.
+    fn finish(&mut self) -> ! {
+        self.memory.flush_scrub();
+        log_event(
+            Event::KernelShutdown {
+                free_frames: self.memory.frames.free_frames(),
+                total_frames: self.memory.frames.total_frames(),
+                spawned: self.spawned,
+            },
+            self.ticks,
+        );
+        hypercall(Hypercall::Shutdown, 0);
+        cpu::halt_forever();
+    }
+}

@@ -1,0 +1,328 @@
+//! Processes: creation from a boot spec, round-robin scheduling, blocking,
+//! and termination (exit, fault, quota, deadlock) with full revocation of the
+//! process's memory.
+
+use super::host::log_event;
+use super::memory::write_phys;
+use super::{Kernel, TrapFrame};
+use crate::address_space::{AddressSpace, Memory, Quotas, Refusal};
+use crate::arch::{cpu, TIMER_VECTOR};
+use crate::elf_image::check_user_image;
+use crate::fault::{Region, RegionKind};
+use alloc::collections::VecDeque;
+use superos_protocol::boot::ARGS_LEN;
+use superos_protocol::event::{Event, FaultKind, SpawnError};
+use superos_protocol::layout::{PAGE_SIZE, USER_ARGS_MAX, USER_STACK_TOP};
+use superos_protocol::syscall::{encode_result, SysError};
+use x86_64::structures::paging::PageTableFlags as Flags;
+
+/// A message waiting in a mailbox: its bytes are in a kernel frame owned
+/// `Message(receiver)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Message {
+    /// Who sent it.
+    pub sender: u32,
+    /// Its length.
+    pub len: u64,
+    /// The frame holding its bytes.
+    pub frame: u64,
+}
+
+/// What a process is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessState {
+    /// Ready to run.
+    Runnable,
+    /// Waiting in `ipc_recv` for a message, into `buf` (at most `cap` bytes).
+    Receiving {
+        /// The receive buffer.
+        buf: u64,
+        /// Its capacity.
+        cap: u64,
+    },
+}
+
+/// One process.
+pub struct Process {
+    /// Its pid.
+    pub pid: u32,
+    /// Index of its boot spec.
+    pub spec_index: usize,
+    /// Its address space.
+    pub space: AddressSpace,
+    /// What it is doing.
+    pub state: ProcessState,
+    /// Saved user context while the process is not running.
+    pub context: TrapFrame,
+    /// Times the timer took the CPU away from it.
+    pub preemptions: u64,
+    /// Messages waiting for it, oldest first.
+    pub mailbox: VecDeque<Message>,
+}
+
+/// How a process ended.
+pub enum Termination {
+    /// `exit(code)`.
+    Exit(i64),
+    /// Killed for a fault.
+    Killed {
+        /// Why.
+        fault: FaultKind,
+        /// Where.
+        addr: u64,
+    },
+}
+
+impl Kernel {
+    /// Starts the next run of boot process `spec_index`, logging a spawn
+    /// failure if it cannot be created.
+    pub(super) fn start_run(&mut self, spec_index: usize) {
+        self.runs_started[spec_index] += 1;
+        if let Err(error) = self.spawn(spec_index) {
+            log_event(
+                Event::SpawnFailed {
+                    spec_index: spec_index as u64,
+                    error: Some(error),
+                },
+                self.ticks,
+            );
+        }
+    }
+
+    fn spawn(&mut self, spec_index: usize) -> Result<(), SpawnError> {
+        let spec = &self.boot.processes()[spec_index];
+        let program = self
+            .boot
+            .programs()
+            .get(spec.program as usize)
+            .ok_or(SpawnError::NoSuchProgram)?;
+        let image_end = program.gpa.checked_add(program.len).ok_or(SpawnError::BadElf)?;
+        if image_end > self.boot.mem_size {
+            return Err(SpawnError::BadElf);
+        }
+        // SAFETY: the range was checked to lie inside guest RAM, which the
+        // direct map covers; program images are in a region the memory map
+        // reserves, so nothing writes them while this shared slice lives.
+        let image =
+            unsafe { core::slice::from_raw_parts(super::direct::<u8>(program.gpa), program.len as usize) };
+        let plan = check_user_image(image)?;
+        let pid = self.next_pid;
+        let quotas = Quotas::from(spec.quota);
+        let mut space = AddressSpace::new(&mut self.memory, pid, self.kernel_pml4, self.gate_frame, quotas)
+            .ok_or(SpawnError::OutOfMemory)?;
+        let loaded = load_image(&mut self.memory, &mut space, &plan, image).and_then(|()| {
+            // The top stack page holds the argument bytes; the rest of the
+            // stack is demand-zero.
+            let top = space.map_private_page(
+                &mut self.memory,
+                USER_STACK_TOP - PAGE_SIZE,
+                Flags::WRITABLE | Flags::NO_EXECUTE,
+            )?;
+            let len = (spec.args_len as usize).min(ARGS_LEN);
+            write_phys(top + PAGE_SIZE - USER_ARGS_MAX, &spec.args[..len]);
+            Ok(len as u64)
+        });
+        let args_len = match loaded {
+            Ok(len) => len,
+            Err(refusal) => {
+                space.destroy(&mut self.memory);
+                return Err(match refusal {
+                    Refusal::Quota { .. } => SpawnError::QuotaExceeded,
+                    Refusal::Error(_) => SpawnError::OutOfMemory,
+                });
+            }
+        };
+        let args_va = USER_STACK_TOP - USER_ARGS_MAX;
+        let mut context = TrapFrame::new_user(plan.entry, args_va & !0xf, true);
+        context.rdi = args_va;
+        context.rsi = args_len;
+        self.next_pid += 1;
+        self.spawned += 1;
+        let pml4 = space.pml4();
+        self.processes.push(Process {
+            pid,
+            spec_index,
+            space,
+            state: ProcessState::Runnable,
+            context,
+            preemptions: 0,
+            mailbox: VecDeque::new(),
+        });
+        log_event(
+            Event::ProcessSpawned {
+                pid,
+                spec_index: spec_index as u64,
+                pml4_gpa: pml4,
+            },
+            self.ticks,
+        );
+        Ok(())
+    }
+
+    /// Kills the current process for `fault` at `addr`.
+    pub(super) fn kill_current(&mut self, frame: &mut TrapFrame, fault: FaultKind, addr: u64) {
+        self.terminate_current(frame, Termination::Killed { fault, addr });
+    }
+
+    /// Ends the current process and runs the next one.
+    pub(super) fn terminate_current(&mut self, frame: &mut TrapFrame, how: Termination) {
+        let Some(index) = self.current.take() else {
+            panic!("trap from ring 3 with no current process");
+        };
+        let event = {
+            let process = &self.processes[index];
+            match how {
+                Termination::Exit(code) => Event::ProcessExited {
+                    pid: process.pid,
+                    code,
+                    preemptions: process.preemptions,
+                },
+                Termination::Killed { fault, addr } => Event::ProcessKilled {
+                    pid: process.pid,
+                    fault: Some(fault),
+                    addr,
+                    rip: frame.rip,
+                    error_code: frame.error_code,
+                    vector: frame.vector,
+                },
+            }
+        };
+        self.remove_process(index, event);
+        self.reschedule(frame, false);
+    }
+
+    /// Removes process `index` (not the live one): logs `event`, revokes all
+    /// its memory, discards its messages, and starts the next run of its boot
+    /// spec if it has runs left.
+    fn remove_process(&mut self, index: usize, event: Event) {
+        // SAFETY: the kernel's tables map the kernel like every process's, and
+        // the process being removed may be the one CR3 points at.
+        unsafe { cpu::write_cr3(self.kernel_pml4) };
+        let process = self.processes.remove(index);
+        match self.current {
+            Some(current) if current > index => self.current = Some(current - 1),
+            _ => {}
+        }
+        self.resume_at = index;
+        for message in process.mailbox {
+            self.memory.release_frame(message.frame);
+        }
+        process.space.destroy(&mut self.memory);
+        log_event(event, self.ticks);
+        let spec = process.spec_index;
+        let runs = self.boot.processes()[spec].runs.max(1);
+        if self.runs_started[spec] < runs {
+            self.start_run(spec);
+        }
+    }
+
+    /// Round-robin: resumes the next runnable process after the current one
+    /// (possibly the current one again). `current_alive` says whether the
+    /// context in `frame` belongs to a live current process and must be saved.
+    pub(super) fn reschedule(&mut self, frame: &mut TrapFrame, current_alive: bool) {
+        loop {
+            let count = self.processes.len();
+            if count == 0 {
+                self.finish();
+            }
+            let start = self.current.map_or(self.resume_at, |c| c + 1);
+            let next = (0..count)
+                .map(|offset| (start + offset) % count)
+                .find(|&i| self.processes[i].state == ProcessState::Runnable);
+            let Some(next) = next else {
+                self.resolve_deadlock(frame, current_alive);
+                continue;
+            };
+            if Some(next) == self.current {
+                let pml4 = self.processes[next].space.pml4();
+                if cpu::read_cr3() & !0xfff != pml4 {
+                    // SAFETY: a removal switched to the kernel's tables; every
+                    // process PML4 shares the kernel half.
+                    unsafe { cpu::write_cr3(pml4) };
+                }
+                return;
+            }
+            if let (Some(current), true) = (self.current, current_alive) {
+                let process = &mut self.processes[current];
+                process.context = *frame;
+                if frame.vector == u64::from(TIMER_VECTOR) {
+                    process.preemptions += 1;
+                }
+            }
+            let process = &self.processes[next];
+            *frame = process.context;
+            // SAFETY: every process PML4 shares the kernel half.
+            unsafe { cpu::write_cr3(process.space.pml4()) };
+            self.current = Some(next);
+            return;
+        }
+    }
+
+    /// No process can run and some wait for messages that nobody can send:
+    /// terminate every waiting process.
+    fn resolve_deadlock(&mut self, frame: &mut TrapFrame, current_alive: bool) {
+        if let (Some(current), true) = (self.current, current_alive) {
+            self.processes[current].context = *frame;
+        }
+        self.current = None;
+        while let Some(index) = self
+            .processes
+            .iter()
+            .position(|p| p.state != ProcessState::Runnable)
+        {
+            let process = &self.processes[index];
+            let event = Event::ProcessKilled {
+                pid: process.pid,
+                fault: Some(FaultKind::Deadlock),
+                addr: 0,
+                rip: process.context.rip,
+                error_code: 0,
+                vector: 0,
+            };
+            self.remove_process(index, event);
+        }
+    }
+
+    /// Makes a blocked receiver runnable with `result` in its `rax`.
+    pub(super) fn wake(&mut self, index: usize, result: Result<u64, SysError>) {
+        let process = &mut self.processes[index];
+        process.context.rax = encode_result(result);
+        process.state = ProcessState::Runnable;
+    }
+}
+
+/// Copies the image's segments into fresh private pages.
+fn load_image<M: Memory>(
+    memory: &mut M,
+    space: &mut AddressSpace,
+    plan: &crate::elf_image::LoadPlan,
+    image: &[u8],
+) -> Result<(), Refusal> {
+    for segment in plan.segments() {
+        let (kind, flags) = match (segment.rights.execute, segment.rights.write) {
+            (true, _) => (RegionKind::Code, Flags::empty()),
+            (false, true) => (RegionKind::Data, Flags::WRITABLE | Flags::NO_EXECUTE),
+            (false, false) => (RegionKind::ReadOnlyData, Flags::NO_EXECUTE),
+        };
+        space.add_image_region(Region {
+            start: segment.first_page(),
+            end: segment.end_page(),
+            kind,
+        })?;
+        let file_start = segment.vaddr;
+        let file_end = segment.vaddr + segment.file_len;
+        for page in (segment.first_page()..segment.end_page()).step_by(PAGE_SIZE as usize) {
+            let frame = space.map_private_page(memory, page, flags)?;
+            let copy_start = file_start.max(page);
+            let copy_end = file_end.min(page + PAGE_SIZE);
+            if copy_start < copy_end {
+                let source = (segment.file_offset + (copy_start - segment.vaddr)) as usize;
+                write_phys(
+                    frame + (copy_start - page),
+                    &image[source..source + (copy_end - copy_start) as usize],
+                );
+            }
+        }
+    }
+    Ok(())
+}

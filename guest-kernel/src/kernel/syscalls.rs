@@ -1,0 +1,259 @@
+//! The system calls. Every pointer and length is checked against the caller's
+//! own page tables and regions before anything is read or written; a bad
+//! argument is a typed error return, never a kernel fault. The kernel reads
+//! and writes user memory through the direct map, never through user
+//! addresses.
+
+use super::host::{console_write, log_event};
+use super::memory::{copy_phys, read_phys, write_phys};
+use super::process::{Message, ProcessState, Termination};
+use super::{Kernel, TrapFrame};
+use crate::address_space::{Memory, Refusal};
+use superos_protocol::event::{Event, FaultKind};
+use superos_protocol::hypercall::STATUS_OK;
+use superos_protocol::ownership::FrameOwner;
+use superos_protocol::syscall::{
+    self as sc, encode_recv, encode_result, MemStat, SysError, Syscall, MAILBOX_DEPTH, MESSAGE_MAX,
+    RECV_NONBLOCK,
+};
+use zerocopy::IntoBytes;
+
+/// What a system call did.
+enum Outcome {
+    /// Resume the caller with this result.
+    Return(Result<u64, SysError>),
+    /// The frame has already been dealt with (the caller exited, was killed,
+    /// blocked, or yielded).
+    Handled,
+}
+
+impl Kernel {
+    /// Dispatches the system call in `frame` (from the gate stub).
+    pub(super) fn syscall(&mut self, frame: &mut TrapFrame) {
+        let (a0, a1, a2) = (frame.rdi, frame.rsi, frame.rdx);
+        let outcome = match Syscall::from_raw(frame.rax) {
+            Some(Syscall::Write) => Outcome::Return(self.sys_write(a0, a1)),
+            Some(Syscall::Exit) => {
+                self.terminate_current(frame, Termination::Exit(a0 as i64));
+                Outcome::Handled
+            }
+            Some(Syscall::Yield) => {
+                frame.rax = 0;
+                self.reschedule(frame, true);
+                Outcome::Handled
+            }
+            Some(Syscall::GetPid) => Outcome::Return(Ok(u64::from(self.caller().0))),
+            Some(Syscall::MemMap) => self.sys_mem_map(frame, a0, a1),
+            Some(Syscall::MemUnmap) => Outcome::Return(self.sys_mem_unmap(a0, a1)),
+            Some(Syscall::MemProtect) => Outcome::Return(self.sys_mem_protect(a0, a1, a2)),
+            Some(Syscall::MemStat) => Outcome::Return(self.sys_mem_stat(a0)),
+            Some(Syscall::IpcSend) => Outcome::Return(self.sys_ipc_send(a0, a1, a2)),
+            Some(Syscall::IpcRecv) => self.sys_ipc_recv(frame, a0, a1, a2),
+            Some(Syscall::GateSelfTest) | None => Outcome::Return(Err(SysError::NoSys)),
+        };
+        if let Outcome::Return(result) = outcome {
+            frame.rax = encode_result(result);
+        }
+    }
+
+    /// (pid, index) of the calling process.
+    fn caller(&self) -> (u32, usize) {
+        let index = self
+            .current
+            .unwrap_or_else(|| panic!("system call with no current process"));
+        (self.processes[index].pid, index)
+    }
+
+    /// `write(buf, len)`: the whole range is validated against the caller's
+    /// mappings before a single byte is printed.
+    fn sys_write(&mut self, buf: u64, len: u64) -> Result<u64, SysError> {
+        if len > sc::WRITE_MAX {
+            return Err(SysError::TooLarge);
+        }
+        let (pid, index) = self.caller();
+        let chunks = self.processes[index]
+            .space
+            .user_buffer(&mut self.memory, buf, len, false)?;
+        for chunk in chunks.iter() {
+            if console_write(pid, chunk.phys, chunk.len) != STATUS_OK {
+                return Err(SysError::InvalidArgument);
+            }
+        }
+        Ok(len)
+    }
+
+    fn sys_mem_map(&mut self, frame: &mut TrapFrame, len: u64, prot: u64) -> Outcome {
+        let (pid, index) = self.caller();
+        match self.processes[index].space.map_anonymous(len, prot) {
+            Ok(addr) => {
+                let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
+                log_event(Event::MemMapped { pid, addr, len, prot }, self.ticks);
+                self.after_allocation(index);
+                Outcome::Return(Ok(addr))
+            }
+            Err(Refusal::Error(error)) => Outcome::Return(Err(error)),
+            Err(Refusal::Quota {
+                kind,
+                requested,
+                limit,
+            }) => {
+                log_event(
+                    Event::QuotaDenied {
+                        pid,
+                        quota: Some(kind),
+                        requested,
+                        limit,
+                    },
+                    self.ticks,
+                );
+                if self.processes[index].space.quotas().kill {
+                    self.kill_current(frame, FaultKind::VirtualQuotaExceeded, 0);
+                    Outcome::Handled
+                } else {
+                    Outcome::Return(Err(SysError::QuotaExceeded))
+                }
+            }
+        }
+    }
+
+    fn sys_mem_unmap(&mut self, addr: u64, len: u64) -> Result<u64, SysError> {
+        let (pid, index) = self.caller();
+        let freed_pages = self.processes[index].space.unmap(&mut self.memory, addr, len)?;
+        let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
+        log_event(
+            Event::MemUnmapped {
+                pid,
+                addr,
+                len,
+                freed_pages,
+            },
+            self.ticks,
+        );
+        self.processes[index].space.pressure_crossings().for_each(drop);
+        Ok(0)
+    }
+
+    fn sys_mem_protect(&mut self, addr: u64, len: u64, prot: u64) -> Result<u64, SysError> {
+        let (pid, index) = self.caller();
+        self.processes[index]
+            .space
+            .protect(&mut self.memory, addr, len, prot)?;
+        let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
+        log_event(Event::MemProtected { pid, addr, len, prot }, self.ticks);
+        Ok(0)
+    }
+
+    fn sys_mem_stat(&mut self, buf: u64) -> Result<u64, SysError> {
+        let (_, index) = self.caller();
+        let size = core::mem::size_of::<MemStat>() as u64;
+        let space = &mut self.processes[index].space;
+        let chunks = space.user_buffer(&mut self.memory, buf, size, true)?;
+        // Computed after the buffer was faulted in, so it counts that page.
+        let stat = space.stat();
+        let mut bytes = stat.as_bytes();
+        for chunk in chunks.iter() {
+            let (head, rest) = bytes.split_at(chunk.len as usize);
+            write_phys(chunk.phys, head);
+            bytes = rest;
+        }
+        self.after_allocation(index);
+        Ok(0)
+    }
+
+    /// `ipc_send(pid, buf, len)`: copies the message into a kernel frame in
+    /// the receiver's mailbox, or straight into a waiting receiver's buffer.
+    fn sys_ipc_send(&mut self, target: u64, buf: u64, len: u64) -> Result<u64, SysError> {
+        if len > MESSAGE_MAX {
+            return Err(SysError::TooLarge);
+        }
+        let (sender, index) = self.caller();
+        let chunks = self.processes[index]
+            .space
+            .user_buffer(&mut self.memory, buf, len, false)?;
+        let target_index = u32::try_from(target)
+            .ok()
+            .and_then(|pid| self.processes.iter().position(|p| p.pid == pid))
+            .ok_or(SysError::NoSuchProcess)?;
+        if self.processes[target_index].mailbox.len() >= MAILBOX_DEPTH {
+            return Err(SysError::MailboxFull);
+        }
+        let receiver = self.processes[target_index].pid;
+        let frame = self
+            .memory
+            .alloc_frame(FrameOwner::Message(receiver))
+            .ok_or(SysError::OutOfMemory)?;
+        let mut offset = 0;
+        for chunk in chunks.iter() {
+            copy_phys(chunk.phys, frame + offset, chunk.len);
+            offset += chunk.len;
+        }
+        self.processes[target_index]
+            .mailbox
+            .push_back(Message { sender, len, frame });
+        if let ProcessState::Receiving { buf, cap } = self.processes[target_index].state {
+            let result = self.deliver(target_index, buf, cap);
+            self.wake(target_index, result);
+        }
+        Ok(0)
+    }
+
+    /// `ipc_recv(buf, cap, flags)`.
+    fn sys_ipc_recv(&mut self, frame: &mut TrapFrame, buf: u64, cap: u64, flags: u64) -> Outcome {
+        if flags & !RECV_NONBLOCK != 0 {
+            return Outcome::Return(Err(SysError::InvalidArgument));
+        }
+        let cap = cap.min(MESSAGE_MAX);
+        let (_, index) = self.caller();
+        // Check the whole buffer up front, so a bad buffer is reported even
+        // when no message is waiting.
+        if let Err(error) = self.processes[index]
+            .space
+            .user_buffer(&mut self.memory, buf, cap, true)
+        {
+            return Outcome::Return(Err(error));
+        }
+        if !self.processes[index].mailbox.is_empty() {
+            return Outcome::Return(self.deliver(index, buf, cap));
+        }
+        if flags & RECV_NONBLOCK != 0 {
+            return Outcome::Return(Err(SysError::WouldBlock));
+        }
+        self.processes[index].state = ProcessState::Receiving { buf, cap };
+        self.reschedule(frame, true);
+        Outcome::Handled
+    }
+
+    /// Copies the oldest message of process `index` into its buffer and
+    /// frees the message frame.
+    fn deliver(&mut self, index: usize, buf: u64, cap: u64) -> Result<u64, SysError> {
+        let process = &mut self.processes[index];
+        let message = *process
+            .mailbox
+            .front()
+            .expect("deliver is only called with mail waiting");
+        if message.len > cap {
+            return Err(SysError::BufferTooSmall);
+        }
+        let chunks = process
+            .space
+            .user_buffer(&mut self.memory, buf, message.len, true)?;
+        let mut offset = 0;
+        for chunk in chunks.iter() {
+            copy_phys(message.frame + offset, chunk.phys, chunk.len);
+            offset += chunk.len;
+        }
+        process.mailbox.pop_front();
+        self.memory.release_frame(message.frame);
+        Ok(encode_recv(message.sender, message.len as u32))
+    }
+}
+
+/// Reads a user value through its chunks (used by tests of the copy paths).
+#[allow(dead_code)]
+fn read_chunks(chunks: &crate::address_space::Chunks, out: &mut [u8]) {
+    let mut offset = 0;
+    for chunk in chunks.iter() {
+        read_phys(chunk.phys, &mut out[offset..offset + chunk.len as usize]);
+        offset += chunk.len as usize;
+    }
+}
