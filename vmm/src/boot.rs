@@ -14,9 +14,9 @@ use elf::ElfBytes;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::io::Cursor;
 use superos_protocol::boot::{
-    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, QuotaSpec,
-    BOOT_INFO_MAGIC, MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE,
-    MEMORY_PROGRAM_IMAGES, MEMORY_USABLE,
+    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, BOOT_INFO_MAGIC,
+    MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE, MEMORY_PROGRAM_IMAGES,
+    MEMORY_USABLE,
 };
 use superos_protocol::layout::{
     BOOT_INFO_GPA, BOOT_PAGE_TABLES_GPA, KERNEL_PHYS_BASE, KERNEL_VMA_BASE, PAGE_SIZE,
@@ -254,8 +254,8 @@ pub fn prepare(
             args_len: process.args.len() as u32,
             name: name_to_array(&process.name),
             args,
-            quota: QuotaSpec::default(),
-            runs: 1,
+            quota: process.quota,
+            runs: process.runs,
             reserved: 0,
         };
     }
@@ -310,6 +310,7 @@ pub fn prepare(
 mod tests {
     use super::*;
     use crate::images::KERNEL_ELF;
+    use superos_protocol::boot::QuotaSpec;
 
     #[test]
     fn the_embedded_kernel_passes_the_checks() {
@@ -389,5 +390,43 @@ mod tests {
         let mut magic = [0u8; 4];
         ram.read_bytes(first.gpa, &mut magic).unwrap();
         assert_eq!(&magic, b"\x7fELF");
+    }
+
+    #[test]
+    fn quotas_and_runs_reach_the_boot_info() {
+        let ram = GuestRam::new(64).unwrap();
+        let scenario = Scenario::parse(
+            "[[process]]\nprogram = \"hello\"\nruns = 7\n\
+             quota = { virtual_kib = 512, resident_kib = 128, shared_kib = 16, on_violation = \"kill\" }\n\
+             [[process]]\nprogram = \"exit-code\"\n",
+            "test.toml",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let options = BootOptions {
+            host: HostFlavor::Pvm,
+            gate: GatePreference::Int3,
+            debug_flags: 0,
+            tsc_khz: 0,
+        };
+        prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
+        let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
+        let [limited, plain] = info.processes() else {
+            panic!("two processes expected, got {}", info.processes().len())
+        };
+        assert_eq!(limited.runs, 7);
+        assert_eq!(
+            limited.quota,
+            QuotaSpec {
+                max_virtual_bytes: 512 << 10,
+                max_resident_bytes: 128 << 10,
+                max_shared_bytes: 16 << 10,
+                policy: superos_protocol::boot::QUOTA_POLICY_KILL,
+                reserved: 0,
+            }
+        );
+        assert_eq!(plain.runs, 1);
+        assert_eq!(plain.quota, QuotaSpec::default());
+        assert_eq!(superos_protocol::name_from_array(&plain.name), "exit-code");
     }
 }
