@@ -171,24 +171,33 @@ fn print_summary(report: &RunReport) {
         use std::io::Write;
         let _ = write!(std::io::stderr(), "{diagnosis}");
     }
+    let rows: Vec<(&str, String, String, String, &str)> = report
+        .processes
+        .iter()
+        .map(|p| {
+            let pid = p.pid.map_or("-".to_string(), |pid| pid.to_string());
+            let verdict = if p.as_expected() { "ok" } else { "UNEXPECTED" };
+            (
+                p.name.as_str(),
+                pid,
+                p.describe(),
+                p.expected.to_string(),
+                verdict,
+            )
+        })
+        .collect();
+    // Repeated processes have longer outcomes; keep the columns aligned.
+    let width = rows.iter().map(|row| row.2.len()).max().unwrap_or(0).max(36);
     out!("");
     out!(
-        "{:<16} {:>4}  {:<36} {:<28} ",
+        "{:<16} {:>4}  {:<width$} {:<28} ",
         "process",
         "pid",
         "outcome",
         "expected"
     );
-    for p in &report.processes {
-        let pid = p.pid.map_or("-".to_string(), |pid| pid.to_string());
-        let verdict = if p.as_expected() { "ok" } else { "UNEXPECTED" };
-        out!(
-            "{:<16} {:>4}  {:<36} {:<28} {verdict}",
-            p.name,
-            pid,
-            p.status.to_string(),
-            p.expected.to_string()
-        );
+    for (name, pid, outcome, expected, verdict) in rows {
+        out!("{name:<16} {pid:>4}  {outcome:<width$} {expected:<28} {verdict}");
     }
     let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
     out!(
