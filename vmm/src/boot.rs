@@ -14,9 +14,9 @@ use elf::ElfBytes;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::io::Cursor;
 use superos_protocol::boot::{
-    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, BOOT_INFO_MAGIC,
-    MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE, MEMORY_PROGRAM_IMAGES,
-    MEMORY_USABLE,
+    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, ScrubStrategy,
+    BOOT_INFO_MAGIC, MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE,
+    MEMORY_PROGRAM_IMAGES, MEMORY_USABLE,
 };
 use superos_protocol::layout::{
     BOOT_INFO_GPA, BOOT_PAGE_TABLES_GPA, KERNEL_PHYS_BASE, KERNEL_VMA_BASE, PAGE_SIZE,
@@ -173,6 +173,8 @@ pub struct BootOptions {
     pub host: HostFlavor,
     /// Requested gate.
     pub gate: GatePreference,
+    /// How the kernel should zero freed frames.
+    pub scrub: ScrubStrategy,
     /// `DEBUG_*` flags.
     pub debug_flags: u32,
     /// Guest TSC frequency (0 if unknown).
@@ -290,6 +292,7 @@ pub fn prepare(
     boot_info.version = PROTOCOL_VERSION;
     boot_info.host_flavor = options.host as u32;
     boot_info.gate_preference = options.gate as u32;
+    boot_info.scrub_strategy = options.scrub as u32;
     boot_info.debug_flags = options.debug_flags;
     boot_info.mem_size = mem;
     boot_info.tsc_khz = options.tsc_khz;
@@ -371,6 +374,7 @@ mod tests {
         let options = BootOptions {
             host: HostFlavor::Kvm,
             gate: GatePreference::Auto,
+            scrub: ScrubStrategy::Auto,
             debug_flags: 0,
             tsc_khz: 1,
         };
@@ -378,6 +382,7 @@ mod tests {
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
         assert_eq!(info, *prepared.boot_info);
         assert_eq!(info.process_count as usize, scenario.processes.len());
+        assert_eq!(info.scrub_strategy, 0, "auto");
         // Two hellos share one placed image.
         assert_eq!(info.program_count, 3);
         let map = info.memory_map();
@@ -406,6 +411,7 @@ mod tests {
         let options = BootOptions {
             host: HostFlavor::Pvm,
             gate: GatePreference::Int3,
+            scrub: ScrubStrategy::Hypercall,
             debug_flags: 0,
             tsc_khz: 0,
         };
@@ -427,6 +433,11 @@ mod tests {
         );
         assert_eq!(plain.runs, 1);
         assert_eq!(plain.quota, QuotaSpec::default());
+        assert_eq!(
+            ScrubStrategy::from_raw(info.scrub_strategy),
+            Some(ScrubStrategy::Hypercall)
+        );
+        assert_eq!(info.gate_preference, GatePreference::Int3 as u32);
         assert_eq!(superos_protocol::name_from_array(&plain.name), "exit-code");
     }
 }

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{self, GatePreference};
+use superos_protocol::boot::{self, GatePreference, ScrubStrategy};
 use superos_vmm::images;
 use superos_vmm::run::{self, RunConfig, RunReport, EXIT_USAGE};
 use superos_vmm::scenario::Scenario;
@@ -66,6 +66,10 @@ struct RunArgs {
     /// System-call gate the kernel tries first (it falls back if the boot self-test fails).
     #[arg(long, value_enum, default_value_t = Gate::Auto)]
     gate: Gate,
+    /// Who zeroes freed frames before they are reused: the kernel, or the VMM at the
+    /// kernel's request (one hypercall per batch; cheaper where ring-0 stores are emulated).
+    #[arg(long, value_enum, default_value_t = Scrub::Auto)]
+    scrub: Scrub,
     /// Boot this kernel ELF instead of the embedded one.
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,
@@ -82,6 +86,16 @@ enum Gate {
     Auto,
     Syscall,
     Int3,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Scrub {
+    /// The kernel picks: the VMM on the PVM host, itself on ordinary KVM.
+    Auto,
+    /// The kernel zeroes every freed frame itself.
+    Kernel,
+    /// The kernel hands batches of freed frames to the VMM, which zeroes them.
+    Vmm,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -149,6 +163,11 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
             Gate::Auto => GatePreference::Auto,
             Gate::Syscall => GatePreference::Syscall,
             Gate::Int3 => GatePreference::Int3,
+        },
+        scrub: match args.scrub {
+            Scrub::Auto => ScrubStrategy::Auto,
+            Scrub::Kernel => ScrubStrategy::Kernel,
+            Scrub::Vmm => ScrubStrategy::Hypercall,
         },
         debug_flags,
         echo: if args.quiet { Echo::Quiet } else { Echo::Live },

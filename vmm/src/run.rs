@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Once;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, HostFlavor};
+use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::layout::BOOT_INFO_GPA;
 use thiserror::Error;
@@ -43,6 +43,8 @@ pub struct RunConfig {
     pub timeout: Duration,
     /// Which system-call gate the kernel should try first.
     pub gate: GatePreference,
+    /// How the kernel zeroes freed frames (itself, or by asking the VMM).
+    pub scrub: ScrubStrategy,
     /// `superos_protocol::boot::DEBUG_*` flags.
     pub debug_flags: u32,
     /// Print console and events live?
@@ -60,6 +62,7 @@ impl RunConfig {
             memory_mib: None,
             timeout: DEFAULT_TIMEOUT,
             gate: GatePreference::Auto,
+            scrub: ScrubStrategy::Auto,
             debug_flags: 0,
             echo: Echo::Quiet,
             started: Instant::now(),
@@ -338,6 +341,7 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
     let options = BootOptions {
         host,
         gate: config.gate,
+        scrub: config.scrub,
         debug_flags: config.debug_flags,
         tsc_khz: vm.tsc_khz(),
     };

@@ -53,7 +53,7 @@ fn run_with_no_arguments_runs_the_default_scenario_and_exits_0() {
 
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["run", "no-such-scenario"],
             "no scenario file or embedded scenario named \"no-such-scenario\"",
@@ -68,6 +68,10 @@ fn bad_arguments_exit_2_with_a_clear_message() {
             "cannot read kernel /nonexistent/kernel.elf",
         ),
         (&["run", "--timeout", "0"], "--timeout must be a positive number"),
+        (
+            &["run", "--scrub", "fast"],
+            "invalid value 'fast' for '--scrub <SCRUB>'",
+        ),
     ];
     for (args, needle) in cases {
         let (code, _, stderr) = vmm(args);
@@ -111,6 +115,9 @@ fn help_shows_examples_and_list_shows_what_is_embedded() {
         stdout.contains("Examples:") && stdout.contains("Exit status:"),
         "{stdout}"
     );
+    for needle in ["--scrub <SCRUB>", "kernel:", "vmm:", "auto:"] {
+        assert!(stdout.contains(needle), "--help lacks {needle:?}:\n{stdout}");
+    }
     let (code, stdout, _) = vmm(&["list"]);
     assert_eq!(code, 0);
     assert!(
