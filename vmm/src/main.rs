@@ -10,7 +10,7 @@ use superos_protocol::boot::{self, GatePreference, ScrubStrategy};
 use superos_vmm::images;
 use superos_vmm::run::{self, RunConfig, RunReport, EXIT_USAGE};
 use superos_vmm::scenario::Scenario;
-use superos_vmm::session::{emit, Echo};
+use superos_vmm::session::{emit, Echo, EventFormat};
 
 /// `println!` that ignores a closed stdout instead of panicking.
 macro_rules! out {
@@ -45,6 +45,7 @@ Examples:
   superos-vmm run two-hellos --stats       an embedded scenario, with exit counts and boot phases
   superos-vmm run my-scenario.toml         a scenario file (programs by name or ELF path)
   superos-vmm run --mem 128 --timeout 10   more guest memory, a shorter watchdog
+  superos-vmm run --events json | grep '^{'   the kernel's events as JSON lines
 
 Exit status: 0 every process did what the scenario expects; 1 some process did not;
 2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired.";
@@ -73,6 +74,10 @@ struct RunArgs {
     /// Boot this kernel ELF instead of the embedded one.
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,
+    /// How kernel events are printed as they happen: `text` lines, or one JSON
+    /// object per line (`{"seq":5,"tick":2,"kind":"process-exited","pid":3,...}`).
+    #[arg(long, value_enum, default_value_t = Events::Text, value_name = "FORMAT")]
+    events: Events,
     /// Only print the summary, not the console and events as they happen.
     #[arg(long, short)]
     quiet: bool,
@@ -96,6 +101,14 @@ enum Scrub {
     Kernel,
     /// The kernel hands batches of freed frames to the VMM, which zeroes them.
     Vmm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Events {
+    /// `event #N tick T <description>` lines, for people.
+    Text,
+    /// One JSON object per event and line on stdout, for programs; console lines stay text.
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -171,6 +184,10 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         },
         debug_flags,
         echo: if args.quiet { Echo::Quiet } else { Echo::Live },
+        events: match args.events {
+            Events::Text => EventFormat::Text,
+            Events::Json => EventFormat::Json,
+        },
         started,
     };
     let origin = config.scenario.origin.clone();

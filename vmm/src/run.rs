@@ -13,7 +13,7 @@ use crate::hypercall::{self, Flow, PanicReport};
 use crate::images;
 use crate::memory::{GuestRam, MemoryError};
 use crate::scenario::{Expectation, Scenario, DEFAULT_MEMORY_MIB};
-use crate::session::{Echo, EventEntry, Phases, Session};
+use crate::session::{Echo, EventEntry, EventFormat, Phases, Session};
 use crate::vm::{detect_host_flavor, Vm, VmError};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::borrow::Cow;
@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub debug_flags: u32,
     /// Print console and events live?
     pub echo: Echo,
+    /// How live events are printed (text or JSON lines).
+    pub events: EventFormat,
     /// When the VMM started (boot phases are measured from here).
     pub started: Instant,
 }
@@ -65,6 +67,7 @@ impl RunConfig {
             scrub: ScrubStrategy::Auto,
             debug_flags: 0,
             echo: Echo::Quiet,
+            events: EventFormat::Text,
             started: Instant::now(),
         }
     }
@@ -349,7 +352,7 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
-    let mut session = Session::new(&ram, config.started, config.echo, names);
+    let mut session = Session::new(&ram, config.started, config.echo, names).with_event_format(config.events);
     let stop = AtomicBool::new(false);
     let (exit, exits, diagnosis) = std::thread::scope(|scope| -> Result<_, RunError> {
         let (sender, receiver) = mpsc::channel();
