@@ -14,7 +14,7 @@ use elf::ElfBytes;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::io::Cursor;
 use superos_protocol::boot::{
-    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, QuotaSpec,
+    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, ScrubStrategy,
     BOOT_INFO_MAGIC, MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE,
     MEMORY_PROGRAM_IMAGES, MEMORY_USABLE,
 };
@@ -173,6 +173,8 @@ pub struct BootOptions {
     pub host: HostFlavor,
     /// Requested gate.
     pub gate: GatePreference,
+    /// How the kernel should zero freed frames.
+    pub scrub: ScrubStrategy,
     /// `DEBUG_*` flags.
     pub debug_flags: u32,
     /// Guest TSC frequency (0 if unknown).
@@ -254,8 +256,8 @@ pub fn prepare(
             args_len: process.args.len() as u32,
             name: name_to_array(&process.name),
             args,
-            quota: QuotaSpec::default(),
-            runs: 1,
+            quota: process.quota,
+            runs: process.runs,
             reserved: 0,
         };
     }
@@ -290,6 +292,7 @@ pub fn prepare(
     boot_info.version = PROTOCOL_VERSION;
     boot_info.host_flavor = options.host as u32;
     boot_info.gate_preference = options.gate as u32;
+    boot_info.scrub_strategy = options.scrub as u32;
     boot_info.debug_flags = options.debug_flags;
     boot_info.mem_size = mem;
     boot_info.tsc_khz = options.tsc_khz;
@@ -310,6 +313,7 @@ pub fn prepare(
 mod tests {
     use super::*;
     use crate::images::KERNEL_ELF;
+    use superos_protocol::boot::QuotaSpec;
 
     #[test]
     fn the_embedded_kernel_passes_the_checks() {
@@ -370,6 +374,7 @@ mod tests {
         let options = BootOptions {
             host: HostFlavor::Kvm,
             gate: GatePreference::Auto,
+            scrub: ScrubStrategy::Auto,
             debug_flags: 0,
             tsc_khz: 1,
         };
@@ -377,6 +382,7 @@ mod tests {
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
         assert_eq!(info, *prepared.boot_info);
         assert_eq!(info.process_count as usize, scenario.processes.len());
+        assert_eq!(info.scrub_strategy, 0, "auto");
         // Two hellos share one placed image.
         assert_eq!(info.program_count, 3);
         let map = info.memory_map();
@@ -389,5 +395,49 @@ mod tests {
         let mut magic = [0u8; 4];
         ram.read_bytes(first.gpa, &mut magic).unwrap();
         assert_eq!(&magic, b"\x7fELF");
+    }
+
+    #[test]
+    fn quotas_and_runs_reach_the_boot_info() {
+        let ram = GuestRam::new(64).unwrap();
+        let scenario = Scenario::parse(
+            "[[process]]\nprogram = \"hello\"\nruns = 7\n\
+             quota = { virtual_kib = 512, resident_kib = 128, shared_kib = 16, on_violation = \"kill\" }\n\
+             [[process]]\nprogram = \"exit-code\"\n",
+            "test.toml",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let options = BootOptions {
+            host: HostFlavor::Pvm,
+            gate: GatePreference::Int3,
+            scrub: ScrubStrategy::Hypercall,
+            debug_flags: 0,
+            tsc_khz: 0,
+        };
+        prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
+        let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
+        let [limited, plain] = info.processes() else {
+            panic!("two processes expected, got {}", info.processes().len())
+        };
+        assert_eq!(limited.runs, 7);
+        assert_eq!(
+            limited.quota,
+            QuotaSpec {
+                max_virtual_bytes: 512 << 10,
+                max_resident_bytes: 128 << 10,
+                max_shared_bytes: 16 << 10,
+                policy: superos_protocol::boot::QUOTA_POLICY_KILL,
+                reserved: 0,
+            }
+        );
+        assert_eq!(plain.runs, 1);
+        assert_eq!(plain.quota, QuotaSpec::default());
+        assert_eq!(
+            ScrubStrategy::from_raw(info.scrub_strategy),
+            Some(ScrubStrategy::Hypercall)
+        );
+        assert_eq!(info.gate_preference, GatePreference::Int3 as u32);
+        assert_eq!(superos_protocol::name_from_array(&plain.name), "exit-code");
     }
 }

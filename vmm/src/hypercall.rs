@@ -476,4 +476,156 @@ mod tests {
         );
         assert!(session.kernel_text.is_none());
     }
+
+    const LIST: u64 = 0x3000;
+    const PAGE: u64 = superos_protocol::layout::PAGE_SIZE;
+    /// Frames the scrub tests fill with a pattern: 0x20_0000..0x20_8000.
+    const DIRTY: u64 = 0x20_0000;
+    const DIRTY_FRAMES: u64 = 8;
+
+    /// Fills the dirty frames with 0xaa.
+    fn dirty(ram: &GuestRam) {
+        ram.write_bytes(DIRTY, &vec![0xaa; (DIRTY_FRAMES * PAGE) as usize])
+            .unwrap();
+    }
+
+    /// Which of the dirty frames are now all zero, and whether every other
+    /// byte of them is still 0xaa.
+    fn zeroed_frames(ram: &GuestRam) -> Vec<u64> {
+        let mut zeroed = Vec::new();
+        for i in 0..DIRTY_FRAMES {
+            let mut frame = vec![0u8; PAGE as usize];
+            ram.read_bytes(DIRTY + i * PAGE, &mut frame).unwrap();
+            if frame.iter().all(|&b| b == 0) {
+                zeroed.push(DIRTY + i * PAGE);
+            } else {
+                assert!(frame.iter().all(|&b| b == 0xaa), "frame {i} partly scrubbed");
+            }
+        }
+        zeroed
+    }
+
+    /// Sends a ScrubFrames hypercall for a list written at `list_gpa` (if
+    /// `frames` is given) and returns the status and the VMM log.
+    fn scrub(ram: &GuestRam, list_gpa: u64, frames: Option<&[u64]>, count: u32) -> (u32, Vec<String>) {
+        let mut session = Session::new(ram, Instant::now(), Echo::Quiet, vec![]);
+        if let Some(frames) = frames {
+            let bytes: Vec<u8> = frames.iter().flat_map(|f| f.to_le_bytes()).collect();
+            ram.write_bytes(list_gpa, &bytes).unwrap();
+        }
+        ram.write(
+            PARAMS,
+            &ScrubFramesParams {
+                list_gpa,
+                count,
+                status: hc::STATUS_PENDING,
+            },
+        )
+        .unwrap();
+        assert_eq!(handle(&mut session, Request::ScrubFrames(PARAMS)), Flow::Continue);
+        let status = ram.read::<ScrubFramesParams>(PARAMS).unwrap().status;
+        (status, session.log)
+    }
+
+    #[test]
+    fn a_valid_scrub_batch_zeroes_exactly_the_listed_frames() {
+        let ram = GuestRam::new(16).unwrap();
+        dirty(&ram);
+        let listed = [DIRTY + PAGE, DIRTY + 4 * PAGE, DIRTY + 7 * PAGE];
+        let (status, log) = scrub(&ram, LIST, Some(&listed), listed.len() as u32);
+        assert_eq!(status, hc::STATUS_OK);
+        assert!(log.is_empty(), "{log:?}");
+        assert_eq!(zeroed_frames(&ram), listed);
+        // The byte just below a scrubbed frame is untouched too.
+        let mut edges = [0u8; 1];
+        ram.write_bytes(DIRTY - 1, &[0x55]).unwrap();
+        scrub(&ram, LIST, Some(&[DIRTY]), 1);
+        ram.read_bytes(DIRTY - 1, &mut edges).unwrap();
+        assert_eq!(edges, [0x55]);
+
+        // An empty batch is fine and touches nothing.
+        dirty(&ram);
+        assert_eq!(scrub(&ram, LIST, Some(&[]), 0).0, hc::STATUS_OK);
+        assert!(zeroed_frames(&ram).is_empty());
+
+        // The largest batch allowed, the last frame of RAM included.
+        let mut frames: Vec<u64> = (0..hc::SCRUB_BATCH_MAX - 1)
+            .map(|i| 0x40_0000 + i * PAGE)
+            .collect();
+        frames.push(ram.size() - PAGE);
+        for &frame in &frames {
+            ram.write_bytes(frame, &[0xcc; 8]).unwrap();
+        }
+        let (status, _) = scrub(&ram, LIST, Some(&frames), frames.len() as u32);
+        assert_eq!(status, hc::STATUS_OK);
+        for frame in frames {
+            assert_eq!(ram.read_u64(frame).unwrap(), 0, "frame {frame:#x}");
+        }
+    }
+
+    #[test]
+    fn a_scrub_batch_with_one_bad_frame_zeroes_nothing() {
+        let ram = GuestRam::new(16).unwrap();
+        let bad_frames = [
+            DIRTY + 2 * PAGE + 8, // not page-aligned
+            ram.size(),           // just past the end of RAM
+            !(PAGE - 1),          // far outside, and end address overflows
+            0x1_0000_0000,        // above RAM, aligned
+        ];
+        for bad in bad_frames {
+            dirty(&ram);
+            let list = [DIRTY, DIRTY + PAGE, bad, DIRTY + 3 * PAGE];
+            let (status, log) = scrub(&ram, LIST, Some(&list), list.len() as u32);
+            assert_eq!(status, hc::STATUS_BAD_ADDRESS, "frame {bad:#x}");
+            assert!(
+                zeroed_frames(&ram).is_empty(),
+                "frame {bad:#x} let others be zeroed"
+            );
+            assert_eq!(log.len(), 1, "{log:?}");
+            assert!(log[0].contains(&format!("{bad:#x}")), "{log:?}");
+        }
+        // A bad frame beyond `count` is not part of the batch.
+        dirty(&ram);
+        let list = [DIRTY, DIRTY + 8];
+        assert_eq!(scrub(&ram, LIST, Some(&list), 1).0, hc::STATUS_OK);
+        assert_eq!(zeroed_frames(&ram), [DIRTY]);
+    }
+
+    #[test]
+    fn an_oversized_scrub_batch_is_refused() {
+        let ram = GuestRam::new(16).unwrap();
+        dirty(&ram);
+        let frames: Vec<u64> = (0..=hc::SCRUB_BATCH_MAX)
+            .map(|i| DIRTY + (i % DIRTY_FRAMES) * PAGE)
+            .collect();
+        let (status, log) = scrub(&ram, LIST, Some(&frames), frames.len() as u32);
+        assert_eq!(status, hc::STATUS_TOO_LARGE);
+        assert!(zeroed_frames(&ram).is_empty());
+        assert!(log[0].contains("limit 512"), "{log:?}");
+        let (status, _) = scrub(&ram, LIST, None, u32::MAX);
+        assert_eq!(status, hc::STATUS_TOO_LARGE);
+        assert!(zeroed_frames(&ram).is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_scrub_list_is_refused() {
+        let ram = GuestRam::new(16).unwrap();
+        dirty(&ram);
+        let end = ram.size();
+        // The list starts inside RAM but its second entry lies past the end.
+        ram.write_bytes(end - 8, &DIRTY.to_le_bytes()).unwrap();
+        for (list_gpa, count) in [(end - 8, 2), (end, 1), (u64::MAX - 7, 1), (u64::MAX, 512)] {
+            let (status, log) = scrub(&ram, list_gpa, None, count);
+            assert_eq!(status, hc::STATUS_BAD_ADDRESS, "list at {list_gpa:#x}");
+            assert!(log[0].contains("frame list unreadable"), "{log:?}");
+        }
+        assert!(zeroed_frames(&ram).is_empty());
+        // And a parameter block that is itself unreadable is logged, not fatal.
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        assert_eq!(
+            handle(&mut session, Request::ScrubFrames(end - 8)),
+            Flow::Continue
+        );
+        assert!(session.log[0].contains("scrub-frames"), "{:?}", session.log);
+    }
 }

@@ -8,7 +8,8 @@
 //! writes the boot page tables and boot info; the vCPU thread then runs the
 //! guest, and every VM exit goes through [`run::handle_exit`] to
 //! [`hypercall`], which feeds the [`session`] (console lines, kernel events
-//! drained from the [`events`] ring). A crash is explained by [`diagnose`].
+//! drained from the [`events`] ring, echoed as text or as JSON by
+//! [`event_json`]). A crash is explained by [`diagnose`].
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
@@ -16,6 +17,7 @@ pub mod arch;
 pub mod boot;
 pub mod console;
 pub mod diagnose;
+pub mod event_json;
 pub mod events;
 pub mod hypercall;
 pub mod images;

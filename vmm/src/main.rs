@@ -6,11 +6,11 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{self, GatePreference};
+use superos_protocol::boot::{self, GatePreference, ScrubStrategy};
 use superos_vmm::images;
 use superos_vmm::run::{self, RunConfig, RunReport, EXIT_USAGE};
 use superos_vmm::scenario::Scenario;
-use superos_vmm::session::{emit, Echo};
+use superos_vmm::session::{emit, Echo, EventFormat};
 
 /// `println!` that ignores a closed stdout instead of panicking.
 macro_rules! out {
@@ -45,6 +45,7 @@ Examples:
   superos-vmm run two-hellos --stats       an embedded scenario, with exit counts and boot phases
   superos-vmm run my-scenario.toml         a scenario file (programs by name or ELF path)
   superos-vmm run --mem 128 --timeout 10   more guest memory, a shorter watchdog
+  superos-vmm run --events json | grep '^{'   the kernel's events as JSON lines
 
 Exit status: 0 every process did what the scenario expects; 1 some process did not;
 2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired.";
@@ -66,9 +67,17 @@ struct RunArgs {
     /// System-call gate the kernel tries first (it falls back if the boot self-test fails).
     #[arg(long, value_enum, default_value_t = Gate::Auto)]
     gate: Gate,
+    /// Who zeroes freed frames before they are reused: the kernel, or the VMM at the
+    /// kernel's request (one hypercall per batch; cheaper where ring-0 stores are emulated).
+    #[arg(long, value_enum, default_value_t = Scrub::Auto)]
+    scrub: Scrub,
     /// Boot this kernel ELF instead of the embedded one.
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,
+    /// How kernel events are printed as they happen: `text` lines, or one JSON
+    /// object per line (`{"seq":5,"tick":2,"kind":"process-exited","pid":3,...}`).
+    #[arg(long, value_enum, default_value_t = Events::Text, value_name = "FORMAT")]
+    events: Events,
     /// Only print the summary, not the console and events as they happen.
     #[arg(long, short)]
     quiet: bool,
@@ -82,6 +91,24 @@ enum Gate {
     Auto,
     Syscall,
     Int3,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Scrub {
+    /// The kernel picks: the VMM on the PVM host, itself on ordinary KVM.
+    Auto,
+    /// The kernel zeroes every freed frame itself.
+    Kernel,
+    /// The kernel hands batches of freed frames to the VMM, which zeroes them.
+    Vmm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Events {
+    /// `event #N tick T <description>` lines, for people.
+    Text,
+    /// One JSON object per event and line on stdout, for programs; console lines stay text.
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,8 +177,17 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
             Gate::Syscall => GatePreference::Syscall,
             Gate::Int3 => GatePreference::Int3,
         },
+        scrub: match args.scrub {
+            Scrub::Auto => ScrubStrategy::Auto,
+            Scrub::Kernel => ScrubStrategy::Kernel,
+            Scrub::Vmm => ScrubStrategy::Hypercall,
+        },
         debug_flags,
         echo: if args.quiet { Echo::Quiet } else { Echo::Live },
+        events: match args.events {
+            Events::Text => EventFormat::Text,
+            Events::Json => EventFormat::Json,
+        },
         started,
     };
     let origin = config.scenario.origin.clone();
@@ -171,24 +207,33 @@ fn print_summary(report: &RunReport) {
         use std::io::Write;
         let _ = write!(std::io::stderr(), "{diagnosis}");
     }
+    let rows: Vec<(&str, String, String, String, &str)> = report
+        .processes
+        .iter()
+        .map(|p| {
+            let pid = p.pid.map_or("-".to_string(), |pid| pid.to_string());
+            let verdict = if p.as_expected() { "ok" } else { "UNEXPECTED" };
+            (
+                p.name.as_str(),
+                pid,
+                p.describe(),
+                p.expected.to_string(),
+                verdict,
+            )
+        })
+        .collect();
+    // Repeated processes have longer outcomes; keep the columns aligned.
+    let width = rows.iter().map(|row| row.2.len()).max().unwrap_or(0).max(36);
     out!("");
     out!(
-        "{:<16} {:>4}  {:<36} {:<28} ",
+        "{:<16} {:>4}  {:<width$} {:<28} ",
         "process",
         "pid",
         "outcome",
         "expected"
     );
-    for p in &report.processes {
-        let pid = p.pid.map_or("-".to_string(), |pid| pid.to_string());
-        let verdict = if p.as_expected() { "ok" } else { "UNEXPECTED" };
-        out!(
-            "{:<16} {:>4}  {:<36} {:<28} {verdict}",
-            p.name,
-            pid,
-            p.status.to_string(),
-            p.expected.to_string()
-        );
+    for (name, pid, outcome, expected, verdict) in rows {
+        out!("{name:<16} {pid:>4}  {outcome:<width$} {expected:<28} {verdict}");
     }
     let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
     out!(

@@ -13,7 +13,7 @@ use crate::hypercall::{self, Flow, PanicReport};
 use crate::images;
 use crate::memory::{GuestRam, MemoryError};
 use crate::scenario::{Expectation, Scenario, DEFAULT_MEMORY_MIB};
-use crate::session::{Echo, EventEntry, Phases, Session};
+use crate::session::{Echo, EventEntry, EventFormat, Phases, Session};
 use crate::vm::{detect_host_flavor, Vm, VmError};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::borrow::Cow;
@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Once;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, HostFlavor};
+use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::layout::BOOT_INFO_GPA;
 use thiserror::Error;
@@ -43,10 +43,14 @@ pub struct RunConfig {
     pub timeout: Duration,
     /// Which system-call gate the kernel should try first.
     pub gate: GatePreference,
+    /// How the kernel zeroes freed frames (itself, or by asking the VMM).
+    pub scrub: ScrubStrategy,
     /// `superos_protocol::boot::DEBUG_*` flags.
     pub debug_flags: u32,
     /// Print console and events live?
     pub echo: Echo,
+    /// How live events are printed (text or JSON lines).
+    pub events: EventFormat,
     /// When the VMM started (boot phases are measured from here).
     pub started: Instant,
 }
@@ -60,8 +64,10 @@ impl RunConfig {
             memory_mib: None,
             timeout: DEFAULT_TIMEOUT,
             gate: GatePreference::Auto,
+            scrub: ScrubStrategy::Auto,
             debug_flags: 0,
             echo: Echo::Quiet,
+            events: EventFormat::Text,
             started: Instant::now(),
         }
     }
@@ -160,29 +166,61 @@ impl std::fmt::Display for ProcessStatus {
     }
 }
 
-/// One scenario process, after the run.
+/// One scenario process, after the run. A process with `runs` > 1 is
+/// started that many times in a row; `pid`, `status` and `preemptions`
+/// describe the latest run, the `runs_*` counters all of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessOutcome {
     /// Its name in the scenario.
     pub name: String,
-    /// Its pid, once spawned.
+    /// The pid of its latest run, once spawned (`None` if the latest run
+    /// could not be started).
     pub pid: Option<u32>,
-    /// What happened.
+    /// What happened in the latest run.
     pub status: ProcessStatus,
-    /// What the scenario expected.
+    /// What the scenario expected of every run.
     pub expected: Expectation,
-    /// Times the timer preempted it (known once it exited).
+    /// Times the timer preempted the latest run (known once it exited).
     pub preemptions: u64,
+    /// How many runs the scenario asked for (`runs`, at least 1).
+    pub runs_expected: u32,
+    /// Runs that ended: exited, killed, or could not be started.
+    pub runs_finished: u32,
+    /// Finished runs that ended as expected.
+    pub runs_as_expected: u32,
 }
 
 impl ProcessOutcome {
-    /// True if it did what the scenario expected.
+    /// True if every run finished and did what the scenario expected.
     pub fn as_expected(&self) -> bool {
-        match (self.expected, self.status) {
-            (Expectation::Exit(want), ProcessStatus::Exited(got)) => want == got,
-            (Expectation::Fault(want), ProcessStatus::Killed { fault: Some(got), .. }) => want == got,
-            _ => false,
+        self.runs_finished == self.runs_expected && self.runs_as_expected == self.runs_expected
+    }
+
+    /// The outcome as the summary shows it: the latest run's status, and for
+    /// a repeated process how many runs went as expected, e.g.
+    /// `exit 0 (1000 of 1000 runs as expected)`.
+    pub fn describe(&self) -> String {
+        if self.runs_expected <= 1 && self.runs_finished <= 1 {
+            return self.status.to_string();
         }
+        let mut text = format!(
+            "{} ({} of {} runs as expected",
+            self.status, self.runs_as_expected, self.runs_expected
+        );
+        if self.runs_finished != self.runs_expected {
+            text.push_str(&format!(", {} finished", self.runs_finished));
+        }
+        text.push(')');
+        text
+    }
+}
+
+/// True if a run that ended with `status` did what `expected` says.
+fn status_matches(expected: Expectation, status: ProcessStatus) -> bool {
+    match (expected, status) {
+        (Expectation::Exit(want), ProcessStatus::Exited(got)) => want == got,
+        (Expectation::Fault(want), ProcessStatus::Killed { fault: Some(got), .. }) => want == got,
+        _ => false,
     }
 }
 
@@ -249,13 +287,19 @@ impl RunReport {
         }
     }
 
-    /// Console lines written by the scenario process named `name`.
+    /// Console lines written by the scenario process named `name`, in all
+    /// of its runs.
     pub fn output_of(&self, name: &str) -> Vec<&str> {
+        let specs: Vec<u64> = (0..self.processes.len() as u64)
+            .filter(|&i| self.processes[i as usize].name == name)
+            .collect();
         let pids: Vec<u32> = self
-            .processes
+            .events
             .iter()
-            .filter(|p| p.name == name)
-            .filter_map(|p| p.pid)
+            .filter_map(|entry| match entry.event {
+                Event::ProcessSpawned { pid, spec_index, .. } if specs.contains(&spec_index) => Some(pid),
+                _ => None,
+            })
             .collect();
         self.lines
             .iter()
@@ -300,6 +344,7 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
     let options = BootOptions {
         host,
         gate: config.gate,
+        scrub: config.scrub,
         debug_flags: config.debug_flags,
         tsc_khz: vm.tsc_khz(),
     };
@@ -307,7 +352,7 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
-    let mut session = Session::new(&ram, config.started, config.echo, names);
+    let mut session = Session::new(&ram, config.started, config.echo, names).with_event_format(config.events);
     let stop = AtomicBool::new(false);
     let (exit, exits, diagnosis) = std::thread::scope(|scope| -> Result<_, RunError> {
         let (sender, receiver) = mpsc::channel();
@@ -560,7 +605,9 @@ fn diagnose(
     ))
 }
 
-/// Matches kernel events to scenario processes.
+/// Matches kernel events to scenario processes. Each spawn of a boot
+/// process starts a new run (with a new pid); its exit or kill ends that run.
+/// Events for unknown pids, and a second end of the same pid, are ignored.
 fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
     let mut outcomes: Vec<ProcessOutcome> = scenario
         .processes
@@ -571,20 +618,34 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
             status: ProcessStatus::Unfinished,
             expected: p.expect,
             preemptions: 0,
+            runs_expected: p.runs.max(1),
+            runs_finished: 0,
+            runs_as_expected: 0,
         })
         .collect();
-    let mut by_pid: BTreeMap<u32, usize> = BTreeMap::new();
+    // Runs in progress: pid -> scenario index.
+    let mut running: BTreeMap<u32, usize> = BTreeMap::new();
+    let finish = |outcome: &mut ProcessOutcome, status: ProcessStatus| {
+        outcome.status = status;
+        outcome.runs_finished = outcome.runs_finished.saturating_add(1);
+        if status_matches(outcome.expected, status) {
+            outcome.runs_as_expected = outcome.runs_as_expected.saturating_add(1);
+        }
+    };
     for entry in events {
         match entry.event {
             Event::ProcessSpawned { pid, spec_index, .. } => {
                 if let Some(outcome) = outcomes.get_mut(spec_index as usize) {
                     outcome.pid = Some(pid);
-                    by_pid.insert(pid, spec_index as usize);
+                    outcome.status = ProcessStatus::Unfinished;
+                    outcome.preemptions = 0;
+                    running.insert(pid, spec_index as usize);
                 }
             }
             Event::SpawnFailed { spec_index, error } => {
                 if let Some(outcome) = outcomes.get_mut(spec_index as usize) {
-                    outcome.status = ProcessStatus::NotStarted(error);
+                    outcome.pid = None;
+                    finish(outcome, ProcessStatus::NotStarted(error));
                 }
             }
             Event::ProcessExited {
@@ -592,9 +653,9 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
                 code,
                 preemptions,
             } => {
-                if let Some(&i) = by_pid.get(&pid) {
-                    outcomes[i].status = ProcessStatus::Exited(code);
+                if let Some(i) = running.remove(&pid) {
                     outcomes[i].preemptions = preemptions;
+                    finish(&mut outcomes[i], ProcessStatus::Exited(code));
                 }
             }
             Event::ProcessKilled {
@@ -604,8 +665,8 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
                 rip,
                 ..
             } => {
-                if let Some(&i) = by_pid.get(&pid) {
-                    outcomes[i].status = ProcessStatus::Killed { fault, addr, rip };
+                if let Some(i) = running.remove(&pid) {
+                    finish(&mut outcomes[i], ProcessStatus::Killed { fault, addr, rip });
                 }
             }
             Event::KernelReady { .. }
@@ -714,5 +775,218 @@ mod tests {
             ProcessStatus::NotStarted(Some(SpawnError::OutOfMemory))
         );
         assert!(result[3].as_expected());
+    }
+
+    #[test]
+    fn repeated_runs_are_as_expected_only_if_every_run_is() {
+        let scenario = Scenario::parse(
+            "[[process]]\nname = \"all-good\"\nprogram = \"hello\"\nruns = 3\n\
+             [[process]]\nname = \"one-bad\"\nprogram = \"write-code\"\nruns = 2\n\
+             expect = { fault = \"write-to-code\" }\n\
+             [[process]]\nname = \"cut-short\"\nprogram = \"hello\"\nruns = 2\n\
+             [[process]]\nname = \"no-memory\"\nprogram = \"hello\"\nruns = 2\n\
+             [[process]]\nname = \"once\"\nprogram = \"exit-code\"\nexpect = { exit = 3 }\n",
+            "test.toml",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let entry = |seq, event| EventEntry { seq, tick: 0, event };
+        let spawned = |pid, spec_index| Event::ProcessSpawned {
+            pid,
+            spec_index,
+            pml4_gpa: 0,
+        };
+        let exited = |pid, code| Event::ProcessExited {
+            pid,
+            code,
+            preemptions: u64::from(pid),
+        };
+        let killed = |pid| Event::ProcessKilled {
+            pid,
+            fault: Some(FaultKind::WriteToCode),
+            addr: 0x40_0010,
+            rip: 0x40_00a2,
+            error_code: 7,
+            vector: 14,
+        };
+        let events: Vec<EventEntry> = [
+            // all-good: three runs, each exits 0.
+            spawned(1, 0),
+            exited(1, 0),
+            spawned(2, 0),
+            exited(2, 0),
+            spawned(3, 0),
+            exited(3, 0),
+            // A second end of a finished pid and an unknown pid change nothing.
+            exited(1, 5),
+            exited(99, 0),
+            // one-bad: the first run exits instead of faulting, the last one
+            // faults as expected.
+            spawned(4, 1),
+            exited(4, 1),
+            spawned(5, 1),
+            killed(5),
+            // cut-short: the guest stops during the second run.
+            spawned(6, 2),
+            exited(6, 0),
+            spawned(7, 2),
+            // no-memory: the second run cannot be started.
+            spawned(8, 3),
+            exited(8, 0),
+            Event::SpawnFailed {
+                spec_index: 3,
+                error: Some(SpawnError::OutOfMemory),
+            },
+            // once: an ordinary single run.
+            spawned(9, 4),
+            exited(9, 3),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(seq, event)| entry(seq as u64, event))
+        .collect();
+        let result = outcomes(&scenario, &events);
+        let counts = |o: &ProcessOutcome| (o.runs_expected, o.runs_finished, o.runs_as_expected);
+
+        let all_good = &result[0];
+        assert_eq!(counts(all_good), (3, 3, 3));
+        assert_eq!(
+            (all_good.pid, all_good.status),
+            (Some(3), ProcessStatus::Exited(0))
+        );
+        assert_eq!(all_good.preemptions, 3, "the latest run's");
+        assert!(all_good.as_expected());
+        assert_eq!(all_good.describe(), "exit 0 (3 of 3 runs as expected)");
+
+        let one_bad = &result[1];
+        assert_eq!(counts(one_bad), (2, 2, 1));
+        assert_eq!(one_bad.pid, Some(5));
+        assert!(matches!(
+            one_bad.status,
+            ProcessStatus::Killed {
+                fault: Some(FaultKind::WriteToCode),
+                ..
+            }
+        ));
+        assert!(
+            !one_bad.as_expected(),
+            "the latest run matches, the first did not"
+        );
+        assert_eq!(
+            one_bad.describe(),
+            "killed: write-to-code at 0x400010 (1 of 2 runs as expected)"
+        );
+
+        let cut_short = &result[2];
+        assert_eq!(counts(cut_short), (2, 1, 1));
+        assert_eq!(
+            (cut_short.pid, cut_short.status),
+            (Some(7), ProcessStatus::Unfinished)
+        );
+        assert!(!cut_short.as_expected());
+        assert_eq!(
+            cut_short.describe(),
+            "unfinished (1 of 2 runs as expected, 1 finished)"
+        );
+
+        let no_memory = &result[3];
+        assert_eq!(counts(no_memory), (2, 2, 1));
+        assert_eq!(
+            (no_memory.pid, no_memory.status),
+            (None, ProcessStatus::NotStarted(Some(SpawnError::OutOfMemory)))
+        );
+        assert!(!no_memory.as_expected());
+
+        let once = &result[4];
+        assert_eq!(counts(once), (1, 1, 1));
+        assert!(once.as_expected());
+        assert_eq!(once.describe(), "exit 3", "a single run shows no run count");
+    }
+
+    #[test]
+    fn more_runs_than_asked_for_are_not_as_expected() {
+        let scenario = Scenario::parse(
+            "[[process]]\nprogram = \"hello\"\nruns = 2\n",
+            "test.toml",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let events: Vec<EventEntry> = (1..=3)
+            .flat_map(|pid| {
+                [
+                    Event::ProcessSpawned {
+                        pid,
+                        spec_index: 0,
+                        pml4_gpa: 0,
+                    },
+                    Event::ProcessExited {
+                        pid,
+                        code: 0,
+                        preemptions: 0,
+                    },
+                ]
+            })
+            .map(|event| EventEntry {
+                seq: 0,
+                tick: 0,
+                event,
+            })
+            .collect();
+        let result = outcomes(&scenario, &events[..4]);
+        assert!(result[0].as_expected(), "{:?}", result[0]);
+        let result = outcomes(&scenario, &events);
+        assert_eq!(result[0].runs_finished, 3);
+        assert!(!result[0].as_expected(), "a third run is a kernel bug");
+        assert_eq!(
+            result[0].describe(),
+            "exit 0 (3 of 2 runs as expected, 3 finished)"
+        );
+    }
+
+    #[test]
+    fn output_of_collects_every_run() {
+        let scenario = Scenario::parse(
+            "[[process]]\nname = \"rep\"\nprogram = \"hello\"\nruns = 2\n\
+             [[process]]\nname = \"other\"\nprogram = \"hello\"\n",
+            "test.toml",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let events: Vec<EventEntry> = [(1, 0), (2, 1), (3, 0)]
+            .into_iter()
+            .map(|(pid, spec_index)| EventEntry {
+                seq: 0,
+                tick: 0,
+                event: Event::ProcessSpawned {
+                    pid,
+                    spec_index,
+                    pml4_gpa: 0,
+                },
+            })
+            .collect();
+        let line = |pid: u32, text: &str| ConsoleLine {
+            pid,
+            text: text.to_string(),
+        };
+        let report = RunReport {
+            exit: GuestExit::Shutdown { code: 0 },
+            processes: outcomes(&scenario, &events),
+            lines: vec![
+                line(1, "first run"),
+                line(2, "other"),
+                line(0, "kernel"),
+                line(3, "second run"),
+            ],
+            events,
+            log: Vec::new(),
+            lost_events: 0,
+            stats: RunStats::default(),
+            diagnosis: None,
+            host: HostFlavor::Kvm,
+        };
+        assert_eq!(report.output_of("rep"), vec!["first run", "second run"]);
+        assert_eq!(report.output_of("other"), vec!["other"]);
+        assert!(report.output_of("nobody").is_empty());
+        assert_eq!(report.process("rep").unwrap().pid, Some(3));
     }
 }

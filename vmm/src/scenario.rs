@@ -12,17 +12,27 @@
 //! name = "hello-a"                     # optional, defaults to the program name
 //! args = "spin=40"                     # optional, at most 128 bytes
 //! expect = { exit = 0 }                # default; or { fault = "write-to-code" }
+//! runs = 1                             # optional, 1 to 100000: start it this many
+//!                                      # times in a row (each run after the last ended)
+//! # optional memory quotas in KiB (missing or 0 = no limit) and what a
+//! # violation does: "fail" (the request fails; the default) or "kill"
+//! quota = { virtual_kib = 1024, resident_kib = 256, shared_kib = 64, on_violation = "fail" }
 //! ```
 
 use crate::images;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use superos_protocol::boot::{ARGS_LEN, MAX_BOOT_PROCESSES, NAME_LEN};
+use superos_protocol::boot::{
+    QuotaSpec, ARGS_LEN, MAX_BOOT_PROCESSES, NAME_LEN, QUOTA_POLICY_FAIL, QUOTA_POLICY_KILL,
+};
 use superos_protocol::event::FaultKind;
 use thiserror::Error;
 
 /// Default guest memory when neither the scenario nor `--mem` sets it.
 pub const DEFAULT_MEMORY_MIB: u64 = 64;
+
+/// Most times one scenario process may be started in a row (`runs`).
+pub const MAX_RUNS: u32 = 100_000;
 
 /// What a process is expected to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,8 +63,12 @@ pub struct ProcessConfig {
     pub image: Vec<u8>,
     /// Argument bytes.
     pub args: String,
-    /// Expected outcome.
+    /// Expected outcome (of every run).
     pub expect: Expectation,
+    /// Memory quotas in bytes (all zero = no limits), as the kernel gets them.
+    pub quota: QuotaSpec,
+    /// How many times the kernel starts the program in a row (1 to [`MAX_RUNS`]).
+    pub runs: u32,
 }
 
 /// A resolved scenario.
@@ -149,6 +163,17 @@ struct RawProcess {
     #[serde(default)]
     args: String,
     expect: Option<RawExpect>,
+    runs: Option<i64>,
+    quota: Option<RawQuota>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    virtual_kib: Option<i64>,
+    resident_kib: Option<i64>,
+    shared_kib: Option<i64>,
+    on_violation: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,12 +321,68 @@ fn resolve_process(
         })?),
         Some(_) => return Err(invalid("`expect` takes exactly one of `exit` or `fault`".into())),
     };
+    let runs = match raw.runs {
+        None => 1,
+        Some(runs) => u32::try_from(runs)
+            .ok()
+            .filter(|runs| (1..=MAX_RUNS).contains(runs))
+            .ok_or_else(|| invalid(format!("runs = {runs}: it must be 1 to {MAX_RUNS}")))?,
+    };
+    let quota = match raw.quota {
+        None => QuotaSpec::default(),
+        Some(quota) => resolve_quota(quota).map_err(invalid)?,
+    };
     Ok(ProcessConfig {
         name,
         program,
         image,
         args: raw.args,
         expect,
+        quota,
+        runs,
+    })
+}
+
+/// Turns a `quota = { ... }` table into the kernel's [`QuotaSpec`] (bytes),
+/// or says what is wrong with it.
+fn resolve_quota(raw: RawQuota) -> Result<QuotaSpec, String> {
+    let bytes = |field: &str, kib: Option<i64>| -> Result<u64, String> {
+        let kib = kib.unwrap_or(0);
+        let kib = u64::try_from(kib)
+            .map_err(|_| format!("quota.{field} = {kib}: a size cannot be negative (0 means no limit)"))?;
+        kib.checked_mul(1024).ok_or_else(|| {
+            format!(
+                "quota.{field} = {kib}: too large (at most {} KiB)",
+                u64::MAX / 1024
+            )
+        })
+    };
+    let max_virtual_bytes = bytes("virtual_kib", raw.virtual_kib)?;
+    let max_resident_bytes = bytes("resident_kib", raw.resident_kib)?;
+    let max_shared_bytes = bytes("shared_kib", raw.shared_kib)?;
+    if max_virtual_bytes != 0 && max_resident_bytes > max_virtual_bytes {
+        return Err(format!(
+            "quota.resident_kib ({}) is larger than quota.virtual_kib ({}): \
+             a process cannot have more resident than virtual memory",
+            max_resident_bytes / 1024,
+            max_virtual_bytes / 1024
+        ));
+    }
+    let policy = match raw.on_violation.as_deref() {
+        None | Some("fail") => QUOTA_POLICY_FAIL,
+        Some("kill") => QUOTA_POLICY_KILL,
+        Some(other) => {
+            return Err(format!(
+                "unknown quota.on_violation {other:?} (known: fail, kill)"
+            ))
+        }
+    };
+    Ok(QuotaSpec {
+        max_virtual_bytes,
+        max_resident_bytes,
+        max_shared_bytes,
+        policy,
+        reserved: 0,
     })
 }
 
@@ -401,6 +482,102 @@ mod tests {
             .contains("the limit is 128"));
         let many = "[[process]]\nprogram = \"hello\"\n".repeat(33);
         assert!(parse(&many).unwrap_err().to_string().contains("at most 32"));
+    }
+
+    #[test]
+    fn quotas_and_runs_resolve_to_the_kernel_spec() {
+        let s = parse(
+            "[[process]]\nprogram = \"hello\"\nruns = 1000\n\
+             quota = { virtual_kib = 1024, resident_kib = 256, shared_kib = 64, on_violation = \"kill\" }\n\
+             [[process]]\nprogram = \"hello\"\nquota = { resident_kib = 8 }\n\
+             [[process]]\nprogram = \"hello\"\nruns = 100000\nquota = {}\n",
+        )
+        .unwrap();
+        let [full, partial, plain] = &s.processes[..] else {
+            panic!("three processes expected, got {:?}", s.processes.len())
+        };
+        assert_eq!(full.runs, 1000);
+        assert_eq!(
+            full.quota,
+            QuotaSpec {
+                max_virtual_bytes: 1024 * 1024,
+                max_resident_bytes: 256 * 1024,
+                max_shared_bytes: 64 * 1024,
+                policy: QUOTA_POLICY_KILL,
+                reserved: 0,
+            }
+        );
+        assert_eq!(partial.runs, 1, "runs defaults to 1");
+        assert_eq!(
+            partial.quota,
+            QuotaSpec {
+                max_resident_bytes: 8 * 1024,
+                policy: QUOTA_POLICY_FAIL,
+                ..QuotaSpec::default()
+            }
+        );
+        assert_eq!(plain.runs, MAX_RUNS);
+        assert_eq!(plain.quota, QuotaSpec::default());
+        // Without a quota table there are no limits.
+        let s = parse("[[process]]\nprogram = \"hello\"\n").unwrap();
+        assert_eq!(
+            (s.processes[0].quota, s.processes[0].runs),
+            (QuotaSpec::default(), 1)
+        );
+        // A resident limit with an unlimited virtual size is fine.
+        let s = parse("[[process]]\nprogram = \"hello\"\nquota = { virtual_kib = 0, resident_kib = 64 }\n")
+            .unwrap();
+        assert_eq!(s.processes[0].quota.max_resident_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn bad_quotas_and_runs_are_rejected_with_reasons() {
+        let hello = "[[process]]\nprogram = \"hello\"\nname = \"h\"\n";
+        let cases = [
+            (
+                "runs = 0",
+                "test.toml: process #1 (h): runs = 0: it must be 1 to 100000",
+            ),
+            ("runs = 100001", "runs = 100001: it must be 1 to 100000"),
+            ("runs = -3", "runs = -3: it must be 1 to 100000"),
+            ("runs = 9223372036854775807", "it must be 1 to 100000"),
+            (
+                "quota = { on_violation = \"explode\" }",
+                "process #1 (h): unknown quota.on_violation \"explode\" (known: fail, kill)",
+            ),
+            (
+                "quota = { virtual_kib = -1 }",
+                "quota.virtual_kib = -1: a size cannot be negative",
+            ),
+            (
+                "quota = { shared_kib = 9223372036854775807 }",
+                "quota.shared_kib = 9223372036854775807: too large",
+            ),
+            (
+                "quota = { virtual_kib = 64, resident_kib = 128 }",
+                "quota.resident_kib (128) is larger than quota.virtual_kib (64)",
+            ),
+            ("quota = { bogus = 1 }", "test.toml:4:11: unknown field `bogus`"),
+            ("quota = { virtual_kib = \"1M\" }", "test.toml:4:"),
+            ("runs = \"many\"", "test.toml:4:8:"),
+        ];
+        for (line, needle) in cases {
+            let text = format!("{hello}{line}\n");
+            let error = parse(&text).unwrap_err().to_string();
+            assert!(
+                error.contains(needle),
+                "{line:?} gave {error:?}, expected {needle:?}"
+            );
+        }
+        // The largest size that still fits in u64 bytes is accepted.
+        let max_kib = u64::MAX / 1024;
+        let text = format!("{hello}quota = {{ shared_kib = {max_kib} }}\n");
+        assert_eq!(
+            parse(&text).unwrap().processes[0].quota.max_shared_bytes,
+            max_kib * 1024
+        );
+        let text = format!("{hello}quota = {{ shared_kib = {} }}\n", max_kib + 1);
+        assert!(parse(&text).unwrap_err().to_string().contains("too large"));
     }
 
     #[test]

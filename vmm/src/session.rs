@@ -52,6 +52,26 @@ pub enum Echo {
     Quiet,
 }
 
+/// How live events are printed (console lines are always text).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EventFormat {
+    /// `  event #N   tick T     <description>`, for people.
+    #[default]
+    Text,
+    /// One JSON object per line (see [`crate::event_json`]), for programs.
+    Json,
+}
+
+impl EventFormat {
+    /// The line printed for `entry` in this format (without a newline).
+    pub fn line(self, entry: &EventEntry) -> String {
+        match self {
+            EventFormat::Text => format!("  event #{:<3} tick {:<5} {}", entry.seq, entry.tick, entry.event),
+            EventFormat::Json => crate::event_json::to_line(entry),
+        }
+    }
+}
+
 /// State of one run.
 pub struct Session<'a> {
     /// Guest RAM.
@@ -74,6 +94,7 @@ pub struct Session<'a> {
     pub(crate) console: Console,
     pub(crate) ring: Option<EventRing>,
     echo: Echo,
+    event_format: EventFormat,
     process_names: Vec<String>,
     pid_names: BTreeMap<u32, String>,
 }
@@ -94,9 +115,16 @@ impl<'a> Session<'a> {
             console: Console::default(),
             ring: None,
             echo,
+            event_format: EventFormat::Text,
             process_names,
             pid_names: BTreeMap::new(),
         }
+    }
+
+    /// Prints live events (with [`Echo::Live`]) in `format` instead of text.
+    pub fn with_event_format(mut self, format: EventFormat) -> Self {
+        self.event_format = format;
+        self
     }
 
     /// Time since VMM start.
@@ -160,17 +188,15 @@ impl<'a> Session<'a> {
                         .unwrap_or_else(|| "?".into());
                     self.pid_names.insert(pid, name);
                 }
-                if self.echo == Echo::Live {
-                    emit(format_args!(
-                        "  event #{:<3} tick {:<5} {}",
-                        record.seq, record.tick, event
-                    ));
-                }
-                self.events.push(EventEntry {
+                let entry = EventEntry {
                     seq: record.seq,
                     tick: record.tick,
                     event,
-                });
+                };
+                if self.echo == Echo::Live {
+                    emit(format_args!("{}", self.event_format.line(&entry)));
+                }
+                self.events.push(entry);
             }
             Err(unknown) => self.warn(format!("event #{} has unknown kind {}", record.seq, unknown.0)),
         }
@@ -180,5 +206,59 @@ impl<'a> Session<'a> {
     pub fn finish_console(&mut self) {
         let lines = self.console.flush();
         self.add_lines(lines);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use superos_protocol::event::FaultKind;
+
+    #[test]
+    fn events_are_formatted_as_text_or_json() {
+        let entry = EventEntry {
+            seq: 7,
+            tick: 4,
+            event: Event::ProcessKilled {
+                pid: 4,
+                fault: Some(FaultKind::WriteToCode),
+                addr: 0x40_0010,
+                rip: 0x40_00a2,
+                error_code: 7,
+                vector: 14,
+            },
+        };
+        assert_eq!(
+            EventFormat::Text.line(&entry),
+            "  event #7   tick 4     pid 4 killed: write-to-code at 0x400010 (rip 0x4000a2, vector 14, error 0x7)"
+        );
+        let json: serde_json::Value = serde_json::from_str(&EventFormat::Json.line(&entry)).unwrap();
+        assert_eq!(json["kind"], "process-killed");
+        assert_eq!(json["fault"], "write-to-code");
+        assert_eq!(json["seq"], 7);
+        assert_eq!(EventFormat::default(), EventFormat::Text);
+    }
+
+    #[test]
+    fn records_are_kept_whatever_the_format() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec!["a".into()])
+            .with_event_format(EventFormat::Json);
+        let mut record = Event::ProcessSpawned {
+            pid: 9,
+            spec_index: 0,
+            pml4_gpa: 0x1000,
+        }
+        .encode();
+        record.seq = 3;
+        session.add_record(record);
+        session.add_record(EventRecord {
+            kind: 999,
+            ..Default::default()
+        });
+        assert_eq!(session.events.len(), 1);
+        assert_eq!(session.events[0].seq, 3);
+        assert_eq!(session.label(9), "a#9");
+        assert!(session.log[0].contains("unknown kind 999"), "{:?}", session.log);
     }
 }

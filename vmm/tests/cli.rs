@@ -52,8 +52,44 @@ fn run_with_no_arguments_runs_the_default_scenario_and_exits_0() {
 }
 
 #[test]
+fn events_json_prints_one_object_per_event_and_keeps_the_console() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, stderr) = vmm(&["run", "--events", "json", "--scrub", "kernel"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        !stdout.contains("  event #"),
+        "text event lines in JSON mode:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("[exit-code#3] exit-code: exiting with 3"),
+        "{stdout}"
+    );
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+        .collect();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{stdout}");
+    assert_eq!(events[0]["kind"], "kernel-ready", "{stdout}");
+    let exited = events
+        .iter()
+        .find(|e| e["kind"] == "process-exited" && e["pid"] == 3)
+        .unwrap_or_else(|| panic!("no exit of pid 3:\n{stdout}"));
+    assert_eq!(exited["code"], 3);
+    let killed = events
+        .iter()
+        .find(|e| e["kind"] == "process-killed")
+        .unwrap_or_else(|| panic!("no kill:\n{stdout}"));
+    assert_eq!(killed["fault"], "write-to-code");
+    assert!(killed["rip"].is_u64());
+}
+
+#[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["run", "no-such-scenario"],
             "no scenario file or embedded scenario named \"no-such-scenario\"",
@@ -68,6 +104,14 @@ fn bad_arguments_exit_2_with_a_clear_message() {
             "cannot read kernel /nonexistent/kernel.elf",
         ),
         (&["run", "--timeout", "0"], "--timeout must be a positive number"),
+        (
+            &["run", "--scrub", "fast"],
+            "invalid value 'fast' for '--scrub <SCRUB>'",
+        ),
+        (
+            &["run", "--events", "xml"],
+            "invalid value 'xml' for '--events <FORMAT>'",
+        ),
     ];
     for (args, needle) in cases {
         let (code, _, stderr) = vmm(args);
@@ -111,6 +155,16 @@ fn help_shows_examples_and_list_shows_what_is_embedded() {
         stdout.contains("Examples:") && stdout.contains("Exit status:"),
         "{stdout}"
     );
+    for needle in [
+        "--scrub <SCRUB>",
+        "kernel:",
+        "vmm:",
+        "auto:",
+        "--events <FORMAT>",
+        "json:",
+    ] {
+        assert!(stdout.contains(needle), "--help lacks {needle:?}:\n{stdout}");
+    }
     let (code, stdout, _) = vmm(&["list"]);
     assert_eq!(code, 0);
     assert!(
