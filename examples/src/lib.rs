@@ -3,16 +3,20 @@
 //! It provides the entry point (`_start`, which calls the function named with
 //! [`entry!`] and exits with its result), system-call wrappers that go through
 //! the kernel's gate page (so the same binary runs whichever entry instruction
-//! the kernel chose), console printing, and a panic handler that prints the
-//! panic and exits with code 101.
+//! the kernel chose), memory and IPC calls, console printing, and a panic
+//! handler that prints the panic and exits with code 101.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
 use core::fmt::Write;
 use superos_protocol::layout::{GATE_INFO_OFFSET, GATE_VA};
-use superos_protocol::syscall::{decode_result, GateInfo, SysError, Syscall};
+use superos_protocol::syscall::{decode_recv, decode_result, GateInfo, SysError, Syscall};
 
+pub use superos_protocol::layout::PAGE_SIZE;
 pub use superos_protocol::syscall::SysError as Error;
+pub use superos_protocol::syscall::{
+    MemStat, MAILBOX_DEPTH, MESSAGE_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, RECV_NONBLOCK,
+};
 
 /// Raw system calls through the gate page.
 pub mod raw {
@@ -55,8 +59,13 @@ pub mod raw {
 }
 
 fn call(number: Syscall, a0: u64, a1: u64) -> Result<u64, SysError> {
-    // SAFETY: every wrapper below passes pointers derived from live slices.
-    decode_result(unsafe { raw::syscall(number as u64, a0, a1, 0, 0, 0) })
+    call3(number, a0, a1, 0)
+}
+
+fn call3(number: Syscall, a0: u64, a1: u64, a2: u64) -> Result<u64, SysError> {
+    // SAFETY: every wrapper below passes pointers derived from live slices
+    // (of the length and mutability the call needs) or plain numbers.
+    decode_result(unsafe { raw::syscall(number as u64, a0, a1, a2, 0, 0) })
 }
 
 /// Writes `bytes` to the console; returns the number of bytes written.
@@ -88,6 +97,123 @@ pub fn gate_info() -> GateInfo {
     // SAFETY: the kernel maps the gate page read-only in every process, with a
     // GateInfo at this offset.
     unsafe { core::ptr::read_volatile((GATE_VA + GATE_INFO_OFFSET) as *const GateInfo) }
+}
+
+/// Reserves `len` bytes (rounded up to whole pages) of demand-zero memory with
+/// rights `prot` ([`PROT_READ`] or `PROT_READ | PROT_WRITE`) at an address the
+/// kernel chooses, and returns that address.
+///
+/// The memory is reached only through raw addresses (see [`read_u64`] and
+/// [`write_u64`]), never through Rust references, so mapping, unmapping and
+/// protecting it are safe operations.
+pub fn mem_map(len: u64, prot: u64) -> Result<u64, Error> {
+    call(Syscall::MemMap, len, prot)
+}
+
+/// Removes the whole pages `[addr, addr + len)` of `mem_map` memory; resident
+/// pages are scrubbed and freed. Later accesses fault.
+pub fn mem_unmap(addr: u64, len: u64) -> Result<(), Error> {
+    call(Syscall::MemUnmap, addr, len).map(drop)
+}
+
+/// Changes the rights of the `mem_map` pages `[addr, addr + len)` to `prot`;
+/// rights can only be removed.
+pub fn mem_protect(addr: u64, len: u64, prot: u64) -> Result<(), Error> {
+    call3(Syscall::MemProtect, addr, len, prot).map(drop)
+}
+
+/// The caller's memory usage and quotas.
+pub fn mem_stat() -> Result<MemStat, Error> {
+    let mut stat = MemStat::default();
+    call(Syscall::MemStat, &raw mut stat as u64, 0)?;
+    Ok(stat)
+}
+
+/// Copies `message` (at most [`MESSAGE_MAX`] bytes) into the mailbox of
+/// process `pid`.
+pub fn ipc_send(pid: u32, message: &[u8]) -> Result<(), Error> {
+    call3(
+        Syscall::IpcSend,
+        u64::from(pid),
+        message.as_ptr() as u64,
+        message.len() as u64,
+    )
+    .map(drop)
+}
+
+fn recv(buffer: &mut [u8], flags: u64) -> Result<(u32, usize), Error> {
+    let packed = call3(
+        Syscall::IpcRecv,
+        buffer.as_mut_ptr() as u64,
+        buffer.len() as u64,
+        flags,
+    )?;
+    let (sender, len) = decode_recv(packed);
+    Ok((sender, len as usize))
+}
+
+/// Takes the oldest message from the caller's mailbox into `buffer`, waiting
+/// for one if the mailbox is empty. Returns (sender pid, message length).
+/// A message longer than `buffer` stays queued ([`Error::BufferTooSmall`]).
+pub fn ipc_recv(buffer: &mut [u8]) -> Result<(u32, usize), Error> {
+    recv(buffer, 0)
+}
+
+/// Like [`ipc_recv`], but returns [`Error::WouldBlock`] instead of waiting
+/// when the mailbox is empty.
+pub fn ipc_try_recv(buffer: &mut [u8]) -> Result<(u32, usize), Error> {
+    recv(buffer, RECV_NONBLOCK)
+}
+
+/// Reads the `u64` at `addr` with a volatile load.
+///
+/// # Safety
+/// `addr` must be 8-byte aligned, and no Rust reference may cover it. The load
+/// itself may fault (that is how the fault tests provoke the kernel): an
+/// address the process may not read terminates it.
+pub unsafe fn read_u64(addr: u64) -> u64 {
+    // SAFETY: the caller guarantees alignment and that no reference aliases
+    // the address; whether it is readable is the kernel's to enforce.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+/// Writes `value` to the `u64` at `addr` with a volatile store.
+///
+/// # Safety
+/// As for [`read_u64`]; in addition the address must not hold anything the
+/// program relies on (its own stack, statics or code), unless overwriting it
+/// is the point.
+pub unsafe fn write_u64(addr: u64, value: u64) {
+    // SAFETY: see the function's contract.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
+}
+
+/// Reads the byte at `addr` with a volatile load.
+///
+/// # Safety
+/// As for [`read_u64`] (without the alignment requirement).
+pub unsafe fn read_u8(addr: u64) -> u8 {
+    // SAFETY: see the function's contract.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Writes `value` to the byte at `addr` with a volatile store.
+///
+/// # Safety
+/// As for [`write_u64`] (without the alignment requirement).
+pub unsafe fn write_u8(addr: u64, value: u8) {
+    // SAFETY: see the function's contract.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
+}
+
+/// Converts TSC cycles to nanoseconds with the kernel-published TSC
+/// frequency (0 if it is unknown).
+pub fn cycles_to_ns(cycles: u64) -> u64 {
+    let khz = gate_info().tsc_khz;
+    if khz == 0 {
+        return 0;
+    }
+    (u128::from(cycles) * 1_000_000 / u128::from(khz)) as u64
 }
 
 /// Reads the time-stamp counter.
@@ -186,6 +312,64 @@ macro_rules! println {
         let _ = core::fmt::Write::write_str(&mut console, "\n");
         console.flush();
     }};
+}
+
+/// The checks of a self-testing program: each prints one line,
+/// `<program>: <what>: <got> (as expected)` or `<program>: <what>: <got> WRONG`,
+/// and [`Checks::finish`] prints the tally and gives the exit code.
+pub struct Checks {
+    program: &'static str,
+    total: u32,
+    failures: u32,
+}
+
+impl Checks {
+    /// No checks yet, for the program named `program`.
+    pub const fn new(program: &'static str) -> Self {
+        Checks {
+            program,
+            total: 0,
+            failures: 0,
+        }
+    }
+
+    /// Records a check that `got` equals `want`; returns whether it did.
+    pub fn expect<T: PartialEq + core::fmt::Debug>(
+        &mut self,
+        what: impl core::fmt::Display,
+        got: T,
+        want: T,
+    ) -> bool {
+        let ok = got == want;
+        self.record(what, ok, &got)
+    }
+
+    /// Records a check whose outcome `ok` the caller decided, showing `got`;
+    /// returns `ok`.
+    pub fn record<T: core::fmt::Debug>(&mut self, what: impl core::fmt::Display, ok: bool, got: &T) -> bool {
+        self.total += 1;
+        let verdict = if ok { "(as expected)" } else { "WRONG" };
+        self.failures += u32::from(!ok);
+        println!("{}: {what}: {got:?} {verdict}", self.program);
+        ok
+    }
+
+    /// True if no check failed so far.
+    pub fn all_passed(&self) -> bool {
+        self.failures == 0
+    }
+
+    /// Prints `<program>: <passed> of <total> checks as expected` and returns
+    /// the exit code: 0 if every check passed, else 1.
+    pub fn finish(&self) -> i32 {
+        println!(
+            "{}: {} of {} checks as expected",
+            self.program,
+            self.total - self.failures,
+            self.total
+        );
+        i32::from(self.failures > 0)
+    }
 }
 
 /// Declares the program's main function: `fn(args: &[u8]) -> i32`. The

@@ -8,7 +8,8 @@
 
 use std::path::Path;
 use std::time::Duration;
-use superos_vmm::run::{run, RunConfig, RunReport};
+use superos_protocol::event::{Event, FaultKind};
+use superos_vmm::run::{run, GuestExit, ProcessStatus, RunConfig, RunReport};
 use superos_vmm::scenario::Scenario;
 
 /// True if the tests can use KVM; panics under CI if they cannot.
@@ -60,4 +61,116 @@ pub fn run_text(text: &str) -> RunReport {
 /// Panics with the whole report if `report` is not a clean success.
 pub fn assert_success(report: &RunReport) {
     assert!(report.success(), "run did not succeed: {report:#?}");
+}
+
+/// One `[[process]]` table of scenario text. `extra` is appended verbatim as
+/// further lines (`expect = ...`, `quota = ...`, `runs = ...`), or empty.
+pub fn process_toml(name: &str, program: &str, args: &str, extra: &str) -> String {
+    format!("[[process]]\nname = \"{name}\"\nprogram = \"{program}\"\nargs = \"{args}\"\n{extra}\n")
+}
+
+/// The kernel's decoded events, in order.
+pub fn events(report: &RunReport) -> impl Iterator<Item = &Event> {
+    report.events.iter().map(|entry| &entry.event)
+}
+
+/// What became of the scenario process `name`; panics with the report if the
+/// scenario has no such process.
+pub fn status_of(report: &RunReport, name: &str) -> ProcessStatus {
+    match report.process(name) {
+        Some(process) => process.status,
+        None => panic!("no process {name:?} in the report: {report:#?}"),
+    }
+}
+
+/// The pid of the scenario process `name` (its last run's); panics if it
+/// never started.
+pub fn pid_of(report: &RunReport, name: &str) -> u32 {
+    report
+        .process(name)
+        .and_then(|p| p.pid)
+        .unwrap_or_else(|| panic!("process {name:?} has no pid: {report:#?}"))
+}
+
+/// The fault the process `name` was terminated for, or `None` if it was not
+/// terminated.
+pub fn fault_of(report: &RunReport, name: &str) -> Option<FaultKind> {
+    match status_of(report, name) {
+        ProcessStatus::Killed { fault, .. } => fault,
+        _ => None,
+    }
+}
+
+/// Panics with the report unless the guest ended with a normal kernel
+/// shutdown (no panic, triple fault or timeout).
+pub fn assert_clean_shutdown(report: &RunReport) {
+    assert!(
+        matches!(report.exit, GuestExit::Shutdown { .. }),
+        "the guest did not shut down normally: {}\n{report:#?}",
+        report.exit
+    );
+}
+
+/// Free frames after boot, from `KernelReady`.
+pub fn ready_free_frames(report: &RunReport) -> Option<u64> {
+    events(report).find_map(|event| match *event {
+        Event::KernelReady { free_frames, .. } => Some(free_frames),
+        _ => None,
+    })
+}
+
+/// `(free_frames, total_frames, spawned)` from `KernelShutdown`.
+pub fn shutdown_frames(report: &RunReport) -> Option<(u64, u64, u64)> {
+    events(report).find_map(|event| match *event {
+        Event::KernelShutdown {
+            free_frames,
+            total_frames,
+            spawned,
+        } => Some((free_frames, total_frames, spawned)),
+        _ => None,
+    })
+}
+
+/// Panics unless the kernel shut down with exactly as many free frames as it
+/// had after booting: every frame a process used came back.
+pub fn assert_no_frame_lost(report: &RunReport) {
+    let ready = ready_free_frames(report).expect("a KernelReady event");
+    let (free, total, spawned) =
+        shutdown_frames(report).unwrap_or_else(|| panic!("no KernelShutdown event: {:?}", report.events));
+    assert_eq!(
+        free,
+        ready,
+        "{} frames lost ({free} of {total} free at shutdown, {ready} after boot, {spawned} processes)",
+        ready as i64 - free as i64
+    );
+}
+
+/// Panics unless the self-checking program `name` (one that prints a line per
+/// check ending in `(as expected)` or `WRONG`, and exits 0 iff all passed) ran
+/// at least `min_checks` checks and all passed.
+pub fn assert_checks_pass(report: &RunReport, name: &str, min_checks: usize) {
+    let output = report.output_of(name);
+    let wrong: Vec<&&str> = output.iter().filter(|line| line.ends_with("WRONG")).collect();
+    assert!(
+        wrong.is_empty(),
+        "{name}: failed checks {wrong:#?}\nall output: {output:#?}"
+    );
+    let passed = output
+        .iter()
+        .filter(|line| line.ends_with("(as expected)"))
+        .count();
+    assert!(
+        passed >= min_checks,
+        "{name}: only {passed} checks passed, expected at least {min_checks}: {output:#?}"
+    );
+    let tally = output
+        .iter()
+        .find_map(|line| line.strip_suffix(" checks as expected"))
+        .and_then(|line| line.rsplit_once(": "))
+        .and_then(|(_, tally)| tally.split_once(" of "));
+    match tally {
+        Some((passed, total)) => assert_eq!(passed, total, "{output:#?}"),
+        None => panic!("{name}: no tally line: {output:#?}"),
+    }
+    assert_eq!(status_of(report, name), ProcessStatus::Exited(0), "{output:#?}");
 }

@@ -1,0 +1,457 @@
+//! Memory on the real kernel: the memory calls, demand-zero pages, quotas and
+//! their events, every kind of memory violation, scrubbing of freed frames,
+//! frame accounting over many process lifetimes, and running out of guest
+//! memory.
+
+use superos_protocol::event::{Event, FaultKind, QuotaKind};
+use superos_protocol::layout::{PAGE_SIZE, USER_STACK_PAGES, USER_STACK_TOP};
+use superos_protocol::syscall::{PROT_READ, PROT_WRITE};
+use superos_tests::*;
+use superos_vmm::run::ProcessStatus;
+
+/// Where the kernel places a process's first mapping.
+const MAP_BASE: u64 = 0x1_0000_0000;
+/// The kernel address `fault` touches.
+const KERNEL: u64 = 0xffff_ffff_8010_0000;
+
+/// A process that computes for a while next to the one under test.
+fn bystander() -> String {
+    process_toml("bystander", "hello", "spin=20", "")
+}
+
+#[test]
+fn every_memory_violation_terminates_only_the_offender() {
+    if !kvm_available() {
+        return;
+    }
+    let stack_guard = USER_STACK_TOP - USER_STACK_PAGES * PAGE_SIZE - PAGE_SIZE;
+    // (kind, fault, the faulting address if it is known exactly)
+    let kinds: [(&str, FaultKind, Option<u64>); 12] = [
+        ("unmapped", FaultKind::UnmappedAccess, Some(0x2000_0000)),
+        ("stack-guard", FaultKind::StackGuard, None),
+        ("write-code", FaultKind::WriteToCode, None),
+        ("write-rodata", FaultKind::WriteToReadOnly, None),
+        ("exec-heap", FaultKind::ExecuteNonExecutable, Some(MAP_BASE)),
+        ("exec-stack", FaultKind::ExecuteNonExecutable, None),
+        ("kernel-read", FaultKind::KernelAccess, Some(KERNEL)),
+        ("kernel-write", FaultKind::KernelAccess, Some(KERNEL)),
+        ("write-protected", FaultKind::WriteToReadOnly, Some(MAP_BASE)),
+        ("write-read-only-map", FaultKind::WriteToReadOnly, Some(MAP_BASE)),
+        ("use-after-unmap", FaultKind::UnmappedAccess, Some(MAP_BASE)),
+        (
+            "guard-overflow",
+            FaultKind::UnmappedAccess,
+            Some(MAP_BASE + PAGE_SIZE),
+        ),
+    ];
+    for (kind, fault, address) in kinds {
+        let text = bystander()
+            + &process_toml(
+                "offender",
+                "fault",
+                &format!("kind={kind}"),
+                &format!("expect = {{ fault = \"{}\" }}", fault.name()),
+            );
+        let report = run_text(&text);
+        assert_clean_shutdown(&report);
+        let output = report.output_of("offender");
+        assert!(
+            output
+                .iter()
+                .all(|line| !line.contains("SURVIVED") && !line.contains("could not")),
+            "{kind}: {output:#?}"
+        );
+        assert!(
+            output.first().is_some_and(|line| line.starts_with("fault: ")),
+            "{kind}: {output:#?}"
+        );
+        match status_of(&report, "offender") {
+            ProcessStatus::Killed {
+                fault: got,
+                addr,
+                rip,
+            } => {
+                assert_eq!(got, Some(fault), "{kind}: {report:#?}");
+                if let Some(address) = address {
+                    assert_eq!(addr, address, "{kind}: fault address");
+                }
+                match kind {
+                    "stack-guard" => assert!(
+                        (stack_guard..stack_guard + PAGE_SIZE).contains(&addr),
+                        "stack-guard: {addr:#x} is not in the guard page"
+                    ),
+                    "write-code" => assert!((0x40_0000..0x4000_0000).contains(&addr), "{addr:#x}"),
+                    "exec-heap" | "exec-stack" => assert_eq!(rip, addr, "{kind}: the fetch faults"),
+                    _ => {}
+                }
+            }
+            other => panic!("{kind}: the offender was not terminated: {other}\n{report:#?}"),
+        }
+        assert_eq!(
+            status_of(&report, "bystander"),
+            ProcessStatus::Exited(0),
+            "{kind}: the bystander suffered"
+        );
+        assert!(report.success(), "{kind}: {report:#?}");
+        // The offender's frames were all given back.
+        assert_no_frame_lost(&report);
+    }
+}
+
+#[test]
+fn the_faults_scenario_terminates_every_offender_and_spares_the_bystander() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_embedded("faults");
+    assert_success(&report);
+    assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
+    let killed = report
+        .processes
+        .iter()
+        .filter(|p| matches!(p.status, ProcessStatus::Killed { .. }))
+        .count();
+    assert_eq!(killed, report.processes.len() - 1, "{report:#?}");
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn mem_demo_checks_every_documented_behaviour() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(&process_toml("mem-demo", "mem-demo", "", ""));
+    assert_clean_shutdown(&report);
+    assert_checks_pass(&report, "mem-demo", 60);
+    let pid = pid_of(&report, "mem-demo");
+    // The first mapping: 4 pages + 1 byte, rounded up to 5 pages, read-write.
+    let first = events(&report).find_map(|event| match *event {
+        Event::MemMapped {
+            pid: p,
+            addr,
+            len,
+            prot,
+        } if p == pid => Some((addr, len, prot)),
+        _ => None,
+    });
+    assert_eq!(first, Some((MAP_BASE, 5 * PAGE_SIZE, PROT_READ | PROT_WRITE)));
+    assert!(
+        events(&report).any(|event| matches!(
+            *event,
+            Event::MemProtected { pid: p, addr: MAP_BASE, len: PAGE_SIZE, prot: PROT_READ } if p == pid
+        )),
+        "no MemProtected event: {:#?}",
+        report.events
+    );
+    // The partial unmap of the one touched page 2 freed exactly one page.
+    assert!(
+        events(&report).any(|event| matches!(
+            *event,
+            Event::MemUnmapped { pid: p, addr, len: PAGE_SIZE, freed_pages: 1 }
+                if p == pid && addr == MAP_BASE + 2 * PAGE_SIZE
+        )),
+        "no MemUnmapped event for page 2: {:#?}",
+        report.events
+    );
+    // Refused calls log nothing: one MemMapped per successful mem_map.
+    let mapped = events(&report)
+        .filter(|event| matches!(event, Event::MemMapped { .. }))
+        .count();
+    assert_eq!(mapped, 5, "{:#?}", report.events);
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn the_memory_scenario_runs_as_expected() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_embedded("memory");
+    assert_success(&report);
+    assert_checks_pass(&report, "mem-demo", 60);
+    assert_eq!(status_of(&report, "quota-denied"), ProcessStatus::Exited(0));
+    assert_eq!(
+        fault_of(&report, "resident-hog"),
+        Some(FaultKind::ResidentQuotaExceeded)
+    );
+    assert_no_frame_lost(&report);
+}
+
+/// The `QuotaDenied` events of process `pid`.
+fn denials(report: &superos_vmm::run::RunReport, pid: u32) -> Vec<(Option<QuotaKind>, u64, u64)> {
+    events(report)
+        .filter_map(|event| match *event {
+            Event::QuotaDenied {
+                pid: p,
+                quota,
+                requested,
+                limit,
+            } if p == pid => Some((quota, requested, limit)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The `QuotaPressure` events of process `pid`.
+fn pressure(report: &superos_vmm::run::RunReport, pid: u32) -> Vec<(Option<QuotaKind>, u64, u64)> {
+    events(report)
+        .filter_map(|event| match *event {
+            Event::QuotaPressure {
+                pid: p,
+                quota,
+                used,
+                limit,
+            } if p == pid => Some((quota, used, limit)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_virtual_quota_with_policy_fail_refuses_the_mapping_with_an_error() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(
+        &(process_toml(
+            "hog",
+            "quota-hog",
+            "mode=map mib=16",
+            "quota = { virtual_kib = 1024, on_violation = \"fail\" }",
+        ) + &bystander()),
+    );
+    assert_success(&report);
+    assert_eq!(status_of(&report, "hog"), ProcessStatus::Exited(0));
+    let output = report.output_of("hog");
+    assert!(
+        output.iter().any(|line| line.ends_with("then: quota-exceeded")),
+        "{output:#?}"
+    );
+    let pid = pid_of(&report, "hog");
+    let denied = denials(&report, pid);
+    assert_eq!(denied.len(), 1, "one refused mem_map, one event: {denied:?}");
+    let (quota, requested, limit) = denied[0];
+    assert_eq!(quota, Some(QuotaKind::Virtual));
+    assert_eq!(limit, 1 << 20);
+    assert!(
+        requested > limit && requested <= limit + (64 << 10),
+        "{requested}"
+    );
+    // On the way there it crossed 90% of the quota once.
+    let pressure = pressure(&report, pid);
+    assert_eq!(pressure.len(), 1, "{pressure:?}");
+    let (quota, used, limit) = pressure[0];
+    assert_eq!((quota, limit), (Some(QuotaKind::Virtual), 1 << 20));
+    assert!(used * 10 >= limit * 9 && used <= limit, "{used}");
+    assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn a_virtual_quota_with_policy_kill_terminates_the_process() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(&(process_toml(
+        "hog",
+        "quota-hog",
+        "mode=map mib=16",
+        "quota = { virtual_kib = 1024, on_violation = \"kill\" }\nexpect = { fault = \"virtual-quota-exceeded\" }",
+    ) + &bystander()));
+    assert_success(&report);
+    assert_eq!(fault_of(&report, "hog"), Some(FaultKind::VirtualQuotaExceeded));
+    let output = report.output_of("hog");
+    assert!(
+        output.iter().all(|line| !line.starts_with("quota-hog: mapped")),
+        "it should not have lived to report: {output:#?}"
+    );
+    let denied = denials(&report, pid_of(&report, "hog"));
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!((denied[0].0, denied[0].2), (Some(QuotaKind::Virtual), 1 << 20));
+    assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn exceeding_the_resident_quota_terminates_the_process_under_either_policy() {
+    if !kvm_available() {
+        return;
+    }
+    for policy in ["fail", "kill"] {
+        let report = run_text(
+            &(process_toml(
+                "hog",
+                "quota-hog",
+                "mode=touch mib=4",
+                &format!(
+                    "quota = {{ resident_kib = 512, on_violation = \"{policy}\" }}\n\
+                 expect = {{ fault = \"resident-quota-exceeded\" }}"
+                ),
+            ) + &bystander()),
+        );
+        assert_success(&report);
+        assert_eq!(
+            fault_of(&report, "hog"),
+            Some(FaultKind::ResidentQuotaExceeded),
+            "{policy}"
+        );
+        // The mapping itself succeeded; it died touching, before 1 MiB.
+        let output = report.output_of("hog");
+        assert!(
+            output.iter().any(|line| line.contains("touching every page")),
+            "{policy}: {output:#?}"
+        );
+        assert!(
+            output.iter().all(|line| !line.contains("MiB touched")),
+            "{policy}: {output:#?}"
+        );
+        assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
+        assert_no_frame_lost(&report);
+    }
+}
+
+#[test]
+fn crossing_90_percent_of_the_resident_quota_logs_pressure_once() {
+    if !kvm_available() {
+        return;
+    }
+    let quota = "quota = { resident_kib = 2048, on_violation = \"fail\" }";
+    let report = run_text(
+        &(process_toml("heavy", "quota-hog", "mode=touch kib=1900", quota)
+            + &process_toml("light", "quota-hog", "mode=touch kib=256", quota)),
+    );
+    assert_success(&report);
+    let heavy = pressure(&report, pid_of(&report, "heavy"));
+    assert_eq!(heavy.len(), 1, "{heavy:?}");
+    let (kind, used, limit) = heavy[0];
+    assert_eq!((kind, limit), (Some(QuotaKind::Resident), 2048 << 10));
+    assert!(used * 10 >= limit * 9 && used <= limit, "{used} of {limit}");
+    assert!(
+        pressure(&report, pid_of(&report, "light")).is_empty(),
+        "a process far below its quota is under no pressure"
+    );
+    assert!(denials(&report, pid_of(&report, "heavy")).is_empty());
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn freed_memory_reaches_the_next_process_zeroed() {
+    if !kvm_available() {
+        return;
+    }
+    // The filler either unmaps its pages itself or leaves them to be freed
+    // when it exits; the reader maps the same amount once the filler is gone.
+    for unmap in [1, 0] {
+        let report = run_text(
+            &(process_toml("reader", "scrub", "mode=read pages=256 filler=2", "")
+                + &process_toml(
+                    "filler",
+                    "scrub",
+                    &format!("mode=fill pages=256 reader=1 unmap={unmap}"),
+                    "",
+                )),
+        );
+        assert_success(&report);
+        assert_eq!(pid_of(&report, "reader"), 1);
+        assert_eq!(pid_of(&report, "filler"), 2);
+        let output = report.output_of("reader");
+        assert!(
+            output
+                .iter()
+                .any(|line| line.ends_with("read 256 fresh pages: 0 non-zero bytes")),
+            "unmap={unmap}: {output:#?}"
+        );
+        if unmap == 1 {
+            assert!(events(&report).any(|event| matches!(
+                *event,
+                Event::MemUnmapped {
+                    pid: 2,
+                    freed_pages: 256,
+                    ..
+                }
+            )));
+        }
+        assert_no_frame_lost(&report);
+    }
+}
+
+#[test]
+fn a_thousand_process_lifetimes_lose_no_frame() {
+    if !kvm_available() {
+        return;
+    }
+    let text = process_toml("churn", "churn", "pages=16", "runs = 1000");
+    let mut config = config(scenario(&text));
+    config.timeout = std::time::Duration::from_secs(300);
+    let report = run_config(config);
+    assert_success(&report);
+    assert_eq!(status_of(&report, "churn"), ProcessStatus::Exited(0));
+    assert!(
+        report.lines.iter().all(|line| !line.text.starts_with("churn")),
+        "a run failed: {:#?}",
+        report.lines
+    );
+    let exits = events(&report)
+        .filter(|event| matches!(event, Event::ProcessExited { code: 0, .. }))
+        .count() as u64;
+    let (_, _, spawned) = shutdown_frames(&report).expect("a KernelShutdown event");
+    assert_eq!(spawned, 1000);
+    // Events may be dropped if the ring fills; those that arrived are exits.
+    assert!(exits + report.lost_events >= 1000, "{exits} exits");
+    if report.lost_events == 0 {
+        // Every run is a new process, and pids count up with every run.
+        let pids: Vec<u32> = events(&report)
+            .filter_map(|event| match *event {
+                Event::ProcessSpawned { pid, .. } => Some(pid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pids, (1..=1000).collect::<Vec<u32>>());
+    }
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn touching_more_memory_than_the_guest_has_is_out_of_memory_not_a_panic() {
+    if !kvm_available() {
+        return;
+    }
+    let text = String::from("[vm]\nmemory_mib = 32\n")
+        + &bystander()
+        + &process_toml(
+            "hog",
+            "quota-hog",
+            "mode=touch mib=64",
+            "expect = { fault = \"out-of-memory\" }",
+        );
+    let report = run_text(&text);
+    assert_clean_shutdown(&report);
+    assert_eq!(
+        fault_of(&report, "hog"),
+        Some(FaultKind::OutOfMemory),
+        "{report:#?}"
+    );
+    assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
+    assert_success(&report);
+    // It got a good part of the guest before running out.
+    let output = report.output_of("hog");
+    assert!(output.contains(&"quota-hog: 8 MiB touched"), "{output:#?}");
+    assert!(
+        output.iter().all(|line| !line.contains("touched all")),
+        "{output:#?}"
+    );
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn mem_cost_reports_its_figures() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_embedded("mem-cost");
+    assert_success(&report);
+    let output = report.output_of("mem-cost");
+    assert_eq!(output.len(), 2, "{output:#?}");
+    assert!(output[0].starts_with("mem-cost: mem_map + first touch + mem_unmap of 1 page: "));
+    assert!(output[1].starts_with("mem-cost: demand-zero fault: "));
+}
