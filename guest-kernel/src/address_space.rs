@@ -137,6 +137,24 @@ impl Chunks {
         *slot = Some(chunk);
     }
 
+    /// The first `len` bytes of the buffer.
+    pub fn truncated(&self, len: u64) -> Chunks {
+        let mut out = Chunks::default();
+        let mut left = len;
+        for chunk in self.iter() {
+            if left == 0 {
+                break;
+            }
+            let take = chunk.len.min(left);
+            out.push(Chunk {
+                phys: chunk.phys,
+                len: take,
+            });
+            left -= take;
+        }
+        out
+    }
+
     /// The pieces, in address order.
     pub fn iter(&self) -> impl Iterator<Item = Chunk> + '_ {
         self.items.iter().flatten().copied()
@@ -414,10 +432,11 @@ impl AddressSpace {
             return Err(SysError::BadAddress);
         }
         // Check every page before faulting any in, so a bad buffer changes
-        // nothing.
+        // nothing. A buffer spans at most two pages; remember each page's
+        // translation so it is walked only once.
         let first = addr & !(PAGE_SIZE - 1);
-        let mut page = first;
-        while page < end {
+        let mut frames: [Option<u64>; 2] = [None; 2];
+        for (slot, page) in (first..end).step_by(PAGE_SIZE as usize).enumerate() {
             let present = paging::translate(
                 &mut Tables {
                     memory: &mut *memory,
@@ -428,6 +447,7 @@ impl AddressSpace {
             );
             let allowed = match present {
                 Some(t) => {
+                    frames[slot] = Some(t.phys);
                     t.flags.contains(Flags::USER_ACCESSIBLE) && (!write || t.flags.contains(Flags::WRITABLE))
                 }
                 None => self
@@ -437,20 +457,11 @@ impl AddressSpace {
             if !allowed {
                 return Err(SysError::BadAddress);
             }
-            page += PAGE_SIZE;
         }
         let mut va = addr;
-        while va < end {
-            let page = va & !(PAGE_SIZE - 1);
-            let phys = match paging::translate(
-                &mut Tables {
-                    memory: &mut *memory,
-                    pid: self.pid,
-                },
-                self.pml4,
-                page,
-            ) {
-                Some(t) => t.phys,
+        for (slot, page) in (first..end).step_by(PAGE_SIZE as usize).enumerate() {
+            let phys = match frames[slot] {
+                Some(phys) => phys,
                 None => {
                     let kind = self.region_at(page).map(|r| r.kind).ok_or(SysError::BadAddress)?;
                     self.fault_in(memory, page, kind).map_err(|fault| match fault {

@@ -115,6 +115,21 @@ impl KernelMemory {
         self.pending = 0;
     }
 
+    /// Releases a frame of which only the first `dirty` bytes were ever
+    /// written (message frames). Small prefixes are cheaper to zero here than
+    /// to send to the VMM, whatever the strategy.
+    pub fn release_dirty_prefix(&mut self, frame: u64, dirty: u64) {
+        const ZERO_IN_KERNEL_UP_TO: u64 = 512;
+        if dirty <= ZERO_IN_KERNEL_UP_TO {
+            // SAFETY: the frame is owned by the caller and lies in guest RAM,
+            // which the direct map covers.
+            unsafe { core::ptr::write_bytes(direct::<u8>(frame), 0, dirty as usize) };
+            self.free_zeroed(frame);
+        } else {
+            self.release_frame(frame);
+        }
+    }
+
     fn free_zeroed(&mut self, frame: u64) {
         if let Err(error) = self.frames.free(frame) {
             panic!("freeing frame {frame:#x}: {error:?}");

@@ -205,7 +205,7 @@ impl Kernel {
         }
         self.resume_at = index;
         for message in process.mailbox {
-            self.memory.release_frame(message.frame);
+            self.memory.release_dirty_prefix(message.frame, message.len);
         }
         process.space.destroy(&mut self.memory);
         log_event(event, self.ticks);

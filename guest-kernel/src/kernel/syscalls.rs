@@ -5,10 +5,10 @@
 //! addresses.
 
 use super::host::{console_write, log_event};
-use super::memory::{copy_phys, read_phys, write_phys};
+use super::memory::{copy_phys, write_phys};
 use super::process::{Message, ProcessState, Termination};
 use super::{Kernel, TrapFrame};
-use crate::address_space::{Memory, Refusal};
+use crate::address_space::{Chunks, Memory, Refusal};
 use superos_protocol::event::{Event, FaultKind};
 use superos_protocol::hypercall::STATUS_OK;
 use superos_protocol::ownership::FrameOwner;
@@ -191,7 +191,12 @@ impl Kernel {
             .mailbox
             .push_back(Message { sender, len, frame });
         if let ProcessState::Receiving { buf, cap } = self.processes[target_index].state {
-            let result = self.deliver(target_index, buf, cap);
+            // The receiver's buffer was checked when it blocked; its pages
+            // cannot have changed since (it has not run), so this succeeds.
+            let result = self.processes[target_index]
+                .space
+                .user_buffer(&mut self.memory, buf, cap, true)
+                .and_then(|chunks| self.deliver(target_index, &chunks, cap));
             self.wake(target_index, result);
         }
         Ok(0)
@@ -206,14 +211,15 @@ impl Kernel {
         let (_, index) = self.caller();
         // Check the whole buffer up front, so a bad buffer is reported even
         // when no message is waiting.
-        if let Err(error) = self.processes[index]
+        let chunks = match self.processes[index]
             .space
             .user_buffer(&mut self.memory, buf, cap, true)
         {
-            return Outcome::Return(Err(error));
-        }
+            Ok(chunks) => chunks,
+            Err(error) => return Outcome::Return(Err(error)),
+        };
         if !self.processes[index].mailbox.is_empty() {
-            return Outcome::Return(self.deliver(index, buf, cap));
+            return Outcome::Return(self.deliver(index, &chunks, cap));
         }
         if flags & RECV_NONBLOCK != 0 {
             return Outcome::Return(Err(SysError::WouldBlock));
@@ -223,9 +229,9 @@ impl Kernel {
         Outcome::Handled
     }
 
-    /// Copies the oldest message of process `index` into its buffer and
-    /// frees the message frame.
-    fn deliver(&mut self, index: usize, buf: u64, cap: u64) -> Result<u64, SysError> {
+    /// Copies the oldest message of process `index` into its receive buffer
+    /// (`chunks`, `cap` bytes) and frees the message frame.
+    fn deliver(&mut self, index: usize, chunks: &Chunks, cap: u64) -> Result<u64, SysError> {
         let process = &mut self.processes[index];
         let message = *process
             .mailbox
@@ -234,26 +240,13 @@ impl Kernel {
         if message.len > cap {
             return Err(SysError::BufferTooSmall);
         }
-        let chunks = process
-            .space
-            .user_buffer(&mut self.memory, buf, message.len, true)?;
         let mut offset = 0;
-        for chunk in chunks.iter() {
+        for chunk in chunks.truncated(message.len).iter() {
             copy_phys(message.frame + offset, chunk.phys, chunk.len);
             offset += chunk.len;
         }
         process.mailbox.pop_front();
-        self.memory.release_frame(message.frame);
+        self.memory.release_dirty_prefix(message.frame, message.len);
         Ok(encode_recv(message.sender, message.len as u32))
-    }
-}
-
-/// Reads a user value through its chunks (used by tests of the copy paths).
-#[allow(dead_code)]
-fn read_chunks(chunks: &crate::address_space::Chunks, out: &mut [u8]) {
-    let mut offset = 0;
-    for chunk in chunks.iter() {
-        read_phys(chunk.phys, &mut out[offset..offset + chunk.len as usize]);
-        offset += chunk.len as usize;
     }
 }
