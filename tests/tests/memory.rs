@@ -440,6 +440,16 @@ fn touching_more_memory_than_the_guest_has_is_out_of_memory_not_a_panic() {
         output.iter().all(|line| !line.contains("touched all")),
         "{output:#?}"
     );
+    // Memory pressure is visible before the end: the free pool ran low.
+    let pool_low = report.events.iter().find_map(|e| match e.event {
+        superos_protocol::event::Event::FramePoolLow {
+            free_frames,
+            total_frames,
+        } => Some((free_frames, total_frames)),
+        _ => None,
+    });
+    let (free, total) = pool_low.expect("a FramePoolLow event");
+    assert!(free * 10 < total, "{free} of {total}");
     assert_no_frame_lost(&report);
 }
 
