@@ -13,18 +13,9 @@ const GUEST_TARGET: &str = "x86_64-unknown-none";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let workspace = manifest_dir
-        .parent()
-        .expect("vmm/ lives in the workspace")
-        .to_path_buf();
+    let workspace = manifest_dir.parent().expect("vmm/ lives in the workspace").to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for watched in [
-        "guest-kernel",
-        "examples",
-        "protocol",
-        "Cargo.lock",
-        ".cargo/config.toml",
-    ] {
+    for watched in ["guest-kernel", "examples", "protocol", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
 
@@ -33,14 +24,7 @@ fn main() {
     cargo_build_guest(
         &workspace,
         &guest_target_dir,
-        &[
-            "-p",
-            "guest-kernel",
-            "--features",
-            "bare-metal",
-            "--bin",
-            "superos-kernel",
-        ],
+        &["-p", "guest-kernel", "--features", "bare-metal", "--bin", "superos-kernel"],
     );
     cargo_build_guest(
         &workspace,
@@ -67,10 +51,7 @@ fn main() {
     let scenario_dir = workspace.join("examples/scenarios");
     for name in sorted_stems(&scenario_dir, "toml") {
         let path = scenario_dir.join(format!("{name}.toml"));
-        generated += &format!(
-            "    ({name:?}, include_str!({:?})),\n",
-            path.display().to_string()
-        );
+        generated += &format!("    ({name:?}, include_str!({:?})),\n", path.display().to_string());
     }
     generated += "];\n";
     fs::write(out_dir.join("guest_images.rs"), generated).expect("writing guest_images.rs");
@@ -84,9 +65,7 @@ fn check_guest_target_installed() {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    let installed = libdir
-        .as_deref()
-        .is_some_and(|dir| dir.join("libcore.rlib").exists() || has_core(dir));
+    let installed = libdir.as_deref().is_some_and(|dir| dir.join("libcore.rlib").exists() || has_core(dir));
     if !installed {
         eprintln!(
             "error: the Rust target {GUEST_TARGET} is not installed (needed to build the SuperOS guest); run: rustup target add {GUEST_TARGET}"
@@ -97,11 +76,7 @@ fn check_guest_target_installed() {
 
 fn has_core(dir: &Path) -> bool {
     fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("libcore-"))
-        })
+        .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libcore-")))
         .unwrap_or(false)
 }
 

@@ -132,22 +132,11 @@ pub fn mem_stat() -> Result<MemStat, Error> {
 /// Copies `message` (at most [`MESSAGE_MAX`] bytes) into the mailbox of
 /// process `pid`.
 pub fn ipc_send(pid: u32, message: &[u8]) -> Result<(), Error> {
-    call3(
-        Syscall::IpcSend,
-        u64::from(pid),
-        message.as_ptr() as u64,
-        message.len() as u64,
-    )
-    .map(drop)
+    call3(Syscall::IpcSend, u64::from(pid), message.as_ptr() as u64, message.len() as u64).map(drop)
 }
 
 fn recv(buffer: &mut [u8], flags: u64) -> Result<(u32, usize), Error> {
-    let packed = call3(
-        Syscall::IpcRecv,
-        buffer.as_mut_ptr() as u64,
-        buffer.len() as u64,
-        flags,
-    )?;
+    let packed = call3(Syscall::IpcRecv, buffer.as_mut_ptr() as u64, buffer.len() as u64, flags)?;
     let (sender, len) = decode_recv(packed);
     Ok((sender, len as usize))
 }
@@ -260,10 +249,7 @@ pub struct Console {
 impl Console {
     /// An empty line buffer.
     pub const fn new() -> Self {
-        Console {
-            buffer: [0; 256],
-            len: 0,
-        }
+        Console { buffer: [0; 256], len: 0 }
     }
     /// Sends the buffered bytes.
     pub fn flush(&mut self) {
@@ -326,11 +312,7 @@ pub struct Checks {
 impl Checks {
     /// No checks yet, for the program named `program`.
     pub const fn new(program: &'static str) -> Self {
-        Checks {
-            program,
-            total: 0,
-            failures: 0,
-        }
+        Checks { program, total: 0, failures: 0 }
     }
 
     /// Records a check that `got` equals `want`; returns whether it did.
@@ -362,12 +344,7 @@ impl Checks {
     /// Prints `<program>: <passed> of <total> checks as expected` and returns
     /// the exit code: 0 if every check passed, else 1.
     pub fn finish(&self) -> i32 {
-        println!(
-            "{}: {} of {} checks as expected",
-            self.program,
-            self.total - self.failures,
-            self.total
-        );
+        println!("{}: {} of {} checks as expected", self.program, self.total - self.failures, self.total);
         i32::from(self.failures > 0)
     }
 }

@@ -129,11 +129,7 @@ pub struct Chunks {
 
 impl Chunks {
     fn push(&mut self, chunk: Chunk) {
-        let slot = self
-            .items
-            .iter_mut()
-            .find(|s| s.is_none())
-            .expect("at most two pieces");
+        let slot = self.items.iter_mut().find(|s| s.is_none()).expect("at most two pieces");
         *slot = Some(chunk);
     }
 
@@ -146,10 +142,7 @@ impl Chunks {
                 break;
             }
             let take = chunk.len.min(left);
-            out.push(Chunk {
-                phys: chunk.phys,
-                len: take,
-            });
+            out.push(Chunk { phys: chunk.phys, len: take });
             left -= take;
         }
         out
@@ -206,21 +199,9 @@ impl AddressSpace {
             quotas,
             pressure_reported: [false; 2],
         };
-        space.regions.push(Region {
-            start: guard_bottom,
-            end: stack_bottom,
-            kind: RegionKind::StackGuard,
-        });
-        space.insert_region(Region {
-            start: stack_bottom,
-            end: USER_STACK_TOP,
-            kind: RegionKind::Stack,
-        });
-        space.regions.push(Region {
-            start: GATE_VA,
-            end: GATE_VA + PAGE_SIZE,
-            kind: RegionKind::Gate,
-        });
+        space.regions.push(Region { start: guard_bottom, end: stack_bottom, kind: RegionKind::StackGuard });
+        space.insert_region(Region { start: stack_bottom, end: USER_STACK_TOP, kind: RegionKind::Stack });
+        space.regions.push(Region { start: GATE_VA, end: GATE_VA + PAGE_SIZE, kind: RegionKind::Gate });
         let gate = paging::map(
             &mut Tables { memory, pid },
             pml4,
@@ -297,14 +278,9 @@ impl AddressSpace {
         flags: Flags,
     ) -> Result<u64, Refusal> {
         self.check_resident(1)?;
-        let frame = memory
-            .alloc_frame(FrameOwner::Private(self.pid))
-            .ok_or(SysError::OutOfMemory)?;
+        let frame = memory.alloc_frame(FrameOwner::Private(self.pid)).ok_or(SysError::OutOfMemory)?;
         let mapped = paging::map(
-            &mut Tables {
-                memory,
-                pid: self.pid,
-            },
+            &mut Tables { memory, pid: self.pid },
             self.pml4,
             va,
             frame,
@@ -353,11 +329,7 @@ impl AddressSpace {
         let len = len.next_multiple_of(PAGE_SIZE);
         self.check_virtual(len)?;
         let mut candidate = USER_MMAP_BASE;
-        for region in self
-            .regions
-            .iter()
-            .filter(|r| r.end > USER_MMAP_BASE && r.start < USER_MMAP_LIMIT)
-        {
+        for region in self.regions.iter().filter(|r| r.end > USER_MMAP_BASE && r.start < USER_MMAP_LIMIT) {
             if candidate + len + PAGE_SIZE <= region.start {
                 break;
             }
@@ -389,9 +361,7 @@ impl AddressSpace {
                     if error_code & PF_WRITE != 0 && !region.kind.is_writable() {
                         return Err(FaultKind::WriteToReadOnly);
                     }
-                    return self
-                        .fault_in(memory, addr & !(PAGE_SIZE - 1), region.kind)
-                        .map(|_| ());
+                    return self.fault_in(memory, addr & !(PAGE_SIZE - 1), region.kind).map(|_| ());
                 }
             }
         }
@@ -406,8 +376,7 @@ impl AddressSpace {
         if kind.is_writable() {
             flags |= Flags::WRITABLE;
         }
-        self.map_private_page(memory, page, flags)
-            .map_err(|_| FaultKind::OutOfMemory)
+        self.map_private_page(memory, page, flags).map_err(|_| FaultKind::OutOfMemory)
     }
 
     /// The physical pieces of the user buffer `[addr, addr + len)`, checked
@@ -437,14 +406,8 @@ impl AddressSpace {
         let first = addr & !(PAGE_SIZE - 1);
         let mut frames: [Option<u64>; 2] = [None; 2];
         for (slot, page) in (first..end).step_by(PAGE_SIZE as usize).enumerate() {
-            let present = paging::translate(
-                &mut Tables {
-                    memory: &mut *memory,
-                    pid: self.pid,
-                },
-                self.pml4,
-                page,
-            );
+            let present =
+                paging::translate(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, page);
             let allowed = match present {
                 Some(t) => {
                     frames[slot] = Some(t.phys);
@@ -471,10 +434,7 @@ impl AddressSpace {
                 }
             };
             let piece_end = end.min(page + PAGE_SIZE);
-            chunks.push(Chunk {
-                phys: phys + (va - page),
-                len: piece_end - va,
-            });
+            chunks.push(Chunk { phys: phys + (va - page), len: piece_end - va });
             va = piece_end;
         }
         Ok(chunks)
@@ -521,14 +481,9 @@ impl AddressSpace {
         let end = self.check_anonymous_range(addr, len)?;
         let mut freed = 0;
         for page in (addr..end).step_by(PAGE_SIZE as usize) {
-            if let Some(frame) = paging::unmap(
-                &mut Tables {
-                    memory: &mut *memory,
-                    pid: self.pid,
-                },
-                self.pml4,
-                page,
-            ) {
+            if let Some(frame) =
+                paging::unmap(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, page)
+            {
                 memory.flush(self.pml4, page);
                 memory.release_frame(frame);
                 self.resident_pages -= 1;
@@ -569,11 +524,7 @@ impl AddressSpace {
         }
         self.split_at(addr);
         self.split_at(end);
-        for region in self
-            .regions
-            .iter_mut()
-            .filter(|r| r.start >= addr && r.end <= end)
-        {
+        for region in self.regions.iter_mut().filter(|r| r.start >= addr && r.end <= end) {
             region.kind = RegionKind::Anonymous { writable };
         }
         Ok(())
@@ -581,10 +532,7 @@ impl AddressSpace {
 
     /// Clears the writable bit of the leaf mapping `page`, if present.
     fn clear_writable<M: Memory>(&mut self, memory: &mut M, page: u64) -> bool {
-        let mut tables = Tables {
-            memory,
-            pid: self.pid,
-        };
+        let mut tables = Tables { memory, pid: self.pid };
         let mut table = self.pml4;
         for level in (2..=4u32).rev() {
             let entry = &tables.table(table)[((page >> (12 + 9 * (level - 1))) & 0x1ff) as usize];
@@ -608,11 +556,7 @@ impl AddressSpace {
     pub fn pressure_crossings(&mut self) -> impl Iterator<Item = (QuotaKind, u64, u64)> {
         let usage = [
             (QuotaKind::Virtual, self.virtual_bytes, self.quotas.max_virtual),
-            (
-                QuotaKind::Resident,
-                self.resident_pages * PAGE_SIZE,
-                self.quotas.max_resident,
-            ),
+            (QuotaKind::Resident, self.resident_pages * PAGE_SIZE, self.quotas.max_resident),
         ];
         let mut crossed = [None, None];
         for (i, (kind, used, limit)) in usage.into_iter().enumerate() {
@@ -645,14 +589,9 @@ impl AddressSpace {
     pub fn destroy<M: Memory>(self, memory: &mut M) {
         let pid = self.pid;
         let mut leaves: Vec<u64> = Vec::new();
-        paging::free_user_half(
-            &mut Tables {
-                memory: &mut *memory,
-                pid,
-            },
-            self.pml4,
-            |_, frame, _| leaves.push(frame),
-        );
+        paging::free_user_half(&mut Tables { memory: &mut *memory, pid }, self.pml4, |_, frame, _| {
+            leaves.push(frame)
+        });
         for frame in leaves {
             if memory.owner(frame) == Some(FrameOwner::Private(pid)) {
                 memory.release_frame(frame);
@@ -710,11 +649,7 @@ pub(crate) mod tests {
             }
         }
         pub fn bytes(&mut self, frame: u64) -> &mut [u8; 4096] {
-            &mut self
-                .frames
-                .entry(frame)
-                .or_insert_with(|| Box::new(FrameBytes([0; 4096])))
-                .0
+            &mut self.frames.entry(frame).or_insert_with(|| Box::new(FrameBytes([0; 4096]))).0
         }
     }
 
@@ -728,17 +663,12 @@ pub(crate) mod tests {
         }
         fn alloc_frame(&mut self, owner: FrameOwner) -> Option<u64> {
             let frame = self.allocator.alloc(owner)?;
-            assert!(
-                self.bytes(frame).iter().all(|&b| b == 0),
-                "allocated frame {frame:#x} is not zero"
-            );
+            assert!(self.bytes(frame).iter().all(|&b| b == 0), "allocated frame {frame:#x} is not zero");
             Some(frame)
         }
         fn release_frame(&mut self, frame: u64) {
             self.bytes(frame).fill(0);
-            self.allocator
-                .free(frame)
-                .unwrap_or_else(|e| panic!("release of {frame:#x}: {e:?}"));
+            self.allocator.free(frame).unwrap_or_else(|e| panic!("release of {frame:#x}: {e:?}"));
         }
         fn owner(&self, frame: u64) -> Option<FrameOwner> {
             self.allocator.owner(frame)
@@ -788,48 +718,25 @@ pub(crate) mod tests {
         let mut space = space(&mut memory, Quotas::default());
         let err = |e| Err(Refusal::Error(e));
         assert_eq!(space.map_anonymous(0, RW), err(SysError::InvalidArgument));
-        assert_eq!(
-            space.map_anonymous(USER_MMAP_MAX + 1, RW),
-            err(SysError::TooLarge)
-        );
-        assert_eq!(
-            space.map_anonymous(4096, PROT_READ | PROT_EXEC),
-            err(SysError::NotPermitted)
-        );
-        assert_eq!(
-            space.map_anonymous(4096, PROT_WRITE),
-            err(SysError::InvalidArgument)
-        );
+        assert_eq!(space.map_anonymous(USER_MMAP_MAX + 1, RW), err(SysError::TooLarge));
+        assert_eq!(space.map_anonymous(4096, PROT_READ | PROT_EXEC), err(SysError::NotPermitted));
+        assert_eq!(space.map_anonymous(4096, PROT_WRITE), err(SysError::InvalidArgument));
         assert_eq!(space.map_anonymous(4096, 0), err(SysError::InvalidArgument));
         let a = space.map_anonymous(0x3000, RW).unwrap();
         assert_eq!(space.unmap(&mut memory, a + 1, 4096), Err(SysError::Unaligned));
         assert_eq!(space.unmap(&mut memory, a, 0), Err(SysError::InvalidArgument));
         assert_eq!(space.unmap(&mut memory, a, u64::MAX), Err(SysError::Overflow));
-        assert_eq!(
-            space.unmap(&mut memory, a, 0x4000),
-            Err(SysError::BadAddress),
-            "runs into the guard"
-        );
+        assert_eq!(space.unmap(&mut memory, a, 0x4000), Err(SysError::BadAddress), "runs into the guard");
         assert_eq!(
             space.unmap(&mut memory, USER_STACK_TOP - 4096, 4096),
             Err(SysError::BadAddress),
             "not mem_map memory"
         );
-        assert_eq!(
-            space.protect(&mut memory, a, 4096, RW | PROT_EXEC),
-            Err(SysError::NotPermitted)
-        );
+        assert_eq!(space.protect(&mut memory, a, 4096, RW | PROT_EXEC), Err(SysError::NotPermitted));
         space.protect(&mut memory, a, 4096, PROT_READ).unwrap();
-        assert_eq!(
-            space.protect(&mut memory, a, 4096, RW),
-            Err(SysError::NotPermitted)
-        );
+        assert_eq!(space.protect(&mut memory, a, 4096, RW), Err(SysError::NotPermitted));
         space.unmap(&mut memory, a, 0x3000).unwrap();
-        assert_eq!(
-            space.unmap(&mut memory, a, 0x3000),
-            Err(SysError::BadAddress),
-            "double unmap"
-        );
+        assert_eq!(space.unmap(&mut memory, a, 0x3000), Err(SysError::BadAddress), "double unmap");
     }
 
     #[test]
@@ -840,33 +747,19 @@ pub(crate) mod tests {
         let a = space.map_anonymous(0x4000, RW).unwrap();
         assert_eq!(space.resident_pages(), 0);
         assert_eq!(memory.allocator.free_frames(), free_before);
-        space
-            .handle_page_fault(&mut memory, a + 0x1008, USER_WRITE)
-            .unwrap();
+        space.handle_page_fault(&mut memory, a + 0x1008, USER_WRITE).unwrap();
         space.handle_page_fault(&mut memory, a + 0x3000, 4).unwrap();
         assert_eq!(space.resident_pages(), 2);
-        let frame = paging::translate(
-            &mut Tables {
-                memory: &mut memory,
-                pid: 1,
-            },
-            space.pml4(),
-            a + 0x1000,
-        )
-        .unwrap();
+        let frame =
+            paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), a + 0x1000).unwrap();
         assert_eq!(memory.owner(frame.phys), Some(FrameOwner::Private(1)));
-        assert!(frame
-            .flags
-            .contains(Flags::WRITABLE | Flags::NO_EXECUTE | Flags::USER_ACCESSIBLE));
+        assert!(frame.flags.contains(Flags::WRITABLE | Flags::NO_EXECUTE | Flags::USER_ACCESSIBLE));
         memory.bytes(frame.phys)[0] = 0xaa;
         assert_eq!(space.unmap(&mut memory, a, 0x4000), Ok(2));
         assert_eq!(space.resident_pages(), 0);
         assert_eq!(memory.owner(frame.phys), Some(FrameOwner::Free));
         assert_eq!(memory.bytes(frame.phys)[0], 0, "freed frames are scrubbed");
-        assert_eq!(
-            space.handle_page_fault(&mut memory, a + 0x1000, 4),
-            Err(FaultKind::UnmappedAccess)
-        );
+        assert_eq!(space.handle_page_fault(&mut memory, a + 0x1000, 4), Err(FaultKind::UnmappedAccess));
     }
 
     #[test]
@@ -874,10 +767,7 @@ pub(crate) mod tests {
         let mut memory = FakeMemory::new();
         let mut space = space(&mut memory, Quotas::default());
         let ro = space.map_anonymous(4096, PROT_READ).unwrap();
-        assert_eq!(
-            space.handle_page_fault(&mut memory, ro, USER_WRITE),
-            Err(FaultKind::WriteToReadOnly)
-        );
+        assert_eq!(space.handle_page_fault(&mut memory, ro, USER_WRITE), Err(FaultKind::WriteToReadOnly));
         space.handle_page_fault(&mut memory, ro, 4).unwrap();
         assert_eq!(
             space.handle_page_fault(&mut memory, ro, USER_WRITE | PF_PRESENT),
@@ -890,54 +780,27 @@ pub(crate) mod tests {
         let rw = space.map_anonymous(4096, RW).unwrap();
         space.handle_page_fault(&mut memory, rw, USER_WRITE).unwrap();
         space.protect(&mut memory, rw, 4096, PROT_READ).unwrap();
-        assert!(
-            memory.flushes >= 1,
-            "the TLB entry of a write-protected page is flushed"
-        );
-        let t = paging::translate(
-            &mut Tables {
-                memory: &mut memory,
-                pid: 1,
-            },
-            space.pml4(),
-            rw,
-        )
-        .unwrap();
+        assert!(memory.flushes >= 1, "the TLB entry of a write-protected page is flushed");
+        let t = paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), rw).unwrap();
         assert!(!t.flags.contains(Flags::WRITABLE));
         let guard = USER_STACK_TOP - (USER_STACK_PAGES + 1) * PAGE_SIZE;
-        assert_eq!(
-            space.handle_page_fault(&mut memory, guard + 8, USER_WRITE),
-            Err(FaultKind::StackGuard)
-        );
-        space
-            .handle_page_fault(&mut memory, USER_STACK_TOP - 8, USER_WRITE)
-            .unwrap();
+        assert_eq!(space.handle_page_fault(&mut memory, guard + 8, USER_WRITE), Err(FaultKind::StackGuard));
+        space.handle_page_fault(&mut memory, USER_STACK_TOP - 8, USER_WRITE).unwrap();
     }
 
     #[test]
     fn quotas_refuse_mappings_and_resident_growth() {
         let mut memory = FakeMemory::new();
-        let quotas = Quotas {
-            max_virtual: 16 * 4096,
-            max_resident: 3 * 4096,
-            max_shared: 0,
-            kill: false,
-        };
+        let quotas = Quotas { max_virtual: 16 * 4096, max_resident: 3 * 4096, max_shared: 0, kill: false };
         let mut space = space(&mut memory, quotas);
         // The stack's 8 pages count against the virtual quota.
         let a = space.map_anonymous(8 * 4096, RW).unwrap();
         assert_eq!(
             space.map_anonymous(4096, RW),
-            Err(Refusal::Quota {
-                kind: QuotaKind::Virtual,
-                requested: 17 * 4096,
-                limit: 16 * 4096
-            })
+            Err(Refusal::Quota { kind: QuotaKind::Virtual, requested: 17 * 4096, limit: 16 * 4096 })
         );
         for page in 0..3 {
-            space
-                .handle_page_fault(&mut memory, a + page * 4096, USER_WRITE)
-                .unwrap();
+            space.handle_page_fault(&mut memory, a + page * 4096, USER_WRITE).unwrap();
         }
         assert_eq!(
             space.handle_page_fault(&mut memory, a + 3 * 4096, USER_WRITE),
@@ -946,16 +809,9 @@ pub(crate) mod tests {
         let crossings: Vec<_> = space.pressure_crossings().collect();
         assert_eq!(
             crossings,
-            vec![
-                (QuotaKind::Virtual, 16 * 4096, 16 * 4096),
-                (QuotaKind::Resident, 3 * 4096, 3 * 4096)
-            ]
+            vec![(QuotaKind::Virtual, 16 * 4096, 16 * 4096), (QuotaKind::Resident, 3 * 4096, 3 * 4096)]
         );
-        assert_eq!(
-            space.pressure_crossings().count(),
-            0,
-            "reported once per crossing"
-        );
+        assert_eq!(space.pressure_crossings().count(), 0, "reported once per crossing");
     }
 
     #[test]
@@ -964,11 +820,7 @@ pub(crate) mod tests {
         let mut space = space(&mut memory, Quotas::default());
         let ro = space.map_anonymous(4096, PROT_READ).unwrap();
         let rw = space.map_anonymous(0x2000, RW).unwrap();
-        assert_eq!(
-            space.user_buffer(&mut memory, ro, 16, true),
-            Err(SysError::BadAddress),
-            "read-only"
-        );
+        assert_eq!(space.user_buffer(&mut memory, ro, 16, true), Err(SysError::BadAddress), "read-only");
         assert_eq!(
             space.user_buffer(&mut memory, ro + 4090, 16, false),
             Err(SysError::BadAddress),
@@ -978,14 +830,8 @@ pub(crate) mod tests {
             space.user_buffer(&mut memory, 0xffff_8000_0000_0000, 8, false),
             Err(SysError::BadAddress)
         );
-        assert_eq!(
-            space.user_buffer(&mut memory, u64::MAX - 2, 8, false),
-            Err(SysError::Overflow)
-        );
-        assert_eq!(
-            space.user_buffer(&mut memory, rw, 4097, false),
-            Err(SysError::TooLarge)
-        );
+        assert_eq!(space.user_buffer(&mut memory, u64::MAX - 2, 8, false), Err(SysError::Overflow));
+        assert_eq!(space.user_buffer(&mut memory, rw, 4097, false), Err(SysError::TooLarge));
         assert_eq!(
             space.user_buffer(&mut memory, GATE_VA, 8, true),
             Err(SysError::BadAddress),
@@ -1023,14 +869,9 @@ pub(crate) mod tests {
         let mut found = Vec::new();
         for region in space.regions() {
             for page in (region.start..region.end).step_by(4096) {
-                if let Some(t) = paging::translate(
-                    &mut Tables {
-                        memory: &mut *memory,
-                        pid: 0,
-                    },
-                    space.pml4(),
-                    page,
-                ) {
+                if let Some(t) =
+                    paging::translate(&mut Tables { memory: &mut *memory, pid: 0 }, space.pml4(), page)
+                {
                     found.push((page, t.phys, t.flags));
                 }
             }

@@ -87,10 +87,7 @@ pub fn check_user_image(image: &[u8]) -> Result<LoadPlan, SpawnError> {
         if count == MAX_SEGMENTS {
             return Err(SpawnError::BadElf);
         }
-        let rights = SegmentRights {
-            write: header.p_flags & PF_W != 0,
-            execute: header.p_flags & PF_X != 0,
-        };
+        let rights = SegmentRights { write: header.p_flags & PF_W != 0, execute: header.p_flags & PF_X != 0 };
         if rights.write && rights.execute {
             return Err(SpawnError::WritableAndExecutable);
         }
@@ -99,17 +96,11 @@ pub fn check_user_image(image: &[u8]) -> Result<LoadPlan, SpawnError> {
             // than guess.
             return Err(SpawnError::BadElf);
         }
-        let file_end = header
-            .p_offset
-            .checked_add(header.p_filesz)
-            .ok_or(SpawnError::BadElf)?;
+        let file_end = header.p_offset.checked_add(header.p_filesz).ok_or(SpawnError::BadElf)?;
         if header.p_filesz > header.p_memsz || file_end > image.len() as u64 {
             return Err(SpawnError::BadElf);
         }
-        let mem_end = header
-            .p_vaddr
-            .checked_add(header.p_memsz)
-            .ok_or(SpawnError::BadSegmentAddress)?;
+        let mem_end = header.p_vaddr.checked_add(header.p_memsz).ok_or(SpawnError::BadSegmentAddress)?;
         if header.p_vaddr < USER_IMAGE_BASE || mem_end > USER_IMAGE_LIMIT {
             return Err(SpawnError::BadSegmentAddress);
         }
@@ -189,10 +180,7 @@ pub(crate) mod tests {
 
     #[test]
     fn accepts_a_well_formed_image() {
-        let image = build_elf(
-            0x40_0010,
-            &[(0x40_0000, 0x100, 0x100, RX), (0x40_1000, 0x2000, 0x10, RW)],
-        );
+        let image = build_elf(0x40_0010, &[(0x40_0000, 0x100, 0x100, RX), (0x40_1000, 0x2000, 0x10, RW)]);
         let plan = check_user_image(&image).unwrap();
         assert_eq!(plan.entry, 0x40_0010);
         assert_eq!(plan.segments().count(), 2);
@@ -207,28 +195,21 @@ pub(crate) mod tests {
 
     #[test]
     fn refuses_segments_outside_the_image_window_or_overlapping() {
-        let kernel_half = build_elf(
-            0xffff_8000_0000_0000,
-            &[(0xffff_8000_0000_0000, 0x100, 0x100, RX)],
-        );
+        let kernel_half = build_elf(0xffff_8000_0000_0000, &[(0xffff_8000_0000_0000, 0x100, 0x100, RX)]);
         assert_eq!(check_user_image(&kernel_half), Err(SpawnError::BadSegmentAddress));
         let low = build_elf(0x1000, &[(0x1000, 0x100, 0x100, RX)]);
         assert_eq!(check_user_image(&low), Err(SpawnError::BadSegmentAddress));
         let wrapping = build_elf(0x40_0000, &[(0x40_0000, u64::MAX, 0x10, RX)]);
         assert_eq!(check_user_image(&wrapping), Err(SpawnError::BadSegmentAddress));
-        let shared_page = build_elf(
-            0x40_0000,
-            &[(0x40_0000, 0x100, 0x100, RX), (0x40_0800, 0x100, 0x100, RW)],
-        );
+        let shared_page =
+            build_elf(0x40_0000, &[(0x40_0000, 0x100, 0x100, RX), (0x40_0800, 0x100, 0x100, RW)]);
         assert_eq!(check_user_image(&shared_page), Err(SpawnError::BadSegmentAddress));
     }
 
     #[test]
     fn refuses_entry_outside_code_and_bad_headers() {
-        let entry_in_data = build_elf(
-            0x40_1000,
-            &[(0x40_0000, 0x100, 0x100, RX), (0x40_1000, 0x100, 0x100, RW)],
-        );
+        let entry_in_data =
+            build_elf(0x40_1000, &[(0x40_0000, 0x100, 0x100, RX), (0x40_1000, 0x100, 0x100, RW)]);
         assert_eq!(check_user_image(&entry_in_data), Err(SpawnError::BadEntryPoint));
         let mut wrong_machine = build_elf(0x40_0000, &[(0x40_0000, 0x100, 0x100, RX)]);
         wrong_machine[18] = 0xb7; // EM_AARCH64

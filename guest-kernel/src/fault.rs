@@ -37,10 +37,7 @@ impl RegionKind {
 
     /// True for regions user code may write.
     pub fn is_writable(self) -> bool {
-        matches!(
-            self,
-            RegionKind::Data | RegionKind::Stack | RegionKind::Anonymous { writable: true }
-        )
+        matches!(self, RegionKind::Data | RegionKind::Stack | RegionKind::Anonymous { writable: true })
     }
 }
 
@@ -111,31 +108,11 @@ mod tests {
     use super::*;
 
     const REGIONS: &[Region] = &[
-        Region {
-            start: 0x40_0000,
-            end: 0x40_1000,
-            kind: RegionKind::Code,
-        },
-        Region {
-            start: 0x40_1000,
-            end: 0x40_2000,
-            kind: RegionKind::ReadOnlyData,
-        },
-        Region {
-            start: 0x40_2000,
-            end: 0x40_3000,
-            kind: RegionKind::Data,
-        },
-        Region {
-            start: 0x7000,
-            end: 0x8000,
-            kind: RegionKind::StackGuard,
-        },
-        Region {
-            start: 0x8000,
-            end: 0x10000,
-            kind: RegionKind::Stack,
-        },
+        Region { start: 0x40_0000, end: 0x40_1000, kind: RegionKind::Code },
+        Region { start: 0x40_1000, end: 0x40_2000, kind: RegionKind::ReadOnlyData },
+        Region { start: 0x40_2000, end: 0x40_3000, kind: RegionKind::Data },
+        Region { start: 0x7000, end: 0x8000, kind: RegionKind::StackGuard },
+        Region { start: 0x8000, end: 0x10000, kind: RegionKind::Stack },
     ];
 
     #[test]
@@ -143,32 +120,16 @@ mod tests {
         let user = 1 << 2;
         let cases = [
             (0x40_0010, PF_PRESENT | PF_WRITE | user, FaultKind::WriteToCode),
-            (
-                0x40_1010,
-                PF_PRESENT | PF_WRITE | user,
-                FaultKind::WriteToReadOnly,
-            ),
-            (
-                0x40_2010,
-                PF_PRESENT | PF_FETCH | user,
-                FaultKind::ExecuteNonExecutable,
-            ),
-            (
-                0x8010,
-                PF_PRESENT | PF_FETCH | user,
-                FaultKind::ExecuteNonExecutable,
-            ),
+            (0x40_1010, PF_PRESENT | PF_WRITE | user, FaultKind::WriteToReadOnly),
+            (0x40_2010, PF_PRESENT | PF_FETCH | user, FaultKind::ExecuteNonExecutable),
+            (0x8010, PF_PRESENT | PF_FETCH | user, FaultKind::ExecuteNonExecutable),
             (0x7ff8, PF_WRITE | user, FaultKind::StackGuard),
             (0x50_0000, user, FaultKind::UnmappedAccess),
             (0, user, FaultKind::UnmappedAccess),
             (0xffff_ffff_8010_0000, PF_PRESENT | user, FaultKind::KernelAccess),
         ];
         for (addr, code, expected) in cases {
-            assert_eq!(
-                classify_page_fault(REGIONS, addr, code),
-                expected,
-                "addr {addr:#x} code {code:#x}"
-            );
+            assert_eq!(classify_page_fault(REGIONS, addr, code), expected, "addr {addr:#x} code {code:#x}");
         }
     }
 

@@ -90,12 +90,8 @@ impl<'a> FrameAllocator<'a> {
                 continue;
             }
             let frames = ((end - start) / PAGE_SIZE).min(capacity - allocator.total);
-            allocator.ranges[allocator.range_count] = Range {
-                start,
-                end: start + frames * PAGE_SIZE,
-                cursor: start,
-                first_index: allocator.total,
-            };
+            allocator.ranges[allocator.range_count] =
+                Range { start, end: start + frames * PAGE_SIZE, cursor: start, first_index: allocator.total };
             allocator.range_count += 1;
             allocator.total += frames;
         }
@@ -156,9 +152,7 @@ impl<'a> FrameAllocator<'a> {
     }
 
     fn index_of(&self, frame: u64) -> Option<usize> {
-        let range = self.ranges[..self.range_count]
-            .iter()
-            .find(|r| r.start <= frame && frame < r.end)?;
+        let range = self.ranges[..self.range_count].iter().find(|r| r.start <= frame && frame < r.end)?;
         Some((range.first_index + (frame - range.start) / PAGE_SIZE) as usize)
     }
 
@@ -198,10 +192,7 @@ mod tests {
         // Storage for 8 frames caps the 3 + 6 frames of the ranges.
         assert_eq!(alloc.total_frames(), 8);
         let frames: Vec<u64> = std::iter::from_fn(|| alloc.alloc(OWNER)).collect();
-        assert_eq!(
-            frames,
-            vec![0x1000, 0x2000, 0x3000, 0x10000, 0x11000, 0x12000, 0x13000, 0x14000]
-        );
+        assert_eq!(frames, vec![0x1000, 0x2000, 0x3000, 0x10000, 0x11000, 0x12000, 0x13000, 0x14000]);
         assert_eq!(alloc.free_frames(), 0);
     }
 

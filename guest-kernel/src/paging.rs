@@ -56,9 +56,7 @@ pub struct Translation {
 }
 
 /// Flags of intermediate entries for user mappings (see the module invariant).
-pub const USER_TABLE_FLAGS: Flags = Flags::PRESENT
-    .union(Flags::WRITABLE)
-    .union(Flags::USER_ACCESSIBLE);
+pub const USER_TABLE_FLAGS: Flags = Flags::PRESENT.union(Flags::WRITABLE).union(Flags::USER_ACCESSIBLE);
 /// Flags of intermediate entries for kernel mappings.
 pub const KERNEL_TABLE_FLAGS: Flags = Flags::PRESENT.union(Flags::WRITABLE);
 
@@ -133,10 +131,7 @@ pub fn translate<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<
         if is_leaf {
             let page_mask = (1u64 << (12 + 9 * (level - 1))) - 1;
             let base = entry.addr().as_u64() & !page_mask;
-            return Some(Translation {
-                phys: base | (va & page_mask),
-                flags,
-            });
+            return Some(Translation { phys: base | (va & page_mask), flags });
         }
         table = entry.addr().as_u64();
     }
@@ -248,9 +243,7 @@ pub(crate) mod tests {
 
     impl PageTableMemory for FakeMemory {
         fn table(&mut self, frame: u64) -> &mut PageTable {
-            self.tables
-                .get_mut(&frame)
-                .unwrap_or_else(|| panic!("no table at {frame:#x}"))
+            self.tables.get_mut(&frame).unwrap_or_else(|| panic!("no table at {frame:#x}"))
         }
         fn alloc_table(&mut self) -> Option<u64> {
             self.next += PAGE_SIZE;
@@ -259,10 +252,7 @@ pub(crate) mod tests {
             Some(frame)
         }
         fn free_table(&mut self, frame: u64) {
-            assert!(
-                self.tables.remove(&frame).is_some(),
-                "freed unknown table {frame:#x}"
-            );
+            assert!(self.tables.remove(&frame).is_some(), "freed unknown table {frame:#x}");
         }
     }
 
@@ -278,14 +268,9 @@ pub(crate) mod tests {
         map_4k(&mut mem, pml4, 0x40_0000, 0x20_0000, flags).unwrap();
         let t = translate(&mut mem, pml4, 0x40_0123).unwrap();
         assert_eq!(t.phys, 0x20_0123);
-        assert!(t
-            .flags
-            .contains(Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE));
+        assert!(t.flags.contains(Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE));
         assert!(!t.flags.contains(Flags::WRITABLE));
-        assert_eq!(
-            map_4k(&mut mem, pml4, 0x40_0000, 0x30_0000, flags),
-            Err(MapError::AlreadyMapped)
-        );
+        assert_eq!(map_4k(&mut mem, pml4, 0x40_0000, 0x30_0000, flags), Err(MapError::AlreadyMapped));
         assert_eq!(unmap(&mut mem, pml4, 0x40_0000), Some(0x20_0000));
         assert_eq!(translate(&mut mem, pml4, 0x40_0000), None);
         assert_eq!(unmap(&mut mem, pml4, 0x40_0000), None);
@@ -295,10 +280,7 @@ pub(crate) mod tests {
     fn rejects_misaligned_and_non_canonical_addresses() {
         let mut mem = FakeMemory::default();
         let pml4 = mem.alloc_table().unwrap();
-        assert_eq!(
-            map_4k(&mut mem, pml4, 0x40_0001, 0, Flags::empty()),
-            Err(MapError::BadAddress)
-        );
+        assert_eq!(map_4k(&mut mem, pml4, 0x40_0001, 0, Flags::empty()), Err(MapError::BadAddress));
         assert_eq!(
             map_4k(&mut mem, pml4, 0x0000_8000_0000_0000, 0, Flags::empty()),
             Err(MapError::BadAddress)
@@ -311,20 +293,8 @@ pub(crate) mod tests {
         let mut mem = FakeMemory::default();
         let pml4 = mem.alloc_table().unwrap();
         let base = 0xffff_8000_0000_0000;
-        map(
-            &mut mem,
-            pml4,
-            base,
-            0x40_0000,
-            PageSize::Size2M,
-            Flags::WRITABLE,
-            KERNEL_TABLE_FLAGS,
-        )
-        .unwrap();
-        assert_eq!(
-            translate(&mut mem, pml4, base + 0x1_2345).unwrap().phys,
-            0x41_2345
-        );
+        map(&mut mem, pml4, base, 0x40_0000, PageSize::Size2M, Flags::WRITABLE, KERNEL_TABLE_FLAGS).unwrap();
+        assert_eq!(translate(&mut mem, pml4, base + 0x1_2345).unwrap().phys, 0x41_2345);
         assert_eq!(
             map_4k(&mut mem, pml4, base + 0x1000, 0, Flags::empty()),
             Err(MapError::LargePageInTheWay)

@@ -258,10 +258,7 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, memory_map), 72);
         assert_eq!(offset_of!(BootInfo, programs), 72 + 16 * 24);
         assert_eq!(offset_of!(BootInfo, processes), 72 + 16 * 24 + 32 * 48);
-        assert_eq!(
-            core::mem::size_of::<BootInfo>(),
-            72 + 16 * 24 + 32 * 48 + 32 * 208
-        );
+        assert_eq!(core::mem::size_of::<BootInfo>(), 72 + 16 * 24 + 32 * 48 + 32 * 208);
         assert_eq!(offset_of!(ProcessSpec, quota), 168);
     }
 

@@ -388,31 +388,18 @@ impl EventRecord {
         let pid = self.pid;
         let kind = EventKind::from_raw(self.kind).ok_or(UnknownEventKind(self.kind))?;
         Ok(match kind {
-            EventKind::KernelReady => Event::KernelReady {
-                gate_kind: a0 as u32,
-                free_frames: a1,
-                total_frames: a2,
-            },
-            EventKind::GateSelfTestFailed => Event::GateSelfTestFailed {
-                gate_kind: a0 as u32,
-                vector: a1,
-                rip: a2,
-                error_code: a3,
-            },
-            EventKind::ProcessSpawned => Event::ProcessSpawned {
-                pid,
-                spec_index: a0,
-                pml4_gpa: a1,
-            },
+            EventKind::KernelReady => {
+                Event::KernelReady { gate_kind: a0 as u32, free_frames: a1, total_frames: a2 }
+            }
+            EventKind::GateSelfTestFailed => {
+                Event::GateSelfTestFailed { gate_kind: a0 as u32, vector: a1, rip: a2, error_code: a3 }
+            }
+            EventKind::ProcessSpawned => Event::ProcessSpawned { pid, spec_index: a0, pml4_gpa: a1 },
             EventKind::SpawnFailed => Event::SpawnFailed {
                 spec_index: a0,
                 error: u32::try_from(a1).ok().and_then(SpawnError::from_raw),
             },
-            EventKind::ProcessExited => Event::ProcessExited {
-                pid,
-                code: a0 as i64,
-                preemptions: a1,
-            },
+            EventKind::ProcessExited => Event::ProcessExited { pid, code: a0 as i64, preemptions: a1 },
             EventKind::ProcessKilled => Event::ProcessKilled {
                 pid,
                 fault: u32::try_from(a0).ok().and_then(FaultKind::from_raw),
@@ -422,24 +409,9 @@ impl EventRecord {
                 vector: a4,
             },
             EventKind::HypercallRefused => Event::HypercallRefused { port: a0, status: a1 },
-            EventKind::MemMapped => Event::MemMapped {
-                pid,
-                addr: a0,
-                len: a1,
-                prot: a2,
-            },
-            EventKind::MemUnmapped => Event::MemUnmapped {
-                pid,
-                addr: a0,
-                len: a1,
-                freed_pages: a2,
-            },
-            EventKind::MemProtected => Event::MemProtected {
-                pid,
-                addr: a0,
-                len: a1,
-                prot: a2,
-            },
+            EventKind::MemMapped => Event::MemMapped { pid, addr: a0, len: a1, prot: a2 },
+            EventKind::MemUnmapped => Event::MemUnmapped { pid, addr: a0, len: a1, freed_pages: a2 },
+            EventKind::MemProtected => Event::MemProtected { pid, addr: a0, len: a1, prot: a2 },
             EventKind::QuotaDenied => Event::QuotaDenied {
                 pid,
                 quota: u32::try_from(a0).ok().and_then(QuotaKind::from_raw),
@@ -452,15 +424,10 @@ impl EventRecord {
                 used: a1,
                 limit: a2,
             },
-            EventKind::FramePoolLow => Event::FramePoolLow {
-                free_frames: a0,
-                total_frames: a1,
-            },
-            EventKind::KernelShutdown => Event::KernelShutdown {
-                free_frames: a0,
-                total_frames: a1,
-                spawned: a2,
-            },
+            EventKind::FramePoolLow => Event::FramePoolLow { free_frames: a0, total_frames: a1 },
+            EventKind::KernelShutdown => {
+                Event::KernelShutdown { free_frames: a0, total_frames: a1, spawned: a2 }
+            }
         })
     }
 }
@@ -470,48 +437,22 @@ impl Event {
     /// ring to fill in).
     pub fn encode(&self) -> EventRecord {
         let (kind, pid, args) = match *self {
-            Event::KernelReady {
-                gate_kind,
-                free_frames,
-                total_frames,
-            } => (
-                EventKind::KernelReady,
-                0,
-                [gate_kind as u64, free_frames, total_frames, 0, 0],
-            ),
-            Event::GateSelfTestFailed {
-                gate_kind,
-                vector,
-                rip,
-                error_code,
-            } => (
-                EventKind::GateSelfTestFailed,
-                0,
-                [gate_kind as u64, vector, rip, error_code, 0],
-            ),
-            Event::ProcessSpawned {
-                pid,
-                spec_index,
-                pml4_gpa,
-            } => (EventKind::ProcessSpawned, pid, [spec_index, pml4_gpa, 0, 0, 0]),
-            Event::SpawnFailed { spec_index, error } => (
-                EventKind::SpawnFailed,
-                0,
-                [spec_index, error.map_or(0, |e| e as u64), 0, 0, 0],
-            ),
-            Event::ProcessExited {
-                pid,
-                code,
-                preemptions,
-            } => (EventKind::ProcessExited, pid, [code as u64, preemptions, 0, 0, 0]),
-            Event::ProcessKilled {
-                pid,
-                fault,
-                addr,
-                rip,
-                error_code,
-                vector,
-            } => (
+            Event::KernelReady { gate_kind, free_frames, total_frames } => {
+                (EventKind::KernelReady, 0, [gate_kind as u64, free_frames, total_frames, 0, 0])
+            }
+            Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => {
+                (EventKind::GateSelfTestFailed, 0, [gate_kind as u64, vector, rip, error_code, 0])
+            }
+            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
+                (EventKind::ProcessSpawned, pid, [spec_index, pml4_gpa, 0, 0, 0])
+            }
+            Event::SpawnFailed { spec_index, error } => {
+                (EventKind::SpawnFailed, 0, [spec_index, error.map_or(0, |e| e as u64), 0, 0, 0])
+            }
+            Event::ProcessExited { pid, code, preemptions } => {
+                (EventKind::ProcessExited, pid, [code as u64, preemptions, 0, 0, 0])
+            }
+            Event::ProcessKilled { pid, fault, addr, rip, error_code, vector } => (
                 EventKind::ProcessKilled,
                 pid,
                 [fault.map_or(0, |f| f as u64), addr, rip, error_code, vector],
@@ -520,56 +461,26 @@ impl Event {
                 (EventKind::HypercallRefused, 0, [port, status, 0, 0, 0])
             }
             Event::MemMapped { pid, addr, len, prot } => (EventKind::MemMapped, pid, [addr, len, prot, 0, 0]),
-            Event::MemUnmapped {
-                pid,
-                addr,
-                len,
-                freed_pages,
-            } => (EventKind::MemUnmapped, pid, [addr, len, freed_pages, 0, 0]),
+            Event::MemUnmapped { pid, addr, len, freed_pages } => {
+                (EventKind::MemUnmapped, pid, [addr, len, freed_pages, 0, 0])
+            }
             Event::MemProtected { pid, addr, len, prot } => {
                 (EventKind::MemProtected, pid, [addr, len, prot, 0, 0])
             }
-            Event::QuotaDenied {
-                pid,
-                quota,
-                requested,
-                limit,
-            } => (
-                EventKind::QuotaDenied,
-                pid,
-                [quota.map_or(0, |q| q as u64), requested, limit, 0, 0],
-            ),
-            Event::QuotaPressure {
-                pid,
-                quota,
-                used,
-                limit,
-            } => (
-                EventKind::QuotaPressure,
-                pid,
-                [quota.map_or(0, |q| q as u64), used, limit, 0, 0],
-            ),
-            Event::FramePoolLow {
-                free_frames,
-                total_frames,
-            } => (EventKind::FramePoolLow, 0, [free_frames, total_frames, 0, 0, 0]),
-            Event::KernelShutdown {
-                free_frames,
-                total_frames,
-                spawned,
-            } => (
-                EventKind::KernelShutdown,
-                0,
-                [free_frames, total_frames, spawned, 0, 0],
-            ),
+            Event::QuotaDenied { pid, quota, requested, limit } => {
+                (EventKind::QuotaDenied, pid, [quota.map_or(0, |q| q as u64), requested, limit, 0, 0])
+            }
+            Event::QuotaPressure { pid, quota, used, limit } => {
+                (EventKind::QuotaPressure, pid, [quota.map_or(0, |q| q as u64), used, limit, 0, 0])
+            }
+            Event::FramePoolLow { free_frames, total_frames } => {
+                (EventKind::FramePoolLow, 0, [free_frames, total_frames, 0, 0, 0])
+            }
+            Event::KernelShutdown { free_frames, total_frames, spawned } => {
+                (EventKind::KernelShutdown, 0, [free_frames, total_frames, spawned, 0, 0])
+            }
         };
-        EventRecord {
-            seq: 0,
-            tick: 0,
-            kind: kind as u32,
-            pid,
-            args,
-        }
+        EventRecord { seq: 0, tick: 0, kind: kind as u32, pid, args }
     }
 }
 
@@ -579,13 +490,7 @@ impl core::fmt::Display for ProtName {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         use crate::syscall::{PROT_EXEC, PROT_READ, PROT_WRITE};
         let bit = |mask: u64, c: char| if self.0 & mask != 0 { c } else { '-' };
-        write!(
-            f,
-            "{}{}{}",
-            bit(PROT_READ, 'r'),
-            bit(PROT_WRITE, 'w'),
-            bit(PROT_EXEC, 'x')
-        )
+        write!(f, "{}{}{}", bit(PROT_READ, 'r'), bit(PROT_WRITE, 'w'), bit(PROT_EXEC, 'x'))
     }
 }
 
@@ -696,31 +601,16 @@ mod tests {
     #[test]
     fn events_round_trip_through_records() {
         let events = [
-            Event::KernelReady {
-                gate_kind: 2,
-                free_frames: 10,
-                total_frames: 20,
-            },
+            Event::KernelReady { gate_kind: 2, free_frames: 10, total_frames: 20 },
             Event::GateSelfTestFailed {
                 gate_kind: 1,
                 vector: 14,
                 rip: 0xffff_ffff_8010_0000,
                 error_code: 0x15,
             },
-            Event::ProcessSpawned {
-                pid: 3,
-                spec_index: 1,
-                pml4_gpa: 0x20_0000,
-            },
-            Event::SpawnFailed {
-                spec_index: 2,
-                error: Some(SpawnError::WritableAndExecutable),
-            },
-            Event::ProcessExited {
-                pid: 4,
-                code: -7,
-                preemptions: 9,
-            },
+            Event::ProcessSpawned { pid: 3, spec_index: 1, pml4_gpa: 0x20_0000 },
+            Event::SpawnFailed { spec_index: 2, error: Some(SpawnError::WritableAndExecutable) },
+            Event::ProcessExited { pid: 4, code: -7, preemptions: 9 },
             Event::ProcessKilled {
                 pid: 5,
                 fault: Some(FaultKind::WriteToCode),
@@ -729,10 +619,7 @@ mod tests {
                 error_code: 7,
                 vector: 14,
             },
-            Event::HypercallRefused {
-                port: 0x501,
-                status: 1,
-            },
+            Event::HypercallRefused { port: 0x501, status: 1 },
         ];
         for event in events {
             assert_eq!(event.encode().decode(), Ok(event));
@@ -741,10 +628,7 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_codes_are_reported_not_trusted() {
-        let record = EventRecord {
-            kind: 999,
-            ..Default::default()
-        };
+        let record = EventRecord { kind: 999, ..Default::default() };
         assert_eq!(record.decode(), Err(UnknownEventKind(999)));
         let record = EventRecord {
             kind: EventKind::ProcessKilled as u32,

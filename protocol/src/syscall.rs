@@ -263,21 +263,12 @@ mod tests {
             assert_eq!(decode_result(encode_result(Err(error))), Err(error));
         }
         // An unknown error number is still an error, never a success.
-        assert_eq!(
-            decode_result(500u64.wrapping_neg()),
-            Err(SysError::InvalidArgument)
-        );
+        assert_eq!(decode_result(500u64.wrapping_neg()), Err(SysError::InvalidArgument));
     }
 
     #[test]
     fn syscall_numbers_round_trip() {
-        for call in [
-            Syscall::Write,
-            Syscall::Exit,
-            Syscall::Yield,
-            Syscall::GetPid,
-            Syscall::GateSelfTest,
-        ] {
+        for call in [Syscall::Write, Syscall::Exit, Syscall::Yield, Syscall::GetPid, Syscall::GateSelfTest] {
             assert_eq!(Syscall::from_raw(call as u64), Some(call));
         }
         assert_eq!(Syscall::from_raw(0), None);

@@ -14,11 +14,7 @@ use superos_vmm::scenario::Scenario;
 
 /// True if the tests can use KVM; panics under CI if they cannot.
 pub fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if !usable {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -122,11 +118,9 @@ pub fn ready_free_frames(report: &RunReport) -> Option<u64> {
 /// `(free_frames, total_frames, spawned)` from `KernelShutdown`.
 pub fn shutdown_frames(report: &RunReport) -> Option<(u64, u64, u64)> {
     events(report).find_map(|event| match *event {
-        Event::KernelShutdown {
-            free_frames,
-            total_frames,
-            spawned,
-        } => Some((free_frames, total_frames, spawned)),
+        Event::KernelShutdown { free_frames, total_frames, spawned } => {
+            Some((free_frames, total_frames, spawned))
+        }
         _ => None,
     })
 }
@@ -151,14 +145,8 @@ pub fn assert_no_frame_lost(report: &RunReport) {
 pub fn assert_checks_pass(report: &RunReport, name: &str, min_checks: usize) {
     let output = report.output_of(name);
     let wrong: Vec<&&str> = output.iter().filter(|line| line.ends_with("WRONG")).collect();
-    assert!(
-        wrong.is_empty(),
-        "{name}: failed checks {wrong:#?}\nall output: {output:#?}"
-    );
-    let passed = output
-        .iter()
-        .filter(|line| line.ends_with("(as expected)"))
-        .count();
+    assert!(wrong.is_empty(), "{name}: failed checks {wrong:#?}\nall output: {output:#?}");
+    let passed = output.iter().filter(|line| line.ends_with("(as expected)")).count();
     assert!(
         passed >= min_checks,
         "{name}: only {passed} checks passed, expected at least {min_checks}: {output:#?}"

@@ -47,25 +47,14 @@ fn a_kernel_panic_is_reported_with_its_message_and_location() {
     let report = run_config(config);
     match &report.exit {
         GuestExit::KernelPanic(panic) => {
-            assert!(
-                panic.message.contains("injected kernel panic"),
-                "{}",
-                panic.message
-            );
-            assert!(
-                panic.message.contains("guest-kernel/src/kernel"),
-                "{}",
-                panic.message
-            );
+            assert!(panic.message.contains("injected kernel panic"), "{}", panic.message);
+            assert!(panic.message.contains("guest-kernel/src/kernel"), "{}", panic.message);
         }
         other => panic!("expected a kernel panic, got {other:?}"),
     }
     assert_eq!(report.exit_status(), EXIT_GUEST_CRASH);
     let diagnosis = report.diagnosis.as_ref().expect("a crash is diagnosed");
-    assert!(
-        diagnosis.symbol.as_deref().is_some_and(|s| s.contains("panic")),
-        "{diagnosis}"
-    );
+    assert!(diagnosis.symbol.as_deref().is_some_and(|s| s.contains("panic")), "{diagnosis}");
     assert!(diagnosis.instruction_bytes.is_some());
 }
 
@@ -80,13 +69,7 @@ fn a_triple_fault_is_diagnosed_with_rip_symbol_and_instruction_bytes() {
     assert_eq!(report.exit, GuestExit::TripleFault);
     assert_eq!(report.exit_status(), EXIT_GUEST_CRASH);
     let diagnosis = report.diagnosis.as_ref().expect("a crash is diagnosed");
-    assert!(
-        diagnosis
-            .symbol
-            .as_deref()
-            .is_some_and(|s| s.starts_with("kernel_main+")),
-        "{diagnosis}"
-    );
+    assert!(diagnosis.symbol.as_deref().is_some_and(|s| s.starts_with("kernel_main+")), "{diagnosis}");
     // The injected fault is a ud2 (0f 0b).
     assert_eq!(
         diagnosis.instruction_bytes.as_deref().map(|b| &b[..2]),
@@ -116,18 +99,10 @@ fn malformed_hypercalls_are_refused_and_logged_and_the_guest_goes_on() {
     use superos_protocol::hypercall::{STATUS_BAD_ADDRESS, STATUS_TOO_LARGE};
     assert_eq!(
         statuses,
-        vec![
-            u64::from(STATUS_BAD_ADDRESS),
-            u64::from(STATUS_TOO_LARGE),
-            u64::from(STATUS_BAD_ADDRESS)
-        ]
+        vec![u64::from(STATUS_BAD_ADDRESS), u64::from(STATUS_TOO_LARGE), u64::from(STATUS_BAD_ADDRESS)]
     );
     assert_eq!(report.log.len(), 3, "{:?}", report.log);
-    assert!(
-        report.log.iter().all(|l| l.contains("console write")),
-        "{:?}",
-        report.log
-    );
+    assert!(report.log.iter().all(|l| l.contains("console write")), "{:?}", report.log);
 }
 
 #[test]
@@ -143,12 +118,6 @@ fn the_watchdog_stops_a_guest_that_never_finishes() {
     assert!(matches!(report.exit, GuestExit::Timeout(_)), "{:?}", report.exit);
     assert_eq!(report.exit_status(), EXIT_TIMEOUT);
     // Preemption let the other process finish while spin spun.
-    assert_eq!(
-        report.process("hello").unwrap().status,
-        superos_vmm::run::ProcessStatus::Exited(0)
-    );
-    assert_eq!(
-        report.process("spin").unwrap().status,
-        superos_vmm::run::ProcessStatus::Unfinished
-    );
+    assert_eq!(report.process("hello").unwrap().status, superos_vmm::run::ProcessStatus::Exited(0));
+    assert_eq!(report.process("spin").unwrap().status, superos_vmm::run::ProcessStatus::Unfinished);
 }

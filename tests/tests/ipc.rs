@@ -54,10 +54,7 @@ fn each_senders_messages_arrive_in_fifo_order() {
         vec!["ipc: order-recv: 40 messages from each of 2 senders, all in order"]
     );
     for sender in ["sender-a", "sender-b"] {
-        assert_eq!(
-            report.output_of(sender),
-            vec!["ipc: order: sent 40 messages to pid 1"]
-        );
+        assert_eq!(report.output_of(sender), vec!["ipc: order: sent 40 messages to pid 1"]);
     }
 }
 
@@ -73,10 +70,7 @@ fn a_full_mailbox_refuses_the_ninth_message() {
             + &process_toml("flood", "ipc", "mode=flood peer=1", "")),
     );
     assert_success(&report);
-    assert_eq!(
-        report.output_of("flood"),
-        vec!["ipc: flood: pid 1 accepted 8 messages, then: mailbox-full"]
-    );
+    assert_eq!(report.output_of("flood"), vec!["ipc: flood: pid 1 accepted 8 messages, then: mailbox-full"]);
     assert_eq!(status_of(&report, "deaf"), ProcessStatus::Exited(0));
     assert_no_frame_lost(&report);
 }
@@ -124,10 +118,7 @@ fn a_ping_pong_measures_the_round_trip() {
     assert_eq!(report.output_of("pong"), vec!["ipc: pong: echoed 200 messages"]);
     let ping = report.output_of("ping");
     assert_eq!(ping.len(), 1, "{ping:#?}");
-    assert!(
-        ping[0].starts_with("ipc: pingpong: 200 round trips of 64 bytes with pid 1: "),
-        "{ping:#?}"
-    );
+    assert!(ping[0].starts_with("ipc: pingpong: 200 round trips of 64 bytes with pid 1: "), "{ping:#?}");
     assert!(ping[0].ends_with(" ns each"), "{ping:#?}");
 }
 
@@ -143,10 +134,7 @@ fn a_blocked_receiver_wakes_when_a_message_arrives() {
     assert_success(&report);
     assert_eq!(
         report.output_of("waiter"),
-        vec![
-            "ipc: wait: waiting for a message",
-            "ipc: wait: got 4 bytes from pid 2"
-        ]
+        vec!["ipc: wait: waiting for a message", "ipc: wait: got 4 bytes from pid 2"]
     );
 }
 
@@ -162,11 +150,7 @@ fn receivers_nobody_can_ever_wake_are_terminated_as_deadlocked() {
             + &process_toml("waiter", "ipc", "mode=wait", expect)),
     );
     assert_clean_shutdown(&report);
-    assert_eq!(
-        fault_of(&report, "waiter"),
-        Some(FaultKind::Deadlock),
-        "{report:#?}"
-    );
+    assert_eq!(fault_of(&report, "waiter"), Some(FaultKind::Deadlock), "{report:#?}");
     assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
     assert_success(&report);
     assert_no_frame_lost(&report);

@@ -38,11 +38,7 @@ fn every_memory_violation_terminates_only_the_offender() {
         ("write-protected", FaultKind::WriteToReadOnly, Some(MAP_BASE)),
         ("write-read-only-map", FaultKind::WriteToReadOnly, Some(MAP_BASE)),
         ("use-after-unmap", FaultKind::UnmappedAccess, Some(MAP_BASE)),
-        (
-            "guard-overflow",
-            FaultKind::UnmappedAccess,
-            Some(MAP_BASE + PAGE_SIZE),
-        ),
+        ("guard-overflow", FaultKind::UnmappedAccess, Some(MAP_BASE + PAGE_SIZE)),
     ];
     for (kind, fault, address) in kinds {
         let text = bystander()
@@ -56,21 +52,12 @@ fn every_memory_violation_terminates_only_the_offender() {
         assert_clean_shutdown(&report);
         let output = report.output_of("offender");
         assert!(
-            output
-                .iter()
-                .all(|line| !line.contains("SURVIVED") && !line.contains("could not")),
+            output.iter().all(|line| !line.contains("SURVIVED") && !line.contains("could not")),
             "{kind}: {output:#?}"
         );
-        assert!(
-            output.first().is_some_and(|line| line.starts_with("fault: ")),
-            "{kind}: {output:#?}"
-        );
+        assert!(output.first().is_some_and(|line| line.starts_with("fault: ")), "{kind}: {output:#?}");
         match status_of(&report, "offender") {
-            ProcessStatus::Killed {
-                fault: got,
-                addr,
-                rip,
-            } => {
+            ProcessStatus::Killed { fault: got, addr, rip } => {
                 assert_eq!(got, Some(fault), "{kind}: {report:#?}");
                 if let Some(address) = address {
                     assert_eq!(addr, address, "{kind}: fault address");
@@ -106,11 +93,7 @@ fn the_faults_scenario_terminates_every_offender_and_spares_the_bystander() {
     let report = run_embedded("faults");
     assert_success(&report);
     assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
-    let killed = report
-        .processes
-        .iter()
-        .filter(|p| matches!(p.status, ProcessStatus::Killed { .. }))
-        .count();
+    let killed = report.processes.iter().filter(|p| matches!(p.status, ProcessStatus::Killed { .. })).count();
     assert_eq!(killed, report.processes.len() - 1, "{report:#?}");
     assert_no_frame_lost(&report);
 }
@@ -126,12 +109,7 @@ fn mem_demo_checks_every_documented_behaviour() {
     let pid = pid_of(&report, "mem-demo");
     // The first mapping: 4 pages + 1 byte, rounded up to 5 pages, read-write.
     let first = events(&report).find_map(|event| match *event {
-        Event::MemMapped {
-            pid: p,
-            addr,
-            len,
-            prot,
-        } if p == pid => Some((addr, len, prot)),
+        Event::MemMapped { pid: p, addr, len, prot } if p == pid => Some((addr, len, prot)),
         _ => None,
     });
     assert_eq!(first, Some((MAP_BASE, 5 * PAGE_SIZE, PROT_READ | PROT_WRITE)));
@@ -154,9 +132,7 @@ fn mem_demo_checks_every_documented_behaviour() {
         report.events
     );
     // Refused calls log nothing: one MemMapped per successful mem_map.
-    let mapped = events(&report)
-        .filter(|event| matches!(event, Event::MemMapped { .. }))
-        .count();
+    let mapped = events(&report).filter(|event| matches!(event, Event::MemMapped { .. })).count();
     assert_eq!(mapped, 5, "{:#?}", report.events);
     assert_no_frame_lost(&report);
 }
@@ -170,10 +146,7 @@ fn the_memory_scenario_runs_as_expected() {
     assert_success(&report);
     assert_checks_pass(&report, "mem-demo", 60);
     assert_eq!(status_of(&report, "quota-denied"), ProcessStatus::Exited(0));
-    assert_eq!(
-        fault_of(&report, "resident-hog"),
-        Some(FaultKind::ResidentQuotaExceeded)
-    );
+    assert_eq!(fault_of(&report, "resident-hog"), Some(FaultKind::ResidentQuotaExceeded));
     assert_no_frame_lost(&report);
 }
 
@@ -181,12 +154,9 @@ fn the_memory_scenario_runs_as_expected() {
 fn denials(report: &superos_vmm::run::RunReport, pid: u32) -> Vec<(Option<QuotaKind>, u64, u64)> {
     events(report)
         .filter_map(|event| match *event {
-            Event::QuotaDenied {
-                pid: p,
-                quota,
-                requested,
-                limit,
-            } if p == pid => Some((quota, requested, limit)),
+            Event::QuotaDenied { pid: p, quota, requested, limit } if p == pid => {
+                Some((quota, requested, limit))
+            }
             _ => None,
         })
         .collect()
@@ -196,12 +166,7 @@ fn denials(report: &superos_vmm::run::RunReport, pid: u32) -> Vec<(Option<QuotaK
 fn pressure(report: &superos_vmm::run::RunReport, pid: u32) -> Vec<(Option<QuotaKind>, u64, u64)> {
     events(report)
         .filter_map(|event| match *event {
-            Event::QuotaPressure {
-                pid: p,
-                quota,
-                used,
-                limit,
-            } if p == pid => Some((quota, used, limit)),
+            Event::QuotaPressure { pid: p, quota, used, limit } if p == pid => Some((quota, used, limit)),
             _ => None,
         })
         .collect()
@@ -223,20 +188,14 @@ fn a_virtual_quota_with_policy_fail_refuses_the_mapping_with_an_error() {
     assert_success(&report);
     assert_eq!(status_of(&report, "hog"), ProcessStatus::Exited(0));
     let output = report.output_of("hog");
-    assert!(
-        output.iter().any(|line| line.ends_with("then: quota-exceeded")),
-        "{output:#?}"
-    );
+    assert!(output.iter().any(|line| line.ends_with("then: quota-exceeded")), "{output:#?}");
     let pid = pid_of(&report, "hog");
     let denied = denials(&report, pid);
     assert_eq!(denied.len(), 1, "one refused mem_map, one event: {denied:?}");
     let (quota, requested, limit) = denied[0];
     assert_eq!(quota, Some(QuotaKind::Virtual));
     assert_eq!(limit, 1 << 20);
-    assert!(
-        requested > limit && requested <= limit + (64 << 10),
-        "{requested}"
-    );
+    assert!(requested > limit && requested <= limit + (64 << 10), "{requested}");
     // On the way there it crossed 90% of the quota once.
     let pressure = pressure(&report, pid);
     assert_eq!(pressure.len(), 1, "{pressure:?}");
@@ -290,21 +249,11 @@ fn exceeding_the_resident_quota_terminates_the_process_under_either_policy() {
             ) + &bystander()),
         );
         assert_success(&report);
-        assert_eq!(
-            fault_of(&report, "hog"),
-            Some(FaultKind::ResidentQuotaExceeded),
-            "{policy}"
-        );
+        assert_eq!(fault_of(&report, "hog"), Some(FaultKind::ResidentQuotaExceeded), "{policy}");
         // The mapping itself succeeded; it died touching, before 1 MiB.
         let output = report.output_of("hog");
-        assert!(
-            output.iter().any(|line| line.contains("touching every page")),
-            "{policy}: {output:#?}"
-        );
-        assert!(
-            output.iter().all(|line| !line.contains("MiB touched")),
-            "{policy}: {output:#?}"
-        );
+        assert!(output.iter().any(|line| line.contains("touching every page")), "{policy}: {output:#?}");
+        assert!(output.iter().all(|line| !line.contains("MiB touched")), "{policy}: {output:#?}");
         assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
         assert_no_frame_lost(&report);
     }
@@ -356,20 +305,12 @@ fn freed_memory_reaches_the_next_process_zeroed() {
         assert_eq!(pid_of(&report, "filler"), 2);
         let output = report.output_of("reader");
         assert!(
-            output
-                .iter()
-                .any(|line| line.ends_with("read 256 fresh pages: 0 non-zero bytes")),
+            output.iter().any(|line| line.ends_with("read 256 fresh pages: 0 non-zero bytes")),
             "unmap={unmap}: {output:#?}"
         );
         if unmap == 1 {
-            assert!(events(&report).any(|event| matches!(
-                *event,
-                Event::MemUnmapped {
-                    pid: 2,
-                    freed_pages: 256,
-                    ..
-                }
-            )));
+            assert!(events(&report)
+                .any(|event| matches!(*event, Event::MemUnmapped { pid: 2, freed_pages: 256, .. })));
         }
         assert_no_frame_lost(&report);
     }
@@ -391,9 +332,8 @@ fn a_thousand_process_lifetimes_lose_no_frame() {
         "a run failed: {:#?}",
         report.lines
     );
-    let exits = events(&report)
-        .filter(|event| matches!(event, Event::ProcessExited { code: 0, .. }))
-        .count() as u64;
+    let exits =
+        events(&report).filter(|event| matches!(event, Event::ProcessExited { code: 0, .. })).count() as u64;
     let (_, _, spawned) = shutdown_frames(&report).expect("a KernelShutdown event");
     assert_eq!(spawned, 1000);
     // Events may be dropped if the ring fills; those that arrived are exits.
@@ -418,34 +358,21 @@ fn touching_more_memory_than_the_guest_has_is_out_of_memory_not_a_panic() {
     }
     let text = String::from("[vm]\nmemory_mib = 32\n")
         + &bystander()
-        + &process_toml(
-            "hog",
-            "quota-hog",
-            "mode=touch mib=64",
-            "expect = { fault = \"out-of-memory\" }",
-        );
+        + &process_toml("hog", "quota-hog", "mode=touch mib=64", "expect = { fault = \"out-of-memory\" }");
     let report = run_text(&text);
     assert_clean_shutdown(&report);
-    assert_eq!(
-        fault_of(&report, "hog"),
-        Some(FaultKind::OutOfMemory),
-        "{report:#?}"
-    );
+    assert_eq!(fault_of(&report, "hog"), Some(FaultKind::OutOfMemory), "{report:#?}");
     assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
     assert_success(&report);
     // It got a good part of the guest before running out.
     let output = report.output_of("hog");
     assert!(output.contains(&"quota-hog: 8 MiB touched"), "{output:#?}");
-    assert!(
-        output.iter().all(|line| !line.contains("touched all")),
-        "{output:#?}"
-    );
+    assert!(output.iter().all(|line| !line.contains("touched all")), "{output:#?}");
     // Memory pressure is visible before the end: the free pool ran low.
     let pool_low = report.events.iter().find_map(|e| match e.event {
-        superos_protocol::event::Event::FramePoolLow {
-            free_frames,
-            total_frames,
-        } => Some((free_frames, total_frames)),
+        superos_protocol::event::Event::FramePoolLow { free_frames, total_frames } => {
+            Some((free_frames, total_frames))
+        }
         _ => None,
     });
     let (free, total) = pool_low.expect("a FramePoolLow event");

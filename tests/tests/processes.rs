@@ -14,10 +14,7 @@ fn hello_prints_from_ring_3_and_exits_0() {
     assert_success(&report);
     let output = report.output_of("hello");
     assert_eq!(output.len(), 2, "{output:?}");
-    assert!(
-        output[0].starts_with("hello from ring 3: pid 1 begins"),
-        "{output:?}"
-    );
+    assert!(output[0].starts_with("hello from ring 3: pid 1 begins"), "{output:?}");
     assert_eq!(output[1], "hello from ring 3: pid 1 ends");
     assert_eq!(report.process("hello").unwrap().status, ProcessStatus::Exited(0));
 }
@@ -29,19 +26,13 @@ fn exit_codes_are_reported_and_checked_against_the_scenario() {
     }
     let report = run_embedded("exit-code");
     assert_success(&report);
-    assert_eq!(
-        report.process("exit-code").unwrap().status,
-        ProcessStatus::Exited(7)
-    );
+    assert_eq!(report.process("exit-code").unwrap().status, ProcessStatus::Exited(7));
     assert_eq!(report.output_of("exit-code"), vec!["exit-code: exiting with 7"]);
 
     // A negative code survives the round trip, and a mismatch is an
     // unexpected outcome, not a success.
     let report = run_text("[[process]]\nprogram = \"exit-code\"\nargs = \"-12\"\n");
-    assert_eq!(
-        report.process("exit-code").unwrap().status,
-        ProcessStatus::Exited(-12)
-    );
+    assert_eq!(report.process("exit-code").unwrap().status, ProcessStatus::Exited(-12));
     assert_eq!(report.exit_status(), EXIT_UNEXPECTED_OUTCOME);
 }
 
@@ -68,20 +59,11 @@ fn writing_to_own_code_terminates_only_the_offender() {
     assert!(output.iter().all(|line| !line.contains("BROKEN")), "{output:?}");
     // The kernel event carries the page-fault details.
     let killed = report.events.iter().find_map(|e| match e.event {
-        Event::ProcessKilled {
-            vector, error_code, ..
-        } => Some((vector, error_code)),
+        Event::ProcessKilled { vector, error_code, .. } => Some((vector, error_code)),
         _ => None,
     });
-    assert_eq!(
-        killed,
-        Some((14, 0x7)),
-        "user write to a present page: error code P|W|U"
-    );
-    assert_eq!(
-        report.process("bystander").unwrap().status,
-        ProcessStatus::Exited(0)
-    );
+    assert_eq!(killed, Some((14, 0x7)), "user write to a present page: error code P|W|U");
+    assert_eq!(report.process("bystander").unwrap().status, ProcessStatus::Exited(0));
 }
 
 #[test]
@@ -93,20 +75,11 @@ fn two_processes_share_the_cpu_by_preemption_in_separate_address_spaces() {
     assert_success(&report);
     for name in ["hello-a", "hello-b"] {
         let process = report.process(name).unwrap();
-        assert!(
-            process.preemptions >= 1,
-            "{name} was never preempted: {process:?}"
-        );
+        assert!(process.preemptions >= 1, "{name} was never preempted: {process:?}");
     }
     // Both started computing before either finished: the timer, not a
     // system call, moved the CPU between them.
-    let position = |text: &str| {
-        report
-            .lines
-            .iter()
-            .position(|l| l.text.starts_with(text))
-            .unwrap()
-    };
+    let position = |text: &str| report.lines.iter().position(|l| l.text.starts_with(text)).unwrap();
     let b_begins = position("hello from ring 3: pid 2 begins");
     let a_ends = position("hello from ring 3: pid 1 ends");
     assert!(b_begins < a_ends, "no interleaving: {:?}", report.lines);
@@ -143,11 +116,7 @@ fn bad_pointers_in_write_are_error_returns_not_faults() {
     let report = run_embedded("bad-write");
     assert_success(&report);
     let output = report.output_of("bad-write");
-    assert_eq!(
-        output.iter().filter(|l| l.ends_with("(as expected)")).count(),
-        6,
-        "{output:?}"
-    );
+    assert_eq!(output.iter().filter(|l| l.ends_with("(as expected)")).count(), 6, "{output:?}");
 }
 
 #[test]
@@ -181,12 +150,7 @@ fn boot_phases_and_exit_counts_are_recorded() {
     }
     let report = run_embedded("hello");
     let phases = report.stats.phases;
-    let ordered = [
-        phases.vcpu_start,
-        phases.kernel_entry,
-        phases.first_user_instruction,
-        phases.guest_exit,
-    ];
+    let ordered = [phases.vcpu_start, phases.kernel_entry, phases.first_user_instruction, phases.guest_exit];
     assert!(ordered.iter().all(Option::is_some), "{phases:?}");
     assert!(ordered.windows(2).all(|w| w[0] <= w[1]), "{phases:?}");
     assert_eq!(report.stats.exits.get("hypercall boot-hello"), Some(&1));
@@ -205,15 +169,10 @@ fn the_gate_self_test_confirms_or_replaces_the_requested_gate() {
     config.gate = GatePreference::Syscall;
     let report = run_config(config);
     assert_success(&report);
-    let failed = report.events.iter().any(|e| {
-        matches!(
-            e.event,
-            Event::GateSelfTestFailed {
-                gate_kind: GATE_KIND_SYSCALL,
-                ..
-            }
-        )
-    });
+    let failed = report
+        .events
+        .iter()
+        .any(|e| matches!(e.event, Event::GateSelfTestFailed { gate_kind: GATE_KIND_SYSCALL, .. }));
     let ready = report.events.iter().find_map(|e| match e.event {
         Event::KernelReady { gate_kind, .. } => Some(gate_kind),
         _ => None,

@@ -110,25 +110,14 @@ pub fn check_kernel_elf(image: &[u8], mem: u64) -> Result<KernelLayout, BootErro
         ElfBytes::<AnyEndian>::minimal_parse(image).map_err(|e| BootError::KernelNotElf(e.to_string()))?;
     let header = &file.ehdr;
     if header.class != Class::ELF64 || header.e_machine != EM_X86_64 {
-        let class = if header.class == Class::ELF64 {
-            "64-bit"
-        } else {
-            "32-bit"
-        };
-        return Err(BootError::KernelWrongArchitecture {
-            class,
-            machine: header.e_machine,
-        });
+        let class = if header.class == Class::ELF64 { "64-bit" } else { "32-bit" };
+        return Err(BootError::KernelWrongArchitecture { class, machine: header.e_machine });
     }
     if header.e_type != ET_EXEC {
         return Err(BootError::KernelNotExecutable(header.e_type));
     }
     let segments = file.segments().ok_or(BootError::KernelNoSegments)?;
-    let mut layout = KernelLayout {
-        entry: header.e_entry,
-        phys_start: u64::MAX,
-        phys_end: 0,
-    };
+    let mut layout = KernelLayout { entry: header.e_entry, phys_start: u64::MAX, phys_end: 0 };
     let mut entry_ok = false;
     for segment in segments.iter().filter(|s| s.p_type == PT_LOAD) {
         let file_end = segment.p_offset.checked_add(segment.p_filesz);
@@ -223,24 +212,15 @@ pub fn prepare(
     for (i, (name, image)) in programs.iter().enumerate() {
         let needed = cursor + image.len() as u64 + MIN_FREE_MEMORY;
         if needed > mem {
-            return Err(BootError::DoesNotFit {
-                needed: needed >> 10,
-                mem: mem >> 10,
-            });
+            return Err(BootError::DoesNotFit { needed: needed >> 10, mem: mem >> 10 });
         }
         ram.write_bytes(cursor, image)?;
-        boot_info.programs[i] = ProgramImage {
-            gpa: cursor,
-            len: image.len() as u64,
-            name: name_to_array(name),
-        };
+        boot_info.programs[i] =
+            ProgramImage { gpa: cursor, len: image.len() as u64, name: name_to_array(name) };
         cursor = (cursor + image.len() as u64).next_multiple_of(PAGE_SIZE);
     }
     if cursor + MIN_FREE_MEMORY > mem {
-        return Err(BootError::DoesNotFit {
-            needed: (cursor + MIN_FREE_MEMORY) >> 10,
-            mem: mem >> 10,
-        });
+        return Err(BootError::DoesNotFit { needed: (cursor + MIN_FREE_MEMORY) >> 10, mem: mem >> 10 });
     }
     let images_end = cursor;
 
@@ -268,23 +248,14 @@ pub fn prepare(
     let regions = [
         (BOOT_INFO_GPA, boot_data_end, MEMORY_BOOT_DATA),
         (boot_data_end, layout.phys_start, MEMORY_USABLE),
-        (
-            layout.phys_start,
-            layout.phys_end.next_multiple_of(PAGE_SIZE),
-            MEMORY_KERNEL_IMAGE,
-        ),
+        (layout.phys_start, layout.phys_end.next_multiple_of(PAGE_SIZE), MEMORY_KERNEL_IMAGE),
         (images_start, images_end, MEMORY_PROGRAM_IMAGES),
         (images_end, mem, MEMORY_USABLE),
     ];
     let mut count = 0;
     for (start, end, kind) in regions {
         if start < end && count < MAX_MEMORY_REGIONS {
-            boot_info.memory_map[count] = MemoryRegion {
-                start,
-                len: end - start,
-                kind,
-                reserved: 0,
-            };
+            boot_info.memory_map[count] = MemoryRegion { start, len: end - start, kind, reserved: 0 };
             count += 1;
         }
     }
@@ -302,11 +273,7 @@ pub fn prepare(
     boot_info.program_count = programs.len() as u32;
     boot_info.process_count = scenario.processes.len() as u32;
     ram.write(BOOT_INFO_GPA, &*boot_info)?;
-    Ok(PreparedGuest {
-        entry: layout.entry,
-        boot_pml4: BOOT_PAGE_TABLES_GPA,
-        boot_info,
-    })
+    Ok(PreparedGuest { entry: layout.entry, boot_pml4: BOOT_PAGE_TABLES_GPA, boot_info })
 }
 
 #[cfg(test)]
@@ -326,20 +293,14 @@ mod tests {
     fn malformed_kernels_are_rejected_with_clear_errors() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (Vec::new(), "not a valid ELF file"),
-            (
-                b"MZ\x90\x00 definitely not an ELF".to_vec(),
-                "not a valid ELF file",
-            ),
+            (b"MZ\x90\x00 definitely not an ELF".to_vec(), "not a valid ELF file"),
             (KERNEL_ELF[..40].to_vec(), "not a valid ELF file"),
             (KERNEL_ELF[..KERNEL_ELF.len() / 3].to_vec(), "truncated"),
             (patch(KERNEL_ELF, 18, &[0xb7, 0x00]), "machine 0xb7"),
             // ELFCLASS32: the 64-bit headers no longer parse.
             (patch(KERNEL_ELF, 4, &[1]), "not a valid ELF file"),
             (patch(KERNEL_ELF, 16, &[3, 0]), "not an executable"),
-            (
-                patch(KERNEL_ELF, 24, &0x1234u64.to_le_bytes()),
-                "entry point 0x1234",
-            ),
+            (patch(KERNEL_ELF, 24, &0x1234u64.to_le_bytes()), "entry point 0x1234"),
         ];
         for (image, needle) in cases {
             let error = check_kernel_elf(&image, 64 << 20).unwrap_err().to_string();
@@ -386,10 +347,7 @@ mod tests {
         // Two hellos share one placed image.
         assert_eq!(info.program_count, 3);
         let map = info.memory_map();
-        assert!(
-            map.windows(2).all(|w| w[0].start + w[0].len <= w[1].start),
-            "sorted and disjoint"
-        );
+        assert!(map.windows(2).all(|w| w[0].start + w[0].len <= w[1].start), "sorted and disjoint");
         assert_eq!(map.last().unwrap().start + map.last().unwrap().len, 64 << 20);
         let first = info.programs()[0];
         let mut magic = [0u8; 4];
@@ -433,10 +391,7 @@ mod tests {
         );
         assert_eq!(plain.runs, 1);
         assert_eq!(plain.quota, QuotaSpec::default());
-        assert_eq!(
-            ScrubStrategy::from_raw(info.scrub_strategy),
-            Some(ScrubStrategy::Hypercall)
-        );
+        assert_eq!(ScrubStrategy::from_raw(info.scrub_strategy), Some(ScrubStrategy::Hypercall));
         assert_eq!(info.gate_preference, GatePreference::Int3 as u32);
         assert_eq!(superos_protocol::name_from_array(&plain.name), "exit-code");
     }

@@ -29,10 +29,7 @@ impl Console {
         let mut lines = Vec::new();
         for &byte in bytes {
             if byte == b'\n' || pending.len() >= MAX_LINE {
-                lines.push(ConsoleLine {
-                    pid,
-                    text: sanitize(pending),
-                });
+                lines.push(ConsoleLine { pid, text: sanitize(pending) });
                 pending.clear();
                 if byte == b'\n' {
                     continue;
@@ -49,10 +46,7 @@ impl Console {
         partial
             .into_iter()
             .filter(|(_, bytes)| !bytes.is_empty())
-            .map(|(pid, bytes)| ConsoleLine {
-                pid,
-                text: sanitize(&bytes),
-            })
+            .map(|(pid, bytes)| ConsoleLine { pid, text: sanitize(&bytes) })
             .collect()
     }
 }
@@ -84,24 +78,9 @@ mod tests {
         let lines = console.push(1, b"lo\nworld\n");
         assert_eq!(
             lines,
-            vec![
-                ConsoleLine {
-                    pid: 1,
-                    text: "hello".into()
-                },
-                ConsoleLine {
-                    pid: 1,
-                    text: "world".into()
-                }
-            ]
+            vec![ConsoleLine { pid: 1, text: "hello".into() }, ConsoleLine { pid: 1, text: "world".into() }]
         );
-        assert_eq!(
-            console.flush(),
-            vec![ConsoleLine {
-                pid: 2,
-                text: "other ".into()
-            }]
-        );
+        assert_eq!(console.flush(), vec![ConsoleLine { pid: 2, text: "other ".into() }]);
         assert!(console.flush().is_empty());
     }
 

@@ -32,11 +32,7 @@ impl KernelSymbols {
             .filter(|s| s.st_value != 0 && s.st_symtype() == elf::abi::STT_FUNC)
             .filter_map(|s| {
                 let name = strings.get(s.st_name as usize).ok()?;
-                Some((
-                    s.st_value,
-                    s.st_size,
-                    format!("{:#}", rustc_demangle::demangle(name)),
-                ))
+                Some((s.st_value, s.st_size, format!("{:#}", rustc_demangle::demangle(name))))
             })
             .collect();
         entries.sort_by_key(|e| e.0);
@@ -104,11 +100,7 @@ impl Diagnosis {
         let instruction_bytes = read_virtual(ram, sregs.cr3, rip, 16);
         let mut registers = String::new();
         let r = regs;
-        let _ = writeln!(
-            registers,
-            "rip {:#018x}  rsp {:#018x}  rflags {:#x}",
-            r.rip, r.rsp, r.rflags
-        );
+        let _ = writeln!(registers, "rip {:#018x}  rsp {:#018x}  rflags {:#x}", r.rip, r.rsp, r.rflags);
         let _ = writeln!(
             registers,
             "rax {:#018x}  rbx {:#018x}  rcx {:#018x}  rdx {:#018x}",
@@ -124,11 +116,7 @@ impl Diagnosis {
             "r9  {:#018x}  r10 {:#018x}  r11 {:#018x}  r12 {:#018x}",
             r.r9, r.r10, r.r11, r.r12
         );
-        let _ = writeln!(
-            registers,
-            "r13 {:#018x}  r14 {:#018x}  r15 {:#018x}",
-            r.r13, r.r14, r.r15
-        );
+        let _ = writeln!(registers, "r13 {:#018x}  r14 {:#018x}  r15 {:#018x}", r.r13, r.r14, r.r15);
         let _ = write!(
             registers,
             "cs {:#x} (cpl {})  cr0 {:#x}  cr2 {:#x}  cr3 {:#x}  cr4 {:#x}  efer {:#x}",
@@ -140,13 +128,7 @@ impl Diagnosis {
             sregs.cr4,
             sregs.efer
         );
-        Diagnosis {
-            reason,
-            rip,
-            symbol: symbols.lookup(rip),
-            instruction_bytes,
-            registers,
-        }
+        Diagnosis { reason, rip, symbol: symbols.lookup(rip), instruction_bytes, registers }
     }
 }
 

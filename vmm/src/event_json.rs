@@ -42,49 +42,29 @@ fn fields(event: &Event) -> Value {
     let quota = |quota: Option<QuotaKind>| json!(quota.map(QuotaKind::name));
     let spawn_error = |error: Option<SpawnError>| json!(error.map(SpawnError::name));
     match *event {
-        Event::KernelReady {
-            gate_kind,
-            free_frames,
-            total_frames,
-        } => json!({
+        Event::KernelReady { gate_kind, free_frames, total_frames } => json!({
             "gate_kind": gate_kind,
             "gate": gate_kind_name(gate_kind),
             "free_frames": free_frames,
             "total_frames": total_frames,
         }),
-        Event::GateSelfTestFailed {
-            gate_kind,
-            vector,
-            rip,
-            error_code,
-        } => json!({
+        Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => json!({
             "gate_kind": gate_kind,
             "gate": gate_kind_name(gate_kind),
             "vector": vector,
             "rip": rip,
             "error_code": error_code,
         }),
-        Event::ProcessSpawned {
-            pid,
-            spec_index,
-            pml4_gpa,
-        } => json!({ "pid": pid, "spec_index": spec_index, "pml4_gpa": pml4_gpa }),
+        Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
+            json!({ "pid": pid, "spec_index": spec_index, "pml4_gpa": pml4_gpa })
+        }
         Event::SpawnFailed { spec_index, error } => {
             json!({ "spec_index": spec_index, "error": spawn_error(error) })
         }
-        Event::ProcessExited {
-            pid,
-            code,
-            preemptions,
-        } => json!({ "pid": pid, "code": code, "preemptions": preemptions }),
-        Event::ProcessKilled {
-            pid,
-            fault: kind,
-            addr,
-            rip,
-            error_code,
-            vector,
-        } => json!({
+        Event::ProcessExited { pid, code, preemptions } => {
+            json!({ "pid": pid, "code": code, "preemptions": preemptions })
+        }
+        Event::ProcessKilled { pid, fault: kind, addr, rip, error_code, vector } => json!({
             "pid": pid,
             "fault": fault(kind),
             "addr": addr,
@@ -96,36 +76,24 @@ fn fields(event: &Event) -> Value {
         Event::MemMapped { pid, addr, len, prot } => {
             json!({ "pid": pid, "addr": addr, "len": len, "prot": prot })
         }
-        Event::MemUnmapped {
-            pid,
-            addr,
-            len,
-            freed_pages,
-        } => json!({ "pid": pid, "addr": addr, "len": len, "freed_pages": freed_pages }),
+        Event::MemUnmapped { pid, addr, len, freed_pages } => {
+            json!({ "pid": pid, "addr": addr, "len": len, "freed_pages": freed_pages })
+        }
         Event::MemProtected { pid, addr, len, prot } => {
             json!({ "pid": pid, "addr": addr, "len": len, "prot": prot })
         }
-        Event::QuotaDenied {
-            pid,
-            quota: kind,
-            requested,
-            limit,
-        } => json!({ "pid": pid, "quota": quota(kind), "requested": requested, "limit": limit }),
-        Event::QuotaPressure {
-            pid,
-            quota: kind,
-            used,
-            limit,
-        } => json!({ "pid": pid, "quota": quota(kind), "used": used, "limit": limit }),
-        Event::FramePoolLow {
-            free_frames,
-            total_frames,
-        } => json!({ "free_frames": free_frames, "total_frames": total_frames }),
-        Event::KernelShutdown {
-            free_frames,
-            total_frames,
-            spawned,
-        } => json!({ "free_frames": free_frames, "total_frames": total_frames, "spawned": spawned }),
+        Event::QuotaDenied { pid, quota: kind, requested, limit } => {
+            json!({ "pid": pid, "quota": quota(kind), "requested": requested, "limit": limit })
+        }
+        Event::QuotaPressure { pid, quota: kind, used, limit } => {
+            json!({ "pid": pid, "quota": quota(kind), "used": used, "limit": limit })
+        }
+        Event::FramePoolLow { free_frames, total_frames } => {
+            json!({ "free_frames": free_frames, "total_frames": total_frames })
+        }
+        Event::KernelShutdown { free_frames, total_frames, spawned } => {
+            json!({ "free_frames": free_frames, "total_frames": total_frames, "spawned": spawned })
+        }
     }
 }
 
@@ -157,11 +125,7 @@ mod tests {
     fn cases() -> Vec<(Event, Value)> {
         vec![
             (
-                Event::KernelReady {
-                    gate_kind: GATE_KIND_INT3,
-                    free_frames: 15688,
-                    total_frames: 15697,
-                },
+                Event::KernelReady { gate_kind: GATE_KIND_INT3, free_frames: 15688, total_frames: 15697 },
                 json!({"kind": "kernel-ready", "gate_kind": GATE_KIND_INT3, "gate": "int3",
                        "free_frames": 15688, "total_frames": 15697}),
             ),
@@ -176,33 +140,19 @@ mod tests {
                        "vector": 14, "rip": 0x7fff_ffff_0000u64, "error_code": 0x15}),
             ),
             (
-                Event::ProcessSpawned {
-                    pid: 1,
-                    spec_index: 0,
-                    pml4_gpa: 0x17000,
-                },
+                Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0x17000 },
                 json!({"kind": "process-spawned", "pid": 1, "spec_index": 0, "pml4_gpa": 0x17000}),
             ),
             (
-                Event::SpawnFailed {
-                    spec_index: 2,
-                    error: Some(SpawnError::WritableAndExecutable),
-                },
+                Event::SpawnFailed { spec_index: 2, error: Some(SpawnError::WritableAndExecutable) },
                 json!({"kind": "spawn-failed", "spec_index": 2, "error": "writable-and-executable"}),
             ),
             (
-                Event::SpawnFailed {
-                    spec_index: 3,
-                    error: None,
-                },
+                Event::SpawnFailed { spec_index: 3, error: None },
                 json!({"kind": "spawn-failed", "spec_index": 3, "error": null}),
             ),
             (
-                Event::ProcessExited {
-                    pid: 3,
-                    code: -7,
-                    preemptions: 0,
-                },
+                Event::ProcessExited { pid: 3, code: -7, preemptions: 0 },
                 json!({"kind": "process-exited", "pid": 3, "code": -7, "preemptions": 0}),
             ),
             (
@@ -230,38 +180,20 @@ mod tests {
                        "rip": u64::MAX, "error_code": 0, "vector": 13}),
             ),
             (
-                Event::HypercallRefused {
-                    port: 0x501,
-                    status: 1,
-                },
+                Event::HypercallRefused { port: 0x501, status: 1 },
                 json!({"kind": "hypercall-refused", "port": 0x501, "status": 1}),
             ),
             (
-                Event::MemMapped {
-                    pid: 6,
-                    addr: 0x1000_0000,
-                    len: 0x3000,
-                    prot: PROT_READ | PROT_WRITE,
-                },
+                Event::MemMapped { pid: 6, addr: 0x1000_0000, len: 0x3000, prot: PROT_READ | PROT_WRITE },
                 json!({"kind": "mem-mapped", "pid": 6, "addr": 0x1000_0000, "len": 0x3000, "prot": 3}),
             ),
             (
-                Event::MemUnmapped {
-                    pid: 6,
-                    addr: 0x1000_1000,
-                    len: 0x1000,
-                    freed_pages: 1,
-                },
+                Event::MemUnmapped { pid: 6, addr: 0x1000_1000, len: 0x1000, freed_pages: 1 },
                 json!({"kind": "mem-unmapped", "pid": 6, "addr": 0x1000_1000, "len": 0x1000,
                        "freed_pages": 1}),
             ),
             (
-                Event::MemProtected {
-                    pid: 6,
-                    addr: 0x1000_0000,
-                    len: 0x1000,
-                    prot: PROT_READ,
-                },
+                Event::MemProtected { pid: 6, addr: 0x1000_0000, len: 0x1000, prot: PROT_READ },
                 json!({"kind": "mem-protected", "pid": 6, "addr": 0x1000_0000, "len": 0x1000, "prot": 1}),
             ),
             (
@@ -275,12 +207,7 @@ mod tests {
                        "limit": 1 << 20}),
             ),
             (
-                Event::QuotaDenied {
-                    pid: 7,
-                    quota: None,
-                    requested: 1,
-                    limit: 0,
-                },
+                Event::QuotaDenied { pid: 7, quota: None, requested: 1, limit: 0 },
                 json!({"kind": "quota-denied", "pid": 7, "quota": null, "requested": 1, "limit": 0}),
             ),
             (
@@ -294,18 +221,11 @@ mod tests {
                        "limit": 256 << 10}),
             ),
             (
-                Event::FramePoolLow {
-                    free_frames: 100,
-                    total_frames: 4000,
-                },
+                Event::FramePoolLow { free_frames: 100, total_frames: 4000 },
                 json!({"kind": "frame-pool-low", "free_frames": 100, "total_frames": 4000}),
             ),
             (
-                Event::KernelShutdown {
-                    free_frames: 15688,
-                    total_frames: 15697,
-                    spawned: 4,
-                },
+                Event::KernelShutdown { free_frames: 15688, total_frames: 15697, spawned: 4 },
                 json!({"kind": "kernel-shutdown", "free_frames": 15688, "total_frames": 15697,
                        "spawned": 4}),
             ),
@@ -316,11 +236,7 @@ mod tests {
     fn every_event_variant_becomes_a_json_object_with_all_its_fields() {
         let mut kinds_seen = Vec::new();
         for (i, (event, want)) in cases().into_iter().enumerate() {
-            let entry = EventEntry {
-                seq: 100 + i as u64,
-                tick: 7 * i as u64,
-                event,
-            };
+            let entry = EventEntry { seq: 100 + i as u64, tick: 7 * i as u64, event };
             let line = to_line(&entry);
             assert!(!line.contains('\n'), "one line per event: {line}");
             let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
@@ -347,15 +263,8 @@ mod tests {
 
     #[test]
     fn the_documented_example_is_what_comes_out() {
-        let entry = EventEntry {
-            seq: 5,
-            tick: 2,
-            event: Event::ProcessExited {
-                pid: 3,
-                code: 3,
-                preemptions: 0,
-            },
-        };
+        let entry =
+            EventEntry { seq: 5, tick: 2, event: Event::ProcessExited { pid: 3, code: 3, preemptions: 0 } };
         assert_eq!(
             to_line(&entry),
             r#"{"seq":5,"tick":2,"kind":"process-exited","pid":3,"code":3,"preemptions":0}"#
@@ -366,10 +275,7 @@ mod tests {
     fn kind_names_are_kebab_case_and_distinct() {
         let names: Vec<&str> = cases().iter().map(|(event, _)| kind_name(event)).collect();
         for name in &names {
-            assert!(
-                name.chars().all(|c| c.is_ascii_lowercase() || c == '-'),
-                "{name} is not kebab-case"
-            );
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '-'), "{name} is not kebab-case");
             let kinds = cases()
                 .iter()
                 .filter(|(event, _)| kind_name(event) == *name)

@@ -94,18 +94,9 @@ impl EventRing {
         }
         let needed = HEADER_SIZE + u64::from(header.capacity) * RECORD_SIZE;
         if header.capacity == 0 || needed > bytes || !ram.contains(gpa, needed) {
-            return Err(EventRingError::BadSize {
-                gpa,
-                capacity: header.capacity,
-                bytes,
-            });
+            return Err(EventRingError::BadSize { gpa, capacity: header.capacity, bytes });
         }
-        Ok(EventRing {
-            gpa,
-            capacity: header.capacity,
-            tail: header.tail,
-            lost: header.lost,
-        })
+        Ok(EventRing { gpa, capacity: header.capacity, tail: header.tail, lost: header.lost })
     }
 
     /// Copies out every record written since the last drain and hands the
@@ -126,10 +117,7 @@ impl EventRing {
             records.push(ram.read::<EventRecord>(self.gpa + HEADER_SIZE + slot * RECORD_SIZE)?);
         }
         self.tail = header.head;
-        ram.write(
-            self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64,
-            &self.tail,
-        )?;
+        ram.write(self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64, &self.tail)?;
         let newly_lost = header.lost.saturating_sub(self.lost);
         self.lost = header.lost;
         Ok(Drained { records, newly_lost })
@@ -156,11 +144,7 @@ mod tests {
         for (i, event) in events.iter().enumerate() {
             let mut record = event.encode();
             record.seq = i as u64;
-            ram.write(
-                RING + HEADER_SIZE + (i as u64 % capacity as u64) * RECORD_SIZE,
-                &record,
-            )
-            .unwrap();
+            ram.write(RING + HEADER_SIZE + (i as u64 % capacity as u64) * RECORD_SIZE, &record).unwrap();
         }
     }
 
@@ -169,11 +153,7 @@ mod tests {
         let ram = GuestRam::new(16).unwrap();
         let events = [
             Event::HypercallRefused { port: 1, status: 2 },
-            Event::ProcessExited {
-                pid: 1,
-                code: 0,
-                preemptions: 0,
-            },
+            Event::ProcessExited { pid: 1, code: 0, preemptions: 0 },
         ];
         ring_with(&ram, 4, &events);
         let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
@@ -189,28 +169,12 @@ mod tests {
     fn corrupt_rings_are_refused() {
         let ram = GuestRam::new(16).unwrap();
         ring_with(&ram, 4, &[]);
-        assert!(matches!(
-            EventRing::open(&ram, RING, 100),
-            Err(EventRingError::BadSize { .. })
-        ));
-        assert!(matches!(
-            EventRing::open(&ram, 15 << 20, 4096),
-            Err(EventRingError::BadHeader { .. })
-        ));
-        assert!(matches!(
-            EventRing::open(&ram, u64::MAX - 8, 4096),
-            Err(EventRingError::Memory(_))
-        ));
+        assert!(matches!(EventRing::open(&ram, RING, 100), Err(EventRingError::BadSize { .. })));
+        assert!(matches!(EventRing::open(&ram, 15 << 20, 4096), Err(EventRingError::BadHeader { .. })));
+        assert!(matches!(EventRing::open(&ram, u64::MAX - 8, 4096), Err(EventRingError::Memory(_))));
         let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
         // The guest claims more records than the ring holds.
-        ram.write(
-            RING + core::mem::offset_of!(EventRingHeader, head) as u64,
-            &100u64,
-        )
-        .unwrap();
-        assert!(matches!(
-            ring.drain(&ram),
-            Err(EventRingError::BadIndices { head: 100, .. })
-        ));
+        ram.write(RING + core::mem::offset_of!(EventRingHeader, head) as u64, &100u64).unwrap();
+        assert!(matches!(ring.drain(&ram), Err(EventRingError::BadIndices { head: 100, .. })));
     }
 }

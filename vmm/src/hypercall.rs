@@ -54,10 +54,7 @@ pub fn decode(port: u16, data: &[u8]) -> Result<Request, DecodeError> {
     let call = Hypercall::from_port(port).ok_or(DecodeError::UnknownPort(port))?;
     let value = <[u8; 4]>::try_from(data)
         .map(u32::from_le_bytes)
-        .map_err(|_| DecodeError::BadWidth {
-            port,
-            width: data.len(),
-        })?;
+        .map_err(|_| DecodeError::BadWidth { port, width: data.len() })?;
     let gpa = u64::from(value);
     Ok(match call {
         Hypercall::BootHello => Request::BootHello(gpa),
@@ -134,10 +131,7 @@ fn read_params<T: FromBytes>(session: &mut Session<'_>, call: Hypercall, gpa: u6
     match session.ram.read::<T>(gpa) {
         Ok(params) => Some(params),
         Err(error) => {
-            session.warn(format!(
-                "hypercall {}: parameter block unreadable: {error}",
-                call.name()
-            ));
+            session.warn(format!("hypercall {}: parameter block unreadable: {error}", call.name()));
             None
         }
     }
@@ -167,10 +161,7 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
         match EventRing::open(session.ram, params.event_ring_gpa, params.event_ring_bytes) {
             Ok(ring) => {
                 session.ring = Some(ring);
-                if session
-                    .ram
-                    .contains(params.kernel_text_gpa, params.kernel_text_len)
-                {
+                if session.ram.contains(params.kernel_text_gpa, params.kernel_text_len) {
                     session.kernel_text = Some((params.kernel_text_gpa, params.kernel_text_len));
                 }
                 hc::STATUS_OK
@@ -181,12 +172,7 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
             }
         }
     };
-    write_status(
-        session,
-        gpa,
-        core::mem::offset_of!(BootHelloParams, status),
-        &status,
-    );
+    write_status(session, gpa, core::mem::offset_of!(BootHelloParams, status), &status);
     Flow::Continue
 }
 
@@ -215,12 +201,7 @@ fn console_write(session: &mut Session<'_>, gpa: u64) -> Flow {
             }
         }
     };
-    write_status(
-        session,
-        gpa,
-        core::mem::offset_of!(ConsoleWriteParams, status),
-        &status,
-    );
+    write_status(session, gpa, core::mem::offset_of!(ConsoleWriteParams, status), &status);
     Flow::Continue
 }
 
@@ -231,11 +212,7 @@ fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
         return;
     };
     let status = if u64::from(params.count) > hc::SCRUB_BATCH_MAX {
-        session.warn(format!(
-            "scrub of {} frames refused (limit {})",
-            params.count,
-            hc::SCRUB_BATCH_MAX
-        ));
+        session.warn(format!("scrub of {} frames refused (limit {})", params.count, hc::SCRUB_BATCH_MAX));
         hc::STATUS_TOO_LARGE
     } else {
         let mut list = vec![0u8; params.count as usize * 8];
@@ -250,10 +227,7 @@ fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
                     .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                     .collect();
                 let page = superos_protocol::layout::PAGE_SIZE;
-                match frames
-                    .iter()
-                    .find(|&&f| f % page != 0 || !session.ram.contains(f, page))
-                {
+                match frames.iter().find(|&&f| f % page != 0 || !session.ram.contains(f, page)) {
                     Some(bad) => {
                         session.warn(format!("scrub refused: {bad:#x} is not a frame of guest memory"));
                         hc::STATUS_BAD_ADDRESS
@@ -270,12 +244,7 @@ fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
             }
         }
     };
-    write_status(
-        session,
-        gpa,
-        core::mem::offset_of!(ScrubFramesParams, status),
-        &status,
-    );
+    write_status(session, gpa, core::mem::offset_of!(ScrubFramesParams, status), &status);
 }
 
 /// Drains the event ring; `notified` says the kernel claimed there are
@@ -291,10 +260,8 @@ fn drain_events(session: &mut Session<'_>, notified: bool) {
         Ok(drained) => {
             if drained.newly_lost > 0 {
                 session.lost_events += drained.newly_lost;
-                session.warn(format!(
-                    "the kernel's event ring overflowed: {} events lost",
-                    drained.newly_lost
-                ));
+                session
+                    .warn(format!("the kernel's event ring overflowed: {} events lost", drained.newly_lost));
             }
             for record in drained.records {
                 session.add_record(record);
@@ -342,38 +309,18 @@ mod tests {
     fn console_params(ram: &GuestRam, gpa: u64, len: u64) -> u32 {
         let ram_ref = ram;
         let mut session = Session::new(ram_ref, Instant::now(), Echo::Quiet, vec![]);
-        ram.write(
-            PARAMS,
-            &ConsoleWriteParams {
-                source_pid: 7,
-                status: hc::STATUS_PENDING,
-                gpa,
-                len,
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            handle(&mut session, Request::ConsoleWrite(PARAMS)),
-            Flow::Continue
-        );
+        ram.write(PARAMS, &ConsoleWriteParams { source_pid: 7, status: hc::STATUS_PENDING, gpa, len })
+            .unwrap();
+        assert_eq!(handle(&mut session, Request::ConsoleWrite(PARAMS)), Flow::Continue);
         ram.read::<ConsoleWriteParams>(PARAMS).unwrap().status
     }
 
     #[test]
     fn decode_checks_port_and_width() {
-        assert_eq!(
-            decode(0x501, &0x1000u32.to_le_bytes()),
-            Ok(Request::ConsoleWrite(0x1000))
-        );
+        assert_eq!(decode(0x501, &0x1000u32.to_le_bytes()), Ok(Request::ConsoleWrite(0x1000)));
         assert_eq!(decode(0x505, &3u32.to_le_bytes()), Ok(Request::Shutdown(3)));
         assert_eq!(decode(0x3f8, b"x"), Err(DecodeError::UnknownPort(0x3f8)));
-        assert_eq!(
-            decode(0x501, &[1, 2]),
-            Err(DecodeError::BadWidth {
-                port: 0x501,
-                width: 2
-            })
-        );
+        assert_eq!(decode(0x501, &[1, 2]), Err(DecodeError::BadWidth { port: 0x501, width: 2 }));
     }
 
     #[test]
@@ -381,10 +328,7 @@ mod tests {
         let ram = GuestRam::new(16).unwrap();
         ram.write_bytes(0x2000, b"hi\n").unwrap();
         assert_eq!(console_params(&ram, 0x2000, 3), hc::STATUS_OK);
-        assert_eq!(
-            console_params(&ram, 0x2000, hc::CONSOLE_WRITE_MAX + 1),
-            hc::STATUS_TOO_LARGE
-        );
+        assert_eq!(console_params(&ram, 0x2000, hc::CONSOLE_WRITE_MAX + 1), hc::STATUS_TOO_LARGE);
         assert_eq!(console_params(&ram, ram.size() - 1, 2), hc::STATUS_BAD_ADDRESS);
         assert_eq!(console_params(&ram, u64::MAX, 16), hc::STATUS_BAD_ADDRESS);
     }
@@ -394,36 +338,18 @@ mod tests {
         let ram = GuestRam::new(16).unwrap();
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
         ram.write_bytes(0x2000, b"hello\n").unwrap();
-        ram.write(
-            PARAMS,
-            &ConsoleWriteParams {
-                source_pid: 2,
-                status: 0,
-                gpa: 0x2000,
-                len: 6,
-            },
-        )
-        .unwrap();
+        ram.write(PARAMS, &ConsoleWriteParams { source_pid: 2, status: 0, gpa: 0x2000, len: 6 }).unwrap();
         handle(&mut session, Request::ConsoleWrite(PARAMS));
         assert_eq!(session.lines.len(), 1);
-        assert_eq!(
-            (session.lines[0].pid, session.lines[0].text.as_str()),
-            (2, "hello")
-        );
+        assert_eq!((session.lines[0].pid, session.lines[0].text.as_str()), (2, "hello"));
     }
 
     #[test]
     fn unreadable_parameter_blocks_are_logged_not_fatal() {
         let ram = GuestRam::new(16).unwrap();
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
-        assert_eq!(
-            handle(&mut session, Request::ConsoleWrite(ram.size() - 4)),
-            Flow::Continue
-        );
-        assert_eq!(
-            handle(&mut session, Request::BootHello(u32::MAX as u64)),
-            Flow::Continue
-        );
+        assert_eq!(handle(&mut session, Request::ConsoleWrite(ram.size() - 4)), Flow::Continue);
+        assert_eq!(handle(&mut session, Request::BootHello(u32::MAX as u64)), Flow::Continue);
         assert_eq!(handle(&mut session, Request::EventNotify), Flow::Continue);
         assert_eq!(session.log.len(), 3, "{:?}", session.log);
         match handle(&mut session, Request::Panic(ram.size())) {
@@ -447,9 +373,7 @@ mod tests {
             fault_addr: 0x10,
         };
         ram.write(PARAMS, &params).unwrap();
-        let Flow::Panic(report) = handle(&mut session, Request::Panic(PARAMS)) else {
-            panic!("not a panic")
-        };
+        let Flow::Panic(report) = handle(&mut session, Request::Panic(PARAMS)) else { panic!("not a panic") };
         assert!(report.message.starts_with("boom\\u{1b}"));
         // Clamped to PANIC_MESSAGE_MAX bytes of guest memory (each escaped
         // control byte grows to at most 6 characters).
@@ -461,19 +385,9 @@ mod tests {
     fn a_hello_with_the_wrong_version_is_refused() {
         let ram = GuestRam::new(16).unwrap();
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
-        ram.write(
-            PARAMS,
-            &BootHelloParams {
-                version: 99,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        ram.write(PARAMS, &BootHelloParams { version: 99, ..Default::default() }).unwrap();
         handle(&mut session, Request::BootHello(PARAMS));
-        assert_eq!(
-            ram.read::<BootHelloParams>(PARAMS).unwrap().status,
-            hc::STATUS_BAD_VERSION
-        );
+        assert_eq!(ram.read::<BootHelloParams>(PARAMS).unwrap().status, hc::STATUS_BAD_VERSION);
         assert!(session.kernel_text.is_none());
     }
 
@@ -485,8 +399,7 @@ mod tests {
 
     /// Fills the dirty frames with 0xaa.
     fn dirty(ram: &GuestRam) {
-        ram.write_bytes(DIRTY, &vec![0xaa; (DIRTY_FRAMES * PAGE) as usize])
-            .unwrap();
+        ram.write_bytes(DIRTY, &vec![0xaa; (DIRTY_FRAMES * PAGE) as usize]).unwrap();
     }
 
     /// Which of the dirty frames are now all zero, and whether every other
@@ -513,15 +426,7 @@ mod tests {
             let bytes: Vec<u8> = frames.iter().flat_map(|f| f.to_le_bytes()).collect();
             ram.write_bytes(list_gpa, &bytes).unwrap();
         }
-        ram.write(
-            PARAMS,
-            &ScrubFramesParams {
-                list_gpa,
-                count,
-                status: hc::STATUS_PENDING,
-            },
-        )
-        .unwrap();
+        ram.write(PARAMS, &ScrubFramesParams { list_gpa, count, status: hc::STATUS_PENDING }).unwrap();
         assert_eq!(handle(&mut session, Request::ScrubFrames(PARAMS)), Flow::Continue);
         let status = ram.read::<ScrubFramesParams>(PARAMS).unwrap().status;
         (status, session.log)
@@ -549,9 +454,7 @@ mod tests {
         assert!(zeroed_frames(&ram).is_empty());
 
         // The largest batch allowed, the last frame of RAM included.
-        let mut frames: Vec<u64> = (0..hc::SCRUB_BATCH_MAX - 1)
-            .map(|i| 0x40_0000 + i * PAGE)
-            .collect();
+        let mut frames: Vec<u64> = (0..hc::SCRUB_BATCH_MAX - 1).map(|i| 0x40_0000 + i * PAGE).collect();
         frames.push(ram.size() - PAGE);
         for &frame in &frames {
             ram.write_bytes(frame, &[0xcc; 8]).unwrap();
@@ -577,10 +480,7 @@ mod tests {
             let list = [DIRTY, DIRTY + PAGE, bad, DIRTY + 3 * PAGE];
             let (status, log) = scrub(&ram, LIST, Some(&list), list.len() as u32);
             assert_eq!(status, hc::STATUS_BAD_ADDRESS, "frame {bad:#x}");
-            assert!(
-                zeroed_frames(&ram).is_empty(),
-                "frame {bad:#x} let others be zeroed"
-            );
+            assert!(zeroed_frames(&ram).is_empty(), "frame {bad:#x} let others be zeroed");
             assert_eq!(log.len(), 1, "{log:?}");
             assert!(log[0].contains(&format!("{bad:#x}")), "{log:?}");
         }
@@ -595,9 +495,7 @@ mod tests {
     fn an_oversized_scrub_batch_is_refused() {
         let ram = GuestRam::new(16).unwrap();
         dirty(&ram);
-        let frames: Vec<u64> = (0..=hc::SCRUB_BATCH_MAX)
-            .map(|i| DIRTY + (i % DIRTY_FRAMES) * PAGE)
-            .collect();
+        let frames: Vec<u64> = (0..=hc::SCRUB_BATCH_MAX).map(|i| DIRTY + (i % DIRTY_FRAMES) * PAGE).collect();
         let (status, log) = scrub(&ram, LIST, Some(&frames), frames.len() as u32);
         assert_eq!(status, hc::STATUS_TOO_LARGE);
         assert!(zeroed_frames(&ram).is_empty());
@@ -622,10 +520,7 @@ mod tests {
         assert!(zeroed_frames(&ram).is_empty());
         // And a parameter block that is itself unreadable is logged, not fatal.
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
-        assert_eq!(
-            handle(&mut session, Request::ScrubFrames(end - 8)),
-            Flow::Continue
-        );
+        assert_eq!(handle(&mut session, Request::ScrubFrames(end - 8)), Flow::Continue);
         assert!(session.log[0].contains("scrub-frames"), "{:?}", session.log);
     }
 }

@@ -10,10 +10,7 @@ pub use generated::KERNEL_ELF;
 
 /// The ELF image of the embedded program `name`.
 pub fn program(name: &str) -> Option<&'static [u8]> {
-    generated::PROGRAMS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, image)| *image)
+    generated::PROGRAMS.iter().find(|(n, _)| *n == name).map(|(_, image)| *image)
 }
 
 /// Names of the embedded programs, sorted.
@@ -23,10 +20,7 @@ pub fn program_names() -> Vec<&'static str> {
 
 /// The TOML text of the embedded scenario `name`.
 pub fn scenario(name: &str) -> Option<&'static str> {
-    generated::SCENARIOS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, text)| *text)
+    generated::SCENARIOS.iter().find(|(n, _)| *n == name).map(|(_, text)| *text)
 }
 
 /// Names of the embedded scenarios, sorted.

@@ -20,11 +20,7 @@ macro_rules! out {
 }
 
 #[derive(Parser)]
-#[command(
-    name = "superos-vmm",
-    version,
-    about = "Boot the SuperOS kernel on KVM and run its processes"
-)]
+#[command(name = "superos-vmm", version, about = "Boot the SuperOS kernel on KVM and run its processes")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -148,10 +144,7 @@ fn main() -> ExitCode {
 fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     let scenario = Scenario::load(&args.scenario).map_err(|e| e.to_string())?;
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(format!(
-            "--timeout must be a positive number of seconds, not {}",
-            args.timeout
-        ));
+        return Err(format!("--timeout must be a positive number of seconds, not {}", args.timeout));
     }
     let kernel = match &args.kernel {
         Some(path) => Cow::Owned(
@@ -213,25 +206,13 @@ fn print_summary(report: &RunReport) {
         .map(|p| {
             let pid = p.pid.map_or("-".to_string(), |pid| pid.to_string());
             let verdict = if p.as_expected() { "ok" } else { "UNEXPECTED" };
-            (
-                p.name.as_str(),
-                pid,
-                p.describe(),
-                p.expected.to_string(),
-                verdict,
-            )
+            (p.name.as_str(), pid, p.describe(), p.expected.to_string(), verdict)
         })
         .collect();
     // Repeated processes have longer outcomes; keep the columns aligned.
     let width = rows.iter().map(|row| row.2.len()).max().unwrap_or(0).max(36);
     out!("");
-    out!(
-        "{:<16} {:>4}  {:<width$} {:<28} ",
-        "process",
-        "pid",
-        "outcome",
-        "expected"
-    );
+    out!("{:<16} {:>4}  {:<width$} {:<28} ", "process", "pid", "outcome", "expected");
     for (name, pid, outcome, expected, verdict) in rows {
         out!("{name:<16} {pid:>4}  {outcome:<width$} {expected:<28} {verdict}");
     }

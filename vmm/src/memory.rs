@@ -69,9 +69,7 @@ impl GuestRam {
 
     /// Host virtual address of guest-physical 0 (for the KVM memory slot).
     pub fn host_address(&self) -> *mut u8 {
-        self.memory
-            .get_host_address(GuestAddress(0))
-            .expect("address 0 is inside guest RAM")
+        self.memory.get_host_address(GuestAddress(0)).expect("address 0 is inside guest RAM")
     }
 
     /// True if `[gpa, gpa + len)` lies inside guest RAM.
@@ -92,10 +90,7 @@ impl GuestRam {
         self.check(gpa, buffer.len())?;
         self.memory
             .read_slice(buffer, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfBounds {
-                gpa,
-                len: buffer.len() as u64,
-            })
+            .map_err(|_| MemoryError::OutOfBounds { gpa, len: buffer.len() as u64 })
     }
 
     /// Copies `bytes` into guest memory at `gpa`.
@@ -103,10 +98,7 @@ impl GuestRam {
         self.check(gpa, bytes.len())?;
         self.memory
             .write_slice(bytes, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfBounds {
-                gpa,
-                len: bytes.len() as u64,
-            })
+            .map_err(|_| MemoryError::OutOfBounds { gpa, len: bytes.len() as u64 })
     }
 
     /// Reads a plain-data value at `gpa`.
@@ -137,10 +129,7 @@ mod tests {
         assert!(matches!(GuestRam::new(15), Err(MemoryError::BadSize { .. })));
         assert!(matches!(GuestRam::new(33), Err(MemoryError::BadSize { .. })));
         assert!(matches!(GuestRam::new(4096), Err(MemoryError::BadSize { .. })));
-        assert!(matches!(
-            GuestRam::new(u64::MAX),
-            Err(MemoryError::BadSize { .. })
-        ));
+        assert!(matches!(GuestRam::new(u64::MAX), Err(MemoryError::BadSize { .. })));
         let message = GuestRam::new(15).unwrap_err().to_string();
         assert_eq!(
             message,
@@ -155,14 +144,8 @@ mod tests {
         let end = ram.size();
         ram.write(end - 8, &0x1122_3344_5566_7788u64).unwrap();
         assert_eq!(ram.read_u64(end - 8).unwrap(), 0x1122_3344_5566_7788);
-        assert!(matches!(
-            ram.read_u64(end - 4),
-            Err(MemoryError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            ram.read_u64(u64::MAX - 2),
-            Err(MemoryError::OutOfBounds { .. })
-        ));
+        assert!(matches!(ram.read_u64(end - 4), Err(MemoryError::OutOfBounds { .. })));
+        assert!(matches!(ram.read_u64(u64::MAX - 2), Err(MemoryError::OutOfBounds { .. })));
         assert!(ram.write_bytes(end, &[1]).is_err());
         assert!(!ram.contains(u64::MAX, 2));
     }

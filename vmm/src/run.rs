@@ -112,11 +112,7 @@ impl std::fmt::Display for GuestExit {
             GuestExit::KernelPanic(report) => write!(f, "kernel panic: {}", report.message),
             GuestExit::TripleFault => write!(f, "triple fault (the vCPU shut down)"),
             GuestExit::InternalError { suberror, data } => {
-                let kind = if *suberror == 1 {
-                    " (instruction emulation failed)"
-                } else {
-                    ""
-                };
+                let kind = if *suberror == 1 { " (instruction emulation failed)" } else { "" };
                 write!(f, "KVM internal error, suberror {suberror}{kind}, data {data:x?}")
             }
             GuestExit::FailEntry { reason } => write!(f, "VM entry failed, hardware reason {reason:#x}"),
@@ -153,11 +149,9 @@ impl std::fmt::Display for ProcessStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProcessStatus::Exited(code) => write!(f, "exit {code}"),
-            ProcessStatus::Killed {
-                fault: Some(fault),
-                addr,
-                ..
-            } => write!(f, "killed: {fault} at {addr:#x}"),
+            ProcessStatus::Killed { fault: Some(fault), addr, .. } => {
+                write!(f, "killed: {fault} at {addr:#x}")
+            }
             ProcessStatus::Killed { fault: None, .. } => write!(f, "killed: unknown fault"),
             ProcessStatus::NotStarted(Some(error)) => write!(f, "not started: {error}"),
             ProcessStatus::NotStarted(None) => write!(f, "not started"),
@@ -203,10 +197,8 @@ impl ProcessOutcome {
         if self.runs_expected <= 1 && self.runs_finished <= 1 {
             return self.status.to_string();
         }
-        let mut text = format!(
-            "{} ({} of {} runs as expected",
-            self.status, self.runs_as_expected, self.runs_expected
-        );
+        let mut text =
+            format!("{} ({} of {} runs as expected", self.status, self.runs_as_expected, self.runs_expected);
         if self.runs_finished != self.runs_expected {
             text.push_str(&format!(", {} finished", self.runs_finished));
         }
@@ -290,9 +282,8 @@ impl RunReport {
     /// Console lines written by the scenario process named `name`, in all
     /// of its runs.
     pub fn output_of(&self, name: &str) -> Vec<&str> {
-        let specs: Vec<u64> = (0..self.processes.len() as u64)
-            .filter(|&i| self.processes[i as usize].name == name)
-            .collect();
+        let specs: Vec<u64> =
+            (0..self.processes.len() as u64).filter(|&i| self.processes[i as usize].name == name).collect();
         let pids: Vec<u32> = self
             .events
             .iter()
@@ -301,11 +292,7 @@ impl RunReport {
                 _ => None,
             })
             .collect();
-        self.lines
-            .iter()
-            .filter(|l| pids.contains(&l.pid))
-            .map(|l| l.text.as_str())
-            .collect()
+        self.lines.iter().filter(|l| pids.contains(&l.pid)).map(|l| l.text.as_str()).collect()
     }
 
     /// The outcome of the scenario process named `name`.
@@ -333,10 +320,7 @@ pub enum RunError {
 
 /// Runs the scenario in `config` to completion (or crash, or timeout).
 pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
-    let memory_mib = config
-        .memory_mib
-        .or(config.scenario.memory_mib)
-        .unwrap_or(DEFAULT_MEMORY_MIB);
+    let memory_mib = config.memory_mib.or(config.scenario.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
     let ram = GuestRam::new(memory_mib)?;
     let host = detect_host_flavor();
     let symbols = KernelSymbols::parse(&config.kernel);
@@ -375,18 +359,12 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
             _ => return Err(RunError::Thread("the vCPU thread exited before starting".into())),
         };
         watchdog(&receiver, thread, stop, config.timeout);
-        handle
-            .join()
-            .map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
+        handle.join().map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
     })?;
     session.finish_console();
     session.phases.guest_exit.get_or_insert(session.now());
     let processes = outcomes(&config.scenario, &session.events);
-    let stats = RunStats {
-        exits,
-        phases: session.phases,
-        wall: config.started.elapsed(),
-    };
+    let stats = RunStats { exits, phases: session.phases, wall: config.started.elapsed() };
     let report = RunReport {
         exit,
         processes,
@@ -427,10 +405,7 @@ fn watchdog(
             eprintln!("superos-vmm: cannot install the vCPU kick signal handler: {error}");
         }
     });
-    if !matches!(
-        receiver.recv_timeout(timeout),
-        Err(mpsc::RecvTimeoutError::Timeout)
-    ) {
+    if !matches!(receiver.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Timeout)) {
         return;
     }
     stop.store(true, Ordering::SeqCst);
@@ -439,10 +414,7 @@ fn watchdog(
         // not sent Done) and is only joined after this function returns, so
         // its pthread_t is valid.
         unsafe { libc::pthread_kill(thread, kick_signal()) };
-        if !matches!(
-            receiver.recv_timeout(Duration::from_millis(20)),
-            Err(mpsc::RecvTimeoutError::Timeout)
-        ) {
+        if !matches!(receiver.recv_timeout(Duration::from_millis(20)), Err(mpsc::RecvTimeoutError::Timeout)) {
             return;
         }
     }
@@ -500,10 +472,7 @@ pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BT
         }
         VcpuExit::InternalError => {
             count("internal-error");
-            Step::Stop(GuestExit::InternalError {
-                suberror: 0,
-                data: Vec::new(),
-            })
+            Step::Stop(GuestExit::InternalError { suberror: 0, data: Vec::new() })
         }
         VcpuExit::FailEntry(reason, _) => {
             count("fail-entry");
@@ -575,10 +544,7 @@ fn internal_error_details(vcpu: &mut VcpuFd) -> GuestExit {
     // KVM fills the `internal` member of the exit union.
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let count = (internal.ndata as usize).min(internal.data.len());
-    GuestExit::InternalError {
-        suberror: internal.suberror,
-        data: internal.data[..count].to_vec(),
-    }
+    GuestExit::InternalError { suberror: internal.suberror, data: internal.data[..count].to_vec() }
 }
 
 fn diagnose(
@@ -595,14 +561,7 @@ fn diagnose(
     let regs = vcpu.get_regs().ok()?;
     let sregs = vcpu.get_sregs().ok()?;
     let rip = rip_override.unwrap_or(regs.rip);
-    Some(Diagnosis::new(
-        exit.to_string(),
-        rip,
-        &regs,
-        &sregs,
-        session.ram,
-        symbols,
-    ))
+    Some(Diagnosis::new(exit.to_string(), rip, &regs, &sregs, session.ram, symbols))
 }
 
 /// Matches kernel events to scenario processes. Each spawn of a boot
@@ -648,23 +607,13 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
                     finish(outcome, ProcessStatus::NotStarted(error));
                 }
             }
-            Event::ProcessExited {
-                pid,
-                code,
-                preemptions,
-            } => {
+            Event::ProcessExited { pid, code, preemptions } => {
                 if let Some(i) = running.remove(&pid) {
                     outcomes[i].preemptions = preemptions;
                     finish(&mut outcomes[i], ProcessStatus::Exited(code));
                 }
             }
-            Event::ProcessKilled {
-                pid,
-                fault,
-                addr,
-                rip,
-                ..
-            } => {
+            Event::ProcessKilled { pid, fault, addr, rip, .. } => {
                 if let Some(i) = running.remove(&pid) {
                     finish(&mut outcomes[i], ProcessStatus::Killed { fault, addr, rip });
                 }
@@ -698,15 +647,9 @@ mod tests {
             handle_exit(&mut session, VcpuExit::IoOut(0x505, &shutdown), &mut exits),
             Step::Stop(GuestExit::Shutdown { code: 0 })
         );
-        assert_eq!(
-            handle_exit(&mut session, VcpuExit::IoOut(0x80, &[1]), &mut exits),
-            Step::Continue
-        );
+        assert_eq!(handle_exit(&mut session, VcpuExit::IoOut(0x80, &[1]), &mut exits), Step::Continue);
         let mut data = [0u8; 2];
-        assert_eq!(
-            handle_exit(&mut session, VcpuExit::IoIn(0x60, &mut data), &mut exits),
-            Step::Continue
-        );
+        assert_eq!(handle_exit(&mut session, VcpuExit::IoIn(0x60, &mut data), &mut exits), Step::Continue);
         assert_eq!(data, [0xff, 0xff]);
         assert_eq!(
             handle_exit(&mut session, VcpuExit::Shutdown, &mut exits),
@@ -732,31 +675,12 @@ mod tests {
     #[test]
     fn outcomes_follow_the_events() {
         let scenario = Scenario::load("default").unwrap();
-        let entry = |event| EventEntry {
-            seq: 0,
-            tick: 0,
-            event,
-        };
+        let entry = |event| EventEntry { seq: 0, tick: 0, event };
         let events = [
-            entry(Event::ProcessSpawned {
-                pid: 1,
-                spec_index: 0,
-                pml4_gpa: 0,
-            }),
-            entry(Event::ProcessSpawned {
-                pid: 2,
-                spec_index: 3,
-                pml4_gpa: 0,
-            }),
-            entry(Event::SpawnFailed {
-                spec_index: 2,
-                error: Some(SpawnError::OutOfMemory),
-            }),
-            entry(Event::ProcessExited {
-                pid: 1,
-                code: 0,
-                preemptions: 2,
-            }),
+            entry(Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0 }),
+            entry(Event::ProcessSpawned { pid: 2, spec_index: 3, pml4_gpa: 0 }),
+            entry(Event::SpawnFailed { spec_index: 2, error: Some(SpawnError::OutOfMemory) }),
+            entry(Event::ProcessExited { pid: 1, code: 0, preemptions: 2 }),
             entry(Event::ProcessKilled {
                 pid: 2,
                 fault: Some(FaultKind::WriteToCode),
@@ -770,10 +694,7 @@ mod tests {
         assert!(result[0].as_expected());
         assert_eq!(result[0].preemptions, 2);
         assert_eq!(result[1].status, ProcessStatus::Unfinished);
-        assert_eq!(
-            result[2].status,
-            ProcessStatus::NotStarted(Some(SpawnError::OutOfMemory))
-        );
+        assert_eq!(result[2].status, ProcessStatus::NotStarted(Some(SpawnError::OutOfMemory)));
         assert!(result[3].as_expected());
     }
 
@@ -791,16 +712,8 @@ mod tests {
         )
         .unwrap();
         let entry = |seq, event| EventEntry { seq, tick: 0, event };
-        let spawned = |pid, spec_index| Event::ProcessSpawned {
-            pid,
-            spec_index,
-            pml4_gpa: 0,
-        };
-        let exited = |pid, code| Event::ProcessExited {
-            pid,
-            code,
-            preemptions: u64::from(pid),
-        };
+        let spawned = |pid, spec_index| Event::ProcessSpawned { pid, spec_index, pml4_gpa: 0 };
+        let exited = |pid, code| Event::ProcessExited { pid, code, preemptions: u64::from(pid) };
         let killed = |pid| Event::ProcessKilled {
             pid,
             fault: Some(FaultKind::WriteToCode),
@@ -833,10 +746,7 @@ mod tests {
             // no-memory: the second run cannot be started.
             spawned(8, 3),
             exited(8, 0),
-            Event::SpawnFailed {
-                spec_index: 3,
-                error: Some(SpawnError::OutOfMemory),
-            },
+            Event::SpawnFailed { spec_index: 3, error: Some(SpawnError::OutOfMemory) },
             // once: an ordinary single run.
             spawned(9, 4),
             exited(9, 3),
@@ -850,10 +760,7 @@ mod tests {
 
         let all_good = &result[0];
         assert_eq!(counts(all_good), (3, 3, 3));
-        assert_eq!(
-            (all_good.pid, all_good.status),
-            (Some(3), ProcessStatus::Exited(0))
-        );
+        assert_eq!((all_good.pid, all_good.status), (Some(3), ProcessStatus::Exited(0)));
         assert_eq!(all_good.preemptions, 3, "the latest run's");
         assert!(all_good.as_expected());
         assert_eq!(all_good.describe(), "exit 0 (3 of 3 runs as expected)");
@@ -861,33 +768,15 @@ mod tests {
         let one_bad = &result[1];
         assert_eq!(counts(one_bad), (2, 2, 1));
         assert_eq!(one_bad.pid, Some(5));
-        assert!(matches!(
-            one_bad.status,
-            ProcessStatus::Killed {
-                fault: Some(FaultKind::WriteToCode),
-                ..
-            }
-        ));
-        assert!(
-            !one_bad.as_expected(),
-            "the latest run matches, the first did not"
-        );
-        assert_eq!(
-            one_bad.describe(),
-            "killed: write-to-code at 0x400010 (1 of 2 runs as expected)"
-        );
+        assert!(matches!(one_bad.status, ProcessStatus::Killed { fault: Some(FaultKind::WriteToCode), .. }));
+        assert!(!one_bad.as_expected(), "the latest run matches, the first did not");
+        assert_eq!(one_bad.describe(), "killed: write-to-code at 0x400010 (1 of 2 runs as expected)");
 
         let cut_short = &result[2];
         assert_eq!(counts(cut_short), (2, 1, 1));
-        assert_eq!(
-            (cut_short.pid, cut_short.status),
-            (Some(7), ProcessStatus::Unfinished)
-        );
+        assert_eq!((cut_short.pid, cut_short.status), (Some(7), ProcessStatus::Unfinished));
         assert!(!cut_short.as_expected());
-        assert_eq!(
-            cut_short.describe(),
-            "unfinished (1 of 2 runs as expected, 1 finished)"
-        );
+        assert_eq!(cut_short.describe(), "unfinished (1 of 2 runs as expected, 1 finished)");
 
         let no_memory = &result[3];
         assert_eq!(counts(no_memory), (2, 2, 1));
@@ -914,33 +803,18 @@ mod tests {
         let events: Vec<EventEntry> = (1..=3)
             .flat_map(|pid| {
                 [
-                    Event::ProcessSpawned {
-                        pid,
-                        spec_index: 0,
-                        pml4_gpa: 0,
-                    },
-                    Event::ProcessExited {
-                        pid,
-                        code: 0,
-                        preemptions: 0,
-                    },
+                    Event::ProcessSpawned { pid, spec_index: 0, pml4_gpa: 0 },
+                    Event::ProcessExited { pid, code: 0, preemptions: 0 },
                 ]
             })
-            .map(|event| EventEntry {
-                seq: 0,
-                tick: 0,
-                event,
-            })
+            .map(|event| EventEntry { seq: 0, tick: 0, event })
             .collect();
         let result = outcomes(&scenario, &events[..4]);
         assert!(result[0].as_expected(), "{:?}", result[0]);
         let result = outcomes(&scenario, &events);
         assert_eq!(result[0].runs_finished, 3);
         assert!(!result[0].as_expected(), "a third run is a kernel bug");
-        assert_eq!(
-            result[0].describe(),
-            "exit 0 (3 of 2 runs as expected, 3 finished)"
-        );
+        assert_eq!(result[0].describe(), "exit 0 (3 of 2 runs as expected, 3 finished)");
     }
 
     #[test]
@@ -957,26 +831,14 @@ mod tests {
             .map(|(pid, spec_index)| EventEntry {
                 seq: 0,
                 tick: 0,
-                event: Event::ProcessSpawned {
-                    pid,
-                    spec_index,
-                    pml4_gpa: 0,
-                },
+                event: Event::ProcessSpawned { pid, spec_index, pml4_gpa: 0 },
             })
             .collect();
-        let line = |pid: u32, text: &str| ConsoleLine {
-            pid,
-            text: text.to_string(),
-        };
+        let line = |pid: u32, text: &str| ConsoleLine { pid, text: text.to_string() };
         let report = RunReport {
             exit: GuestExit::Shutdown { code: 0 },
             processes: outcomes(&scenario, &events),
-            lines: vec![
-                line(1, "first run"),
-                line(2, "other"),
-                line(0, "kernel"),
-                line(3, "second run"),
-            ],
+            lines: vec![line(1, "first run"), line(2, "other"), line(0, "kernel"), line(3, "second run")],
             events,
             log: Vec::new(),
             lost_events: 0,

@@ -189,10 +189,8 @@ impl Scenario {
     pub fn load(spec: &str) -> Result<Scenario, ScenarioError> {
         let path = Path::new(spec);
         if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ScenarioError::Read { path: path.to_path_buf(), source })?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             return Scenario::parse(&text, &path.display().to_string(), &base);
         }
@@ -217,10 +215,8 @@ impl Scenario {
                 message: error.message().to_string(),
             }
         })?;
-        let scenario_error = |message: String| ScenarioError::Scenario {
-            origin: origin.to_string(),
-            message,
-        };
+        let scenario_error =
+            |message: String| ScenarioError::Scenario { origin: origin.to_string(), message };
         if raw.process.is_empty() {
             return Err(scenario_error("a scenario needs at least one [[process]]".into()));
         }
@@ -251,11 +247,7 @@ fn resolve_process(
     origin: &str,
     base: &Path,
 ) -> Result<ProcessConfig, ScenarioError> {
-    let shown = raw
-        .name
-        .clone()
-        .or(raw.program.clone())
-        .unwrap_or_else(|| "?".into());
+    let shown = raw.name.clone().or(raw.program.clone()).unwrap_or_else(|| "?".into());
     let invalid = |message: String| ScenarioError::Invalid {
         origin: origin.to_string(),
         index,
@@ -276,49 +268,29 @@ fn resolve_process(
             let full = base.join(path);
             let image =
                 std::fs::read(&full).map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             (stem, image)
         }
-        _ => {
-            return Err(invalid(
-                "give exactly one of `program` (embedded) or `path` (ELF file)".into(),
-            ))
-        }
+        _ => return Err(invalid("give exactly one of `program` (embedded) or `path` (ELF file)".into())),
     };
-    guest_kernel::elf_image::check_user_image(&image).map_err(|e| {
-        invalid(format!(
-            "program {program} is not a loadable SuperOS program: {e}"
-        ))
-    })?;
+    guest_kernel::elf_image::check_user_image(&image)
+        .map_err(|e| invalid(format!("program {program} is not a loadable SuperOS program: {e}")))?;
     let name = raw.name.unwrap_or_else(|| program.clone());
     if name.is_empty() || name.len() > NAME_LEN {
         return Err(invalid(format!("the name must be 1 to {NAME_LEN} bytes long")));
     }
     if raw.args.len() > ARGS_LEN {
-        return Err(invalid(format!(
-            "args are {} bytes long; the limit is {ARGS_LEN}",
-            raw.args.len()
-        )));
+        return Err(invalid(format!("args are {} bytes long; the limit is {ARGS_LEN}", raw.args.len())));
     }
     let expect = match raw.expect {
         None => Expectation::Exit(0),
-        Some(RawExpect {
-            exit: Some(code),
-            fault: None,
-        }) => Expectation::Exit(code),
-        Some(RawExpect {
-            exit: None,
-            fault: Some(fault),
-        }) => Expectation::Fault(FaultKind::from_name(&fault).ok_or_else(|| {
-            let known: Vec<&str> = FaultKind::ALL.iter().map(|f| f.name()).collect();
-            invalid(format!(
-                "unknown fault kind {fault:?} (known: {})",
-                known.join(", ")
-            ))
-        })?),
+        Some(RawExpect { exit: Some(code), fault: None }) => Expectation::Exit(code),
+        Some(RawExpect { exit: None, fault: Some(fault) }) => {
+            Expectation::Fault(FaultKind::from_name(&fault).ok_or_else(|| {
+                let known: Vec<&str> = FaultKind::ALL.iter().map(|f| f.name()).collect();
+                invalid(format!("unknown fault kind {fault:?} (known: {})", known.join(", ")))
+            })?)
+        }
         Some(_) => return Err(invalid("`expect` takes exactly one of `exit` or `fault`".into())),
     };
     let runs = match raw.runs {
@@ -332,15 +304,7 @@ fn resolve_process(
         None => QuotaSpec::default(),
         Some(quota) => resolve_quota(quota).map_err(invalid)?,
     };
-    Ok(ProcessConfig {
-        name,
-        program,
-        image,
-        args: raw.args,
-        expect,
-        quota,
-        runs,
-    })
+    Ok(ProcessConfig { name, program, image, args: raw.args, expect, quota, runs })
 }
 
 /// Turns a `quota = { ... }` table into the kernel's [`QuotaSpec`] (bytes),
@@ -350,12 +314,8 @@ fn resolve_quota(raw: RawQuota) -> Result<QuotaSpec, String> {
         let kib = kib.unwrap_or(0);
         let kib = u64::try_from(kib)
             .map_err(|_| format!("quota.{field} = {kib}: a size cannot be negative (0 means no limit)"))?;
-        kib.checked_mul(1024).ok_or_else(|| {
-            format!(
-                "quota.{field} = {kib}: too large (at most {} KiB)",
-                u64::MAX / 1024
-            )
-        })
+        kib.checked_mul(1024)
+            .ok_or_else(|| format!("quota.{field} = {kib}: too large (at most {} KiB)", u64::MAX / 1024))
     };
     let max_virtual_bytes = bytes("virtual_kib", raw.virtual_kib)?;
     let max_resident_bytes = bytes("resident_kib", raw.resident_kib)?;
@@ -371,29 +331,16 @@ fn resolve_quota(raw: RawQuota) -> Result<QuotaSpec, String> {
     let policy = match raw.on_violation.as_deref() {
         None | Some("fail") => QUOTA_POLICY_FAIL,
         Some("kill") => QUOTA_POLICY_KILL,
-        Some(other) => {
-            return Err(format!(
-                "unknown quota.on_violation {other:?} (known: fail, kill)"
-            ))
-        }
+        Some(other) => return Err(format!("unknown quota.on_violation {other:?} (known: fail, kill)")),
     };
-    Ok(QuotaSpec {
-        max_virtual_bytes,
-        max_resident_bytes,
-        max_shared_bytes,
-        policy,
-        reserved: 0,
-    })
+    Ok(QuotaSpec { max_virtual_bytes, max_resident_bytes, max_shared_bytes, policy, reserved: 0 })
 }
 
 /// 1-based line and column of byte `offset` in `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
     (line, column)
 }
 
@@ -430,13 +377,8 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_file_line_and_column() {
-        let error = parse("[[process]]\nprogram = \"hello\"\nbogus = 1\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.starts_with("test.toml:3:1: unknown field `bogus`"),
-            "{error}"
-        );
+        let error = parse("[[process]]\nprogram = \"hello\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(error.starts_with("test.toml:3:1: unknown field `bogus`"), "{error}");
         let error = parse("[[process]]\nprogram = hello\n").unwrap_err().to_string();
         assert!(error.starts_with("test.toml:2:"), "{error}");
     }
@@ -445,19 +387,10 @@ mod tests {
     fn bad_values_are_rejected_with_reasons() {
         let cases = [
             ("", "at least one [[process]]"),
-            (
-                "[[process]]\nprogram = \"nope\"\n",
-                "no embedded program \"nope\"",
-            ),
+            ("[[process]]\nprogram = \"nope\"\n", "no embedded program \"nope\""),
             ("[[process]]\n", "exactly one of `program`"),
-            (
-                "[[process]]\nprogram = \"hello\"\npath = \"x\"\n",
-                "exactly one of `program`",
-            ),
-            (
-                "[[process]]\npath = \"/nonexistent.elf\"\n",
-                "cannot read /nonexistent.elf",
-            ),
+            ("[[process]]\nprogram = \"hello\"\npath = \"x\"\n", "exactly one of `program`"),
+            ("[[process]]\npath = \"/nonexistent.elf\"\n", "cannot read /nonexistent.elf"),
             (
                 "[[process]]\nprogram = \"hello\"\nexpect = { fault = \"melted\" }\n",
                 "unknown fault kind \"melted\"",
@@ -472,14 +405,8 @@ mod tests {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.contains(needle), "{text:?} gave {error:?}");
         }
-        let long_args = format!(
-            "[[process]]\nprogram = \"hello\"\nargs = \"{}\"\n",
-            "a".repeat(129)
-        );
-        assert!(parse(&long_args)
-            .unwrap_err()
-            .to_string()
-            .contains("the limit is 128"));
+        let long_args = format!("[[process]]\nprogram = \"hello\"\nargs = \"{}\"\n", "a".repeat(129));
+        assert!(parse(&long_args).unwrap_err().to_string().contains("the limit is 128"));
         let many = "[[process]]\nprogram = \"hello\"\n".repeat(33);
         assert!(parse(&many).unwrap_err().to_string().contains("at most 32"));
     }
@@ -510,20 +437,13 @@ mod tests {
         assert_eq!(partial.runs, 1, "runs defaults to 1");
         assert_eq!(
             partial.quota,
-            QuotaSpec {
-                max_resident_bytes: 8 * 1024,
-                policy: QUOTA_POLICY_FAIL,
-                ..QuotaSpec::default()
-            }
+            QuotaSpec { max_resident_bytes: 8 * 1024, policy: QUOTA_POLICY_FAIL, ..QuotaSpec::default() }
         );
         assert_eq!(plain.runs, MAX_RUNS);
         assert_eq!(plain.quota, QuotaSpec::default());
         // Without a quota table there are no limits.
         let s = parse("[[process]]\nprogram = \"hello\"\n").unwrap();
-        assert_eq!(
-            (s.processes[0].quota, s.processes[0].runs),
-            (QuotaSpec::default(), 1)
-        );
+        assert_eq!((s.processes[0].quota, s.processes[0].runs), (QuotaSpec::default(), 1));
         // A resident limit with an unlimited virtual size is fine.
         let s = parse("[[process]]\nprogram = \"hello\"\nquota = { virtual_kib = 0, resident_kib = 64 }\n")
             .unwrap();
@@ -534,10 +454,7 @@ mod tests {
     fn bad_quotas_and_runs_are_rejected_with_reasons() {
         let hello = "[[process]]\nprogram = \"hello\"\nname = \"h\"\n";
         let cases = [
-            (
-                "runs = 0",
-                "test.toml: process #1 (h): runs = 0: it must be 1 to 100000",
-            ),
+            ("runs = 0", "test.toml: process #1 (h): runs = 0: it must be 1 to 100000"),
             ("runs = 100001", "runs = 100001: it must be 1 to 100000"),
             ("runs = -3", "runs = -3: it must be 1 to 100000"),
             ("runs = 9223372036854775807", "it must be 1 to 100000"),
@@ -545,10 +462,7 @@ mod tests {
                 "quota = { on_violation = \"explode\" }",
                 "process #1 (h): unknown quota.on_violation \"explode\" (known: fail, kill)",
             ),
-            (
-                "quota = { virtual_kib = -1 }",
-                "quota.virtual_kib = -1: a size cannot be negative",
-            ),
+            ("quota = { virtual_kib = -1 }", "quota.virtual_kib = -1: a size cannot be negative"),
             (
                 "quota = { shared_kib = 9223372036854775807 }",
                 "quota.shared_kib = 9223372036854775807: too large",
@@ -564,18 +478,12 @@ mod tests {
         for (line, needle) in cases {
             let text = format!("{hello}{line}\n");
             let error = parse(&text).unwrap_err().to_string();
-            assert!(
-                error.contains(needle),
-                "{line:?} gave {error:?}, expected {needle:?}"
-            );
+            assert!(error.contains(needle), "{line:?} gave {error:?}, expected {needle:?}");
         }
         // The largest size that still fits in u64 bytes is accepted.
         let max_kib = u64::MAX / 1024;
         let text = format!("{hello}quota = {{ shared_kib = {max_kib} }}\n");
-        assert_eq!(
-            parse(&text).unwrap().processes[0].quota.max_shared_bytes,
-            max_kib * 1024
-        );
+        assert_eq!(parse(&text).unwrap().processes[0].quota.max_shared_bytes, max_kib * 1024);
         let text = format!("{hello}quota = {{ shared_kib = {} }}\n", max_kib + 1);
         assert!(parse(&text).unwrap_err().to_string().contains("too large"));
     }
@@ -585,13 +493,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("superos-scenario-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("junk.elf"), b"not an elf").unwrap();
-        let error = Scenario::parse("[[process]]\npath = \"junk.elf\"\n", "t.toml", &dir)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("program junk is not a loadable SuperOS program: bad-elf"),
-            "{error}"
-        );
+        let error =
+            Scenario::parse("[[process]]\npath = \"junk.elf\"\n", "t.toml", &dir).unwrap_err().to_string();
+        assert!(error.contains("program junk is not a loadable SuperOS program: bad-elf"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -181,18 +181,11 @@ impl<'a> Session<'a> {
         match record.decode() {
             Ok(event) => {
                 if let Event::ProcessSpawned { pid, spec_index, .. } = event {
-                    let name = self
-                        .process_names
-                        .get(spec_index as usize)
-                        .cloned()
-                        .unwrap_or_else(|| "?".into());
+                    let name =
+                        self.process_names.get(spec_index as usize).cloned().unwrap_or_else(|| "?".into());
                     self.pid_names.insert(pid, name);
                 }
-                let entry = EventEntry {
-                    seq: record.seq,
-                    tick: record.tick,
-                    event,
-                };
+                let entry = EventEntry { seq: record.seq, tick: record.tick, event };
                 if self.echo == Echo::Live {
                     emit(format_args!("{}", self.event_format.line(&entry)));
                 }
@@ -244,18 +237,10 @@ mod tests {
         let ram = GuestRam::new(16).unwrap();
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec!["a".into()])
             .with_event_format(EventFormat::Json);
-        let mut record = Event::ProcessSpawned {
-            pid: 9,
-            spec_index: 0,
-            pml4_gpa: 0x1000,
-        }
-        .encode();
+        let mut record = Event::ProcessSpawned { pid: 9, spec_index: 0, pml4_gpa: 0x1000 }.encode();
         record.seq = 3;
         session.add_record(record);
-        session.add_record(EventRecord {
-            kind: 999,
-            ..Default::default()
-        });
+        session.add_record(EventRecord { kind: 999, ..Default::default() });
         assert_eq!(session.events.len(), 1);
         assert_eq!(session.events[0].seq, 3);
         assert_eq!(session.label(9), "a#9");

@@ -65,8 +65,7 @@ impl Vm {
     pub fn new(ram: &GuestRam) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(VmError::SetTssAddress)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
         // The irqchip (and with it the local APIC timer) must exist before
         // the vCPU is created.
         vm.create_irq_chip().map_err(VmError::CreateIrqChip)?;
@@ -83,15 +82,9 @@ impl Vm {
         unsafe { vm.set_user_memory_region(region) }.map_err(VmError::SetMemory)?;
         let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
         // Without the host's CPUID some MSR writes (EFER.SCE) raise #GP.
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VmError::Cpuid)?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::Cpuid)?;
         vcpu.set_cpuid2(&cpuid).map_err(VmError::Cpuid)?;
-        Ok(Vm {
-            _kvm: kvm,
-            _vm: vm,
-            vcpu,
-        })
+        Ok(Vm { _kvm: kvm, _vm: vm, vcpu })
     }
 
     /// Sets the registers for direct long-mode entry at `entry`.
@@ -99,9 +92,7 @@ impl Vm {
         let mut sregs = self.vcpu.get_sregs().map_err(VmError::Registers)?;
         regs::setup_long_mode(&mut sregs, pml4);
         self.vcpu.set_sregs(&sregs).map_err(VmError::Registers)?;
-        self.vcpu
-            .set_regs(&regs::entry_registers(entry, boot_info_gpa))
-            .map_err(VmError::Registers)
+        self.vcpu.set_regs(&regs::entry_registers(entry, boot_info_gpa)).map_err(VmError::Registers)
     }
 
     /// The guest TSC frequency in kHz, or 0 if KVM does not say.

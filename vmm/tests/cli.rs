@@ -3,10 +3,8 @@
 use std::process::Command;
 
 fn vmm(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
-        .args(args)
-        .output()
-        .expect("run superos-vmm");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_superos-vmm")).args(args).output().expect("run superos-vmm");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -15,15 +13,8 @@ fn vmm(args: &[&str]) -> (i32, String, String) {
 }
 
 fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    assert!(
-        usable || std::env::var_os("CI").is_none(),
-        "/dev/kvm is not usable, and CI is set"
-    );
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    assert!(usable || std::env::var_os("CI").is_none(), "/dev/kvm is not usable, and CI is set");
     usable
 }
 
@@ -37,17 +28,9 @@ fn run_with_no_arguments_runs_the_default_scenario_and_exits_0() {
     assert!(stdout.contains("running embedded:default"), "{stdout}");
     assert!(stdout.contains("[hello-a#1] hello from ring 3"), "{stdout}");
     assert!(stdout.contains("processes as expected"), "{stdout}");
-    for needle in [
-        "boot phases",
-        "kernel entry",
-        "first user instruction",
-        "VM exits:",
-        "hypercall shutdown",
-    ] {
-        assert!(
-            stdout.contains(needle),
-            "--stats output lacks {needle:?}:\n{stdout}"
-        );
+    for needle in ["boot phases", "kernel entry", "first user instruction", "VM exits:", "hypercall shutdown"]
+    {
+        assert!(stdout.contains(needle), "--stats output lacks {needle:?}:\n{stdout}");
     }
 }
 
@@ -58,14 +41,8 @@ fn events_json_prints_one_object_per_event_and_keeps_the_console() {
     }
     let (code, stdout, stderr) = vmm(&["run", "--events", "json", "--scrub", "kernel"]);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(
-        !stdout.contains("  event #"),
-        "text event lines in JSON mode:\n{stdout}"
-    );
-    assert!(
-        stdout.contains("[exit-code#3] exit-code: exiting with 3"),
-        "{stdout}"
-    );
+    assert!(!stdout.contains("  event #"), "text event lines in JSON mode:\n{stdout}");
+    assert!(stdout.contains("[exit-code#3] exit-code: exiting with 3"), "{stdout}");
     let events: Vec<serde_json::Value> = stdout
         .lines()
         .filter(|line| line.starts_with('{'))
@@ -79,10 +56,8 @@ fn events_json_prints_one_object_per_event_and_keeps_the_console() {
         .find(|e| e["kind"] == "process-exited" && e["pid"] == 3)
         .unwrap_or_else(|| panic!("no exit of pid 3:\n{stdout}"));
     assert_eq!(exited["code"], 3);
-    let killed = events
-        .iter()
-        .find(|e| e["kind"] == "process-killed")
-        .unwrap_or_else(|| panic!("no kill:\n{stdout}"));
+    let killed =
+        events.iter().find(|e| e["kind"] == "process-killed").unwrap_or_else(|| panic!("no kill:\n{stdout}"));
     assert_eq!(killed["fault"], "write-to-code");
     assert!(killed["rip"].is_u64());
 }
@@ -90,28 +65,13 @@ fn events_json_prints_one_object_per_event_and_keeps_the_console() {
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
     let cases: [(&[&str], &str); 7] = [
-        (
-            &["run", "no-such-scenario"],
-            "no scenario file or embedded scenario named \"no-such-scenario\"",
-        ),
+        (&["run", "no-such-scenario"], "no scenario file or embedded scenario named \"no-such-scenario\""),
         (&["run", "--mem", "15"], "guest memory of 15 MiB is not allowed"),
-        (
-            &["run", "--mem", "100000"],
-            "guest memory of 100000 MiB is not allowed",
-        ),
-        (
-            &["run", "--kernel", "/nonexistent/kernel.elf"],
-            "cannot read kernel /nonexistent/kernel.elf",
-        ),
+        (&["run", "--mem", "100000"], "guest memory of 100000 MiB is not allowed"),
+        (&["run", "--kernel", "/nonexistent/kernel.elf"], "cannot read kernel /nonexistent/kernel.elf"),
         (&["run", "--timeout", "0"], "--timeout must be a positive number"),
-        (
-            &["run", "--scrub", "fast"],
-            "invalid value 'fast' for '--scrub <SCRUB>'",
-        ),
-        (
-            &["run", "--events", "xml"],
-            "invalid value 'xml' for '--events <FORMAT>'",
-        ),
+        (&["run", "--scrub", "fast"], "invalid value 'fast' for '--scrub <SCRUB>'"),
+        (&["run", "--events", "xml"], "invalid value 'xml' for '--events <FORMAT>'"),
     ];
     for (args, needle) in cases {
         let (code, _, stderr) = vmm(args);
@@ -130,10 +90,7 @@ fn a_kernel_that_is_not_elf_is_rejected() {
     let (code, _, stderr) = vmm(&["run", "--kernel", path.to_str().unwrap()]);
     std::fs::remove_file(&path).unwrap();
     assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains("the kernel image is not a valid ELF file"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("the kernel image is not a valid ELF file"), "{stderr}");
 }
 
 #[test]
@@ -151,24 +108,11 @@ fn a_kernel_panic_exits_3_with_a_diagnosis() {
 fn help_shows_examples_and_list_shows_what_is_embedded() {
     let (code, stdout, _) = vmm(&["run", "--help"]);
     assert_eq!(code, 0);
-    assert!(
-        stdout.contains("Examples:") && stdout.contains("Exit status:"),
-        "{stdout}"
-    );
-    for needle in [
-        "--scrub <SCRUB>",
-        "kernel:",
-        "vmm:",
-        "auto:",
-        "--events <FORMAT>",
-        "json:",
-    ] {
+    assert!(stdout.contains("Examples:") && stdout.contains("Exit status:"), "{stdout}");
+    for needle in ["--scrub <SCRUB>", "kernel:", "vmm:", "auto:", "--events <FORMAT>", "json:"] {
         assert!(stdout.contains(needle), "--help lacks {needle:?}:\n{stdout}");
     }
     let (code, stdout, _) = vmm(&["list"]);
     assert_eq!(code, 0);
-    assert!(
-        stdout.contains("default") && stdout.contains("write-code"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("default") && stdout.contains("write-code"), "{stdout}");
 }

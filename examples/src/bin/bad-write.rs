@@ -10,22 +10,12 @@ use superos_rt::{println, raw};
 
 fn main(_args: &[u8]) -> i32 {
     let cases: [(&str, u64, u64, SysError); 6] = [
-        (
-            "kernel-half pointer",
-            0xffff_ffff_8010_0000,
-            16,
-            SysError::BadAddress,
-        ),
+        ("kernel-half pointer", 0xffff_ffff_8010_0000, 16, SysError::BadAddress),
         ("unmapped pointer", 0x1000, 16, SysError::BadAddress),
         ("non-canonical pointer", USER_HALF_END, 1, SysError::BadAddress),
         ("overflowing range", u64::MAX - 3, 16, SysError::Overflow),
         ("huge length", GATE_VA, 1 << 40, SysError::TooLarge),
-        (
-            "range running off the gate page",
-            GATE_VA + 4000,
-            200,
-            SysError::BadAddress,
-        ),
+        ("range running off the gate page", GATE_VA + 4000, 200, SysError::BadAddress),
     ];
     let mut failures = 0;
     for (name, pointer, len, expected) in cases {
@@ -33,10 +23,7 @@ fn main(_args: &[u8]) -> i32 {
         let result = decode_result(unsafe { raw::syscall(Syscall::Write as u64, pointer, len, 0, 0, 0) });
         let ok = result == Err(expected);
         failures += u32::from(!ok);
-        println!(
-            "bad-write: {name}: {result:?} ({})",
-            if ok { "as expected" } else { "WRONG" }
-        );
+        println!("bad-write: {name}: {result:?} ({})", if ok { "as expected" } else { "WRONG" });
     }
     // SAFETY: an unknown system call number has no arguments to check.
     let unknown = decode_result(unsafe { raw::syscall(0xdead, 0, 0, 0, 0, 0) });

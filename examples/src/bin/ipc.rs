@@ -170,19 +170,13 @@ fn flood(peer: u32) -> Result<i32, Error> {
         Some(error) => println!("ipc: flood: pid {peer} accepted {accepted} messages, then: {error}"),
         None => println!("ipc: flood: pid {peer} accepted {accepted} messages and was never full"),
     }
-    Ok(i32::from(
-        error != Some(Error::MailboxFull) || accepted != MAILBOX_DEPTH,
-    ))
+    Ok(i32::from(error != Some(Error::MailboxFull) || accepted != MAILBOX_DEPTH))
 }
 
 fn dead_peer(peer: u32) -> Result<i32, Error> {
     let mut checks = Checks::new("ipc: dead-peer");
     checks.expect("send to pid 0", ipc_send(0, b"hello"), Err(Error::NoSuchProcess));
-    checks.expect(
-        "send to pid 4000",
-        ipc_send(4000, b"hello"),
-        Err(Error::NoSuchProcess),
-    );
+    checks.expect("send to pid 4000", ipc_send(4000, b"hello"), Err(Error::NoSuchProcess));
     let mut attempts = 0u32;
     let result = loop {
         attempts += 1;
@@ -191,11 +185,7 @@ fn dead_peer(peer: u32) -> Result<i32, Error> {
             other => break other,
         }
     };
-    checks.expect(
-        format_args!("send to pid {peer} once it exited"),
-        result,
-        Err(Error::NoSuchProcess),
-    );
+    checks.expect(format_args!("send to pid {peer} once it exited"), result, Err(Error::NoSuchProcess));
     Ok(checks.finish())
 }
 
@@ -262,16 +252,8 @@ fn bad_args() -> Result<i32, Error> {
     let stack = buffer.as_mut_ptr() as u64;
 
     // An empty mailbox.
-    checks.expect(
-        "try_recv on an empty mailbox",
-        ipc_try_recv(&mut buffer),
-        Err(Error::WouldBlock),
-    );
-    checks.expect(
-        "recv with unknown flag bits",
-        recv_raw(stack, 64, 2),
-        Err(Error::InvalidArgument),
-    );
+    checks.expect("try_recv on an empty mailbox", ipc_try_recv(&mut buffer), Err(Error::WouldBlock));
+    checks.expect("recv with unknown flag bits", recv_raw(stack, 64, 2), Err(Error::InvalidArgument));
     checks.expect(
         "recv with unknown and nonblock flag bits",
         recv_raw(stack, 64, 2 | RECV_NONBLOCK),
@@ -279,63 +261,26 @@ fn bad_args() -> Result<i32, Error> {
     );
 
     // Sending.
-    checks.expect(
-        "send of MESSAGE_MAX + 1 bytes",
-        ipc_send(me, &buffer),
-        Err(Error::TooLarge),
-    );
-    checks.expect(
-        "send from a kernel address",
-        send_raw(me, KERNEL, 16),
-        Err(Error::BadAddress),
-    );
-    checks.expect(
-        "send from an unmapped address",
-        send_raw(me, UNMAPPED, 16),
-        Err(Error::BadAddress),
-    );
+    checks.expect("send of MESSAGE_MAX + 1 bytes", ipc_send(me, &buffer), Err(Error::TooLarge));
+    checks.expect("send from a kernel address", send_raw(me, KERNEL, 16), Err(Error::BadAddress));
+    checks.expect("send from an unmapped address", send_raw(me, UNMAPPED, 16), Err(Error::BadAddress));
     checks.expect("send to pid 0", ipc_send(0, b"x"), Err(Error::NoSuchProcess));
-    checks.expect(
-        "send to pid 4000",
-        ipc_send(4000, b"x"),
-        Err(Error::NoSuchProcess),
-    );
-    checks.expect(
-        "nothing was queued",
-        ipc_try_recv(&mut buffer),
-        Err(Error::WouldBlock),
-    );
+    checks.expect("send to pid 4000", ipc_send(4000, b"x"), Err(Error::NoSuchProcess));
+    checks.expect("nothing was queued", ipc_try_recv(&mut buffer), Err(Error::WouldBlock));
 
     // A message too long for the buffer stays queued.
     let message = [0x5au8; 100];
     checks.expect("send 100 bytes to myself", ipc_send(me, &message), Ok(()));
-    checks.expect(
-        "recv into 10 bytes",
-        ipc_try_recv(&mut buffer[..10]),
-        Err(Error::BufferTooSmall),
-    );
-    checks.expect(
-        "recv into 99 bytes",
-        ipc_try_recv(&mut buffer[..99]),
-        Err(Error::BufferTooSmall),
-    );
-    checks.expect(
-        "recv into 100 bytes",
-        ipc_try_recv(&mut buffer[..100]),
-        Ok((me, 100)),
-    );
+    checks.expect("recv into 10 bytes", ipc_try_recv(&mut buffer[..10]), Err(Error::BufferTooSmall));
+    checks.expect("recv into 99 bytes", ipc_try_recv(&mut buffer[..99]), Err(Error::BufferTooSmall));
+    checks.expect("recv into 100 bytes", ipc_try_recv(&mut buffer[..100]), Ok((me, 100)));
     checks.record("content", buffer[..100] == message, &"100 bytes");
 
     // Buffers the kernel may not write.
     checks.expect("send 16 bytes to myself", ipc_send(me, &message[..16]), Ok(()));
     let rodata = &raw const RODATA as u64;
     let code = main as *const () as u64;
-    for (what, addr) in [
-        ("kernel", KERNEL),
-        ("unmapped", UNMAPPED),
-        ("rodata", rodata),
-        ("code", code),
-    ] {
+    for (what, addr) in [("kernel", KERNEL), ("unmapped", UNMAPPED), ("rodata", rodata), ("code", code)] {
         checks.expect(
             format_args!("recv into {what} memory"),
             recv_raw(addr, 64, RECV_NONBLOCK),
@@ -351,11 +296,7 @@ fn bad_args() -> Result<i32, Error> {
 
     // The mailbox holds MAILBOX_DEPTH messages, in order.
     for seq in 0..MAILBOX_DEPTH as u8 {
-        checks.expect(
-            format_args!("queue message {seq}"),
-            ipc_send(me, &[seq; 3]),
-            Ok(()),
-        );
+        checks.expect(format_args!("queue message {seq}"), ipc_send(me, &[seq; 3]), Ok(()));
     }
     checks.expect("one more", ipc_send(me, b"overflow"), Err(Error::MailboxFull));
     let mut in_order = true;
@@ -368,11 +309,7 @@ fn bad_args() -> Result<i32, Error> {
 
     // The largest message.
     checks.expect("send MESSAGE_MAX bytes", ipc_send(me, &buffer[..MAX]), Ok(()));
-    checks.expect(
-        "recv MESSAGE_MAX bytes",
-        ipc_try_recv(&mut buffer[..MAX]),
-        Ok((me, MAX)),
-    );
+    checks.expect("recv MESSAGE_MAX bytes", ipc_try_recv(&mut buffer[..MAX]), Ok((me, MAX)));
     Ok(checks.finish())
 }
 
@@ -385,17 +322,10 @@ fn wait() -> Result<i32, Error> {
 }
 
 fn main(args: &[u8]) -> i32 {
-    let number = |key, default: u64| {
-        arg(args, key)
-            .and_then(parse_i64)
-            .map_or(default, |n| n.max(0) as u64)
-    };
+    let number = |key, default: u64| arg(args, key).and_then(parse_i64).map_or(default, |n| n.max(0) as u64);
     let peer = arg(args, "peer").and_then(parse_i64).map(|pid| pid as u32);
     let mode = arg(args, "mode").unwrap_or(b"");
-    let needs_peer = matches!(
-        mode,
-        b"pingpong" | b"stream-send" | b"flood" | b"dead-peer" | b"order"
-    );
+    let needs_peer = matches!(mode, b"pingpong" | b"stream-send" | b"flood" | b"dead-peer" | b"order");
     let result = match (mode, peer) {
         (_, None) if needs_peer => {
             println!("ipc: mode needs peer=<pid>");

@@ -57,30 +57,10 @@ fn map_arguments(checks: &mut Checks) {
     let cases: [(&str, u64, u64, Error); 7] = [
         ("mem_map of length 0", 0, RW, Error::InvalidArgument),
         ("mem_map of 1 GiB + 1", MAP_MAX + 1, RW, Error::TooLarge),
-        (
-            "mem_map executable",
-            PAGE_SIZE,
-            PROT_READ | PROT_EXEC,
-            Error::NotPermitted,
-        ),
-        (
-            "mem_map writable and executable",
-            PAGE_SIZE,
-            RW | PROT_EXEC,
-            Error::NotPermitted,
-        ),
-        (
-            "mem_map write without read",
-            PAGE_SIZE,
-            PROT_WRITE,
-            Error::InvalidArgument,
-        ),
-        (
-            "mem_map with an unknown prot bit",
-            PAGE_SIZE,
-            PROT_READ | 8,
-            Error::InvalidArgument,
-        ),
+        ("mem_map executable", PAGE_SIZE, PROT_READ | PROT_EXEC, Error::NotPermitted),
+        ("mem_map writable and executable", PAGE_SIZE, RW | PROT_EXEC, Error::NotPermitted),
+        ("mem_map write without read", PAGE_SIZE, PROT_WRITE, Error::InvalidArgument),
+        ("mem_map with an unknown prot bit", PAGE_SIZE, PROT_READ | 8, Error::InvalidArgument),
         ("mem_map with no rights", PAGE_SIZE, 0, Error::InvalidArgument),
     ];
     for (what, len, prot, want) in cases {
@@ -100,39 +80,16 @@ fn range_arguments(checks: &mut Checks, base: u64, len: u64) {
     let bad: [(&str, u64, u64, Error); 8] = [
         ("unaligned address", base + 1, PAGE_SIZE, Error::Unaligned),
         ("length 0", base, 0, Error::InvalidArgument),
-        (
-            "overflowing range",
-            u64::MAX - PAGE_SIZE + 1,
-            2 * PAGE_SIZE,
-            Error::Overflow,
-        ),
+        ("overflowing range", u64::MAX - PAGE_SIZE + 1, 2 * PAGE_SIZE, Error::Overflow),
         ("kernel-half range", KERNEL, PAGE_SIZE, Error::BadAddress),
         ("unmapped range", UNMAPPED, PAGE_SIZE, Error::BadAddress),
         ("the guard page", guard, PAGE_SIZE, Error::BadAddress),
-        (
-            "a mapping plus its guard page",
-            base,
-            len + PAGE_SIZE,
-            Error::BadAddress,
-        ),
-        (
-            "own code",
-            main as *const () as u64 & !(PAGE_SIZE - 1),
-            PAGE_SIZE,
-            Error::BadAddress,
-        ),
+        ("a mapping plus its guard page", base, len + PAGE_SIZE, Error::BadAddress),
+        ("own code", main as *const () as u64 & !(PAGE_SIZE - 1), PAGE_SIZE, Error::BadAddress),
     ];
     for (what, addr, len, want) in bad {
-        checks.expect(
-            format_args!("mem_unmap of {what}"),
-            mem_unmap(addr, len),
-            Err(want),
-        );
-        checks.expect(
-            format_args!("mem_protect of {what}"),
-            mem_protect(addr, len, PROT_READ),
-            Err(want),
-        );
+        checks.expect(format_args!("mem_unmap of {what}"), mem_unmap(addr, len), Err(want));
+        checks.expect(format_args!("mem_protect of {what}"), mem_protect(addr, len, PROT_READ), Err(want));
     }
     // Nothing changed: the data is still there and still writable.
     poke(base, 0x1111);
@@ -141,38 +98,18 @@ fn range_arguments(checks: &mut Checks, base: u64, len: u64) {
 
 fn stat_targets(checks: &mut Checks) {
     let rodata = &raw const RODATA as u64;
-    checks.expect(
-        "mem_stat into own rodata",
-        stat_into(rodata),
-        Err(Error::BadAddress),
-    );
+    checks.expect("mem_stat into own rodata", stat_into(rodata), Err(Error::BadAddress));
     let unchanged = (0..7).all(|i| peek(rodata + 8 * i) == 0x5eed);
     checks.record("rodata unchanged", unchanged, &unchanged);
     let code = main as *const () as u64;
     checks.expect("mem_stat into own code", stat_into(code), Err(Error::BadAddress));
-    checks.expect(
-        "mem_stat into the kernel half",
-        stat_into(KERNEL),
-        Err(Error::BadAddress),
-    );
-    checks.expect(
-        "mem_stat into unmapped memory",
-        stat_into(UNMAPPED),
-        Err(Error::BadAddress),
-    );
+    checks.expect("mem_stat into the kernel half", stat_into(KERNEL), Err(Error::BadAddress));
+    checks.expect("mem_stat into unmapped memory", stat_into(UNMAPPED), Err(Error::BadAddress));
     match mem_map(PAGE_SIZE, PROT_READ) {
         Ok(addr) => {
-            checks.expect(
-                "mem_stat into a read-only mapping",
-                stat_into(addr),
-                Err(Error::BadAddress),
-            );
+            checks.expect("mem_stat into a read-only mapping", stat_into(addr), Err(Error::BadAddress));
             checks.expect("read-only mapping still zero", peek(addr), 0);
-            checks.expect(
-                "mem_unmap of the read-only mapping",
-                mem_unmap(addr, PAGE_SIZE),
-                Ok(()),
-            );
+            checks.expect("mem_unmap of the read-only mapping", mem_unmap(addr, PAGE_SIZE), Ok(()));
         }
         Err(error) => {
             checks.record("mem_map read-only page", false, &error);
@@ -180,11 +117,7 @@ fn stat_targets(checks: &mut Checks) {
     }
     match mem_map(PAGE_SIZE, RW) {
         Ok(addr) => {
-            checks.expect(
-                "mem_stat into an untouched writable mapping",
-                stat_into(addr),
-                Ok(0),
-            );
+            checks.expect("mem_stat into an untouched writable mapping", stat_into(addr), Ok(0));
             let virtual_bytes = peek(addr);
             let current = stat().virtual_bytes;
             checks.expect("its virtual_bytes", virtual_bytes, current);
@@ -207,11 +140,7 @@ fn demand_zero(checks: &mut Checks, base: u64, pages: u64) {
         after.resident_bytes.wrapping_sub(before.resident_bytes),
         2 * PAGE_SIZE,
     );
-    checks.expect(
-        "virtual size unchanged by touching",
-        after.virtual_bytes,
-        before.virtual_bytes,
-    );
+    checks.expect("virtual size unchanged by touching", after.virtual_bytes, before.virtual_bytes);
     let zero = (0..pages)
         .filter(|page| *page != 0 && *page != 2)
         .all(|page| peek(base + page * PAGE_SIZE) == 0 && peek(base + page * PAGE_SIZE + PAGE_SIZE - 8) == 0);
@@ -224,11 +153,7 @@ fn demand_zero(checks: &mut Checks, base: u64, pages: u64) {
 }
 
 fn protect(checks: &mut Checks, base: u64) {
-    checks.expect(
-        "mem_protect read-write to read-only",
-        mem_protect(base, PAGE_SIZE, PROT_READ),
-        Ok(()),
-    );
+    checks.expect("mem_protect read-write to read-only", mem_protect(base, PAGE_SIZE, PROT_READ), Ok(()));
     checks.expect("protected page still readable", peek(base), 0x1111);
     checks.expect(
         "mem_protect back to read-write",
@@ -247,17 +172,9 @@ fn protect(checks: &mut Checks, base: u64) {
 
 fn unmap(checks: &mut Checks, base: u64, pages: u64) {
     let before = stat();
-    checks.expect(
-        "partial mem_unmap of page 2",
-        mem_unmap(base + 2 * PAGE_SIZE, PAGE_SIZE),
-        Ok(()),
-    );
+    checks.expect("partial mem_unmap of page 2", mem_unmap(base + 2 * PAGE_SIZE, PAGE_SIZE), Ok(()));
     let after = stat();
-    checks.expect(
-        "virtual shrink",
-        before.virtual_bytes.wrapping_sub(after.virtual_bytes),
-        PAGE_SIZE,
-    );
+    checks.expect("virtual shrink", before.virtual_bytes.wrapping_sub(after.virtual_bytes), PAGE_SIZE);
     checks.expect(
         "resident shrink (page 2 was touched)",
         before.resident_bytes.wrapping_sub(after.resident_bytes),
@@ -268,23 +185,11 @@ fn unmap(checks: &mut Checks, base: u64, pages: u64) {
         mem_unmap(base + 2 * PAGE_SIZE, PAGE_SIZE),
         Err(Error::BadAddress),
     );
-    checks.expect(
-        "mem_unmap across the hole",
-        mem_unmap(base, 4 * PAGE_SIZE),
-        Err(Error::BadAddress),
-    );
+    checks.expect("mem_unmap across the hole", mem_unmap(base, 4 * PAGE_SIZE), Err(Error::BadAddress));
     checks.expect("page 0 intact", peek(base), 0x1111);
     checks.expect("mem_unmap of pages 0-1", mem_unmap(base, 2 * PAGE_SIZE), Ok(()));
-    checks.expect(
-        "mem_unmap of the rest",
-        mem_unmap(base + 3 * PAGE_SIZE, (pages - 3) * PAGE_SIZE),
-        Ok(()),
-    );
-    checks.expect(
-        "double mem_unmap",
-        mem_unmap(base, PAGE_SIZE),
-        Err(Error::BadAddress),
-    );
+    checks.expect("mem_unmap of the rest", mem_unmap(base + 3 * PAGE_SIZE, (pages - 3) * PAGE_SIZE), Ok(()));
+    checks.expect("double mem_unmap", mem_unmap(base, PAGE_SIZE), Err(Error::BadAddress));
     let end = stat();
     checks.expect(
         "virtual size back to the start",
@@ -307,11 +212,7 @@ fn main(_args: &[u8]) -> i32 {
         start.virtual_bytes, start.resident_bytes
     );
     let ok = start.virtual_bytes >= start.resident_bytes && start.resident_bytes > 0;
-    checks.record(
-        "start-up usage plausible",
-        ok,
-        &(start.virtual_bytes, start.resident_bytes),
-    );
+    checks.record("start-up usage plausible", ok, &(start.virtual_bytes, start.resident_bytes));
 
     // 5 pages (the length is rounded up), read-write, demand-zero.
     let pages = 5;
@@ -329,19 +230,11 @@ fn main(_args: &[u8]) -> i32 {
         mapped.virtual_bytes.wrapping_sub(start.virtual_bytes),
         pages * PAGE_SIZE,
     );
-    checks.expect(
-        "no resident growth before touch",
-        mapped.resident_bytes,
-        start.resident_bytes,
-    );
+    checks.expect("no resident growth before touch", mapped.resident_bytes, start.resident_bytes);
     // First fit after one guard page.
     match mem_map(PAGE_SIZE, PROT_READ) {
         Ok(next) => {
-            checks.expect(
-                "second mapping after the guard page",
-                next,
-                base + (pages + 1) * PAGE_SIZE,
-            );
+            checks.expect("second mapping after the guard page", next, base + (pages + 1) * PAGE_SIZE);
             checks.expect("unmap second mapping", mem_unmap(next, PAGE_SIZE), Ok(()));
         }
         Err(error) => {

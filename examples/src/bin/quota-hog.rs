@@ -61,10 +61,7 @@ fn touch_pages(size: u64) -> i32 {
             return 1;
         }
     };
-    println!(
-        "quota-hog: mapped {} KiB at {base:#x}, touching every page",
-        size >> 10
-    );
+    println!("quota-hog: mapped {} KiB at {base:#x}, touching every page", size >> 10);
     let pages = size.div_ceil(PAGE_SIZE);
     for page in 0..pages {
         // SAFETY: the page lies inside the writable mapping made above, which

@@ -29,11 +29,7 @@ fn fill(pages: u64, reader: u32, unmap: bool) -> Result<i32, Error> {
     if unmap {
         mem_unmap(base, len)?;
     }
-    let how = if unmap {
-        "unmapped them"
-    } else {
-        "exiting with them mapped"
-    };
+    let how = if unmap { "unmapped them" } else { "exiting with them mapped" };
     println!("scrub: filled {pages} pages at {base:#x} with a pattern, {how}");
     ipc_send(reader, b"filled")?;
     Ok(0)

@@ -82,16 +82,12 @@ pub fn init() {
         idt.debug.set_handler_addr(addr(1));
         idt.non_maskable_interrupt.set_handler_addr(addr(2));
         // int3 is the system-call gate on PVM hosts: callable from ring 3.
-        idt.breakpoint
-            .set_handler_addr(addr(3))
-            .set_privilege_level(PrivilegeLevel::Ring3);
+        idt.breakpoint.set_handler_addr(addr(3)).set_privilege_level(PrivilegeLevel::Ring3);
         idt.overflow.set_handler_addr(addr(4));
         idt.bound_range_exceeded.set_handler_addr(addr(5));
         idt.invalid_opcode.set_handler_addr(addr(6));
         idt.device_not_available.set_handler_addr(addr(7));
-        idt.double_fault
-            .set_handler_addr(addr(8))
-            .set_stack_index(DOUBLE_FAULT_IST);
+        idt.double_fault.set_handler_addr(addr(8)).set_stack_index(DOUBLE_FAULT_IST);
         idt.invalid_tss.set_handler_addr(addr(10));
         idt.segment_not_present.set_handler_addr(addr(11));
         idt.stack_segment_fault.set_handler_addr(addr(12));
@@ -117,10 +113,7 @@ pub fn init() {
 /// next exception).
 pub fn load_empty_idt() {
     use x86_64::instructions::tables::{lidt, DescriptorTablePointer};
-    let pointer = DescriptorTablePointer {
-        limit: 0,
-        base: VirtAddr::new(0),
-    };
+    let pointer = DescriptorTablePointer { limit: 0, base: VirtAddr::new(0) };
     // SAFETY: deliberately breaks exception delivery; only used by the
     // DEBUG_TRIPLE_FAULT boot flag, which expects the VM to shut down.
     unsafe { lidt(&pointer) };

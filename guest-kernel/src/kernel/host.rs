@@ -21,34 +21,22 @@ pub fn hypercall_with<T: IntoBytes + Immutable>(call: Hypercall, params: &T) {
     hypercall(call, image_gpa(params as *const T) as u32);
 }
 
-static CONSOLE_PARAMS: KernelCell<hc::ConsoleWriteParams> = KernelCell::new(hc::ConsoleWriteParams {
-    source_pid: 0,
-    status: 0,
-    gpa: 0,
-    len: 0,
-});
+static CONSOLE_PARAMS: KernelCell<hc::ConsoleWriteParams> =
+    KernelCell::new(hc::ConsoleWriteParams { source_pid: 0, status: 0, gpa: 0, len: 0 });
 
 /// Asks the VMM to print `len` bytes at guest-physical `gpa` on behalf of
 /// `pid` (0 = the kernel). Returns the VMM's status.
 pub fn console_write(pid: u32, gpa: u64, len: u64) -> u32 {
     // SAFETY: single-CPU kernel with interrupts off (KernelCell invariant).
     let params = unsafe { CONSOLE_PARAMS.get() };
-    *params = hc::ConsoleWriteParams {
-        source_pid: pid,
-        status: hc::STATUS_PENDING,
-        gpa,
-        len,
-    };
+    *params = hc::ConsoleWriteParams { source_pid: pid, status: hc::STATUS_PENDING, gpa, len };
     hypercall_with(Hypercall::ConsoleWrite, params);
     // SAFETY: the VMM wrote `status` during the hypercall; read it afresh.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(params.status)) }
 }
 
-static SCRUB_PARAMS: KernelCell<hc::ScrubFramesParams> = KernelCell::new(hc::ScrubFramesParams {
-    list_gpa: 0,
-    count: 0,
-    status: 0,
-});
+static SCRUB_PARAMS: KernelCell<hc::ScrubFramesParams> =
+    KernelCell::new(hc::ScrubFramesParams { list_gpa: 0, count: 0, status: 0 });
 
 /// Asks the VMM to zero the frames in `list` (a kernel static). Returns the
 /// VMM's status.
@@ -118,10 +106,7 @@ pub fn report_panic(message: core::fmt::Arguments<'_>, exception: Option<Excepti
     *panicking = true;
     // SAFETY: as above; nothing else uses these cells.
     let (buffer, params) = unsafe { (PANIC_BUFFER.get(), PANIC_PARAMS.get()) };
-    let mut out = FixedBuffer {
-        bytes: buffer,
-        len: 0,
-    };
+    let mut out = FixedBuffer { bytes: buffer, len: 0 };
     let _ = out.write_fmt(message);
     let len = out.len as u64;
     let (vector, error_code, rip, addr) = match exception {
@@ -167,21 +152,12 @@ static EVENT_RING: KernelCell<EventRing> = KernelCell::new(EventRing {
         lost: 0,
         reserved: 0,
     },
-    records: [EventRecord {
-        seq: 0,
-        tick: 0,
-        kind: 0,
-        pid: 0,
-        args: [0; 5],
-    }; EVENT_RING_CAPACITY],
+    records: [EventRecord { seq: 0, tick: 0, kind: 0, pid: 0, args: [0; 5] }; EVENT_RING_CAPACITY],
 });
 
 /// Guest-physical address and size of the event ring.
 pub fn event_ring_location() -> (u64, u64) {
-    (
-        image_gpa(EVENT_RING.as_ptr()),
-        core::mem::size_of::<EventRing>() as u64,
-    )
+    (image_gpa(EVENT_RING.as_ptr()), core::mem::size_of::<EventRing>() as u64)
 }
 
 /// Appends an event to the ring and tells the VMM.

@@ -83,12 +83,7 @@ pub struct KernelMemory {
 impl KernelMemory {
     /// Wraps the allocator.
     pub fn new(frames: FrameAllocator<'static>, scrub: Scrub) -> Self {
-        KernelMemory {
-            frames,
-            scrub,
-            pending: 0,
-            scrubbed: 0,
-        }
+        KernelMemory { frames, scrub, pending: 0, scrubbed: 0 }
     }
 
     /// Which strategy is in use.

@@ -48,9 +48,7 @@ static ALLOCATOR: linked_list_allocator::LockedHeap = linked_list_allocator::Loc
 struct HeapSpace {
     bytes: [u8; HEAP_SIZE],
 }
-static HEAP_SPACE: KernelCell<HeapSpace> = KernelCell::new(HeapSpace {
-    bytes: [0; HEAP_SIZE],
-});
+static HEAP_SPACE: KernelCell<HeapSpace> = KernelCell::new(HeapSpace { bytes: [0; HEAP_SIZE] });
 
 // ---------------------------------------------------------------------------
 // The system-call gate
@@ -211,10 +209,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     enable_protection_features();
     // SAFETY: HEAP_SPACE is a static used only as the heap, handed over once.
     unsafe {
-        ALLOCATOR.lock().init(
-            core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8,
-            HEAP_SIZE,
-        )
+        ALLOCATOR.lock().init(core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8, HEAP_SIZE)
     };
     setup_syscall_msrs();
 
@@ -233,9 +228,8 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
             _ => Gate::Syscall,
         },
     };
-    let gate_frame = memory
-        .alloc_frame(FrameOwner::Kernel)
-        .unwrap_or_else(|| panic!("out of memory for the gate page"));
+    let gate_frame =
+        memory.alloc_frame(FrameOwner::Kernel).unwrap_or_else(|| panic!("out of memory for the gate page"));
     let mut kernel = Kernel {
         boot,
         memory,
@@ -290,10 +284,7 @@ fn read_boot_info(gpa: u64) -> &'static BootInfo {
         panic!("boot info has a bad magic number {:#x}", boot.magic);
     }
     if boot.version != PROTOCOL_VERSION {
-        panic!(
-            "boot info protocol version {} but kernel speaks {}",
-            boot.version, PROTOCOL_VERSION
-        );
+        panic!("boot info protocol version {} but kernel speaks {}", boot.version, PROTOCOL_VERSION);
     }
     if boot.mem_size > MAX_GUEST_MEMORY || boot.mem_size < MIN_GUEST_MEMORY {
         panic!("boot info memory size {:#x} out of range", boot.mem_size);
@@ -340,9 +331,8 @@ fn frame_allocator(boot: &BootInfo) -> FrameAllocator<'static> {
 }
 
 fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
-    let pml4 = memory
-        .alloc_frame(FrameOwner::Kernel)
-        .unwrap_or_else(|| panic!("out of memory for the kernel PML4"));
+    let pml4 =
+        memory.alloc_frame(FrameOwner::Kernel).unwrap_or_else(|| panic!("out of memory for the kernel PML4"));
     let mut tables = KernelTables(memory);
     let map_4k = |tables: &mut KernelTables<'_>, va: u64, pa: u64, flags: Flags| {
         paging::map(tables, pml4, va, pa, PageSize::Size4K, flags, KERNEL_TABLE_FLAGS)
@@ -357,11 +347,8 @@ fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
             symbol_address(&__kernel_stack_guard),
         )
     };
-    let sections = [
-        (text, Flags::empty()),
-        (rodata, Flags::NO_EXECUTE),
-        (data, Flags::WRITABLE | Flags::NO_EXECUTE),
-    ];
+    let sections =
+        [(text, Flags::empty()), (rodata, Flags::NO_EXECUTE), (data, Flags::WRITABLE | Flags::NO_EXECUTE)];
     for ((start, end), flags) in sections {
         for va in (start..end).step_by(PAGE_SIZE as usize) {
             if va != guard {
@@ -374,16 +361,8 @@ fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
     let direct_end = boot.mem_size.next_multiple_of(LARGE_PAGE_SIZE);
     for pa in (0..direct_end).step_by(LARGE_PAGE_SIZE as usize) {
         let flags = Flags::WRITABLE | Flags::NO_EXECUTE;
-        paging::map(
-            &mut tables,
-            pml4,
-            DIRECT_MAP_BASE + pa,
-            pa,
-            PageSize::Size2M,
-            flags,
-            KERNEL_TABLE_FLAGS,
-        )
-        .unwrap_or_else(|e| panic!("mapping the direct map at {pa:#x}: {e:?}"));
+        paging::map(&mut tables, pml4, DIRECT_MAP_BASE + pa, pa, PageSize::Size2M, flags, KERNEL_TABLE_FLAGS)
+            .unwrap_or_else(|e| panic!("mapping the direct map at {pa:#x}: {e:?}"));
     }
     pml4
 }
@@ -438,10 +417,7 @@ fn send_bad_hypercalls() {
             panic!("the VMM accepted a console write of {len} bytes at {gpa:#x}");
         }
         log_event(
-            Event::HypercallRefused {
-                port: Hypercall::ConsoleWrite.port().into(),
-                status: status.into(),
-            },
+            Event::HypercallRefused { port: Hypercall::ConsoleWrite.port().into(), status: status.into() },
             0,
         );
     }
@@ -480,12 +456,7 @@ fn kernel_exception(frame: &TrapFrame) -> ! {
             "exception {} in ring 0 at rip {:#x} (error code {:#x}, address {addr:#x})",
             frame.vector, frame.rip, frame.error_code
         ),
-        Some(ExceptionInfo {
-            vector: frame.vector,
-            error_code: frame.error_code,
-            rip: frame.rip,
-            addr,
-        }),
+        Some(ExceptionInfo { vector: frame.vector, error_code: frame.error_code, rip: frame.rip, addr }),
     )
 }
 
@@ -493,11 +464,8 @@ impl Kernel {
     fn write_gate_page(&mut self) {
         let page = direct::<u8>(self.gate_frame);
         let stub = self.gate.stub();
-        let info = GateInfo {
-            magic: sc::GATE_INFO_MAGIC,
-            gate_kind: self.gate.kind(),
-            tsc_khz: self.boot.tsc_khz,
-        };
+        let info =
+            GateInfo { magic: sc::GATE_INFO_MAGIC, gate_kind: self.gate.kind(), tsc_khz: self.boot.tsc_khz };
         // SAFETY: the gate frame is a whole frame owned by the kernel. Every
         // byte outside the stub is int3, so a jump to any other offset traps
         // as an illegal gate entry.
@@ -580,10 +548,7 @@ impl Kernel {
             panic!("page fault from ring 3 with no current process");
         };
         let process = &mut self.processes[index];
-        match process
-            .space
-            .handle_page_fault(&mut self.memory, addr, frame.error_code)
-        {
+        match process.space.handle_page_fault(&mut self.memory, addr, frame.error_code) {
             Ok(()) => self.after_allocation(index),
             Err(fault) => {
                 if fault == FaultKind::ResidentQuotaExceeded {
@@ -607,29 +572,12 @@ impl Kernel {
         let pid = process.pid;
         let crossings: Vec<_> = process.space.pressure_crossings().collect();
         for (quota, used, limit) in crossings {
-            log_event(
-                Event::QuotaPressure {
-                    pid,
-                    quota: Some(quota),
-                    used,
-                    limit,
-                },
-                self.ticks,
-            );
+            log_event(Event::QuotaPressure { pid, quota: Some(quota), used, limit }, self.ticks);
         }
-        let (free, total) = (
-            self.memory.frames.free_frames(),
-            self.memory.frames.total_frames(),
-        );
+        let (free, total) = (self.memory.frames.free_frames(), self.memory.frames.total_frames());
         if free * 10 < total && !self.pool_low_reported {
             self.pool_low_reported = true;
-            log_event(
-                Event::FramePoolLow {
-                    free_frames: free,
-                    total_frames: total,
-                },
-                self.ticks,
-            );
+            log_event(Event::FramePoolLow { free_frames: free, total_frames: total }, self.ticks);
         } else if free * 5 > total {
             self.pool_low_reported = false;
         }

@@ -79,23 +79,13 @@ impl Kernel {
     pub(super) fn start_run(&mut self, spec_index: usize) {
         self.runs_started[spec_index] += 1;
         if let Err(error) = self.spawn(spec_index) {
-            log_event(
-                Event::SpawnFailed {
-                    spec_index: spec_index as u64,
-                    error: Some(error),
-                },
-                self.ticks,
-            );
+            log_event(Event::SpawnFailed { spec_index: spec_index as u64, error: Some(error) }, self.ticks);
         }
     }
 
     fn spawn(&mut self, spec_index: usize) -> Result<(), SpawnError> {
         let spec = &self.boot.processes()[spec_index];
-        let program = self
-            .boot
-            .programs()
-            .get(spec.program as usize)
-            .ok_or(SpawnError::NoSuchProgram)?;
+        let program = self.boot.programs().get(spec.program as usize).ok_or(SpawnError::NoSuchProgram)?;
         let image_end = program.gpa.checked_add(program.len).ok_or(SpawnError::BadElf)?;
         if image_end > self.boot.mem_size {
             return Err(SpawnError::BadElf);
@@ -148,14 +138,7 @@ impl Kernel {
             preemptions: 0,
             mailbox: VecDeque::new(),
         });
-        log_event(
-            Event::ProcessSpawned {
-                pid,
-                spec_index: spec_index as u64,
-                pml4_gpa: pml4,
-            },
-            self.ticks,
-        );
+        log_event(Event::ProcessSpawned { pid, spec_index: spec_index as u64, pml4_gpa: pml4 }, self.ticks);
         Ok(())
     }
 
@@ -172,11 +155,9 @@ impl Kernel {
         let event = {
             let process = &self.processes[index];
             match how {
-                Termination::Exit(code) => Event::ProcessExited {
-                    pid: process.pid,
-                    code,
-                    preemptions: process.preemptions,
-                },
+                Termination::Exit(code) => {
+                    Event::ProcessExited { pid: process.pid, code, preemptions: process.preemptions }
+                }
                 Termination::Killed { fault, addr } => Event::ProcessKilled {
                     pid: process.pid,
                     fault: Some(fault),
@@ -265,11 +246,7 @@ impl Kernel {
             self.processes[current].context = *frame;
         }
         self.current = None;
-        while let Some(index) = self
-            .processes
-            .iter()
-            .position(|p| p.state != ProcessState::Runnable)
-        {
+        while let Some(index) = self.processes.iter().position(|p| p.state != ProcessState::Runnable) {
             let process = &self.processes[index];
             let event = Event::ProcessKilled {
                 pid: process.pid,
@@ -304,11 +281,7 @@ fn load_image<M: Memory>(
             (false, true) => (RegionKind::Data, Flags::WRITABLE | Flags::NO_EXECUTE),
             (false, false) => (RegionKind::ReadOnlyData, Flags::NO_EXECUTE),
         };
-        space.add_image_region(Region {
-            start: segment.first_page(),
-            end: segment.end_page(),
-            kind,
-        })?;
+        space.add_image_region(Region { start: segment.first_page(), end: segment.end_page(), kind })?;
         let file_start = segment.vaddr;
         let file_end = segment.vaddr + segment.file_len;
         for page in (segment.first_page()..segment.end_page()).step_by(PAGE_SIZE as usize) {

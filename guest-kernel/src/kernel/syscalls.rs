@@ -58,9 +58,7 @@ impl Kernel {
 
     /// (pid, index) of the calling process.
     fn caller(&self) -> (u32, usize) {
-        let index = self
-            .current
-            .unwrap_or_else(|| panic!("system call with no current process"));
+        let index = self.current.unwrap_or_else(|| panic!("system call with no current process"));
         (self.processes[index].pid, index)
     }
 
@@ -71,9 +69,7 @@ impl Kernel {
             return Err(SysError::TooLarge);
         }
         let (pid, index) = self.caller();
-        let chunks = self.processes[index]
-            .space
-            .user_buffer(&mut self.memory, buf, len, false)?;
+        let chunks = self.processes[index].space.user_buffer(&mut self.memory, buf, len, false)?;
         for chunk in chunks.iter() {
             if console_write(pid, chunk.phys, chunk.len) != STATUS_OK {
                 return Err(SysError::InvalidArgument);
@@ -92,20 +88,8 @@ impl Kernel {
                 Outcome::Return(Ok(addr))
             }
             Err(Refusal::Error(error)) => Outcome::Return(Err(error)),
-            Err(Refusal::Quota {
-                kind,
-                requested,
-                limit,
-            }) => {
-                log_event(
-                    Event::QuotaDenied {
-                        pid,
-                        quota: Some(kind),
-                        requested,
-                        limit,
-                    },
-                    self.ticks,
-                );
+            Err(Refusal::Quota { kind, requested, limit }) => {
+                log_event(Event::QuotaDenied { pid, quota: Some(kind), requested, limit }, self.ticks);
                 if self.processes[index].space.quotas().kill {
                     self.kill_current(frame, FaultKind::VirtualQuotaExceeded, 0);
                     Outcome::Handled
@@ -120,24 +104,14 @@ impl Kernel {
         let (pid, index) = self.caller();
         let freed_pages = self.processes[index].space.unmap(&mut self.memory, addr, len)?;
         let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
-        log_event(
-            Event::MemUnmapped {
-                pid,
-                addr,
-                len,
-                freed_pages,
-            },
-            self.ticks,
-        );
+        log_event(Event::MemUnmapped { pid, addr, len, freed_pages }, self.ticks);
         self.processes[index].space.pressure_crossings().for_each(drop);
         Ok(0)
     }
 
     fn sys_mem_protect(&mut self, addr: u64, len: u64, prot: u64) -> Result<u64, SysError> {
         let (pid, index) = self.caller();
-        self.processes[index]
-            .space
-            .protect(&mut self.memory, addr, len, prot)?;
+        self.processes[index].space.protect(&mut self.memory, addr, len, prot)?;
         let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
         log_event(Event::MemProtected { pid, addr, len, prot }, self.ticks);
         Ok(0)
@@ -167,9 +141,7 @@ impl Kernel {
             return Err(SysError::TooLarge);
         }
         let (sender, index) = self.caller();
-        let chunks = self.processes[index]
-            .space
-            .user_buffer(&mut self.memory, buf, len, false)?;
+        let chunks = self.processes[index].space.user_buffer(&mut self.memory, buf, len, false)?;
         let target_index = u32::try_from(target)
             .ok()
             .and_then(|pid| self.processes.iter().position(|p| p.pid == pid))
@@ -178,18 +150,13 @@ impl Kernel {
             return Err(SysError::MailboxFull);
         }
         let receiver = self.processes[target_index].pid;
-        let frame = self
-            .memory
-            .alloc_frame(FrameOwner::Message(receiver))
-            .ok_or(SysError::OutOfMemory)?;
+        let frame = self.memory.alloc_frame(FrameOwner::Message(receiver)).ok_or(SysError::OutOfMemory)?;
         let mut offset = 0;
         for chunk in chunks.iter() {
             copy_phys(chunk.phys, frame + offset, chunk.len);
             offset += chunk.len;
         }
-        self.processes[target_index]
-            .mailbox
-            .push_back(Message { sender, len, frame });
+        self.processes[target_index].mailbox.push_back(Message { sender, len, frame });
         if let ProcessState::Receiving { buf, cap } = self.processes[target_index].state {
             // The receiver's buffer was checked when it blocked; its pages
             // cannot have changed since (it has not run), so this succeeds.
@@ -211,10 +178,7 @@ impl Kernel {
         let (_, index) = self.caller();
         // Check the whole buffer up front, so a bad buffer is reported even
         // when no message is waiting.
-        let chunks = match self.processes[index]
-            .space
-            .user_buffer(&mut self.memory, buf, cap, true)
-        {
+        let chunks = match self.processes[index].space.user_buffer(&mut self.memory, buf, cap, true) {
             Ok(chunks) => chunks,
             Err(error) => return Outcome::Return(Err(error)),
         };
@@ -233,10 +197,7 @@ impl Kernel {
     /// (`chunks`, `cap` bytes) and frees the message frame.
     fn deliver(&mut self, index: usize, chunks: &Chunks, cap: u64) -> Result<u64, SysError> {
         let process = &mut self.processes[index];
-        let message = *process
-            .mailbox
-            .front()
-            .expect("deliver is only called with mail waiting");
+        let message = *process.mailbox.front().expect("deliver is only called with mail waiting");
         if message.len > cap {
             return Err(SysError::BufferTooSmall);
         }

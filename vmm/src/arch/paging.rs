@@ -49,10 +49,7 @@ pub fn boot_page_tables(mem_size: u64) -> Vec<u8> {
             }
         }
     }
-    tables
-        .iter()
-        .flat_map(|t| t.iter().flat_map(|e| e.to_le_bytes()))
-        .collect()
+    tables.iter().flat_map(|t| t.iter().flat_map(|e| e.to_le_bytes())).collect()
 }
 
 /// A leaf found by [`translate`].
@@ -77,10 +74,7 @@ pub fn translate(cr3: u64, va: u64, mut read_entry: impl FnMut(u64) -> Option<u6
         }
         if level == 1 || (level <= 3 && entry & PTE_HUGE != 0) {
             let mask = (1u64 << (12 + 9 * (level - 1))) - 1;
-            return Some(Leaf {
-                phys: (entry & PTE_ADDRESS_MASK & !mask) | (va & mask),
-                entry,
-            });
+            return Some(Leaf { phys: (entry & PTE_ADDRESS_MASK & !mask) | (va & mask), entry });
         }
         table = entry & PTE_ADDRESS_MASK;
     }
@@ -105,14 +99,8 @@ mod tests {
         let mem = 64 << 20;
         let tables = boot_page_tables(mem);
         assert_eq!(tables.len(), 5 * 4096);
-        assert_eq!(
-            walk(&tables, KERNEL_VMA_BASE + 0x10_0123).unwrap().phys,
-            0x10_0123
-        );
-        assert_eq!(
-            walk(&tables, DIRECT_MAP_BASE + 0x3f_ffff).unwrap().phys,
-            0x3f_ffff
-        );
+        assert_eq!(walk(&tables, KERNEL_VMA_BASE + 0x10_0123).unwrap().phys, 0x10_0123);
+        assert_eq!(walk(&tables, DIRECT_MAP_BASE + 0x3f_ffff).unwrap().phys, 0x3f_ffff);
         assert_eq!(walk(&tables, DIRECT_MAP_BASE + mem - 1).unwrap().phys, mem - 1);
         // Nothing beyond RAM, nothing in the user half, nothing user-accessible.
         assert_eq!(walk(&tables, DIRECT_MAP_BASE + mem), None);

@@ -31,13 +31,7 @@ pub fn setup_long_mode(sregs: &mut kvm_sregs, pml4: u64) {
         unusable: 0,
         padding: 0,
     };
-    let data = kvm_segment {
-        selector: BOOT_DATA_SELECTOR,
-        type_: 0x3,
-        l: 0,
-        db: 1,
-        ..code
-    };
+    let data = kvm_segment { selector: BOOT_DATA_SELECTOR, type_: 0x3, l: 0, db: 1, ..code };
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
@@ -52,12 +46,7 @@ pub fn setup_long_mode(sregs: &mut kvm_sregs, pml4: u64) {
 
 /// General registers at kernel entry: `rip` = entry, `rdi` = boot info.
 pub fn entry_registers(entry: u64, boot_info_gpa: u64) -> kvm_regs {
-    kvm_regs {
-        rip: entry,
-        rdi: boot_info_gpa,
-        rflags: 0x2,
-        ..Default::default()
-    }
+    kvm_regs { rip: entry, rdi: boot_info_gpa, rflags: 0x2, ..Default::default() }
 }
 
 #[cfg(test)]
@@ -74,9 +63,6 @@ mod tests {
         assert_eq!(sregs.cs.l, 1);
         assert_eq!(sregs.ss.l, 0);
         let regs = entry_registers(0xffff_ffff_8010_0000, 0x1000);
-        assert_eq!(
-            (regs.rip, regs.rdi, regs.rflags),
-            (0xffff_ffff_8010_0000, 0x1000, 2)
-        );
+        assert_eq!((regs.rip, regs.rdi, regs.rflags), (0xffff_ffff_8010_0000, 0x1000, 2));
     }
 }
