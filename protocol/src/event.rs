@@ -93,6 +93,19 @@ pub enum EventKind {
     /// The kernel is shutting down. args: [free frames, total frames,
     /// processes created].
     KernelShutdown = 14,
+    /// A shared region was created. args: [region id, length, rights].
+    ShmCreated = 15,
+    /// A capability was granted. args: [region id, grantee pid, rights].
+    ShmGranted = 16,
+    /// A participant mapped a region. args: [region id, address, prot].
+    ShmMapped = 17,
+    /// A participant unmapped a region. args: [region id, address].
+    ShmUnmapped = 18,
+    /// A capability was revoked and its mapping removed. args: [region id,
+    /// the pid that lost it, address it was mapped at (0 if not mapped)].
+    ShmRevoked = 19,
+    /// A region was destroyed. args: [region id, frames freed].
+    ShmDestroyed = 20,
 }
 
 impl EventKind {
@@ -113,6 +126,12 @@ impl EventKind {
             12 => Self::QuotaPressure,
             13 => Self::FramePoolLow,
             14 => Self::KernelShutdown,
+            15 => Self::ShmCreated,
+            16 => Self::ShmGranted,
+            17 => Self::ShmMapped,
+            18 => Self::ShmUnmapped,
+            19 => Self::ShmRevoked,
+            20 => Self::ShmDestroyed,
             _ => return None,
         })
     }
@@ -366,6 +385,68 @@ pub enum Event {
         /// Frames managed.
         total_frames: u64,
     },
+    /// See [`EventKind::ShmCreated`] (`pid` is the owner).
+    ShmCreated {
+        /// The owner.
+        pid: u32,
+        /// The region id (`MEM_SHARE:<id>`).
+        region: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The owner's rights.
+        rights: u64,
+    },
+    /// See [`EventKind::ShmGranted`] (`pid` is the granter).
+    ShmGranted {
+        /// The granter.
+        pid: u32,
+        /// The region id.
+        region: u64,
+        /// Who received the capability.
+        grantee: u64,
+        /// Its rights.
+        rights: u64,
+    },
+    /// See [`EventKind::ShmMapped`].
+    ShmMapped {
+        /// The participant.
+        pid: u32,
+        /// The region id.
+        region: u64,
+        /// Where it is mapped.
+        addr: u64,
+        /// `PROT_*` bits.
+        prot: u64,
+    },
+    /// See [`EventKind::ShmUnmapped`].
+    ShmUnmapped {
+        /// The participant.
+        pid: u32,
+        /// The region id.
+        region: u64,
+        /// Where it was mapped.
+        addr: u64,
+    },
+    /// See [`EventKind::ShmRevoked`] (`pid` is the owner who revoked).
+    ShmRevoked {
+        /// The owner.
+        pid: u32,
+        /// The region id.
+        region: u64,
+        /// Who lost access.
+        target: u64,
+        /// Where the target had it mapped (0 if it had not).
+        addr: u64,
+    },
+    /// See [`EventKind::ShmDestroyed`].
+    ShmDestroyed {
+        /// The owner.
+        pid: u32,
+        /// The region id.
+        region: u64,
+        /// Frames scrubbed and freed.
+        frames_freed: u64,
+    },
     /// See [`EventKind::KernelShutdown`].
     KernelShutdown {
         /// Free frames at shutdown.
@@ -428,6 +509,12 @@ impl EventRecord {
             EventKind::KernelShutdown => {
                 Event::KernelShutdown { free_frames: a0, total_frames: a1, spawned: a2 }
             }
+            EventKind::ShmCreated => Event::ShmCreated { pid, region: a0, len: a1, rights: a2 },
+            EventKind::ShmGranted => Event::ShmGranted { pid, region: a0, grantee: a1, rights: a2 },
+            EventKind::ShmMapped => Event::ShmMapped { pid, region: a0, addr: a1, prot: a2 },
+            EventKind::ShmUnmapped => Event::ShmUnmapped { pid, region: a0, addr: a1 },
+            EventKind::ShmRevoked => Event::ShmRevoked { pid, region: a0, target: a1, addr: a2 },
+            EventKind::ShmDestroyed => Event::ShmDestroyed { pid, region: a0, frames_freed: a1 },
         })
     }
 }
@@ -479,6 +566,24 @@ impl Event {
             Event::KernelShutdown { free_frames, total_frames, spawned } => {
                 (EventKind::KernelShutdown, 0, [free_frames, total_frames, spawned, 0, 0])
             }
+            Event::ShmCreated { pid, region, len, rights } => {
+                (EventKind::ShmCreated, pid, [region, len, rights, 0, 0])
+            }
+            Event::ShmGranted { pid, region, grantee, rights } => {
+                (EventKind::ShmGranted, pid, [region, grantee, rights, 0, 0])
+            }
+            Event::ShmMapped { pid, region, addr, prot } => {
+                (EventKind::ShmMapped, pid, [region, addr, prot, 0, 0])
+            }
+            Event::ShmUnmapped { pid, region, addr } => {
+                (EventKind::ShmUnmapped, pid, [region, addr, 0, 0, 0])
+            }
+            Event::ShmRevoked { pid, region, target, addr } => {
+                (EventKind::ShmRevoked, pid, [region, target, addr, 0, 0])
+            }
+            Event::ShmDestroyed { pid, region, frames_freed } => {
+                (EventKind::ShmDestroyed, pid, [region, frames_freed, 0, 0, 0])
+            }
         };
         EventRecord { seq: 0, tick: 0, kind: kind as u32, pid, args }
     }
@@ -491,6 +596,16 @@ impl core::fmt::Display for ProtName {
         use crate::syscall::{PROT_EXEC, PROT_READ, PROT_WRITE};
         let bit = |mask: u64, c: char| if self.0 & mask != 0 { c } else { '-' };
         write!(f, "{}{}{}", bit(PROT_READ, 'r'), bit(PROT_WRITE, 'w'), bit(PROT_EXEC, 'x'))
+    }
+}
+
+struct RightsName(u64);
+
+impl core::fmt::Display for RightsName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use crate::syscall::{RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
+        let bit = |mask: u64, c: char| if self.0 & mask != 0 { c } else { '-' };
+        write!(f, "{}{}{}", bit(RIGHT_READ, 'r'), bit(RIGHT_WRITE, 'w'), bit(RIGHT_GRANT, 'g'))
     }
 }
 
@@ -590,6 +705,26 @@ impl core::fmt::Display for Event {
                 f,
                 "kernel shutting down: {free_frames} of {total_frames} frames free, {spawned} processes created"
             ),
+            Event::ShmCreated { pid, region, len, rights } => {
+                write!(f, "pid {pid} created MEM_SHARE:{region} ({len:#x} bytes, rights {})", RightsName(rights))
+            }
+            Event::ShmGranted { pid, region, grantee, rights } => {
+                write!(f, "pid {pid} granted MEM_SHARE:{region} to pid {grantee} (rights {})", RightsName(rights))
+            }
+            Event::ShmMapped { pid, region, addr, prot } => {
+                write!(f, "pid {pid} mapped MEM_SHARE:{region} at {addr:#x} ({})", ProtName(prot))
+            }
+            Event::ShmUnmapped { pid, region, addr } => write!(f, "pid {pid} unmapped MEM_SHARE:{region} at {addr:#x}"),
+            Event::ShmRevoked { pid, region, target, addr } => {
+                write!(f, "pid {pid} revoked MEM_SHARE:{region} from pid {target}")?;
+                if addr != 0 {
+                    write!(f, " (unmapped at {addr:#x})")?;
+                }
+                Ok(())
+            }
+            Event::ShmDestroyed { pid, region, frames_freed } => {
+                write!(f, "MEM_SHARE:{region} destroyed by pid {pid}: {frames_freed} frames freed")
+            }
         }
     }
 }
@@ -620,6 +755,19 @@ mod tests {
                 vector: 14,
             },
             Event::HypercallRefused { port: 0x501, status: 1 },
+            Event::MemMapped { pid: 1, addr: 0x1_0000_0000, len: 0x2000, prot: 3 },
+            Event::MemUnmapped { pid: 1, addr: 0x1_0000_0000, len: 0x2000, freed_pages: 1 },
+            Event::MemProtected { pid: 1, addr: 0x1_0000_0000, len: 0x1000, prot: 1 },
+            Event::QuotaDenied { pid: 2, quota: Some(QuotaKind::Virtual), requested: 10, limit: 5 },
+            Event::QuotaPressure { pid: 2, quota: Some(QuotaKind::Resident), used: 9, limit: 10 },
+            Event::FramePoolLow { free_frames: 3, total_frames: 100 },
+            Event::KernelShutdown { free_frames: 90, total_frames: 100, spawned: 4 },
+            Event::ShmCreated { pid: 1, region: 3, len: 0x4000, rights: 7 },
+            Event::ShmGranted { pid: 1, region: 3, grantee: 2, rights: 1 },
+            Event::ShmMapped { pid: 2, region: 3, addr: 0x1_0000_0000, prot: 1 },
+            Event::ShmUnmapped { pid: 2, region: 3, addr: 0x1_0000_0000 },
+            Event::ShmRevoked { pid: 1, region: 3, target: 2, addr: 0x1_0000_0000 },
+            Event::ShmDestroyed { pid: 1, region: 3, frames_freed: 4 },
         ];
         for event in events {
             assert_eq!(event.encode().decode(), Ok(event));

@@ -114,6 +114,8 @@ pub struct BootHelloParams {
     pub kernel_text_gpa: u64,
     /// Length of the kernel's text section in bytes.
     pub kernel_text_len: u64,
+    /// GPA of the kernel's [`crate::introspect::IntrospectionRoot`].
+    pub introspection_root_gpa: u64,
 }
 
 /// Most bytes one [`Hypercall::ConsoleWrite`] may carry.
@@ -176,7 +178,7 @@ pub struct ScrubFramesParams {
 
 const _: () = {
     assert!(core::mem::size_of::<ScrubFramesParams>() == 16);
-    assert!(core::mem::size_of::<BootHelloParams>() == 40);
+    assert!(core::mem::size_of::<BootHelloParams>() == 48);
     assert!(core::mem::size_of::<ConsoleWriteParams>() == 24);
     assert!(core::mem::size_of::<PanicParams>() == 48);
 };

@@ -10,6 +10,8 @@
 //! * [`syscall`]: the user -> kernel system-call numbers, argument and error encoding.
 //! * [`event`]: the kernel event records and the ring the VMM drains.
 //! * [`ownership`]: the frame-ownership encoding shared by kernel and VMM.
+//! * [`introspect`]: the kernel's published tables (processes, frame owners,
+//!   shared regions) that the VMM checks against the page tables.
 //!
 //! All shared structures are `#[repr(C)]`, contain no padding and no pointers
 //! (guest addresses are plain `u64`), derive zerocopy's byte-level traits so the
@@ -22,6 +24,7 @@
 pub mod boot;
 pub mod event;
 pub mod hypercall;
+pub mod introspect;
 pub mod layout;
 pub mod ownership;
 pub mod syscall;

@@ -43,6 +43,32 @@ pub enum Syscall {
     /// message from the caller's mailbox, blocking unless `flags` has
     /// [`RECV_NONBLOCK`]; see [`decode_recv`].
     IpcRecv = 21,
+    /// `shm_create(len, rights) -> handle`: create a shared region of `len`
+    /// bytes (whole pages) owned by the caller, counted against its shared
+    /// quota; returns the caller's capability with `rights` ([`RIGHT_READ`],
+    /// [`RIGHT_WRITE`], [`RIGHT_GRANT`]). Nothing is mapped.
+    ShmCreate = 30,
+    /// `shm_grant(handle, pid, rights) -> 0`: put a capability for the same
+    /// region in `pid`'s table, with `rights` a subset of the caller's; the
+    /// caller needs [`RIGHT_GRANT`]. Nothing is mapped.
+    ShmGrant = 31,
+    /// `shm_map(handle, prot) -> addr`: map the region into the caller at an
+    /// address the kernel chooses, with `prot` within the capability's rights
+    /// (never executable), counted against the caller's shared quota.
+    ShmMap = 32,
+    /// `shm_unmap(addr) -> 0`: remove the caller's mapping that starts at `addr`.
+    ShmUnmap = 33,
+    /// `shm_revoke(handle, pid) -> 0`: the owner takes `pid`'s capability away
+    /// and removes its mapping at once; `pid`'s later accesses fault as
+    /// `use-after-revoke`.
+    ShmRevoke = 34,
+    /// `shm_destroy(handle) -> 0`: the owner revokes the region from everyone
+    /// (itself included) and frees its frames.
+    ShmDestroy = 35,
+    /// `cap_list(buf, max) -> count`: write up to `max` [`CapInfo`] records
+    /// describing the caller's capabilities to `buf`; returns how many the
+    /// caller holds.
+    CapList = 36,
     /// Used once by the kernel's own boot self-test of the gate; refused with
     /// [`SysError::NoSys`] from any user process.
     GateSelfTest = 0x5e1f,
@@ -62,6 +88,13 @@ impl Syscall {
             13 => Self::MemStat,
             20 => Self::IpcSend,
             21 => Self::IpcRecv,
+            30 => Self::ShmCreate,
+            31 => Self::ShmGrant,
+            32 => Self::ShmMap,
+            33 => Self::ShmUnmap,
+            34 => Self::ShmRevoke,
+            35 => Self::ShmDestroy,
+            36 => Self::CapList,
             0x5e1f => Self::GateSelfTest,
             _ => return None,
         })
@@ -84,6 +117,40 @@ pub const MESSAGE_MAX: u64 = 4096;
 pub const MAILBOX_DEPTH: usize = 8;
 /// `ipc_recv` flag: return [`SysError::WouldBlock`] instead of blocking.
 pub const RECV_NONBLOCK: u64 = 1;
+
+/// Capability right: map the region readable.
+pub const RIGHT_READ: u64 = 1;
+/// Capability right: map the region writable (implies [`RIGHT_READ`]).
+pub const RIGHT_WRITE: u64 = 2;
+/// Capability right: grant the region to another process.
+pub const RIGHT_GRANT: u64 = 4;
+/// Every right there is. Shared memory is never executable: there is no
+/// execute right.
+pub const RIGHTS_ALL: u64 = RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT;
+/// Largest shared region.
+pub const SHM_MAX: u64 = 64 << 20;
+/// Most capabilities one process may hold.
+pub const CAPS_MAX: usize = 32;
+/// Most processes one region may be granted to (owner included).
+pub const SHM_PARTICIPANTS_MAX: usize = 8;
+
+/// One capability, as `cap_list` reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct CapInfo {
+    /// The opaque handle (meaningful only to its holder).
+    pub handle: u64,
+    /// The kernel's region id: the capability prints as `MEM_SHARE:<id>`.
+    pub region: u32,
+    /// The region's owner.
+    pub owner: u32,
+    /// `RIGHT_*` bits of this capability.
+    pub rights: u64,
+    /// Region length in bytes.
+    pub len: u64,
+    /// Where the holder has it mapped (0 if not mapped).
+    pub mapped_at: u64,
+}
 
 /// Packs an `ipc_recv` result: sender pid in the high 32 bits, length low.
 pub const fn encode_recv(sender: u32, len: u32) -> u64 {
@@ -149,6 +216,11 @@ pub enum SysError {
     /// The receive buffer is smaller than the waiting message (which stays
     /// queued).
     BufferTooSmall = 13,
+    /// The handle names no capability of the caller (forged, guessed,
+    /// foreign, stale or revoked).
+    BadHandle = 14,
+    /// The caller already has this region mapped.
+    AlreadyMapped = 15,
 }
 
 impl SysError {
@@ -168,6 +240,8 @@ impl SysError {
             11 => Self::WouldBlock,
             12 => Self::MailboxFull,
             13 => Self::BufferTooSmall,
+            14 => Self::BadHandle,
+            15 => Self::AlreadyMapped,
             _ => return None,
         })
     }
@@ -188,6 +262,8 @@ impl SysError {
             Self::WouldBlock => "would-block",
             Self::MailboxFull => "mailbox-full",
             Self::BufferTooSmall => "buffer-too-small",
+            Self::BadHandle => "bad-handle",
+            Self::AlreadyMapped => "already-mapped",
         }
     }
 }
@@ -258,7 +334,7 @@ mod tests {
         for value in [0u64, 1, 4096, u64::MAX - MAX_ERRNO] {
             assert_eq!(decode_result(encode_result(Ok(value))), Ok(value));
         }
-        for raw in 1..=13 {
+        for raw in 1..=15 {
             let error = SysError::from_raw(raw).unwrap();
             assert_eq!(decode_result(encode_result(Err(error))), Err(error));
         }
@@ -279,6 +355,7 @@ mod tests {
     fn gate_info_and_mem_stat_layouts() {
         assert_eq!(core::mem::size_of::<GateInfo>(), 16);
         assert_eq!(core::mem::size_of::<MemStat>(), 56);
+        assert_eq!(core::mem::size_of::<CapInfo>(), 40);
     }
 
     #[test]

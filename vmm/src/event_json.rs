@@ -33,6 +33,12 @@ pub fn kind_name(event: &Event) -> &'static str {
         Event::QuotaPressure { .. } => "quota-pressure",
         Event::FramePoolLow { .. } => "frame-pool-low",
         Event::KernelShutdown { .. } => "kernel-shutdown",
+        Event::ShmCreated { .. } => "shm-created",
+        Event::ShmGranted { .. } => "shm-granted",
+        Event::ShmMapped { .. } => "shm-mapped",
+        Event::ShmUnmapped { .. } => "shm-unmapped",
+        Event::ShmRevoked { .. } => "shm-revoked",
+        Event::ShmDestroyed { .. } => "shm-destroyed",
     }
 }
 
@@ -93,6 +99,22 @@ fn fields(event: &Event) -> Value {
         }
         Event::KernelShutdown { free_frames, total_frames, spawned } => {
             json!({ "free_frames": free_frames, "total_frames": total_frames, "spawned": spawned })
+        }
+        Event::ShmCreated { pid, region, len, rights } => {
+            json!({ "pid": pid, "region": region, "len": len, "rights": rights })
+        }
+        Event::ShmGranted { pid, region, grantee, rights } => {
+            json!({ "pid": pid, "region": region, "grantee": grantee, "rights": rights })
+        }
+        Event::ShmMapped { pid, region, addr, prot } => {
+            json!({ "pid": pid, "region": region, "addr": addr, "prot": prot })
+        }
+        Event::ShmUnmapped { pid, region, addr } => json!({ "pid": pid, "region": region, "addr": addr }),
+        Event::ShmRevoked { pid, region, target, addr } => {
+            json!({ "pid": pid, "region": region, "target": target, "addr": addr })
+        }
+        Event::ShmDestroyed { pid, region, frames_freed } => {
+            json!({ "pid": pid, "region": region, "frames_freed": frames_freed })
         }
     }
 }
@@ -228,6 +250,30 @@ mod tests {
                 Event::KernelShutdown { free_frames: 15688, total_frames: 15697, spawned: 4 },
                 json!({"kind": "kernel-shutdown", "free_frames": 15688, "total_frames": 15697,
                        "spawned": 4}),
+            ),
+            (
+                Event::ShmCreated { pid: 1, region: 3, len: 0x4000, rights: 7 },
+                json!({"kind": "shm-created", "pid": 1, "region": 3, "len": 0x4000, "rights": 7}),
+            ),
+            (
+                Event::ShmGranted { pid: 1, region: 3, grantee: 2, rights: 1 },
+                json!({"kind": "shm-granted", "pid": 1, "region": 3, "grantee": 2, "rights": 1}),
+            ),
+            (
+                Event::ShmMapped { pid: 2, region: 3, addr: 0x1_0000_0000u64, prot: 1 },
+                json!({"kind": "shm-mapped", "pid": 2, "region": 3, "addr": 0x1_0000_0000u64, "prot": 1}),
+            ),
+            (
+                Event::ShmUnmapped { pid: 2, region: 3, addr: 0x1_0000_0000u64 },
+                json!({"kind": "shm-unmapped", "pid": 2, "region": 3, "addr": 0x1_0000_0000u64}),
+            ),
+            (
+                Event::ShmRevoked { pid: 1, region: 3, target: 2, addr: 0 },
+                json!({"kind": "shm-revoked", "pid": 1, "region": 3, "target": 2, "addr": 0}),
+            ),
+            (
+                Event::ShmDestroyed { pid: 1, region: 3, frames_freed: 4 },
+                json!({"kind": "shm-destroyed", "pid": 1, "region": 3, "frames_freed": 4}),
             ),
         ]
     }

@@ -627,7 +627,13 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
             | Event::QuotaDenied { .. }
             | Event::QuotaPressure { .. }
             | Event::FramePoolLow { .. }
-            | Event::KernelShutdown { .. } => {}
+            | Event::KernelShutdown { .. }
+            | Event::ShmCreated { .. }
+            | Event::ShmGranted { .. }
+            | Event::ShmMapped { .. }
+            | Event::ShmUnmapped { .. }
+            | Event::ShmRevoked { .. }
+            | Event::ShmDestroyed { .. } => {}
         }
     }
     outcomes
@@ -674,7 +680,14 @@ mod tests {
 
     #[test]
     fn outcomes_follow_the_events() {
-        let scenario = Scenario::load("default").unwrap();
+        let scenario = Scenario::parse(
+            "[[process]]\nprogram = \"hello\"\n[[process]]\nprogram = \"hello\"\n\
+             [[process]]\nprogram = \"exit-code\"\n\
+             [[process]]\nprogram = \"write-code\"\nexpect = { fault = \"write-to-code\" }\n",
+            "test.toml",
+            std::path::Path::new("."),
+        )
+        .unwrap();
         let entry = |event| EventEntry { seq: 0, tick: 0, event };
         let events = [
             entry(Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0 }),

@@ -184,6 +184,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         event_ring_bytes: ring_bytes,
         kernel_text_gpa: text_start - KERNEL_VMA_BASE,
         kernel_text_len: text_end - text_start,
+        introspection_root_gpa: 0,
     };
     hypercall_with(Hypercall::BootHello, &hello);
 

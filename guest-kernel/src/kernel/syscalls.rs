@@ -49,7 +49,17 @@ impl Kernel {
             Some(Syscall::MemStat) => Outcome::Return(self.sys_mem_stat(a0)),
             Some(Syscall::IpcSend) => Outcome::Return(self.sys_ipc_send(a0, a1, a2)),
             Some(Syscall::IpcRecv) => self.sys_ipc_recv(frame, a0, a1, a2),
-            Some(Syscall::GateSelfTest) | None => Outcome::Return(Err(SysError::NoSys)),
+            Some(
+                Syscall::ShmCreate
+                | Syscall::ShmGrant
+                | Syscall::ShmMap
+                | Syscall::ShmUnmap
+                | Syscall::ShmRevoke
+                | Syscall::ShmDestroy
+                | Syscall::CapList
+                | Syscall::GateSelfTest,
+            )
+            | None => Outcome::Return(Err(SysError::NoSys)),
         };
         if let Outcome::Return(result) = outcome {
             frame.rax = encode_result(result);

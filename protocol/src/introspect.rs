@@ -1,0 +1,180 @@
+//! The introspection root: the kernel's own account of the system, published
+//! in guest memory for the VMM to compare against the page tables it walks
+//! itself. Nothing here is trusted by the VMM; it is the claim under test.
+//!
+//! The kernel announces the root's guest-physical address in
+//! [`crate::hypercall::BootHelloParams::introspection_root_gpa`]. The tables
+//! are updated before every event the kernel logs, so at every
+//! `EventNotify`/`Shutdown` hypercall (and whenever the vCPU is stopped in
+//! ring 3) they are consistent with the page tables. `generation` changes
+//! whenever the tables do.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// `IntrospectionRoot::magic`: "INSP".
+pub const INTROSPECTION_MAGIC: u32 = u32::from_le_bytes(*b"INSP");
+/// Capacity of [`IntrospectionRoot::frame_ranges`].
+pub const MAX_FRAME_RANGES: usize = 16;
+
+/// A range of frames managed by the allocator: frame `start + i * 4096` has
+/// its owner at index `first_index + i` of the owner table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct FrameRange {
+    /// First frame (guest-physical).
+    pub start: u64,
+    /// One past the last frame.
+    pub end: u64,
+    /// Owner-table index of `start`.
+    pub first_index: u64,
+}
+
+/// Where everything is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct IntrospectionRoot {
+    /// [`INTROSPECTION_MAGIC`].
+    pub magic: u32,
+    /// [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Changes whenever any table below changes.
+    pub generation: u64,
+    /// The kernel's own PML4 (its kernel half is shared by every process).
+    pub kernel_pml4: u64,
+    /// The gate page frame: kernel-owned, the only kernel frame users may map
+    /// (read-only, executable).
+    pub gate_frame: u64,
+    /// Guest-physical start of the kernel's text section.
+    pub kernel_text_gpa: u64,
+    /// Its length.
+    pub kernel_text_len: u64,
+    /// GPA of `process_capacity` [`ProcessRecord`]s.
+    pub process_table_gpa: u64,
+    /// Slots in the process table.
+    pub process_capacity: u32,
+    /// `size_of::<ProcessRecord>()`.
+    pub process_record_size: u32,
+    /// GPA of `region_capacity` [`RegionRecord`]s.
+    pub region_table_gpa: u64,
+    /// Slots in the region table.
+    pub region_capacity: u32,
+    /// `size_of::<RegionRecord>()`.
+    pub region_record_size: u32,
+    /// GPA of the owner table: one `u32` per managed frame, encoded with
+    /// [`crate::ownership::FrameOwner::encode`].
+    pub owner_table_gpa: u64,
+    /// Entries in the owner table.
+    pub owner_table_entries: u64,
+    /// Valid entries in `frame_ranges`.
+    pub frame_range_count: u32,
+    /// Always zero.
+    pub reserved: u32,
+    /// The managed frame ranges.
+    pub frame_ranges: [FrameRange; MAX_FRAME_RANGES],
+    /// Free frames according to the allocator.
+    pub free_frames: u64,
+    /// Managed frames.
+    pub total_frames: u64,
+}
+
+/// `ProcessRecord::state`: the slot is empty.
+pub const PROCESS_FREE: u32 = 0;
+/// `ProcessRecord::state`: runnable (or running).
+pub const PROCESS_RUNNABLE: u32 = 1;
+/// `ProcessRecord::state`: blocked in `ipc_recv`.
+pub const PROCESS_RECEIVING: u32 = 2;
+
+/// One live process, as the kernel sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ProcessRecord {
+    /// Its pid (0 in an empty slot).
+    pub pid: u32,
+    /// `PROCESS_*`.
+    pub state: u32,
+    /// Name, NUL-padded.
+    pub name: [u8; 32],
+    /// GPA of its PML4.
+    pub pml4: u64,
+    /// Virtual size the kernel counts.
+    pub virtual_bytes: u64,
+    /// Private resident bytes the kernel counts.
+    pub resident_bytes: u64,
+    /// Shared bytes mapped, as the kernel counts them.
+    pub shared_bytes: u64,
+    /// Quotas (0 = none).
+    pub max_virtual_bytes: u64,
+    /// Resident quota.
+    pub max_resident_bytes: u64,
+    /// Shared quota.
+    pub max_shared_bytes: u64,
+    /// Index of its boot spec.
+    pub spec_index: u32,
+    /// `QUOTA_POLICY_*`.
+    pub policy: u32,
+}
+
+/// Most participants a region records (owner included).
+pub const REGION_PARTICIPANTS: usize = crate::syscall::SHM_PARTICIPANTS_MAX;
+
+/// One participant of a shared region.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ParticipantRecord {
+    /// Its pid (0 in an empty slot).
+    pub pid: u32,
+    /// `RIGHT_*` bits of its capability.
+    pub rights: u32,
+    /// Where it has the region mapped (0 if not mapped).
+    pub mapped_at: u64,
+    /// `PROT_*` of that mapping.
+    pub prot: u64,
+}
+
+/// `RegionRecord::state`: the slot is empty.
+pub const REGION_FREE: u32 = 0;
+/// `RegionRecord::state`: the region is live.
+pub const REGION_LIVE: u32 = 1;
+
+/// One shared region, as the kernel sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct RegionRecord {
+    /// Region id (`MEM_SHARE:<id>`; 0 in an empty slot).
+    pub id: u32,
+    /// `REGION_*`.
+    pub state: u32,
+    /// The owner's pid.
+    pub owner: u32,
+    /// Number of frames.
+    pub frame_count: u32,
+    /// GPA of an array of `frame_count` u64 frame addresses.
+    pub frames_gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Processes holding a capability for it.
+    pub participants: [ParticipantRecord; REGION_PARTICIPANTS],
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<FrameRange>() == 24);
+    assert!(core::mem::size_of::<IntrospectionRoot>() == 104 + 24 * MAX_FRAME_RANGES + 16);
+    assert!(core::mem::size_of::<ProcessRecord>() == 104);
+    assert!(core::mem::size_of::<ParticipantRecord>() == 24);
+    assert!(core::mem::size_of::<RegionRecord>() == 32 + 24 * REGION_PARTICIPANTS);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::offset_of;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(offset_of!(IntrospectionRoot, process_table_gpa), 48);
+        assert_eq!(offset_of!(IntrospectionRoot, owner_table_gpa), 80);
+        assert_eq!(offset_of!(IntrospectionRoot, frame_ranges), 104);
+        assert_eq!(offset_of!(ProcessRecord, pml4), 40);
+        assert_eq!(offset_of!(RegionRecord, participants), 32);
+    }
+}
