@@ -166,6 +166,9 @@ pub struct AddressSpace {
     regions: Vec<Region>,
     virtual_bytes: u64,
     resident_pages: u64,
+    /// Shared bytes charged to this process: regions it created, plus regions
+    /// of others it maps.
+    shared_bytes: u64,
     quotas: Quotas,
     /// Whether 90% of the (virtual, resident) quota has been reported.
     pressure_reported: [bool; 2],
@@ -196,6 +199,7 @@ impl AddressSpace {
             regions: Vec::new(),
             virtual_bytes: 0,
             resident_pages: 0,
+            shared_bytes: 0,
             quotas,
             pressure_reported: [false; 2],
         };
@@ -328,16 +332,7 @@ impl AddressSpace {
         }
         let len = len.next_multiple_of(PAGE_SIZE);
         self.check_virtual(len)?;
-        let mut candidate = USER_MMAP_BASE;
-        for region in self.regions.iter().filter(|r| r.end > USER_MMAP_BASE && r.start < USER_MMAP_LIMIT) {
-            if candidate + len + PAGE_SIZE <= region.start {
-                break;
-            }
-            candidate = candidate.max(region.end + PAGE_SIZE);
-        }
-        if candidate + len + PAGE_SIZE > USER_MMAP_LIMIT {
-            return Err(SysError::OutOfMemory.into());
-        }
+        let candidate = self.place(len)?;
         self.insert_region(Region {
             start: candidate,
             end: candidate + len,
@@ -506,6 +501,30 @@ impl AddressSpace {
         prot: u64,
     ) -> Result<(), SysError> {
         let writable = check_prot(prot)?;
+        // A whole shared mapping may lose write access too (never gain it).
+        let shared = self.regions.iter().position(|r| {
+            r.start == addr
+                && len.checked_next_multiple_of(PAGE_SIZE) == Some(r.end - r.start)
+                && matches!(r.kind, RegionKind::Shared { .. })
+        });
+        if let Some(index) = shared {
+            let region = self.regions[index];
+            let RegionKind::Shared { region: id, writable: was_writable } = region.kind else {
+                unreachable!("checked above")
+            };
+            if writable && !was_writable {
+                return Err(SysError::NotPermitted);
+            }
+            if !writable {
+                for page in (region.start..region.end).step_by(PAGE_SIZE as usize) {
+                    if self.clear_writable(memory, page) {
+                        memory.flush(self.pml4, page);
+                    }
+                }
+            }
+            self.regions[index].kind = RegionKind::Shared { region: id, writable };
+            return Ok(());
+        }
         let end = self.check_anonymous_range(addr, len)?;
         let escalates = self
             .regions
@@ -551,6 +570,117 @@ impl AddressSpace {
         true
     }
 
+    /// Shared bytes charged to the process.
+    pub fn shared_bytes(&self) -> u64 {
+        self.shared_bytes
+    }
+
+    /// Charges `bytes` of shared memory against the shared quota.
+    pub fn charge_shared(&mut self, bytes: u64) -> Result<(), Refusal> {
+        let requested = self.shared_bytes.saturating_add(bytes);
+        if self.quotas.max_shared != 0 && requested > self.quotas.max_shared {
+            return Err(Refusal::Quota { kind: QuotaKind::Shared, requested, limit: self.quotas.max_shared });
+        }
+        self.shared_bytes = requested;
+        Ok(())
+    }
+
+    /// Returns `bytes` of shared memory to the quota.
+    pub fn uncharge_shared(&mut self, bytes: u64) {
+        self.shared_bytes = self.shared_bytes.saturating_sub(bytes);
+    }
+
+    /// First-fit placement of `len` bytes in the mapping area, with one
+    /// unmapped guard page after it.
+    fn place(&self, len: u64) -> Result<u64, SysError> {
+        let mut candidate = USER_MMAP_BASE;
+        for region in self.regions.iter().filter(|r| r.end > USER_MMAP_BASE && r.start < USER_MMAP_LIMIT) {
+            if candidate + len + PAGE_SIZE <= region.start {
+                break;
+            }
+            candidate = candidate.max(region.end + PAGE_SIZE);
+        }
+        if candidate + len + PAGE_SIZE > USER_MMAP_LIMIT {
+            return Err(SysError::OutOfMemory);
+        }
+        Ok(candidate)
+    }
+
+    /// Maps the frames of shared region `region` at an address the kernel
+    /// chooses: user-accessible, never executable, writable if asked.
+    pub fn map_shared<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        region: u32,
+        frames: &[u64],
+        writable: bool,
+    ) -> Result<u64, SysError> {
+        let len = frames.len() as u64 * PAGE_SIZE;
+        let start = self.place(len)?;
+        let mut flags = Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
+        if writable {
+            flags |= Flags::WRITABLE;
+        }
+        for (i, &frame) in frames.iter().enumerate() {
+            let va = start + i as u64 * PAGE_SIZE;
+            let mapped = paging::map(
+                &mut Tables { memory: &mut *memory, pid: self.pid },
+                self.pml4,
+                va,
+                frame,
+                PageSize::Size4K,
+                flags,
+                USER_TABLE_FLAGS,
+            );
+            if mapped.is_err() {
+                for undo in (start..va).step_by(PAGE_SIZE as usize) {
+                    paging::unmap(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, undo);
+                }
+                return Err(SysError::OutOfMemory);
+            }
+        }
+        self.insert_region(Region { start, end: start + len, kind: RegionKind::Shared { region, writable } });
+        Ok(start)
+    }
+
+    fn remove_shared_mapping<M: Memory>(&mut self, memory: &mut M, index: usize) -> Region {
+        let region = self.regions[index];
+        for page in (region.start..region.end).step_by(PAGE_SIZE as usize) {
+            if paging::unmap(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, page).is_some() {
+                memory.flush(self.pml4, page);
+            }
+        }
+        self.virtual_bytes -= region.end - region.start;
+        region
+    }
+
+    /// `shm_unmap(addr)`: removes the shared mapping that starts at `addr`.
+    /// Returns the region id and the mapping's length.
+    pub fn unmap_shared<M: Memory>(&mut self, memory: &mut M, addr: u64) -> Result<(u32, u64), SysError> {
+        let index = self
+            .regions
+            .iter()
+            .position(|r| r.start == addr && matches!(r.kind, RegionKind::Shared { .. }))
+            .ok_or(SysError::BadAddress)?;
+        let region = self.remove_shared_mapping(memory, index);
+        self.regions.remove(index);
+        let RegionKind::Shared { region: id, .. } = region.kind else { unreachable!("checked above") };
+        Ok((id, region.end - region.start))
+    }
+
+    /// Revocation: removes the mapping of shared region `region` (if any)
+    /// and keeps its range reserved as revoked, so that a later access is a
+    /// use-after-revoke. Returns where it was mapped.
+    pub fn revoke_shared<M: Memory>(&mut self, memory: &mut M, region: u32) -> Option<u64> {
+        let index = self
+            .regions
+            .iter()
+            .position(|r| matches!(r.kind, RegionKind::Shared { region: id, .. } if id == region))?;
+        let removed = self.remove_shared_mapping(memory, index);
+        self.regions[index].kind = RegionKind::Revoked { region };
+        Some(removed.start)
+    }
+
     /// Reports each quota whose usage has crossed 90% since the last call
     /// (once per crossing; re-armed when usage drops below).
     pub fn pressure_crossings(&mut self) -> impl Iterator<Item = (QuotaKind, u64, u64)> {
@@ -574,7 +704,7 @@ impl AddressSpace {
         MemStat {
             virtual_bytes: self.virtual_bytes,
             resident_bytes: self.resident_pages * PAGE_SIZE,
-            shared_bytes: 0,
+            shared_bytes: self.shared_bytes,
             max_virtual_bytes: self.quotas.max_virtual,
             max_resident_bytes: self.quotas.max_resident,
             max_shared_bytes: self.quotas.max_shared,
@@ -602,7 +732,7 @@ impl AddressSpace {
 }
 
 fn counts_as_virtual(kind: RegionKind) -> bool {
-    !matches!(kind, RegionKind::StackGuard | RegionKind::Gate)
+    !matches!(kind, RegionKind::StackGuard | RegionKind::Gate | RegionKind::Revoked { .. })
 }
 
 /// Validates a `prot` argument; returns whether it grants write.
@@ -843,6 +973,41 @@ pub(crate) mod tests {
         assert_eq!(pieces.len(), 2);
         assert_eq!((pieces[0].len, pieces[1].len), (96, 104));
         assert_eq!(space.resident_pages(), 2, "demand-zero pages were faulted in");
+    }
+
+    #[test]
+    fn shared_mappings_are_revoked_in_place_and_never_free_region_frames() {
+        let mut memory = FakeMemory::new();
+        let mut space = space(&mut memory, Quotas { max_shared: 3 * 4096, ..Quotas::default() });
+        let frames: Vec<u64> = (0..2).map(|_| memory.alloc_frame(FrameOwner::Shared(9)).unwrap()).collect();
+        assert!(space.charge_shared(2 * 4096).is_ok());
+        assert!(matches!(space.charge_shared(2 * 4096), Err(Refusal::Quota { kind: QuotaKind::Shared, .. })));
+        let at = space.map_shared(&mut memory, 9, &frames, false).unwrap();
+        let t =
+            paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), at + 4096).unwrap();
+        assert_eq!(t.phys, frames[1]);
+        assert!(t.flags.contains(Flags::NO_EXECUTE) && !t.flags.contains(Flags::WRITABLE));
+        assert_eq!(
+            space.handle_page_fault(&mut memory, at, USER_WRITE | PF_PRESENT),
+            Err(FaultKind::WriteToReadOnly)
+        );
+        assert_eq!(space.protect(&mut memory, at, 0x2000, RW), Err(SysError::NotPermitted));
+        assert_eq!(
+            space.unmap(&mut memory, at, 0x2000),
+            Err(SysError::BadAddress),
+            "mem_unmap is not for shm"
+        );
+        assert_eq!(space.revoke_shared(&mut memory, 9), Some(at));
+        assert_eq!(paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), at), None);
+        assert_eq!(space.handle_page_fault(&mut memory, at + 8, 4), Err(FaultKind::UseAfterRevoke));
+        // The revoked range is never handed out again.
+        assert!(space.map_anonymous(0x1000, RW).unwrap() > at + 0x2000);
+        assert_eq!(space.unmap_shared(&mut memory, at), Err(SysError::BadAddress));
+        space.destroy(&mut memory);
+        assert!(
+            frames.iter().all(|&f| memory.owner(f) == Some(FrameOwner::Shared(9))),
+            "region frames survive"
+        );
     }
 
     #[derive(Clone, Debug)]

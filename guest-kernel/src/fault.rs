@@ -27,6 +27,20 @@ pub enum RegionKind {
         /// Whether the mapping may be written.
         writable: bool,
     },
+    /// A mapping of shared region `region` (never executable).
+    Shared {
+        /// The region id.
+        region: u32,
+        /// Whether this mapping may be written.
+        writable: bool,
+    },
+    /// Where shared region `region` was mapped before its capability was
+    /// revoked: the range stays reserved, and any access is a
+    /// use-after-revoke.
+    Revoked {
+        /// The region id.
+        region: u32,
+    },
 }
 
 impl RegionKind {
@@ -37,7 +51,13 @@ impl RegionKind {
 
     /// True for regions user code may write.
     pub fn is_writable(self) -> bool {
-        matches!(self, RegionKind::Data | RegionKind::Stack | RegionKind::Anonymous { writable: true })
+        matches!(
+            self,
+            RegionKind::Data
+                | RegionKind::Stack
+                | RegionKind::Anonymous { writable: true }
+                | RegionKind::Shared { writable: true, .. }
+        )
     }
 }
 
@@ -68,8 +88,10 @@ pub fn classify_page_fault(regions: &[Region], addr: u64, error_code: u64) -> Fa
     let Some(region) = regions.iter().find(|r| r.start <= addr && addr < r.end) else {
         return FaultKind::UnmappedAccess;
     };
-    if region.kind == RegionKind::StackGuard {
-        return FaultKind::StackGuard;
+    match region.kind {
+        RegionKind::StackGuard => return FaultKind::StackGuard,
+        RegionKind::Revoked { .. } => return FaultKind::UseAfterRevoke,
+        _ => {}
     }
     // Jumping into data is a no-execute violation whether or not the page
     // was resident yet.
@@ -113,6 +135,12 @@ mod tests {
         Region { start: 0x40_2000, end: 0x40_3000, kind: RegionKind::Data },
         Region { start: 0x7000, end: 0x8000, kind: RegionKind::StackGuard },
         Region { start: 0x8000, end: 0x10000, kind: RegionKind::Stack },
+        Region { start: 0x1_0000_0000, end: 0x1_0000_1000, kind: RegionKind::Revoked { region: 1 } },
+        Region {
+            start: 0x1_0000_2000,
+            end: 0x1_0000_3000,
+            kind: RegionKind::Shared { region: 2, writable: false },
+        },
     ];
 
     #[test]
@@ -127,6 +155,10 @@ mod tests {
             (0x50_0000, user, FaultKind::UnmappedAccess),
             (0, user, FaultKind::UnmappedAccess),
             (0xffff_ffff_8010_0000, PF_PRESENT | user, FaultKind::KernelAccess),
+            (0x1_0000_0010, user, FaultKind::UseAfterRevoke),
+            (0x1_0000_0010, PF_WRITE | user, FaultKind::UseAfterRevoke),
+            (0x1_0000_2010, PF_PRESENT | PF_WRITE | user, FaultKind::WriteToReadOnly),
+            (0x1_0000_2010, PF_PRESENT | PF_FETCH | user, FaultKind::ExecuteNonExecutable),
         ];
         for (addr, code, expected) in cases {
             assert_eq!(classify_page_fault(REGIONS, addr, code), expected, "addr {addr:#x} code {code:#x}");

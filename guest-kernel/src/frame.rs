@@ -156,9 +156,10 @@ impl<'a> FrameAllocator<'a> {
         Some((range.first_index + (frame - range.start) / PAGE_SIZE) as usize)
     }
 
-    /// The managed ranges, as (start, end) pairs, in ownership-table order.
-    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.ranges[..self.range_count].iter().map(|r| (r.start, r.end))
+    /// The managed ranges as (start, end, index in the ownership table of
+    /// `start`), in table order.
+    pub fn indexed_ranges(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.ranges[..self.range_count].iter().map(|r| (r.start, r.end, r.first_index))
     }
 
     /// Frames managed in total.

@@ -3,6 +3,7 @@
 //! Hardware-independent logic lives in modules that build and are unit-tested
 //! on the host: [`frame`] (physical frame allocator and ownership table),
 //! [`address_space`] (regions, demand paging, quotas, `mem_*` calls),
+//! [`capability`] (shared-memory capability tables and rights),
 //! [`paging`] (page-table
 //! construction and walks), [`elf_image`] (user image checks and load plans)
 //! and [`fault`] (user fault classification). Everything that touches the CPU
@@ -15,6 +16,7 @@
 extern crate alloc;
 
 pub mod address_space;
+pub mod capability;
 pub mod elf_image;
 pub mod fault;
 pub mod frame;

@@ -10,11 +10,15 @@
 //!
 //! Modules: [`host`] (hypercalls, console, panic, event ring), [`memory`]
 //! (direct map, frames and scrubbing), [`process`] (creation, scheduling,
-//! termination), [`syscalls`] (the system calls, IPC included).
+//! termination), [`syscalls`] (the system calls, IPC included), [`shm`]
+//! (shared regions and capabilities), [`introspect`] (the tables the VMM
+//! checks).
 
 pub mod host;
+pub mod introspect;
 pub mod memory;
 pub mod process;
+pub mod shm;
 pub mod syscalls;
 
 use crate::address_space::{AddressSpace, Memory};
@@ -122,6 +126,15 @@ pub struct Kernel {
     spawned: u64,
     ticks: u64,
     pool_low_reported: bool,
+    /// Live shared regions.
+    regions: Vec<shm::SharedRegion>,
+    next_region_id: u32,
+    /// GPA and entry count of the frame-ownership table (published).
+    owner_table: (u64, u64),
+    /// Mixed into every capability table's handle key.
+    boot_entropy: u64,
+    /// Process and region slots written at the last publication.
+    published_slots: (usize, usize),
 }
 
 static KERNEL: KernelCell<Option<Kernel>> = KernelCell::new(None);
@@ -177,6 +190,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     // SAFETY: linker-script symbols; only addresses are used.
     let (text_start, text_end) = unsafe { (symbol_address(&__text_start), symbol_address(&__text_end)) };
     let (ring_gpa, ring_bytes) = host::event_ring_location();
+    let introspection_root_gpa = introspect::init(text_start - KERNEL_VMA_BASE, text_end - text_start);
     let hello = hc::BootHelloParams {
         version: PROTOCOL_VERSION,
         status: hc::STATUS_PENDING,
@@ -184,7 +198,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         event_ring_bytes: ring_bytes,
         kernel_text_gpa: text_start - KERNEL_VMA_BASE,
         kernel_text_len: text_end - text_start,
-        introspection_root_gpa: 0,
+        introspection_root_gpa,
     };
     hypercall_with(Hypercall::BootHello, &hello);
 
@@ -202,7 +216,8 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
             _ => Scrub::InKernel,
         },
     };
-    let mut memory = KernelMemory::new(frame_allocator(boot), scrub);
+    let (frames, owner_table) = frame_allocator(boot);
+    let mut memory = KernelMemory::new(frames, scrub);
     let kernel_pml4 = build_kernel_page_tables(boot, &mut memory);
     // SAFETY: the new tables map the kernel image, stacks and direct map
     // exactly as the VMM's boot tables did (same virtual addresses).
@@ -247,6 +262,12 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         spawned: 0,
         ticks: 0,
         pool_low_reported: false,
+        regions: Vec::new(),
+        next_region_id: 1,
+        owner_table,
+        // SAFETY: rdtsc has no side effects; it only seeds handle scrambling.
+        boot_entropy: unsafe { core::arch::x86_64::_rdtsc() },
+        published_slots: (0, 0),
     };
     kernel.write_gate_page();
     let space = AddressSpace::new(&mut kernel.memory, 0, kernel_pml4, gate_frame, Default::default())
@@ -295,7 +316,8 @@ fn read_boot_info(gpa: u64) -> &'static BootInfo {
 
 /// Carves the allocator's own bookkeeping (free stack and ownership table)
 /// out of the largest usable region and hands the rest of usable RAM to it.
-fn frame_allocator(boot: &BootInfo) -> FrameAllocator<'static> {
+/// Also returns the ownership table's GPA and length, for the VMM.
+fn frame_allocator(boot: &BootInfo) -> (FrameAllocator<'static>, (u64, u64)) {
     let mut ranges = [(0u64, 0u64); crate::frame::MAX_RANGES];
     let mut count = 0;
     for region in boot.memory_map().iter().filter(|r| r.kind == MEMORY_USABLE) {
@@ -328,7 +350,7 @@ fn frame_allocator(boot: &BootInfo) -> FrameAllocator<'static> {
             core::slice::from_raw_parts_mut(direct::<u32>(storage_start + entries as u64 * 4), entries),
         )
     };
-    FrameAllocator::new(ranges, stack, owners)
+    (FrameAllocator::new(ranges, stack, owners), (storage_start + entries as u64 * 4, entries as u64))
 }
 
 fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
@@ -490,26 +512,20 @@ impl Kernel {
             }
             self.memory.flush_scrub();
             self.phase = Phase::Running;
-            log_event(
-                Event::KernelReady {
-                    gate_kind: self.gate.kind(),
-                    free_frames: self.memory.frames.free_frames(),
-                    total_frames: self.memory.frames.total_frames(),
-                },
-                0,
-            );
+            self.emit(Event::KernelReady {
+                gate_kind: self.gate.kind(),
+                free_frames: self.memory.frames.free_frames(),
+                total_frames: self.memory.frames.total_frames(),
+            });
             self.start_processes(frame);
             return;
         }
-        log_event(
-            Event::GateSelfTestFailed {
-                gate_kind: self.gate.kind(),
-                vector: frame.vector,
-                rip: frame.rip,
-                error_code: frame.error_code,
-            },
-            0,
-        );
+        self.emit(Event::GateSelfTestFailed {
+            gate_kind: self.gate.kind(),
+            vector: frame.vector,
+            rip: frame.rip,
+            error_code: frame.error_code,
+        });
         if tried_other {
             panic!("no working system-call gate: both syscall and int3 failed the self-test");
         }
@@ -560,7 +576,7 @@ impl Kernel {
                         requested: (process.space.resident_pages() + 1) * PAGE_SIZE,
                         limit: quotas.max_resident,
                     };
-                    log_event(event, self.ticks);
+                    self.emit(event);
                 }
                 self.kill_current(frame, fault, addr);
             }
@@ -573,28 +589,34 @@ impl Kernel {
         let pid = process.pid;
         let crossings: Vec<_> = process.space.pressure_crossings().collect();
         for (quota, used, limit) in crossings {
-            log_event(Event::QuotaPressure { pid, quota: Some(quota), used, limit }, self.ticks);
+            self.emit(Event::QuotaPressure { pid, quota: Some(quota), used, limit });
         }
         let (free, total) = (self.memory.frames.free_frames(), self.memory.frames.total_frames());
         if free * 10 < total && !self.pool_low_reported {
             self.pool_low_reported = true;
-            log_event(Event::FramePoolLow { free_frames: free, total_frames: total }, self.ticks);
+            self.emit(Event::FramePoolLow { free_frames: free, total_frames: total });
         } else if free * 5 > total {
             self.pool_low_reported = false;
         }
     }
 
+    /// Logs an event, after making the published tables (and the scrub
+    /// batch) consistent with the kernel's state, so the VMM can check them
+    /// at every event.
+    fn emit(&mut self, event: Event) {
+        self.memory.flush_scrub();
+        self.publish();
+        log_event(event, self.ticks);
+    }
+
     /// Shuts the VM down after logging the final frame accounting.
     fn finish(&mut self) -> ! {
         self.memory.flush_scrub();
-        log_event(
-            Event::KernelShutdown {
-                free_frames: self.memory.frames.free_frames(),
-                total_frames: self.memory.frames.total_frames(),
-                spawned: self.spawned,
-            },
-            self.ticks,
-        );
+        self.emit(Event::KernelShutdown {
+            free_frames: self.memory.frames.free_frames(),
+            total_frames: self.memory.frames.total_frames(),
+            spawned: self.spawned,
+        });
         hypercall(Hypercall::Shutdown, 0);
         cpu::halt_forever();
     }

@@ -2,11 +2,11 @@
 //! and termination (exit, fault, quota, deadlock) with full revocation of the
 //! process's memory.
 
-use super::host::log_event;
 use super::memory::write_phys;
 use super::{Kernel, TrapFrame};
 use crate::address_space::{AddressSpace, Memory, Quotas, Refusal};
 use crate::arch::{cpu, TIMER_VECTOR};
+use crate::capability::CapTable;
 use crate::elf_image::check_user_image;
 use crate::fault::{Region, RegionKind};
 use alloc::collections::VecDeque;
@@ -58,6 +58,8 @@ pub struct Process {
     pub preemptions: u64,
     /// Messages waiting for it, oldest first.
     pub mailbox: VecDeque<Message>,
+    /// Its shared-memory capabilities.
+    pub caps: CapTable,
 }
 
 /// How a process ended.
@@ -79,7 +81,7 @@ impl Kernel {
     pub(super) fn start_run(&mut self, spec_index: usize) {
         self.runs_started[spec_index] += 1;
         if let Err(error) = self.spawn(spec_index) {
-            log_event(Event::SpawnFailed { spec_index: spec_index as u64, error: Some(error) }, self.ticks);
+            self.emit(Event::SpawnFailed { spec_index: spec_index as u64, error: Some(error) });
         }
     }
 
@@ -96,6 +98,9 @@ impl Kernel {
         let image =
             unsafe { core::slice::from_raw_parts(super::direct::<u8>(program.gpa), program.len as usize) };
         let plan = check_user_image(image)?;
+        if self.processes.len() >= super::introspect::PROCESS_CAPACITY {
+            return Err(SpawnError::TooManyProcesses);
+        }
         let pid = self.next_pid;
         let quotas = Quotas::from(spec.quota);
         let mut space = AddressSpace::new(&mut self.memory, pid, self.kernel_pml4, self.gate_frame, quotas)
@@ -137,8 +142,9 @@ impl Kernel {
             context,
             preemptions: 0,
             mailbox: VecDeque::new(),
+            caps: super::shm::new_cap_table(pid, self.boot_entropy),
         });
-        log_event(Event::ProcessSpawned { pid, spec_index: spec_index as u64, pml4_gpa: pml4 }, self.ticks);
+        self.emit(Event::ProcessSpawned { pid, spec_index: spec_index as u64, pml4_gpa: pml4 });
         Ok(())
     }
 
@@ -176,9 +182,14 @@ impl Kernel {
     /// its memory, discards its messages, and starts the next run of its boot
     /// spec if it has runs left.
     fn remove_process(&mut self, index: usize, event: Event) {
+        // Its regions go first, revoked from everyone (each step an event),
+        // while it is still a consistent, live process.
+        let pid = self.processes[index].pid;
+        self.destroy_owned_regions(pid);
         // SAFETY: the kernel's tables map the kernel like every process's, and
         // the process being removed may be the one CR3 points at.
         unsafe { cpu::write_cr3(self.kernel_pml4) };
+        let index = self.processes.iter().position(|p| p.pid == pid).expect("still listed");
         let process = self.processes.remove(index);
         match self.current {
             Some(current) if current > index => self.current = Some(current - 1),
@@ -189,7 +200,8 @@ impl Kernel {
             self.memory.release_dirty_prefix(message.frame, message.len);
         }
         process.space.destroy(&mut self.memory);
-        log_event(event, self.ticks);
+        self.forget_participant(pid);
+        self.emit(event);
         let spec = process.spec_index;
         let runs = self.boot.processes()[spec].runs.max(1);
         if self.runs_started[spec] < runs {

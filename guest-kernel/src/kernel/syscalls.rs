@@ -4,7 +4,7 @@
 //! and writes user memory through the direct map, never through user
 //! addresses.
 
-use super::host::{console_write, log_event};
+use super::host::console_write;
 use super::memory::{copy_phys, write_phys};
 use super::process::{Message, ProcessState, Termination};
 use super::{Kernel, TrapFrame};
@@ -25,6 +25,15 @@ enum Outcome {
     /// The frame has already been dealt with (the caller exited, was killed,
     /// blocked, or yielded).
     Handled,
+}
+
+impl From<super::shm::ShmOutcome> for Outcome {
+    fn from(outcome: super::shm::ShmOutcome) -> Self {
+        match outcome {
+            super::shm::ShmOutcome::Return(result) => Outcome::Return(result),
+            super::shm::ShmOutcome::Killed => Outcome::Handled,
+        }
+    }
 }
 
 impl Kernel {
@@ -49,17 +58,14 @@ impl Kernel {
             Some(Syscall::MemStat) => Outcome::Return(self.sys_mem_stat(a0)),
             Some(Syscall::IpcSend) => Outcome::Return(self.sys_ipc_send(a0, a1, a2)),
             Some(Syscall::IpcRecv) => self.sys_ipc_recv(frame, a0, a1, a2),
-            Some(
-                Syscall::ShmCreate
-                | Syscall::ShmGrant
-                | Syscall::ShmMap
-                | Syscall::ShmUnmap
-                | Syscall::ShmRevoke
-                | Syscall::ShmDestroy
-                | Syscall::CapList
-                | Syscall::GateSelfTest,
-            )
-            | None => Outcome::Return(Err(SysError::NoSys)),
+            Some(Syscall::ShmCreate) => self.sys_shm_create(frame, a0, a1).into(),
+            Some(Syscall::ShmGrant) => Outcome::Return(self.sys_shm_grant(a0, a1, a2)),
+            Some(Syscall::ShmMap) => self.sys_shm_map(frame, a0, a1).into(),
+            Some(Syscall::ShmUnmap) => Outcome::Return(self.sys_shm_unmap(a0)),
+            Some(Syscall::ShmRevoke) => Outcome::Return(self.sys_shm_revoke(a0, a1)),
+            Some(Syscall::ShmDestroy) => Outcome::Return(self.sys_shm_destroy(a0)),
+            Some(Syscall::CapList) => Outcome::Return(self.sys_cap_list(a0, a1)),
+            Some(Syscall::GateSelfTest) | None => Outcome::Return(Err(SysError::NoSys)),
         };
         if let Outcome::Return(result) = outcome {
             frame.rax = encode_result(result);
@@ -67,7 +73,7 @@ impl Kernel {
     }
 
     /// (pid, index) of the calling process.
-    fn caller(&self) -> (u32, usize) {
+    pub(super) fn caller(&self) -> (u32, usize) {
         let index = self.current.unwrap_or_else(|| panic!("system call with no current process"));
         (self.processes[index].pid, index)
     }
@@ -93,13 +99,13 @@ impl Kernel {
         match self.processes[index].space.map_anonymous(len, prot) {
             Ok(addr) => {
                 let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
-                log_event(Event::MemMapped { pid, addr, len, prot }, self.ticks);
+                self.emit(Event::MemMapped { pid, addr, len, prot });
                 self.after_allocation(index);
                 Outcome::Return(Ok(addr))
             }
             Err(Refusal::Error(error)) => Outcome::Return(Err(error)),
             Err(Refusal::Quota { kind, requested, limit }) => {
-                log_event(Event::QuotaDenied { pid, quota: Some(kind), requested, limit }, self.ticks);
+                self.emit(Event::QuotaDenied { pid, quota: Some(kind), requested, limit });
                 if self.processes[index].space.quotas().kill {
                     self.kill_current(frame, FaultKind::VirtualQuotaExceeded, 0);
                     Outcome::Handled
@@ -114,7 +120,7 @@ impl Kernel {
         let (pid, index) = self.caller();
         let freed_pages = self.processes[index].space.unmap(&mut self.memory, addr, len)?;
         let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
-        log_event(Event::MemUnmapped { pid, addr, len, freed_pages }, self.ticks);
+        self.emit(Event::MemUnmapped { pid, addr, len, freed_pages });
         self.processes[index].space.pressure_crossings().for_each(drop);
         Ok(0)
     }
@@ -123,7 +129,7 @@ impl Kernel {
         let (pid, index) = self.caller();
         self.processes[index].space.protect(&mut self.memory, addr, len, prot)?;
         let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
-        log_event(Event::MemProtected { pid, addr, len, prot }, self.ticks);
+        self.emit(Event::MemProtected { pid, addr, len, prot });
         Ok(0)
     }
 

@@ -1,0 +1,161 @@
+//! Publishing the kernel's own view for the VMM to check from outside
+//! (`superos_protocol::introspect`): the root, the process table and the
+//! shared-region table live in kernel statics; the frame-owner table is the
+//! allocator's own. They are rewritten before every event the kernel logs, so
+//! whenever the VMM looks (at an event, or with the vCPU in ring 3) they
+//! agree with the page tables.
+
+use super::memory::image_gpa;
+use super::process::ProcessState;
+use super::Kernel;
+use crate::arch::KernelCell;
+use superos_protocol::introspect::{
+    FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
+    MAX_FRAME_RANGES, PROCESS_RECEIVING, PROCESS_RUNNABLE, REGION_LIVE, REGION_PARTICIPANTS,
+};
+use superos_protocol::PROTOCOL_VERSION;
+
+/// Slots in the published process table (and the most live processes).
+pub const PROCESS_CAPACITY: usize = 64;
+/// Slots in the published region table (and the most live regions).
+pub const REGION_CAPACITY: usize = 64;
+
+static ROOT: KernelCell<IntrospectionRoot> = KernelCell::new(IntrospectionRoot {
+    magic: INTROSPECTION_MAGIC,
+    version: PROTOCOL_VERSION,
+    generation: 0,
+    kernel_pml4: 0,
+    gate_frame: 0,
+    kernel_text_gpa: 0,
+    kernel_text_len: 0,
+    process_table_gpa: 0,
+    process_capacity: PROCESS_CAPACITY as u32,
+    process_record_size: core::mem::size_of::<ProcessRecord>() as u32,
+    region_table_gpa: 0,
+    region_capacity: REGION_CAPACITY as u32,
+    region_record_size: core::mem::size_of::<RegionRecord>() as u32,
+    owner_table_gpa: 0,
+    owner_table_entries: 0,
+    frame_range_count: 0,
+    reserved: 0,
+    frame_ranges: [FrameRange { start: 0, end: 0, first_index: 0 }; MAX_FRAME_RANGES],
+    free_frames: 0,
+    total_frames: 0,
+});
+
+const EMPTY_PROCESS: ProcessRecord = ProcessRecord {
+    pid: 0,
+    state: 0,
+    name: [0; 32],
+    pml4: 0,
+    virtual_bytes: 0,
+    resident_bytes: 0,
+    shared_bytes: 0,
+    max_virtual_bytes: 0,
+    max_resident_bytes: 0,
+    max_shared_bytes: 0,
+    spec_index: 0,
+    policy: 0,
+};
+const EMPTY_PARTICIPANT: ParticipantRecord = ParticipantRecord { pid: 0, rights: 0, mapped_at: 0, prot: 0 };
+const EMPTY_REGION: RegionRecord = RegionRecord {
+    id: 0,
+    state: 0,
+    owner: 0,
+    frame_count: 0,
+    frames_gpa: 0,
+    len: 0,
+    participants: [EMPTY_PARTICIPANT; REGION_PARTICIPANTS],
+};
+
+static PROCESSES: KernelCell<[ProcessRecord; PROCESS_CAPACITY]> =
+    KernelCell::new([EMPTY_PROCESS; PROCESS_CAPACITY]);
+static REGIONS: KernelCell<[RegionRecord; REGION_CAPACITY]> =
+    KernelCell::new([EMPTY_REGION; REGION_CAPACITY]);
+
+/// Fills in the parts of the root that never change; returns its GPA.
+pub fn init(kernel_text_gpa: u64, kernel_text_len: u64) -> u64 {
+    // SAFETY: KernelCell invariant (boot, single CPU, interrupts off).
+    let root = unsafe { ROOT.get() };
+    root.kernel_text_gpa = kernel_text_gpa;
+    root.kernel_text_len = kernel_text_len;
+    root.process_table_gpa = image_gpa(PROCESSES.as_ptr());
+    root.region_table_gpa = image_gpa(REGIONS.as_ptr());
+    image_gpa(ROOT.as_ptr())
+}
+
+impl Kernel {
+    /// Rewrites the published tables from the kernel's state.
+    pub(super) fn publish(&mut self) {
+        // SAFETY: KernelCell invariant; these statics are only used here.
+        let (root, processes, regions) = unsafe { (ROOT.get(), PROCESSES.get(), REGIONS.get()) };
+        root.generation += 1;
+        root.kernel_pml4 = self.kernel_pml4;
+        root.gate_frame = self.gate_frame;
+        let (owners_gpa, entries) = self.owner_table;
+        root.owner_table_gpa = owners_gpa;
+        root.owner_table_entries = entries;
+        let mut count = 0;
+        for (start, end, first_index) in self.memory.frames.indexed_ranges().take(MAX_FRAME_RANGES) {
+            root.frame_ranges[count] = FrameRange { start, end, first_index };
+            count += 1;
+        }
+        root.frame_range_count = count as u32;
+        root.free_frames = self.memory.frames.free_frames();
+        root.total_frames = self.memory.frames.total_frames();
+
+        // Only slots in use now or last time need writing (every ring-0 store
+        // is emulated on some hosts).
+        let process_slots = self.processes.len().max(self.published_slots.0).min(PROCESS_CAPACITY);
+        let region_slots = self.regions.len().max(self.published_slots.1).min(REGION_CAPACITY);
+        self.published_slots = (self.processes.len(), self.regions.len());
+        for (slot, record) in processes[..process_slots].iter_mut().enumerate() {
+            *record = match self.processes.get(slot) {
+                None => EMPTY_PROCESS,
+                Some(process) => {
+                    let stat = process.space.stat();
+                    let spec = &self.boot.processes()[process.spec_index];
+                    ProcessRecord {
+                        pid: process.pid,
+                        state: match process.state {
+                            ProcessState::Runnable => PROCESS_RUNNABLE,
+                            ProcessState::Receiving { .. } => PROCESS_RECEIVING,
+                        },
+                        name: spec.name,
+                        pml4: process.space.pml4(),
+                        virtual_bytes: stat.virtual_bytes,
+                        resident_bytes: stat.resident_bytes,
+                        shared_bytes: stat.shared_bytes,
+                        max_virtual_bytes: stat.max_virtual_bytes,
+                        max_resident_bytes: stat.max_resident_bytes,
+                        max_shared_bytes: stat.max_shared_bytes,
+                        spec_index: process.spec_index as u32,
+                        policy: stat.policy,
+                    }
+                }
+            };
+        }
+        for (slot, record) in regions[..region_slots].iter_mut().enumerate() {
+            *record = match self.regions.get(slot) {
+                None => EMPTY_REGION,
+                Some(region) => {
+                    let mut participants = [EMPTY_PARTICIPANT; REGION_PARTICIPANTS];
+                    for (out, p) in participants.iter_mut().zip(&region.participants) {
+                        let (mapped_at, prot) = p.mapping.unwrap_or((0, 0));
+                        *out =
+                            ParticipantRecord { pid: p.pid, rights: p.rights.bits() as u32, mapped_at, prot };
+                    }
+                    RegionRecord {
+                        id: region.id,
+                        state: REGION_LIVE,
+                        owner: region.owner,
+                        frame_count: region.frames.len() as u32,
+                        frames_gpa: image_gpa(region.frames.as_ptr()),
+                        len: region.byte_len(),
+                        participants,
+                    }
+                }
+            };
+        }
+    }
+}
