@@ -180,6 +180,19 @@ pub const DEBUG_TRIPLE_FAULT: u32 = 1 << 1;
 /// `BootInfo::debug_flags`: send deliberately malformed hypercalls at boot and
 /// check that each is refused with an error status.
 pub const DEBUG_BAD_HYPERCALLS: u32 = 1 << 2;
+/// `BootInfo::debug_flags`: flood the VMM with thousands of malformed
+/// hypercalls and writes to unknown ports (the VMM must stay bounded).
+pub const DEBUG_HYPERCALL_FLOOD: u32 = 1 << 3;
+/// `BootInfo::debug_flags`: corrupt the event ring header after boot.
+pub const DEBUG_CORRUPT_EVENT_RING: u32 = 1 << 4;
+/// `BootInfo::debug_flags`: corrupt the introspection root after boot.
+pub const DEBUG_CORRUPT_INTROSPECTION: u32 = 1 << 5;
+/// `BootInfo::debug_flags`: spin forever in ring 0 after boot (only the
+/// VMM's watchdog ends the run).
+pub const DEBUG_SPIN_IN_KERNEL: u32 = 1 << 6;
+/// `BootInfo::debug_flags`: announce a wrong protocol version in a first
+/// boot hello (the VMM must refuse it) before the real one.
+pub const DEBUG_BAD_HELLO: u32 = 1 << 7;
 
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

@@ -115,6 +115,16 @@ enum Inject {
     TripleFault,
     /// Send malformed hypercalls and check they are refused.
     BadHypercalls,
+    /// Flood the VMM with malformed hypercalls and unknown-port writes.
+    HypercallFlood,
+    /// Corrupt the event ring header.
+    CorruptEventRing,
+    /// Corrupt the introspection root.
+    CorruptIntrospection,
+    /// Spin forever in ring 0.
+    SpinInKernel,
+    /// Send a boot hello with the wrong protocol version first.
+    BadHello,
 }
 
 fn main() -> ExitCode {
@@ -158,6 +168,11 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::Panic => boot::DEBUG_PANIC_AFTER_BOOT,
                 Inject::TripleFault => boot::DEBUG_TRIPLE_FAULT,
                 Inject::BadHypercalls => boot::DEBUG_BAD_HYPERCALLS,
+                Inject::HypercallFlood => boot::DEBUG_HYPERCALL_FLOOD,
+                Inject::CorruptEventRing => boot::DEBUG_CORRUPT_EVENT_RING,
+                Inject::CorruptIntrospection => boot::DEBUG_CORRUPT_INTROSPECTION,
+                Inject::SpinInKernel => boot::DEBUG_SPIN_IN_KERNEL,
+                Inject::BadHello => boot::DEBUG_BAD_HELLO,
             }
     });
     let config = RunConfig {

@@ -160,6 +160,16 @@ pub fn event_ring_location() -> (u64, u64) {
     (image_gpa(EVENT_RING.as_ptr()), core::mem::size_of::<EventRing>() as u64)
 }
 
+/// DEBUG_CORRUPT_EVENT_RING: makes the ring header claim an absurd capacity
+/// and head, as a hostile or broken kernel might.
+pub fn corrupt_event_ring() {
+    // SAFETY: KernelCell invariant; deliberately breaks the ring for a test.
+    let ring = unsafe { EVENT_RING.get() };
+    ring.header.capacity = u32::MAX;
+    ring.header.head = u64::MAX / 2;
+    hypercall(Hypercall::EventNotify, 0);
+}
+
 /// Appends an event to the ring and tells the VMM.
 pub fn log_event(event: Event, tick: u64) {
     // SAFETY: KernelCell invariant. The VMM writes only `tail`, read volatile.

@@ -84,6 +84,18 @@ pub fn init(kernel_text_gpa: u64, kernel_text_len: u64) -> u64 {
     image_gpa(ROOT.as_ptr())
 }
 
+/// DEBUG_CORRUPT_INTROSPECTION: points every table of the root at
+/// nonsense, as a hostile or broken kernel might. (Publication rewrites only
+/// the counters and ranges, so the bad table addresses stay.)
+pub fn corrupt() {
+    // SAFETY: KernelCell invariant; deliberately breaks the root for a test.
+    let root = unsafe { ROOT.get() };
+    root.process_table_gpa = u64::MAX - 8;
+    root.process_capacity = u32::MAX;
+    root.region_table_gpa = 0xdead_beef_0000;
+    root.kernel_text_len = u64::MAX;
+}
+
 impl Kernel {
     /// Rewrites the published tables from the kernel's state.
     pub(super) fn publish(&mut self) {

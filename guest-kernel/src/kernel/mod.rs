@@ -200,6 +200,15 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         kernel_text_len: text_end - text_start,
         introspection_root_gpa,
     };
+    if boot.debug_flags & boot::DEBUG_BAD_HELLO != 0 {
+        let bad = hc::BootHelloParams { version: PROTOCOL_VERSION + 1000, ..hello };
+        hypercall_with(Hypercall::BootHello, &bad);
+        // SAFETY: the VMM wrote `status` during the hypercall; read it afresh.
+        let status = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(bad.status)) };
+        if status == hc::STATUS_OK {
+            panic!("the VMM accepted a boot hello with protocol version {}", bad.version);
+        }
+    }
     hypercall_with(Hypercall::BootHello, &hello);
 
     if boot.debug_flags & boot::DEBUG_TRIPLE_FAULT != 0 {
@@ -234,6 +243,23 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     }
     if boot.debug_flags & boot::DEBUG_PANIC_AFTER_BOOT != 0 {
         panic!("injected kernel panic (DEBUG_PANIC_AFTER_BOOT)");
+    }
+    if boot.debug_flags & boot::DEBUG_HYPERCALL_FLOOD != 0 {
+        for i in 0..5000u32 {
+            host::console_write(0, u64::MAX - u64::from(i), 64);
+            cpu::out32(0x600 + (i % 64) as u16, i);
+        }
+    }
+    if boot.debug_flags & boot::DEBUG_CORRUPT_EVENT_RING != 0 {
+        host::corrupt_event_ring();
+    }
+    if boot.debug_flags & boot::DEBUG_CORRUPT_INTROSPECTION != 0 {
+        introspect::corrupt();
+    }
+    if boot.debug_flags & boot::DEBUG_SPIN_IN_KERNEL != 0 {
+        loop {
+            core::hint::spin_loop();
+        }
     }
 
     let gate = match GatePreference::from_raw(boot.gate_preference) {
