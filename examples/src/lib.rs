@@ -3,8 +3,8 @@
 //! It provides the entry point (`_start`, which calls the function named with
 //! [`entry!`] and exits with its result), system-call wrappers that go through
 //! the kernel's gate page (so the same binary runs whichever entry instruction
-//! the kernel chose), memory and IPC calls, console printing, and a panic
-//! handler that prints the panic and exits with code 101.
+//! the kernel chose), memory, IPC and shared-memory calls, console printing,
+//! and a panic handler that prints the panic and exits with code 101.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
@@ -15,7 +15,8 @@ use superos_protocol::syscall::{decode_recv, decode_result, GateInfo, SysError, 
 pub use superos_protocol::layout::PAGE_SIZE;
 pub use superos_protocol::syscall::SysError as Error;
 pub use superos_protocol::syscall::{
-    MemStat, MAILBOX_DEPTH, MESSAGE_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, RECV_NONBLOCK,
+    CapInfo, MemStat, CAPS_MAX, MAILBOX_DEPTH, MESSAGE_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, RECV_NONBLOCK,
+    RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX, SHM_PARTICIPANTS_MAX,
 };
 
 /// Raw system calls through the gate page.
@@ -152,6 +153,152 @@ pub fn ipc_recv(buffer: &mut [u8]) -> Result<(u32, usize), Error> {
 /// when the mailbox is empty.
 pub fn ipc_try_recv(buffer: &mut [u8]) -> Result<(u32, usize), Error> {
     recv(buffer, RECV_NONBLOCK)
+}
+
+/// Creates a shared region of `len` bytes (rounded up to whole pages, frames
+/// allocated and zeroed at once) owned by the caller, and returns the
+/// caller's capability for it with `rights` (`RIGHT_*` bits; the kernel adds
+/// [`RIGHT_READ`] to [`RIGHT_WRITE`]). Nothing is mapped yet.
+///
+/// The handle is opaque and means something only to the caller: another
+/// process that learns the number cannot use it.
+pub fn shm_create(len: u64, rights: u64) -> Result<u64, Error> {
+    call(Syscall::ShmCreate, len, rights)
+}
+
+/// Gives process `pid` its own capability for the region behind `handle`,
+/// with `rights` (a subset of the caller's, which must include
+/// [`RIGHT_GRANT`]). Nothing is mapped in `pid`; it finds its (different)
+/// handle with [`cap_list`] or [`find_cap`], typically after being told the
+/// region id in a message ([`mem_share_message`]).
+pub fn shm_grant(handle: u64, pid: u32, rights: u64) -> Result<(), Error> {
+    call3(Syscall::ShmGrant, handle, u64::from(pid), rights).map(drop)
+}
+
+/// Maps the region behind `handle` into the caller with `prot`
+/// ([`PROT_READ`] or `PROT_READ | PROT_WRITE`, within the capability's
+/// rights; never executable) at an address the kernel chooses, and returns
+/// that address.
+///
+/// Like [`mem_map`] memory, shared memory is reached only through raw
+/// addresses ([`read_u64`], [`write_u64`]): another process may change it at
+/// any time, and the owner may revoke it, so no Rust reference may cover it.
+pub fn shm_map(handle: u64, prot: u64) -> Result<u64, Error> {
+    call(Syscall::ShmMap, handle, prot)
+}
+
+/// Removes the caller's shared mapping that starts at `addr`. The region and
+/// its data live on until the owner destroys it.
+pub fn shm_unmap(addr: u64) -> Result<(), Error> {
+    call(Syscall::ShmUnmap, addr, 0).map(drop)
+}
+
+/// The owner takes the capability for the region behind `handle` away from
+/// `pid` and removes `pid`'s mapping at once; `pid`'s later uses of its
+/// handle are [`Error::BadHandle`] and its accesses to the old range are
+/// terminated as `use-after-revoke`.
+pub fn shm_revoke(handle: u64, pid: u32) -> Result<(), Error> {
+    call(Syscall::ShmRevoke, handle, u64::from(pid)).map(drop)
+}
+
+/// The owner revokes the region behind `handle` from every participant
+/// (itself included), then the kernel scrubs and frees its frames.
+pub fn shm_destroy(handle: u64) -> Result<(), Error> {
+    call(Syscall::ShmDestroy, handle, 0).map(drop)
+}
+
+/// The caller's capabilities, as [`cap_list`] reports them.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    records: [CapInfo; CAPS_MAX],
+    held: usize,
+}
+
+impl Caps {
+    /// How many capabilities the caller holds (the kernel's count).
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// The records the kernel wrote (at most [`CAPS_MAX`]).
+    pub fn as_slice(&self) -> &[CapInfo] {
+        &self.records[..self.held.min(CAPS_MAX)]
+    }
+
+    /// The capability for region `region`, if the caller holds one.
+    pub fn region(&self, region: u32) -> Option<CapInfo> {
+        self.as_slice().iter().copied().find(|cap| cap.region == region)
+    }
+
+    /// The capability with handle `handle`, if the caller holds one.
+    pub fn handle(&self, handle: u64) -> Option<CapInfo> {
+        self.as_slice().iter().copied().find(|cap| cap.handle == handle)
+    }
+}
+
+/// Lists the caller's capabilities (handle, region id, owner, rights,
+/// length, where it is mapped).
+pub fn cap_list() -> Result<Caps, Error> {
+    let mut caps = Caps { records: [CapInfo::default(); CAPS_MAX], held: 0 };
+    let held = call(Syscall::CapList, caps.records.as_mut_ptr() as u64, CAPS_MAX as u64)?;
+    caps.held = held as usize;
+    Ok(caps)
+}
+
+/// The caller's capability for region `region` (`MEM_SHARE:<region>`), if
+/// it holds one: how a grantee finds the handle it was given.
+pub fn find_cap(region: u32) -> Option<CapInfo> {
+    cap_list().ok()?.region(region)
+}
+
+/// Longest message [`tag_message`] writes.
+pub const TAG_MESSAGE_MAX: usize = 48;
+
+/// Writes `<tag>:<value>` (decimal) into `buffer` and returns the message,
+/// e.g. `MEM_SHARE:3`. A tag longer than fits is cut short.
+pub fn tag_message<'a>(tag: &str, value: u64, buffer: &'a mut [u8; TAG_MESSAGE_MAX]) -> &'a [u8] {
+    let mut digits = [0u8; 20];
+    let mut count = 0;
+    let mut rest = value;
+    loop {
+        digits[count] = b'0' + (rest % 10) as u8;
+        count += 1;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let tag = &tag.as_bytes()[..tag.len().min(TAG_MESSAGE_MAX - 1 - count)];
+    buffer[..tag.len()].copy_from_slice(tag);
+    buffer[tag.len()] = b':';
+    let start = tag.len() + 1;
+    for (i, digit) in digits[..count].iter().rev().enumerate() {
+        buffer[start + i] = *digit;
+    }
+    &buffer[..start + count]
+}
+
+/// The value of a `<tag>:<value>` message, or `None` if `message` is not one.
+pub fn tag_value(message: &[u8], tag: &str) -> Option<u64> {
+    let digits = message.strip_prefix(tag.as_bytes())?.strip_prefix(b":")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    core::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The tag naming a shared region in a message: `MEM_SHARE:<region id>`,
+/// as capabilities print.
+pub const MEM_SHARE: &str = "MEM_SHARE";
+
+/// Writes the message naming region `region`: `MEM_SHARE:<region>`.
+pub fn mem_share_message(region: u32, buffer: &mut [u8; TAG_MESSAGE_MAX]) -> &[u8] {
+    tag_message(MEM_SHARE, u64::from(region), buffer)
+}
+
+/// The region id a `MEM_SHARE:<id>` message names.
+pub fn mem_share_region(message: &[u8]) -> Option<u32> {
+    tag_value(message, MEM_SHARE).and_then(|id| u32::try_from(id).ok())
 }
 
 /// Reads the `u64` at `addr` with a volatile load.
@@ -397,5 +544,25 @@ mod tests {
         assert_eq!(arg(b"spinning=3", "spin"), None);
         assert_eq!(parse_i64(b" -42 "), Some(-42));
         assert_eq!(parse_i64(b"4x"), None);
+    }
+
+    #[test]
+    fn tagged_messages_round_trip() {
+        let mut buffer = [0u8; TAG_MESSAGE_MAX];
+        assert_eq!(mem_share_message(3, &mut buffer), b"MEM_SHARE:3");
+        assert_eq!(mem_share_region(b"MEM_SHARE:3"), Some(3));
+        for value in [0, 7, 10, 4096, u64::MAX] {
+            let message = tag_message("HANDLE", value, &mut buffer).to_vec();
+            assert_eq!(tag_value(&message, "HANDLE"), Some(value));
+            assert_eq!(tag_value(&message, "ADDR"), None);
+        }
+        for bad in [&b"MEM_SHARE:"[..], b"MEM_SHARE:x", b"MEM_SHARE 3", b"MEM_SHARE:3 ", b"MEM_SHARE:-1"] {
+            assert_eq!(mem_share_region(bad), None, "{bad:?}");
+        }
+        assert_eq!(mem_share_region(b"MEM_SHARE:4294967296"), None);
+        let long = "T".repeat(100);
+        let message = tag_message(&long, u64::MAX, &mut buffer);
+        assert_eq!(message.len(), TAG_MESSAGE_MAX);
+        assert!(message.ends_with(b":18446744073709551615"));
     }
 }
