@@ -162,3 +162,40 @@ pub fn assert_checks_pass(report: &RunReport, name: &str, min_checks: usize) {
     }
     assert_eq!(status_of(report, name), ProcessStatus::Exited(0), "{output:#?}");
 }
+
+/// The position in `report.events` of the first event `pick` picks, with
+/// what it picked.
+pub fn find_event<T>(report: &RunReport, mut pick: impl FnMut(&Event) -> Option<T>) -> Option<(usize, T)> {
+    report.events.iter().enumerate().find_map(|(i, entry)| pick(&entry.event).map(|value| (i, value)))
+}
+
+/// Everything `pick` picks from the events, with their positions, in order.
+pub fn pick_events<T>(report: &RunReport, mut pick: impl FnMut(&Event) -> Option<T>) -> Vec<(usize, T)> {
+    report
+        .events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| pick(&entry.event).map(|value| (i, value)))
+        .collect()
+}
+
+/// The position of the `ProcessKilled` event of `pid`, with its fault and
+/// address.
+pub fn kill_event(report: &RunReport, pid: u32) -> Option<(usize, Option<FaultKind>, u64)> {
+    find_event(report, |event| match *event {
+        Event::ProcessKilled { pid: p, fault, addr, .. } if p == pid => Some((fault, addr)),
+        _ => None,
+    })
+    .map(|(i, (fault, addr))| (i, fault, addr))
+}
+
+/// Where `pid` mapped shared region `region`, from its `ShmMapped` events, in
+/// order.
+pub fn shm_mappings(report: &RunReport, pid: u32, region: u64) -> Vec<u64> {
+    events(report)
+        .filter_map(|event| match *event {
+            Event::ShmMapped { pid: p, region: r, addr, .. } if p == pid && r == region => Some(addr),
+            _ => None,
+        })
+        .collect()
+}
