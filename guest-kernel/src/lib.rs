@@ -3,7 +3,8 @@
 //! Hardware-independent logic lives in modules that build and are unit-tested
 //! on the host: [`frame`] (physical frame allocator and ownership table),
 //! [`address_space`] (regions, demand paging, quotas, `mem_*` calls),
-//! [`capability`] (shared-memory capability tables and rights),
+//! [`capability`] (shared-memory capability tables and rights), [`shared`]
+//! (shared regions: grants, mappings, revocation),
 //! [`paging`] (page-table
 //! construction and walks), [`elf_image`] (user image checks and load plans)
 //! and [`fault`] (user fault classification). Everything that touches the CPU
@@ -21,6 +22,7 @@ pub mod elf_image;
 pub mod fault;
 pub mod frame;
 pub mod paging;
+pub mod shared;
 
 #[cfg(target_os = "none")]
 pub mod arch;

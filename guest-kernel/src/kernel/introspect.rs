@@ -119,8 +119,9 @@ impl Kernel {
         // Only slots in use now or last time need writing (every ring-0 store
         // is emulated on some hosts).
         let process_slots = self.processes.len().max(self.published_slots.0).min(PROCESS_CAPACITY);
-        let region_slots = self.regions.len().max(self.published_slots.1).min(REGION_CAPACITY);
-        self.published_slots = (self.processes.len(), self.regions.len());
+        let live_regions = self.shm.regions();
+        let region_slots = live_regions.len().max(self.published_slots.1).min(REGION_CAPACITY);
+        self.published_slots = (self.processes.len(), live_regions.len());
         for (slot, record) in processes[..process_slots].iter_mut().enumerate() {
             *record = match self.processes.get(slot) {
                 None => EMPTY_PROCESS,
@@ -148,7 +149,7 @@ impl Kernel {
             };
         }
         for (slot, record) in regions[..region_slots].iter_mut().enumerate() {
-            *record = match self.regions.get(slot) {
+            *record = match live_regions.get(slot) {
                 None => EMPTY_REGION,
                 Some(region) => {
                     let mut participants = [EMPTY_PARTICIPANT; REGION_PARTICIPANTS];

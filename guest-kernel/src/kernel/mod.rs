@@ -127,8 +127,7 @@ pub struct Kernel {
     ticks: u64,
     pool_low_reported: bool,
     /// Live shared regions.
-    regions: Vec<shm::SharedRegion>,
-    next_region_id: u32,
+    shm: crate::shared::SharedMemory,
     /// GPA and entry count of the frame-ownership table (published).
     owner_table: (u64, u64),
     /// Mixed into every capability table's handle key.
@@ -288,8 +287,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         spawned: 0,
         ticks: 0,
         pool_low_reported: false,
-        regions: Vec::new(),
-        next_region_id: 1,
+        shm: Default::default(),
         owner_table,
         // SAFETY: rdtsc has no side effects; it only seeds handle scrambling.
         boot_entropy: unsafe { core::arch::x86_64::_rdtsc() },

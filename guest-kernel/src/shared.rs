@@ -1,0 +1,634 @@
+//! Shared memory: regions, capability-gated grants, opt-in mappings and
+//! immediate revocation (the contract's "Shared Memory Model"). This module
+//! holds the whole logic and runs on the host in unit and property tests; the
+//! kernel's system calls (`kernel/shm.rs`) only adapt it and log the events it
+//! returns. Every step is explicit:
+//!
+//! 1. `create` allocates the region's frames (owned `Shared(id)`, zeroed) and
+//!    gives the creator a capability; nothing is mapped.
+//! 2. `grant` puts a capability with at most the granter's rights in another
+//!    process's table; nothing is mapped.
+//! 3. `map` maps the region into the caller (owner included) at an address
+//!    the kernel picks, with rights within the capability's.
+//! 4. `mem_protect` may only reduce a mapping's rights; nothing resizes or
+//!    moves a region.
+//! 5. `revoke`/`destroy` (owner only) remove mappings and capabilities at
+//!    once; the revoked range stays reserved so a later access faults as
+//!    `use-after-revoke`. Frames are freed only at destroy, after every
+//!    mapping is gone.
+//!
+//! Invariants (checked by the property test): every capability in a table
+//! names a live region that lists its holder as a participant with the same
+//! rights, and vice versa; a participant's mapping exists exactly when its
+//! address space maps the region's frames; every `Shared(id)` frame belongs
+//! to live region `id`; nothing leaks.
+
+use crate::address_space::{AddressSpace, Memory, Refusal};
+use crate::capability::{CapTable, Capability, Rights};
+use alloc::vec::Vec;
+use superos_protocol::event::Event;
+use superos_protocol::layout::PAGE_SIZE;
+use superos_protocol::ownership::FrameOwner;
+use superos_protocol::syscall::{
+    CapInfo, SysError, CAPS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX, SHM_PARTICIPANTS_MAX,
+};
+
+/// A process holding a capability for a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Participant {
+    /// Its pid.
+    pub pid: u32,
+    /// Its capability's rights.
+    pub rights: Rights,
+    /// Where it has the region mapped, and with which `PROT_*`.
+    pub mapping: Option<(u64, u64)>,
+}
+
+/// A live shared region.
+#[derive(Debug)]
+pub struct SharedRegion {
+    /// Region id (`MEM_SHARE:<id>`).
+    pub id: u32,
+    /// The creating process.
+    pub owner: u32,
+    /// Its frames, in order.
+    pub frames: Vec<u64>,
+    /// Everyone holding a capability (the owner first).
+    pub participants: Vec<Participant>,
+}
+
+impl SharedRegion {
+    /// Length in bytes (regions are never empty).
+    pub fn byte_len(&self) -> u64 {
+        self.frames.len() as u64 * PAGE_SIZE
+    }
+}
+
+/// What a process brings to a shared-memory operation.
+pub struct Holder<'a> {
+    /// Its address space.
+    pub space: &'a mut AddressSpace,
+    /// Its capabilities.
+    pub caps: &'a mut CapTable,
+}
+
+/// Access to live processes by pid.
+pub trait Holders {
+    /// The address space and capability table of live process `pid`.
+    fn holder(&mut self, pid: u32) -> Option<Holder<'_>>;
+}
+
+/// All shared regions.
+#[derive(Debug)]
+pub struct SharedMemory {
+    regions: Vec<SharedRegion>,
+    next_id: u32,
+}
+
+impl Default for SharedMemory {
+    fn default() -> Self {
+        SharedMemory { regions: Vec::new(), next_id: 1 }
+    }
+}
+
+fn holder<H: Holders>(holders: &mut H, pid: u32) -> Holder<'_> {
+    holders.holder(pid).unwrap_or_else(|| panic!("shared memory: pid {pid} is not live"))
+}
+
+impl SharedMemory {
+    /// The live regions.
+    pub fn regions(&self) -> &[SharedRegion] {
+        &self.regions
+    }
+
+    fn index(&self, id: u32) -> Option<usize> {
+        self.regions.iter().position(|r| r.id == id)
+    }
+
+    /// The caller's capability for `handle` and the index of its region.
+    fn lookup(&self, caps: &CapTable, handle: u64) -> Result<(Capability, usize), SysError> {
+        let capability = caps.get(handle).ok_or(SysError::BadHandle)?;
+        let index = self.index(capability.region).ok_or(SysError::BadHandle)?;
+        Ok((capability, index))
+    }
+
+    /// `shm_create(len, rights)`: returns the caller's handle.
+    pub fn create<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        len: u64,
+        rights: u64,
+    ) -> Result<(u64, Vec<Event>), Refusal> {
+        let rights = Rights::from_user(rights).ok_or(SysError::InvalidArgument)?;
+        if len == 0 {
+            return Err(SysError::InvalidArgument.into());
+        }
+        if len > SHM_MAX {
+            return Err(SysError::TooLarge.into());
+        }
+        let len = len.next_multiple_of(PAGE_SIZE);
+        let me = holder(holders, caller);
+        if me.caps.len() >= CAPS_MAX {
+            return Err(SysError::QuotaExceeded.into());
+        }
+        me.space.charge_shared(len)?;
+        let id = self.next_id;
+        let mut frames = Vec::with_capacity((len / PAGE_SIZE) as usize);
+        for _ in 0..len / PAGE_SIZE {
+            match memory.alloc_frame(FrameOwner::Shared(id)) {
+                Some(frame) => frames.push(frame),
+                None => {
+                    frames.into_iter().for_each(|f| memory.release_frame(f));
+                    me.space.uncharge_shared(len);
+                    return Err(SysError::OutOfMemory.into());
+                }
+            }
+        }
+        self.next_id += 1;
+        let handle =
+            me.caps.insert(Capability { region: id, rights }).expect("the table had room (checked above)");
+        self.regions.push(SharedRegion {
+            id,
+            owner: caller,
+            frames,
+            participants: alloc::vec![Participant { pid: caller, rights, mapping: None }],
+        });
+        let event = Event::ShmCreated { pid: caller, region: id.into(), len, rights: rights.bits() };
+        Ok((handle, alloc::vec![event]))
+    }
+
+    /// `shm_grant(handle, target, rights)`.
+    pub fn grant<H: Holders>(
+        &mut self,
+        holders: &mut H,
+        caller: u32,
+        handle: u64,
+        target: u64,
+        rights: u64,
+    ) -> Result<Vec<Event>, SysError> {
+        let (capability, index) = self.lookup(holder(holders, caller).caps, handle)?;
+        let requested = Rights::from_user(rights).ok_or(SysError::InvalidArgument)?;
+        if !capability.rights.can_grant() {
+            return Err(SysError::NotPermitted);
+        }
+        let granted = capability.rights.derive(requested).ok_or(SysError::NotPermitted)?;
+        let target = u32::try_from(target).map_err(|_| SysError::NoSuchProcess)?;
+        if holders.holder(target).is_none() {
+            return Err(SysError::NoSuchProcess);
+        }
+        let region = &self.regions[index];
+        if target == caller || region.participants.iter().any(|p| p.pid == target) {
+            return Err(SysError::InvalidArgument);
+        }
+        if region.participants.len() >= SHM_PARTICIPANTS_MAX {
+            return Err(SysError::QuotaExceeded);
+        }
+        let id = capability.region;
+        holder(holders, target)
+            .caps
+            .insert(Capability { region: id, rights: granted })
+            .ok_or(SysError::QuotaExceeded)?;
+        self.regions[index].participants.push(Participant { pid: target, rights: granted, mapping: None });
+        Ok(alloc::vec![Event::ShmGranted {
+            pid: caller,
+            region: id.into(),
+            grantee: target.into(),
+            rights: granted.bits(),
+        }])
+    }
+
+    /// `shm_map(handle, prot)`: returns the address.
+    pub fn map<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        handle: u64,
+        prot: u64,
+    ) -> Result<(u64, Vec<Event>), Refusal> {
+        let me = holder(holders, caller);
+        let (capability, index) = self.lookup(me.caps, handle)?;
+        if prot & PROT_EXEC != 0 {
+            return Err(SysError::NotPermitted.into());
+        }
+        let writable = match prot {
+            PROT_READ => false,
+            p if p == PROT_READ | PROT_WRITE => true,
+            _ => return Err(SysError::InvalidArgument.into()),
+        };
+        if writable && !capability.rights.can_write() || !capability.rights.can_read() {
+            return Err(SysError::NotPermitted.into());
+        }
+        let region = &mut self.regions[index];
+        let participant = region
+            .participants
+            .iter()
+            .position(|p| p.pid == caller)
+            .expect("a capability holder participates");
+        if region.participants[participant].mapping.is_some() {
+            return Err(SysError::AlreadyMapped.into());
+        }
+        // The owner was charged at creation; others are charged when they map.
+        let charge = if region.owner == caller { 0 } else { region.byte_len() };
+        me.space.charge_shared(charge)?;
+        let addr = match me.space.map_shared(memory, region.id, &region.frames, writable) {
+            Ok(addr) => addr,
+            Err(error) => {
+                me.space.uncharge_shared(charge);
+                return Err(error.into());
+            }
+        };
+        region.participants[participant].mapping = Some((addr, prot));
+        Ok((addr, alloc::vec![Event::ShmMapped { pid: caller, region: region.id.into(), addr, prot }]))
+    }
+
+    /// `shm_unmap(addr)`.
+    pub fn unmap<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        addr: u64,
+    ) -> Result<Vec<Event>, SysError> {
+        let me = holder(holders, caller);
+        let (id, len) = me.space.unmap_shared(memory, addr)?;
+        if let Some(index) = self.index(id) {
+            let region = &mut self.regions[index];
+            if let Some(participant) = region.participants.iter_mut().find(|p| p.pid == caller) {
+                participant.mapping = None;
+            }
+            if region.owner != caller {
+                me.space.uncharge_shared(len);
+            }
+        }
+        Ok(alloc::vec![Event::ShmUnmapped { pid: caller, region: id.into(), addr }])
+    }
+
+    /// `shm_revoke(handle, target)`: owner only.
+    pub fn revoke<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        handle: u64,
+        target: u64,
+    ) -> Result<Vec<Event>, SysError> {
+        let (_, index) = self.lookup(holder(holders, caller).caps, handle)?;
+        if self.regions[index].owner != caller {
+            return Err(SysError::NotPermitted);
+        }
+        let target = u32::try_from(target).map_err(|_| SysError::InvalidArgument)?;
+        if target == caller || !self.regions[index].participants.iter().any(|p| p.pid == target) {
+            return Err(SysError::InvalidArgument);
+        }
+        Ok(alloc::vec![self.revoke_participant(memory, holders, index, target, caller)])
+    }
+
+    /// `shm_destroy(handle)`: owner only.
+    pub fn destroy<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        handle: u64,
+    ) -> Result<Vec<Event>, SysError> {
+        let (_, index) = self.lookup(holder(holders, caller).caps, handle)?;
+        if self.regions[index].owner != caller {
+            return Err(SysError::NotPermitted);
+        }
+        Ok(self.destroy_region(memory, holders, index, caller))
+    }
+
+    /// `cap_list`: the caller's capabilities, in table order.
+    pub fn cap_infos(&self, caller: u32, caps: &CapTable) -> Vec<CapInfo> {
+        caps.iter()
+            .filter_map(|(handle, capability)| {
+                let region = &self.regions[self.index(capability.region)?];
+                let mapped_at = region
+                    .participants
+                    .iter()
+                    .find(|p| p.pid == caller)
+                    .and_then(|p| p.mapping)
+                    .map_or(0, |(addr, _)| addr);
+                Some(CapInfo {
+                    handle,
+                    region: capability.region,
+                    owner: region.owner,
+                    rights: capability.rights.bits(),
+                    len: region.byte_len(),
+                    mapped_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes `target`'s capability for region `index` away and removes its
+    /// mapping at once (the range stays reserved as revoked).
+    fn revoke_participant<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        index: usize,
+        target: u32,
+        by: u32,
+    ) -> Event {
+        let region = &mut self.regions[index];
+        let (id, owner, len) = (region.id, region.owner, region.byte_len());
+        let position = region.participants.iter().position(|p| p.pid == target).expect("checked by callers");
+        let participant = region.participants.remove(position);
+        let mut addr = 0;
+        if let Some(holder) = holders.holder(target) {
+            holder.caps.remove_region(id);
+            if participant.mapping.is_some() {
+                addr = holder.space.revoke_shared(memory, id).unwrap_or(0);
+                if target != owner {
+                    holder.space.uncharge_shared(len);
+                }
+            }
+        }
+        Event::ShmRevoked { pid: by, region: id.into(), target: target.into(), addr }
+    }
+
+    /// Revokes region `index` from every participant (the owner last), then
+    /// scrubs and frees its frames.
+    fn destroy_region<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        index: usize,
+        by: u32,
+    ) -> Vec<Event> {
+        let owner = self.regions[index].owner;
+        let others: Vec<u32> =
+            self.regions[index].participants.iter().map(|p| p.pid).filter(|&p| p != owner).collect();
+        let mut events: Vec<Event> =
+            others.into_iter().map(|pid| self.revoke_participant(memory, holders, index, pid, by)).collect();
+        let region = self.regions.remove(index);
+        if let Some(holder) = holders.holder(owner) {
+            holder.caps.remove_region(region.id);
+            holder.space.revoke_shared(memory, region.id);
+            holder.space.uncharge_shared(region.byte_len());
+        }
+        let frames_freed = region.frames.len() as u64;
+        for frame in region.frames {
+            memory.release_frame(frame);
+        }
+        events.push(Event::ShmDestroyed { pid: by, region: region.id.into(), frames_freed });
+        events
+    }
+
+    /// Before process `pid` goes away: destroys the regions it owns,
+    /// revoking them from everyone.
+    pub fn destroy_owned<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        pid: u32,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        while let Some(index) = self.regions.iter().position(|r| r.owner == pid) {
+            events.extend(self.destroy_region(memory, holders, index, pid));
+        }
+        events
+    }
+
+    /// After process `pid` is gone: drops it from every region.
+    pub fn forget(&mut self, pid: u32) {
+        for region in &mut self.regions {
+            region.participants.retain(|p| p.pid != pid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address_space::tests::{kernel_setup, FakeMemory};
+    use crate::address_space::Quotas;
+    use crate::paging::{self, PageTableMemory};
+    use proptest::prelude::*;
+    use superos_protocol::syscall::{RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
+    use x86_64::structures::paging::PageTable;
+
+    /// Three (or more) processes for the host tests.
+    struct World {
+        processes: Vec<(u32, AddressSpace, CapTable)>,
+    }
+
+    impl Holders for World {
+        fn holder(&mut self, pid: u32) -> Option<Holder<'_>> {
+            self.processes.iter_mut().find(|p| p.0 == pid).map(|(_, space, caps)| Holder { space, caps })
+        }
+    }
+
+    fn world(memory: &mut FakeMemory, pids: &[u32], quotas: Quotas) -> World {
+        let (kernel_pml4, gate) = kernel_setup(memory);
+        World {
+            processes: pids
+                .iter()
+                .map(|&pid| {
+                    (
+                        pid,
+                        AddressSpace::new(memory, pid, kernel_pml4, gate, quotas).unwrap(),
+                        CapTable::new(8, pid * 77),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    struct View<'a>(&'a mut FakeMemory);
+    impl PageTableMemory for View<'_> {
+        fn table(&mut self, frame: u64) -> &mut PageTable {
+            self.0.table(frame)
+        }
+        fn alloc_table(&mut self) -> Option<u64> {
+            None
+        }
+        fn free_table(&mut self, _: u64) {}
+    }
+
+    const RW: u64 = PROT_READ | PROT_WRITE;
+
+    #[test]
+    fn the_whole_flow_step_by_step() {
+        let mut memory = FakeMemory::new();
+        let mut world = world(&mut memory, &[1, 2], Quotas::default());
+        let mut shm = SharedMemory::default();
+        let (handle, _) =
+            shm.create(&mut memory, &mut world, 1, 0x2000, RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT).unwrap();
+        // A grant maps nothing; the grantee's handle is its own.
+        shm.grant(&mut world, 1, handle, 2, RIGHT_READ).unwrap();
+        let infos = shm.cap_infos(2, world.holder(2).unwrap().caps);
+        assert_eq!(infos.len(), 1);
+        assert_eq!((infos[0].region, infos[0].mapped_at, infos[0].rights), (1, 0, RIGHT_READ));
+        let theirs = infos[0].handle;
+        assert_ne!(theirs, handle);
+        assert_eq!(
+            shm.map(&mut memory, &mut world, 2, handle, PROT_READ).unwrap_err(),
+            Refusal::Error(SysError::BadHandle)
+        );
+        assert_eq!(
+            shm.map(&mut memory, &mut world, 2, theirs, RW).unwrap_err(),
+            Refusal::Error(SysError::NotPermitted)
+        );
+        let (at, _) = shm.map(&mut memory, &mut world, 2, theirs, PROT_READ).unwrap();
+        assert_eq!(
+            shm.map(&mut memory, &mut world, 2, theirs, PROT_READ).unwrap_err(),
+            Refusal::Error(SysError::AlreadyMapped)
+        );
+        assert_eq!(
+            shm.grant(&mut world, 2, theirs, 1, RIGHT_READ),
+            Err(SysError::NotPermitted),
+            "no GRANT right"
+        );
+        assert_eq!(
+            shm.revoke(&mut memory, &mut world, 2, theirs, 1),
+            Err(SysError::NotPermitted),
+            "not the owner"
+        );
+        let events = shm.revoke(&mut memory, &mut world, 1, handle, 2).unwrap();
+        assert_eq!(events, vec![Event::ShmRevoked { pid: 1, region: 1, target: 2, addr: at }]);
+        assert!(world.holder(2).unwrap().caps.get(theirs).is_none());
+        let frames = shm.regions()[0].frames.clone();
+        assert!(frames.iter().all(|&f| memory.owner(f) == Some(FrameOwner::Shared(1))));
+        let events = shm.destroy(&mut memory, &mut world, 1, handle).unwrap();
+        assert_eq!(events, vec![Event::ShmDestroyed { pid: 1, region: 1, frames_freed: 2 }]);
+        assert!(frames.iter().all(|&f| memory.owner(f) == Some(FrameOwner::Free)));
+        assert!(shm.regions().is_empty());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create(u32, u8, u8),
+        Grant(u32, u8, u32, u8),
+        Map(u32, u8, bool),
+        Unmap(u32, u8),
+        Revoke(u32, u8, u32),
+        Destroy(u32, u8),
+        Exit(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let pid = 1u32..4;
+        prop_oneof![
+            (pid.clone(), 1u8..4, 1u8..8).prop_map(|(p, n, r)| Op::Create(p, n, r)),
+            (pid.clone(), any::<u8>(), 1u32..4, 1u8..8).prop_map(|(p, h, t, r)| Op::Grant(p, h, t, r)),
+            (pid.clone(), any::<u8>(), any::<bool>()).prop_map(|(p, h, w)| Op::Map(p, h, w)),
+            (pid.clone(), any::<u8>()).prop_map(|(p, m)| Op::Unmap(p, m)),
+            (pid.clone(), any::<u8>(), 1u32..4).prop_map(|(p, h, t)| Op::Revoke(p, h, t)),
+            (pid.clone(), any::<u8>()).prop_map(|(p, h)| Op::Destroy(p, h)),
+            pid.prop_map(Op::Exit),
+        ]
+    }
+
+    /// A handle the process holds, chosen by `pick` (or a forged one).
+    fn some_handle(world: &mut World, pid: u32, pick: u8) -> u64 {
+        let Some(holder) = world.holder(pid) else { return 0 };
+        let handles: Vec<u64> = holder.caps.iter().map(|(h, _)| h).collect();
+        if handles.is_empty() || pick % 8 == 7 {
+            return u64::from(pick) << 32 | 1;
+        }
+        handles[pick as usize % handles.len()]
+    }
+
+    proptest! {
+        /// Random create/grant/map/unmap/revoke/destroy/exit sequences keep
+        /// capability tables, participants, page tables and frame owners in
+        /// agreement, and leak nothing.
+        #[test]
+        fn random_sequences_keep_the_tables_consistent(ops in prop::collection::vec(op(), 1..80)) {
+            let mut memory = FakeMemory::new();
+            let baseline = memory.allocator.free_frames();
+            let mut world = world(&mut memory, &[1, 2, 3], Quotas { max_shared: 6 * 4096, ..Quotas::default() });
+            let mut shm = SharedMemory::default();
+            for op in ops {
+                match op {
+                    Op::Create(pid, pages, rights) if world.holder(pid).is_some() => {
+                        let _ = shm.create(&mut memory, &mut world, pid, u64::from(pages) * 4096, u64::from(rights));
+                    }
+                    Op::Grant(pid, pick, target, rights) if world.holder(pid).is_some() => {
+                        let handle = some_handle(&mut world, pid, pick);
+                        let _ = shm.grant(&mut world, pid, handle, u64::from(target), u64::from(rights));
+                    }
+                    Op::Map(pid, pick, write) if world.holder(pid).is_some() => {
+                        let handle = some_handle(&mut world, pid, pick);
+                        let _ = shm.map(&mut memory, &mut world, pid, handle, if write { RW } else { PROT_READ });
+                    }
+                    Op::Unmap(pid, pick) => {
+                        let mapped: Vec<u64> = shm.regions().iter()
+                            .flat_map(|r| r.participants.iter().filter(|p| p.pid == pid).filter_map(|p| p.mapping))
+                            .map(|(addr, _)| addr).collect();
+                        if let Some(&addr) = mapped.get(pick as usize % mapped.len().max(1)) {
+                            prop_assert!(shm.unmap(&mut memory, &mut world, pid, addr).is_ok());
+                        }
+                    }
+                    Op::Revoke(pid, pick, target) if world.holder(pid).is_some() => {
+                        let handle = some_handle(&mut world, pid, pick);
+                        let _ = shm.revoke(&mut memory, &mut world, pid, handle, u64::from(target));
+                    }
+                    Op::Destroy(pid, pick) if world.holder(pid).is_some() => {
+                        let handle = some_handle(&mut world, pid, pick);
+                        let _ = shm.destroy(&mut memory, &mut world, pid, handle);
+                    }
+                    Op::Exit(pid) if world.holder(pid).is_some() => {
+                        shm.destroy_owned(&mut memory, &mut world, pid);
+                        let index = world.processes.iter().position(|p| p.0 == pid).unwrap();
+                        let (_, space, _) = world.processes.remove(index);
+                        space.destroy(&mut memory);
+                        shm.forget(pid);
+                    }
+                    _ => {}
+                }
+                // Capabilities and participants agree, both ways.
+                for (pid, _, caps) in &world.processes {
+                    for (_, capability) in caps.iter() {
+                        let region = shm.regions().iter().find(|r| r.id == capability.region);
+                        prop_assert!(region.is_some(), "pid {} holds a capability for a dead region", pid);
+                        let participant = region.unwrap().participants.iter().find(|p| p.pid == *pid);
+                        prop_assert_eq!(participant.map(|p| p.rights), Some(capability.rights));
+                    }
+                }
+                for region in shm.regions() {
+                    prop_assert!(world.processes.iter().any(|p| p.0 == region.owner), "orphaned region");
+                    for participant in &region.participants {
+                        let (_, space, caps) = world.processes.iter().find(|p| p.0 == participant.pid).unwrap();
+                        prop_assert!(caps.find_region(region.id).is_some());
+                        // A mapping exists exactly when the page tables map the frames.
+                        let first = region.frames[0];
+                        match participant.mapping {
+                            Some((addr, prot)) => {
+                                let t = paging::translate(&mut View(&mut memory), space.pml4(), addr).unwrap();
+                                prop_assert_eq!(t.phys, first);
+                                prop_assert!(t.flags.contains(x86_64::structures::paging::PageTableFlags::NO_EXECUTE));
+                                prop_assert!(prot & PROT_WRITE != 0 || !t.flags.contains(x86_64::structures::paging::PageTableFlags::WRITABLE));
+                            }
+                            None => {
+                                let mapped_anywhere = space.regions().iter().any(|r| matches!(r.kind,
+                                    crate::fault::RegionKind::Shared { region: id, .. } if id == region.id));
+                                prop_assert!(!mapped_anywhere);
+                            }
+                        }
+                    }
+                    for &frame in &region.frames {
+                        prop_assert_eq!(memory.owner(frame), Some(FrameOwner::Shared(region.id)));
+                    }
+                }
+            }
+            // Everyone exits: nothing may remain.
+            let pids: Vec<u32> = world.processes.iter().map(|p| p.0).collect();
+            for pid in pids {
+                shm.destroy_owned(&mut memory, &mut world, pid);
+                let index = world.processes.iter().position(|p| p.0 == pid).unwrap();
+                let (_, space, _) = world.processes.remove(index);
+                space.destroy(&mut memory);
+                shm.forget(pid);
+            }
+            prop_assert!(shm.regions().is_empty());
+            // The kernel PML4 and the gate frame are the only frames left.
+            prop_assert_eq!(memory.allocator.free_frames(), baseline - 2, "frames leaked");
+        }
+    }
+}
