@@ -11,7 +11,15 @@
 //! mem_map read-write, mem_protect to read-only, write),
 //! `write-read-only-map` (write-to-read-only: write to a PROT_READ mapping),
 //! `use-after-unmap` (unmapped-access), `guard-overflow` (unmapped-access:
-//! one byte past a one-page mapping, in its guard page).
+//! one byte past a one-page mapping, in its guard page), `exec-kernel`
+//! (kernel-access: call into kernel text), `gate-offset` (illegal-gate-entry:
+//! call the gate page at an offset other than its stub), `raw-int3`
+//! (illegal-gate-entry: an `int3` outside the gate), `raw-syscall`
+//! (a `syscall` instruction outside the gate: illegal-gate-entry where
+//! `syscall` reaches ring 0, kernel-access on the PVM host where it jumps to
+//! the kernel entry still in ring 3), `privileged` (general-protection: `cli`
+//! in ring 3), `peek` (unmapped-access: read where another process has its
+//! first mapping, `addr=` to override).
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
@@ -56,7 +64,16 @@ fn map_page(prot: u64) -> Result<u64, Error> {
     Ok(addr)
 }
 
-fn commit(kind: &str) -> Result<(), Error> {
+/// The `addr=` argument, if given (hexadecimal with 0x, or decimal).
+fn arg_addr(args: &[u8]) -> Option<u64> {
+    let text = core::str::from_utf8(arg(args, "addr")?).ok()?;
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+fn commit(kind: &str, args: &[u8]) -> Result<(), Error> {
     match kind {
         "unmapped" => {
             println!("fault: reading unmapped address {UNMAPPED:#x}");
@@ -136,6 +153,38 @@ fn commit(kind: &str) -> Result<(), Error> {
             // SAFETY: deliberately not: the guard page is unmapped.
             unsafe { write_u8(past, 1) };
         }
+        "exec-kernel" => {
+            println!("fault: calling kernel text at {KERNEL:#x}");
+            // SAFETY: deliberately not: kernel pages are supervisor-only.
+            unsafe { call_at(KERNEL) };
+        }
+        "gate-offset" => {
+            let target = superos_protocol::layout::GATE_VA + 0x10;
+            println!("fault: calling the gate page at {target:#x}, past its stub");
+            // SAFETY: deliberately not: only the stub is a valid entry.
+            unsafe { call_at(target) };
+        }
+        "raw-int3" => {
+            println!("fault: executing int3 outside the gate");
+            // SAFETY: deliberately not: system calls only enter through the gate.
+            unsafe { core::arch::asm!("int3") };
+        }
+        "raw-syscall" => {
+            println!("fault: executing syscall outside the gate");
+            // SAFETY: deliberately not: system calls only enter through the gate.
+            unsafe { core::arch::asm!("syscall", out("rcx") _, out("r11") _, inout("rax") 4u64 => _) };
+        }
+        "privileged" => {
+            println!("fault: executing cli in ring 3");
+            // SAFETY: deliberately not: cli is privileged.
+            unsafe { core::arch::asm!("cli") };
+        }
+        "peek" => {
+            let addr = arg_addr(args).unwrap_or(superos_protocol::layout::USER_MMAP_BASE);
+            println!("fault: reading {addr:#x}, where another process has memory");
+            // SAFETY: deliberately not: this process maps nothing there.
+            black_box(unsafe { read_u64(addr) });
+        }
         other => {
             println!("fault: unknown kind {other:?}");
             return Err(Error::InvalidArgument);
@@ -149,7 +198,7 @@ fn main(args: &[u8]) -> i32 {
         println!("fault: usage: kind=<name>");
         return 2;
     };
-    match commit(kind) {
+    match commit(kind, args) {
         Ok(()) => println!("fault: {kind}: SURVIVED"),
         Err(error) => println!("fault: {kind}: could not set up: {error}"),
     }
