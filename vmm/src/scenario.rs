@@ -499,6 +499,29 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    proptest::proptest! {
+        /// Arbitrary text and random corruptions of a real scenario are
+        /// parsed or rejected with an error, never a panic; an error always
+        /// names the file.
+        #[test]
+        fn untrusted_scenario_text_never_panics(
+            text in "(\\PC|\n){0,200}",
+            flips in proptest::collection::vec((0usize..2000, 0x20u8..0x7f), 0..20),
+        ) {
+            if let Err(error) = parse(&text) {
+                proptest::prop_assert!(error.to_string().contains("test.toml"), "{}", error);
+            }
+            let mut bytes = images::scenario("default").unwrap().as_bytes().to_vec();
+            for (at, value) in flips {
+                let len = bytes.len();
+                bytes[at % len] = value;
+            }
+            if let Err(error) = parse(&String::from_utf8_lossy(&bytes)) {
+                proptest::prop_assert!(error.to_string().contains("test.toml"), "{}", error);
+            }
+        }
+    }
+
     #[test]
     fn unknown_names_list_what_exists() {
         let error = Scenario::load("no-such-scenario").unwrap_err().to_string();
