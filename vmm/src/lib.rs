@@ -10,19 +10,29 @@
 //! [`hypercall`], which feeds the [`session`] (console lines, kernel events
 //! drained from the [`events`] ring, echoed as text or as JSON by
 //! [`event_json`]). A crash is explained by [`diagnose`].
+//!
+//! Isolation is checked from outside the guest: [`introspect`] reads the
+//! kernel's published tables (its claims), [`walk`] walks the page tables
+//! itself (the ground truth), [`check`] compares them against the named
+//! invariants, and [`monitor`] decides when during a run that happens and
+//! what a violation does to it.
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod arch;
 pub mod boot;
+pub mod check;
 pub mod console;
 pub mod diagnose;
 pub mod event_json;
 pub mod events;
 pub mod hypercall;
 pub mod images;
+pub mod introspect;
 pub mod memory;
+pub mod monitor;
 pub mod run;
 pub mod scenario;
 pub mod session;
 pub mod vm;
+pub mod walk;

@@ -1,0 +1,316 @@
+//! When the invariant checker ([`crate::check`]) runs during a guest run,
+//! and what becomes of what it finds.
+//!
+//! [`CheckMode::EveryEvent`] checks inside every `EventNotify`, `Shutdown`
+//! and `Panic` hypercall: the vCPU is stopped there and the kernel has made
+//! its tables consistent before logging the event. [`CheckMode::Periodic`]
+//! checks when the watchdog's kick finds the vCPU in ring 3 (the kernel is
+//! not in the middle of anything), or at the next event if it was in ring 0.
+//! [`CheckMode::Exit`] checks once, at shutdown.
+//!
+//! A violation stops the guest ([`crate::hypercall::Flow::InvariantViolated`])
+//! unless `keep_going` is set; either way it goes into the report, once per
+//! distinct finding.
+//!
+//! [`Tamper`] is a test and diagnostic hook: a callback that may corrupt the
+//! guest from outside at an event, right before the check, to show that the
+//! checker catches what it claims to.
+
+use crate::check::{CheckMode, CheckOutcome, Checker, Invariant, Violation};
+use crate::introspect::KernelView;
+use crate::memory::GuestRam;
+use crate::session::EventEntry;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+/// The callback behind [`Tamper`]: called with guest RAM, the kernel's view
+/// and the event just drained; returns true once it has tampered (it is not
+/// called again after that).
+pub type TamperFn = dyn FnMut(&GuestRam, &KernelView, &EventEntry) -> bool + Send;
+
+/// A test/diagnostic hook that corrupts the running guest on purpose, at an
+/// event, before that event's check. Not for production use.
+#[derive(Clone)]
+pub struct Tamper(Arc<Mutex<Box<TamperFn>>>);
+
+impl Tamper {
+    /// Wraps a callback.
+    pub fn new(callback: impl FnMut(&GuestRam, &KernelView, &EventEntry) -> bool + Send + 'static) -> Tamper {
+        Tamper(Arc::new(Mutex::new(Box::new(callback))))
+    }
+
+    fn call(&self, ram: &GuestRam, view: &KernelView, entry: &EventEntry) -> bool {
+        match self.0.lock() {
+            Ok(mut callback) => callback(ram, view, entry),
+            Err(_) => true,
+        }
+    }
+}
+
+impl std::fmt::Debug for Tamper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tamper(..)")
+    }
+}
+
+/// Why a check ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// At the kernel event with this sequence number.
+    Event(u64),
+    /// At the shutdown hypercall.
+    Shutdown,
+    /// At the panic hypercall.
+    Panic,
+    /// A periodic kick found the vCPU in ring 3 at this RIP.
+    Ring3(u64),
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Event(seq) => write!(f, "event #{seq}"),
+            Trigger::Shutdown => f.write_str("shutdown"),
+            Trigger::Panic => f.write_str("the kernel panic"),
+            Trigger::Ring3(rip) => write!(f, "a periodic check (ring 3, rip {rip:#x})"),
+        }
+    }
+}
+
+/// A violation as the report keeps it: what, and when first seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportedViolation {
+    /// The check that found it first.
+    pub at: String,
+    /// The violation.
+    pub violation: Violation,
+}
+
+impl std::fmt::Display for ReportedViolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at {}: {}", self.at, self.violation)
+    }
+}
+
+/// Distinct violations kept per run; later ones are counted.
+pub const MAX_REPORTED: usize = 1000;
+
+/// What a check decided for the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stop {
+    /// The check that found the violations.
+    pub at: String,
+    /// The invariants violated, in order, without repeats.
+    pub invariants: Vec<Invariant>,
+}
+
+/// The checking state of a run.
+#[derive(Debug)]
+pub struct Monitor {
+    /// When to check.
+    pub mode: CheckMode,
+    /// Keep running after a violation.
+    pub keep_going: bool,
+    /// The checker (baselines, totals).
+    pub checker: Checker,
+    /// Distinct violations found, in order.
+    pub violations: Vec<ReportedViolation>,
+    /// Violations found beyond [`MAX_REPORTED`] (or repeats are not counted).
+    pub violations_dropped: u64,
+    /// Things worth saying about the checks (once each).
+    pub notes: Vec<String>,
+    tamper: Option<Tamper>,
+    seen: HashSet<(Invariant, String)>,
+    /// A periodic check is due (the last kick found the vCPU in ring 0).
+    periodic_pending: bool,
+}
+
+impl Monitor {
+    /// A monitor for a run whose usable RAM is `usable`.
+    pub fn new(
+        mode: CheckMode,
+        keep_going: bool,
+        tamper: Option<Tamper>,
+        usable: Vec<(u64, u64)>,
+    ) -> Monitor {
+        Monitor {
+            mode,
+            keep_going,
+            checker: Checker::new(usable),
+            violations: Vec::new(),
+            violations_dropped: 0,
+            notes: Vec::new(),
+            tamper,
+            seen: HashSet::new(),
+            periodic_pending: false,
+        }
+    }
+
+    fn note(&mut self, text: String) {
+        if !self.notes.contains(&text) {
+            self.notes.push(text);
+        }
+    }
+
+    /// New events were drained (`new` are they). Runs the tamper hook, then
+    /// the check if this mode checks now. `Some` if the guest must stop.
+    pub fn after_events(&mut self, ram: &GuestRam, events: &[EventEntry], new: usize) -> Option<Stop> {
+        self.checker.observe(events);
+        let fresh = &events[events.len().saturating_sub(new)..];
+        let last = fresh.last()?;
+        if let Some(tamper) = self.tamper.clone() {
+            let (view, _) = self.checker.view(ram);
+            if fresh.iter().any(|entry| tamper.call(ram, &view, entry)) {
+                self.tamper = None;
+            }
+        }
+        let due = match self.mode {
+            CheckMode::EveryEvent => true,
+            CheckMode::Periodic(_) => std::mem::take(&mut self.periodic_pending),
+            CheckMode::Exit | CheckMode::Off => false,
+        };
+        if due {
+            self.check(ram, Trigger::Event(last.seq))
+        } else {
+            None
+        }
+    }
+
+    /// The kernel shut down (`shutdown`) or panicked: the last check.
+    pub fn at_end(&mut self, ram: &GuestRam, events: &[EventEntry], shutdown: bool) -> Option<Stop> {
+        self.checker.observe(events);
+        let due = match self.mode {
+            CheckMode::EveryEvent => true,
+            CheckMode::Periodic(_) | CheckMode::Exit => shutdown,
+            CheckMode::Off => false,
+        };
+        if !due {
+            return None;
+        }
+        self.check(ram, if shutdown { Trigger::Shutdown } else { Trigger::Panic })
+    }
+
+    /// A periodic kick stopped the vCPU; `ring3_rip` is its RIP if it was in
+    /// ring 3. Checks now, or marks the check due at the next event.
+    pub fn kicked(&mut self, ram: &GuestRam, events: &[EventEntry], ring3_rip: Option<u64>) -> Option<Stop> {
+        if !matches!(self.mode, CheckMode::Periodic(_)) {
+            return None;
+        }
+        match ring3_rip {
+            Some(rip) => {
+                self.periodic_pending = false;
+                self.checker.observe(events);
+                self.check(ram, Trigger::Ring3(rip))
+            }
+            None => {
+                self.periodic_pending = true;
+                self.checker.stats.deferred += 1;
+                None
+            }
+        }
+    }
+
+    /// Runs one check now and records what it finds.
+    pub fn check(&mut self, ram: &GuestRam, trigger: Trigger) -> Option<Stop> {
+        let outcome: CheckOutcome = self.checker.check(ram);
+        if !outcome.published {
+            self.note(if self.checker.root_announced() {
+                "the kernel's introspection root is unusable: checked the page tables of the processes known from its events only".to_string()
+            } else {
+                format!(
+                    "kernel published no introspection root: checked the page tables of the processes known from its events; {} need the kernel's tables and were not checked",
+                    Invariant::ALL.iter().filter(|i| i.needs_root()).map(|i| i.name()).collect::<Vec<_>>().join(", ")
+                )
+            });
+        }
+        if outcome.violations.is_empty() {
+            return None;
+        }
+        let at = trigger.to_string();
+        let mut invariants = Vec::new();
+        for violation in outcome.violations {
+            if !invariants.contains(&violation.invariant) {
+                invariants.push(violation.invariant);
+            }
+            if !self.seen.insert((violation.invariant, violation.details.clone())) {
+                continue;
+            }
+            if self.violations.len() < MAX_REPORTED {
+                self.violations.push(ReportedViolation { at: at.clone(), violation });
+            } else {
+                self.violations_dropped += 1;
+            }
+        }
+        (!self.keep_going).then_some(Stop { at, invariants })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use superos_protocol::event::Event;
+
+    fn spawned(seq: u64, pid: u32, pml4: u64) -> EventEntry {
+        EventEntry { seq, tick: 0, event: Event::ProcessSpawned { pid, spec_index: 0, pml4_gpa: pml4 } }
+    }
+
+    #[test]
+    fn a_bad_pml4_from_the_events_stops_the_run_unless_keep_going() {
+        let ram = GuestRam::new(16).unwrap();
+        let events = vec![spawned(0, 1, 0x123)];
+        let mut monitor = Monitor::new(CheckMode::EveryEvent, false, None, vec![(0x10_0000, 16 << 20)]);
+        let stop = monitor.after_events(&ram, &events, 1).expect("a violation stops the run");
+        assert_eq!(stop.invariants, [Invariant::PrivateAddressSpaces]);
+        assert_eq!(stop.at, "event #0");
+        assert!(
+            monitor.notes[0].starts_with("kernel published no introspection root"),
+            "{:?}",
+            monitor.notes
+        );
+
+        let mut monitor = Monitor::new(CheckMode::EveryEvent, true, None, vec![]);
+        assert_eq!(monitor.after_events(&ram, &events, 1), None);
+        assert_eq!(monitor.at_end(&ram, &events, true), None);
+        assert_eq!(monitor.violations.len(), 1, "the same finding is kept once: {:?}", monitor.violations);
+        assert_eq!(monitor.checker.stats.checks, 2);
+    }
+
+    #[test]
+    fn modes_decide_when_to_check_and_the_tamper_hook_runs_once() {
+        let ram = GuestRam::new(16).unwrap();
+        let events = vec![spawned(0, 1, 0x1000), spawned(1, 2, 0x2000)];
+        let calls = Arc::new(Mutex::new(0));
+        let counter = calls.clone();
+        let tamper = Tamper::new(move |_, view, entry| {
+            *counter.lock().unwrap() += 1;
+            assert_eq!(view.processes.len() as u64, entry.seq + 1);
+            entry.seq == 1
+        });
+        let mut monitor = Monitor::new(CheckMode::Exit, true, Some(tamper), vec![]);
+        monitor.after_events(&ram, &events[..1], 1);
+        monitor.after_events(&ram, &events, 1);
+        monitor.after_events(&ram, &events, 1);
+        assert_eq!(*calls.lock().unwrap(), 2, "not called after it returned true");
+        assert_eq!(monitor.checker.stats.checks, 0, "exit mode checks at the end only");
+        monitor.at_end(&ram, &events, false);
+        assert_eq!(monitor.checker.stats.checks, 0, "not at a panic");
+        monitor.at_end(&ram, &events, true);
+        assert_eq!(monitor.checker.stats.checks, 1);
+
+        let mut monitor =
+            Monitor::new(CheckMode::Periodic(std::time::Duration::from_millis(5)), true, None, vec![]);
+        assert_eq!(monitor.after_events(&ram, &events, 2), None);
+        assert_eq!(monitor.checker.stats.checks, 0);
+        monitor.kicked(&ram, &events, None);
+        assert_eq!((monitor.checker.stats.checks, monitor.checker.stats.deferred), (0, 1));
+        monitor.after_events(&ram, &events, 1);
+        assert_eq!(monitor.checker.stats.checks, 1, "the deferred check runs at the next event");
+        monitor.kicked(&ram, &events, Some(0x40_0000));
+        assert_eq!(monitor.checker.stats.checks, 2);
+        let mut off = Monitor::new(CheckMode::Off, false, None, vec![]);
+        off.after_events(&ram, &events, 2);
+        off.kicked(&ram, &events, Some(1));
+        off.at_end(&ram, &events, true);
+        assert_eq!(off.checker.stats.checks, 0);
+    }
+}
