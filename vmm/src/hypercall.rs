@@ -6,6 +6,7 @@
 //! and a line in the VMM log. Nothing the guest sends can panic the VMM.
 
 use crate::events::EventRing;
+use crate::monitor::Stop;
 use crate::session::Session;
 use superos_protocol::hypercall::{
     self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, Hypercall, PanicParams, ScrubFramesParams,
@@ -76,6 +77,8 @@ pub enum Flow {
     Shutdown(u32),
     /// The kernel panicked.
     Panic(PanicReport),
+    /// The invariant checker found a violation: stop the guest.
+    InvariantViolated(Stop),
 }
 
 /// What the kernel said when it panicked.
@@ -108,16 +111,28 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
             Flow::Continue
         }
         Request::EventNotify => {
-            drain_events(session, true);
-            Flow::Continue
+            let new = drain_events(session, true);
+            match session.after_events(new) {
+                Some(stop) => Flow::InvariantViolated(stop),
+                None => Flow::Continue,
+            }
         }
         Request::Panic(gpa) => {
-            drain_events(session, false);
+            let new = drain_events(session, false);
+            // The panic is what ends the run; a check here only records.
+            let _ = session.after_events(new);
+            let _ = session.check_at_end(false);
             Flow::Panic(read_panic(session, gpa))
         }
         Request::Shutdown(code) => {
-            drain_events(session, false);
-            Flow::Shutdown(code)
+            let new = drain_events(session, false);
+            if let Some(stop) = session.after_events(new) {
+                return Flow::InvariantViolated(stop);
+            }
+            match session.check_at_end(true) {
+                Some(stop) => Flow::InvariantViolated(stop),
+                None => Flow::Shutdown(code),
+            }
         }
         Request::ScrubFrames(gpa) => {
             scrub_frames(session, gpa);
@@ -163,6 +178,10 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
                 session.ring = Some(ring);
                 if session.ram.contains(params.kernel_text_gpa, params.kernel_text_len) {
                     session.kernel_text = Some((params.kernel_text_gpa, params.kernel_text_len));
+                }
+                let (ram, text) = (session.ram, session.kernel_text);
+                if let Some(monitor) = session.monitor.as_mut() {
+                    monitor.checker.boot_hello(ram, text, params.introspection_root_gpa);
                 }
                 hc::STATUS_OK
             }
@@ -248,13 +267,15 @@ fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
 }
 
 /// Drains the event ring; `notified` says the kernel claimed there are
-/// events (so a missing ring is worth a warning).
-fn drain_events(session: &mut Session<'_>, notified: bool) {
+/// events (so a missing ring is worth a warning). Returns how many events
+/// were added.
+fn drain_events(session: &mut Session<'_>, notified: bool) -> usize {
+    let before = session.events.len();
     let Some(ring) = session.ring.as_mut() else {
         if notified {
             session.warn("event notify before the kernel announced its event ring".into());
         }
-        return;
+        return 0;
     };
     match ring.drain(session.ram) {
         Ok(drained) => {
@@ -269,6 +290,7 @@ fn drain_events(session: &mut Session<'_>, notified: bool) {
         }
         Err(error) => session.warn(error.to_string()),
     }
+    session.events.len() - before
 }
 
 fn read_panic(session: &mut Session<'_>, gpa: u64) -> PanicReport {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use superos_protocol::boot::{self, GatePreference, ScrubStrategy};
+use superos_vmm::check::CheckMode;
 use superos_vmm::images;
 use superos_vmm::run::{self, RunConfig, RunReport, EXIT_USAGE};
 use superos_vmm::scenario::Scenario;
@@ -42,9 +43,11 @@ Examples:
   superos-vmm run my-scenario.toml         a scenario file (programs by name or ELF path)
   superos-vmm run --mem 128 --timeout 10   more guest memory, a shorter watchdog
   superos-vmm run --events json | grep '^{'   the kernel's events as JSON lines
+  superos-vmm run --check every-event      check the isolation invariants at every kernel event
 
 Exit status: 0 every process did what the scenario expects; 1 some process did not;
-2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired.";
+2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired;
+5 an isolation invariant was violated (takes precedence over 1, 3 and 4).";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -74,12 +77,25 @@ struct RunArgs {
     /// object per line (`{"seq":5,"tick":2,"kind":"process-exited","pid":3,...}`).
     #[arg(long, value_enum, default_value_t = Events::Text, value_name = "FORMAT")]
     events: Events,
+    /// When the VMM checks the isolation invariants (page tables walked from
+    /// outside against the kernel's published tables): at every kernel event,
+    /// every <ms> milliseconds when the vCPU is in user mode, once at exit, or never.
+    #[arg(long, value_name = "every-event|periodic:<ms>|exit|off", default_value = "exit", value_parser = parse_check)]
+    check: CheckMode,
+    /// Do not stop the guest at the first invariant violation: collect them
+    /// all and report them at the end (the exit status is still 5).
+    #[arg(long)]
+    keep_going: bool,
     /// Only print the summary, not the console and events as they happen.
     #[arg(long, short)]
     quiet: bool,
     /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
     #[arg(long, value_enum, hide = true)]
     debug_inject: Vec<Inject>,
+}
+
+fn parse_check(text: &str) -> Result<CheckMode, String> {
+    text.parse()
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -197,6 +213,9 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
             Events::Json => EventFormat::Json,
         },
         started,
+        check: args.check,
+        keep_going: args.keep_going,
+        tamper: None,
     };
     let origin = config.scenario.origin.clone();
     if !args.quiet {
@@ -231,9 +250,29 @@ fn print_summary(report: &RunReport) {
     for (name, pid, outcome, expected, verdict) in rows {
         out!("{name:<16} {pid:>4}  {outcome:<width$} {expected:<28} {verdict}");
     }
+    if !report.violations.is_empty() {
+        let total = report.violations.len() as u64 + report.violations_dropped;
+        out!("");
+        out!("isolation invariants VIOLATED ({total}):");
+        for found in &report.violations {
+            out!("  {found}");
+        }
+        if report.violations_dropped > 0 {
+            out!("  ... and {} more", report.violations_dropped);
+        }
+    }
+    for note in &report.check_notes {
+        out!("superos-vmm: note: {note}");
+    }
     let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
+    let checks = &report.stats.checks;
+    let invariants = match (checks.checks, report.violations.len()) {
+        (0, 0) => String::new(),
+        (n, 0) => format!("; invariants held ({n} check{})", if n == 1 { "" } else { "s" }),
+        (_, v) => format!("; {v} invariant violation{}", if v == 1 { "" } else { "s" }),
+    };
     out!(
-        "superos-vmm: {}; {behaved} of {} processes as expected; {:.1} ms",
+        "superos-vmm: {}; {behaved} of {} processes as expected{invariants}; {:.1} ms",
         report.exit,
         report.processes.len(),
         report.stats.wall.as_secs_f64() * 1e3
@@ -254,4 +293,38 @@ fn print_stats(report: &RunReport) {
     }
     let total: u64 = report.stats.exits.values().sum();
     out!("  {:<28} {total}", "total");
+    let checks = &report.stats.checks;
+    if checks.checks > 0 || checks.deferred > 0 {
+        let per_check = |n: u64| n / checks.checks.max(1);
+        out!("invariant checks:");
+        out!(
+            "  {:<28} {} ({} periodic kicks found the kernel running)",
+            "checks",
+            checks.checks,
+            checks.deferred
+        );
+        out!(
+            "  {:<28} {} ({} per check, {:.1} million per second of walking)",
+            "page-table entries walked",
+            checks.ptes_walked,
+            per_check(checks.ptes_walked),
+            checks.ptes_per_second() / 1e6
+        );
+        out!("  {:<28} {} ({} per check)", "tables read", checks.tables_read, per_check(checks.tables_read));
+        out!("  {:<28} {} ({} per check)", "user mappings", checks.mappings, per_check(checks.mappings));
+        out!(
+            "  {:<28} {} ({} per check)",
+            "free frames scanned",
+            checks.frames_scanned,
+            per_check(checks.frames_scanned)
+        );
+        out!(
+            "  {:<28} {:.3} ms total ({:.3} ms walking), {:.3} ms per check, {:.3} ms at most",
+            "time",
+            checks.time.as_secs_f64() * 1e3,
+            checks.walk_time.as_secs_f64() * 1e3,
+            checks.time.as_secs_f64() * 1e3 / checks.checks.max(1) as f64,
+            checks.max_time.as_secs_f64() * 1e3
+        );
+    }
 }

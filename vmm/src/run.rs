@@ -7,11 +7,13 @@
 //! lands between two `KVM_RUN`s is otherwise lost).
 
 use crate::boot::{self, BootError, BootOptions};
+use crate::check::{CheckMode, CheckStats, Invariant};
 use crate::console::ConsoleLine;
 use crate::diagnose::{Diagnosis, KernelSymbols};
 use crate::hypercall::{self, Flow, PanicReport};
 use crate::images;
 use crate::memory::{GuestRam, MemoryError};
+use crate::monitor::{Monitor, ReportedViolation, Stop, Tamper};
 use crate::scenario::{Expectation, Scenario, DEFAULT_MEMORY_MIB};
 use crate::session::{Echo, EventEntry, EventFormat, Phases, Session};
 use crate::vm::{detect_host_flavor, Vm, VmError};
@@ -22,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Once;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
+use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy, MEMORY_USABLE};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::layout::BOOT_INFO_GPA;
 use thiserror::Error;
@@ -53,6 +55,15 @@ pub struct RunConfig {
     pub events: EventFormat,
     /// When the VMM started (boot phases are measured from here).
     pub started: Instant,
+    /// When the isolation invariants are checked (library default:
+    /// every event; the command line's default is `exit`).
+    pub check: CheckMode,
+    /// Keep the guest running after a violation (they are still reported,
+    /// and the exit status is still [`EXIT_INVARIANT_VIOLATED`]).
+    pub keep_going: bool,
+    /// Test/diagnostic hook: corrupts the guest on purpose at an event,
+    /// before that event's check. `None` in normal runs.
+    pub tamper: Option<Tamper>,
 }
 
 impl RunConfig {
@@ -69,6 +80,9 @@ impl RunConfig {
             echo: Echo::Quiet,
             events: EventFormat::Text,
             started: Instant::now(),
+            check: CheckMode::EveryEvent,
+            keep_going: false,
+            tamper: None,
         }
     }
 }
@@ -103,6 +117,14 @@ pub enum GuestExit {
     Timeout(Duration),
     /// KVM_RUN itself failed.
     VcpuError(String),
+    /// The invariant checker found a violation and the VMM stopped the
+    /// guest (see [`RunReport::violations`]).
+    InvariantViolated {
+        /// The check that found it (`event #12`, `shutdown`, ...).
+        at: String,
+        /// The invariants violated.
+        invariants: Vec<Invariant>,
+    },
 }
 
 impl std::fmt::Display for GuestExit {
@@ -121,6 +143,10 @@ impl std::fmt::Display for GuestExit {
                 write!(f, "timed out after {:.1} s (--timeout)", after.as_secs_f64())
             }
             GuestExit::VcpuError(error) => write!(f, "KVM_RUN failed: {error}"),
+            GuestExit::InvariantViolated { at, invariants } => {
+                let names: Vec<&str> = invariants.iter().map(|i| i.name()).collect();
+                write!(f, "stopped at {at}: invariant violated ({})", names.join(", "))
+            }
         }
     }
 }
@@ -225,6 +251,8 @@ pub struct RunStats {
     pub phases: Phases,
     /// Total wall time from VMM start to the end of the run.
     pub wall: Duration,
+    /// Invariant checks: how many, how much work, how long.
+    pub checks: CheckStats,
 }
 
 /// Everything a run produced.
@@ -248,6 +276,13 @@ pub struct RunReport {
     pub diagnosis: Option<Diagnosis>,
     /// The host flavor the run detected.
     pub host: HostFlavor,
+    /// Isolation invariant violations, each distinct finding once, in the
+    /// order found.
+    pub violations: Vec<ReportedViolation>,
+    /// Violations found beyond those kept.
+    pub violations_dropped: u64,
+    /// Remarks about the checks (what could not be checked, and why).
+    pub check_notes: Vec<String>,
 }
 
 /// `superos-vmm run` exit status: all processes behaved as expected.
@@ -260,6 +295,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_GUEST_CRASH: i32 = 3;
 /// The watchdog stopped the guest.
 pub const EXIT_TIMEOUT: i32 = 4;
+/// An isolation invariant was violated (whatever else happened).
+pub const EXIT_INVARIANT_VIOLATED: i32 = 5;
 
 impl RunReport {
     /// True if the kernel shut down cleanly and every process behaved.
@@ -269,6 +306,9 @@ impl RunReport {
 
     /// The process exit status `superos-vmm run` uses for this report.
     pub fn exit_status(&self) -> i32 {
+        if !self.violations.is_empty() || matches!(self.exit, GuestExit::InvariantViolated { .. }) {
+            return EXIT_INVARIANT_VIOLATED;
+        }
         match self.exit {
             GuestExit::Shutdown { code: 0 } if self.processes.iter().all(ProcessOutcome::as_expected) => {
                 EXIT_OK
@@ -337,19 +377,38 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
     let mut session = Session::new(&ram, config.started, config.echo, names).with_event_format(config.events);
-    let stop = AtomicBool::new(false);
+    if config.check != CheckMode::Off || config.tamper.is_some() {
+        let usable = prepared
+            .boot_info
+            .memory_map()
+            .iter()
+            .filter(|r| r.kind == MEMORY_USABLE)
+            .map(|r| (r.start, r.start.saturating_add(r.len)))
+            .collect();
+        session = session.with_monitor(Monitor::new(
+            config.check,
+            config.keep_going,
+            config.tamper.clone(),
+            usable,
+        ));
+    }
+    let period = match config.check {
+        CheckMode::Periodic(period) => Some(period),
+        _ => None,
+    };
+    let kicks = Kicks { stop: AtomicBool::new(false), check_due: AtomicBool::new(false) };
     let (exit, exits, diagnosis) = std::thread::scope(|scope| -> Result<_, RunError> {
         let (sender, receiver) = mpsc::channel();
         let vcpu = &mut vm.vcpu;
         let session = &mut session;
-        let stop = &stop;
+        let kicks = &kicks;
         let symbols = &symbols;
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn_scoped(scope, move || {
                 // SAFETY: pthread_self has no preconditions.
                 let _ = sender.send(VcpuMessage::Started(unsafe { libc::pthread_self() }));
-                let result = vcpu_loop(vcpu, session, stop, symbols);
+                let result = vcpu_loop(vcpu, session, kicks, symbols);
                 let _ = sender.send(VcpuMessage::Done);
                 result
             })
@@ -358,13 +417,17 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
             Ok(VcpuMessage::Started(thread)) => thread,
             _ => return Err(RunError::Thread("the vCPU thread exited before starting".into())),
         };
-        watchdog(&receiver, thread, stop, config.timeout);
+        watchdog(&receiver, thread, kicks, config.timeout, period);
         handle.join().map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
     })?;
     session.finish_console();
     session.phases.guest_exit.get_or_insert(session.now());
     let processes = outcomes(&config.scenario, &session.events);
-    let stats = RunStats { exits, phases: session.phases, wall: config.started.elapsed() };
+    let monitor = session.monitor.take();
+    let checks = monitor.as_ref().map(|m| m.checker.stats).unwrap_or_default();
+    let stats = RunStats { exits, phases: session.phases, wall: config.started.elapsed(), checks };
+    let (violations, violations_dropped, check_notes) =
+        monitor.map(|m| (m.violations, m.violations_dropped, m.notes)).unwrap_or_default();
     let report = RunReport {
         exit,
         processes,
@@ -375,9 +438,20 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
         stats,
         diagnosis,
         host,
+        violations,
+        violations_dropped,
+        check_notes,
     };
     drop(vm);
     Ok(report)
+}
+
+/// What the watchdog thread tells the vCPU thread when it kicks it.
+struct Kicks {
+    /// The watchdog fired: stop.
+    stop: AtomicBool,
+    /// A periodic check is due.
+    check_due: AtomicBool,
 }
 
 enum VcpuMessage {
@@ -392,11 +466,14 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// Waits for the vCPU thread to finish; kicks it every `period` (periodic
+/// checks) and stops it after `timeout`.
 fn watchdog(
     receiver: &mpsc::Receiver<VcpuMessage>,
     thread: libc::pthread_t,
-    stop: &AtomicBool,
+    kicks: &Kicks,
     timeout: Duration,
+    period: Option<Duration>,
 ) {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
@@ -405,10 +482,22 @@ fn watchdog(
             eprintln!("superos-vmm: cannot install the vCPU kick signal handler: {error}");
         }
     });
-    if !matches!(receiver.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Timeout)) {
-        return;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = period.map_or(left, |period| period.min(left));
+        if !matches!(receiver.recv_timeout(wait), Err(mpsc::RecvTimeoutError::Timeout)) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        kicks.check_due.store(true, Ordering::SeqCst);
+        // SAFETY: as below: the vCPU thread has not sent Done, so it is
+        // still running and its pthread_t is valid.
+        unsafe { libc::pthread_kill(thread, kick_signal()) };
     }
-    stop.store(true, Ordering::SeqCst);
+    kicks.stop.store(true, Ordering::SeqCst);
     loop {
         // SAFETY: `thread` is the vCPU thread, which is still running (it has
         // not sent Done) and is only joined after this function returns, so
@@ -441,6 +530,9 @@ pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BT
                     Flow::Continue => Step::Continue,
                     Flow::Shutdown(code) => Step::Stop(GuestExit::Shutdown { code }),
                     Flow::Panic(report) => Step::Stop(GuestExit::KernelPanic(report)),
+                    Flow::InvariantViolated(Stop { at, invariants }) => {
+                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
+                    }
                 }
             }
             Err(error) => {
@@ -507,7 +599,7 @@ type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>);
 fn vcpu_loop(
     vcpu: &mut VcpuFd,
     session: &mut Session<'_>,
-    stop: &AtomicBool,
+    kicks: &Kicks,
     symbols: &KernelSymbols,
 ) -> LoopResult {
     let mut exits = BTreeMap::new();
@@ -517,13 +609,30 @@ fn vcpu_loop(
             Ok(exit) => handle_exit(session, exit, &mut exits),
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
                 *exits.entry("interrupted".to_string()).or_default() += 1;
-                if stop.load(Ordering::SeqCst) {
+                if kicks.stop.load(Ordering::SeqCst) {
                     Step::Stop(GuestExit::Timeout(session.now()))
                 } else {
                     Step::Continue
                 }
             }
             Err(error) => Step::Stop(GuestExit::VcpuError(error.to_string())),
+        };
+        // A periodic check is due: run it if the vCPU stopped in ring 3
+        // (user code; the kernel is not half-way through anything).
+        let step = match step {
+            Step::Continue if kicks.check_due.swap(false, Ordering::SeqCst) => {
+                let ring3_rip = match (vcpu.get_sregs(), vcpu.get_regs()) {
+                    (Ok(sregs), Ok(regs)) if sregs.cs.selector & 3 == 3 => Some(regs.rip),
+                    _ => None,
+                };
+                match session.kicked(ring3_rip) {
+                    Some(Stop { at, invariants }) => {
+                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
+                    }
+                    None => Step::Continue,
+                }
+            }
+            step => step,
         };
         if let Step::Stop(exit) = step {
             break exit;
@@ -554,7 +663,9 @@ fn diagnose(
     symbols: &KernelSymbols,
 ) -> Option<Diagnosis> {
     let rip_override = match exit {
-        GuestExit::Shutdown { .. } | GuestExit::Timeout(_) => return None,
+        GuestExit::Shutdown { .. } | GuestExit::Timeout(_) | GuestExit::InvariantViolated { .. } => {
+            return None
+        }
         GuestExit::KernelPanic(report) if report.fault_rip != 0 => Some(report.fault_rip),
         _ => None,
     };
@@ -858,6 +969,9 @@ mod tests {
             stats: RunStats::default(),
             diagnosis: None,
             host: HostFlavor::Kvm,
+            violations: Vec::new(),
+            violations_dropped: 0,
+            check_notes: Vec::new(),
         };
         assert_eq!(report.output_of("rep"), vec!["first run", "second run"]);
         assert_eq!(report.output_of("other"), vec!["other"]);

@@ -5,6 +5,7 @@
 use crate::console::{Console, ConsoleLine};
 use crate::events::EventRing;
 use crate::memory::GuestRam;
+use crate::monitor::{Monitor, Stop, Trigger};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use superos_protocol::event::{Event, EventRecord};
@@ -90,6 +91,8 @@ pub struct Session<'a> {
     pub lost_events: u64,
     /// Kernel text range announced at boot (gpa, len).
     pub kernel_text: Option<(u64, u64)>,
+    /// The invariant checker's state (`None`: no checks and no tamper hook).
+    pub monitor: Option<Monitor>,
     warnings: u64,
     pub(crate) console: Console,
     pub(crate) ring: Option<EventRing>,
@@ -111,6 +114,7 @@ impl<'a> Session<'a> {
             log: Vec::new(),
             lost_events: 0,
             kernel_text: None,
+            monitor: None,
             warnings: 0,
             console: Console::default(),
             ring: None,
@@ -125,6 +129,62 @@ impl<'a> Session<'a> {
     pub fn with_event_format(mut self, format: EventFormat) -> Self {
         self.event_format = format;
         self
+    }
+
+    /// Checks invariants during the run with `monitor`.
+    pub fn with_monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = Some(monitor);
+        self
+    }
+
+    /// Runs the tamper hook and the checks due after `new` events were
+    /// drained. `Some` if the guest must stop.
+    pub fn after_events(&mut self, new: usize) -> Option<Stop> {
+        let ram = self.ram;
+        let reported = self.monitor.as_ref()?.violations.len();
+        let stop = self.monitor.as_mut()?.after_events(ram, &self.events, new);
+        self.echo_violations(reported);
+        stop
+    }
+
+    /// The last check, at shutdown (`shutdown`) or at a kernel panic.
+    pub fn check_at_end(&mut self, shutdown: bool) -> Option<Stop> {
+        let ram = self.ram;
+        let reported = self.monitor.as_ref()?.violations.len();
+        let stop = self.monitor.as_mut()?.at_end(ram, &self.events, shutdown);
+        self.echo_violations(reported);
+        stop
+    }
+
+    /// A periodic kick found the vCPU stopped; `ring3_rip` is its RIP if it
+    /// was running user code.
+    pub fn kicked(&mut self, ring3_rip: Option<u64>) -> Option<Stop> {
+        let ram = self.ram;
+        let reported = self.monitor.as_ref()?.violations.len();
+        let stop = self.monitor.as_mut()?.kicked(ram, &self.events, ring3_rip);
+        self.echo_violations(reported);
+        stop
+    }
+
+    /// Runs one check now, whatever the mode.
+    pub fn check_now(&mut self, trigger: Trigger) -> Option<Stop> {
+        let ram = self.ram;
+        let reported = self.monitor.as_ref()?.violations.len();
+        let stop = self.monitor.as_mut()?.check(ram, trigger);
+        self.echo_violations(reported);
+        stop
+    }
+
+    /// Prints the violations found since there were `reported` (live runs).
+    fn echo_violations(&self, reported: usize) {
+        let Some(monitor) = &self.monitor else { return };
+        if self.echo == Echo::Live {
+            use std::io::Write;
+            let mut stderr = std::io::stderr().lock();
+            for found in monitor.violations.iter().skip(reported) {
+                let _ = writeln!(stderr, "superos-vmm: INVARIANT VIOLATED {found}");
+            }
+        }
     }
 
     /// Time since VMM start.
