@@ -444,7 +444,7 @@ pub fn evaluate(
     if view.published() {
         quota_accounting(&mut found, view, walk, &counts);
         dead_participants(&mut found, view);
-        counters.frames_scanned = free_frames_scrubbed(&mut found, view, ram);
+        counters.frames_scanned = free_frames_scrubbed(&mut found, view, walk, ram);
     }
     counters.text_bytes = kernel_text_unchanged(&mut found, ram, facts);
     (found.finish(), counters)
@@ -594,10 +594,20 @@ fn frame_checks(
             Invariant::RevocationComplete,
             format!("free frame {frame:#x} is still mapped: {}", describe(users)),
         )),
-        Class::Corrupt(raw) => found.add(report(
-            Invariant::OwnershipAgrees,
-            format!("mapped frame {frame:#x} has an undecodable owner entry {raw:#x}: {}", describe(users)),
-        )),
+        Class::Corrupt(raw) => {
+            found.add(report(
+                Invariant::OwnershipAgrees,
+                format!(
+                    "mapped frame {frame:#x} has an undecodable owner entry {raw:#x}: {}",
+                    describe(users)
+                ),
+            ));
+            if let [only] = pids.iter().collect::<Vec<_>>()[..] {
+                // Its recorded owner is unknown: it is the resident memory of
+                // the one process that maps it.
+                counts.entry(*only).or_default().resident += 1;
+            }
+        }
         Class::Private(owner) if !view.is_live(owner) => found.add(report(
             Invariant::RevocationComplete,
             format!(
@@ -605,14 +615,19 @@ fn frame_checks(
                 describe(users)
             ),
         )),
-        Class::Private(owner) if pids.len() > 1 => found.add(report(
-            Invariant::NoImplicitSharing,
-            format!(
-                "frame {frame:#x} (private to pid {owner}) is mapped by pids {} with no shared region: {}",
-                pid_list(&pids),
-                describe(users)
-            ),
-        )),
+        Class::Private(owner) if pids.len() > 1 => {
+            found.add(report(
+                Invariant::NoImplicitSharing,
+                format!(
+                    "frame {frame:#x} (private to pid {owner}) is mapped by pids {} with no shared region: {}",
+                    pid_list(&pids),
+                    describe(users)
+                ),
+            ));
+            if pids.contains(&owner) {
+                counts.entry(owner).or_default().resident += 1;
+            }
+        }
         Class::Private(owner) => {
             let pid = users[0].pid;
             if pid != owner {
@@ -668,6 +683,12 @@ fn shared_frame(
             )
             .with_mappings(users.iter().copied()),
         );
+        // As for any frame whose recorded owner is wrong: the resident
+        // memory of the one process that maps it.
+        let pids: BTreeSet<u32> = users.iter().map(|m| m.pid).collect();
+        if let [only] = pids.iter().collect::<Vec<_>>()[..] {
+            counts.entry(*only).or_default().resident += 1;
+        }
         return;
     };
     let mut not_participant = Vec::new();
@@ -853,8 +874,12 @@ fn dead_participants(found: &mut Findings, view: &KernelView) {
 /// `memcmp`, fast even in unoptimised test builds).
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
-/// Reads every free frame; returns how many were scanned.
-fn free_frames_scrubbed(found: &mut Findings, view: &KernelView, ram: &GuestRam) -> u64 {
+/// Reads every free frame; returns how many were scanned. A free frame
+/// that is in use (a table, or mapped) is reported as a revocation problem
+/// instead, not again here.
+fn free_frames_scrubbed(found: &mut Findings, view: &KernelView, walk: &Walk, ram: &GuestRam) -> u64 {
+    let in_use =
+        |frame: u64| walk.is_table(frame) || walk.mappings.binary_search_by_key(&frame, |m| m.frame).is_ok();
     const FREE: u32 = FrameOwner::Free.encode();
     const CHUNK_FRAMES: u64 = 16;
     let mut buffer = vec![0u8; (CHUNK_FRAMES * PAGE_SIZE) as usize];
@@ -880,7 +905,7 @@ fn free_frames_scrubbed(found: &mut Findings, view: &KernelView, ram: &GuestRam)
             let bytes = &mut buffer[..(run * PAGE_SIZE) as usize];
             if ram.read_bytes(start, bytes).is_ok() {
                 for (k, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    if page != ZERO_PAGE {
+                    if page != ZERO_PAGE && !in_use(start + k as u64 * PAGE_SIZE) {
                         dirty_count += 1;
                         if dirty.len() < SHOWN * 2 {
                             let offset = page.iter().position(|&b| b != 0).unwrap_or(0);

@@ -338,10 +338,6 @@ impl Walker<'_> {
             );
             return None;
         }
-        if frame % PAGE_SIZE != 0 || !self.ram.contains(frame, PAGE_SIZE) {
-            self.issue(pid, va, frame, entry, format!("table {frame:#x} is not a frame of guest memory"));
-            return None;
-        }
         let mut table = Box::new([0u64; 512]);
         if self.ram.read_bytes(frame, table.as_mut_bytes()).is_err() {
             self.issue(pid, va, frame, entry, format!("table {frame:#x} is unreadable"));
@@ -352,7 +348,14 @@ impl Walker<'_> {
         Some(table)
     }
 
-    fn reach(&mut self, frame: u64, kernel: bool, table_ref: TableRef) {
+    /// Records a path into the table at `frame`; false (and an issue) if
+    /// `frame` is not a frame of guest RAM.
+    fn reach(&mut self, frame: u64, kernel: bool, table_ref: TableRef) -> bool {
+        if frame % PAGE_SIZE != 0 || !self.ram.contains(frame, PAGE_SIZE) {
+            let TableRef { pid, va, entry, .. } = table_ref;
+            self.issue(pid, va, frame, entry, format!("table {frame:#x} is not a frame of guest memory"));
+            return false;
+        }
         let reach = self.walk.tables.entry(frame).or_default();
         if kernel {
             reach.kernel += 1;
@@ -362,14 +365,15 @@ impl Walker<'_> {
         if reach.refs.len() < MAX_REFS {
             reach.refs.push(table_ref);
         }
+        true
     }
 
     fn process(&mut self, pid: u32, pml4: u64) {
-        self.reach(pml4, false, TableRef { pid, va: 0, level: 4, entry_gpa: None, entry: pml4 });
+        if !self.reach(pml4, false, TableRef { pid, va: 0, level: 4, entry_gpa: None, entry: 0 }) {
+            return;
+        }
         let Some(table) = self.read_table(pid, 0, pml4, 0) else {
-            if self.walk.complete {
-                self.walk.broken.insert(pid);
-            }
+            self.walk.broken.insert(pid);
             return;
         };
         for (slot, &entry) in table.iter().enumerate().take(256) {
@@ -394,7 +398,9 @@ impl Walker<'_> {
     }
 
     fn kernel_half(&mut self, pid: u32, pml4: u64) {
-        self.reach(pml4, true, TableRef { pid, va: 0, level: 4, entry_gpa: None, entry: pml4 });
+        if !self.reach(pml4, true, TableRef { pid, va: 0, level: 4, entry_gpa: None, entry: 0 }) {
+            return;
+        }
         if let Some(table) = self.read_table(pid, 0, pml4, 0) {
             self.kernel_half_entries(pid, pml4, &table);
         }
@@ -437,7 +443,9 @@ impl Walker<'_> {
         rights: Rights,
     ) {
         let frame = entry & PTE_ADDRESS_MASK;
-        self.reach(frame, kernel, TableRef { pid, va, level, entry_gpa: Some(entry_gpa), entry });
+        if !self.reach(frame, kernel, TableRef { pid, va, level, entry_gpa: Some(entry_gpa), entry }) {
+            return;
+        }
         let Some(table) = self.read_table(pid, va, frame, entry) else { return };
         let span = 1u64 << (12 + 9 * (u32::from(level) - 1));
         for (index, &child) in table.iter().enumerate() {

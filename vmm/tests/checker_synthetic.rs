@@ -1,0 +1,500 @@
+//! The invariant checker on synthetic guests (no KVM): a small system is
+//! built in guest RAM exactly as the protocol describes it (introspection
+//! root, process and region tables, owner table, page tables); the clean
+//! system passes every invariant, and each corruption is reported under
+//! exactly the invariant it breaks.
+
+use std::collections::BTreeSet;
+use superos_protocol::introspect::{
+    FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
+    PROCESS_RUNNABLE, REGION_FREE, REGION_LIVE, REGION_PARTICIPANTS,
+};
+use superos_protocol::layout::{GATE_VA, PAGE_SIZE, USER_STACK_TOP};
+use superos_protocol::ownership::FrameOwner;
+use superos_protocol::syscall::{PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
+use superos_protocol::PROTOCOL_VERSION;
+use superos_vmm::arch::paging::{
+    PTE_ADDRESS_MASK, PTE_HUGE, PTE_NO_EXECUTE, PTE_PRESENT, PTE_USER, PTE_WRITABLE,
+};
+use superos_vmm::check::{evaluate, fnv1a, Facts, Invariant, TextBaseline, Violation};
+use superos_vmm::introspect::KernelView;
+use superos_vmm::memory::GuestRam;
+use superos_vmm::walk::{entry_slot, leaf_entry, walk};
+use zerocopy::{FromZeros, IntoBytes};
+
+const ROOT: u64 = 0x10_0000;
+const PROCS: u64 = 0x11_0000;
+const REGIONS: u64 = 0x12_0000;
+const REGION_FRAMES: u64 = 0x13_0000;
+const TEXT: u64 = 0x14_0000;
+const TEXT_LEN: u64 = 0x3000;
+const OWNERS: u64 = 0x18_0000;
+const MANAGED: (u64, u64) = (0x20_0000, 0x100_0000);
+const USABLE: (u64, u64) = (0x18_0000, 0x100_0000);
+
+const CODE: u64 = 0x40_0000;
+const DATA: u64 = 0x1_0000_0000;
+const SHARED: u64 = 0x1_0001_0000;
+const STACK: u64 = USER_STACK_TOP - PAGE_SIZE;
+/// An unused slot in the stack's page table.
+const SPARE: u64 = USER_STACK_TOP - 0x10_0000;
+
+const TABLE: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+const RX: u64 = PTE_PRESENT | PTE_USER;
+const RW: u64 = PTE_PRESENT | PTE_USER | PTE_WRITABLE | PTE_NO_EXECUTE;
+const RO: u64 = PTE_PRESENT | PTE_USER | PTE_NO_EXECUTE;
+
+struct Guest {
+    ram: GuestRam,
+    next: u64,
+    kernel_pml4: u64,
+    gate: u64,
+    procs: Vec<ProcessRecord>,
+    regions: Vec<(RegionRecord, Vec<u64>)>,
+    text: TextBaseline,
+}
+
+impl Guest {
+    /// Two processes (pids 1 and 2), each with code, data, stack and the
+    /// gate, and region 1 owned by pid 1 (read-write) and granted to pid 2
+    /// (read-only), both mapped.
+    fn new() -> Guest {
+        let ram = GuestRam::new(16).unwrap();
+        let text: Vec<u8> = (0..TEXT_LEN).map(|i| (i * 7) as u8).collect();
+        ram.write_bytes(TEXT, &text).unwrap();
+        let mut guest = Guest {
+            ram,
+            next: MANAGED.0,
+            kernel_pml4: 0,
+            gate: 0,
+            procs: Vec::new(),
+            regions: Vec::new(),
+            text: TextBaseline { gpa: TEXT, hash: fnv1a(&text), bytes: text },
+        };
+        guest.kernel_pml4 = guest.alloc(FrameOwner::Kernel);
+        let pdpt = guest.alloc(FrameOwner::Kernel);
+        let pd = guest.alloc(FrameOwner::Kernel);
+        guest.ram.write(guest.kernel_pml4 + 256 * 8, &(pdpt | PTE_PRESENT | PTE_WRITABLE)).unwrap();
+        guest.ram.write(pdpt, &(pd | PTE_PRESENT | PTE_WRITABLE)).unwrap();
+        for i in 0..8u64 {
+            let leaf = (i << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE | PTE_NO_EXECUTE;
+            guest.ram.write(pd + i * 8, &leaf).unwrap();
+        }
+        guest.gate = guest.alloc(FrameOwner::Kernel);
+        guest.spawn(1);
+        guest.spawn(2);
+        let frames = vec![guest.alloc(FrameOwner::Shared(1)), guest.alloc(FrameOwner::Shared(1))];
+        for (i, &frame) in frames.iter().enumerate() {
+            let at = SHARED + i as u64 * PAGE_SIZE;
+            guest.map(1, at, frame | RW);
+            guest.map(2, at, frame | RO);
+        }
+        let mut participants = [ParticipantRecord::default(); REGION_PARTICIPANTS];
+        participants[0] = ParticipantRecord {
+            pid: 1,
+            rights: (RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT) as u32,
+            mapped_at: SHARED,
+            prot: PROT_READ | PROT_WRITE,
+        };
+        participants[1] =
+            ParticipantRecord { pid: 2, rights: RIGHT_READ as u32, mapped_at: SHARED, prot: PROT_READ };
+        let record = RegionRecord {
+            id: 1,
+            state: REGION_LIVE,
+            owner: 1,
+            frame_count: 2,
+            frames_gpa: REGION_FRAMES,
+            len: 2 * PAGE_SIZE,
+            participants,
+        };
+        guest.regions.push((record, frames));
+        for p in &mut guest.procs {
+            p.shared_bytes = 2 * PAGE_SIZE;
+        }
+        guest.publish();
+        guest
+    }
+
+    fn alloc(&mut self, owner: FrameOwner) -> u64 {
+        let frame = self.next;
+        self.next += PAGE_SIZE;
+        self.set_owner(frame, owner);
+        frame
+    }
+
+    fn owner_gpa(frame: u64) -> u64 {
+        OWNERS + (frame - MANAGED.0) / PAGE_SIZE * 4
+    }
+
+    fn set_owner(&self, frame: u64, owner: FrameOwner) {
+        self.ram.write(Self::owner_gpa(frame), &owner.encode()).unwrap();
+    }
+
+    fn pml4(&self, pid: u32) -> u64 {
+        self.procs.iter().find(|p| p.pid == pid).unwrap().pml4
+    }
+
+    /// Maps `va` with the leaf entry `entry` in `pid`'s tables.
+    fn map(&mut self, pid: u32, va: u64, entry: u64) {
+        let mut table = self.pml4(pid);
+        for level in (2..=4u32).rev() {
+            let gpa = table + ((va >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
+            let existing = self.ram.read_u64(gpa).unwrap();
+            table = if existing & PTE_PRESENT != 0 {
+                existing & PTE_ADDRESS_MASK
+            } else {
+                let next = self.alloc(FrameOwner::PageTable(pid));
+                self.ram.write(gpa, &(next | TABLE)).unwrap();
+                next
+            };
+        }
+        self.ram.write(table + ((va >> 12) & 0x1ff) * 8, &entry).unwrap();
+    }
+
+    fn spawn(&mut self, pid: u32) {
+        let pml4 = self.alloc(FrameOwner::PageTable(pid));
+        for slot in 256..512 {
+            let entry = self.ram.read_u64(self.kernel_pml4 + slot * 8).unwrap();
+            self.ram.write(pml4 + slot * 8, &entry).unwrap();
+        }
+        self.procs.push(ProcessRecord {
+            pid,
+            state: PROCESS_RUNNABLE,
+            pml4,
+            virtual_bytes: 0x10_0000,
+            resident_bytes: 3 * PAGE_SIZE,
+            max_resident_bytes: 16 * PAGE_SIZE,
+            ..Default::default()
+        });
+        let gate = self.gate;
+        self.map(pid, GATE_VA, gate | RX);
+        for (va, flags) in [(CODE, RX), (DATA, RW), (STACK, RW)] {
+            let frame = self.alloc(FrameOwner::Private(pid));
+            self.map(pid, va, frame | flags);
+        }
+    }
+
+    /// Writes the root and the tables.
+    fn publish(&self) {
+        let mut root = IntrospectionRoot::new_zeroed();
+        root.magic = INTROSPECTION_MAGIC;
+        root.version = PROTOCOL_VERSION;
+        root.kernel_pml4 = self.kernel_pml4;
+        root.gate_frame = self.gate;
+        root.kernel_text_gpa = TEXT;
+        root.kernel_text_len = TEXT_LEN;
+        root.process_table_gpa = PROCS;
+        root.process_capacity = 8;
+        root.process_record_size = std::mem::size_of::<ProcessRecord>() as u32;
+        root.region_table_gpa = REGIONS;
+        root.region_capacity = 4;
+        root.region_record_size = std::mem::size_of::<RegionRecord>() as u32;
+        root.owner_table_gpa = OWNERS;
+        root.owner_table_entries = (MANAGED.1 - MANAGED.0) / PAGE_SIZE;
+        root.frame_range_count = 1;
+        root.frame_ranges[0] = FrameRange { start: MANAGED.0, end: MANAGED.1, first_index: 0 };
+        self.ram.write(ROOT, &root).unwrap();
+        let mut table = [ProcessRecord::default(); 8];
+        table[..self.procs.len()].copy_from_slice(&self.procs);
+        self.ram.write_bytes(PROCS, table.as_bytes()).unwrap();
+        let mut regions = [RegionRecord::new_zeroed(); 4];
+        for (i, (record, frames)) in self.regions.iter().enumerate() {
+            regions[i] = *record;
+            self.ram.write_bytes(record.frames_gpa, frames.as_bytes()).unwrap();
+        }
+        self.ram.write_bytes(REGIONS, regions.as_bytes()).unwrap();
+    }
+
+    fn facts(&self) -> Facts {
+        Facts {
+            usable: vec![USABLE],
+            text: Some(self.text.clone()),
+            text_range: Some((TEXT, TEXT_LEN)),
+            live_from_events: self.procs.iter().map(|p| (p.pid, p.pml4)).collect(),
+        }
+    }
+
+    fn violations(&self) -> Vec<Violation> {
+        let view = KernelView::read(&self.ram, ROOT).expect("a readable root");
+        let processes: Vec<(u32, u64)> = view.processes.iter().map(|p| (p.pid, p.pml4)).collect();
+        let walked = walk(&self.ram, view.kernel_pml4(), &processes);
+        evaluate(&view, &walked, &self.ram, &self.facts(), None).0
+    }
+
+    fn invariants(&self) -> BTreeSet<Invariant> {
+        self.violations().iter().map(|v| v.invariant).collect()
+    }
+
+    /// The leaf entry GPA for `va` in `pid`'s tables.
+    fn leaf(&self, pid: u32, va: u64) -> (u64, u64) {
+        let (gpa, entry, _) = leaf_entry(&self.ram, self.pml4(pid), va).unwrap();
+        (gpa, entry)
+    }
+
+    fn frame_at(&self, pid: u32, va: u64) -> u64 {
+        self.leaf(pid, va).1 & PTE_ADDRESS_MASK
+    }
+
+    fn spare_slot(&self, pid: u32) -> u64 {
+        entry_slot(&self.ram, self.pml4(pid), SPARE, 1).unwrap()
+    }
+
+    fn set(&self, gpa: u64, value: u64) {
+        self.ram.write(gpa, &value).unwrap();
+    }
+
+    fn or(&self, gpa: u64, bits: u64) {
+        self.set(gpa, self.ram.read_u64(gpa).unwrap() | bits);
+    }
+}
+
+/// Applies `corrupt` to a fresh clean guest and returns what is reported.
+fn after(corrupt: impl FnOnce(&mut Guest)) -> (BTreeSet<Invariant>, Vec<Violation>) {
+    let mut guest = Guest::new();
+    corrupt(&mut guest);
+    guest.publish();
+    (guest.invariants(), guest.violations())
+}
+
+#[track_caller]
+fn assert_only(what: &str, expected: Invariant, corrupt: impl FnOnce(&mut Guest)) -> Vec<Violation> {
+    let (invariants, violations) = after(corrupt);
+    assert_eq!(invariants, BTreeSet::from([expected]), "{what}: {violations:#?}");
+    violations
+}
+
+#[test]
+fn the_clean_system_keeps_every_invariant() {
+    let guest = Guest::new();
+    assert_eq!(guest.violations(), Vec::<Violation>::new());
+    // And the walk saw what was built: the shared frames twice.
+    let view = KernelView::read(&guest.ram, ROOT).unwrap();
+    let walked = walk(&guest.ram, view.kernel_pml4(), &[(1, guest.pml4(1)), (2, guest.pml4(2))]);
+    let shared: Vec<_> =
+        walked.by_frame().filter(|group| group.len() == 2 && group[0].va == SHARED).collect();
+    assert_eq!(shared.len(), 1);
+    let gate: Vec<_> = walked.mappings.iter().filter(|m| m.frame == guest.gate).collect();
+    assert_eq!(gate.len(), 2);
+}
+
+#[test]
+fn private_address_spaces() {
+    let v =
+        assert_only("a page-table frame shared between processes", Invariant::PrivateAddressSpaces, |g| {
+            let a_pdpt = g.ram.read_u64(g.pml4(1)).unwrap();
+            g.set(g.pml4(2) + 8, a_pdpt);
+        });
+    assert!(v[0].details.contains("reached 2 times"), "{v:#?}");
+    assert_only("two processes with one PML4", Invariant::PrivateAddressSpaces, |g| {
+        g.procs[1].pml4 = g.procs[0].pml4;
+        g.procs[1].resident_bytes = 0;
+    });
+    assert_only("a PML4 outside RAM", Invariant::PrivateAddressSpaces, |g| g.procs[1].pml4 = 1 << 40);
+    assert_only("a table entry pointing outside RAM", Invariant::PrivateAddressSpaces, |g| {
+        g.set(g.pml4(2) + 8 * 7, (1 << 40) | TABLE)
+    });
+    assert_only("a cycle", Invariant::PrivateAddressSpaces, |g| {
+        g.set(g.pml4(2) + 8 * 9, g.pml4(2) | PTE_PRESENT)
+    });
+}
+
+#[test]
+fn no_implicit_sharing() {
+    let v = assert_only("another process's private frame mapped in", Invariant::NoImplicitSharing, |g| {
+        let frame = g.frame_at(1, DATA);
+        g.set(g.spare_slot(2), frame | RO);
+    });
+    assert_eq!(v[0].pids, [1, 2]);
+    assert!(v[0].vas.contains(&SPARE) && v[0].vas.contains(&DATA), "{v:#?}");
+    assert_only(
+        "a shared frame mapped writable without the write right",
+        Invariant::NoImplicitSharing,
+        |g| {
+            let (gpa, _) = g.leaf(2, SHARED);
+            g.or(gpa, PTE_WRITABLE);
+        },
+    );
+    assert_only("a shared frame mapped at the wrong offset", Invariant::NoImplicitSharing, |g| {
+        let (first, _) = g.leaf(2, SHARED);
+        let (second, _) = g.leaf(2, SHARED + PAGE_SIZE);
+        let (a, b) = (g.ram.read_u64(first).unwrap(), g.ram.read_u64(second).unwrap());
+        g.set(first, b);
+        g.set(second, a);
+    });
+}
+
+#[test]
+fn no_user_kernel_mapping() {
+    assert_only("the kernel text mapped for a user", Invariant::NoUserKernelMapping, |g| {
+        g.set(g.spare_slot(1), TEXT | RO)
+    });
+    assert_only("a kernel-owned frame mapped for a user", Invariant::NoUserKernelMapping, |g| {
+        let frame = g.alloc(FrameOwner::Kernel);
+        g.set(g.spare_slot(1), frame | RO);
+    });
+    assert_only("a message frame mapped for a user", Invariant::NoUserKernelMapping, |g| {
+        let frame = g.alloc(FrameOwner::Message(2));
+        g.set(g.spare_slot(2), frame | RO);
+    });
+    let v = assert_only("the gate mapped writable", Invariant::NoUserKernelMapping, |g| {
+        let (gpa, _) = g.leaf(1, GATE_VA);
+        g.or(gpa, PTE_WRITABLE | PTE_NO_EXECUTE);
+    });
+    assert!(v[0].details.contains("gate"), "{v:#?}");
+    assert_only("U set on the kernel's direct map", Invariant::NoUserKernelMapping, |g| {
+        let pdpt = g.ram.read_u64(g.kernel_pml4 + 256 * 8).unwrap() & PTE_ADDRESS_MASK;
+        let pd = g.ram.read_u64(pdpt).unwrap() & PTE_ADDRESS_MASK;
+        g.or(pd + 8, PTE_USER);
+        g.or(pdpt, PTE_USER);
+        for pml4 in [g.kernel_pml4, g.pml4(1), g.pml4(2)] {
+            g.or(pml4 + 256 * 8, PTE_USER);
+        }
+    });
+}
+
+#[test]
+fn no_user_page_table_mapping() {
+    assert_only("a process's own page table mapped", Invariant::NoUserPageTableMapping, |g| {
+        let (gpa, _) = g.leaf(1, STACK);
+        g.set(g.spare_slot(1), (gpa & !0xfff) | RO);
+    });
+    assert_only("the kernel's PML4 mapped", Invariant::NoUserPageTableMapping, |g| {
+        g.set(g.spare_slot(2), g.kernel_pml4 | RO)
+    });
+}
+
+#[test]
+fn w_xor_x() {
+    assert_only("a code page made writable", Invariant::WXorX, |g| {
+        let (gpa, _) = g.leaf(1, CODE);
+        g.or(gpa, PTE_WRITABLE);
+    });
+    assert_only("a stack page made executable", Invariant::WXorX, |g| {
+        let (gpa, entry) = g.leaf(2, STACK);
+        g.set(gpa, entry & !PTE_NO_EXECUTE);
+    });
+    let v = assert_only("a read-only shared page made executable", Invariant::WXorX, |g| {
+        let (gpa, entry) = g.leaf(2, SHARED);
+        g.set(gpa, entry & !PTE_NO_EXECUTE);
+    });
+    assert!(v[0].details.contains("shared"), "{v:#?}");
+}
+
+#[test]
+fn ownership_agrees() {
+    assert_only("a private frame recorded as another live process's", Invariant::OwnershipAgrees, |g| {
+        g.set_owner(g.frame_at(1, DATA), FrameOwner::Private(2))
+    });
+    assert_only("an undecodable owner entry", Invariant::OwnershipAgrees, |g| {
+        g.ram.write(Guest::owner_gpa(g.frame_at(1, DATA)), &0xf000_0000u32).unwrap()
+    });
+    assert_only("a page table recorded as private", Invariant::OwnershipAgrees, |g| {
+        let (gpa, _) = g.leaf(2, CODE);
+        g.set_owner(gpa & !0xfff, FrameOwner::Private(2));
+    });
+    assert_only("a shared frame the region does not list", Invariant::OwnershipAgrees, |g| {
+        g.set_owner(g.frame_at(1, DATA), FrameOwner::Shared(1))
+    });
+}
+
+#[test]
+fn quota_accounting() {
+    let v = assert_only("a resident counter off by a page", Invariant::QuotaAccounting, |g| {
+        g.procs[0].resident_bytes += PAGE_SIZE
+    });
+    assert_eq!(v[0].pids, [1]);
+    assert!(v[0].details.contains("12288 bytes of private frames"), "{v:#?}");
+    assert_only("a shared counter off", Invariant::QuotaAccounting, |g| g.procs[1].shared_bytes = 0);
+    assert_only("over the resident quota", Invariant::QuotaAccounting, |g| {
+        g.procs[0].max_resident_bytes = PAGE_SIZE
+    });
+    assert_only("over the virtual quota", Invariant::QuotaAccounting, |g| {
+        g.procs[1].max_virtual_bytes = PAGE_SIZE
+    });
+}
+
+#[test]
+fn revocation_complete() {
+    assert_only("a free frame mapped", Invariant::RevocationComplete, |g| {
+        let free = g.next + 10 * PAGE_SIZE;
+        g.set(g.spare_slot(1), free | RW);
+    });
+    assert_only("a frame of a process that is gone", Invariant::RevocationComplete, |g| {
+        let frame = g.alloc(FrameOwner::Private(9));
+        g.set(g.spare_slot(1), frame | RW);
+    });
+    assert_only("a mapping left after revoke", Invariant::RevocationComplete, |g| {
+        g.regions[0].0.participants[1] = ParticipantRecord::default();
+        g.procs[1].shared_bytes = 0;
+    });
+    assert_only("a region destroyed under its mappings", Invariant::RevocationComplete, |g| {
+        g.regions[0].0.state = REGION_FREE;
+        g.procs[0].shared_bytes = 0;
+        g.procs[1].shared_bytes = 0;
+    });
+    assert_only("a region still listing a dead participant", Invariant::RevocationComplete, |g| {
+        g.regions[0].0.participants[2] =
+            ParticipantRecord { pid: 7, rights: RIGHT_READ as u32, mapped_at: DATA, prot: PROT_READ };
+    });
+    assert_only("a page table freed but still linked", Invariant::RevocationComplete, |g| {
+        let (gpa, _) = g.leaf(2, CODE);
+        g.set_owner(gpa & !0xfff, FrameOwner::Free);
+    });
+}
+
+#[test]
+fn free_frames_scrubbed() {
+    let v = assert_only("a dirty free frame", Invariant::FreeFramesScrubbed, |g| {
+        g.ram.write_bytes(MANAGED.1 - PAGE_SIZE + 0x123, &[1]).unwrap()
+    });
+    assert_eq!(v[0].frames, [MANAGED.1 - PAGE_SIZE]);
+    assert!(v[0].details.contains("offset 0x123"), "{v:#?}");
+}
+
+#[test]
+fn kernel_text_unchanged() {
+    let v = assert_only("patched kernel text", Invariant::KernelTextUnchanged, |g| {
+        g.ram.write_bytes(TEXT + 0x1005, &[0xcc]).unwrap()
+    });
+    assert_eq!(v[0].frames, [TEXT + 0x1000]);
+}
+
+#[test]
+fn introspection_valid() {
+    assert_only("a process record with pid 0", Invariant::IntrospectionValid, |g| {
+        g.procs.push(ProcessRecord { pid: 0, state: PROCESS_RUNNABLE, ..Default::default() });
+    });
+    assert_only("a gate frame that is a user's", Invariant::IntrospectionValid, |g| {
+        g.set_owner(g.gate, FrameOwner::Private(1));
+        // Both still map it read-only: with no gate exception that is also
+        // sharing, so let only pid 1 keep it.
+        let (gpa, _) = g.leaf(2, GATE_VA);
+        g.set(gpa, 0);
+        g.procs[0].resident_bytes += PAGE_SIZE;
+    });
+    // A process the events know but the table hides.
+    let guest = Guest::new();
+    let mut facts = guest.facts();
+    facts.live_from_events.insert(5, guest.pml4(1));
+    let view = KernelView::read(&guest.ram, ROOT).unwrap();
+    let walked = walk(&guest.ram, view.kernel_pml4(), &[(1, guest.pml4(1)), (2, guest.pml4(2))]);
+    let (found, _) = evaluate(&view, &walked, &guest.ram, &facts, None);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].invariant, Invariant::IntrospectionValid);
+}
+
+#[test]
+fn many_violations_are_listed_up_to_a_limit_and_counted() {
+    let (invariants, violations) = after(|g| {
+        for i in 0..40 {
+            g.ram.write_bytes(MANAGED.1 - (i + 1) * PAGE_SIZE, &[1]).unwrap();
+            let (gpa, entry) = g.leaf(1, STACK);
+            let _ = entry;
+            g.set((gpa & !0xfff) + i * 8, (g.next + (100 + i) * PAGE_SIZE) | RW);
+        }
+    });
+    assert!(invariants.contains(&Invariant::RevocationComplete));
+    let listed = violations.iter().filter(|v| v.invariant == Invariant::RevocationComplete).count();
+    assert_eq!(listed, superos_vmm::check::MAX_LISTED + 1, "{violations:#?}");
+    assert!(violations.iter().any(|v| v.details.contains("more violations of revocation-complete")));
+}
