@@ -970,7 +970,10 @@ fn kernel_text_unchanged(found: &mut Findings, ram: &GuestRam, facts: &Facts) ->
 pub struct CheckStats {
     /// Checks run.
     pub checks: u64,
-    /// Periodic checks put off because the vCPU was in ring 0.
+    /// Periodic checks run when a kick found the vCPU in ring 3.
+    pub in_ring3: u64,
+    /// Periodic checks put off because the vCPU was in ring 0 (run at the
+    /// next kick or event instead).
     pub deferred: u64,
     /// Page-table entries examined.
     pub ptes_walked: u64,

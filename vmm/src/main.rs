@@ -298,9 +298,10 @@ fn print_stats(report: &RunReport) {
         let per_check = |n: u64| n / checks.checks.max(1);
         out!("invariant checks:");
         out!(
-            "  {:<28} {} ({} periodic kicks found the kernel running)",
+            "  {:<28} {} ({} periodic ones in ring 3; {} kicks found the kernel running)",
             "checks",
             checks.checks,
+            checks.in_ring3,
             checks.deferred
         );
         out!(

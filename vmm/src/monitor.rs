@@ -199,6 +199,7 @@ impl Monitor {
         match ring3_rip {
             Some(rip) => {
                 self.periodic_pending = false;
+                self.checker.stats.in_ring3 += 1;
                 self.checker.observe(events);
                 self.check(ram, Trigger::Ring3(rip))
             }
