@@ -6,11 +6,20 @@
 //! green CI always means the kernel really ran.
 #![deny(missing_docs)]
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 use superos_protocol::event::{Event, FaultKind};
+use superos_protocol::introspect::ProcessRecord;
+use superos_protocol::layout::USER_STACK_TOP;
+use superos_protocol::ownership::FrameOwner;
+use superos_vmm::check::{CheckMode, Invariant};
+use superos_vmm::introspect::KernelView;
+use superos_vmm::memory::GuestRam;
+use superos_vmm::monitor::Tamper;
 use superos_vmm::run::{run, GuestExit, ProcessStatus, RunConfig, RunReport};
 use superos_vmm::scenario::Scenario;
+use superos_vmm::walk;
 
 /// True if the tests can use KVM; panics under CI if they cannot.
 pub fn kvm_available() -> bool {
@@ -32,10 +41,12 @@ pub fn scenario(text: &str) -> Scenario {
 }
 
 /// A quiet config for `scenario` with a watchdog that fails slow tests
-/// instead of hanging them.
+/// instead of hanging them, checking the isolation invariants at every
+/// kernel event (a violation fails the run with exit status 5).
 pub fn config(scenario: Scenario) -> RunConfig {
     let mut config = RunConfig::new(scenario);
     config.timeout = Duration::from_secs(60);
+    config.check = CheckMode::EveryEvent;
     config
 }
 
@@ -198,4 +209,107 @@ pub fn shm_mappings(report: &RunReport, pid: u32, region: u64) -> Vec<u64> {
             _ => None,
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The invariant checker: corrupting a running guest on purpose, and what the
+// checker says about it.
+
+/// A config for `scenario` whose tamper hook runs `action` once, at the first
+/// kernel event `when` picks (before that event's invariant check).
+pub fn tamper_config(
+    scenario: Scenario,
+    mut when: impl FnMut(&Event) -> bool + Send + 'static,
+    mut action: impl FnMut(&GuestRam, &KernelView) + Send + 'static,
+) -> RunConfig {
+    let mut config = config(scenario);
+    config.tamper = Some(Tamper::new(move |ram, view, entry| {
+        if !when(&entry.event) {
+            return false;
+        }
+        action(ram, view);
+        true
+    }));
+    config
+}
+
+/// The distinct invariants the report says were violated.
+pub fn violated(report: &RunReport) -> BTreeSet<Invariant> {
+    report.violations.iter().map(|found| found.violation.invariant).collect()
+}
+
+/// Panics with the violations unless the checker stopped the run for
+/// `invariant` and reported nothing else.
+pub fn assert_stopped_for(report: &RunReport, invariant: Invariant) {
+    let listing: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    match &report.exit {
+        GuestExit::InvariantViolated { invariants, .. } => {
+            assert_eq!(invariants, &[invariant], "{listing:#?}")
+        }
+        other => panic!("the run was not stopped for {invariant}: {other}\n{listing:#?}\n{:#?}", report.log),
+    }
+    assert_eq!(violated(report), BTreeSet::from([invariant]), "{listing:#?}");
+    assert_eq!(report.exit_status(), superos_vmm::run::EXIT_INVARIANT_VIOLATED);
+}
+
+/// Panics with the violations unless the run found none.
+pub fn assert_no_violation(report: &RunReport) {
+    let listing: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    assert!(listing.is_empty(), "invariants violated: {listing:#?}");
+    assert!(!matches!(report.exit, GuestExit::InvariantViolated { .. }), "{}", report.exit);
+}
+
+/// The PML4 of live process `pid`, from the kernel's view.
+pub fn pml4_of(view: &KernelView, pid: u32) -> u64 {
+    view.process(pid).unwrap_or_else(|| panic!("pid {pid} is not in the view: {view:#?}")).pml4
+}
+
+/// The GPA and value of the leaf entry mapping `va` in `pid`'s tables.
+pub fn leaf_of(ram: &GuestRam, view: &KernelView, pid: u32, va: u64) -> (u64, u64) {
+    let (gpa, entry, _) = walk::leaf_entry(ram, pml4_of(view, pid), va)
+        .unwrap_or_else(|| panic!("pid {pid} does not map {va:#x}"));
+    (gpa, entry)
+}
+
+/// Where a test may plant a 4 KiB mapping in `pid`'s tables: an unused
+/// entry of the page table that holds its top stack page (1 MiB below the
+/// stack top). Returns the entry's GPA and the address it maps.
+pub fn spare_slot(ram: &GuestRam, view: &KernelView, pid: u32) -> (u64, u64) {
+    let va = USER_STACK_TOP - 0x10_0000;
+    let gpa = walk::entry_slot(ram, pml4_of(view, pid), va, 1).expect("the stack's page table exists");
+    assert_eq!(ram.read_u64(gpa).unwrap(), 0, "the spare slot is in use");
+    (gpa, va)
+}
+
+/// ORs `bits` into the u64 at `gpa`.
+pub fn set_bits(ram: &GuestRam, gpa: u64, bits: u64) {
+    let value = ram.read_u64(gpa).unwrap();
+    ram.write(gpa, &(value | bits)).unwrap();
+}
+
+/// A free frame of the kernel's allocator, the last one of its ranges (the
+/// least likely to be handed out soon).
+pub fn last_free_frame(view: &KernelView) -> u64 {
+    view.managed_frames()
+        .filter(|&(_, raw)| raw == FrameOwner::Free.encode())
+        .last()
+        .map(|(frame, _)| frame)
+        .expect("a free frame")
+}
+
+/// The GPA of `frame`'s entry in the kernel's owner table.
+pub fn owner_entry_gpa(view: &KernelView, frame: u64) -> u64 {
+    let root = view.root.expect("a published root");
+    let index = view.owner_index(frame).expect("a managed frame");
+    root.owner_table_gpa + index as u64 * 4
+}
+
+/// The GPA of `pid`'s record in the kernel's process table.
+pub fn process_record_gpa(ram: &GuestRam, view: &KernelView, pid: u32) -> u64 {
+    let root = view.root.expect("a published root");
+    let size = std::mem::size_of::<ProcessRecord>() as u64;
+    (0..u64::from(root.process_capacity))
+        .map(|slot| root.process_table_gpa + slot * size)
+        .find(|&gpa| ram.read::<ProcessRecord>(gpa).is_ok_and(|r| r.pid == pid))
+        .unwrap_or_else(|| panic!("pid {pid} has no record"))
 }
