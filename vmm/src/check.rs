@@ -991,6 +991,16 @@ pub struct CheckStats {
     pub max_time: Duration,
     /// Violations found (listed or not).
     pub violations: u64,
+    /// The check that found the most user mappings: how many...
+    pub peak_mappings: u64,
+    /// ...the page-table entries it walked...
+    pub peak_ptes: u64,
+    /// ...the free frames it scanned...
+    pub peak_frames_scanned: u64,
+    /// ...how long it took in all...
+    pub peak_time: Duration,
+    /// ...and of that, walking.
+    pub peak_walk_time: Duration,
 }
 
 impl CheckStats {
@@ -1102,6 +1112,13 @@ impl Checker {
         stats.walk_time += walk_time;
         stats.max_time = stats.max_time.max(elapsed);
         stats.violations += violations.len() as u64;
+        if counters.walk.mappings >= stats.peak_mappings {
+            stats.peak_mappings = counters.walk.mappings;
+            stats.peak_ptes = counters.walk.entries;
+            stats.peak_frames_scanned = counters.frames_scanned;
+            stats.peak_time = elapsed;
+            stats.peak_walk_time = walk_time;
+        }
         CheckOutcome { violations, counters, elapsed, published: view.published() }
     }
 }

@@ -47,7 +47,8 @@ Examples:
 
 Exit status: 0 every process did what the scenario expects; 1 some process did not;
 2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired;
-5 an isolation invariant was violated (takes precedence over 1, 3 and 4).";
+5 an isolation invariant was violated (takes precedence over 1, 3 and 4; what the check at
+a kernel panic finds is listed but leaves the status at 3).";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -318,6 +319,15 @@ fn print_stats(report: &RunReport) {
             "free frames scanned",
             checks.frames_scanned,
             per_check(checks.frames_scanned)
+        );
+        out!(
+            "  {:<28} {:.3} ms ({:.3} ms walking) for {} mappings, {} entries walked, {} free frames scanned",
+            "the check at peak memory",
+            checks.peak_time.as_secs_f64() * 1e3,
+            checks.peak_walk_time.as_secs_f64() * 1e3,
+            checks.peak_mappings,
+            checks.peak_ptes,
+            checks.peak_frames_scanned
         );
         out!(
             "  {:<28} {:.3} ms total ({:.3} ms walking), {:.3} ms per check, {:.3} ms at most",

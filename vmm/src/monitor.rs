@@ -82,13 +82,21 @@ impl std::fmt::Display for Trigger {
 pub struct ReportedViolation {
     /// The check that found it first.
     pub at: String,
+    /// Found only by the check at a kernel panic, when the kernel may have
+    /// been half-way through changing its tables: listed, but the panic is
+    /// what the run's exit status reports.
+    pub at_panic: bool,
     /// The violation.
     pub violation: Violation,
 }
 
 impl std::fmt::Display for ReportedViolation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "at {}: {}", self.at, self.violation)
+        write!(f, "at {}: {}", self.at, self.violation)?;
+        if self.at_panic {
+            f.write_str(" (found at the panic: the kernel may have been mid-update)")?;
+        }
+        Ok(())
     }
 }
 
@@ -237,7 +245,8 @@ impl Monitor {
                 continue;
             }
             if self.violations.len() < MAX_REPORTED {
-                self.violations.push(ReportedViolation { at: at.clone(), violation });
+                let at_panic = trigger == Trigger::Panic;
+                self.violations.push(ReportedViolation { at: at.clone(), at_panic, violation });
             } else {
                 self.violations_dropped += 1;
             }

@@ -295,7 +295,9 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_GUEST_CRASH: i32 = 3;
 /// The watchdog stopped the guest.
 pub const EXIT_TIMEOUT: i32 = 4;
-/// An isolation invariant was violated (whatever else happened).
+/// An isolation invariant was violated (whatever else happened; findings
+/// of the check at a kernel panic alone leave the status at
+/// [`EXIT_GUEST_CRASH`]).
 pub const EXIT_INVARIANT_VIOLATED: i32 = 5;
 
 impl RunReport {
@@ -306,7 +308,9 @@ impl RunReport {
 
     /// The process exit status `superos-vmm run` uses for this report.
     pub fn exit_status(&self) -> i32 {
-        if !self.violations.is_empty() || matches!(self.exit, GuestExit::InvariantViolated { .. }) {
+        if self.violations.iter().any(|v| !v.at_panic)
+            || matches!(self.exit, GuestExit::InvariantViolated { .. })
+        {
             return EXIT_INVARIANT_VIOLATED;
         }
         match self.exit {
@@ -939,6 +943,50 @@ mod tests {
         assert_eq!(result[0].runs_finished, 3);
         assert!(!result[0].as_expected(), "a third run is a kernel bug");
         assert_eq!(result[0].describe(), "exit 0 (3 of 2 runs as expected, 3 finished)");
+    }
+
+    #[test]
+    fn violations_decide_the_exit_status_unless_only_found_at_a_panic() {
+        use crate::check::Violation;
+        let report = |exit, at_panic: Option<bool>| RunReport {
+            exit,
+            processes: Vec::new(),
+            lines: Vec::new(),
+            events: Vec::new(),
+            log: Vec::new(),
+            lost_events: 0,
+            stats: RunStats::default(),
+            diagnosis: None,
+            host: HostFlavor::Kvm,
+            violations: at_panic
+                .map(|at_panic| ReportedViolation {
+                    at: "x".into(),
+                    at_panic,
+                    violation: Violation::new(Invariant::WXorX, "w+x".into()),
+                })
+                .into_iter()
+                .collect(),
+            violations_dropped: 0,
+            check_notes: Vec::new(),
+        };
+        let panic = || {
+            GuestExit::KernelPanic(PanicReport {
+                message: "boom".into(),
+                vector: None,
+                error_code: 0,
+                fault_rip: 0,
+                fault_addr: 0,
+            })
+        };
+        let shutdown = || GuestExit::Shutdown { code: 0 };
+        assert_eq!(report(shutdown(), None).exit_status(), EXIT_OK);
+        assert_eq!(report(shutdown(), Some(false)).exit_status(), EXIT_INVARIANT_VIOLATED);
+        assert_eq!(report(GuestExit::TripleFault, Some(false)).exit_status(), EXIT_INVARIANT_VIOLATED);
+        assert_eq!(report(panic(), Some(true)).exit_status(), EXIT_GUEST_CRASH);
+        let stopped =
+            GuestExit::InvariantViolated { at: "event #3".into(), invariants: vec![Invariant::WXorX] };
+        assert_eq!(stopped.to_string(), "stopped at event #3: invariant violated (w-xor-x)");
+        assert_eq!(report(stopped, Some(false)).exit_status(), EXIT_INVARIANT_VIOLATED);
     }
 
     #[test]
