@@ -178,6 +178,18 @@ impl Walk {
         self.tables.contains_key(&frame)
     }
 
+    /// The table frames of `pid`'s user half (its PML4 included), sorted.
+    pub fn user_tables(&self, pid: u32) -> Vec<u64> {
+        let mut frames: Vec<u64> = self
+            .tables
+            .iter()
+            .filter(|(_, reach)| reach.user > 0 && reach.refs.iter().any(|r| r.pid == pid))
+            .map(|(&frame, _)| frame)
+            .collect();
+        frames.sort_unstable();
+        frames
+    }
+
     /// The user-half mappings grouped by frame.
     pub fn by_frame(&self) -> impl Iterator<Item = &[Mapping]> {
         self.mappings.chunk_by(|a, b| a.frame == b.frame)
@@ -646,6 +658,12 @@ pub(crate) mod tests {
         assert!(!hidden_map.user);
         assert_eq!(hidden_map.entry_gpa, pt_gpa);
         assert!(w.is_table(pml4));
+        // The PML4; a PDPT with a PD and PT for the image and another PD and
+        // PT for the heap; PDPT, PD and PT for the hidden page.
+        let tables = w.user_tables(7);
+        assert_eq!(tables.len(), 9, "{tables:x?}");
+        assert!(tables.contains(&pml4) && tables.contains(&(pd_slot & !0xfff)));
+        assert!(w.user_tables(8).is_empty());
         assert_eq!(w.stats.entries, w.stats.tables * 512);
         assert!(w.broken.is_empty());
     }
