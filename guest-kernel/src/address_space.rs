@@ -718,15 +718,17 @@ impl AddressSpace {
     /// only unmapped. The caller must not be running on these tables.
     pub fn destroy<M: Memory>(self, memory: &mut M) {
         let pid = self.pid;
-        let mut leaves: Vec<u64> = Vec::new();
-        paging::free_user_half(&mut Tables { memory: &mut *memory, pid }, self.pml4, |_, frame, _| {
-            leaves.push(frame)
-        });
-        for frame in leaves {
-            if memory.owner(frame) == Some(FrameOwner::Private(pid)) {
-                memory.release_frame(frame);
-            }
-        }
+        // Frames are released as the walk unlinks them: collecting them first
+        // would need a heap allocation proportional to the process's size.
+        paging::free_user_half(
+            &mut Tables { memory: &mut *memory, pid },
+            self.pml4,
+            |tables, _, frame, _| {
+                if tables.memory.owner(frame) == Some(FrameOwner::Private(pid)) {
+                    tables.memory.release_frame(frame);
+                }
+            },
+        );
         memory.release_frame(self.pml4);
     }
 }

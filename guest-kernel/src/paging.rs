@@ -159,11 +159,16 @@ pub fn unmap<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<u64>
 }
 
 /// Tears down the user half (PML4 slots 0..256) of an address space: calls
-/// `on_leaf(va, frame, flags)` for every 4 KiB leaf, then frees every user-half
+/// `on_leaf(mem, va, frame, flags)` for every 4 KiB leaf, as soon as it is
+/// unlinked (so the caller can release frames without collecting them), then frees every user-half
 /// table frame. The PML4 itself and the
 /// kernel half are left alone. Large user pages are never created, so a large
 /// leaf here is reported to `on_leaf` with its base frame and dropped.
-pub fn free_user_half<M: PageTableMemory>(mem: &mut M, pml4: u64, mut on_leaf: impl FnMut(u64, u64, Flags)) {
+pub fn free_user_half<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    mut on_leaf: impl FnMut(&mut M, u64, u64, Flags),
+) {
     for i4 in 0..256 {
         let Some(pdpt) = take_table(mem, pml4, i4) else {
             continue;
@@ -181,7 +186,7 @@ pub fn free_user_half<M: PageTableMemory>(mem: &mut M, pml4: u64, mut on_leaf: i
                     if entry.flags().contains(Flags::PRESENT) {
                         let (frame, flags) = (entry.addr().as_u64(), entry.flags());
                         entry.set_unused();
-                        on_leaf(va_of(i4, i3, i2, i1), frame, flags);
+                        on_leaf(mem, va_of(i4, i3, i2, i1), frame, flags);
                     }
                 }
                 mem.free_table(pt);
@@ -211,7 +216,7 @@ fn take_table_or_leaf<M: PageTableMemory>(
     mem: &mut M,
     table: u64,
     i: usize,
-    on_leaf: &mut impl FnMut(u64, u64, Flags),
+    on_leaf: &mut impl FnMut(&mut M, u64, u64, Flags),
     va: u64,
 ) -> Option<u64> {
     let entry = &mut mem.table(table)[i];
@@ -222,7 +227,7 @@ fn take_table_or_leaf<M: PageTableMemory>(
     let next = entry.addr().as_u64();
     entry.set_unused();
     if flags.contains(Flags::HUGE_PAGE) {
-        on_leaf(va, next, flags);
+        on_leaf(mem, va, next, flags);
         return None;
     }
     Some(next)
@@ -318,7 +323,7 @@ pub(crate) mod tests {
                 prop_assert_eq!(translate(&mut mem, pml4, page << 12).map(|t| t.phys), Some(frame << 12));
             }
             let mut seen = BTreeMap::new();
-            free_user_half(&mut mem, pml4, |va, frame, _| {
+            free_user_half(&mut mem, pml4, |_, va, frame, _| {
                 seen.insert(va >> 12, frame >> 12);
             });
             prop_assert_eq!(&seen, &pages);

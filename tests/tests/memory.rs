@@ -392,3 +392,23 @@ fn mem_cost_reports_its_figures() {
     assert!(output[0].starts_with("mem-cost: mem_map + first touch + mem_unmap of 1 page: "));
     assert!(output[1].starts_with("mem-cost: demand-zero fault: "));
 }
+
+#[test]
+fn a_large_process_is_torn_down_and_checked_while_it_grows() {
+    if !kvm_available() {
+        return;
+    }
+    // 48 MiB of demand-zero pages: tearing it down once needed a kernel heap
+    // allocation proportional to its size (and ran out); and while it grows,
+    // checks in ring 3 must find the kernel's counters current, not only at
+    // events.
+    let text =
+        String::from("[vm]\nmemory_mib = 128\n") + &process_toml("hog", "quota-hog", "mode=touch mib=48", "");
+    let mut config = config(scenario(&text));
+    config.check = superos_vmm::check::CheckMode::Periodic(std::time::Duration::from_millis(5));
+    let report = run_config(config);
+    assert_success(&report);
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert!(report.stats.checks.in_ring3 > 0, "no check ran in ring 3: {:?}", report.stats.checks);
+    assert_no_frame_lost(&report);
+}

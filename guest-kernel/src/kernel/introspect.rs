@@ -96,7 +96,54 @@ pub fn corrupt() {
     root.kernel_text_len = u64::MAX;
 }
 
+/// The published record of one process; remembers the counters it shows.
+fn process_record(
+    boot: &superos_protocol::boot::BootInfo,
+    process: &mut super::process::Process,
+) -> ProcessRecord {
+    let stat = process.space.stat();
+    process.published = (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes);
+    ProcessRecord {
+        pid: process.pid,
+        state: match process.state {
+            ProcessState::Runnable => PROCESS_RUNNABLE,
+            ProcessState::Receiving { .. } => PROCESS_RECEIVING,
+        },
+        name: boot.processes()[process.spec_index].name,
+        pml4: process.space.pml4(),
+        virtual_bytes: stat.virtual_bytes,
+        resident_bytes: stat.resident_bytes,
+        shared_bytes: stat.shared_bytes,
+        max_virtual_bytes: stat.max_virtual_bytes,
+        max_resident_bytes: stat.max_resident_bytes,
+        max_shared_bytes: stat.max_shared_bytes,
+        spec_index: process.spec_index as u32,
+        policy: stat.policy,
+    }
+}
+
 impl Kernel {
+    /// At the end of a trap: republishes the records of processes whose
+    /// counters changed without an event (demand-zero faults, pages faulted
+    /// in by system calls), so the tables are also consistent whenever the
+    /// vCPU is in ring 3.
+    pub(super) fn republish_changed(&mut self) {
+        // SAFETY: KernelCell invariant; these statics are only used here.
+        let (root, processes) = unsafe { (ROOT.get(), PROCESSES.get()) };
+        let mut changed = false;
+        for (slot, process) in self.processes.iter_mut().enumerate().take(PROCESS_CAPACITY) {
+            let stat = process.space.stat();
+            if process.published != (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes) {
+                processes[slot] = process_record(self.boot, process);
+                changed = true;
+            }
+        }
+        if changed {
+            root.generation += 1;
+            root.free_frames = self.memory.frames.free_frames();
+        }
+    }
+
     /// Rewrites the published tables from the kernel's state.
     pub(super) fn publish(&mut self) {
         // SAFETY: KernelCell invariant; these statics are only used here.
@@ -123,29 +170,9 @@ impl Kernel {
         let region_slots = live_regions.len().max(self.published_slots.1).min(REGION_CAPACITY);
         self.published_slots = (self.processes.len(), live_regions.len());
         for (slot, record) in processes[..process_slots].iter_mut().enumerate() {
-            *record = match self.processes.get(slot) {
+            *record = match self.processes.get_mut(slot) {
                 None => EMPTY_PROCESS,
-                Some(process) => {
-                    let stat = process.space.stat();
-                    let spec = &self.boot.processes()[process.spec_index];
-                    ProcessRecord {
-                        pid: process.pid,
-                        state: match process.state {
-                            ProcessState::Runnable => PROCESS_RUNNABLE,
-                            ProcessState::Receiving { .. } => PROCESS_RECEIVING,
-                        },
-                        name: spec.name,
-                        pml4: process.space.pml4(),
-                        virtual_bytes: stat.virtual_bytes,
-                        resident_bytes: stat.resident_bytes,
-                        shared_bytes: stat.shared_bytes,
-                        max_virtual_bytes: stat.max_virtual_bytes,
-                        max_resident_bytes: stat.max_resident_bytes,
-                        max_shared_bytes: stat.max_shared_bytes,
-                        spec_index: process.spec_index as u32,
-                        policy: stat.policy,
-                    }
-                }
+                Some(process) => process_record(self.boot, process),
             };
         }
         for (slot, record) in regions[..region_slots].iter_mut().enumerate() {

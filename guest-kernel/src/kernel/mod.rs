@@ -494,6 +494,7 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         Phase::Running => kernel.handle_user_trap(frame),
     }
     kernel.memory.flush_scrub();
+    kernel.republish_changed();
 }
 
 fn kernel_exception(frame: &TrapFrame) -> ! {
