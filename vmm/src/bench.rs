@@ -1,0 +1,1076 @@
+//! `superos-vmm bench`: SuperOS operations beside host baselines measured by
+//! the same binary in the same run.
+//!
+//! Each operation group boots purpose-built guest programs (`bench-ops`,
+//! `bench-nop`; see `examples/src/bin/`) through [`crate::run::run`] with a
+//! scenario built in code ([`guest`]), and reduces the per-sample figures the
+//! programs print (TSC cycles, converted with the kernel-published TSC
+//! frequency) to median, minimum and maximum ([`stats`]). The host baseline
+//! for the same operation is measured right after with libc ([`host`]).
+//! Machine-independent figures come from an instrumented run ([`probe`]):
+//! ring-0 instructions per operation by single-stepping the vCPU, and VM
+//! exits per operation. The outside-in invariant check figures have their
+//! own hook ([`invariants`]). [`report`] prints the table and the JSON.
+
+pub mod guest;
+pub mod host;
+pub mod invariants;
+pub mod probe;
+pub mod report;
+pub mod stats;
+
+use guest::{Printed, Process};
+use probe::{ProbeOptions, Stepping, Window};
+use report::{Row, Unit};
+use serde_json::json;
+use stats::Summary;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use superos_protocol::boot::HostFlavor;
+
+/// `superos-vmm bench` arguments.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct BenchArgs {
+    /// Fewer samples and smaller sizes: finishes in under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Run one operation group only (see the list in `--help`).
+    #[arg(long, value_name = "NAME")]
+    pub only: Option<String>,
+    /// Write the invariant-check scaling plot (check time against mapped
+    /// pages) as SVG to this file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+}
+
+/// Help text listing the groups.
+pub const BENCH_HELP: &str = "\
+Operation groups (for --only):
+  boot        VMM start -> first user instruction -> one process exits, vs posix_spawn + wait
+  syscall     null system call round trip, vs getppid()
+  mem         mem_map + first touch + mem_unmap of 1, 16, 256 pages, vs mmap/touch/munmap
+  fault       demand-zero fault alone, vs a host minor fault
+  ipc         64-byte message round trip between two processes, vs a pipe ping-pong
+  stream-ipc  streaming 16 MiB between two processes by messages, vs a pipe
+  stream-shm  streaming 16 MiB through a shared region, vs memcpy
+  shm         shared region create + grant + map + revoke, and revocation latency
+  spawn       process spawn + exit inside the guest, vs posix_spawn + wait
+  overhead    kernel memory per process, and the VMM's resident memory beyond guest RAM
+  check       outside-in invariant check: time per full check and page-table entries
+              per second for 1, 16 and 32 live processes at several resident sizes
+
+Columns: SuperOS median (min-max) over samples; the host baseline's median,
+measured by this binary in this run; their ratio; ring-0 instructions and VM
+exits per operation, counted by single-stepping the vCPU (machine-independent).
+
+Exit status: 0 every operation was measured; 1 some failed (see the notes);
+2 bad arguments.";
+
+/// Sizes and sample counts.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// `--quick`.
+    pub quick: bool,
+    /// Samples per guest operation.
+    pub samples: u64,
+    /// Samples per host baseline.
+    pub host_samples: usize,
+    /// `getpid` calls per sample.
+    pub syscall_calls: u64,
+    /// (pages, rounds per sample) for `mem`.
+    pub mem: [(u64, u64); 3],
+    /// Pages per demand-zero sample.
+    pub fault_pages: u64,
+    /// Round trips per `ipc` sample.
+    pub ipc_rounds: u64,
+    /// KiB per stream.
+    pub stream_kib: u64,
+    /// Stream samples.
+    pub stream_samples: u64,
+    /// Shared-region stream chunk in KiB.
+    pub shm_chunk_kib: u64,
+    /// Revocation rounds.
+    pub revoke_rounds: u64,
+    /// Runs per spawn boot, and boots.
+    pub spawn_runs: u32,
+    /// Boots for `spawn`.
+    pub spawn_boots: usize,
+    /// Boots for `boot`.
+    pub boots: usize,
+    /// Processes alive for the memory overhead.
+    pub waiters: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Watchdog per guest run.
+    pub timeout: Duration,
+}
+
+impl Plan {
+    /// The full or the quick plan.
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                samples: 3,
+                host_samples: 5,
+                syscall_calls: 200,
+                mem: [(1, 10), (16, 3), (256, 1)],
+                fault_pages: 32,
+                ipc_rounds: 10,
+                stream_kib: 1024,
+                stream_samples: 2,
+                shm_chunk_kib: 256,
+                revoke_rounds: 4,
+                spawn_runs: 10,
+                spawn_boots: 2,
+                boots: 3,
+                waiters: 8,
+                memory_mib: 64,
+                timeout: Duration::from_secs(60),
+            }
+        } else {
+            Plan {
+                quick,
+                samples: 7,
+                host_samples: 11,
+                syscall_calls: 2000,
+                mem: [(1, 50), (16, 10), (256, 2)],
+                fault_pages: 64,
+                ipc_rounds: 50,
+                stream_kib: 16 * 1024,
+                stream_samples: 3,
+                shm_chunk_kib: 256,
+                revoke_rounds: 15,
+                spawn_runs: 50,
+                spawn_boots: 5,
+                boots: 7,
+                waiters: 16,
+                memory_mib: 64,
+                timeout: Duration::from_secs(300),
+            }
+        }
+    }
+
+    fn stream_label(&self) -> String {
+        if self.stream_kib % 1024 == 0 {
+            format!("{} MiB", self.stream_kib / 1024)
+        } else {
+            format!("{} KiB", self.stream_kib)
+        }
+    }
+}
+
+/// The operation groups, in table order.
+pub const GROUPS: [&str; 11] = [
+    "boot",
+    "overhead",
+    "syscall",
+    "mem",
+    "fault",
+    "ipc",
+    "stream-ipc",
+    "stream-shm",
+    "shm",
+    "spawn",
+    "check",
+];
+
+/// Progress on stderr: one line per step, rewritten in place on a terminal.
+struct Progress {
+    total: usize,
+    done: usize,
+    tty: bool,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        Progress { total, done: 0, tty: std::io::stderr().is_terminal(), started: Instant::now() }
+    }
+
+    fn group(&mut self, name: &str) {
+        self.done += 1;
+        self.say(&format!("[{}/{}] {name}", self.done, self.total));
+    }
+
+    fn step(&mut self, what: &str) {
+        self.say(&format!("[{}/{}] {what}", self.done, self.total));
+    }
+
+    fn say(&self, text: &str) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let mut stderr = std::io::stderr();
+        if self.tty {
+            let _ = write!(stderr, "\r\x1b[Kbench: {text} ({elapsed:.0} s)");
+        } else {
+            let _ = writeln!(stderr, "bench: {text} ({elapsed:.1} s)");
+        }
+        let _ = stderr.flush();
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+        }
+    }
+}
+
+/// What the instrumented runs found out about stepping.
+#[derive(Clone, Debug, Default)]
+struct SteppingState {
+    /// `Some(Ok)` once single-stepping worked, `Some(Err)` if it failed.
+    result: Option<Result<(), String>>,
+    /// Ring-3 steps seen (ordinary KVM steps user code too).
+    user_steps: u64,
+}
+
+struct Bench {
+    plan: Plan,
+    progress: Progress,
+    stepping: SteppingState,
+    /// Invariant-check points, once measured.
+    points: Vec<invariants::Point>,
+    /// The latest timing run: its VM exits and what it printed (for VM
+    /// exits per operation when single-stepping is not available).
+    last: Option<(u64, Printed)>,
+    /// VM exits of a boot of `bench-nop` alone, once measured.
+    baseline_exits: Option<u64>,
+    /// Ring-0 excursions of every stepped run, by kind.
+    excursions: std::collections::BTreeMap<String, Vec<u64>>,
+}
+
+fn summary(values: &[f64], what: &str) -> Result<Summary, String> {
+    Summary::of(values).ok_or_else(|| format!("no samples of {what}"))
+}
+
+fn ns(duration: Duration) -> f64 {
+    duration.as_nanos() as f64
+}
+
+impl Bench {
+    fn timing(&mut self, name: &str, processes: &[Process<'_>]) -> Result<Printed, String> {
+        self.progress.step(&format!("{name}: SuperOS"));
+        let scenario = guest::scenario(name, self.plan.memory_mib, processes)?;
+        let (report, printed) = guest::run_and_parse(scenario, self.plan.timeout)?;
+        self.last = Some((report.stats.exits.values().sum(), printed.clone()));
+        Ok(printed)
+    }
+
+    /// An instrumented run; `None` (and the reason kept) if stepping fails.
+    fn probe(&mut self, name: &str, processes: &[Process<'_>], stepping: Stepping) -> Option<probe::Probe> {
+        if matches!(self.stepping.result, Some(Err(_))) && stepping != Stepping::Off {
+            return None;
+        }
+        self.progress.step(&format!("{name}: counting ring-0 instructions"));
+        let options = ProbeOptions {
+            stepping,
+            snapshot: false,
+            checks: 0,
+            memory_mib: self.plan.memory_mib,
+            timeout: self.plan.timeout,
+        };
+        let outcome = guest::scenario(name, self.plan.memory_mib, processes)
+            .and_then(|scenario| probe::probe(&scenario, &options));
+        match outcome {
+            Ok(found) => {
+                if let Some(result) = &found.counts.stepping {
+                    if result.is_err() || self.stepping.result.is_none() {
+                        self.stepping.result = Some(result.clone());
+                    }
+                }
+                self.stepping.user_steps += found.counts.user_steps;
+                for (kind, lengths) in &found.counts.excursions {
+                    self.excursions.entry(kind.clone()).or_default().extend(lengths);
+                }
+                if !matches!(found.exit, crate::run::GuestExit::Shutdown { code: 0 }) {
+                    self.stepping.result.get_or_insert(Err(format!("{name}: {}", found.exit)));
+                    return None;
+                }
+                Some(found)
+            }
+            Err(error) => {
+                self.stepping.result.get_or_insert(Err(format!("{name}: {error}")));
+                None
+            }
+        }
+    }
+
+    /// Instructions and exits per operation from a probe's window `op`,
+    /// scaled by `factor` (operations in the row per operation counted).
+    fn window(&mut self, row: &mut Row, found: Option<&probe::Probe>, op: u64, factor: f64) {
+        let Some(found) = found else {
+            return self.fallback_exits(row);
+        };
+        let window = found.windows.get(&op).copied().unwrap_or(Window::default());
+        row.instructions = window.instructions_per_op().map(|v| v * factor);
+        row.exits = window.exits_per_op().map(|v| v * factor);
+    }
+
+    /// Without stepping: VM exits per operation from the latest timing
+    /// run's `RunReport.stats.exits`, less a `bench-nop` boot's, divided by
+    /// the operations the run printed (named like the row).
+    fn fallback_exits(&mut self, row: &mut Row) {
+        let Some((exits, printed)) = self.last.clone() else { return };
+        let ops: u64 = printed.samples.iter().filter(|s| s.op == row.name).map(|s| s.ops).sum();
+        if ops == 0 {
+            return;
+        }
+        if self.baseline_exits.is_none() {
+            let nop = [Process::new("bench-nop", "nop", "")];
+            let report = guest::scenario("baseline", self.plan.memory_mib, &nop)
+                .and_then(|s| guest::run(s, self.plan.timeout));
+            self.baseline_exits = report.ok().map(|r| r.stats.exits.values().sum());
+        }
+        if let Some(baseline) = self.baseline_exits {
+            row.exits = Some(exits.saturating_sub(baseline) as f64 / ops as f64);
+            row.notes.push(
+                "VM exits/op: the timing run's RunReport.stats.exits less a bench-nop boot's, per operation"
+                    .into(),
+            );
+        }
+    }
+
+    fn group(&mut self, name: &str) -> Vec<Row> {
+        self.progress.group(name);
+        match name {
+            "boot" => self.boot(),
+            "overhead" => self.overhead(),
+            "syscall" => vec![self.syscall()],
+            "mem" => self.mem(),
+            "fault" => vec![self.fault()],
+            "ipc" => vec![self.ipc()],
+            "stream-ipc" => vec![self.stream_ipc()],
+            "stream-shm" => vec![self.stream_shm()],
+            "shm" => self.shm(),
+            "spawn" => vec![self.spawn()],
+            "check" => self.check(),
+            _ => unreachable!("unknown group {name}"),
+        }
+    }
+
+    fn boot(&mut self) -> Vec<Row> {
+        let mut first = Row::new("boot.first-user", "boot: VMM start -> first user instruction", Unit::Time);
+        let mut exit =
+            Row::new("boot.exit", "boot: VMM start -> 1 process runs and exits -> guest exit", Unit::Time);
+        let mut firsts = Vec::new();
+        let mut exits = Vec::new();
+        let mut vm_exits = Vec::new();
+        let mut error = None;
+        for boot in 0..self.plan.boots {
+            self.progress.step(&format!("boot: SuperOS boot {} of {}", boot + 1, self.plan.boots));
+            let outcome =
+                guest::scenario("boot", self.plan.memory_mib, &[Process::new("bench-nop", "nop", "")])
+                    .and_then(|s| guest::run(s, self.plan.timeout));
+            match outcome {
+                Ok(report) => {
+                    let phases = report.stats.phases;
+                    firsts.extend(phases.first_user_instruction.map(ns));
+                    exits.extend(phases.guest_exit.map(ns));
+                    vm_exits.push(report.stats.exits.values().sum::<u64>() as f64);
+                }
+                Err(e) => error = Some(e),
+            }
+        }
+        first.superos = summary(&firsts, "boot").map_err(|e| error.clone().unwrap_or(e));
+        exit.superos = summary(&exits, "boot").map_err(|e| error.clone().unwrap_or(e));
+        self.progress.step("boot: host posix_spawn + wait");
+        let host = host::spawn_wait(1, self.plan.host_samples).and_then(|v| summary(&v, "spawn"));
+        for row in [&mut first, &mut exit] {
+            row.host = Some(host.clone());
+            row.host_baseline = "posix_spawn + waitpid of a minimal static ELF (exit(0))".into();
+        }
+        exit.exits = Summary::of(&vm_exits).map(|s| s.median);
+        let found = self.probe("boot", &[Process::new("bench-nop", "nop", "")], Stepping::FromBoot);
+        if let Some(found) = found {
+            first.instructions = Some(found.counts.boot_instructions as f64);
+            first.exits = Some(found.counts.boot_exits as f64);
+            exit.instructions =
+                Some((found.counts.boot_instructions + found.counts.counted_instructions) as f64);
+            exit.notes.push(format!(
+                "ring-0 instructions from the first kernel instruction to the shutdown hypercall; in the stepped run \
+                 {} timer interrupts ({} instructions) are left out",
+                found.counts.timer_excursions, found.counts.timer_instructions
+            ));
+        }
+        first.notes.push(format!(
+            "{} boots of one `bench-nop`, phases from RunReport.stats.phases",
+            self.plan.boots
+        ));
+        vec![first, exit]
+    }
+
+    fn syscall(&mut self) -> Row {
+        let mut row = Row::new("syscall", "null system call round trip (getpid)", Unit::Time);
+        let (calls, samples) = (self.plan.syscall_calls, self.plan.samples);
+        let args = format!("mode=syscall n={calls} samples={samples}");
+        row.superos = self
+            .timing("syscall", &[Process::new("bench-ops", "syscall", args)])
+            .and_then(|p| summary(&p.ns_per_op("syscall"), "syscall"));
+        self.progress.step("syscall: host getppid()");
+        row.host = Some(summary(&host::getppid(calls * 100, self.plan.host_samples), "getppid"));
+        row.host_baseline = "getppid()".into();
+        let found = self.probe(
+            "syscall",
+            &[Process::new("bench-ops", "syscall", "mode=syscall n=20 samples=1 mark=1")],
+            Stepping::FromFirstUser,
+        );
+        self.window(&mut row, found.as_ref(), probe::OP_SYSCALL, 1.0);
+        row.notes.push(format!("{samples} samples of {calls} calls"));
+        row
+    }
+
+    fn mem(&mut self) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (pages, rounds) in self.plan.mem {
+            let name = format!("mem-{pages}");
+            let label = format!(
+                "mem_map + first touch + mem_unmap, {pages} page{}",
+                if pages == 1 { "" } else { "s" }
+            );
+            let mut row = Row::new(&name, &label, Unit::Time);
+            let samples = self.plan.samples;
+            let args = format!("mode=mem pages={pages} rounds={rounds} samples={samples}");
+            row.superos = self
+                .timing(&name, &[Process::new("bench-ops", "mem", args)])
+                .and_then(|p| summary(&p.ns_per_op(&name), &name));
+            self.progress.step(&format!("{name}: host mmap/touch/munmap"));
+            let host_rounds = (rounds * 20).max(20);
+            row.host = Some(
+                host::mmap_touch_unmap(pages as usize, host_rounds, self.plan.host_samples)
+                    .and_then(|v| summary(&v, "mmap")),
+            );
+            row.host_baseline = format!(
+                "mmap + one write per page + munmap of {pages} page{}",
+                if pages == 1 { "" } else { "s" }
+            );
+            let step_rounds = if pages >= 256 { 1 } else { 2 };
+            let args = format!("mode=mem pages={pages} rounds={step_rounds} samples=1 mark=1");
+            let found = self.probe(&name, &[Process::new("bench-ops", "mem", args)], Stepping::FromFirstUser);
+            self.window(&mut row, found.as_ref(), probe::OP_MEM, 1.0);
+            row.notes.push(format!("{samples} samples of {rounds} rounds"));
+            rows.push(row);
+        }
+        rows
+    }
+
+    fn fault(&mut self) -> Row {
+        let mut row = Row::new("fault", "demand-zero fault alone (first write to a page)", Unit::Time);
+        let (pages, samples) = (self.plan.fault_pages, self.plan.samples);
+        let args = format!("mode=fault pages={pages} samples={samples}");
+        row.superos = self
+            .timing("fault", &[Process::new("bench-ops", "fault", args)])
+            .and_then(|p| summary(&p.ns_per_op("fault"), "fault"));
+        self.progress.step("fault: host minor fault");
+        row.host =
+            Some(host::minor_fault(256, self.plan.host_samples).and_then(|v| summary(&v, "minor fault")));
+        row.host_baseline = "minor fault: first write to an anonymous page minus a second write".into();
+        let found = self.probe(
+            "fault",
+            &[Process::new("bench-ops", "fault", "mode=fault pages=8 samples=1 mark=1")],
+            Stepping::FromFirstUser,
+        );
+        self.window(&mut row, found.as_ref(), probe::OP_FAULT, 1.0);
+        row.notes.push(format!("fresh write minus resident write, {samples} samples of {pages} pages"));
+        row
+    }
+
+    fn ipc(&mut self) -> Row {
+        let mut row = Row::new("ipc-rtt", "64-byte message round trip, two processes", Unit::Time);
+        let (rounds, samples) = (self.plan.ipc_rounds, self.plan.samples);
+        let ping = |args: String| {
+            [Process::new("bench-ops", "ping", args), Process::new("bench-ops", "pong", "mode=pong")]
+        };
+        row.superos = self
+            .timing("ipc", &ping(format!("mode=ping peer=2 rounds={rounds} samples={samples}")))
+            .and_then(|p| summary(&p.ns_per_op("ipc-rtt"), "ipc-rtt"));
+        self.progress.step("ipc: host pipe ping-pong");
+        row.host = Some(
+            host::pipe_ping_pong(rounds * 100, self.plan.host_samples).and_then(|v| summary(&v, "ping-pong")),
+        );
+        row.host_baseline = "64-byte ping-pong over two pipes with a forked child process".into();
+        let found = self.probe(
+            "ipc",
+            &ping("mode=ping peer=2 rounds=4 samples=1 mark=1".into()),
+            Stepping::FromFirstUser,
+        );
+        self.window(&mut row, found.as_ref(), probe::OP_IPC_RTT, 1.0);
+        row.notes.push(format!("{samples} samples of {rounds} round trips"));
+        row
+    }
+
+    fn stream_processes(kib: u64, samples: u64, mark: bool) -> [Process<'static>; 2] {
+        let mark = u8::from(mark);
+        [
+            Process::new(
+                "bench-ops",
+                "sender",
+                format!("mode=stream-send peer=2 kib={kib} samples={samples} mark={mark}"),
+            ),
+            Process::new(
+                "bench-ops",
+                "receiver",
+                format!("mode=stream-recv peer=1 kib={kib} samples={samples} mark={mark}"),
+            ),
+        ]
+    }
+
+    fn stream_ipc(&mut self) -> Row {
+        let label = format!("stream {} between two processes by 4 KiB messages", self.plan.stream_label());
+        let mut row = Row::new("stream-ipc", &label, Unit::Time);
+        let (kib, samples) = (self.plan.stream_kib, self.plan.stream_samples);
+        row.superos = self
+            .timing("stream-ipc", &Self::stream_processes(kib, samples, false))
+            .and_then(|p| summary(&p.ns_per_op("stream-ipc"), "stream-ipc"));
+        self.progress.step("stream-ipc: host pipe");
+        let bytes = (kib << 10) as usize;
+        row.host =
+            Some(host::pipe_stream(bytes, self.plan.host_samples).and_then(|v| summary(&v, "pipe stream")));
+        row.host_baseline =
+            format!("{} through a pipe to a forked child, 64 KiB writes", self.plan.stream_label());
+        let step_kib = 64;
+        let found =
+            self.probe("stream-ipc", &Self::stream_processes(step_kib, 1, true), Stepping::FromFirstUser);
+        self.window(&mut row, found.as_ref(), probe::OP_STREAM_IPC, (kib / step_kib) as f64);
+        if let Ok(s) = &row.superos {
+            row.notes.push(format!("{:.0} KiB/s", kib as f64 / (s.median / 1e9)));
+        }
+        row.notes.push(format!(
+            "{samples} samples; ring-0 instructions and exits counted on a {step_kib} KiB stream and scaled; they \
+             include the sender's retries on a full mailbox (8 messages) and its yields, which depend on scheduling"
+        ));
+        row
+    }
+
+    fn shm_processes(kib: u64, chunk: u64, samples: u64, mark: bool) -> [Process<'static>; 2] {
+        let mark = u8::from(mark);
+        [
+            Process::new(
+                "bench-ops",
+                "producer",
+                format!("mode=shm-send peer=2 kib={kib} chunk={chunk} samples={samples} mark={mark}"),
+            ),
+            Process::new("bench-ops", "consumer", "mode=shm-recv peer=1"),
+        ]
+    }
+
+    fn stream_shm(&mut self) -> Row {
+        let chunk = self.plan.shm_chunk_kib;
+        let label =
+            format!("stream {} through a shared region ({chunk} KiB chunks)", self.plan.stream_label());
+        let mut row = Row::new("stream-shm", &label, Unit::Time);
+        let (kib, samples) = (self.plan.stream_kib, self.plan.samples.min(5));
+        row.superos = self
+            .timing("stream-shm", &Self::shm_processes(kib, chunk, samples, false))
+            .and_then(|p| summary(&p.ns_per_op("stream-shm"), "stream-shm"));
+        self.progress.step("stream-shm: host memcpy");
+        let bytes = (kib << 10) as usize;
+        row.host = Some(summary(&host::memcpy(bytes, self.plan.host_samples), "memcpy"));
+        row.host_baseline = format!("memcpy of {} between two resident buffers", self.plan.stream_label());
+        let step_kib = 2 * chunk;
+        let found =
+            self.probe("stream-shm", &Self::shm_processes(step_kib, chunk, 1, true), Stepping::FromFirstUser);
+        self.window(&mut row, found.as_ref(), probe::OP_STREAM_SHM, (kib / step_kib) as f64);
+        if let Ok(s) = &row.superos {
+            row.notes.push(format!("{:.0} KiB/s", kib as f64 / (s.median / 1e9)));
+        }
+        row.notes.push(format!(
+            "{samples} samples; producer copies each chunk in, consumer copies it out, one ready/ack message pair \
+             per chunk; ring-0 figures counted on {step_kib} KiB and scaled"
+        ));
+        row
+    }
+
+    fn revoke_processes(rounds: u64, mark: bool) -> [Process<'static>; 2] {
+        let mut grantee = Process::new("bench-ops", "grantee", "mode=grantee owner=1");
+        grantee.runs = rounds as u32;
+        grantee.fault = Some("use-after-revoke");
+        [
+            Process::new(
+                "bench-ops",
+                "owner",
+                format!("mode=revoke samples={rounds} mark={}", u8::from(mark)),
+            ),
+            grantee,
+        ]
+    }
+
+    fn shm(&mut self) -> Vec<Row> {
+        let mut cycle =
+            Row::new("shm-cycle", "shared region (1 page) create + grant + map + revoke", Unit::Time);
+        let mut latency = Row::new(
+            "revoke-latency",
+            "revocation latency: revoke returns -> grantee's access faults",
+            Unit::Time,
+        );
+        let rounds = self.plan.revoke_rounds;
+        match self.timing("shm", &Self::revoke_processes(rounds, false)) {
+            Ok(printed) => {
+                cycle.superos = summary(&printed.ns_per_op("shm-cycle"), "shm-cycle");
+                latency.superos = summary(&printed.ns_per_op("revoke-latency"), "revoke-latency");
+                let stale = printed.remarks.iter().filter(|r| r.starts_with("stale")).count();
+                if stale > 0 {
+                    latency
+                        .notes
+                        .push(format!("{stale} of {rounds} samples dropped: stale grantee timestamp"));
+                }
+            }
+            Err(e) => {
+                cycle.superos = Err(e.clone());
+                latency.superos = Err(e);
+            }
+        }
+        self.progress.step("shm: host memfd");
+        cycle.host =
+            Some(host::memfd_cycle(200, self.plan.host_samples).and_then(|v| summary(&v, "memfd cycle")));
+        cycle.host_baseline =
+            "memfd_create + ftruncate + mmap + one write + munmap + close (Linux cannot revoke a mapping)"
+                .into();
+        latency.host_baseline = "none: Linux has no revocation of another process's mapping".into();
+        let found = self.probe("shm", &Self::revoke_processes(2, true), Stepping::FromFirstUser);
+        self.window(&mut cycle, found.as_ref(), probe::OP_SHM_CYCLE, 1.0);
+        // The latency is the owner's yield that switches to the grantee.
+        let yields = found.as_ref().and_then(|f| f.counts.excursions.get("syscall 3"));
+        if let Some(yields) =
+            yields.and_then(|y| Summary::of(&y.iter().map(|&n| n as f64).collect::<Vec<_>>()))
+        {
+            latency.instructions = Some(yields.median);
+            latency.notes.push(
+                "ring-0 instructions: the median `yield` excursion (the owner's yield that switches to the grantee)"
+                    .into(),
+            );
+        }
+        cycle.notes.push(format!(
+            "{rounds} rounds, each with a fresh grantee that has the region mapped; the owner times its four calls"
+        ));
+        latency.notes.push(
+            "measured in the guest: the grantee spins (yielding each turn, so it is parked at a known point) writing \
+             rdtsc to a second region and reading the revoked one; its last timestamp (just before the read that \
+             faulted) minus the owner's rdtsc right after shm_revoke returned. One vCPU: this is the owner's yield \
+             and the switch to the grantee; the fault's own handling (the kill) comes after"
+                .into(),
+        );
+        vec![cycle, latency]
+    }
+
+    fn spawn(&mut self) -> Row {
+        let mut row = Row::new("spawn", "process spawn + exit inside the guest", Unit::Time);
+        let runs = self.plan.spawn_runs;
+        let mut values = Vec::new();
+        let mut error = None;
+        for boot in 0..self.plan.spawn_boots {
+            self.progress.step(&format!("spawn: SuperOS boot {} of {}", boot + 1, self.plan.spawn_boots));
+            let mut nop = Process::new("bench-nop", "nop", "");
+            nop.runs = runs;
+            let outcome = guest::scenario("spawn", self.plan.memory_mib, &[nop])
+                .and_then(|s| guest::run(s, self.plan.timeout));
+            match outcome {
+                Ok(report) => {
+                    let phases = report.stats.phases;
+                    if let (Some(first), Some(exit)) = (phases.first_user_instruction, phases.guest_exit) {
+                        values.push(ns(exit.saturating_sub(first)) / f64::from(runs));
+                    }
+                }
+                Err(e) => error = Some(e),
+            }
+        }
+        row.superos = summary(&values, "spawn").map_err(|e| error.unwrap_or(e));
+        self.progress.step("spawn: host posix_spawn + wait");
+        row.host = Some(host::spawn_wait(20, self.plan.host_samples).and_then(|v| summary(&v, "spawn")));
+        row.host_baseline = "posix_spawn + waitpid of a minimal static ELF (exit(0))".into();
+        let step_runs = 4;
+        let mut nop = Process::new("bench-nop", "nop", "");
+        nop.runs = step_runs;
+        if let Some(found) = self.probe("spawn", &[nop], Stepping::FromFirstUser) {
+            row.instructions = Some(found.counts.counted_instructions as f64 / f64::from(step_runs));
+            row.exits = Some(found.counts.counted_exits as f64 / f64::from(step_runs));
+        }
+        row.notes.push(format!(
+            "`bench-nop` with runs = {runs}: (guest exit - first user instruction) / {runs}, {} boots; the last \
+             run's share includes the kernel's shutdown",
+            self.plan.spawn_boots
+        ));
+        row
+    }
+
+    fn check(&mut self) -> Vec<Row> {
+        let mut errors = Vec::new();
+        for (processes, pages) in invariants::configurations(&self.plan) {
+            self.progress.step(&format!("check: {processes} processes x {pages} pages"));
+            match invariants::measure(&self.plan, processes, pages) {
+                Ok(point) => self.points.push(point),
+                Err(e) => errors.push(format!("{processes} processes x {pages} pages: {e}")),
+            }
+        }
+        invariants::rows(&self.points, &errors)
+    }
+
+    fn overhead(&mut self) -> Vec<Row> {
+        let mut kernel = Row::new("kernel-mem", "kernel memory per process (page tables)", Unit::Bytes);
+        let mut vmm = Row::new("vmm-rss", "VMM resident memory beyond guest RAM", Unit::Bytes);
+        let waiters = self.plan.waiters;
+        let mut processes: Vec<Process<'_>> =
+            (0..waiters).map(|_| Process::new("bench-nop", "waiter", "wait")).collect();
+        processes.push(Process::new(
+            "bench-ops",
+            "release",
+            format!("mode=release waiters={waiters} sync=0"),
+        ));
+        self.progress.step("overhead: SuperOS frame-owner table and VMM RSS");
+        let options = ProbeOptions {
+            stepping: Stepping::Off,
+            snapshot: true,
+            checks: 0,
+            memory_mib: self.plan.memory_mib,
+            timeout: self.plan.timeout,
+        };
+        let outcome = guest::scenario("overhead", self.plan.memory_mib, &processes)
+            .and_then(|scenario| probe::probe(&scenario, &options))
+            .and_then(|found| {
+                found.snapshot.ok_or_else(|| format!("no snapshot was taken ({})", found.exit))
+            });
+        match outcome {
+            Ok(snapshot) => {
+                let waiter_frames: Vec<probe::ProcessFrames> =
+                    (1..=waiters).filter_map(|pid| snapshot.processes.get(&pid).copied()).collect();
+                let tables: Vec<f64> = waiter_frames.iter().map(|f| (f.page_tables * 4096) as f64).collect();
+                kernel.superos = summary(&tables, "page-table frames");
+                let private =
+                    Summary::of(&waiter_frames.iter().map(|f| f.private as f64).collect::<Vec<_>>());
+                kernel.notes.push(format!(
+                    "{} idle `bench-nop` processes alive, read from the kernel's frame-owner table: page-table frames \
+                     each; user frames (image, stack, gate excluded) {} each; plus one {}-byte process-table record; \
+                     other kernel structures live in the kernel's static 256 KiB heap, not measured per process; \
+                     kernel-owned frames: {}; free frames {} of {} (at boot, before any process: {})",
+                    waiter_frames.len(),
+                    private.map_or("?".into(), |s| format!("{:.0}", s.median)),
+                    snapshot.process_record_size,
+                    snapshot.kernel_frames,
+                    snapshot.free_frames,
+                    snapshot.total_frames,
+                    snapshot.ready_free_frames.map_or("?".into(), |f| f.to_string()),
+                ));
+                let overhead = snapshot.vm_rss.saturating_sub(snapshot.guest_resident);
+                vmm.superos = Ok(Summary::single(overhead as f64));
+                vmm.notes.push(format!(
+                    "VmRSS of this process ({}) minus the guest RAM pages resident in it (mincore over the {} guest \
+                     mapping: {}), with {} processes alive; binary, libraries, heap, vCPU thread stack and kvm_run \
+                     page (KVM's in-kernel state is not in VmRSS)",
+                    report::format_bytes(snapshot.vm_rss as f64),
+                    report::format_bytes(snapshot.guest_size as f64),
+                    report::format_bytes(snapshot.guest_resident as f64),
+                    waiters + 1
+                ));
+            }
+            Err(e) => {
+                kernel.superos = Err(e.clone());
+                vmm.superos = Err(e);
+            }
+        }
+        self.progress.step("overhead: host page tables of a tiny process");
+        kernel.host = Some(host::tiny_process_page_tables().map(|b| Summary::single(b as f64)));
+        kernel.host_baseline = "VmPTE of a paused minimal static process (Linux page tables only)".into();
+        vec![kernel, vmm]
+    }
+}
+
+/// What the machine is, for the table's label.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let host = match crate::vm::detect_host_flavor() {
+        HostFlavor::Pvm => "PVM (ring-0 guest code emulated)",
+        _ => "KVM",
+    };
+    json!({ "cpu": cpu, "cores": cores, "host_kernel": kernel, "kvm": host })
+}
+
+/// Today's UTC date and time as `YYYY-MM-DD HH:MM UTC`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format_utc(secs)
+}
+
+/// `secs` since the Unix epoch as `YYYY-MM-DD HH:MM UTC`.
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let (hour, minute) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
+}
+
+/// Kernel entries by name with their median length and count.
+pub fn kernel_entries(
+    excursions: &std::collections::BTreeMap<String, Vec<u64>>,
+) -> Vec<(String, f64, usize)> {
+    excursions
+        .iter()
+        .filter_map(|(kind, lengths)| {
+            let summary = Summary::of(&lengths.iter().map(|&n| n as f64).collect::<Vec<_>>())?;
+            Some((entry_name(kind), summary.median, summary.samples))
+        })
+        .collect()
+}
+
+/// `syscall 4` -> `getpid`, `vector 14` -> `page fault`.
+pub fn entry_name(kind: &str) -> String {
+    use superos_protocol::syscall::Syscall;
+    if let Some(number) = kind.strip_prefix("syscall ").and_then(|n| n.parse::<u64>().ok()) {
+        let name = match Syscall::from_raw(number) {
+            Some(Syscall::Write) => "write",
+            Some(Syscall::Exit) => "exit",
+            Some(Syscall::Yield) => "yield",
+            Some(Syscall::GetPid) => "getpid",
+            Some(Syscall::MemMap) => "mem_map",
+            Some(Syscall::MemUnmap) => "mem_unmap",
+            Some(Syscall::MemProtect) => "mem_protect",
+            Some(Syscall::MemStat) => "mem_stat",
+            Some(Syscall::IpcSend) => "ipc_send",
+            Some(Syscall::IpcRecv) => "ipc_recv",
+            Some(Syscall::ShmCreate) => "shm_create",
+            Some(Syscall::ShmGrant) => "shm_grant",
+            Some(Syscall::ShmMap) => "shm_map",
+            Some(Syscall::ShmUnmap) => "shm_unmap",
+            Some(Syscall::ShmRevoke) => "shm_revoke",
+            Some(Syscall::ShmDestroy) => "shm_destroy",
+            Some(Syscall::CapList) => "cap_list",
+            Some(Syscall::GateSelfTest) | None => return format!("syscall {number:#x}"),
+        };
+        return name.to_string();
+    }
+    match kind {
+        "vector 14" => "page fault".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `items` joined with `, ` into lines of at most about `width` characters.
+fn wrap(items: &[String], width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for item in items {
+        let line = lines.last_mut().expect("never empty");
+        if !line.is_empty() && line.len() + item.len() + 2 > width {
+            lines.push(item.clone());
+        } else {
+            if !line.is_empty() {
+                line.push_str(", ");
+            }
+            line.push_str(item);
+        }
+    }
+    lines
+}
+
+fn stepping_note(state: &SteppingState) -> String {
+    match &state.result {
+        Some(Ok(())) if state.user_steps == 0 => "ring-0 instr/op: counted by single-stepping the vCPU \
+            (KVM_SET_GUEST_DEBUG, ENABLE|SINGLESTEP): this host steps ring-0 instructions only (ring 3 runs \
+            natively), timer interrupts and the marker calls left out; VM exits/op: exits to the VMM \
+            (hypercalls) in the same stepped runs"
+            .into(),
+        Some(Ok(())) => "ring-0 instr/op: counted by single-stepping the vCPU (KVM_SET_GUEST_DEBUG), steps in ring 3 \
+            ignored, timer interrupts and the marker calls left out; VM exits/op: exits to the VMM in the same runs"
+            .into(),
+        Some(Err(error)) => format!(
+            "single-stepping the vCPU did not work here ({error}): no ring-0 instruction counts, and no VM exit counts \
+             per operation"
+        ),
+        None => "no instrumented run was made".into(),
+    }
+}
+
+/// Runs `superos-vmm bench`; returns the exit status.
+pub fn command(args: BenchArgs) -> i32 {
+    let groups: Vec<&str> = match &args.only {
+        None => GROUPS.to_vec(),
+        Some(name) if GROUPS.contains(&name.as_str()) => {
+            vec![GROUPS[GROUPS.iter().position(|g| g == name).unwrap_or(0)]]
+        }
+        Some(name) => {
+            eprintln!("superos-vmm: error: no benchmark group {name:?} (groups: {})", GROUPS.join(", "));
+            return 2;
+        }
+    };
+    let started = Instant::now();
+    let plan = Plan::new(args.quick);
+    let mut bench = Bench {
+        plan,
+        progress: Progress::new(groups.len()),
+        stepping: SteppingState::default(),
+        points: Vec::new(),
+        last: None,
+        baseline_exits: None,
+        excursions: Default::default(),
+    };
+    let mut rows = Vec::new();
+    for group in &groups {
+        rows.extend(bench.group(group));
+    }
+    bench.progress.finish();
+    let date = utc_now();
+    let machine = machine();
+    let stepping = stepping_note(&bench.stepping);
+    print_results(&rows, &machine, &date, &stepping, args.quick, started.elapsed());
+    let entries = kernel_entries(&bench.excursions);
+    if !entries.is_empty() {
+        crate::session::emit(format_args!(""));
+        crate::session::emit(format_args!(
+            "ring-0 instructions per kernel entry, median (count) over every stepped run:"
+        ));
+        for line in wrap(
+            &entries
+                .iter()
+                .map(|(name, median, count)| format!("{name} {median:.0} ({count})"))
+                .collect::<Vec<_>>(),
+            100,
+        ) {
+            crate::session::emit(format_args!("  {line}"));
+        }
+    }
+    if !bench.points.is_empty() {
+        crate::session::emit(format_args!(""));
+        for line in invariants::scaling_table(&bench.points).lines() {
+            crate::session::emit(format_args!("{line}"));
+        }
+    }
+    let mut status = i32::from(rows.iter().any(|r| r.superos.is_err() || matches!(r.host, Some(Err(_)))));
+    if let Some(path) = &args.svg {
+        let title = format!("SuperOS outside-in invariant check ({date})");
+        if bench.points.is_empty() {
+            eprintln!("superos-vmm: no invariant-check points to plot (run the `check` group)");
+            status = 1;
+        } else if let Err(e) = std::fs::write(path, invariants::svg(&bench.points, &title)) {
+            eprintln!("superos-vmm: error: cannot write {}: {e}", path.display());
+            status = 1;
+        }
+    }
+    if let Some(path) = &args.json {
+        let document = json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "date": date,
+            "machine": machine,
+            "quick": args.quick,
+            "groups": groups,
+            "stable_figures": stepping,
+            "seconds": started.elapsed().as_secs_f64(),
+            "rows": rows.iter().map(report::row_json).collect::<Vec<_>>(),
+            "check_scaling": bench.points.iter().map(invariants::Point::json).collect::<Vec<_>>(),
+            "kernel_entries": entries
+                .iter()
+                .map(|(name, median, count)| json!({ "entry": name, "median_instructions": median, "count": count }))
+                .collect::<Vec<_>>(),
+        });
+        let text = serde_json::to_string_pretty(&document).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("superos-vmm: error: cannot write {}: {e}", path.display());
+            return 1;
+        }
+    }
+    status
+}
+
+fn print_results(
+    rows: &[Row],
+    machine: &serde_json::Value,
+    date: &str,
+    stepping: &str,
+    quick: bool,
+    elapsed: Duration,
+) {
+    use crate::session::emit;
+    let label = format!(
+        "superos-vmm bench{}: {}, {} cores, host kernel {}, {}; {date}",
+        if quick { " --quick" } else { "" },
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["cores"],
+        machine["host_kernel"].as_str().unwrap_or("?"),
+        machine["kvm"].as_str().unwrap_or("?"),
+    );
+    emit(format_args!("{label}"));
+    emit(format_args!(""));
+    for line in report::table(rows).lines() {
+        emit(format_args!("{line}"));
+    }
+    emit(format_args!(""));
+    emit(format_args!("ratio = SuperOS median / host median; {stepping}."));
+    emit(format_args!("host baselines:"));
+    for row in rows.iter().filter(|r| !r.host_baseline.is_empty()) {
+        emit(format_args!("  {:<15} {}", row.name, row.host_baseline));
+    }
+    emit(format_args!("notes:"));
+    for row in rows {
+        if let Err(error) = &row.superos {
+            emit(format_args!("  {:<15} FAILED: {error}", row.name));
+        }
+        if let Some(Err(error)) = &row.host {
+            emit(format_args!("  {:<15} host baseline FAILED: {error}", row.name));
+        }
+        for note in &row.notes {
+            emit(format_args!("  {:<15} {note}", row.name));
+        }
+    }
+    emit(format_args!("({:.1} s)", elapsed.as_secs_f64()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_entries_are_named() {
+        assert_eq!(entry_name("syscall 4"), "getpid");
+        assert_eq!(entry_name("syscall 21"), "ipc_recv");
+        assert_eq!(entry_name("syscall 999"), "syscall 0x3e7");
+        assert_eq!(entry_name("vector 14"), "page fault");
+        assert_eq!(entry_name("vector 13"), "vector 13");
+        let mut excursions = std::collections::BTreeMap::new();
+        excursions.insert("syscall 4".to_string(), vec![120, 123, 125]);
+        excursions.insert("vector 14".to_string(), vec![]);
+        assert_eq!(kernel_entries(&excursions), vec![("getpid".to_string(), 123.0, 3)]);
+        let lines = wrap(&["aaaa".into(), "bbbb".into(), "cccc".into()], 10);
+        assert_eq!(lines, vec!["aaaa, bbbb".to_string(), "cccc".to_string()]);
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(format_utc(1_795_603_896), "2026-11-25 10:51 UTC");
+    }
+
+    #[test]
+    fn every_group_has_a_help_line_and_plans_are_sane() {
+        for group in GROUPS {
+            assert!(BENCH_HELP.contains(&format!("  {group} ")), "{group}");
+        }
+        for quick in [false, true] {
+            let plan = Plan::new(quick);
+            assert!(plan.samples >= 3 && plan.boots >= 3);
+            assert_eq!(plan.stream_kib % (2 * plan.shm_chunk_kib), 0);
+            assert_eq!(plan.stream_kib % 64, 0);
+        }
+        assert_eq!(Plan::new(false).stream_label(), "16 MiB");
+    }
+}
