@@ -358,6 +358,7 @@ impl Bench {
             Row::new("boot.exit", "boot: VMM start -> 1 process runs and exits -> guest exit", Unit::Time);
         let mut firsts = Vec::new();
         let mut exits = Vec::new();
+        let (mut vcpu_starts, mut kernel_entries) = (Vec::new(), Vec::new());
         let mut vm_exits = Vec::new();
         let mut error = None;
         for boot in 0..self.plan.boots {
@@ -369,6 +370,8 @@ impl Bench {
                 Ok(report) => {
                     let phases = report.stats.phases;
                     firsts.extend(phases.first_user_instruction.map(ns));
+                    vcpu_starts.extend(phases.vcpu_start.map(ns));
+                    kernel_entries.extend(phases.kernel_entry.map(ns));
                     exits.extend(phases.guest_exit.map(ns));
                     vm_exits.push(report.stats.exits.values().sum::<u64>() as f64);
                 }
@@ -400,6 +403,14 @@ impl Bench {
             "{} boots of one `bench-nop`, phases from RunReport.stats.phases",
             self.plan.boots
         ));
+        if let (Some(vcpu), Some(entry)) = (Summary::of(&vcpu_starts), Summary::of(&kernel_entries)) {
+            first.notes.push(format!(
+                "median phases: vCPU thread starts {} (VMM: guest RAM, VM, loading), kernel's first hypercall {}, \
+                 the rest is the kernel's boot",
+                report::format_time(vcpu.median),
+                report::format_time(entry.median)
+            ));
+        }
         vec![first, exit]
     }
 
@@ -741,8 +752,8 @@ impl Bench {
                 let private =
                     Summary::of(&waiter_frames.iter().map(|f| f.private as f64).collect::<Vec<_>>());
                 kernel.notes.push(format!(
-                    "{} idle `bench-nop` processes alive, read from the kernel's frame-owner table: page-table frames \
-                     each; user frames (image, stack, gate excluded) {} each; plus one {}-byte process-table record; \
+                    "{} idle `bench-nop` processes alive, read from the kernel's frame-owner table: the figure is each \
+                     one's page-table frames; user frames (image, stack, gate excluded) {} each; plus one {}-byte process-table record; \
                      other kernel structures live in the kernel's static 256 KiB heap, not measured per process; \
                      kernel-owned frames: {}; free frames {} of {} (at boot, before any process: {})",
                     waiter_frames.len(),
@@ -795,7 +806,11 @@ pub fn machine() -> serde_json::Value {
         HostFlavor::Pvm => "PVM (ring-0 guest code emulated)",
         _ => "KVM",
     };
-    json!({ "cpu": cpu, "cores": cores, "host_kernel": kernel, "kvm": host })
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
+    json!({ "cpu": cpu, "cores": cores, "host_kernel": kernel, "kvm": host, "load_average_1min": load })
 }
 
 /// Today's UTC date and time as `YYYY-MM-DD HH:MM UTC`.
@@ -1001,12 +1016,13 @@ fn print_results(
 ) {
     use crate::session::emit;
     let label = format!(
-        "superos-vmm bench{}: {}, {} cores, host kernel {}, {}; {date}",
+        "superos-vmm bench{}: {}, {} cores, host kernel {}, {}; load average {} at the end; {date}",
         if quick { " --quick" } else { "" },
         machine["cpu"].as_str().unwrap_or("?"),
         machine["cores"],
         machine["host_kernel"].as_str().unwrap_or("?"),
         machine["kvm"].as_str().unwrap_or("?"),
+        machine["load_average_1min"].as_str().unwrap_or("?"),
     );
     emit(format_args!("{label}"));
     emit(format_args!(""));
