@@ -738,8 +738,12 @@ impl Bench {
             memory_mib: self.plan.memory_mib,
             timeout: self.plan.timeout,
         };
+        let mut images = 0;
         let outcome = guest::scenario("overhead", self.plan.memory_mib, &processes)
-            .and_then(|scenario| probe::probe(&scenario, &options))
+            .and_then(|scenario| {
+                images = scenario.processes.iter().map(|p| p.image.len()).sum::<usize>();
+                probe::probe(&scenario, &options)
+            })
             .and_then(|found| {
                 found.snapshot.ok_or_else(|| format!("no snapshot was taken ({})", found.exit))
             });
@@ -768,12 +772,17 @@ impl Bench {
                 vmm.superos = Ok(Summary::single(overhead as f64));
                 vmm.notes.push(format!(
                     "VmRSS of this process ({}) minus the guest RAM pages resident in it (mincore over the {} guest \
-                     mapping: {}), with {} processes alive; binary, libraries, heap, vCPU thread stack and kvm_run \
-                     page (KVM's in-kernel state is not in VmRSS)",
+                     mapping: {}), with {} processes alive: file-backed {} (the binary, whose embedded guest images \
+                     were read, and shared libraries), anonymous beyond guest RAM {} (heap, of which the scenario's \
+                     copies of the processes' ELF images are {}; thread stacks; kvm_run); KVM's in-kernel state is \
+                     not in VmRSS",
                     report::format_bytes(snapshot.vm_rss as f64),
                     report::format_bytes(snapshot.guest_size as f64),
                     report::format_bytes(snapshot.guest_resident as f64),
-                    waiters + 1
+                    waiters + 1,
+                    report::format_bytes(snapshot.rss_file as f64),
+                    report::format_bytes(snapshot.rss_anon.saturating_sub(snapshot.guest_resident) as f64),
+                    report::format_bytes(images as f64),
                 ));
             }
             Err(e) => {

@@ -190,6 +190,11 @@ pub struct Snapshot {
     pub process_record_size: u32,
     /// The VMM's `VmRSS` in bytes.
     pub vm_rss: u64,
+    /// Of which anonymous (`RssAnon`: heap, stacks, guest RAM).
+    pub rss_anon: u64,
+    /// Of which file-backed (`RssFile`: the binary with its embedded guest
+    /// images, shared libraries).
+    pub rss_file: u64,
     /// Bytes of guest RAM resident in the VMM (`mincore`).
     pub guest_resident: u64,
     /// Size of guest RAM.
@@ -655,6 +660,8 @@ fn take_snapshot(ram: &GuestRam, root_gpa: Option<u64>, events: &[EventEntry]) -
         _ => None,
     });
     snapshot.vm_rss = proc_status_kib("VmRSS").unwrap_or(0) * 1024;
+    snapshot.rss_anon = proc_status_kib("RssAnon").unwrap_or(0) * 1024;
+    snapshot.rss_file = proc_status_kib("RssFile").unwrap_or(0) * 1024;
     snapshot.guest_resident = resident_bytes(ram.host_address(), ram.size());
     Ok(snapshot)
 }
