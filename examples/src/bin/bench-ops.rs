@@ -10,7 +10,8 @@
 //! regions are also bracketed by two system calls with numbers the kernel
 //! does not know (it answers `no-such-syscall`): the VMM's instruction
 //! counter sees them at the gate and attributes the ring-0 instructions in
-//! between to the operation.
+//! between to the operation (all of them, or with `begin_own` only the
+//! marking process's).
 //!
 //! Modes (`samples=<k>` samples each; pids are given by the VMM):
 //! - `syscall n=N`: N `getpid` round trips.
@@ -89,6 +90,10 @@ impl Marks {
     }
     fn begin(self, op: u64) {
         self.call(MARK_BEGIN, op, 0);
+    }
+    /// Like `begin`, but only this process's own kernel work counts.
+    fn begin_own(self, op: u64) {
+        self.call(MARK_BEGIN, op, 1);
     }
     fn end(self, op: u64, ops: u64) {
         self.call(MARK_END, op, ops);
@@ -397,7 +402,7 @@ fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
             return Err(("an unexpected message", Error::InvalidArgument));
         }
         // The operation: create + grant + map (timed), ... + revoke (timed).
-        marks.begin(OP_SHM_CYCLE);
+        marks.begin_own(OP_SHM_CYCLE);
         let start = rdtsc();
         let handle =
             shm_create(PAGE_SIZE, RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT).map_err(fail("shm_create"))?;
@@ -419,7 +424,7 @@ fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
         while unsafe { read_u64(clock + 8) } != 1 {
             yield_now();
         }
-        marks.begin(OP_SHM_CYCLE);
+        marks.begin_own(OP_SHM_CYCLE);
         let before = rdtsc();
         shm_revoke(handle, grantee).map_err(fail("shm_revoke"))?;
         let revoked = rdtsc();

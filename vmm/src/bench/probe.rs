@@ -23,7 +23,12 @@
 //! - **Windows.** Guest programs bracket what they measure with two system
 //!   calls the kernel does not know ([`MARK_BEGIN`], [`MARK_END`]); counted
 //!   ring-0 instructions and VM exits between them are added to that
-//!   operation's [`Window`].
+//!   operation's [`Window`]: all of them (an IPC round trip includes the
+//!   peer's kernel work), or, when the begin marker's second argument is 1,
+//!   only those of excursions entered from the marking process's address
+//!   space (CR3). Stepping slows ring 0 but not ring 3, so a timer tick is
+//!   nearly always pending when a long system call returns, and the process
+//!   it switches to would otherwise land in the window.
 //! - **Snapshot.** At the first `MemProtected` event (which only the
 //!   `bench-ops release` program causes, once every process it waits for is
 //!   alive) the kernel's introspection root and frame-owner table are read
@@ -316,14 +321,17 @@ enum Kind {
 pub struct Counter {
     counts: Counts,
     windows: BTreeMap<u64, Window>,
-    open: Vec<u64>,
+    /// Open windows: operation, and the CR3 they are limited to.
+    open: Vec<(u64, Option<u64>)>,
+    /// CR3 the current excursion was entered from.
+    cr3: u64,
     kind: Option<Kind>,
     length: u64,
     last_stub: Option<usize>,
     booted: bool,
 }
 
-/// Registers at the first step of a gate excursion.
+/// Registers at the first step of an excursion.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GateRegs {
     /// System-call number.
@@ -332,6 +340,8 @@ pub struct GateRegs {
     pub rdi: u64,
     /// Second argument.
     pub rsi: u64,
+    /// The address space it was entered from.
+    pub cr3: u64,
 }
 
 impl Counter {
@@ -340,15 +350,10 @@ impl Counter {
         self.booted = true;
     }
 
-    /// Whether the step at `pc` starts a gate excursion (the caller then
-    /// reads the registers for [`Counter::step`]).
+    /// Whether the step at `pc` starts an excursion (the caller then reads
+    /// the registers for [`Counter::step`]).
     pub fn needs_regs(&self, stubs: &[EntryStub], pc: u64) -> bool {
-        match stub_at(stubs, pc) {
-            Some(index) if self.last_stub != Some(index) => {
-                matches!(stubs[index].vector, None | Some(INT3_VECTOR))
-            }
-            _ => false,
-        }
+        matches!(stub_at(stubs, pc), Some(index) if self.last_stub != Some(index))
     }
 
     /// One single-step exit with the vCPU at `pc` (after the instruction
@@ -363,7 +368,9 @@ impl Counter {
         let stub = stub_at(stubs, pc);
         if let Some(index) = stub.filter(|&i| self.last_stub != Some(i)) {
             self.finish_excursion();
-            self.kind = Some(self.classify(stubs[index].vector, regs.unwrap_or_default()));
+            let regs = regs.unwrap_or_default();
+            self.cr3 = regs.cr3;
+            self.kind = Some(self.classify(stubs[index].vector, regs));
         }
         self.last_stub = stub;
         self.length += 1;
@@ -373,8 +380,8 @@ impl Counter {
             Kind::Marker => {}
             Kind::Counted(_) => {
                 self.counts.counted_instructions += 1;
-                for op in &self.open {
-                    self.windows.entry(*op).or_default().instructions += 1;
+                for op in self.counting() {
+                    self.windows.entry(op).or_default().instructions += 1;
                 }
             }
         }
@@ -387,10 +394,15 @@ impl Counter {
         }
         if let Kind::Counted(_) = self.current() {
             self.counts.counted_exits += 1;
-            for op in &self.open {
-                self.windows.entry(*op).or_default().exits += 1;
+            for op in self.counting() {
+                self.windows.entry(op).or_default().exits += 1;
             }
         }
+    }
+
+    /// The open windows the current excursion counts in.
+    fn counting(&self) -> Vec<u64> {
+        self.open.iter().filter(|(_, cr3)| cr3.is_none_or(|c| c == self.cr3)).map(|(op, _)| *op).collect()
     }
 
     fn current(&self) -> Kind {
@@ -412,13 +424,13 @@ impl Counter {
             }
             None | Some(INT3_VECTOR) => match regs.rax {
                 MARK_BEGIN => {
-                    if !self.open.contains(&regs.rdi) {
-                        self.open.push(regs.rdi);
+                    if !self.open.iter().any(|(op, _)| *op == regs.rdi) {
+                        self.open.push((regs.rdi, (regs.rsi == 1).then_some(regs.cr3)));
                     }
                     Kind::Marker
                 }
                 MARK_END => {
-                    self.open.retain(|&op| op != regs.rdi);
+                    self.open.retain(|(op, _)| *op != regs.rdi);
                     let window = self.windows.entry(regs.rdi).or_default();
                     window.ops += regs.rsi;
                     window.regions += 1;
@@ -502,7 +514,8 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
             Ok(VcpuExit::Debug(arch)) => {
                 let pc = arch.pc;
                 let regs = if counter.needs_regs(&stubs, pc) {
-                    vm.vcpu.get_regs().ok().map(|r| GateRegs { rax: r.rax, rdi: r.rdi, rsi: r.rsi })
+                    let cr3 = vm.vcpu.get_sregs().map_or(0, |s| s.cr3);
+                    vm.vcpu.get_regs().ok().map(|r| GateRegs { rax: r.rax, rdi: r.rdi, rsi: r.rsi, cr3 })
                 } else {
                     None
                 };
@@ -708,7 +721,7 @@ mod tests {
     }
 
     fn regs(rax: u64, rdi: u64, rsi: u64) -> Option<GateRegs> {
-        Some(GateRegs { rax, rdi, rsi })
+        Some(GateRegs { rax, rdi, rsi, cr3: 0x1000 })
     }
 
     #[test]
@@ -769,6 +782,33 @@ mod tests {
         assert_eq!(window, Window { instructions: 8, exits: 2, ops: 2, regions: 1 });
         assert_eq!(window.instructions_per_op(), Some(4.0));
         assert_eq!(window.exits_per_op(), Some(1.0));
+    }
+
+    #[test]
+    fn a_window_can_be_limited_to_the_marking_address_space() {
+        let stubs = stubs();
+        let common = K + 100;
+        let from = |cr3, rax, rdi, rsi| Some(GateRegs { rax, rdi, rsi, cr3 });
+        let mut counter = Counter::default();
+        counter.first_user_instruction();
+        // Op 7 limited to CR3 0x1000 (rsi = 1), op 4 open to all.
+        counter.step(&stubs, K + 2, from(0x1000, MARK_BEGIN, 7, 1));
+        counter.step(&stubs, common, None);
+        counter.step(&stubs, K + 2, from(0x1000, MARK_BEGIN, 4, 0));
+        counter.step(&stubs, common, None);
+        // A call of the marking process, then a fault of another one.
+        counter.step(&stubs, K + 2, from(0x1000, 34, 0, 0));
+        counter.step(&stubs, common, None);
+        counter.step(&stubs, K + 11, from(0x2000, 0, 0, 0));
+        counter.step(&stubs, common, None);
+        counter.step(&stubs, common + 1, None);
+        counter.exit();
+        counter.step(&stubs, K + 2, from(0x1000, MARK_END, 7, 1));
+        counter.step(&stubs, common, None);
+        counter.step(&stubs, K + 2, from(0x1000, MARK_END, 4, 1));
+        let (_, windows) = counter.finish();
+        assert_eq!((windows[&7].instructions, windows[&7].exits), (2, 0));
+        assert_eq!((windows[&4].instructions, windows[&4].exits), (5, 1));
     }
 
     #[test]
