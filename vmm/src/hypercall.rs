@@ -176,6 +176,7 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
         match EventRing::open(session.ram, params.event_ring_gpa, params.event_ring_bytes) {
             Ok(ring) => {
                 session.ring = Some(ring);
+                session.hello = Some(params);
                 if session.ram.contains(params.kernel_text_gpa, params.kernel_text_len) {
                     session.kernel_text = Some((params.kernel_text_gpa, params.kernel_text_len));
                 }

@@ -38,8 +38,10 @@ pub enum MemoryError {
     },
 }
 
-/// Guest RAM, starting at guest-physical address 0.
-#[derive(Debug)]
+/// Guest RAM, starting at guest-physical address 0. A clone is another
+/// handle to the same memory (the mapping lives until the last handle is
+/// dropped); the control socket uses one to read a held guest.
+#[derive(Clone, Debug)]
 pub struct GuestRam {
     memory: GuestMemoryMmap,
     size: u64,

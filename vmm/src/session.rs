@@ -9,6 +9,7 @@ use crate::monitor::{Monitor, Stop, Trigger};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use superos_protocol::event::{Event, EventRecord};
+use superos_protocol::hypercall::BootHelloParams;
 
 /// Prints one line on stdout. Write errors (a closed pipe, say) are
 /// ignored: losing live output must not stop the VM.
@@ -91,6 +92,9 @@ pub struct Session<'a> {
     pub lost_events: u64,
     /// Kernel text range announced at boot (gpa, len).
     pub kernel_text: Option<(u64, u64)>,
+    /// The boot hello the VMM accepted (event ring, kernel text,
+    /// introspection root), for introspection and snapshots.
+    pub hello: Option<BootHelloParams>,
     /// The invariant checker's state (`None`: no checks and no tamper hook).
     pub monitor: Option<Monitor>,
     warnings: u64,
@@ -114,6 +118,7 @@ impl<'a> Session<'a> {
             log: Vec::new(),
             lost_events: 0,
             kernel_text: None,
+            hello: None,
             monitor: None,
             warnings: 0,
             console: Console::default(),
