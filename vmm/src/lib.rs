@@ -16,23 +16,37 @@
 //! itself (the ground truth), [`check`] compares them against the named
 //! invariants, and [`monitor`] decides when during a run that happens and
 //! what a violation does to it.
+//!
+//! A run can be examined from outside while it goes on: [`api`] serves a
+//! control socket (`run --api`), [`control`] holds the vCPU at a consistent
+//! point for each query, [`inspect`] answers (processes, mappings, frames,
+//! shared regions, events, checks, translations, dumps), [`inspect_cli`] is
+//! `superos-vmm inspect`, [`snapshot`] writes and reads a snapshot file of a
+//! stopped guest for the same queries offline, and [`svg`] draws physical
+//! memory coloured by owner.
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod check;
 pub mod console;
+pub mod control;
 pub mod diagnose;
 pub mod event_json;
 pub mod events;
 pub mod hypercall;
 pub mod images;
+pub mod inspect;
+pub mod inspect_cli;
 pub mod introspect;
 pub mod memory;
 pub mod monitor;
 pub mod run;
 pub mod scenario;
 pub mod session;
+pub mod snapshot;
+pub mod svg;
 pub mod vm;
 pub mod walk;

@@ -5,10 +5,16 @@
 //! timeout it sets a stop flag and kicks the vCPU thread out of `KVM_RUN`
 //! with a signal (repeated until the thread notices, since a signal that
 //! lands between two `KVM_RUN`s is otherwise lost).
+//!
+//! [`run_with`] adds a control socket for `superos-vmm inspect` and a
+//! snapshot when the guest stops ([`crate::control`]): after every VM exit
+//! the vCPU thread asks [`Control::after_exit`] whether a query wants it
+//! held at this point.
 
 use crate::boot::{self, BootError, BootOptions};
 use crate::check::{CheckMode, CheckStats, Invariant};
 use crate::console::ConsoleLine;
+use crate::control::{Attached, Control, RunExtras};
 use crate::diagnose::{Diagnosis, KernelSymbols};
 use crate::hypercall::{self, Flow, PanicReport};
 use crate::images;
@@ -26,6 +32,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy, MEMORY_USABLE};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
+use superos_protocol::hypercall::Hypercall;
 use superos_protocol::layout::BOOT_INFO_GPA;
 use thiserror::Error;
 
@@ -117,6 +124,8 @@ pub enum GuestExit {
     Timeout(Duration),
     /// KVM_RUN itself failed.
     VcpuError(String),
+    /// Stopped on request through the control socket (`inspect quit`).
+    Stopped,
     /// The invariant checker found a violation and the VMM stopped the
     /// guest (see [`RunReport::violations`]).
     InvariantViolated {
@@ -143,6 +152,7 @@ impl std::fmt::Display for GuestExit {
                 write!(f, "timed out after {:.1} s (--timeout)", after.as_secs_f64())
             }
             GuestExit::VcpuError(error) => write!(f, "KVM_RUN failed: {error}"),
+            GuestExit::Stopped => f.write_str("stopped on request (inspect quit)"),
             GuestExit::InvariantViolated { at, invariants } => {
                 let names: Vec<&str> = invariants.iter().map(|i| i.name()).collect();
                 write!(f, "stopped at {at}: invariant violated ({})", names.join(", "))
@@ -317,7 +327,7 @@ impl RunReport {
             GuestExit::Shutdown { code: 0 } if self.processes.iter().all(ProcessOutcome::as_expected) => {
                 EXIT_OK
             }
-            GuestExit::Shutdown { .. } => EXIT_UNEXPECTED_OUTCOME,
+            GuestExit::Shutdown { .. } | GuestExit::Stopped => EXIT_UNEXPECTED_OUTCOME,
             GuestExit::Timeout(_) => EXIT_TIMEOUT,
             _ => EXIT_GUEST_CRASH,
         }
@@ -360,10 +370,19 @@ pub enum RunError {
     /// The vCPU thread could not be started or died.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// The control socket or the snapshot file could not be set up.
+    #[error("{0}")]
+    Extras(String),
 }
 
 /// Runs the scenario in `config` to completion (or crash, or timeout).
 pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
+    run_with(config, RunExtras::default())
+}
+
+/// [`run`], also serving a control socket and/or writing a snapshot when
+/// the guest stops (see [`RunExtras`] and [`crate::control`]).
+pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunError> {
     let memory_mib = config.memory_mib.or(config.scenario.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
     let ram = GuestRam::new(memory_mib)?;
     let host = detect_host_flavor();
@@ -381,21 +400,26 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
     let mut session = Session::new(&ram, config.started, config.echo, names).with_event_format(config.events);
-    if config.check != CheckMode::Off || config.tamper.is_some() {
-        let usable = prepared
-            .boot_info
-            .memory_map()
-            .iter()
-            .filter(|r| r.kind == MEMORY_USABLE)
-            .map(|r| (r.start, r.start.saturating_add(r.len)))
-            .collect();
+    let usable: Vec<(u64, u64)> = prepared
+        .boot_info
+        .memory_map()
+        .iter()
+        .filter(|r| r.kind == MEMORY_USABLE)
+        .map(|r| (r.start, r.start.saturating_add(r.len)))
+        .collect();
+    // Inspection needs the checker's record of the boot (the kernel text
+    // baseline) even when the run itself checks nothing.
+    if config.check != CheckMode::Off || config.tamper.is_some() || !extras.is_empty() {
         session = session.with_monitor(Monitor::new(
             config.check,
             config.keep_going,
             config.tamper.clone(),
-            usable,
+            usable.clone(),
         ));
     }
+    let attached = Attached::start(extras, &ram, &usable).map_err(RunError::Extras)?;
+    let control = attached.control();
+    install_kick_handler();
     let period = match config.check {
         CheckMode::Periodic(period) => Some(period),
         _ => None,
@@ -411,8 +435,15 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
             .name("vcpu0".into())
             .spawn_scoped(scope, move || {
                 // SAFETY: pthread_self has no preconditions.
-                let _ = sender.send(VcpuMessage::Started(unsafe { libc::pthread_self() }));
-                let result = vcpu_loop(vcpu, session, kicks, symbols);
+                let thread = unsafe { libc::pthread_self() };
+                if let Some(control) = control {
+                    control.vcpu_started(thread);
+                }
+                let _ = sender.send(VcpuMessage::Started(thread));
+                let result = vcpu_loop(vcpu, session, kicks, symbols, control);
+                if let Some(control) = control {
+                    control.vcpu_exited();
+                }
                 let _ = sender.send(VcpuMessage::Done);
                 result
             })
@@ -421,18 +452,19 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
             Ok(VcpuMessage::Started(thread)) => thread,
             _ => return Err(RunError::Thread("the vCPU thread exited before starting".into())),
         };
-        watchdog(&receiver, thread, kicks, config.timeout, period);
+        watchdog(&receiver, thread, kicks, config.timeout, period, control);
         handle.join().map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
     })?;
     session.finish_console();
     session.phases.guest_exit.get_or_insert(session.now());
     let processes = outcomes(&config.scenario, &session.events);
+    let baseline = session.monitor.as_ref().and_then(|m| m.checker.text_baseline().cloned());
     let monitor = session.monitor.take();
     let checks = monitor.as_ref().map(|m| m.checker.stats).unwrap_or_default();
     let stats = RunStats { exits, phases: session.phases, wall: config.started.elapsed(), checks };
     let (violations, violations_dropped, check_notes) =
         monitor.map(|m| (m.violations, m.violations_dropped, m.notes)).unwrap_or_default();
-    let report = RunReport {
+    let mut report = RunReport {
         exit,
         processes,
         lines: std::mem::take(&mut session.lines),
@@ -447,6 +479,7 @@ pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
         check_notes,
     };
     drop(vm);
+    attached.finish(&ram, session.hello, baseline, &usable, &config.scenario.origin, &mut report);
     Ok(report)
 }
 
@@ -464,37 +497,48 @@ enum VcpuMessage {
 }
 
 /// The signal used to kick the vCPU thread out of KVM_RUN.
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) handler of [`kick_signal`], once per process:
+/// without one the signal would kill the whole process.
+pub(crate) fn install_kick_handler() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        if let Err(error) = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_signal) {
+            eprintln!("superos-vmm: cannot install the vCPU kick signal handler: {error}");
+        }
+    });
 }
 
 extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Waits for the vCPU thread to finish; kicks it every `period` (periodic
-/// checks) and stops it after `timeout`.
+/// checks) and stops it after `timeout`, not counting the time the control
+/// socket held the vCPU.
 fn watchdog(
     receiver: &mpsc::Receiver<VcpuMessage>,
     thread: libc::pthread_t,
     kicks: &Kicks,
     timeout: Duration,
     period: Option<Duration>,
+    control: Option<&Control>,
 ) {
-    static REGISTER: Once = Once::new();
-    REGISTER.call_once(|| {
-        // Without a handler the signal would kill the whole process.
-        if let Err(error) = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_signal) {
-            eprintln!("superos-vmm: cannot install the vCPU kick signal handler: {error}");
-        }
-    });
-    let deadline = Instant::now() + timeout;
+    install_kick_handler();
+    let started = Instant::now();
+    let deadline = || started + timeout + control.map_or(Duration::ZERO, Control::held_time);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline().saturating_duration_since(Instant::now());
         let wait = period.map_or(left, |period| period.min(left));
         if !matches!(receiver.recv_timeout(wait), Err(mpsc::RecvTimeoutError::Timeout)) {
             return;
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline() {
             break;
+        }
+        if period.is_none() {
+            continue;
         }
         kicks.check_due.store(true, Ordering::SeqCst);
         // SAFETY: as below: the vCPU thread has not sent Done, so it is
@@ -605,12 +649,23 @@ fn vcpu_loop(
     session: &mut Session<'_>,
     kicks: &Kicks,
     symbols: &KernelSymbols,
+    control: Option<&Control>,
 ) -> LoopResult {
     let mut exits = BTreeMap::new();
     session.phases.vcpu_start = Some(session.now());
+    // `run --paused`: held before the first instruction (`quit` there stops it).
+    let mut quit_at_start = control.is_some_and(|control| control.before_start(session));
     let exit = loop {
+        if std::mem::take(&mut quit_at_start) {
+            break GuestExit::Stopped;
+        }
+        let mut event_exit = false;
         let step = match vcpu.run() {
-            Ok(exit) => handle_exit(session, exit, &mut exits),
+            Ok(exit) => {
+                event_exit =
+                    matches!(exit, VcpuExit::IoOut(port, _) if port == Hypercall::EventNotify.port());
+                handle_exit(session, exit, &mut exits)
+            }
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
                 *exits.entry("interrupted".to_string()).or_default() += 1;
                 if kicks.stop.load(Ordering::SeqCst) {
@@ -637,6 +692,14 @@ fn vcpu_loop(
                 }
             }
             step => step,
+        };
+        // The control socket: hold the vCPU here for a query if this is a
+        // consistent point, or stop it (`quit`).
+        let step = match (step, control) {
+            (Step::Continue, Some(control)) if control.after_exit(vcpu, session, event_exit) => {
+                Step::Stop(GuestExit::Stopped)
+            }
+            (step, _) => step,
         };
         if let Step::Stop(exit) = step {
             break exit;
@@ -667,9 +730,10 @@ fn diagnose(
     symbols: &KernelSymbols,
 ) -> Option<Diagnosis> {
     let rip_override = match exit {
-        GuestExit::Shutdown { .. } | GuestExit::Timeout(_) | GuestExit::InvariantViolated { .. } => {
-            return None
-        }
+        GuestExit::Shutdown { .. }
+        | GuestExit::Timeout(_)
+        | GuestExit::InvariantViolated { .. }
+        | GuestExit::Stopped => return None,
         GuestExit::KernelPanic(report) if report.fault_rip != 0 => Some(report.fault_rip),
         _ => None,
     };

@@ -1,0 +1,649 @@
+//! Holding the vCPU at a consistent point so the guest can be examined from
+//! outside: the handshake between the control socket ([`crate::api`]) and
+//! the vCPU thread ([`crate::run`]), and what a run does with the socket and
+//! the snapshot file at its end ([`Attached`]).
+//!
+//! The vCPU thread owns the `VcpuFd`. A query raises [`Control`]'s
+//! attention flag and kicks the vCPU thread out of `KVM_RUN` with the same
+//! signal the watchdog uses (again every few milliseconds, since a signal
+//! that lands between two `KVM_RUN`s is lost). After every VM exit the vCPU
+//! thread calls [`Control::after_exit`]; with the flag up it stops there
+//! only if the point is consistent:
+//!
+//! - it was kicked out of user code (`cs.selector & 3 == 3`): the kernel is
+//!   not half-way through anything, or
+//! - it is in an `EventNotify` hypercall: the kernel publishes its tables
+//!   before logging an event, so they agree with the page tables.
+//!
+//! Anywhere else (a console write, a scrub request, a kick that found the
+//! kernel running) it resumes the guest and tries again at the next exit.
+//! Once stopped, it publishes where it is and waits on a condition variable;
+//! the query reads guest memory (nothing changes it meanwhile), answers, and
+//! lets it go, unless someone asked for an explicit `pause` (or the run
+//! started with `--paused`), which holds it until `resume`. A query that
+//! finds no consistent point within [`PAUSE_TIMEOUT`] (a kernel spinning in
+//! ring 0) fails with an error instead of hanging. Time spent held does not
+//! count against the watchdog.
+//!
+//! Queries do not otherwise disturb the guest: they never write guest
+//! memory, and the vCPU's registers are only read.
+
+use crate::api::{ApiOptions, Server};
+use crate::check::TextBaseline;
+use crate::inspect::{events_from, EventsResult, Machine, MachineState, Point};
+use crate::memory::GuestRam;
+use crate::run::{GuestExit, RunReport};
+use crate::session::{EventEntry, Session};
+use crate::snapshot;
+use kvm_ioctls::VcpuFd;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use superos_protocol::hypercall::BootHelloParams;
+
+/// How long a query waits for the vCPU to reach a consistent point.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `quit` waits for a consistent point before it stops the guest
+/// wherever it is.
+const QUIT_GRACE: Duration = Duration::from_secs(1);
+/// How often a waiting query kicks the vCPU again.
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// The vCPU thread, as far as kicking it is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vcpu {
+    NotStarted,
+    /// Running (its pthread id is valid while this is the state: the thread
+    /// takes the lock to leave it).
+    Running(libc::pthread_t),
+    Finished,
+}
+
+#[derive(Debug)]
+struct State {
+    vcpu: Vcpu,
+    /// Queries waiting for, or using, a held vCPU.
+    queries: usize,
+    /// `pause` (or `--paused`) is in force.
+    explicit: bool,
+    /// `quit` was asked for.
+    quit: bool,
+    /// When.
+    quit_since: Option<Instant>,
+    /// Some while the vCPU is held at a consistent point.
+    held: Option<Point>,
+    /// Where the vCPU was held when `quit` stopped it.
+    quit_at: Option<Point>,
+    held_since: Option<Instant>,
+    held_total: Duration,
+    /// Set when the guest has stopped for good: why.
+    finished: Option<String>,
+    /// The CR3 of the user code `quit` stopped it in, if any.
+    finished_cr3: Option<u64>,
+    /// The VMM stays up after the guest has finished.
+    lingering: bool,
+    hello: Option<BootHelloParams>,
+    baseline: Option<TextBaseline>,
+    events: Vec<EventEntry>,
+}
+
+/// The shared state of the pause handshake (one per run with `--api`).
+#[derive(Debug)]
+pub struct Control {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// A pause or quit is wanted: the vCPU thread looks at the state.
+    attention: AtomicBool,
+    /// Events already copied from the session (vCPU thread only).
+    published: AtomicUsize,
+    /// Connections the control socket is serving.
+    clients: AtomicUsize,
+    ram: GuestRam,
+    usable: Vec<(u64, u64)>,
+}
+
+/// What a control request did, in words.
+pub type Outcome = Result<String, String>;
+
+impl Control {
+    /// A control for a run over `ram` (another handle to the guest's memory)
+    /// whose usable RAM is `usable`. With `paused` the vCPU is held before
+    /// its first instruction until `resume`.
+    pub fn new(ram: GuestRam, usable: Vec<(u64, u64)>, paused: bool) -> Control {
+        Control {
+            state: Mutex::new(State {
+                vcpu: Vcpu::NotStarted,
+                queries: 0,
+                explicit: paused,
+                quit: false,
+                quit_since: None,
+                held: None,
+                quit_at: None,
+                held_since: None,
+                held_total: Duration::ZERO,
+                finished: None,
+                finished_cr3: None,
+                lingering: false,
+                hello: None,
+                baseline: None,
+                events: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            attention: AtomicBool::new(paused),
+            published: AtomicUsize::new(0),
+            clients: AtomicUsize::new(0),
+            ram,
+            usable,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated
+        // in a way that matters more than stopping would.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
+        match self.changed.wait_timeout(guard, timeout) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+
+    fn settle(&self, state: &State) {
+        self.attention.store(state.queries > 0 || state.explicit || state.quit, Ordering::SeqCst);
+    }
+
+    /// Kicks the vCPU thread out of `KVM_RUN` if it is running.
+    fn kick(state: &State) {
+        if let Vcpu::Running(thread) = state.vcpu {
+            // SAFETY: the state says Running, and the vCPU thread takes this
+            // same lock (held by our caller) to leave that state before it
+            // exits, so `thread` is a live thread. The signal's handler was
+            // installed before the thread started (`run::install_kick_handler`).
+            unsafe { libc::pthread_kill(thread, crate::run::kick_signal()) };
+        }
+    }
+
+    // --- The vCPU thread's side. ---
+
+    /// The vCPU thread has started; `thread` is its pthread id.
+    pub fn vcpu_started(&self, thread: libc::pthread_t) {
+        self.lock().vcpu = Vcpu::Running(thread);
+    }
+
+    /// The vCPU thread is about to end (no kicks after this).
+    pub fn vcpu_exited(&self) {
+        let mut state = self.lock();
+        state.vcpu = Vcpu::Finished;
+        self.changed.notify_all();
+    }
+
+    /// Copies what is new in the session (events, the boot hello, the text
+    /// baseline) into the shared state.
+    fn publish(&self, state: &mut State, session: &Session<'_>) {
+        let published = self.published.load(Ordering::SeqCst);
+        if session.events.len() > published {
+            state.events.extend_from_slice(&session.events[published..]);
+            self.published.store(session.events.len(), Ordering::SeqCst);
+        }
+        if state.hello.is_none() && session.hello.is_some() {
+            state.hello = session.hello;
+            state.baseline = session.monitor.as_ref().and_then(|m| m.checker.text_baseline().cloned());
+        }
+    }
+
+    /// Before the first instruction: holds the vCPU there if a pause is
+    /// wanted (`--paused`). True if the guest must not run (`quit`).
+    pub fn before_start(&self, session: &Session<'_>) -> bool {
+        if !self.attention.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.hold(Point::Boot, session)
+    }
+
+    /// After a VM exit the run loop is about to resume from. Publishes new
+    /// events; if a pause is wanted and this is a consistent point (`event`:
+    /// the exit was an `EventNotify` hypercall; or the vCPU is in ring 3),
+    /// holds the vCPU until the queries are done. True if the guest must
+    /// stop (`quit`).
+    pub fn after_exit(&self, vcpu: &VcpuFd, session: &Session<'_>, event: bool) -> bool {
+        if session.events.len() > self.published.load(Ordering::SeqCst) {
+            let mut state = self.lock();
+            self.publish(&mut state, session);
+            self.changed.notify_all();
+        }
+        if !self.attention.load(Ordering::SeqCst) {
+            return false;
+        }
+        let point = if event {
+            session.events.last().map(|entry| Point::Event { seq: entry.seq })
+        } else {
+            match (vcpu.get_sregs(), vcpu.get_regs()) {
+                (Ok(sregs), Ok(regs)) if sregs.cs.selector & 3 == 3 => {
+                    Some(Point::Ring3 { rip: regs.rip, cr3: sregs.cr3 })
+                }
+                _ => None,
+            }
+        };
+        {
+            // `quit` stops the guest at a consistent point too (so a
+            // snapshot of it is consistent), or after QUIT_GRACE anyway.
+            let mut state = self.lock();
+            if let Some(since) = state.quit_since {
+                if point.is_some() || since.elapsed() >= QUIT_GRACE {
+                    state.quit_at = point;
+                    return true;
+                }
+                return false;
+            }
+        }
+        match point {
+            Some(point) => self.hold(point, session),
+            None => false,
+        }
+    }
+
+    /// Holds the vCPU at `point` while queries or an explicit pause want it.
+    fn hold(&self, point: Point, session: &Session<'_>) -> bool {
+        let mut state = self.lock();
+        self.publish(&mut state, session);
+        if state.quit {
+            return true;
+        }
+        if state.queries == 0 && !state.explicit {
+            self.settle(&state);
+            return false;
+        }
+        state.held = Some(point);
+        state.held_since = Some(Instant::now());
+        self.changed.notify_all();
+        while (state.queries > 0 || state.explicit) && !state.quit {
+            state = self.wait(state, Duration::from_secs(1));
+        }
+        let point = state.held.take();
+        if state.quit {
+            state.quit_at = point;
+        }
+        if let Some(since) = state.held_since.take() {
+            state.held_total += since.elapsed();
+        }
+        self.settle(&state);
+        self.changed.notify_all();
+        state.quit
+    }
+
+    /// Time the vCPU has been held so far (the watchdog does not count it).
+    pub fn held_time(&self) -> Duration {
+        let state = self.lock();
+        state.held_total + state.held_since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    // --- The run's side, at the end. ---
+
+    /// The guest has stopped for good (`exit` says why): queries now read
+    /// the final state without holding anything.
+    pub fn finish(
+        &self,
+        events: &[EventEntry],
+        hello: Option<BootHelloParams>,
+        baseline: Option<TextBaseline>,
+        exit: String,
+        lingering: bool,
+    ) {
+        let mut state = self.lock();
+        state.events = events.to_vec();
+        state.hello = hello;
+        state.baseline = baseline;
+        state.finished = Some(exit);
+        state.finished_cr3 = match state.quit_at {
+            Some(Point::Ring3 { cr3, .. }) => Some(cr3),
+            _ => None,
+        };
+        state.lingering = lingering;
+        state.vcpu = Vcpu::Finished;
+        self.changed.notify_all();
+    }
+
+    /// Waits until someone asks to quit.
+    pub fn wait_for_quit(&self) {
+        let mut state = self.lock();
+        while !state.quit {
+            state = self.wait(state, Duration::from_secs(1));
+        }
+    }
+
+    /// True once `quit` was asked for.
+    pub fn quitting(&self) -> bool {
+        self.lock().quit
+    }
+
+    /// Where the vCPU was held when `quit` stopped the guest, if it was.
+    pub fn quit_at(&self) -> Option<Point> {
+        self.lock().quit_at.clone()
+    }
+
+    // --- The control socket's side. ---
+
+    fn machine_state(&self, state: &State) -> MachineState {
+        let point = match (&state.finished, &state.held) {
+            (Some(exit), _) => Point::Finished { exit: exit.clone(), cr3: state.finished_cr3 },
+            (None, Some(point)) => point.clone(),
+            (None, None) => Point::Boot,
+        };
+        MachineState {
+            hello: state.hello,
+            usable: self.usable.clone(),
+            baseline: state.baseline.clone(),
+            events: state.events.clone(),
+            point,
+        }
+    }
+
+    /// Waits (kicking) until the vCPU is held or finished. Counts as a query
+    /// until [`Control::release`].
+    fn acquire(&self) -> Result<MutexGuard<'_, State>, String> {
+        let mut state = self.lock();
+        if state.quit && state.finished.is_none() {
+            return Err("the VMM is stopping the guest (quit)".into());
+        }
+        state.queries += 1;
+        self.settle(&state);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while state.held.is_none() && state.finished.is_none() {
+            if Instant::now() >= deadline {
+                state.queries -= 1;
+                self.settle(&state);
+                self.changed.notify_all();
+                return Err(format!(
+                    "the vCPU did not reach a consistent point (user code or a kernel event) within {} s; the kernel may be busy in ring 0",
+                    PAUSE_TIMEOUT.as_secs()
+                ));
+            }
+            Self::kick(&state);
+            state = self.wait(state, KICK_INTERVAL);
+        }
+        Ok(state)
+    }
+
+    fn release(&self) {
+        let mut state = self.lock();
+        state.queries = state.queries.saturating_sub(1);
+        self.settle(&state);
+        self.changed.notify_all();
+    }
+
+    /// Runs `query` on a consistent view: with the vCPU held at a consistent
+    /// point, or on the finished machine.
+    pub fn query<R>(&self, query: impl FnOnce(&Machine<'_>) -> R) -> Result<R, String> {
+        let state = self.acquire()?;
+        let machine_state = self.machine_state(&state);
+        drop(state);
+        let result = query(&Machine { ram: &self.ram, state: &machine_state });
+        self.release();
+        Ok(result)
+    }
+
+    /// `pause`: holds the vCPU at the next consistent point until `resume`.
+    pub fn pause(&self) -> Outcome {
+        let mut state = self.acquire()?;
+        let message = if state.finished.is_some() {
+            format!("the guest has already stopped: {}", self.machine_state(&state).point)
+        } else {
+            state.explicit = true;
+            format!("paused {}", self.machine_state(&state).point)
+        };
+        drop(state);
+        self.release();
+        Ok(message)
+    }
+
+    /// `resume`: lets an explicitly paused vCPU go.
+    pub fn resume(&self) -> Outcome {
+        let mut state = self.lock();
+        if let Some(exit) = &state.finished {
+            return Err(format!("the guest has stopped ({exit}); nothing to resume"));
+        }
+        if !state.explicit {
+            return Err("the guest is not paused".into());
+        }
+        state.explicit = false;
+        let at = self.machine_state(&state).point;
+        self.settle(&state);
+        self.changed.notify_all();
+        Ok(format!("resumed (was paused {at})"))
+    }
+
+    /// `quit`: stops the guest if it is still running (at the next
+    /// consistent point, or at any VM exit after a second) and ends
+    /// the VMM.
+    pub fn quit(&self) -> Outcome {
+        let mut state = self.lock();
+        state.quit = true;
+        state.quit_since.get_or_insert_with(Instant::now);
+        self.settle(&state);
+        self.changed.notify_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while matches!(state.vcpu, Vcpu::Running(_)) && Instant::now() < deadline {
+            Self::kick(&state);
+            state = self.wait(state, KICK_INTERVAL);
+        }
+        Ok(match (&state.finished, state.vcpu) {
+            (Some(exit), _) => format!("quitting; the guest had stopped ({exit})"),
+            (None, Vcpu::Running(_)) => {
+                "quitting; the guest has not stopped yet (it will at its next VM exit)".into()
+            }
+            (None, _) => "quitting; the guest was stopped".into(),
+        })
+    }
+
+    /// A client connected to the control socket.
+    pub fn client_connected(&self) {
+        self.clients.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A client left.
+    pub fn client_left(&self) {
+        self.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Clients connected now (the one asking included).
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::SeqCst)
+    }
+
+    /// `status`: where the guest is.
+    pub fn status(&self) -> (String, String) {
+        let state = self.lock();
+        let events = state.events.len();
+        match (&state.finished, &state.held, state.explicit) {
+            (Some(exit), _, _) => (
+                "finished".into(),
+                format!(
+                    "the guest has stopped ({exit}); {events} events{}",
+                    if state.lingering { "; the VMM lingers until `inspect quit`" } else { "" }
+                ),
+            ),
+            (None, Some(point), true) => ("paused".into(), format!("paused {point}; {events} events so far")),
+            (None, None, true) => {
+                ("pausing".into(), format!("pausing at the next consistent point; {events} events so far"))
+            }
+            (None, _, false) => ("running".into(), format!("running; {events} events so far")),
+        }
+    }
+
+    /// The events from position `since` on, waiting up to `wait` for at
+    /// least one if there are none yet (and the guest still runs).
+    pub fn events(&self, since: u64, wait: Duration) -> EventsResult {
+        let deadline = Instant::now() + wait;
+        let mut state = self.lock();
+        while state.events.len() as u64 <= since && state.finished.is_none() && !state.quit {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self.wait(state, deadline - now);
+        }
+        events_from(&state.events, since, state.finished.clone())
+    }
+}
+
+/// What a run does besides the plain [`crate::run::run`]: serve the control
+/// socket and write a snapshot when the guest stops.
+#[derive(Debug, Default)]
+pub struct RunExtras {
+    /// `--api`: the control socket.
+    pub api: Option<ApiOptions>,
+    /// `--snapshot-on-exit`: where to write the snapshot.
+    pub snapshot_on_exit: Option<PathBuf>,
+    /// Called with the report once the guest has stopped, before the VMM
+    /// lingers (`--linger`), so the summary is printed at once.
+    pub on_finish: Option<fn(&RunReport)>,
+}
+
+impl RunExtras {
+    /// True if nothing beyond a plain run was asked for.
+    pub fn is_empty(&self) -> bool {
+        self.api.is_none() && self.snapshot_on_exit.is_none()
+    }
+
+    /// True if the VMM keeps serving after the guest has finished.
+    pub fn lingers(&self) -> bool {
+        self.api.as_ref().is_some_and(|api| api.linger)
+    }
+}
+
+/// The extras of one run, set up: the socket is bound and served, the
+/// snapshot file is created (so a bad path fails before the guest runs).
+#[derive(Debug)]
+pub struct Attached {
+    control: Option<Arc<Control>>,
+    server: Option<Server>,
+    linger: bool,
+    snapshot: Option<(PathBuf, File)>,
+    on_finish: Option<fn(&RunReport)>,
+}
+
+impl Attached {
+    /// Binds the socket and creates the snapshot file. `ram` is guest RAM,
+    /// `usable` the RAM the VMM gives the kernel.
+    pub fn start(extras: RunExtras, ram: &GuestRam, usable: &[(u64, u64)]) -> Result<Attached, String> {
+        let snapshot = match extras.snapshot_on_exit {
+            Some(path) => {
+                let file = File::create(&path)
+                    .map_err(|e| format!("cannot create the snapshot file {}: {e}", path.display()))?;
+                Some((path, file))
+            }
+            None => None,
+        };
+        let (control, server, linger) = match extras.api {
+            Some(api) => {
+                let control = Arc::new(Control::new(ram.clone(), usable.to_vec(), api.paused));
+                let server = Server::start(&api.socket, control.clone())?;
+                (Some(control), Some(server), api.linger)
+            }
+            None => (None, None, false),
+        };
+        Ok(Attached { control, server, linger, snapshot, on_finish: extras.on_finish })
+    }
+
+    /// The pause handshake, if the socket is served.
+    pub fn control(&self) -> Option<&Control> {
+        self.control.as_deref()
+    }
+
+    /// The guest has stopped and `report` is built: publishes the final
+    /// state, writes the snapshot, calls `on_finish`, lingers if asked to,
+    /// then stops serving. Problems writing the snapshot go to the report's
+    /// log (and stderr).
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish(
+        mut self,
+        ram: &GuestRam,
+        hello: Option<BootHelloParams>,
+        baseline: Option<TextBaseline>,
+        usable: &[(u64, u64)],
+        scenario: &str,
+        report: &mut RunReport,
+    ) {
+        let exit = match (&report.exit, self.control.as_ref().and_then(|c| c.quit_at())) {
+            (GuestExit::Stopped, Some(point)) => format!("{} {point}", report.exit),
+            (exit, _) => exit.to_string(),
+        };
+        if let Some(control) = &self.control {
+            control.finish(&report.events, hello, baseline.clone(), exit.clone(), self.linger);
+        }
+        if let Some((path, file)) = self.snapshot.take() {
+            let cr3 = match self.control.as_ref().and_then(|c| c.quit_at()) {
+                Some(Point::Ring3 { cr3, .. }) => Some(cr3),
+                _ => None,
+            };
+            let state = MachineState {
+                hello,
+                usable: usable.to_vec(),
+                baseline,
+                events: report.events.clone(),
+                point: Point::Finished { exit, cr3 },
+            };
+            let meta = snapshot::Meta::new(scenario, report.lost_events);
+            if let Err(error) = snapshot::write(file, ram, &state, &meta) {
+                let message = format!("could not write the snapshot {}: {error}", path.display());
+                eprintln!("superos-vmm: {message}");
+                report.log.push(message);
+            }
+        }
+        if let Some(on_finish) = self.on_finish {
+            on_finish(report);
+        }
+        if let (Some(control), Some(server)) = (&self.control, &self.server) {
+            if self.linger && !control.quitting() {
+                eprintln!(
+                    "superos-vmm: the guest has stopped; still serving {} until `superos-vmm inspect --api {} quit`",
+                    server.path().display(),
+                    server.path().display()
+                );
+                control.wait_for_quit();
+            }
+        }
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+/// The `superos-vmm run` options for examining the guest from outside.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObserveArgs {
+    /// Serve a control socket at SOCKET for `superos-vmm inspect --api SOCKET`
+    /// (ps, maps, frames, shares, events, check, translate, dump, map, pause,
+    /// resume, quit). Queries hold the vCPU at a consistent point while they read.
+    #[arg(long, value_name = "SOCKET")]
+    pub api: Option<PathBuf>,
+    /// With --api: hold the vCPU before its first instruction until `inspect resume`.
+    #[arg(long, requires = "api")]
+    pub paused: bool,
+    /// With --api: keep serving after the guest has stopped, until `inspect quit`.
+    #[arg(long, requires = "api")]
+    pub linger: bool,
+    /// When the guest stops, write guest memory and what is needed to interpret
+    /// it to FILE, for `superos-vmm inspect --snapshot FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_on_exit: Option<PathBuf>,
+}
+
+impl ObserveArgs {
+    /// The run extras these options ask for.
+    pub fn extras(&self) -> RunExtras {
+        RunExtras {
+            api: self.api.clone().map(|socket| ApiOptions {
+                socket,
+                paused: self.paused,
+                linger: self.linger,
+            }),
+            snapshot_on_exit: self.snapshot_on_exit.clone(),
+            on_finish: None,
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! `superos-vmm inspect`: the command-line client of the control socket
+//! ([`crate::api`]) and the offline reader of snapshots
+//! ([`crate::snapshot`]). Both answer with [`crate::inspect::answer`] and
+//! print with [`crate::inspect::render`] (or `--json`), so a live VM and a
+//! snapshot of it look the same.
+//!
+//! Exit status: 0 answered; 1 the VMM refused the request (no such
+//! process, an unmapped range to dump, ...); 2 bad arguments, no VMM at the
+//! socket, or an unreadable snapshot; 5 `check` found an isolation
+//! invariant violated.
+
+use crate::api::{Client, ClientError, ControlResult, Request};
+use crate::inspect::{self, CheckResult, EventsResult, Machine, MapResult, MAX_EVENTS_PER_ANSWER};
+use crate::snapshot;
+use crate::svg;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Exit status: answered.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: the VMM refused the request.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit status: bad arguments, no VMM, unreadable snapshot.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: `check` found a violation.
+pub const EXIT_VIOLATED: u8 = 5;
+
+const EXAMPLES: &str = "\
+Examples:
+  superos-vmm run shm-pipeline --api /tmp/vm.sock --paused &    a VM waiting to be examined
+  superos-vmm inspect --api /tmp/vm.sock resume                 let it run
+  superos-vmm inspect --api /tmp/vm.sock ps                     live processes
+  superos-vmm inspect --api /tmp/vm.sock maps 1                 what pid 1 maps, from its page tables
+  superos-vmm inspect --api /tmp/vm.sock check                  the isolation invariants, now
+  superos-vmm inspect --api /tmp/vm.sock dump 1 0x400000 64     bytes pid 1 maps
+  superos-vmm inspect --api /tmp/vm.sock events --follow        kernel events until the guest stops
+  superos-vmm inspect --api /tmp/vm.sock map --svg memory.svg   physical memory, coloured by owner
+  superos-vmm inspect --snapshot vm.snap ps                     the same, offline
+
+Exit status: 0 answered; 1 the VMM refused the request; 2 bad arguments, no VMM at the
+socket or an unreadable snapshot; 5 `check` found an isolation invariant violated.";
+
+/// `superos-vmm inspect` arguments.
+#[derive(clap::Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct InspectArgs {
+    /// The control socket of a `superos-vmm run --api <SOCKET>`.
+    #[arg(long, value_name = "SOCKET", required_unless_present = "snapshot", conflicts_with = "snapshot")]
+    pub api: Option<PathBuf>,
+    /// A snapshot written by `superos-vmm run --snapshot-on-exit <FILE>`, examined offline.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: Option<PathBuf>,
+    /// Print the answer as JSON (events: one object per line) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to show or do.
+    #[command(subcommand)]
+    pub command: InspectCommand,
+}
+
+/// One `inspect` command.
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum InspectCommand {
+    /// Where the guest is: running, paused (and where), or finished.
+    Status,
+    /// Live processes: state, PML4, the kernel's counters against their
+    /// quotas, and what walking their page tables finds.
+    Ps,
+    /// A process's mappings, from walking its page tables: address ranges
+    /// with rights, frames and owners.
+    Maps {
+        /// The process.
+        pid: u32,
+    },
+    /// Frames per owner (free, kernel, page tables, private, shared, messages).
+    Frames,
+    /// Shared regions: owner, frames, participants with their rights and mappings.
+    Shares,
+    /// The kernel's events so far.
+    Events {
+        /// Keep printing new events until the guest stops.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Run the isolation checker now and show what it finds.
+    Check,
+    /// Walk one virtual address of a process through its page tables.
+    Translate {
+        /// The process.
+        pid: u32,
+        /// The address (0x... or decimal).
+        #[arg(value_parser = parse_number)]
+        vaddr: u64,
+    },
+    /// Hex dump of bytes a process maps (refused where it maps nothing).
+    Dump {
+        /// The process.
+        pid: u32,
+        /// First address (0x... or decimal).
+        #[arg(value_parser = parse_number)]
+        vaddr: u64,
+        /// How many bytes (at most 65536).
+        #[arg(value_parser = parse_number)]
+        len: u64,
+    },
+    /// Physical memory frame by frame, coloured by owner.
+    Map {
+        /// Draw it into this SVG file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
+    /// Hold the vCPU at the next consistent point until `resume`.
+    Pause,
+    /// Let a paused vCPU run again.
+    Resume,
+    /// Stop the guest if it still runs and end the VMM (ends `run --linger`).
+    Quit,
+}
+
+/// Parses `0x...` hex or decimal.
+pub fn parse_number(text: &str) -> Result<u64, String> {
+    let text = text.trim().replace('_', "");
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("`{text}` is not a number (use 0x... for hex)"))
+}
+
+impl InspectCommand {
+    /// The socket request for this command.
+    pub fn request(&self) -> Request {
+        match *self {
+            InspectCommand::Status => Request::Status,
+            InspectCommand::Ps => Request::Ps,
+            InspectCommand::Maps { pid } => Request::Maps { pid },
+            InspectCommand::Frames => Request::Frames,
+            InspectCommand::Shares => Request::Shares,
+            InspectCommand::Events { .. } => Request::Events { since: 0, wait_ms: 0 },
+            InspectCommand::Check => Request::Check,
+            InspectCommand::Translate { pid, vaddr } => Request::Translate { pid, vaddr },
+            InspectCommand::Dump { pid, vaddr, len } => Request::Dump { pid, vaddr, len },
+            InspectCommand::Map { .. } => Request::Map,
+            InspectCommand::Pause => Request::Pause,
+            InspectCommand::Resume => Request::Resume,
+            InspectCommand::Quit => Request::Quit,
+        }
+    }
+}
+
+fn print(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+fn fail(code: u8, message: &str) -> u8 {
+    let _ = writeln!(std::io::stderr(), "superos-vmm inspect: {message}");
+    code
+}
+
+/// Where answers come from.
+enum Source {
+    Live(Client),
+    Offline(snapshot::Loaded),
+}
+
+impl Source {
+    fn ask(&mut self, request: &Request) -> Result<Value, ClientError> {
+        match self {
+            Source::Live(client) => client.request(request),
+            Source::Offline(loaded) => {
+                let machine = Machine { ram: &loaded.ram, state: &loaded.state };
+                match request {
+                    Request::Pause | Request::Resume | Request::Quit => Err(ClientError::Refused(format!(
+                        "`{}` needs a running VMM (--api); a snapshot cannot be paused, resumed or quit",
+                        request.name()
+                    ))),
+                    Request::Status => {
+                        let meta = &loaded.meta;
+                        Ok(json!(ControlResult {
+                            state: "snapshot".into(),
+                            message: format!(
+                                "snapshot of {} written by superos-vmm {} {}; {} events ({} lost)",
+                                inspect::sanitize(&meta.scenario),
+                                inspect::sanitize(&meta.vmm_version),
+                                loaded.state.point,
+                                loaded.state.events.len(),
+                                meta.lost_events
+                            ),
+                            clients: 0,
+                        }))
+                    }
+                    query => inspect::answer(&machine, query).map_err(ClientError::Refused),
+                }
+            }
+        }
+    }
+}
+
+/// Runs `superos-vmm inspect`; returns the exit status.
+pub fn main(args: InspectArgs) -> u8 {
+    let mut source = match (&args.api, &args.snapshot) {
+        (Some(path), _) => match Client::connect(path) {
+            Ok(client) => Source::Live(client),
+            Err(error) => return fail(EXIT_USAGE, &error.to_string()),
+        },
+        (None, Some(file)) => match snapshot::read(file) {
+            Ok(loaded) => Source::Offline(loaded),
+            Err(error) => return fail(EXIT_USAGE, &error.to_string()),
+        },
+        (None, None) => {
+            return fail(EXIT_USAGE, "name a VMM with --api <SOCKET> or a snapshot with --snapshot <FILE>")
+        }
+    };
+    if matches!(source, Source::Offline(_))
+        && matches!(args.command, InspectCommand::Pause | InspectCommand::Resume | InspectCommand::Quit)
+    {
+        let name = args.command.request().name();
+        return fail(
+            EXIT_USAGE,
+            &format!("`{name}` needs a running VMM (--api); a snapshot cannot be paused, resumed or quit"),
+        );
+    }
+    match &args.command {
+        InspectCommand::Events { follow } => events(&mut source, *follow, args.json),
+        InspectCommand::Map { svg } => map(&mut source, svg.as_deref(), args.json),
+        command => {
+            let request = command.request();
+            let value = match source.ask(&request) {
+                Ok(value) => value,
+                Err(ClientError::Refused(why)) => return fail(EXIT_REFUSED, &why),
+                Err(ClientError::Transport(why)) => return fail(EXIT_USAGE, &why),
+            };
+            if args.json {
+                print(&format!("{value}\n"));
+            } else {
+                match inspect::render(&request, &value) {
+                    Ok(text) => print(&text),
+                    Err(why) => return fail(EXIT_USAGE, &why),
+                }
+            }
+            match serde_json::from_value::<CheckResult>(value) {
+                Ok(check) if request == Request::Check && !check.violations.is_empty() => EXIT_VIOLATED,
+                _ => EXIT_OK,
+            }
+        }
+    }
+}
+
+fn events(source: &mut Source, follow: bool, json: bool) -> u8 {
+    if follow && matches!(source, Source::Offline(_)) {
+        return fail(EXIT_USAGE, "--follow needs a running VMM (--api); a snapshot has no new events");
+    }
+    let mut since = 0;
+    loop {
+        let wait_ms = if follow { 1000 } else { 0 };
+        let value = match source.ask(&Request::Events { since, wait_ms }) {
+            Ok(value) => value,
+            Err(ClientError::Refused(why)) => return fail(EXIT_REFUSED, &why),
+            // The VMM ended (it does not linger): that is the end of the events.
+            Err(ClientError::Transport(_)) if follow && since > 0 => return EXIT_OK,
+            Err(ClientError::Transport(why)) => return fail(EXIT_USAGE, &why),
+        };
+        let answer: EventsResult = match serde_json::from_value(value) {
+            Ok(answer) => answer,
+            Err(e) => return fail(EXIT_USAGE, &format!("unexpected answer from the VMM: {e}")),
+        };
+        let mut text = String::new();
+        for event in &answer.events {
+            if json {
+                text.push_str(&event.event.to_string());
+            } else {
+                text.push_str(&event.text);
+            }
+            text.push('\n');
+        }
+        print(&text);
+        since = answer.next;
+        let more = answer.events.len() == MAX_EVENTS_PER_ANSWER;
+        if more {
+            continue;
+        }
+        if let Some(exit) = answer.finished {
+            if follow && !json {
+                let _ = writeln!(std::io::stderr(), "superos-vmm inspect: the guest has stopped: {exit}");
+            }
+            return EXIT_OK;
+        }
+        if !follow {
+            return EXIT_OK;
+        }
+    }
+}
+
+fn map(source: &mut Source, file: Option<&Path>, json: bool) -> u8 {
+    if file.is_none() && !json {
+        return fail(EXIT_USAGE, "map needs --svg <FILE> (or --json for the frame runs)");
+    }
+    let value = match source.ask(&Request::Map) {
+        Ok(value) => value,
+        Err(ClientError::Refused(why)) => return fail(EXIT_REFUSED, &why),
+        Err(ClientError::Transport(why)) => return fail(EXIT_USAGE, &why),
+    };
+    if json {
+        print(&format!("{value}\n"));
+    }
+    let Some(file) = file else { return EXIT_OK };
+    let map: MapResult = match serde_json::from_value(value) {
+        Ok(map) => map,
+        Err(e) => return fail(EXIT_USAGE, &format!("unexpected answer from the VMM: {e}")),
+    };
+    if let Err(e) = std::fs::write(file, svg::render(&map)) {
+        return fail(EXIT_USAGE, &format!("cannot write {}: {e}", file.display()));
+    }
+    if !json {
+        let owners: std::collections::BTreeSet<&str> = map.runs.iter().map(|r| r.owner.as_str()).collect();
+        let verdict = if map.violated.is_empty() {
+            "every isolation invariant held".to_string()
+        } else {
+            format!("violated: {}", map.violated.join(", "))
+        };
+        print(&format!(
+            "wrote {}: {} MiB, {} frames, {} owners, {} live processes, {} shared regions {}; {verdict}\n",
+            file.display(),
+            map.ram_bytes >> 20,
+            map.ram_bytes / 4096,
+            owners.len(),
+            map.processes.len(),
+            map.regions.len(),
+            map.at
+        ));
+    }
+    EXIT_OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_parse_in_hex_and_decimal() {
+        assert_eq!(parse_number("0x400000"), Ok(0x40_0000));
+        assert_eq!(parse_number("0X10"), Ok(16));
+        assert_eq!(parse_number("4096"), Ok(4096));
+        assert_eq!(parse_number("0x7fff_ffff_0000"), Ok(0x7fff_ffff_0000));
+        assert!(parse_number("0x").is_err());
+        assert!(parse_number("-1").is_err());
+        assert!(parse_number("0x1_0000_0000_0000_0000").is_err());
+    }
+}

@@ -1,0 +1,601 @@
+//! Snapshot files: guest memory plus what is needed to interpret it, written
+//! by `superos-vmm run --snapshot-on-exit <file>` when the guest stops and
+//! read by `superos-vmm inspect --snapshot <file> <command>`, which answers
+//! the same queries as the live control socket.
+//!
+//! # Format, version 1
+//!
+//! All integers are little-endian. A fixed 64-byte header:
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic `SOSSNAP\0` |
+//! | 8 | 4 | format version, 1 |
+//! | 12 | 4 | header size, 64 |
+//! | 16 | 8 | guest RAM size in bytes (a multiple of 2 MiB, 16 MiB to 3 GiB) |
+//! | 24 | 8 | metadata length `M` (at most 1 MiB) |
+//! | 32 | 8 | kernel text baseline length `T` (at most 64 MiB) |
+//! | 40 | 4 | event count `E` (at most 2^22) |
+//! | 44 | 4 | event record size, 64 (`superos_protocol::event::EventRecord`) |
+//! | 48 | 8 | stored page count `P` |
+//! | 56 | 8 | FNV-1a (64-bit) of every byte after the header |
+//!
+//! followed by, in order and with nothing in between or after:
+//!
+//! 1. metadata, `M` bytes of UTF-8 JSON: `vmm_version`, `created_unix`,
+//!    `scenario`, `lost_events`, `point` (where the guest stopped, as in
+//!    [`Point`]), `hello` (the kernel's boot hello: `version`,
+//!    `event_ring_gpa`, `event_ring_bytes`, `kernel_text_gpa`,
+//!    `kernel_text_len`, `introspection_root_gpa`; `null` if none arrived),
+//!    `usable` (the `[start, end)` RAM ranges the VMM gave the kernel), and
+//!    `baseline_gpa` (where the baseline below was copied from);
+//! 2. the kernel text as it was at the boot hello, `T` bytes (what
+//!    `kernel-text-unchanged` compares with);
+//! 3. the kernel events received, `E` raw event records (`seq` and `tick`
+//!    filled in);
+//! 4. a page bitmap, one bit per 4 KiB page of RAM (bit `i % 8` of byte
+//!    `i / 8` set: page `i` is stored); pages not stored are all zero;
+//! 5. the stored pages, 4096 bytes each, in address order (`P` of them,
+//!    the number of bits set).
+//!
+//! The boot info block and everything the kernel publishes (introspection
+//! root, process, owner and region tables, the event ring) are in guest
+//! memory. A snapshot of a guest that crashed or was stopped by the
+//! watchdog may catch the kernel half-way through an update; one taken
+//! after a clean shutdown, or when `inspect quit` stopped a paused guest,
+//! is consistent.
+//!
+//! Reading treats the file as untrusted: sizes are checked against the
+//! header and the file length (with overflow checks) before anything is
+//! allocated, the checksum before anything is decoded, and every field
+//! after that; every problem is a [`SnapshotError`], never a panic.
+
+use crate::check::{TextBaseline, MAX_KERNEL_TEXT};
+use crate::inspect::{MachineState, Point};
+use crate::memory::GuestRam;
+use crate::session::EventEntry;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use superos_protocol::event::EventRecord;
+use superos_protocol::hypercall::BootHelloParams;
+use superos_protocol::layout::{MAX_GUEST_MEMORY, MIN_GUEST_MEMORY, PAGE_SIZE};
+use thiserror::Error;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// The first 8 bytes of every snapshot.
+pub const MAGIC: [u8; 8] = *b"SOSSNAP\0";
+/// The format version this VMM writes and reads.
+pub const VERSION: u32 = 1;
+/// Header size in bytes.
+pub const HEADER_SIZE: usize = 64;
+/// Longest metadata.
+pub const MAX_META: u64 = 1 << 20;
+/// Most events.
+pub const MAX_EVENTS: u64 = 1 << 22;
+const RECORD_SIZE: usize = std::mem::size_of::<EventRecord>();
+
+/// Why a snapshot cannot be read.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// The file could not be read.
+    #[error("cannot read the snapshot {path}: {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// Not a snapshot at all.
+    #[error("not a SuperOS snapshot: {0}")]
+    NotASnapshot(String),
+    /// A snapshot of another format version.
+    #[error("snapshot format version {0} is not supported (this VMM reads version {VERSION})")]
+    Version(u32),
+    /// A snapshot, but damaged or inconsistent.
+    #[error("corrupt snapshot: {0}")]
+    Corrupt(String),
+}
+
+fn corrupt(why: impl Into<String>) -> SnapshotError {
+    SnapshotError::Corrupt(why.into())
+}
+
+/// What the snapshot says about where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// The VMM version that wrote it.
+    pub vmm_version: String,
+    /// When (seconds since the Unix epoch).
+    pub created_unix: u64,
+    /// The scenario that ran.
+    pub scenario: String,
+    /// Events the kernel reported lost.
+    pub lost_events: u64,
+}
+
+impl Meta {
+    /// Metadata for a snapshot of `scenario` written now.
+    pub fn new(scenario: &str, lost_events: u64) -> Meta {
+        Meta {
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            scenario: scenario.to_string(),
+            lost_events,
+        }
+    }
+}
+
+/// The boot hello as the metadata stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hello {
+    version: u32,
+    event_ring_gpa: u64,
+    event_ring_bytes: u64,
+    kernel_text_gpa: u64,
+    kernel_text_len: u64,
+    introspection_root_gpa: u64,
+}
+
+/// The metadata section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMeta {
+    vmm_version: String,
+    created_unix: u64,
+    scenario: String,
+    lost_events: u64,
+    point: Point,
+    hello: Option<Hello>,
+    usable: Vec<[u64; 2]>,
+    baseline_gpa: Option<u64>,
+}
+
+/// FNV-1a, 64-bit, fed piece by piece.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// Writes a snapshot of `ram` and `state` into `file` (which should be
+/// empty: it is written from the start and truncated to the snapshot).
+pub fn write(mut file: File, ram: &GuestRam, state: &MachineState, meta: &Meta) -> std::io::Result<()> {
+    let io = |e: crate::memory::MemoryError| std::io::Error::other(e.to_string());
+    let pages = ram.size() / PAGE_SIZE;
+    let mut bitmap = vec![0u8; (pages / 8) as usize];
+    let mut stored = 0u64;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for i in 0..pages {
+        ram.read_bytes(i * PAGE_SIZE, &mut page).map_err(io)?;
+        if page != ZERO_PAGE {
+            bitmap[(i / 8) as usize] |= 1 << (i % 8);
+            stored += 1;
+        }
+    }
+    let file_meta = FileMeta {
+        vmm_version: meta.vmm_version.clone(),
+        created_unix: meta.created_unix,
+        scenario: meta.scenario.clone(),
+        lost_events: meta.lost_events,
+        point: state.point.clone(),
+        hello: state.hello.map(|h| Hello {
+            version: h.version,
+            event_ring_gpa: h.event_ring_gpa,
+            event_ring_bytes: h.event_ring_bytes,
+            kernel_text_gpa: h.kernel_text_gpa,
+            kernel_text_len: h.kernel_text_len,
+            introspection_root_gpa: h.introspection_root_gpa,
+        }),
+        usable: state.usable.iter().map(|&(start, end)| [start, end]).collect(),
+        baseline_gpa: state.baseline.as_ref().map(|b| b.gpa),
+    };
+    let meta_bytes = serde_json::to_vec(&file_meta).map_err(std::io::Error::other)?;
+    let baseline: &[u8] = state.baseline.as_ref().map_or(&[], |b| &b.bytes);
+    let events: Vec<u8> = state
+        .events
+        .iter()
+        .flat_map(|entry| {
+            let mut record = entry.event.encode();
+            record.seq = entry.seq;
+            record.tick = entry.tick;
+            record.as_bytes().to_vec()
+        })
+        .collect();
+    if meta_bytes.len() as u64 > MAX_META
+        || baseline.len() as u64 > MAX_KERNEL_TEXT
+        || state.events.len() as u64 > MAX_EVENTS
+    {
+        return Err(std::io::Error::other("the snapshot's metadata, kernel text or events are too large"));
+    }
+
+    let mut hash = Fnv::new();
+    let mut out = BufWriter::new(&mut file);
+    out.write_all(&[0u8; HEADER_SIZE])?;
+    for section in [&meta_bytes[..], baseline, &events, &bitmap] {
+        hash.update(section);
+        out.write_all(section)?;
+    }
+    for i in 0..pages {
+        if bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
+            ram.read_bytes(i * PAGE_SIZE, &mut page).map_err(io)?;
+            hash.update(&page);
+            out.write_all(&page)?;
+        }
+    }
+    out.flush()?;
+    drop(out);
+    let mut header = Vec::with_capacity(HEADER_SIZE);
+    header.extend_from_slice(&MAGIC);
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    header.extend_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
+    header.extend_from_slice(&ram.size().to_le_bytes());
+    header.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(baseline.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(state.events.len() as u32).to_le_bytes());
+    header.extend_from_slice(&(RECORD_SIZE as u32).to_le_bytes());
+    header.extend_from_slice(&stored.to_le_bytes());
+    header.extend_from_slice(&hash.0.to_le_bytes());
+    let end = file.stream_position()?;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&header)?;
+    file.set_len(end)?;
+    file.flush()
+}
+
+/// A snapshot, read back.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Guest RAM as it was.
+    pub ram: GuestRam,
+    /// What is needed to interpret it.
+    pub state: MachineState,
+    /// Where it came from.
+    pub meta: Meta,
+}
+
+/// Reads and validates the snapshot at `path`.
+pub fn read(path: &Path) -> Result<Loaded, SnapshotError> {
+    let io = |error| SnapshotError::Io { path: path.display().to_string(), error };
+    let file = File::open(path).map_err(io)?;
+    let length = file.metadata().map_err(io)?.len();
+    let limit = HEADER_SIZE as u64
+        + MAX_META
+        + MAX_KERNEL_TEXT
+        + MAX_EVENTS * RECORD_SIZE as u64
+        + MAX_GUEST_MEMORY / PAGE_SIZE / 8
+        + MAX_GUEST_MEMORY;
+    if length > limit {
+        return Err(corrupt(format!("the file is {length} bytes, more than any snapshot can be")));
+    }
+    let mut bytes = Vec::with_capacity(length as usize);
+    file.take(limit).read_to_end(&mut bytes).map_err(io)?;
+    parse(&bytes)
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[offset..offset + 4]);
+    u32::from_le_bytes(word)
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[offset..offset + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// Splits `len` bytes off the front of `rest`.
+fn take<'a>(rest: &mut &'a [u8], len: u64) -> Result<&'a [u8], SnapshotError> {
+    let len = usize::try_from(len).map_err(|_| corrupt("a section is too large"))?;
+    if rest.len() < len {
+        return Err(corrupt("the file ends inside a section"));
+    }
+    let (head, tail) = rest.split_at(len);
+    *rest = tail;
+    Ok(head)
+}
+
+/// Parses and validates a snapshot held in memory.
+pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
+    if bytes.len() < HEADER_SIZE {
+        return Err(SnapshotError::NotASnapshot(format!("{} bytes, shorter than the header", bytes.len())));
+    }
+    if bytes[..8] != MAGIC {
+        return Err(SnapshotError::NotASnapshot("wrong magic".into()));
+    }
+    let version = u32_at(bytes, 8);
+    if version != VERSION {
+        return Err(SnapshotError::Version(version));
+    }
+    let header_size = u32_at(bytes, 12);
+    if header_size as usize != HEADER_SIZE {
+        return Err(corrupt(format!("header size {header_size}, not {HEADER_SIZE}")));
+    }
+    let ram_size = u64_at(bytes, 16);
+    let meta_len = u64_at(bytes, 24);
+    let text_len = u64_at(bytes, 32);
+    let event_count = u64::from(u32_at(bytes, 40));
+    let record_size = u32_at(bytes, 44);
+    let stored = u64_at(bytes, 48);
+    let checksum = u64_at(bytes, 56);
+    if !(MIN_GUEST_MEMORY..=MAX_GUEST_MEMORY).contains(&ram_size) || ram_size % (2 << 20) != 0 {
+        return Err(corrupt(format!("guest RAM of {ram_size} bytes is not a valid size")));
+    }
+    let pages = ram_size / PAGE_SIZE;
+    if meta_len > MAX_META {
+        return Err(corrupt(format!("metadata of {meta_len} bytes (at most {MAX_META})")));
+    }
+    if text_len > MAX_KERNEL_TEXT {
+        return Err(corrupt(format!("kernel text of {text_len} bytes (at most {MAX_KERNEL_TEXT})")));
+    }
+    if event_count > MAX_EVENTS {
+        return Err(corrupt(format!("{event_count} events (at most {MAX_EVENTS})")));
+    }
+    if record_size as usize != RECORD_SIZE {
+        return Err(corrupt(format!("event records of {record_size} bytes, not {RECORD_SIZE}")));
+    }
+    if stored > pages {
+        return Err(corrupt(format!("{stored} stored pages in {pages} pages of RAM")));
+    }
+    let expected = [meta_len, text_len, event_count * RECORD_SIZE as u64, pages / 8, stored * PAGE_SIZE]
+        .into_iter()
+        .try_fold(HEADER_SIZE as u64, u64::checked_add);
+    if expected != Some(bytes.len() as u64) {
+        return Err(corrupt(format!(
+            "the file is {} bytes, its header describes {}",
+            bytes.len(),
+            expected.map_or("more than 2^64".to_string(), |e| e.to_string())
+        )));
+    }
+    let mut hash = Fnv::new();
+    hash.update(&bytes[HEADER_SIZE..]);
+    if hash.0 != checksum {
+        return Err(corrupt(format!("checksum {:#018x}, the header says {checksum:#018x}", hash.0)));
+    }
+
+    let mut rest = &bytes[HEADER_SIZE..];
+    let meta_bytes = take(&mut rest, meta_len)?;
+    let text = take(&mut rest, text_len)?;
+    let event_bytes = take(&mut rest, event_count * RECORD_SIZE as u64)?;
+    let bitmap = take(&mut rest, pages / 8)?;
+    let page_bytes = take(&mut rest, stored * PAGE_SIZE)?;
+
+    let meta: FileMeta = serde_json::from_slice(meta_bytes).map_err(|e| corrupt(format!("metadata: {e}")))?;
+    let in_ram = |gpa: u64, len: u64| gpa.checked_add(len).is_some_and(|end| end <= ram_size);
+    let mut usable = Vec::with_capacity(meta.usable.len());
+    for [start, end] in meta.usable {
+        if start >= end || end > ram_size || start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 {
+            return Err(corrupt(format!("usable range {start:#x}..{end:#x} is not page-aligned RAM")));
+        }
+        usable.push((start, end));
+    }
+    let baseline = match (meta.baseline_gpa, text_len) {
+        (_, 0) => None,
+        (Some(gpa), len) if in_ram(gpa, len) => {
+            Some(TextBaseline { gpa, bytes: text.to_vec(), hash: crate::check::fnv1a(text) })
+        }
+        (Some(gpa), len) => {
+            return Err(corrupt(format!("kernel text {gpa:#x}+{len:#x} is outside guest RAM")))
+        }
+        (None, _) => return Err(corrupt("kernel text without its address")),
+    };
+    let hello = meta.hello.map(|h| BootHelloParams {
+        version: h.version,
+        status: 0,
+        event_ring_gpa: h.event_ring_gpa,
+        event_ring_bytes: h.event_ring_bytes,
+        kernel_text_gpa: h.kernel_text_gpa,
+        kernel_text_len: h.kernel_text_len,
+        introspection_root_gpa: h.introspection_root_gpa,
+    });
+    let mut events = Vec::with_capacity(event_count as usize);
+    for (i, chunk) in event_bytes.chunks_exact(RECORD_SIZE).enumerate() {
+        let record = EventRecord::read_from_bytes(chunk).map_err(|_| corrupt("event record size"))?;
+        let event = record
+            .decode()
+            .map_err(|unknown| corrupt(format!("event #{i} has unknown kind {}", unknown.0)))?;
+        events.push(EventEntry { seq: record.seq, tick: record.tick, event });
+    }
+    let set: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+    if set != stored {
+        return Err(corrupt(format!("the page bitmap marks {set} pages, the header says {stored}")));
+    }
+    let ram = GuestRam::new(ram_size >> 20).map_err(|e| corrupt(e.to_string()))?;
+    let mut next = page_bytes.chunks_exact(PAGE_SIZE as usize);
+    for i in 0..pages {
+        if bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
+            let page = next.next().ok_or_else(|| corrupt("fewer pages than the bitmap marks"))?;
+            ram.write_bytes(i * PAGE_SIZE, page).map_err(|e| corrupt(e.to_string()))?;
+        }
+    }
+    Ok(Loaded {
+        ram,
+        state: MachineState { hello, usable, baseline, events, point: meta.point },
+        meta: Meta {
+            vmm_version: meta.vmm_version,
+            created_unix: meta.created_unix,
+            scenario: meta.scenario,
+            lost_events: meta.lost_events,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use superos_protocol::event::Event;
+
+    fn sample() -> (GuestRam, MachineState) {
+        let ram = GuestRam::new(16).unwrap();
+        ram.write_bytes(0x1000, b"boot info").unwrap();
+        ram.write_bytes(0x20_0000, &[0xab; 5000]).unwrap();
+        ram.write_bytes((16 << 20) - 1, &[1]).unwrap();
+        let text = vec![0x90u8; 300];
+        ram.write_bytes(0x10_0000, &text).unwrap();
+        let state = MachineState {
+            hello: Some(BootHelloParams {
+                version: 1,
+                status: 0,
+                event_ring_gpa: 0x30_0000,
+                event_ring_bytes: 4096,
+                kernel_text_gpa: 0x10_0000,
+                kernel_text_len: 300,
+                introspection_root_gpa: 0x31_0000,
+            }),
+            usable: vec![(0x40_0000, 16 << 20)],
+            baseline: Some(TextBaseline { gpa: 0x10_0000, hash: crate::check::fnv1a(&text), bytes: text }),
+            events: vec![
+                EventEntry {
+                    seq: 0,
+                    tick: 0,
+                    event: Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0x5000 },
+                },
+                EventEntry {
+                    seq: 1,
+                    tick: 3,
+                    event: Event::ProcessExited { pid: 1, code: 7, preemptions: 2 },
+                },
+            ],
+            point: Point::Finished { exit: "the kernel shut down with status 0".into(), cr3: None },
+        };
+        (ram, state)
+    }
+
+    fn bytes_of(ram: &GuestRam, state: &MachineState) -> Vec<u8> {
+        let path = std::env::temp_dir().join(format!(
+            "superos-snapshot-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        write(file, ram, state, &Meta::new("test", 0)).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        bytes
+    }
+
+    #[test]
+    fn a_snapshot_round_trips() {
+        let (ram, state) = sample();
+        let bytes = bytes_of(&ram, &state);
+        assert_eq!(&bytes[..8], b"SOSSNAP\0");
+        assert!(bytes.len() < 64 * 1024, "zero pages are not stored: {} bytes", bytes.len());
+        let loaded = parse(&bytes).unwrap();
+        assert_eq!(loaded.state, state);
+        assert_eq!(loaded.meta.scenario, "test");
+        for gpa in (0..16u64 << 20).step_by(4096) {
+            let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+            ram.read_bytes(gpa, &mut a).unwrap();
+            loaded.ram.read_bytes(gpa, &mut b).unwrap();
+            assert!(a == b, "page {gpa:#x} differs");
+        }
+    }
+
+    fn sample_bytes() -> &'static [u8] {
+        static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        BYTES.get_or_init(|| {
+            let (ram, state) = sample();
+            bytes_of(&ram, &state)
+        })
+    }
+
+    /// Recomputes the checksum after a corruption, so the parser's later
+    /// checks are reached.
+    fn reseal(bytes: &mut [u8]) {
+        if bytes.len() >= HEADER_SIZE {
+            let mut hash = Fnv::new();
+            hash.update(&bytes[HEADER_SIZE..]);
+            bytes[56..64].copy_from_slice(&hash.0.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn damaged_snapshots_are_clear_errors() {
+        let (ram, state) = sample();
+        let good = bytes_of(&ram, &state);
+        type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Damage, &str)> = vec![
+            (Box::new(|b| b.truncate(10)), "shorter than the header"),
+            (Box::new(|b| b[0] = b'X'), "wrong magic"),
+            (Box::new(|b| b[8] = 2), "version 2 is not supported"),
+            (Box::new(|b| b.push(0)), "header describes"),
+            (Box::new(|b| b.truncate(b.len() - 1)), "header describes"),
+            (Box::new(|b| *b.last_mut().unwrap() ^= 1), "checksum"),
+            (Box::new(|b| b[16..24].copy_from_slice(&(17u64 << 20).to_le_bytes())), "not a valid size"),
+            (Box::new(|b| b[24..32].copy_from_slice(&u64::MAX.to_le_bytes())), "metadata of"),
+            (Box::new(|b| b[48..56].copy_from_slice(&(1u64 << 40).to_le_bytes())), "stored pages"),
+            (Box::new(|b| b[44] = 65), "event records of 65 bytes"),
+            (
+                Box::new(|b| {
+                    b[HEADER_SIZE] = b'[';
+                    reseal(b)
+                }),
+                "metadata",
+            ),
+        ];
+        for (damage, needle) in cases {
+            let mut bytes = good.clone();
+            damage(&mut bytes);
+            let error = parse(&bytes).unwrap_err().to_string();
+            assert!(error.contains(needle), "{error:?} should mention {needle:?}");
+        }
+        let error = read(Path::new("/nonexistent/snapshot")).unwrap_err().to_string();
+        assert!(error.contains("cannot read the snapshot /nonexistent/snapshot"), "{error}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random bytes are never a snapshot, and never a panic.
+        #[test]
+        fn random_bytes_are_rejected(bytes in proptest::collection::vec(any::<u8>(), 0..512), magic in any::<bool>()) {
+            let mut bytes = bytes;
+            if magic && bytes.len() >= 12 {
+                bytes[..8].copy_from_slice(&MAGIC);
+                bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            }
+            prop_assert!(parse(&bytes).is_err());
+        }
+
+        /// A real snapshot with bytes changed (and the checksum fixed up, half
+        /// of the time, so the deeper checks run) parses or fails cleanly.
+        #[test]
+        fn corrupted_snapshots_never_panic(
+            changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            header_only in any::<bool>(),
+            fix_checksum in any::<bool>(),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let mut bytes = sample_bytes().to_vec();
+            let span = if header_only { HEADER_SIZE + 2048 } else { bytes.len() };
+            for (index, value) in changes {
+                let i = index.index(span.min(bytes.len()));
+                bytes[i] = value;
+            }
+            if let Some(cut) = cut {
+                let keep = cut.index(bytes.len());
+                bytes.truncate(keep);
+            }
+            if fix_checksum {
+                reseal(&mut bytes);
+            }
+            let _ = parse(&bytes);
+        }
+    }
+}
