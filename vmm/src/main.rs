@@ -34,6 +34,8 @@ enum Command {
     Run(RunArgs),
     /// List the embedded scenarios and programs.
     List,
+    /// Examine a running VM (`run --api`) or a snapshot (`run --snapshot-on-exit`).
+    Inspect(superos_vmm::inspect_cli::InspectArgs),
 }
 
 const RUN_EXAMPLES: &str = "\
@@ -44,11 +46,14 @@ Examples:
   superos-vmm run --mem 128 --timeout 10   more guest memory, a shorter watchdog
   superos-vmm run --events json | grep '^{'   the kernel's events as JSON lines
   superos-vmm run --check every-event      check the isolation invariants at every kernel event
+  superos-vmm run --api /tmp/vm.sock --linger   serve `superos-vmm inspect --api /tmp/vm.sock ...`
+  superos-vmm run --snapshot-on-exit vm.snap    for `superos-vmm inspect --snapshot vm.snap ...`
 
 Exit status: 0 every process did what the scenario expects; 1 some process did not;
 2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired;
 5 an isolation invariant was violated (takes precedence over 1, 3 and 4; what the check at
-a kernel panic finds is listed but leaves the status at 3).";
+a kernel panic finds is listed but leaves the status at 3). A guest stopped with
+`inspect quit` exits 1 (its processes did not finish).";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -90,6 +95,8 @@ struct RunArgs {
     /// Only print the summary, not the console and events as they happen.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    observe: superos_vmm::control::ObserveArgs,
     /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
     #[arg(long, value_enum, hide = true)]
     debug_inject: Vec<Inject>,
@@ -157,6 +164,7 @@ fn main() -> ExitCode {
             out!("embedded programs: {}", images::program_names().join(", "));
             ExitCode::SUCCESS
         }
+        Command::Inspect(args) => ExitCode::from(superos_vmm::inspect_cli::main(args)),
         Command::Run(args) => match run_command(args, started) {
             Ok(code) => ExitCode::from(code as u8),
             Err(message) => {
@@ -222,8 +230,16 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     if !args.quiet {
         out!("superos-vmm: running {origin}: {}", config.scenario.description);
     }
-    let report = run::run(config).map_err(|e| e.to_string())?;
-    print_summary(&report);
+    let mut extras = args.observe.extras();
+    let lingers = extras.lingers();
+    if lingers {
+        // Print the summary when the guest stops, not after `inspect quit`.
+        extras.on_finish = Some(print_summary);
+    }
+    let report = run::run_with(config, extras).map_err(|e| e.to_string())?;
+    if !lingers {
+        print_summary(&report);
+    }
     if args.stats {
         print_stats(&report);
     }
