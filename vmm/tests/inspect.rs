@@ -1,0 +1,628 @@
+//! `superos-vmm run --api` and `superos-vmm inspect`: a live VM examined
+//! through its control socket (processes, mappings, frames, shared regions,
+//! events, checks, translations, dumps, pause/resume/quit), a lingering VM
+//! examined after it finished, events followed as they happen, snapshots
+//! that answer exactly like the live VM they were taken from, the SVG map,
+//! and the errors users see.
+//!
+//! Synchronisation is on observable facts only: a line on the VMM's output,
+//! the socket accepting connections, a long-polled event, the number of
+//! connected clients; never a sleep.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+const VMM: &str = env!("CARGO_BIN_EXE_superos-vmm");
+/// How long any one thing may take before the test fails.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn kvm_available() -> bool {
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    assert!(usable || std::env::var_os("CI").is_none(), "/dev/kvm is not usable, and CI is set");
+    usable
+}
+
+/// A scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("superos-inspect-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `superos-vmm inspect <args>`: (exit status, stdout, stderr).
+fn inspect(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(VMM).arg("inspect").args(args).output().expect("run superos-vmm inspect");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Waits until something accepts connections on `socket` (bounded).
+fn wait_connectable(socket: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "nothing serves {} after {PATIENCE:?}", socket.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `superos-vmm run` child whose output is read line by line.
+struct Vmm {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    socket: PathBuf,
+}
+
+impl Vmm {
+    fn start(args: &[&str], socket: &Path) -> Vmm {
+        let mut child = Command::new(VMM)
+            .arg("run")
+            .args(args)
+            .args(["--api", socket.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start superos-vmm run");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let vmm = Vmm { child, lines, seen: Vec::new(), socket: socket.to_path_buf() };
+        wait_connectable(socket);
+        vmm
+    }
+
+    /// Waits for a line of the VMM's output containing `needle`.
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?} from the VMM; it said:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// `inspect --api <socket> <args>`.
+    fn inspect(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec!["--api", self.socket.to_str().unwrap()];
+        all.extend_from_slice(args);
+        inspect(&all)
+    }
+
+    /// `inspect --api <socket> --json <args>`, which must succeed.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (code, stdout, stderr) = self.inspect(&all);
+        assert_eq!(code, 0, "inspect {args:?}: {stdout}{stderr}");
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("inspect {args:?}: {e}: {stdout}"))
+    }
+
+    /// `inspect --api <socket> <args>` (tables), which must succeed.
+    fn text(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.inspect(args);
+        assert_eq!(code, 0, "inspect {args:?}: {stdout}{stderr}");
+        stdout
+    }
+
+    /// Waits for the VMM to exit; its status and everything it printed.
+    fn finish(mut self) -> (i32, String) {
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Output closed: the process is exiting.
+                    break self.child.wait().unwrap();
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the VMM did not exit; it said:\n{}", self.seen.join("\n"));
+            }
+        };
+        self.seen.extend(self.lines.iter());
+        (status.code().unwrap_or(-1), self.seen.join("\n"))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Removes the `at` field of a query result (where the guest was: "in user
+/// code ..." live, "after the guest stopped ..." in a snapshot).
+fn without_at(mut value: Value) -> Value {
+    value.as_object_mut().unwrap().remove("at");
+    value
+}
+
+/// A producer that creates a region, grants it to pid 2 and waits for an
+/// answer that never comes, beside pid 2, which spins: both stay alive.
+const LIVE_SCENARIO: &str = r#"
+description = "a producer waiting forever beside a spinner"
+
+[[process]]
+name = "producer"
+program = "shm-pipeline"
+args = "mode=producer peer=2 kib=64 chunk=16"
+
+[[process]]
+name = "spinner"
+program = "spin"
+"#;
+
+#[test]
+fn a_live_vm_is_examined_through_its_control_socket_and_its_snapshot_answers_the_same() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("live");
+    let scenario = dir.join("live.toml");
+    std::fs::write(&scenario, LIVE_SCENARIO).unwrap();
+    let socket = dir.join("vm.sock");
+    let snapshot = dir.join("vm.snap");
+    let mut vmm = Vmm::start(
+        &[scenario.to_str().unwrap(), "--timeout", "120", "--snapshot-on-exit", snapshot.to_str().unwrap()],
+        &socket,
+    );
+    vmm.wait_for_line("[spinner#2] spin: spinning forever");
+    vmm.wait_for_line("[producer#1] shm-pipeline: producer: MEM_SHARE:1 mapped read-write at 0x100000000");
+
+    // ps: both processes, the kernel's counters agreeing with the walk.
+    let ps = vmm.json(&["ps"]);
+    let processes = ps["processes"].as_array().unwrap();
+    let names: Vec<&str> = processes.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["producer", "spinner"], "{ps}");
+    for p in processes {
+        assert_eq!(p["resident_bytes"], p["walked"]["resident_bytes"], "{p}");
+        assert!(p["walked"]["pages"].as_u64().unwrap() >= 4, "{p}");
+        assert!(p["walked"]["tables"].as_u64().unwrap() >= 4, "{p}");
+    }
+    assert_eq!(processes[0]["walked"]["shared_frames"], 5, "the producer maps its 5-page region: {ps}");
+    assert_ne!(processes[0]["pml4"], processes[1]["pml4"]);
+    let table = vmm.text(&["ps"]);
+    assert!(table.contains("producer") && table.contains("spinner") && table.contains("pml4"), "{table}");
+
+    // maps: the code page is r-x and user-accessible, data rw-, the region
+    // rw- at the address the kernel chose, the gate r-x.
+    let maps = vmm.json(&["maps", "1"]);
+    let ranges = maps["ranges"].as_array().unwrap();
+    let code = ranges.iter().find(|r| r["start"] == 0x40_0000).unwrap_or_else(|| panic!("{maps}"));
+    assert_eq!((code["rights"].as_str(), code["user"].as_bool()), (Some("r-x"), Some(true)), "{code}");
+    assert_eq!(code["owner_key"], "private:1");
+    let region = ranges.iter().find(|r| r["start"] == 0x1_0000_0000u64).unwrap_or_else(|| panic!("{maps}"));
+    assert_eq!((region["rights"].as_str(), region["pages"].as_u64()), (Some("rw-"), Some(5)));
+    assert_eq!(region["owner_key"], "shared:1");
+    let gate = ranges.iter().find(|r| r["start"] == 0x7fff_ffff_0000u64).unwrap_or_else(|| panic!("{maps}"));
+    assert_eq!((gate["rights"].as_str(), gate["owner_key"].as_str()), (Some("r-x"), Some("gate")));
+    assert!(ranges.iter().all(|r| !(r["writable"] == true && r["nx"] == false)), "W^X: {maps}");
+    let table = vmm.text(&["maps", "1"]);
+    let code_line = table.lines().find(|l| l.starts_with("0x400000 ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(code_line.contains("r-x") && code_line.contains("private to pid 1 (producer)"), "{code_line}");
+    let (code, _, stderr) = vmm.inspect(&["maps", "9"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no live process with pid 9 (live: 1, 2)"), "{stderr}");
+
+    // frames: owners as the kernel records them, and who maps them.
+    let frames = vmm.json(&["frames"]);
+    let owner = |key: &str| {
+        frames["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key}: {frames}"))
+    };
+    assert_eq!(owner("shared:1")["frames"], 5);
+    assert_eq!(owner("shared:1")["mapped"], 5);
+    assert_eq!(owner("message:2")["frames"], 1, "the MEM_SHARE message waits in pid 2's mailbox");
+    assert_eq!(owner("table:1")["mapped"], 0, "no process maps a page table");
+    assert_eq!(owner("gate")["mapped"], 1);
+    assert_eq!(frames["multiply_mapped_frames"], 1, "only the gate is mapped by both: {frames}");
+    assert_eq!(frames["ram_frames"], 16384);
+
+    // shares: the region, its owner mapped read-write, pid 2 granted
+    // read-only and not mapped.
+    let shares = vmm.json(&["shares"]);
+    let region = &shares["regions"][0];
+    assert_eq!((region["id"].as_u64(), region["owner"].as_u64()), (Some(1), Some(1)), "{shares}");
+    let participants = region["participants"].as_array().unwrap();
+    assert_eq!(participants[0]["rights"], "rwg");
+    assert_eq!(participants[0]["mapped_at"], 0x1_0000_0000u64);
+    assert_eq!(
+        (participants[0]["walked_pages"].as_u64(), participants[0]["walked_writable"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert_eq!((participants[1]["pid"].as_u64(), participants[1]["rights"].as_str()), (Some(2), Some("r--")));
+    assert_eq!(
+        (participants[1]["mapped_at"].clone(), participants[1]["walked_pages"].as_u64()),
+        (Value::Null, Some(0))
+    );
+
+    // check: nothing violated.
+    let (code, stdout, stderr) = vmm.inspect(&["check"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("every invariant held"), "{stdout}");
+    assert_eq!(vmm.json(&["check"])["violations"], Value::Array(vec![]));
+
+    // translate: level by level down to the code frame.
+    let translation = vmm.text(&["translate", "1", "0x400010"]);
+    for needle in ["PML4", "PDPT", "PD ", "PT ", "-> physical", "r-x user", "private to pid 1 (producer)"] {
+        assert!(translation.contains(needle), "{needle:?} in\n{translation}");
+    }
+    let translation = vmm.json(&["translate", "1", "0x400010"]);
+    let leaf = &translation["leaf"];
+    assert_eq!(leaf["phys"].as_u64().unwrap() & 0xfff, 0x10);
+    assert!(vmm.text(&["translate", "1", "0x200000"]).contains("not mapped"));
+
+    // dump: the bytes of the code page; refused where nothing is mapped,
+    // across the end of the gate page, in the kernel half, and too long.
+    let dump = vmm.text(&["dump", "1", "0x400000", "64"]);
+    let rows: Vec<&str> = dump.lines().filter(|l| l.starts_with("00000000004000")).collect();
+    assert_eq!(rows.len(), 4, "{dump}");
+    let hex = vmm.json(&["dump", "1", "0x400000", "64"])["hex"].as_str().unwrap().to_string();
+    assert_eq!(hex.len(), 128);
+    assert_ne!(hex, "0".repeat(128), "code is not all zero");
+    let phys = leaf["frame"].as_u64().unwrap();
+    assert!(phys != 0);
+    for (args, needle) in [
+        (["dump", "1", "0x200000", "16"], "does not map 0x200000"),
+        (["dump", "1", "0x7fffffff0ff0", "32"], "does not map 0x7fffffff1000"),
+        (["dump", "1", "0xffff800000000000", "16"], "does not map 0xffff800000000000"),
+        (["dump", "1", "0x400000", "65537"], "dump length must be 1 to 65536"),
+        (["dump", "1", "0x400000", "0"], "dump length must be 1 to 65536"),
+    ] {
+        let (code, stdout, stderr) = vmm.inspect(&args);
+        assert_eq!(code, 1, "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+
+    // events: what the kernel logged so far, as JSON lines.
+    let (code, stdout, _) = vmm.inspect(&["--json", "events"]);
+    assert_eq!(code, 0);
+    let kinds: Vec<String> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["kind"].as_str().unwrap().to_string())
+        .collect();
+    for kind in ["kernel-ready", "process-spawned", "shm-created", "shm-granted", "shm-mapped"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
+    assert!(vmm.text(&["events"]).contains("pid 1 created MEM_SHARE:1"));
+
+    // Garbage on the socket gets error answers; the VMM carries on.
+    let mut raw = UnixStream::connect(&socket).unwrap();
+    raw.set_read_timeout(Some(PATIENCE)).unwrap();
+    raw.write_all(b"hello\n{\"cmd\":\"maps\",\"pid\":99}\n\xff\n{\"cmd\":\"ps\"}\n").unwrap();
+    let mut reader = BufReader::new(raw.try_clone().unwrap());
+    let answers: Vec<Value> = (0..4)
+        .map(|_| {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap()
+        })
+        .collect();
+    assert_eq!(answers[0]["ok"], false);
+    assert!(answers[1]["error"].as_str().unwrap().contains("no live process with pid 99"), "{}", answers[1]);
+    assert_eq!(answers[2]["error"], "request is not UTF-8");
+    assert_eq!(answers[3]["ok"], true);
+    drop(reader);
+    drop(raw);
+
+    // pause holds the guest: two looks see exactly the same thing.
+    let paused = vmm.text(&["pause"]);
+    assert!(paused.starts_with("paused "), "{paused}");
+    assert_eq!(vmm.json(&["status"])["state"], "paused");
+    let first = vmm.json(&["ps"]);
+    let second = vmm.json(&["ps"]);
+    assert_eq!(first, second, "a paused guest does not change");
+    assert_eq!(vmm.json(&["ps"])["at"], first["at"]);
+    let resumed = vmm.text(&["resume"]);
+    assert!(resumed.starts_with("resumed"), "{resumed}");
+    assert_eq!(vmm.json(&["status"])["state"], "running");
+    let (code, _, stderr) = vmm.inspect(&["resume"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("not paused"), "{stderr}");
+
+    // The SVG map, well-formed.
+    let svg_path = dir.join("map.svg");
+    let wrote = vmm.text(&["map", "--svg", svg_path.to_str().unwrap()]);
+    assert!(wrote.contains("every isolation invariant held"), "{wrote}");
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert_eq!(superos_vmm::svg::well_formed(&svg), Ok(()));
+    for needle in [
+        "pid 1 producer: private",
+        "pid 2 spinner: page tables",
+        "shared region 1 (owner pid 1, granted to 2)",
+        "free (",
+    ] {
+        assert!(svg.contains(needle), "{needle:?} not in the SVG");
+    }
+
+    // Pause again, look, and quit there: the snapshot is that moment.
+    vmm.text(&["pause"]);
+    let live: Vec<Value> = [&["ps"][..], &["maps", "1"], &["maps", "2"], &["frames"], &["shares"]]
+        .iter()
+        .map(|a| vmm.json(a))
+        .collect();
+    let quit = vmm.text(&["quit"]);
+    assert!(quit.contains("quitting"), "{quit}");
+    let (code, output) = vmm.finish();
+    assert_eq!(code, 1, "stopped with processes unfinished:\n{output}");
+    assert!(output.contains("stopped on request (inspect quit)"), "{output}");
+    assert!(!socket.exists(), "the socket is removed");
+
+    let snap = snapshot.to_str().unwrap();
+    for (args, live) in
+        [&["ps"][..], &["maps", "1"], &["maps", "2"], &["frames"], &["shares"]].iter().zip(live)
+    {
+        let mut all = vec!["--snapshot", snap, "--json"];
+        all.extend_from_slice(args);
+        let (code, stdout, stderr) = inspect(&all);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        let offline: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(offline["at"].as_str().unwrap().contains("stopped on request"), "{offline}");
+        assert_eq!(
+            without_at(offline),
+            without_at(live),
+            "{args:?} differs between the live VM and its snapshot"
+        );
+    }
+    let (code, stdout, _) = inspect(&["--snapshot", snap, "check"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("every invariant held"), "{stdout}");
+    let (code, stdout, _) = inspect(&["--snapshot", snap, "dump", "1", "0x400000", "64"]);
+    assert_eq!(
+        (code, stdout.lines().skip(1).collect::<Vec<_>>()),
+        (0, dump.lines().skip(1).collect::<Vec<_>>())
+    );
+    let (_, stdout, _) = inspect(&["--snapshot", snap, "status"]);
+    assert!(stdout.contains("snapshot of") && stdout.contains("live.toml"), "{stdout}");
+    for command in ["pause", "resume", "quit"] {
+        let (code, _, stderr) = inspect(&["--snapshot", snap, command]);
+        assert_eq!(code, 2);
+        assert!(stderr.contains("needs a running VMM"), "{stderr}");
+    }
+    let (code, _, stderr) = inspect(&["--snapshot", snap, "events", "--follow"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--follow needs a running VMM"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_lingering_vm_is_examined_after_it_finished_until_quit() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("linger");
+    let socket = dir.join("vm.sock");
+    let mut vmm = Vmm::start(&["hello", "--linger"], &socket);
+    // The summary is printed when the guest stops, before lingering.
+    vmm.wait_for_line("1 of 1 processes as expected");
+    let status = vmm.json(&["status"]);
+    assert_eq!(status["state"], "finished", "{status}");
+    assert!(status["message"].as_str().unwrap().contains("the kernel shut down with status 0"), "{status}");
+    assert_eq!(vmm.json(&["ps"])["processes"], Value::Array(vec![]));
+    let events = vmm.text(&["events"]);
+    assert!(events.contains("pid 1 exited with code 0"), "{events}");
+    assert!(events.lines().last().unwrap().contains("kernel shutting down"), "{events}");
+    let (code, stdout, _) = vmm.inspect(&["check"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("after the guest stopped") && stdout.contains("every invariant held"),
+        "{stdout}"
+    );
+    let frames = vmm.json(&["frames"]);
+    assert!(frames["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|o| !o["key"].as_str().unwrap().starts_with("private")));
+    // Following a finished guest prints its events and ends.
+    let (code, stdout, _) = vmm.inspect(&["events", "--follow"]);
+    assert_eq!((code, stdout), (0, events));
+    let (code, _, stderr) = vmm.inspect(&["pause"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(vmm.text(&["quit"]).contains("quitting; the guest had stopped"));
+    let (code, output) = vmm.finish();
+    assert_eq!(code, 0, "the hello scenario succeeded:\n{output}");
+    assert!(!socket.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn events_follow_streams_until_the_guest_ends() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("follow");
+    let socket = dir.join("vm.sock");
+    let vmm = Vmm::start(&["two-hellos", "--paused", "-q"], &socket);
+    let status = vmm.json(&["status"]);
+    assert_eq!(status["state"], "paused", "{status}");
+    assert!(status["message"].as_str().unwrap().contains("before the first guest instruction"));
+    let follower = Command::new(VMM)
+        .args(["inspect", "--api", socket.to_str().unwrap(), "events", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Resume once the follower is connected (it and the asking client).
+    let deadline = Instant::now() + PATIENCE;
+    while vmm.json(&["status"])["clients"].as_u64().unwrap() < 2 {
+        assert!(Instant::now() < deadline, "the follower never connected");
+    }
+    assert!(vmm.text(&["resume"]).contains("resumed (was paused before the first guest instruction)"));
+    let output = follower.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let seqs: Vec<u64> = stdout
+        .lines()
+        .map(|l| l.strip_prefix("event #").unwrap().split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "every event once, in order:\n{stdout}");
+    assert!(stdout.contains("pid 2 exited with code 0"), "{stdout}");
+    assert!(stdout.lines().last().unwrap().contains("kernel shutting down"), "{stdout}");
+    let (code, _) = vmm.finish();
+    assert_eq!(code, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_inspect_and_run_arguments_are_clear_errors() {
+    let dir = scratch("errors");
+    let junk = dir.join("junk.snap");
+    std::fs::write(&junk, b"this is not a snapshot at all, just text that is long enough for a header")
+        .unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--api", "/nonexistent/vm.sock", "ps"], "cannot connect to /nonexistent/vm.sock"),
+        (&["--snapshot", junk.to_str().unwrap(), "ps"], "not a SuperOS snapshot"),
+        (&["--snapshot", "/nonexistent/vm.snap", "ps"], "cannot read the snapshot"),
+        (&["ps"], "--api <SOCKET>"),
+    ];
+    for (args, needle) in cases {
+        let (code, _, stderr) = inspect(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let output = Command::new(VMM).args(["run", "hello", "--paused"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--api"));
+    if kvm_available() {
+        let output = Command::new(VMM)
+            .args(["run", "hello", "--snapshot-on-exit", "/nonexistent/dir/vm.snap"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("cannot create the snapshot file /nonexistent/dir/vm.snap"), "{stderr}");
+        // A file where the socket should go is not replaced.
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"keep me").unwrap();
+        let output =
+            Command::new(VMM).args(["run", "hello", "--api", file.to_str().unwrap()]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_violation_planted_in_a_live_guest_is_found_by_check_and_drawn_on_the_map() {
+    use superos_protocol::event::Event;
+    use superos_vmm::api::{ApiOptions, Client, Request};
+    use superos_vmm::arch::paging::{PTE_ADDRESS_MASK, PTE_WRITABLE};
+    use superos_vmm::check::CheckMode;
+    use superos_vmm::control::RunExtras;
+    use superos_vmm::inspect::{CheckResult, EventsResult, MapResult};
+    use superos_vmm::monitor::Tamper;
+    use superos_vmm::run::{run_with, GuestExit, RunConfig};
+    use superos_vmm::scenario::Scenario;
+
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("violation");
+    let socket = dir.join("vm.sock");
+    let scenario = Scenario::parse(
+        "[[process]]\nname = \"spinner\"\nprogram = \"spin\"\n",
+        "violation.toml",
+        Path::new("."),
+    )
+    .unwrap();
+    let mut config = RunConfig::new(scenario);
+    config.timeout = Duration::from_secs(120);
+    // The run itself does not check: the violation is for `inspect` to find.
+    config.check = CheckMode::Off;
+    // At its spawn, make the spinner's code page writable (W^X broken).
+    config.tamper = Some(Tamper::new(|ram, _, entry| match entry.event {
+        Event::ProcessSpawned { pml4_gpa, .. } => {
+            let (gpa, pte, _) =
+                superos_vmm::walk::leaf_entry(ram, pml4_gpa, 0x40_0000).expect("code is mapped");
+            ram.write(gpa, &(pte | PTE_WRITABLE)).unwrap();
+            true
+        }
+        _ => false,
+    }));
+    let extras = RunExtras {
+        api: Some(ApiOptions { socket: socket.clone(), paused: false, linger: false }),
+        ..Default::default()
+    };
+    let runner = std::thread::spawn(move || run_with(config, extras));
+    wait_connectable(&socket);
+    let mut client = Client::connect(&socket).unwrap();
+    // Long-poll the events until the spawn: the tamper has run by then.
+    let deadline = Instant::now() + PATIENCE;
+    let mut since = 0;
+    loop {
+        let answer: EventsResult =
+            serde_json::from_value(client.request(&Request::Events { since, wait_ms: 1000 }).unwrap())
+                .unwrap();
+        if answer.events.iter().any(|e| e.event["kind"] == "process-spawned") {
+            break;
+        }
+        assert!(answer.finished.is_none() && Instant::now() < deadline, "no spawn event");
+        since = answer.next;
+    }
+    let check: CheckResult = serde_json::from_value(client.request(&Request::Check).unwrap()).unwrap();
+    let found =
+        check.violations.iter().find(|v| v.invariant == "w-xor-x").unwrap_or_else(|| panic!("{check:?}"));
+    assert_eq!((found.pids.as_slice(), found.vas.as_slice()), (&[1][..], &[0x40_0000][..]), "{found:?}");
+    let code_frame = found.ptes[0] & PTE_ADDRESS_MASK;
+
+    let map: MapResult = serde_json::from_value(client.request(&Request::Map).unwrap()).unwrap();
+    assert_eq!(map.violated, ["w-xor-x"]);
+    let marked: Vec<u64> = map.runs.iter().filter(|r| r.violation).map(|r| r.start).collect();
+    assert_eq!(marked, [code_frame], "{:?}", map.runs);
+    let svg = superos_vmm::svg::render(&map);
+    assert_eq!(superos_vmm::svg::well_formed(&svg), Ok(()));
+    assert!(svg.contains("ISOLATION VIOLATED: w-xor-x"));
+    assert!(svg.contains("named by an invariant violation (1 frame)"));
+    if let Some(out) = std::env::var_os("SUPEROS_TEST_SVG") {
+        std::fs::write(out, &svg).unwrap();
+    }
+
+    let quit = client.request(&Request::Quit).unwrap();
+    assert!(quit["message"].as_str().unwrap().contains("quitting"), "{quit}");
+    let report = runner.join().unwrap().unwrap();
+    assert_eq!(report.exit, GuestExit::Stopped);
+    assert!(report.violations.is_empty(), "the run checked nothing itself");
+    let _ = std::fs::remove_dir_all(&dir);
+}
