@@ -607,15 +607,17 @@ impl AddressSpace {
     }
 
     /// Maps the frames of shared region `region` at an address the kernel
-    /// chooses: user-accessible, never executable, writable if asked.
+    /// chooses: user-accessible, never executable, writable if asked. The
+    /// mapping counts in the virtual size, so the virtual quota applies.
     pub fn map_shared<M: Memory>(
         &mut self,
         memory: &mut M,
         region: u32,
         frames: &[u64],
         writable: bool,
-    ) -> Result<u64, SysError> {
+    ) -> Result<u64, Refusal> {
         let len = frames.len() as u64 * PAGE_SIZE;
+        self.check_virtual(len)?;
         let start = self.place(len)?;
         let mut flags = Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
         if writable {
@@ -636,7 +638,7 @@ impl AddressSpace {
                 for undo in (start..va).step_by(PAGE_SIZE as usize) {
                     paging::unmap(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, undo);
                 }
-                return Err(SysError::OutOfMemory);
+                return Err(SysError::OutOfMemory.into());
             }
         }
         self.insert_region(Region { start, end: start + len, kind: RegionKind::Shared { region, writable } });
@@ -1005,6 +1007,23 @@ pub(crate) mod tests {
         // The revoked range is never handed out again.
         assert!(space.map_anonymous(0x1000, RW).unwrap() > at + 0x2000);
         assert_eq!(space.unmap_shared(&mut memory, at), Err(SysError::BadAddress));
+        // The virtual quota covers shared mappings too.
+        let mut tight = AddressSpace::new(
+            &mut memory,
+            2,
+            space.pml4(),
+            frames[0],
+            Quotas { max_virtual: 9 * 4096, ..Quotas::default() },
+        );
+        if let Some(tight) = tight.as_mut() {
+            assert!(matches!(
+                tight.map_shared(&mut memory, 9, &frames, false),
+                Err(Refusal::Quota { kind: QuotaKind::Virtual, .. })
+            ));
+        }
+        if let Some(tight) = tight {
+            tight.destroy(&mut memory);
+        }
         space.destroy(&mut memory);
         assert!(
             frames.iter().all(|&f| memory.owner(f) == Some(FrameOwner::Shared(9))),

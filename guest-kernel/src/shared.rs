@@ -235,9 +235,9 @@ impl SharedMemory {
         me.space.charge_shared(charge)?;
         let addr = match me.space.map_shared(memory, region.id, &region.frames, writable) {
             Ok(addr) => addr,
-            Err(error) => {
+            Err(refusal) => {
                 me.space.uncharge_shared(charge);
-                return Err(error.into());
+                return Err(refusal);
             }
         };
         region.participants[participant].mapping = Some((addr, prot));

@@ -121,15 +121,15 @@ const REGRESSION_SEEDS: &[(u64, u64, Option<&str>, &str)] = &[
     (
         83,
         400,
-        Some("shm-map-virtual-quota"),
+        None,
         "kernel: under a 2048 KiB virtual quota, a mem_map is denied (event #26), two smaller ones \
          fit, then shm_map of the fuzzer's own 48 KiB region succeeds (event #32) and takes its \
          virtual size to 2142208 bytes: the checker stops the run (quota-accounting); without the \
          checker the fuzzer reports `call #63 shm_map(..) -> unexpected Ok(..) (allowed: \
-         quota-exceeded)`",
+         quota-exceeded)`; fixed: shm_map now checks the virtual quota",
     ),
-    (125, 400, Some("shm-map-virtual-quota"), "kernel: the same bug, later in the run (event #85)"),
-    (221, 400, Some("shm-map-virtual-quota"), "kernel: the same bug (event #89)"),
+    (125, 400, None, "kernel: the same bug, later in the run (event #85)"),
+    (221, 400, None, "kernel: the same bug (event #89)"),
 ];
 
 #[test]

@@ -16,7 +16,7 @@ use crate::address_space::Refusal;
 use crate::capability::CapTable;
 use crate::shared::{Holder, Holders};
 use alloc::vec::Vec;
-use superos_protocol::event::{Event, FaultKind};
+use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::syscall::{CapInfo, SysError, CAPS_MAX};
 use zerocopy::IntoBytes;
 
@@ -57,7 +57,12 @@ impl Kernel {
                 let (pid, index) = self.caller();
                 self.emit(Event::QuotaDenied { pid, quota: Some(kind), requested, limit });
                 if self.processes[index].space.quotas().kill {
-                    self.kill_current(frame, FaultKind::SharedQuotaExceeded, 0);
+                    let fault = match kind {
+                        QuotaKind::Virtual => FaultKind::VirtualQuotaExceeded,
+                        QuotaKind::Resident => FaultKind::ResidentQuotaExceeded,
+                        QuotaKind::Shared => FaultKind::SharedQuotaExceeded,
+                    };
+                    self.kill_current(frame, fault, 0);
                     ShmOutcome::Killed
                 } else {
                     ShmOutcome::Return(Err(SysError::QuotaExceeded))
