@@ -626,3 +626,38 @@ fn a_violation_planted_in_a_live_guest_is_found_by_check_and_drawn_on_the_map() 
     assert!(report.violations.is_empty(), "the run checked nothing itself");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_kernel_busy_in_ring_0_makes_queries_fail_instead_of_hanging() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("busy");
+    let socket = dir.join("vm.sock");
+    let vmm = Vmm::start(&["hello", "--debug-inject", "spin-in-kernel", "--timeout", "120", "-q"], &socket);
+    // A query that comes before the vCPU's first instruction is answered
+    // there (a consistent point); once the kernel spins, queries fail.
+    let mut attempts = 0;
+    loop {
+        let started = Instant::now();
+        let (code, stdout, stderr) = vmm.inspect(&["--json", "ps"]);
+        assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+        if code == 0 {
+            let ps: Value = serde_json::from_str(stdout.trim()).unwrap();
+            assert_eq!(ps["at"], "before the first guest instruction", "{ps}");
+            attempts += 1;
+            assert!(attempts < 5, "the kernel never got to spinning");
+            continue;
+        }
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains("did not reach a consistent point"), "{stderr}");
+        break;
+    }
+    // The VMM still answers what needs no pause, and quit still stops it.
+    assert_eq!(vmm.json(&["status"])["state"], "running");
+    assert!(vmm.text(&["quit"]).contains("the guest was stopped"));
+    let (code, output) = vmm.finish();
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("stopped on request"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
