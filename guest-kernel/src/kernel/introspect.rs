@@ -96,19 +96,24 @@ pub fn corrupt() {
     root.kernel_text_len = u64::MAX;
 }
 
+fn published_state(state: ProcessState) -> u32 {
+    match state {
+        ProcessState::Runnable => PROCESS_RUNNABLE,
+        ProcessState::Receiving { .. } => PROCESS_RECEIVING,
+    }
+}
+
 /// The published record of one process; remembers the counters it shows.
 fn process_record(
     boot: &superos_protocol::boot::BootInfo,
     process: &mut super::process::Process,
 ) -> ProcessRecord {
     let stat = process.space.stat();
-    process.published = (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes);
+    let state = published_state(process.state);
+    process.published = (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes, state);
     ProcessRecord {
         pid: process.pid,
-        state: match process.state {
-            ProcessState::Runnable => PROCESS_RUNNABLE,
-            ProcessState::Receiving { .. } => PROCESS_RECEIVING,
-        },
+        state,
         name: boot.processes()[process.spec_index].name,
         pml4: process.space.pml4(),
         virtual_bytes: stat.virtual_bytes,
@@ -124,7 +129,7 @@ fn process_record(
 
 impl Kernel {
     /// At the end of a trap: republishes the records of processes whose
-    /// counters changed without an event (demand-zero faults, pages faulted
+    /// counters or state changed without an event (demand-zero faults, pages faulted
     /// in by system calls), so the tables are also consistent whenever the
     /// vCPU is in ring 3.
     pub(super) fn republish_changed(&mut self) {
@@ -133,7 +138,9 @@ impl Kernel {
         let mut changed = false;
         for (slot, process) in self.processes.iter_mut().enumerate().take(PROCESS_CAPACITY) {
             let stat = process.space.stat();
-            if process.published != (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes) {
+            let now =
+                (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes, published_state(process.state));
+            if process.published != now {
                 processes[slot] = process_record(self.boot, process);
                 changed = true;
             }

@@ -60,8 +60,8 @@ pub struct Process {
     pub mailbox: VecDeque<Message>,
     /// Its shared-memory capabilities.
     pub caps: CapTable,
-    /// (virtual, resident, shared) bytes as last published for the VMM.
-    pub published: (u64, u64, u64),
+    /// (virtual, resident, shared bytes, state) as last published for the VMM.
+    pub published: (u64, u64, u64, u32),
 }
 
 /// How a process ended.
@@ -145,7 +145,7 @@ impl Kernel {
             preemptions: 0,
             mailbox: VecDeque::new(),
             caps: super::shm::new_cap_table(pid, self.boot_entropy),
-            published: (0, 0, 0),
+            published: (0, 0, 0, 0),
         });
         self.emit(Event::ProcessSpawned { pid, spec_index: spec_index as u64, pml4_gpa: pml4 });
         Ok(())
