@@ -29,6 +29,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod bench;
 pub mod boot;
 pub mod check;
 pub mod console;
