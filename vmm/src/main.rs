@@ -36,6 +36,9 @@ enum Command {
     List,
     /// Examine a running VM (`run --api`) or a snapshot (`run --snapshot-on-exit`).
     Inspect(superos_vmm::inspect_cli::InspectArgs),
+    /// Measure SuperOS operations beside host baselines measured in the same run.
+    #[command(after_help = superos_vmm::bench::BENCH_HELP)]
+    Bench(superos_vmm::bench::BenchArgs),
 }
 
 const RUN_EXAMPLES: &str = "\
@@ -164,6 +167,7 @@ fn main() -> ExitCode {
             out!("embedded programs: {}", images::program_names().join(", "));
             ExitCode::SUCCESS
         }
+        Command::Bench(args) => ExitCode::from(superos_vmm::bench::command(args) as u8),
         Command::Inspect(args) => ExitCode::from(superos_vmm::inspect_cli::main(args)),
         Command::Run(args) => match run_command(args, started) {
             Ok(code) => ExitCode::from(code as u8),
