@@ -159,10 +159,10 @@ impl Control {
     /// Kicks the vCPU thread out of `KVM_RUN` if it is running.
     fn kick(state: &State) {
         if let Vcpu::Running(thread) = state.vcpu {
-            // SAFETY: the state says Running, and the vCPU thread takes this
-            // same lock (held by our caller) to leave that state before it
-            // exits, so `thread` is a live thread. The signal's handler was
-            // installed before the thread started (`run::install_kick_handler`).
+            // The vCPU thread leaves the Running state under this same lock (held
+            // by our caller) before it exits; the kick handler was installed
+            // before it started (`run::install_kick_handler`).
+            // SAFETY: so `thread` is a live thread and the signal is handled.
             unsafe { libc::pthread_kill(thread, crate::run::kick_signal()) };
         }
     }

@@ -547,9 +547,8 @@ fn watchdog(
     }
     kicks.stop.store(true, Ordering::SeqCst);
     loop {
-        // SAFETY: `thread` is the vCPU thread, which is still running (it has
-        // not sent Done) and is only joined after this function returns, so
-        // its pthread_t is valid.
+        // SAFETY: `thread` is the vCPU thread: still running (no Done yet) and
+        // joined only after this returns, so its pthread_t is valid.
         unsafe { libc::pthread_kill(thread, kick_signal()) };
         if !matches!(receiver.recv_timeout(Duration::from_millis(20)), Err(mpsc::RecvTimeoutError::Timeout)) {
             return;

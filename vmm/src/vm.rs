@@ -76,9 +76,8 @@ impl Vm {
             memory_size: ram.size(),
             userspace_addr: ram.host_address() as u64,
         };
-        // SAFETY: the region describes `ram`'s mapping, which stays mapped for
-        // as long as the VM exists: `Vm` is always dropped before the
-        // `GuestRam` it was created over (see `run::run`).
+        // SAFETY: the region is `ram`'s mapping, which outlives the VM (`run::run`
+        // drops the `Vm` before the `GuestRam` it was created over).
         unsafe { vm.set_user_memory_region(region) }.map_err(VmError::SetMemory)?;
         let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
         // Without the host's CPUID some MSR writes (EFER.SCE) raise #GP.

@@ -17,9 +17,8 @@ const DIVIDE_BY_1: u32 = 0xb;
 pub const TIMER_PERIOD: u32 = 10_000_000;
 
 fn write(register: u64, value: u32) {
-    // SAFETY: LAPIC_VA is mapped uncached to the local APIC by the kernel's
-    // page tables before any function of this module is called, and these
-    // offsets are architectural 32-bit APIC registers.
+    // SAFETY: LAPIC_VA maps the local APIC uncached (kernel page tables, set up
+    // before any caller); these offsets are architectural 32-bit registers.
     unsafe { core::ptr::write_volatile((LAPIC_VA + register) as *mut u32, value) };
 }
 

@@ -69,9 +69,8 @@ pub fn init() {
     // Vectors 15, 22-27 and 31 are reserved by the architecture and never
     // raised; everything else gets its stub.
     let idt = idt.insert(InterruptDescriptorTable::new());
-    // SAFETY: trap_stub_table is filled by the assembler with the addresses of
-    // the stubs in entry.rs, each of which saves a TrapFrame and matches the
-    // error-code convention of its vector.
+    // SAFETY: the assembler fills trap_stub_table with the stubs of entry.rs,
+    // which save a TrapFrame and match each vector's error-code convention.
     let stubs = unsafe { &entry::trap_stub_table };
     // SAFETY: (covers every set_handler_addr call below) each address is the
     // stub for that vector; the stubs are valid interrupt handlers for the
