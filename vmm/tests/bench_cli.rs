@@ -1,22 +1,7 @@
 //! `superos-vmm bench`: the table's shape and the JSON, not the timings.
 
-use std::process::Command;
-
-fn vmm(args: &[&str]) -> (i32, String, String) {
-    let output =
-        Command::new(env!("CARGO_BIN_EXE_superos-vmm")).args(args).output().expect("run superos-vmm");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    assert!(usable || std::env::var_os("CI").is_none(), "/dev/kvm is not usable, and CI is set");
-    usable
-}
+mod common;
+use common::{kvm_available, vmm};
 
 #[test]
 fn bench_quick_only_syscall_prints_one_row_and_the_same_json() {

@@ -9,6 +9,8 @@
 //! the socket accepting connections, a long-polled event, the number of
 //! connected clients; never a sleep.
 
+mod common;
+use common::kvm_available;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -20,12 +22,6 @@ use std::time::{Duration, Instant};
 const VMM: &str = env!("CARGO_BIN_EXE_superos-vmm");
 /// How long any one thing may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn kvm_available() -> bool {
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    assert!(usable || std::env::var_os("CI").is_none(), "/dev/kvm is not usable, and CI is set");
-    usable
-}
 
 /// A scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {
