@@ -72,9 +72,8 @@ pub fn init() {
     // SAFETY: the assembler fills trap_stub_table with the stubs of entry.rs,
     // which save a TrapFrame and match each vector's error-code convention.
     let stubs = unsafe { &entry::trap_stub_table };
-    // SAFETY: (covers every set_handler_addr call below) each address is the
-    // stub for that vector; the stubs are valid interrupt handlers for the
-    // kernel CS.
+    // Covers every set_handler_addr call below.
+    // SAFETY: each address is its vector's stub, a valid handler for kernel CS.
     unsafe {
         let addr = |v: usize| VirtAddr::new(stubs[v]);
         idt.divide_error.set_handler_addr(addr(0));

@@ -321,10 +321,10 @@ fn read_boot_info(gpa: u64) -> &'static BootInfo {
     if gpa != BOOT_INFO_GPA {
         panic!("boot info at unexpected address {gpa:#x}");
     }
-    // SAFETY: the VMM wrote a BootInfo at BOOT_INFO_GPA (checked above), in a
-    // region the memory map reserves for it, and the boot page tables map it
-    // through the direct map. BootInfo is plain data: any bytes are a valid
-    // value, and the fields are validated below before use.
+    // The VMM wrote a BootInfo at BOOT_INFO_GPA (checked above), in a region
+    // the memory map reserves, mapped by the boot tables' direct map.
+    // SAFETY: BootInfo is plain data (any bytes are valid; fields are
+    // validated below), and nothing writes that region while the kernel runs.
     let boot = unsafe { &*direct::<BootInfo>(gpa) };
     if boot.magic != boot::BOOT_INFO_MAGIC {
         panic!("boot info has a bad magic number {:#x}", boot.magic);
@@ -364,10 +364,10 @@ fn frame_allocator(boot: &BootInfo) -> (FrameAllocator<'static>, (u64, u64)) {
         panic!("not enough RAM for the frame allocator");
     }
     largest.0 = storage_start + storage_pages * PAGE_SIZE;
-    // SAFETY: [storage_start, +storage_pages) is usable guest RAM removed from
-    // the allocator's ranges above, so nothing else will ever use it; the VMM
-    // hands over guest RAM zeroed (all frames free in the ownership table);
-    // both slices are 4-aligned and disjoint.
+    // [storage_start, +storage_pages) is usable guest RAM removed from the
+    // allocator's ranges above; the VMM hands over guest RAM zeroed.
+    // SAFETY: so nothing else uses it, the ownership table starts all-free,
+    // and both slices are 4-aligned and disjoint.
     let (stack, owners) = unsafe {
         (
             core::slice::from_raw_parts_mut(direct::<u32>(storage_start), entries),
@@ -514,9 +514,9 @@ impl Kernel {
         let stub = self.gate.stub();
         let info =
             GateInfo { magic: sc::GATE_INFO_MAGIC, gate_kind: self.gate.kind(), tsc_khz: self.boot.tsc_khz };
-        // SAFETY: the gate frame is a whole frame owned by the kernel. Every
-        // byte outside the stub is int3, so a jump to any other offset traps
-        // as an illegal gate entry.
+        // Every byte outside the stub is int3: any other offset traps as an
+        // illegal gate entry.
+        // SAFETY: the gate frame is a whole frame owned by the kernel.
         unsafe {
             core::ptr::write_bytes(page, 0xcc, PAGE_SIZE as usize);
             core::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len());

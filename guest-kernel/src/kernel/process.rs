@@ -94,9 +94,8 @@ impl Kernel {
         if image_end > self.boot.mem_size {
             return Err(SpawnError::BadElf);
         }
-        // SAFETY: the range was checked to lie inside guest RAM, which the
-        // direct map covers; program images are in a region the memory map
-        // reserves, so nothing writes them while this shared slice lives.
+        // The range was checked to lie inside guest RAM (direct-mapped).
+        // SAFETY: program images are in a reserved region nothing writes.
         let image =
             unsafe { core::slice::from_raw_parts(super::direct::<u8>(program.gpa), program.len as usize) };
         let plan = check_user_image(image)?;
