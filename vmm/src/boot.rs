@@ -181,6 +181,18 @@ pub struct PreparedGuest {
     pub boot_info: Box<BootInfo>,
 }
 
+impl PreparedGuest {
+    /// The usable RAM ranges (start, end) of the boot memory map.
+    pub fn usable_ranges(&self) -> Vec<(u64, u64)> {
+        self.boot_info
+            .memory_map()
+            .iter()
+            .filter(|r| r.kind == MEMORY_USABLE)
+            .map(|r| (r.start, r.start.saturating_add(r.len)))
+            .collect()
+    }
+}
+
 /// Loads the kernel and the scenario's programs into `ram` and writes the
 /// boot tables and boot info.
 pub fn prepare(

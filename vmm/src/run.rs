@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Once;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy, MEMORY_USABLE};
+use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::hypercall::Hypercall;
 use superos_protocol::layout::BOOT_INFO_GPA;
@@ -400,13 +400,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
     let mut session = Session::new(&ram, config.started, config.echo, names).with_event_format(config.events);
-    let usable: Vec<(u64, u64)> = prepared
-        .boot_info
-        .memory_map()
-        .iter()
-        .filter(|r| r.kind == MEMORY_USABLE)
-        .map(|r| (r.start, r.start.saturating_add(r.len)))
-        .collect();
+    let usable = prepared.usable_ranges();
     // Inspection needs the checker's record of the boot (the kernel text
     // baseline) even when the run itself checks nothing.
     if config.check != CheckMode::Off || config.tamper.is_some() || !extras.is_empty() {

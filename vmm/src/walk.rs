@@ -392,19 +392,7 @@ impl Walker<'_> {
             if entry & PTE_PRESENT == 0 {
                 continue;
             }
-            let va = (slot as u64) << 39;
-            let entry_gpa = pml4 + slot as u64 * 8;
-            if entry & PTE_HUGE != 0 {
-                self.issue(
-                    pid,
-                    va,
-                    pml4,
-                    entry,
-                    format!("PML4 entry {entry:#x} at {entry_gpa:#x} has the reserved PS bit"),
-                );
-                continue;
-            }
-            self.descend(pid, false, 3, va, entry, entry_gpa, Rights::TOP.through(entry));
+            self.pml4_entry(pid, pid, false, pml4, slot, entry);
         }
         self.kernel_half_entries(pid, pml4, &table);
     }
@@ -418,6 +406,21 @@ impl Walker<'_> {
         }
     }
 
+    /// Descends through present PML4 entry `slot` of `pml4` (read while
+    /// walking `pid`), recording what it reaches as `owner`'s; a PS bit at
+    /// this level is reserved and reported instead.
+    fn pml4_entry(&mut self, pid: u32, owner: u32, kernel: bool, pml4: u64, slot: usize, entry: u64) {
+        let high = if slot >= 256 { 0xffff_0000_0000_0000 } else { 0 };
+        let va = high | ((slot as u64) << 39);
+        let entry_gpa = pml4 + slot as u64 * 8;
+        if entry & PTE_HUGE != 0 {
+            let reason = format!("PML4 entry {entry:#x} at {entry_gpa:#x} has the reserved PS bit");
+            self.issue(pid, va, pml4, entry, reason);
+            return;
+        }
+        self.descend(owner, kernel, 3, va, entry, entry_gpa, Rights::TOP.through(entry));
+    }
+
     /// Walks the kernel-half entries of a PML4 that no earlier PML4 had
     /// (the kernel half is shared: normally this walks it once).
     fn kernel_half_entries(&mut self, pid: u32, pml4: u64, table: &[u64; 512]) {
@@ -425,19 +428,7 @@ impl Walker<'_> {
             if entry & PTE_PRESENT == 0 || !self.kernel_entries_seen.insert(entry & !PTE_CPU_BITS) {
                 continue;
             }
-            let va = 0xffff_0000_0000_0000 | ((slot as u64) << 39);
-            let entry_gpa = pml4 + slot as u64 * 8;
-            if entry & PTE_HUGE != 0 {
-                self.issue(
-                    pid,
-                    va,
-                    pml4,
-                    entry,
-                    format!("PML4 entry {entry:#x} at {entry_gpa:#x} has the reserved PS bit"),
-                );
-                continue;
-            }
-            self.descend(KERNEL_HALF, true, 3, va, entry, entry_gpa, Rights::TOP.through(entry));
+            self.pml4_entry(pid, KERNEL_HALF, true, pml4, slot, entry);
         }
     }
 

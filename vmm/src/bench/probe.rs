@@ -54,7 +54,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, ScrubStrategy, MEMORY_USABLE};
+use superos_protocol::boot::{GatePreference, ScrubStrategy};
 use superos_protocol::event::Event;
 use superos_protocol::hypercall::BootHelloParams;
 use superos_protocol::introspect::{IntrospectionRoot, INTROSPECTION_MAGIC};
@@ -475,13 +475,7 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA).map_err(|e| e.to_string())?;
     let names = scenario.processes.iter().map(|p| p.name.clone()).collect();
     let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, names);
-    let usable = prepared
-        .boot_info
-        .memory_map()
-        .iter()
-        .filter(|r| r.kind == MEMORY_USABLE)
-        .map(|r| (r.start, r.start.saturating_add(r.len)))
-        .collect();
+    let usable = prepared.usable_ranges();
     let mut checker = Checker::new(usable);
 
     let mut counter = Counter::default();
