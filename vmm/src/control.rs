@@ -74,6 +74,10 @@ struct State {
     quit_since: Option<Instant>,
     /// Some while the vCPU is held at a consistent point.
     held: Option<Point>,
+    /// The vCPU thread is past its first hold point: the guest may have
+    /// executed instructions. Until then a `--paused` guest is paused at
+    /// [`Point::Boot`] whether or not the thread has reached it yet.
+    guest_entered: bool,
     /// Where the vCPU was held when `quit` stopped it.
     quit_at: Option<Point>,
     held_since: Option<Instant>,
@@ -120,6 +124,7 @@ impl Control {
                 quit: false,
                 quit_since: None,
                 held: None,
+                guest_entered: false,
                 quit_at: None,
                 held_since: None,
                 held_total: Duration::ZERO,
@@ -198,10 +203,9 @@ impl Control {
     /// Before the first instruction: holds the vCPU there if a pause is
     /// wanted (`--paused`). True if the guest must not run (`quit`).
     pub fn before_start(&self, session: &Session<'_>) -> bool {
-        if !self.attention.load(Ordering::SeqCst) {
-            return false;
-        }
-        self.hold(Point::Boot, session)
+        let quit = self.attention.load(Ordering::SeqCst) && self.hold(Point::Boot, session);
+        self.lock().guest_entered = true;
+        quit
     }
 
     /// After a VM exit the run loop is about to resume from. Publishes new
@@ -467,6 +471,11 @@ impl Control {
                 ),
             ),
             (None, Some(point), true) => ("paused".into(), format!("paused {point}; {events} events so far")),
+            // `--paused`, and the vCPU thread has not reached its first hold
+            // yet: nothing has run, nothing will until `resume`.
+            (None, None, true) if !state.guest_entered => {
+                ("paused".into(), format!("paused {}; {events} events so far", Point::Boot))
+            }
             (None, None, true) => {
                 ("pausing".into(), format!("pausing at the next consistent point; {events} events so far"))
             }
@@ -645,5 +654,36 @@ impl ObserveArgs {
             snapshot_on_exit: self.snapshot_on_exit.clone(),
             on_finish: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    fn control(paused: bool) -> Control {
+        Control::new(GuestRam::new(16).unwrap(), vec![(0x10_0000, 16 << 20)], paused)
+    }
+
+    #[test]
+    fn a_paused_run_reports_paused_before_its_vcpu_thread_reaches_the_first_hold() {
+        let control = control(true);
+        let (state, message) = control.status();
+        assert_eq!(state, "paused", "{message}");
+        assert!(message.contains("before the first guest instruction"), "{message}");
+        // Resumed before the thread got there: it will run.
+        assert!(control.resume().unwrap().contains("before the first guest instruction"));
+        assert_eq!(control.status().0, "running");
+    }
+
+    #[test]
+    fn once_the_guest_has_entered_a_pause_is_pausing_until_the_vcpu_is_held() {
+        let control = control(false);
+        control.lock().guest_entered = true;
+        control.lock().explicit = true;
+        assert_eq!(control.status().0, "pausing");
+        let fresh = self::control(false);
+        assert_eq!(fresh.status().0, "running");
     }
 }
