@@ -790,9 +790,8 @@ pub(crate) mod tests {
     impl Memory for FakeMemory {
         fn table(&mut self, frame: u64) -> &mut PageTable {
             let bytes = self.bytes(frame);
-            // SAFETY: FrameBytes is 4096 bytes with 4096 alignment, the size
-            // and alignment of a PageTable (512 u64 entries, any bit pattern
-            // valid); the borrow of the box is exclusive.
+            // SAFETY: FrameBytes has a PageTable's size and alignment (4096, 512 u64s, any bits valid),
+            // and the borrow of the box is exclusive.
             unsafe { &mut *(bytes.as_mut_ptr() as *mut PageTable) }
         }
         fn alloc_frame(&mut self, owner: FrameOwner) -> Option<u64> {

@@ -282,9 +282,8 @@ fn stream_recv(peer: u32, bytes: u64, samples: u64, marks: Marks) -> Result<(), 
 
 /// Copies `len` bytes between two raw addresses of this process.
 fn copy(from: u64, to: u64, len: u64) {
-    // SAFETY: both ranges lie inside mappings of at least `len` bytes made
-    // by this program (private or shared), which no Rust reference covers;
-    // they do not overlap.
+    // SAFETY: both ranges lie inside mappings of at least `len` bytes made by this program (private or
+    // shared), which no Rust reference covers; they do not overlap.
     unsafe { core::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len as usize) };
 }
 

@@ -617,10 +617,9 @@ impl Fuzz {
         shown[..count].copy_from_slice(&args[..count]);
         self.index += 1;
         self.last = Call { name, args: shown, count };
-        // SAFETY: every pointer argument was classified by the model: the
-        // kernel may write only into the scratch pages or mappings the
-        // fuzzer owns (reached only through raw addresses), never into its
-        // stack, state or code; `exit` is never made here.
+        // The model classified every pointer argument; `exit` is never made here.
+        // SAFETY: the kernel may write only into scratch pages or mappings the fuzzer owns and reaches
+        // only through raw addresses, never into its stack, state or code.
         let rax = unsafe { raw::syscall(number, regs[0], regs[1], regs[2], regs[3], regs[4]) };
         let outcome = Outcome::decode(rax);
         let fine = match outcome {
@@ -1179,9 +1178,8 @@ impl Fuzz {
         let Some(slot) = self.find_tracked(key).or_else(|| self.find_tracked(0)) else { return };
         let seed = self.rng.next() | 1;
         for i in 0..PAGE / 8 {
-            // SAFETY: the model says `page` is writable memory of the fuzzer
-            // (scratch, `mem_map` memory or its own region), reached only
-            // through raw addresses.
+            // SAFETY: per the model `page` is the fuzzer's writable memory (scratch, `mem_map` memory or
+            // its own region), reached only through raw addresses.
             unsafe { write_u64(page + 8 * i, pattern(seed, i)) };
         }
         self.tracked[slot] = Tracked { key, seed, lo: 0, hi: 0 };

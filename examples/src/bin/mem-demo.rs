@@ -28,9 +28,8 @@ static RODATA: [u64; 7] = [0x5eed; 7];
 
 /// `mem_stat` into an arbitrary address.
 fn stat_into(addr: u64) -> Result<u64, Error> {
-    // SAFETY: the kernel may write 56 bytes at `addr`; every address used here
-    // is one the kernel must refuse (nothing is written) or a mapping that no
-    // Rust reference covers.
+    // SAFETY: the kernel may write 56 bytes at `addr`: an address it must refuse (nothing is
+    // written) or a mapping that no Rust reference covers.
     decode_result(unsafe { raw::syscall(Syscall::MemStat as u64, addr, 0, 0, 0, 0) })
 }
 
@@ -40,9 +39,8 @@ fn stat() -> MemStat {
 
 /// Reads the `u64` at `addr` of a live mapping.
 fn peek(addr: u64) -> u64 {
-    // SAFETY: callers pass aligned addresses inside readable mappings they
-    // made (which no Rust reference covers) or inside this program's own
-    // read-only data (which nothing mutates, so a read cannot race).
+    // SAFETY: callers pass aligned addresses inside readable mappings they made (which no Rust reference
+    // covers) or inside this program's own read-only data (which nothing mutates, so a read cannot race).
     unsafe { read_u64(addr) }
 }
 

@@ -280,17 +280,15 @@ fn word(region: u32, index: u64) -> u64 {
 
 /// Reads the word at `addr` of a shared mapping.
 fn peek(addr: u64) -> u64 {
-    // SAFETY: callers pass aligned addresses in shared mappings (which no Rust
-    // reference covers) or, deliberately, addresses the kernel must refuse,
-    // in which case the fault is the kernel's to report.
+    // SAFETY: callers pass aligned addresses in shared mappings (which no Rust reference covers) or,
+    // deliberately, addresses the kernel must refuse, in which case the fault is the kernel's to report.
     unsafe { read_u64(addr) }
 }
 
 /// Writes the word at `addr` of a shared mapping.
 fn poke(addr: u64, value: u64) {
-    // SAFETY: callers pass aligned addresses in shared mappings, which no
-    // Rust reference covers (or, deliberately, read-only ones the kernel must
-    // refuse).
+    // SAFETY: callers pass aligned addresses in shared mappings, which no Rust reference covers (or,
+    // deliberately, read-only ones the kernel must refuse).
     unsafe { write_u64(addr, value) }
 }
 
@@ -359,9 +357,8 @@ fn check_intact(checks: &mut Checks, shared: &Shared, except: &[u64]) {
 
 /// `cap_list` with a raw buffer.
 fn cap_list_raw(buffer: u64, max: u64) -> Result<u64, Error> {
-    // SAFETY: the kernel writes at most `max` records, and never more than
-    // 4096 bytes, at `buffer`; every buffer used here is one it must refuse
-    // (read-only, kernel, code) or a live stack buffer of 4160 bytes.
+    // SAFETY: the kernel writes at most `max` records, and never more than 4096 bytes, at `buffer`; every
+    // buffer used here is one it must refuse (read-only, kernel, code) or a live stack buffer of 4160 bytes.
     decode_result(unsafe { raw::syscall(Syscall::CapList as u64, buffer, max, 0, 0, 0) })
 }
 

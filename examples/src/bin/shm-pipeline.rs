@@ -71,9 +71,8 @@ fn fnv1a_word(mut hash: u64, word: u64) -> u64 {
 
 /// Reads the word at `addr` of the shared mapping.
 fn peek(addr: u64) -> u64 {
-    // SAFETY: `addr` is 8-byte aligned inside this process's shared mapping,
-    // which no Rust reference covers; if the mapping was revoked, the fault
-    // is the kernel's to report.
+    // SAFETY: `addr` is 8-byte aligned inside this process's shared mapping, which no Rust reference covers;
+    // if the mapping was revoked, the fault is the kernel's to report.
     unsafe { read_u64(addr) }
 }
 

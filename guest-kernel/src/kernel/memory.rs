@@ -135,8 +135,7 @@ impl KernelMemory {
 
 impl Memory for KernelMemory {
     fn table(&mut self, frame: u64) -> &mut PageTable {
-        // SAFETY: callers only pass frames holding page tables the kernel
-        // built (reached from a PML4 it owns); the direct map covers them, and
+        // SAFETY: `frame` holds a kernel-built page table (reached from a PML4 it owns), direct-mapped;
         // the paging code holds one table reference at a time.
         unsafe { &mut *direct::<PageTable>(frame) }
     }
