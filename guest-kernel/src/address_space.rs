@@ -28,7 +28,7 @@ use superos_protocol::layout::{
     USER_STACK_PAGES, USER_STACK_TOP,
 };
 use superos_protocol::ownership::FrameOwner;
-use superos_protocol::syscall::{MemStat, SysError, PROT_EXEC, PROT_READ, PROT_WRITE};
+use superos_protocol::syscall::{MemStat, SysError, MAPPINGS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE};
 use x86_64::structures::paging::{PageTable, PageTableFlags as Flags};
 
 /// What the address space needs from physical memory.
@@ -44,6 +44,10 @@ pub trait Memory {
     /// Invalidates any cached translation of `va` in the address space whose
     /// PML4 is `pml4` (a no-op unless it is the live one).
     fn flush(&mut self, pml4: u64, va: u64);
+    /// Whether the kernel heap can spare `bytes` for bookkeeping a process
+    /// asked for (a shared region's frame list) and still keep the reserve
+    /// the kernel needs for its own work.
+    fn heap_room(&self, bytes: usize) -> bool;
 }
 
 /// Page tables of one process: table frames are owned `PageTable(pid)`.
@@ -260,6 +264,24 @@ impl AddressSpace {
         self.regions.get(index).filter(|r| r.start <= va)
     }
 
+    /// Checks that the map has room for `more` entries ([`MAPPINGS_MAX`]).
+    fn check_mappings(&self, more: usize) -> Result<(), Refusal> {
+        let requested = self.regions.len() + more;
+        if requested > MAPPINGS_MAX {
+            return Err(Refusal::Quota {
+                kind: QuotaKind::Mappings,
+                requested: requested as u64,
+                limit: MAPPINGS_MAX as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Map entries that splitting at `addr` and `end` would add.
+    fn splits_needed(&self, addr: u64, end: u64) -> usize {
+        [addr, end].into_iter().filter(|&at| self.region_at(at).is_some_and(|r| r.start < at)).count()
+    }
+
     /// Checks `bytes` more of virtual size against the quota.
     fn check_virtual(&self, bytes: u64) -> Result<(), Refusal> {
         let requested = self.virtual_bytes.saturating_add(bytes);
@@ -304,6 +326,7 @@ impl AddressSpace {
     /// [`Self::map_private_page`]); refused if it breaks the virtual quota.
     pub fn add_image_region(&mut self, region: Region) -> Result<(), Refusal> {
         self.check_virtual(region.end - region.start)?;
+        self.check_mappings(1)?;
         self.insert_region(region);
         Ok(())
     }
@@ -332,6 +355,7 @@ impl AddressSpace {
         }
         let len = len.next_multiple_of(PAGE_SIZE);
         self.check_virtual(len)?;
+        self.check_mappings(1)?;
         let candidate = self.place(len)?;
         self.insert_region(Region {
             start: candidate,
@@ -472,8 +496,12 @@ impl AddressSpace {
     /// `mem_unmap(addr, len)`: removes whole pages of `mem_map` memory,
     /// scrubbing and freeing those that were resident. Returns the number of
     /// resident pages freed.
-    pub fn unmap<M: Memory>(&mut self, memory: &mut M, addr: u64, len: u64) -> Result<u64, SysError> {
+    /// Refused if a hole in the middle of a mapping would need a map entry
+    /// more than [`MAPPINGS_MAX`].
+    pub fn unmap<M: Memory>(&mut self, memory: &mut M, addr: u64, len: u64) -> Result<u64, Refusal> {
         let end = self.check_anonymous_range(addr, len)?;
+        let removed = self.regions.iter().filter(|r| r.start < end && r.end > addr).count();
+        self.check_mappings(self.splits_needed(addr, end).saturating_sub(removed))?;
         let mut freed = 0;
         for page in (addr..end).step_by(PAGE_SIZE as usize) {
             if let Some(frame) =
@@ -499,7 +527,7 @@ impl AddressSpace {
         addr: u64,
         len: u64,
         prot: u64,
-    ) -> Result<(), SysError> {
+    ) -> Result<(), Refusal> {
         let writable = check_prot(prot)?;
         // A whole shared mapping may lose write access too (never gain it).
         let shared = self.regions.iter().position(|r| {
@@ -513,7 +541,7 @@ impl AddressSpace {
                 unreachable!("checked above")
             };
             if writable && !was_writable {
-                return Err(SysError::NotPermitted);
+                return Err(SysError::NotPermitted.into());
             }
             if !writable {
                 for page in (region.start..region.end).step_by(PAGE_SIZE as usize) {
@@ -532,8 +560,9 @@ impl AddressSpace {
             .filter(|r| r.start < end && r.end > addr)
             .any(|r| writable && !r.kind.is_writable());
         if escalates {
-            return Err(SysError::NotPermitted);
+            return Err(SysError::NotPermitted.into());
         }
+        self.check_mappings(self.splits_needed(addr, end))?;
         if !writable {
             for page in (addr..end).step_by(PAGE_SIZE as usize) {
                 if self.clear_writable(memory, page) {
@@ -618,6 +647,7 @@ impl AddressSpace {
     ) -> Result<u64, Refusal> {
         let len = frames.len() as u64 * PAGE_SIZE;
         self.check_virtual(len)?;
+        self.check_mappings(1)?;
         let start = self.place(len)?;
         let mut flags = Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
         if writable {
@@ -758,6 +788,57 @@ pub(crate) mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
+    /// A refusal with a plain error, as any call returns it.
+    fn err<T>(error: SysError) -> Result<T, Refusal> {
+        Err(Refusal::Error(error))
+    }
+
+    /// The refusal for a map that would need `requested` entries.
+    fn too_many_mappings<T>(requested: usize) -> Result<T, Refusal> {
+        Err(Refusal::Quota {
+            kind: QuotaKind::Mappings,
+            requested: requested as u64,
+            limit: MAPPINGS_MAX as u64,
+        })
+    }
+
+    #[test]
+    fn a_process_map_holds_at_most_mappings_max_entries() {
+        let mut memory = FakeMemory::new();
+        let mut space = space(&mut memory, Quotas::default());
+        let mut mapped = Vec::new();
+        let refusal = loop {
+            match space.map_anonymous(0x3000, RW) {
+                Ok(addr) => mapped.push(addr),
+                Err(refusal) => break refusal,
+            }
+        };
+        assert_eq!(Err::<(), _>(refusal), too_many_mappings(MAPPINGS_MAX + 1));
+        assert_eq!(space.regions.len(), MAPPINGS_MAX);
+        let (a, b) = (mapped[0], mapped[1]);
+        let virtual_bytes = space.virtual_bytes;
+        // A hole in the middle of a mapping needs an entry more (two for
+        // mem_protect): refused, and nothing changed.
+        assert_eq!(space.unmap(&mut memory, a + 0x1000, 0x1000), too_many_mappings(MAPPINGS_MAX + 1));
+        assert_eq!(
+            space.protect(&mut memory, a + 0x1000, 0x1000, PROT_READ),
+            too_many_mappings(MAPPINGS_MAX + 2)
+        );
+        assert_eq!(space.regions.len(), MAPPINGS_MAX);
+        assert_eq!(space.virtual_bytes, virtual_bytes);
+        // Trimming an end needs no entry more; neither does protecting what
+        // is left whole.
+        space.unmap(&mut memory, a, 0x1000).unwrap();
+        space.protect(&mut memory, a + 0x1000, 0x2000, PROT_READ).unwrap();
+        // Shared mappings count too.
+        let frame = memory.alloc_frame(FrameOwner::Shared(9)).unwrap();
+        assert_eq!(space.map_shared(&mut memory, 9, &[frame], true), too_many_mappings(MAPPINGS_MAX + 1));
+        // Unmapping a whole mapping frees its entry for the next one.
+        space.unmap(&mut memory, b, 0x3000).unwrap();
+        space.map_shared(&mut memory, 9, &[frame], true).unwrap();
+        assert_eq!(space.map_anonymous(0x1000, RW), too_many_mappings(MAPPINGS_MAX + 1));
+    }
+
     #[repr(C, align(4096))]
     pub(crate) struct FrameBytes(pub [u8; 4096]);
 
@@ -767,6 +848,8 @@ pub(crate) mod tests {
         pub allocator: FrameAllocator<'static>,
         pub frames: BTreeMap<u64, Box<FrameBytes>>,
         pub flushes: u64,
+        /// Bytes [`Memory::heap_room`] grants at most.
+        pub heap_room: usize,
     }
 
     pub(crate) const FAKE_RAM: (u64, u64) = (0x10_0000, 0x10_0000 + 512 * 4096);
@@ -780,6 +863,7 @@ pub(crate) mod tests {
                 allocator: FrameAllocator::new(&[FAKE_RAM], stack, owners),
                 frames: BTreeMap::new(),
                 flushes: 0,
+                heap_room: usize::MAX,
             }
         }
         pub fn bytes(&mut self, frame: u64) -> &mut [u8; 4096] {
@@ -808,6 +892,9 @@ pub(crate) mod tests {
         }
         fn flush(&mut self, _pml4: u64, _va: u64) {
             self.flushes += 1;
+        }
+        fn heap_room(&self, bytes: usize) -> bool {
+            bytes <= self.heap_room
         }
     }
 
@@ -849,27 +936,26 @@ pub(crate) mod tests {
     fn bad_arguments_are_typed_errors() {
         let mut memory = FakeMemory::new();
         let mut space = space(&mut memory, Quotas::default());
-        let err = |e| Err(Refusal::Error(e));
         assert_eq!(space.map_anonymous(0, RW), err(SysError::InvalidArgument));
         assert_eq!(space.map_anonymous(USER_MMAP_MAX + 1, RW), err(SysError::TooLarge));
         assert_eq!(space.map_anonymous(4096, PROT_READ | PROT_EXEC), err(SysError::NotPermitted));
         assert_eq!(space.map_anonymous(4096, PROT_WRITE), err(SysError::InvalidArgument));
         assert_eq!(space.map_anonymous(4096, 0), err(SysError::InvalidArgument));
         let a = space.map_anonymous(0x3000, RW).unwrap();
-        assert_eq!(space.unmap(&mut memory, a + 1, 4096), Err(SysError::Unaligned));
-        assert_eq!(space.unmap(&mut memory, a, 0), Err(SysError::InvalidArgument));
-        assert_eq!(space.unmap(&mut memory, a, u64::MAX), Err(SysError::Overflow));
-        assert_eq!(space.unmap(&mut memory, a, 0x4000), Err(SysError::BadAddress), "runs into the guard");
+        assert_eq!(space.unmap(&mut memory, a + 1, 4096), err(SysError::Unaligned));
+        assert_eq!(space.unmap(&mut memory, a, 0), err(SysError::InvalidArgument));
+        assert_eq!(space.unmap(&mut memory, a, u64::MAX), err(SysError::Overflow));
+        assert_eq!(space.unmap(&mut memory, a, 0x4000), err(SysError::BadAddress), "runs into the guard");
         assert_eq!(
             space.unmap(&mut memory, USER_STACK_TOP - 4096, 4096),
-            Err(SysError::BadAddress),
+            err(SysError::BadAddress),
             "not mem_map memory"
         );
-        assert_eq!(space.protect(&mut memory, a, 4096, RW | PROT_EXEC), Err(SysError::NotPermitted));
+        assert_eq!(space.protect(&mut memory, a, 4096, RW | PROT_EXEC), err(SysError::NotPermitted));
         space.protect(&mut memory, a, 4096, PROT_READ).unwrap();
-        assert_eq!(space.protect(&mut memory, a, 4096, RW), Err(SysError::NotPermitted));
+        assert_eq!(space.protect(&mut memory, a, 4096, RW), err(SysError::NotPermitted));
         space.unmap(&mut memory, a, 0x3000).unwrap();
-        assert_eq!(space.unmap(&mut memory, a, 0x3000), Err(SysError::BadAddress), "double unmap");
+        assert_eq!(space.unmap(&mut memory, a, 0x3000), err(SysError::BadAddress), "double unmap");
     }
 
     #[test]
@@ -994,10 +1080,10 @@ pub(crate) mod tests {
             space.handle_page_fault(&mut memory, at, USER_WRITE | PF_PRESENT),
             Err(FaultKind::WriteToReadOnly)
         );
-        assert_eq!(space.protect(&mut memory, at, 0x2000, RW), Err(SysError::NotPermitted));
+        assert_eq!(space.protect(&mut memory, at, 0x2000, RW), err(SysError::NotPermitted));
         assert_eq!(
             space.unmap(&mut memory, at, 0x2000),
-            Err(SysError::BadAddress),
+            err(SysError::BadAddress),
             "mem_unmap is not for shm"
         );
         assert_eq!(space.revoke_shared(&mut memory, 9), Some(at));

@@ -31,6 +31,7 @@ use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
     CapInfo, SysError, CAPS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX, SHM_PARTICIPANTS_MAX,
+    SHM_REGIONS_MAX,
 };
 
 /// A process holding a capability for a region.
@@ -134,9 +135,19 @@ impl SharedMemory {
             return Err(SysError::QuotaExceeded.into());
         }
         me.space.charge_shared(len)?;
+        // The kernel's own resources: a slot in the region table, and heap
+        // for the frame list (fallible, never an allocation failure panic).
+        let pages = (len / PAGE_SIZE) as usize;
+        let mut frames = Vec::new();
+        if self.regions.len() >= SHM_REGIONS_MAX
+            || !memory.heap_room(pages * core::mem::size_of::<u64>())
+            || frames.try_reserve_exact(pages).is_err()
+        {
+            me.space.uncharge_shared(len);
+            return Err(SysError::OutOfMemory.into());
+        }
         let id = self.next_id;
-        let mut frames = Vec::with_capacity((len / PAGE_SIZE) as usize);
-        for _ in 0..len / PAGE_SIZE {
+        for _ in 0..pages {
             match memory.alloc_frame(FrameOwner::Shared(id)) {
                 Some(frame) => frames.push(frame),
                 None => {
@@ -451,6 +462,43 @@ mod tests {
     }
 
     const RW: u64 = PROT_READ | PROT_WRITE;
+
+    #[test]
+    fn the_region_table_and_the_kernel_heap_bound_shm_create() {
+        let mut memory = FakeMemory::new();
+        let pids: Vec<u32> = (1..=(SHM_REGIONS_MAX / 8 + 1) as u32).collect();
+        let mut world = world(&mut memory, &pids, Quotas::default());
+        let mut shm = SharedMemory::default();
+        // Eight capabilities each (the test tables' size), until the table is full.
+        for &pid in &pids[..SHM_REGIONS_MAX / 8] {
+            for _ in 0..8 {
+                shm.create(&mut memory, &mut world, pid, 0x1000, RIGHT_READ).unwrap();
+            }
+        }
+        assert_eq!(shm.regions().len(), SHM_REGIONS_MAX);
+        let last = *pids.last().unwrap();
+        let free = memory.allocator.free_frames();
+        assert_eq!(
+            shm.create(&mut memory, &mut world, last, 0x1000, RIGHT_READ).unwrap_err(),
+            Refusal::Error(SysError::OutOfMemory)
+        );
+        // Refused before anything was taken: no frame, no charge, no capability.
+        assert_eq!(memory.allocator.free_frames(), free);
+        assert_eq!(world.holder(last).unwrap().space.stat().shared_bytes, 0);
+        assert!(world.holder(last).unwrap().caps.is_empty());
+        // A frame list the heap cannot spare is refused the same way.
+        let handle = world.holder(1).unwrap().caps.iter().next().unwrap().0;
+        shm.destroy(&mut memory, &mut world, 1, handle).unwrap();
+        let free = memory.allocator.free_frames();
+        memory.heap_room = 8 * 4 - 1;
+        assert_eq!(
+            shm.create(&mut memory, &mut world, last, 0x4000, RIGHT_READ).unwrap_err(),
+            Refusal::Error(SysError::OutOfMemory)
+        );
+        assert_eq!(memory.allocator.free_frames(), free);
+        memory.heap_room = 8 * 4;
+        shm.create(&mut memory, &mut world, last, 0x4000, RIGHT_READ).unwrap();
+    }
 
     #[test]
     fn the_whole_flow_step_by_step() {

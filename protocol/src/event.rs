@@ -83,7 +83,7 @@ pub enum EventKind {
     /// `mem_protect` succeeded. args: [address, length, new prot].
     MemProtected = 10,
     /// A request was refused because of a quota. args: [[`QuotaKind`],
-    /// bytes requested in total, limit].
+    /// total requested, limit], in the quota's [`QuotaKind::unit`].
     QuotaDenied = 11,
     /// A process crossed 90% of a quota. args: [[`QuotaKind`], bytes used, limit].
     QuotaPressure = 12,
@@ -216,6 +216,9 @@ named_enum! {
         UseAfterRevoke = 16 => "use-after-revoke",
         /// Blocked in a receive that no live process can ever satisfy.
         Deadlock = 17 => "deadlock",
+        /// A call would need more map entries than
+        /// [`crate::syscall::MAPPINGS_MAX`] (policy `kill`).
+        MappingQuotaExceeded = 18 => "mapping-quota-exceeded",
     }
 }
 
@@ -228,7 +231,36 @@ named_enum! {
         Resident = 2 => "resident",
         /// Shared memory.
         Shared = 3 => "shared",
+        /// Entries in the process's map ([`crate::syscall::MAPPINGS_MAX`]);
+        /// counted in entries, not bytes.
+        Mappings = 4 => "mappings",
     }
+}
+
+impl QuotaKind {
+    /// What the quota counts: `bytes`, or `entries` for [`QuotaKind::Mappings`].
+    pub const fn unit(self) -> &'static str {
+        match self {
+            QuotaKind::Mappings => "entries",
+            _ => "bytes",
+        }
+    }
+
+    /// The fault that terminates a process exceeding this quota under policy
+    /// `kill`.
+    pub const fn fault(self) -> FaultKind {
+        match self {
+            QuotaKind::Virtual => FaultKind::VirtualQuotaExceeded,
+            QuotaKind::Resident => FaultKind::ResidentQuotaExceeded,
+            QuotaKind::Shared => FaultKind::SharedQuotaExceeded,
+            QuotaKind::Mappings => FaultKind::MappingQuotaExceeded,
+        }
+    }
+}
+
+/// The unit of an optional quota kind in event text.
+fn quota_unit(quota: Option<QuotaKind>) -> &'static str {
+    quota.map_or("bytes", QuotaKind::unit)
 }
 
 named_enum! {
@@ -362,7 +394,8 @@ pub enum Event {
         pid: u32,
         /// Which quota (None if unknown).
         quota: Option<QuotaKind>,
-        /// Bytes the request would have brought the total to.
+        /// What the request would have brought the total to (in the quota's
+        /// [`QuotaKind::unit`]).
         requested: u64,
         /// The quota.
         limit: u64,
@@ -692,12 +725,16 @@ impl core::fmt::Display for Event {
             }
             Event::QuotaDenied { pid, quota, requested, limit } => write!(
                 f,
-                "pid {pid} denied: {} quota of {limit} bytes would be exceeded ({requested} bytes)",
-                OptName(quota)
+                "pid {pid} denied: {} quota of {limit} {unit} would be exceeded ({requested} {unit})",
+                OptName(quota),
+                unit = quota_unit(quota)
             ),
-            Event::QuotaPressure { pid, quota, used, limit } => {
-                write!(f, "pid {pid} memory pressure: {} usage {used} of {limit} bytes", OptName(quota))
-            }
+            Event::QuotaPressure { pid, quota, used, limit } => write!(
+                f,
+                "pid {pid} memory pressure: {} usage {used} of {limit} {}",
+                OptName(quota),
+                quota_unit(quota)
+            ),
             Event::FramePoolLow { free_frames, total_frames } => {
                 write!(f, "free-frame pool low: {free_frames} of {total_frames} frames free")
             }

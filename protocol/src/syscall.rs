@@ -133,6 +133,17 @@ pub const SHM_MAX: u64 = 64 << 20;
 pub const CAPS_MAX: usize = 32;
 /// Most processes one region may be granted to (owner included).
 pub const SHM_PARTICIPANTS_MAX: usize = 8;
+/// Most shared regions alive in the guest at once (the kernel's region
+/// table, which the VMM reads whole); `shm_create` beyond it is
+/// [`SysError::OutOfMemory`].
+pub const SHM_REGIONS_MAX: usize = 64;
+/// Most entries in one process's map: code and data segments, stack, stack
+/// guard, gate page, each `mem_map` and `shm_map` mapping (or piece of one
+/// left by a partial `mem_unmap`/`mem_protect`), and each revoked range. The
+/// kernel keeps this bookkeeping in its own memory, so it is bounded like a
+/// quota: a call that would need more entries is refused with
+/// [`SysError::QuotaExceeded`] (or, under policy `kill`, terminates the caller).
+pub const MAPPINGS_MAX: usize = 256;
 
 /// One capability, as `cap_list` reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -205,7 +216,9 @@ pub enum SysError {
     NotPermitted = 7,
     /// The caller's memory quota does not allow it.
     QuotaExceeded = 8,
-    /// The guest is out of physical memory.
+    /// The guest is out of memory: no free physical frame, no room left in
+    /// the kernel's region table ([`SHM_REGIONS_MAX`]), or in the part of its
+    /// heap processes may use.
     OutOfMemory = 9,
     /// No such process, or it has exited.
     NoSuchProcess = 10,

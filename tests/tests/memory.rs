@@ -5,7 +5,7 @@
 
 use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::layout::{PAGE_SIZE, USER_STACK_PAGES, USER_STACK_TOP};
-use superos_protocol::syscall::{PROT_READ, PROT_WRITE};
+use superos_protocol::syscall::{MAPPINGS_MAX, PROT_READ, PROT_WRITE};
 use superos_tests::*;
 use superos_vmm::run::ProcessStatus;
 
@@ -410,5 +410,48 @@ fn a_large_process_is_torn_down_and_checked_while_it_grows() {
     assert_success(&report);
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
     assert!(report.stats.checks.in_ring3 > 0, "no check ran in ring 3: {:?}", report.stats.checks);
+    assert_no_frame_lost(&report);
+}
+
+#[test]
+fn the_kernel_bookkeeping_of_a_map_is_bounded_by_the_mapping_quota() {
+    if !kvm_available() {
+        return;
+    }
+    // Without a virtual quota, many small mappings, or holes punched in one
+    // big mapping, would each cost the kernel a map entry in its own heap;
+    // MAPPINGS_MAX turns that into a quota error instead of a kernel panic.
+    let report = run_text(
+        &(process_toml("chunks", "quota-hog", "mode=map mib=4096", "")
+            + &process_toml("holes", "quota-hog", "mode=fragment mib=16", "")
+            + &process_toml(
+                "killed",
+                "quota-hog",
+                "mode=fragment mib=16",
+                "quota = { on_violation = \"kill\" }\nexpect = { fault = \"mapping-quota-exceeded\" }",
+            )
+            + &bystander()),
+    );
+    assert_success(&report);
+    assert_no_violation(&report);
+    let limit = MAPPINGS_MAX as u64;
+    for name in ["chunks", "holes", "killed"] {
+        let denied = denials(&report, pid_of(&report, name));
+        assert_eq!(denied, [(Some(QuotaKind::Mappings), limit + 1, limit)], "{name}");
+    }
+    let output = report.output_of("chunks");
+    assert!(output.iter().any(|line| line.ends_with("then: quota-exceeded")), "{output:#?}");
+    let output = report.output_of("holes");
+    let holes = output
+        .iter()
+        .find_map(|line| {
+            line.strip_prefix("quota-hog: fragment: punched ")?.strip_suffix(" holes, then quota-exceeded")
+        })
+        .unwrap_or_else(|| panic!("{output:#?}"));
+    // Each hole is one entry more; the image, stack, guard and gate take a few.
+    let holes: usize = holes.parse().unwrap();
+    assert!((MAPPINGS_MAX - 8..MAPPINGS_MAX).contains(&holes), "{holes}");
+    assert_eq!(fault_of(&report, "killed"), Some(FaultKind::MappingQuotaExceeded));
+    assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
     assert_no_frame_lost(&report);
 }

@@ -6,7 +6,7 @@
 
 use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::layout::PAGE_SIZE;
-use superos_protocol::syscall::{PROT_READ, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
+use superos_protocol::syscall::{CAPS_MAX, PROT_READ, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_REGIONS_MAX};
 use superos_tests::*;
 use superos_vmm::run::{ProcessStatus, RunReport};
 
@@ -605,4 +605,33 @@ fn the_shm_scenarios_run_as_expected() {
         }
         assert_no_frame_lost(&report);
     }
+}
+
+#[test]
+fn a_full_region_table_is_out_of_memory_for_the_next_creator() {
+    if !kvm_available() {
+        return;
+    }
+    // Three fillers in a chain (each keeps its regions until the last has
+    // tried): two fill their capability tables, which fills the kernel's
+    // region table (SHM_REGIONS_MAX); the third gets out-of-memory at once.
+    assert_eq!(SHM_REGIONS_MAX, 2 * CAPS_MAX, "the scenario below relies on it");
+    let report = run_text(
+        &(attack("filler-a", "mode=fill-table peer=2", "")
+            + &attack("filler-b", "mode=fill-table third=1 peer=3", "")
+            + &attack("filler-c", "mode=fill-table third=2", "")),
+    );
+    assert_success(&report);
+    assert_no_violation(&report);
+    for (name, line) in [
+        ("filler-a", "shm-attack: fill-table: created 32 regions, then quota-exceeded"),
+        ("filler-b", "shm-attack: fill-table: created 32 regions, then quota-exceeded"),
+        ("filler-c", "shm-attack: fill-table: created 0 regions, then out-of-memory"),
+    ] {
+        let output = report.output_of(name);
+        assert!(output.iter().any(|l| *l == line), "{name}: {output:#?}");
+    }
+    let created = events(&report).filter(|e| matches!(e, Event::ShmCreated { .. })).count();
+    assert_eq!(created, SHM_REGIONS_MAX);
+    assert_no_frame_lost(&report);
 }

@@ -1,7 +1,7 @@
 //! `quota-hog`: asks for more and more memory, to run into quotas and into the
 //! end of guest memory.
 //!
-//! Arguments: `mode=map|touch` (default `map`), and the size as `mib=<N>` or
+//! Arguments: `mode=map|touch|fragment` (default `map`), and the size as `mib=<N>` or
 //! `kib=<N>` (default 16 MiB).
 //! - `map`: maps 64 KiB read-write chunks (without touching them) until a
 //!   call fails or the size is reached; prints how much it got and the error,
@@ -11,11 +11,15 @@
 //!   every MiB; exits 0 if it touched everything (a quota or the end of guest
 //!   memory should have stopped it first, which the scenario says), 1 if the
 //!   mapping failed.
+//! - `fragment`: maps one read-write region of the size and unmaps every
+//!   other page of it, each hole splitting the mapping, until a call fails;
+//!   prints how many holes it made and the error, and exits 0 iff the error
+//!   was `quota-exceeded` (the map-entry limit, `MAPPINGS_MAX`).
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
 use superos_rt::{
-    arg, mem_map, mem_stat, parse_i64, println, write_u64, Error, PAGE_SIZE, PROT_READ, PROT_WRITE,
+    arg, mem_map, mem_stat, mem_unmap, parse_i64, println, write_u64, Error, PAGE_SIZE, PROT_READ, PROT_WRITE,
 };
 
 const CHUNK: u64 = 64 << 10;
@@ -76,6 +80,38 @@ fn touch_pages(size: u64) -> i32 {
     0
 }
 
+fn punch_holes(size: u64) -> i32 {
+    let base = match mem_map(size, PROT_READ | PROT_WRITE) {
+        Ok(addr) => addr,
+        Err(error) => {
+            println!("quota-hog: mem_map of {} KiB failed: {error}", size >> 10);
+            return 1;
+        }
+    };
+    let mut holes = 0;
+    let error = loop {
+        let hole = base + (2 * holes + 1) * PAGE_SIZE;
+        if hole + PAGE_SIZE >= base + size {
+            break None;
+        }
+        match mem_unmap(hole, PAGE_SIZE) {
+            Ok(()) => holes += 1,
+            Err(error) => break Some(error),
+        }
+    };
+    report_usage();
+    match error {
+        Some(error) => {
+            println!("quota-hog: fragment: punched {holes} holes, then {error}");
+            i32::from(error != Error::QuotaExceeded)
+        }
+        None => {
+            println!("quota-hog: fragment: punched {holes} holes without an error");
+            1
+        }
+    }
+}
+
 fn main(args: &[u8]) -> i32 {
     let number = |key| arg(args, key).and_then(parse_i64).map(|n| n.max(0) as u64);
     let size = match (number("kib"), number("mib")) {
@@ -86,8 +122,9 @@ fn main(args: &[u8]) -> i32 {
     match arg(args, "mode").unwrap_or(b"map") {
         b"map" => map_chunks(size),
         b"touch" => touch_pages(size),
+        b"fragment" => punch_holes(size),
         _ => {
-            println!("quota-hog: usage: mode=map|touch mib=<N>|kib=<N>");
+            println!("quota-hog: usage: mode=map|touch|fragment mib=<N>|kib=<N>");
             2
         }
     }

@@ -53,6 +53,13 @@
 //!   terminated with `shared-quota-exceeded` under policy `kill`);
 //!   `role=owner`/`grantee`: mapping someone else's regions counts against
 //!   the grantee's shared quota.
+//! - `fill-table [third=W] [peer=N]`: creates one-page regions until a call
+//!   fails, prints `fill-table: created <n> regions, then <error>`, and exits
+//!   0 iff the error was `quota-exceeded` (its capability table is full) or
+//!   `out-of-memory` (the kernel's region table is full). Fillers form a
+//!   chain so that every region stays alive until the last has tried: it
+//!   waits for `go` from W first, sends `go` to N when done, waits for `end`
+//!   from N, and sends `end` to W before exiting.
 //! - `no-map`: the grantee never maps; reading the address the owner has the
 //!   region mapped at must terminate it with `unmapped-access`.
 #![cfg_attr(target_os = "none", no_std)]
@@ -1201,6 +1208,28 @@ fn quota_self() -> Outcome {
     Ok(checks.finish())
 }
 
+fn fill_table(args: &Args) -> Outcome {
+    if let Some(previous) = args.third {
+        await_word(previous, "go")?;
+    }
+    let mut created = 0;
+    let error = loop {
+        match shm_create(PAGE_SIZE, RIGHTS_ALL) {
+            Ok(_) => created += 1,
+            Err(error) => break error,
+        }
+    };
+    println!("shm-attack: fill-table: created {created} regions, then {error}");
+    if let Some(&next) = args.peers().first() {
+        send(next, b"go")?;
+        await_word(next, "end")?;
+    }
+    if let Some(previous) = args.third {
+        send(previous, b"end")?;
+    }
+    Ok(i32::from(!matches!(error, Error::QuotaExceeded | Error::OutOfMemory)))
+}
+
 fn quota_owner(args: &Args) -> Outcome {
     let mut checks = Checks::new("shm-attack: quota (owner)");
     let peer = args.peer()?;
@@ -1269,12 +1298,13 @@ fn run(args: &Args) -> Outcome {
         (b"owner-exit", b"owner") => looping_owner(args, false),
         (b"mid-loop" | b"owner-exit", b"grantee") => looping_grantee(args),
         (b"quota", b"self" | b"") => quota_self(),
+        (b"fill-table", _) => fill_table(args),
         (b"quota", b"owner") => quota_owner(args),
         (b"quota", b"grantee") => quota_grantee(args),
         _ => {
             println!(
                 "shm-attack: usage: mode=forged|foreign|stale|escalate|regrant|witness|map-after-revoke|double-map|\
-                 bad-args|lifecycle|ro-write|no-map|mid-loop|owner-exit|own-stale|quota [role=owner|grantee|witness|self] \
+                 bad-args|lifecycle|ro-write|no-map|mid-loop|owner-exit|own-stale|quota|fill-table [role=owner|grantee|witness|self] \
                  [peer=<pid>[,<pid>...]] [third=<pid>] [dead=<pid>] [pages=N] [caps=N]"
             );
             Ok(2)

@@ -170,6 +170,10 @@ impl Memory for KernelMemory {
         self.frames.owner(frame)
     }
 
+    fn heap_room(&self, bytes: usize) -> bool {
+        super::heap_free().saturating_sub(bytes) >= super::HEAP_RESERVE
+    }
+
     fn flush(&mut self, pml4: u64, va: u64) {
         if cpu::read_cr3() & !0xfff == pml4 {
             cpu::invlpg(va);

@@ -43,7 +43,23 @@ use x86_64::structures::paging::PageTableFlags as Flags;
 // ---------------------------------------------------------------------------
 // Kernel heap
 
-const HEAP_SIZE: usize = 256 * 1024;
+/// The kernel heap. Its user-driven parts are bounded: per process at most
+/// [`superos_protocol::syscall::MAPPINGS_MAX`] map entries (64 processes x 256
+/// x 24 bytes = 384 KiB at worst), at most
+/// [`superos_protocol::syscall::SHM_REGIONS_MAX`] shared regions, whose frame
+/// lists (8 bytes per 4 KiB page) are only allocated while [`HEAP_RESERVE`]
+/// stays free (`Memory::heap_room`); capabilities and mailboxes have fixed
+/// limits too. So a process cannot exhaust the heap and panic the kernel.
+const HEAP_SIZE: usize = 1024 * 1024;
+
+/// Heap the kernel keeps for its own work (process tables, events,
+/// temporary lists) when deciding whether a process's request fits.
+pub const HEAP_RESERVE: usize = 192 * 1024;
+
+/// Free bytes in the kernel heap.
+pub fn heap_free() -> usize {
+    ALLOCATOR.lock().free()
+}
 
 #[global_allocator]
 static ALLOCATOR: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();

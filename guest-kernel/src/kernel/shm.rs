@@ -1,8 +1,9 @@
 //! The shared-memory system calls: thin adapters over
 //! [`crate::shared::SharedMemory`], which holds the logic (and its tests).
-//! This module finds the caller, applies the quota policy, writes results to
-//! user memory and logs the events the logic returns, in order, once the
-//! operation is complete (so the published tables match at every event).
+//! This module finds the caller, writes results to user memory, hands
+//! refusals to [`Kernel::refused`] (the quota policy) and logs the events the
+//! logic returns, in order, once the operation is complete (so the published
+//! tables match at every event).
 //!
 //! TLB: the kernel runs on one CPU without PCIDs, so only the live address
 //! space can hold cached translations; unmapping invalidates those page by
@@ -11,12 +12,12 @@
 
 use super::memory::write_phys;
 use super::process::Process;
+use super::syscalls::Outcome;
 use super::{Kernel, TrapFrame};
-use crate::address_space::Refusal;
 use crate::capability::CapTable;
 use crate::shared::{Holder, Holders};
 use alloc::vec::Vec;
-use superos_protocol::event::{Event, FaultKind, QuotaKind};
+use superos_protocol::event::Event;
 use superos_protocol::syscall::{CapInfo, SysError, CAPS_MAX};
 use zerocopy::IntoBytes;
 
@@ -33,14 +34,6 @@ pub fn new_cap_table(pid: u32, boot_entropy: u64) -> CapTable {
     CapTable::new(CAPS_MAX, (mixed >> 32) as u32 ^ mixed as u32)
 }
 
-/// What a shm call did, for the dispatcher.
-pub enum ShmOutcome {
-    /// Resume the caller with this result.
-    Return(Result<u64, SysError>),
-    /// The caller was terminated (quota policy `kill`).
-    Killed,
-}
-
 impl Kernel {
     fn emit_all(&mut self, events: Vec<Event>) {
         for event in events {
@@ -48,39 +41,16 @@ impl Kernel {
         }
     }
 
-    /// Applies a refusal: an error, or for a quota (logged) the policy: the
-    /// error, or the caller's termination.
-    fn shm_refusal(&mut self, frame: &mut TrapFrame, refusal: Refusal) -> ShmOutcome {
-        match refusal {
-            Refusal::Error(error) => ShmOutcome::Return(Err(error)),
-            Refusal::Quota { kind, requested, limit } => {
-                let (pid, index) = self.caller();
-                self.emit(Event::QuotaDenied { pid, quota: Some(kind), requested, limit });
-                if self.processes[index].space.quotas().kill {
-                    let fault = match kind {
-                        QuotaKind::Virtual => FaultKind::VirtualQuotaExceeded,
-                        QuotaKind::Resident => FaultKind::ResidentQuotaExceeded,
-                        QuotaKind::Shared => FaultKind::SharedQuotaExceeded,
-                    };
-                    self.kill_current(frame, fault, 0);
-                    ShmOutcome::Killed
-                } else {
-                    ShmOutcome::Return(Err(SysError::QuotaExceeded))
-                }
-            }
-        }
-    }
-
     /// `shm_create(len, rights)`.
-    pub(super) fn sys_shm_create(&mut self, frame: &mut TrapFrame, len: u64, rights: u64) -> ShmOutcome {
+    pub(super) fn sys_shm_create(&mut self, frame: &mut TrapFrame, len: u64, rights: u64) -> Outcome {
         let (pid, index) = self.caller();
         match self.shm.create(&mut self.memory, &mut self.processes, pid, len, rights) {
             Ok((handle, events)) => {
                 self.emit_all(events);
                 self.after_allocation(index);
-                ShmOutcome::Return(Ok(handle))
+                Outcome::Return(Ok(handle))
             }
-            Err(refusal) => self.shm_refusal(frame, refusal),
+            Err(refusal) => self.refused(frame, refusal),
         }
     }
 
@@ -93,14 +63,14 @@ impl Kernel {
     }
 
     /// `shm_map(handle, prot)`.
-    pub(super) fn sys_shm_map(&mut self, frame: &mut TrapFrame, handle: u64, prot: u64) -> ShmOutcome {
+    pub(super) fn sys_shm_map(&mut self, frame: &mut TrapFrame, handle: u64, prot: u64) -> Outcome {
         let (pid, _) = self.caller();
         match self.shm.map(&mut self.memory, &mut self.processes, pid, handle, prot) {
             Ok((addr, events)) => {
                 self.emit_all(events);
-                ShmOutcome::Return(Ok(addr))
+                Outcome::Return(Ok(addr))
             }
-            Err(refusal) => self.shm_refusal(frame, refusal),
+            Err(refusal) => self.refused(frame, refusal),
         }
     }
 

@@ -9,7 +9,7 @@ use super::memory::{copy_phys, write_phys};
 use super::process::{Message, ProcessState, Termination};
 use super::{Kernel, TrapFrame};
 use crate::address_space::{Chunks, Memory, Refusal};
-use superos_protocol::event::{Event, FaultKind};
+use superos_protocol::event::Event;
 use superos_protocol::hypercall::STATUS_OK;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
@@ -19,21 +19,12 @@ use superos_protocol::syscall::{
 use zerocopy::IntoBytes;
 
 /// What a system call did.
-enum Outcome {
+pub(super) enum Outcome {
     /// Resume the caller with this result.
     Return(Result<u64, SysError>),
     /// The frame has already been dealt with (the caller exited, was killed,
     /// blocked, or yielded).
     Handled,
-}
-
-impl From<super::shm::ShmOutcome> for Outcome {
-    fn from(outcome: super::shm::ShmOutcome) -> Self {
-        match outcome {
-            super::shm::ShmOutcome::Return(result) => Outcome::Return(result),
-            super::shm::ShmOutcome::Killed => Outcome::Handled,
-        }
-    }
 }
 
 impl Kernel {
@@ -53,14 +44,14 @@ impl Kernel {
             }
             Some(Syscall::GetPid) => Outcome::Return(Ok(u64::from(self.caller().0))),
             Some(Syscall::MemMap) => self.sys_mem_map(frame, a0, a1),
-            Some(Syscall::MemUnmap) => Outcome::Return(self.sys_mem_unmap(a0, a1)),
-            Some(Syscall::MemProtect) => Outcome::Return(self.sys_mem_protect(a0, a1, a2)),
+            Some(Syscall::MemUnmap) => self.sys_mem_unmap(frame, a0, a1),
+            Some(Syscall::MemProtect) => self.sys_mem_protect(frame, a0, a1, a2),
             Some(Syscall::MemStat) => Outcome::Return(self.sys_mem_stat(a0)),
             Some(Syscall::IpcSend) => Outcome::Return(self.sys_ipc_send(a0, a1, a2)),
             Some(Syscall::IpcRecv) => self.sys_ipc_recv(frame, a0, a1, a2),
-            Some(Syscall::ShmCreate) => self.sys_shm_create(frame, a0, a1).into(),
+            Some(Syscall::ShmCreate) => self.sys_shm_create(frame, a0, a1),
             Some(Syscall::ShmGrant) => Outcome::Return(self.sys_shm_grant(a0, a1, a2)),
-            Some(Syscall::ShmMap) => self.sys_shm_map(frame, a0, a1).into(),
+            Some(Syscall::ShmMap) => self.sys_shm_map(frame, a0, a1),
             Some(Syscall::ShmUnmap) => Outcome::Return(self.sys_shm_unmap(a0)),
             Some(Syscall::ShmRevoke) => Outcome::Return(self.sys_shm_revoke(a0, a1)),
             Some(Syscall::ShmDestroy) => Outcome::Return(self.sys_shm_destroy(a0)),
@@ -76,6 +67,25 @@ impl Kernel {
     pub(super) fn caller(&self) -> (u32, usize) {
         let index = self.current.unwrap_or_else(|| panic!("system call with no current process"));
         (self.processes[index].pid, index)
+    }
+
+    /// Applies a refusal to the caller: a plain error is returned; a quota is
+    /// logged (`QuotaDenied`) and the process's policy decides: the error, or
+    /// its termination.
+    pub(super) fn refused(&mut self, frame: &mut TrapFrame, refusal: Refusal) -> Outcome {
+        match refusal {
+            Refusal::Error(error) => Outcome::Return(Err(error)),
+            Refusal::Quota { kind, requested, limit } => {
+                let (pid, index) = self.caller();
+                self.emit(Event::QuotaDenied { pid, quota: Some(kind), requested, limit });
+                if self.processes[index].space.quotas().kill {
+                    self.kill_current(frame, kind.fault(), 0);
+                    Outcome::Handled
+                } else {
+                    Outcome::Return(Err(SysError::QuotaExceeded))
+                }
+            }
+        }
     }
 
     /// `write(buf, len)`: the whole range is validated against the caller's
@@ -103,34 +113,33 @@ impl Kernel {
                 self.after_allocation(index);
                 Outcome::Return(Ok(addr))
             }
-            Err(Refusal::Error(error)) => Outcome::Return(Err(error)),
-            Err(Refusal::Quota { kind, requested, limit }) => {
-                self.emit(Event::QuotaDenied { pid, quota: Some(kind), requested, limit });
-                if self.processes[index].space.quotas().kill {
-                    self.kill_current(frame, FaultKind::VirtualQuotaExceeded, 0);
-                    Outcome::Handled
-                } else {
-                    Outcome::Return(Err(SysError::QuotaExceeded))
-                }
-            }
+            Err(refusal) => self.refused(frame, refusal),
         }
     }
 
-    fn sys_mem_unmap(&mut self, addr: u64, len: u64) -> Result<u64, SysError> {
+    fn sys_mem_unmap(&mut self, frame: &mut TrapFrame, addr: u64, len: u64) -> Outcome {
         let (pid, index) = self.caller();
-        let freed_pages = self.processes[index].space.unmap(&mut self.memory, addr, len)?;
-        let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
-        self.emit(Event::MemUnmapped { pid, addr, len, freed_pages });
-        self.processes[index].space.pressure_crossings().for_each(drop);
-        Ok(0)
+        match self.processes[index].space.unmap(&mut self.memory, addr, len) {
+            Ok(freed_pages) => {
+                let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
+                self.emit(Event::MemUnmapped { pid, addr, len, freed_pages });
+                self.processes[index].space.pressure_crossings().for_each(drop);
+                Outcome::Return(Ok(0))
+            }
+            Err(refusal) => self.refused(frame, refusal),
+        }
     }
 
-    fn sys_mem_protect(&mut self, addr: u64, len: u64, prot: u64) -> Result<u64, SysError> {
+    fn sys_mem_protect(&mut self, frame: &mut TrapFrame, addr: u64, len: u64, prot: u64) -> Outcome {
         let (pid, index) = self.caller();
-        self.processes[index].space.protect(&mut self.memory, addr, len, prot)?;
-        let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
-        self.emit(Event::MemProtected { pid, addr, len, prot });
-        Ok(0)
+        match self.processes[index].space.protect(&mut self.memory, addr, len, prot) {
+            Ok(()) => {
+                let len = len.next_multiple_of(superos_protocol::layout::PAGE_SIZE);
+                self.emit(Event::MemProtected { pid, addr, len, prot });
+                Outcome::Return(Ok(0))
+            }
+            Err(refusal) => self.refused(frame, refusal),
+        }
     }
 
     fn sys_mem_stat(&mut self, buf: u64) -> Result<u64, SysError> {
