@@ -629,7 +629,7 @@ fn a_full_region_table_is_out_of_memory_for_the_next_creator() {
         ("filler-c", "shm-attack: fill-table: created 0 regions, then out-of-memory"),
     ] {
         let output = report.output_of(name);
-        assert!(output.iter().any(|l| *l == line), "{name}: {output:#?}");
+        assert!(output.contains(&line), "{name}: {output:#?}");
     }
     let created = events(&report).filter(|e| matches!(e, Event::ShmCreated { .. })).count();
     assert_eq!(created, SHM_REGIONS_MAX);
