@@ -107,8 +107,8 @@ fn fuzz_campaign_tight() {
     if !kvm_available() {
         return;
     }
-    // A fuzzer without a peer makes the same calls for the same seed, so
-    // these seeds never reach the known bug below (see `regression_seeds`).
+    // A fuzzer without a peer makes the same calls for the same seed, and
+    // under these quotas it runs into them.
     let totals = campaign("tight", &[5, 11, 17, 23, 29]);
     assert_saw(&totals, &COMMON);
     assert_saw(&totals, &["quota-exceeded"]);
