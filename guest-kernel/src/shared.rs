@@ -30,8 +30,8 @@ use superos_protocol::event::Event;
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
-    CapInfo, SysError, CAPS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX, SHM_PARTICIPANTS_MAX,
-    SHM_REGIONS_MAX,
+    CapInfo, SysError, CAPS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX, SHM_PAGES_MAX,
+    SHM_PARTICIPANTS_MAX, SHM_REGIONS_MAX,
 };
 
 /// A process holding a capability for a region.
@@ -139,7 +139,9 @@ impl SharedMemory {
         // for the frame list (fallible, never an allocation failure panic).
         let pages = (len / PAGE_SIZE) as usize;
         let mut frames = Vec::new();
+        let live_pages: u64 = self.regions.iter().map(|r| r.frames.len() as u64).sum();
         if self.regions.len() >= SHM_REGIONS_MAX
+            || live_pages + pages as u64 > SHM_PAGES_MAX
             || !memory.heap_room(pages * core::mem::size_of::<u64>())
             || frames.try_reserve_exact(pages).is_err()
         {
@@ -498,6 +500,25 @@ mod tests {
         assert_eq!(memory.allocator.free_frames(), free);
         memory.heap_room = 8 * 4;
         shm.create(&mut memory, &mut world, last, 0x4000, RIGHT_READ).unwrap();
+    }
+
+    #[test]
+    fn all_live_regions_together_hold_at_most_shm_pages_max_pages() {
+        let mut memory = FakeMemory::new();
+        let mut world = world(&mut memory, &[1], Quotas::default());
+        let mut shm = SharedMemory::default();
+        // Pretend regions of another process hold all but 4 pages of the
+        // limit (the fake RAM is smaller): only the frame lists count.
+        let held = SHM_PAGES_MAX as usize - 4;
+        let frames = vec![0; held];
+        shm.regions.push(SharedRegion { id: 99, owner: 9, frames, participants: Vec::new() });
+        let free = memory.allocator.free_frames();
+        assert_eq!(
+            shm.create(&mut memory, &mut world, 1, 5 * PAGE_SIZE, RIGHT_READ).unwrap_err(),
+            Refusal::Error(SysError::OutOfMemory)
+        );
+        assert_eq!(memory.allocator.free_frames(), free);
+        shm.create(&mut memory, &mut world, 1, 4 * PAGE_SIZE, RIGHT_READ).unwrap();
     }
 
     #[test]

@@ -137,6 +137,10 @@ pub const SHM_PARTICIPANTS_MAX: usize = 8;
 /// table, which the VMM reads whole); `shm_create` beyond it is
 /// [`SysError::OutOfMemory`].
 pub const SHM_REGIONS_MAX: usize = 64;
+/// Most pages in all live shared regions together (128 MiB): the kernel
+/// keeps a frame list per region in its heap, and this bounds them;
+/// `shm_create` beyond it is [`SysError::OutOfMemory`].
+pub const SHM_PAGES_MAX: u64 = 32 * 1024;
 /// Most entries in one process's map: code and data segments, stack, stack
 /// guard, gate page, each `mem_map` and `shm_map` mapping (or piece of one
 /// left by a partial `mem_unmap`/`mem_protect`), and each revoked range. The

@@ -18,7 +18,7 @@ use superos_protocol::PROTOCOL_VERSION;
 /// Slots in the published process table (and the most live processes).
 pub const PROCESS_CAPACITY: usize = 64;
 /// Slots in the published region table (and the most live regions).
-pub const REGION_CAPACITY: usize = 64;
+pub const REGION_CAPACITY: usize = superos_protocol::syscall::SHM_REGIONS_MAX;
 
 static ROOT: KernelCell<IntrospectionRoot> = KernelCell::new(IntrospectionRoot {
     magic: INTROSPECTION_MAGIC,

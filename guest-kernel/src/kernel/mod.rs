@@ -36,25 +36,33 @@ use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::hypercall::{self as hc, Hypercall};
 use superos_protocol::layout::*;
 use superos_protocol::ownership::FrameOwner;
-use superos_protocol::syscall::{self as sc, GateInfo, Syscall};
+use superos_protocol::syscall::{self as sc, GateInfo, Syscall, MAPPINGS_MAX, SHM_PAGES_MAX};
 use superos_protocol::PROTOCOL_VERSION;
 use x86_64::structures::paging::PageTableFlags as Flags;
 
 // ---------------------------------------------------------------------------
 // Kernel heap
 
-/// The kernel heap. Its user-driven parts are bounded: per process at most
-/// [`superos_protocol::syscall::MAPPINGS_MAX`] map entries (64 processes x 256
-/// x 24 bytes = 384 KiB at worst), at most
-/// [`superos_protocol::syscall::SHM_REGIONS_MAX`] shared regions, whose frame
-/// lists (8 bytes per 4 KiB page) are only allocated while [`HEAP_RESERVE`]
-/// stays free (`Memory::heap_room`); capabilities and mailboxes have fixed
-/// limits too. So a process cannot exhaust the heap and panic the kernel.
+/// The kernel heap. What processes can make the kernel keep in it is
+/// bounded: at most [`MAPPINGS_MAX`] map entries per process, frame lists of
+/// at most [`SHM_PAGES_MAX`] shared pages in all, [`sc::SHM_REGIONS_MAX`] regions,
+/// and fixed-size capability tables and mailboxes. Those bounds plus
+/// [`HEAP_RESERVE`] fit (checked below), and shared regions' frame lists are
+/// also only allocated while the reserve stays free (`Memory::heap_room`,
+/// which covers fragmentation), so no process can exhaust the heap and panic
+/// the kernel.
 const HEAP_SIZE: usize = 1024 * 1024;
 
-/// Heap the kernel keeps for its own work (process tables, events,
-/// temporary lists) when deciding whether a process's request fits.
+/// Heap the kernel keeps for its own work (process tables, capability
+/// tables, regions, events, temporary lists).
 pub const HEAP_RESERVE: usize = 192 * 1024;
+
+const _: () = assert!(
+    introspect::PROCESS_CAPACITY * MAPPINGS_MAX * core::mem::size_of::<crate::fault::Region>()
+        + SHM_PAGES_MAX as usize * core::mem::size_of::<u64>()
+        + HEAP_RESERVE
+        <= HEAP_SIZE
+);
 
 /// Free bytes in the kernel heap.
 pub fn heap_free() -> usize {
