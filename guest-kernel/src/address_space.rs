@@ -500,7 +500,10 @@ impl AddressSpace {
     /// more than [`MAPPINGS_MAX`].
     pub fn unmap<M: Memory>(&mut self, memory: &mut M, addr: u64, len: u64) -> Result<u64, Refusal> {
         let end = self.check_anonymous_range(addr, len)?;
-        let removed = self.regions.iter().filter(|r| r.start < end && r.end > addr).count();
+        // Regions are sorted and disjoint: those overlapping [addr, end) form
+        // one run, found by two binary searches.
+        let removed =
+            self.regions.partition_point(|r| r.start < end) - self.regions.partition_point(|r| r.end <= addr);
         self.check_mappings(self.splits_needed(addr, end).saturating_sub(removed))?;
         let mut freed = 0;
         for page in (addr..end).step_by(PAGE_SIZE as usize) {
