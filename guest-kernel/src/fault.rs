@@ -114,13 +114,27 @@ pub fn classify_page_fault(regions: &[Region], addr: u64, error_code: u64) -> Fa
     FaultKind::KernelAccess
 }
 
-/// Classifies any other exception vector raised in ring 3.
+/// Classifies any other exception vector raised in ring 3: each
+/// architectural exception has a fault of its own; a vector with no name
+/// (reserved, or a feature this kernel never enables) is `other-exception`.
 pub fn classify_exception(vector: u64) -> FaultKind {
     match vector {
         0 => FaultKind::DivideError,
+        1 => FaultKind::DebugException,
         3 => FaultKind::IllegalGateEntry,
+        4 => FaultKind::Overflow,
+        5 => FaultKind::BoundRangeExceeded,
         6 => FaultKind::InvalidOpcode,
+        7 => FaultKind::DeviceNotAvailable,
+        10 => FaultKind::InvalidTss,
+        11 => FaultKind::SegmentNotPresent,
+        12 => FaultKind::StackSegmentFault,
         13 => FaultKind::GeneralProtection,
+        16 => FaultKind::X87FloatingPoint,
+        17 => FaultKind::AlignmentCheck,
+        18 => FaultKind::MachineCheck,
+        19 => FaultKind::SimdFloatingPoint,
+        21 => FaultKind::ControlProtection,
         _ => FaultKind::OtherException,
     }
 }
@@ -170,6 +184,15 @@ mod tests {
         assert_eq!(classify_exception(6), FaultKind::InvalidOpcode);
         assert_eq!(classify_exception(13), FaultKind::GeneralProtection);
         assert_eq!(classify_exception(3), FaultKind::IllegalGateEntry);
-        assert_eq!(classify_exception(19), FaultKind::OtherException);
+        assert_eq!(classify_exception(1), FaultKind::DebugException);
+        assert_eq!(classify_exception(16), FaultKind::X87FloatingPoint);
+        assert_eq!(classify_exception(17), FaultKind::AlignmentCheck);
+        assert_eq!(classify_exception(19), FaultKind::SimdFloatingPoint);
+        assert_eq!(classify_exception(7), FaultKind::DeviceNotAvailable);
+        assert_eq!(classify_exception(20), FaultKind::OtherException);
+        assert_eq!(classify_exception(30), FaultKind::OtherException);
+        // Every named vector below 32 maps to a fault other than other-exception.
+        let named = (0..32).filter(|&v| classify_exception(v) != FaultKind::OtherException).count();
+        assert_eq!(named, 16);
     }
 }

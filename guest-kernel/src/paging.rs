@@ -114,6 +114,40 @@ pub fn map<M: PageTableMemory>(
     Ok(())
 }
 
+/// Maps the 2 MiB range at `va` to the 2 MiB at `phys` with one last-level
+/// table of 4 KiB leaves (where a single large page would give every page the
+/// same rights): page `i` gets `flags_of(phys + i * 4 KiB)` (`PRESENT` is
+/// added). Used for the direct map around the kernel image, so that the
+/// kernel's own text and read-only data have no writable alias.
+pub fn map_2m_as_4k<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    va: u64,
+    phys: u64,
+    table_flags: Flags,
+    flags_of: impl Fn(u64) -> Flags,
+) -> Result<(), MapError> {
+    const LARGE: u64 = 2 << 20;
+    if va % LARGE != 0 || phys % LARGE != 0 {
+        return Err(MapError::BadAddress);
+    }
+    map(mem, pml4, va, phys, PageSize::Size4K, flags_of(phys), table_flags)?;
+    let mut table = pml4;
+    for level in (2..=4).rev() {
+        table = mem.table(table)[index(va, level)].addr().as_u64();
+    }
+    let leaves = mem.table(table);
+    for i in 1..512u64 {
+        let entry = &mut leaves[i as usize];
+        if !entry.is_unused() {
+            return Err(MapError::AlreadyMapped);
+        }
+        let page = phys + i * PAGE_SIZE;
+        entry.set_addr(PhysAddr::new(page), flags_of(page) | Flags::PRESENT);
+    }
+    Ok(())
+}
+
 /// Translates `va` through the tables rooted at `pml4`, honouring 2 MiB and
 /// 1 GiB leaves. Returns `None` if any level is not present.
 pub fn translate<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<Translation> {
@@ -279,6 +313,44 @@ pub(crate) mod tests {
         assert_eq!(unmap(&mut mem, pml4, 0x40_0000), Some(0x20_0000));
         assert_eq!(translate(&mut mem, pml4, 0x40_0000), None);
         assert_eq!(unmap(&mut mem, pml4, 0x40_0000), None);
+    }
+
+    #[test]
+    fn a_large_range_mapped_page_by_page_gives_each_page_its_own_rights() {
+        let mut mem = FakeMemory::default();
+        let pml4 = mem.alloc_table().unwrap();
+        let va = 0xffff_8000_0000_0000;
+        let read_only = 0x10_0000..0x14_0000;
+        let flags_of = |pa: u64| {
+            if read_only.contains(&pa) {
+                Flags::NO_EXECUTE
+            } else {
+                Flags::WRITABLE | Flags::NO_EXECUTE
+            }
+        };
+        map_2m_as_4k(&mut mem, pml4, va, 0, KERNEL_TABLE_FLAGS, flags_of).unwrap();
+        for (offset, writable) in [
+            (0, true),
+            (0xf_f000, true),
+            (0x10_0000, false),
+            (0x13_f123, false),
+            (0x14_0000, true),
+            (0x1f_ffff, true),
+        ] {
+            let t = translate(&mut mem, pml4, va + offset).unwrap();
+            assert_eq!(t.phys, offset);
+            assert_eq!(t.flags.contains(Flags::WRITABLE), writable, "offset {offset:#x}");
+            assert!(t.flags.contains(Flags::PRESENT | Flags::NO_EXECUTE));
+            assert!(!t.flags.contains(Flags::HUGE_PAGE));
+        }
+        assert_eq!(
+            map_2m_as_4k(&mut mem, pml4, va, 0, KERNEL_TABLE_FLAGS, flags_of),
+            Err(MapError::AlreadyMapped)
+        );
+        assert_eq!(
+            map_2m_as_4k(&mut mem, pml4, va + 0x1000, 0, KERNEL_TABLE_FLAGS, flags_of),
+            Err(MapError::BadAddress)
+        );
     }
 
     #[test]

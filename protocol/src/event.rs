@@ -202,7 +202,8 @@ named_enum! {
         DivideError = 9 => "divide-error",
         /// A system-call entry that did not come through the gate stub.
         IllegalGateEntry = 10 => "illegal-gate-entry",
-        /// Any other CPU exception raised in ring 3.
+        /// A CPU exception raised in ring 3 with no name of its own (a vector
+        /// the architecture reserves or this kernel never enables).
         OtherException = 11 => "other-exception",
         /// A demand-zero page would exceed the resident-set quota.
         ResidentQuotaExceeded = 12 => "resident-quota-exceeded",
@@ -219,6 +220,32 @@ named_enum! {
         /// A call would need more map entries than
         /// [`crate::syscall::MAPPINGS_MAX`] (policy `kill`).
         MappingQuotaExceeded = 18 => "mapping-quota-exceeded",
+        /// Debug exception (#DB): single-stepping with RFLAGS.TF, or `int1`.
+        DebugException = 19 => "debug-exception",
+        /// x87 floating-point error (#MF): a pending unmasked x87 exception,
+        /// delivered at the process's next x87 instruction; the address is
+        /// the x87 instruction that caused it.
+        X87FloatingPoint = 20 => "x87-floating-point",
+        /// SIMD floating-point exception (#XM): an unmasked MXCSR exception.
+        SimdFloatingPoint = 21 => "simd-floating-point",
+        /// Alignment check (#AC): a misaligned access with RFLAGS.AC set.
+        AlignmentCheck = 22 => "alignment-check",
+        /// Device not available (#NM).
+        DeviceNotAvailable = 23 => "device-not-available",
+        /// Segment not present (#NP).
+        SegmentNotPresent = 24 => "segment-not-present",
+        /// Stack-segment fault (#SS): e.g. a non-canonical stack address.
+        StackSegmentFault = 25 => "stack-segment-fault",
+        /// Invalid TSS (#TS).
+        InvalidTss = 26 => "invalid-tss",
+        /// Machine check (#MC) while the process ran.
+        MachineCheck = 27 => "machine-check",
+        /// Overflow (#OF).
+        Overflow = 28 => "overflow",
+        /// Bound range exceeded (#BR).
+        BoundRangeExceeded = 29 => "bound-range-exceeded",
+        /// Control-protection exception (#CP).
+        ControlProtection = 30 => "control-protection",
     }
 }
 
@@ -339,7 +366,9 @@ pub enum Event {
         pid: u32,
         /// Why (`None` if the kernel sent an unknown code).
         fault: Option<FaultKind>,
-        /// Faulting address (CR2 for page faults, else 0).
+        /// Faulting address: CR2 for page faults, the x87 instruction for
+        /// #MF, the faulting instruction for other exceptions, 0 for kills
+        /// that are not exceptions.
         addr: u64,
         /// Faulting instruction.
         rip: u64,

@@ -6,6 +6,8 @@
 //! * [`layout`]: the guest-physical and virtual memory map (addresses both sides
 //!   must agree on).
 //! * [`boot`]: the boot-info block the VMM writes before the first instruction.
+//! * [`cpu`]: the CPU state the kernel sets up and the VMM checks (descriptor
+//!   tables, entry MSRs, control registers, FPU/SIMD policy).
 //! * [`hypercall`]: the kernel -> VMM calls (port I/O) and their parameter blocks.
 //! * [`syscall`]: the user -> kernel system-call numbers, argument and error encoding.
 //! * [`event`]: the kernel event records and the ring the VMM drains.
@@ -22,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod cpu;
 pub mod event;
 pub mod hypercall;
 pub mod introspect;

@@ -94,16 +94,6 @@ pub unsafe fn write_cr4(value: u64) {
     unsafe { asm!("mov cr4, {}", in(reg) value, options(nostack, preserves_flags)) };
 }
 
-/// Returns (ebx, ecx, edx) of CPUID leaf 7, subleaf 0, if the leaf exists.
-pub fn cpuid_leaf7() -> Option<(u32, u32, u32)> {
-    let max = core::arch::x86_64::__cpuid(0).eax;
-    if max < 7 {
-        return None;
-    }
-    let leaf = core::arch::x86_64::__cpuid_count(7, 0);
-    Some((leaf.ebx, leaf.ecx, leaf.edx))
-}
-
 /// Stops the CPU for good (interrupts disabled).
 pub fn halt_forever() -> ! {
     loop {
@@ -112,18 +102,32 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Model-specific register numbers used by the kernel.
-pub mod msr {
-    /// Extended feature enable register.
-    pub const EFER: u32 = 0xc000_0080;
-    /// `syscall`/`sysret` segment selectors.
-    pub const STAR: u32 = 0xc000_0081;
-    /// `syscall` entry point.
-    pub const LSTAR: u32 = 0xc000_0082;
-    /// RFLAGS bits cleared on `syscall`.
-    pub const FMASK: u32 = 0xc000_0084;
-    /// EFER: `syscall` enable.
-    pub const EFER_SCE: u64 = 1 << 0;
-    /// EFER: no-execute enable.
-    pub const EFER_NXE: u64 = 1 << 11;
+/// Model-specific register numbers (the design's list, shared with the VMM).
+pub use superos_protocol::cpu::msr;
+
+/// Sets extended control register 0 (the state components `xsave` and the
+/// instructions that use them may touch).
+///
+/// # Safety
+/// CR4.OSXSAVE must be set, and `value` must include x87 and be a
+/// combination CPUID leaf 0xd reports as supported.
+pub unsafe fn write_xcr0(value: u64) {
+    // SAFETY: the caller vouches for the value. Encoded as bytes: the
+    // assembler would otherwise want the xsave target feature, which the
+    // soft-float kernel target does not have.
+    unsafe {
+        asm!(".byte 0x0f, 0x01, 0xd1", in("ecx") 0u32, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nomem, nostack))
+    };
+}
+
+/// Returns (eax, ebx, ecx, edx) of CPUID `leaf`/`subleaf`, or `None` if the
+/// CPU does not have that leaf.
+pub fn cpuid(leaf: u32, subleaf: u32) -> Option<(u32, u32, u32, u32)> {
+    let max = core::arch::x86_64::__cpuid(leaf & 0x8000_0000).eax;
+    if leaf > max {
+        return None;
+    }
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    Some((r.eax, r.ebx, r.ecx, r.edx))
 }

@@ -1,12 +1,15 @@
 //! Assembly entry points: the kernel's `_start`, one stub per interrupt vector,
-//! the `syscall` entry, and the common path that saves a [`super::TrapFrame`],
-//! calls [`crate::kernel::trap_dispatch`] and resumes whatever context the
-//! frame then holds with `iretq`.
+//! the `syscall` entry, the stub `CSTAR` and `SYSENTER_EIP` name (every use
+//! of it kills the caller), and the common path that saves a
+//! [`super::TrapFrame`], calls [`crate::kernel::trap_dispatch`] and resumes
+//! whatever context the frame then holds with `iretq`.
 //!
 //! There is one kernel stack. Every entry from ring 3 starts on an empty stack
-//! (TSS.RSP0 for interrupts and exceptions, an explicit switch for `syscall`),
-//! so the kernel keeps no per-process kernel state on a stack: switching
-//! processes means rewriting the frame before `iretq`.
+//! (TSS.RSP0 for interrupts and exceptions, an IST stack for NMI, #DB, #MC and
+//! #DF, an explicit switch for `syscall`), so the kernel keeps no per-process
+//! kernel state on a stack: switching processes means rewriting the frame
+//! before `iretq`. The common path resets RFLAGS before any Rust code runs, so
+//! flags a user left set (AC, which would lift SMAP; DF) never reach the kernel.
 
 use super::{tables, SYSCALL_VECTOR};
 use core::arch::global_asm;
@@ -64,7 +67,9 @@ trap_common:
     push r13
     push r14
     push r15
-    cld
+    // Known flags for the kernel: IF, DF, AC, TF, NT and IOPL clear.
+    push 2
+    popfq
     mov rdi, rsp
     call {dispatch}
 trap_exit:
@@ -84,6 +89,8 @@ trap_exit:
     pop rbx
     pop rax
     add rsp, 16
+    .global trap_iretq
+trap_iretq:
     iretq
 
     // syscall: rcx = user rip, r11 = user rflags, rsp = user stack. Build the
@@ -102,6 +109,25 @@ syscall_entry:
     jmp trap_common
     .type syscall_entry, @function
     .size syscall_entry, . - syscall_entry
+
+    // CSTAR (syscall from compatibility mode) and SYSENTER_EIP. Neither is a
+    // way into this kernel: compatibility mode has no code segment, and
+    // SYSENTER_CS is zero. Should a CPU enter here anyway, leave whatever
+    // stack it came on at once and report a foreign entry, which kills the
+    // caller (rcx is the user RIP for syscall; the rest is not kept).
+    .global foreign_entry
+foreign_entry:
+    lea rsp, [rip + __kernel_stack_top]
+    push {user_ss}
+    push 0
+    push 2
+    push {user_cs}
+    push rcx
+    push 0
+    push {foreign_vector}
+    jmp trap_common
+    .type foreign_entry, @function
+    .size foreign_entry, . - foreign_entry
 
     // enter_user(frame: *const TrapFrame) -> !: resume the context in `frame`.
     .global enter_user
@@ -127,6 +153,7 @@ syscall_user_rsp:
     user_ss = const tables::USER_DATA_SELECTOR,
     user_cs = const tables::USER_CODE_SELECTOR,
     syscall_vector = const SYSCALL_VECTOR,
+    foreign_vector = const superos_protocol::cpu::entry_vector::FOREIGN,
 );
 
 extern "C" {
@@ -138,10 +165,21 @@ extern "C" {
     pub fn trap_stub_255();
     /// The `syscall` entry point (LSTAR).
     pub fn syscall_entry();
+    /// The entry `CSTAR` and `SYSENTER_EIP` name: kills the caller.
+    pub fn foreign_entry();
+    /// The `iretq` that resumes every ring-3 context (a fault here means
+    /// the context could not be resumed).
+    pub fn trap_iretq();
     /// Resumes the ring-3 context stored at `frame`; never returns.
     pub fn enter_user(frame: *const super::TrapFrame) -> !;
     /// Top of the kernel stack (linker script).
     pub static __kernel_stack_top: u8;
-    /// Top of the double-fault stack (linker script).
-    pub static __ist_stack_top: u8;
+    /// Top of the double-fault IST stack (linker script).
+    pub static __ist_double_fault_top: u8;
+    /// Top of the NMI IST stack (linker script).
+    pub static __ist_nmi_top: u8;
+    /// Top of the debug-exception IST stack (linker script).
+    pub static __ist_debug_top: u8;
+    /// Top of the machine-check IST stack (linker script).
+    pub static __ist_machine_check_top: u8;
 }

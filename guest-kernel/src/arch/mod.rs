@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod entry;
 pub mod lapic;
 pub mod tables;
+pub mod user_state;
 
 use core::cell::UnsafeCell;
 
@@ -81,7 +82,9 @@ pub struct TrapFrame {
 }
 
 /// Pseudo-vector the `syscall` entry stub records in [`TrapFrame::vector`].
-pub const SYSCALL_VECTOR: u64 = 0x100;
+pub const SYSCALL_VECTOR: u64 = superos_protocol::cpu::entry_vector::SYSCALL;
+/// Pseudo-vector of the `CSTAR`/`SYSENTER` stub: never a legitimate entry.
+pub const FOREIGN_ENTRY_VECTOR: u64 = superos_protocol::cpu::entry_vector::FOREIGN;
 /// Vector of the LAPIC timer interrupt.
 pub const TIMER_VECTOR: u8 = 0x20;
 /// Vector of the LAPIC spurious interrupt.

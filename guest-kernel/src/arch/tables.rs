@@ -1,8 +1,13 @@
-//! GDT, TSS and IDT, in the Linux layout that `syscall`/`sysret` expect
-//! (kernel CS 0x10, kernel DS 0x18, user DS 0x2b, user CS 0x33, TSS 0x40).
+//! GDT, TSS and IDT, in the layout `superos_protocol::cpu` describes (and
+//! the VMM checks): kernel CS 0x10, kernel DS 0x18, user DS 0x2b, user CS
+//! 0x33, TSS 0x40, and nothing else ring 3 could load. Slot 0x20, which
+//! `STAR` names for a 32-bit `sysret`, is a null descriptor: the kernel
+//! returns with `iretq`, and a 32-bit user code segment would let ring 3
+//! switch to compatibility mode.
 
 use super::entry;
 use super::{KernelCell, SPURIOUS_VECTOR, TIMER_VECTOR};
+use superos_protocol::cpu::{self as design, IST_SLOTS};
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
 use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
@@ -10,46 +15,52 @@ use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::{PrivilegeLevel, VirtAddr};
 
-/// Kernel code selector.
-pub const KERNEL_CODE_SELECTOR: u16 = 0x10;
-/// Kernel data selector.
-pub const KERNEL_DATA_SELECTOR: u16 = 0x18;
-/// User data selector (RPL 3).
-pub const USER_DATA_SELECTOR: u16 = 0x2b;
-/// User 64-bit code selector (RPL 3).
-pub const USER_CODE_SELECTOR: u16 = 0x33;
-/// TSS selector.
-pub const TSS_SELECTOR: u16 = 0x40;
-/// `STAR` value: `syscall` loads CS 0x10/SS 0x18; `sysret` CS 0x33/SS 0x2b.
-pub const STAR_VALUE: u64 = (0x23 << 48) | ((KERNEL_CODE_SELECTOR as u64) << 32);
-
-/// IST slot (1-based in the CPU, 0-based here) used by the double-fault handler.
-const DOUBLE_FAULT_IST: u16 = 0;
+pub use design::{
+    KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, STAR_VALUE, TSS_SELECTOR, USER_CODE_SELECTOR,
+    USER_DATA_SELECTOR,
+};
 
 static TSS: KernelCell<TaskStateSegment> = KernelCell::new(TaskStateSegment::new());
-static GDT: KernelCell<GlobalDescriptorTable<10>> = KernelCell::new(GlobalDescriptorTable::empty());
+static GDT: KernelCell<GlobalDescriptorTable<{ design::GDT_SLOTS }>> =
+    KernelCell::new(GlobalDescriptorTable::empty());
 static IDT: KernelCell<Option<InterruptDescriptorTable>> = KernelCell::new(None);
+
+/// The top of the IST stack for `vector`'s slot, and the slot (0-based, as
+/// the x86_64 crate counts them).
+fn ist_stack(vector: u8) -> (u16, u64) {
+    let slot = IST_SLOTS.iter().find(|s| s.vector == vector).expect("vector has an IST slot");
+    // The symbols are defined by the linker script; only their addresses are taken.
+    let top = match vector {
+        8 => core::ptr::addr_of!(entry::__ist_double_fault_top) as u64,
+        2 => core::ptr::addr_of!(entry::__ist_nmi_top) as u64,
+        1 => core::ptr::addr_of!(entry::__ist_debug_top) as u64,
+        18 => core::ptr::addr_of!(entry::__ist_machine_check_top) as u64,
+        _ => unreachable!("IST_SLOTS names only these vectors"),
+    };
+    (u16::from(slot.slot) - 1, top)
+}
 
 /// Loads the GDT, TSS and IDT. Called once, early at boot.
 pub fn init() {
     // SAFETY: called once at boot before anything else uses these cells.
     let (tss, gdt, idt) = unsafe { (TSS.get(), GDT.get(), IDT.get()) };
-    // The symbols are defined by the linker script; only their addresses are taken.
     let stack_top = core::ptr::addr_of!(entry::__kernel_stack_top) as u64;
-    let ist_top = core::ptr::addr_of!(entry::__ist_stack_top) as u64;
     tss.privilege_stack_table[0] = VirtAddr::new(stack_top);
-    tss.interrupt_stack_table[DOUBLE_FAULT_IST as usize] = VirtAddr::new(ist_top);
+    for slot in IST_SLOTS {
+        let (index, top) = ist_stack(slot.vector);
+        tss.interrupt_stack_table[usize::from(index)] = VirtAddr::new(top);
+    }
 
-    let placeholder = Descriptor::UserSegment(0);
-    gdt.append(placeholder); // 0x08
+    let null = Descriptor::UserSegment(0);
+    gdt.append(null); // 0x08
     let code = gdt.append(Descriptor::kernel_code_segment()); // 0x10
     let data = gdt.append(Descriptor::kernel_data_segment()); // 0x18
-    gdt.append(Descriptor::UserSegment(0x00cf_fa00_0000_ffff)); // 0x20 user32 code (sysret layout)
+    gdt.append(null); // 0x20: named by STAR, never a usable segment
     gdt.append(Descriptor::user_data_segment()); // 0x28
     gdt.append(Descriptor::user_code_segment()); // 0x30
-    gdt.append(placeholder); // 0x38
-                             // SAFETY: the TSS is a static that lives for the whole run and is not
-                             // moved; it is only modified above, before the descriptor is loaded.
+    gdt.append(null); // 0x38
+                      // SAFETY: the TSS is a static that lives for the whole run and is not
+                      // moved; it is only modified above, before the descriptor is loaded.
     let tss_selector = gdt.append(unsafe { Descriptor::tss_segment_unchecked(TSS.as_ptr()) }); // 0x40
     debug_assert_eq!(code.0, KERNEL_CODE_SELECTOR);
     debug_assert_eq!(tss_selector.0, TSS_SELECTOR);
@@ -77,15 +88,16 @@ pub fn init() {
     unsafe {
         let addr = |v: usize| VirtAddr::new(stubs[v]);
         idt.divide_error.set_handler_addr(addr(0));
-        idt.debug.set_handler_addr(addr(1));
-        idt.non_maskable_interrupt.set_handler_addr(addr(2));
+        idt.debug.set_handler_addr(addr(1)).set_stack_index(ist_stack(1).0);
+        idt.non_maskable_interrupt.set_handler_addr(addr(2)).set_stack_index(ist_stack(2).0);
         // int3 is the system-call gate on PVM hosts: callable from ring 3.
         idt.breakpoint.set_handler_addr(addr(3)).set_privilege_level(PrivilegeLevel::Ring3);
+        const _: () = assert!(design::USER_GATE_VECTOR == 3);
         idt.overflow.set_handler_addr(addr(4));
         idt.bound_range_exceeded.set_handler_addr(addr(5));
         idt.invalid_opcode.set_handler_addr(addr(6));
         idt.device_not_available.set_handler_addr(addr(7));
-        idt.double_fault.set_handler_addr(addr(8)).set_stack_index(DOUBLE_FAULT_IST);
+        idt.double_fault.set_handler_addr(addr(8)).set_stack_index(ist_stack(8).0);
         idt.invalid_tss.set_handler_addr(addr(10));
         idt.segment_not_present.set_handler_addr(addr(11));
         idt.stack_segment_fault.set_handler_addr(addr(12));
@@ -93,7 +105,7 @@ pub fn init() {
         idt.page_fault.set_handler_addr(addr(14));
         idt.x87_floating_point.set_handler_addr(addr(16));
         idt.alignment_check.set_handler_addr(addr(17));
-        idt.machine_check.set_handler_addr(addr(18));
+        idt.machine_check.set_handler_addr(addr(18)).set_stack_index(ist_stack(18).0);
         idt.simd_floating_point.set_handler_addr(addr(19));
         idt.virtualization.set_handler_addr(addr(20));
         idt.cp_protection_exception.set_handler_addr(addr(21));

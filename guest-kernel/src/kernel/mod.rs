@@ -22,8 +22,11 @@ pub mod shm;
 pub mod syscalls;
 
 use crate::address_space::{AddressSpace, Memory};
-use crate::arch::entry::{enter_user, syscall_entry};
-use crate::arch::{cpu, lapic, tables, KernelCell, TrapFrame, SPURIOUS_VECTOR, SYSCALL_VECTOR, TIMER_VECTOR};
+use crate::arch::entry::{enter_user, foreign_entry, syscall_entry};
+use crate::arch::{
+    cpu, lapic, tables, KernelCell, TrapFrame, FOREIGN_ENTRY_VECTOR, SPURIOUS_VECTOR, SYSCALL_VECTOR,
+    TIMER_VECTOR,
+};
 use crate::fault::classify_exception;
 use crate::frame::FrameAllocator;
 use crate::paging::{self, PageSize, KERNEL_TABLE_FLAGS};
@@ -198,6 +201,10 @@ extern "C" {
     static __data_start: u8;
     static __data_end: u8;
     static __kernel_stack_guard: u8;
+    static __ist_double_fault_guard: u8;
+    static __ist_nmi_guard: u8;
+    static __ist_debug_guard: u8;
+    static __ist_machine_check_guard: u8;
 }
 
 fn symbol_address(symbol: &u8) -> u64 {
@@ -259,7 +266,6 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     unsafe {
         ALLOCATOR.lock().init(core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8, HEAP_SIZE)
     };
-    setup_syscall_msrs();
 
     if boot.debug_flags & boot::DEBUG_BAD_HYPERCALLS != 0 {
         send_bad_hypercalls();
@@ -317,6 +323,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         boot_entropy: unsafe { core::arch::x86_64::_rdtsc() },
         published_slots: (0, 0),
     };
+    set_entry_msrs(gate);
     kernel.write_gate_page();
     let space = AddressSpace::new(&mut kernel.memory, 0, kernel_pml4, gate_frame, Default::default())
         .unwrap_or_else(|| panic!("out of memory for the gate self-test"));
@@ -410,68 +417,117 @@ fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
             .unwrap_or_else(|e| panic!("mapping kernel page {va:#x}: {e:?}"));
     };
     // SAFETY: linker-script symbols; only their addresses are used.
-    let (text, rodata, data, guard) = unsafe {
+    let (text, rodata, data, guards) = unsafe {
         (
             (symbol_address(&__text_start), symbol_address(&__text_end)),
             (symbol_address(&__rodata_start), symbol_address(&__rodata_end)),
             (symbol_address(&__data_start), symbol_address(&__data_end)),
-            symbol_address(&__kernel_stack_guard),
+            [
+                symbol_address(&__kernel_stack_guard),
+                symbol_address(&__ist_double_fault_guard),
+                symbol_address(&__ist_nmi_guard),
+                symbol_address(&__ist_debug_guard),
+                symbol_address(&__ist_machine_check_guard),
+            ],
         )
     };
     let sections =
         [(text, Flags::empty()), (rodata, Flags::NO_EXECUTE), (data, Flags::WRITABLE | Flags::NO_EXECUTE)];
     for ((start, end), flags) in sections {
         for va in (start..end).step_by(PAGE_SIZE as usize) {
-            if va != guard {
+            if !guards.contains(&va) {
                 map_4k(&mut tables, va, va - KERNEL_VMA_BASE, flags);
             }
         }
     }
     let lapic_flags = Flags::WRITABLE | Flags::NO_EXECUTE | Flags::NO_CACHE | Flags::WRITE_THROUGH;
     map_4k(&mut tables, LAPIC_VA, LAPIC_GPA, lapic_flags);
+    // The direct map: all RAM read-write, no-execute, in 2 MiB pages, except
+    // that the kernel's text and read-only data are read-only here too (the
+    // 2 MiB around them are mapped page by page), so no mapping anywhere lets
+    // the kernel write its own code.
+    let read_only = (text.0 - KERNEL_VMA_BASE)..(rodata.1 - KERNEL_VMA_BASE);
+    let flags_of = |pa: u64| {
+        if read_only.contains(&pa) {
+            Flags::NO_EXECUTE
+        } else {
+            Flags::WRITABLE | Flags::NO_EXECUTE
+        }
+    };
     let direct_end = boot.mem_size.next_multiple_of(LARGE_PAGE_SIZE);
     for pa in (0..direct_end).step_by(LARGE_PAGE_SIZE as usize) {
-        let flags = Flags::WRITABLE | Flags::NO_EXECUTE;
-        paging::map(&mut tables, pml4, DIRECT_MAP_BASE + pa, pa, PageSize::Size2M, flags, KERNEL_TABLE_FLAGS)
-            .unwrap_or_else(|e| panic!("mapping the direct map at {pa:#x}: {e:?}"));
+        let va = DIRECT_MAP_BASE + pa;
+        let mapped = if pa < read_only.end && read_only.start < pa + LARGE_PAGE_SIZE {
+            paging::map_2m_as_4k(&mut tables, pml4, va, pa, KERNEL_TABLE_FLAGS, flags_of)
+        } else {
+            paging::map(&mut tables, pml4, va, pa, PageSize::Size2M, flags_of(pa), KERNEL_TABLE_FLAGS)
+        };
+        mapped.unwrap_or_else(|e| panic!("mapping the direct map at {pa:#x}: {e:?}"));
     }
     pml4
 }
 
-/// CR0.WP (the kernel cannot write read-only pages either), EFER.NXE, and
-/// SMEP/SMAP where the CPU has them: the kernel never executes or touches user
-/// pages through user addresses (it reads user memory via the direct map).
+/// The control registers and XCR0 of `superos_protocol::cpu`: CR0.WP (the
+/// kernel cannot write read-only pages either), EFER.NXE, SMEP/SMAP/UMIP
+/// where the CPU has them (the kernel never executes or touches user pages
+/// through user addresses: it reads user memory via the direct map; ring 3
+/// cannot read the descriptor-table registers), CR0.AM (so a misaligned
+/// access with RFLAGS.AC is #AC on every host), and user FPU/SIMD: x87 and
+/// SSE enabled with native exception reporting, XCR0 = x87 | SSE where the
+/// CPU has XSAVE (so AVX and later are #UD in ring 3 on every host).
 fn enable_protection_features() {
-    const CR0_WP: u64 = 1 << 16;
-    const CR4_SMEP: u64 = 1 << 20;
-    const CR4_SMAP: u64 = 1 << 21;
-    // SAFETY: setting WP keeps paging on and only adds protection.
-    unsafe { cpu::write_cr0(cpu::read_cr0() | CR0_WP) };
+    use superos_protocol::cpu::*;
+    // SAFETY: adds protection (WP, AM) and enables the FPU for ring 3;
+    // paging and protected mode stay on.
+    unsafe { cpu::write_cr0((cpu::read_cr0() | CR0_REQUIRED) & !CR0_FORBIDDEN) };
     // SAFETY: NXE is required by the NX bits in our page tables.
-    unsafe { cpu::wrmsr(cpu::msr::EFER, cpu::rdmsr(cpu::msr::EFER) | cpu::msr::EFER_NXE) };
-    if let Some((ebx, _, _)) = cpu::cpuid_leaf7() {
-        let mut cr4 = cpu::read_cr4();
-        if ebx & (1 << 7) != 0 {
-            cr4 |= CR4_SMEP;
+    unsafe { cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | EFER_NXE) };
+    let mut cr4 = (cpu::read_cr4() | CR4_REQUIRED) & !CR4_FORBIDDEN;
+    if let Some((_, ebx, ecx, _)) = cpu::cpuid(7, 0) {
+        for (has, bit) in
+            [(ebx & (1 << 7), CR4_SMEP), (ebx & (1 << 20), CR4_SMAP), (ecx & (1 << 2), CR4_UMIP)]
+        {
+            if has != 0 {
+                cr4 |= bit;
+            }
         }
-        if ebx & (1 << 20) != 0 {
-            cr4 |= CR4_SMAP;
-        }
-        // SAFETY: only bits CPUID reports as supported are set.
-        unsafe { cpu::write_cr4(cr4) };
+    }
+    let xsave = cpu::cpuid(1, 0).is_some_and(|(_, _, ecx, _)| ecx & (1 << 26) != 0);
+    if xsave {
+        cr4 |= CR4_OSXSAVE;
+    }
+    // SAFETY: only bits CPUID reports as supported (or architectural in long
+    // mode) are set.
+    unsafe { cpu::write_cr4(cr4) };
+    if xsave {
+        // SAFETY: OSXSAVE is set and x87 | SSE is always a valid XCR0 on a
+        // CPU with XSAVE.
+        unsafe { cpu::write_xcr0(XCR0_USER) };
     }
 }
 
-fn setup_syscall_msrs() {
-    use cpu::msr;
-    const FMASK_VALUE: u64 = 0x4_7700; // IF, DF, TF, AC, NT
-                                       // SAFETY: architectural MSRs; LSTAR points at the syscall entry stub and
-                                       // STAR holds the selectors of our GDT.
+/// The entry MSRs of `superos_protocol::cpu`: `STAR`/`LSTAR`/`SFMASK` for
+/// the `syscall` gate, `CSTAR` and `SYSENTER_EIP` at the stub that kills
+/// the caller, `SYSENTER_CS` zero (so `sysenter` never enters ring 0), and
+/// EFER.SCE only while `gate` is `syscall` (with the `int3` gate, a
+/// `syscall` in ring 3 is #UD).
+fn set_entry_msrs(gate: Gate) {
+    use superos_protocol::cpu::*;
+    let kernel_stack_top = core::ptr::addr_of!(crate::arch::entry::__kernel_stack_top) as u64;
+    let efer = cpu::rdmsr(msr::EFER);
+    let efer = if gate == Gate::Syscall { efer | EFER_SCE } else { efer & !EFER_SCE };
+    // SAFETY: architectural MSRs: the entry points are the stubs of
+    // arch/entry.rs, STAR names the selectors of our GDT, the stack is the
+    // kernel stack, and EFER only gains or loses SCE.
     unsafe {
-        cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | msr::EFER_SCE);
-        cpu::wrmsr(msr::STAR, tables::STAR_VALUE);
+        cpu::wrmsr(msr::STAR, STAR_VALUE);
         cpu::wrmsr(msr::LSTAR, syscall_entry as *const () as u64);
-        cpu::wrmsr(msr::FMASK, FMASK_VALUE);
+        cpu::wrmsr(msr::CSTAR, foreign_entry as *const () as u64);
+        cpu::wrmsr(msr::SFMASK, SFMASK_VALUE);
+        cpu::wrmsr(msr::SYSENTER_CS, SYSENTER_CS_VALUE);
+        cpu::wrmsr(msr::SYSENTER_ESP, kernel_stack_top);
+        cpu::wrmsr(msr::SYSENTER_EIP, foreign_entry as *const () as u64);
+        cpu::wrmsr(msr::EFER, efer);
     }
 }
 
@@ -509,6 +565,12 @@ fn kernel() -> &'static mut Kernel {
 /// `frame` is resumed.
 #[no_mangle]
 pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    // An NMI may arrive anywhere, ring 0 included (on its own stack); the VMM
+    // sends none and there is nothing to do: resume what it interrupted,
+    // before touching any kernel state.
+    if frame.vector == NMI_VECTOR {
+        return;
+    }
     if !frame.from_user() {
         kernel_exception(frame);
     }
@@ -520,6 +582,11 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     kernel.memory.flush_scrub();
     kernel.republish_changed();
 }
+
+/// Vector of the non-maskable interrupt.
+const NMI_VECTOR: u64 = 2;
+/// Vector of the x87 floating-point error (#MF).
+const X87_FLOATING_POINT_VECTOR: u64 = 16;
 
 fn kernel_exception(frame: &TrapFrame) -> ! {
     let addr = if frame.vector == 14 { cpu::read_cr2() } else { 0 };
@@ -579,6 +646,7 @@ impl Kernel {
             panic!("no working system-call gate: both syscall and int3 failed the self-test");
         }
         self.gate = self.gate.other();
+        set_entry_msrs(self.gate);
         self.write_gate_page();
         self.phase = Phase::GateSelfTest { tried_other: true };
         *frame = self_test_frame();
@@ -603,8 +671,20 @@ impl Kernel {
             }
             v if v == u64::from(SPURIOUS_VECTOR) => {}
             14 => self.page_fault(frame),
-            SYSCALL_VECTOR => self.kill_current(frame, FaultKind::IllegalGateEntry, frame.rip),
-            vector => self.kill_current(frame, classify_exception(vector), 0),
+            SYSCALL_VECTOR | FOREIGN_ENTRY_VECTOR => {
+                self.kill_current(frame, FaultKind::IllegalGateEntry, frame.rip)
+            }
+            X87_FLOATING_POINT_VECTOR => {
+                // The address is the x87 instruction that left the exception
+                // pending (the trap frame's RIP is the later one that found it).
+                let addr = self.current.map_or(frame.rip, |index| {
+                    let state = &mut self.processes[index].cpu_state;
+                    state.fpu.save();
+                    state.fpu.x87_instruction_pointer()
+                });
+                self.kill_current(frame, FaultKind::X87FloatingPoint, addr)
+            }
+            vector => self.kill_current(frame, classify_exception(vector), frame.rip),
         }
     }
 

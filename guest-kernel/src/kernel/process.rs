@@ -5,6 +5,7 @@
 use super::memory::write_phys;
 use super::{Kernel, TrapFrame};
 use crate::address_space::{AddressSpace, Memory, Quotas, Refusal};
+use crate::arch::user_state::UserCpuState;
 use crate::arch::{cpu, TIMER_VECTOR};
 use crate::capability::CapTable;
 use crate::elf_image::check_user_image;
@@ -54,6 +55,9 @@ pub struct Process {
     pub state: ProcessState,
     /// Saved user context while the process is not running.
     pub context: TrapFrame,
+    /// Its FPU/SIMD registers and data-segment selectors while it is not
+    /// running (see [`UserCpuState`]).
+    pub cpu_state: UserCpuState,
     /// Times the timer took the CPU away from it.
     pub preemptions: u64,
     /// Messages waiting for it, oldest first.
@@ -141,6 +145,7 @@ impl Kernel {
             space,
             state: ProcessState::Runnable,
             context,
+            cpu_state: UserCpuState::default(),
             preemptions: 0,
             mailbox: VecDeque::new(),
             caps: super::shm::new_cap_table(pid, self.boot_entropy),
@@ -240,12 +245,16 @@ impl Kernel {
             if let (Some(current), true) = (self.current, current_alive) {
                 let process = &mut self.processes[current];
                 process.context = *frame;
+                process.cpu_state.save();
                 if frame.vector == u64::from(TIMER_VECTOR) {
                     process.preemptions += 1;
                 }
             }
+            // Whatever FPU/SIMD and segment state the CPU holds (the previous
+            // process's, saved above or dying with it) is replaced entirely.
             let process = &self.processes[next];
             *frame = process.context;
+            process.cpu_state.restore();
             // SAFETY: every process PML4 shares the kernel half.
             unsafe { cpu::write_cr3(process.space.pml4()) };
             self.current = Some(next);
