@@ -193,6 +193,12 @@ pub const DEBUG_SPIN_IN_KERNEL: u32 = 1 << 6;
 /// `BootInfo::debug_flags`: announce a wrong protocol version in a first
 /// boot hello (the VMM must refuse it) before the real one.
 pub const DEBUG_BAD_HELLO: u32 = 1 << 7;
+/// `BootInfo::debug_flags`: act as a compromised ring 0 after boot: clear
+/// CR0.WP and overwrite the first byte of the kernel's own text through its
+/// (read-only) kernel-window mapping. The VMM registers kernel text and
+/// read-only data as a read-only memory slot, so the write must be stopped
+/// by the hypervisor and reported as `kernel-text-unchanged`.
+pub const DEBUG_WRITE_KERNEL_TEXT: u32 = 1 << 8;
 
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

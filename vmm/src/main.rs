@@ -152,6 +152,8 @@ enum Inject {
     SpinInKernel,
     /// Send a boot hello with the wrong protocol version first.
     BadHello,
+    /// Overwrite kernel text from ring 0 (CR0.WP cleared), as a compromised kernel would.
+    WriteKernelText,
 }
 
 fn main() -> ExitCode {
@@ -202,6 +204,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::CorruptIntrospection => boot::DEBUG_CORRUPT_INTROSPECTION,
                 Inject::SpinInKernel => boot::DEBUG_SPIN_IN_KERNEL,
                 Inject::BadHello => boot::DEBUG_BAD_HELLO,
+                Inject::WriteKernelText => boot::DEBUG_WRITE_KERNEL_TEXT,
             }
     });
     let config = RunConfig {

@@ -267,6 +267,9 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         ALLOCATOR.lock().init(core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8, HEAP_SIZE)
     };
 
+    if boot.debug_flags & boot::DEBUG_WRITE_KERNEL_TEXT != 0 {
+        write_own_text(text_start);
+    }
     if boot.debug_flags & boot::DEBUG_BAD_HYPERCALLS != 0 {
         send_bad_hypercalls();
     }
@@ -528,6 +531,21 @@ fn set_entry_msrs(gate: Gate) {
         cpu::wrmsr(msr::SYSENTER_ESP, kernel_stack_top);
         cpu::wrmsr(msr::SYSENTER_EIP, foreign_entry as *const () as u64);
         cpu::wrmsr(msr::EFER, efer);
+    }
+}
+
+/// DEBUG_WRITE_KERNEL_TEXT: what a compromised ring 0 would do to patch the
+/// kernel: lift CR0.WP and write through the read-only text mapping. Only
+/// the VMM's read-only memory slot stands in the way.
+fn write_own_text(text_start: u64) {
+    use superos_protocol::cpu::CR0_WP;
+    let cr0 = cpu::read_cr0();
+    // SAFETY: deliberately unsound (a debug flag): the byte overwritten is
+    // the first of `_start`, which never runs again; WP is restored.
+    unsafe {
+        cpu::write_cr0(cr0 & !CR0_WP);
+        core::ptr::write_volatile(text_start as *mut u8, 0xcc);
+        cpu::write_cr0(cr0);
     }
 }
 
