@@ -4,7 +4,10 @@
 use std::time::Duration;
 use superos_protocol::boot;
 use superos_tests::*;
-use superos_vmm::run::{GuestExit, RunConfig, EXIT_TIMEOUT};
+use superos_vmm::check::Invariant;
+use superos_vmm::diagnose::KernelSymbols;
+use superos_vmm::images;
+use superos_vmm::run::{GuestExit, RunConfig, EXIT_INVARIANT_VIOLATED, EXIT_TIMEOUT};
 use superos_vmm::scenario::Scenario;
 
 fn hello_with(flags: u32) -> RunConfig {
@@ -70,4 +73,67 @@ fn a_corrupt_introspection_root_does_not_crash_the_vmm() {
     // finishes the run.
     let report = run_config(hello_with(boot::DEBUG_CORRUPT_INTROSPECTION));
     assert!(!matches!(report.exit, GuestExit::VcpuError(_) | GuestExit::Timeout(_)), "{:?}", report.exit);
+}
+
+/// The kernel's text, virtual `[start, end)`, from its symbols.
+fn kernel_text() -> (u64, u64) {
+    let symbols = KernelSymbols::parse(images::KERNEL_ELF);
+    let at = |name| symbols.address(name).unwrap_or_else(|| panic!("the kernel has no {name}"));
+    (at("__text_start"), at("__text_end"))
+}
+
+#[test]
+fn a_kernel_writing_its_own_text_is_stopped_by_the_read_only_slot_and_reported() {
+    if !kvm_available() {
+        return;
+    }
+    // The kernel lifts CR0.WP and writes 0xcc over the first byte of its
+    // text (physical 0x100000): KVM refuses the write (text and rodata are
+    // a read-only memory slot) and the VMM stops the guest at once.
+    let report = run_config(hello_with(boot::DEBUG_WRITE_KERNEL_TEXT));
+    let listing: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    match &report.exit {
+        GuestExit::InvariantViolated { at, invariants } => {
+            assert_eq!(invariants, &[Invariant::KernelTextUnchanged], "{listing:#?}");
+            assert_eq!(at, "a write to the read-only kernel image at 0x100000");
+        }
+        other => panic!("not stopped for the write: {other}\n{listing:#?}"),
+    }
+    assert_eq!(report.exit_status(), EXIT_INVARIANT_VIOLATED);
+    assert_eq!(report.violations.len(), 1, "{listing:#?}");
+    let found = &report.violations[0].violation;
+    assert_eq!(found.invariant, Invariant::KernelTextUnchanged);
+    assert_eq!(found.frames, [0x10_0000], "{found}");
+    assert!(found.details.contains("wrote 1 byte (cc) at 0x100000"), "{found}");
+    assert!(found.details.contains("the write was refused"), "{found}");
+    // The RIP (just after the writing instruction: KVM retires an MMIO
+    // write before it exits) is kernel text, in `write_own_text`, which the
+    // compiler inlines into `kernel_main`.
+    let (text_start, text_end) = kernel_text();
+    let rip = found.vas[0];
+    assert!((text_start..text_end).contains(&rip), "{rip:#x} {found}");
+    let symbol = KernelSymbols::parse(images::KERNEL_ELF).lookup(rip).expect("a kernel symbol");
+    assert!(symbol.starts_with("write_own_text") || symbol.starts_with("kernel_main+"), "{symbol}");
+    assert!(found.details.contains(&format!("by the instruction before rip {rip:#x} ({symbol})")), "{found}");
+    assert_eq!(report.stats.exits["mmio-write (read-only kernel image)"], 1);
+    // Stopped at the write itself: no later check saw a changed byte.
+    assert!(!found.details.contains("differ"), "{found}");
+}
+
+#[test]
+fn with_keep_going_the_refused_write_is_reported_once_and_the_text_stays_unchanged() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = hello_with(boot::DEBUG_WRITE_KERNEL_TEXT);
+    config.keep_going = true;
+    let report = run_config(config);
+    // The write was dropped: every later check (each event, the shutdown)
+    // finds the text byte for byte as loaded, and the process runs.
+    assert_eq!(report.exit, GuestExit::Shutdown { code: 0 });
+    assert!(report.processes.iter().all(|p| p.as_expected()), "{:#?}", report.processes);
+    assert!(report.stats.checks.checks >= 3, "{:?}", report.stats.checks);
+    assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
+    assert!(report.violations[0].violation.details.contains("the write was refused"));
+    assert_eq!(report.exit_status(), EXIT_INVARIANT_VIOLATED);
 }

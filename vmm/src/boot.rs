@@ -7,7 +7,7 @@
 use crate::arch::paging::boot_page_tables;
 use crate::memory::{GuestRam, MemoryError};
 use crate::scenario::Scenario;
-use elf::abi::{EM_X86_64, ET_EXEC, PF_X, PT_LOAD};
+use elf::abi::{EM_X86_64, ET_EXEC, PF_W, PF_X, PT_LOAD};
 use elf::endian::AnyEndian;
 use elf::file::Class;
 use elf::ElfBytes;
@@ -101,6 +101,55 @@ pub struct KernelLayout {
     pub phys_start: u64,
     /// One past the highest physical address used (bss included).
     pub phys_end: u64,
+    /// The page-aligned physical range `[start, end)` of the non-writable
+    /// segments (text and read-only data), which the VMM registers as a
+    /// read-only memory slot: see [`read_only_range`]. `None` if the image
+    /// has no non-writable segment.
+    pub read_only: Option<(u64, u64)>,
+}
+
+/// The physical range to protect from the guest's own writes, computed from
+/// the PT_LOAD segments as `(physical start, memory size, writable)`: every
+/// page of a non-writable segment, except pages a writable segment also
+/// covers (those must stay writable), as one contiguous run. If the
+/// non-writable pages are not contiguous (a writable segment between two
+/// read-only ones), the run that starts lowest, which holds the text of a
+/// kernel linked text first, is protected and the rest is not.
+pub fn read_only_range(segments: &[(u64, u64, bool)]) -> Option<(u64, u64)> {
+    let pages = |&(start, size, _): &(u64, u64, bool)| {
+        let end = start.checked_add(size)?.checked_next_multiple_of(PAGE_SIZE)?;
+        (size > 0).then_some((start & !(PAGE_SIZE - 1), end))
+    };
+    let mut read_only: Vec<(u64, u64)> = segments.iter().filter(|s| !s.2).filter_map(pages).collect();
+    let writable: Vec<(u64, u64)> = segments.iter().filter(|s| s.2).filter_map(pages).collect();
+    read_only.sort_unstable();
+    let shared = |page: u64| writable.iter().any(|&(start, end)| page >= start && page < end);
+    // From the lowest read-only page, page by page, merging the next
+    // read-only range while it touches the run, up to the first gap or
+    // page a writable segment shares.
+    let (mut start, mut end) = *read_only.first()?;
+    while shared(start) {
+        start += PAGE_SIZE;
+        if start >= end {
+            return None;
+        }
+    }
+    let mut page = start;
+    let mut next = 1;
+    loop {
+        while page < end && !shared(page) {
+            page += PAGE_SIZE;
+        }
+        if page < end {
+            break;
+        }
+        match read_only.get(next) {
+            Some(&(next_start, next_end)) if next_start <= page => end = end.max(next_end),
+            _ => break,
+        }
+        next += 1;
+    }
+    (page > start).then_some((start, page))
 }
 
 /// Checks that `image` is a kernel this VMM can boot in `mem` bytes of RAM.
@@ -117,8 +166,10 @@ pub fn check_kernel_elf(image: &[u8], mem: u64) -> Result<KernelLayout, BootErro
         return Err(BootError::KernelNotExecutable(header.e_type));
     }
     let segments = file.segments().ok_or(BootError::KernelNoSegments)?;
-    let mut layout = KernelLayout { entry: header.e_entry, phys_start: u64::MAX, phys_end: 0 };
+    let mut layout =
+        KernelLayout { entry: header.e_entry, phys_start: u64::MAX, phys_end: 0, read_only: None };
     let mut entry_ok = false;
+    let mut loaded = Vec::new();
     for segment in segments.iter().filter(|s| s.p_type == PT_LOAD) {
         let file_end = segment.p_offset.checked_add(segment.p_filesz);
         if file_end.is_none_or(|end| end > image.len() as u64) || segment.p_filesz > segment.p_memsz {
@@ -142,6 +193,7 @@ pub fn check_kernel_elf(image: &[u8], mem: u64) -> Result<KernelLayout, BootErro
         }
         layout.phys_start = layout.phys_start.min(segment.p_paddr);
         layout.phys_end = layout.phys_end.max(phys_end.unwrap_or(0));
+        loaded.push((segment.p_paddr, segment.p_memsz, segment.p_flags & PF_W != 0));
         let in_segment =
             segment.p_vaddr <= header.e_entry && header.e_entry - segment.p_vaddr < segment.p_memsz;
         entry_ok |= segment.p_flags & PF_X != 0 && in_segment;
@@ -152,6 +204,7 @@ pub fn check_kernel_elf(image: &[u8], mem: u64) -> Result<KernelLayout, BootErro
     if !entry_ok {
         return Err(BootError::KernelBadEntry(header.e_entry));
     }
+    layout.read_only = read_only_range(&loaded);
     Ok(layout)
 }
 
@@ -179,6 +232,9 @@ pub struct PreparedGuest {
     pub boot_pml4: u64,
     /// The boot info as written.
     pub boot_info: Box<BootInfo>,
+    /// The kernel's text and read-only data, physical (see
+    /// [`KernelLayout::read_only`]).
+    pub kernel_read_only: Option<(u64, u64)>,
 }
 
 impl PreparedGuest {
@@ -285,7 +341,12 @@ pub fn prepare(
     boot_info.program_count = programs.len() as u32;
     boot_info.process_count = scenario.processes.len() as u32;
     ram.write(BOOT_INFO_GPA, &*boot_info)?;
-    Ok(PreparedGuest { entry: layout.entry, boot_pml4: BOOT_PAGE_TABLES_GPA, boot_info })
+    Ok(PreparedGuest {
+        entry: layout.entry,
+        boot_pml4: BOOT_PAGE_TABLES_GPA,
+        boot_info,
+        kernel_read_only: layout.read_only,
+    })
 }
 
 #[cfg(test)]
@@ -299,6 +360,40 @@ mod tests {
         let layout = check_kernel_elf(KERNEL_ELF, 64 << 20).unwrap();
         assert!(layout.entry >= KERNEL_VMA_BASE + KERNEL_PHYS_BASE);
         assert_eq!(layout.phys_start, KERNEL_PHYS_BASE);
+        // Text and rodata, from 1 MiB up to the first writable page.
+        let (start, end) = layout.read_only.expect("the kernel has read-only segments");
+        assert_eq!(start, KERNEL_PHYS_BASE);
+        assert!(end > start && end % PAGE_SIZE == 0 && end < layout.phys_end, "{end:#x}");
+        assert!((start..end).contains(&(layout.entry - KERNEL_VMA_BASE)));
+    }
+
+    #[test]
+    fn the_read_only_range_is_the_lowest_run_of_non_writable_pages() {
+        let (rx, r, rw) = (false, false, true);
+        // text, rodata, data: text and rodata.
+        let kernel = [(0x10_0000, 0x1_2000, rx), (0x11_2000, 0x2000, r), (0x11_4000, 0x5_0000, rw)];
+        assert_eq!(read_only_range(&kernel), Some((0x10_0000, 0x11_4000)));
+        // Unaligned ends are rounded out to pages; a page shared with a
+        // writable segment stays writable.
+        let shared = [(0x10_0000, 0x1800, rx), (0x10_1800, 0x100, rw)];
+        assert_eq!(read_only_range(&shared), Some((0x10_0000, 0x10_1000)));
+        let shared_first = [(0x10_0800, 0x1000, rw), (0x10_1000, 0x2000, r)];
+        assert_eq!(read_only_range(&shared_first), Some((0x10_2000, 0x10_3000)));
+        // A writable segment between two read-only ones: the lower run.
+        let split = [(0x10_0000, 0x1000, rx), (0x10_1000, 0x1000, rw), (0x10_2000, 0x1000, r)];
+        assert_eq!(read_only_range(&split), Some((0x10_0000, 0x10_1000)));
+        // A gap between read-only segments ends the run too.
+        let gap = [(0x10_0000, 0x1000, rx), (0x10_3000, 0x1000, r)];
+        assert_eq!(read_only_range(&gap), Some((0x10_0000, 0x10_1000)));
+        // Overlapping and unsorted read-only segments merge.
+        let unsorted = [(0x10_2000, 0x2000, r), (0x10_0000, 0x3000, rx)];
+        assert_eq!(read_only_range(&unsorted), Some((0x10_0000, 0x10_4000)));
+        // Nothing to protect.
+        assert_eq!(read_only_range(&[(0x10_0000, 0x1000, rw)]), None);
+        assert_eq!(read_only_range(&[(0x10_0000, 0, r)]), None);
+        assert_eq!(read_only_range(&[(0x10_0800, 0x100, r), (0x10_0000, 0x1000, rw)]), None);
+        assert_eq!(read_only_range(&[(u64::MAX - 10, 0x1000, r)]), None);
+        assert_eq!(read_only_range(&[]), None);
     }
 
     #[test]

@@ -10,11 +10,14 @@ use elf::ElfBytes;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use std::fmt::Write as _;
 
-/// Function symbols of the kernel image, for RIP lookups.
+/// Function symbols of the kernel image, for RIP lookups, and the address
+/// of every named symbol (linker-script symbols included).
 #[derive(Debug, Default)]
 pub struct KernelSymbols {
     /// (start, size, demangled name), sorted by start.
     entries: Vec<(u64, u64, String)>,
+    /// Every symbol with a name and a non-zero value: raw name -> address.
+    addresses: std::collections::BTreeMap<String, u64>,
 }
 
 impl KernelSymbols {
@@ -36,7 +39,18 @@ impl KernelSymbols {
             })
             .collect();
         entries.sort_by_key(|e| e.0);
-        KernelSymbols { entries }
+        let addresses = symbols
+            .iter()
+            .filter(|s| s.st_value != 0 && s.st_name != 0)
+            .filter_map(|s| Some((strings.get(s.st_name as usize).ok()?.to_string(), s.st_value)))
+            .collect();
+        KernelSymbols { entries, addresses }
+    }
+
+    /// The address of the symbol called exactly `name` (as the symbol table
+    /// spells it), if the image defines it.
+    pub fn address(&self, name: &str) -> Option<u64> {
+        self.addresses.get(name).copied()
     }
 
     /// `symbol+0xoffset` for `address`, if it falls inside a known function.
@@ -169,5 +183,9 @@ mod tests {
         assert!(at_entry.starts_with("_start+0x0"), "{at_entry}");
         assert_eq!(symbols.lookup(0x10), None);
         assert!(KernelSymbols::parse(b"garbage").is_empty());
+        // Linker-script symbols too.
+        assert_eq!(symbols.address("__text_start"), Some(layout.entry));
+        assert!(symbols.address("__kernel_stack_top").is_some_and(|top| top > layout.entry));
+        assert_eq!(symbols.address("no_such_symbol"), None);
     }
 }

@@ -1,5 +1,6 @@
-//! Guest RAM: one anonymous mapping registered with KVM as slot 0, and typed,
-//! bounds-checked access to it.
+//! Guest RAM: one anonymous mapping (registered with KVM as up to three
+//! memory slots, the kernel's text and read-only data read-only: see
+//! [`crate::vm::Vm::new`]), and typed, bounds-checked access to it.
 //!
 //! Everything the VMM reads from the guest goes through [`GuestRam::read`] or
 //! [`GuestRam::read_bytes`]: values are copied out (never referenced in place)

@@ -22,6 +22,7 @@ use crate::memory::GuestRam;
 use crate::session::EventEntry;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use superos_protocol::layout::PAGE_SIZE;
 
 /// The callback behind [`Tamper`]: called with guest RAM, the kernel's view
 /// and the event just drained; returns true once it has tampered (it is not
@@ -64,6 +65,9 @@ pub enum Trigger {
     Panic,
     /// A periodic kick found the vCPU in ring 3 at this RIP.
     Ring3(u64),
+    /// The guest wrote into the read-only kernel image at this address
+    /// (not a check: KVM refused the write and the VMM reports it).
+    ReadOnlyWrite(u64),
 }
 
 impl std::fmt::Display for Trigger {
@@ -73,6 +77,47 @@ impl std::fmt::Display for Trigger {
             Trigger::Shutdown => f.write_str("shutdown"),
             Trigger::Panic => f.write_str("the kernel panic"),
             Trigger::Ring3(rip) => write!(f, "a periodic check (ring 3, rip {rip:#x})"),
+            Trigger::ReadOnlyWrite(gpa) => write!(f, "a write to the read-only kernel image at {gpa:#x}"),
+        }
+    }
+}
+
+/// A guest write that KVM refused because it fell into the read-only
+/// memory slot holding the kernel's text and read-only data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelWrite {
+    /// Guest-physical address written.
+    pub gpa: u64,
+    /// The bytes the guest tried to write.
+    pub bytes: Vec<u8>,
+    /// The read-only range (`[start, end)`).
+    pub range: (u64, u64),
+    /// The vCPU's RIP after the exit, if the registers could be read. KVM
+    /// completes an emulated MMIO write before it exits (the instruction
+    /// has retired), so this is the instruction after the writing one, on
+    /// ordinary KVM and on the PVM host alike.
+    pub rip: Option<u64>,
+    /// The kernel function `rip` falls in, `symbol+0xoffset`.
+    pub symbol: Option<String>,
+}
+
+impl std::fmt::Display for KernelWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes: Vec<String> = self.bytes.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        write!(
+            f,
+            "the guest wrote {} byte{} ({}) at {:#x}, inside the read-only kernel text and rodata {:#x}..{:#x}; the write was refused (read-only memory slot)",
+            self.bytes.len(),
+            if self.bytes.len() == 1 { "" } else { "s" },
+            bytes.join(" "),
+            self.gpa,
+            self.range.0,
+            self.range.1
+        )?;
+        match (self.rip, &self.symbol) {
+            (Some(rip), Some(symbol)) => write!(f, ", by the instruction before rip {rip:#x} ({symbol})"),
+            (Some(rip), None) => write!(f, ", by the instruction before rip {rip:#x}"),
+            (None, _) => f.write_str(", from an unknown rip"),
         }
     }
 }
@@ -232,12 +277,30 @@ impl Monitor {
                 )
             });
         }
-        if outcome.violations.is_empty() {
+        self.record(outcome.violations, trigger)
+    }
+
+    /// The guest wrote `write` into the read-only kernel image (text and
+    /// read-only data, a read-only KVM memory slot): KVM dropped the write
+    /// and exited to the VMM. Reported as `kernel-text-unchanged`, whatever
+    /// the check mode: the guest stops unless `keep_going`.
+    pub fn read_only_write(&mut self, write: &KernelWrite) -> Option<Stop> {
+        let mut violation = Violation::new(Invariant::KernelTextUnchanged, write.to_string());
+        violation.frames.push(write.gpa & !(PAGE_SIZE - 1));
+        if let Some(rip) = write.rip {
+            violation.vas.push(rip);
+        }
+        self.record(vec![violation], Trigger::ReadOnlyWrite(write.gpa))
+    }
+
+    /// Records what a check (or the read-only slot) found at `trigger`.
+    fn record(&mut self, violations: Vec<Violation>, trigger: Trigger) -> Option<Stop> {
+        if violations.is_empty() {
             return None;
         }
         let at = trigger.to_string();
         let mut invariants = Vec::new();
-        for violation in outcome.violations {
+        for violation in violations {
             if !invariants.contains(&violation.invariant) {
                 invariants.push(violation.invariant);
             }
@@ -283,6 +346,48 @@ mod tests {
         assert_eq!(monitor.at_end(&ram, &events, true), None);
         assert_eq!(monitor.violations.len(), 1, "the same finding is kept once: {:?}", monitor.violations);
         assert_eq!(monitor.checker.stats.checks, 2);
+    }
+
+    #[test]
+    fn a_refused_write_to_the_kernel_image_is_reported_once_and_stops_unless_keep_going() {
+        let write = KernelWrite {
+            gpa: 0x10_0010,
+            bytes: vec![0xcc],
+            range: (0x10_0000, 0x11_4000),
+            rip: Some(0xffff_ffff_8010_36f7),
+            symbol: Some("kernel_main+0xbe7".into()),
+        };
+        // Reported whatever the check mode, `off` included.
+        let mut monitor = Monitor::new(CheckMode::Off, false, None, vec![]);
+        let stop = monitor.read_only_write(&write).expect("the guest stops");
+        assert_eq!(stop.invariants, [Invariant::KernelTextUnchanged]);
+        assert_eq!(stop.at, "a write to the read-only kernel image at 0x100010");
+        let found = &monitor.violations[0].violation;
+        assert_eq!(found.frames, [0x10_0000]);
+        assert_eq!(found.vas, [0xffff_ffff_8010_36f7]);
+        assert!(
+            found.details.starts_with(
+                "the guest wrote 1 byte (cc) at 0x100010, inside the read-only kernel text and rodata 0x100000..0x114000"
+            ),
+            "{found}"
+        );
+        assert!(found
+            .details
+            .ends_with("by the instruction before rip 0xffffffff801036f7 (kernel_main+0xbe7)"));
+        assert_eq!(monitor.checker.stats.checks, 0, "not a check");
+
+        let mut monitor = Monitor::new(CheckMode::EveryEvent, true, None, vec![]);
+        assert_eq!(monitor.read_only_write(&write), None);
+        assert_eq!(monitor.read_only_write(&write), None);
+        assert_eq!(monitor.violations.len(), 1, "the same write is reported once");
+        let unknown = KernelWrite { rip: None, symbol: None, bytes: vec![1, 2], ..write };
+        monitor.read_only_write(&unknown);
+        assert!(
+            monitor.violations[1].violation.details.contains("2 bytes (01 02)"),
+            "{:?}",
+            monitor.violations
+        );
+        assert!(monitor.violations[1].violation.vas.is_empty());
     }
 
     #[test]

@@ -387,7 +387,10 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     let ram = GuestRam::new(memory_mib)?;
     let host = detect_host_flavor();
     let symbols = KernelSymbols::parse(&config.kernel);
-    let mut vm = Vm::new(&ram)?;
+    // The kernel's text and read-only data go into a read-only memory slot:
+    // the range comes from the ELF the VMM loads, not from the kernel.
+    let layout = boot::check_kernel_elf(&config.kernel, ram.size())?;
+    let mut vm = Vm::new(&ram, layout.read_only)?;
     let options = BootOptions {
         host,
         gate: config.gate,
@@ -399,18 +402,14 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
-    let mut session = Session::new(&ram, config.started, config.echo, names).with_event_format(config.events);
     let usable = prepared.usable_ranges();
-    // Inspection needs the checker's record of the boot (the kernel text
-    // baseline) even when the run itself checks nothing.
-    if config.check != CheckMode::Off || config.tamper.is_some() || !extras.is_empty() {
-        session = session.with_monitor(Monitor::new(
-            config.check,
-            config.keep_going,
-            config.tamper.clone(),
-            usable.clone(),
-        ));
-    }
+    // Always a monitor, even when the run checks nothing: inspection needs
+    // its record of the boot (the kernel text baseline), and a write into
+    // the read-only kernel image is reported whatever the check mode.
+    let mut session = Session::new(&ram, config.started, config.echo, names)
+        .with_event_format(config.events)
+        .with_read_only(vm.read_only())
+        .with_monitor(Monitor::new(config.check, config.keep_going, config.tamper.clone(), usable.clone()));
     let attached = Attached::start(extras, &ram, &usable).map_err(RunError::Extras)?;
     let control = attached.control();
     install_kick_handler();
@@ -653,7 +652,12 @@ fn vcpu_loop(
             break GuestExit::Stopped;
         }
         let mut event_exit = false;
+        let mut refused_write = None;
         let step = match vcpu.run() {
+            Ok(VcpuExit::MmioWrite(gpa, data)) if session.in_read_only(gpa) => {
+                refused_write = Some((gpa, data.to_vec()));
+                Step::Continue
+            }
             Ok(exit) => {
                 event_exit =
                     matches!(exit, VcpuExit::IoOut(port, _) if port == Hypercall::EventNotify.port());
@@ -668,6 +672,22 @@ fn vcpu_loop(
                 }
             }
             Err(error) => Step::Stop(GuestExit::VcpuError(error.to_string())),
+        };
+        // A write into the read-only kernel image: KVM dropped it; report it
+        // with the RIP of the writer.
+        let step = match refused_write {
+            Some((gpa, bytes)) => {
+                *exits.entry("mmio-write (read-only kernel image)".to_string()).or_default() += 1;
+                let rip = vcpu.get_regs().ok().map(|regs| regs.rip);
+                let symbol = rip.and_then(|rip| symbols.lookup(rip));
+                match session.read_only_write(gpa, &bytes, rip, symbol) {
+                    Some(Stop { at, invariants }) => {
+                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
+                    }
+                    None => Step::Continue,
+                }
+            }
+            None => step,
         };
         // A periodic check is due: run it if the vCPU stopped in ring 3
         // (user code; the kernel is not half-way through anything).

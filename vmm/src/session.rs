@@ -5,7 +5,7 @@
 use crate::console::{Console, ConsoleLine};
 use crate::events::EventRing;
 use crate::memory::GuestRam;
-use crate::monitor::{Monitor, Stop, Trigger};
+use crate::monitor::{KernelWrite, Monitor, Stop, Trigger};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use superos_protocol::event::{Event, EventRecord};
@@ -97,6 +97,10 @@ pub struct Session<'a> {
     pub hello: Option<BootHelloParams>,
     /// The invariant checker's state (`None`: no checks and no tamper hook).
     pub monitor: Option<Monitor>,
+    /// The kernel's text and read-only data (`[start, end)`, physical),
+    /// registered as a read-only memory slot: guest writes there arrive as
+    /// MMIO writes and are reported, not ignored.
+    pub read_only: Option<(u64, u64)>,
     warnings: u64,
     pub(crate) console: Console,
     pub(crate) ring: Option<EventRing>,
@@ -120,6 +124,7 @@ impl<'a> Session<'a> {
             kernel_text: None,
             hello: None,
             monitor: None,
+            read_only: None,
             warnings: 0,
             console: Console::default(),
             ring: None,
@@ -140,6 +145,40 @@ impl<'a> Session<'a> {
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
         self.monitor = Some(monitor);
         self
+    }
+
+    /// Guest RAM `[start, end)` is a read-only memory slot (the kernel's
+    /// text and read-only data).
+    pub fn with_read_only(mut self, range: Option<(u64, u64)>) -> Self {
+        self.read_only = range;
+        self
+    }
+
+    /// True if `gpa` lies in the read-only memory slot.
+    pub fn in_read_only(&self, gpa: u64) -> bool {
+        self.read_only.is_some_and(|(start, end)| gpa >= start && gpa < end)
+    }
+
+    /// The guest wrote into the read-only slot (KVM refused the write):
+    /// reported as a `kernel-text-unchanged` violation. `Some` if the guest
+    /// must stop.
+    pub fn read_only_write(
+        &mut self,
+        gpa: u64,
+        bytes: &[u8],
+        rip: Option<u64>,
+        symbol: Option<String>,
+    ) -> Option<Stop> {
+        let range = self.read_only?;
+        let write = KernelWrite { gpa, bytes: bytes.to_vec(), range, rip, symbol };
+        let Some(monitor) = self.monitor.as_mut() else {
+            self.warn(format!("ignored: {write}"));
+            return None;
+        };
+        let reported = monitor.violations.len();
+        let stop = monitor.read_only_write(&write);
+        self.echo_violations(reported);
+        stop
     }
 
     /// Runs the tamper hook and the checks due after `new` events were
@@ -295,6 +334,28 @@ mod tests {
         assert_eq!(json["fault"], "write-to-code");
         assert_eq!(json["seq"], 7);
         assert_eq!(EventFormat::default(), EventFormat::Text);
+    }
+
+    #[test]
+    fn writes_into_the_read_only_slot_are_reported_through_the_monitor() {
+        use crate::check::{CheckMode, Invariant};
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![])
+            .with_read_only(Some((0x10_0000, 0x11_4000)))
+            .with_monitor(Monitor::new(CheckMode::Off, false, None, vec![]));
+        assert!(session.in_read_only(0x10_0000) && session.in_read_only(0x11_3fff));
+        assert!(!session.in_read_only(0xf_ffff) && !session.in_read_only(0x11_4000));
+        let stop = session.read_only_write(0x10_0000, &[0xcc], Some(0x1234), None).expect("a stop");
+        assert_eq!(stop.invariants, [Invariant::KernelTextUnchanged]);
+        // Without a monitor it is at least logged; without a slot, nothing.
+        let mut bare =
+            Session::new(&ram, Instant::now(), Echo::Quiet, vec![]).with_read_only(Some((0, 0x1000)));
+        assert_eq!(bare.read_only_write(0, &[1], None, None), None);
+        assert!(bare.log[0].contains("the write was refused"), "{:?}", bare.log);
+        let mut none = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        assert!(!none.in_read_only(0));
+        assert_eq!(none.read_only_write(0, &[1], None, None), None);
+        assert!(none.log.is_empty());
     }
 
     #[test]

@@ -2,10 +2,11 @@
 
 use crate::arch::regs;
 use crate::memory::GuestRam;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::path::Path;
 use superos_protocol::boot::HostFlavor;
+use superos_protocol::layout::PAGE_SIZE;
 use thiserror::Error;
 
 /// Where KVM may put the TSS it needs for real-mode emulation on Intel hosts
@@ -58,32 +59,52 @@ pub struct Vm {
     _vm: VmFd,
     /// The vCPU.
     pub vcpu: VcpuFd,
+    /// The guest-physical range registered read-only (`[start, end)`), if any.
+    read_only: Option<(u64, u64)>,
 }
 
 impl Vm {
-    /// Creates the VM over `ram`.
-    pub fn new(ram: &GuestRam) -> Result<Vm, VmError> {
+    /// Creates the VM over `ram`. `read_only` (page-aligned, inside `ram`)
+    /// is registered as a read-only memory slot where KVM supports them
+    /// (`KVM_CAP_READONLY_MEM`, which ordinary KVM and the PVM fork both
+    /// have): the guest's writes there are dropped and reach the VMM as
+    /// MMIO writes. The rest of RAM is ordinary read-write memory.
+    pub fn new(ram: &GuestRam, read_only: Option<(u64, u64)>) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
         vm.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
         // The irqchip (and with it the local APIC timer) must exist before
         // the vCPU is created.
         vm.create_irq_chip().map_err(VmError::CreateIrqChip)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_address() as u64,
-        };
-        // SAFETY: the region is `ram`'s mapping, which outlives the VM (`run::run`
-        // drops the `Vm` before the `GuestRam` it was created over).
-        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::SetMemory)?;
+        let read_only = read_only.filter(|&(start, end)| {
+            start < end
+                && start % PAGE_SIZE == 0
+                && end % PAGE_SIZE == 0
+                && end <= ram.size()
+                && vm.check_extension(Cap::ReadonlyMem)
+        });
+        for (slot, (start, end, flags)) in memory_slots(ram.size(), read_only).into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: start,
+                memory_size: end - start,
+                userspace_addr: ram.host_address() as u64 + start,
+            };
+            // SAFETY: the region is part of `ram`'s mapping (`start..end` lies inside
+            // it), which outlives the VM (`run::run` drops the `Vm` before the `GuestRam`).
+            unsafe { vm.set_user_memory_region(region) }.map_err(VmError::SetMemory)?;
+        }
         let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
         // Without the host's CPUID some MSR writes (EFER.SCE) raise #GP.
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::Cpuid)?;
         vcpu.set_cpuid2(&cpuid).map_err(VmError::Cpuid)?;
-        Ok(Vm { _kvm: kvm, _vm: vm, vcpu })
+        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, read_only })
+    }
+
+    /// The range registered read-only, if one was.
+    pub fn read_only(&self) -> Option<(u64, u64)> {
+        self.read_only
     }
 
     /// Sets the registers for direct long-mode entry at `entry`.
@@ -97,5 +118,31 @@ impl Vm {
     /// The guest TSC frequency in kHz, or 0 if KVM does not say.
     pub fn tsc_khz(&self) -> u64 {
         self.vcpu.get_tsc_khz().map(u64::from).unwrap_or(0)
+    }
+}
+
+/// The memory slots for `size` bytes of RAM with `read_only` protected:
+/// `(start, end, flags)`, read-write below, read-only, read-write above
+/// (empty ones left out).
+pub fn memory_slots(size: u64, read_only: Option<(u64, u64)>) -> Vec<(u64, u64, u32)> {
+    let Some((start, end)) = read_only else { return vec![(0, size, 0)] };
+    [(0, start, 0), (start, end, KVM_MEM_READONLY), (end, size, 0)]
+        .into_iter()
+        .filter(|&(s, e, _)| s < e)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_is_split_around_the_read_only_range() {
+        assert_eq!(memory_slots(64 << 20, None), [(0, 64 << 20, 0)]);
+        assert_eq!(
+            memory_slots(64 << 20, Some((0x10_0000, 0x11_4000))),
+            [(0, 0x10_0000, 0), (0x10_0000, 0x11_4000, KVM_MEM_READONLY), (0x11_4000, 64 << 20, 0)]
+        );
+        assert_eq!(memory_slots(0x20_0000, Some((0, 0x20_0000))), [(0, 0x20_0000, KVM_MEM_READONLY)]);
     }
 }

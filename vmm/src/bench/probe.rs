@@ -463,7 +463,7 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
     let kernel = crate::images::KERNEL_ELF;
     let stubs = entry_stubs(kernel)?;
     let ram = GuestRam::new(options.memory_mib).map_err(|e| e.to_string())?;
-    let mut vm = Vm::new(&ram).map_err(|e| e.to_string())?;
+    let mut vm = Vm::new(&ram, None).map_err(|e| e.to_string())?;
     let boot_options = BootOptions {
         host: detect_host_flavor(),
         gate: GatePreference::Auto,
