@@ -25,7 +25,7 @@ use superos_protocol::boot::{QuotaSpec, QUOTA_POLICY_KILL};
 use superos_protocol::event::{FaultKind, QuotaKind};
 use superos_protocol::layout::{
     GATE_VA, PAGE_SIZE, USER_MMAP_BASE, USER_MMAP_LIMIT, USER_MMAP_MAX, USER_STACK_GUARD_PAGES,
-    USER_STACK_PAGES, USER_STACK_TOP,
+    USER_STACK_PAGES, USER_STACK_TOP, USER_STATE_VA,
 };
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{MemStat, SysError, MAPPINGS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE};
@@ -320,6 +320,16 @@ impl AddressSpace {
         }
         self.resident_pages += 1;
         Ok(frame)
+    }
+
+    /// Maps the process's user-state save page at [`USER_STATE_VA`] (private,
+    /// writable, no-execute; counted like any other page) and returns its
+    /// frame, which the caller fills with the initial state.
+    pub fn map_user_state_page<M: Memory>(&mut self, memory: &mut M) -> Result<u64, Refusal> {
+        let page =
+            Region { start: USER_STATE_VA, end: USER_STATE_VA + PAGE_SIZE, kind: RegionKind::UserState };
+        self.add_image_region(page)?;
+        self.map_private_page(memory, USER_STATE_VA, Flags::WRITABLE | Flags::NO_EXECUTE)
     }
 
     /// Records an image region (its pages are mapped with
@@ -933,6 +943,39 @@ pub(crate) mod tests {
         // Freed space is reused.
         space.unmap(&mut memory, a, 0x1000).unwrap();
         assert_eq!(space.map_anonymous(0x1000, RW), Ok(a));
+    }
+
+    #[test]
+    fn the_user_state_page_is_private_writable_and_out_of_reach_of_mem_calls() {
+        let mut memory = FakeMemory::new();
+        let mut space = space(&mut memory, Quotas::default());
+        let before = (space.virtual_bytes(), space.resident_pages());
+        let frame = space.map_user_state_page(&mut memory).unwrap();
+        assert_eq!(memory.owner(frame), Some(FrameOwner::Private(1)));
+        assert_eq!((space.virtual_bytes(), space.resident_pages()), (before.0 + 4096, before.1 + 1));
+        let mapped =
+            paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), USER_STATE_VA)
+                .expect("mapped at once");
+        assert_eq!(mapped.phys, frame);
+        assert!(mapped.flags.contains(Flags::USER_ACCESSIBLE | Flags::WRITABLE | Flags::NO_EXECUTE));
+        // mem_unmap and mem_protect only touch mem_map memory.
+        assert_eq!(space.unmap(&mut memory, USER_STATE_VA, 4096), err(SysError::BadAddress));
+        assert!(space.protect(&mut memory, USER_STATE_VA, 4096, PROT_READ).is_err());
+        // Executing from it is a no-execute violation.
+        assert_eq!(
+            space.handle_page_fault(&mut memory, USER_STATE_VA, PF_PRESENT | PF_FETCH | 4),
+            Err(FaultKind::ExecuteNonExecutable)
+        );
+        // A full resident quota refuses it (spawn then fails).
+        let quotas = Quotas { max_resident: 4096, ..Quotas::default() };
+        let mut tight = self::space(&mut memory, quotas);
+        tight
+            .map_private_page(&mut memory, USER_STACK_TOP - 4096, Flags::WRITABLE | Flags::NO_EXECUTE)
+            .unwrap();
+        assert!(matches!(
+            tight.map_user_state_page(&mut memory),
+            Err(Refusal::Quota { kind: QuotaKind::Resident, .. })
+        ));
     }
 
     #[test]

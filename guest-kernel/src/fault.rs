@@ -22,6 +22,9 @@ pub enum RegionKind {
     StackGuard,
     /// The kernel's system-call gate page.
     Gate,
+    /// The process's user-state save page (`layout::USER_STATE_VA`):
+    /// private and writable, filled and read by the gate page's switch stubs.
+    UserState,
     /// Demand-zero memory from `mem_map`.
     Anonymous {
         /// Whether the mapping may be written.
@@ -55,6 +58,7 @@ impl RegionKind {
             self,
             RegionKind::Data
                 | RegionKind::Stack
+                | RegionKind::UserState
                 | RegionKind::Anonymous { writable: true }
                 | RegionKind::Shared { writable: true, .. }
         )

@@ -10,9 +10,17 @@
 //! (`TSS.RSP0`, or an IST stack for NMI, #DB, #MC and #DF). There is no
 //! 32-bit user code segment, so compatibility mode cannot be reached;
 //! `CSTAR` and the `SYSENTER` MSRs point at a stub that kills the caller all
-//! the same. User programs may use x87, MMX and SSE (`XCR0` = x87 | SSE, so
-//! AVX and later are #UD on every host); that state is private to each
-//! process.
+//! the same.
+//!
+//! User programs may use x87, MMX, SSE and AVX (and AVX-512 where the CPU
+//! has it), and `rdfsbase`/`wrfsbase` where the CPU has FSGSBASE: on the PVM
+//! host ring 3 runs natively with the host's CR4 and XCR0, whatever the
+//! guest sets, so that is what ring 3 can do there, and the kernel enables
+//! the same on ordinary KVM so that a program behaves the same on both. All
+//! of that state is private to each process: the FPU/SIMD registers and the
+//! data-segment selectors are saved and restored in ring 3 by the gate
+//! page's switch stubs ([`crate::layout::USER_STATE_VA`]), the FS and GS
+//! bases by the kernel, at every switch.
 
 /// Null descriptor slots: 0x00, 0x08, 0x20 and 0x38.
 pub const NULL_SELECTORS: [u16; 4] = [0x00, 0x08, SYSRET32_SELECTOR, 0x38];
@@ -106,11 +114,11 @@ pub const CR4_PKE: u64 = 1 << 22;
 /// CR4 bits that must be set on every host.
 pub const CR4_REQUIRED: u64 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
 /// CR4 bits that must be set where the CPU (as CPUID describes it to the
-/// guest) has the feature: SMEP, SMAP, UMIP, OSXSAVE.
-pub const CR4_IF_SUPPORTED: u64 = CR4_SMEP | CR4_SMAP | CR4_UMIP | CR4_OSXSAVE;
+/// guest) has the feature: SMEP, SMAP, UMIP, OSXSAVE, FSGSBASE.
+pub const CR4_IF_SUPPORTED: u64 = CR4_SMEP | CR4_SMAP | CR4_UMIP | CR4_OSXSAVE | CR4_FSGSBASE;
 /// CR4 bits that must be clear: each would give ring 3 something the design
-/// does not (`rdpmc`, its own segment bases, protection keys).
-pub const CR4_FORBIDDEN: u64 = CR4_PCE | CR4_FSGSBASE | CR4_PKE;
+/// does not (`rdpmc`, protection keys).
+pub const CR4_FORBIDDEN: u64 = CR4_PCE | CR4_PKE;
 
 /// EFER: `syscall`/`sysret` enabled (only while the `syscall` gate is in use).
 pub const EFER_SCE: u64 = 1 << 0;
@@ -125,12 +133,25 @@ pub const EFER_NXE: u64 = 1 << 11;
 pub const XCR0_X87: u64 = 1 << 0;
 /// XCR0: SSE state (XMM registers, MXCSR).
 pub const XCR0_SSE: u64 = 1 << 1;
-/// The state components user programs may use: x87 and SSE. With only these
-/// enabled, AVX, AVX-512 and later instructions are #UD in ring 3 on every
-/// host (the PVM host runs ring 3 natively with the guest's XCR0 once
-/// CR4.OSXSAVE is set), and `fxsave`/`fxrstor` cover all of a process's
-/// FPU/SIMD state.
-pub const XCR0_USER: u64 = XCR0_X87 | XCR0_SSE;
+/// XCR0: AVX state (upper halves of the YMM registers).
+pub const XCR0_AVX: u64 = 1 << 2;
+/// XCR0: AVX-512 opmask registers.
+pub const XCR0_OPMASK: u64 = 1 << 5;
+/// XCR0: upper halves of ZMM0-15.
+pub const XCR0_ZMM_HI256: u64 = 1 << 6;
+/// XCR0: ZMM16-31.
+pub const XCR0_HI16_ZMM: u64 = 1 << 7;
+/// The state components the kernel enables in XCR0, of those CPUID leaf 0xd
+/// reports: x87, SSE, AVX and AVX-512 (user state that fits the save page
+/// in the standard `xsave` layout; AMX and the supervisor components are
+/// never enabled). XCR0 is exactly `CPUID(0xd).eax & XCR0_USER_MAX`.
+pub const XCR0_USER_MAX: u64 = XCR0_X87 | XCR0_SSE | XCR0_AVX | XCR0_OPMASK | XCR0_ZMM_HI256 | XCR0_HI16_ZMM;
+/// The requested-feature bitmap the FPU stubs pass to `xsave`/`xrstor`:
+/// everything that fits the save page in the standard layout (x87, SSE,
+/// AVX, MPX, AVX-512 and PKRU: the last byte ends at 2696), so that on the
+/// PVM host, where ring 3 runs with the host's XCR0, every user component
+/// the host enables is moved too.
+pub const XSAVE_REQUEST: u64 = 0x2ff;
 
 /// Model-specific registers the design sets (or keeps at zero).
 pub mod msr {
@@ -144,9 +165,9 @@ pub mod msr {
     pub const CSTAR: u32 = 0xc000_0083;
     /// RFLAGS bits cleared on `syscall`.
     pub const SFMASK: u32 = 0xc000_0084;
-    /// FS base (never used: zero).
+    /// FS base (user state: private to each process).
     pub const FS_BASE: u32 = 0xc000_0100;
-    /// GS base (never used: zero).
+    /// GS base (user state: private to each process).
     pub const GS_BASE: u32 = 0xc000_0101;
     /// The GS base `swapgs` exchanges (never used: zero).
     pub const KERNEL_GS_BASE: u32 = 0xc000_0102;

@@ -19,8 +19,8 @@
 //!             | images (VMM-placed)|             0x1_0000_0000 USER_MMAP_BASE: mem_map area
 //!             |                    |             0x7fff_fefe_f000 stack guard (unmapped)
 //!             +--------------------+             0x7fff_ff00_0000 USER_STACK_TOP
-//!             | free frames        |             0x7fff_ffff_0000 GATE_VA: system-call gate
-//! mem_size    +--------------------+
+//!             | free frames        |             0x7fff_fffe_0000 USER_STATE_VA: user-state page
+//! mem_size    +--------------------+             0x7fff_ffff_0000 GATE_VA: system-call gate
 //! ```
 //!
 //! The VMM's boot page tables map the kernel image window and the direct map with
@@ -92,6 +92,30 @@ pub const USER_ARGS_MAX: u64 = 128;
 pub const GATE_VA: u64 = 0x7fff_ffff_0000;
 /// Offset of [`crate::syscall::GateInfo`] inside the gate page.
 pub const GATE_INFO_OFFSET: u64 = 0x800;
+/// Offset of the gate page's save stub: `xsave64 [rdi]` (or `fxsave64`
+/// where the CPU has no XSAVE), stores of DS, ES, FS and GS at
+/// [`USER_STATE_SELECTORS_OFFSET`], then the gate's entry instruction. The
+/// kernel runs it in ring 3, in the address space of a process it is
+/// switching away from, with interrupts off (see [`USER_STATE_VA`]).
+pub const GATE_SAVE_STUB_OFFSET: u64 = 0x100;
+/// Offset of the gate page's restore stub: `xrstor64 [rdi]` (or
+/// `fxrstor64`), loads of DS, ES, FS and GS, then the gate's entry
+/// instruction.
+pub const GATE_RESTORE_STUB_OFFSET: u64 = 0x140;
+/// Each process's user-state save page: private to the process, writable,
+/// never executable. While the process is not running it holds the CPU
+/// state ring 3 can change and ring 0 cannot move on every host: its
+/// x87/SSE/AVX registers (an `xsave` image at offset 0) and its DS, ES, FS
+/// and GS selectors (at [`USER_STATE_SELECTORS_OFFSET`]). The gate page's
+/// stubs save and restore them in ring 3: on the PVM host ring 3 runs
+/// natively with the host's XCR0 and keeps its own segment registers, and
+/// ring 0 can neither execute `xsave` nor reach those registers. A process
+/// that corrupts its own save page is killed when the kernel next restores
+/// it; no other process ever sees it.
+pub const USER_STATE_VA: u64 = GATE_VA - 16 * PAGE_SIZE;
+/// Where in the save page the stubs keep DS, ES, FS and GS (four 16-bit
+/// selectors), past the end of every `xsave` component the stubs request.
+pub const USER_STATE_SELECTORS_OFFSET: u64 = 0xfc0;
 
 /// Returns true if `[addr, addr + len)` lies entirely in the user half.
 pub const fn is_user_range(addr: u64, len: u64) -> bool {
@@ -112,6 +136,10 @@ const _: () = {
     assert!(USER_STACK_TOP < GATE_VA);
     assert!(GATE_VA + PAGE_SIZE <= USER_HALF_END);
     assert!(GATE_INFO_OFFSET < PAGE_SIZE);
+    assert!(USER_STACK_TOP < USER_STATE_VA && USER_STATE_VA + PAGE_SIZE < GATE_VA);
+    assert!(GATE_SAVE_STUB_OFFSET + 64 <= GATE_RESTORE_STUB_OFFSET);
+    assert!(GATE_RESTORE_STUB_OFFSET + 64 <= GATE_INFO_OFFSET);
+    assert!(USER_STATE_SELECTORS_OFFSET >= 2696 && USER_STATE_SELECTORS_OFFSET + 8 <= PAGE_SIZE);
     assert!(LAPIC_VA > KERNEL_VMA_BASE);
 };
 

@@ -1,122 +1,55 @@
-//! The part of a process's CPU state that the trap frame does not hold: the
-//! x87/MMX/SSE registers (with MXCSR and the x87 control and status words)
-//! and the data-segment selectors DS, ES, FS and GS.
+//! The FS and GS bases of a process, which ring 3 can change with
+//! `wrfsbase`/`wrgsbase` wherever the CPU has FSGSBASE (the PVM host runs
+//! ring 3 with the host's CR4, and the kernel enables it elsewhere so that
+//! both agree). They are per-vCPU registers, so the kernel saves them when a
+//! process stops running and loads them before it runs again (after its
+//! restore stub has loaded FS and GS, which reload the bases from their
+//! descriptors). The rest of the user CPU state is moved in ring 3 by the
+//! gate page's switch stubs (`kernel::user_cpu`).
 //!
-//! Ring 3 can change all of it without a system call, so it is saved when a
-//! process stops running and restored before another one runs: nothing one
-//! process writes there is ever visible to another, and an x87 exception
-//! left pending by one process is delivered to that process only (the
-//! status word travels with its state). `XCR0` enables only x87 and SSE
-//! ([`superos_protocol::cpu::XCR0_USER`]), so the 512-byte `fxsave` image is
-//! all of it; the kernel itself never uses these registers (it is built
-//! soft-float), it only moves them with `fxsave64`/`fxrstor64`, which the
-//! PVM host's instruction emulator supports in ring 0.
+//! Ring 0 otherwise never touches user FPU state: it only executes
+//! `fxsave64` here, to read the address of the x87 instruction behind a #MF.
 
+use super::cpu::{self, msr};
 use core::arch::asm;
-use superos_protocol::cpu::{fxsave_x87_instruction_pointer, initial_fxsave_image, FXSAVE_SIZE};
+use superos_protocol::cpu::{fxsave_x87_instruction_pointer, FXSAVE_SIZE};
 
-/// An `fxsave64` image (16-byte aligned, as the instruction requires).
-#[derive(Clone, Copy)]
-#[repr(C, align(16))]
-pub struct FpuState([u8; FXSAVE_SIZE]);
-
-impl FpuState {
-    /// The state every process starts with
-    /// ([`superos_protocol::cpu::initial_fxsave_image`]).
-    pub const fn initial() -> FpuState {
-        FpuState(initial_fxsave_image())
-    }
-
-    /// Saves the live x87/SSE state into `self`.
-    pub fn save(&mut self) {
-        // SAFETY: `self` is a writable, 16-byte aligned 512-byte buffer;
-        // fxsave64 writes exactly that and changes no register.
-        unsafe { asm!("fxsave64 [{}]", in(reg) self.0.as_mut_ptr(), options(nostack, preserves_flags)) };
-    }
-
-    /// Makes `self` the live x87/SSE state.
-    pub fn restore(&self) {
-        // SAFETY: the image is 16-byte aligned and came from `initial` or
-        // `save` (kernel memory no process can write), so its MXCSR has no
-        // reserved bit set and fxrstor64 cannot fault. It only loads FPU/SSE
-        // registers, which the kernel does not use.
-        unsafe { asm!("fxrstor64 [{}]", in(reg) self.0.as_ptr(), options(nostack, preserves_flags)) };
-    }
-
-    /// The x87 instruction pointer in the image: for a pending #MF, the
-    /// x87 instruction that raised the exception.
-    pub fn x87_instruction_pointer(&self) -> u64 {
-        fxsave_x87_instruction_pointer(&self.0)
-    }
-}
-
-impl Default for FpuState {
-    fn default() -> Self {
-        FpuState::initial()
-    }
-}
-
-/// The data-segment selectors ring 3 can load (with `mov`/`pop` to DS, ES,
-/// FS and GS), as they were when the process last stopped running.
+/// The FS and GS bases of a process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DataSegments {
-    ds: u16,
-    es: u16,
-    fs: u16,
-    gs: u16,
+pub struct SegmentBases {
+    fs: u64,
+    gs: u64,
 }
 
-impl DataSegments {
-    /// Reads the live selectors.
-    pub fn save() -> DataSegments {
-        let (ds, es, fs, gs): (u16, u16, u16, u16);
-        // SAFETY: reading segment registers has no side effects.
-        unsafe {
-            asm!(
-                "mov {0:x}, ds", "mov {1:x}, es", "mov {2:x}, fs", "mov {3:x}, gs",
-                out(reg) ds, out(reg) es, out(reg) fs, out(reg) gs,
-                options(nomem, nostack, preserves_flags)
-            )
-        };
-        DataSegments { ds, es, fs, gs }
+impl SegmentBases {
+    /// Reads the live bases.
+    pub fn save() -> SegmentBases {
+        SegmentBases { fs: cpu::rdmsr(msr::FS_BASE), gs: cpu::rdmsr(msr::GS_BASE) }
     }
 
-    /// Loads the selectors. Ring 0 may load every selector ring 3 could:
-    /// null, or the DPL-3 user data and (readable) code segments.
+    /// Loads the bases.
     pub fn restore(self) {
-        // SAFETY: the values were read from the CPU while the process ran (or
-        // are the null selectors of a fresh process); every selector ring 3
-        // can hold is loadable in ring 0, and the kernel does not use DS, ES,
-        // FS or GS (no TLS; the bases of the GDT's descriptors are zero).
+        // SAFETY: the values were read from these MSRs while the process ran
+        // (so they are canonical) or are zero; the kernel itself does not
+        // use FS or GS (no TLS, no `swapgs`).
         unsafe {
-            asm!(
-                "mov ds, {0:x}", "mov es, {1:x}", "mov fs, {2:x}", "mov gs, {3:x}",
-                in(reg) self.ds, in(reg) self.es, in(reg) self.fs, in(reg) self.gs,
-                options(nostack, preserves_flags)
-            )
-        };
+            cpu::wrmsr(msr::FS_BASE, self.fs);
+            cpu::wrmsr(msr::GS_BASE, self.gs);
+        }
     }
 }
 
-/// Everything in this module for one process.
-#[derive(Clone, Copy, Default)]
-pub struct UserCpuState {
-    /// x87/MMX/SSE registers.
-    pub fpu: FpuState,
-    /// DS, ES, FS, GS.
-    pub segments: DataSegments,
-}
+/// A scratch `fxsave64` image (16-byte aligned, as the instruction requires).
+#[repr(C, align(16))]
+struct FxImage([u8; FXSAVE_SIZE]);
 
-impl UserCpuState {
-    /// Saves the live state (the process is stopping).
-    pub fn save(&mut self) {
-        self.fpu.save();
-        self.segments = DataSegments::save();
-    }
-
-    /// Makes this state live (the process is about to run).
-    pub fn restore(&self) {
-        self.fpu.restore();
-        self.segments.restore();
-    }
+/// The address of the x87 instruction that left the live x87 exception
+/// pending (for a #MF: the trap frame's RIP is the later instruction that
+/// found it).
+pub fn pending_x87_instruction() -> u64 {
+    let mut image = FxImage([0; FXSAVE_SIZE]);
+    // SAFETY: a writable, 16-byte aligned 512-byte buffer; fxsave64 writes
+    // exactly that, changes no register and raises no x87 exception.
+    unsafe { asm!("fxsave64 [{}]", in(reg) image.0.as_mut_ptr(), options(nostack, preserves_flags)) };
+    fxsave_x87_instruction_pointer(&image.0)
 }

@@ -20,9 +20,11 @@ pub mod memory;
 pub mod process;
 pub mod shm;
 pub mod syscalls;
+pub mod user_cpu;
 
 use crate::address_space::{AddressSpace, Memory};
 use crate::arch::entry::{enter_user, foreign_entry, syscall_entry};
+use crate::arch::user_state::pending_x87_instruction;
 use crate::arch::{
     cpu, lapic, tables, KernelCell, TrapFrame, FOREIGN_ENTRY_VECTOR, SPURIOUS_VECTOR, SYSCALL_VECTOR,
     TIMER_VECTOR,
@@ -104,6 +106,10 @@ impl Gate {
             Gate::Int3 => Gate::Syscall,
         }
     }
+    /// The instruction that enters the kernel.
+    fn instruction(self) -> &'static [u8] {
+        &self.stub()[..self.stub().len() - 1]
+    }
     /// The stub at the start of the gate page: the entry instruction, then `ret`.
     fn stub(self) -> &'static [u8] {
         match self {
@@ -161,6 +167,11 @@ pub struct Kernel {
     boot_entropy: u64,
     /// Process and region slots written at the last publication.
     published_slots: (usize, usize),
+    /// The CPU has XSAVE (the switch stubs use `xsave`/`xrstor`, else
+    /// `fxsave`/`fxrstor`).
+    xsave: bool,
+    /// The switch stub running now, during a process switch.
+    switch_step: Option<user_cpu::Step>,
 }
 
 static KERNEL: KernelCell<Option<Kernel>> = KernelCell::new(None);
@@ -261,7 +272,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     // SAFETY: the new tables map the kernel image, stacks and direct map
     // exactly as the VMM's boot tables did (same virtual addresses).
     unsafe { cpu::write_cr3(kernel_pml4) };
-    enable_protection_features();
+    let xsave = enable_protection_features();
     // SAFETY: HEAP_SPACE is a static used only as the heap, handed over once.
     unsafe {
         ALLOCATOR.lock().init(core::ptr::addr_of_mut!((*HEAP_SPACE.as_ptr()).bytes) as *mut u8, HEAP_SIZE)
@@ -325,6 +336,8 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         // SAFETY: rdtsc has no side effects; it only seeds handle scrambling.
         boot_entropy: unsafe { core::arch::x86_64::_rdtsc() },
         published_slots: (0, 0),
+        xsave,
+        switch_step: None,
     };
     set_entry_msrs(gate);
     kernel.write_gate_page();
@@ -475,10 +488,12 @@ fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
 /// where the CPU has them (the kernel never executes or touches user pages
 /// through user addresses: it reads user memory via the direct map; ring 3
 /// cannot read the descriptor-table registers), CR0.AM (so a misaligned
-/// access with RFLAGS.AC is #AC on every host), and user FPU/SIMD: x87 and
-/// SSE enabled with native exception reporting, XCR0 = x87 | SSE where the
-/// CPU has XSAVE (so AVX and later are #UD in ring 3 on every host).
-fn enable_protection_features() {
+/// access with RFLAGS.AC is #AC on every host), and for ring 3 what the PVM
+/// host gives it anyway (it runs ring 3 with the host's CR4 and XCR0):
+/// FSGSBASE, x87/SSE with native exception reporting, and XCR0 with every
+/// user component of [`superos_protocol::cpu::XCR0_USER_MAX`] the CPU has.
+/// Returns whether the CPU has XSAVE.
+fn enable_protection_features() -> bool {
     use superos_protocol::cpu::*;
     // SAFETY: adds protection (WP, AM) and enables the FPU for ring 3;
     // paging and protected mode stay on.
@@ -487,9 +502,13 @@ fn enable_protection_features() {
     unsafe { cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | EFER_NXE) };
     let mut cr4 = (cpu::read_cr4() | CR4_REQUIRED) & !CR4_FORBIDDEN;
     if let Some((_, ebx, ecx, _)) = cpu::cpuid(7, 0) {
-        for (has, bit) in
-            [(ebx & (1 << 7), CR4_SMEP), (ebx & (1 << 20), CR4_SMAP), (ecx & (1 << 2), CR4_UMIP)]
-        {
+        let features = [
+            (ebx & (1 << 7), CR4_SMEP),
+            (ebx & (1 << 20), CR4_SMAP),
+            (ecx & (1 << 2), CR4_UMIP),
+            (ebx & (1 << 0), CR4_FSGSBASE),
+        ];
+        for (has, bit) in features {
             if has != 0 {
                 cr4 |= bit;
             }
@@ -503,10 +522,12 @@ fn enable_protection_features() {
     // mode) are set.
     unsafe { cpu::write_cr4(cr4) };
     if xsave {
-        // SAFETY: OSXSAVE is set and x87 | SSE is always a valid XCR0 on a
-        // CPU with XSAVE.
-        unsafe { cpu::write_xcr0(XCR0_USER) };
+        let supported = cpu::cpuid(0xd, 0).map_or(XCR0_X87 | XCR0_SSE, |(eax, ..)| u64::from(eax));
+        // SAFETY: OSXSAVE is set, and the value is a subset of what CPUID
+        // leaf 0xd reports, with x87 always included.
+        unsafe { cpu::write_xcr0((supported & XCR0_USER_MAX) | XCR0_X87) };
     }
+    xsave
 }
 
 /// The entry MSRs of `superos_protocol::cpu`: `STAR`/`LSTAR`/`SFMASK` for
@@ -629,6 +650,10 @@ impl Kernel {
         unsafe {
             core::ptr::write_bytes(page, 0xcc, PAGE_SIZE as usize);
             core::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len());
+            for stub in user_cpu::stubs(self.gate.instruction(), self.xsave) {
+                let bytes = stub.bytes();
+                core::ptr::copy_nonoverlapping(bytes.as_ptr(), page.add(stub.offset as usize), bytes.len());
+            }
             core::ptr::write_unaligned(page.add(GATE_INFO_OFFSET as usize) as *mut GateInfo, info);
         }
     }
@@ -680,6 +705,14 @@ impl Kernel {
     }
 
     fn handle_user_trap(&mut self, frame: &mut TrapFrame) {
+        if let Some(step) = self.switch_step.take() {
+            if self.is_switch_stub_return(frame, step) {
+                self.continue_switch(frame, step);
+                return;
+            }
+            // Anything else from inside a stub (a save page the process
+            // corrupted itself) is that process's fault, handled below.
+        }
         match frame.vector {
             _ if self.is_gate_entry(frame) => self.syscall(frame),
             v if v == u64::from(TIMER_VECTOR) => {
@@ -695,11 +728,7 @@ impl Kernel {
             X87_FLOATING_POINT_VECTOR => {
                 // The address is the x87 instruction that left the exception
                 // pending (the trap frame's RIP is the later one that found it).
-                let addr = self.current.map_or(frame.rip, |index| {
-                    let state = &mut self.processes[index].cpu_state;
-                    state.fpu.save();
-                    state.fpu.x87_instruction_pointer()
-                });
+                let addr = pending_x87_instruction();
                 self.kill_current(frame, FaultKind::X87FloatingPoint, addr)
             }
             vector => self.kill_current(frame, classify_exception(vector), frame.rip),

@@ -5,13 +5,14 @@
 use super::memory::write_phys;
 use super::{Kernel, TrapFrame};
 use crate::address_space::{AddressSpace, Memory, Quotas, Refusal};
-use crate::arch::user_state::UserCpuState;
+use crate::arch::user_state::SegmentBases;
 use crate::arch::{cpu, TIMER_VECTOR};
 use crate::capability::CapTable;
 use crate::elf_image::check_user_image;
 use crate::fault::{Region, RegionKind};
 use alloc::collections::VecDeque;
 use superos_protocol::boot::ARGS_LEN;
+use superos_protocol::cpu::initial_fxsave_image;
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::layout::{PAGE_SIZE, USER_ARGS_MAX, USER_STACK_TOP};
 use superos_protocol::syscall::{encode_result, SysError};
@@ -55,9 +56,9 @@ pub struct Process {
     pub state: ProcessState,
     /// Saved user context while the process is not running.
     pub context: TrapFrame,
-    /// Its FPU/SIMD registers and data-segment selectors while it is not
-    /// running (see [`UserCpuState`]).
-    pub cpu_state: UserCpuState,
+    /// Its FS and GS bases while it is not running (its FPU/SIMD registers
+    /// and segment selectors are in its own save page: [`super::user_cpu`]).
+    pub bases: SegmentBases,
     /// Times the timer took the CPU away from it.
     pub preemptions: u64,
     /// Messages waiting for it, oldest first.
@@ -120,6 +121,12 @@ impl Kernel {
             )?;
             let len = (spec.args_len as usize).min(ARGS_LEN);
             write_phys(top + PAGE_SIZE - USER_ARGS_MAX, &spec.args[..len]);
+            // The user state it starts with: FPU/SIMD exceptions masked,
+            // nothing pending, every register zero (an `xsave` header of
+            // zeros says every component is in its initial state), null
+            // segment selectors.
+            let state = space.map_user_state_page(&mut self.memory)?;
+            write_phys(state, &initial_fxsave_image());
             Ok(len as u64)
         });
         let args_len = match loaded {
@@ -145,7 +152,7 @@ impl Kernel {
             space,
             state: ProcessState::Runnable,
             context,
-            cpu_state: UserCpuState::default(),
+            bases: SegmentBases::default(),
             preemptions: 0,
             mailbox: VecDeque::new(),
             caps: super::shm::new_cap_table(pid, self.boot_entropy),
@@ -242,22 +249,22 @@ impl Kernel {
                 }
                 return;
             }
+            // The CPU state ring 3 can change (FPU/SIMD registers, segment
+            // selectors and bases) goes with its process (`user_cpu`): the
+            // current one's is saved, and whatever the CPU holds, saved or
+            // dying with a killed process, is replaced by the next one's
+            // before it runs.
             if let (Some(current), true) = (self.current, current_alive) {
                 let process = &mut self.processes[current];
                 process.context = *frame;
-                process.cpu_state.save();
                 if frame.vector == u64::from(TIMER_VECTOR) {
                     process.preemptions += 1;
                 }
+                let next_pid = self.processes[next].pid;
+                self.save_user_state_then_run(frame, next_pid);
+            } else {
+                self.restore_user_state_then_run(frame, next);
             }
-            // Whatever FPU/SIMD and segment state the CPU holds (the previous
-            // process's, saved above or dying with it) is replaced entirely.
-            let process = &self.processes[next];
-            *frame = process.context;
-            process.cpu_state.restore();
-            // SAFETY: every process PML4 shares the kernel half.
-            unsafe { cpu::write_cr3(process.space.pml4()) };
-            self.current = Some(next);
             return;
         }
     }

@@ -1,0 +1,183 @@
+//! Private user CPU state: what ring 3 can change without a system call and
+//! the trap frame does not hold goes with its process at every switch:
+//! the x87, MMX, SSE and AVX registers (with the x87 control/status words
+//! and MXCSR), the DS, ES, FS and GS selectors, and the FS and GS bases.
+//!
+//! Ring 0 cannot move most of it on the PVM host: its instruction emulator
+//! has no `xsave`, ring 3 there runs natively with the host's XCR0 (AVX on,
+//! whatever the guest sets, so `fxsave` would leave the upper halves of the
+//! YMM registers behind), and ring 3's segment selectors live in the
+//! hardware registers the emulated ring 0 never touches. So the registers
+//! are moved in ring 3, by two stubs in the kernel-owned gate page, in the
+//! process's own address space and to its own save page
+//! ([`USER_STATE_VA`]): a switch from A to B runs A's save stub (`xsave64
+//! [rdi]`, stores of DS/ES/FS/GS, then the gate's entry instruction back
+//! into the kernel), switches to B's address space, runs B's restore stub
+//! (`xrstor64 [rdi]`, loads of the selectors, back into the kernel), loads
+//! B's FS and GS bases (after the selectors, which reload them) and only
+//! then resumes B. The stubs run with interrupts off and no single-stepping,
+//! so no process code runs in between; they are recognised only at their
+//! exact return address while the kernel expects them (a process calling
+//! into them itself is an illegal gate entry). The same mechanism runs on
+//! every host, so a program behaves the same on each.
+//!
+//! A save page holds only its own process's state. A process that corrupts
+//! it is killed when its restore stub faults (harm to itself alone); the
+//! next process's restore replaces whatever the faulting one left behind.
+
+use super::{Kernel, TrapFrame};
+use crate::arch::cpu;
+use crate::arch::user_state::SegmentBases;
+use superos_protocol::cpu::XSAVE_REQUEST;
+use superos_protocol::layout::{
+    GATE_RESTORE_STUB_OFFSET, GATE_SAVE_STUB_OFFSET, GATE_VA, USER_STATE_SELECTORS_OFFSET, USER_STATE_VA,
+};
+
+/// Which stub is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The current process's save stub; then the process `to` (a pid) is
+    /// restored.
+    Saving {
+        /// The process to run next.
+        to: u32,
+    },
+    /// The current process's restore stub; then its context is resumed.
+    Restoring,
+}
+
+impl Step {
+    fn offset(self) -> u64 {
+        match self {
+            Step::Saving { .. } => GATE_SAVE_STUB_OFFSET,
+            Step::Restoring => GATE_RESTORE_STUB_OFFSET,
+        }
+    }
+}
+
+/// Longest stub: the 4-byte `xsave`, four 6-byte selector moves, a 2-byte
+/// entry instruction.
+const STUB_MAX: usize = 4 + 4 * 6 + 2;
+
+/// A stub's bytes (the rest of the gate page is `int3`).
+pub struct Stub {
+    /// Where it starts in the gate page.
+    pub offset: u64,
+    bytes: [u8; STUB_MAX],
+    len: usize,
+}
+
+impl Stub {
+    /// Its code.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Where a trap from it returns to (after its entry instruction).
+    fn return_offset(&self) -> u64 {
+        self.offset + self.len as u64
+    }
+}
+
+/// The two stubs, for a gate whose entry instruction is `entry` and a CPU
+/// with (`xsave`) or without XSAVE (then `fxsave64`/`fxrstor64`).
+pub fn stubs(entry: &[u8], xsave: bool) -> [Stub; 2] {
+    // REX.W 0f ae /r [rdi]: /4 xsave, /5 xrstor, /0 fxsave, /1 fxrstor.
+    let (save, restore) = if xsave { (0x27, 0x2f) } else { (0x07, 0x0f) };
+    // mov [rdi + disp32], sreg is 8c /r; mov sreg, [rdi + disp32] is 8e /r;
+    // ModRM 10 sreg 111 for es 0, ds 3, fs 4, gs 5.
+    let selectors = |opcode: u8| {
+        let mut bytes = [0u8; 24];
+        for (i, sreg) in [3u8, 0, 4, 5].into_iter().enumerate() {
+            let disp = (USER_STATE_SELECTORS_OFFSET as u32 + 2 * i as u32).to_le_bytes();
+            bytes[i * 6..i * 6 + 6].copy_from_slice(&[
+                opcode,
+                0x87 | (sreg << 3),
+                disp[0],
+                disp[1],
+                disp[2],
+                disp[3],
+            ]);
+        }
+        bytes
+    };
+    let stub = |offset: u64, modrm: u8, opcode: u8| {
+        let mut bytes = [0xcc; STUB_MAX];
+        bytes[..4].copy_from_slice(&[0x48, 0x0f, 0xae, modrm]);
+        bytes[4..28].copy_from_slice(&selectors(opcode));
+        bytes[28..28 + entry.len()].copy_from_slice(entry);
+        Stub { offset, bytes, len: 28 + entry.len() }
+    };
+    [stub(GATE_SAVE_STUB_OFFSET, save, 0x8c), stub(GATE_RESTORE_STUB_OFFSET, restore, 0x8e)]
+}
+
+impl Kernel {
+    /// Where a trap from stub `step` returns to.
+    fn switch_stub_return(&self, step: Step) -> u64 {
+        let [save, restore] = stubs(self.gate.instruction(), self.xsave);
+        GATE_VA
+            + match step {
+                Step::Saving { .. } => save.return_offset(),
+                Step::Restoring => restore.return_offset(),
+            }
+    }
+
+    /// True if `frame` is stub `step` coming back through the gate.
+    pub(super) fn is_switch_stub_return(&self, frame: &TrapFrame, step: Step) -> bool {
+        frame.vector == self.gate.vector() && frame.rip == self.switch_stub_return(step)
+    }
+
+    /// A ring-3 context that runs stub `step` on the current address space's
+    /// save page: interrupts off, no trap flag, no register of anyone else's.
+    fn switch_stub_frame(step: Step) -> TrapFrame {
+        let mut frame = TrapFrame::new_user(GATE_VA + step.offset(), 0, false);
+        frame.rdi = USER_STATE_VA;
+        frame.rax = XSAVE_REQUEST & 0xffff_ffff;
+        frame.rdx = XSAVE_REQUEST >> 32;
+        frame
+    }
+
+    /// Starts the switch away from the current process, whose context is
+    /// already saved: its FS and GS bases now, its registers by its save stub.
+    pub(super) fn save_user_state_then_run(&mut self, frame: &mut TrapFrame, next_pid: u32) {
+        if let Some(index) = self.current {
+            self.processes[index].bases = SegmentBases::save();
+        }
+        let step = Step::Saving { to: next_pid };
+        self.switch_step = Some(step);
+        *frame = Self::switch_stub_frame(step);
+    }
+
+    /// Makes process `index` current (its address space) and runs its
+    /// restore stub; its context is resumed when the stub is back.
+    pub(super) fn restore_user_state_then_run(&mut self, frame: &mut TrapFrame, index: usize) {
+        // SAFETY: every process PML4 shares the kernel half.
+        unsafe { cpu::write_cr3(self.processes[index].space.pml4()) };
+        self.current = Some(index);
+        self.switch_step = Some(Step::Restoring);
+        *frame = Self::switch_stub_frame(Step::Restoring);
+    }
+
+    /// A stub came back: take the switch one step further.
+    pub(super) fn continue_switch(&mut self, frame: &mut TrapFrame, step: Step) {
+        match step {
+            Step::Saving { to } => {
+                // Nothing runs between the stubs, so `to` is still there; were
+                // it not, the saved process itself would simply run on.
+                let next = self.processes.iter().position(|p| p.pid == to).or(self.current);
+                match next {
+                    Some(index) => self.restore_user_state_then_run(frame, index),
+                    None => panic!("a save stub came back with no process to run"),
+                }
+            }
+            Step::Restoring => {
+                let Some(index) = self.current else {
+                    panic!("a restore stub came back with no current process");
+                };
+                let process = &self.processes[index];
+                process.bases.restore();
+                *frame = process.context;
+            }
+        }
+    }
+}
