@@ -10,7 +10,7 @@ use std::time::Duration;
 use superos_protocol::boot;
 use superos_protocol::event::Event;
 use superos_protocol::introspect::ProcessRecord;
-use superos_protocol::layout::{KERNEL_VMA_BASE, PAGE_SIZE, USER_IMAGE_BASE};
+use superos_protocol::layout::{DIRECT_MAP_BASE, KERNEL_VMA_BASE, PAGE_SIZE, USER_IMAGE_BASE};
 use superos_protocol::ownership::FrameOwner;
 use superos_tests::*;
 use superos_vmm::arch::paging::{PTE_ADDRESS_MASK, PTE_NO_EXECUTE, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
@@ -273,6 +273,61 @@ fn kernel_text_unchanged_catches_a_patched_kernel() {
         ram.write_bytes(at, &[byte[0] ^ 0xff]).unwrap();
     });
     assert_stopped_for(&report, Invariant::KernelTextUnchanged);
+}
+
+#[test]
+fn kernel_w_xor_x_catches_kernel_text_made_writable_in_the_direct_map() {
+    if !kvm_available() {
+        return;
+    }
+    let text = Arc::new(Mutex::new(0));
+    let record = text.clone();
+    let report = tampered(move |ram, view| {
+        let text = view.root.unwrap().kernel_text_gpa;
+        // The 2 MiB around the text are mapped page by page, read-only.
+        let (gpa, entry, level) =
+            walk::leaf_entry(ram, view.kernel_pml4().unwrap(), DIRECT_MAP_BASE + text).unwrap();
+        assert_eq!((level, entry & PTE_WRITABLE), (1, 0), "{entry:#x}");
+        set_bits(ram, gpa, PTE_WRITABLE);
+        *record.lock().unwrap() = text;
+    });
+    assert_stopped_for(&report, Invariant::KernelWXorX);
+    let found = &report.violations[0].violation;
+    let text = *text.lock().unwrap();
+    assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
+    assert_eq!((found.frames.as_slice(), found.vas.as_slice()), (&[text][..], &[DIRECT_MAP_BASE + text][..]));
+    assert!(
+        found.details.ends_with(&format!(
+            "maps 1 frame of the kernel's text and read-only data writable (first {text:#x})"
+        )),
+        "{found}"
+    );
+}
+
+#[test]
+fn kernel_w_xor_x_catches_a_kernel_data_page_made_executable() {
+    if !kvm_available() {
+        return;
+    }
+    // The first page after the read-only ones (kernel data), in the kernel
+    // window: NX cleared at every level.
+    let (_, data) =
+        superos_vmm::boot::check_kernel_elf(images::KERNEL_ELF, 64 << 20).unwrap().read_only.unwrap();
+    let va = KERNEL_VMA_BASE + data;
+    let report = tampered(move |ram, view| {
+        let kernel_pml4 = view.kernel_pml4().unwrap();
+        let (_, entry, _) = walk::leaf_entry(ram, kernel_pml4, va).unwrap();
+        assert_ne!(entry & PTE_WRITABLE, 0, "kernel data is writable");
+        for level in 1..=4 {
+            let gpa = walk::entry_slot(ram, kernel_pml4, va, level).unwrap();
+            ram.write(gpa, &(ram.read_u64(gpa).unwrap() & !PTE_NO_EXECUTE)).unwrap();
+        }
+    });
+    assert_stopped_for(&report, Invariant::KernelWXorX);
+    let found = &report.violations[0].violation;
+    assert_eq!(found.vas, [va], "{found}");
+    assert_eq!(found.frames, [data], "{found}");
+    assert!(found.details.ends_with("is writable and executable"), "{found}");
 }
 
 #[test]

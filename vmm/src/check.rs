@@ -52,13 +52,17 @@ pub enum Invariant {
     FreeFramesScrubbed,
     /// The kernel text is what was loaded.
     KernelTextUnchanged,
+    /// The kernel's own mappings obey W^X: no kernel-half leaf writable and
+    /// executable, and no writable mapping of the kernel's text or
+    /// read-only data anywhere.
+    KernelWXorX,
     /// The kernel's published tables are readable and well-formed.
     IntrospectionValid,
 }
 
 impl Invariant {
     /// Every invariant, in report order.
-    pub const ALL: [Invariant; 11] = [
+    pub const ALL: [Invariant; 12] = [
         Invariant::PrivateAddressSpaces,
         Invariant::NoImplicitSharing,
         Invariant::NoUserKernelMapping,
@@ -69,6 +73,7 @@ impl Invariant {
         Invariant::RevocationComplete,
         Invariant::FreeFramesScrubbed,
         Invariant::KernelTextUnchanged,
+        Invariant::KernelWXorX,
         Invariant::IntrospectionValid,
     ];
 
@@ -85,6 +90,7 @@ impl Invariant {
             Invariant::RevocationComplete => "revocation-complete",
             Invariant::FreeFramesScrubbed => "free-frames-scrubbed",
             Invariant::KernelTextUnchanged => "kernel-text-unchanged",
+            Invariant::KernelWXorX => "kernel-w-xor-x",
             Invariant::IntrospectionValid => "introspection-valid",
         }
     }
@@ -257,6 +263,15 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// What the VMM knows about the kernel from the image it loaded, whatever
+/// the kernel says; carried to the control socket and into snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelImage {
+    /// The kernel's text and read-only data, physical `[start, end)`
+    /// (`boot::KernelLayout::read_only`).
+    pub read_only: Option<(u64, u64)>,
+}
+
 /// What the VMM itself knows, independent of the kernel's claims.
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
@@ -270,6 +285,10 @@ pub struct Facts {
     pub text_range: Option<(u64, u64)>,
     /// Live processes according to the events: pid -> PML4.
     pub live_from_events: BTreeMap<u32, u64>,
+    /// The kernel's text and read-only data, physical `[start, end)`, from
+    /// the ELF the VMM loaded (`boot::KernelLayout::read_only`): nothing may
+    /// map it writable.
+    pub kernel_read_only: Option<(u64, u64)>,
 }
 
 impl Facts {
@@ -447,7 +466,77 @@ pub fn evaluate(
         counters.frames_scanned = free_frames_scrubbed(&mut found, view, walk, ram);
     }
     counters.text_bytes = kernel_text_unchanged(&mut found, ram, facts);
+    kernel_w_xor_x(&mut found, walk, facts);
     (found.finish(), counters)
+}
+
+/// The kernel's own mappings obey W^X: no supervisor leaf of the kernel
+/// half both writable and executable, and no writable supervisor mapping of
+/// the kernel's text or read-only data, in the kernel half or in any
+/// process's user half. (A user-accessible mapping of either kind is
+/// `no-user-kernel-mapping`'s: reported there, not again here.)
+fn kernel_w_xor_x(found: &mut Findings, walk: &Walk, facts: &Facts) {
+    let protected = facts.kernel_read_only.filter(|&(start, end)| start < end);
+    // The protected frames in `[frame, frame + len)`: (first, count).
+    let overlap = |frame: u64, len: u64| {
+        let (start, end) = protected?;
+        let first = frame.max(start);
+        let last = frame.saturating_add(len).min(end);
+        (first < last).then(|| (first, (last - first).div_ceil(PAGE_SIZE)))
+    };
+    for m in walk.kernel_writable.iter().filter(|m| !m.user) {
+        let text = overlap(m.frame, m.page_size);
+        if !m.executable() && text.is_none() {
+            continue;
+        }
+        let size = match m.page_size {
+            s if s >= 1 << 30 => format!("{} GiB", s >> 30),
+            s if s >= 1 << 20 => format!("{} MiB", s >> 20),
+            s => format!("{} KiB", s >> 10),
+        };
+        let mut problems = Vec::new();
+        if let Some((first, count)) = text {
+            problems.push(format!(
+                "maps {count} frame{} of the kernel's text and read-only data writable (first {first:#x})",
+                if count == 1 { "" } else { "s" }
+            ));
+        }
+        if m.executable() {
+            problems.push("is writable and executable".to_string());
+        }
+        let mut v = Violation::new(
+            Invariant::KernelWXorX,
+            format!(
+                "kernel-half address {:#x} ({size} leaf of frame {:#x}, entry at {:#x}) {}",
+                m.va,
+                m.frame,
+                m.entry_gpa,
+                problems.join(" and ")
+            ),
+        );
+        v.frames.push(text.map_or(m.frame, |(first, _)| first));
+        v.vas.push(m.va);
+        v.ptes.push(m.pte);
+        found.add(v);
+    }
+    if protected.is_none() {
+        return;
+    }
+    for m in walk.mappings.iter().filter(|m| m.writable && !m.user && !m.tainted) {
+        // One record per 4 KiB frame in the user half.
+        if overlap(m.frame, PAGE_SIZE).is_some() {
+            found.add(
+                Violation::new(
+                    Invariant::KernelWXorX,
+                    format!(
+                        "pid {} maps frame {:#x} of the kernel's text and read-only data writable (supervisor-only) at {:#x}",
+                        m.pid, m.frame, m.va
+                    ),
+                )
+                .with_mappings([m]),
+            );
+        }
+    }
 }
 
 fn introspection_problems(
@@ -1032,6 +1121,11 @@ impl Checker {
         Checker { facts: Facts { usable, ..Default::default() }, ..Default::default() }
     }
 
+    /// What the VMM knows of the kernel image it loaded.
+    pub fn set_image(&mut self, image: &KernelImage) {
+        self.facts.kernel_read_only = image.read_only;
+    }
+
     /// At the boot hello: remembers the kernel text (copying it) and the
     /// root's address (0 = not published).
     pub fn boot_hello(&mut self, ram: &GuestRam, text: Option<(u64, u64)>, root_gpa: u64) {
@@ -1129,6 +1223,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_are_kebab_case() {
+        assert_eq!(Invariant::from_name("kernel-w-xor-x"), Some(Invariant::KernelWXorX));
         for invariant in Invariant::ALL {
             assert_eq!(Invariant::from_name(invariant.name()), Some(invariant));
             assert!(invariant.name().chars().all(|c| c.is_ascii_lowercase() || c == '-'));

@@ -29,7 +29,7 @@
 //! memory, and the vCPU's registers are only read.
 
 use crate::api::{ApiOptions, Server};
-use crate::check::TextBaseline;
+use crate::check::{KernelImage, TextBaseline};
 use crate::inspect::{events_from, EventsResult, Machine, MachineState, Point};
 use crate::memory::GuestRam;
 use crate::run::{GuestExit, RunReport};
@@ -106,6 +106,7 @@ pub struct Control {
     clients: AtomicUsize,
     ram: GuestRam,
     usable: Vec<(u64, u64)>,
+    image: KernelImage,
 }
 
 /// What a control request did, in words.
@@ -141,7 +142,14 @@ impl Control {
             clients: AtomicUsize::new(0),
             ram,
             usable,
+            image: KernelImage::default(),
         }
+    }
+
+    /// What the VMM knows of the kernel image it loaded, for the queries.
+    pub fn with_image(mut self, image: KernelImage) -> Control {
+        self.image = image;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -343,6 +351,7 @@ impl Control {
             baseline: state.baseline.clone(),
             events: state.events.clone(),
             point,
+            image: self.image.clone(),
         }
     }
 
@@ -533,12 +542,19 @@ pub struct Attached {
     linger: bool,
     snapshot: Option<(PathBuf, File)>,
     on_finish: Option<fn(&RunReport)>,
+    image: KernelImage,
 }
 
 impl Attached {
     /// Binds the socket and creates the snapshot file. `ram` is guest RAM,
-    /// `usable` the RAM the VMM gives the kernel.
-    pub fn start(extras: RunExtras, ram: &GuestRam, usable: &[(u64, u64)]) -> Result<Attached, String> {
+    /// `usable` the RAM the VMM gives the kernel, `image` what it knows of
+    /// the kernel image it loaded.
+    pub fn start(
+        extras: RunExtras,
+        ram: &GuestRam,
+        usable: &[(u64, u64)],
+        image: KernelImage,
+    ) -> Result<Attached, String> {
         let snapshot = match extras.snapshot_on_exit {
             Some(path) => {
                 let file = File::create(&path)
@@ -549,13 +565,15 @@ impl Attached {
         };
         let (control, server, linger) = match extras.api {
             Some(api) => {
-                let control = Arc::new(Control::new(ram.clone(), usable.to_vec(), api.paused));
+                let control = Arc::new(
+                    Control::new(ram.clone(), usable.to_vec(), api.paused).with_image(image.clone()),
+                );
                 let server = Server::start(&api.socket, control.clone())?;
                 (Some(control), Some(server), api.linger)
             }
             None => (None, None, false),
         };
-        Ok(Attached { control, server, linger, snapshot, on_finish: extras.on_finish })
+        Ok(Attached { control, server, linger, snapshot, on_finish: extras.on_finish, image })
     }
 
     /// The pause handshake, if the socket is served.
@@ -595,6 +613,7 @@ impl Attached {
                 baseline,
                 events: report.events.clone(),
                 point: Point::Finished { exit, cr3 },
+                image: self.image.clone(),
             };
             let meta = snapshot::Meta::new(scenario, report.lost_events);
             if let Err(error) = snapshot::write(file, ram, &state, &meta) {

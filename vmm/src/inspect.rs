@@ -15,7 +15,7 @@
 
 use crate::api::Request;
 use crate::arch::paging::{PTE_ADDRESS_MASK, PTE_HUGE, PTE_NO_EXECUTE, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
-use crate::check::{evaluate, Facts, TextBaseline};
+use crate::check::{evaluate, Facts, KernelImage, TextBaseline};
 use crate::event_json;
 use crate::introspect::{IntrospectError, KernelView, OwnerLookup, ViewSource};
 use crate::memory::GuestRam;
@@ -96,6 +96,8 @@ pub struct MachineState {
     pub events: Vec<EventEntry>,
     /// Where the guest is.
     pub point: Point,
+    /// What the VMM knows of the kernel image it loaded.
+    pub image: KernelImage,
 }
 
 impl Default for MachineState {
@@ -106,6 +108,7 @@ impl Default for MachineState {
             baseline: None,
             events: Vec::new(),
             point: Point::Boot,
+            image: KernelImage::default(),
         }
     }
 }
@@ -162,6 +165,7 @@ impl Analysis {
             text: state.baseline.clone(),
             text_range,
             live_from_events: live,
+            kernel_read_only: state.image.read_only,
         };
         let root = state.hello.map(|h| h.introspection_root_gpa).filter(|&gpa| gpa != 0);
         let (view, error) = match root.map(|gpa| KernelView::read(ram, gpa)) {

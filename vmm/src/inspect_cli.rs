@@ -163,7 +163,7 @@ fn fail(code: u8, message: &str) -> u8 {
 /// Where answers come from.
 enum Source {
     Live(Client),
-    Offline(snapshot::Loaded),
+    Offline(Box<snapshot::Loaded>),
 }
 
 impl Source {
@@ -207,7 +207,7 @@ pub fn main(args: InspectArgs) -> u8 {
             Err(error) => return fail(EXIT_USAGE, &error.to_string()),
         },
         (None, Some(file)) => match snapshot::read(file) {
-            Ok(loaded) => Source::Offline(loaded),
+            Ok(loaded) => Source::Offline(Box::new(loaded)),
             Err(error) => return fail(EXIT_USAGE, &error.to_string()),
         },
         (None, None) => {

@@ -16,7 +16,7 @@
 //! guest from outside at an event, right before the check, to show that the
 //! checker catches what it claims to.
 
-use crate::check::{CheckMode, CheckOutcome, Checker, Invariant, Violation};
+use crate::check::{CheckMode, CheckOutcome, Checker, Invariant, KernelImage, Violation};
 use crate::introspect::KernelView;
 use crate::memory::GuestRam;
 use crate::session::EventEntry;
@@ -197,6 +197,12 @@ impl Monitor {
             seen: HashSet::new(),
             periodic_pending: false,
         }
+    }
+
+    /// Checks against what the VMM knows of the kernel image it loaded.
+    pub fn with_image(mut self, image: &KernelImage) -> Monitor {
+        self.checker.set_image(image);
+        self
     }
 
     fn note(&mut self, text: String) {

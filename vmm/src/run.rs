@@ -12,7 +12,7 @@
 //! held at this point.
 
 use crate::boot::{self, BootError, BootOptions};
-use crate::check::{CheckMode, CheckStats, Invariant};
+use crate::check::{CheckMode, CheckStats, Invariant, KernelImage};
 use crate::console::ConsoleLine;
 use crate::control::{Attached, Control, RunExtras};
 use crate::diagnose::{Diagnosis, KernelSymbols};
@@ -403,14 +403,18 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
     let usable = prepared.usable_ranges();
+    let image = KernelImage { read_only: layout.read_only };
     // Always a monitor, even when the run checks nothing: inspection needs
     // its record of the boot (the kernel text baseline), and a write into
     // the read-only kernel image is reported whatever the check mode.
     let mut session = Session::new(&ram, config.started, config.echo, names)
         .with_event_format(config.events)
         .with_read_only(vm.read_only())
-        .with_monitor(Monitor::new(config.check, config.keep_going, config.tamper.clone(), usable.clone()));
-    let attached = Attached::start(extras, &ram, &usable).map_err(RunError::Extras)?;
+        .with_monitor(
+            Monitor::new(config.check, config.keep_going, config.tamper.clone(), usable.clone())
+                .with_image(&image),
+        );
+    let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
     let control = attached.control();
     install_kick_handler();
     let period = match config.check {

@@ -3,14 +3,14 @@
 //! read by `superos-vmm inspect --snapshot <file> <command>`, which answers
 //! the same queries as the live control socket.
 //!
-//! # Format, version 1
+//! # Format, version 2
 //!
 //! All integers are little-endian. A fixed 64-byte header:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `SOSSNAP\0` |
-//! | 8 | 4 | format version, 1 |
+//! | 8 | 4 | format version, 2 (1 is read too) |
 //! | 12 | 4 | header size, 64 |
 //! | 16 | 8 | guest RAM size in bytes (a multiple of 2 MiB, 16 MiB to 3 GiB) |
 //! | 24 | 8 | metadata length `M` (at most 1 MiB) |
@@ -27,8 +27,11 @@
 //!    [`Point`]), `hello` (the kernel's boot hello: `version`,
 //!    `event_ring_gpa`, `event_ring_bytes`, `kernel_text_gpa`,
 //!    `kernel_text_len`, `introspection_root_gpa`; `null` if none arrived),
-//!    `usable` (the `[start, end)` RAM ranges the VMM gave the kernel), and
-//!    `baseline_gpa` (where the baseline below was copied from);
+//!    `usable` (the `[start, end)` RAM ranges the VMM gave the kernel),
+//!    `baseline_gpa` (where the baseline below was copied from), and since
+//!    version 2 `kernel_read_only` (the `[start, end)` physical range of
+//!    the kernel's text and read-only data, from the kernel ELF the VMM
+//!    loaded, or `null`; absent in version 1, read as `null`);
 //! 2. the kernel text as it was at the boot hello, `T` bytes (what
 //!    `kernel-text-unchanged` compares with);
 //! 3. the kernel events received, `E` raw event records (`seq` and `tick`
@@ -66,8 +69,11 @@ use zerocopy::{FromBytes, IntoBytes};
 
 /// The first 8 bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"SOSSNAP\0";
-/// The format version this VMM writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this VMM writes.
+pub const VERSION: u32 = 2;
+/// The oldest format version this VMM reads (each later version only adds
+/// metadata fields, which older files lack).
+pub const OLDEST_VERSION: u32 = 1;
 /// Header size in bytes.
 pub const HEADER_SIZE: usize = 64;
 /// Longest metadata.
@@ -91,7 +97,7 @@ pub enum SnapshotError {
     #[error("not a SuperOS snapshot: {0}")]
     NotASnapshot(String),
     /// A snapshot of another format version.
-    #[error("snapshot format version {0} is not supported (this VMM reads version {VERSION})")]
+    #[error("snapshot format version {0} is not supported (this VMM reads versions {OLDEST_VERSION} to {VERSION})")]
     Version(u32),
     /// A snapshot, but damaged or inconsistent.
     #[error("corrupt snapshot: {0}")]
@@ -153,6 +159,9 @@ struct FileMeta {
     hello: Option<Hello>,
     usable: Vec<[u64; 2]>,
     baseline_gpa: Option<u64>,
+    /// Version 2.
+    #[serde(default)]
+    kernel_read_only: Option<[u64; 2]>,
 }
 
 /// FNV-1a, 64-bit, fed piece by piece.
@@ -203,6 +212,7 @@ pub fn write(mut file: File, ram: &GuestRam, state: &MachineState, meta: &Meta) 
         }),
         usable: state.usable.iter().map(|&(start, end)| [start, end]).collect(),
         baseline_gpa: state.baseline.as_ref().map(|b| b.gpa),
+        kernel_read_only: state.image.read_only.map(|(start, end)| [start, end]),
     };
     let meta_bytes = serde_json::to_vec(&file_meta).map_err(std::io::Error::other)?;
     let baseline: &[u8] = state.baseline.as_ref().map_or(&[], |b| &b.bytes);
@@ -319,7 +329,7 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
         return Err(SnapshotError::NotASnapshot("wrong magic".into()));
     }
     let version = u32_at(bytes, 8);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(SnapshotError::Version(version));
     }
     let header_size = u32_at(bytes, 12);
@@ -394,6 +404,19 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
         }
         (None, _) => return Err(corrupt("kernel text without its address")),
     };
+    let read_only = match meta.kernel_read_only {
+        None => None,
+        Some([start, end])
+            if start < end && end <= ram_size && start % PAGE_SIZE == 0 && end % PAGE_SIZE == 0 =>
+        {
+            Some((start, end))
+        }
+        Some([start, end]) => {
+            return Err(corrupt(format!(
+                "kernel read-only range {start:#x}..{end:#x} is not page-aligned RAM"
+            )))
+        }
+    };
     let hello = meta.hello.map(|h| BootHelloParams {
         version: h.version,
         status: 0,
@@ -425,7 +448,14 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
     }
     Ok(Loaded {
         ram,
-        state: MachineState { hello, usable, baseline, events, point: meta.point },
+        state: MachineState {
+            hello,
+            usable,
+            baseline,
+            events,
+            point: meta.point,
+            image: crate::check::KernelImage { read_only },
+        },
         meta: Meta {
             vmm_version: meta.vmm_version,
             created_unix: meta.created_unix,
@@ -473,6 +503,7 @@ mod tests {
                 },
             ],
             point: Point::Finished { exit: "the kernel shut down with status 0".into(), cr3: None },
+            image: crate::check::KernelImage { read_only: Some((0x10_0000, 0x10_1000)) },
         };
         (ram, state)
     }
@@ -533,7 +564,8 @@ mod tests {
         let cases: Vec<(Damage, &str)> = vec![
             (Box::new(|b| b.truncate(10)), "shorter than the header"),
             (Box::new(|b| b[0] = b'X'), "wrong magic"),
-            (Box::new(|b| b[8] = 2), "version 2 is not supported"),
+            (Box::new(|b| b[8] = 9), "version 9 is not supported (this VMM reads versions 1 to 2)"),
+            (Box::new(|b| b[8] = 0), "version 0 is not supported"),
             (Box::new(|b| b.push(0)), "header describes"),
             (Box::new(|b| b.truncate(b.len() - 1)), "header describes"),
             (Box::new(|b| *b.last_mut().unwrap() ^= 1), "checksum"),
@@ -557,6 +589,44 @@ mod tests {
         }
         let error = read(Path::new("/nonexistent/snapshot")).unwrap_err().to_string();
         assert!(error.contains("cannot read the snapshot /nonexistent/snapshot"), "{error}");
+    }
+
+    /// `good` with its metadata JSON replaced by `edit(json)` and the
+    /// version set to `version` (lengths and checksum fixed up).
+    fn with_meta(good: &[u8], version: u32, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let meta_len = u64_at(good, 24) as usize;
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&good[HEADER_SIZE..HEADER_SIZE + meta_len]).unwrap();
+        edit(&mut meta);
+        let meta = serde_json::to_vec(&meta).unwrap();
+        let mut bytes = good[..HEADER_SIZE].to_vec();
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
+        bytes[24..32].copy_from_slice(&(meta.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&meta);
+        bytes.extend_from_slice(&good[HEADER_SIZE + meta_len..]);
+        reseal(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn version_1_snapshots_are_read_without_the_kernel_range() {
+        let (ram, state) = sample();
+        let good = bytes_of(&ram, &state);
+        let v1 = with_meta(&good, 1, |meta| {
+            meta.as_object_mut().unwrap().remove("kernel_read_only");
+        });
+        let loaded = parse(&v1).unwrap();
+        assert_eq!(loaded.state.image.read_only, None);
+        assert_eq!(loaded.state.events, state.events);
+        // A bad range is refused, not trusted.
+        for bad in [[0x10_0000u64, 0x10_0000], [0x10_0800, 0x10_1000], [0, 32 << 20]] {
+            let damaged = with_meta(&good, 2, |meta| meta["kernel_read_only"] = serde_json::json!(bad));
+            let error = parse(&damaged).unwrap_err().to_string();
+            assert!(error.contains("kernel read-only range"), "{error}");
+        }
+        // Unknown fields are still refused.
+        let unknown = with_meta(&good, 2, |meta| meta["surprise"] = serde_json::json!(1));
+        assert!(parse(&unknown).unwrap_err().to_string().contains("metadata"));
     }
 
     proptest! {

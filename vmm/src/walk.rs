@@ -16,6 +16,15 @@
 //!
 //! Rights are the effective ones: U and W only if set at every level, NX if
 //! set at any level.
+//!
+//! The kernel half (shared by every PML4, walked once per distinct top-level
+//! entry) is not recorded frame by frame: only its user-accessible leaves
+//! (there should be none) and its writable leaves, one record per leaf
+//! whatever its size (for `kernel-w-xor-x`: a writable leaf must be
+//! non-executable and must not map the kernel's text or read-only data).
+//! That is a few thousand records at most (the direct map in 2 MiB leaves,
+//! the kernel image and the 2 MiB around it in 4 KiB ones), under the same
+//! budget as the user mappings.
 
 use crate::arch::paging::{PTE_ADDRESS_MASK, PTE_HUGE, PTE_NO_EXECUTE, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
 use crate::memory::GuestRam;
@@ -157,6 +166,9 @@ pub struct Walk {
     pub mappings: Vec<Mapping>,
     /// Kernel-half leaves that are user-accessible (there should be none).
     pub kernel_user_leaves: Vec<Mapping>,
+    /// Kernel-half leaves that are writable (effective W), one per leaf:
+    /// `frame` is the leaf's first frame and `page_size` its size.
+    pub kernel_writable: Vec<Mapping>,
     /// Every table frame reached (PML4s included), kernel half included.
     pub tables: HashMap<u64, TableReach>,
     /// Structural problems.
@@ -471,10 +483,36 @@ impl Walker<'_> {
 
     #[allow(clippy::too_many_arguments)]
     fn leaf(&mut self, pid: u32, kernel: bool, va: u64, pte: u64, entry_gpa: u64, size: u64, rights: Rights) {
-        if kernel && !rights.user {
+        let base = pte & PTE_ADDRESS_MASK & !(size - 1);
+        if kernel {
+            // One record per leaf is enough for the kernel half.
+            let m = Mapping {
+                frame: base,
+                va,
+                pte,
+                entry_gpa,
+                pid,
+                page_size: size,
+                user: rights.user,
+                writable: rights.writable,
+                nx: rights.nx,
+                tainted: false,
+            };
+            let budget = self.mapping_budget as usize;
+            if rights.user {
+                if self.walk.kernel_user_leaves.len() >= budget {
+                    return self.stop(pid, va, base, pte, "user-accessible kernel-half leaves");
+                }
+                self.walk.kernel_user_leaves.push(m);
+            }
+            if rights.writable {
+                if self.walk.kernel_writable.len() >= budget {
+                    return self.stop(pid, va, base, pte, "writable kernel-half leaves");
+                }
+                self.walk.kernel_writable.push(m);
+            }
             return;
         }
-        let base = pte & PTE_ADDRESS_MASK & !(size - 1);
         let mapping = |i: u64| Mapping {
             frame: base + i * PAGE_SIZE,
             va: va + i * PAGE_SIZE,
@@ -489,15 +527,6 @@ impl Walker<'_> {
         };
         for i in 0..size / PAGE_SIZE {
             let m = mapping(i);
-            if kernel {
-                // One entry per leaf is enough to report it.
-                self.walk.kernel_user_leaves.push(m);
-                if self.walk.kernel_user_leaves.len() as u64 > self.mapping_budget {
-                    self.walk.kernel_user_leaves.pop();
-                    self.stop(pid, va, base, pte, "user-accessible kernel-half leaves");
-                }
-                return;
-            }
             if self.walk.mappings.len() as u64 >= self.mapping_budget {
                 self.stop(pid, va, base, pte, "mappings");
                 return;
@@ -731,6 +760,13 @@ pub(crate) mod tests {
         assert!(w.kernel_user_leaves.is_empty());
         assert_eq!(w.stats.tables, 1 + 3 + 3, "kernel PML4 + its 3 tables + 3 process PML4s");
         assert!(w.issues.is_empty(), "{:?}", w.issues);
+        // The one writable leaf, recorded once (not per process) and not
+        // as a user mapping.
+        assert_eq!(w.kernel_writable.len(), 1);
+        let leaf = w.kernel_writable[0];
+        assert_eq!((leaf.frame, leaf.va, leaf.page_size, leaf.pid), (0x1000, va, PAGE_SIZE, KERNEL_HALF));
+        assert!(leaf.writable && !leaf.user && leaf.executable());
+        assert!(w.mappings.is_empty());
         // A user-accessible kernel leaf (U at every level).
         let slot = entry_slot(&ram, kernel, va, 1).unwrap();
         ram.write(slot, &(0x1000 | PTE_PRESENT | PTE_USER)).unwrap();
@@ -744,5 +780,44 @@ pub(crate) mod tests {
         let w = walk(&ram, Some(kernel), &procs);
         assert_eq!(w.kernel_user_leaves.len(), 1);
         assert_eq!((w.kernel_user_leaves[0].frame, w.kernel_user_leaves[0].va), (0x1000, va));
+        assert!(w.kernel_writable.is_empty(), "the leaf is no longer writable");
+    }
+
+    #[test]
+    fn writable_kernel_leaves_are_recorded_once_per_leaf_under_a_budget() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut t = Tables { ram: &ram, next: 0x10_0000 };
+        let kernel = t.frame();
+        let va = 0xffff_8000_0000_0000u64;
+        t.map(kernel, va, 0, PTE_PRESENT | PTE_WRITABLE | PTE_NO_EXECUTE);
+        // The PD above it: 511 more 2 MiB writable leaves, one of them
+        // executable, and a read-only one.
+        let pd = entry_slot(&ram, kernel, va, 2).unwrap() & !0xfff;
+        for i in 1..512u64 {
+            let nx = if i == 7 { 0 } else { PTE_NO_EXECUTE };
+            let w = if i == 9 { 0 } else { PTE_WRITABLE };
+            ram.write(pd + i * 8, &((i << 21) | PTE_PRESENT | PTE_HUGE | w | nx)).unwrap();
+        }
+        let w = walk(&ram, Some(kernel), &[]);
+        assert!(w.complete);
+        assert_eq!(w.kernel_writable.len(), 1 + 510);
+        let large: Vec<_> = w.kernel_writable.iter().filter(|m| m.page_size == 2 << 20).collect();
+        assert_eq!(large.len(), 510);
+        let executable: Vec<_> = w.kernel_writable.iter().filter(|m| m.executable()).collect();
+        assert_eq!(executable.len(), 1);
+        assert_eq!((executable[0].frame, executable[0].va), (7 << 21, va + (7 << 21)));
+        // A hostile table: every PML4 slot of the kernel half points at the
+        // same PDPT full of 1 GiB writable leaves. Bounded.
+        let ram = GuestRam::new(16).unwrap();
+        let mut t = Tables { ram: &ram, next: 0x10_0000 };
+        let (kernel, pdpt) = (t.frame(), t.frame());
+        let leaves: Vec<u64> =
+            (0..512u64).map(|i| (i << 30) | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE).collect();
+        ram.write_bytes(pdpt, leaves.as_bytes()).unwrap();
+        let pointers: Vec<u64> = (0..256).map(|i| pdpt | TABLE | (i << 52)).collect();
+        ram.write_bytes(kernel + 256 * 8, pointers.as_bytes()).unwrap();
+        let w = walk(&ram, Some(kernel), &[]);
+        assert!(w.kernel_writable.len() as u64 <= 8 * 4096 + 65536);
+        assert!(w.kernel_writable.len() >= 512);
     }
 }

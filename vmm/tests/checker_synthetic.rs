@@ -76,8 +76,11 @@ impl Guest {
         let pd = guest.alloc(FrameOwner::Kernel);
         guest.ram.write(guest.kernel_pml4 + 256 * 8, &(pdpt | PTE_PRESENT | PTE_WRITABLE)).unwrap();
         guest.ram.write(pdpt, &(pd | PTE_PRESENT | PTE_WRITABLE)).unwrap();
+        // The direct map: 2 MiB leaves, writable and non-executable except
+        // the first, which holds the kernel text (read-only).
         for i in 0..8u64 {
-            let leaf = (i << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE | PTE_NO_EXECUTE;
+            let writable = if i == 0 { 0 } else { PTE_WRITABLE };
+            let leaf = (i << 21) | PTE_PRESENT | writable | PTE_HUGE | PTE_NO_EXECUTE;
             guest.ram.write(pd + i * 8, &leaf).unwrap();
         }
         guest.gate = guest.alloc(FrameOwner::Kernel);
@@ -211,6 +214,7 @@ impl Guest {
             text: Some(self.text.clone()),
             text_range: Some((TEXT, TEXT_LEN)),
             live_from_events: self.procs.iter().map(|p| (p.pid, p.pml4)).collect(),
+            kernel_read_only: Some((TEXT, TEXT + TEXT_LEN)),
         }
     }
 
@@ -245,6 +249,13 @@ impl Guest {
 
     fn or(&self, gpa: u64, bits: u64) {
         self.set(gpa, self.ram.read_u64(gpa).unwrap() | bits);
+    }
+
+    /// The GPA of the direct map's 2 MiB leaf `index` (kernel half).
+    fn direct_map_leaf(&self, index: u64) -> u64 {
+        let pdpt = self.ram.read_u64(self.kernel_pml4 + 256 * 8).unwrap() & PTE_ADDRESS_MASK;
+        let pd = self.ram.read_u64(pdpt).unwrap() & PTE_ADDRESS_MASK;
+        pd + index * 8
     }
 }
 
@@ -449,6 +460,50 @@ fn free_frames_scrubbed() {
     });
     assert_eq!(v[0].frames, [MANAGED.1 - PAGE_SIZE]);
     assert!(v[0].details.contains("offset 0x123"), "{v:#?}");
+}
+
+#[test]
+fn kernel_w_xor_x() {
+    const DIRECT_MAP: u64 = 0xffff_8000_0000_0000;
+    let v = assert_only("the kernel text writable in the direct map", Invariant::KernelWXorX, |g| {
+        g.or(g.direct_map_leaf(0), PTE_WRITABLE)
+    });
+    assert_eq!(v.len(), 1, "one leaf, one finding: {v:#?}");
+    assert_eq!((v[0].frames.as_slice(), v[0].vas.as_slice()), (&[TEXT][..], &[DIRECT_MAP][..]));
+    assert!(
+        v[0].details.starts_with(&format!(
+            "kernel-half address {DIRECT_MAP:#x} (2 MiB leaf of frame 0x0, entry at {:#x}) maps 3 frames of the kernel's text and read-only data writable (first {TEXT:#x})",
+            Guest::new().direct_map_leaf(0)
+        )),
+        "{v:#?}"
+    );
+    let v = assert_only("a kernel leaf writable and executable", Invariant::KernelWXorX, |g| {
+        let leaf = g.direct_map_leaf(3);
+        g.set(leaf, g.ram.read_u64(leaf).unwrap() & !PTE_NO_EXECUTE);
+    });
+    assert!(v[0].details.ends_with(") is writable and executable"), "{v:#?}");
+    assert_eq!(v[0].vas, [DIRECT_MAP + (3 << 21)]);
+    let v = assert_only("both at once", Invariant::KernelWXorX, |g| {
+        g.set(g.direct_map_leaf(0), PTE_PRESENT | PTE_WRITABLE | PTE_HUGE)
+    });
+    assert!(v[0].details.ends_with("(first 0x140000) and is writable and executable"), "{v:#?}");
+    // A supervisor-only writable alias of the text in a process's user half.
+    let v = assert_only("the kernel text writable in a user half", Invariant::KernelWXorX, |g| {
+        g.set(g.spare_slot(2), (TEXT + PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE | PTE_NO_EXECUTE)
+    });
+    assert_eq!((v[0].pids.as_slice(), v[0].vas.as_slice()), (&[2][..], &[SPARE][..]));
+    assert!(v[0].details.contains("(supervisor-only)"), "{v:#?}");
+    // A user-accessible writable alias belongs to no-user-kernel-mapping.
+    assert_only("the kernel text writable for a user", Invariant::NoUserKernelMapping, |g| {
+        g.set(g.spare_slot(1), TEXT | RW)
+    });
+    // Without the range from the ELF, only W+X is checked.
+    let guest = Guest::new();
+    guest.or(guest.direct_map_leaf(0), PTE_WRITABLE);
+    let view = KernelView::read(&guest.ram, ROOT).unwrap();
+    let walked = walk(&guest.ram, view.kernel_pml4(), &[(1, guest.pml4(1)), (2, guest.pml4(2))]);
+    let facts = Facts { kernel_read_only: None, ..guest.facts() };
+    assert_eq!(evaluate(&view, &walked, &guest.ram, &facts, None).0, Vec::<Violation>::new());
 }
 
 #[test]
