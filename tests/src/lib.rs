@@ -398,7 +398,7 @@ pub fn fuzz_case(seed: u64, calls: u64) -> FuzzCase {
         ),
         "passive" => (
             fuzz("fuzz", 2, false, "")
-                + &process_toml("hello", "hello", "spin=1000", "")
+                + &process_toml("hello", "hello", "spin=3000", "")
                 + &process_toml("filler", "scrub", "mode=fill pages=16 reader=4", "")
                 + &process_toml("reader", "scrub", "mode=read pages=16 filler=3", ""),
             vec!["fuzz"],

@@ -63,6 +63,73 @@ const DIRECT_MAP: u64 = 0xffff_8000_0100_0000;
 /// A non-canonical address.
 const NON_CANONICAL: u64 = 0x8000_0000_0000_0000;
 
+// 32-bit code for the compatibility-mode attacks, and the 64-bit way in and
+// back. `compat_enter(operand, count, rsp)` saves RSP, loads `count` into
+// ECX and `rsp` into RSP, and far-jumps through the m16:32 `operand`; only
+// `compat_spin` comes back (to `compat_return64`, with a far jump to the
+// user code selector), the others must be killed. In compatibility mode
+// the stack is ESP, so none of the 32-bit code touches it.
+#[cfg(target_os = "none")]
+core::arch::global_asm!(
+    r#"
+    .text
+    .code64
+    .global compat_enter
+compat_enter:
+    mov %rsp, compat_saved_rsp(%rip)
+    mov %rsi, %rcx
+    mov %rdx, %rsp
+    ljmpl *(%rdi)
+compat_return64:
+    mov compat_saved_rsp(%rip), %rsp
+    ret
+    .code32
+    .global compat_syscall, compat_sysenter, compat_int80, compat_spin
+compat_syscall:
+    syscall
+    ud2
+compat_sysenter:
+    sysenter
+    ud2
+compat_int80:
+    int $0x80
+    ud2
+compat_spin:
+    dec %ecx
+    jnz compat_spin
+    ljmp $0x33, $compat_return64
+    .code64
+    .data
+    .balign 8
+compat_saved_rsp:
+    .quad 0
+    .text
+"#,
+    options(att_syntax)
+);
+
+#[cfg(target_os = "none")]
+extern "C" {
+    fn compat_enter(operand: *const [u32; 2], count: u64, rsp: u64);
+    static compat_syscall: u8;
+    static compat_sysenter: u8;
+    static compat_int80: u8;
+    static compat_spin: u8;
+}
+
+/// Far-jumps to 32-bit code at `target` through selector `COMPAT_CS`
+/// (slot 0x20, a null descriptor in the kernel's GDT; on the PVM host ring 3
+/// runs with the host's GDT, where 0x23 is a 32-bit user code segment). RSP
+/// is `rsp` on the way (the exploit aimed it at the kernel's direct map, for
+/// a `syscall` that entered ring 0 at CSTAR on the user's stack).
+#[cfg(target_os = "none")]
+fn enter_compat(target: *const u8, count: u64, rsp: u64) {
+    let operand = [target as u64 as u32, COMPAT_CS as u32];
+    // SAFETY: `compat_enter` restores RSP before it returns (only
+    // `compat_spin` returns); the other targets must be killed.
+    unsafe { compat_enter(&operand, count, rsp) };
+}
+
 /// An `xsave64` image of x87, SSE and AVX state (standard layout), or an
 /// `fxsave64` image where AVX is not usable.
 #[derive(Clone, Copy)]
@@ -182,13 +249,16 @@ fn load_pattern(seed: u64, avx: bool) {
 }
 
 /// Lets the others run: alternately a yield and a spin longer than a time
-/// slice (so the timer preempts it mid-computation too).
+/// slice (so the timer preempts it mid-computation too). Then `fwait`: an
+/// x87 exception another process left pending would be raised here.
 fn let_others_run(turn: u64) {
     if turn % 2 == 0 {
         yield_now();
     } else {
         spin_ms(15);
     }
+    // SAFETY: waits for pending x87 exceptions; this process leaves none.
+    unsafe { asm!("fwait", options(nomem, nostack)) };
 }
 
 fn fpu_witness(seed: u64, turns: u64) -> i32 {
@@ -420,14 +490,19 @@ fn commit(mode: &str, args: &[u8]) -> i32 {
         "segment-witness" => return segment_witness(number("seed", 1), turns),
         "x87-pending" => return x87_pending(turns),
         "xcr0" => {
-            let (low, high): (u32, u32);
-            // SAFETY: xgetbv(0) reads XCR0; CR4.OSXSAVE is set by the kernel.
-            unsafe {
-                asm!("xgetbv", in("ecx") 0u32, out("eax") low, out("edx") high, options(nomem, nostack))
-            };
-            let xcr0 = (u64::from(high) << 32) | u64::from(low);
+            let xcr0 = xcr0();
             println!("cpu-attack: XCR0 = {xcr0:#x}");
-            return if xcr0 == 3 { 0 } else { 1 };
+            return if xcr0 & 3 == 3 { 0 } else { 1 };
+        }
+        "compat-spin" => {
+            let count = number("count", 200_000_000);
+            println!("cpu-attack: spinning {count} times in 32-bit code, then back to 64-bit code");
+            let rsp: u64;
+            // SAFETY: reads RSP.
+            unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
+            enter_compat(&raw const compat_spin, count, rsp);
+            println!("cpu-attack: back in 64-bit code: compatibility mode was resumed exactly");
+            return 0;
         }
         "rsp-non-canonical" | "rsp-kernel" | "rsp-misaligned" => {
             let ms = number("ms", 50);
@@ -469,6 +544,9 @@ fn commit(mode: &str, args: &[u8]) -> i32 {
 unsafe fn violate(mode: &str, vector: u64) -> bool {
     match mode {
         "far-jump-compat" => far_transfer("jump", COMPAT_CS),
+        "compat-syscall" => enter_compat(&raw const compat_syscall, 0, DIRECT_MAP + 0x1000),
+        "compat-sysenter" => enter_compat(&raw const compat_sysenter, 0, DIRECT_MAP + 0x1000),
+        "compat-int80" => enter_compat(&raw const compat_int80, 0, DIRECT_MAP + 0x1000),
         "far-call-compat" => far_transfer("call", COMPAT_CS),
         "far-ret-compat" => far_transfer("ret", COMPAT_CS),
         "iret-compat" => far_transfer("iret", COMPAT_CS),

@@ -172,6 +172,8 @@ pub struct Kernel {
     xsave: bool,
     /// The switch stub running now, during a process switch.
     switch_step: Option<user_cpu::Step>,
+    /// Where the save and the restore stub trap back into the kernel.
+    switch_returns: [u64; 2],
 }
 
 static KERNEL: KernelCell<Option<Kernel>> = KernelCell::new(None);
@@ -338,6 +340,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         published_slots: (0, 0),
         xsave,
         switch_step: None,
+        switch_returns: [0; 2],
     };
     set_entry_msrs(gate);
     kernel.write_gate_page();
@@ -614,6 +617,16 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         kernel_exception(frame);
     }
     let kernel = kernel();
+    if let Some(step) = kernel.switch_step.take() {
+        if kernel.is_switch_stub_return(frame, step) {
+            // The fast path of a process switch: nothing else changed, so
+            // there is nothing to scrub or publish.
+            kernel.continue_switch(frame, step);
+            return;
+        }
+        // Anything else from inside a stub (a save page the process corrupted
+        // itself) is that process's own fault, handled like any trap.
+    }
     match kernel.phase {
         Phase::GateSelfTest { tried_other } => kernel.gate_self_test(frame, tried_other),
         Phase::Running => kernel.handle_user_trap(frame),
@@ -650,9 +663,10 @@ impl Kernel {
         unsafe {
             core::ptr::write_bytes(page, 0xcc, PAGE_SIZE as usize);
             core::ptr::copy_nonoverlapping(stub.as_ptr(), page, stub.len());
-            for stub in user_cpu::stubs(self.gate.instruction(), self.xsave) {
+            for (i, stub) in user_cpu::stubs(self.gate.instruction(), self.xsave).iter().enumerate() {
                 let bytes = stub.bytes();
                 core::ptr::copy_nonoverlapping(bytes.as_ptr(), page.add(stub.offset as usize), bytes.len());
+                self.switch_returns[i] = GATE_VA + stub.offset + bytes.len() as u64;
             }
             core::ptr::write_unaligned(page.add(GATE_INFO_OFFSET as usize) as *mut GateInfo, info);
         }
@@ -705,14 +719,6 @@ impl Kernel {
     }
 
     fn handle_user_trap(&mut self, frame: &mut TrapFrame) {
-        if let Some(step) = self.switch_step.take() {
-            if self.is_switch_stub_return(frame, step) {
-                self.continue_switch(frame, step);
-                return;
-            }
-            // Anything else from inside a stub (a save page the process
-            // corrupted itself) is that process's fault, handled below.
-        }
         match frame.vector {
             _ if self.is_gate_entry(frame) => self.syscall(frame),
             v if v == u64::from(TIMER_VECTOR) => {

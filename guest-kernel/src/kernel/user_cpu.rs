@@ -72,11 +72,6 @@ impl Stub {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
-
-    /// Where a trap from it returns to (after its entry instruction).
-    fn return_offset(&self) -> u64 {
-        self.offset + self.len as u64
-    }
 }
 
 /// The two stubs, for a gate whose entry instruction is `entry` and a CPU
@@ -112,19 +107,14 @@ pub fn stubs(entry: &[u8], xsave: bool) -> [Stub; 2] {
 }
 
 impl Kernel {
-    /// Where a trap from stub `step` returns to.
-    fn switch_stub_return(&self, step: Step) -> u64 {
-        let [save, restore] = stubs(self.gate.instruction(), self.xsave);
-        GATE_VA
-            + match step {
-                Step::Saving { .. } => save.return_offset(),
-                Step::Restoring => restore.return_offset(),
-            }
-    }
-
     /// True if `frame` is stub `step` coming back through the gate.
     pub(super) fn is_switch_stub_return(&self, frame: &TrapFrame, step: Step) -> bool {
-        frame.vector == self.gate.vector() && frame.rip == self.switch_stub_return(step)
+        let [save, restore] = self.switch_returns;
+        let expected = match step {
+            Step::Saving { .. } => save,
+            Step::Restoring => restore,
+        };
+        frame.vector == self.gate.vector() && frame.rip == expected
     }
 
     /// A ring-3 context that runs stub `step` on the current address space's
