@@ -92,14 +92,15 @@ pub const USER_ARGS_MAX: u64 = 128;
 pub const GATE_VA: u64 = 0x7fff_ffff_0000;
 /// Offset of [`crate::syscall::GateInfo`] inside the gate page.
 pub const GATE_INFO_OFFSET: u64 = 0x800;
-/// Offset of the gate page's save stub: `xsave64 [rdi]` (or `fxsave64`
-/// where the CPU has no XSAVE), stores of DS, ES, FS and GS at
-/// [`USER_STATE_SELECTORS_OFFSET`], then the gate's entry instruction. The
-/// kernel runs it in ring 3, in the address space of a process it is
-/// switching away from, with interrupts off (see [`USER_STATE_VA`]).
+/// Offset of the gate page's save stub: `xsave64 [rdi]` and `fxsave64
+/// [rdi]` (only the latter where the CPU has no XSAVE), stores of DS, ES,
+/// FS and GS at [`USER_STATE_SELECTORS_OFFSET`], then the gate's entry
+/// instruction. The kernel runs it in ring 3, in the address space of a
+/// process it is switching away from, with interrupts off (see
+/// [`USER_STATE_VA`]).
 pub const GATE_SAVE_STUB_OFFSET: u64 = 0x100;
-/// Offset of the gate page's restore stub: `xrstor64 [rdi]` (or
-/// `fxrstor64`), loads of DS, ES, FS and GS, then the gate's entry
+/// Offset of the gate page's restore stub: `xrstor64 [rdi]` and
+/// `fxrstor64 [rdi]`, loads of DS, ES, FS and GS, then the gate's entry
 /// instruction.
 pub const GATE_RESTORE_STUB_OFFSET: u64 = 0x140;
 /// Each process's user-state save page: private to the process, writable,

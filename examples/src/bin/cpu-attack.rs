@@ -40,6 +40,12 @@
 //! alignment-check), `fxrstor-bad` (restores an image with a reserved MXCSR
 //! bit: general-protection).
 //!
+//! The user-state save page and the switch stubs: `corrupt-user-state`
+//! (writes reserved bits into its own save page and yields: the kernel's
+//! restore of it faults, general-protection, and kills it alone),
+//! `call-switch-stub` (calls the gate page's restore stub itself:
+//! illegal-gate-entry).
+//!
 //! Odd contexts the timer must preempt and resume exactly: `rsp-non-canonical`,
 //! `rsp-kernel`, `rsp-misaligned` (`ms=<n>`, default 50: spin that long with
 //! RSP non-canonical, aimed at the kernel's direct map, or misaligned, with no
@@ -48,6 +54,7 @@
 #![cfg_attr(target_os = "none", no_main)]
 
 use core::arch::asm;
+use superos_protocol::layout::{GATE_RESTORE_STUB_OFFSET, GATE_VA, USER_STATE_VA};
 use superos_rt::{arg, gate_info, getpid, parse_i64, println, rdtsc, spin_ms, yield_now};
 
 /// A selector `STAR` names for 32-bit `sysret` code (slot 0x20, RPL 3).
@@ -493,6 +500,54 @@ fn commit(mode: &str, args: &[u8]) -> i32 {
             let xcr0 = xcr0();
             println!("cpu-attack: XCR0 = {xcr0:#x}");
             return if xcr0 & 3 == 3 { 0 } else { 1 };
+        }
+        "cpuid" => {
+            // What the CPU tells ring 3 about the state it may use.
+            for (leaf, sub) in [(1, 0), (7, 0), (0xd, 0), (0xd, 1), (0xd, 2)] {
+                let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+                println!(
+                    "cpu-attack: cpuid({leaf:#x}, {sub}) = eax {:#x} ebx {:#x} ecx {:#x} edx {:#x}",
+                    r.eax, r.ebx, r.ecx, r.edx
+                );
+            }
+            println!("cpu-attack: XCR0 = {:#x}", xcr0());
+            return 0;
+        }
+        "corrupt-user-state" => {
+            // Reserved bits in the XSAVE header (XCOMP_BV, bytes 520..528) of
+            // its own save page: the kernel's next restore of this process
+            // faults in its restore stub, which kills this process alone.
+            println!(
+                "cpu-attack: corrupting my own user-state save page at {USER_STATE_VA:#x}, then yielding"
+            );
+            // SAFETY: the save page is this process's own private memory.
+            unsafe { superos_rt::write_u64(USER_STATE_VA + 520, u64::MAX) };
+            // SAFETY: as above: reserved MXCSR bits for the fxrstor fallback.
+            unsafe { superos_rt::write_u8(USER_STATE_VA + 27, 0xff) };
+            yield_now();
+            spin_ms(30);
+            println!("cpu-attack: SURVIVED {mode}");
+            return 1;
+        }
+        "call-switch-stub" => {
+            // The restore stub, called directly with the caller's own state
+            // page: the stub runs (it is ring-3 code), but its trap back into
+            // the kernel is not one the kernel expects.
+            println!(
+                "cpu-attack: calling the gate page's restore stub at {:#x}",
+                GATE_VA + GATE_RESTORE_STUB_OFFSET
+            );
+            // SAFETY: deliberately not: the kernel must reject the entry.
+            unsafe {
+                asm!(
+                    "call {stub}",
+                    stub = in(reg) GATE_VA + GATE_RESTORE_STUB_OFFSET,
+                    in("rdi") USER_STATE_VA, in("eax") 7u32, in("edx") 0u32,
+                    out("rcx") _, out("r11") _,
+                )
+            };
+            println!("cpu-attack: SURVIVED {mode}");
+            return 1;
         }
         "compat-spin" => {
             let count = number("count", 200_000_000);

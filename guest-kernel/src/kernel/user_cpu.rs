@@ -55,9 +55,9 @@ impl Step {
     }
 }
 
-/// Longest stub: the 4-byte `xsave`, four 6-byte selector moves, a 2-byte
-/// entry instruction.
-const STUB_MAX: usize = 4 + 4 * 6 + 2;
+/// Longest stub: `xsave64`, `fxsave64` (4 bytes each), four 6-byte
+/// selector moves, a 2-byte entry instruction.
+const STUB_MAX: usize = 4 + 4 + 4 * 6 + 2;
 
 /// A stub's bytes (the rest of the gate page is `int3`).
 pub struct Stub {
@@ -75,10 +75,24 @@ impl Stub {
 }
 
 /// The two stubs, for a gate whose entry instruction is `entry` and a CPU
-/// with (`xsave`) or without XSAVE (then `fxsave64`/`fxrstor64`).
+/// with or without XSAVE.
+///
+/// The save stub is `xsave64 [rdi]` (every component XCR0 enables, AVX
+/// and up included), then `fxsave64 [rdi]`, then stores of DS, ES, FS, GS;
+/// the restore stub `xrstor64 [rdi]`, `fxrstor64 [rdi]`, loads of the
+/// selectors. The x87/SSE state (MXCSR included) is moved by `fxsave`/
+/// `fxrstor` whatever XCR0 says, so it stays private even where a
+/// hypervisor does not honour the kernel's XCR0 (nested KVM under QEMU's
+/// TCG drops the guest's `xsetbv`: ring 3 runs with XCR0 = x87 there). The
+/// two share the legacy area of the image; `fxrstor` leaves the upper
+/// halves of the YMM registers to `xrstor`. Without XSAVE only the `fx`
+/// forms are used.
 pub fn stubs(entry: &[u8], xsave: bool) -> [Stub; 2] {
     // REX.W 0f ae /r [rdi]: /4 xsave, /5 xrstor, /0 fxsave, /1 fxrstor.
-    let (save, restore) = if xsave { (0x27, 0x2f) } else { (0x07, 0x0f) };
+    const XSAVE: [u8; 4] = [0x48, 0x0f, 0xae, 0x27];
+    const XRSTOR: [u8; 4] = [0x48, 0x0f, 0xae, 0x2f];
+    const FXSAVE: [u8; 4] = [0x48, 0x0f, 0xae, 0x07];
+    const FXRSTOR: [u8; 4] = [0x48, 0x0f, 0xae, 0x0f];
     // mov [rdi + disp32], sreg is 8c /r; mov sreg, [rdi + disp32] is 8e /r;
     // ModRM 10 sreg 111 for es 0, ds 3, fs 4, gs 5.
     let selectors = |opcode: u8| {
@@ -96,13 +110,21 @@ pub fn stubs(entry: &[u8], xsave: bool) -> [Stub; 2] {
         }
         bytes
     };
-    let stub = |offset: u64, modrm: u8, opcode: u8| {
-        let mut bytes = [0xcc; STUB_MAX];
-        bytes[..4].copy_from_slice(&[0x48, 0x0f, 0xae, modrm]);
-        bytes[4..28].copy_from_slice(&selectors(opcode));
-        bytes[28..28 + entry.len()].copy_from_slice(entry);
-        Stub { offset, bytes, len: 28 + entry.len() }
+    let stub = |offset: u64, moves: &[&[u8; 4]], selector_opcode: u8| {
+        let mut stub = Stub { offset, bytes: [0xcc; STUB_MAX], len: 0 };
+        let mut push = |part: &[u8]| {
+            stub.bytes[stub.len..stub.len + part.len()].copy_from_slice(part);
+            stub.len += part.len();
+        };
+        for part in moves {
+            push(&part[..]);
+        }
+        push(&selectors(selector_opcode));
+        push(entry);
+        stub
     };
+    let (save, restore): (&[&[u8; 4]], &[&[u8; 4]]) =
+        if xsave { (&[&XSAVE, &FXSAVE], &[&XRSTOR, &FXRSTOR]) } else { (&[&FXSAVE], &[&FXRSTOR]) };
     [stub(GATE_SAVE_STUB_OFFSET, save, 0x8c), stub(GATE_RESTORE_STUB_OFFSET, restore, 0x8e)]
 }
 
