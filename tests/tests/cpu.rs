@@ -28,7 +28,8 @@ fn cpu_is_qemu_tcg() -> bool {
 /// Runs each `(mode, args)` of `cpu-attack` in its own process next to a
 /// bystander, checks at every event, and returns the report.
 fn run_attacks(attacks: &[(&str, &str)]) -> RunReport {
-    let mut text = process_toml("bystander", "hello", "spin=30", "");
+    // Long enough that an attack that waits to be switched out is.
+    let mut text = process_toml("bystander", "hello", "spin=200", "");
     for (mode, args) in attacks {
         text += &process_toml(mode, "cpu-attack", &format!("mode={mode} {args}"), "");
     }

@@ -514,18 +514,22 @@ fn commit(mode: &str, args: &[u8]) -> i32 {
             return 0;
         }
         "corrupt-user-state" => {
-            // Reserved bits in the XSAVE header (XCOMP_BV, bytes 520..528) of
-            // its own save page: the kernel's next restore of this process
-            // faults in its restore stub, which kills this process alone.
+            // Reserved bits of the XSAVE header of its own save page
+            // (XCOMP_BV and the bytes after it, which the save stub's `xsave`
+            // does not rewrite): the kernel's next restore of this process
+            // faults in its restore stub (`xrstor`), which kills this process
+            // alone. It must be switched out and back in for that, so it keeps
+            // yielding while another process runs.
             println!(
                 "cpu-attack: corrupting my own user-state save page at {USER_STATE_VA:#x}, then yielding"
             );
             // SAFETY: the save page is this process's own private memory.
             unsafe { superos_rt::write_u64(USER_STATE_VA + 520, u64::MAX) };
-            // SAFETY: as above: reserved MXCSR bits for the fxrstor fallback.
-            unsafe { superos_rt::write_u8(USER_STATE_VA + 27, 0xff) };
-            yield_now();
-            spin_ms(30);
+            // SAFETY: as above.
+            unsafe { superos_rt::write_u64(USER_STATE_VA + 528, u64::MAX) };
+            for turn in 0..turns {
+                let_others_run(turn);
+            }
             println!("cpu-attack: SURVIVED {mode}");
             return 1;
         }
