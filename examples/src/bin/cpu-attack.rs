@@ -46,6 +46,10 @@
 //! `call-switch-stub` (calls the gate page's restore stub itself:
 //! illegal-gate-entry).
 //!
+//! Measurements: `switch-cost turns=<n>` (two instances yield to each other
+//! and print the time per process switch), `cpuid` (prints what CPUID and
+//! XCR0 tell ring 3), `xcr0`.
+//!
 //! Odd contexts the timer must preempt and resume exactly: `rsp-non-canonical`,
 //! `rsp-kernel`, `rsp-misaligned` (`ms=<n>`, default 50: spin that long with
 //! RSP non-canonical, aimed at the kernel's direct map, or misaligned, with no
@@ -500,6 +504,21 @@ fn commit(mode: &str, args: &[u8]) -> i32 {
             let xcr0 = xcr0();
             println!("cpu-attack: XCR0 = {xcr0:#x}");
             return if xcr0 & 3 == 3 { 0 } else { 1 };
+        }
+        "switch-cost" => {
+            // Two instances yield to each other: each turn is two process
+            // switches (and two yields). Not an attack: a measurement.
+            let start = rdtsc();
+            for _ in 0..turns {
+                yield_now();
+            }
+            let ns = superos_rt::cycles_to_ns(rdtsc() - start);
+            println!(
+                "cpu-attack: pid {} switch-cost: {} ns per switch (yield included) over {turns} turns",
+                getpid(),
+                ns / turns.max(1) / 2
+            );
+            return 0;
         }
         "cpuid" => {
             // What the CPU tells ring 3 about the state it may use.
