@@ -137,13 +137,12 @@ pub fn map_2m_as_4k<M: PageTableMemory>(
         table = mem.table(table)[index(va, level)].addr().as_u64();
     }
     let leaves = mem.table(table);
-    for i in 1..512u64 {
-        let entry = &mut leaves[i as usize];
-        if !entry.is_unused() {
-            return Err(MapError::AlreadyMapped);
-        }
-        let page = phys + i * PAGE_SIZE;
-        entry.set_addr(PhysAddr::new(page), flags_of(page) | Flags::PRESENT);
+    if leaves.iter().skip(1).any(|entry| !entry.is_unused()) {
+        return Err(MapError::AlreadyMapped);
+    }
+    for (i, entry) in leaves.iter_mut().enumerate().skip(1) {
+        let page = phys + i as u64 * PAGE_SIZE;
+        entry.set_addr(PhysAddr::new_truncate(page), flags_of(page) | Flags::PRESENT);
     }
     Ok(())
 }

@@ -454,10 +454,13 @@ fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
         [(text, Flags::empty()), (rodata, Flags::NO_EXECUTE), (data, Flags::WRITABLE | Flags::NO_EXECUTE)];
     for ((start, end), flags) in sections {
         for va in (start..end).step_by(PAGE_SIZE as usize) {
-            if !guards.contains(&va) {
-                map_4k(&mut tables, va, va - KERNEL_VMA_BASE, flags);
-            }
+            map_4k(&mut tables, va, va - KERNEL_VMA_BASE, flags);
         }
+    }
+    // The guard pages below the stacks stay unmapped (cheaper than a test per
+    // page above: ring 0 is emulated on some hosts).
+    for guard in guards {
+        paging::unmap(&mut tables, pml4, guard);
     }
     let lapic_flags = Flags::WRITABLE | Flags::NO_EXECUTE | Flags::NO_CACHE | Flags::WRITE_THROUGH;
     map_4k(&mut tables, LAPIC_VA, LAPIC_GPA, lapic_flags);

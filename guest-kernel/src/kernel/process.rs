@@ -12,7 +12,7 @@ use crate::elf_image::check_user_image;
 use crate::fault::{Region, RegionKind};
 use alloc::collections::VecDeque;
 use superos_protocol::boot::ARGS_LEN;
-use superos_protocol::cpu::initial_fxsave_image;
+use superos_protocol::cpu::{initial_fxsave_image, FXSAVE_FCW, FXSAVE_MXCSR};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::layout::{PAGE_SIZE, USER_ARGS_MAX, USER_STACK_TOP};
 use superos_protocol::syscall::{encode_result, SysError};
@@ -125,8 +125,12 @@ impl Kernel {
             // nothing pending, every register zero (an `xsave` header of
             // zeros says every component is in its initial state), null
             // segment selectors.
+            // The frame is zero (freed frames are scrubbed), so only the two
+            // non-zero fields of the initial image need writing.
             let state = space.map_user_state_page(&mut self.memory)?;
-            write_phys(state, &initial_fxsave_image());
+            let image = initial_fxsave_image();
+            write_phys(state + FXSAVE_FCW as u64, &image[FXSAVE_FCW..FXSAVE_FCW + 2]);
+            write_phys(state + FXSAVE_MXCSR as u64, &image[FXSAVE_MXCSR..FXSAVE_MXCSR + 4]);
             Ok(len as u64)
         });
         let args_len = match loaded {
