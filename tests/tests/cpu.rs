@@ -30,8 +30,10 @@ fn cpu_is_qemu_tcg() -> bool {
 fn run_attacks(attacks: &[(&str, &str)]) -> RunReport {
     // Long enough that an attack that waits to be switched out is.
     let mut text = process_toml("bystander", "hello", "spin=200", "");
-    for (mode, args) in attacks {
-        text += &process_toml(mode, "cpu-attack", &format!("mode={mode} {args}"), "");
+    for (name, args) in attacks {
+        // A name may add a variant after the mode: `syscall-raw-zero`.
+        let mode = ["syscall-raw"].into_iter().find(|m| name.starts_with(m)).unwrap_or(name);
+        text += &process_toml(name, "cpu-attack", &format!("mode={mode} {args}"), "");
     }
     let report = run_text(&text);
     assert_clean_shutdown(&report);
@@ -89,6 +91,8 @@ fn compatibility_mode_far_transfers_and_foreign_entries_never_reach_ring_0() {
         ("compat-spin", ""),
         ("sysenter", ""),
         ("syscall-raw", ""),
+        ("syscall-raw-non-canonical", "stack=non-canonical"),
+        ("syscall-raw-zero", "stack=zero"),
         ("int", "vector=128"),
         ("call-switch-stub", ""),
     ];
@@ -117,8 +121,8 @@ fn compatibility_mode_far_transfers_and_foreign_entries_never_reach_ring_0() {
             // `syscall` outside the gate: on the PVM host it jumps to LSTAR
             // still in ring 3 (a supervisor page); on ordinary KVM it enters
             // the kernel, which sees it did not come from the gate stub.
-            (HostFlavor::Pvm, "syscall-raw") => &[KernelAccess],
-            (HostFlavor::Kvm, "syscall-raw") => &[IllegalGateEntry],
+            (HostFlavor::Pvm, m) if m.starts_with("syscall-raw") => &[KernelAccess],
+            (HostFlavor::Kvm, m) if m.starts_with("syscall-raw") => &[IllegalGateEntry],
             // `sysenter` in long mode is #UD on AMD; on Intel SYSENTER_CS = 0
             // makes it #GP. Either way it never enters ring 0.
             (_, "sysenter") => &[InvalidOpcode, GeneralProtection],

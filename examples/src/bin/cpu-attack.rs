@@ -11,8 +11,9 @@
 //! stack), `far-jump-kernel`, `iret-kernel` (to the kernel code selector:
 //! general-protection), `sysenter` (invalid-opcode on AMD, general-protection
 //! on Intel), `syscall-raw` (a `syscall` outside the gate, with RSP aimed at
-//! the kernel's direct map: illegal-gate-entry where the kernel uses the
-//! `syscall` gate, invalid-opcode where it does not), `int` (`int vector=<n>`,
+//! the kernel's direct map, or `stack=non-canonical` or `stack=zero`:
+//! illegal-gate-entry where the kernel uses the `syscall` gate; on the PVM
+//! host `syscall` jumps to LSTAR still in ring 3: kernel-access), `int` (`int vector=<n>`,
 //! default 0x80: general-protection; 3 is illegal-gate-entry), `int1` and
 //! `single-step` (debug-exception), `load-kernel-ds`, `load-null-slot`,
 //! `load-kernel-ss` (general-protection).
@@ -603,8 +604,9 @@ fn commit(mode: &str, args: &[u8]) -> i32 {
     }
     println!("cpu-attack: {mode}");
     let vector = number("vector", 0x80);
+    let stack = arg(args, "stack").and_then(|s| core::str::from_utf8(s).ok()).unwrap_or("kernel");
     // SAFETY: deliberately not: `violate` executes what ring 3 may not.
-    if !unsafe { violate(mode, vector) } {
+    if !unsafe { violate(mode, vector, stack) } {
         println!("cpu-attack: unknown mode `{mode}` (or int vector {vector:#x}: use 2, 3, 8, 13, 14, 0x20, 0x80 or 0xff)");
         return 64;
     }
@@ -619,7 +621,7 @@ fn commit(mode: &str, args: &[u8]) -> i32 {
 /// transfer it may not make, and must be killed for it; the register
 /// constraints only keep the compiler's view right should one return.
 #[allow(clippy::missing_safety_doc)]
-unsafe fn violate(mode: &str, vector: u64) -> bool {
+unsafe fn violate(mode: &str, vector: u64, stack: &str) -> bool {
     match mode {
         "far-jump-compat" => far_transfer("jump", COMPAT_CS),
         "compat-syscall" => enter_compat(&raw const compat_syscall, 0, DIRECT_MAP + 0x1000),
@@ -634,14 +636,19 @@ unsafe fn violate(mode: &str, vector: u64) -> bool {
             asm!("sysenter", options(nostack))
         }
         "syscall-raw" => {
-            // With RSP in the kernel's direct map: were the entry to run on
-            // it, it would write kernel memory.
+            // RSP aimed at the kernel's direct map (were the entry to run on
+            // it, it would write kernel memory), or non-canonical, or zero.
+            let stack = match stack {
+                "non-canonical" => NON_CANONICAL,
+                "zero" => 0,
+                _ => DIRECT_MAP + 0x1000,
+            };
             asm!(
                 "mov r8, rsp",
                 "mov rsp, {stack}",
                 "syscall",
                 "mov rsp, r8",
-                stack = in(reg) DIRECT_MAP + 0x1000,
+                stack = in(reg) stack,
                 out("rcx") _, out("r11") _, out("r8") _,
             )
         }
