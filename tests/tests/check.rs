@@ -15,8 +15,10 @@ use superos_protocol::ownership::FrameOwner;
 use superos_tests::*;
 use superos_vmm::arch::paging::{PTE_ADDRESS_MASK, PTE_NO_EXECUTE, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
 use superos_vmm::check::{CheckMode, Invariant};
+use superos_vmm::cpu::{self, tamper as vcpu_set, CpuFeatures, VcpuFd};
 use superos_vmm::images;
-use superos_vmm::monitor::Tamper;
+use superos_vmm::memory::GuestRam;
+use superos_vmm::monitor::{Tamper, VcpuTamper};
 use superos_vmm::run::{GuestExit, EXIT_INVARIANT_VIOLATED};
 use superos_vmm::scenario::Scenario;
 use superos_vmm::walk;
@@ -55,6 +57,7 @@ fn every_embedded_scenario_keeps_every_invariant_at_every_event() {
             report.events.len()
         );
         assert!(checks.ptes_walked > 0 && checks.frames_scanned > 0, "{name}: {checks:?}");
+        assert_eq!(checks.cpu_checks, checks.checks, "{name}: the CPU state at every check: {checks:?}");
         assert!(report.check_notes.is_empty(), "{name}: {:?}", report.check_notes);
         assert!(
             matches!(report.exit, GuestExit::Shutdown { .. }),
@@ -328,6 +331,221 @@ fn kernel_w_xor_x_catches_a_kernel_data_page_made_executable() {
     assert_eq!(found.vas, [va], "{found}");
     assert_eq!(found.frames, [data], "{found}");
     assert!(found.details.ends_with("is writable and executable"), "{found}");
+}
+
+/// Runs `two_processes` with `action` applied to the vCPU (and guest RAM)
+/// at the second spawn, before that event's CPU-state check.
+fn vcpu_tampered(mut action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static) -> superos_vmm::run::RunReport {
+    let mut config = config(two_processes());
+    config.vcpu_tamper = Some(VcpuTamper::new(move |vcpu, ram, entry| {
+        if !second_spawn(&entry.event) {
+            return false;
+        }
+        action(vcpu, ram);
+        true
+    }));
+    run_config(config)
+}
+
+/// The guest-physical address of kernel virtual address `va` under the
+/// vCPU's CR3.
+fn kernel_gpa(vcpu: &VcpuFd, ram: &GuestRam, va: u64) -> u64 {
+    let cr3 = cpu::capture(vcpu).cr3;
+    walk::translate(ram, cr3, va).unwrap_or_else(|e| panic!("{va:#x}: {e}")).phys
+}
+
+/// Panics unless the run stopped for `cpu-state-intact` alone, with one
+/// finding whose details contain every one of `needles`.
+#[track_caller]
+fn assert_cpu_finding(report: &superos_vmm::run::RunReport, needles: &[&str]) {
+    assert_stopped_for(report, Invariant::CpuStateIntact);
+    let listing: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    assert_eq!(report.violations.len(), 1, "{listing:#?}");
+    let found = &report.violations[0];
+    assert_eq!(found.at, "event #2", "at the second spawn: {listing:#?}");
+    for needle in needles {
+        assert!(found.violation.details.contains(needle), "{needle:?} not in {found}");
+    }
+}
+
+#[test]
+fn cpu_state_intact_catches_a_32_bit_user_code_segment_in_the_gdt() {
+    if !kvm_available() {
+        return;
+    }
+    // What slot 0x20 held before the kernel's fix.
+    let report = vcpu_tampered(|vcpu, ram| {
+        let gdt = cpu::capture(vcpu).gdt.base;
+        ram.write(kernel_gpa(vcpu, ram, gdt + 0x20), &0x00cf_fa00_0000_ffffu64).unwrap();
+    });
+    assert_cpu_finding(
+        &report,
+        &["GDT slot 0x20 is 0x00cffa000000ffff, a present DPL-3 code segment that is not 64-bit", "0x23"],
+    );
+}
+
+#[test]
+fn cpu_state_intact_catches_an_idt_gate_opened_to_ring_3() {
+    if !kvm_available() {
+        return;
+    }
+    // #GP (vector 13) made DPL 3: `int 13` from ring 3 would enter the
+    // kernel's #GP handler.
+    let report = vcpu_tampered(|vcpu, ram| {
+        let gpa = kernel_gpa(vcpu, ram, cpu::capture(vcpu).idt.base + 13 * 16);
+        set_bits(ram, gpa, 3 << 45);
+    });
+    assert_cpu_finding(&report, &["IDT gate 13 (0xd) has DPL 3", "`int 0xd`"]);
+}
+
+#[test]
+fn cpu_state_intact_catches_an_idt_handler_outside_kernel_text() {
+    if !kvm_available() {
+        return;
+    }
+    // #PF's handler pointed at the user image.
+    let report = vcpu_tampered(|vcpu, ram| {
+        let gpa = kernel_gpa(vcpu, ram, cpu::capture(vcpu).idt.base + 14 * 16);
+        let low = ram.read_u64(gpa).unwrap();
+        let offset = USER_IMAGE_BASE;
+        let low = (low & 0x0000_ffff_ffff_0000) | (offset & 0xffff) | (((offset >> 16) & 0xffff) << 48);
+        ram.write(gpa, &low).unwrap();
+        ram.write(gpa + 8, &((offset >> 32) as u32)).unwrap();
+    });
+    assert_cpu_finding(&report, &["IDT gate 14 (0xe) has handler 0x400000 outside the kernel text"]);
+}
+
+#[test]
+fn cpu_state_intact_catches_tss_rsp0_moved() {
+    if !kvm_available() {
+        return;
+    }
+    let top = superos_vmm::diagnose::KernelSymbols::parse(images::KERNEL_ELF)
+        .address("__kernel_stack_top")
+        .unwrap();
+    let report = vcpu_tampered(move |vcpu, ram| {
+        let tss = cpu::capture(vcpu).tr.base;
+        ram.write(kernel_gpa(vcpu, ram, tss + 4), &(top - 0x1000)).unwrap();
+    });
+    assert_cpu_finding(
+        &report,
+        &[&format!("TSS.RSP0 is {:#x}, expected {top:#x} (`__kernel_stack_top`)", top - 0x1000)],
+    );
+}
+
+#[test]
+fn cpu_state_intact_catches_cstar_at_zero() {
+    if !kvm_available() {
+        return;
+    }
+    // The state before the kernel's fix: compatibility-mode `syscall` to 0.
+    let report = vcpu_tampered(|vcpu, _| vcpu_set::set_msr(vcpu, 0xc000_0083, 0).unwrap());
+    assert_cpu_finding(&report, &["MSR CSTAR (0xc0000083) is 0x0, expected", "`foreign_entry`"]);
+}
+
+#[test]
+fn cpu_state_intact_catches_efer_sce_on_the_int3_gate() {
+    if !kvm_available() {
+        return;
+    }
+    let report = vcpu_tampered(|vcpu, _| {
+        vcpu_set::update_control(vcpu, |_, _, efer| *efer |= superos_protocol::cpu::EFER_SCE).unwrap()
+    });
+    assert!(
+        report.events.iter().any(|e| matches!(e.event, Event::KernelReady { gate_kind: 2, .. })),
+        "this test needs the int3 gate: {:?}",
+        report.events.first()
+    );
+    assert_cpu_finding(&report, &["EFER is", "SCE set although the int3 gate is in use"]);
+}
+
+#[test]
+fn cpu_state_intact_catches_smep_cleared() {
+    if !kvm_available() {
+        return;
+    }
+    let presented = CpuFeatures::presented(superos_vmm::vm::detect_host_flavor(), CpuFeatures::host());
+    if !presented.smep {
+        eprintln!("skipping: the vCPU has no SMEP here");
+        return;
+    }
+    let report = vcpu_tampered(|vcpu, _| {
+        vcpu_set::update_control(vcpu, |_, cr4, _| *cr4 &= !superos_protocol::cpu::CR4_SMEP).unwrap()
+    });
+    assert_cpu_finding(&report, &["CR4 is", "SMEP clear, but the vCPU's CPUID has the feature"]);
+}
+
+#[test]
+fn cpu_state_intact_catches_xcr0_changed() {
+    if !kvm_available() {
+        return;
+    }
+    // The design enables exactly the user components CPUID reports (x87,
+    // SSE, AVX, AVX-512 of them): drop AVX where it is enabled, add it
+    // where it is not.
+    let report = vcpu_tampered(|vcpu, _| {
+        let now = cpu::capture(vcpu).xcr0.expect("XSAVE is on");
+        let changed = now ^ superos_protocol::cpu::XCR0_AVX;
+        vcpu_set::set_xcr0(vcpu, changed & !0xe0).unwrap();
+    });
+    assert_cpu_finding(&report, &["XCR0 is", "expected"]);
+}
+
+#[test]
+fn cpu_state_intact_catches_a_hardware_breakpoint() {
+    if !kvm_available() {
+        return;
+    }
+    let report = vcpu_tampered(|vcpu, _| vcpu_set::set_dr7(vcpu, 0x400 | 1).unwrap());
+    assert_cpu_finding(&report, &["DR7 is 0x401: breakpoints enabled (L0), expected none"]);
+}
+
+#[test]
+fn cpu_state_intact_is_checked_in_ring_3_by_periodic_checks() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = config(scenario(&process_toml("a", "hello", "spin=300", "")));
+    config.check = CheckMode::Periodic(Duration::from_millis(10));
+    config.vcpu_tamper = Some(VcpuTamper::new(|vcpu, _, entry| {
+        if !matches!(entry.event, Event::ProcessSpawned { .. }) {
+            return false;
+        }
+        vcpu_set::set_msr(vcpu, 0xc000_0083, 0).unwrap();
+        true
+    }));
+    let report = run_config(config);
+    assert_stopped_for(&report, Invariant::CpuStateIntact);
+    assert!(report.stats.checks.cpu_checks >= 1, "{:?}", report.stats.checks);
+    // Found by a periodic check (in ring 3, or at the next event if a kick
+    // found the kernel running), not only at the shutdown 300 ms later.
+    assert!(
+        matches!(&report.exit, GuestExit::InvariantViolated { at, .. } if at != "shutdown"),
+        "{}",
+        report.exit
+    );
+}
+
+#[test]
+fn cpu_state_intact_keep_going_reports_a_lasting_change_once() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = config(two_processes());
+    config.keep_going = true;
+    config.vcpu_tamper = Some(VcpuTamper::new(|vcpu, _, entry| {
+        if !second_spawn(&entry.event) {
+            return false;
+        }
+        vcpu_set::set_dr7(vcpu, 0x400 | (1 << 3)).unwrap();
+        true
+    }));
+    let report = run_config(config);
+    assert_eq!(report.exit, GuestExit::Shutdown { code: 0 });
+    assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
+    assert!(report.violations[0].violation.details.contains("(G1)"), "{}", report.violations[0]);
+    assert!(report.stats.checks.violations > 1, "found at several checks: {:?}", report.stats.checks);
+    assert_eq!(report.exit_status(), EXIT_INVARIANT_VIOLATED);
 }
 
 #[test]

@@ -56,13 +56,17 @@ pub enum Invariant {
     /// executable, and no writable mapping of the kernel's text or
     /// read-only data anywhere.
     KernelWXorX,
+    /// The vCPU's descriptor tables, entry MSRs, control registers,
+    /// interrupt stacks, XCR0 and DR7 are as `superos_protocol::cpu`
+    /// designs them.
+    CpuStateIntact,
     /// The kernel's published tables are readable and well-formed.
     IntrospectionValid,
 }
 
 impl Invariant {
     /// Every invariant, in report order.
-    pub const ALL: [Invariant; 12] = [
+    pub const ALL: [Invariant; 13] = [
         Invariant::PrivateAddressSpaces,
         Invariant::NoImplicitSharing,
         Invariant::NoUserKernelMapping,
@@ -74,6 +78,7 @@ impl Invariant {
         Invariant::FreeFramesScrubbed,
         Invariant::KernelTextUnchanged,
         Invariant::KernelWXorX,
+        Invariant::CpuStateIntact,
         Invariant::IntrospectionValid,
     ];
 
@@ -91,6 +96,7 @@ impl Invariant {
             Invariant::FreeFramesScrubbed => "free-frames-scrubbed",
             Invariant::KernelTextUnchanged => "kernel-text-unchanged",
             Invariant::KernelWXorX => "kernel-w-xor-x",
+            Invariant::CpuStateIntact => "cpu-state-intact",
             Invariant::IntrospectionValid => "introspection-valid",
         }
     }
@@ -263,13 +269,20 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// What the VMM knows about the kernel from the image it loaded, whatever
-/// the kernel says; carried to the control socket and into snapshots.
+/// What the VMM knows about the kernel from the image it loaded (and the
+/// vCPU it created), whatever the kernel says; carried to the control
+/// socket and into snapshots.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelImage {
     /// The kernel's text and read-only data, physical `[start, end)`
     /// (`boot::KernelLayout::read_only`).
     pub read_only: Option<(u64, u64)>,
+    /// The kernel symbols the CPU design names, resolved in the ELF
+    /// ([`crate::cpu::design_symbols`]; a missing one is absent).
+    pub symbols: BTreeMap<String, u64>,
+    /// The features of the CPUID given to the vCPU (`None`: unknown, as in
+    /// a snapshot of an older format).
+    pub features: Option<crate::cpu::CpuFeatures>,
 }
 
 /// What the VMM itself knows, independent of the kernel's claims.
@@ -323,6 +336,16 @@ pub struct CheckOutcome {
 
 /// Violations listed per invariant and check; the rest are summarized.
 pub const MAX_LISTED: usize = 16;
+
+/// `violations` with at most [`MAX_LISTED`] per invariant, the rest
+/// summarized in one more violation each.
+pub fn listed(violations: Vec<Violation>) -> Vec<Violation> {
+    let mut found = Findings { violations: Vec::new(), listed: BTreeMap::new(), unlisted: BTreeMap::new() };
+    for violation in violations {
+        found.add(violation);
+    }
+    found.finish()
+}
 
 struct Findings {
     violations: Vec<Violation>,
@@ -1090,6 +1113,14 @@ pub struct CheckStats {
     pub peak_time: Duration,
     /// ...and of that, walking.
     pub peak_walk_time: Duration,
+    /// CPU-state checks run (`cpu-state-intact`).
+    pub cpu_checks: u64,
+    /// Time spent reading the vCPU through KVM for them.
+    pub cpu_read_time: Duration,
+    /// Time spent comparing (GDT, IDT and TSS read from guest memory).
+    pub cpu_compare_time: Duration,
+    /// The longest CPU-state check (read and compare).
+    pub cpu_max_time: Duration,
 }
 
 impl CheckStats {
@@ -1111,6 +1142,9 @@ pub struct Checker {
     facts: Facts,
     root_gpa: Option<u64>,
     events_seen: usize,
+    image: KernelImage,
+    gate_kind: Option<u32>,
+    cpu_design_in_force: bool,
     /// Totals.
     pub stats: CheckStats,
 }
@@ -1124,6 +1158,39 @@ impl Checker {
     /// What the VMM knows of the kernel image it loaded.
     pub fn set_image(&mut self, image: &KernelImage) {
         self.facts.kernel_read_only = image.read_only;
+        self.image = image.clone();
+    }
+
+    /// What the VMM knows of the kernel image it loaded.
+    pub fn image(&self) -> &KernelImage {
+        &self.image
+    }
+
+    /// True once the kernel's CPU state must be as designed
+    /// ([`crate::cpu::design_in_force`], from the events observed).
+    pub fn cpu_design_in_force(&self) -> bool {
+        self.cpu_design_in_force
+    }
+
+    /// Compares a CPU state read `read_time` ago (taking that long) with the
+    /// design (`cpu-state-intact`).
+    pub fn check_cpu(
+        &mut self,
+        ram: &GuestRam,
+        state: &crate::cpu::CpuState,
+        read_time: Duration,
+    ) -> Vec<Violation> {
+        let started = Instant::now();
+        let expected = crate::cpu::Expected { image: &self.image, gate_kind: self.gate_kind };
+        let violations = listed(crate::cpu::check(state, expected, ram));
+        let compare = started.elapsed();
+        let stats = &mut self.stats;
+        stats.cpu_checks += 1;
+        stats.cpu_read_time += read_time;
+        stats.cpu_compare_time += compare;
+        stats.cpu_max_time = stats.cpu_max_time.max(read_time + compare);
+        stats.violations += violations.len() as u64;
+        violations
     }
 
     /// At the boot hello: remembers the kernel text (copying it) and the
@@ -1161,6 +1228,11 @@ impl Checker {
                 Event::ProcessExited { pid, .. } | Event::ProcessKilled { pid, .. } => {
                     self.facts.live_from_events.remove(&pid);
                 }
+                Event::KernelReady { gate_kind, .. } => {
+                    self.gate_kind = Some(gate_kind);
+                    self.cpu_design_in_force = true;
+                }
+                Event::GateSelfTestFailed { .. } => self.cpu_design_in_force = true,
                 _ => {}
             }
         }

@@ -26,10 +26,16 @@
 //! count against the watchdog.
 //!
 //! Queries do not otherwise disturb the guest: they never write guest
-//! memory, and the vCPU's registers are only read.
+//! memory, and the vCPU's registers are only read. When it holds the vCPU
+//! at a consistent point, the vCPU thread also reads its CPU state through
+//! KVM ([`crate::cpu::capture`]), so `inspect check` compares it with the
+//! CPU design (`cpu-state-intact`) too; before the first instruction there
+//! is no kernel CPU state to check, and after the guest stopped the state
+//! the run ended with is used.
 
 use crate::api::{ApiOptions, Server};
 use crate::check::{KernelImage, TextBaseline};
+use crate::cpu::{self, CpuCapture};
 use crate::inspect::{events_from, EventsResult, Machine, MachineState, Point};
 use crate::memory::GuestRam;
 use crate::run::{GuestExit, RunReport};
@@ -91,6 +97,10 @@ struct State {
     hello: Option<BootHelloParams>,
     baseline: Option<TextBaseline>,
     events: Vec<EventEntry>,
+    /// The CPU state read where the vCPU is held.
+    held_cpu: Option<CpuCapture>,
+    /// The CPU state the run ended with.
+    final_cpu: Option<CpuCapture>,
 }
 
 /// The shared state of the pause handshake (one per run with `--api`).
@@ -135,6 +145,8 @@ impl Control {
                 hello: None,
                 baseline: None,
                 events: Vec::new(),
+                held_cpu: None,
+                final_cpu: None,
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(paused),
@@ -211,7 +223,7 @@ impl Control {
     /// Before the first instruction: holds the vCPU there if a pause is
     /// wanted (`--paused`). True if the guest must not run (`quit`).
     pub fn before_start(&self, session: &Session<'_>) -> bool {
-        let quit = self.attention.load(Ordering::SeqCst) && self.hold(Point::Boot, session);
+        let quit = self.attention.load(Ordering::SeqCst) && self.hold(Point::Boot, session, None);
         self.lock().guest_entered = true;
         quit
     }
@@ -253,13 +265,17 @@ impl Control {
             }
         }
         match point {
-            Some(point) => self.hold(point, session),
+            Some(point) => {
+                let cpu = CpuCapture { at: point.to_string(), state: cpu::capture(vcpu) };
+                self.hold(point, session, Some(cpu))
+            }
             None => false,
         }
     }
 
-    /// Holds the vCPU at `point` while queries or an explicit pause want it.
-    fn hold(&self, point: Point, session: &Session<'_>) -> bool {
+    /// Holds the vCPU at `point` (its CPU state `cpu`) while queries or an
+    /// explicit pause want it.
+    fn hold(&self, point: Point, session: &Session<'_>, cpu: Option<CpuCapture>) -> bool {
         let mut state = self.lock();
         self.publish(&mut state, session);
         if state.quit {
@@ -270,12 +286,14 @@ impl Control {
             return false;
         }
         state.held = Some(point);
+        state.held_cpu = cpu;
         state.held_since = Some(Instant::now());
         self.changed.notify_all();
         while (state.queries > 0 || state.explicit) && !state.quit {
             state = self.wait(state, Duration::from_secs(1));
         }
         let point = state.held.take();
+        state.held_cpu = None;
         if state.quit {
             state.quit_at = point;
         }
@@ -302,6 +320,7 @@ impl Control {
         events: &[EventEntry],
         hello: Option<BootHelloParams>,
         baseline: Option<TextBaseline>,
+        cpu: Option<CpuCapture>,
         exit: String,
         lingering: bool,
     ) {
@@ -309,6 +328,7 @@ impl Control {
         state.events = events.to_vec();
         state.hello = hello;
         state.baseline = baseline;
+        state.final_cpu = cpu;
         state.finished = Some(exit);
         state.finished_cr3 = match state.quit_at {
             Some(Point::Ring3 { cr3, .. }) => Some(cr3),
@@ -340,10 +360,12 @@ impl Control {
     // --- The control socket's side. ---
 
     fn machine_state(&self, state: &State) -> MachineState {
-        let point = match (&state.finished, &state.held) {
-            (Some(exit), _) => Point::Finished { exit: exit.clone(), cr3: state.finished_cr3 },
-            (None, Some(point)) => point.clone(),
-            (None, None) => Point::Boot,
+        let (point, cpu) = match (&state.finished, &state.held) {
+            (Some(exit), _) => {
+                (Point::Finished { exit: exit.clone(), cr3: state.finished_cr3 }, state.final_cpu.clone())
+            }
+            (None, Some(point)) => (point.clone(), state.held_cpu.clone()),
+            (None, None) => (Point::Boot, None),
         };
         MachineState {
             hello: state.hello,
@@ -352,6 +374,7 @@ impl Control {
             events: state.events.clone(),
             point,
             image: self.image.clone(),
+            cpu,
         }
     }
 
@@ -591,6 +614,7 @@ impl Attached {
         ram: &GuestRam,
         hello: Option<BootHelloParams>,
         baseline: Option<TextBaseline>,
+        cpu: Option<CpuCapture>,
         usable: &[(u64, u64)],
         scenario: &str,
         report: &mut RunReport,
@@ -600,7 +624,7 @@ impl Attached {
             (exit, _) => exit.to_string(),
         };
         if let Some(control) = &self.control {
-            control.finish(&report.events, hello, baseline.clone(), exit.clone(), self.linger);
+            control.finish(&report.events, hello, baseline.clone(), cpu.clone(), exit.clone(), self.linger);
         }
         if let Some((path, file)) = self.snapshot.take() {
             let cr3 = match self.control.as_ref().and_then(|c| c.quit_at()) {
@@ -614,6 +638,7 @@ impl Attached {
                 events: report.events.clone(),
                 point: Point::Finished { exit, cr3 },
                 image: self.image.clone(),
+                cpu,
             };
             let meta = snapshot::Meta::new(scenario, report.lost_events);
             if let Err(error) = snapshot::write(file, ram, &state, &meta) {

@@ -15,7 +15,8 @@
 
 use crate::api::Request;
 use crate::arch::paging::{PTE_ADDRESS_MASK, PTE_HUGE, PTE_NO_EXECUTE, PTE_PRESENT, PTE_USER, PTE_WRITABLE};
-use crate::check::{evaluate, Facts, KernelImage, TextBaseline};
+use crate::check::{evaluate, listed, Facts, KernelImage, TextBaseline};
+use crate::cpu::{self, CpuCapture};
 use crate::event_json;
 use crate::introspect::{IntrospectError, KernelView, OwnerLookup, ViewSource};
 use crate::memory::GuestRam;
@@ -98,6 +99,9 @@ pub struct MachineState {
     pub point: Point,
     /// What the VMM knows of the kernel image it loaded.
     pub image: KernelImage,
+    /// The vCPU's CPU state at this point (read when the vCPU was held, or
+    /// the one the run ended with), if there is one.
+    pub cpu: Option<CpuCapture>,
 }
 
 impl Default for MachineState {
@@ -109,6 +113,7 @@ impl Default for MachineState {
             events: Vec::new(),
             point: Point::Boot,
             image: KernelImage::default(),
+            cpu: None,
         }
     }
 }
@@ -137,6 +142,14 @@ pub struct Analysis {
     pub hidden: Vec<(u32, u64)>,
     /// The process whose address space was loaded (a ring-3 point only).
     pub running: Option<u32>,
+    /// The CPU state to check, with what it is compared with.
+    pub cpu: Option<CpuCapture>,
+    /// Why there is no CPU state to check, if there is none.
+    pub cpu_missing: &'static str,
+    /// What the VMM knows of the kernel image.
+    pub image: KernelImage,
+    /// The gate the kernel announced (`GATE_KIND_*`).
+    pub gate_kind: Option<u32>,
 }
 
 impl Analysis {
@@ -188,7 +201,27 @@ impl Analysis {
             }
             _ => None,
         };
-        Analysis { view, error, walk, facts, hidden, running }
+        let in_force = cpu::design_in_force(&state.events) || matches!(state.point, Point::Ring3 { .. });
+        let cpu_missing = match state.point {
+            Point::Boot => "no kernel CPU state before the first guest instruction",
+            _ if !in_force => cpu::NOT_YET,
+            Point::Finished { .. } => {
+                "the guest stopped where its CPU state is not consistent, or the snapshot carries none"
+            }
+            _ => "the vCPU's state could not be read",
+        };
+        Analysis {
+            view,
+            error,
+            walk,
+            facts,
+            hidden,
+            running,
+            cpu: state.cpu.clone().filter(|_| in_force),
+            cpu_missing,
+            image: state.image.clone(),
+            gate_kind: cpu::gate_kind(&state.events),
+        }
     }
 
     /// The PML4 and name of a live process (from the table, or from the
@@ -516,6 +549,13 @@ pub struct CheckResult {
     pub frames_scanned: u64,
     /// Time the check took, in microseconds.
     pub micros: u64,
+    /// True if the vCPU's CPU state was compared with the design
+    /// (`cpu-state-intact`).
+    #[serde(default)]
+    pub cpu_checked: bool,
+    /// Where that CPU state was read, or why it was not checked.
+    #[serde(default)]
+    pub cpu: String,
 }
 
 /// `translate`: one level of the walk.
@@ -938,8 +978,16 @@ pub fn shares(analysis: &Analysis, at: String) -> SharesResult {
 /// `check`: the isolation invariants, evaluated on this view.
 pub fn check(analysis: &Analysis, ram: &GuestRam, at: String) -> CheckResult {
     let started = Instant::now();
-    let (violations, counters) =
+    let (mut violations, counters) =
         evaluate(&analysis.view, &analysis.walk, ram, &analysis.facts, analysis.error.as_ref());
+    let cpu = match &analysis.cpu {
+        Some(capture) => {
+            let expected = cpu::Expected { image: &analysis.image, gate_kind: analysis.gate_kind };
+            violations.extend(listed(cpu::check(&capture.state, expected, ram)));
+            format!("read {}", capture.at)
+        }
+        None => analysis.cpu_missing.to_string(),
+    };
     let micros = started.elapsed().as_micros() as u64;
     CheckResult {
         at,
@@ -961,6 +1009,8 @@ pub fn check(analysis: &Analysis, ram: &GuestRam, at: String) -> CheckResult {
         mappings: counters.walk.mappings,
         frames_scanned: counters.frames_scanned,
         micros,
+        cpu_checked: analysis.cpu.is_some(),
+        cpu,
     }
 }
 
@@ -1374,8 +1424,9 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
         }
         Request::Check => {
             let r: CheckResult = decode(value)?;
+            let cpu = if r.cpu_checked { format!(", the CPU state {}", r.cpu) } else { String::new() };
             let work = format!(
-                "{} page-table entries in {} tables, {} user mappings, {} free frames scanned, {:.3} ms",
+                "{} page-table entries in {} tables, {} user mappings, {} free frames scanned{cpu}, {:.3} ms",
                 r.ptes_walked,
                 r.tables_read,
                 r.mappings,
@@ -1389,6 +1440,9 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
                 for v in &r.violations {
                     let _ = writeln!(out, "  {}", v.text);
                 }
+            }
+            if !r.cpu_checked {
+                let _ = writeln!(out, "note: the CPU state was not checked: {}", r.cpu);
             }
             if !r.published {
                 let _ = writeln!(

@@ -34,6 +34,7 @@ pub mod boot;
 pub mod check;
 pub mod console;
 pub mod control;
+pub mod cpu;
 pub mod diagnose;
 pub mod event_json;
 pub mod events;

@@ -232,6 +232,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         check: args.check,
         keep_going: args.keep_going,
         tamper: None,
+        vcpu_tamper: None,
     };
     let origin = config.scenario.origin.clone();
     if !args.quiet {
@@ -360,5 +361,17 @@ fn print_stats(report: &RunReport) {
             checks.time.as_secs_f64() * 1e3 / checks.checks.max(1) as f64,
             checks.max_time.as_secs_f64() * 1e3
         );
+        if checks.cpu_checks > 0 {
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / checks.cpu_checks as f64;
+            out!(
+                "  {:<28} {}, {:.0} µs each ({:.0} µs reading the vCPU through KVM, {:.0} µs comparing with GDT, IDT and TSS read), {:.0} µs at most",
+                "CPU-state checks",
+                checks.cpu_checks,
+                per(checks.cpu_read_time + checks.cpu_compare_time),
+                per(checks.cpu_read_time),
+                per(checks.cpu_compare_time),
+                checks.cpu_max_time.as_secs_f64() * 1e6
+            );
+        }
     }
 }

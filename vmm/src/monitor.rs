@@ -12,16 +12,26 @@
 //! unless `keep_going` is set; either way it goes into the report, once per
 //! distinct finding.
 //!
+//! Every check also asks for the vCPU's state to be compared with the CPU
+//! design (`cpu-state-intact`, [`crate::cpu`]): the memory checks run inside
+//! the hypercall handler, which has no vCPU, so the run loop reads the vCPU
+//! right after the exit ([`Monitor::take_cpu_due`]) and hands it to
+//! [`Monitor::check_cpu`] with the same trigger.
+//!
 //! [`Tamper`] is a test and diagnostic hook: a callback that may corrupt the
 //! guest from outside at an event, right before the check, to show that the
-//! checker catches what it claims to.
+//! checker catches what it claims to; [`VcpuTamper`] does the same to the
+//! vCPU's registers, before the CPU-state check.
 
 use crate::check::{CheckMode, CheckOutcome, Checker, Invariant, KernelImage, Violation};
+use crate::cpu::{CpuCapture, CpuState};
 use crate::introspect::KernelView;
 use crate::memory::GuestRam;
 use crate::session::EventEntry;
+use kvm_ioctls::VcpuFd;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use superos_protocol::layout::PAGE_SIZE;
 
 /// The callback behind [`Tamper`]: called with guest RAM, the kernel's view
@@ -51,6 +61,39 @@ impl Tamper {
 impl std::fmt::Debug for Tamper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Tamper(..)")
+    }
+}
+
+/// The callback behind [`VcpuTamper`]: called with the vCPU, guest RAM and
+/// each event just drained; returns true once it has tampered (it is not
+/// called again after that).
+pub type VcpuTamperFn = dyn FnMut(&VcpuFd, &GuestRam, &EventEntry) -> bool + Send;
+
+/// A test/diagnostic hook that changes the vCPU's state on purpose (MSRs,
+/// control registers, XCR0, debug registers: see [`crate::cpu::tamper`])
+/// at an event, before that event's CPU-state check. Not for production
+/// use.
+#[derive(Clone)]
+pub struct VcpuTamper(Arc<Mutex<Box<VcpuTamperFn>>>);
+
+impl VcpuTamper {
+    /// Wraps a callback.
+    pub fn new(callback: impl FnMut(&VcpuFd, &GuestRam, &EventEntry) -> bool + Send + 'static) -> VcpuTamper {
+        VcpuTamper(Arc::new(Mutex::new(Box::new(callback))))
+    }
+
+    /// Calls the hook; true once it has tampered.
+    pub fn call(&self, vcpu: &VcpuFd, ram: &GuestRam, entry: &EventEntry) -> bool {
+        match self.0.lock() {
+            Ok(mut callback) => callback(vcpu, ram, entry),
+            Err(_) => true,
+        }
+    }
+}
+
+impl std::fmt::Debug for VcpuTamper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VcpuTamper(..)")
     }
 }
 
@@ -176,6 +219,10 @@ pub struct Monitor {
     seen: HashSet<(Invariant, String)>,
     /// A periodic check is due (the last kick found the vCPU in ring 0).
     periodic_pending: bool,
+    /// A check ran: the CPU state is to be checked with this trigger.
+    cpu_due: Option<Trigger>,
+    /// The last CPU state checked, and where.
+    pub last_cpu: Option<CpuCapture>,
 }
 
 impl Monitor {
@@ -196,6 +243,8 @@ impl Monitor {
             tamper,
             seen: HashSet::new(),
             periodic_pending: false,
+            cpu_due: None,
+            last_cpu: None,
         }
     }
 
@@ -270,8 +319,10 @@ impl Monitor {
         }
     }
 
-    /// Runs one check now and records what it finds.
+    /// Runs one check now and records what it finds. The CPU-state check is
+    /// then due with the same trigger ([`Monitor::take_cpu_due`]).
     pub fn check(&mut self, ram: &GuestRam, trigger: Trigger) -> Option<Stop> {
+        self.cpu_due = Some(trigger);
         let outcome: CheckOutcome = self.checker.check(ram);
         if !outcome.published {
             self.note(if self.checker.root_announced() {
@@ -284,6 +335,34 @@ impl Monitor {
             });
         }
         self.record(outcome.violations, trigger)
+    }
+
+    /// The trigger of the last check if the vCPU's state is still to be
+    /// checked for it (cleared); `None` as well before the kernel's CPU
+    /// design is in force (before its gate self-test, unless the vCPU is
+    /// found in ring 3, which it enters only once the design holds: noted).
+    pub fn take_cpu_due(&mut self) -> Option<Trigger> {
+        let trigger = self.cpu_due.take()?;
+        if !self.checker.cpu_design_in_force() && !matches!(trigger, Trigger::Ring3(_)) {
+            self.note(format!("the CPU state was not checked at {trigger}: {}", crate::cpu::NOT_YET));
+            return None;
+        }
+        Some(trigger)
+    }
+
+    /// Compares `state` (read in `read_time` right after the exit whose
+    /// check was `trigger`) with the CPU design and records what it finds,
+    /// like [`Monitor::check`].
+    pub fn check_cpu(
+        &mut self,
+        ram: &GuestRam,
+        trigger: Trigger,
+        state: CpuState,
+        read_time: Duration,
+    ) -> Option<Stop> {
+        let violations = self.checker.check_cpu(ram, &state, read_time);
+        self.last_cpu = Some(CpuCapture { at: format!("at {trigger}"), state });
+        self.record(violations, trigger)
     }
 
     /// The guest wrote `write` into the read-only kernel image (text and
@@ -394,6 +473,62 @@ mod tests {
             monitor.violations
         );
         assert!(monitor.violations[1].violation.vas.is_empty());
+    }
+
+    #[test]
+    fn every_check_asks_for_the_cpu_state_which_is_recorded_like_the_rest() {
+        let ram = GuestRam::new(16).unwrap();
+        let events = vec![spawned(0, 1, 0x1000)];
+        let mut monitor = Monitor::new(CheckMode::EveryEvent, true, None, vec![]);
+        assert_eq!(monitor.take_cpu_due(), None);
+        monitor.after_events(&ram, &events, 1);
+        assert_eq!(monitor.take_cpu_due(), None, "not before the gate self-test");
+        assert!(monitor.notes.iter().any(|n| n.contains("not checked at event #0")), "{:?}", monitor.notes);
+        // Found in ring 3, the design holds whatever the events say.
+        monitor.check(&ram, Trigger::Ring3(0x7fff_ffff_0000));
+        assert_eq!(monitor.take_cpu_due(), Some(Trigger::Ring3(0x7fff_ffff_0000)));
+        let ready = EventEntry {
+            seq: 1,
+            tick: 0,
+            event: superos_protocol::event::Event::KernelReady {
+                gate_kind: 2,
+                free_frames: 1,
+                total_frames: 1,
+            },
+        };
+        let events = vec![events[0], ready];
+        monitor.after_events(&ram, &events, 1);
+        assert_eq!(monitor.take_cpu_due(), Some(Trigger::Event(1)));
+        assert_eq!(monitor.take_cpu_due(), None, "once per check");
+        // A made-up state against an image without symbols or CPUID: findings,
+        // recorded once each however often they are seen.
+        let state = CpuState { cr0: 0x8005_0033, ..Default::default() };
+        let stop = monitor.check_cpu(&ram, Trigger::Event(0), state.clone(), Duration::from_micros(5));
+        assert_eq!(stop, None, "keep going");
+        let first = monitor.violations.len();
+        assert!(first > 0);
+        assert!(monitor.violations.iter().all(|v| v.violation.invariant == Invariant::CpuStateIntact));
+        assert!(monitor.violations.iter().any(|v| v.violation.details.contains("no symbol `syscall_entry`")));
+        monitor.check_cpu(&ram, Trigger::Shutdown, state, Duration::ZERO);
+        assert_eq!(monitor.violations.len(), first, "the same findings are kept once");
+        assert_eq!(monitor.checker.stats.cpu_checks, 2);
+        assert_eq!(monitor.last_cpu.as_ref().map(|c| c.at.as_str()), Some("at shutdown"));
+        // Without keep_going, a finding stops the guest with the trigger.
+        let mut strict = Monitor::new(CheckMode::Exit, false, None, vec![]);
+        let stop = strict.check_cpu(&ram, Trigger::Ring3(0x40_0000), CpuState::default(), Duration::ZERO);
+        let stop = stop.expect("a stop");
+        assert_eq!(
+            (stop.at.as_str(), stop.invariants.as_slice()),
+            ("a periodic check (ring 3, rip 0x400000)", &[Invariant::CpuStateIntact][..])
+        );
+        // At a panic: listed, marked.
+        strict.check_cpu(
+            &ram,
+            Trigger::Panic,
+            CpuState { rflags: 3 << 12, ..Default::default() },
+            Duration::ZERO,
+        );
+        assert!(strict.violations.iter().any(|v| v.at_panic && v.violation.details.contains("IOPL 3")));
     }
 
     #[test]

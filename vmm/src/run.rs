@@ -15,11 +15,12 @@ use crate::boot::{self, BootError, BootOptions};
 use crate::check::{CheckMode, CheckStats, Invariant, KernelImage};
 use crate::console::ConsoleLine;
 use crate::control::{Attached, Control, RunExtras};
+use crate::cpu::{self, CpuCapture};
 use crate::diagnose::{Diagnosis, KernelSymbols};
 use crate::hypercall::{self, Flow, PanicReport};
 use crate::images;
 use crate::memory::{GuestRam, MemoryError};
-use crate::monitor::{Monitor, ReportedViolation, Stop, Tamper};
+use crate::monitor::{Monitor, ReportedViolation, Stop, Tamper, Trigger, VcpuTamper};
 use crate::scenario::{Expectation, Scenario, DEFAULT_MEMORY_MIB};
 use crate::session::{Echo, EventEntry, EventFormat, Phases, Session};
 use crate::vm::{detect_host_flavor, Vm, VmError};
@@ -71,6 +72,9 @@ pub struct RunConfig {
     /// Test/diagnostic hook: corrupts the guest on purpose at an event,
     /// before that event's check. `None` in normal runs.
     pub tamper: Option<Tamper>,
+    /// Test/diagnostic hook: changes the vCPU's registers on purpose at an
+    /// event, before that event's CPU-state check. `None` in normal runs.
+    pub vcpu_tamper: Option<VcpuTamper>,
 }
 
 impl RunConfig {
@@ -90,6 +94,7 @@ impl RunConfig {
             check: CheckMode::EveryEvent,
             keep_going: false,
             tamper: None,
+            vcpu_tamper: None,
         }
     }
 }
@@ -403,7 +408,11 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
     let usable = prepared.usable_ranges();
-    let image = KernelImage { read_only: layout.read_only };
+    let image = KernelImage {
+        read_only: layout.read_only,
+        symbols: cpu::design_symbols(&symbols),
+        features: Some(cpu::CpuFeatures::presented(host, vm.features())),
+    };
     // Always a monitor, even when the run checks nothing: inspection needs
     // its record of the boot (the kernel text baseline), and a write into
     // the read-only kernel image is reported whatever the check mode.
@@ -422,7 +431,8 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         _ => None,
     };
     let kicks = Kicks { stop: AtomicBool::new(false), check_due: AtomicBool::new(false) };
-    let (exit, exits, diagnosis) = std::thread::scope(|scope| -> Result<_, RunError> {
+    let vcpu_tamper = config.vcpu_tamper.clone();
+    let (exit, exits, diagnosis, final_cpu) = std::thread::scope(|scope| -> Result<_, RunError> {
         let (sender, receiver) = mpsc::channel();
         let vcpu = &mut vm.vcpu;
         let session = &mut session;
@@ -437,7 +447,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
                     control.vcpu_started(thread);
                 }
                 let _ = sender.send(VcpuMessage::Started(thread));
-                let result = vcpu_loop(vcpu, session, kicks, symbols, control);
+                let result = vcpu_loop(vcpu, session, kicks, symbols, control, vcpu_tamper);
                 if let Some(control) = control {
                     control.vcpu_exited();
                 }
@@ -476,7 +486,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         check_notes,
     };
     drop(vm);
-    attached.finish(&ram, session.hello, baseline, &usable, &config.scenario.origin, &mut report);
+    attached.finish(&ram, session.hello, baseline, final_cpu, &usable, &config.scenario.origin, &mut report);
     Ok(report)
 }
 
@@ -638,7 +648,69 @@ fn hypercall_name(request: &hypercall::Request) -> &'static str {
     }
 }
 
-type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>);
+type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>, Option<CpuCapture>);
+
+/// After an exit whose handling ran a check (`session.cpu_check_due`): the
+/// vCPU tamper hook for the new events (`session.events[events_before..]`),
+/// then the vCPU's state read through KVM and compared with the design
+/// (`cpu-state-intact`), with the check's trigger. A violation turns `step`
+/// into a stop (joining the memory check's if it stopped too), unless the
+/// guest was already ending for another reason (a panic: then it is only
+/// recorded).
+fn cpu_check_after_exit(
+    vcpu: &VcpuFd,
+    session: &mut Session<'_>,
+    tamper: &mut Option<VcpuTamper>,
+    events_before: usize,
+    step: Step,
+) -> Step {
+    if let Some(hook) = tamper.as_ref() {
+        let fresh = session.events.get(events_before..).unwrap_or_default();
+        if fresh.iter().any(|entry| hook.call(vcpu, session.ram, entry)) {
+            *tamper = None;
+        }
+    }
+    let Some(trigger) = session.cpu_check_due() else { return step };
+    let started = Instant::now();
+    let state = cpu::capture(vcpu);
+    let Some(stop) = session.check_cpu(trigger, state, started.elapsed()) else { return step };
+    match step {
+        Step::Continue | Step::Stop(GuestExit::Shutdown { .. }) => {
+            Step::Stop(GuestExit::InvariantViolated { at: stop.at, invariants: stop.invariants })
+        }
+        Step::Stop(GuestExit::InvariantViolated { at, mut invariants }) => {
+            for invariant in stop.invariants {
+                if !invariants.contains(&invariant) {
+                    invariants.push(invariant);
+                }
+            }
+            Step::Stop(GuestExit::InvariantViolated { at, invariants })
+        }
+        other => other,
+    }
+}
+
+/// The CPU state the run ends with, for `inspect` and the snapshot: read
+/// now if the vCPU stopped at a consistent point (the shutdown hypercall, a
+/// check that stopped the guest, a `quit` at a consistent point), else the
+/// last one a check read.
+fn final_cpu_state(
+    vcpu: &VcpuFd,
+    session: &Session<'_>,
+    exit: &GuestExit,
+    control: Option<&Control>,
+) -> Option<CpuCapture> {
+    let at = match exit {
+        GuestExit::Shutdown { .. } => Some(format!("at {}", Trigger::Shutdown)),
+        GuestExit::InvariantViolated { at, .. } => Some(format!("at {at}")),
+        GuestExit::Stopped => control.and_then(Control::quit_at).map(|point| point.to_string()),
+        _ => None,
+    };
+    match at {
+        Some(at) => Some(CpuCapture { at, state: cpu::capture(vcpu) }),
+        None => session.monitor.as_ref().and_then(|m| m.last_cpu.clone()),
+    }
+}
 
 fn vcpu_loop(
     vcpu: &mut VcpuFd,
@@ -646,6 +718,7 @@ fn vcpu_loop(
     kicks: &Kicks,
     symbols: &KernelSymbols,
     control: Option<&Control>,
+    mut vcpu_tamper: Option<VcpuTamper>,
 ) -> LoopResult {
     let mut exits = BTreeMap::new();
     session.phases.vcpu_start = Some(session.now());
@@ -657,6 +730,7 @@ fn vcpu_loop(
         }
         let mut event_exit = false;
         let mut refused_write = None;
+        let events_before = session.events.len();
         let step = match vcpu.run() {
             Ok(VcpuExit::MmioWrite(gpa, data)) if session.in_read_only(gpa) => {
                 refused_write = Some((gpa, data.to_vec()));
@@ -710,6 +784,8 @@ fn vcpu_loop(
             }
             step => step,
         };
+        // The CPU state, if this exit ran a check.
+        let step = cpu_check_after_exit(vcpu, session, &mut vcpu_tamper, events_before, step);
         // The control socket: hold the vCPU here for a query if this is a
         // consistent point, or stop it (`quit`).
         let step = match (step, control) {
@@ -728,7 +804,8 @@ fn vcpu_loop(
         other => other,
     };
     let diagnosis = diagnose(vcpu, session, &exit, symbols);
-    (exit, exits, diagnosis)
+    let final_cpu = final_cpu_state(vcpu, session, &exit, control);
+    (exit, exits, diagnosis, final_cpu)
 }
 
 fn internal_error_details(vcpu: &mut VcpuFd) -> GuestExit {

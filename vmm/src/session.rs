@@ -210,6 +210,28 @@ impl<'a> Session<'a> {
         stop
     }
 
+    /// The trigger of the check that ran at this exit, if the vCPU's state
+    /// is still to be checked for it.
+    pub fn cpu_check_due(&mut self) -> Option<Trigger> {
+        self.monitor.as_mut()?.take_cpu_due()
+    }
+
+    /// Checks the vCPU's `state`, read in `read_time` right after the exit
+    /// whose check was `trigger` (`cpu-state-intact`). `Some` if the guest
+    /// must stop.
+    pub fn check_cpu(
+        &mut self,
+        trigger: Trigger,
+        state: crate::cpu::CpuState,
+        read_time: Duration,
+    ) -> Option<Stop> {
+        let ram = self.ram;
+        let reported = self.monitor.as_ref()?.violations.len();
+        let stop = self.monitor.as_mut()?.check_cpu(ram, trigger, state, read_time);
+        self.echo_violations(reported);
+        stop
+    }
+
     /// Runs one check now, whatever the mode.
     pub fn check_now(&mut self, trigger: Trigger) -> Option<Stop> {
         let ram = self.ram;

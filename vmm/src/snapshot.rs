@@ -3,14 +3,14 @@
 //! read by `superos-vmm inspect --snapshot <file> <command>`, which answers
 //! the same queries as the live control socket.
 //!
-//! # Format, version 2
+//! # Format, version 3
 //!
 //! All integers are little-endian. A fixed 64-byte header:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `SOSSNAP\0` |
-//! | 8 | 4 | format version, 2 (1 is read too) |
+//! | 8 | 4 | format version, 3 (1 and 2 are read too) |
 //! | 12 | 4 | header size, 64 |
 //! | 16 | 8 | guest RAM size in bytes (a multiple of 2 MiB, 16 MiB to 3 GiB) |
 //! | 24 | 8 | metadata length `M` (at most 1 MiB) |
@@ -31,7 +31,15 @@
 //!    `baseline_gpa` (where the baseline below was copied from), and since
 //!    version 2 `kernel_read_only` (the `[start, end)` physical range of
 //!    the kernel's text and read-only data, from the kernel ELF the VMM
-//!    loaded, or `null`; absent in version 1, read as `null`);
+//!    loaded, or `null`; absent in version 1, read as `null`), and since
+//!    version 3 what `cpu-state-intact` needs: `kernel_symbols` (the kernel
+//!    symbols the CPU design names, name to address, from the ELF),
+//!    `cpu_features` (what the vCPU's CPUID says: `smep`, `smap`, `umip`,
+//!    `fsgsbase`, `xsave`, `xcr0_supported`) and `cpu` (the CPU state the
+//!    run ended with, `at` where it was read and `state` the registers, as
+//!    [`crate::cpu::CpuState`]; `null` if the guest did not stop at a
+//!    consistent point and no check read one before). A snapshot without
+//!    `cpu` (older versions included) says the CPU state was not checked;
 //! 2. the kernel text as it was at the boot hello, `T` bytes (what
 //!    `kernel-text-unchanged` compares with);
 //! 3. the kernel events received, `E` raw event records (`seq` and `tick`
@@ -70,7 +78,7 @@ use zerocopy::{FromBytes, IntoBytes};
 /// The first 8 bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"SOSSNAP\0";
 /// The format version this VMM writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest format version this VMM reads (each later version only adds
 /// metadata fields, which older files lack).
 pub const OLDEST_VERSION: u32 = 1;
@@ -162,7 +170,19 @@ struct FileMeta {
     /// Version 2.
     #[serde(default)]
     kernel_read_only: Option<[u64; 2]>,
+    /// Version 3.
+    #[serde(default)]
+    kernel_symbols: std::collections::BTreeMap<String, u64>,
+    /// Version 3.
+    #[serde(default)]
+    cpu_features: Option<crate::cpu::CpuFeatures>,
+    /// Version 3.
+    #[serde(default)]
+    cpu: Option<crate::cpu::CpuCapture>,
 }
+
+/// Most kernel symbols, MSRs or error lines a snapshot may carry.
+const MAX_CPU_ITEMS: usize = 64;
 
 /// FNV-1a, 64-bit, fed piece by piece.
 struct Fnv(u64);
@@ -213,6 +233,9 @@ pub fn write(mut file: File, ram: &GuestRam, state: &MachineState, meta: &Meta) 
         usable: state.usable.iter().map(|&(start, end)| [start, end]).collect(),
         baseline_gpa: state.baseline.as_ref().map(|b| b.gpa),
         kernel_read_only: state.image.read_only.map(|(start, end)| [start, end]),
+        kernel_symbols: state.image.symbols.clone(),
+        cpu_features: state.image.features,
+        cpu: state.cpu.clone(),
     };
     let meta_bytes = serde_json::to_vec(&file_meta).map_err(std::io::Error::other)?;
     let baseline: &[u8] = state.baseline.as_ref().map_or(&[], |b| &b.bytes);
@@ -417,6 +440,23 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
             )))
         }
     };
+    if meta.kernel_symbols.len() > MAX_CPU_ITEMS {
+        return Err(corrupt(format!(
+            "{} kernel symbols (at most {MAX_CPU_ITEMS})",
+            meta.kernel_symbols.len()
+        )));
+    }
+    let mut cpu = meta.cpu;
+    if let Some(capture) = &mut cpu {
+        if capture.state.msrs.len() > MAX_CPU_ITEMS || capture.state.errors.len() > MAX_CPU_ITEMS {
+            return Err(corrupt("the CPU state has too many MSRs or errors"));
+        }
+        // Printed later: no control characters from a file.
+        capture.at = crate::inspect::sanitize(&capture.at);
+        for error in &mut capture.state.errors {
+            *error = crate::inspect::sanitize(error);
+        }
+    }
     let hello = meta.hello.map(|h| BootHelloParams {
         version: h.version,
         status: 0,
@@ -454,7 +494,12 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
             baseline,
             events,
             point: meta.point,
-            image: crate::check::KernelImage { read_only },
+            image: crate::check::KernelImage {
+                read_only,
+                symbols: meta.kernel_symbols,
+                features: meta.cpu_features,
+            },
+            cpu,
         },
         meta: Meta {
             vmm_version: meta.vmm_version,
@@ -503,7 +548,24 @@ mod tests {
                 },
             ],
             point: Point::Finished { exit: "the kernel shut down with status 0".into(), cr3: None },
-            image: crate::check::KernelImage { read_only: Some((0x10_0000, 0x10_1000)) },
+            image: crate::check::KernelImage {
+                read_only: Some((0x10_0000, 0x10_1000)),
+                symbols: [("syscall_entry".to_string(), 0xffff_ffff_8010_0000)].into_iter().collect(),
+                features: Some(crate::cpu::CpuFeatures {
+                    smep: true,
+                    xcr0_supported: 7,
+                    ..Default::default()
+                }),
+            },
+            cpu: Some(crate::cpu::CpuCapture {
+                at: "at shutdown".into(),
+                state: crate::cpu::CpuState {
+                    cr0: 0x8005_0033,
+                    msrs: vec![(0xc000_0082, 0xffff_ffff_8010_0000)],
+                    xcr0: Some(7),
+                    ..Default::default()
+                },
+            }),
         };
         (ram, state)
     }
@@ -564,7 +626,7 @@ mod tests {
         let cases: Vec<(Damage, &str)> = vec![
             (Box::new(|b| b.truncate(10)), "shorter than the header"),
             (Box::new(|b| b[0] = b'X'), "wrong magic"),
-            (Box::new(|b| b[8] = 9), "version 9 is not supported (this VMM reads versions 1 to 2)"),
+            (Box::new(|b| b[8] = 9), "version 9 is not supported (this VMM reads versions 1 to 3)"),
             (Box::new(|b| b[8] = 0), "version 0 is not supported"),
             (Box::new(|b| b.push(0)), "header describes"),
             (Box::new(|b| b.truncate(b.len() - 1)), "header describes"),
@@ -609,23 +671,41 @@ mod tests {
     }
 
     #[test]
-    fn version_1_snapshots_are_read_without_the_kernel_range() {
+    fn older_snapshots_are_read_without_what_they_lack() {
         let (ram, state) = sample();
         let good = bytes_of(&ram, &state);
         let v1 = with_meta(&good, 1, |meta| {
-            meta.as_object_mut().unwrap().remove("kernel_read_only");
+            for field in ["kernel_read_only", "kernel_symbols", "cpu_features", "cpu"] {
+                meta.as_object_mut().unwrap().remove(field);
+            }
         });
         let loaded = parse(&v1).unwrap();
-        assert_eq!(loaded.state.image.read_only, None);
+        assert_eq!(loaded.state.image, crate::check::KernelImage::default());
+        assert_eq!(loaded.state.cpu, None);
         assert_eq!(loaded.state.events, state.events);
+        let v2 = with_meta(&good, 2, |meta| {
+            for field in ["kernel_symbols", "cpu_features", "cpu"] {
+                meta.as_object_mut().unwrap().remove(field);
+            }
+        });
+        let loaded = parse(&v2).unwrap();
+        assert_eq!(loaded.state.image.read_only, state.image.read_only);
+        assert_eq!((loaded.state.image.features, loaded.state.cpu), (None, None));
+        // What a file carries is bounded and made printable.
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..100).map(|i| (format!("s{i}"), serde_json::json!(i))).collect();
+        let damaged = with_meta(&good, 3, |meta| meta["kernel_symbols"] = serde_json::Value::Object(many));
+        assert!(parse(&damaged).unwrap_err().to_string().contains("kernel symbols"));
+        let escape = with_meta(&good, 3, |meta| meta["cpu"]["at"] = serde_json::json!("x\u{1b}[31m"));
+        assert_eq!(parse(&escape).unwrap().state.cpu.unwrap().at, "x?[31m");
         // A bad range is refused, not trusted.
         for bad in [[0x10_0000u64, 0x10_0000], [0x10_0800, 0x10_1000], [0, 32 << 20]] {
-            let damaged = with_meta(&good, 2, |meta| meta["kernel_read_only"] = serde_json::json!(bad));
+            let damaged = with_meta(&good, 3, |meta| meta["kernel_read_only"] = serde_json::json!(bad));
             let error = parse(&damaged).unwrap_err().to_string();
             assert!(error.contains("kernel read-only range"), "{error}");
         }
         // Unknown fields are still refused.
-        let unknown = with_meta(&good, 2, |meta| meta["surprise"] = serde_json::json!(1));
+        let unknown = with_meta(&good, 3, |meta| meta["surprise"] = serde_json::json!(1));
         assert!(parse(&unknown).unwrap_err().to_string().contains("metadata"));
     }
 

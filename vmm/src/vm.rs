@@ -1,6 +1,7 @@
 //! Creating the KVM virtual machine and its single vCPU.
 
 use crate::arch::regs;
+use crate::cpu::CpuFeatures;
 use crate::memory::GuestRam;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -61,6 +62,8 @@ pub struct Vm {
     pub vcpu: VcpuFd,
     /// The guest-physical range registered read-only (`[start, end)`), if any.
     read_only: Option<(u64, u64)>,
+    /// What the CPUID given to the vCPU says about the protection features.
+    features: CpuFeatures,
 }
 
 impl Vm {
@@ -99,12 +102,21 @@ impl Vm {
         // Without the host's CPUID some MSR writes (EFER.SCE) raise #GP.
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::Cpuid)?;
         vcpu.set_cpuid2(&cpuid).map_err(VmError::Cpuid)?;
-        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, read_only })
+        let entries: Vec<_> =
+            cpuid.as_slice().iter().map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx)).collect();
+        let features = CpuFeatures::from_entries(&entries);
+        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, read_only, features })
     }
 
     /// The range registered read-only, if one was.
     pub fn read_only(&self) -> Option<(u64, u64)> {
         self.read_only
+    }
+
+    /// The protection features the vCPU's CPUID has (what the kernel must
+    /// turn on, and the XCR0 it must set).
+    pub fn features(&self) -> CpuFeatures {
+        self.features
     }
 
     /// Sets the registers for direct long-mode entry at `entry`.

@@ -554,6 +554,79 @@ impl Walker<'_> {
     }
 }
 
+/// Where a virtual address leads through the tables rooted at CR3, with the
+/// effective rights of the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The guest-physical address.
+    pub phys: u64,
+    /// The leaf's page size.
+    pub page_size: u64,
+    /// The raw leaf entry.
+    pub entry: u64,
+    /// Effective user access (U at every level).
+    pub user: bool,
+    /// Effective write access (W at every level).
+    pub writable: bool,
+    /// Effective no-execute (NX at some level).
+    pub nx: bool,
+}
+
+/// Translates `va` through the 4-level tables at `cr3`, every table read
+/// from guest RAM and checked (four reads at most). The error says which
+/// level was missing or unreadable.
+pub fn translate(ram: &GuestRam, cr3: u64, va: u64) -> Result<Translation, String> {
+    let mut table = cr3 & PTE_ADDRESS_MASK;
+    let mut rights = Rights::TOP;
+    const NAMES: [&str; 4] = ["PT", "PD", "PDPT", "PML4"];
+    for level in (1..=4u8).rev() {
+        let name = NAMES[usize::from(level) - 1];
+        let index = (va >> (12 + 9 * (u32::from(level) - 1))) & 0x1ff;
+        let gpa = table + index * 8;
+        let entry =
+            ram.read_u64(gpa).map_err(|_| format!("its {name} entry at {gpa:#x} is outside guest memory"))?;
+        if entry & PTE_PRESENT == 0 {
+            return Err(format!("its {name} entry at {gpa:#x} is not present ({entry:#x})"));
+        }
+        rights = rights.through(entry);
+        if level == 1 || (level <= 3 && entry & PTE_HUGE != 0) {
+            let size = 1u64 << (12 + 9 * (u32::from(level) - 1));
+            let phys = (entry & PTE_ADDRESS_MASK & !(size - 1)) | (va & (size - 1));
+            return Ok(Translation {
+                phys,
+                page_size: size,
+                entry,
+                user: rights.user,
+                writable: rights.writable,
+                nx: rights.nx,
+            });
+        }
+        table = entry & PTE_ADDRESS_MASK;
+    }
+    unreachable!("level 1 always ends the loop")
+}
+
+/// Reads `len` bytes (at most 64 KiB + 4 KiB) at virtual `va` through the
+/// tables at `cr3`, page by page. The error names the first page that is not
+/// mapped or whose frame is not guest RAM.
+pub fn read_virtual(ram: &GuestRam, cr3: u64, va: u64, len: usize) -> Result<Vec<u8>, String> {
+    if len > 68 * 1024 {
+        return Err(format!("{len} bytes is more than the VMM reads at once"));
+    }
+    let mut bytes = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let at = va.checked_add(done as u64).ok_or_else(|| format!("{va:#x} + {len:#x} overflows"))?;
+        let page_left = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
+        let chunk = page_left.min(len - done);
+        let leaf = translate(ram, cr3, at).map_err(|why| format!("{at:#x} is not mapped: {why}"))?;
+        ram.read_bytes(leaf.phys, &mut bytes[done..done + chunk])
+            .map_err(|_| format!("{at:#x} maps {:#x}, outside guest memory", leaf.phys))?;
+        done += chunk;
+    }
+    Ok(bytes)
+}
+
 /// Where the leaf entry for `va` lives in the tables rooted at `pml4`:
 /// `(entry GPA, entry, level)` (level 1 for a 4 KiB page). `None` if some
 /// level is not present or unreadable. A test and diagnostic helper.
@@ -781,6 +854,35 @@ pub(crate) mod tests {
         assert_eq!(w.kernel_user_leaves.len(), 1);
         assert_eq!((w.kernel_user_leaves[0].frame, w.kernel_user_leaves[0].va), (0x1000, va));
         assert!(w.kernel_writable.is_empty(), "the leaf is no longer writable");
+    }
+
+    #[test]
+    fn translations_carry_effective_rights_and_say_what_is_missing() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut t = Tables { ram: &ram, next: 0x10_0000 };
+        let pml4 = t.frame();
+        let va = 0xffff_8000_0000_3000u64;
+        t.map(pml4, va, 0x5000, PTE_PRESENT | PTE_WRITABLE | PTE_NO_EXECUTE);
+        t.map(pml4, va + PAGE_SIZE, 0x9000, PTE_PRESENT);
+        // Tables above are U|W; the leaf is supervisor, writable, NX.
+        let leaf = translate(&ram, pml4, va + 0x12).unwrap();
+        assert_eq!((leaf.phys, leaf.page_size), (0x5012, PAGE_SIZE));
+        assert!(!leaf.user && leaf.writable && leaf.nx);
+        let ro = translate(&ram, pml4 | 0x18, va + PAGE_SIZE).unwrap();
+        assert!(!ro.writable && !ro.nx && ro.phys == 0x9000, "CR3 flag bits are ignored");
+        let missing = translate(&ram, pml4, va + 2 * PAGE_SIZE).unwrap_err();
+        assert!(missing.contains("PT entry") && missing.contains("not present"), "{missing}");
+        let missing = translate(&ram, pml4, 0x1000).unwrap_err();
+        assert!(missing.contains("PML4 entry"), "{missing}");
+        assert!(translate(&ram, 1 << 40, va).unwrap_err().contains("outside guest memory"));
+        // Reads across pages follow each page's frame.
+        ram.write_bytes(0x5ffe, &[1, 2]).unwrap();
+        ram.write_bytes(0x9000, &[3, 4]).unwrap();
+        assert_eq!(read_virtual(&ram, pml4, va + 0xffe, 4).unwrap(), [1, 2, 3, 4]);
+        let error = read_virtual(&ram, pml4, va + PAGE_SIZE + 0xfff, 2).unwrap_err();
+        assert!(error.starts_with("0xffff800000005000 is not mapped"), "{error}");
+        assert!(read_virtual(&ram, pml4, u64::MAX, 2).is_err());
+        assert!(read_virtual(&ram, pml4, va, 1 << 20).is_err());
     }
 
     #[test]

@@ -271,11 +271,15 @@ fn a_live_vm_is_examined_through_its_control_socket_and_its_snapshot_answers_the
         (Value::Null, Some(0))
     );
 
-    // check: nothing violated.
+    // check: nothing violated, the CPU state included (read where the
+    // vCPU is held).
     let (code, stdout, stderr) = vmm.inspect(&["check"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("every invariant held"), "{stdout}");
-    assert_eq!(vmm.json(&["check"])["violations"], Value::Array(vec![]));
+    assert!(stdout.contains("the CPU state read in user code at rip"), "{stdout}");
+    let check = vmm.json(&["check"]);
+    assert_eq!(check["violations"], Value::Array(vec![]));
+    assert_eq!(check["cpu_checked"], Value::Bool(true), "{check}");
 
     // translate: level by level down to the code frame.
     let translation = vmm.text(&["translate", "1", "0x400010"]);
@@ -402,6 +406,8 @@ fn a_live_vm_is_examined_through_its_control_socket_and_its_snapshot_answers_the
     let (code, stdout, _) = inspect(&["--snapshot", snap, "check"]);
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("every invariant held"), "{stdout}");
+    // The snapshot carries the CPU state of the point `quit` stopped it at.
+    assert!(stdout.contains("the CPU state read in user code at rip"), "{stdout}");
     let (code, stdout, _) = inspect(&["--snapshot", snap, "dump", "1", "0x400000", "64"]);
     assert_eq!(
         (code, stdout.lines().skip(1).collect::<Vec<_>>()),
@@ -443,6 +449,7 @@ fn a_lingering_vm_is_examined_after_it_finished_until_quit() {
         stdout.contains("after the guest stopped") && stdout.contains("every invariant held"),
         "{stdout}"
     );
+    assert!(stdout.contains("the CPU state read at shutdown"), "{stdout}");
     let frames = vmm.json(&["frames"]);
     assert!(frames["owners"]
         .as_array()
@@ -548,7 +555,7 @@ fn a_violation_planted_in_a_live_guest_is_found_by_check_and_drawn_on_the_map() 
     use superos_vmm::check::CheckMode;
     use superos_vmm::control::RunExtras;
     use superos_vmm::inspect::{CheckResult, EventsResult, MapResult};
-    use superos_vmm::monitor::Tamper;
+    use superos_vmm::monitor::{Tamper, VcpuTamper};
     use superos_vmm::run::{run_with, GuestExit, RunConfig};
     use superos_vmm::scenario::Scenario;
 
@@ -573,6 +580,14 @@ fn a_violation_planted_in_a_live_guest_is_found_by_check_and_drawn_on_the_map() 
             let (gpa, pte, _) =
                 superos_vmm::walk::leaf_entry(ram, pml4_gpa, 0x40_0000).expect("code is mapped");
             ram.write(gpa, &(pte | PTE_WRITABLE)).unwrap();
+            true
+        }
+        _ => false,
+    }));
+    // And a hardware breakpoint enabled (DR7.G1): `cpu-state-intact`.
+    config.vcpu_tamper = Some(VcpuTamper::new(|vcpu, _, entry| match entry.event {
+        Event::ProcessSpawned { .. } => {
+            superos_vmm::cpu::tamper::set_dr7(vcpu, 0x400 | (1 << 3)).unwrap();
             true
         }
         _ => false,
@@ -602,9 +617,16 @@ fn a_violation_planted_in_a_live_guest_is_found_by_check_and_drawn_on_the_map() 
         check.violations.iter().find(|v| v.invariant == "w-xor-x").unwrap_or_else(|| panic!("{check:?}"));
     assert_eq!((found.pids.as_slice(), found.vas.as_slice()), (&[1][..], &[0x40_0000][..]), "{found:?}");
     let code_frame = found.ptes[0] & PTE_ADDRESS_MASK;
+    assert!(check.cpu_checked, "{check:?}");
+    let cpu = check
+        .violations
+        .iter()
+        .find(|v| v.invariant == "cpu-state-intact")
+        .unwrap_or_else(|| panic!("{check:?}"));
+    assert!(cpu.details.contains("DR7 is 0x408: breakpoints enabled (G1)"), "{cpu:?}");
 
     let map: MapResult = serde_json::from_value(client.request(&Request::Map).unwrap()).unwrap();
-    assert_eq!(map.violated, ["w-xor-x"]);
+    assert_eq!(map.violated, ["w-xor-x", "cpu-state-intact"]);
     let marked: Vec<u64> = map.runs.iter().filter(|r| r.violation).map(|r| r.start).collect();
     assert_eq!(marked, [code_frame], "{:?}", map.runs);
     let svg = superos_vmm::svg::render(&map);

@@ -38,6 +38,21 @@ pub fn setup_long_mode(sregs: &mut kvm_sregs, pml4: u64) {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
+    // No LDT: KVM's reset state is a present LDT at linear 0 with limit
+    // 0xffff, which ring 3 could reach with a TI=1 selector until the
+    // kernel loads a null LDTR itself.
+    sregs.ldt = kvm_segment {
+        selector: 0,
+        base: 0,
+        limit: 0,
+        type_: 0x2,
+        present: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        unusable: 1,
+        ..code
+    };
     sregs.cr0 = CR0_LONG_MODE;
     sregs.cr3 = pml4;
     sregs.cr4 = CR4_LONG_MODE;
@@ -62,6 +77,7 @@ mod tests {
         assert_ne!(sregs.efer & (1 << 10), 0, "long mode active");
         assert_eq!(sregs.cs.l, 1);
         assert_eq!(sregs.ss.l, 0);
+        assert_eq!((sregs.ldt.selector, sregs.ldt.present, sregs.ldt.unusable), (0, 0, 1), "no LDT");
         let regs = entry_registers(0xffff_ffff_8010_0000, 0x1000);
         assert_eq!((regs.rip, regs.rdi, regs.rflags), (0xffff_ffff_8010_0000, 0x1000, 2));
     }
