@@ -191,6 +191,54 @@ fn the_gate_self_test_confirms_or_replaces_the_requested_gate() {
     }
 }
 
+/// The gate a run ended up with (`KernelReady`), and whether any gate
+/// failed its self-test on the way.
+fn gate_of(report: &superos_vmm::run::RunReport) -> (Option<u32>, bool) {
+    let failed = report.events.iter().any(|e| matches!(e.event, Event::GateSelfTestFailed { .. }));
+    let ready = report.events.iter().find_map(|e| match e.event {
+        Event::KernelReady { gate_kind, .. } => Some(gate_kind),
+        _ => None,
+    });
+    (ready, failed)
+}
+
+#[test]
+fn the_default_gate_is_syscall_on_ordinary_kvm_and_int3_on_pvm() {
+    if !kvm_available() {
+        return;
+    }
+    // Host-dependent on purpose: with no preference the kernel starts from
+    // the gate the VMM's host flavor suggests, and each host has one truth.
+    use superos_protocol::boot::HostFlavor;
+    use superos_protocol::syscall::{GATE_KIND_INT3, GATE_KIND_SYSCALL};
+    let report = run_embedded("hello");
+    assert_success(&report);
+    match report.host {
+        // PVM: `syscall` from ring 3 never reaches ring 0, so the kernel
+        // goes straight to int3 (no failed self-test on the way).
+        HostFlavor::Pvm => assert_eq!(gate_of(&report), (Some(GATE_KIND_INT3), false)),
+        // Ordinary KVM (VT-x/AMD-V): syscall/sysret passes its self-test.
+        HostFlavor::Kvm => assert_eq!(gate_of(&report), (Some(GATE_KIND_SYSCALL), false)),
+    }
+}
+
+#[test]
+fn the_int3_gate_works_on_every_host() {
+    if !kvm_available() {
+        return;
+    }
+    // The fallback gate is not PVM-only: asked for, it passes its
+    // self-test and carries the system calls on ordinary KVM too.
+    use superos_protocol::boot::GatePreference;
+    use superos_protocol::syscall::GATE_KIND_INT3;
+    let mut config = config(superos_vmm::scenario::Scenario::load("hello").unwrap());
+    config.gate = GatePreference::Int3;
+    let report = run_config(config);
+    assert_success(&report);
+    assert_eq!(gate_of(&report), (Some(GATE_KIND_INT3), false), "host {:?}", report.host);
+    assert_eq!(report.output_of("hello").len(), 2);
+}
+
 #[test]
 fn yield_hands_the_cpu_to_the_other_process() {
     if !kvm_available() {
