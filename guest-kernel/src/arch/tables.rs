@@ -68,13 +68,18 @@ pub fn init() {
     // SAFETY: the GDT is a static, so the 'static borrow `load` needs holds
     // for as long as the CPU uses it; it is never modified again.
     unsafe { (*GDT.as_ptr()).load_unsafe() };
-    // SAFETY: the selectors index the descriptors appended above.
+    // SAFETY: the selectors index the descriptors appended above; a null
+    // LDT selector disables the LDT.
     unsafe {
         CS::set_reg(code);
         SS::set_reg(data);
         DS::set_reg(data);
         ES::set_reg(data);
         load_tss(tss_selector);
+        // No LDT: whatever LDTR held at entry (KVM starts it as a present
+        // segment at linear address 0), ring 3 must not find descriptors
+        // through it.
+        core::arch::asm!("lldt {0:x}", in(reg) 0u16, options(nostack, preserves_flags));
     }
 
     // Vectors 15, 22-27 and 31 are reserved by the architecture and never

@@ -564,6 +564,7 @@ fn set_entry_msrs(gate: Gate) {
 /// DEBUG_WRITE_KERNEL_TEXT: what a compromised ring 0 would do to patch the
 /// kernel: lift CR0.WP and write through the read-only text mapping. Only
 /// the VMM's read-only memory slot stands in the way.
+#[inline(never)]
 fn write_own_text(text_start: u64) {
     use superos_protocol::cpu::CR0_WP;
     let cr0 = cpu::read_cr0();
