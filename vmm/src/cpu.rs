@@ -173,8 +173,9 @@ impl CpuFeatures {
         }
     }
 
-    /// The XCR0 the design sets on this CPU: the user components CPUID
-    /// reports, of those the design allows (x87 always).
+    /// The XCR0 the design sets on this CPU (and the most the checker
+    /// accepts): the user components CPUID reports, of those the design
+    /// allows (x87 always).
     pub fn expected_xcr0(&self) -> u64 {
         (self.xcr0_supported & design::XCR0_USER_MAX) | design::XCR0_X87
     }
@@ -627,13 +628,24 @@ fn registers(found: &mut Findings, state: &CpuState, expected: Expected<'_>) {
     if !state.in_ring3() && state.rflags & design::RFLAGS_AC != 0 {
         found.add(format!("RFLAGS is {:#x} in ring 0: AC set (SMAP lifted), expected clear", state.rflags));
     }
-    // XCR0, where XSAVE is on.
+    // XCR0, where XSAVE is on: x87 and no component beyond the design's. A
+    // component more (AMX, say) would be state ring 3 can use that the
+    // switch stubs may not move between processes; fewer only makes
+    // instructions #UD in ring 3 (the stubs move x87/SSE with `fxsave`
+    // whatever XCR0 says), and is what a hypervisor that does not keep the
+    // guest's `xsetbv` gives: nested KVM under QEMU's TCG runs the guest
+    // with XCR0 = x87 whatever the kernel set.
     if state.cr4 & design::CR4_OSXSAVE != 0 {
         if let (Some(xcr0), Some(features)) = (state.xcr0, image.features) {
-            if xcr0 != features.expected_xcr0() {
+            let allowed = features.expected_xcr0();
+            if xcr0 & !allowed != 0 || xcr0 & design::XCR0_X87 == 0 {
                 found.add(format!(
-                    "XCR0 is {xcr0:#x}, expected {:#x} (the user components the vCPU's CPUID reports, {:#x}, within {:#x})",
-                    features.expected_xcr0(),
+                    "XCR0 is {xcr0:#x}: {}; the design allows {allowed:#x} (the user components the vCPU's CPUID reports, {:#x}, within {:#x}), x87 always",
+                    if xcr0 & design::XCR0_X87 == 0 {
+                        "x87 clear".to_string()
+                    } else {
+                        format!("components {:#x} beyond the design", xcr0 & !allowed)
+                    },
                     features.xcr0_supported,
                     design::XCR0_USER_MAX
                 ));
@@ -1309,7 +1321,16 @@ mod tests {
             &["FSGSBASE set, but the vCPU's CPUID lacks the feature"],
         );
         one(|m| m.image.features = None, &["the vCPU's CPUID is unknown"]);
-        one(|m| m.state.xcr0 = Some(0x3), &["XCR0 is 0x3, expected 0xe7"]);
+        one(
+            |m| m.state.xcr0 = Some(0x2e7),
+            &["XCR0 is 0x2e7: components 0x200 beyond the design; the design allows 0xe7"],
+        );
+        one(|m| m.state.xcr0 = Some(0x2), &["XCR0 is 0x2: x87 clear"]);
+        // Fewer components than the kernel set (a hypervisor that dropped
+        // its xsetbv) only take instructions away from ring 3.
+        let mut fewer = Machine::new();
+        fewer.state.xcr0 = Some(0x3);
+        assert!(fewer.findings(Some(GATE_KIND_INT3)).is_empty());
         one(|m| m.state.dr7 = Some(0x402), &["DR7 is 0x402: breakpoints enabled (G0), expected none"]);
         one(
             |m| m.state.efer |= design::EFER_SCE,
