@@ -484,20 +484,21 @@ impl Walker<'_> {
     #[allow(clippy::too_many_arguments)]
     fn leaf(&mut self, pid: u32, kernel: bool, va: u64, pte: u64, entry_gpa: u64, size: u64, rights: Rights) {
         let base = pte & PTE_ADDRESS_MASK & !(size - 1);
+        let mapping = |i: u64| Mapping {
+            frame: base + i * PAGE_SIZE,
+            va: va + i * PAGE_SIZE,
+            pte,
+            entry_gpa,
+            pid,
+            page_size: size,
+            user: rights.user,
+            writable: rights.writable,
+            nx: rights.nx,
+            tainted: false,
+        };
         if kernel {
             // One record per leaf is enough for the kernel half.
-            let m = Mapping {
-                frame: base,
-                va,
-                pte,
-                entry_gpa,
-                pid,
-                page_size: size,
-                user: rights.user,
-                writable: rights.writable,
-                nx: rights.nx,
-                tainted: false,
-            };
+            let m = mapping(0);
             let budget = self.mapping_budget as usize;
             if rights.user {
                 if self.walk.kernel_user_leaves.len() >= budget {
@@ -513,18 +514,6 @@ impl Walker<'_> {
             }
             return;
         }
-        let mapping = |i: u64| Mapping {
-            frame: base + i * PAGE_SIZE,
-            va: va + i * PAGE_SIZE,
-            pte,
-            entry_gpa,
-            pid,
-            page_size: size,
-            user: rights.user,
-            writable: rights.writable,
-            nx: rights.nx,
-            tainted: false,
-        };
         for i in 0..size / PAGE_SIZE {
             let m = mapping(i);
             if self.walk.mappings.len() as u64 >= self.mapping_budget {
