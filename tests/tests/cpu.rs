@@ -237,10 +237,14 @@ fn fpu_simd_segment_and_stack_state_is_private_and_resumed_exactly() {
         .iter()
         .find_map(|l| l.split("pending at ").nth(1)?.split(';').next().map(str::to_owned))
         .expect("x87-pending says where");
-    let ProcessStatus::Killed { addr, .. } = status_of(&report, "x87-pending") else {
+    let ProcessStatus::Killed { addr, rip, .. } = status_of(&report, "x87-pending") else {
         panic!("x87-pending was not killed");
     };
-    assert_eq!(format!("{addr:#x}"), printed);
+    // QEMU's TCG keeps no x87 instruction pointer: there the kernel names
+    // the instruction that found the exception (the `fwait`).
+    if !(cpu_is_qemu_tcg() && addr == rip) {
+        assert_eq!(format!("{addr:#x}"), printed);
+    }
     // The stack-pointer tricks were preempted while they lasted.
     for name in ["rsp-non-canonical", "rsp-kernel", "rsp-misaligned"] {
         let pid = pid_of(&report, name);

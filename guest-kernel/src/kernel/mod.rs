@@ -737,8 +737,10 @@ impl Kernel {
             }
             X87_FLOATING_POINT_VECTOR => {
                 // The address is the x87 instruction that left the exception
-                // pending (the trap frame's RIP is the later one that found it).
-                let addr = pending_x87_instruction();
+                // pending (the trap frame's RIP is the later one that found
+                // it), where the CPU keeps it (QEMU's TCG does not: then the
+                // RIP).
+                let addr = Some(pending_x87_instruction()).filter(|&ip| ip != 0).unwrap_or(frame.rip);
                 self.kill_current(frame, FaultKind::X87FloatingPoint, addr)
             }
             vector => self.kill_current(frame, classify_exception(vector), frame.rip),
