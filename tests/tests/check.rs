@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use superos_protocol::boot;
+use superos_protocol::boot::{self, GatePreference};
 use superos_protocol::event::Event;
 use superos_protocol::introspect::ProcessRecord;
 use superos_protocol::layout::{DIRECT_MAP_BASE, KERNEL_VMA_BASE, PAGE_SIZE, USER_IMAGE_BASE};
@@ -335,8 +335,17 @@ fn kernel_w_xor_x_catches_a_kernel_data_page_made_executable() {
 
 /// Runs `two_processes` with `action` applied to the vCPU (and guest RAM)
 /// at the second spawn, before that event's CPU-state check.
-fn vcpu_tampered(mut action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static) -> superos_vmm::run::RunReport {
+fn vcpu_tampered(action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static) -> superos_vmm::run::RunReport {
+    vcpu_tampered_with(GatePreference::Auto, action)
+}
+
+/// [`vcpu_tampered`] with the kernel asked to use `gate`.
+fn vcpu_tampered_with(
+    gate: GatePreference,
+    mut action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static,
+) -> superos_vmm::run::RunReport {
     let mut config = config(two_processes());
+    config.gate = gate;
     config.vcpu_tamper = Some(VcpuTamper::new(move |vcpu, ram, entry| {
         if !second_spawn(&entry.event) {
             return false;
@@ -448,7 +457,8 @@ fn cpu_state_intact_catches_efer_sce_on_the_int3_gate() {
     if !kvm_available() {
         return;
     }
-    let report = vcpu_tampered(|vcpu, _| {
+    // The int3 gate works on every host (ordinary KVM defaults to syscall).
+    let report = vcpu_tampered_with(GatePreference::Int3, |vcpu, _| {
         vcpu_set::update_control(vcpu, |_, _, efer| *efer |= superos_protocol::cpu::EFER_SCE).unwrap()
     });
     assert!(
@@ -492,10 +502,21 @@ fn cpu_state_intact_catches_xcr0_beyond_the_design() {
         eprintln!("skipping: the CPU has no XCR0 component beyond the design's ({supported:#x})");
         return;
     }
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refusal = refused.clone();
     let report = vcpu_tampered(move |vcpu, _| {
         let now = cpu::capture(vcpu).xcr0.expect("XSAVE is on");
-        vcpu_set::set_xcr0(vcpu, now | (extra & extra.wrapping_neg())).unwrap();
+        if vcpu_set::set_xcr0(vcpu, now | (extra & extra.wrapping_neg())).is_err() {
+            refusal.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     });
+    // KVM may refuse a component its own guest XCR0 mask lacks although the
+    // CPUID lists it (nested KVM refuses PKRU): then no such state exists.
+    if refused.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("skipping: KVM refuses XCR0 components beyond the design ({supported:#x})");
+        assert_no_violation(&report);
+        return;
+    }
     assert_cpu_finding(&report, &["XCR0 is", "beyond the design"]);
 }
 
@@ -623,7 +644,9 @@ fn periodic_checks_run_while_user_code_runs_and_catch_a_violation() {
     let report = run_config(clean);
     assert_success(&report);
     let checks = report.stats.checks;
-    assert!(checks.in_ring3 >= 5, "a 300 ms computation is checked repeatedly in ring 3: {checks:?}");
+    // Repeatedly: at least three times (under QEMU's TCG one check takes
+    // ~100 ms of the 300, on the PVM host a few ms).
+    assert!(checks.in_ring3 >= 3, "a 300 ms computation is checked repeatedly in ring 3: {checks:?}");
 
     // Tampered at the spawn, found by a periodic check: in ring 3, or at the
     // spawn event itself if a kick had found the kernel running before it;
