@@ -200,6 +200,12 @@ pub const DEBUG_BAD_HELLO: u32 = 1 << 7;
 /// by the hypervisor and reported as `kernel-text-unchanged`.
 pub const DEBUG_WRITE_KERNEL_TEXT: u32 = 1 << 8;
 
+/// Free the first non-zero frame released after boot without zeroing it
+/// (whatever the scrub strategy), as a kernel that forgets to scrub would:
+/// `free-frames-scrubbed` must report it, although an earlier check found
+/// that frame zero (the VMM's write log must show the guest's writes).
+pub const DEBUG_SKIP_ONE_SCRUB: u32 = 1 << 9;
+
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]

@@ -17,6 +17,7 @@ use crate::introspect::{IntrospectError, KernelView, OwnerLookup};
 use crate::memory::GuestRam;
 use crate::session::EventEntry;
 use crate::walk::{self, Mapping, Walk, WalkStats, KERNEL_HALF};
+use crate::write_log::{KnownZero, WriteSource};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -317,6 +318,9 @@ pub struct CheckCounters {
     pub walk: WalkStats,
     /// Free frames read to see they are zero.
     pub frames_scanned: u64,
+    /// Free frames not read: verified zero by an earlier check and not
+    /// written since (the write log, [`crate::write_log`]).
+    pub frames_known_zero: u64,
     /// Bytes of kernel text compared.
     pub text_bytes: u64,
 }
@@ -411,6 +415,19 @@ pub fn evaluate(
     facts: &Facts,
     introspect_error: Option<&IntrospectError>,
 ) -> (Vec<Violation>, CheckCounters) {
+    evaluate_with(view, walk, ram, facts, introspect_error, None)
+}
+
+/// [`evaluate`], skipping the free frames `known_zero` (refreshed by the
+/// caller) knows are zero and recording those it reads as zero.
+pub fn evaluate_with(
+    view: &KernelView,
+    walk: &Walk,
+    ram: &GuestRam,
+    facts: &Facts,
+    introspect_error: Option<&IntrospectError>,
+    known_zero: Option<&mut KnownZero>,
+) -> (Vec<Violation>, CheckCounters) {
     let mut found = Findings { violations: Vec::new(), listed: BTreeMap::new(), unlisted: BTreeMap::new() };
     let mut counters = CheckCounters { walk: walk.stats, ..Default::default() };
     introspection_problems(&mut found, view, facts, introspect_error);
@@ -486,7 +503,8 @@ pub fn evaluate(
     if view.published() {
         quota_accounting(&mut found, view, walk, &counts);
         dead_participants(&mut found, view);
-        counters.frames_scanned = free_frames_scrubbed(&mut found, view, walk, ram);
+        (counters.frames_scanned, counters.frames_known_zero) =
+            free_frames_scrubbed(&mut found, view, walk, ram, known_zero);
     }
     counters.text_bytes = kernel_text_unchanged(&mut found, ram, facts);
     kernel_w_xor_x(&mut found, walk, facts);
@@ -986,10 +1004,17 @@ fn dead_participants(found: &mut Findings, view: &KernelView) {
 /// `memcmp`, fast even in unoptimised test builds).
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
-/// Reads every free frame; returns how many were scanned. A free frame
-/// that is in use (a table, or mapped) is reported as a revocation problem
+/// Reads every free frame that `known_zero` does not know to be zero;
+/// returns how many were read and how many were known. A free frame that
+/// is in use (a table, or mapped) is reported as a revocation problem
 /// instead, not again here.
-fn free_frames_scrubbed(found: &mut Findings, view: &KernelView, walk: &Walk, ram: &GuestRam) -> u64 {
+fn free_frames_scrubbed(
+    found: &mut Findings,
+    view: &KernelView,
+    walk: &Walk,
+    ram: &GuestRam,
+    mut known_zero: Option<&mut KnownZero>,
+) -> (u64, u64) {
     let in_use =
         |frame: u64| walk.is_table(frame) || walk.mappings.binary_search_by_key(&frame, |m| m.frame).is_ok();
     const FREE: u32 = FrameOwner::Free.encode();
@@ -998,17 +1023,27 @@ fn free_frames_scrubbed(found: &mut Findings, view: &KernelView, walk: &Walk, ra
     let mut dirty: Vec<(u64, usize)> = Vec::new();
     let mut dirty_count = 0u64;
     let mut scanned = 0u64;
+    let mut known = 0u64;
     for range in &view.ranges {
         let frames = (range.end - range.start) / PAGE_SIZE;
         let owners = view.owners.get(range.first_index as usize..).unwrap_or_default();
-        let free = |i: u64| owners.get(i as usize) == Some(&FREE);
+        let is_free = |i: u64| owners.get(i as usize) == Some(&FREE);
+        let is_known = |known_zero: &Option<&mut KnownZero>, i: u64| {
+            known_zero.as_ref().is_some_and(|k| k.is_zero(range.start + i * PAGE_SIZE))
+        };
         let mut i = 0;
         while i < frames {
-            // A run of free frames, at most CHUNK_FRAMES long.
-            if !free(i) {
+            // A run of free frames to read, at most CHUNK_FRAMES long.
+            if !is_free(i) {
                 i += 1;
                 continue;
             }
+            if is_known(&known_zero, i) {
+                known += 1;
+                i += 1;
+                continue;
+            }
+            let free = |i: u64| is_free(i) && !is_known(&known_zero, i);
             let mut run = 1;
             while run < CHUNK_FRAMES && i + run < frames && free(i + run) {
                 run += 1;
@@ -1017,7 +1052,11 @@ fn free_frames_scrubbed(found: &mut Findings, view: &KernelView, walk: &Walk, ra
             let bytes = &mut buffer[..(run * PAGE_SIZE) as usize];
             if ram.read_bytes(start, bytes).is_ok() {
                 for (k, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    if page != ZERO_PAGE && !in_use(start + k as u64 * PAGE_SIZE) {
+                    if page == ZERO_PAGE {
+                        if let Some(known_zero) = known_zero.as_deref_mut() {
+                            known_zero.mark_zero(start + k as u64 * PAGE_SIZE);
+                        }
+                    } else if !in_use(start + k as u64 * PAGE_SIZE) {
                         dirty_count += 1;
                         if dirty.len() < SHOWN * 2 {
                             let offset = page.iter().position(|&b| b != 0).unwrap_or(0);
@@ -1041,7 +1080,7 @@ fn free_frames_scrubbed(found: &mut Findings, view: &KernelView, walk: &Walk, ra
         v.frames = dirty.iter().map(|&(f, _)| f).collect();
         found.add(v);
     }
-    scanned
+    (scanned, known)
 }
 
 /// Compares the kernel text with its copy; returns the bytes compared.
@@ -1093,8 +1132,11 @@ pub struct CheckStats {
     pub tables_read: u64,
     /// Leaf mappings recorded.
     pub mappings: u64,
-    /// Free frames verified zero (or not).
+    /// Free frames read to verify they are zero (or not).
     pub frames_scanned: u64,
+    /// Free frames not read: known zero from an earlier check and not
+    /// written since.
+    pub frames_known_zero: u64,
     /// Time spent checking.
     pub time: Duration,
     /// Of which walking page tables.
@@ -1145,6 +1187,8 @@ pub struct Checker {
     image: KernelImage,
     gate_kind: Option<u32>,
     cpu_design_in_force: bool,
+    /// Free frames known zero, with the write log that keeps that true.
+    known_zero: Option<KnownZero>,
     /// Totals.
     pub stats: CheckStats,
 }
@@ -1153,6 +1197,19 @@ impl Checker {
     /// A checker; `usable` are the RAM ranges the VMM gave the kernel.
     pub fn new(usable: Vec<(u64, u64)>) -> Checker {
         Checker { facts: Facts { usable, ..Default::default() }, ..Default::default() }
+    }
+
+    /// Gives the checker a log of the writes to guest RAM (`pages` pages):
+    /// each check then reads only the free frames written since an earlier
+    /// check found them zero ([`crate::write_log`]).
+    pub fn log_writes(&mut self, source: Box<dyn WriteSource>, pages: u64) {
+        self.known_zero = Some(KnownZero::new(source, pages));
+    }
+
+    /// Why the write log failed at the last check, if it did (that check
+    /// read every free frame).
+    pub fn write_log_failure(&self) -> Option<&str> {
+        self.known_zero.as_ref().and_then(|k| k.failure.as_deref())
     }
 
     /// What the VMM knows of the kernel image it loaded.
@@ -1266,7 +1323,11 @@ impl Checker {
         let walk_started = Instant::now();
         let walk = walk::walk(ram, view.kernel_pml4(), &processes);
         let walk_time = walk_started.elapsed();
-        let (violations, counters) = evaluate(&view, &walk, ram, &self.facts, error.as_ref());
+        if let Some(known_zero) = &mut self.known_zero {
+            known_zero.refresh(ram);
+        }
+        let (violations, counters) =
+            evaluate_with(&view, &walk, ram, &self.facts, error.as_ref(), self.known_zero.as_mut());
         let elapsed = started.elapsed();
         let stats = &mut self.stats;
         stats.checks += 1;
@@ -1274,6 +1335,7 @@ impl Checker {
         stats.tables_read += counters.walk.tables;
         stats.mappings += counters.walk.mappings;
         stats.frames_scanned += counters.frames_scanned;
+        stats.frames_known_zero += counters.frames_known_zero;
         stats.time += elapsed;
         stats.walk_time += walk_time;
         stats.max_time = stats.max_time.max(elapsed);

@@ -52,3 +52,4 @@ pub mod snapshot;
 pub mod svg;
 pub mod vm;
 pub mod walk;
+pub mod write_log;

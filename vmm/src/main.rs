@@ -154,6 +154,8 @@ enum Inject {
     BadHello,
     /// Overwrite kernel text from ring 0 (CR0.WP cleared), as a compromised kernel would.
     WriteKernelText,
+    /// Free the first non-zero frame released after boot without zeroing it.
+    SkipOneScrub,
 }
 
 fn main() -> ExitCode {
@@ -205,6 +207,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::SpinInKernel => boot::DEBUG_SPIN_IN_KERNEL,
                 Inject::BadHello => boot::DEBUG_BAD_HELLO,
                 Inject::WriteKernelText => boot::DEBUG_WRITE_KERNEL_TEXT,
+                Inject::SkipOneScrub => boot::DEBUG_SKIP_ONE_SCRUB,
             }
     });
     let config = RunConfig {
@@ -339,10 +342,11 @@ fn print_stats(report: &RunReport) {
         out!("  {:<28} {} ({} per check)", "tables read", checks.tables_read, per_check(checks.tables_read));
         out!("  {:<28} {} ({} per check)", "user mappings", checks.mappings, per_check(checks.mappings));
         out!(
-            "  {:<28} {} ({} per check)",
-            "free frames scanned",
+            "  {:<28} {} ({} per check; {} per check known zero, not written since an earlier check read them)",
+            "free frames read",
             checks.frames_scanned,
-            per_check(checks.frames_scanned)
+            per_check(checks.frames_scanned),
+            per_check(checks.frames_known_zero)
         );
         out!(
             "  {:<28} {:.3} ms ({:.3} ms walking) for {} mappings, {} entries walked, {} free frames scanned",

@@ -6,8 +6,15 @@
 //! [`GuestRam::read_bytes`]: values are copied out (never referenced in place)
 //! and decoded with zerocopy, so a hostile guest can make a read fail but can
 //! never make the VMM misbehave.
+//!
+//! Everything the VMM writes goes through [`GuestRam::write_bytes`], which
+//! marks the pages it writes for [`crate::write_log`] (the checker's record
+//! of which free frames can have changed). [`GuestRam::memory`] is for the
+//! kernel loader only, before the guest first runs.
 
-use superos_protocol::layout::{MAX_GUEST_MEMORY, MIN_GUEST_MEMORY};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use superos_protocol::layout::{MAX_GUEST_MEMORY, MIN_GUEST_MEMORY, PAGE_SIZE};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -46,6 +53,9 @@ pub enum MemoryError {
 pub struct GuestRam {
     memory: GuestMemoryMmap,
     size: u64,
+    /// One bit per page written through [`GuestRam::write_bytes`] since the
+    /// last [`GuestRam::take_written`] (shared by every handle).
+    written: Arc<[AtomicU64]>,
 }
 
 impl GuestRam {
@@ -57,7 +67,9 @@ impl GuestRam {
         }
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|source| MemoryError::Allocate { mib, source })?;
-        Ok(GuestRam { memory, size })
+        let words = (size / PAGE_SIZE).div_ceil(64) as usize;
+        let written = (0..words).map(|_| AtomicU64::new(0)).collect();
+        Ok(GuestRam { memory, size, written })
     }
 
     /// Size in bytes.
@@ -96,12 +108,26 @@ impl GuestRam {
             .map_err(|_| MemoryError::OutOfBounds { gpa, len: buffer.len() as u64 })
     }
 
-    /// Copies `bytes` into guest memory at `gpa`.
+    /// Copies `bytes` into guest memory at `gpa` (and marks the pages
+    /// written, before writing: a harvest in between sees the page again
+    /// later, never misses it).
     pub fn write_bytes(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemoryError> {
         self.check(gpa, bytes.len())?;
+        if !bytes.is_empty() {
+            let last = (gpa + bytes.len() as u64 - 1) / PAGE_SIZE;
+            for page in gpa / PAGE_SIZE..=last {
+                self.written[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::SeqCst);
+            }
+        }
         self.memory
             .write_slice(bytes, GuestAddress(gpa))
             .map_err(|_| MemoryError::OutOfBounds { gpa, len: bytes.len() as u64 })
+    }
+
+    /// The pages written through [`GuestRam::write_bytes`] since the last
+    /// call (bit `i` of word `w`: page `64 * w + i`), forgotten here.
+    pub fn take_written(&self) -> Vec<u64> {
+        self.written.iter().map(|word| word.swap(0, Ordering::SeqCst)).collect()
     }
 
     /// Reads a plain-data value at `gpa`.

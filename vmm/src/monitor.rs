@@ -324,6 +324,9 @@ impl Monitor {
     pub fn check(&mut self, ram: &GuestRam, trigger: Trigger) -> Option<Stop> {
         self.cpu_due = Some(trigger);
         let outcome: CheckOutcome = self.checker.check(ram);
+        if let Some(failure) = self.checker.write_log_failure() {
+            self.note(format!("the write log failed ({failure}): that check read every free frame"));
+        }
         if !outcome.published {
             self.note(if self.checker.root_announced() {
                 "the kernel's introspection root is unusable: checked the page tables of the processes known from its events only".to_string()

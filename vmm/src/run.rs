@@ -416,13 +416,19 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     // Always a monitor, even when the run checks nothing: inspection needs
     // its record of the boot (the kernel text baseline), and a write into
     // the read-only kernel image is reported whatever the check mode.
+    let mut monitor = Monitor::new(config.check, config.keep_going, config.tamper.clone(), usable.clone())
+        .with_image(&image);
+    // A run that checks logs the guest's writes, so that a check reads only
+    // the free frames that can have changed since an earlier one.
+    if config.check != CheckMode::Off {
+        if let Some(log) = vm.log_writes() {
+            monitor.checker.log_writes(Box::new(log), ram.size() / superos_protocol::layout::PAGE_SIZE);
+        }
+    }
     let mut session = Session::new(&ram, config.started, config.echo, names)
         .with_event_format(config.events)
         .with_read_only(vm.read_only())
-        .with_monitor(
-            Monitor::new(config.check, config.keep_going, config.tamper.clone(), usable.clone())
-                .with_image(&image),
-        );
+        .with_monitor(monitor);
     let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
     let control = attached.control();
     install_kick_handler();

@@ -3,9 +3,13 @@
 use crate::arch::regs;
 use crate::cpu::CpuFeatures;
 use crate::memory::GuestRam;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY};
+use crate::write_log::KvmWriteLog;
+use kvm_bindings::{
+    kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::path::Path;
+use std::sync::Arc;
 use superos_protocol::boot::HostFlavor;
 use superos_protocol::layout::PAGE_SIZE;
 use thiserror::Error;
@@ -56,8 +60,12 @@ pub fn detect_host_flavor() -> HostFlavor {
 pub struct Vm {
     /// Kept open for the VM's lifetime.
     _kvm: Kvm,
-    /// Kept open for the VM's lifetime.
-    _vm: VmFd,
+    /// Kept open for the VM's lifetime (shared with a [`KvmWriteLog`]).
+    vm: Arc<VmFd>,
+    /// The memory slots registered: `(start, end, flags)`, slot = index.
+    slots: Vec<(u64, u64, u32)>,
+    /// Host address of guest-physical 0.
+    host_address: u64,
     /// The vCPU.
     pub vcpu: VcpuFd,
     /// The guest-physical range registered read-only (`[start, end)`), if any.
@@ -86,17 +94,10 @@ impl Vm {
                 && end <= ram.size()
                 && vm.check_extension(Cap::ReadonlyMem)
         });
-        for (slot, (start, end, flags)) in memory_slots(ram.size(), read_only).into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags,
-                guest_phys_addr: start,
-                memory_size: end - start,
-                userspace_addr: ram.host_address() as u64 + start,
-            };
-            // SAFETY: the region is part of `ram`'s mapping (`start..end` lies inside
-            // it), which outlives the VM (`run::run` drops the `Vm` before the `GuestRam`).
-            unsafe { vm.set_user_memory_region(region) }.map_err(VmError::SetMemory)?;
+        let slots = memory_slots(ram.size(), read_only);
+        let host_address = ram.host_address() as u64;
+        for (slot, &(start, end, flags)) in slots.iter().enumerate() {
+            register_slot(&vm, host_address, slot as u32, start, end, flags).map_err(VmError::SetMemory)?;
         }
         let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
         // Without the host's CPUID some MSR writes (EFER.SCE) raise #GP.
@@ -105,7 +106,27 @@ impl Vm {
         let entries: Vec<_> =
             cpuid.as_slice().iter().map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx)).collect();
         let features = CpuFeatures::from_entries(&entries);
-        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, read_only, features })
+        Ok(Vm { _kvm: kvm, vm: Arc::new(vm), slots, host_address, vcpu, read_only, features })
+    }
+
+    /// Turns on KVM's dirty log for the read-write slots and returns the
+    /// log (with the VMM's own writes, see [`crate::write_log`]). `None` if
+    /// KVM refuses (the checker then reads every free frame at each check).
+    pub fn log_writes(&mut self) -> Option<KvmWriteLog> {
+        let mut logged = Vec::new();
+        for (slot, entry) in self.slots.iter_mut().enumerate() {
+            let (start, end, flags) = *entry;
+            if flags & KVM_MEM_READONLY != 0 {
+                continue;
+            }
+            let with_log = flags | KVM_MEM_LOG_DIRTY_PAGES;
+            if register_slot(&self.vm, self.host_address, slot as u32, start, end, with_log).is_err() {
+                return None;
+            }
+            *entry = (start, end, with_log);
+            logged.push((slot as u32, start, end - start));
+        }
+        Some(KvmWriteLog::new(self.vm.clone(), logged))
     }
 
     /// The range registered read-only, if one was.
@@ -131,6 +152,30 @@ impl Vm {
     pub fn tsc_khz(&self) -> u64 {
         self.vcpu.get_tsc_khz().map(u64::from).unwrap_or(0)
     }
+}
+
+/// Registers (or re-registers, with new flags) memory slot `slot`:
+/// guest-physical `start..end` at `host_address + start`.
+fn register_slot(
+    vm: &VmFd,
+    host_address: u64,
+    slot: u32,
+    start: u64,
+    end: u64,
+    flags: u32,
+) -> Result<(), kvm_ioctls::Error> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: start,
+        memory_size: end - start,
+        userspace_addr: host_address + start,
+    };
+    // SAFETY: `host_address` is the start of the guest RAM mapping and
+    // `start..end` lies inside it (`memory_slots` never leaves RAM); the
+    // mapping outlives the VM and every handle to its fd (`run::run` drops
+    // the `Vm` and the session holding a `KvmWriteLog` before the `GuestRam`).
+    unsafe { vm.set_user_memory_region(region) }
 }
 
 /// The memory slots for `size` bytes of RAM with `read_only` protected:

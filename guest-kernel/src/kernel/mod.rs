@@ -714,6 +714,9 @@ impl Kernel {
     }
 
     fn start_processes(&mut self, frame: &mut TrapFrame) {
+        // After `KernelReady`, which a checking VMM checks: every free frame
+        // has been found zero by then.
+        self.memory.skip_one_scrub = self.boot.debug_flags & boot::DEBUG_SKIP_ONE_SCRUB != 0;
         for index in 0..self.boot.processes().len() {
             self.start_run(index);
         }
