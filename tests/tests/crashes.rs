@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::time::Duration;
-use superos_protocol::boot;
+use superos_protocol::boot::{self, HostFlavor};
 use superos_protocol::event::Event;
 use superos_tests::*;
 use superos_vmm::run::{run, GuestExit, RunError, EXIT_GUEST_CRASH, EXIT_TIMEOUT};
@@ -58,6 +58,18 @@ fn a_kernel_panic_is_reported_with_its_message_and_location() {
     assert!(diagnosis.instruction_bytes.is_some());
 }
 
+/// Whether the CPU this test runs on is AMD's (CPUID vendor string).
+fn cpu_is_amd() -> bool {
+    let leaf = std::arch::x86_64::__cpuid(0);
+    let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+    vendor == *b"AuthenticAMD"
+}
+
+/// Host-dependent on purpose: where the registers of the faulting
+/// instruction survive the shutdown (the PVM host; Intel VT-x) the
+/// diagnosis names the instruction; on ordinary KVM on AMD, KVM
+/// re-initialises the vCPU at a shutdown intercept (the VMCB is undefined
+/// after it), and the diagnosis must say so instead of naming a symbol.
 #[test]
 fn a_triple_fault_is_diagnosed_with_rip_symbol_and_instruction_bytes() {
     if !kvm_available() {
@@ -69,6 +81,14 @@ fn a_triple_fault_is_diagnosed_with_rip_symbol_and_instruction_bytes() {
     assert_eq!(report.exit, GuestExit::TripleFault);
     assert_eq!(report.exit_status(), EXIT_GUEST_CRASH);
     let diagnosis = report.diagnosis.as_ref().expect("a crash is diagnosed");
+    assert!(diagnosis.to_string().contains("cr3"), "{diagnosis}");
+    if report.host == HostFlavor::Kvm && cpu_is_amd() {
+        assert_eq!(diagnosis.rip, 0xfff0, "KVM on AMD resets the vCPU at a shutdown: {diagnosis}");
+        assert_eq!(diagnosis.symbol, None, "{diagnosis}");
+        assert!(diagnosis.to_string().contains("reset registers"), "{diagnosis}");
+        return;
+    }
+    assert_eq!(diagnosis.note, None, "{diagnosis}");
     assert!(diagnosis.symbol.as_deref().is_some_and(|s| s.starts_with("kernel_main+")), "{diagnosis}");
     // The injected fault is a ud2 (0f 0b).
     assert_eq!(
@@ -76,7 +96,6 @@ fn a_triple_fault_is_diagnosed_with_rip_symbol_and_instruction_bytes() {
         Some(&[0x0f, 0x0b][..]),
         "{diagnosis}"
     );
-    assert!(diagnosis.to_string().contains("cr3"), "{diagnosis}");
 }
 
 #[test]

@@ -98,6 +98,19 @@ pub struct Diagnosis {
     pub instruction_bytes: Option<Vec<u8>>,
     /// Register dump.
     pub registers: String,
+    /// What the registers cannot tell, if anything (see
+    /// [`is_reset_state`]).
+    pub note: Option<String>,
+}
+
+/// Whether `regs`/`sregs` are an x86 vCPU's state after INIT or reset
+/// (RIP 0xfff0 in CS 0xf000, paging and protection off). On AMD, KVM
+/// re-initialises the vCPU when it intercepts a shutdown (a triple fault),
+/// because the VMCB is undefined afterwards: the registers of the faulting
+/// instruction are gone. The SuperOS kernel never runs in this state.
+pub fn is_reset_state(regs: &kvm_regs, sregs: &kvm_sregs) -> bool {
+    const CR0_PE: u64 = 1;
+    regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 && sregs.cr0 & CR0_PE == 0
 }
 
 impl Diagnosis {
@@ -142,7 +155,14 @@ impl Diagnosis {
             sregs.cr4,
             sregs.efer
         );
-        Diagnosis { reason, rip, symbol: symbols.lookup(rip), instruction_bytes, registers }
+        let note = is_reset_state(regs, sregs).then(|| {
+            "these are the vCPU's reset registers, not the faulting instruction's: KVM re-initialised the \
+             vCPU at the shutdown (on AMD the VMCB is undefined after a shutdown intercept), so where the \
+             guest faulted is not known"
+                .to_string()
+        });
+        let symbol = if note.is_some() { None } else { symbols.lookup(rip) };
+        Diagnosis { reason, rip, symbol, instruction_bytes, registers, note }
     }
 }
 
@@ -165,6 +185,9 @@ impl std::fmt::Display for Diagnosis {
         for line in self.registers.lines() {
             writeln!(f, "  {line}")?;
         }
+        if let Some(note) = &self.note {
+            writeln!(f, "  note: {note}")?;
+        }
         Ok(())
     }
 }
@@ -173,6 +196,26 @@ impl std::fmt::Display for Diagnosis {
 mod tests {
     use super::*;
     use crate::images::KERNEL_ELF;
+
+    #[test]
+    fn the_reset_state_is_recognised_and_named() {
+        let mut regs = kvm_regs { rip: 0xfff0, ..Default::default() };
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.selector = 0xf000;
+        sregs.cr0 = 0x6000_0010;
+        assert!(is_reset_state(&regs, &sregs));
+        let ram = GuestRam::new(16).unwrap();
+        let symbols = KernelSymbols::parse(KERNEL_ELF);
+        let diagnosis = Diagnosis::new("triple fault".into(), regs.rip, &regs, &sregs, &ram, &symbols);
+        assert!(diagnosis.to_string().contains("reset registers"), "{diagnosis}");
+        assert_eq!(diagnosis.symbol, None);
+        sregs.cr0 |= 1;
+        assert!(!is_reset_state(&regs, &sregs), "protected mode is not the reset state");
+        regs.rip = 0xffff_ffff_8000_1000;
+        sregs.cs.selector = 0x8;
+        let diagnosis = Diagnosis::new("triple fault".into(), regs.rip, &regs, &sregs, &ram, &symbols);
+        assert_eq!(diagnosis.note, None);
+    }
 
     #[test]
     fn kernel_symbols_resolve() {
