@@ -414,14 +414,22 @@ fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
             .handle(handle)
             .ok_or(("cap_list (own handle)", Error::BadHandle))?
             .region;
-        // The grantee's clock: word 0 its latest rdtsc, word 1 set once it spins.
+        // The grantee's clock: word 0 its latest rdtsc, word 1 1 while it is
+        // parked at its yield (see `grantee`).
         let (clock_handle, clock_id, clock) = region(1, grantee, RIGHT_READ | RIGHT_WRITE)?;
         send(grantee, mem_share_message(id, &mut message))?;
         send(grantee, mem_share_message(clock_id, &mut message))?;
         // SAFETY (both reads): word 1 and word 0 of the owner's own shared
         // clock mapping, which no Rust reference covers.
-        while unsafe { read_u64(clock + 8) } != 1 {
+        // Yield at least once: the revoke then starts right after a switch
+        // back to this process, on a fresh time slice, so that a timer
+        // tick does not switch to the grantee before `shm_revoke` returns
+        // (it would fault first, and the sample would be stale).
+        loop {
             yield_now();
+            if unsafe { read_u64(clock + 8) } == 1 {
+                break;
+            }
         }
         marks.begin_own(OP_SHM_CYCLE);
         let before = rdtsc();
@@ -447,7 +455,7 @@ fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
             sample("revoke-latency", 1, faulted - revoked);
         } else {
             println!(
-                "bench: stale grantee timestamp (preempted between its rdtsc and its read); sample dropped"
+                "bench: stale grantee timestamp (a timer tick switched to the grantee before shm_revoke returned, and it faulted first); sample dropped"
             );
         }
         shm_unmap(own).map_err(fail("shm_unmap"))?;
@@ -469,17 +477,20 @@ fn grantee(owner: u32) -> Result<(), Failure> {
     };
     let revoked = map(PROT_READ)?;
     let clock = map(RW)?;
-    // SAFETY: word 1 of the writable clock mapping.
-    unsafe { write_u64(clock + 8, 1) };
     loop {
-        // Yield first, so the owner runs (and revokes) while this process
-        // is parked in a known place: when it resumes, the `rdtsc` below is
-        // fresh and the read right after it is the one that faults. (A
-        // timer preemption between the two would leave a stale timestamp.)
-        yield_now();
+        // Word 1 says where this process is: 1 from just before its yield
+        // to just after it, 2 while it runs its timestamp and read. The
+        // owner revokes only while it reads 1 (one vCPU: this process is
+        // then parked in or right before its yield), so that when it
+        // resumes, the `rdtsc` below is fresh and the read right after it
+        // is the one that faults. A timer preemption between the two finds
+        // word 1 at 2, and the owner waits for the next yield.
         // SAFETY: the clock stays mapped; the read of the revoked region is
         // meant to fault once the owner revokes it.
+        unsafe { write_u64(clock + 8, 1) };
+        yield_now();
         unsafe {
+            write_u64(clock + 8, 2);
             write_u64(clock, rdtsc());
             black_box(read_u64(revoked));
         }
