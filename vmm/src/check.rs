@@ -1126,6 +1126,9 @@ pub struct CheckStats {
     /// Periodic checks put off because the vCPU was in ring 0 (run at the
     /// next kick or event instead).
     pub deferred: u64,
+    /// The shortest time between the end of a check and the start of the
+    /// next periodic one (the guest's time to run; at least the period).
+    pub shortest_gap: Option<Duration>,
     /// Page-table entries examined.
     pub ptes_walked: u64,
     /// Tables read.

@@ -88,7 +88,8 @@ struct RunArgs {
     events: Events,
     /// When the VMM checks the isolation invariants (page tables walked from
     /// outside against the kernel's published tables): at every kernel event,
-    /// every <ms> milliseconds when the vCPU is in user mode, once at exit, or never.
+    /// every <ms> milliseconds when the vCPU is in user mode (at least <ms> after the previous
+    /// check ended), once at exit, or never.
     #[arg(long, value_name = "every-event|periodic:<ms>|exit|off", default_value = "exit", value_parser = parse_check)]
     check: CheckMode,
     /// Do not stop the guest at the first invariant violation: collect them
@@ -332,6 +333,9 @@ fn print_stats(report: &RunReport) {
             checks.in_ring3,
             checks.deferred
         );
+        if let Some(gap) = checks.shortest_gap {
+            out!("  {:<28} {:.3} ms", "shortest run between checks", gap.as_secs_f64() * 1e3);
+        }
         out!(
             "  {:<28} {} ({} per check, {:.1} million per second of walking)",
             "page-table entries walked",

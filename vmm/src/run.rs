@@ -436,7 +436,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         CheckMode::Periodic(period) => Some(period),
         _ => None,
     };
-    let kicks = Kicks { stop: AtomicBool::new(false), check_due: AtomicBool::new(false) };
+    let kicks = Kicks { stop: AtomicBool::new(false), check_due: AtomicBool::new(false), period };
     let vcpu_tamper = config.vcpu_tamper.clone();
     let (exit, exits, diagnosis, final_cpu) = std::thread::scope(|scope| -> Result<_, RunError> {
         let (sender, receiver) = mpsc::channel();
@@ -502,6 +502,11 @@ struct Kicks {
     stop: AtomicBool,
     /// A periodic check is due.
     check_due: AtomicBool,
+    /// The periodic checks' period: the guest runs at least this long
+    /// between the end of one check and the next periodic one, however long
+    /// a check takes (under QEMU's TCG a check can take longer than a
+    /// period; kicked on a fixed grid, the guest would barely run).
+    period: Option<Duration>,
 }
 
 enum VcpuMessage {
@@ -730,7 +735,10 @@ fn vcpu_loop(
     session.phases.vcpu_start = Some(session.now());
     // `run --paused`: held before the first instruction (`quit` there stops it).
     let mut quit_at_start = control.is_some_and(|control| control.before_start(session));
+    let checks_run = |session: &Session<'_>| session.monitor.as_ref().map_or(0, |m| m.checker.stats.checks);
+    let mut last_check_end: Option<Instant> = None;
     let exit = loop {
+        let checks_before = checks_run(session);
         if std::mem::take(&mut quit_at_start) {
             break GuestExit::Stopped;
         }
@@ -776,7 +784,17 @@ fn vcpu_loop(
         // A periodic check is due: run it if the vCPU stopped in ring 3
         // (user code; the kernel is not half-way through anything).
         let step = match step {
-            Step::Continue if kicks.check_due.swap(false, Ordering::SeqCst) => {
+            Step::Continue
+                if kicks.check_due.swap(false, Ordering::SeqCst)
+                    && kicks
+                        .period
+                        .is_none_or(|period| last_check_end.is_none_or(|end| end.elapsed() >= period)) =>
+            {
+                if let (Some(end), Some(monitor)) = (last_check_end, session.monitor.as_mut()) {
+                    let gap = end.elapsed();
+                    let shortest = &mut monitor.checker.stats.shortest_gap;
+                    *shortest = Some(shortest.map_or(gap, |s| s.min(gap)));
+                }
                 let ring3_rip = match (vcpu.get_sregs(), vcpu.get_regs()) {
                     (Ok(sregs), Ok(regs)) if sregs.cs.selector & 3 == 3 => Some(regs.rip),
                     _ => None,
@@ -792,6 +810,9 @@ fn vcpu_loop(
         };
         // The CPU state, if this exit ran a check.
         let step = cpu_check_after_exit(vcpu, session, &mut vcpu_tamper, events_before, step);
+        if checks_run(session) != checks_before {
+            last_check_end = Some(Instant::now());
+        }
         // The control socket: hold the vCPU here for a query if this is a
         // consistent point, or stop it (`quit`).
         let step = match (step, control) {
