@@ -156,6 +156,12 @@ enum Inject {
     WriteKernelText,
     /// Free the first non-zero frame released after boot without zeroing it.
     SkipOneScrub,
+    /// Flood the console forever (partial lines from ever-new pids, long lines); only --timeout ends it.
+    ConsoleFlood,
+    /// Flood the event ring forever; only --timeout ends it.
+    EventFlood,
+    /// Send the boot hello a second time after boot (a violation).
+    SecondHello,
 }
 
 fn main() -> ExitCode {
@@ -208,6 +214,9 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::BadHello => boot::DEBUG_BAD_HELLO,
                 Inject::WriteKernelText => boot::DEBUG_WRITE_KERNEL_TEXT,
                 Inject::SkipOneScrub => boot::DEBUG_SKIP_ONE_SCRUB,
+                Inject::ConsoleFlood => boot::DEBUG_CONSOLE_FLOOD,
+                Inject::EventFlood => boot::DEBUG_EVENT_FLOOD,
+                Inject::SecondHello => boot::DEBUG_SECOND_HELLO,
             }
     });
     let config = RunConfig {
@@ -236,6 +245,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         keep_going: args.keep_going,
         tamper: None,
         vcpu_tamper: None,
+        limits: Default::default(),
     };
     let origin = config.scenario.origin.clone();
     if !args.quiet {
@@ -291,6 +301,12 @@ fn print_summary(report: &RunReport) {
     }
     for note in &report.check_notes {
         out!("superos-vmm: note: {note}");
+    }
+    if report.lost_events > 0 {
+        out!("superos-vmm: note: {} events lost in the kernel's event ring", report.lost_events);
+    }
+    if !report.dropped.is_empty() {
+        out!("superos-vmm: note: {}", report.dropped);
     }
     let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
     let checks = &report.stats.checks;

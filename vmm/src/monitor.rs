@@ -191,6 +191,10 @@ impl std::fmt::Display for ReportedViolation {
 /// Distinct violations kept per run; later ones are counted.
 pub const MAX_REPORTED: usize = 1000;
 
+/// Notes kept per run (later ones are dropped: they only repeat a kind of
+/// note with other details).
+pub const MAX_NOTES: usize = 64;
+
 /// What a check decided for the run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stop {
@@ -255,7 +259,7 @@ impl Monitor {
     }
 
     fn note(&mut self, text: String) {
-        if !self.notes.contains(&text) {
+        if self.notes.len() < MAX_NOTES && !self.notes.contains(&text) {
             self.notes.push(text);
         }
     }
@@ -392,10 +396,14 @@ impl Monitor {
             if !invariants.contains(&violation.invariant) {
                 invariants.push(violation.invariant);
             }
-            if !self.seen.insert((violation.invariant, violation.details.clone())) {
+            let key = (violation.invariant, violation.details.clone());
+            if self.seen.contains(&key) {
                 continue;
             }
+            // Bounded: past the cap nothing more is remembered (so repeats
+            // of dropped violations are counted again).
             if self.violations.len() < MAX_REPORTED {
+                self.seen.insert(key);
                 let at_panic = trigger == Trigger::Panic;
                 self.violations.push(ReportedViolation { at: at.clone(), at_panic, violation });
             } else {
