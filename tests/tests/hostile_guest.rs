@@ -205,3 +205,21 @@ fn a_kernel_flooding_events_is_stopped_on_time_and_its_events_stay_bounded() {
     assert!(report.dropped.events > 0, "{:?}", report.dropped);
     assert_ne!(report.exit_status(), 0);
 }
+
+#[test]
+fn a_second_boot_hello_is_a_violation_not_a_new_baseline() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_config(hello_with(boot::DEBUG_SECOND_HELLO));
+    let listing: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    match &report.exit {
+        GuestExit::InvariantViolated { at, invariants } => {
+            assert_eq!(invariants, &[Invariant::SingleBootHello], "{listing:#?}");
+            assert_eq!(at, "boot hello #2");
+        }
+        other => panic!("not stopped at the second hello: {other}\n{listing:#?}"),
+    }
+    assert_eq!(report.exit_status(), EXIT_INVARIANT_VIOLATED);
+    assert!(listing[0].contains("the kernel said hello again"), "{listing:#?}");
+}

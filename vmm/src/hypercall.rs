@@ -166,6 +166,18 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
     let Some(params) = read_params::<BootHelloParams>(session, Hypercall::BootHello, gpa) else {
         return Flow::Continue;
     };
+    let text = Some((params.kernel_text_gpa, params.kernel_text_len));
+    if session.hello.is_some() {
+        // Exactly one boot hello: a later one would re-baseline or move
+        // what the VMM watches. Refused, and a violation.
+        session.hellos += 1;
+        write_status(session, gpa, core::mem::offset_of!(BootHelloParams, status), &hc::STATUS_BAD_ARGUMENT);
+        return match session.boot_hello_checked(text, params.introspection_root_gpa) {
+            Some(stop) => Flow::InvariantViolated(stop),
+            None => Flow::Continue,
+        };
+    }
+    let mut flow = Flow::Continue;
     let status = if params.version != PROTOCOL_VERSION {
         session.warn(format!(
             "boot hello: kernel speaks protocol version {}, the VMM {PROTOCOL_VERSION}",
@@ -177,12 +189,12 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
             Ok(ring) => {
                 session.ring = Some(ring);
                 session.hello = Some(params);
+                session.hellos += 1;
                 if session.ram.contains(params.kernel_text_gpa, params.kernel_text_len) {
                     session.kernel_text = Some((params.kernel_text_gpa, params.kernel_text_len));
                 }
-                let (ram, text) = (session.ram, session.kernel_text);
-                if let Some(monitor) = session.monitor.as_mut() {
-                    monitor.checker.boot_hello(ram, text, params.introspection_root_gpa);
+                if let Some(stop) = session.boot_hello_checked(text, params.introspection_root_gpa) {
+                    flow = Flow::InvariantViolated(stop);
                 }
                 hc::STATUS_OK
             }
@@ -193,7 +205,7 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
         }
     };
     write_status(session, gpa, core::mem::offset_of!(BootHelloParams, status), &status);
-    Flow::Continue
+    flow
 }
 
 fn console_write(session: &mut Session<'_>, gpa: u64) -> Flow {

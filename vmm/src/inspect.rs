@@ -176,6 +176,7 @@ impl Analysis {
         let facts = Facts {
             usable: state.usable.clone(),
             text: state.baseline.clone(),
+            text_missing: None,
             text_range,
             live_from_events: live,
             kernel_read_only: state.image.read_only,

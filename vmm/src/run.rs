@@ -432,6 +432,9 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     // the read-only kernel image is reported whatever the check mode.
     let mut monitor = Monitor::new(config.check, config.keep_going, config.tamper.clone(), usable.clone())
         .with_image(&image);
+    // The text baseline is what the VMM itself just loaded, before the
+    // kernel ran a single instruction.
+    monitor.checker.baseline_image(&ram);
     // A run that checks logs the guest's writes, so that a check reads only
     // the free frames that can have changed since an earlier one.
     if config.check != CheckMode::Off {

@@ -157,6 +157,9 @@ pub struct Session<'a> {
     /// MMIO writes and are reported, not ignored.
     pub read_only: Option<(u64, u64)>,
     warnings: u64,
+    /// Boot hellos accepted or refused as a second one (not counting
+    /// those refused for a bad version or ring before the first).
+    pub hellos: u64,
     /// What was dropped to keep the VMM's memory bounded.
     pub dropped: Dropped,
     limits: Limits,
@@ -185,6 +188,7 @@ impl<'a> Session<'a> {
             monitor: None,
             read_only: None,
             warnings: 0,
+            hellos: 0,
             dropped: Dropped::default(),
             limits: Limits::default(),
             console_bytes: 0,
@@ -245,6 +249,16 @@ impl<'a> Session<'a> {
         };
         let reported = monitor.violations.len();
         let stop = monitor.read_only_write(&write);
+        self.echo_violations(reported);
+        stop
+    }
+
+    /// The kernel's boot hello number [`Session::hellos`] (see
+    /// [`Monitor::boot_hello`]). `Some` if the guest must stop.
+    pub fn boot_hello_checked(&mut self, text: Option<(u64, u64)>, root_gpa: u64) -> Option<Stop> {
+        let (ram, count) = (self.ram, self.hellos);
+        let reported = self.monitor.as_ref()?.violations.len();
+        let stop = self.monitor.as_mut()?.boot_hello(ram, count, text, root_gpa);
         self.echo_violations(reported);
         stop
     }
