@@ -292,6 +292,11 @@ fn drain_events(session: &mut Session<'_>, notified: bool) -> usize {
     };
     match ring.drain(session.ram) {
         Ok(drained) => {
+            if let Some((was, now)) = drained.lost_backwards {
+                session.warn(format!(
+                    "the kernel's event ring lost-record count went backwards from {was} to {now}: records may have been lost unreported"
+                ));
+            }
             if drained.newly_lost > 0 {
                 session.lost_events += drained.newly_lost;
                 session
