@@ -644,7 +644,8 @@ impl Attached {
             if let Err(error) = snapshot::write(file, ram, &state, &meta) {
                 let message = format!("could not write the snapshot {}: {error}", path.display());
                 eprintln!("superos-vmm: {message}");
-                report.log.push(message);
+                report.log.push(message.clone());
+                report.output_errors.push(message);
             }
         }
         if let Some(on_finish) = self.on_finish {

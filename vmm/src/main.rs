@@ -56,7 +56,8 @@ Exit status: 0 every process did what the scenario expects; 1 some process did n
 2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired;
 5 an isolation invariant was violated (takes precedence over 1, 3 and 4; what the check at
 a kernel panic finds is listed but leaves the status at 3). A guest stopped with
-`inspect quit` exits 1 (its processes did not finish).";
+`inspect quit` exits 1 (its processes did not finish). 6: all went well but a requested
+output (the snapshot, stdout) could not be written.";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -264,7 +265,15 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     if args.stats {
         print_stats(&report);
     }
-    Ok(report.exit_status())
+    // A requested output that could not be written (stdout here; the
+    // snapshot is in the report) makes the status non-zero.
+    match report.exit_status() {
+        run::EXIT_OK if superos_vmm::session::output_failed() => {
+            eprintln!("superos-vmm: could not write the output to stdout");
+            Ok(run::EXIT_OUTPUT_FAILED)
+        }
+        status => Ok(status),
+    }
 }
 
 fn print_summary(report: &RunReport) {

@@ -296,6 +296,9 @@ pub struct RunReport {
     /// What the VMM dropped to keep its memory bounded (events, console
     /// bytes, warnings beyond their caps).
     pub dropped: crate::session::Dropped,
+    /// Requested outputs that could not be written (the snapshot): the
+    /// exit status is then [`EXIT_OUTPUT_FAILED`] unless already non-zero.
+    pub output_errors: Vec<String>,
     /// Counters and timings.
     pub stats: RunStats,
     /// Where the guest died, if it crashed.
@@ -325,6 +328,9 @@ pub const EXIT_TIMEOUT: i32 = 4;
 /// of the check at a kernel panic alone leave the status at
 /// [`EXIT_GUEST_CRASH`]).
 pub const EXIT_INVARIANT_VIOLATED: i32 = 5;
+/// The guest run was fine but a requested output (the snapshot, stdout)
+/// could not be written.
+pub const EXIT_OUTPUT_FAILED: i32 = 6;
 
 impl RunReport {
     /// True if the kernel shut down cleanly and every process behaved.
@@ -334,6 +340,14 @@ impl RunReport {
 
     /// The process exit status `superos-vmm run` uses for this report.
     pub fn exit_status(&self) -> i32 {
+        match self.run_status() {
+            EXIT_OK if !self.output_errors.is_empty() => EXIT_OUTPUT_FAILED,
+            status => status,
+        }
+    }
+
+    /// The status of the guest run alone (outputs aside).
+    fn run_status(&self) -> i32 {
         if self.violations.iter().any(|v| !v.at_panic)
             || matches!(self.exit, GuestExit::InvariantViolated { .. })
         {
@@ -503,6 +517,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         log: std::mem::take(&mut session.log),
         lost_events: session.lost_events,
         dropped: session.dropped,
+        output_errors: Vec::new(),
         stats,
         diagnosis,
         host,
@@ -1146,6 +1161,7 @@ mod tests {
             log: Vec::new(),
             lost_events: 0,
             dropped: Default::default(),
+            output_errors: Vec::new(),
             stats: RunStats::default(),
             diagnosis: None,
             host: HostFlavor::Kvm,
@@ -1206,6 +1222,7 @@ mod tests {
             log: Vec::new(),
             lost_events: 0,
             dropped: Default::default(),
+            output_errors: Vec::new(),
             stats: RunStats::default(),
             diagnosis: None,
             host: HostFlavor::Kvm,

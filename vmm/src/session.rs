@@ -11,11 +11,28 @@ use std::time::{Duration, Instant};
 use superos_protocol::event::{Event, EventRecord};
 use superos_protocol::hypercall::BootHelloParams;
 
-/// Prints one line on stdout. Write errors (a closed pipe, say) are
-/// ignored: losing live output must not stop the VM.
+/// Prints one line on stdout. A write error (a full disk, a closed pipe)
+/// does not stop the VM, but it is remembered ([`output_failed`]): the
+/// command then exits non-zero.
 pub fn emit(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
+    if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+        note_output_failure();
+    }
+}
+
+static OUTPUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Remembers that some requested output (stdout, a file) could not be
+/// written.
+pub fn note_output_failure() {
+    OUTPUT_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// True if [`emit`] (or anyone calling [`note_output_failure`]) failed to
+/// write output in this process.
+pub fn output_failed() -> bool {
+    OUTPUT_FAILED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Warnings stored per run; later ones are only counted.

@@ -104,3 +104,24 @@ fn help_shows_examples_and_list_shows_what_is_embedded() {
     assert_eq!(code, 0);
     assert!(stdout.contains("default") && stdout.contains("write-code"), "{stdout}");
 }
+
+#[test]
+fn outputs_that_cannot_be_written_make_the_exit_status_non_zero() {
+    if !kvm_available() || !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    // The snapshot: the run itself was fine.
+    let (code, stdout, stderr) = vmm(&["run", "hello", "-q", "--snapshot-on-exit", "/dev/full"]);
+    assert_eq!(code, 6, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.contains("could not write the snapshot /dev/full"), "{stderr}");
+    // Stdout on a full disk.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+        .args(["run", "hello"])
+        .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("superos-vmm runs");
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("could not write the output to stdout"), "{stderr}");
+}
