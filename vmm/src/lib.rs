@@ -40,6 +40,7 @@ pub mod event_json;
 pub mod events;
 pub mod hypercall;
 pub mod images;
+pub mod input;
 pub mod inspect;
 pub mod inspect_cli;
 pub mod introspect;

@@ -198,7 +198,8 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     }
     let kernel = match &args.kernel {
         Some(path) => Cow::Owned(
-            std::fs::read(path).map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?,
+            superos_vmm::input::read_regular(path, superos_vmm::input::MAX_ELF_BYTES)
+                .map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?,
         ),
         None => Cow::Borrowed(images::KERNEL_ELF),
     };

@@ -125,3 +125,42 @@ fn outputs_that_cannot_be_written_make_the_exit_status_non_zero() {
     assert_eq!(status.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("could not write the output to stdout"), "{stderr}");
 }
+
+#[test]
+fn inputs_that_are_not_regular_files_or_too_large_are_refused_up_front() {
+    let dir = std::env::temp_dir().join(format!("superos-cli-inputs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+    let scenario = dir.join("zero.toml");
+    std::fs::write(&scenario, "[[process]]\nname = \"z\"\npath = \"/dev/zero\"\n").unwrap();
+    let big = dir.join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    let fifo_name = fifo.to_str().unwrap();
+    let mut cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["run", "/dev/zero"],
+            "cannot read scenario /dev/zero: a character device, not a regular file".into(),
+        ),
+        (
+            vec!["run", "--kernel", "/dev/zero"],
+            "cannot read kernel /dev/zero: a character device, not a regular file".into(),
+        ),
+        (vec!["run", scenario.to_str().unwrap()], "cannot read /dev/zero: a character device".into()),
+        (vec!["run", big.to_str().unwrap()], format!("{} bytes, more than the {} allowed", 2 << 20, 1 << 20)),
+        (vec!["inspect", "--snapshot", "/dev/zero", "ps"], "a character device, not a regular file".into()),
+    ];
+    if made {
+        cases.push((vec!["run", fifo_name], "a FIFO, not a regular file".into()));
+        cases.push((vec!["run", "--kernel", fifo_name], "a FIFO, not a regular file".into()));
+        cases.push((vec!["inspect", "--snapshot", fifo_name, "ps"], "a FIFO, not a regular file".into()));
+    }
+    for (args, needle) in &cases {
+        // Each is refused at once: no read of /dev/zero until memory runs
+        // out, no wait for a FIFO's writer (the test would hang).
+        let (code, _, stderr) = vmm(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle.as_str()), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
