@@ -105,6 +105,13 @@ impl EventRing {
     /// Copies out every record written since the last drain and hands the
     /// slots back to the kernel.
     pub fn drain(&mut self, ram: &GuestRam) -> Result<Drained, EventRingError> {
+        self.drain_at_most(ram, u64::MAX)
+    }
+
+    /// [`EventRing::drain`], but at most `max` records (the oldest); the
+    /// rest stay in the ring for the next call. A ring as large as guest
+    /// RAM is then drained in bounded pieces.
+    pub fn drain_at_most(&mut self, ram: &GuestRam, max: u64) -> Result<Drained, EventRingError> {
         let header: EventRingHeader = ram.read(self.gpa)?;
         let pending = header.head.wrapping_sub(self.tail);
         if pending > u64::from(self.capacity) {
@@ -114,6 +121,7 @@ impl EventRing {
                 capacity: self.capacity,
             });
         }
+        let pending = pending.min(max);
         let mut records = Vec::with_capacity(pending as usize);
         // Counted from the tail, not as a range `tail..head`: the indices
         // are free-running u64s and may cross the wrap (head < tail), which
@@ -123,7 +131,7 @@ impl EventRing {
             let slot = seq % u64::from(self.capacity);
             records.push(ram.read::<EventRecord>(self.gpa + HEADER_SIZE + slot * RECORD_SIZE)?);
         }
-        self.tail = header.head;
+        self.tail = self.tail.wrapping_add(pending);
         ram.write(self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64, &self.tail)?;
         let (newly_lost, lost_backwards) = match header.lost.checked_sub(self.lost) {
             Some(newly) => (newly, None),
@@ -213,6 +221,20 @@ mod tests {
         let drained = ring.drain(&ram).unwrap();
         assert!(drained.records.is_empty());
         assert_eq!(drained.lost_backwards, Some((5, 1)));
+    }
+
+    #[test]
+    fn a_ring_is_drained_in_bounded_pieces() {
+        let ram = GuestRam::new(16).unwrap();
+        let events: Vec<Event> =
+            (0..10).map(|pid| Event::ProcessExited { pid, code: 0, preemptions: 0 }).collect();
+        ring_with(&ram, 16, &events);
+        let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
+        let sizes: Vec<usize> =
+            (0..4).map(|_| ring.drain_at_most(&ram, 4).unwrap().records.len()).collect();
+        assert_eq!(sizes, [4, 4, 2, 0]);
+        let header: EventRingHeader = ram.read(RING).unwrap();
+        assert_eq!(header.tail, 10);
     }
 
     #[test]

@@ -284,32 +284,44 @@ fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
 /// were added.
 fn drain_events(session: &mut Session<'_>, notified: bool) -> usize {
     let before = session.events.len();
-    let Some(ring) = session.ring.as_mut() else {
+    if session.ring.is_none() {
         if notified {
             session.warn("event notify before the kernel announced its event ring".into());
         }
         return 0;
-    };
-    match ring.drain(session.ram) {
-        Ok(drained) => {
-            if let Some((was, now)) = drained.lost_backwards {
-                session.warn(format!(
-                    "the kernel's event ring lost-record count went backwards from {was} to {now}: records may have been lost unreported"
-                ));
+    }
+    // In pieces: a ring the kernel made as large as guest RAM never needs
+    // more than one piece of records in the VMM at once.
+    while let Some(ring) = session.ring.as_mut() {
+        let drained = match ring.drain_at_most(session.ram, DRAIN_PIECE) {
+            Ok(drained) => drained,
+            Err(error) => {
+                session.warn(error.to_string());
+                break;
             }
-            if drained.newly_lost > 0 {
-                session.lost_events += drained.newly_lost;
-                session
-                    .warn(format!("the kernel's event ring overflowed: {} events lost", drained.newly_lost));
-            }
-            for record in drained.records {
-                session.add_record(record);
-            }
+        };
+        if let Some((was, now)) = drained.lost_backwards {
+            session.warn(format!(
+                "the kernel's event ring lost-record count went backwards from {was} to {now}: records may have been lost unreported"
+            ));
         }
-        Err(error) => session.warn(error.to_string()),
+        if drained.newly_lost > 0 {
+            session.lost_events += drained.newly_lost;
+            session.warn(format!("the kernel's event ring overflowed: {} events lost", drained.newly_lost));
+        }
+        let last = (drained.records.len() as u64) < DRAIN_PIECE;
+        for record in drained.records {
+            session.add_record(record);
+        }
+        if last {
+            break;
+        }
     }
     session.events.len() - before
 }
+
+/// Records drained from the ring at a time (see [`drain_events`]).
+const DRAIN_PIECE: u64 = 4096;
 
 fn read_panic(session: &mut Session<'_>, gpa: u64) -> PanicReport {
     let Some(params) = read_params::<PanicParams>(session, Hypercall::Panic, gpa) else {
