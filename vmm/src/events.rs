@@ -230,8 +230,7 @@ mod tests {
             (0..10).map(|pid| Event::ProcessExited { pid, code: 0, preemptions: 0 }).collect();
         ring_with(&ram, 16, &events);
         let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
-        let sizes: Vec<usize> =
-            (0..4).map(|_| ring.drain_at_most(&ram, 4).unwrap().records.len()).collect();
+        let sizes: Vec<usize> = (0..4).map(|_| ring.drain_at_most(&ram, 4).unwrap().records.len()).collect();
         assert_eq!(sizes, [4, 4, 2, 0]);
         let header: EventRingHeader = ram.read(RING).unwrap();
         assert_eq!(header.tail, 10);
