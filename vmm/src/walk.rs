@@ -244,8 +244,10 @@ pub fn walk(ram: &GuestRam, kernel_pml4: Option<u64>, processes: &[(u32, u64)]) 
     let mut walker = Walker {
         ram,
         walk: Walk { complete: true, ..Default::default() },
-        table_budget: 2 * ram_frames + 1024,
-        mapping_budget: 8 * ram_frames + 65536,
+        table_budget: ram_frames + 1024,
+        mapping_budget: 2 * ram_frames + 65536,
+        total_tables: 2 * ram_frames + 1024,
+        total_mappings: 8 * ram_frames + 65536,
         kernel_entries_seen: HashSet::new(),
         tables_before: 0,
         mappings_before: 0,
@@ -335,24 +337,26 @@ fn push_issue(walk: &mut Walk, issue: WalkIssue) {
 struct Walker<'r> {
     ram: &'r GuestRam,
     walk: Walk,
+    /// One process's budgets (a private tree has at most one table and one
+    /// mapping per frame of RAM; twice that, with room for the gate and
+    /// shared regions).
     table_budget: u64,
     mapping_budget: u64,
+    /// All processes' together: what bounds the walk's memory however
+    /// many processes there are (past it, each further process is cut at
+    /// once and marked partial). At least two processes' worth, so one
+    /// hostile tree cannot blank the others.
+    total_tables: u64,
+    total_mappings: u64,
     /// Kernel-half PML4 entries already walked (CPU bits masked).
     kernel_entries_seen: HashSet<u64>,
     /// Tables read and mappings recorded before the current process (its
-    /// budget counts from there; all processes together get
-    /// [`TOTAL_BUDGETS`] times one budget).
+    /// budget counts from there).
     tables_before: u64,
     mappings_before: u64,
     /// The current process's walk was cut short.
     cut: bool,
 }
-
-/// All processes together may use this many per-process budgets: one
-/// hostile tree cannot blank the others, and the walk's memory stays
-/// bounded however many processes there are (past it, each further process
-/// is cut at once and marked partial).
-pub const TOTAL_BUDGETS: u64 = 2;
 
 impl Walker<'_> {
     fn issue(&mut self, pid: u32, va: u64, frame: u64, entry: u64, what: String) {
@@ -369,7 +373,7 @@ impl Walker<'_> {
             return None;
         }
         let mine = self.walk.stats.tables - self.tables_before;
-        if mine >= self.table_budget || self.walk.stats.tables >= TOTAL_BUDGETS * self.table_budget {
+        if mine >= self.table_budget || self.walk.stats.tables >= self.total_tables {
             self.cut(pid);
             let what = if mine >= self.table_budget {
                 format!("the walk of this tree read {mine} tables")
@@ -549,9 +553,7 @@ impl Walker<'_> {
         for i in 0..size / PAGE_SIZE {
             let m = mapping(i);
             let total = self.walk.mappings.len() as u64;
-            if total - self.mappings_before >= self.mapping_budget
-                || total >= TOTAL_BUDGETS * self.mapping_budget
-            {
+            if total - self.mappings_before >= self.mapping_budget || total >= self.total_mappings {
                 self.stop(pid, va, base, pte, "mappings");
                 return;
             }
@@ -580,7 +582,7 @@ impl Walker<'_> {
             entry,
             format!(
                 "more than {count} {what} (in this tree, or {} in all), more than a kernel building private trees can have; this tree's walk stopped (partial)",
-                TOTAL_BUDGETS * count
+                self.total_mappings
             ),
         );
     }
@@ -848,7 +850,7 @@ pub(crate) mod tests {
         // and say so.
         let w = walk(&ram, None, &[(1, hostile), (4, hostile), (2, a)]);
         assert!(w.partial.contains(&1) && w.partial.contains(&2), "{:?}", w.partial);
-        assert!(w.stats.tables <= TOTAL_BUDGETS * (2 * 4096 + 1024) + 1);
+        assert!(w.stats.tables <= 2 * 4096 + 1024 + 1);
     }
 
     #[test]
