@@ -206,6 +206,21 @@ pub const DEBUG_WRITE_KERNEL_TEXT: u32 = 1 << 8;
 /// that frame zero (the VMM's write log must show the guest's writes).
 pub const DEBUG_SKIP_ONE_SCRUB: u32 = 1 << 9;
 
+/// `BootInfo::debug_flags`: act as a hostile kernel that floods the VMM's
+/// console forever: 4095-byte writes without a newline, each from a new
+/// `source_pid`, alternating with 4096-byte lines. Only the VMM's watchdog
+/// ends the run; the VMM must keep a bounded console and count the rest.
+pub const DEBUG_CONSOLE_FLOOD: u32 = 1 << 10;
+/// `BootInfo::debug_flags`: act as a hostile kernel that floods the VMM
+/// with events forever (one record and notify after another). Only the
+/// watchdog ends the run; the VMM must keep a bounded number of events and
+/// count the rest.
+pub const DEBUG_EVENT_FLOOD: u32 = 1 << 11;
+/// `BootInfo::debug_flags`: send the boot hello a second time once booted,
+/// as a kernel that wanted a new text baseline (after patching its text)
+/// would: the VMM must report it as a violation, never re-baseline.
+pub const DEBUG_SECOND_HELLO: u32 = 1 << 12;
+
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]

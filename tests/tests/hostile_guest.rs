@@ -137,3 +137,91 @@ fn with_keep_going_the_refused_write_is_reported_once_and_the_text_stays_unchang
     assert!(report.violations[0].violation.details.contains("the write was refused"));
     assert_eq!(report.exit_status(), EXIT_INVARIANT_VIOLATED);
 }
+
+/// The watchdog's allowance beyond `--timeout` in these tests: generous
+/// (the machine is loaded); the bug it guards against took 4-5 times the
+/// timeout.
+const WATCHDOG_SLACK: Duration = Duration::from_secs(8);
+
+#[test]
+fn a_kernel_flooding_the_console_is_stopped_on_time_and_its_output_stays_bounded() {
+    if !kvm_available() {
+        return;
+    }
+    // Forever: 4095 bytes without a newline from a new pid each time, then
+    // a 4096-byte line. The VMM is busy in its own hypercall code nearly
+    // all the time, so the watchdog's kick seldom lands in KVM_RUN.
+    let mut config = hello_with(boot::DEBUG_CONSOLE_FLOOD);
+    config.timeout = Duration::from_secs(3);
+    let started = std::time::Instant::now();
+    let report = run_config(config);
+    let took = started.elapsed();
+    assert!(matches!(report.exit, GuestExit::Timeout(_)), "{:?}", report.exit);
+    assert!(took < Duration::from_secs(3) + WATCHDOG_SLACK, "stopped after {took:?} (--timeout 3 s)");
+    let kept: u64 = report.lines.iter().map(|l| l.text.len() as u64).sum();
+    assert!(kept <= superos_vmm::session::MAX_CONSOLE_BYTES, "{kept} console bytes kept");
+    let writes = report.stats.exits.get("hypercall console-write").copied().unwrap_or(0);
+    // A few even under QEMU's TCG (the nested ordinary-KVM host).
+    assert!(writes > 4, "{writes} console writes");
+    if writes * 4095 > 2 * superos_vmm::session::MAX_CONSOLE_BYTES {
+        assert!(report.dropped.console_bytes > 0, "{:?}", report.dropped);
+    }
+    // Every byte written is kept or counted (partial lines from the many
+    // pids are emitted cut short, not buffered per pid).
+    assert!(
+        kept + report.dropped.console_bytes + 64 * 4096 >= writes / 2 * (4095 + 4096),
+        "{kept} {:?}",
+        report.dropped
+    );
+}
+
+#[test]
+fn a_kernel_flooding_events_is_stopped_on_time_and_its_events_stay_bounded() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = hello_with(boot::DEBUG_EVENT_FLOOD);
+    // Checks at every event would make each notify slow; the bound is the
+    // point here, and the watchdog while the VMM is busy.
+    config.check = superos_vmm::check::CheckMode::Off;
+    config.timeout = Duration::from_secs(3);
+    // Lowered below one ring (255 records) so that the first flooding
+    // notify reaches it even on a slow host (PVM emulates the kernel's ring
+    // writes: some 5,000 records a second there; TCG is slower still).
+    config.limits.events = 200;
+    let started = std::time::Instant::now();
+    let report = run_config(config);
+    let took = started.elapsed();
+    assert!(matches!(report.exit, GuestExit::Timeout(_)), "{:?}", report.exit);
+    assert!(took < Duration::from_secs(3) + WATCHDOG_SLACK, "stopped after {took:?} (--timeout 3 s)");
+    assert!(report.events.len() <= 200);
+    let notifies = report.stats.exits.get("hypercall event-notify").copied().unwrap_or(0);
+    assert!(notifies >= 2, "{notifies} notifies");
+    // A full ring (255 records) per notify: each is kept or counted.
+    let records = report.events.len() as u64 + report.dropped.events;
+    assert!(
+        records + 4 * 255 >= notifies * 255,
+        "{notifies} notifies, {records} records {:?}",
+        report.dropped
+    );
+    assert!(report.dropped.events > 0, "{:?}", report.dropped);
+    assert_ne!(report.exit_status(), 0);
+}
+
+#[test]
+fn a_second_boot_hello_is_a_violation_not_a_new_baseline() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_config(hello_with(boot::DEBUG_SECOND_HELLO));
+    let listing: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    match &report.exit {
+        GuestExit::InvariantViolated { at, invariants } => {
+            assert_eq!(invariants, &[Invariant::SingleBootHello], "{listing:#?}");
+            assert_eq!(at, "boot hello #2");
+        }
+        other => panic!("not stopped at the second hello: {other}\n{listing:#?}"),
+    }
+    assert_eq!(report.exit_status(), EXIT_INVARIANT_VIOLATED);
+    assert!(listing[0].contains("the kernel said hello again"), "{listing:#?}");
+}

@@ -45,7 +45,10 @@
 //! [`MAX_REQUEST`] bytes gets an error answer and the connection is closed.
 //! A client that disconnects, stalls, or stops reading only loses its own
 //! connection (writes time out after [`WRITE_TIMEOUT`]); at most
-//! [`MAX_CLIENTS`] connections are served at once.
+//! [`MAX_CLIENTS`] connections are served at once, one with no request for
+//! [`IDLE_TIMEOUT`] is closed (with an error answer), and a `pause` whose
+//! connection has gone lasts at most [`crate::control::PAUSE_LEASE`] with
+//! no request from anyone.
 
 use crate::control::Control;
 use crate::inspect;
@@ -73,6 +76,10 @@ pub const MAX_WAIT_MS: u64 = 10_000;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often idle connections and the listener look at the stop flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// A connection with no complete request for this long is closed (with an
+/// error answer), so clients that connect and say nothing cannot hold the
+/// [`MAX_CLIENTS`] slots.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One request (see the module documentation for the wire form).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +214,13 @@ fn answer_line(result: Result<Value, String>) -> String {
 
 /// Answers one request line; true if the connection should then close.
 pub fn respond(control: &Control, line: &[u8]) -> (String, bool) {
+    respond_for(control, line, None)
+}
+
+/// [`respond`] for connection `client` (whose `pause` is released when it
+/// has gone and nobody asked anything for [`crate::control::PAUSE_LEASE`]).
+pub fn respond_for(control: &Control, line: &[u8], client: Option<u64>) -> (String, bool) {
+    control.touch();
     let request = match parse_request(line) {
         Ok(request) => request,
         Err(error) => return (error_line(&error), false),
@@ -222,7 +236,7 @@ pub fn respond(control: &Control, line: &[u8]) -> (String, bool) {
             let (state, message) = control.status();
             Ok(json!(ControlResult { state, message, clients: control.clients() as u64 }))
         }
-        Request::Pause => control_result(control.pause()),
+        Request::Pause => control_result(control.pause_by(client)),
         Request::Resume => control_result(control.resume()),
         Request::Quit => control_result(control.quit()),
         Request::Events { since, wait_ms } => {
@@ -277,12 +291,21 @@ pub struct Server {
 impl Server {
     /// Binds `path` and serves it on a thread of its own.
     pub fn start(path: &Path, control: Arc<Control>) -> Result<Server, String> {
+        Server::start_with_idle_timeout(path, control, IDLE_TIMEOUT)
+    }
+
+    /// [`Server::start`], closing connections idle for `idle`.
+    pub fn start_with_idle_timeout(
+        path: &Path,
+        control: Arc<Control>,
+        idle: Duration,
+    ) -> Result<Server, String> {
         let listener = bind(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(&listener, &control, &flag))
+            .spawn(move || serve(&listener, &control, &flag, idle))
             .map_err(|e| format!("cannot start the control socket thread: {e}"))?;
         Ok(Server { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
@@ -321,9 +344,11 @@ fn readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
     ready > 0
 }
 
-fn serve(listener: &UnixListener, control: &Control, stop: &AtomicBool) {
+fn serve(listener: &UnixListener, control: &Control, stop: &AtomicBool, idle: Duration) {
+    let mut next_id = 0u64;
     std::thread::scope(|scope| {
         while !stop.load(Ordering::SeqCst) {
+            control.expire_pause();
             if !readable(listener.as_raw_fd(), POLL_INTERVAL) {
                 continue;
             }
@@ -336,10 +361,13 @@ fn serve(listener: &UnixListener, control: &Control, stop: &AtomicBool) {
                         continue;
                     }
                     control.client_connected();
+                    next_id += 1;
+                    let id = next_id;
                     let spawned = std::thread::Builder::new().name("api-client".into()).spawn_scoped(
                         scope,
                         move || {
-                            connection(stream, control, stop);
+                            connection(stream, control, stop, id, idle);
+                            control.client_gone(id);
                             control.client_left();
                         },
                     );
@@ -357,7 +385,7 @@ fn serve(listener: &UnixListener, control: &Control, stop: &AtomicBool) {
 
 /// Serves one connection until the client leaves, `quit`, or the server
 /// stops.
-fn connection(stream: UnixStream, control: &Control, stop: &AtomicBool) {
+fn connection(stream: UnixStream, control: &Control, stop: &AtomicBool, id: u64, idle: Duration) {
     if stream.set_nonblocking(false).is_err()
         || stream.set_read_timeout(Some(POLL_INTERVAL)).is_err()
         || stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err()
@@ -368,13 +396,23 @@ fn connection(stream: UnixStream, control: &Control, stop: &AtomicBool) {
     let mut writer = &stream;
     let mut pending: Vec<u8> = Vec::new();
     let mut buffer = [0u8; 4096];
+    let mut last_request = std::time::Instant::now();
     loop {
         while let Some(newline) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=newline).collect();
-            let (answer, close) = respond(control, &line[..line.len() - 1]);
+            let (answer, close) = respond_for(control, &line[..line.len() - 1], Some(id));
             if writeln!(writer, "{answer}").is_err() || close {
                 return;
             }
+            last_request = std::time::Instant::now();
+        }
+        if last_request.elapsed() >= idle {
+            let _ = writeln!(
+                writer,
+                "{}",
+                error_line(&format!("no request for {} s; closing", idle.as_secs_f64().round()))
+            );
+            return;
         }
         if pending.len() > MAX_REQUEST {
             let _ = writeln!(
@@ -446,9 +484,15 @@ impl Client {
         let gone = |e: std::io::Error| {
             ClientError::Transport(format!("the VMM at {} went away: {e}", self.path.display()))
         };
-        writeln!(self.writer, "{}", request.to_line()).map_err(gone)?;
+        let sent = writeln!(self.writer, "{}", request.to_line());
         let mut line = Vec::new();
-        (&mut self.reader).take(MAX_RESPONSE as u64 + 1).read_until(b'\n', &mut line).map_err(gone)?;
+        let read = (&mut self.reader).take(MAX_RESPONSE as u64 + 1).read_until(b'\n', &mut line);
+        // A server that refused the connection (too many clients) or closed
+        // it (idle) answered first: say what it said, not "broken pipe".
+        if let Err(error) = sent {
+            return Err(Self::said(&line).unwrap_or_else(|| gone(error)));
+        }
+        read.map_err(gone)?;
         if line.last() != Some(&b'\n') {
             return Err(ClientError::Transport(if line.is_empty() {
                 format!("the VMM at {} closed the connection", self.path.display())
@@ -465,6 +509,15 @@ impl Client {
             }
             _ => Err(ClientError::Transport(format!("unexpected answer from the VMM: {answer}"))),
         }
+    }
+
+    /// The refusal in `line`, if it is one.
+    fn said(line: &[u8]) -> Option<ClientError> {
+        let answer: Value = serde_json::from_slice(line).ok()?;
+        if answer.get("ok")? != false {
+            return None;
+        }
+        Some(ClientError::Refused(answer.get("error")?.as_str()?.to_string()))
     }
 }
 
@@ -606,6 +659,109 @@ mod tests {
         assert!(matches!(client.request(&Request::Status), Err(ClientError::Transport(_))));
         server.shutdown();
         assert!(!path.exists(), "the socket is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Polls `condition` for at most 10 s (a bound, not a sleep to
+    /// synchronise: it returns as soon as the condition holds).
+    fn eventually(condition: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if condition() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        condition()
+    }
+
+    #[test]
+    fn silent_clients_are_timed_out_slots_free_on_disconnect_and_refusals_are_truthful() {
+        let dir = std::env::temp_dir().join(format!("superos-api-idle-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("api.sock");
+        let control = Arc::new(finished_control());
+        let server =
+            Server::start_with_idle_timeout(&path, control.clone(), Duration::from_millis(300)).unwrap();
+        // Every slot taken by clients that say nothing.
+        let silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+        assert!(eventually(|| control.clients() == MAX_CLIENTS), "{}", control.clients());
+        // One more is refused, and told why (not "broken pipe").
+        let mut refused = Client::connect(&path).unwrap();
+        match refused.request(&Request::Status) {
+            Err(ClientError::Refused(why)) => assert!(why.contains("too many connections"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // The silent ones are closed after the idle timeout, with a word.
+        for stream in &silent {
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).unwrap();
+            assert!(line.contains("no request for"), "{line}");
+        }
+        assert!(eventually(|| control.clients() == 0), "{}", control.clients());
+        // Clients that come and go free their slots at once: many more
+        // than MAX_CLIENTS in a row are all served.
+        for _ in 0..4 * MAX_CLIENTS {
+            let mut client = Client::connect(&path).unwrap();
+            assert_eq!(client.request(&Request::Status).unwrap()["state"], "finished");
+            drop(client);
+            assert!(eventually(|| control.clients() == 0), "{}", control.clients());
+        }
+        drop(silent);
+        server.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pause_outlives_its_client_only_for_the_lease() {
+        let dir = std::env::temp_dir().join(format!("superos-api-lease-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("api.sock");
+        let control = Arc::new(Control::new(GuestRam::new(16).unwrap(), vec![(0x10_0000, 16 << 20)], false));
+        control.set_pause_lease(Duration::from_millis(200));
+        // A stand-in vCPU thread that reaches a consistent point every
+        // millisecond (the boot point) until told to stop.
+        crate::run::install_kick_handler();
+        let done = Arc::new(AtomicBool::new(false));
+        let vcpu = {
+            let (control, done) = (control.clone(), done.clone());
+            std::thread::spawn(move || {
+                let ram = GuestRam::new(16).unwrap();
+                let session = crate::session::Session::new(
+                    &ram,
+                    std::time::Instant::now(),
+                    crate::session::Echo::Quiet,
+                    vec![],
+                );
+                // SAFETY: pthread_self has no preconditions.
+                control.vcpu_started(unsafe { libc::pthread_self() });
+                while !done.load(Ordering::SeqCst) {
+                    control.before_start(&session);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                control.vcpu_exited();
+            })
+        };
+        let server = Server::start(&path, control.clone()).unwrap();
+        let mut pauser = Client::connect(&path).unwrap();
+        assert!(pauser.request(&Request::Pause).unwrap()["message"].as_str().unwrap().starts_with("paused"));
+        assert_eq!(control.status().0, "paused");
+        // While the pausing client is connected, the pause stays.
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(control.status().0, "paused");
+        drop(pauser);
+        // Gone, and nobody asks anything: released after the lease.
+        assert!(eventually(|| control.status().0 == "running"), "{:?}", control.status());
+        // A pause of the library's own (`--paused`) is not a client's.
+        control.pause().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(!control.expire_pause());
+        assert_eq!(control.status().0, "paused");
+        control.resume().unwrap();
+        done.store(true, Ordering::SeqCst);
+        vcpu.join().unwrap();
+        server.shutdown();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

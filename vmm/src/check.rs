@@ -63,11 +63,14 @@ pub enum Invariant {
     CpuStateIntact,
     /// The kernel's published tables are readable and well-formed.
     IntrospectionValid,
+    /// The kernel says its boot hello once: a second one (which would move
+    /// the event ring or the introspection root) is refused and reported.
+    SingleBootHello,
 }
 
 impl Invariant {
     /// Every invariant, in report order.
-    pub const ALL: [Invariant; 13] = [
+    pub const ALL: [Invariant; 14] = [
         Invariant::PrivateAddressSpaces,
         Invariant::NoImplicitSharing,
         Invariant::NoUserKernelMapping,
@@ -81,6 +84,7 @@ impl Invariant {
         Invariant::KernelWXorX,
         Invariant::CpuStateIntact,
         Invariant::IntrospectionValid,
+        Invariant::SingleBootHello,
     ];
 
     /// The one name of this invariant.
@@ -99,6 +103,7 @@ impl Invariant {
             Invariant::KernelWXorX => "kernel-w-xor-x",
             Invariant::CpuStateIntact => "cpu-state-intact",
             Invariant::IntrospectionValid => "introspection-valid",
+            Invariant::SingleBootHello => "single-boot-hello",
         }
     }
 
@@ -251,7 +256,9 @@ impl std::fmt::Display for CheckMode {
     }
 }
 
-/// The kernel text as it was when the kernel said hello.
+/// The kernel's text and read-only data as the VMM loaded them (taken
+/// from guest RAM right after loading, before the vCPU ran; the range is
+/// the ELF's, [`KernelImage::read_only`], never the kernel's word).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TextBaseline {
     /// Guest-physical start.
@@ -295,6 +302,10 @@ pub struct Facts {
     pub usable: Vec<(u64, u64)>,
     /// The kernel text at boot.
     pub text: Option<TextBaseline>,
+    /// Why there is no text baseline although the VMM loaded the kernel
+    /// (no non-writable segment, a range outside RAM or too large): every
+    /// check reports `kernel-text-unchanged` as not checkable, never held.
+    pub text_missing: Option<String>,
     /// Where the kernel said its text is at boot (to compare with the root).
     pub text_range: Option<(u64, u64)>,
     /// Live processes according to the events: pid -> PML4.
@@ -1085,9 +1096,21 @@ fn free_frames_scrubbed(
 
 /// Compares the kernel text with its copy; returns the bytes compared.
 fn kernel_text_unchanged(found: &mut Findings, ram: &GuestRam, facts: &Facts) -> u64 {
-    let Some(text) = &facts.text else { return 0 };
+    let Some(text) = &facts.text else {
+        if let Some(why) = &facts.text_missing {
+            found.add(Violation::new(
+                Invariant::KernelTextUnchanged,
+                format!("the kernel text cannot be compared: {why}"),
+            ));
+        }
+        return 0;
+    };
     let mut now = vec![0u8; text.bytes.len()];
-    if ram.read_bytes(text.gpa, &mut now).is_err() {
+    if let Err(error) = ram.read_bytes(text.gpa, &mut now) {
+        found.add(Violation::new(
+            Invariant::KernelTextUnchanged,
+            format!("the kernel text at {:#x} cannot be read: {error}", text.gpa),
+        ));
         return 0;
     }
     if now == text.bytes {
@@ -1253,18 +1276,79 @@ impl Checker {
         violations
     }
 
-    /// At the boot hello: remembers the kernel text (copying it) and the
-    /// root's address (0 = not published).
-    pub fn boot_hello(&mut self, ram: &GuestRam, text: Option<(u64, u64)>, root_gpa: u64) {
-        if let Some((gpa, len)) = text.filter(|&(_, len)| len <= MAX_KERNEL_TEXT) {
-            let mut bytes = vec![0u8; len as usize];
-            if ram.read_bytes(gpa, &mut bytes).is_ok() {
-                let hash = fnv1a(&bytes);
-                self.facts.text = Some(TextBaseline { gpa, bytes, hash });
-                self.facts.text_range = Some((gpa, len));
+    /// Right after the VMM loaded the kernel (before the vCPU runs): copies
+    /// the kernel's text and read-only data, the range from the ELF
+    /// ([`Checker::set_image`]), as the baseline of `kernel-text-unchanged`.
+    /// A range that is missing, empty, outside RAM or too large is not
+    /// skipped: every later check reports it.
+    pub fn baseline_image(&mut self, ram: &GuestRam) {
+        let why = match self.facts.kernel_read_only {
+            None => {
+                Some("the kernel ELF has no non-writable segment (no text the VMM could protect)".to_string())
             }
-        }
+            Some((start, end)) if end <= start => {
+                Some(format!("the kernel's text range {start:#x}..{end:#x} is empty"))
+            }
+            Some((start, end)) if end - start > MAX_KERNEL_TEXT => Some(format!(
+                "the kernel's text and read-only data {start:#x}..{end:#x} exceed {MAX_KERNEL_TEXT} bytes"
+            )),
+            Some((start, end)) => {
+                let mut bytes = vec![0u8; (end - start) as usize];
+                match ram.read_bytes(start, &mut bytes) {
+                    Ok(()) => {
+                        let hash = fnv1a(&bytes);
+                        self.facts.text = Some(TextBaseline { gpa: start, bytes, hash });
+                        None
+                    }
+                    Err(error) => {
+                        Some(format!("the kernel's text {start:#x}..{end:#x} is not in guest RAM: {error}"))
+                    }
+                }
+            }
+        };
+        self.facts.text_missing = why;
+    }
+
+    /// At the boot hello: remembers where the kernel says its text is (to
+    /// compare with its root; the baseline is the VMM's own,
+    /// [`Checker::baseline_image`]) and the root's address (0 = not
+    /// published). Returns what is wrong with the announced text range: a
+    /// range that is empty, outside RAM or outside the text the VMM loaded
+    /// is a finding, never silently skipped.
+    pub fn boot_hello(
+        &mut self,
+        ram: &GuestRam,
+        text: Option<(u64, u64)>,
+        root_gpa: u64,
+    ) -> Option<Violation> {
         self.root_gpa = (root_gpa != 0).then_some(root_gpa);
+        let (gpa, len) = text?;
+        self.facts.text_range = Some((gpa, len));
+        let inside_image = self
+            .facts
+            .kernel_read_only
+            .is_some_and(|(start, end)| gpa >= start && gpa.checked_add(len).is_some_and(|e| e <= end));
+        let problem = if len == 0 {
+            Some("is empty".to_string())
+        } else if !ram.contains(gpa, len) {
+            Some("is not inside guest RAM".to_string())
+        } else if self.facts.kernel_read_only.is_some() && !inside_image {
+            let (start, end) = self.facts.kernel_read_only.unwrap_or_default();
+            Some(format!("is not inside the text and read-only data the VMM loaded ({start:#x}..{end:#x})"))
+        } else {
+            None
+        };
+        problem.map(|problem| {
+            Violation::new(
+                Invariant::IntrospectionValid,
+                format!("the boot hello says the kernel text is {gpa:#x}+{len:#x}, which {problem}"),
+            )
+        })
+    }
+
+    /// The introspection root the kernel announced, if it did.
+    pub fn root_gpa(&self) -> Option<u64> {
+        self.root_gpa
     }
 
     /// True if the kernel announced an introspection root.

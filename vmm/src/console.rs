@@ -16,6 +16,12 @@ pub struct ConsoleLine {
     pub text: String,
 }
 
+/// Sources with an unterminated line kept at once. A write from one more
+/// source first emits every unterminated line as it is (cut short), so the
+/// partial lines never hold more than `MAX_SOURCES * MAX_LINE` bytes
+/// whatever pids the kernel makes up.
+pub const MAX_SOURCES: usize = 64;
+
 /// Per-source line assembly.
 #[derive(Debug, Default)]
 pub struct Console {
@@ -25,8 +31,11 @@ pub struct Console {
 impl Console {
     /// Adds bytes from `pid`; returns the lines they complete.
     pub fn push(&mut self, pid: u32, bytes: &[u8]) -> Vec<ConsoleLine> {
-        let pending = self.partial.entry(pid).or_default();
         let mut lines = Vec::new();
+        if !self.partial.contains_key(&pid) && self.partial.len() >= MAX_SOURCES {
+            lines = self.flush();
+        }
+        let pending = self.partial.entry(pid).or_default();
         for &byte in bytes {
             if byte == b'\n' || pending.len() >= MAX_LINE {
                 lines.push(ConsoleLine { pid, text: sanitize(pending) });
@@ -36,6 +45,9 @@ impl Console {
                 }
             }
             pending.push(byte);
+        }
+        if pending.is_empty() {
+            self.partial.remove(&pid);
         }
         lines
     }
@@ -88,6 +100,22 @@ mod tests {
     fn control_characters_and_invalid_utf8_are_made_safe() {
         assert_eq!(sanitize(b"a\x1b[31mb\tc"), "a\\u{1b}[31mb\tc");
         assert_eq!(sanitize(&[0x66, 0xff, 0x67]), "f\u{fffd}g");
+    }
+
+    #[test]
+    fn partial_lines_from_ever_new_sources_stay_bounded() {
+        let mut console = Console::default();
+        let mut emitted = 0;
+        for pid in 0..1000u32 {
+            emitted += console.push(pid, &[b'y'; MAX_LINE - 1]).len();
+            assert!(console.partial.len() <= MAX_SOURCES);
+            // Whole lines leave nothing behind.
+            emitted += console.push(5000 + pid, b"line\n").len();
+            assert!(!console.partial.contains_key(&(5000 + pid)));
+        }
+        assert!(console.partial.len() <= MAX_SOURCES);
+        // Nothing is lost: every partial line was emitted, cut short.
+        assert_eq!(emitted + console.flush().len(), 2000);
     }
 
     #[test]

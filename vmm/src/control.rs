@@ -74,6 +74,12 @@ struct State {
     queries: usize,
     /// `pause` (or `--paused`) is in force.
     explicit: bool,
+    /// The connection whose `pause` is in force (`None`: `--paused`, or a
+    /// caller without a connection).
+    paused_by: Option<u64>,
+    /// That connection has gone: the pause is held for at most
+    /// [`Control::pause_lease`] after this (renewed by any request).
+    orphaned_since: Option<Instant>,
     /// `quit` was asked for.
     quit: bool,
     /// When.
@@ -114,6 +120,9 @@ pub struct Control {
     published: AtomicUsize,
     /// Connections the control socket is serving.
     clients: AtomicUsize,
+    /// How long a pause outlives the connection that asked for it (with no
+    /// request from anyone in between).
+    pause_lease: Mutex<Duration>,
     ram: GuestRam,
     usable: Vec<(u64, u64)>,
     image: KernelImage,
@@ -121,6 +130,12 @@ pub struct Control {
 
 /// What a control request did, in words.
 pub type Outcome = Result<String, String>;
+
+/// How long a `pause` outlives the connection that asked for it, with no
+/// request on the socket from anyone in between: `inspect pause` then
+/// `inspect ps` (each its own connection) keep working, and a client that
+/// paused the guest and vanished holds it for this long at most.
+pub const PAUSE_LEASE: Duration = Duration::from_secs(60);
 
 impl Control {
     /// A control for a run over `ram` (another handle to the guest's memory)
@@ -132,6 +147,8 @@ impl Control {
                 vcpu: Vcpu::NotStarted,
                 queries: 0,
                 explicit: paused,
+                paused_by: None,
+                orphaned_since: None,
                 quit: false,
                 quit_since: None,
                 held: None,
@@ -152,6 +169,7 @@ impl Control {
             attention: AtomicBool::new(paused),
             published: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
+            pause_lease: Mutex::new(PAUSE_LEASE),
             ram,
             usable,
             image: KernelImage::default(),
@@ -424,11 +442,18 @@ impl Control {
 
     /// `pause`: holds the vCPU at the next consistent point until `resume`.
     pub fn pause(&self) -> Outcome {
+        self.pause_by(None)
+    }
+
+    /// `pause` from connection `client` (see [`Control::client_gone`]).
+    pub fn pause_by(&self, client: Option<u64>) -> Outcome {
         let mut state = self.acquire()?;
         let message = if state.finished.is_some() {
             format!("the guest has already stopped: {}", self.machine_state(&state).point)
         } else {
             state.explicit = true;
+            state.paused_by = client;
+            state.orphaned_since = None;
             format!("paused {}", self.machine_state(&state).point)
         };
         drop(state);
@@ -446,6 +471,8 @@ impl Control {
             return Err("the guest is not paused".into());
         }
         state.explicit = false;
+        state.paused_by = None;
+        state.orphaned_since = None;
         let at = self.machine_state(&state).point;
         self.settle(&state);
         self.changed.notify_all();
@@ -457,6 +484,7 @@ impl Control {
     /// the VMM.
     pub fn quit(&self) -> Outcome {
         let mut state = self.lock();
+        let was_running = state.finished.is_none();
         state.quit = true;
         state.quit_since.get_or_insert_with(Instant::now);
         self.settle(&state);
@@ -467,12 +495,64 @@ impl Control {
             state = self.wait(state, KICK_INTERVAL);
         }
         Ok(match (&state.finished, state.vcpu) {
+            // This quit stopped it (the run may have finished meanwhile).
+            (Some(_), _) if was_running => "quitting; the guest was stopped".into(),
             (Some(exit), _) => format!("quitting; the guest had stopped ({exit})"),
             (None, Vcpu::Running(_)) => {
                 "quitting; the guest has not stopped yet (it will at its next VM exit)".into()
             }
             (None, _) => "quitting; the guest was stopped".into(),
         })
+    }
+
+    /// Sets how long a pause outlives its connection ([`PAUSE_LEASE`]).
+    pub fn set_pause_lease(&self, lease: Duration) {
+        *self.pause_lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+    }
+
+    fn pause_lease(&self) -> Duration {
+        *self.pause_lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request arrived on the socket: an orphaned pause's lease starts
+    /// again.
+    pub fn touch(&self) {
+        let mut state = self.lock();
+        if state.orphaned_since.is_some() {
+            state.orphaned_since = Some(Instant::now());
+        }
+    }
+
+    /// Connection `client` has gone: if its `pause` is in force, the pause
+    /// now lasts at most [`PAUSE_LEASE`] without any request.
+    pub fn client_gone(&self, client: u64) {
+        let mut state = self.lock();
+        if state.explicit && state.paused_by == Some(client) {
+            state.orphaned_since = Some(Instant::now());
+        }
+    }
+
+    /// Releases a pause whose connection has gone and whose lease ran out;
+    /// true if it did (the server calls this as it polls).
+    pub fn expire_pause(&self) -> bool {
+        let lease = self.pause_lease();
+        let mut state = self.lock();
+        let expired = state.explicit
+            && state.finished.is_none()
+            && state.orphaned_since.is_some_and(|since| since.elapsed() >= lease);
+        if expired {
+            state.explicit = false;
+            state.paused_by = None;
+            state.orphaned_since = None;
+            self.settle(&state);
+            self.changed.notify_all();
+            drop(state);
+            eprintln!(
+                "superos-vmm: the client that paused the guest left {:.0} s ago and nobody asked anything since: resumed",
+                lease.as_secs_f64()
+            );
+        }
+        expired
     }
 
     /// A client connected to the control socket.
@@ -644,7 +724,8 @@ impl Attached {
             if let Err(error) = snapshot::write(file, ram, &state, &meta) {
                 let message = format!("could not write the snapshot {}: {error}", path.display());
                 eprintln!("superos-vmm: {message}");
-                report.log.push(message);
+                report.log.push(message.clone());
+                report.output_errors.push(message);
             }
         }
         if let Some(on_finish) = self.on_finish {

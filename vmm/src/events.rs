@@ -72,6 +72,9 @@ pub struct Drained {
     pub records: Vec<EventRecord>,
     /// Records the kernel dropped since the last drain.
     pub newly_lost: u64,
+    /// The kernel's lost-record count went backwards (`(was, now)`): it
+    /// cannot be believed; reported, never taken as "nothing lost".
+    pub lost_backwards: Option<(u64, u64)>,
 }
 
 const HEADER_SIZE: u64 = core::mem::size_of::<EventRingHeader>() as u64;
@@ -102,6 +105,13 @@ impl EventRing {
     /// Copies out every record written since the last drain and hands the
     /// slots back to the kernel.
     pub fn drain(&mut self, ram: &GuestRam) -> Result<Drained, EventRingError> {
+        self.drain_at_most(ram, u64::MAX)
+    }
+
+    /// [`EventRing::drain`], but at most `max` records (the oldest); the
+    /// rest stay in the ring for the next call. A ring as large as guest
+    /// RAM is then drained in bounded pieces.
+    pub fn drain_at_most(&mut self, ram: &GuestRam, max: u64) -> Result<Drained, EventRingError> {
         let header: EventRingHeader = ram.read(self.gpa)?;
         let pending = header.head.wrapping_sub(self.tail);
         if pending > u64::from(self.capacity) {
@@ -111,16 +121,24 @@ impl EventRing {
                 capacity: self.capacity,
             });
         }
+        let pending = pending.min(max);
         let mut records = Vec::with_capacity(pending as usize);
-        for seq in self.tail..header.head {
+        // Counted from the tail, not as a range `tail..head`: the indices
+        // are free-running u64s and may cross the wrap (head < tail), which
+        // an empty range would drop without a word.
+        for i in 0..pending {
+            let seq = self.tail.wrapping_add(i);
             let slot = seq % u64::from(self.capacity);
             records.push(ram.read::<EventRecord>(self.gpa + HEADER_SIZE + slot * RECORD_SIZE)?);
         }
-        self.tail = header.head;
+        self.tail = self.tail.wrapping_add(pending);
         ram.write(self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64, &self.tail)?;
-        let newly_lost = header.lost.saturating_sub(self.lost);
+        let (newly_lost, lost_backwards) = match header.lost.checked_sub(self.lost) {
+            Some(newly) => (newly, None),
+            None => (0, Some((self.lost, header.lost))),
+        };
         self.lost = header.lost;
-        Ok(Drained { records, newly_lost })
+        Ok(Drained { records, newly_lost, lost_backwards })
     }
 }
 
@@ -163,6 +181,59 @@ mod tests {
         let header: EventRingHeader = ram.read(RING).unwrap();
         assert_eq!(header.tail, 2);
         assert!(ring.drain(&ram).unwrap().records.is_empty());
+    }
+
+    #[test]
+    fn indices_crossing_the_u64_wrap_lose_nothing_and_a_shrinking_lost_count_is_reported() {
+        let ram = GuestRam::new(16).unwrap();
+        let capacity = 8u32;
+        let start = u64::MAX - 2;
+        let header = EventRingHeader {
+            magic: EVENT_RING_MAGIC,
+            version: PROTOCOL_VERSION,
+            capacity,
+            record_size: RECORD_SIZE as u32,
+            head: start,
+            tail: start,
+            lost: 5,
+            ..Default::default()
+        };
+        ram.write(RING, &header).unwrap();
+        let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
+        // Five records: seq u64::MAX-2, u64::MAX-1, u64::MAX, 0, 1.
+        for i in 0..5u64 {
+            let seq = start.wrapping_add(i);
+            let mut record = Event::ProcessExited { pid: i as u32 + 1, code: 0, preemptions: 0 }.encode();
+            record.seq = seq;
+            ram.write(RING + HEADER_SIZE + (seq % u64::from(capacity)) * RECORD_SIZE, &record).unwrap();
+        }
+        let head = start.wrapping_add(5);
+        assert_eq!(head, 2);
+        ram.write(RING + core::mem::offset_of!(EventRingHeader, head) as u64, &head).unwrap();
+        let drained = ring.drain(&ram).unwrap();
+        let seqs: Vec<u64> = drained.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [u64::MAX - 2, u64::MAX - 1, u64::MAX, 0, 1]);
+        assert_eq!((drained.newly_lost, drained.lost_backwards), (0, None));
+        let header: EventRingHeader = ram.read(RING).unwrap();
+        assert_eq!(header.tail, 2);
+        // The kernel claims fewer losses than before: reported.
+        ram.write(RING + core::mem::offset_of!(EventRingHeader, lost) as u64, &1u64).unwrap();
+        let drained = ring.drain(&ram).unwrap();
+        assert!(drained.records.is_empty());
+        assert_eq!(drained.lost_backwards, Some((5, 1)));
+    }
+
+    #[test]
+    fn a_ring_is_drained_in_bounded_pieces() {
+        let ram = GuestRam::new(16).unwrap();
+        let events: Vec<Event> =
+            (0..10).map(|pid| Event::ProcessExited { pid, code: 0, preemptions: 0 }).collect();
+        ring_with(&ram, 16, &events);
+        let mut ring = EventRing::open(&ram, RING, 4096).unwrap();
+        let sizes: Vec<usize> = (0..4).map(|_| ring.drain_at_most(&ram, 4).unwrap().records.len()).collect();
+        assert_eq!(sizes, [4, 4, 2, 0]);
+        let header: EventRingHeader = ram.read(RING).unwrap();
+        assert_eq!(header.tail, 10);
     }
 
     #[test]

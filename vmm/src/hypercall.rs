@@ -166,6 +166,18 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
     let Some(params) = read_params::<BootHelloParams>(session, Hypercall::BootHello, gpa) else {
         return Flow::Continue;
     };
+    let text = Some((params.kernel_text_gpa, params.kernel_text_len));
+    if session.hello.is_some() {
+        // Exactly one boot hello: a later one would re-baseline or move
+        // what the VMM watches. Refused, and a violation.
+        session.hellos += 1;
+        write_status(session, gpa, core::mem::offset_of!(BootHelloParams, status), &hc::STATUS_BAD_ARGUMENT);
+        return match session.boot_hello_checked(text, params.introspection_root_gpa) {
+            Some(stop) => Flow::InvariantViolated(stop),
+            None => Flow::Continue,
+        };
+    }
+    let mut flow = Flow::Continue;
     let status = if params.version != PROTOCOL_VERSION {
         session.warn(format!(
             "boot hello: kernel speaks protocol version {}, the VMM {PROTOCOL_VERSION}",
@@ -177,12 +189,12 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
             Ok(ring) => {
                 session.ring = Some(ring);
                 session.hello = Some(params);
+                session.hellos += 1;
                 if session.ram.contains(params.kernel_text_gpa, params.kernel_text_len) {
                     session.kernel_text = Some((params.kernel_text_gpa, params.kernel_text_len));
                 }
-                let (ram, text) = (session.ram, session.kernel_text);
-                if let Some(monitor) = session.monitor.as_mut() {
-                    monitor.checker.boot_hello(ram, text, params.introspection_root_gpa);
+                if let Some(stop) = session.boot_hello_checked(text, params.introspection_root_gpa) {
+                    flow = Flow::InvariantViolated(stop);
                 }
                 hc::STATUS_OK
             }
@@ -193,7 +205,7 @@ fn boot_hello(session: &mut Session<'_>, gpa: u64) -> Flow {
         }
     };
     write_status(session, gpa, core::mem::offset_of!(BootHelloParams, status), &status);
-    Flow::Continue
+    flow
 }
 
 fn console_write(session: &mut Session<'_>, gpa: u64) -> Flow {
@@ -272,27 +284,44 @@ fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
 /// were added.
 fn drain_events(session: &mut Session<'_>, notified: bool) -> usize {
     let before = session.events.len();
-    let Some(ring) = session.ring.as_mut() else {
+    if session.ring.is_none() {
         if notified {
             session.warn("event notify before the kernel announced its event ring".into());
         }
         return 0;
-    };
-    match ring.drain(session.ram) {
-        Ok(drained) => {
-            if drained.newly_lost > 0 {
-                session.lost_events += drained.newly_lost;
-                session
-                    .warn(format!("the kernel's event ring overflowed: {} events lost", drained.newly_lost));
+    }
+    // In pieces: a ring the kernel made as large as guest RAM never needs
+    // more than one piece of records in the VMM at once.
+    while let Some(ring) = session.ring.as_mut() {
+        let drained = match ring.drain_at_most(session.ram, DRAIN_PIECE) {
+            Ok(drained) => drained,
+            Err(error) => {
+                session.warn(error.to_string());
+                break;
             }
-            for record in drained.records {
-                session.add_record(record);
-            }
+        };
+        if let Some((was, now)) = drained.lost_backwards {
+            session.warn(format!(
+                "the kernel's event ring lost-record count went backwards from {was} to {now}: records may have been lost unreported"
+            ));
         }
-        Err(error) => session.warn(error.to_string()),
+        if drained.newly_lost > 0 {
+            session.lost_events += drained.newly_lost;
+            session.warn(format!("the kernel's event ring overflowed: {} events lost", drained.newly_lost));
+        }
+        let last = (drained.records.len() as u64) < DRAIN_PIECE;
+        for record in drained.records {
+            session.add_record(record);
+        }
+        if last {
+            break;
+        }
     }
     session.events.len() - before
 }
+
+/// Records drained from the ring at a time (see [`drain_events`]).
+const DRAIN_PIECE: u64 = 4096;
 
 fn read_panic(session: &mut Session<'_>, gpa: u64) -> PanicReport {
     let Some(params) = read_params::<PanicParams>(session, Hypercall::Panic, gpa) else {

@@ -176,6 +176,7 @@ impl Analysis {
         let facts = Facts {
             usable: state.usable.clone(),
             text: state.baseline.clone(),
+            text_missing: None,
             text_range,
             live_from_events: live,
             kernel_read_only: state.image.read_only,
@@ -355,6 +356,10 @@ pub struct Walked {
     pub resident_bytes: u64,
     /// Page-table frames of its tree (PML4 included).
     pub tables: u64,
+    /// True if a budget cut the walk of its tables short: the counts above
+    /// are what was found before it stopped (lower bounds), not the whole.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// `ps`.
@@ -366,6 +371,10 @@ pub struct PsResult {
     pub source: String,
     /// Live processes, by pid.
     pub processes: Vec<PsEntry>,
+    /// True if any process's walk (or the kernel half's) was cut short by
+    /// a budget: see [`Walked::partial`].
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// `maps`: one range of pages with the same rights and owner.
@@ -408,6 +417,10 @@ pub struct MapsResult {
     pub pml4: u64,
     /// Its user-half mappings, by address.
     pub ranges: Vec<MapRange>,
+    /// True if a budget cut the walk of its tables short: `ranges` is only
+    /// what was found before it stopped.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// `frames`: frames of one owner.
@@ -441,6 +454,10 @@ pub struct FramesResult {
     pub multiply_mapped_frames: u64,
     /// Counts per owner (unmanaged RAM included), in key order.
     pub owners: Vec<OwnerCount>,
+    /// True if a budget cut some walk short: the mapped counts are lower
+    /// bounds.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// `shares`: one participant of a region.
@@ -765,6 +782,9 @@ fn walked_counts(analysis: &Analysis) -> BTreeMap<u32, Walked> {
             counts.entry(pid).or_default().tables += 1;
         }
     }
+    for &pid in &analysis.walk.partial {
+        counts.entry(pid).or_default().partial = true;
+    }
     counts
 }
 
@@ -818,7 +838,7 @@ pub fn ps(analysis: &Analysis, at: String) -> PsResult {
         });
     }
     processes.sort_by_key(|p| p.pid);
-    PsResult { at, source: analysis.source(), processes }
+    PsResult { at, source: analysis.source(), processes, partial: !analysis.walk.partial.is_empty() }
 }
 
 fn rights(writable: bool, executable: bool) -> String {
@@ -861,7 +881,8 @@ pub fn maps(analysis: &Analysis, at: String, pid: u32) -> Result<MapsResult, Str
             owner,
         });
     }
-    Ok(MapsResult { at, pid, name, pml4, ranges })
+    let partial = analysis.walk.partial.contains(&pid);
+    Ok(MapsResult { at, pid, name, pml4, ranges, partial })
 }
 
 /// `frames`.
@@ -871,7 +892,9 @@ pub fn frames(analysis: &Analysis, ram: &GuestRam, at: String) -> FramesResult {
     let mut mappers: HashMap<u64, usize> = HashMap::new();
     for group in analysis.walk.by_frame() {
         let pids: BTreeSet<u32> = group.iter().filter(|m| m.user).map(|m| m.pid).collect();
-        if !pids.is_empty() {
+        // Frames of guest RAM only: a large leaf reaching past RAM maps
+        // nothing there, and "mapped" never exceeds the frames that exist.
+        if !pids.is_empty() && ram.contains(group[0].frame, PAGE_SIZE) {
             mappers.insert(group[0].frame, pids.len());
         }
     }
@@ -913,6 +936,7 @@ pub fn frames(analysis: &Analysis, ram: &GuestRam, at: String) -> FramesResult {
         mapped_frames: mappers.len() as u64,
         multiply_mapped_frames: mappers.values().filter(|&&n| n > 1).count() as u64,
         owners: owners.into_values().collect(),
+        partial: !analysis.walk.partial.is_empty(),
     }
 }
 
@@ -1326,19 +1350,37 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
                 out,
                 "(virtual, resident, shared: the kernel's counters / quotas; pages .. tables: counted by walking the page tables)"
             );
+            let partial: Vec<String> =
+                r.processes.iter().filter(|p| p.walked.partial).map(|p| p.pid.to_string()).collect();
+            if r.partial {
+                let _ = writeln!(
+                    out,
+                    "PARTIAL: a budget cut the page-table walk short{}: those counts are lower bounds",
+                    if partial.is_empty() {
+                        " (the kernel half)".to_string()
+                    } else {
+                        format!(" for pid {}", partial.join(", "))
+                    }
+                );
+            }
         }
         Request::Maps { .. } => {
             let r: MapsResult = decode(value)?;
             let pages: u64 = r.ranges.iter().map(|m| m.pages).sum();
             let _ = writeln!(
                 out,
-                "pid {} ({}) {}: pml4 {:#x}, {} pages in {} ranges",
+                "pid {} ({}) {}: pml4 {:#x}, {} pages in {} ranges{}",
                 r.pid,
                 r.name,
                 r.at,
                 r.pml4,
                 pages,
-                r.ranges.len()
+                r.ranges.len(),
+                if r.partial {
+                    " (PARTIAL: a budget cut the walk of its tables short; more may be mapped)"
+                } else {
+                    ""
+                }
             );
             let _ = writeln!(
                 out,
@@ -1372,6 +1414,12 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
                 r.mapped_frames,
                 r.multiply_mapped_frames
             );
+            if r.partial {
+                let _ = writeln!(
+                    out,
+                    "PARTIAL: a budget cut a page-table walk short: the mapped counts are lower bounds"
+                );
+            }
             let _ = writeln!(out, "{:<56} {:>8} {:>8}", "owner", "frames", "mapped");
             for o in &r.owners {
                 let _ = writeln!(out, "{:<56} {:>8} {:>8}", o.owner, o.frames, o.mapped);
@@ -1564,6 +1612,55 @@ mod tests {
     #[test]
     fn names_from_the_guest_are_sanitized() {
         assert_eq!(sanitize("a\x1b[31mb\n"), "a?[31mb?");
+    }
+
+    #[test]
+    fn one_hostile_tree_makes_only_its_own_answers_partial_and_counts_stay_within_ram() {
+        use crate::session::EventEntry;
+        let ram = GuestRam::new(16).unwrap();
+        // pid 1: a PML4 pointing at itself from every user slot; pid 2: a
+        // 1 GiB user leaf at 0, which reaches far past the 16 MiB of RAM.
+        let (hostile, other) = (0x10_0000u64, 0x10_1000u64);
+        let table = 0x7u64; // present, writable, user
+        ram.write_bytes(hostile, zerocopy::IntoBytes::as_bytes(&vec![hostile | table; 256][..])).unwrap();
+        let pdpt = 0x10_2000u64;
+        ram.write(other, &(pdpt | table)).unwrap();
+        ram.write(pdpt, &(0x85u64)).unwrap(); // present, user, huge: 1 GiB at 0
+        let spawned = |seq, pid, pml4_gpa| EventEntry {
+            seq,
+            tick: 0,
+            event: Event::ProcessSpawned { pid, spec_index: 0, pml4_gpa },
+        };
+        let state =
+            MachineState { events: vec![spawned(0, 1, hostile), spawned(1, 2, other)], ..Default::default() };
+        let machine = Machine { ram: &ram, state: &state };
+        let ps: PsResult = serde_json::from_value(answer(&machine, &Request::Ps).unwrap()).unwrap();
+        assert!(ps.partial);
+        let walked: Vec<(u32, bool, u64)> =
+            ps.processes.iter().map(|p| (p.pid, p.walked.partial, p.walked.pages)).collect();
+        assert_eq!(walked.iter().map(|w| (w.0, w.1)).collect::<Vec<_>>(), [(1, true), (2, false)]);
+        // pid 2's leaf was walked despite pid 1 (its budget is its own):
+        // every frame of RAM it maps (the walk stops at the first beyond).
+        assert_eq!(walked[1].2, 4096 + 1);
+        let text = render(&Request::Ps, &serde_json::to_value(&ps).unwrap()).unwrap();
+        assert!(text.contains("PARTIAL: a budget cut the page-table walk short for pid 1"), "{text}");
+        let maps: MapsResult =
+            serde_json::from_value(answer(&machine, &Request::Maps { pid: 1 }).unwrap()).unwrap();
+        assert!(maps.partial);
+        let text = render(&Request::Maps { pid: 1 }, &serde_json::to_value(&maps).unwrap()).unwrap();
+        assert!(text.contains("(PARTIAL: a budget cut the walk of its tables short"), "{text}");
+        let maps: MapsResult =
+            serde_json::from_value(answer(&machine, &Request::Maps { pid: 2 }).unwrap()).unwrap();
+        assert!(!maps.partial);
+        let frames: FramesResult =
+            serde_json::from_value(answer(&machine, &Request::Frames).unwrap()).unwrap();
+        assert!(frames.partial);
+        assert!(
+            frames.mapped_frames <= frames.ram_frames,
+            "{} of {}",
+            frames.mapped_frames,
+            frames.ram_frames
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! Exit status: 0 answered; 1 the VMM refused the request (no such
 //! process, an unmapped range to dump, ...); 2 bad arguments, no VMM at the
 //! socket, or an unreadable snapshot; 5 `check` found an isolation
-//! invariant violated.
+//! invariant violated; 6 the answer could not be written to stdout.
 
 use crate::api::{Client, ClientError, ControlResult, Request};
 use crate::inspect::{self, CheckResult, EventsResult, Machine, MapResult, MAX_EVENTS_PER_ANSWER};
@@ -25,6 +25,8 @@ pub const EXIT_REFUSED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status: `check` found a violation.
 pub const EXIT_VIOLATED: u8 = 5;
+/// Exit status: the answer could not be written (stdout, the SVG file).
+pub const EXIT_OUTPUT_FAILED: u8 = 6;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -39,7 +41,8 @@ Examples:
   superos-vmm inspect --snapshot vm.snap ps                     the same, offline
 
 Exit status: 0 answered; 1 the VMM refused the request; 2 bad arguments, no VMM at the
-socket or an unreadable snapshot; 5 `check` found an isolation invariant violated.";
+socket or an unreadable snapshot; 5 `check` found an isolation invariant violated;
+6 the answer could not be written to stdout.";
 
 /// `superos-vmm inspect` arguments.
 #[derive(clap::Args, Debug)]
@@ -151,8 +154,9 @@ impl InspectCommand {
 
 fn print(text: &str) {
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(text.as_bytes());
-    let _ = stdout.flush();
+    if stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+        crate::session::note_output_failure();
+    }
 }
 
 fn fail(code: u8, message: &str) -> u8 {
@@ -199,8 +203,18 @@ impl Source {
     }
 }
 
-/// Runs `superos-vmm inspect`; returns the exit status.
+/// Runs `superos-vmm inspect`; returns the exit status (non-zero if the
+/// answer could not be written).
 pub fn main(args: InspectArgs) -> u8 {
+    match answer(args) {
+        EXIT_OK if crate::session::output_failed() => {
+            fail(EXIT_OUTPUT_FAILED, "could not write the answer to stdout")
+        }
+        status => status,
+    }
+}
+
+fn answer(args: InspectArgs) -> u8 {
     let mut source = match (&args.api, &args.snapshot) {
         (Some(path), _) => match Client::connect(path) {
             Ok(client) => Source::Live(client),

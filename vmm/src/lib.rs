@@ -24,6 +24,12 @@
 //! `superos-vmm inspect`, [`snapshot`] writes and reads a snapshot file of a
 //! stopped guest for the same queries offline, and [`svg`] draws physical
 //! memory coloured by owner.
+//!
+//! The guest kernel is not trusted (see "The VMM's memory bound and its
+//! distrust of the kernel" in `docs/ARCHITECTURE.md`): [`session`] keeps a
+//! bounded number of events, console bytes and warnings and counts the
+//! rest, [`input`] reads the files a user names only if they are regular
+//! and within a cap.
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
@@ -40,6 +46,7 @@ pub mod event_json;
 pub mod events;
 pub mod hypercall;
 pub mod images;
+pub mod input;
 pub mod inspect;
 pub mod inspect_cli;
 pub mod introspect;

@@ -56,7 +56,8 @@ Exit status: 0 every process did what the scenario expects; 1 some process did n
 2 bad arguments, scenario or image; 3 the guest crashed; 4 the watchdog fired;
 5 an isolation invariant was violated (takes precedence over 1, 3 and 4; what the check at
 a kernel panic finds is listed but leaves the status at 3). A guest stopped with
-`inspect quit` exits 1 (its processes did not finish).";
+`inspect quit` exits 1 (its processes did not finish). 6: all went well but a requested
+output (the snapshot, stdout) could not be written.";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -157,6 +158,12 @@ enum Inject {
     WriteKernelText,
     /// Free the first non-zero frame released after boot without zeroing it.
     SkipOneScrub,
+    /// Flood the console forever (partial lines from ever-new pids, long lines); only --timeout ends it.
+    ConsoleFlood,
+    /// Flood the event ring forever; only --timeout ends it.
+    EventFlood,
+    /// Send the boot hello a second time after boot (a violation).
+    SecondHello,
 }
 
 fn main() -> ExitCode {
@@ -192,7 +199,8 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     }
     let kernel = match &args.kernel {
         Some(path) => Cow::Owned(
-            std::fs::read(path).map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?,
+            superos_vmm::input::read_regular(path, superos_vmm::input::MAX_ELF_BYTES)
+                .map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?,
         ),
         None => Cow::Borrowed(images::KERNEL_ELF),
     };
@@ -209,6 +217,9 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::BadHello => boot::DEBUG_BAD_HELLO,
                 Inject::WriteKernelText => boot::DEBUG_WRITE_KERNEL_TEXT,
                 Inject::SkipOneScrub => boot::DEBUG_SKIP_ONE_SCRUB,
+                Inject::ConsoleFlood => boot::DEBUG_CONSOLE_FLOOD,
+                Inject::EventFlood => boot::DEBUG_EVENT_FLOOD,
+                Inject::SecondHello => boot::DEBUG_SECOND_HELLO,
             }
     });
     let config = RunConfig {
@@ -237,6 +248,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         keep_going: args.keep_going,
         tamper: None,
         vcpu_tamper: None,
+        limits: Default::default(),
     };
     let origin = config.scenario.origin.clone();
     if !args.quiet {
@@ -255,7 +267,15 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     if args.stats {
         print_stats(&report);
     }
-    Ok(report.exit_status())
+    // A requested output that could not be written (stdout here; the
+    // snapshot is in the report) makes the status non-zero.
+    match report.exit_status() {
+        run::EXIT_OK if superos_vmm::session::output_failed() => {
+            eprintln!("superos-vmm: could not write the output to stdout");
+            Ok(run::EXIT_OUTPUT_FAILED)
+        }
+        status => Ok(status),
+    }
 }
 
 fn print_summary(report: &RunReport) {
@@ -292,6 +312,12 @@ fn print_summary(report: &RunReport) {
     }
     for note in &report.check_notes {
         out!("superos-vmm: note: {note}");
+    }
+    if report.lost_events > 0 {
+        out!("superos-vmm: note: {} events lost in the kernel's event ring", report.lost_events);
+    }
+    if !report.dropped.is_empty() {
+        out!("superos-vmm: note: {}", report.dropped);
     }
     let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
     let checks = &report.stats.checks;

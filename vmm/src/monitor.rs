@@ -30,6 +30,7 @@ use crate::memory::GuestRam;
 use crate::session::EventEntry;
 use kvm_ioctls::VcpuFd;
 use std::collections::HashSet;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use superos_protocol::layout::PAGE_SIZE;
@@ -111,6 +112,9 @@ pub enum Trigger {
     /// The guest wrote into the read-only kernel image at this address
     /// (not a check: KVM refused the write and the VMM reports it).
     ReadOnlyWrite(u64),
+    /// The kernel's boot hello (the first, or a refused later one: its
+    /// number, from 1).
+    BootHello(u64),
 }
 
 impl std::fmt::Display for Trigger {
@@ -121,6 +125,7 @@ impl std::fmt::Display for Trigger {
             Trigger::Panic => f.write_str("the kernel panic"),
             Trigger::Ring3(rip) => write!(f, "a periodic check (ring 3, rip {rip:#x})"),
             Trigger::ReadOnlyWrite(gpa) => write!(f, "a write to the read-only kernel image at {gpa:#x}"),
+            Trigger::BootHello(n) => write!(f, "boot hello #{n}"),
         }
     }
 }
@@ -191,6 +196,10 @@ impl std::fmt::Display for ReportedViolation {
 /// Distinct violations kept per run; later ones are counted.
 pub const MAX_REPORTED: usize = 1000;
 
+/// Notes kept per run (later ones are dropped: they only repeat a kind of
+/// note with other details).
+pub const MAX_NOTES: usize = 64;
+
 /// What a check decided for the run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stop {
@@ -255,7 +264,7 @@ impl Monitor {
     }
 
     fn note(&mut self, text: String) {
-        if !self.notes.contains(&text) {
+        if self.notes.len() < MAX_NOTES && !self.notes.contains(&text) {
             self.notes.push(text);
         }
     }
@@ -381,6 +390,39 @@ impl Monitor {
         self.record(vec![violation], Trigger::ReadOnlyWrite(write.gpa))
     }
 
+    /// The kernel's boot hello number `count` (from 1) announcing `text`
+    /// and the introspection root at `root_gpa`. The first is accepted (a
+    /// text range that is empty, outside RAM or outside the loaded image is
+    /// reported); any later one is a `single-boot-hello` violation and
+    /// changes nothing (baselines, ring and root stay the first's). `Some`
+    /// if the guest must stop.
+    pub fn boot_hello(
+        &mut self,
+        ram: &GuestRam,
+        count: u64,
+        text: Option<(u64, u64)>,
+        root_gpa: u64,
+    ) -> Option<Stop> {
+        if count <= 1 {
+            let problem = self.checker.boot_hello(ram, text, root_gpa);
+            return self.record(problem.into_iter().collect(), Trigger::BootHello(count));
+        }
+        let (gpa, len) = text.unwrap_or_default();
+        let mut details = format!(
+            "the kernel said hello again (text {gpa:#x}+{len:#x}, root {root_gpa:#x}): refused; the text baseline, event ring and introspection root stay those of the first"
+        );
+        match self.checker.root_gpa() {
+            Some(first) if first != root_gpa => {
+                let _ = write!(details, "; the root would have moved from {first:#x} to {root_gpa:#x}");
+            }
+            None if root_gpa != 0 => {
+                let _ = write!(details, "; it names a root ({root_gpa:#x}) the first did not");
+            }
+            _ => {}
+        }
+        self.record(vec![Violation::new(Invariant::SingleBootHello, details)], Trigger::BootHello(count))
+    }
+
     /// Records what a check (or the read-only slot) found at `trigger`.
     fn record(&mut self, violations: Vec<Violation>, trigger: Trigger) -> Option<Stop> {
         if violations.is_empty() {
@@ -392,10 +434,14 @@ impl Monitor {
             if !invariants.contains(&violation.invariant) {
                 invariants.push(violation.invariant);
             }
-            if !self.seen.insert((violation.invariant, violation.details.clone())) {
+            let key = (violation.invariant, violation.details.clone());
+            if self.seen.contains(&key) {
                 continue;
             }
+            // Bounded: past the cap nothing more is remembered (so repeats
+            // of dropped violations are counted again).
             if self.violations.len() < MAX_REPORTED {
+                self.seen.insert(key);
                 let at_panic = trigger == Trigger::Panic;
                 self.violations.push(ReportedViolation { at: at.clone(), at_panic, violation });
             } else {
@@ -413,6 +459,55 @@ mod tests {
 
     fn spawned(seq: u64, pid: u32, pml4: u64) -> EventEntry {
         EventEntry { seq, tick: 0, event: Event::ProcessSpawned { pid, spec_index: 0, pml4_gpa: pml4 } }
+    }
+
+    #[test]
+    fn one_boot_hello_only_and_the_text_baseline_is_the_vmms() {
+        let ram = GuestRam::new(16).unwrap();
+        ram.write_bytes(0x10_0000, &[0x90; 0x2000]).unwrap();
+        let image = KernelImage { read_only: Some((0x10_0000, 0x10_2000)), ..Default::default() };
+        let mut monitor = Monitor::new(CheckMode::Exit, false, None, vec![]).with_image(&image);
+        monitor.checker.baseline_image(&ram);
+        assert_eq!(
+            monitor.checker.text_baseline().map(|t| (t.gpa, t.bytes.len())),
+            Some((0x10_0000, 0x2000))
+        );
+        // The first hello is accepted; its text range is only compared.
+        assert_eq!(monitor.boot_hello(&ram, 1, Some((0x10_0000, 0x1800)), 0x5000), None);
+        // A second one is a violation and changes nothing.
+        let stop = monitor.boot_hello(&ram, 2, Some((0x10_0000, 0x10)), 0x6000).expect("a stop");
+        assert_eq!(stop.invariants, [Invariant::SingleBootHello]);
+        assert_eq!(stop.at, "boot hello #2");
+        let details = &monitor.violations[0].violation.details;
+        assert!(details.contains("the root would have moved from 0x5000 to 0x6000"), "{details}");
+        assert_eq!(monitor.checker.root_gpa(), Some(0x5000));
+        assert_eq!(monitor.checker.text_baseline().map(|t| t.bytes.len()), Some(0x2000));
+
+        // A hello whose text range is empty, outside RAM, or outside the
+        // loaded image is a finding.
+        for (text, expect) in [
+            ((0x10_0000, 0), "is empty"),
+            ((u64::MAX - 4, 8), "not inside guest RAM"),
+            ((0x20_0000, 0x10), "not inside the text and read-only data the VMM loaded"),
+        ] {
+            let mut monitor = Monitor::new(CheckMode::Exit, false, None, vec![]).with_image(&image);
+            let stop = monitor.boot_hello(&ram, 1, Some(text), 0);
+            assert_eq!(stop.map(|s| s.invariants), Some(vec![Invariant::IntrospectionValid]));
+            let details = &monitor.violations[0].violation.details;
+            assert!(details.contains(expect), "{details}");
+        }
+
+        // No text the VMM could protect: every check says so.
+        let mut monitor =
+            Monitor::new(CheckMode::Exit, true, None, vec![]).with_image(&KernelImage::default());
+        monitor.checker.baseline_image(&ram);
+        assert!(monitor.checker.text_baseline().is_none());
+        monitor.at_end(&ram, &[], true);
+        let found: Vec<_> = monitor.violations.iter().map(|v| v.violation.to_string()).collect();
+        assert!(
+            found.iter().any(|v| v.starts_with("kernel-text-unchanged: the kernel text cannot be compared")),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -3,8 +3,12 @@
 //!
 //! The vCPU runs on its own thread; the calling thread is the watchdog. On
 //! timeout it sets a stop flag and kicks the vCPU thread out of `KVM_RUN`
-//! with a signal (repeated until the thread notices, since a signal that
-//! lands between two `KVM_RUN`s is otherwise lost).
+//! with a signal (repeated until the thread acknowledges by exiting, since a
+//! signal that lands between two `KVM_RUN`s is otherwise lost). The vCPU
+//! thread also looks at the stop flag after every exit, not only when
+//! `KVM_RUN` was interrupted: a guest that keeps the VMM busy with
+//! hypercalls (the kick then lands in the VMM's own code, not in `KVM_RUN`)
+//! is stopped within one exit's work of the deadline.
 //!
 //! [`run_with`] adds a control socket for `superos-vmm inspect` and a
 //! snapshot when the guest stops ([`crate::control`]): after every VM exit
@@ -75,6 +79,9 @@ pub struct RunConfig {
     /// Test/diagnostic hook: changes the vCPU's registers on purpose at an
     /// event, before that event's CPU-state check. `None` in normal runs.
     pub vcpu_tamper: Option<VcpuTamper>,
+    /// What the VMM stores at most (events, console bytes); beyond that it
+    /// counts ([`RunReport::dropped`]).
+    pub limits: crate::session::Limits,
 }
 
 impl RunConfig {
@@ -95,6 +102,7 @@ impl RunConfig {
             keep_going: false,
             tamper: None,
             vcpu_tamper: None,
+            limits: Default::default(),
         }
     }
 }
@@ -285,6 +293,12 @@ pub struct RunReport {
     pub log: Vec<String>,
     /// Events the kernel dropped.
     pub lost_events: u64,
+    /// What the VMM dropped to keep its memory bounded (events, console
+    /// bytes, warnings beyond their caps).
+    pub dropped: crate::session::Dropped,
+    /// Requested outputs that could not be written (the snapshot): the
+    /// exit status is then [`EXIT_OUTPUT_FAILED`] unless already non-zero.
+    pub output_errors: Vec<String>,
     /// Counters and timings.
     pub stats: RunStats,
     /// Where the guest died, if it crashed.
@@ -314,6 +328,9 @@ pub const EXIT_TIMEOUT: i32 = 4;
 /// of the check at a kernel panic alone leave the status at
 /// [`EXIT_GUEST_CRASH`]).
 pub const EXIT_INVARIANT_VIOLATED: i32 = 5;
+/// The guest run was fine but a requested output (the snapshot, stdout)
+/// could not be written.
+pub const EXIT_OUTPUT_FAILED: i32 = 6;
 
 impl RunReport {
     /// True if the kernel shut down cleanly and every process behaved.
@@ -323,12 +340,23 @@ impl RunReport {
 
     /// The process exit status `superos-vmm run` uses for this report.
     pub fn exit_status(&self) -> i32 {
+        match self.run_status() {
+            EXIT_OK if !self.output_errors.is_empty() => EXIT_OUTPUT_FAILED,
+            status => status,
+        }
+    }
+
+    /// The status of the guest run alone (outputs aside).
+    fn run_status(&self) -> i32 {
         if self.violations.iter().any(|v| !v.at_panic)
             || matches!(self.exit, GuestExit::InvariantViolated { .. })
         {
             return EXIT_INVARIANT_VIOLATED;
         }
         match self.exit {
+            // Events were dropped (a kernel flooding the VMM): what the
+            // processes did cannot be vouched for.
+            GuestExit::Shutdown { code: 0 } if self.dropped.events > 0 => EXIT_UNEXPECTED_OUTCOME,
             GuestExit::Shutdown { code: 0 } if self.processes.iter().all(ProcessOutcome::as_expected) => {
                 EXIT_OK
             }
@@ -418,6 +446,9 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     // the read-only kernel image is reported whatever the check mode.
     let mut monitor = Monitor::new(config.check, config.keep_going, config.tamper.clone(), usable.clone())
         .with_image(&image);
+    // The text baseline is what the VMM itself just loaded, before the
+    // kernel ran a single instruction.
+    monitor.checker.baseline_image(&ram);
     // A run that checks logs the guest's writes, so that a check reads only
     // the free frames that can have changed since an earlier one.
     if config.check != CheckMode::Off {
@@ -427,6 +458,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     }
     let mut session = Session::new(&ram, config.started, config.echo, names)
         .with_event_format(config.events)
+        .with_limits(config.limits)
         .with_read_only(vm.read_only())
         .with_monitor(monitor);
     let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
@@ -484,6 +516,8 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         events: std::mem::take(&mut session.events),
         log: std::mem::take(&mut session.log),
         lost_events: session.lost_events,
+        dropped: session.dropped,
+        output_errors: Vec::new(),
         stats,
         diagnosis,
         host,
@@ -824,6 +858,13 @@ fn vcpu_loop(
         if let Step::Stop(exit) = step {
             break exit;
         }
+        // The watchdog fired while the vCPU thread was in the VMM's own code
+        // (a hypercall, a check, a control query): its kick did not
+        // interrupt `KVM_RUN`, so look at the flag here, after every exit.
+        if kicks.stop.load(Ordering::SeqCst) {
+            *exits.entry("stopped between exits".to_string()).or_default() += 1;
+            break GuestExit::Timeout(session.now());
+        }
     };
     session.phases.guest_exit = Some(session.now());
     let exit = match exit {
@@ -1140,6 +1181,8 @@ mod tests {
             events: Vec::new(),
             log: Vec::new(),
             lost_events: 0,
+            dropped: Default::default(),
+            output_errors: Vec::new(),
             stats: RunStats::default(),
             diagnosis: None,
             host: HostFlavor::Kvm,
@@ -1199,6 +1242,8 @@ mod tests {
             events,
             log: Vec::new(),
             lost_events: 0,
+            dropped: Default::default(),
+            output_errors: Vec::new(),
             stats: RunStats::default(),
             diagnosis: None,
             host: HostFlavor::Kvm,

@@ -189,7 +189,7 @@ impl Scenario {
     pub fn load(spec: &str) -> Result<Scenario, ScenarioError> {
         let path = Path::new(spec);
         if path.exists() {
-            let text = std::fs::read_to_string(path)
+            let text = crate::input::read_regular_text(path, crate::input::MAX_SCENARIO_BYTES)
                 .map_err(|source| ScenarioError::Read { path: path.to_path_buf(), source })?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             return Scenario::parse(&text, &path.display().to_string(), &base);
@@ -266,8 +266,8 @@ fn resolve_process(
         },
         (None, Some(path)) => {
             let full = base.join(path);
-            let image =
-                std::fs::read(&full).map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
+            let image = crate::input::read_regular(&full, crate::input::MAX_ELF_BYTES)
+                .map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             (stem, image)
         }

@@ -11,15 +11,87 @@ use std::time::{Duration, Instant};
 use superos_protocol::event::{Event, EventRecord};
 use superos_protocol::hypercall::BootHelloParams;
 
-/// Prints one line on stdout. Write errors (a closed pipe, say) are
-/// ignored: losing live output must not stop the VM.
+/// Prints one line on stdout. A write error (a full disk, a closed pipe)
+/// does not stop the VM, but it is remembered ([`output_failed`]): the
+/// command then exits non-zero.
 pub fn emit(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
+    if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+        note_output_failure();
+    }
+}
+
+static OUTPUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Remembers that some requested output (stdout, a file) could not be
+/// written.
+pub fn note_output_failure() {
+    OUTPUT_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// True if [`emit`] (or anyone calling [`note_output_failure`]) failed to
+/// write output in this process.
+pub fn output_failed() -> bool {
+    OUTPUT_FAILED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Warnings stored per run; later ones are only counted.
 pub const MAX_WARNINGS: u64 = 100;
+
+/// Events stored per run; later ones are counted ([`Dropped::events`]),
+/// not stored, not checked, not matched to processes (at roughly 64 bytes
+/// each, 6.4 MB at most).
+pub const MAX_EVENTS: usize = 100_000;
+
+/// Console bytes stored per run (line text plus the per-line overhead);
+/// later lines are counted ([`Dropped::console_bytes`]), not stored.
+pub const MAX_CONSOLE_BYTES: u64 = 16 << 20;
+
+/// The caps a run stores up to ([`MAX_EVENTS`], [`MAX_CONSOLE_BYTES`] by
+/// default; tests lower them to reach them quickly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Events stored.
+    pub events: usize,
+    /// Console bytes stored (text plus per-line overhead).
+    pub console_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { events: MAX_EVENTS, console_bytes: MAX_CONSOLE_BYTES }
+    }
+}
+
+/// What the VMM refused to store to keep its memory bounded (see
+/// `docs/ARCHITECTURE.md`, "The VMM's memory bound"): counted, reported,
+/// never silent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Events beyond [`MAX_EVENTS`].
+    pub events: u64,
+    /// Console bytes beyond [`MAX_CONSOLE_BYTES`].
+    pub console_bytes: u64,
+    /// Warnings beyond [`MAX_WARNINGS`].
+    pub warnings: u64,
+}
+
+impl Dropped {
+    /// True if nothing was dropped.
+    pub fn is_empty(&self) -> bool {
+        *self == Dropped::default()
+    }
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} events / {} console bytes / {} warnings dropped (the VMM keeps a bounded number of each)",
+            self.events, self.console_bytes, self.warnings
+        )
+    }
+}
 
 /// An event as received, with its ring metadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +174,13 @@ pub struct Session<'a> {
     /// MMIO writes and are reported, not ignored.
     pub read_only: Option<(u64, u64)>,
     warnings: u64,
+    /// Boot hellos accepted or refused as a second one (not counting
+    /// those refused for a bad version or ring before the first).
+    pub hellos: u64,
+    /// What was dropped to keep the VMM's memory bounded.
+    pub dropped: Dropped,
+    limits: Limits,
+    console_bytes: u64,
     pub(crate) console: Console,
     pub(crate) ring: Option<EventRing>,
     echo: Echo,
@@ -126,6 +205,10 @@ impl<'a> Session<'a> {
             monitor: None,
             read_only: None,
             warnings: 0,
+            hellos: 0,
+            dropped: Dropped::default(),
+            limits: Limits::default(),
+            console_bytes: 0,
             console: Console::default(),
             ring: None,
             echo,
@@ -138,6 +221,12 @@ impl<'a> Session<'a> {
     /// Prints live events (with [`Echo::Live`]) in `format` instead of text.
     pub fn with_event_format(mut self, format: EventFormat) -> Self {
         self.event_format = format;
+        self
+    }
+
+    /// Stores at most `limits` (see [`Limits`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -177,6 +266,16 @@ impl<'a> Session<'a> {
         };
         let reported = monitor.violations.len();
         let stop = monitor.read_only_write(&write);
+        self.echo_violations(reported);
+        stop
+    }
+
+    /// The kernel's boot hello number [`Session::hellos`] (see
+    /// [`Monitor::boot_hello`]). `Some` if the guest must stop.
+    pub fn boot_hello_checked(&mut self, text: Option<(u64, u64)>, root_gpa: u64) -> Option<Stop> {
+        let (ram, count) = (self.ram, self.hellos);
+        let reported = self.monitor.as_ref()?.violations.len();
+        let stop = self.monitor.as_mut()?.boot_hello(ram, count, text, root_gpa);
         self.echo_violations(reported);
         stop
     }
@@ -264,6 +363,7 @@ impl<'a> Session<'a> {
     pub fn warn(&mut self, message: String) {
         self.warnings += 1;
         if self.warnings > MAX_WARNINGS {
+            self.dropped.warnings += 1;
             return;
         }
         let message = if self.warnings == MAX_WARNINGS {
@@ -298,12 +398,23 @@ impl<'a> Session<'a> {
             if self.echo == Echo::Live {
                 emit(format_args!("[{}] {}", self.label(line.pid), line.text));
             }
+            let cost = (line.text.len() + std::mem::size_of::<ConsoleLine>()) as u64;
+            if self.console_bytes + cost > self.limits.console_bytes {
+                // +1: the line's newline (or cut) counts as a byte written.
+                self.dropped.console_bytes += line.text.len() as u64 + 1;
+                continue;
+            }
+            self.console_bytes += cost;
             self.lines.push(line);
         }
     }
 
     /// Records a drained event record.
     pub fn add_record(&mut self, record: EventRecord) {
+        if self.events.len() >= self.limits.events {
+            self.dropped.events += 1;
+            return;
+        }
         match record.decode() {
             Ok(event) => {
                 if let Event::ProcessSpawned { pid, spec_index, .. } = event {
@@ -378,6 +489,38 @@ mod tests {
         assert!(!none.in_read_only(0));
         assert_eq!(none.read_only_write(0, &[1], None, None), None);
         assert!(none.log.is_empty());
+    }
+
+    #[test]
+    fn events_console_and_warnings_are_bounded_and_drops_counted() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        let record = Event::HypercallRefused { port: 1, status: 2 }.encode();
+        for _ in 0..MAX_EVENTS + 10 {
+            session.add_record(record);
+        }
+        assert_eq!(session.events.len(), MAX_EVENTS);
+        assert_eq!(session.dropped.events, 10);
+        let line = "x".repeat(4096);
+        let lines = (MAX_CONSOLE_BYTES / 4096 + 100) as usize;
+        for _ in 0..lines {
+            session.add_lines(vec![ConsoleLine { pid: 7, text: line.clone() }]);
+        }
+        let kept: u64 = session.lines.iter().map(|l| l.text.len() as u64).sum();
+        assert!(kept <= MAX_CONSOLE_BYTES, "{kept}");
+        assert!(session.dropped.console_bytes >= 100 * 4097, "{:?}", session.dropped);
+        assert_eq!(
+            kept + session.dropped.console_bytes - (lines - session.lines.len()) as u64,
+            lines as u64 * 4096
+        );
+        for i in 0..MAX_WARNINGS + 5 {
+            session.warn(format!("w{i}"));
+        }
+        assert_eq!(session.log.len() as u64, MAX_WARNINGS);
+        assert_eq!(session.dropped.warnings, 5);
+        let text = session.dropped.to_string();
+        assert!(text.starts_with("10 events / "), "{text}");
+        assert!(text.contains(" console bytes / 5 warnings dropped"), "{text}");
     }
 
     #[test]

@@ -304,7 +304,9 @@ pub struct Loaded {
 /// Reads and validates the snapshot at `path`.
 pub fn read(path: &Path) -> Result<Loaded, SnapshotError> {
     let io = |error| SnapshotError::Io { path: path.display().to_string(), error };
-    let file = File::open(path).map_err(io)?;
+    // A regular file only (`/dev/zero` would be read for gigabytes, a FIFO
+    // would block), and never more than its real size.
+    let file = crate::input::open_regular(path).map_err(io)?;
     let length = file.metadata().map_err(io)?.len();
     let limit = HEADER_SIZE as u64
         + MAX_META
@@ -315,8 +317,14 @@ pub fn read(path: &Path) -> Result<Loaded, SnapshotError> {
     if length > limit {
         return Err(corrupt(format!("the file is {length} bytes, more than any snapshot can be")));
     }
-    let mut bytes = Vec::with_capacity(length as usize);
-    file.take(limit).read_to_end(&mut bytes).map_err(io)?;
+    // The header first: the magic and declared sizes are checked against
+    // the file's real length before the rest is read.
+    let mut file = file.take(length);
+    let mut bytes = vec![0u8; HEADER_SIZE.min(length as usize)];
+    file.read_exact(&mut bytes).map_err(io)?;
+    check_header(&bytes, length)?;
+    bytes.reserve_exact((length as usize).saturating_sub(bytes.len()));
+    file.read_to_end(&mut bytes).map_err(io)?;
     parse(&bytes)
 }
 
@@ -343,29 +351,30 @@ fn take<'a>(rest: &mut &'a [u8], len: u64) -> Result<&'a [u8], SnapshotError> {
     Ok(head)
 }
 
-/// Parses and validates a snapshot held in memory.
-pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
-    if bytes.len() < HEADER_SIZE {
-        return Err(SnapshotError::NotASnapshot(format!("{} bytes, shorter than the header", bytes.len())));
+/// Checks the header (the first [`HEADER_SIZE`] bytes of `header`) of a
+/// snapshot of `total` bytes: magic, version, every declared size within
+/// its cap, and the sections adding up to exactly `total`.
+fn check_header(header: &[u8], total: u64) -> Result<(), SnapshotError> {
+    if header.len() < HEADER_SIZE {
+        return Err(SnapshotError::NotASnapshot(format!("{total} bytes, shorter than the header")));
     }
-    if bytes[..8] != MAGIC {
+    if header[..8] != MAGIC {
         return Err(SnapshotError::NotASnapshot("wrong magic".into()));
     }
-    let version = u32_at(bytes, 8);
+    let version = u32_at(header, 8);
     if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(SnapshotError::Version(version));
     }
-    let header_size = u32_at(bytes, 12);
+    let header_size = u32_at(header, 12);
     if header_size as usize != HEADER_SIZE {
         return Err(corrupt(format!("header size {header_size}, not {HEADER_SIZE}")));
     }
-    let ram_size = u64_at(bytes, 16);
-    let meta_len = u64_at(bytes, 24);
-    let text_len = u64_at(bytes, 32);
-    let event_count = u64::from(u32_at(bytes, 40));
-    let record_size = u32_at(bytes, 44);
-    let stored = u64_at(bytes, 48);
-    let checksum = u64_at(bytes, 56);
+    let ram_size = u64_at(header, 16);
+    let meta_len = u64_at(header, 24);
+    let text_len = u64_at(header, 32);
+    let event_count = u64::from(u32_at(header, 40));
+    let record_size = u32_at(header, 44);
+    let stored = u64_at(header, 48);
     if !(MIN_GUEST_MEMORY..=MAX_GUEST_MEMORY).contains(&ram_size) || ram_size % (2 << 20) != 0 {
         return Err(corrupt(format!("guest RAM of {ram_size} bytes is not a valid size")));
     }
@@ -388,13 +397,25 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
     let expected = [meta_len, text_len, event_count * RECORD_SIZE as u64, pages / 8, stored * PAGE_SIZE]
         .into_iter()
         .try_fold(HEADER_SIZE as u64, u64::checked_add);
-    if expected != Some(bytes.len() as u64) {
+    if expected != Some(total) {
         return Err(corrupt(format!(
-            "the file is {} bytes, its header describes {}",
-            bytes.len(),
+            "the file is {total} bytes, its header describes {}",
             expected.map_or("more than 2^64".to_string(), |e| e.to_string())
         )));
     }
+    Ok(())
+}
+
+/// Parses and validates a snapshot held in memory.
+pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
+    check_header(bytes, bytes.len() as u64)?;
+    let ram_size = u64_at(bytes, 16);
+    let meta_len = u64_at(bytes, 24);
+    let text_len = u64_at(bytes, 32);
+    let event_count = u64::from(u32_at(bytes, 40));
+    let stored = u64_at(bytes, 48);
+    let checksum = u64_at(bytes, 56);
+    let pages = ram_size / PAGE_SIZE;
     let mut hash = Fnv::new();
     hash.update(&bytes[HEADER_SIZE..]);
     if hash.0 != checksum {

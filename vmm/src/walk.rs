@@ -178,8 +178,12 @@ pub struct Walk {
     /// Processes whose tables are malformed (their accounting is not
     /// checked: the walk cannot say what they map).
     pub broken: BTreeSet<u32>,
-    /// False if a budget stopped the walk.
+    /// False if a budget cut any part of the walk short.
     pub complete: bool,
+    /// The processes (and [`KERNEL_HALF`]) whose walk a budget cut short:
+    /// what they map is known only in part. Each process has a budget of
+    /// its own, so one process's tables cannot blank the others'.
+    pub partial: BTreeSet<u32>,
     /// Counters.
     pub stats: WalkStats,
 }
@@ -240,9 +244,14 @@ pub fn walk(ram: &GuestRam, kernel_pml4: Option<u64>, processes: &[(u32, u64)]) 
     let mut walker = Walker {
         ram,
         walk: Walk { complete: true, ..Default::default() },
-        table_budget: 2 * ram_frames + 1024,
-        mapping_budget: 8 * ram_frames + 65536,
+        table_budget: ram_frames + 1024,
+        mapping_budget: 2 * ram_frames + 65536,
+        total_tables: 2 * ram_frames + 1024,
+        total_mappings: 8 * ram_frames + 65536,
         kernel_entries_seen: HashSet::new(),
+        tables_before: 0,
+        mappings_before: 0,
+        cut: false,
     };
     if let Some(kernel_pml4) = kernel_pml4 {
         walker.kernel_half(KERNEL_HALF, kernel_pml4);
@@ -328,10 +337,25 @@ fn push_issue(walk: &mut Walk, issue: WalkIssue) {
 struct Walker<'r> {
     ram: &'r GuestRam,
     walk: Walk,
+    /// One process's budgets (a private tree has at most one table and one
+    /// mapping per frame of RAM; twice that, with room for the gate and
+    /// shared regions).
     table_budget: u64,
     mapping_budget: u64,
+    /// All processes' together: what bounds the walk's memory however
+    /// many processes there are (past it, each further process is cut at
+    /// once and marked partial). At least two processes' worth, so one
+    /// hostile tree cannot blank the others.
+    total_tables: u64,
+    total_mappings: u64,
     /// Kernel-half PML4 entries already walked (CPU bits masked).
     kernel_entries_seen: HashSet<u64>,
+    /// Tables read and mappings recorded before the current process (its
+    /// budget counts from there).
+    tables_before: u64,
+    mappings_before: u64,
+    /// The current process's walk was cut short.
+    cut: bool,
 }
 
 impl Walker<'_> {
@@ -345,20 +369,23 @@ impl Walker<'_> {
     /// Reads the table at `frame`, or records why not. Counts the read
     /// against the budget.
     fn read_table(&mut self, pid: u32, va: u64, frame: u64, entry: u64) -> Option<Box<[u64; 512]>> {
-        if !self.walk.complete {
+        if self.cut {
             return None;
         }
-        if self.walk.stats.tables >= self.table_budget {
-            self.walk.complete = false;
+        let mine = self.walk.stats.tables - self.tables_before;
+        if mine >= self.table_budget || self.walk.stats.tables >= self.total_tables {
+            self.cut(pid);
+            let what = if mine >= self.table_budget {
+                format!("the walk of this tree read {mine} tables")
+            } else {
+                format!("the walk read {} tables in all", self.walk.stats.tables)
+            };
             self.issue(
                 pid,
                 va,
                 frame,
                 entry,
-                format!(
-                    "the walk read {} tables, more than a kernel building private trees can have; stopped",
-                    self.walk.stats.tables
-                ),
+                format!("{what}, more than a kernel building private trees can have; this tree's walk stopped (partial)"),
             );
             return None;
         }
@@ -392,7 +419,15 @@ impl Walker<'_> {
         true
     }
 
+    /// Starts the budget of the next process (or of the kernel half).
+    fn start_budget(&mut self) {
+        self.tables_before = self.walk.stats.tables;
+        self.mappings_before = self.walk.mappings.len() as u64;
+        self.cut = false;
+    }
+
     fn process(&mut self, pid: u32, pml4: u64) {
+        self.start_budget();
         if !self.reach(pml4, false, TableRef { pid, va: 0, level: 4, entry_gpa: None, entry: 0 }) {
             return;
         }
@@ -410,6 +445,7 @@ impl Walker<'_> {
     }
 
     fn kernel_half(&mut self, pid: u32, pml4: u64) {
+        self.start_budget();
         if !self.reach(pml4, true, TableRef { pid, va: 0, level: 4, entry_gpa: None, entry: 0 }) {
             return;
         }
@@ -475,7 +511,7 @@ impl Walker<'_> {
             } else {
                 self.descend(pid, kernel, level - 1, child_va, child, child_gpa, child_rights);
             }
-            if !self.walk.complete {
+            if self.cut {
                 return;
             }
         }
@@ -516,7 +552,8 @@ impl Walker<'_> {
         }
         for i in 0..size / PAGE_SIZE {
             let m = mapping(i);
-            if self.walk.mappings.len() as u64 >= self.mapping_budget {
+            let total = self.walk.mappings.len() as u64;
+            if total - self.mappings_before >= self.mapping_budget || total >= self.total_mappings {
                 self.stop(pid, va, base, pte, "mappings");
                 return;
             }
@@ -528,8 +565,15 @@ impl Walker<'_> {
         }
     }
 
-    fn stop(&mut self, pid: u32, va: u64, frame: u64, entry: u64, what: &str) {
+    /// The current process's walk is cut short (a budget).
+    fn cut(&mut self, pid: u32) {
         self.walk.complete = false;
+        self.cut = true;
+        self.walk.partial.insert(pid);
+    }
+
+    fn stop(&mut self, pid: u32, va: u64, frame: u64, entry: u64, what: &str) {
+        self.cut(pid);
         let count = self.mapping_budget;
         self.issue(
             pid,
@@ -537,7 +581,8 @@ impl Walker<'_> {
             frame,
             entry,
             format!(
-                "more than {count} {what}, more than a kernel building private trees can have; walk stopped"
+                "more than {count} {what} (in this tree, or {} in all), more than a kernel building private trees can have; this tree's walk stopped (partial)",
+                self.total_mappings
             ),
         );
     }
@@ -781,6 +826,31 @@ pub(crate) mod tests {
         assert!(w.issues.iter().any(|i| i.what.contains("stopped")), "{:#?}", w.issues);
         assert!(w.stats.tables <= 2 * 4096 + 1024 + 1);
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn one_hostile_tree_uses_its_own_budget_and_only_it_is_partial() {
+        let ram = GuestRam::new(16).unwrap();
+        let mut t = Tables { ram: &ram, next: 0x10_0000 };
+        // pid 1: a PML4 pointing at itself from every user slot.
+        let hostile = t.frame();
+        let all: Vec<u64> = vec![hostile | TABLE; 256];
+        ram.write_bytes(hostile, all.as_bytes()).unwrap();
+        // pids 2 and 3, walked after it: one page each.
+        let (a, b) = (t.frame(), t.frame());
+        let (fa, fb) = (t.frame(), t.frame());
+        t.map(a, 0x40_0000, fa, PTE_PRESENT | PTE_USER);
+        t.map(b, 0x40_0000, fb, PTE_PRESENT | PTE_USER);
+        let w = walk(&ram, None, &[(1, hostile), (2, a), (3, b)]);
+        assert!(!w.complete);
+        assert_eq!(w.partial, BTreeSet::from([1]), "{:#?}", w.issues);
+        assert_eq!(w.lookup(2, 0x40_0000).map(|m| m.frame), Some(fa));
+        assert_eq!(w.lookup(3, 0x40_0000).map(|m| m.frame), Some(fb));
+        // Two hostile trees use up the total: later ones are cut at once,
+        // and say so.
+        let w = walk(&ram, None, &[(1, hostile), (4, hostile), (2, a)]);
+        assert!(w.partial.contains(&1) && w.partial.contains(&2), "{:?}", w.partial);
+        assert!(w.stats.tables <= 2 * 4096 + 1024 + 1);
     }
 
     #[test]

@@ -212,6 +212,7 @@ impl Guest {
         Facts {
             usable: vec![USABLE],
             text: Some(self.text.clone()),
+            text_missing: None,
             text_range: Some((TEXT, TEXT_LEN)),
             live_from_events: self.procs.iter().map(|p| (p.pid, p.pml4)).collect(),
             kernel_read_only: Some((TEXT, TEXT + TEXT_LEN)),

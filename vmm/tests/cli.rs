@@ -104,3 +104,104 @@ fn help_shows_examples_and_list_shows_what_is_embedded() {
     assert_eq!(code, 0);
     assert!(stdout.contains("default") && stdout.contains("write-code"), "{stdout}");
 }
+
+#[test]
+fn outputs_that_cannot_be_written_make_the_exit_status_non_zero() {
+    if !kvm_available() || !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    // The snapshot: the run itself was fine.
+    let (code, stdout, stderr) = vmm(&["run", "hello", "-q", "--snapshot-on-exit", "/dev/full"]);
+    assert_eq!(code, 6, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.contains("could not write the snapshot /dev/full"), "{stderr}");
+    // Stdout on a full disk.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+        .args(["run", "hello"])
+        .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("superos-vmm runs");
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("could not write the output to stdout"), "{stderr}");
+}
+
+#[test]
+fn inputs_that_are_not_regular_files_or_too_large_are_refused_up_front() {
+    let dir = std::env::temp_dir().join(format!("superos-cli-inputs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+    let scenario = dir.join("zero.toml");
+    std::fs::write(&scenario, "[[process]]\nname = \"z\"\npath = \"/dev/zero\"\n").unwrap();
+    let big = dir.join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    let fifo_name = fifo.to_str().unwrap();
+    let mut cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["run", "/dev/zero"],
+            "cannot read scenario /dev/zero: a character device, not a regular file".into(),
+        ),
+        (
+            vec!["run", "--kernel", "/dev/zero"],
+            "cannot read kernel /dev/zero: a character device, not a regular file".into(),
+        ),
+        (vec!["run", scenario.to_str().unwrap()], "cannot read /dev/zero: a character device".into()),
+        (vec!["run", big.to_str().unwrap()], format!("{} bytes, more than the {} allowed", 2 << 20, 1 << 20)),
+        (vec!["inspect", "--snapshot", "/dev/zero", "ps"], "a character device, not a regular file".into()),
+    ];
+    if made {
+        cases.push((vec!["run", fifo_name], "a FIFO, not a regular file".into()));
+        cases.push((vec!["run", "--kernel", fifo_name], "a FIFO, not a regular file".into()));
+        cases.push((vec!["inspect", "--snapshot", fifo_name, "ps"], "a FIFO, not a regular file".into()));
+    }
+    for (args, needle) in &cases {
+        // Each is refused at once: no read of /dev/zero until memory runs
+        // out, no wait for a FIFO's writer (the test would hang).
+        let (code, _, stderr) = vmm(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle.as_str()), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `superos-vmm` with `args` (output discarded); returns its exit
+/// status and peak resident memory in KiB (from `wait4`, for this child
+/// alone).
+#[allow(clippy::zombie_processes)] // waited for with wait4, for its rusage
+fn peak_rss_kib(args: &[&str]) -> (i32, i64) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("superos-vmm starts");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for (`child` is never
+    // waited on: dropping a Child does not wait); the pointers are valid
+    // for the call.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid);
+    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+}
+
+#[test]
+fn the_worst_hostile_kernels_leave_the_vmm_within_its_memory_bound() {
+    if !kvm_available() {
+        return;
+    }
+    // Guest RAM (64 MiB, touched or not) plus the VMM's fixed budget
+    // (docs/ARCHITECTURE.md: 16 MiB of console, 100,000 events, ...) plus
+    // the program itself: 160 MiB is generous. Before the bound, a console
+    // flood grew the VMM by ~100 MB a second.
+    const BOUND_KIB: i64 = 160 << 10;
+    for inject in ["console-flood", "event-flood"] {
+        let (code, peak) = peak_rss_kib(&["run", "hello", "-q", "--timeout", "4", "--debug-inject", inject]);
+        assert_eq!(code, 4, "{inject}: the watchdog ends it");
+        assert!(peak < BOUND_KIB, "{inject}: peak RSS {peak} KiB, bound {BOUND_KIB} KiB");
+        eprintln!("{inject}: peak RSS {} MiB", peak >> 10);
+    }
+}

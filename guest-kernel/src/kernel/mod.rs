@@ -306,6 +306,15 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
             core::hint::spin_loop();
         }
     }
+    if boot.debug_flags & boot::DEBUG_SECOND_HELLO != 0 {
+        hypercall_with(Hypercall::BootHello, &hello);
+    }
+    if boot.debug_flags & boot::DEBUG_CONSOLE_FLOOD != 0 {
+        flood_console();
+    }
+    if boot.debug_flags & boot::DEBUG_EVENT_FLOOD != 0 {
+        host::flood_event_ring();
+    }
 
     let gate = match GatePreference::from_raw(boot.gate_preference) {
         Some(GatePreference::Syscall) => Gate::Syscall,
@@ -558,6 +567,38 @@ fn set_entry_msrs(gate: Gate) {
         cpu::wrmsr(msr::SYSENTER_ESP, kernel_stack_top);
         cpu::wrmsr(msr::SYSENTER_EIP, foreign_entry as *const () as u64);
         cpu::wrmsr(msr::EFER, efer);
+    }
+}
+
+/// Bytes without a newline for DEBUG_CONSOLE_FLOOD.
+static FLOOD_BYTES: [u8; hc::CONSOLE_WRITE_MAX as usize] = [b'x'; hc::CONSOLE_WRITE_MAX as usize];
+
+/// Frames for DEBUG_CONSOLE_FLOOD's scrub requests: 2 MiB from 48 MiB up
+/// (inside the smallest RAM the scenarios use), whatever they hold.
+static FLOOD_FRAMES: [u64; hc::SCRUB_BATCH_MAX as usize] = {
+    let mut frames = [0u64; hc::SCRUB_BATCH_MAX as usize];
+    let mut i = 0;
+    while i < frames.len() {
+        frames[i] = (48 << 20) + i as u64 * PAGE_SIZE;
+        i += 1;
+    }
+    frames
+};
+
+/// DEBUG_CONSOLE_FLOOD: console writes forever, half of them 4095 bytes
+/// without a newline from a pid never seen before (a partial line each),
+/// half whole 4096-byte lines, each pair followed by the largest scrub
+/// request (the VMM zeroes 2 MiB): the vCPU thread spends nearly all its
+/// time in the VMM's own code, where a watchdog kick does not interrupt
+/// `KVM_RUN`. Only the VMM's watchdog stops it.
+fn flood_console() -> ! {
+    let gpa = memory::image_gpa(FLOOD_BYTES.as_ptr());
+    let mut pid: u32 = 1000;
+    loop {
+        pid = pid.wrapping_add(1);
+        host::console_write(pid, gpa, hc::CONSOLE_WRITE_MAX - 1);
+        host::console_write(0, gpa, hc::CONSOLE_WRITE_MAX);
+        host::scrub_frames(&FLOOD_FRAMES);
     }
 }
 
