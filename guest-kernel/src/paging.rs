@@ -191,6 +191,208 @@ pub fn unmap<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<u64>
     Some(frame)
 }
 
+/// Bytes one table of `level` (1 = page table ... 4 = PML4) spans.
+const fn span(level: u32) -> u64 {
+    PAGE_SIZE << (9 * level)
+}
+
+/// How many table frames mapping every 4 KiB page of `[start, end)` (in the
+/// user half) would allocate: the tables missing under `pml4`, each counted
+/// once. The work is one walk per 2 MiB of the range, so callers bound the
+/// range first.
+pub fn missing_tables<M: PageTableMemory>(mem: &mut M, pml4: u64, start: u64, end: u64) -> u64 {
+    let mut count = 0;
+    // The base of the last span counted as missing, per table level.
+    let mut counted = [u64::MAX; 4];
+    let mut va = start & !(span(1) - 1);
+    while va < end {
+        let mut table = pml4;
+        for level in (2..=4).rev() {
+            let entry = &mem.table(table)[index(va, level)];
+            if !entry.flags().contains(Flags::PRESENT) {
+                for missing in 1..level {
+                    let base = va & !(span(missing) - 1);
+                    if counted[missing as usize] != base {
+                        counted[missing as usize] = base;
+                        count += 1;
+                    }
+                }
+                break;
+            }
+            table = entry.addr().as_u64();
+        }
+        va += span(1);
+    }
+    count
+}
+
+/// Removes every 4 KiB leaf of `[start, end)` (page-aligned, user half)
+/// under `pml4`: `on_leaf(mem, va, frame)` is called for each as soon as it
+/// is unlinked, and every table the range leaves empty is unlinked and freed
+/// (`on_table(mem, va)` is called with an address it covered, for the
+/// caller's TLB flush, before the frame is freed). The PML4 stays. The work
+/// is proportional to the tables present under the range, not to its
+/// length: an absent entry skips everything it would span. A table the range
+/// covers only in part is scanned once (512 entries) to see whether it is
+/// empty.
+///
+/// `budget` bounds the work: each present entry met (a leaf or a table)
+/// costs one unit, and at a present entry with no unit left the walk stops
+/// and returns `Some(va)`, the address to resume from (everything below it
+/// is done; tables are freed only once empty, so a table the walk stopped
+/// in stays). `None`: the whole range is done.
+pub fn unmap_range<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    start: u64,
+    end: u64,
+    budget: &mut u64,
+    on_leaf: &mut impl FnMut(&mut M, u64, u64),
+    on_table: &mut impl FnMut(&mut M, u64),
+) -> Option<u64> {
+    if start >= end || end > (256 * span(3)) {
+        return None;
+    }
+    let mut walk = Budget { left: *budget, stopped: None };
+    clear_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf, on_table);
+    *budget = walk.left;
+    walk.stopped
+}
+
+/// Work left to a walk, and where it stopped.
+struct Budget {
+    left: u64,
+    stopped: Option<u64>,
+}
+
+impl Budget {
+    /// Takes a unit for the present entry at `va`; false (and the walk
+    /// stops there) if none is left.
+    fn take(&mut self, va: u64) -> bool {
+        if self.stopped.is_some() {
+            return false;
+        }
+        if self.left == 0 {
+            self.stopped = Some(va);
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+/// Clears `[start, end)` in `table` (of `level`, spanning from `base`);
+/// returns whether the table is empty afterwards.
+#[allow(clippy::too_many_arguments)]
+fn clear_range<M: PageTableMemory>(
+    mem: &mut M,
+    table: u64,
+    level: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+    walk: &mut Budget,
+    on_leaf: &mut impl FnMut(&mut M, u64, u64),
+    on_table: &mut impl FnMut(&mut M, u64),
+) -> bool {
+    let child_span = span(level - 1);
+    let first = ((start.max(base) - base) / child_span) as usize;
+    let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
+    let mut cleared = false;
+    for i in first..last {
+        let entry = &mut mem.table(table)[i];
+        let flags = entry.flags();
+        if !flags.contains(Flags::PRESENT) {
+            continue;
+        }
+        let child = entry.addr().as_u64();
+        let child_base = base + i as u64 * child_span;
+        if !walk.take(start.max(child_base)) {
+            return false; // it holds this entry: not empty
+        }
+        let entry = &mut mem.table(table)[i];
+        if level == 1 || flags.contains(Flags::HUGE_PAGE) {
+            entry.set_unused();
+            cleared = true;
+            on_leaf(mem, child_base, child);
+            continue;
+        }
+        if clear_range(mem, child, level - 1, child_base, start, end, walk, on_leaf, on_table) {
+            mem.table(table)[i].set_unused();
+            cleared = true;
+            on_table(mem, start.max(child_base));
+            mem.free_table(child);
+        }
+    }
+    if level == 4 || walk.stopped.is_some() {
+        return false; // the PML4 stays; a table the walk stopped in is not empty
+    }
+    if start <= base && base + span(level) <= end {
+        // Every entry was in the range: each leaf was cleared and each
+        // table below, wholly in the range too, was freed.
+        return true;
+    }
+    // A table this call did not change keeps whatever it held (tables are
+    // freed as soon as they empty, so it is not empty); one it changed is
+    // scanned.
+    cleared && mem.table(table).iter().all(|entry| entry.is_unused())
+}
+
+/// Calls `on_leaf(mem, table, index, va)` for every present 4 KiB leaf of
+/// `[start, end)` (page-aligned, user half) under `pml4`: the leaf is entry
+/// `index` of the table at `table`. Absent tables are skipped whole, so the
+/// work is proportional to the tables present, not to the range. `budget`
+/// bounds it as for [`unmap_range`]: `Some(va)` is where to resume.
+pub fn for_each_leaf<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    start: u64,
+    end: u64,
+    budget: &mut u64,
+    on_leaf: &mut impl FnMut(&mut M, u64, usize, u64),
+) -> Option<u64> {
+    if start >= end || end > (256 * span(3)) {
+        return None;
+    }
+    let mut walk = Budget { left: *budget, stopped: None };
+    visit_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf);
+    *budget = walk.left;
+    walk.stopped
+}
+
+#[allow(clippy::too_many_arguments)]
+fn visit_range<M: PageTableMemory>(
+    mem: &mut M,
+    table: u64,
+    level: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+    walk: &mut Budget,
+    on_leaf: &mut impl FnMut(&mut M, u64, usize, u64),
+) {
+    let child_span = span(level - 1);
+    let first = ((start.max(base) - base) / child_span) as usize;
+    let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
+    for i in first..last {
+        let entry = &mem.table(table)[i];
+        let flags = entry.flags();
+        if !flags.contains(Flags::PRESENT) {
+            continue;
+        }
+        let child_base = base + i as u64 * child_span;
+        let child = entry.addr().as_u64();
+        if !walk.take(start.max(child_base)) {
+            return;
+        }
+        if level == 1 || flags.contains(Flags::HUGE_PAGE) {
+            on_leaf(mem, table, i, child_base);
+            continue;
+        }
+        visit_range(mem, child, level - 1, child_base, start, end, walk, on_leaf);
+    }
+}
+
 /// Tears down the user half (PML4 slots 0..256) of an address space: calls
 /// `on_leaf(mem, va, frame, flags)` for every 4 KiB leaf, as soon as it is
 /// unlinked (so the caller can release frames without collecting them), then frees every user-half

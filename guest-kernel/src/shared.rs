@@ -26,7 +26,7 @@
 use crate::address_space::{AddressSpace, Memory, Refusal};
 use crate::capability::{CapTable, Capability, Rights};
 use alloc::vec::Vec;
-use superos_protocol::event::Event;
+use superos_protocol::event::{Event, QuotaKind};
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
@@ -132,7 +132,11 @@ impl SharedMemory {
         let len = len.next_multiple_of(PAGE_SIZE);
         let me = holder(holders, caller);
         if me.caps.len() >= CAPS_MAX {
-            return Err(SysError::QuotaExceeded.into());
+            return Err(Refusal::Quota {
+                kind: QuotaKind::Capabilities,
+                requested: me.caps.len() as u64 + 1,
+                limit: CAPS_MAX as u64,
+            });
         }
         me.space.charge_shared(len)?;
         // The kernel's own resources: a slot in the region table, and heap
@@ -180,29 +184,36 @@ impl SharedMemory {
         handle: u64,
         target: u64,
         rights: u64,
-    ) -> Result<Vec<Event>, SysError> {
+    ) -> Result<Vec<Event>, Refusal> {
         let (capability, index) = self.lookup(holder(holders, caller).caps, handle)?;
         let requested = Rights::from_user(rights).ok_or(SysError::InvalidArgument)?;
         if !capability.rights.can_grant() {
-            return Err(SysError::NotPermitted);
+            return Err(SysError::NotPermitted.into());
         }
         let granted = capability.rights.derive(requested).ok_or(SysError::NotPermitted)?;
         let target = u32::try_from(target).map_err(|_| SysError::NoSuchProcess)?;
         if holders.holder(target).is_none() {
-            return Err(SysError::NoSuchProcess);
+            return Err(SysError::NoSuchProcess.into());
         }
         let region = &self.regions[index];
         if target == caller || region.participants.iter().any(|p| p.pid == target) {
-            return Err(SysError::InvalidArgument);
+            return Err(SysError::InvalidArgument.into());
         }
         if region.participants.len() >= SHM_PARTICIPANTS_MAX {
-            return Err(SysError::QuotaExceeded);
+            return Err(Refusal::Quota {
+                kind: QuotaKind::Capabilities,
+                requested: region.participants.len() as u64 + 1,
+                limit: SHM_PARTICIPANTS_MAX as u64,
+            });
         }
         let id = capability.region;
-        holder(holders, target)
-            .caps
-            .insert(Capability { region: id, rights: granted })
-            .ok_or(SysError::QuotaExceeded)?;
+        let theirs = holder(holders, target).caps;
+        let held = theirs.len() as u64;
+        theirs.insert(Capability { region: id, rights: granted }).ok_or(Refusal::Quota {
+            kind: QuotaKind::Capabilities,
+            requested: held + 1,
+            limit: CAPS_MAX as u64,
+        })?;
         self.regions[index].participants.push(Participant { pid: target, rights: granted, mapping: None });
         Ok(alloc::vec![Event::ShmGranted {
             pid: caller,
@@ -550,7 +561,7 @@ mod tests {
         );
         assert_eq!(
             shm.grant(&mut world, 2, theirs, 1, RIGHT_READ),
-            Err(SysError::NotPermitted),
+            Err(Refusal::Error(SysError::NotPermitted)),
             "no GRANT right"
         );
         assert_eq!(

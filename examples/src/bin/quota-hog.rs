@@ -15,11 +15,27 @@
 //!   other page of it, each hole splitting the mapping, until a call fails;
 //!   prints how many holes it made and the error, and exits 0 iff the error
 //!   was `quota-exceeded` (the map-entry limit, `MAPPINGS_MAX`).
+//! - `tables`: makes the kernel build page tables for it (issue 11). First
+//!   it maps a region of the size and, 2 MiB at a time, touches one page
+//!   (which needs a page table of its own) and unmaps those 2 MiB (which
+//!   must free that table again); then it maps a region of the size again and
+//!   touches one page per 2 MiB, keeping them, so that every page costs a
+//!   page table as well, charged to the resident quota. It should be
+//!   terminated (`resident-quota-exceeded`) in the second phase; exits 1 if
+//!   it survives, 2 if a call fails.
+//! - `syscalls`: makes system calls fault pages in for it (issue 11): maps a
+//!   region of the size and hands successive untouched pages of it to
+//!   `mem_stat` as its buffer until a call is refused, then hands the next
+//!   untouched pages to `write` and to `ipc_recv` (non-blocking). Every one of
+//!   these refusals must be `quota-exceeded` with a `QuotaDenied` event
+//!   (policy `fail`), or its termination (policy `kill`); exits 0 iff all
+//!   three were `quota-exceeded`.
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
 use superos_rt::{
-    arg, mem_map, mem_stat, mem_unmap, parse_i64, println, write_u64, Error, PAGE_SIZE, PROT_READ, PROT_WRITE,
+    arg, mem_map, mem_stat, mem_unmap, parse_i64, println, write_u64, Error, PAGE_SIZE, PROT_READ,
+    PROT_WRITE, RECV_NONBLOCK,
 };
 
 const CHUNK: u64 = 64 << 10;
@@ -112,6 +128,81 @@ fn punch_holes(size: u64) -> i32 {
     }
 }
 
+fn table_hog(size: u64) -> i32 {
+    const STRIDE: u64 = 2 << 20;
+    let slots = size / STRIDE;
+    let base = match mem_map(slots * STRIDE, PROT_READ | PROT_WRITE) {
+        Ok(addr) => addr,
+        Err(error) => {
+            println!("quota-hog: tables: mem_map of {} KiB failed: {error}", size >> 10);
+            return 2;
+        }
+    };
+    for slot in 0..slots {
+        let at = base + slot * STRIDE;
+        // SAFETY: the page lies inside the writable mapping made above (its
+        // earlier slots are unmapped, this one is not), which no Rust
+        // reference covers.
+        unsafe { write_u64(at, slot + 1) };
+        if let Err(error) = mem_unmap(at, STRIDE) {
+            println!("quota-hog: tables: mem_unmap of slot {slot} failed: {error}");
+            return 2;
+        }
+    }
+    println!("quota-hog: tables: touched and unmapped {slots} pages, one per 2 MiB");
+    report_usage();
+    let base = match mem_map(slots * STRIDE, PROT_READ | PROT_WRITE) {
+        Ok(addr) => addr,
+        Err(error) => {
+            println!("quota-hog: tables: second mem_map failed: {error}");
+            return 2;
+        }
+    };
+    for slot in 0..slots {
+        // SAFETY: as above; this mapping is whole.
+        unsafe { write_u64(base + slot * STRIDE, slot + 1) };
+        if (slot + 1) % 64 == 0 {
+            println!("quota-hog: tables: kept {} pages, one per 2 MiB", slot + 1);
+        }
+    }
+    report_usage();
+    println!("quota-hog: tables: kept all {slots} pages");
+    1
+}
+
+fn syscall_hog(size: u64) -> i32 {
+    use superos_protocol::syscall::{decode_result, Syscall};
+    let call = |number: Syscall, a0: u64, a1: u64, a2: u64| {
+        // SAFETY: every buffer handed over lies in the mapping made below,
+        // which no Rust reference covers; the kernel checks it anyway.
+        decode_result(unsafe { superos_rt::raw::syscall(number as u64, a0, a1, a2, 0, 0) })
+    };
+    let base = match mem_map(size, PROT_READ | PROT_WRITE) {
+        Ok(addr) => addr,
+        Err(error) => {
+            println!("quota-hog: syscalls: mem_map of {} KiB failed: {error}", size >> 10);
+            return 2;
+        }
+    };
+    let pages = size / PAGE_SIZE;
+    let mut page = 0;
+    let refused = loop {
+        if page + 3 >= pages {
+            break None;
+        }
+        match call(Syscall::MemStat, base + page * PAGE_SIZE, 0, 0) {
+            Ok(_) => page += 1,
+            Err(error) => break Some(error),
+        }
+    };
+    println!("quota-hog: syscalls: mem_stat faulted in {page} pages, then {refused:?}");
+    let write = call(Syscall::Write, base + (page + 1) * PAGE_SIZE, 8, 0);
+    let recv = call(Syscall::IpcRecv, base + (page + 2) * PAGE_SIZE, 64, RECV_NONBLOCK);
+    println!("quota-hog: syscalls: write {write:?}, ipc_recv {recv:?}");
+    let quota = Err(Error::QuotaExceeded);
+    i32::from(refused != Some(Error::QuotaExceeded) || write != quota || recv != quota)
+}
+
 fn main(args: &[u8]) -> i32 {
     let number = |key| arg(args, key).and_then(parse_i64).map(|n| n.max(0) as u64);
     let size = match (number("kib"), number("mib")) {
@@ -123,8 +214,10 @@ fn main(args: &[u8]) -> i32 {
         b"map" => map_chunks(size),
         b"touch" => touch_pages(size),
         b"fragment" => punch_holes(size),
+        b"tables" => table_hog(size),
+        b"syscalls" => syscall_hog(size),
         _ => {
-            println!("quota-hog: usage: mode=map|touch|fragment mib=<N>|kib=<N>");
+            println!("quota-hog: usage: mode=map|touch|fragment|tables|syscalls mib=<N>|kib=<N>");
             2
         }
     }

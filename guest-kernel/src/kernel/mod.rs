@@ -764,7 +764,7 @@ impl Kernel {
                     let event = Event::QuotaDenied {
                         pid: process.pid,
                         quota: Some(QuotaKind::Resident),
-                        requested: (process.space.resident_pages() + 1) * PAGE_SIZE,
+                        requested: process.space.resident_request(&mut self.memory, addr),
                         limit: quotas.max_resident,
                     };
                     self.emit(event);
