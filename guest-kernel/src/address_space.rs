@@ -28,7 +28,9 @@ use superos_protocol::layout::{
     USER_STACK_PAGES, USER_STACK_TOP, USER_STATE_VA,
 };
 use superos_protocol::ownership::FrameOwner;
-use superos_protocol::syscall::{MemStat, SysError, MAPPINGS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE};
+use superos_protocol::syscall::{
+    MemStat, SysError, MAPPINGS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, REVOKED_MAX,
+};
 use x86_64::structures::paging::{PageTable, PageTableFlags as Flags};
 
 /// What the address space needs from physical memory.
@@ -175,12 +177,19 @@ impl Chunks {
 /// pages).
 pub const MAX_USER_BUFFER: u64 = PAGE_SIZE;
 
+/// Most entries a process map holds: [`MAPPINGS_MAX`] charged ones and
+/// [`REVOKED_MAX`] revoked ranges (its vector's capacity never exceeds it).
+pub const REGIONS_CAP: usize = MAPPINGS_MAX + REVOKED_MAX;
+
 /// One process's address space.
 pub struct AddressSpace {
     pid: u32,
     pml4: u64,
     /// Sorted, disjoint.
     regions: Vec<Region>,
+    /// How many of them are revoked ranges (not charged to the process: at
+    /// most [`REVOKED_MAX`], outside [`MAPPINGS_MAX`]).
+    revoked: usize,
     virtual_bytes: u64,
     resident_pages: u64,
     /// Page-table frames of the user half, the PML4 included (owned
@@ -217,6 +226,7 @@ impl AddressSpace {
             pid,
             pml4,
             regions: Vec::new(),
+            revoked: 0,
             virtual_bytes: 0,
             resident_pages: 0,
             table_pages: 1,
@@ -341,9 +351,20 @@ impl AddressSpace {
 
     fn insert_region(&mut self, region: Region) {
         let at = self.regions.partition_point(|r| r.start < region.start);
+        self.reserve_entry();
         self.regions.insert(at, region);
         if counts_as_virtual(region.kind) {
             self.virtual_bytes += region.end - region.start;
+        }
+    }
+
+    /// Makes room for one more map entry without letting the vector's
+    /// capacity grow past [`REGIONS_CAP`] (a doubling could), so the kernel
+    /// heap bound holds.
+    fn reserve_entry(&mut self) {
+        if self.regions.len() == self.regions.capacity() {
+            let target = (self.regions.capacity() * 2).clamp(8, REGIONS_CAP.max(self.regions.len() + 1));
+            self.regions.reserve_exact(target - self.regions.len());
         }
     }
 
@@ -352,9 +373,10 @@ impl AddressSpace {
         self.regions.get(index).filter(|r| r.start <= va)
     }
 
-    /// Checks that the map has room for `more` entries ([`MAPPINGS_MAX`]).
+    /// Checks that the map has room for `more` entries ([`MAPPINGS_MAX`];
+    /// revoked ranges are the kernel's doing and not counted).
     fn check_mappings(&self, more: usize) -> Result<(), Refusal> {
-        let requested = self.regions.len() + more;
+        let requested = self.regions.len() - self.revoked + more;
         if requested > MAPPINGS_MAX {
             return Err(Refusal::Quota {
                 kind: QuotaKind::Mappings,
@@ -603,6 +625,7 @@ impl AddressSpace {
         if let Some(region) = self.regions.get(index).copied() {
             if region.start < at && at < region.end {
                 self.regions[index].end = at;
+                self.reserve_entry();
                 self.regions.insert(index + 1, Region { start: at, ..region });
             }
         }
@@ -867,7 +890,40 @@ impl AddressSpace {
             .position(|r| matches!(r.kind, RegionKind::Shared { region: id, .. } if id == region))?;
         let removed = self.remove_shared_mapping(memory, index);
         self.regions[index].kind = RegionKind::Revoked { region };
+        self.revoked += 1;
+        if self.revoked > REVOKED_MAX {
+            // The kernel releases one itself: the lowest but the newest.
+            let oldest = self
+                .regions
+                .iter()
+                .position(|r| matches!(r.kind, RegionKind::Revoked { .. }) && r.start != removed.start);
+            if let Some(oldest) = oldest {
+                self.regions.remove(oldest);
+                self.revoked -= 1;
+            }
+        }
         Some(removed.start)
+    }
+
+    /// `shm_unmap(addr)` on a revoked range: releases it (an access there is
+    /// then an unmapped access, and the kernel may place mappings there).
+    /// Returns the region it was, or `None` if no revoked range starts at
+    /// `addr`.
+    pub fn release_revoked(&mut self, addr: u64) -> Option<u32> {
+        let index = self
+            .regions
+            .iter()
+            .position(|r| r.start == addr && matches!(r.kind, RegionKind::Revoked { .. }))?;
+        let RegionKind::Revoked { region } = self.regions.remove(index).kind else {
+            unreachable!("checked above")
+        };
+        self.revoked -= 1;
+        Some(region)
+    }
+
+    /// Revoked ranges kept in the map.
+    pub fn revoked_ranges(&self) -> usize {
+        self.revoked
     }
 
     /// Reports each quota whose usage has crossed 90% since the last call
@@ -1280,16 +1336,19 @@ pub(crate) mod tests {
         let start_tables = space.table_pages();
         let len = 1 << 30;
         let a = space.map_anonymous(len, RW).unwrap();
-        // 1 GiB untouched: nothing to walk, so one slice of a tiny budget does it.
-        assert_eq!(space.protect_slice(&mut memory, a, len, PROT_READ, a, 1), Ok(None));
+        // 1 GiB untouched: nothing to walk (two entries looked at), so one
+        // slice of a small budget does it.
+        assert_eq!(space.protect_slice(&mut memory, a, len, PROT_READ, a, 64), Ok(None));
+        assert_eq!(space.unmap_slice(&mut memory, a, len, a, 64), Ok((0, None)));
         let b = space.map_anonymous(len, RW).unwrap();
         let touched: Vec<u64> = (0..40).map(|i| b + i * (3 << 20) + (i % 7) * 4096).collect();
         for &va in &touched {
             space.handle_page_fault(&mut memory, va, USER_WRITE).unwrap();
         }
-        // Protect in slices of 8 units: each slice resumes where the last stopped.
+        // Protect in slices of 200 units (about 8 pages): each slice resumes
+        // where the last stopped.
         let (mut from, mut slices) = (b, 0);
-        while let Some(resume) = space.protect_slice(&mut memory, b, len, PROT_READ, from, 8).unwrap() {
+        while let Some(resume) = space.protect_slice(&mut memory, b, len, PROT_READ, from, 200).unwrap() {
             assert!(resume > from, "every slice makes progress");
             from = resume;
             slices += 1;
@@ -1305,8 +1364,8 @@ pub(crate) mod tests {
         // Unmap in slices: resident pages and tables go as the slices run.
         let (mut from, mut freed) = (b, 0);
         loop {
-            let (now, resume) = space.unmap_slice(&mut memory, b, len, from, 8).unwrap();
-            assert!(now <= 8);
+            let (now, resume) = space.unmap_slice(&mut memory, b, len, from, 200).unwrap();
+            assert!(now <= 200 / 17);
             freed += now;
             assert_eq!(space.resident_pages(), 40 - freed);
             match resume {
@@ -1318,7 +1377,7 @@ pub(crate) mod tests {
         assert!(space.regions().iter().all(|r| r.start != b));
         assert_eq!(space.table_pages(), start_tables, "every emptied table freed");
         // A refused call is refused in its first slice, and changes nothing.
-        assert_eq!(space.unmap_slice(&mut memory, b, len, b, 8), err(SysError::BadAddress));
+        assert_eq!(space.unmap_slice(&mut memory, b, len, b, 200), err(SysError::BadAddress));
         space.destroy(&mut memory);
         assert_eq!(memory.allocator.free_frames(), baseline - 2);
     }
@@ -1361,6 +1420,30 @@ pub(crate) mod tests {
             space.user_buffer(&mut memory, more, 8, true),
             Err(Refusal::Quota { kind: QuotaKind::Resident, .. })
         ));
+    }
+
+    #[test]
+    fn revoked_ranges_are_not_charged_bounded_and_releasable() {
+        let mut memory = FakeMemory::new();
+        let mut space = space(&mut memory, Quotas::default());
+        let frame = memory.alloc_frame(FrameOwner::Shared(9)).unwrap();
+        let entries = space.regions.len();
+        let mut last = 0;
+        for _ in 0..3 * REVOKED_MAX {
+            space.map_shared(&mut memory, 9, &[frame], false).unwrap();
+            last = space.revoke_shared(&mut memory, 9).unwrap();
+            assert!(space.revoked_ranges() <= REVOKED_MAX);
+            assert!(space.check_mappings(MAPPINGS_MAX - entries).is_ok(), "revoked ranges are not charged");
+        }
+        assert_eq!(space.revoked_ranges(), REVOKED_MAX);
+        assert_eq!(space.regions.len(), entries + REVOKED_MAX);
+        // The newest survives the kernel's own releases; it faults as revoked.
+        assert_eq!(space.handle_page_fault(&mut memory, last, 4), Err(FaultKind::UseAfterRevoke));
+        assert_eq!(space.release_revoked(last), Some(9));
+        assert_eq!(space.release_revoked(last), None);
+        assert_eq!(space.handle_page_fault(&mut memory, last, 4), Err(FaultKind::UnmappedAccess));
+        assert_eq!(space.revoked_ranges(), REVOKED_MAX - 1);
+        assert_eq!(space.table_pages(), 4, "the shared mappings' tables were freed");
     }
 
     #[test]
@@ -1480,7 +1563,20 @@ pub(crate) mod tests {
                         let (addr, pages) = maps[who][index];
                         let first = u64::from(p) % pages;
                         let count = u64::from(n).min(pages - first);
-                        if space.unmap(&mut memory, addr + first * 4096, count * 4096).is_ok() {
+                        // In slices of a small budget, as the kernel runs it.
+                        let (start, len) = (addr + first * 4096, count * 4096);
+                        let mut from = start;
+                        let unmapped = loop {
+                            match space.unmap_slice(&mut memory, start, len, from, 40) {
+                                Ok((_, Some(resume))) => {
+                                    prop_assert!(resume > from);
+                                    from = resume;
+                                }
+                                Ok((_, None)) => break true,
+                                Err(_) => break false,
+                            }
+                        };
+                        if unmapped {
                             maps[who].remove(index);
                             if first > 0 {
                                 maps[who].push((addr, first));

@@ -236,11 +236,13 @@ pub fn missing_tables<M: PageTableMemory>(mem: &mut M, pml4: u64, start: u64, en
 /// covers only in part is scanned once (512 entries) to see whether it is
 /// empty.
 ///
-/// `budget` bounds the work: each present entry met (a leaf or a table)
-/// costs one unit, and at a present entry with no unit left the walk stops
-/// and returns `Some(va)`, the address to resume from (everything below it
-/// is done; tables are freed only once empty, so a table the walk stopped
-/// in stays). `None`: the whole range is done.
+/// `budget` bounds the work, in units: [`ENTRY_UNITS`] for every entry
+/// looked at, [`PRESENT_UNITS`] more for a present one, [`SCAN_UNITS`] for
+/// an emptiness scan. At an entry the units left do not cover, the walk
+/// stops and returns `Some(va)`, the address to resume from (everything
+/// below it is done; a table the walk stopped in stays, and is freed by the
+/// slice that resumes in it if it is empty). `None`: the whole range is
+/// done.
 pub fn unmap_range<M: PageTableMemory>(
     mem: &mut M,
     pml4: u64,
@@ -253,11 +255,26 @@ pub fn unmap_range<M: PageTableMemory>(
     if start >= end || end > (256 * span(3)) {
         return None;
     }
-    let mut walk = Budget { left: *budget, stopped: None };
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None };
     clear_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf, on_table);
     *budget = walk.left;
     walk.stopped
 }
+
+/// Absent entries a walk skips per budget unit (in a tight loop over the
+/// table, about ten ring-0 instructions each).
+pub const ENTRIES_PER_UNIT: u64 = 1;
+/// Budget units a walk spends on a present entry it looks at.
+pub const ENTRY_UNITS: u64 = 1;
+/// Budget units a walk spends on a present entry it acts on (a leaf
+/// unlinked, its frame released and its TLB entry flushed, or a table
+/// entered), on top of [`ENTRY_UNITS`].
+pub const PRESENT_UNITS: u64 = 16;
+/// Budget units of the scan that decides whether a table is empty.
+pub const SCAN_UNITS: u64 = 64;
+/// The smallest budget a walk gets: enough to go down the four levels and
+/// act on one leaf, so every slice makes progress.
+pub const MIN_BUDGET: u64 = 4 * (ENTRY_UNITS + PRESENT_UNITS);
 
 /// Work left to a walk, and where it stopped.
 struct Budget {
@@ -266,19 +283,53 @@ struct Budget {
 }
 
 impl Budget {
-    /// Takes a unit for the present entry at `va`; false (and the walk
-    /// stops there) if none is left.
-    fn take(&mut self, va: u64) -> bool {
+    /// Spends `units` on the entry at `va`; false (and the walk stops
+    /// there, to resume at `va`) if they are not left.
+    fn spend(&mut self, units: u64, va: u64) -> bool {
         if self.stopped.is_some() {
             return false;
         }
-        if self.left == 0 {
+        if self.left < units {
             self.stopped = Some(va);
             return false;
         }
-        self.left -= 1;
+        self.left -= units;
         true
     }
+}
+
+/// The index of the first present entry of `table` in `from..last` (or
+/// `last`), found in a tight loop; the absent entries skipped cost the walk
+/// one unit per [`ENTRIES_PER_UNIT`]. If the units run out first, the walk
+/// stops at the first entry they do not cover (its address: `va_of(index)`)
+/// and `last` is returned.
+fn next_present<M: PageTableMemory>(
+    mem: &mut M,
+    table: u64,
+    from: usize,
+    last: usize,
+    walk: &mut Budget,
+    va_of: impl Fn(usize) -> u64,
+) -> usize {
+    if from >= last || walk.stopped.is_some() {
+        return last;
+    }
+    let affordable = usize::try_from(walk.left.saturating_mul(ENTRIES_PER_UNIT)).unwrap_or(usize::MAX);
+    let bound = last.min(from.saturating_add(affordable));
+    let skipped = mem
+        .table(table)
+        .iter()
+        .skip(from)
+        .take(bound - from)
+        .position(|entry| !entry.is_unused() && entry.flags().contains(Flags::PRESENT))
+        .unwrap_or(bound - from);
+    walk.left = walk.left.saturating_sub((skipped as u64).div_ceil(ENTRIES_PER_UNIT));
+    let index = from + skipped;
+    if index == bound && bound < last {
+        walk.stopped = Some(va_of(index));
+        return last;
+    }
+    index
 }
 
 /// Clears `[start, end)` in `table` (of `level`, spanning from `base`);
@@ -299,18 +350,22 @@ fn clear_range<M: PageTableMemory>(
     let first = ((start.max(base) - base) / child_span) as usize;
     let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
     let mut cleared = false;
-    for i in first..last {
+    let mut i = first;
+    loop {
+        i = next_present(mem, table, i, last, walk, |i| start.max(base + i as u64 * child_span));
+        if i >= last {
+            break;
+        }
+        let child_base = base + i as u64 * child_span;
+        if !walk.spend(ENTRY_UNITS + PRESENT_UNITS, start.max(child_base)) {
+            // Stopped at this present entry: the table holds it, so it is
+            // not empty.
+            return false;
+        }
         let entry = &mut mem.table(table)[i];
         let flags = entry.flags();
-        if !flags.contains(Flags::PRESENT) {
-            continue;
-        }
         let child = entry.addr().as_u64();
-        let child_base = base + i as u64 * child_span;
-        if !walk.take(start.max(child_base)) {
-            return false; // it holds this entry: not empty
-        }
-        let entry = &mut mem.table(table)[i];
+        i += 1;
         if level == 1 || flags.contains(Flags::HUGE_PAGE) {
             entry.set_unused();
             cleared = true;
@@ -318,7 +373,7 @@ fn clear_range<M: PageTableMemory>(
             continue;
         }
         if clear_range(mem, child, level - 1, child_base, start, end, walk, on_leaf, on_table) {
-            mem.table(table)[i].set_unused();
+            mem.table(table)[i - 1].set_unused();
             cleared = true;
             on_table(mem, start.max(child_base));
             mem.free_table(child);
@@ -333,9 +388,14 @@ fn clear_range<M: PageTableMemory>(
         return true;
     }
     // A table this call did not change keeps whatever it held (tables are
-    // freed as soon as they empty, so it is not empty); one it changed is
+    // freed as soon as they empty, so it is not empty) unless an earlier
+    // slice stopped in it (this walk starts inside it); one it changed is
     // scanned.
-    cleared && mem.table(table).iter().all(|entry| entry.is_unused())
+    if !cleared && start <= base {
+        return false;
+    }
+    walk.left = walk.left.saturating_sub(SCAN_UNITS);
+    mem.table(table).iter().all(|entry| entry.is_unused())
 }
 
 /// Calls `on_leaf(mem, table, index, va)` for every present 4 KiB leaf of
@@ -354,7 +414,7 @@ pub fn for_each_leaf<M: PageTableMemory>(
     if start >= end || end > (256 * span(3)) {
         return None;
     }
-    let mut walk = Budget { left: *budget, stopped: None };
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None };
     visit_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf);
     *budget = walk.left;
     walk.stopped
@@ -374,19 +434,23 @@ fn visit_range<M: PageTableMemory>(
     let child_span = span(level - 1);
     let first = ((start.max(base) - base) / child_span) as usize;
     let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
-    for i in first..last {
-        let entry = &mem.table(table)[i];
-        let flags = entry.flags();
-        if !flags.contains(Flags::PRESENT) {
-            continue;
+    let mut i = first;
+    loop {
+        i = next_present(mem, table, i, last, walk, |i| start.max(base + i as u64 * child_span));
+        if i >= last {
+            break;
         }
         let child_base = base + i as u64 * child_span;
-        let child = entry.addr().as_u64();
-        if !walk.take(start.max(child_base)) {
+        if !walk.spend(ENTRY_UNITS + PRESENT_UNITS, start.max(child_base)) {
             return;
         }
+        let entry = &mem.table(table)[i];
+        let flags = entry.flags();
+        let child = entry.addr().as_u64();
+        let index = i;
+        i += 1;
         if level == 1 || flags.contains(Flags::HUGE_PAGE) {
-            on_leaf(mem, table, i, child_base);
+            on_leaf(mem, table, index, child_base);
             continue;
         }
         visit_range(mem, child, level - 1, child_base, start, end, walk, on_leaf);

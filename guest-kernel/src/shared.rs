@@ -277,6 +277,10 @@ impl SharedMemory {
         addr: u64,
     ) -> Result<Vec<Event>, SysError> {
         let me = holder(holders, caller);
+        if let Some(id) = me.space.release_revoked(addr) {
+            // What a revocation left: released, nothing else changes.
+            return Ok(alloc::vec![Event::ShmUnmapped { pid: caller, region: id.into(), addr }]);
+        }
         let (id, len) = me.space.unmap_shared(memory, addr)?;
         if let Some(index) = self.index(id) {
             let region = &mut self.regions[index];

@@ -149,6 +149,16 @@ pub const SHM_PAGES_MAX: u64 = 32 * 1024;
 /// [`SysError::QuotaExceeded`] (or, under policy `kill`, terminates the caller).
 pub const MAPPINGS_MAX: usize = 256;
 
+/// Most revoked ranges one process's map keeps (issue 11). A revoked range
+/// (what is left of a shared mapping after `shm_revoke`, `shm_destroy` or
+/// its owner's exit; an access there is `use-after-revoke`) is the kernel's
+/// doing, so it does not count toward [`MAPPINGS_MAX`]: the former grantee
+/// can release it with `shm_unmap(addr)`, after which the range is unmapped
+/// memory the kernel may place new mappings in, and beyond this many the
+/// kernel releases the one at the lowest address (other than the newest)
+/// itself.
+pub const REVOKED_MAX: usize = 16;
+
 /// One capability, as `cap_list` reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]

@@ -469,6 +469,35 @@ fn a_revoked_capability_cannot_be_mapped_again() {
     assert_no_frame_lost(&report);
 }
 
+/// Issue 11, finding 2: revocation costs the former grantee nothing. The
+/// owner grants, lets the grantee map and revokes 300 times (more than
+/// `MAPPINGS_MAX` entries, which revoked ranges once filled until the
+/// grantee could map nothing, or was killed under policy `kill`); the
+/// grantee, with policy `kill`, still maps, holds no capability, and
+/// releases its last revoked range with `shm_unmap`. Its map keeps at most
+/// `REVOKED_MAX` revoked ranges (published per region as nothing: the
+/// checker sees no mapping left, at every event).
+#[test]
+fn revoked_ranges_are_never_charged_to_the_grantee_and_can_be_released() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(
+        &(attack("owner", "mode=revoke-churn role=owner peer=2 cycles=300", "")
+            + &attack(
+                "grantee",
+                "mode=revoke-churn role=grantee peer=1 cycles=300",
+                "quota = { on_violation = \"kill\" }",
+            )),
+    );
+    assert_success(&report);
+    assert_checks_pass(&report, "owner", 2);
+    assert_checks_pass(&report, "grantee", 5);
+    assert_eq!(grants(&report).len(), 300);
+    assert!(events(&report).all(|e| !matches!(e, Event::QuotaDenied { .. })), "nobody was refused anything");
+    assert_no_frame_lost(&report);
+}
+
 #[test]
 fn shm_argument_errors_are_error_returns_not_faults() {
     if !kvm_available() {
