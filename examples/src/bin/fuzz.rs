@@ -1841,6 +1841,9 @@ impl Fuzz {
                 } else {
                     expect.may(Error::NoSuchProcess);
                 }
+                // One granter holds at most CAPS_PER_GRANTER capabilities in
+                // the peer's table (a quota refusal, logged).
+                expect.may(Error::QuotaExceeded);
                 match which {
                     Handle::Own(r) if self.own[r].granted.is_some() => expect.must(Error::InvalidArgument),
                     // The peer owns every region it granted me.

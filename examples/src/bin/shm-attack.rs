@@ -39,6 +39,12 @@
 //!   its map still has room (revoked ranges are not charged to it), that it
 //!   holds no capability, and that `shm_unmap` releases its last revoked
 //!   range (once).
+//! - `cap-flood role=flooder|partner|victim`: the flooder grants the victim
+//!   one-page regions until refused (exactly `CAPS_PER_GRANTER` go through,
+//!   then `quota-exceeded`); the partner then shares a region with the
+//!   victim as usual; the victim maps it, drops every unwanted capability
+//!   with `cap_drop` (a second drop is `bad-handle`), then drops the
+//!   partner's (its mapping becomes a revoked range it releases).
 //! - `double-map`: mapping a region twice is `already-mapped`.
 //! - `own-stale`: the owner destroys its region and touches its own old
 //!   mapping: it must be terminated with `use-after-revoke`.
@@ -74,11 +80,11 @@
 use core::hint::black_box;
 use superos_protocol::syscall::{decode_result, Syscall};
 use superos_rt::{
-    arg, cap_list, find_cap, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect, mem_share_message,
-    mem_share_region, mem_stat, mem_unmap, parse_i64, println, raw, rdtsc, read_u64, shm_create, shm_destroy,
-    shm_grant, shm_map, shm_revoke, shm_unmap, tag_message, tag_value, write_u64, yield_now, CapInfo, Checks,
-    Error, CAPS_MAX, MEM_SHARE, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, RIGHTS_ALL, RIGHT_GRANT,
-    RIGHT_READ, RIGHT_WRITE, SHM_MAX, TAG_MESSAGE_MAX,
+    arg, cap_drop, cap_list, find_cap, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect,
+    mem_share_message, mem_share_region, mem_stat, mem_unmap, parse_i64, println, raw, rdtsc, read_u64,
+    shm_create, shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, tag_message, tag_value, write_u64,
+    yield_now, CapInfo, Checks, Error, CAPS_MAX, CAPS_PER_GRANTER, MEM_SHARE, PAGE_SIZE, PROT_EXEC,
+    PROT_READ, PROT_WRITE, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX, TAG_MESSAGE_MAX,
 };
 
 /// Read-write.
@@ -816,6 +822,80 @@ fn revoke_churn_grantee(args: &Args) -> Outcome {
     Ok(checks.finish())
 }
 
+/// `cap-flood role=flooder peer=V,P`: grants the victim V one-page regions
+/// until refused; exactly `CAPS_PER_GRANTER` must go through, the next is
+/// `quota-exceeded`. Tells the partner P, then keeps its regions alive until
+/// V is done.
+fn cap_flood_flooder(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: cap-flood (flooder)");
+    let (victim, partner) = (args.peer()?, args.third()?);
+    let mut handles = [0u64; CAPS_MAX];
+    let mut granted = 0;
+    let refused = loop {
+        if granted == CAPS_MAX {
+            break None;
+        }
+        let handle = shm_create(PAGE_SIZE, RIGHTS_ALL).ctx("shm_create")?;
+        handles[granted] = handle;
+        match shm_grant(handle, victim, RIGHT_READ) {
+            Ok(()) => granted += 1,
+            Err(error) => {
+                shm_destroy(handle).ctx("shm_destroy")?;
+                break Some(error);
+            }
+        }
+    };
+    println!("shm-attack: cap-flood: granted {granted} capabilities to pid {victim}, then {refused:?}");
+    checks.expect("grants to one process before the refusal", granted, CAPS_PER_GRANTER);
+    checks.expect("the refusal", refused, Some(Error::QuotaExceeded));
+    send(partner, b"flooded")?;
+    await_word(victim, "done")?;
+    for &handle in &handles[..granted] {
+        checks.expect("destroy a flood region", shm_destroy(handle), Ok(()));
+    }
+    Ok(checks.finish())
+}
+
+/// `cap-flood role=partner peer=V third=F`: after the flood, shares a region
+/// with V as usual.
+fn cap_flood_partner(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: cap-flood (partner)");
+    let (victim, flooder) = (args.peer()?, args.third()?);
+    await_word(flooder, "flooded")?;
+    let shared = create_shared(1)?;
+    offer(&shared, victim, RIGHT_READ)?;
+    await_word(victim, "done")?;
+    check_intact(&mut checks, &shared, &[]);
+    checks.expect("destroy", shm_destroy(shared.handle), Ok(()));
+    Ok(checks.finish())
+}
+
+/// `cap-flood role=victim peer=P third=F`: still receives P's grant, maps
+/// it, and drops every capability it does not want with `cap_drop`.
+fn cap_flood_victim(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: cap-flood (victim)");
+    let (partner, flooder) = (args.peer()?, args.third()?);
+    let cap = accept(partner)?;
+    let addr = shm_map(cap.handle, PROT_READ).ctx("shm_map")?;
+    checks.expect("the partner's data", bad_words(addr, cap.len, cap.region, &[]), 0);
+    let caps = cap_list().ctx("cap_list")?;
+    checks.expect("capabilities held", caps.held(), CAPS_PER_GRANTER + 1);
+    let mut dropped = 0;
+    for info in caps.as_slice().iter().filter(|info| info.owner == flooder) {
+        checks.expect("drop an unwanted capability", cap_drop(info.handle), Ok(()));
+        checks.expect("drop it again", cap_drop(info.handle), Err(Error::BadHandle));
+        dropped += 1;
+    }
+    checks.expect("unwanted capabilities dropped", dropped, CAPS_PER_GRANTER);
+    checks.expect("capabilities left", cap_list().map(|caps| caps.held()), Ok(1));
+    checks.expect("drop the partner's, mapped", cap_drop(cap.handle), Ok(()));
+    checks.expect("its mapping is a revoked range, released once", shm_unmap(addr), Ok(()));
+    checks.expect("nothing held", cap_list().map(|caps| caps.held()), Ok(0));
+    send(flooder, b"done")?;
+    send(partner, b"done")?;
+    Ok(checks.finish())
+}
+
 fn double_map(args: &Args) -> Outcome {
     let mut checks = Checks::new("shm-attack: double-map");
     let shared = create_shared(args.pages)?;
@@ -1337,6 +1417,9 @@ fn run(args: &Args) -> Outcome {
         (b"map-after-revoke", b"owner") => map_after_revoke_owner(args),
         (b"map-after-revoke", b"grantee") => map_after_revoke_grantee(args),
         (b"double-map", _) => double_map(args),
+        (b"cap-flood", b"flooder") => cap_flood_flooder(args),
+        (b"cap-flood", b"partner") => cap_flood_partner(args),
+        (b"cap-flood", b"victim") => cap_flood_victim(args),
         (b"revoke-churn", b"owner") => revoke_churn_owner(args),
         (b"revoke-churn", b"grantee") => revoke_churn_grantee(args),
         (b"own-stale", _) => own_stale(),
@@ -1357,7 +1440,7 @@ fn run(args: &Args) -> Outcome {
         (b"quota", b"grantee") => quota_grantee(args),
         _ => {
             println!(
-                "shm-attack: usage: mode=forged|foreign|stale|escalate|regrant|witness|map-after-revoke|revoke-churn|double-map|\
+                "shm-attack: usage: mode=forged|foreign|stale|escalate|regrant|witness|map-after-revoke|revoke-churn|cap-flood|double-map|\
                  bad-args|lifecycle|ro-write|no-map|mid-loop|owner-exit|own-stale|quota|fill-table [role=owner|grantee|witness|self] \
                  [peer=<pid>[,<pid>...]] [third=<pid>] [dead=<pid>] [pages=N] [caps=N]"
             );

@@ -99,6 +99,14 @@ impl Kernel {
         Ok(0)
     }
 
+    /// `cap_drop(handle)`.
+    pub(super) fn sys_cap_drop(&mut self, handle: u64) -> Result<u64, SysError> {
+        let (pid, _) = self.caller();
+        let events = self.shm.drop_capability(&mut self.memory, &mut self.processes, pid, handle)?;
+        self.emit_all(events);
+        Ok(0)
+    }
+
     /// `cap_list(buf, max)`.
     pub(super) fn sys_cap_list(&mut self, buf: u64, max: u64) -> Result<u64, Refusal> {
         let (pid, index) = self.caller();

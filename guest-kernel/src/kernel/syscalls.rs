@@ -76,6 +76,7 @@ impl Kernel {
             Some(Syscall::ShmUnmap) => Outcome::Return(self.sys_shm_unmap(a0)),
             Some(Syscall::ShmRevoke) => Outcome::Return(self.sys_shm_revoke(a0, a1)),
             Some(Syscall::ShmDestroy) => Outcome::Return(self.sys_shm_destroy(a0)),
+            Some(Syscall::CapDrop) => Outcome::Return(self.sys_cap_drop(a0)),
             Some(Syscall::CapList) => {
                 let result = self.sys_cap_list(a0, a1);
                 self.outcome(frame, result)
