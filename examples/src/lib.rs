@@ -15,8 +15,9 @@ use superos_protocol::syscall::{decode_recv, decode_result, GateInfo, SysError, 
 pub use superos_protocol::layout::PAGE_SIZE;
 pub use superos_protocol::syscall::SysError as Error;
 pub use superos_protocol::syscall::{
-    CapInfo, MemStat, CAPS_MAX, MAILBOX_DEPTH, MESSAGE_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, RECV_NONBLOCK,
-    RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX, SHM_PARTICIPANTS_MAX,
+    CapInfo, MemStat, CAPS_MAX, CAPS_PER_GRANTER, MAILBOX_DEPTH, MESSAGE_MAX, PROT_EXEC, PROT_READ,
+    PROT_WRITE, RECV_NONBLOCK, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX,
+    SHM_PARTICIPANTS_MAX,
 };
 
 /// Raw system calls through the gate page.
@@ -205,6 +206,14 @@ pub fn shm_revoke(handle: u64, pid: u32) -> Result<(), Error> {
 /// (itself included), then the kernel scrubs and frees its frames.
 pub fn shm_destroy(handle: u64) -> Result<(), Error> {
     call(Syscall::ShmDestroy, handle, 0).map(drop)
+}
+
+/// Gives up the capability `handle` names (not a region the caller owns: it
+/// has `shm_destroy`). Its mapping, if any, becomes a revoked range (an
+/// access is `use-after-revoke`; [`shm_unmap`] releases it). Errors:
+/// `bad-handle`, `not-permitted` (the caller owns the region).
+pub fn cap_drop(handle: u64) -> Result<(), Error> {
+    call(Syscall::CapDrop, handle, 0).map(drop)
 }
 
 /// The caller's capabilities, as [`cap_list`] reports them.

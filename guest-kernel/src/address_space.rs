@@ -28,7 +28,9 @@ use superos_protocol::layout::{
     USER_STACK_PAGES, USER_STACK_TOP, USER_STATE_VA,
 };
 use superos_protocol::ownership::FrameOwner;
-use superos_protocol::syscall::{MemStat, SysError, MAPPINGS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE};
+use superos_protocol::syscall::{
+    MemStat, SysError, MAPPINGS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, REVOKED_MAX,
+};
 use x86_64::structures::paging::{PageTable, PageTableFlags as Flags};
 
 /// What the address space needs from physical memory.
@@ -51,9 +53,19 @@ pub trait Memory {
 }
 
 /// Page tables of one process: table frames are owned `PageTable(pid)`.
+/// `net` counts the table frames allocated minus those freed through it, so
+/// the address space keeps its table count (charged to the resident quota)
+/// exact.
 struct Tables<'m, M: Memory> {
     memory: &'m mut M,
     pid: u32,
+    net: i64,
+}
+
+impl<'m, M: Memory> Tables<'m, M> {
+    fn new(memory: &'m mut M, pid: u32) -> Self {
+        Tables { memory, pid, net: 0 }
+    }
 }
 
 impl<M: Memory> PageTableMemory for Tables<'_, M> {
@@ -61,10 +73,13 @@ impl<M: Memory> PageTableMemory for Tables<'_, M> {
         self.memory.table(frame)
     }
     fn alloc_table(&mut self) -> Option<u64> {
-        self.memory.alloc_frame(FrameOwner::PageTable(self.pid))
+        let frame = self.memory.alloc_frame(FrameOwner::PageTable(self.pid))?;
+        self.net += 1;
+        Some(frame)
     }
     fn free_table(&mut self, frame: u64) {
         self.memory.release_frame(frame);
+        self.net -= 1;
     }
 }
 
@@ -162,14 +177,24 @@ impl Chunks {
 /// pages).
 pub const MAX_USER_BUFFER: u64 = PAGE_SIZE;
 
+/// Most entries a process map holds: [`MAPPINGS_MAX`] charged ones and
+/// [`REVOKED_MAX`] revoked ranges (its vector's capacity never exceeds it).
+pub const REGIONS_CAP: usize = MAPPINGS_MAX + REVOKED_MAX;
+
 /// One process's address space.
 pub struct AddressSpace {
     pid: u32,
     pml4: u64,
     /// Sorted, disjoint.
     regions: Vec<Region>,
+    /// How many of them are revoked ranges (not charged to the process: at
+    /// most [`REVOKED_MAX`], outside [`MAPPINGS_MAX`]).
+    revoked: usize,
     virtual_bytes: u64,
     resident_pages: u64,
+    /// Page-table frames of the user half, the PML4 included (owned
+    /// `PageTable(pid)`): charged to the resident quota with the data pages.
+    table_pages: u64,
     /// Shared bytes charged to this process: regions it created, plus regions
     /// of others it maps.
     shared_bytes: u64,
@@ -201,8 +226,10 @@ impl AddressSpace {
             pid,
             pml4,
             regions: Vec::new(),
+            revoked: 0,
             virtual_bytes: 0,
             resident_pages: 0,
+            table_pages: 1,
             shared_bytes: 0,
             quotas,
             pressure_reported: [false; 2],
@@ -210,15 +237,17 @@ impl AddressSpace {
         space.regions.push(Region { start: guard_bottom, end: stack_bottom, kind: RegionKind::StackGuard });
         space.insert_region(Region { start: stack_bottom, end: USER_STACK_TOP, kind: RegionKind::Stack });
         space.regions.push(Region { start: GATE_VA, end: GATE_VA + PAGE_SIZE, kind: RegionKind::Gate });
-        let gate = paging::map(
-            &mut Tables { memory, pid },
-            pml4,
-            GATE_VA,
-            gate_frame,
-            PageSize::Size4K,
-            Flags::USER_ACCESSIBLE,
-            USER_TABLE_FLAGS,
-        );
+        let gate = space.with_tables(memory, |tables, pml4| {
+            paging::map(
+                tables,
+                pml4,
+                GATE_VA,
+                gate_frame,
+                PageSize::Size4K,
+                Flags::USER_ACCESSIBLE,
+                USER_TABLE_FLAGS,
+            )
+        });
         if gate.is_err() {
             space.destroy(memory);
             return None;
@@ -246,16 +275,96 @@ impl AddressSpace {
         self.resident_pages
     }
 
+    /// Page-table frames of the process (its PML4 included).
+    pub fn table_pages(&self) -> u64 {
+        self.table_pages
+    }
+
+    /// Pages charged to the resident quota: data pages and page tables.
+    pub fn charged_pages(&self) -> u64 {
+        self.resident_pages + self.table_pages
+    }
+
+    /// The resident size, in bytes, that faulting in the page at `addr`
+    /// asks for: data pages and tables so far, the page, and the tables it
+    /// needs (for the `QuotaDenied` event of a page fault).
+    pub fn resident_request<M: Memory>(&mut self, memory: &mut M, addr: u64) -> u64 {
+        let page = addr & !(PAGE_SIZE - 1);
+        let tables = if superos_protocol::layout::is_user_range(page, PAGE_SIZE) {
+            self.missing_tables(memory, page, page + PAGE_SIZE)
+        } else {
+            0
+        };
+        (self.charged_pages() + 1 + tables) * PAGE_SIZE
+    }
+
     /// The process's quotas.
     pub fn quotas(&self) -> Quotas {
         self.quotas
     }
 
+    /// Runs `f` on this process's page tables (and its PML4), keeping the
+    /// table count exact.
+    fn with_tables<M: Memory, R>(
+        &mut self,
+        memory: &mut M,
+        f: impl FnOnce(&mut Tables<'_, M>, u64) -> R,
+    ) -> R {
+        let mut tables = Tables::new(memory, self.pid);
+        let result = f(&mut tables, self.pml4);
+        self.table_pages = self.table_pages.wrapping_add_signed(tables.net);
+        result
+    }
+
+    /// Table frames that mapping every page of `[start, end)` would add.
+    fn missing_tables<M: Memory>(&mut self, memory: &mut M, start: u64, end: u64) -> u64 {
+        self.with_tables(memory, |tables, pml4| paging::missing_tables(tables, pml4, start, end))
+    }
+
+    /// Unlinks every leaf of `[start, end)`, freeing the tables it leaves
+    /// empty (with their TLB entries flushed); each leaf's frame goes to
+    /// `on_leaf(memory, frame)` after its TLB entry is flushed.
+    fn unmap_range<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        start: u64,
+        end: u64,
+        budget: u64,
+        mut on_leaf: impl FnMut(&mut M, u64),
+    ) -> Option<u64> {
+        let mut budget = budget;
+        self.with_tables(memory, |tables, pml4| {
+            paging::unmap_range(
+                tables,
+                pml4,
+                start,
+                end,
+                &mut budget,
+                &mut |tables: &mut Tables<'_, M>, va, frame| {
+                    tables.memory.flush(pml4, va);
+                    on_leaf(tables.memory, frame);
+                },
+                &mut |tables: &mut Tables<'_, M>, va| tables.memory.flush(pml4, va),
+            )
+        })
+    }
+
     fn insert_region(&mut self, region: Region) {
         let at = self.regions.partition_point(|r| r.start < region.start);
+        self.reserve_entry();
         self.regions.insert(at, region);
         if counts_as_virtual(region.kind) {
             self.virtual_bytes += region.end - region.start;
+        }
+    }
+
+    /// Makes room for one more map entry without letting the vector's
+    /// capacity grow past [`REGIONS_CAP`] (a doubling could), so the kernel
+    /// heap bound holds.
+    fn reserve_entry(&mut self) {
+        if self.regions.len() == self.regions.capacity() {
+            let target = (self.regions.capacity() * 2).clamp(8, REGIONS_CAP.max(self.regions.len() + 1));
+            self.regions.reserve_exact(target - self.regions.len());
         }
     }
 
@@ -264,9 +373,10 @@ impl AddressSpace {
         self.regions.get(index).filter(|r| r.start <= va)
     }
 
-    /// Checks that the map has room for `more` entries ([`MAPPINGS_MAX`]).
+    /// Checks that the map has room for `more` entries ([`MAPPINGS_MAX`];
+    /// revoked ranges are the kernel's doing and not counted).
     fn check_mappings(&self, more: usize) -> Result<(), Refusal> {
-        let requested = self.regions.len() + more;
+        let requested = self.regions.len() - self.revoked + more;
         if requested > MAPPINGS_MAX {
             return Err(Refusal::Quota {
                 kind: QuotaKind::Mappings,
@@ -303,17 +413,23 @@ impl AddressSpace {
         va: u64,
         flags: Flags,
     ) -> Result<u64, Refusal> {
-        self.check_resident(1)?;
+        // The tables it needs count too (without a resident quota there is
+        // nothing to check them against, and the walk is skipped).
+        let tables =
+            if self.quotas.max_resident != 0 { self.missing_tables(memory, va, va + PAGE_SIZE) } else { 0 };
+        self.check_resident(1 + tables)?;
         let frame = memory.alloc_frame(FrameOwner::Private(self.pid)).ok_or(SysError::OutOfMemory)?;
-        let mapped = paging::map(
-            &mut Tables { memory, pid: self.pid },
-            self.pml4,
-            va,
-            frame,
-            PageSize::Size4K,
-            flags | Flags::USER_ACCESSIBLE,
-            USER_TABLE_FLAGS,
-        );
+        let mapped = self.with_tables(memory, |tables, pml4| {
+            paging::map(
+                tables,
+                pml4,
+                va,
+                frame,
+                PageSize::Size4K,
+                flags | Flags::USER_ACCESSIBLE,
+                USER_TABLE_FLAGS,
+            )
+        });
         if mapped.is_err() {
             memory.release_frame(frame);
             return Err(Refusal::Error(SysError::OutOfMemory));
@@ -341,8 +457,10 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Checks `pages` more (data pages and page tables) against the
+    /// resident quota, which counts both.
     fn check_resident(&self, pages: u64) -> Result<(), Refusal> {
-        let requested = (self.resident_pages + pages) * PAGE_SIZE;
+        let requested = (self.charged_pages() + pages) * PAGE_SIZE;
         if self.quotas.max_resident != 0 && requested > self.quotas.max_resident {
             return Err(Refusal::Quota {
                 kind: QuotaKind::Resident,
@@ -398,36 +516,49 @@ impl AddressSpace {
     }
 
     fn fault_in<M: Memory>(&mut self, memory: &mut M, page: u64, kind: RegionKind) -> Result<u64, FaultKind> {
-        if self.check_resident(1).is_err() {
-            return Err(FaultKind::ResidentQuotaExceeded);
-        }
+        self.fault_in_page(memory, page, kind).map_err(|refusal| match refusal {
+            Refusal::Quota { .. } => FaultKind::ResidentQuotaExceeded,
+            Refusal::Error(_) => FaultKind::OutOfMemory,
+        })
+    }
+
+    /// Allocates and maps a demand-zero page of a region of `kind`; a quota
+    /// refusal names the resident quota.
+    fn fault_in_page<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        page: u64,
+        kind: RegionKind,
+    ) -> Result<u64, Refusal> {
         let mut flags = Flags::NO_EXECUTE;
         if kind.is_writable() {
             flags |= Flags::WRITABLE;
         }
-        self.map_private_page(memory, page, flags).map_err(|_| FaultKind::OutOfMemory)
+        self.map_private_page(memory, page, flags)
     }
 
     /// The physical pieces of the user buffer `[addr, addr + len)`, checked
     /// against the caller's own mappings: every page must be user-accessible,
-    /// and writable if `write`. Untouched demand-zero pages are faulted in.
+    /// and writable if `write`. Untouched demand-zero pages are faulted in;
+    /// one that would break the resident quota is a [`Refusal::Quota`], for
+    /// the system call to refuse like any other quota (event and policy).
     pub fn user_buffer<M: Memory>(
         &mut self,
         memory: &mut M,
         addr: u64,
         len: u64,
         write: bool,
-    ) -> Result<Chunks, SysError> {
+    ) -> Result<Chunks, Refusal> {
         let mut chunks = Chunks::default();
         if len == 0 {
             return Ok(chunks);
         }
         if len > MAX_USER_BUFFER {
-            return Err(SysError::TooLarge);
+            return Err(SysError::TooLarge.into());
         }
         let end = addr.checked_add(len).ok_or(SysError::Overflow)?;
         if !superos_protocol::layout::is_user_range(addr, len) {
-            return Err(SysError::BadAddress);
+            return Err(SysError::BadAddress.into());
         }
         // Check every page before faulting any in, so a bad buffer changes
         // nothing. A buffer spans at most two pages; remember each page's
@@ -435,8 +566,7 @@ impl AddressSpace {
         let first = addr & !(PAGE_SIZE - 1);
         let mut frames: [Option<u64>; 2] = [None; 2];
         for (slot, page) in (first..end).step_by(PAGE_SIZE as usize).enumerate() {
-            let present =
-                paging::translate(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, page);
+            let present = paging::translate(&mut Tables::new(&mut *memory, self.pid), self.pml4, page);
             let allowed = match present {
                 Some(t) => {
                     frames[slot] = Some(t.phys);
@@ -447,7 +577,7 @@ impl AddressSpace {
                     .is_some_and(|r| r.kind.is_demand_zero() && (!write || r.kind.is_writable())),
             };
             if !allowed {
-                return Err(SysError::BadAddress);
+                return Err(SysError::BadAddress.into());
             }
         }
         let mut va = addr;
@@ -456,10 +586,7 @@ impl AddressSpace {
                 Some(phys) => phys,
                 None => {
                     let kind = self.region_at(page).map(|r| r.kind).ok_or(SysError::BadAddress)?;
-                    self.fault_in(memory, page, kind).map_err(|fault| match fault {
-                        FaultKind::ResidentQuotaExceeded => SysError::QuotaExceeded,
-                        _ => SysError::OutOfMemory,
-                    })?
+                    self.fault_in_page(memory, page, kind)?
                 }
             };
             let piece_end = end.min(page + PAGE_SIZE);
@@ -498,6 +625,7 @@ impl AddressSpace {
         if let Some(region) = self.regions.get(index).copied() {
             if region.start < at && at < region.end {
                 self.regions[index].end = at;
+                self.reserve_entry();
                 self.regions.insert(index + 1, Region { start: at, ..region });
             }
         }
@@ -507,8 +635,31 @@ impl AddressSpace {
     /// scrubbing and freeing those that were resident. Returns the number of
     /// resident pages freed.
     /// Refused if a hole in the middle of a mapping would need a map entry
-    /// more than [`MAPPINGS_MAX`].
+    /// more than [`MAPPINGS_MAX`]. Runs to the end (host tests); the kernel
+    /// uses [`Self::unmap_slice`].
     pub fn unmap<M: Memory>(&mut self, memory: &mut M, addr: u64, len: u64) -> Result<u64, Refusal> {
+        match self.unmap_slice(memory, addr, len, addr, u64::MAX)? {
+            (freed, None) => Ok(freed),
+            (_, Some(_)) => unreachable!("an unlimited budget finishes"),
+        }
+    }
+
+    /// One slice of `mem_unmap(addr, len)`: checks the whole call (so a slice
+    /// is refused exactly when the call would be), then removes the pages
+    /// from `from` on, spending at most `budget` units (a present page or
+    /// table each, see [`paging::unmap_range`]). Returns the resident pages
+    /// freed and, if the budget ran out, where the next slice resumes; the
+    /// map entries change only in the last slice, so between slices the range
+    /// is still the caller's (its pages below the resume point are unmapped,
+    /// as demand-zero pages never touched are).
+    pub fn unmap_slice<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        addr: u64,
+        len: u64,
+        from: u64,
+        budget: u64,
+    ) -> Result<(u64, Option<u64>), Refusal> {
         let end = self.check_anonymous_range(addr, len)?;
         // Regions are sorted and disjoint: those overlapping [addr, end) form
         // one run, found by two binary searches.
@@ -516,24 +667,23 @@ impl AddressSpace {
             self.regions.partition_point(|r| r.start < end) - self.regions.partition_point(|r| r.end <= addr);
         self.check_mappings(self.splits_needed(addr, end).saturating_sub(removed))?;
         let mut freed = 0;
-        for page in (addr..end).step_by(PAGE_SIZE as usize) {
-            if let Some(frame) =
-                paging::unmap(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, page)
-            {
-                memory.flush(self.pml4, page);
-                memory.release_frame(frame);
-                self.resident_pages -= 1;
-                freed += 1;
-            }
+        let resume = self.unmap_range(memory, from.clamp(addr, end), end, budget, |memory, frame| {
+            memory.release_frame(frame);
+            freed += 1;
+        });
+        self.resident_pages -= freed;
+        if resume.is_some() {
+            return Ok((freed, resume));
         }
         self.split_at(addr);
         self.split_at(end);
         self.regions.retain(|r| r.end <= addr || r.start >= end);
         self.virtual_bytes -= end - addr;
-        Ok(freed)
+        Ok((freed, None))
     }
 
-    /// `mem_protect(addr, len, prot)`: rights can only be removed.
+    /// `mem_protect(addr, len, prot)`: rights can only be removed. Runs to
+    /// the end (host tests); the kernel uses [`Self::protect_slice`].
     pub fn protect<M: Memory>(
         &mut self,
         memory: &mut M,
@@ -541,6 +691,25 @@ impl AddressSpace {
         len: u64,
         prot: u64,
     ) -> Result<(), Refusal> {
+        match self.protect_slice(memory, addr, len, prot, addr, u64::MAX)? {
+            None => Ok(()),
+            Some(_) => unreachable!("an unlimited budget finishes"),
+        }
+    }
+
+    /// One slice of `mem_protect(addr, len, prot)`, as
+    /// [`Self::unmap_slice`]: the whole call is checked, write access is
+    /// removed from the present pages from `from` on within `budget`, and
+    /// the map entries change in the last slice. `Some(va)`: resume there.
+    pub fn protect_slice<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        addr: u64,
+        len: u64,
+        prot: u64,
+        from: u64,
+        budget: u64,
+    ) -> Result<Option<u64>, Refusal> {
         let writable = check_prot(prot)?;
         // A whole shared mapping may lose write access too (never gain it).
         let shared = self.regions.iter().position(|r| {
@@ -557,14 +726,13 @@ impl AddressSpace {
                 return Err(SysError::NotPermitted.into());
             }
             if !writable {
-                for page in (region.start..region.end).step_by(PAGE_SIZE as usize) {
-                    if self.clear_writable(memory, page) {
-                        memory.flush(self.pml4, page);
-                    }
+                let from = from.clamp(region.start, region.end);
+                if let Some(resume) = self.clear_writable(memory, from, region.end, budget) {
+                    return Ok(Some(resume));
                 }
             }
             self.regions[index].kind = RegionKind::Shared { region: id, writable };
-            return Ok(());
+            return Ok(None);
         }
         let end = self.check_anonymous_range(addr, len)?;
         let escalates = self
@@ -577,10 +745,8 @@ impl AddressSpace {
         }
         self.check_mappings(self.splits_needed(addr, end))?;
         if !writable {
-            for page in (addr..end).step_by(PAGE_SIZE as usize) {
-                if self.clear_writable(memory, page) {
-                    memory.flush(self.pml4, page);
-                }
+            if let Some(resume) = self.clear_writable(memory, from.clamp(addr, end), end, budget) {
+                return Ok(Some(resume));
             }
         }
         self.split_at(addr);
@@ -588,28 +754,38 @@ impl AddressSpace {
         for region in self.regions.iter_mut().filter(|r| r.start >= addr && r.end <= end) {
             region.kind = RegionKind::Anonymous { writable };
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Clears the writable bit of the leaf mapping `page`, if present.
-    fn clear_writable<M: Memory>(&mut self, memory: &mut M, page: u64) -> bool {
-        let mut tables = Tables { memory, pid: self.pid };
-        let mut table = self.pml4;
-        for level in (2..=4u32).rev() {
-            let entry = &tables.table(table)[((page >> (12 + 9 * (level - 1))) & 0x1ff) as usize];
-            if !entry.flags().contains(Flags::PRESENT) {
-                return false;
-            }
-            table = entry.addr().as_u64();
-        }
-        let entry = &mut tables.table(table)[((page >> 12) & 0x1ff) as usize];
-        if !entry.flags().contains(Flags::PRESENT) {
-            return false;
-        }
-        let flags = entry.flags() - Flags::WRITABLE;
-        let frame = entry.addr();
-        entry.set_addr(frame, flags);
-        true
+    /// Clears the writable bit of every leaf in `[start, end)` and flushes
+    /// its TLB entry: a walk of the tables present, not of every page,
+    /// within `budget` (`Some(va)`: resume there).
+    fn clear_writable<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        start: u64,
+        end: u64,
+        budget: u64,
+    ) -> Option<u64> {
+        let pml4 = self.pml4;
+        let mut budget = budget;
+        self.with_tables(memory, |tables, pml4_frame| {
+            paging::for_each_leaf(
+                tables,
+                pml4_frame,
+                start,
+                end,
+                &mut budget,
+                &mut |tables: &mut Tables<'_, M>, table, i, va| {
+                    let entry = &mut tables.table(table)[i];
+                    if entry.flags().contains(Flags::WRITABLE) {
+                        let (frame, flags) = (entry.addr(), entry.flags() - Flags::WRITABLE);
+                        entry.set_addr(frame, flags);
+                        tables.memory.flush(pml4, va);
+                    }
+                },
+            )
+        })
     }
 
     /// Shared bytes charged to the process.
@@ -662,25 +838,19 @@ impl AddressSpace {
         self.check_virtual(len)?;
         self.check_mappings(1)?;
         let start = self.place(len)?;
+        let tables = self.missing_tables(memory, start, start + len);
+        self.check_resident(tables)?;
         let mut flags = Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
         if writable {
             flags |= Flags::WRITABLE;
         }
         for (i, &frame) in frames.iter().enumerate() {
             let va = start + i as u64 * PAGE_SIZE;
-            let mapped = paging::map(
-                &mut Tables { memory: &mut *memory, pid: self.pid },
-                self.pml4,
-                va,
-                frame,
-                PageSize::Size4K,
-                flags,
-                USER_TABLE_FLAGS,
-            );
+            let mapped = self.with_tables(memory, |tables, pml4| {
+                paging::map(tables, pml4, va, frame, PageSize::Size4K, flags, USER_TABLE_FLAGS)
+            });
             if mapped.is_err() {
-                for undo in (start..va).step_by(PAGE_SIZE as usize) {
-                    paging::unmap(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, undo);
-                }
+                self.unmap_range(memory, start, start + len, u64::MAX, |_, _| {});
                 return Err(SysError::OutOfMemory.into());
             }
         }
@@ -690,11 +860,8 @@ impl AddressSpace {
 
     fn remove_shared_mapping<M: Memory>(&mut self, memory: &mut M, index: usize) -> Region {
         let region = self.regions[index];
-        for page in (region.start..region.end).step_by(PAGE_SIZE as usize) {
-            if paging::unmap(&mut Tables { memory: &mut *memory, pid: self.pid }, self.pml4, page).is_some() {
-                memory.flush(self.pml4, page);
-            }
-        }
+        // Shared frames belong to the region: only unlinked here.
+        self.unmap_range(memory, region.start, region.end, u64::MAX, |_, _| {});
         self.virtual_bytes -= region.end - region.start;
         region
     }
@@ -723,7 +890,40 @@ impl AddressSpace {
             .position(|r| matches!(r.kind, RegionKind::Shared { region: id, .. } if id == region))?;
         let removed = self.remove_shared_mapping(memory, index);
         self.regions[index].kind = RegionKind::Revoked { region };
+        self.revoked += 1;
+        if self.revoked > REVOKED_MAX {
+            // The kernel releases one itself: the lowest but the newest.
+            let oldest = self
+                .regions
+                .iter()
+                .position(|r| matches!(r.kind, RegionKind::Revoked { .. }) && r.start != removed.start);
+            if let Some(oldest) = oldest {
+                self.regions.remove(oldest);
+                self.revoked -= 1;
+            }
+        }
         Some(removed.start)
+    }
+
+    /// `shm_unmap(addr)` on a revoked range: releases it (an access there is
+    /// then an unmapped access, and the kernel may place mappings there).
+    /// Returns the region it was, or `None` if no revoked range starts at
+    /// `addr`.
+    pub fn release_revoked(&mut self, addr: u64) -> Option<u32> {
+        let index = self
+            .regions
+            .iter()
+            .position(|r| r.start == addr && matches!(r.kind, RegionKind::Revoked { .. }))?;
+        let RegionKind::Revoked { region } = self.regions.remove(index).kind else {
+            unreachable!("checked above")
+        };
+        self.revoked -= 1;
+        Some(region)
+    }
+
+    /// Revoked ranges kept in the map.
+    pub fn revoked_ranges(&self) -> usize {
+        self.revoked
     }
 
     /// Reports each quota whose usage has crossed 90% since the last call
@@ -731,7 +931,7 @@ impl AddressSpace {
     pub fn pressure_crossings(&mut self) -> impl Iterator<Item = (QuotaKind, u64, u64)> {
         let usage = [
             (QuotaKind::Virtual, self.virtual_bytes, self.quotas.max_virtual),
-            (QuotaKind::Resident, self.resident_pages * PAGE_SIZE, self.quotas.max_resident),
+            (QuotaKind::Resident, self.charged_pages() * PAGE_SIZE, self.quotas.max_resident),
         ];
         let mut crossed = [None, None];
         for (i, (kind, used, limit)) in usage.into_iter().enumerate() {
@@ -765,15 +965,11 @@ impl AddressSpace {
         let pid = self.pid;
         // Frames are released as the walk unlinks them: collecting them first
         // would need a heap allocation proportional to the process's size.
-        paging::free_user_half(
-            &mut Tables { memory: &mut *memory, pid },
-            self.pml4,
-            |tables, _, frame, _| {
-                if tables.memory.owner(frame) == Some(FrameOwner::Private(pid)) {
-                    tables.memory.release_frame(frame);
-                }
-            },
-        );
+        paging::free_user_half(&mut Tables::new(&mut *memory, pid), self.pml4, |tables, _, frame, _| {
+            if tables.memory.owner(frame) == Some(FrameOwner::Private(pid)) {
+                tables.memory.release_frame(frame);
+            }
+        });
         memory.release_frame(self.pml4);
     }
 }
@@ -953,9 +1149,8 @@ pub(crate) mod tests {
         let frame = space.map_user_state_page(&mut memory).unwrap();
         assert_eq!(memory.owner(frame), Some(FrameOwner::Private(1)));
         assert_eq!((space.virtual_bytes(), space.resident_pages()), (before.0 + 4096, before.1 + 1));
-        let mapped =
-            paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), USER_STATE_VA)
-                .expect("mapped at once");
+        let mapped = paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), USER_STATE_VA)
+            .expect("mapped at once");
         assert_eq!(mapped.phys, frame);
         assert!(mapped.flags.contains(Flags::USER_ACCESSIBLE | Flags::WRITABLE | Flags::NO_EXECUTE));
         // mem_unmap and mem_protect only touch mem_map memory.
@@ -966,9 +1161,12 @@ pub(crate) mod tests {
             space.handle_page_fault(&mut memory, USER_STATE_VA, PF_PRESENT | PF_FETCH | 4),
             Err(FaultKind::ExecuteNonExecutable)
         );
-        // A full resident quota refuses it (spawn then fails).
-        let quotas = Quotas { max_resident: 4096, ..Quotas::default() };
+        // A full resident quota refuses it (spawn then fails). Page tables
+        // count: the PML4 and the gate's three tables, then the stack page
+        // and the page table it needs fill a quota of six pages.
+        let quotas = Quotas { max_resident: 6 * 4096, ..Quotas::default() };
         let mut tight = self::space(&mut memory, quotas);
+        assert_eq!(tight.table_pages(), 4);
         tight
             .map_private_page(&mut memory, USER_STACK_TOP - 4096, Flags::WRITABLE | Flags::NO_EXECUTE)
             .unwrap();
@@ -1015,8 +1213,7 @@ pub(crate) mod tests {
         space.handle_page_fault(&mut memory, a + 0x1008, USER_WRITE).unwrap();
         space.handle_page_fault(&mut memory, a + 0x3000, 4).unwrap();
         assert_eq!(space.resident_pages(), 2);
-        let frame =
-            paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), a + 0x1000).unwrap();
+        let frame = paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), a + 0x1000).unwrap();
         assert_eq!(memory.owner(frame.phys), Some(FrameOwner::Private(1)));
         assert!(frame.flags.contains(Flags::WRITABLE | Flags::NO_EXECUTE | Flags::USER_ACCESSIBLE));
         memory.bytes(frame.phys)[0] = 0xaa;
@@ -1046,7 +1243,7 @@ pub(crate) mod tests {
         space.handle_page_fault(&mut memory, rw, USER_WRITE).unwrap();
         space.protect(&mut memory, rw, 4096, PROT_READ).unwrap();
         assert!(memory.flushes >= 1, "the TLB entry of a write-protected page is flushed");
-        let t = paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), rw).unwrap();
+        let t = paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), rw).unwrap();
         assert!(!t.flags.contains(Flags::WRITABLE));
         let guard = USER_STACK_TOP - (USER_STACK_PAGES + 1) * PAGE_SIZE;
         assert_eq!(space.handle_page_fault(&mut memory, guard + 8, USER_WRITE), Err(FaultKind::StackGuard));
@@ -1056,8 +1253,12 @@ pub(crate) mod tests {
     #[test]
     fn quotas_refuse_mappings_and_resident_growth() {
         let mut memory = FakeMemory::new();
-        let quotas = Quotas { max_virtual: 16 * 4096, max_resident: 3 * 4096, max_shared: 0, kill: false };
+        // Page tables count against the resident quota: the PML4 and the
+        // gate's three tables, then three more for the first mem_map page;
+        // 10 pages leave room for three data pages.
+        let quotas = Quotas { max_virtual: 16 * 4096, max_resident: 10 * 4096, max_shared: 0, kill: false };
         let mut space = space(&mut memory, quotas);
+        assert_eq!(space.table_pages(), 4);
         // The stack's 8 pages count against the virtual quota.
         let a = space.map_anonymous(8 * 4096, RW).unwrap();
         assert_eq!(
@@ -1071,12 +1272,114 @@ pub(crate) mod tests {
             space.handle_page_fault(&mut memory, a + 3 * 4096, USER_WRITE),
             Err(FaultKind::ResidentQuotaExceeded)
         );
+        assert_eq!((space.resident_pages(), space.table_pages()), (3, 7));
         let crossings: Vec<_> = space.pressure_crossings().collect();
         assert_eq!(
             crossings,
-            vec![(QuotaKind::Virtual, 16 * 4096, 16 * 4096), (QuotaKind::Resident, 3 * 4096, 3 * 4096)]
+            vec![(QuotaKind::Virtual, 16 * 4096, 16 * 4096), (QuotaKind::Resident, 10 * 4096, 10 * 4096)]
         );
         assert_eq!(space.pressure_crossings().count(), 0, "reported once per crossing");
+    }
+
+    #[test]
+    fn page_tables_are_charged_to_the_resident_quota_and_freed_when_empty() {
+        let mut memory = FakeMemory::new();
+        let baseline = memory.allocator.free_frames();
+        let quotas = Quotas { max_resident: 64 * 4096, ..Quotas::default() };
+        let mut space = space(&mut memory, quotas);
+        let start_tables = space.table_pages();
+        // The attack of issue 11: one page per 2 MiB, each needing its own
+        // page table, then unmapping the page. The tables count, so the quota
+        // stops the touching; unmapping frees each emptied table.
+        let len = 1 << 30;
+        let a = space.map_anonymous(len, RW).unwrap();
+        let mut touched = 0;
+        loop {
+            let va = a + touched * (2 << 20);
+            match space.handle_page_fault(&mut memory, va, USER_WRITE) {
+                Ok(()) => touched += 1,
+                Err(fault) => {
+                    assert_eq!(fault, FaultKind::ResidentQuotaExceeded);
+                    break;
+                }
+            }
+        }
+        assert!(space.charged_pages() <= 64);
+        assert_eq!(space.table_pages(), start_tables + 2 + touched, "a PDPT, a PD, a table per page");
+        for page in 0..touched {
+            space.unmap(&mut memory, a + page * (2 << 20), 4096).unwrap();
+        }
+        assert_eq!(space.resident_pages(), 0);
+        assert_eq!(space.table_pages(), start_tables, "every emptied table freed, up to the PDPT");
+        // Partial unmaps keep the tables still in use.
+        let b = space.map_anonymous(0x3000, RW).unwrap();
+        for page in 0..3 {
+            space.handle_page_fault(&mut memory, b + page * 4096, USER_WRITE).unwrap();
+        }
+        let with_b = space.table_pages();
+        space.unmap(&mut memory, b + 4096, 4096).unwrap();
+        assert_eq!(space.table_pages(), with_b);
+        assert_eq!(space.user_buffer(&mut memory, b, 8, false).map(|c| c.iter().count()), Ok(1));
+        space.unmap(&mut memory, b, 4096).unwrap();
+        space.unmap(&mut memory, b + 0x2000, 4096).unwrap();
+        assert_eq!(space.table_pages(), start_tables);
+        // The rest of the 1 GiB mapping goes in one call that walks no table.
+        space.destroy(&mut memory);
+        assert_eq!(memory.allocator.free_frames(), baseline - 2, "only the kernel PML4 and gate remain");
+    }
+
+    #[test]
+    fn unmap_and_protect_work_in_bounded_slices_proportional_to_what_is_mapped() {
+        let mut memory = FakeMemory::new();
+        let baseline = memory.allocator.free_frames();
+        let mut space = space(&mut memory, Quotas::default());
+        let start_tables = space.table_pages();
+        let len = 1 << 30;
+        let a = space.map_anonymous(len, RW).unwrap();
+        // 1 GiB untouched: nothing to walk (two entries looked at), so one
+        // slice of a small budget does it.
+        assert_eq!(space.protect_slice(&mut memory, a, len, PROT_READ, a, 64), Ok(None));
+        assert_eq!(space.unmap_slice(&mut memory, a, len, a, 64), Ok((0, None)));
+        let b = space.map_anonymous(len, RW).unwrap();
+        let touched: Vec<u64> = (0..40).map(|i| b + i * (3 << 20) + (i % 7) * 4096).collect();
+        for &va in &touched {
+            space.handle_page_fault(&mut memory, va, USER_WRITE).unwrap();
+        }
+        // Protect in slices of 200 units (about 8 pages): each slice resumes
+        // where the last stopped.
+        let (mut from, mut slices) = (b, 0);
+        while let Some(resume) = space.protect_slice(&mut memory, b, len, PROT_READ, from, 200).unwrap() {
+            assert!(resume > from, "every slice makes progress");
+            from = resume;
+            slices += 1;
+            // Between slices the map is unchanged.
+            assert!(space.regions().iter().any(|r| r.start == b && r.kind.is_writable()));
+        }
+        assert!(slices >= 40 / 8, "{slices} slices");
+        for &va in &touched {
+            let t = paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), va).unwrap();
+            assert!(!t.flags.contains(Flags::WRITABLE));
+        }
+        assert!(space.regions().iter().any(|r| r.start == b && !r.kind.is_writable()));
+        // Unmap in slices: resident pages and tables go as the slices run.
+        let (mut from, mut freed) = (b, 0);
+        loop {
+            let (now, resume) = space.unmap_slice(&mut memory, b, len, from, 200).unwrap();
+            assert!(now <= 200 / 17);
+            freed += now;
+            assert_eq!(space.resident_pages(), 40 - freed);
+            match resume {
+                Some(resume) => from = resume,
+                None => break,
+            }
+        }
+        assert_eq!(freed, 40);
+        assert!(space.regions().iter().all(|r| r.start != b));
+        assert_eq!(space.table_pages(), start_tables, "every emptied table freed");
+        // A refused call is refused in its first slice, and changes nothing.
+        assert_eq!(space.unmap_slice(&mut memory, b, len, b, 200), err(SysError::BadAddress));
+        space.destroy(&mut memory);
+        assert_eq!(memory.allocator.free_frames(), baseline - 2);
     }
 
     #[test]
@@ -1085,21 +1388,21 @@ pub(crate) mod tests {
         let mut space = space(&mut memory, Quotas::default());
         let ro = space.map_anonymous(4096, PROT_READ).unwrap();
         let rw = space.map_anonymous(0x2000, RW).unwrap();
-        assert_eq!(space.user_buffer(&mut memory, ro, 16, true), Err(SysError::BadAddress), "read-only");
+        assert_eq!(space.user_buffer(&mut memory, ro, 16, true), err(SysError::BadAddress), "read-only");
         assert_eq!(
             space.user_buffer(&mut memory, ro + 4090, 16, false),
-            Err(SysError::BadAddress),
+            err(SysError::BadAddress),
             "into the guard"
         );
         assert_eq!(
             space.user_buffer(&mut memory, 0xffff_8000_0000_0000, 8, false),
-            Err(SysError::BadAddress)
+            err(SysError::BadAddress)
         );
-        assert_eq!(space.user_buffer(&mut memory, u64::MAX - 2, 8, false), Err(SysError::Overflow));
-        assert_eq!(space.user_buffer(&mut memory, rw, 4097, false), Err(SysError::TooLarge));
+        assert_eq!(space.user_buffer(&mut memory, u64::MAX - 2, 8, false), err(SysError::Overflow));
+        assert_eq!(space.user_buffer(&mut memory, rw, 4097, false), err(SysError::TooLarge));
         assert_eq!(
             space.user_buffer(&mut memory, GATE_VA, 8, true),
-            Err(SysError::BadAddress),
+            err(SysError::BadAddress),
             "the gate is read-only"
         );
         assert_eq!(space.resident_pages(), 0, "refused buffers fault nothing in");
@@ -1108,6 +1411,39 @@ pub(crate) mod tests {
         assert_eq!(pieces.len(), 2);
         assert_eq!((pieces[0].len, pieces[1].len), (96, 104));
         assert_eq!(space.resident_pages(), 2, "demand-zero pages were faulted in");
+        // A buffer page over the resident quota is a quota refusal (the
+        // system call logs it and applies the policy), not a bare error.
+        let tight = Quotas { max_resident: space.charged_pages() * 4096, ..Quotas::default() };
+        space.quotas = tight;
+        let more = space.map_anonymous(4096, RW).unwrap();
+        assert!(matches!(
+            space.user_buffer(&mut memory, more, 8, true),
+            Err(Refusal::Quota { kind: QuotaKind::Resident, .. })
+        ));
+    }
+
+    #[test]
+    fn revoked_ranges_are_not_charged_bounded_and_releasable() {
+        let mut memory = FakeMemory::new();
+        let mut space = space(&mut memory, Quotas::default());
+        let frame = memory.alloc_frame(FrameOwner::Shared(9)).unwrap();
+        let entries = space.regions.len();
+        let mut last = 0;
+        for _ in 0..3 * REVOKED_MAX {
+            space.map_shared(&mut memory, 9, &[frame], false).unwrap();
+            last = space.revoke_shared(&mut memory, 9).unwrap();
+            assert!(space.revoked_ranges() <= REVOKED_MAX);
+            assert!(space.check_mappings(MAPPINGS_MAX - entries).is_ok(), "revoked ranges are not charged");
+        }
+        assert_eq!(space.revoked_ranges(), REVOKED_MAX);
+        assert_eq!(space.regions.len(), entries + REVOKED_MAX);
+        // The newest survives the kernel's own releases; it faults as revoked.
+        assert_eq!(space.handle_page_fault(&mut memory, last, 4), Err(FaultKind::UseAfterRevoke));
+        assert_eq!(space.release_revoked(last), Some(9));
+        assert_eq!(space.release_revoked(last), None);
+        assert_eq!(space.handle_page_fault(&mut memory, last, 4), Err(FaultKind::UnmappedAccess));
+        assert_eq!(space.revoked_ranges(), REVOKED_MAX - 1);
+        assert_eq!(space.table_pages(), 4, "the shared mappings' tables were freed");
     }
 
     #[test]
@@ -1118,8 +1454,7 @@ pub(crate) mod tests {
         assert!(space.charge_shared(2 * 4096).is_ok());
         assert!(matches!(space.charge_shared(2 * 4096), Err(Refusal::Quota { kind: QuotaKind::Shared, .. })));
         let at = space.map_shared(&mut memory, 9, &frames, false).unwrap();
-        let t =
-            paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), at + 4096).unwrap();
+        let t = paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), at + 4096).unwrap();
         assert_eq!(t.phys, frames[1]);
         assert!(t.flags.contains(Flags::NO_EXECUTE) && !t.flags.contains(Flags::WRITABLE));
         assert_eq!(
@@ -1133,7 +1468,7 @@ pub(crate) mod tests {
             "mem_unmap is not for shm"
         );
         assert_eq!(space.revoke_shared(&mut memory, 9), Some(at));
-        assert_eq!(paging::translate(&mut Tables { memory: &mut memory, pid: 1 }, space.pml4(), at), None);
+        assert_eq!(paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), at), None);
         assert_eq!(space.handle_page_fault(&mut memory, at + 8, 4), Err(FaultKind::UseAfterRevoke));
         // The revoked range is never handed out again.
         assert!(space.map_anonymous(0x1000, RW).unwrap() > at + 0x2000);
@@ -1186,9 +1521,7 @@ pub(crate) mod tests {
         let mut found = Vec::new();
         for region in space.regions() {
             for page in (region.start..region.end).step_by(4096) {
-                if let Some(t) =
-                    paging::translate(&mut Tables { memory: &mut *memory, pid: 0 }, space.pml4(), page)
-                {
+                if let Some(t) = paging::translate(&mut Tables::new(&mut *memory, 0), space.pml4(), page) {
                     found.push((page, t.phys, t.flags));
                 }
             }
@@ -1230,7 +1563,20 @@ pub(crate) mod tests {
                         let (addr, pages) = maps[who][index];
                         let first = u64::from(p) % pages;
                         let count = u64::from(n).min(pages - first);
-                        if space.unmap(&mut memory, addr + first * 4096, count * 4096).is_ok() {
+                        // In slices of a small budget, as the kernel runs it.
+                        let (start, len) = (addr + first * 4096, count * 4096);
+                        let mut from = start;
+                        let unmapped = loop {
+                            match space.unmap_slice(&mut memory, start, len, from, 40) {
+                                Ok((_, Some(resume))) => {
+                                    prop_assert!(resume > from);
+                                    from = resume;
+                                }
+                                Ok((_, None)) => break true,
+                                Err(_) => break false,
+                            }
+                        };
+                        if unmapped {
                             maps[who].remove(index);
                             if first > 0 {
                                 maps[who].push((addr, first));
@@ -1268,6 +1614,19 @@ pub(crate) mod tests {
                         private += 1;
                     }
                     prop_assert_eq!(private, space.resident_pages());
+                    // Page tables: counted exactly, charged, and none left empty.
+                    let tables: Vec<u64> = (FAKE_RAM.0..FAKE_RAM.1)
+                        .step_by(4096)
+                        .filter(|&f| memory.owner(f) == Some(FrameOwner::PageTable(pid)))
+                        .collect();
+                    prop_assert_eq!(tables.len() as u64, space.table_pages());
+                    prop_assert!(space.charged_pages() * 4096 <= quotas.max_resident);
+                    for &table in tables.iter().filter(|&&t| t != space.pml4()) {
+                        prop_assert!(
+                            memory.table(table).iter().any(|e| !e.is_unused()),
+                            "empty table {:#x} kept", table
+                        );
+                    }
                     let regions_bytes: u64 = space.regions().iter().filter(|r| counts_as_virtual(r.kind)).map(|r| r.end - r.start).sum();
                     prop_assert_eq!(regions_bytes, space.virtual_bytes());
                     prop_assert!(space.regions().windows(2).all(|w| w[0].end <= w[1].start));

@@ -191,6 +191,272 @@ pub fn unmap<M: PageTableMemory>(mem: &mut M, pml4: u64, va: u64) -> Option<u64>
     Some(frame)
 }
 
+/// Bytes one table of `level` (1 = page table ... 4 = PML4) spans.
+const fn span(level: u32) -> u64 {
+    PAGE_SIZE << (9 * level)
+}
+
+/// How many table frames mapping every 4 KiB page of `[start, end)` (in the
+/// user half) would allocate: the tables missing under `pml4`, each counted
+/// once. The work is one walk per 2 MiB of the range, so callers bound the
+/// range first.
+pub fn missing_tables<M: PageTableMemory>(mem: &mut M, pml4: u64, start: u64, end: u64) -> u64 {
+    let mut count = 0;
+    // The base of the last span counted as missing, per table level.
+    let mut counted = [u64::MAX; 4];
+    let mut va = start & !(span(1) - 1);
+    while va < end {
+        let mut table = pml4;
+        for level in (2..=4).rev() {
+            let entry = &mem.table(table)[index(va, level)];
+            if !entry.flags().contains(Flags::PRESENT) {
+                for missing in 1..level {
+                    let base = va & !(span(missing) - 1);
+                    if counted[missing as usize] != base {
+                        counted[missing as usize] = base;
+                        count += 1;
+                    }
+                }
+                break;
+            }
+            table = entry.addr().as_u64();
+        }
+        va += span(1);
+    }
+    count
+}
+
+/// Removes every 4 KiB leaf of `[start, end)` (page-aligned, user half)
+/// under `pml4`: `on_leaf(mem, va, frame)` is called for each as soon as it
+/// is unlinked, and every table the range leaves empty is unlinked and freed
+/// (`on_table(mem, va)` is called with an address it covered, for the
+/// caller's TLB flush, before the frame is freed). The PML4 stays. The work
+/// is proportional to the tables present under the range, not to its
+/// length: an absent entry skips everything it would span. A table the range
+/// covers only in part is scanned once (512 entries) to see whether it is
+/// empty.
+///
+/// `budget` bounds the work, in units: [`ENTRY_UNITS`] for every entry
+/// looked at, [`PRESENT_UNITS`] more for a present one, [`SCAN_UNITS`] for
+/// an emptiness scan. At an entry the units left do not cover, the walk
+/// stops and returns `Some(va)`, the address to resume from (everything
+/// below it is done; a table the walk stopped in stays, and is freed by the
+/// slice that resumes in it if it is empty). `None`: the whole range is
+/// done.
+pub fn unmap_range<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    start: u64,
+    end: u64,
+    budget: &mut u64,
+    on_leaf: &mut impl FnMut(&mut M, u64, u64),
+    on_table: &mut impl FnMut(&mut M, u64),
+) -> Option<u64> {
+    if start >= end || end > (256 * span(3)) {
+        return None;
+    }
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None };
+    clear_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf, on_table);
+    *budget = walk.left;
+    walk.stopped
+}
+
+/// Absent entries a walk skips per budget unit (in a tight loop over the
+/// table, about ten ring-0 instructions each).
+pub const ENTRIES_PER_UNIT: u64 = 1;
+/// Budget units a walk spends on a present entry it looks at.
+pub const ENTRY_UNITS: u64 = 1;
+/// Budget units a walk spends on a present entry it acts on (a leaf
+/// unlinked, its frame released and its TLB entry flushed, or a table
+/// entered), on top of [`ENTRY_UNITS`].
+pub const PRESENT_UNITS: u64 = 16;
+/// Budget units of the scan that decides whether a table is empty.
+pub const SCAN_UNITS: u64 = 64;
+/// The smallest budget a walk gets: enough to go down the four levels and
+/// act on one leaf, so every slice makes progress.
+pub const MIN_BUDGET: u64 = 4 * (ENTRY_UNITS + PRESENT_UNITS);
+
+/// Work left to a walk, and where it stopped.
+struct Budget {
+    left: u64,
+    stopped: Option<u64>,
+}
+
+impl Budget {
+    /// Spends `units` on the entry at `va`; false (and the walk stops
+    /// there, to resume at `va`) if they are not left.
+    fn spend(&mut self, units: u64, va: u64) -> bool {
+        if self.stopped.is_some() {
+            return false;
+        }
+        if self.left < units {
+            self.stopped = Some(va);
+            return false;
+        }
+        self.left -= units;
+        true
+    }
+}
+
+/// The index of the first present entry of `table` in `from..last` (or
+/// `last`), found in a tight loop; the absent entries skipped cost the walk
+/// one unit per [`ENTRIES_PER_UNIT`]. If the units run out first, the walk
+/// stops at the first entry they do not cover (its address: `va_of(index)`)
+/// and `last` is returned.
+fn next_present<M: PageTableMemory>(
+    mem: &mut M,
+    table: u64,
+    from: usize,
+    last: usize,
+    walk: &mut Budget,
+    va_of: impl Fn(usize) -> u64,
+) -> usize {
+    if from >= last || walk.stopped.is_some() {
+        return last;
+    }
+    let affordable = usize::try_from(walk.left.saturating_mul(ENTRIES_PER_UNIT)).unwrap_or(usize::MAX);
+    let bound = last.min(from.saturating_add(affordable));
+    let skipped = mem
+        .table(table)
+        .iter()
+        .skip(from)
+        .take(bound - from)
+        .position(|entry| !entry.is_unused() && entry.flags().contains(Flags::PRESENT))
+        .unwrap_or(bound - from);
+    walk.left = walk.left.saturating_sub((skipped as u64).div_ceil(ENTRIES_PER_UNIT));
+    let index = from + skipped;
+    if index == bound && bound < last {
+        walk.stopped = Some(va_of(index));
+        return last;
+    }
+    index
+}
+
+/// Clears `[start, end)` in `table` (of `level`, spanning from `base`);
+/// returns whether the table is empty afterwards.
+#[allow(clippy::too_many_arguments)]
+fn clear_range<M: PageTableMemory>(
+    mem: &mut M,
+    table: u64,
+    level: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+    walk: &mut Budget,
+    on_leaf: &mut impl FnMut(&mut M, u64, u64),
+    on_table: &mut impl FnMut(&mut M, u64),
+) -> bool {
+    let child_span = span(level - 1);
+    let first = ((start.max(base) - base) / child_span) as usize;
+    let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
+    let mut cleared = false;
+    let mut i = first;
+    loop {
+        i = next_present(mem, table, i, last, walk, |i| start.max(base + i as u64 * child_span));
+        if i >= last {
+            break;
+        }
+        let child_base = base + i as u64 * child_span;
+        if !walk.spend(ENTRY_UNITS + PRESENT_UNITS, start.max(child_base)) {
+            // Stopped at this present entry: the table holds it, so it is
+            // not empty.
+            return false;
+        }
+        let entry = &mut mem.table(table)[i];
+        let flags = entry.flags();
+        let child = entry.addr().as_u64();
+        i += 1;
+        if level == 1 || flags.contains(Flags::HUGE_PAGE) {
+            entry.set_unused();
+            cleared = true;
+            on_leaf(mem, child_base, child);
+            continue;
+        }
+        if clear_range(mem, child, level - 1, child_base, start, end, walk, on_leaf, on_table) {
+            mem.table(table)[i - 1].set_unused();
+            cleared = true;
+            on_table(mem, start.max(child_base));
+            mem.free_table(child);
+        }
+    }
+    if level == 4 || walk.stopped.is_some() {
+        return false; // the PML4 stays; a table the walk stopped in is not empty
+    }
+    if start <= base && base + span(level) <= end {
+        // Every entry was in the range: each leaf was cleared and each
+        // table below, wholly in the range too, was freed.
+        return true;
+    }
+    // A table this call did not change keeps whatever it held (tables are
+    // freed as soon as they empty, so it is not empty) unless an earlier
+    // slice stopped in it (this walk starts inside it); one it changed is
+    // scanned.
+    if !cleared && start <= base {
+        return false;
+    }
+    walk.left = walk.left.saturating_sub(SCAN_UNITS);
+    mem.table(table).iter().all(|entry| entry.is_unused())
+}
+
+/// Calls `on_leaf(mem, table, index, va)` for every present 4 KiB leaf of
+/// `[start, end)` (page-aligned, user half) under `pml4`: the leaf is entry
+/// `index` of the table at `table`. Absent tables are skipped whole, so the
+/// work is proportional to the tables present, not to the range. `budget`
+/// bounds it as for [`unmap_range`]: `Some(va)` is where to resume.
+pub fn for_each_leaf<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    start: u64,
+    end: u64,
+    budget: &mut u64,
+    on_leaf: &mut impl FnMut(&mut M, u64, usize, u64),
+) -> Option<u64> {
+    if start >= end || end > (256 * span(3)) {
+        return None;
+    }
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None };
+    visit_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf);
+    *budget = walk.left;
+    walk.stopped
+}
+
+#[allow(clippy::too_many_arguments)]
+fn visit_range<M: PageTableMemory>(
+    mem: &mut M,
+    table: u64,
+    level: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+    walk: &mut Budget,
+    on_leaf: &mut impl FnMut(&mut M, u64, usize, u64),
+) {
+    let child_span = span(level - 1);
+    let first = ((start.max(base) - base) / child_span) as usize;
+    let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
+    let mut i = first;
+    loop {
+        i = next_present(mem, table, i, last, walk, |i| start.max(base + i as u64 * child_span));
+        if i >= last {
+            break;
+        }
+        let child_base = base + i as u64 * child_span;
+        if !walk.spend(ENTRY_UNITS + PRESENT_UNITS, start.max(child_base)) {
+            return;
+        }
+        let entry = &mem.table(table)[i];
+        let flags = entry.flags();
+        let child = entry.addr().as_u64();
+        let index = i;
+        i += 1;
+        if level == 1 || flags.contains(Flags::HUGE_PAGE) {
+            on_leaf(mem, table, index, child_base);
+            continue;
+        }
+        visit_range(mem, child, level - 1, child_base, start, end, walk, on_leaf);
+    }
+}
+
 /// Tears down the user half (PML4 slots 0..256) of an address space: calls
 /// `on_leaf(mem, va, frame, flags)` for every 4 KiB leaf, as soon as it is
 /// unlinked (so the caller can release frames without collecting them), then frees every user-half

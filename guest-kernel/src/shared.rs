@@ -26,11 +26,11 @@
 use crate::address_space::{AddressSpace, Memory, Refusal};
 use crate::capability::{CapTable, Capability, Rights};
 use alloc::vec::Vec;
-use superos_protocol::event::Event;
+use superos_protocol::event::{Event, QuotaKind};
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
-    CapInfo, SysError, CAPS_MAX, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX, SHM_PAGES_MAX,
+    CapInfo, SysError, CAPS_MAX, CAPS_PER_GRANTER, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX, SHM_PAGES_MAX,
     SHM_PARTICIPANTS_MAX, SHM_REGIONS_MAX,
 };
 
@@ -43,6 +43,9 @@ pub struct Participant {
     pub rights: Rights,
     /// Where it has the region mapped, and with which `PROT_*`.
     pub mapping: Option<(u64, u64)>,
+    /// Who granted it the capability (the owner: itself), charged with it
+    /// ([`CAPS_PER_GRANTER`]).
+    pub granted_by: u32,
 }
 
 /// A live shared region.
@@ -132,7 +135,11 @@ impl SharedMemory {
         let len = len.next_multiple_of(PAGE_SIZE);
         let me = holder(holders, caller);
         if me.caps.len() >= CAPS_MAX {
-            return Err(SysError::QuotaExceeded.into());
+            return Err(Refusal::Quota {
+                kind: QuotaKind::Capabilities,
+                requested: me.caps.len() as u64 + 1,
+                limit: CAPS_MAX as u64,
+            });
         }
         me.space.charge_shared(len)?;
         // The kernel's own resources: a slot in the region table, and heap
@@ -166,7 +173,7 @@ impl SharedMemory {
             id,
             owner: caller,
             frames,
-            participants: alloc::vec![Participant { pid: caller, rights, mapping: None }],
+            participants: alloc::vec![Participant { pid: caller, rights, mapping: None, granted_by: caller }],
         });
         let event = Event::ShmCreated { pid: caller, region: id.into(), len, rights: rights.bits() };
         Ok((handle, alloc::vec![event]))
@@ -180,30 +187,57 @@ impl SharedMemory {
         handle: u64,
         target: u64,
         rights: u64,
-    ) -> Result<Vec<Event>, SysError> {
+    ) -> Result<Vec<Event>, Refusal> {
         let (capability, index) = self.lookup(holder(holders, caller).caps, handle)?;
         let requested = Rights::from_user(rights).ok_or(SysError::InvalidArgument)?;
         if !capability.rights.can_grant() {
-            return Err(SysError::NotPermitted);
+            return Err(SysError::NotPermitted.into());
         }
         let granted = capability.rights.derive(requested).ok_or(SysError::NotPermitted)?;
         let target = u32::try_from(target).map_err(|_| SysError::NoSuchProcess)?;
         if holders.holder(target).is_none() {
-            return Err(SysError::NoSuchProcess);
+            return Err(SysError::NoSuchProcess.into());
         }
         let region = &self.regions[index];
         if target == caller || region.participants.iter().any(|p| p.pid == target) {
-            return Err(SysError::InvalidArgument);
+            return Err(SysError::InvalidArgument.into());
         }
         if region.participants.len() >= SHM_PARTICIPANTS_MAX {
-            return Err(SysError::QuotaExceeded);
+            return Err(Refusal::Quota {
+                kind: QuotaKind::Capabilities,
+                requested: region.participants.len() as u64 + 1,
+                limit: SHM_PARTICIPANTS_MAX as u64,
+            });
+        }
+        // What this granter holds in the target's table already is charged
+        // to it: at most CAPS_PER_GRANTER, so no one granter fills it.
+        let from_me = self
+            .regions
+            .iter()
+            .flat_map(|r| r.participants.iter())
+            .filter(|p| p.pid == target && p.granted_by == caller)
+            .count();
+        if from_me >= CAPS_PER_GRANTER {
+            return Err(Refusal::Quota {
+                kind: QuotaKind::Capabilities,
+                requested: from_me as u64 + 1,
+                limit: CAPS_PER_GRANTER as u64,
+            });
         }
         let id = capability.region;
-        holder(holders, target)
-            .caps
-            .insert(Capability { region: id, rights: granted })
-            .ok_or(SysError::QuotaExceeded)?;
-        self.regions[index].participants.push(Participant { pid: target, rights: granted, mapping: None });
+        let theirs = holder(holders, target).caps;
+        let held = theirs.len() as u64;
+        theirs.insert(Capability { region: id, rights: granted }).ok_or(Refusal::Quota {
+            kind: QuotaKind::Capabilities,
+            requested: held + 1,
+            limit: CAPS_MAX as u64,
+        })?;
+        self.regions[index].participants.push(Participant {
+            pid: target,
+            rights: granted,
+            mapping: None,
+            granted_by: caller,
+        });
         Ok(alloc::vec![Event::ShmGranted {
             pid: caller,
             region: id.into(),
@@ -266,6 +300,10 @@ impl SharedMemory {
         addr: u64,
     ) -> Result<Vec<Event>, SysError> {
         let me = holder(holders, caller);
+        if let Some(id) = me.space.release_revoked(addr) {
+            // What a revocation left: released, nothing else changes.
+            return Ok(alloc::vec![Event::ShmUnmapped { pid: caller, region: id.into(), addr }]);
+        }
         let (id, len) = me.space.unmap_shared(memory, addr)?;
         if let Some(index) = self.index(id) {
             let region = &mut self.regions[index];
@@ -277,6 +315,22 @@ impl SharedMemory {
             }
         }
         Ok(alloc::vec![Event::ShmUnmapped { pid: caller, region: id.into(), addr }])
+    }
+
+    /// `cap_drop(handle)`: the caller gives its capability up (not the
+    /// owner: it destroys). Its mapping becomes a revoked range.
+    pub fn drop_capability<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        handle: u64,
+    ) -> Result<Vec<Event>, SysError> {
+        let (_, index) = self.lookup(holder(holders, caller).caps, handle)?;
+        if self.regions[index].owner == caller {
+            return Err(SysError::NotPermitted);
+        }
+        Ok(alloc::vec![self.revoke_participant(memory, holders, index, caller, caller)])
     }
 
     /// `shm_revoke(handle, target)`: owner only.
@@ -522,6 +576,59 @@ mod tests {
     }
 
     #[test]
+    fn one_granter_fills_at_most_its_share_and_a_holder_drops_what_it_holds() {
+        let mut memory = FakeMemory::new();
+        let mut world = world(&mut memory, &[1, 2, 3], Quotas::default());
+        for (_, _, caps) in &mut world.processes {
+            *caps = CapTable::new(CAPS_MAX, 5);
+        }
+        let mut shm = SharedMemory::default();
+        let mut refusal = None;
+        for _ in 0..=CAPS_PER_GRANTER {
+            let (handle, _) =
+                shm.create(&mut memory, &mut world, 1, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
+            if let Err(error) = shm.grant(&mut world, 1, handle, 2, RIGHT_READ) {
+                refusal = Some(error);
+            }
+        }
+        assert_eq!(
+            refusal,
+            Some(Refusal::Quota {
+                kind: QuotaKind::Capabilities,
+                requested: CAPS_PER_GRANTER as u64 + 1,
+                limit: CAPS_PER_GRANTER as u64,
+            })
+        );
+        assert_eq!(world.holder(2).unwrap().caps.len(), CAPS_PER_GRANTER);
+        // Another granter still gets through.
+        let (other, _) = shm.create(&mut memory, &mut world, 3, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
+        shm.grant(&mut world, 3, other, 2, RIGHT_READ).unwrap();
+        // The holder drops a mapped capability: its mapping is revoked, the
+        // handle stale; an owner cannot drop its own.
+        let infos = shm.cap_infos(2, world.holder(2).unwrap().caps);
+        let theirs = infos.iter().find(|i| i.owner == 3).unwrap().handle;
+        let (at, _) = shm.map(&mut memory, &mut world, 2, theirs, PROT_READ).unwrap();
+        let events = shm.drop_capability(&mut memory, &mut world, 2, theirs).unwrap();
+        assert_eq!(
+            events,
+            vec![Event::ShmRevoked {
+                pid: 2,
+                region: u64::from(infos.iter().find(|i| i.owner == 3).unwrap().region),
+                target: 2,
+                addr: at
+            }]
+        );
+        assert_eq!(shm.drop_capability(&mut memory, &mut world, 2, theirs), Err(SysError::BadHandle));
+        assert_eq!(shm.drop_capability(&mut memory, &mut world, 3, other), Err(SysError::NotPermitted));
+        assert_eq!(world.holder(2).unwrap().caps.len(), CAPS_PER_GRANTER);
+        // Dropping one of the first granter's frees its share for a new grant.
+        let first = shm.cap_infos(2, world.holder(2).unwrap().caps)[0].handle;
+        shm.drop_capability(&mut memory, &mut world, 2, first).unwrap();
+        let (again, _) = shm.create(&mut memory, &mut world, 1, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
+        assert!(shm.grant(&mut world, 1, again, 2, RIGHT_READ).is_ok());
+    }
+
+    #[test]
     fn the_whole_flow_step_by_step() {
         let mut memory = FakeMemory::new();
         let mut world = world(&mut memory, &[1, 2], Quotas::default());
@@ -550,7 +657,7 @@ mod tests {
         );
         assert_eq!(
             shm.grant(&mut world, 2, theirs, 1, RIGHT_READ),
-            Err(SysError::NotPermitted),
+            Err(Refusal::Error(SysError::NotPermitted)),
             "no GRANT right"
         );
         assert_eq!(

@@ -246,6 +246,10 @@ named_enum! {
         BoundRangeExceeded = 29 => "bound-range-exceeded",
         /// Control-protection exception (#CP).
         ControlProtection = 30 => "control-protection",
+        /// A call would need a capability slot beyond
+        /// [`crate::syscall::CAPS_MAX`] or a region participant beyond
+        /// [`crate::syscall::SHM_PARTICIPANTS_MAX`] (policy `kill`).
+        CapabilityQuotaExceeded = 31 => "capability-quota-exceeded",
     }
 }
 
@@ -261,6 +265,10 @@ named_enum! {
         /// Entries in the process's map ([`crate::syscall::MAPPINGS_MAX`]);
         /// counted in entries, not bytes.
         Mappings = 4 => "mappings",
+        /// Capability slots ([`crate::syscall::CAPS_MAX`] per table) and
+        /// region participants ([`crate::syscall::SHM_PARTICIPANTS_MAX`]);
+        /// counted in entries.
+        Capabilities = 5 => "capabilities",
     }
 }
 
@@ -268,7 +276,7 @@ impl QuotaKind {
     /// What the quota counts: `bytes`, or `entries` for [`QuotaKind::Mappings`].
     pub const fn unit(self) -> &'static str {
         match self {
-            QuotaKind::Mappings => "entries",
+            QuotaKind::Mappings | QuotaKind::Capabilities => "entries",
             _ => "bytes",
         }
     }
@@ -281,6 +289,7 @@ impl QuotaKind {
             QuotaKind::Resident => FaultKind::ResidentQuotaExceeded,
             QuotaKind::Shared => FaultKind::SharedQuotaExceeded,
             QuotaKind::Mappings => FaultKind::MappingQuotaExceeded,
+            QuotaKind::Capabilities => FaultKind::CapabilityQuotaExceeded,
         }
     }
 }

@@ -112,6 +112,10 @@ pub struct ProcessRecord {
     pub spec_index: u32,
     /// `QUOTA_POLICY_*`.
     pub policy: u32,
+    /// Bytes of its page tables (user half and PML4, frames owned
+    /// `PageTable(pid)`), charged to the resident quota with
+    /// `resident_bytes`.
+    pub table_bytes: u64,
 }
 
 /// Most participants a region records (owner included).
@@ -159,7 +163,7 @@ pub struct RegionRecord {
 const _: () = {
     assert!(core::mem::size_of::<FrameRange>() == 24);
     assert!(core::mem::size_of::<IntrospectionRoot>() == 104 + 24 * MAX_FRAME_RANGES + 16);
-    assert!(core::mem::size_of::<ProcessRecord>() == 104);
+    assert!(core::mem::size_of::<ProcessRecord>() == 112);
     assert!(core::mem::size_of::<ParticipantRecord>() == 24);
     assert!(core::mem::size_of::<RegionRecord>() == 32 + 24 * REGION_PARTICIPANTS);
 };

@@ -69,6 +69,14 @@ pub enum Syscall {
     /// describing the caller's capabilities to `buf`; returns how many the
     /// caller holds.
     CapList = 36,
+    /// `cap_drop(handle) -> 0`: the caller gives up its capability (issue
+    /// 11): its mapping of the region, if any, is revoked as by `shm_revoke`
+    /// (a later access is `use-after-revoke`; `shm_unmap` releases the
+    /// range) and the handle goes stale. Errors: `bad-handle`; an owner
+    /// cannot drop its own region's capability (`not-permitted`: it has
+    /// `shm_destroy`). Logged as `ShmRevoked` with the caller as both the
+    /// revoker and the target.
+    CapDrop = 37,
     /// Used once by the kernel's own boot self-test of the gate; refused with
     /// [`SysError::NoSys`] from any user process.
     GateSelfTest = 0x5e1f,
@@ -95,6 +103,7 @@ impl Syscall {
             34 => Self::ShmRevoke,
             35 => Self::ShmDestroy,
             36 => Self::CapList,
+            37 => Self::CapDrop,
             0x5e1f => Self::GateSelfTest,
             _ => return None,
         })
@@ -148,6 +157,24 @@ pub const SHM_PAGES_MAX: u64 = 32 * 1024;
 /// quota: a call that would need more entries is refused with
 /// [`SysError::QuotaExceeded`] (or, under policy `kill`, terminates the caller).
 pub const MAPPINGS_MAX: usize = 256;
+
+/// Most revoked ranges one process's map keeps (issue 11). A revoked range
+/// (what is left of a shared mapping after `shm_revoke`, `shm_destroy` or
+/// its owner's exit; an access there is `use-after-revoke`) is the kernel's
+/// doing, so it does not count toward [`MAPPINGS_MAX`]: the former grantee
+/// can release it with `shm_unmap(addr)`, after which the range is unmapped
+/// memory the kernel may place new mappings in, and beyond this many the
+/// kernel releases the one at the lowest address (other than the newest)
+/// itself.
+pub const REVOKED_MAX: usize = 16;
+
+/// Most capabilities one process may have granted into another's table at a
+/// time (issue 11): a grant beyond it is refused as the granter's
+/// `capabilities` quota (`QuotaDenied`, then `quota-exceeded` or, with
+/// policy `kill`, termination), so no one granter can fill a receiver's
+/// [`CAPS_MAX`] slots; the receiver drops what it does not want with
+/// `cap_drop`.
+pub const CAPS_PER_GRANTER: usize = CAPS_MAX / 4;
 
 /// One capability, as `cap_list` reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

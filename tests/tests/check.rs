@@ -204,6 +204,42 @@ fn quota_accounting_catches_a_wrong_resident_counter() {
     assert_eq!(report.violations[0].violation.pids, [1]);
 }
 
+/// Issue 11: the checker counts each process's page tables (its PML4 and
+/// every user-half table of its tree) against the kernel's count.
+#[test]
+fn quota_accounting_catches_a_page_table_the_kernel_does_not_count() {
+    if !kvm_available() {
+        return;
+    }
+    let report = tampered(|ram, view| {
+        let gpa = process_record_gpa(ram, view, 1);
+        let mut record: ProcessRecord = ram.read(gpa).unwrap();
+        assert!(record.table_bytes >= 2 * PAGE_SIZE, "a PML4 and tables below it");
+        record.table_bytes -= PAGE_SIZE;
+        ram.write(gpa, &record).unwrap();
+    });
+    assert_stopped_for(&report, Invariant::QuotaAccounting);
+    assert_eq!(report.violations[0].violation.pids, [1]);
+    assert!(report.violations[0].violation.details.contains("page tables"), "{:?}", report.violations);
+}
+
+/// Issue 11: page tables count against the resident quota: a process whose
+/// data pages alone fit its quota but whose tables do not is a violation.
+#[test]
+fn quota_accounting_catches_page_tables_beyond_the_resident_quota() {
+    if !kvm_available() {
+        return;
+    }
+    let report = tampered(|ram, view| {
+        let gpa = process_record_gpa(ram, view, 1);
+        let mut record: ProcessRecord = ram.read(gpa).unwrap();
+        record.max_resident_bytes = record.resident_bytes;
+        ram.write(gpa, &record).unwrap();
+    });
+    assert_stopped_for(&report, Invariant::QuotaAccounting);
+    assert!(report.violations[0].violation.details.contains("page tables"), "{:?}", report.violations);
+}
+
 #[test]
 fn revocation_complete_catches_a_free_frame_mapped() {
     if !kvm_available() {
@@ -224,18 +260,26 @@ fn revocation_complete_catches_a_mapping_left_after_revoke() {
     }
     // In the pipeline, the producer (pid 1) revokes the consumer's (pid 2)
     // capability at the end. Remember the consumer's first shared entry
-    // when it maps the region, and put it back when it is revoked.
+    // when it maps the region, and put it back when it is revoked (in a
+    // spare slot of its tables: revocation freed the page table that held
+    // it, as it was left empty).
     let mut config = config(Scenario::load("shm-pipeline").unwrap());
     let mut remembered = None;
+    let mut addr_of_remembered = 0;
     config.tamper = Some(Tamper::new(move |ram, view, entry| match entry.event {
         Event::ShmMapped { pid: 2, addr, .. } => {
             remembered = Some(leaf_of(ram, view, 2, addr));
+            addr_of_remembered = addr;
             false
         }
         Event::ShmRevoked { target: 2, .. } => {
-            let (gpa, pte) = remembered.expect("the consumer mapped the region first");
-            assert_eq!(ram.read_u64(gpa).unwrap(), 0, "revocation cleared the entry");
-            ram.write(gpa, &pte).unwrap();
+            let (_, pte) = remembered.expect("the consumer mapped the region first");
+            assert!(
+                walk::leaf_entry(ram, pml4_of(view, 2), addr_of_remembered).is_none(),
+                "revocation cleared the entry"
+            );
+            let (slot, _) = spare_slot(ram, view, 2);
+            ram.write(slot, &pte).unwrap();
             true
         }
         _ => false,

@@ -6,7 +6,9 @@
 
 use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::layout::PAGE_SIZE;
-use superos_protocol::syscall::{CAPS_MAX, PROT_READ, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_REGIONS_MAX};
+use superos_protocol::syscall::{
+    CAPS_MAX, CAPS_PER_GRANTER, PROT_READ, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_REGIONS_MAX,
+};
 use superos_tests::*;
 use superos_vmm::run::{ProcessStatus, RunReport};
 
@@ -466,6 +468,69 @@ fn a_revoked_capability_cannot_be_mapped_again() {
     assert_eq!(revoked(&report, 1, 2).map(|r| r.1), Some(mappings[0]));
     assert_ne!(mappings[0], mappings[1]);
     assert_eq!(grants(&report).len(), 2);
+    assert_no_frame_lost(&report);
+}
+
+/// Issue 11, finding 2: revocation costs the former grantee nothing. The
+/// owner grants, lets the grantee map and revokes 300 times (more than
+/// `MAPPINGS_MAX` entries, which revoked ranges once filled until the
+/// grantee could map nothing, or was killed under policy `kill`); the
+/// grantee, with policy `kill`, still maps, holds no capability, and
+/// releases its last revoked range with `shm_unmap`. Its map keeps at most
+/// `REVOKED_MAX` revoked ranges (published per region as nothing: the
+/// checker sees no mapping left, at every event).
+#[test]
+fn revoked_ranges_are_never_charged_to_the_grantee_and_can_be_released() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(
+        &(attack("owner", "mode=revoke-churn role=owner peer=2 cycles=300", "")
+            + &attack(
+                "grantee",
+                "mode=revoke-churn role=grantee peer=1 cycles=300",
+                "quota = { on_violation = \"kill\" }",
+            )),
+    );
+    assert_success(&report);
+    assert_checks_pass(&report, "owner", 2);
+    assert_checks_pass(&report, "grantee", 5);
+    assert_eq!(grants(&report).len(), 300);
+    assert!(events(&report).all(|e| !matches!(e, Event::QuotaDenied { .. })), "nobody was refused anything");
+    assert_no_frame_lost(&report);
+}
+
+/// Issue 11, finding 3: a capability table is not anyone's to fill. One
+/// granter may hold at most `CAPS_PER_GRANTER` capabilities in another's
+/// table (beyond that its grant is refused as its own `capabilities` quota,
+/// with a `QuotaDenied` event); the victim still receives a real grant and
+/// drops what it does not want with `cap_drop`.
+#[test]
+fn one_granter_cannot_fill_a_capability_table_and_a_holder_can_drop_a_capability() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(
+        &(attack("flooder", "mode=cap-flood role=flooder peer=2 third=3", "")
+            + &attack("victim", "mode=cap-flood role=victim peer=3 third=1", "")
+            + &attack("partner", "mode=cap-flood role=partner peer=2 third=1", "")),
+    );
+    assert_success(&report);
+    assert_checks_pass(&report, "flooder", 2 + CAPS_PER_GRANTER);
+    assert_checks_pass(&report, "victim", 6 + 2 * CAPS_PER_GRANTER);
+    assert_checks_pass(&report, "partner", 2);
+    let denied: Vec<_> = events(&report)
+        .filter_map(|e| match *e {
+            Event::QuotaDenied { pid, quota, requested, limit } => Some((pid, quota, requested, limit)),
+            _ => None,
+        })
+        .collect();
+    let per_granter = CAPS_PER_GRANTER as u64;
+    assert_eq!(denied, [(1, Some(QuotaKind::Capabilities), per_granter + 1, per_granter)]);
+    // Every drop is logged: the victim revoking its own capability.
+    let dropped =
+        events(&report).filter(|e| matches!(e, Event::ShmRevoked { pid: 2, target: 2, .. })).count();
+    assert_eq!(dropped, CAPS_PER_GRANTER + 1);
     assert_no_frame_lost(&report);
 }
 

@@ -883,6 +883,7 @@ pub fn entry_name(kind: &str) -> String {
             Some(Syscall::ShmRevoke) => "shm_revoke",
             Some(Syscall::ShmDestroy) => "shm_destroy",
             Some(Syscall::CapList) => "cap_list",
+            Some(Syscall::CapDrop) => "cap_drop",
             Some(Syscall::GateSelfTest) | None => return format!("syscall {number:#x}"),
         };
         return name.to_string();

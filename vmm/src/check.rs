@@ -947,6 +947,22 @@ fn quota_accounting(found: &mut Findings, view: &KernelView, walk: &Walk, counts
         let resident = count.map_or(0, |c| c.resident) * PAGE_SIZE;
         let shared_walked = count.map_or(0, |c| c.shared) * PAGE_SIZE;
         let mut problems = Vec::new();
+        // Its page tables: the PML4 and every user-half table of its tree
+        // (each reached once: a shared table is private-address-spaces').
+        let tables = walk
+            .tables
+            .values()
+            .filter(|reach| {
+                reach.user == 1 && reach.kernel == 0 && reach.refs.first().is_some_and(|r| r.pid == pid)
+            })
+            .count() as u64
+            * PAGE_SIZE;
+        if record.table_bytes != tables {
+            problems.push(format!(
+                "the kernel counts {} bytes of page tables, its tree has {tables} bytes of tables",
+                record.table_bytes
+            ));
+        }
         if record.resident_bytes != resident {
             problems.push(format!(
                 "the kernel counts {} resident bytes, its page tables map {resident} bytes of private frames",
@@ -975,7 +991,11 @@ fn quota_accounting(found: &mut Findings, view: &KernelView, walk: &Walk, counts
         }
         for (what, used, limit) in [
             ("virtual", record.virtual_bytes, record.max_virtual_bytes),
-            ("resident", record.resident_bytes, record.max_resident_bytes),
+            (
+                "resident (data pages and page tables)",
+                record.resident_bytes.saturating_add(record.table_bytes),
+                record.max_resident_bytes,
+            ),
             ("shared", record.shared_bytes, record.max_shared_bytes),
         ] {
             if limit != 0 && used > limit {

@@ -569,7 +569,7 @@ pub(crate) mod tests {
         write_root(&ram, &root);
         let mut p = ProcessRecord { pid: 3, state: PROCESS_RUNNABLE, pml4: 0x40_0000, ..Default::default() };
         p.name[..2].copy_from_slice(b"p3");
-        ram.write(PROCS + 2 * 104, &p).unwrap();
+        ram.write(PROCS + 2 * std::mem::size_of::<ProcessRecord>() as u64, &p).unwrap();
         ram.write(OWNERS + 4 * 5, &FrameOwner::Private(3).encode()).unwrap();
         ram.write(OWNERS + 4 * 6, &0xf000_0000u32).unwrap();
         let mut region = RegionRecord {
@@ -650,9 +650,10 @@ pub(crate) mod tests {
         write_root(&ram, &sample_root(&ram));
         let live = |pid, state| ProcessRecord { pid, state, pml4: 0x40_0000, ..Default::default() };
         ram.write(PROCS, &live(0, PROCESS_RUNNABLE)).unwrap();
-        ram.write(PROCS + 104, &live(4, PROCESS_RUNNABLE)).unwrap();
-        ram.write(PROCS + 208, &live(4, PROCESS_RECEIVING)).unwrap();
-        ram.write(PROCS + 312, &live(5, 99)).unwrap();
+        let record = std::mem::size_of::<ProcessRecord>() as u64;
+        ram.write(PROCS + record, &live(4, PROCESS_RUNNABLE)).unwrap();
+        ram.write(PROCS + 2 * record, &live(4, PROCESS_RECEIVING)).unwrap();
+        ram.write(PROCS + 3 * record, &live(5, 99)).unwrap();
         let region = |id, frame_count, frames_gpa, len| RegionRecord {
             id,
             state: REGION_LIVE,

@@ -147,6 +147,9 @@ impl Guest {
                 existing & PTE_ADDRESS_MASK
             } else {
                 let next = self.alloc(FrameOwner::PageTable(pid));
+                if let Some(p) = self.procs.iter_mut().find(|p| p.pid == pid) {
+                    p.table_bytes += PAGE_SIZE;
+                }
                 self.ram.write(gpa, &(next | TABLE)).unwrap();
                 next
             };
@@ -167,6 +170,7 @@ impl Guest {
             virtual_bytes: 0x10_0000,
             resident_bytes: 3 * PAGE_SIZE,
             max_resident_bytes: 16 * PAGE_SIZE,
+            table_bytes: PAGE_SIZE,
             ..Default::default()
         });
         let gate = self.gate;

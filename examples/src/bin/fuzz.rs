@@ -1841,6 +1841,9 @@ impl Fuzz {
                 } else {
                     expect.may(Error::NoSuchProcess);
                 }
+                // One granter holds at most CAPS_PER_GRANTER capabilities in
+                // the peer's table (a quota refusal, logged).
+                expect.may(Error::QuotaExceeded);
                 match which {
                     Handle::Own(r) if self.own[r].granted.is_some() => expect.must(Error::InvalidArgument),
                     // The peer owns every region it granted me.
@@ -1957,6 +1960,9 @@ impl Fuzz {
         match index.map(|i| self.areas[i].kind) {
             Some(Kind::Own(_)) => {}
             Some(Kind::Foreign(_)) => expect.may(Error::BadAddress),
+            // A revoked range is released (unless the kernel released it
+            // already, keeping at most REVOKED_MAX).
+            Some(Kind::Revoked) => expect.may(Error::BadAddress),
             _ => expect.must(Error::BadAddress),
         }
         let outcome = self.call("shm_unmap", Syscall::ShmUnmap as u64, &[addr], expect);
@@ -1972,6 +1978,7 @@ impl Fuzz {
                 self.stats.shm_unmapped += 1;
             }
             (Outcome::Err(Error::BadAddress), Kind::Foreign(f)) => self.foreign_gone(f),
+            (Outcome::Err(Error::BadAddress), Kind::Revoked) => self.remove_area(i),
             _ => {}
         }
     }

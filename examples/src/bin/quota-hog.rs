@@ -15,11 +15,37 @@
 //!   other page of it, each hole splitting the mapping, until a call fails;
 //!   prints how many holes it made and the error, and exits 0 iff the error
 //!   was `quota-exceeded` (the map-entry limit, `MAPPINGS_MAX`).
+//! - `tables`: makes the kernel build page tables for it (issue 11). First
+//!   it maps a region of the size and, 2 MiB at a time, touches one page
+//!   (which needs a page table of its own) and unmaps those 2 MiB (which
+//!   must free that table again); then it maps a region of the size again and
+//!   touches one page per 2 MiB, keeping them, so that every page costs a
+//!   page table as well, charged to the resident quota. It should be
+//!   terminated (`resident-quota-exceeded`) in the second phase; exits 1 if
+//!   it survives, 2 if a call fails.
+//! - `syscalls`: makes system calls fault pages in for it (issue 11): maps a
+//!   region of the size and hands successive untouched pages of it to
+//!   `mem_stat` as its buffer until a call is refused, then hands the next
+//!   untouched pages to `write` and to `ipc_recv` (non-blocking). Every one of
+//!   these refusals must be `quota-exceeded` with a `QuotaDenied` event
+//!   (policy `fail`), or its termination (policy `kill`); exits 0 iff all
+//!   three were `quota-exceeded`.
+//! - `ranges`: the longest `mem_protect` and `mem_unmap` it can make (issue
+//!   11): both on a region of the size left untouched (work that was
+//!   proportional to the argument), then on a region of the size with one
+//!   page touched per 2 MiB (each with a page table of its own) and
+//!   `dense_kib` more touched in a row, write access removed, then
+//!   unmapped. Exits 0 if every call succeeded and the pages read back as
+//!   written.
+//! - `watch`: a bystander that spins for `ms` milliseconds (default 1000)
+//!   reading the TSC and prints the longest it waited between two reads (the
+//!   time others, and the kernel for them, held the CPU), in microseconds.
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
 use superos_rt::{
-    arg, mem_map, mem_stat, mem_unmap, parse_i64, println, write_u64, Error, PAGE_SIZE, PROT_READ, PROT_WRITE,
+    arg, mem_map, mem_protect, mem_stat, mem_unmap, parse_i64, println, read_u64, write_u64, Error,
+    PAGE_SIZE, PROT_READ, PROT_WRITE, RECV_NONBLOCK,
 };
 
 const CHUNK: u64 = 64 << 10;
@@ -112,6 +138,141 @@ fn punch_holes(size: u64) -> i32 {
     }
 }
 
+fn table_hog(size: u64) -> i32 {
+    const STRIDE: u64 = 2 << 20;
+    let slots = size / STRIDE;
+    let base = match mem_map(slots * STRIDE, PROT_READ | PROT_WRITE) {
+        Ok(addr) => addr,
+        Err(error) => {
+            println!("quota-hog: tables: mem_map of {} KiB failed: {error}", size >> 10);
+            return 2;
+        }
+    };
+    for slot in 0..slots {
+        let at = base + slot * STRIDE;
+        // SAFETY: the page lies inside the writable mapping made above (its
+        // earlier slots are unmapped, this one is not), which no Rust
+        // reference covers.
+        unsafe { write_u64(at, slot + 1) };
+        if let Err(error) = mem_unmap(at, STRIDE) {
+            println!("quota-hog: tables: mem_unmap of slot {slot} failed: {error}");
+            return 2;
+        }
+    }
+    println!("quota-hog: tables: touched and unmapped {slots} pages, one per 2 MiB");
+    report_usage();
+    let base = match mem_map(slots * STRIDE, PROT_READ | PROT_WRITE) {
+        Ok(addr) => addr,
+        Err(error) => {
+            println!("quota-hog: tables: second mem_map failed: {error}");
+            return 2;
+        }
+    };
+    for slot in 0..slots {
+        // SAFETY: as above; this mapping is whole.
+        unsafe { write_u64(base + slot * STRIDE, slot + 1) };
+        if (slot + 1) % 64 == 0 {
+            println!("quota-hog: tables: kept {} pages, one per 2 MiB", slot + 1);
+        }
+    }
+    report_usage();
+    println!("quota-hog: tables: kept all {slots} pages");
+    1
+}
+
+fn syscall_hog(size: u64) -> i32 {
+    use superos_protocol::syscall::{decode_result, Syscall};
+    let call = |number: Syscall, a0: u64, a1: u64, a2: u64| {
+        // SAFETY: every buffer handed over lies in the mapping made below,
+        // which no Rust reference covers; the kernel checks it anyway.
+        decode_result(unsafe { superos_rt::raw::syscall(number as u64, a0, a1, a2, 0, 0) })
+    };
+    let base = match mem_map(size, PROT_READ | PROT_WRITE) {
+        Ok(addr) => addr,
+        Err(error) => {
+            println!("quota-hog: syscalls: mem_map of {} KiB failed: {error}", size >> 10);
+            return 2;
+        }
+    };
+    let pages = size / PAGE_SIZE;
+    let mut page = 0;
+    let refused = loop {
+        if page + 3 >= pages {
+            break None;
+        }
+        match call(Syscall::MemStat, base + page * PAGE_SIZE, 0, 0) {
+            Ok(_) => page += 1,
+            Err(error) => break Some(error),
+        }
+    };
+    println!("quota-hog: syscalls: mem_stat faulted in {page} pages, then {refused:?}");
+    let write = call(Syscall::Write, base + (page + 1) * PAGE_SIZE, 8, 0);
+    let recv = call(Syscall::IpcRecv, base + (page + 2) * PAGE_SIZE, 64, RECV_NONBLOCK);
+    println!("quota-hog: syscalls: write {write:?}, ipc_recv {recv:?}");
+    let quota = Err(Error::QuotaExceeded);
+    i32::from(refused != Some(Error::QuotaExceeded) || write != quota || recv != quota)
+}
+
+fn range_hog(size: u64, dense: u64) -> i32 {
+    const STRIDE: u64 = 2 << 20;
+    let attempt = |what: &str, result: Result<(), Error>| {
+        if let Err(error) = result {
+            println!("quota-hog: ranges: {what} failed: {error}");
+            return false;
+        }
+        true
+    };
+    let Ok(empty) = mem_map(size, PROT_READ | PROT_WRITE) else {
+        println!("quota-hog: ranges: mem_map failed");
+        return 2;
+    };
+    if !attempt("mem_protect of the untouched region", mem_protect(empty, size, PROT_READ))
+        || !attempt("mem_unmap of the untouched region", mem_unmap(empty, size))
+    {
+        return 2;
+    }
+    let Ok(base) = mem_map(size, PROT_READ | PROT_WRITE) else {
+        println!("quota-hog: ranges: second mem_map failed");
+        return 2;
+    };
+    let spread = size / STRIDE;
+    for slot in 0..spread {
+        // SAFETY: inside the writable mapping made above, which no Rust
+        // reference covers.
+        unsafe { write_u64(base + slot * STRIDE + PAGE_SIZE, slot + 1) };
+    }
+    let dense_pages = (dense / PAGE_SIZE).min(STRIDE / PAGE_SIZE - 2);
+    for page in 0..dense_pages {
+        // SAFETY: as above (the first 2 MiB, beyond its spread page).
+        unsafe { write_u64(base + (page + 2) * PAGE_SIZE, page + 1) };
+    }
+    println!("quota-hog: ranges: {} pages touched in {} page tables", spread + dense_pages, spread);
+    if !attempt("mem_protect of the touched region", mem_protect(base, size, PROT_READ)) {
+        return 2;
+    }
+    // SAFETY: as above; reading is still allowed.
+    let intact = (0..spread).all(|slot| unsafe { read_u64(base + slot * STRIDE + PAGE_SIZE) } == slot + 1);
+    if !attempt("mem_unmap of the touched region", mem_unmap(base, size)) {
+        return 2;
+    }
+    report_usage();
+    println!("quota-hog: ranges: done, pages intact: {intact}");
+    i32::from(!intact)
+}
+
+fn watch(ms: u64) -> i32 {
+    let khz = superos_rt::gate_info().tsc_khz.max(1);
+    let start = superos_rt::rdtsc();
+    let (mut last, mut longest) = (start, 0);
+    while last.wrapping_sub(start) < ms * khz {
+        let now = superos_rt::rdtsc();
+        longest = longest.max(now.wrapping_sub(last));
+        last = now;
+    }
+    println!("quota-hog: watch: longest wait {} us in {ms} ms", superos_rt::cycles_to_ns(longest) / 1000);
+    0
+}
+
 fn main(args: &[u8]) -> i32 {
     let number = |key| arg(args, key).and_then(parse_i64).map(|n| n.max(0) as u64);
     let size = match (number("kib"), number("mib")) {
@@ -123,8 +284,12 @@ fn main(args: &[u8]) -> i32 {
         b"map" => map_chunks(size),
         b"touch" => touch_pages(size),
         b"fragment" => punch_holes(size),
+        b"tables" => table_hog(size),
+        b"syscalls" => syscall_hog(size),
+        b"ranges" => range_hog(size, number("dense_kib").unwrap_or(0) << 10),
+        b"watch" => watch(number("ms").unwrap_or(1000)),
         _ => {
-            println!("quota-hog: usage: mode=map|touch|fragment mib=<N>|kib=<N>");
+            println!("quota-hog: usage: mode=map|touch|fragment|tables|syscalls|ranges|watch mib=<N>|kib=<N>|ms=<N>");
             2
         }
     }

@@ -21,7 +21,8 @@
 //!   region; the owner's uses of the grantee's handle are `bad-handle` too.
 //! - `stale`: a revoked handle, a handle of a destroyed region, and the
 //!   owner's own handle after destroy are `bad-handle`; a stale handle does
-//!   not come back to life when a new capability is granted.
+//!   not come back to life when a new capability is granted; `shm_unmap`
+//!   releases the owner's revoked old mapping once.
 //! - `escalate third=W`: a grantee with read+grant cannot map read-write or
 //!   executable, cannot grant more than it has, and cannot `mem_protect` its
 //!   read-only mapping to read-write; it may grant read to W.
@@ -33,6 +34,17 @@
 //! - `map-after-revoke`: after revocation the grantee's handle cannot be
 //!   mapped and its old mapping is gone; a new grant gives a new handle and a
 //!   new address range.
+//! - `revoke-churn [cycles=N]` (default 300): the owner grants, waits for the
+//!   grantee to map, and revokes, N times; the grantee then checks that
+//!   its map still has room (revoked ranges are not charged to it), that it
+//!   holds no capability, and that `shm_unmap` releases its last revoked
+//!   range (once).
+//! - `cap-flood role=flooder|partner|victim`: the flooder grants the victim
+//!   one-page regions until refused (exactly `CAPS_PER_GRANTER` go through,
+//!   then `quota-exceeded`); the partner then shares a region with the
+//!   victim as usual; the victim maps it, drops every unwanted capability
+//!   with `cap_drop` (a second drop is `bad-handle`), then drops the
+//!   partner's (its mapping becomes a revoked range it releases).
 //! - `double-map`: mapping a region twice is `already-mapped`.
 //! - `own-stale`: the owner destroys its region and touches its own old
 //!   mapping: it must be terminated with `use-after-revoke`.
@@ -68,11 +80,11 @@
 use core::hint::black_box;
 use superos_protocol::syscall::{decode_result, Syscall};
 use superos_rt::{
-    arg, cap_list, find_cap, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect, mem_share_message,
-    mem_share_region, mem_stat, mem_unmap, parse_i64, println, raw, rdtsc, read_u64, shm_create, shm_destroy,
-    shm_grant, shm_map, shm_revoke, shm_unmap, tag_message, tag_value, write_u64, yield_now, CapInfo, Checks,
-    Error, CAPS_MAX, MEM_SHARE, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, RIGHTS_ALL, RIGHT_GRANT,
-    RIGHT_READ, RIGHT_WRITE, SHM_MAX, TAG_MESSAGE_MAX,
+    arg, cap_drop, cap_list, find_cap, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect,
+    mem_share_message, mem_share_region, mem_stat, mem_unmap, parse_i64, println, raw, rdtsc, read_u64,
+    shm_create, shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, tag_message, tag_value, write_u64,
+    yield_now, CapInfo, Checks, Error, CAPS_MAX, CAPS_PER_GRANTER, MEM_SHARE, PAGE_SIZE, PROT_EXEC,
+    PROT_READ, PROT_WRITE, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX, TAG_MESSAGE_MAX,
 };
 
 /// Read-write.
@@ -120,6 +132,7 @@ struct Args<'a> {
     dead: Option<u32>,
     pages: u64,
     caps: u64,
+    cycles: u64,
 }
 
 impl Args<'_> {
@@ -158,6 +171,7 @@ fn parse(args: &[u8]) -> Args<'_> {
         dead: arg(args, "dead").and_then(pid_of),
         pages: arg(args, "pages").and_then(parse_i64).map_or(4, |n| n.clamp(1, 1024) as u64),
         caps: arg(args, "caps").and_then(parse_i64).map_or(0, |n| n.max(0) as u64),
+        cycles: arg(args, "cycles").and_then(parse_i64).map_or(300, |n| n.clamp(1, 10_000) as u64),
     };
     for pid in arg(args, "peer").unwrap_or(b"").split(|&b| b == b',').filter_map(pid_of) {
         if parsed.peer_count < parsed.peers.len() {
@@ -538,7 +552,9 @@ fn stale_owner(args: &Args) -> Outcome {
             ALL_BAD,
         );
     }
-    checks.expect("my old mapping of the first region", shm_unmap(first.addr), Err(Error::BadAddress));
+    // Issue 11: what the revocation left of my mapping is released, once.
+    checks.expect("release my old mapping of the first region", shm_unmap(first.addr), Ok(()));
+    checks.expect("release it again", shm_unmap(first.addr), Err(Error::BadAddress));
     checks.expect("capabilities held", cap_list().map(|caps| caps.held()), Ok(0));
     Ok(checks.finish())
 }
@@ -740,7 +756,6 @@ fn map_after_revoke_grantee(args: &Args) -> Outcome {
         Err(Error::BadHandle),
     );
     checks.expect("map the revoked handle read-write", shm_map(first.handle, RW), Err(Error::BadHandle));
-    checks.expect("unmap my old mapping", shm_unmap(old), Err(Error::BadAddress));
     checks.expect("mem_unmap my old mapping", mem_unmap(old, first.len), Err(Error::BadAddress));
     checks.expect("revoked capability listed", find_cap(first.region), None);
     send(owner, b"checked")?;
@@ -760,7 +775,124 @@ fn map_after_revoke_grantee(args: &Args) -> Outcome {
     );
     checks.expect("data through the new mapping", bad_words(new, second.len, second.region, &[]), 0);
     checks.expect("unmap the new mapping", shm_unmap(new), Ok(()));
+    // Issue 11: what the revocation left is released by shm_unmap, once.
+    checks.expect("release the revoked range", shm_unmap(old), Ok(()));
+    checks.expect("release it again", shm_unmap(old), Err(Error::BadAddress));
     send(owner, b"done")?;
+    Ok(checks.finish())
+}
+
+fn revoke_churn_owner(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: revoke-churn (owner)");
+    let peer = args.peer()?;
+    let shared = create_shared(1)?;
+    for _ in 0..args.cycles {
+        offer(&shared, peer, RIGHT_READ)?;
+        await_word(peer, "mapped")?;
+        shm_revoke(shared.handle, peer).ctx("shm_revoke")?;
+        send(peer, b"revoked")?;
+    }
+    await_word(peer, "checked")?;
+    check_intact(&mut checks, &shared, &[]);
+    checks.expect("destroy", shm_destroy(shared.handle), Ok(()));
+    Ok(checks.finish())
+}
+
+fn revoke_churn_grantee(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: revoke-churn (grantee)");
+    let owner = args.peer()?;
+    let mut last = 0;
+    for _ in 0..args.cycles {
+        let cap = accept(owner)?;
+        last = shm_map(cap.handle, PROT_READ).ctx("shm_map")?;
+        send(owner, b"mapped")?;
+        await_word(owner, "revoked")?;
+    }
+    println!("shm-attack: revoke-churn: mapped and was revoked {} times", args.cycles);
+    // What the owner did costs this process nothing: its map has room.
+    let mapped = mem_map(PAGE_SIZE, RW);
+    checks.record("mem_map after the revocations", mapped.is_ok(), &mapped);
+    if let Ok(addr) = mapped {
+        checks.expect("mem_unmap it", mem_unmap(addr, PAGE_SIZE), Ok(()));
+    }
+    checks.expect("no capability left", cap_list().map(|caps| caps.held()), Ok(0));
+    checks.expect("release the last revoked range", shm_unmap(last), Ok(()));
+    checks.expect("release it again", shm_unmap(last), Err(Error::BadAddress));
+    send(owner, b"checked")?;
+    Ok(checks.finish())
+}
+
+/// `cap-flood role=flooder peer=V,P`: grants the victim V one-page regions
+/// until refused; exactly `CAPS_PER_GRANTER` must go through, the next is
+/// `quota-exceeded`. Tells the partner P, then keeps its regions alive until
+/// V is done.
+fn cap_flood_flooder(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: cap-flood (flooder)");
+    let (victim, partner) = (args.peer()?, args.third()?);
+    let mut handles = [0u64; CAPS_MAX];
+    let mut granted = 0;
+    let refused = loop {
+        if granted == CAPS_MAX {
+            break None;
+        }
+        let handle = shm_create(PAGE_SIZE, RIGHTS_ALL).ctx("shm_create")?;
+        handles[granted] = handle;
+        match shm_grant(handle, victim, RIGHT_READ) {
+            Ok(()) => granted += 1,
+            Err(error) => {
+                shm_destroy(handle).ctx("shm_destroy")?;
+                break Some(error);
+            }
+        }
+    };
+    println!("shm-attack: cap-flood: granted {granted} capabilities to pid {victim}, then {refused:?}");
+    checks.expect("grants to one process before the refusal", granted, CAPS_PER_GRANTER);
+    checks.expect("the refusal", refused, Some(Error::QuotaExceeded));
+    send(partner, b"flooded")?;
+    await_word(victim, "done")?;
+    for &handle in &handles[..granted] {
+        checks.expect("destroy a flood region", shm_destroy(handle), Ok(()));
+    }
+    Ok(checks.finish())
+}
+
+/// `cap-flood role=partner peer=V third=F`: after the flood, shares a region
+/// with V as usual.
+fn cap_flood_partner(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: cap-flood (partner)");
+    let (victim, flooder) = (args.peer()?, args.third()?);
+    await_word(flooder, "flooded")?;
+    let shared = create_shared(1)?;
+    offer(&shared, victim, RIGHT_READ)?;
+    await_word(victim, "done")?;
+    check_intact(&mut checks, &shared, &[]);
+    checks.expect("destroy", shm_destroy(shared.handle), Ok(()));
+    Ok(checks.finish())
+}
+
+/// `cap-flood role=victim peer=P third=F`: still receives P's grant, maps
+/// it, and drops every capability it does not want with `cap_drop`.
+fn cap_flood_victim(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: cap-flood (victim)");
+    let (partner, flooder) = (args.peer()?, args.third()?);
+    let cap = accept(partner)?;
+    let addr = shm_map(cap.handle, PROT_READ).ctx("shm_map")?;
+    checks.expect("the partner's data", bad_words(addr, cap.len, cap.region, &[]), 0);
+    let caps = cap_list().ctx("cap_list")?;
+    checks.expect("capabilities held", caps.held(), CAPS_PER_GRANTER + 1);
+    let mut dropped = 0;
+    for info in caps.as_slice().iter().filter(|info| info.owner == flooder) {
+        checks.expect("drop an unwanted capability", cap_drop(info.handle), Ok(()));
+        checks.expect("drop it again", cap_drop(info.handle), Err(Error::BadHandle));
+        dropped += 1;
+    }
+    checks.expect("unwanted capabilities dropped", dropped, CAPS_PER_GRANTER);
+    checks.expect("capabilities left", cap_list().map(|caps| caps.held()), Ok(1));
+    checks.expect("drop the partner's, mapped", cap_drop(cap.handle), Ok(()));
+    checks.expect("its mapping is a revoked range, released once", shm_unmap(addr), Ok(()));
+    checks.expect("nothing held", cap_list().map(|caps| caps.held()), Ok(0));
+    send(flooder, b"done")?;
+    send(partner, b"done")?;
     Ok(checks.finish())
 }
 
@@ -1285,6 +1417,11 @@ fn run(args: &Args) -> Outcome {
         (b"map-after-revoke", b"owner") => map_after_revoke_owner(args),
         (b"map-after-revoke", b"grantee") => map_after_revoke_grantee(args),
         (b"double-map", _) => double_map(args),
+        (b"cap-flood", b"flooder") => cap_flood_flooder(args),
+        (b"cap-flood", b"partner") => cap_flood_partner(args),
+        (b"cap-flood", b"victim") => cap_flood_victim(args),
+        (b"revoke-churn", b"owner") => revoke_churn_owner(args),
+        (b"revoke-churn", b"grantee") => revoke_churn_grantee(args),
         (b"own-stale", _) => own_stale(),
         (b"bad-args", b"owner" | b"") => bad_args_owner(args),
         (b"bad-args", b"grantee") => bad_args_grantee(args),
@@ -1303,7 +1440,7 @@ fn run(args: &Args) -> Outcome {
         (b"quota", b"grantee") => quota_grantee(args),
         _ => {
             println!(
-                "shm-attack: usage: mode=forged|foreign|stale|escalate|regrant|witness|map-after-revoke|double-map|\
+                "shm-attack: usage: mode=forged|foreign|stale|escalate|regrant|witness|map-after-revoke|revoke-churn|cap-flood|double-map|\
                  bad-args|lifecycle|ro-write|no-map|mid-loop|owner-exit|own-stale|quota|fill-table [role=owner|grantee|witness|self] \
                  [peer=<pid>[,<pid>...]] [third=<pid>] [dead=<pid>] [pages=N] [caps=N]"
             );

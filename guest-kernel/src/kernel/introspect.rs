@@ -13,6 +13,7 @@ use superos_protocol::introspect::{
     FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
     MAX_FRAME_RANGES, PROCESS_RECEIVING, PROCESS_RUNNABLE, REGION_LIVE, REGION_PARTICIPANTS,
 };
+use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::PROTOCOL_VERSION;
 
 /// Slots in the published process table (and the most live processes).
@@ -56,6 +57,7 @@ const EMPTY_PROCESS: ProcessRecord = ProcessRecord {
     max_shared_bytes: 0,
     spec_index: 0,
     policy: 0,
+    table_bytes: 0,
 };
 const EMPTY_PARTICIPANT: ParticipantRecord = ParticipantRecord { pid: 0, rights: 0, mapped_at: 0, prot: 0 };
 const EMPTY_REGION: RegionRecord = RegionRecord {
@@ -110,7 +112,12 @@ fn process_record(
 ) -> ProcessRecord {
     let stat = process.space.stat();
     let state = published_state(process.state);
-    process.published = (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes, state);
+    process.published = (
+        stat.virtual_bytes,
+        stat.resident_bytes + process.space.table_pages() * PAGE_SIZE,
+        stat.shared_bytes,
+        state,
+    );
     ProcessRecord {
         pid: process.pid,
         state,
@@ -124,6 +131,7 @@ fn process_record(
         max_shared_bytes: stat.max_shared_bytes,
         spec_index: process.spec_index as u32,
         policy: stat.policy,
+        table_bytes: process.space.table_pages() * PAGE_SIZE,
     }
 }
 
@@ -138,8 +146,8 @@ impl Kernel {
         let mut changed = false;
         for (slot, process) in self.processes.iter_mut().enumerate().take(PROCESS_CAPACITY) {
             let stat = process.space.stat();
-            let now =
-                (stat.virtual_bytes, stat.resident_bytes, stat.shared_bytes, published_state(process.state));
+            let charged = stat.resident_bytes + process.space.table_pages() * PAGE_SIZE;
+            let now = (stat.virtual_bytes, charged, stat.shared_bytes, published_state(process.state));
             if process.published != now {
                 processes[slot] = process_record(self.boot, process);
                 changed = true;

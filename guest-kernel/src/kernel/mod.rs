@@ -41,7 +41,7 @@ use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::hypercall::{self as hc, Hypercall};
 use superos_protocol::layout::*;
 use superos_protocol::ownership::FrameOwner;
-use superos_protocol::syscall::{self as sc, GateInfo, Syscall, MAPPINGS_MAX, SHM_PAGES_MAX};
+use superos_protocol::syscall::{self as sc, GateInfo, Syscall, SHM_PAGES_MAX};
 use superos_protocol::PROTOCOL_VERSION;
 use x86_64::structures::paging::PageTableFlags as Flags;
 
@@ -49,7 +49,9 @@ use x86_64::structures::paging::PageTableFlags as Flags;
 // Kernel heap
 
 /// The kernel heap. What processes can make the kernel keep in it is
-/// bounded: at most [`MAPPINGS_MAX`] map entries per process, frame lists of
+/// bounded: at most [`sc::MAPPINGS_MAX`] map entries per process (and
+/// [`sc::REVOKED_MAX`] revoked ranges, in a vector whose capacity never
+/// exceeds both), frame lists of
 /// at most [`SHM_PAGES_MAX`] shared pages in all, [`sc::SHM_REGIONS_MAX`] regions,
 /// and fixed-size capability tables and mailboxes. Those bounds plus
 /// [`HEAP_RESERVE`] fit (checked below), and shared regions' frame lists are
@@ -63,7 +65,9 @@ const HEAP_SIZE: usize = 1024 * 1024;
 pub const HEAP_RESERVE: usize = 192 * 1024;
 
 const _: () = assert!(
-    introspect::PROCESS_CAPACITY * MAPPINGS_MAX * core::mem::size_of::<crate::fault::Region>()
+    introspect::PROCESS_CAPACITY
+        * crate::address_space::REGIONS_CAP
+        * core::mem::size_of::<crate::fault::Region>()
         + SHM_PAGES_MAX as usize * core::mem::size_of::<u64>()
         + HEAP_RESERVE
         <= HEAP_SIZE
@@ -805,7 +809,7 @@ impl Kernel {
                     let event = Event::QuotaDenied {
                         pid: process.pid,
                         quota: Some(QuotaKind::Resident),
-                        requested: (process.space.resident_pages() + 1) * PAGE_SIZE,
+                        requested: process.space.resident_request(&mut self.memory, addr),
                         limit: quotas.max_resident,
                     };
                     self.emit(event);

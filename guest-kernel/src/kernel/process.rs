@@ -67,6 +67,22 @@ pub struct Process {
     pub caps: CapTable,
     /// (virtual, resident, shared bytes, state) as last published for the VMM.
     pub published: (u64, u64, u64, u32),
+    /// A system call its work budget interrupted, resumed when the process
+    /// enters the gate again with the same registers.
+    pub resume: Option<Resume>,
+}
+
+/// Where an interrupted system call (`mem_unmap`, `mem_protect`) goes on:
+/// the kernel rewound the caller to the gate stub, so that it enters again
+/// with the same registers once it is scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    /// `rax` (the call), `rdi`, `rsi`, `rdx` of the call.
+    pub call: [u64; 4],
+    /// The address the next slice starts at.
+    pub at: u64,
+    /// What the earlier slices did (pages freed).
+    pub done: u64,
 }
 
 /// How a process ended.
@@ -161,6 +177,7 @@ impl Kernel {
             mailbox: VecDeque::new(),
             caps: super::shm::new_cap_table(pid, self.boot_entropy),
             published: (0, 0, 0, 0),
+            resume: None,
         });
         self.emit(Event::ProcessSpawned { pid, spec_index: spec_index as u64, pml4_gpa: pml4 });
         Ok(())

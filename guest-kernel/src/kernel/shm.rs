@@ -14,6 +14,7 @@ use super::memory::write_phys;
 use super::process::Process;
 use super::syscalls::Outcome;
 use super::{Kernel, TrapFrame};
+use crate::address_space::Refusal;
 use crate::capability::CapTable;
 use crate::shared::{Holder, Holders};
 use alloc::vec::Vec;
@@ -55,7 +56,7 @@ impl Kernel {
     }
 
     /// `shm_grant(handle, pid, rights)`.
-    pub(super) fn sys_shm_grant(&mut self, handle: u64, target: u64, rights: u64) -> Result<u64, SysError> {
+    pub(super) fn sys_shm_grant(&mut self, handle: u64, target: u64, rights: u64) -> Result<u64, Refusal> {
         let (pid, _) = self.caller();
         let events = self.shm.grant(&mut self.processes, pid, handle, target, rights)?;
         self.emit_all(events);
@@ -98,8 +99,16 @@ impl Kernel {
         Ok(0)
     }
 
+    /// `cap_drop(handle)`.
+    pub(super) fn sys_cap_drop(&mut self, handle: u64) -> Result<u64, SysError> {
+        let (pid, _) = self.caller();
+        let events = self.shm.drop_capability(&mut self.memory, &mut self.processes, pid, handle)?;
+        self.emit_all(events);
+        Ok(0)
+    }
+
     /// `cap_list(buf, max)`.
-    pub(super) fn sys_cap_list(&mut self, buf: u64, max: u64) -> Result<u64, SysError> {
+    pub(super) fn sys_cap_list(&mut self, buf: u64, max: u64) -> Result<u64, Refusal> {
         let (pid, index) = self.caller();
         let record = core::mem::size_of::<CapInfo>() as u64;
         let max = max.min(CAPS_MAX as u64);
