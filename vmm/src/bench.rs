@@ -27,7 +27,6 @@ use stats::Summary;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::HostFlavor;
 
 /// `superos-vmm bench` arguments.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -814,10 +813,7 @@ pub fn machine() -> serde_json::Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let host = match crate::vm::detect_host_flavor() {
-        HostFlavor::Pvm => "PVM (ring-0 guest code emulated)",
-        _ => "KVM",
-    };
+    let host = crate::vm::detect_host_kind().to_string();
     let load = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|text| text.split_whitespace().next().map(str::to_string))

@@ -337,7 +337,8 @@ fn print_summary(report: &RunReport) {
 fn print_stats(report: &RunReport) {
     let ms = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.3} ms", d.as_secs_f64() * 1e3));
     let phases = &report.stats.phases;
-    out!("boot phases (since VMM start, host {:?}):", report.host);
+    out!("host: {}", superos_vmm::vm::detect_host_kind());
+    out!("boot phases (since VMM start):");
     out!("  vCPU start              {}", ms(phases.vcpu_start));
     out!("  kernel entry            {}", ms(phases.kernel_entry));
     out!("  first user instruction  {}", ms(phases.first_user_instruction));

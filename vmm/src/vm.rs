@@ -56,6 +56,94 @@ pub fn detect_host_flavor() -> HostFlavor {
     }
 }
 
+/// The hardware virtualisation an ordinary KVM uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Virtualization {
+    /// AMD-V (`svm`, `kvm_amd`).
+    Svm,
+    /// Intel VT-x (`vmx`, `kvm_intel`).
+    Vmx,
+}
+
+/// The host, precisely: PVM, or ordinary KVM with SVM or VMX and whether
+/// it uses nested paging (NPT or EPT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostKind {
+    /// PVM or ordinary KVM.
+    pub flavor: HostFlavor,
+    /// Ordinary KVM: SVM or VMX (`None`: neither module loaded and neither
+    /// CPU flag present).
+    pub virtualization: Option<Virtualization>,
+    /// Ordinary KVM: `kvm_amd`'s `npt` or `kvm_intel`'s `ept` parameter
+    /// (`None`: not readable).
+    pub nested_paging: Option<bool>,
+}
+
+impl std::fmt::Display for HostKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.flavor == HostFlavor::Pvm {
+            return f.write_str("PVM (kvm_pvm: ring-0 guest code emulated)");
+        }
+        let paging = |name: &str| match self.nested_paging {
+            Some(true) => format!(", {name}"),
+            Some(false) => format!(", no {name} (shadow paging)"),
+            None => format!(", {name} unknown"),
+        };
+        match self.virtualization {
+            Some(Virtualization::Svm) => write!(f, "KVM (AMD SVM{})", paging("NPT")),
+            Some(Virtualization::Vmx) => write!(f, "KVM (Intel VMX{})", paging("EPT")),
+            None => f.write_str("KVM (no svm or vmx CPU flag, no kvm_amd or kvm_intel module)"),
+        }
+    }
+}
+
+/// What this host is: `/sys/module/kvm_pvm`, the loaded `kvm_amd` or
+/// `kvm_intel` module and its `npt` or `ept` parameter, and the CPU flags
+/// of `/proc/cpuinfo`. See [`parse_host_kind`].
+pub fn detect_host_kind() -> HostKind {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    parse_host_kind(
+        detect_host_flavor() == HostFlavor::Pvm,
+        &read("/proc/cpuinfo").unwrap_or_default(),
+        Path::new("/sys/module/kvm_amd").exists().then(|| read("/sys/module/kvm_amd/parameters/npt")),
+        Path::new("/sys/module/kvm_intel").exists().then(|| read("/sys/module/kvm_intel/parameters/ept")),
+    )
+}
+
+/// The host from what [`detect_host_kind`] reads: `pvm` (`kvm_pvm`
+/// exists), the text of `/proc/cpuinfo`, and for `kvm_amd` and `kvm_intel`
+/// `None` if the module is not loaded, else its `npt` or `ept` parameter
+/// (`Y`/`N`, `1`/`0`; `None` inside if unreadable). A loaded module names the
+/// extension KVM uses; without one, the CPU flags (`svm`, `vmx`) do.
+pub fn parse_host_kind(
+    pvm: bool,
+    cpuinfo: &str,
+    kvm_amd_npt: Option<Option<String>>,
+    kvm_intel_ept: Option<Option<String>>,
+) -> HostKind {
+    if pvm {
+        return HostKind { flavor: HostFlavor::Pvm, virtualization: None, nested_paging: None };
+    }
+    let flag = |name: &str| {
+        cpuinfo.lines().filter(|line| line.starts_with("flags")).any(|line| {
+            line.split_once(':').is_some_and(|(_, flags)| flags.split_whitespace().any(|f| f == name))
+        })
+    };
+    let parameter = |value: Option<String>| match value.as_deref().map(str::trim) {
+        Some("Y" | "y" | "1") => Some(true),
+        Some("N" | "n" | "0") => Some(false),
+        _ => None,
+    };
+    let (virtualization, nested_paging) = match (kvm_amd_npt, kvm_intel_ept) {
+        (Some(npt), _) => (Some(Virtualization::Svm), parameter(npt)),
+        (None, Some(ept)) => (Some(Virtualization::Vmx), parameter(ept)),
+        (None, None) if flag("svm") => (Some(Virtualization::Svm), None),
+        (None, None) if flag("vmx") => (Some(Virtualization::Vmx), None),
+        (None, None) => (None, None),
+    };
+    HostKind { flavor: HostFlavor::Kvm, virtualization, nested_paging }
+}
+
 /// A VM with guest RAM registered, an in-kernel irqchip and one vCPU.
 pub struct Vm {
     /// Kept open for the VM's lifetime.
@@ -201,5 +289,52 @@ mod tests {
             [(0, 0x10_0000, 0), (0x10_0000, 0x11_4000, KVM_MEM_READONLY), (0x11_4000, 64 << 20, 0)]
         );
         assert_eq!(memory_slots(0x20_0000, Some((0, 0x20_0000))), [(0, 0x20_0000, KVM_MEM_READONLY)]);
+    }
+
+    const AMD_CPUINFO: &str = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n\
+        flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep syscall nx lm svm npt nrip_save\n\n";
+    const INTEL_CPUINFO: &str = "processor\t: 0\nvendor_id\t: GenuineIntel\n\
+        flags\t\t: fpu vme de pse tsc msr vmx ept vpid smx est\n\n";
+    /// A PVM machine's cpuinfo: a guest CPU, no virtualisation flag.
+    const GUEST_CPUINFO: &str = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu vme hypervisor lm nx\n";
+
+    fn some(value: &str) -> Option<Option<String>> {
+        Some(Some(value.to_string()))
+    }
+
+    #[test]
+    fn the_host_kind_is_parsed_from_fixed_texts() {
+        let kvm = |virtualization, nested_paging| HostKind {
+            flavor: HostFlavor::Kvm,
+            virtualization,
+            nested_paging,
+        };
+        let pvm = parse_host_kind(true, GUEST_CPUINFO, None, None);
+        assert_eq!(pvm.flavor, HostFlavor::Pvm);
+        assert_eq!(pvm.to_string(), "PVM (kvm_pvm: ring-0 guest code emulated)");
+        // kvm_pvm wins even beside a loaded kvm_amd.
+        assert_eq!(parse_host_kind(true, AMD_CPUINFO, some("Y\n"), None), pvm);
+
+        let amd = parse_host_kind(false, AMD_CPUINFO, some("Y\n"), None);
+        assert_eq!(amd, kvm(Some(Virtualization::Svm), Some(true)));
+        assert_eq!(amd.to_string(), "KVM (AMD SVM, NPT)");
+        let shadow = parse_host_kind(false, AMD_CPUINFO, some("0\n"), None);
+        assert_eq!(shadow.to_string(), "KVM (AMD SVM, no NPT (shadow paging))");
+        let intel = parse_host_kind(false, INTEL_CPUINFO, None, some("Y\n"));
+        assert_eq!(intel.to_string(), "KVM (Intel VMX, EPT)");
+        assert_eq!(parse_host_kind(false, INTEL_CPUINFO, None, some("N")).nested_paging, Some(false));
+        // A module whose parameter cannot be read; no module at all (the
+        // CPU flag names the extension); nothing.
+        assert_eq!(
+            parse_host_kind(false, AMD_CPUINFO, Some(None), None).to_string(),
+            "KVM (AMD SVM, NPT unknown)"
+        );
+        assert_eq!(parse_host_kind(false, INTEL_CPUINFO, None, None), kvm(Some(Virtualization::Vmx), None));
+        assert_eq!(parse_host_kind(false, AMD_CPUINFO, None, None), kvm(Some(Virtualization::Svm), None));
+        assert_eq!(parse_host_kind(false, GUEST_CPUINFO, None, None), kvm(None, None));
+        assert_eq!(parse_host_kind(false, "", None, Some(Some("garbage".into()))).nested_paging, None);
+        // Flags are whole words: "svm_lock" or a model name is not svm.
+        let lookalike = "model name\t: svm vmx\nflags\t\t: svm_lock vmx_x\n";
+        assert_eq!(parse_host_kind(false, lookalike, None, None).virtualization, None);
     }
 }

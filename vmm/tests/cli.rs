@@ -19,6 +19,44 @@ fn run_with_no_arguments_runs_the_default_scenario_and_exits_0() {
     }
 }
 
+/// What this machine is, read the plain way: the line `run --stats` must print.
+fn this_hosts_line() -> String {
+    let module = |name: &str| std::path::Path::new("/sys/module").join(name).exists();
+    let parameter =
+        |path: &str| std::fs::read_to_string(path).map(|v| v.trim().to_string()).unwrap_or_default();
+    if module("kvm_pvm") {
+        "host: PVM (kvm_pvm: ring-0 guest code emulated)".into()
+    } else if module("kvm_amd") {
+        let npt = parameter("/sys/module/kvm_amd/parameters/npt");
+        format!("host: KVM (AMD SVM, {})", if npt == "Y" || npt == "1" { "NPT" } else { "no NPT" })
+    } else if module("kvm_intel") {
+        let ept = parameter("/sys/module/kvm_intel/parameters/ept");
+        format!("host: KVM (Intel VMX, {})", if ept == "Y" || ept == "1" { "EPT" } else { "no EPT" })
+    } else {
+        "host: KVM (".into()
+    }
+}
+
+#[test]
+fn run_stats_names_the_host_as_this_machine_is() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, stderr) = vmm(&["run", "hello", "--stats"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let expected = this_hosts_line();
+    let line =
+        stdout.lines().find(|l| l.starts_with("host: ")).unwrap_or_else(|| panic!("no host line:\n{stdout}"));
+    assert!(line.starts_with(&expected), "--stats names the host {line:?}, this machine is {expected:?}");
+    // The PVM development machines and the nested kvm_amd of tests/nested/run
+    // are the hosts this suite runs on: each named exactly.
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(line, "host: PVM (kvm_pvm: ring-0 guest code emulated)");
+    } else if std::path::Path::new("/sys/module/kvm_amd").exists() {
+        assert!(line.starts_with("host: KVM (AMD SVM, "), "{line}");
+    }
+}
+
 #[test]
 fn events_json_prints_one_object_per_event_and_keeps_the_console() {
     if !kvm_available() {
