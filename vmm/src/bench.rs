@@ -27,6 +27,7 @@ use stats::Summary;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use superos_protocol::boot::HostFlavor;
 
 /// `superos-vmm bench` arguments.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -166,6 +167,9 @@ impl Plan {
     }
 }
 
+/// How much longer than a plain run a stepped run may take.
+const STEPPED_TIMEOUT_FACTOR: u32 = 5;
+
 /// The operation groups, in table order.
 pub const GROUPS: [&str; 11] = [
     "boot",
@@ -226,8 +230,17 @@ impl Progress {
 struct SteppingState {
     /// `Some(Ok)` once single-stepping worked, `Some(Err)` if it failed.
     result: Option<Result<(), String>>,
-    /// Ring-3 steps seen (ordinary KVM steps user code too).
-    user_steps: u64,
+    /// Kernel entries caught by a patch (ordinary KVM).
+    patched_entries: u64,
+    /// Of which whose stub instructions could not be counted.
+    unaccounted_entries: u64,
+    /// `KVM_SET_GUEST_DEBUG` calls while stepping (ordinary KVM) and their time.
+    debug_calls: u64,
+    debug_time: Duration,
+    /// Time of the stepped runs.
+    stepped_time: Duration,
+    /// `rep` string instructions stepped over (ordinary KVM).
+    rep_skips: u64,
 }
 
 struct Bench {
@@ -273,7 +286,14 @@ impl Bench {
             snapshot: false,
             checks: 0,
             memory_mib: self.plan.memory_mib,
-            timeout: self.plan.timeout,
+            // Stepped, ring 0 runs an exit per instruction: far slower than
+            // a plain run (on ordinary KVM nested under QEMU's TCG, about
+            // 0.2 ms an instruction).
+            timeout: if stepping == Stepping::Off {
+                self.plan.timeout
+            } else {
+                self.plan.timeout * STEPPED_TIMEOUT_FACTOR
+            },
         };
         let outcome = guest::scenario(name, self.plan.memory_mib, processes)
             .and_then(|scenario| probe::probe(&scenario, &options));
@@ -284,7 +304,13 @@ impl Bench {
                         self.stepping.result = Some(result.clone());
                     }
                 }
-                self.stepping.user_steps += found.counts.user_steps;
+                let counts = &found.counts;
+                self.stepping.patched_entries += counts.patched_entries;
+                self.stepping.unaccounted_entries += counts.unaccounted_entries;
+                self.stepping.debug_calls += counts.debug_calls;
+                self.stepping.debug_time += counts.debug_time;
+                self.stepping.stepped_time += counts.stepped_time;
+                self.stepping.rep_skips += counts.rep_skips;
                 for (kind, lengths) in &found.counts.excursions {
                     self.excursions.entry(kind.clone()).or_default().extend(lengths);
                 }
@@ -907,21 +933,42 @@ fn wrap(items: &[String], width: usize) -> Vec<String> {
     lines
 }
 
-fn stepping_note(state: &SteppingState) -> String {
-    match &state.result {
-        Some(Ok(())) if state.user_steps == 0 => "ring-0 instr/op: counted by single-stepping the vCPU \
-            (KVM_SET_GUEST_DEBUG, ENABLE|SINGLESTEP): this host steps ring-0 instructions only (ring 3 runs \
-            natively), timer interrupts and the marker calls left out; VM exits/op: exits to the VMM \
-            (hypercalls) in the same stepped runs"
+fn stepping_note(state: &SteppingState, host: HostFlavor) -> String {
+    match (&state.result, host) {
+        (Some(Ok(())), HostFlavor::Pvm) => "ring-0 instr/op: counted by single-stepping the vCPU \
+            (KVM_SET_GUEST_DEBUG, ENABLE|SINGLESTEP, set once): PVM's instruction emulator steps every ring-0 \
+            instruction, and ring 3 runs unstepped; timer interrupts and the marker calls left out; VM exits/op: \
+            exits to the VMM (hypercalls) in the same stepped runs"
             .into(),
-        Some(Ok(())) => "ring-0 instr/op: counted by single-stepping the vCPU (KVM_SET_GUEST_DEBUG), steps in ring 3 \
-            ignored, timer interrupts and the marker calls left out; VM exits/op: exits to the VMM in the same runs"
-            .into(),
-        Some(Err(error)) => format!(
+        (Some(Ok(())), HostFlavor::Kvm) => {
+            let share = if state.stepped_time.is_zero() {
+                0.0
+            } else {
+                100.0 * state.debug_time.as_secs_f64() / state.stepped_time.as_secs_f64()
+            };
+            let unaccounted = match state.unaccounted_entries {
+                0 => String::new(),
+                n => format!(", {n} of them through a stub not decoded, short by its 2 or 3 instructions"),
+            };
+            format!(
+                "ring-0 instr/op: counted by single-stepping the vCPU in ring 0 only. On ordinary KVM a step is \
+                 the trap flag in the guest's RFLAGS, which syscall (SFMASK), interrupt and exception delivery and \
+                 the kernel's popfq clear: the VMM writes `out 0x7e, al` over the first bytes of syscall_entry and \
+                 trap_common, so every kernel entry stops in the VMM ({} entries{unaccounted}), counts the 2 or 3 \
+                 instructions of the vector stub that ran before trap_common from its decoded text, and steps on \
+                 with the original bytes back; every ring-0 step re-arms the trap flag ({} KVM_SET_GUEST_DEBUG \
+                 calls, {share:.1}% of the stepped runs' time) and the return to ring 3 switches stepping off; a rep \
+                 string instruction runs unstepped to a patch after it and counts once, as PVM's emulator counts it \
+                 ({} of them); timer interrupts (not stepped here) and the marker calls left out; VM exits/op: exits \
+                 to the VMM (hypercalls) in the same stepped runs",
+                state.patched_entries, state.debug_calls, state.rep_skips
+            )
+        }
+        (Some(Err(error)), _) => format!(
             "single-stepping the vCPU did not work here ({error}): no ring-0 instruction counts, and no VM exit counts \
              per operation"
         ),
-        None => "no instrumented run was made".into(),
+        (None, _) => "no instrumented run was made".into(),
     }
 }
 
@@ -955,7 +1002,7 @@ pub fn command(args: BenchArgs) -> i32 {
     bench.progress.finish();
     let date = utc_now();
     let machine = machine();
-    let stepping = stepping_note(&bench.stepping);
+    let stepping = stepping_note(&bench.stepping, crate::vm::detect_host_flavor());
     print_results(&rows, &machine, &date, &stepping, args.quick, started.elapsed());
     let entries = kernel_entries(&bench.excursions);
     if !entries.is_empty() {

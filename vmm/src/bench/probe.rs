@@ -7,19 +7,34 @@
 //! preparation, a quiet [`Session`]) and hands every ordinary VM exit to
 //! [`crate::run::handle_exit`], but drives `KVM_RUN` itself:
 //!
-//! - **Stepping.** With `KVM_SET_GUEST_DEBUG` (`ENABLE | SINGLESTEP`) every
-//!   guest instruction ends in a `KVM_EXIT_DEBUG`. On the PVM host only ring-0
-//!   instructions do (ring 3 runs natively and is not stepped), which is what
-//!   is counted anyway: steps whose RIP lies in the kernel half. A step whose
-//!   RIP lies in one of the kernel's entry stubs (`trap_stub_<vector>`,
-//!   `syscall_entry`, found in the kernel ELF's symbols) starts a new
-//!   *excursion* into the kernel; a system-call excursion is classified by
-//!   `rax` read at that step. Timer (and spurious) interrupt excursions are
-//!   counted apart: stepping makes ring-0 code slow, so ticks land far more
-//!   often than in a plain run. A `rep`-prefixed string instruction (the
-//!   kernel's `memcpy`/`memset`) counts once, however many bytes it moves:
-//!   the emulator completes it in one step, so copy sizes show in time, not
-//!   in the count.
+//! - **Stepping.** With `KVM_SET_GUEST_DEBUG` (`ENABLE | SINGLESTEP`) a
+//!   guest instruction ends in a `KVM_EXIT_DEBUG`; what is counted is the
+//!   steps whose RIP lies in the kernel half. How ring 0 is stepped depends
+//!   on the host ([`Method`]). On the PVM host setting it once is enough:
+//!   the instruction emulator steps every ring-0 instruction, ring 3 runs
+//!   natively and is not stepped. On ordinary KVM the step is the trap flag
+//!   in the guest's RFLAGS, which `syscall` (`SFMASK`), interrupt and
+//!   exception delivery and `trap_common`'s `popfq` clear, and which would
+//!   step ring 3 too: the VMM writes `out 0x7e, al` ([`PATCH`]) over the
+//!   first bytes of `syscall_entry` and `trap_common`, so every kernel
+//!   entry stops in the VMM, puts the original bytes back while the vCPU
+//!   steps over them, re-arms the trap flag after every ring-0 step and
+//!   switches stepping off at the first step back in ring 3. The 2 or 3
+//!   instructions of the vector stub that ran before `trap_common` are
+//!   counted from its text ([`decode_stub`]), the vector read at `[rsp]`.
+//!   A step whose RIP lies in one of the kernel's entry stubs
+//!   (`trap_stub_<vector>`, `syscall_entry`, found in the kernel ELF's
+//!   symbols), or a patched entry, starts a new *excursion* into the
+//!   kernel; a system-call excursion is classified by `rax` read there.
+//!   Timer (and spurious) interrupt excursions are counted apart: stepping
+//!   makes ring-0 code slow, so ticks land far more often than in a plain
+//!   run (on ordinary KVM they are not stepped past their stub, and the
+//!   guest's timer is slowed 16-fold, see `slow_timer`). A `rep`-prefixed
+//!   string instruction (the kernel's `memcpy`/`memset`) counts once,
+//!   however many bytes it moves: PVM's emulator completes it in one step,
+//!   and on ordinary KVM (where the trap flag stops after every iteration)
+//!   it runs unstepped to a patch after it. Copy sizes show in time, not in
+//!   the count.
 //! - **Windows.** Guest programs bracket what they measure with two system
 //!   calls the kernel does not know ([`MARK_BEGIN`], [`MARK_END`]); counted
 //!   ring-0 instructions and VM exits between them are added to that
@@ -48,17 +63,17 @@ use crate::session::{Echo, EventEntry, Phases, Session};
 use crate::vm::{detect_host_flavor, Vm};
 use elf::endian::AnyEndian;
 use elf::ElfBytes;
-use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
+use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
 use kvm_ioctls::VcpuExit;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, ScrubStrategy};
+use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
 use superos_protocol::event::Event;
 use superos_protocol::hypercall::BootHelloParams;
 use superos_protocol::introspect::{IntrospectionRoot, INTROSPECTION_MAGIC};
-use superos_protocol::layout::BOOT_INFO_GPA;
+use superos_protocol::layout::{BOOT_INFO_GPA, KERNEL_VMA_BASE};
 use superos_protocol::ownership::FrameOwner;
 
 /// Marker system call: a measured region of operation `rdi` begins.
@@ -89,6 +104,8 @@ const TIMER_VECTOR: u64 = 0x20;
 const SPURIOUS_VECTOR: u64 = 0xff;
 /// The breakpoint vector: the system-call gate on the PVM host.
 const INT3_VECTOR: u64 = 3;
+/// What `syscall_entry` pushes as the vector.
+const SYSCALL_VECTOR: u64 = superos_protocol::cpu::entry_vector::SYSCALL;
 
 /// When to single-step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +182,22 @@ pub struct Counts {
     /// Lengths (instructions) of finished excursions by kind (`syscall <n>`,
     /// `vector <n>`).
     pub excursions: BTreeMap<String, Vec<u64>>,
+    /// Kernel entries caught by a patch (ordinary KVM).
+    pub patched_entries: u64,
+    /// Patched entries whose unstepped stub instructions could not be
+    /// counted (the vector on the stack unreadable or without a decoded
+    /// stub): their counts are short by those few instructions.
+    pub unaccounted_entries: u64,
+    /// `KVM_SET_GUEST_DEBUG` calls while running (ordinary KVM re-arms the
+    /// trap flag after every kernel step and switches stepping off in ring 3).
+    pub debug_calls: u64,
+    /// The time those calls took.
+    pub debug_time: Duration,
+    /// `rep` string instructions run unstepped to a patch after them
+    /// (ordinary KVM), each counted once.
+    pub rep_skips: u64,
+    /// The whole stepped run (from the first `KVM_SET_GUEST_DEBUG`).
+    pub stepped_time: Duration,
 }
 
 /// Frames one process holds, from the kernel's owner table.
@@ -255,10 +288,31 @@ pub struct EntryStub {
     pub end: u64,
     /// Interrupt vector, or `None` for `syscall_entry`.
     pub vector: Option<u64>,
+    /// Instructions a vector stub runs before `trap_common` (its pushes and
+    /// its `jmp`), decoded from the kernel's text; `None` for
+    /// `syscall_entry`, or if the bytes are not the expected stub.
+    pub instructions: Option<u64>,
+}
+
+/// The kernel's entry points, from its ELF symbols.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelEntries {
+    /// Every entry stub, sorted by address.
+    pub stubs: Vec<EntryStub>,
+    /// `trap_common`: where every vector stub and `syscall_entry` jump to.
+    pub trap_common: u64,
+    /// `syscall_entry` (`LSTAR`).
+    pub syscall_entry: u64,
 }
 
 /// The kernel's entry stubs, sorted by address, from its ELF symbols.
 pub fn entry_stubs(kernel: &[u8]) -> Result<Vec<EntryStub>, String> {
+    kernel_entries(kernel).map(|entries| entries.stubs)
+}
+
+/// The kernel's entry stubs, `trap_common` and `syscall_entry`, from its ELF
+/// symbols; each vector stub's instructions decoded from its text.
+pub fn kernel_entries(kernel: &[u8]) -> Result<KernelEntries, String> {
     let file = ElfBytes::<AnyEndian>::minimal_parse(kernel).map_err(|e| format!("kernel ELF: {e}"))?;
     let (symbols, strings) = file
         .symbol_table()
@@ -266,22 +320,31 @@ pub fn entry_stubs(kernel: &[u8]) -> Result<Vec<EntryStub>, String> {
         .ok_or("the kernel ELF has no symbol table")?;
     let mut stubs = Vec::new();
     let mut common = None;
+    let mut syscall_entry = None;
     for symbol in symbols.iter() {
         let Ok(name) = strings.get(symbol.st_name as usize) else { continue };
         if let Some(vector) = name.strip_prefix("trap_stub_").and_then(|v| v.parse::<u64>().ok()) {
-            stubs.push(EntryStub { start: symbol.st_value, end: 0, vector: Some(vector) });
+            stubs.push(EntryStub {
+                start: symbol.st_value,
+                end: 0,
+                vector: Some(vector),
+                instructions: None,
+            });
         } else if name == "trap_common" {
             common = Some(symbol.st_value);
         } else if name == "syscall_entry" && symbol.st_size > 0 {
+            syscall_entry = Some(symbol.st_value);
             stubs.push(EntryStub {
                 start: symbol.st_value,
                 end: symbol.st_value + symbol.st_size,
                 vector: None,
+                instructions: None,
             });
         }
     }
     stubs.sort_by_key(|s| s.start);
     let common = common.ok_or("the kernel has no trap_common symbol")?;
+    let syscall_entry = syscall_entry.ok_or("the kernel has no syscall_entry symbol")?;
     // A vector stub ends where the next one (or trap_common) begins.
     let mut bounds: Vec<u64> = stubs.iter().filter(|s| s.vector.is_some()).map(|s| s.start).collect();
     bounds.push(common);
@@ -289,11 +352,116 @@ pub fn entry_stubs(kernel: &[u8]) -> Result<Vec<EntryStub>, String> {
     for stub in stubs.iter_mut().filter(|s| s.vector.is_some()) {
         let next = bounds.iter().copied().find(|&b| b > stub.start);
         stub.end = next.filter(|&n| n - stub.start <= 16).unwrap_or(stub.start + 16);
+        stub.instructions = text_bytes(&file, stub.start, stub.end - stub.start)
+            .and_then(|bytes| decode_stub(&bytes))
+            .filter(|&(_, length)| length == stub.end - stub.start)
+            .map(|(instructions, _)| instructions);
     }
     if !stubs.iter().any(|s| s.vector == Some(INT3_VECTOR)) {
         return Err("the kernel has no trap_stub_3".into());
     }
-    Ok(stubs)
+    Ok(KernelEntries { stubs, trap_common: common, syscall_entry })
+}
+
+/// The kernel's executable segments (virtual address and bytes), from its
+/// ELF: what the vCPU is about to run, without reading guest memory.
+#[derive(Clone, Debug, Default)]
+pub struct KernelText {
+    segments: Vec<(u64, Vec<u8>)>,
+}
+
+impl KernelText {
+    /// The executable `PT_LOAD` segments of `kernel`.
+    pub fn parse(kernel: &[u8]) -> Result<KernelText, String> {
+        let file = ElfBytes::<AnyEndian>::minimal_parse(kernel).map_err(|e| format!("kernel ELF: {e}"))?;
+        let segments = file.segments().ok_or("the kernel ELF has no program headers")?;
+        let mut text = KernelText::default();
+        for segment in segments.iter() {
+            if segment.p_type == elf::abi::PT_LOAD && segment.p_flags & elf::abi::PF_X != 0 {
+                let data = file.segment_data(&segment).map_err(|e| format!("kernel segment: {e}"))?;
+                text.segments.push((segment.p_vaddr, data.to_vec()));
+            }
+        }
+        Ok(text)
+    }
+
+    /// Up to 16 bytes of text at `address`.
+    fn at(&self, address: u64) -> &[u8] {
+        self.segments
+            .iter()
+            .find_map(|(start, bytes)| {
+                let offset = usize::try_from(address.checked_sub(*start)?).ok()?;
+                bytes.get(offset..).map(|rest| &rest[..rest.len().min(16)])
+            })
+            .unwrap_or(&[])
+    }
+
+    /// The length of the instruction at `address` if it is a `rep`-prefixed
+    /// string instruction (`rep movs`/`stos`/`lods`/`ins`/`outs`,
+    /// `repe`/`repne cmps`/`scas`).
+    pub fn rep_string_length(&self, address: u64) -> Option<u64> {
+        rep_string_length(self.at(address))
+    }
+}
+
+/// The length of a `rep`-prefixed string instruction at the start of
+/// `bytes`, or `None` if they start with anything else.
+pub fn rep_string_length(bytes: &[u8]) -> Option<u64> {
+    let mut at = 0;
+    let mut rep = false;
+    // Legacy prefixes (operand and address size, segment, rep), then REX.
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            0xf2 | 0xf3 => rep = true,
+            0x66 | 0x67 | 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 => {}
+            _ => break,
+        }
+        at += 1;
+        if at > 4 {
+            return None;
+        }
+    }
+    if matches!(bytes.get(at), Some(0x40..=0x4f)) {
+        at += 1;
+    }
+    match bytes.get(at) {
+        Some(0x6c..=0x6f | 0xa4..=0xa7 | 0xaa..=0xaf) if rep => Some(at as u64 + 1),
+        _ => None,
+    }
+}
+
+/// `len` bytes of the kernel's loaded image at virtual `address`.
+fn text_bytes(file: &ElfBytes<'_, AnyEndian>, address: u64, len: u64) -> Option<Vec<u8>> {
+    let headers = file.section_headers()?;
+    let header = headers.iter().find(|h| {
+        h.sh_type == elf::abi::SHT_PROGBITS
+            && h.sh_addr <= address
+            && address.checked_add(len).is_some_and(|end| end <= h.sh_addr + h.sh_size)
+    })?;
+    let (data, compression) = file.section_data(&header).ok()?;
+    if compression.is_some() {
+        return None;
+    }
+    let offset = usize::try_from(address - header.sh_addr).ok()?;
+    data.get(offset..offset.checked_add(usize::try_from(len).ok()?)?).map(<[u8]>::to_vec)
+}
+
+/// Decodes an entry stub: `push imm` instructions and one `jmp`. Returns
+/// (instructions, bytes), or `None` if the bytes are anything else.
+pub fn decode_stub(bytes: &[u8]) -> Option<(u64, u64)> {
+    let mut at = 0usize;
+    let mut instructions = 0;
+    while instructions < 4 {
+        instructions += 1;
+        match bytes.get(at)? {
+            0x6a => at += 2,                                    // push imm8
+            0x68 => at += 5,                                    // push imm32
+            0xeb => return Some((instructions, at as u64 + 2)), // jmp rel8
+            0xe9 => return Some((instructions, at as u64 + 5)), // jmp rel32
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// The stub that `pc` lies in, as an index into `stubs`.
@@ -315,8 +483,27 @@ enum Kind {
     Marker,
 }
 
+/// A kernel entry caught by a patch (ordinary KVM, [`Method::Patches`]):
+/// the vCPU stopped *before* the instruction the patch stands for, which
+/// has not run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// `syscall_entry`: a `syscall` from ring 3 (whose `SFMASK` cleared the
+    /// trap flag); stepping goes on from here, so nothing ran unstepped.
+    Syscall,
+    /// `trap_common`, reached through an interrupt or exception (whose
+    /// delivery cleared the trap flag) and a vector stub that ran
+    /// unstepped; `vector` is what the stub pushed (`[rsp]`), `None` if it
+    /// could not be read.
+    Common {
+        /// The vector on the stack.
+        vector: Option<u64>,
+    },
+}
+
 /// The stepping state machine: excursions, windows, counters. Fed with
-/// every step and every other exit, it needs no KVM and is unit-tested.
+/// every step, every patched entry and every other exit, it needs no KVM and
+/// is unit-tested.
 #[derive(Debug, Default)]
 pub struct Counter {
     counts: Counts,
@@ -328,6 +515,9 @@ pub struct Counter {
     kind: Option<Kind>,
     length: u64,
     last_stub: Option<usize>,
+    /// Where the latest step or patched entry left the vCPU (`None` after
+    /// any other exit): an entry there is one the vCPU was stepped onto.
+    position: Option<u64>,
     booted: bool,
 }
 
@@ -360,6 +550,7 @@ impl Counter {
     /// counted); `regs` for a gate excursion's first step.
     pub fn step(&mut self, stubs: &[EntryStub], pc: u64, regs: Option<GateRegs>) {
         self.counts.steps += 1;
+        self.position = Some(pc);
         if pc < KERNEL_HALF {
             self.counts.user_steps += 1;
             self.last_stub = None;
@@ -373,15 +564,59 @@ impl Counter {
             self.kind = Some(self.classify(stubs[index].vector, regs));
         }
         self.last_stub = stub;
-        self.length += 1;
+        self.add(1);
+    }
+
+    /// Whether an entry at `pc` is one the vCPU was single-stepped onto (its instructions so far were counted step by step: nothing
+    /// to do but step on).
+    pub fn stepped_onto(&self, pc: u64) -> bool {
+        self.position == Some(pc)
+    }
+
+    /// One patched kernel entry `entry`, with the vCPU at `pc`
+    /// (before the instruction there) and the registers it was entered
+    /// with. A new excursion starts; for [`Entry::Common`] the vector stub's
+    /// instructions, which ran unstepped, are counted to it.
+    pub fn patched_entry(&mut self, stubs: &[EntryStub], pc: u64, entry: Entry, regs: GateRegs) {
+        if self.stepped_onto(pc) {
+            return;
+        }
+        self.counts.patched_entries += 1;
+        self.position = Some(pc);
+        self.finish_excursion();
+        self.cr3 = regs.cr3;
+        match entry {
+            Entry::Syscall => {
+                self.last_stub = stub_at(stubs, pc);
+                self.kind = Some(self.classify(None, regs));
+            }
+            Entry::Common { vector } => {
+                self.last_stub = None;
+                let stub = vector.and_then(|v| stubs.iter().find(|s| s.vector == Some(v)));
+                self.kind = Some(match vector {
+                    Some(SYSCALL_VECTOR) => self.classify(None, regs),
+                    Some(vector) => self.classify(Some(vector), regs),
+                    None => Kind::Counted("vector unknown".into()),
+                });
+                match stub.and_then(|s| s.instructions) {
+                    Some(instructions) => self.add(instructions),
+                    None => self.counts.unaccounted_entries += 1,
+                }
+            }
+        }
+    }
+
+    /// `instructions` more in the current excursion.
+    fn add(&mut self, instructions: u64) {
+        self.length += instructions;
         match self.current() {
-            Kind::Boot => self.counts.boot_instructions += 1,
-            Kind::Timer => self.counts.timer_instructions += 1,
+            Kind::Boot => self.counts.boot_instructions += instructions,
+            Kind::Timer => self.counts.timer_instructions += instructions,
             Kind::Marker => {}
             Kind::Counted(_) => {
-                self.counts.counted_instructions += 1;
+                self.counts.counted_instructions += instructions;
                 for op in self.counting() {
-                    self.windows.entry(op).or_default().instructions += 1;
+                    self.windows.entry(op).or_default().instructions += instructions;
                 }
             }
         }
@@ -389,6 +624,7 @@ impl Counter {
 
     /// One VM exit to the VMM (not a step).
     pub fn exit(&mut self) {
+        self.position = None;
         if self.current() == Kind::Boot {
             self.counts.boot_exits += 1;
         }
@@ -461,11 +697,12 @@ impl Counter {
 /// Runs `scenario` with the embedded kernel, instrumented as `options` say.
 pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, String> {
     let kernel = crate::images::KERNEL_ELF;
-    let stubs = entry_stubs(kernel)?;
+    let entries = kernel_entries(kernel)?;
     let ram = GuestRam::new(options.memory_mib).map_err(|e| e.to_string())?;
     let mut vm = Vm::new(&ram, None).map_err(|e| e.to_string())?;
+    let host = detect_host_flavor();
     let boot_options = BootOptions {
-        host: detect_host_flavor(),
+        host,
         gate: GatePreference::Auto,
         scrub: ScrubStrategy::Auto,
         debug_flags: 0,
@@ -480,14 +717,10 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
 
     let mut counter = Counter::default();
     let mut counts_stepping = None;
-    let debug = kvm_guest_debug {
-        control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
-        pad: 0,
-        arch: Default::default(),
-    };
+    let mut stepper = Stepper::new(Method::for_host(host), &ram, &entries, KernelText::parse(kernel)?)?;
     let mut stepping = false;
     if options.stepping == Stepping::FromBoot {
-        let result = vm.vcpu.set_guest_debug(&debug).map_err(|e| e.to_string());
+        let result = stepper.start(&vm, &ram);
         stepping = result.is_ok();
         counts_stepping = Some(result);
     }
@@ -499,22 +732,32 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
         if !counter.booted && session.phases.first_user_instruction.is_some() {
             counter.first_user_instruction();
             if options.stepping == Stepping::FromFirstUser && !stepping {
-                let result = vm.vcpu.set_guest_debug(&debug).map_err(|e| e.to_string());
+                let result = stepper.start(&vm, &ram);
                 stepping = result.is_ok();
                 counts_stepping = Some(result);
             }
+            if stepping && stepper.method == Method::Patches {
+                if let Err(error) = slow_timer(&vm) {
+                    counts_stepping = Some(Err(error));
+                    break GuestExit::VcpuError("the guest's timer could not be slowed for stepping".into());
+                }
+            }
         }
         let step = match vm.vcpu.run() {
-            Ok(VcpuExit::Debug(arch)) => {
-                let pc = arch.pc;
-                let regs = if counter.needs_regs(&stubs, pc) {
-                    let cr3 = vm.vcpu.get_sregs().map_or(0, |s| s.cr3);
-                    vm.vcpu.get_regs().ok().map(|r| GateRegs { rax: r.rax, rdi: r.rdi, rsi: r.rsi, cr3 })
-                } else {
-                    None
-                };
-                counter.step(&stubs, pc, regs);
-                Step::Continue
+            Ok(VcpuExit::Debug(arch)) => match stepper.step(&vm, &ram, &entries, &mut counter, arch.pc) {
+                Ok(()) => Step::Continue,
+                Err(error) => Step::Stop(GuestExit::VcpuError(error)),
+            },
+            Ok(VcpuExit::IoOut(port, _))
+                if port == PATCH_PORT && stepping && stepper.method == Method::Patches =>
+            {
+                match stepper.patch_exit(&vm, &ram, &entries, &mut counter, port) {
+                    Ok(true) => Step::Continue,
+                    Ok(false) => {
+                        Step::Stop(GuestExit::VcpuError(format!("an out to port {port:#x} that is no patch")))
+                    }
+                    Err(error) => Step::Stop(GuestExit::VcpuError(error)),
+                }
             }
             Ok(exit) => {
                 if let VcpuExit::IoOut(port, data) = &exit {
@@ -556,6 +799,10 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
     session.finish_console();
     let (mut counts, windows) = counter.finish();
     counts.stepping = counts_stepping;
+    counts.debug_calls = stepper.calls;
+    counts.rep_skips = stepper.rep_skips;
+    counts.debug_time = stepper.time;
+    counts.stepped_time = stepper.started.map_or(Duration::ZERO, |t| t.elapsed());
     drop(vm);
     Ok(Probe {
         exit,
@@ -566,6 +813,351 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
         counts,
         snapshot,
     })
+}
+
+/// How the vCPU is stepped through ring 0 on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// PVM: `ENABLE | SINGLESTEP` once. The host's instruction emulator
+    /// steps every ring-0 instruction and the trap flag survives every
+    /// kernel entry; ring 3 is not stepped.
+    SingleStep,
+    /// Ordinary KVM: single-stepping is the hardware trap flag in the
+    /// guest's RFLAGS, which `syscall` clears (`SFMASK`), interrupt and
+    /// exception delivery clear, and `trap_common`'s `popfq` clears. The
+    /// VMM writes `out 0x7e, al` ([`PATCH`]) over the first bytes of
+    /// `syscall_entry` and of `trap_common`, so every kernel entry stops in
+    /// the VMM ([`patch_at`]); the original bytes are back while the vCPU
+    /// steps over them ([`arm_after`]). Every step in ring 0 re-arms the
+    /// trap flag (`KVM_SET_GUEST_DEBUG` again sets it at the current RIP),
+    /// and the first step back in ring 3 switches stepping off, so ring 3
+    /// runs unstepped as on PVM.
+    ///
+    /// Why not breakpoints: an SVM guest's DR7 breakpoints
+    /// (`KVM_GUESTDBG_USE_HW_BP`) never fire under QEMU's TCG before 9.1,
+    /// which loads DR7 at `VMRUN` without arming them, and QEMU's TCG
+    /// checks a guest's `int3` against the SVM intercept for `int n`, not
+    /// the `#BP` intercept `KVM_GUESTDBG_USE_SW_BP` sets, so the guest
+    /// takes its own `#BP`: on the nested host of `tests/nested/run` both
+    /// caught nothing. A port write exits to the VMM on every x86 KVM.
+    Patches,
+}
+
+impl Method {
+    /// The method `host` needs.
+    pub fn for_host(host: HostFlavor) -> Method {
+        match host {
+            HostFlavor::Pvm => Method::SingleStep,
+            HostFlavor::Kvm => Method::Patches,
+        }
+    }
+}
+
+/// The port of the VMM's patches. KVM leaves RIP past an `out` to port
+/// 0x7e when it exits (`KVM_X86_QUIRK_OUT_7E_INC_RIP`, on unless the VMM
+/// turns it off; this one does not), so the VMM can put RIP back onto the
+/// patched instruction without KVM skipping anything on the next run.
+pub const PATCH_PORT: u16 = 0x7e;
+/// `out 0x7e, al`.
+pub const PATCH: [u8; 2] = [0xe6, PATCH_PORT as u8];
+
+/// A patched kernel entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// `syscall_entry`.
+    SyscallEntry,
+    /// `trap_common`.
+    TrapCommon,
+}
+
+impl KernelEntries {
+    /// The patched entries.
+    pub fn patch_sites(&self) -> [(At, u64); 2] {
+        [(At::SyscallEntry, self.syscall_entry), (At::TrapCommon, self.trap_common)]
+    }
+}
+
+/// Which patch an `out` to `port` that left RIP at `rip` is, if it is one
+/// of the VMM's: [`PATCH_PORT`], and RIP just past a patch site.
+pub fn patch_at(entries: &KernelEntries, port: u16, rip: u64) -> Option<(At, u64)> {
+    let site = rip.wrapping_sub(PATCH.len() as u64);
+    (port == PATCH_PORT).then_some(())?;
+    entries.patch_sites().into_iter().find(|&(_, address)| address == site)
+}
+
+/// Under [`Method::Patches`], how to resume with the vCPU at `pc`:
+/// (single-step, patches written). Step in ring 0 (re-arming the trap flag
+/// whatever the last instruction did to it), not in ring 3. While the
+/// vCPU stands inside a patched range the original bytes are back, so
+/// the instructions there run; everywhere else the patches stay written.
+pub fn arm_after(entries: &KernelEntries, pc: u64) -> (bool, bool) {
+    let inside =
+        entries.patch_sites().iter().any(|&(_, address)| pc.wrapping_sub(address) < PATCH.len() as u64);
+    (pc >= KERNEL_HALF, !inside)
+}
+
+/// The `KVM_SET_GUEST_DEBUG` argument: `ENABLE`, with `SINGLESTEP` if
+/// `step`; under [`Method::Patches`] stepping also sets `BLOCKIRQ`. The
+/// kernel runs with interrupts off, so this changes nothing the guest can
+/// see, but it keeps KVM from arming an interrupt window under the trap
+/// flag: with one armed, the nested host of `tests/nested/run` now and
+/// then delivered a timer interrupt twice, the second one on top of the
+/// first one's entry stub.
+pub fn guest_debug(method: Method, step: bool) -> kvm_guest_debug {
+    let control = match (method, step) {
+        (_, false) => KVM_GUESTDBG_ENABLE,
+        (Method::SingleStep, true) => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+        (Method::Patches, true) => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ,
+    };
+    kvm_guest_debug { control, pad: 0, arch: Default::default() }
+}
+
+/// The VMM's patches in the kernel's text (guest-physical address and
+/// the bytes they replace), and whether they are written.
+struct Patches {
+    sites: Vec<(u64, [u8; PATCH.len()])>,
+    written: bool,
+}
+
+impl Patches {
+    /// The patch sites of `entries`, their bytes read from `ram` (the
+    /// kernel is loaded at virtual = physical + `KERNEL_VMA_BASE`).
+    fn new(ram: &GuestRam, entries: &KernelEntries) -> Result<Patches, String> {
+        let mut sites = Vec::new();
+        for (_, address) in entries.patch_sites() {
+            let gpa = address.wrapping_sub(KERNEL_VMA_BASE);
+            let mut bytes = [0u8; PATCH.len()];
+            ram.read_bytes(gpa, &mut bytes).map_err(|e| format!("patch site {address:#x}: {e}"))?;
+            sites.push((gpa, bytes));
+        }
+        Ok(Patches { sites, written: false })
+    }
+
+    /// Writes the patches, or puts the original bytes back.
+    fn set(&mut self, ram: &GuestRam, written: bool) -> Result<(), String> {
+        if written != self.written {
+            for (gpa, original) in &self.sites {
+                let bytes = if written { &PATCH } else { original };
+                ram.write_bytes(*gpa, bytes).map_err(|e| format!("patch at {gpa:#x}: {e}"))?;
+            }
+            self.written = written;
+        }
+        Ok(())
+    }
+}
+
+/// Drives stepping on this host: starts it, and handles each debug exit
+/// and each patch exit.
+struct Stepper {
+    method: Method,
+    patches: Patches,
+    text: KernelText,
+    /// A `rep` string instruction being stepped over: the address after
+    /// it, where a patch stands, its guest-physical address and the bytes
+    /// the patch replaced.
+    over: Option<(u64, u64, [u8; PATCH.len()])>,
+    /// `rep` string instructions stepped over.
+    rep_skips: u64,
+    /// The current excursion is a timer interrupt's: once past the patched
+    /// instructions it runs unstepped.
+    unstepped: bool,
+    /// `KVM_SET_GUEST_DEBUG` calls after the first, and their time.
+    calls: u64,
+    time: Duration,
+    /// When stepping began.
+    started: Option<Instant>,
+}
+
+impl Stepper {
+    fn new(
+        method: Method,
+        ram: &GuestRam,
+        entries: &KernelEntries,
+        text: KernelText,
+    ) -> Result<Stepper, String> {
+        let patches = Patches::new(ram, entries)?;
+        Ok(Stepper {
+            method,
+            patches,
+            text,
+            over: None,
+            rep_skips: 0,
+            unstepped: false,
+            calls: 0,
+            time: Duration::ZERO,
+            started: None,
+        })
+    }
+
+    /// Starts stepping where the vCPU is (in the kernel, outside the
+    /// patched ranges).
+    fn start(&mut self, vm: &Vm, ram: &GuestRam) -> Result<(), String> {
+        vm.vcpu.set_guest_debug(&guest_debug(self.method, true)).map_err(|e| e.to_string())?;
+        if self.method == Method::Patches {
+            self.patches.set(ram, true)?;
+        }
+        self.started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// One single step (`KVM_EXIT_DEBUG`) with the vCPU at `pc`: counts
+    /// it, and under [`Method::Patches`] sets up how the vCPU goes on.
+    fn step(
+        &mut self,
+        vm: &Vm,
+        ram: &GuestRam,
+        entries: &KernelEntries,
+        counter: &mut Counter,
+        pc: u64,
+    ) -> Result<(), String> {
+        let stubs = &entries.stubs;
+        let regs = if counter.needs_regs(stubs, pc) {
+            let cr3 = vm.vcpu.get_sregs().map_or(0, |s| s.cr3);
+            vm.vcpu.get_regs().ok().map(|r| GateRegs { rax: r.rax, rdi: r.rdi, rsi: r.rsi, cr3 })
+        } else {
+            None
+        };
+        counter.step(stubs, pc, regs);
+        match self.method {
+            Method::SingleStep => Ok(()),
+            Method::Patches => {
+                if self.step_over_rep(vm, ram, entries, pc)? {
+                    return Ok(());
+                }
+                self.resume_at(vm, ram, entries, pc)
+            }
+        }
+    }
+
+    /// If the vCPU is at a `rep` string instruction in ring 0, runs it
+    /// unstepped to a patch written just after it (the trap flag would stop
+    /// after every iteration: thousands of exits to zero one page, where
+    /// PVM's emulator completes it in one step). `Ok(true)` if it does.
+    fn step_over_rep(
+        &mut self,
+        vm: &Vm,
+        ram: &GuestRam,
+        entries: &KernelEntries,
+        pc: u64,
+    ) -> Result<bool, String> {
+        if pc < KERNEL_HALF || self.over.is_some() {
+            return Ok(false);
+        }
+        let Some(length) = self.text.rep_string_length(pc) else { return Ok(false) };
+        let next = pc.wrapping_add(length);
+        // Not where an entry patch stands, or the vCPU does.
+        if !arm_after(entries, pc).1
+            || (0..PATCH.len() as u64).any(|i| !arm_after(entries, next.wrapping_add(i)).1)
+        {
+            return Ok(false);
+        }
+        let gpa = next.wrapping_sub(KERNEL_VMA_BASE);
+        let mut original = [0u8; PATCH.len()];
+        if ram.read_bytes(gpa, &mut original).is_err() || ram.write_bytes(gpa, &PATCH).is_err() {
+            return Ok(false);
+        }
+        self.over = Some((next, gpa, original));
+        self.patches.set(ram, true)?;
+        self.set_debug(vm, false)?;
+        Ok(true)
+    }
+
+    /// An `out` to `port` under [`Method::Patches`]: if it is one of the
+    /// VMM's patches (a kernel entry, or the end of a `rep` instruction
+    /// run unstepped), counts it, puts RIP back onto the patched
+    /// instruction, sets up stepping from there and returns `Ok(true)`;
+    /// `Ok(false)` if it is not one (the kernel never writes that port).
+    fn patch_exit(
+        &mut self,
+        vm: &Vm,
+        ram: &GuestRam,
+        entries: &KernelEntries,
+        counter: &mut Counter,
+        port: u16,
+    ) -> Result<bool, String> {
+        if self.method != Method::Patches || port != PATCH_PORT || !self.patches.written {
+            return Ok(false);
+        }
+        let mut regs = vm.vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        if let Some((next, gpa, original)) = self.over {
+            if regs.rip.wrapping_sub(PATCH.len() as u64) == next {
+                // The rep instruction is done: one instruction, as on PVM.
+                ram.write_bytes(gpa, &original).map_err(|e| format!("patch at {gpa:#x}: {e}"))?;
+                self.over = None;
+                self.rep_skips += 1;
+                regs.rip = next;
+                vm.vcpu.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                counter.step(&entries.stubs, next, None);
+                self.resume_at(vm, ram, entries, next)?;
+                return Ok(true);
+            }
+        }
+        let Some((at, address)) = patch_at(entries, port, regs.rip) else { return Ok(false) };
+        let cr3 = vm.vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?.cr3;
+        let entry = match at {
+            At::SyscallEntry => Entry::Syscall,
+            At::TrapCommon => Entry::Common { vector: stack_word(ram, cr3, regs.rsp) },
+        };
+        self.unstepped = matches!(entry, Entry::Common { vector: Some(TIMER_VECTOR | SPURIOUS_VECTOR) });
+        counter.patched_entry(
+            &entries.stubs,
+            address,
+            entry,
+            GateRegs { rax: regs.rax, rdi: regs.rdi, rsi: regs.rsi, cr3 },
+        );
+        regs.rip = address;
+        vm.vcpu.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.resume_at(vm, ram, entries, address)?;
+        Ok(true)
+    }
+
+    /// Patches and stepping for the vCPU at `pc` ([`arm_after`]).
+    fn resume_at(&mut self, vm: &Vm, ram: &GuestRam, entries: &KernelEntries, pc: u64) -> Result<(), String> {
+        let (mut step, written) = arm_after(entries, pc);
+        if self.unstepped && written {
+            // A timer excursion, past the patch: unstepped from here.
+            step = false;
+            self.unstepped = false;
+        }
+        self.patches.set(ram, written)?;
+        self.set_debug(vm, step)
+    }
+
+    /// `KVM_SET_GUEST_DEBUG`, counted and timed.
+    fn set_debug(&mut self, vm: &Vm, step: bool) -> Result<(), String> {
+        let start = Instant::now();
+        let result = vm.vcpu.set_guest_debug(&guest_debug(self.method, step));
+        self.calls += 1;
+        self.time += start.elapsed();
+        result.map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
+    }
+}
+
+/// The local APIC's timer divide configuration register.
+const APIC_TIMER_DIVIDE: usize = 0x3e0;
+/// Its value for "divide by 16".
+const DIVIDE_BY_16: u8 = 0x3;
+
+/// Slows the guest's periodic timer 16-fold (the kernel's 10 ms slice
+/// becomes 160 ms; it programs the divider once, at boot, to 1): stepped,
+/// a process switch takes longer than 10 ms on a nested ordinary KVM
+/// (0.1-0.2 ms a step, some 300 steps), so every slice would end in a tick
+/// before the process it switched to ran an instruction, and the guest
+/// would do nothing but switch. Timer interrupts are left out of the
+/// counts either way.
+fn slow_timer(vm: &Vm) -> Result<(), String> {
+    let mut lapic = vm.vcpu.get_lapic().map_err(|e| format!("KVM_GET_LAPIC: {e}"))?;
+    lapic.regs[APIC_TIMER_DIVIDE] = DIVIDE_BY_16 as _;
+    vm.vcpu.set_lapic(&lapic).map_err(|e| format!("KVM_SET_LAPIC: {e}"))
+}
+
+/// The 8 bytes at `rsp` (the vector a stub pushed), read through `cr3`.
+fn stack_word(ram: &GuestRam, cr3: u64, rsp: u64) -> Option<u64> {
+    if rsp % 4096 > 4096 - 8 {
+        return None;
+    }
+    let leaf = crate::arch::paging::translate(cr3, rsp, |gpa| ram.read_u64(gpa).ok())?;
+    ram.read_u64(leaf.phys).ok()
 }
 
 /// One full check, with the work it did.
@@ -708,10 +1300,16 @@ mod tests {
 
     fn stubs() -> Vec<EntryStub> {
         vec![
-            EntryStub { start: K, end: K + 9, vector: Some(3) },
-            EntryStub { start: K + 9, end: K + 18, vector: Some(14) },
-            EntryStub { start: K + 18, end: K + 27, vector: Some(32) },
+            EntryStub { start: K, end: K + 9, vector: Some(3), instructions: Some(3) },
+            EntryStub { start: K + 9, end: K + 18, vector: Some(14), instructions: Some(2) },
+            EntryStub { start: K + 18, end: K + 27, vector: Some(32), instructions: Some(3) },
+            EntryStub { start: K + 200, end: K + 240, vector: None, instructions: None },
         ]
+    }
+
+    /// The fixture's entries: `trap_common` at K + 100, `syscall_entry` at K + 200.
+    fn entries() -> KernelEntries {
+        KernelEntries { stubs: stubs(), trap_common: K + 100, syscall_entry: K + 200 }
     }
 
     fn regs(rax: u64, rdi: u64, rsi: u64) -> Option<GateRegs> {
@@ -726,6 +1324,255 @@ mod tests {
             assert!(stub.start >= KERNEL_HALF && stub.end > stub.start && stub.end - stub.start <= 16);
         }
         assert!(stubs.windows(2).all(|w| w[0].end <= w[1].start), "{stubs:x?}");
+    }
+
+    #[test]
+    fn every_vector_stub_of_the_embedded_kernel_decodes_to_its_pushes_and_a_jmp() {
+        let entries = kernel_entries(crate::images::KERNEL_ELF).unwrap();
+        // entry.rs: TRAP_WITH_ERROR_CODE stubs push the vector and jump (the
+        // CPU pushed an error code); the others push 0 first.
+        let with_error_code = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
+        let vectors: Vec<u64> = entries.stubs.iter().filter_map(|s| s.vector).collect();
+        assert_eq!(vectors.len(), 34, "{vectors:?}");
+        for stub in entries.stubs.iter().filter(|s| s.vector.is_some()) {
+            let vector = stub.vector.unwrap();
+            let expected = if with_error_code.contains(&vector) { 2 } else { 3 };
+            assert_eq!(stub.instructions, Some(expected), "trap_stub_{vector}: {stub:x?}");
+        }
+        let syscall = entries.stubs.iter().find(|s| s.vector.is_none()).unwrap();
+        assert_eq!((syscall.start, syscall.instructions), (entries.syscall_entry, None));
+        assert!(entries.trap_common > KERNEL_HALF && entries.trap_common != entries.syscall_entry);
+        // trap_common follows the last stub.
+        assert!(entries.stubs.iter().any(|s| s.end == entries.trap_common), "{entries:x?}");
+    }
+
+    #[test]
+    fn stubs_decode_as_pushes_and_one_jmp_and_nothing_else() {
+        // push 0; push 3; jmp rel32
+        assert_eq!(decode_stub(&[0x6a, 0, 0x6a, 3, 0xe9, 1, 2, 3, 4]), Some((3, 9)));
+        // push 14; jmp rel8
+        assert_eq!(decode_stub(&[0x6a, 14, 0xeb, 0x10]), Some((2, 4)));
+        // push 0; push 255 (imm32); jmp rel32
+        assert_eq!(decode_stub(&[0x6a, 0, 0x68, 0xff, 0, 0, 0, 0xe9, 0, 0, 0, 0]), Some((3, 12)));
+        // Anything else, a truncated stub, or pushes without end.
+        assert_eq!(decode_stub(&[0x50, 0xe9, 0, 0, 0, 0]), None);
+        assert_eq!(decode_stub(&[0x6a, 0]), None);
+        assert_eq!(decode_stub(&[0x6a, 0, 0x6a, 0, 0x6a, 0, 0x6a, 0, 0xeb, 0]), None);
+        assert_eq!(decode_stub(&[]), None);
+    }
+
+    #[test]
+    fn rep_string_instructions_are_recognised_with_their_length() {
+        assert_eq!(rep_string_length(&[0xf3, 0x48, 0xab]), Some(3), "rep stosq");
+        assert_eq!(rep_string_length(&[0xf3, 0xa4, 0xc3]), Some(2), "rep movsb");
+        assert_eq!(rep_string_length(&[0xf3, 0x48, 0xa5]), Some(3), "rep movsq");
+        assert_eq!(rep_string_length(&[0xf3, 0xaa]), Some(2), "rep stosb");
+        assert_eq!(rep_string_length(&[0xf2, 0xae]), Some(2), "repne scasb");
+        assert_eq!(rep_string_length(&[0x66, 0xf3, 0xab]), Some(3), "rep stosw");
+        assert_eq!(rep_string_length(&[0xf3, 0x6e]), Some(2), "rep outsb");
+        // Not rep string instructions: a plain movsb, pause (f3 90), a
+        // rep-prefixed ret, a rep-less stos, truncated bytes.
+        assert_eq!(rep_string_length(&[0xa4]), None);
+        assert_eq!(rep_string_length(&[0xf3, 0x90]), None);
+        assert_eq!(rep_string_length(&[0xf3, 0xc3]), None);
+        assert_eq!(rep_string_length(&[0x48, 0xab]), None);
+        assert_eq!(rep_string_length(&[0xf3]), None);
+        assert_eq!(rep_string_length(&[0xf3, 0x48]), None);
+        assert_eq!(rep_string_length(&[0xf3, 0xf3, 0xf3, 0xf3, 0xf3, 0xf3, 0xab]), None);
+        assert_eq!(rep_string_length(&[]), None);
+    }
+
+    #[test]
+    fn the_embedded_kernel_text_has_its_rep_string_copies_and_stubs() {
+        let text = KernelText::parse(crate::images::KERNEL_ELF).unwrap();
+        let entries = kernel_entries(crate::images::KERNEL_ELF).unwrap();
+        // The text the VMM patches is the kernel's: push rax at trap_common.
+        assert_eq!(text.at(entries.trap_common).first(), Some(&0x50));
+        assert_eq!(text.at(0x1000), &[] as &[u8], "outside the kernel");
+        // memcpy/memset use rep movs/stos: some exist, none at a stub.
+        let (start, bytes) = &text.segments[0];
+        let reps = (0..bytes.len() as u64).filter(|i| text.rep_string_length(start + i).is_some()).count();
+        assert!(reps > 0, "no rep string instruction in the kernel text");
+        assert!(entries.stubs.iter().all(|s| text.rep_string_length(s.start).is_none()));
+    }
+
+    #[test]
+    fn only_an_out_to_the_patch_port_just_past_a_patch_site_is_a_kernel_entry() {
+        let entries = entries();
+        let (common, syscall) = (entries.trap_common, entries.syscall_entry);
+        assert_eq!(patch_at(&entries, PATCH_PORT, syscall + 2), Some((At::SyscallEntry, syscall)));
+        assert_eq!(patch_at(&entries, PATCH_PORT, common + 2), Some((At::TrapCommon, common)));
+        // RIP on the site (KVM did not move past the out), elsewhere, or
+        // another port: not a patch.
+        assert_eq!(patch_at(&entries, PATCH_PORT, common), None);
+        assert_eq!(patch_at(&entries, PATCH_PORT, common + 3), None);
+        assert_eq!(patch_at(&entries, PATCH_PORT, 1), None);
+        assert_eq!(patch_at(&entries, 0x500, common + 2), None);
+        assert_eq!(PATCH, [0xe6, 0x7e], "out 0x7e, al");
+    }
+
+    #[test]
+    fn stepping_is_armed_in_ring_0_only_and_the_patches_are_off_where_the_vcpu_stands() {
+        let entries = entries();
+        let (common, syscall) = (entries.trap_common, entries.syscall_entry);
+        assert_eq!(arm_after(&entries, K + 5), (true, true));
+        assert_eq!(arm_after(&entries, common), (true, false));
+        assert_eq!(arm_after(&entries, common + 1), (true, false), "the second byte of the patch");
+        assert_eq!(arm_after(&entries, common + 2), (true, true));
+        assert_eq!(arm_after(&entries, syscall), (true, false));
+        assert_eq!(arm_after(&entries, syscall + 1), (true, false));
+        assert_eq!(arm_after(&entries, common - 1), (true, true));
+        assert_eq!(arm_after(&entries, 0x40_1000), (false, true));
+        assert_eq!(
+            guest_debug(Method::Patches, true).control,
+            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ
+        );
+        assert_eq!(guest_debug(Method::Patches, false).control, KVM_GUESTDBG_ENABLE);
+        // PVM: exactly what it always was.
+        assert_eq!(
+            guest_debug(Method::SingleStep, true).control,
+            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+        );
+        assert_eq!(Method::for_host(HostFlavor::Pvm), Method::SingleStep);
+        assert_eq!(Method::for_host(HostFlavor::Kvm), Method::Patches);
+    }
+
+    #[test]
+    fn the_patches_replace_two_bytes_each_and_are_put_back() {
+        let ram = GuestRam::new(16).unwrap();
+        let entries = KernelEntries {
+            stubs: stubs(),
+            trap_common: KERNEL_VMA_BASE + 0x10_0100,
+            syscall_entry: KERNEL_VMA_BASE + 0x10_0200,
+        };
+        ram.write_bytes(0x10_00ff, &[0x11, 0x50, 0x53, 0x51]).unwrap();
+        ram.write_bytes(0x10_0200, &[0x48, 0x89, 0x25]).unwrap();
+        let mut patches = Patches::new(&ram, &entries).unwrap();
+        let bytes = |gpa, len| {
+            let mut buffer = vec![0; len];
+            ram.read_bytes(gpa, &mut buffer).unwrap();
+            buffer
+        };
+        patches.set(&ram, true).unwrap();
+        assert_eq!(bytes(0x10_00ff, 4), [0x11, 0xe6, 0x7e, 0x51]);
+        assert_eq!(bytes(0x10_0200, 3), [0xe6, 0x7e, 0x25]);
+        patches.set(&ram, true).unwrap();
+        assert_eq!(bytes(0x10_0100, 2), [0xe6, 0x7e], "written once, the original kept");
+        patches.set(&ram, false).unwrap();
+        assert_eq!(
+            (bytes(0x10_00ff, 4), bytes(0x10_0200, 3)),
+            (vec![0x11, 0x50, 0x53, 0x51], vec![0x48, 0x89, 0x25])
+        );
+        // A site outside guest RAM is an error, not a panic.
+        let outside = KernelEntries { trap_common: KERNEL_VMA_BASE + (16 << 20) - 1, ..entries };
+        assert!(Patches::new(&ram, &outside).is_err());
+    }
+
+    /// A kernel path shared by both hosts' traces: `n` steps from
+    /// trap_common on, the last one onto `trap_iretq`.
+    fn common_path(counter: &mut Counter, stubs: &[EntryStub], n: u64) {
+        for i in 1..=n {
+            counter.step(stubs, K + 100 + i, None);
+        }
+    }
+
+    #[test]
+    fn patched_entries_on_ordinary_kvm_count_what_single_steps_count_on_pvm() {
+        let stubs = stubs();
+        let user = 0x40_1000;
+        let gate = |rax, rdi, rsi| GateRegs { rax, rdi, rsi, cr3: 0x1000 };
+        // PVM: an int3 getpid is stepped from the stub's first instruction.
+        let mut pvm = Counter::default();
+        pvm.first_user_instruction();
+        pvm.step(&stubs, K + 2, Some(gate(4, 0, 0)));
+        pvm.step(&stubs, K + 4, None);
+        pvm.step(&stubs, K + 100, None);
+        common_path(&mut pvm, &stubs, 10);
+        let (pvm, _) = pvm.finish();
+        assert_eq!(pvm.excursions["syscall 4"], vec![13]);
+
+        // Ordinary KVM, the same int3 getpid: the stub ran unstepped, the
+        // patch at trap_common finds vector 3 on the stack and counts
+        // its 3 instructions; the iretq's step lands in ring 3.
+        let mut kvm = Counter::default();
+        kvm.first_user_instruction();
+        kvm.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(3) }, gate(4, 0, 0));
+        common_path(&mut kvm, &stubs, 10);
+        kvm.step(&stubs, user, None);
+        // A syscall getpid: stepped from syscall_entry (the patch itself
+        // counts nothing), 4 instructions there, then onto trap_common: an
+        // entry there is the one stepped onto (no patch stands there then).
+        kvm.patched_entry(&stubs, K + 200, Entry::Syscall, gate(4, 0, 0));
+        for pc in [K + 207, K + 214, K + 220] {
+            kvm.step(&stubs, pc, None);
+        }
+        kvm.step(&stubs, K + 100, None);
+        assert!(kvm.stepped_onto(K + 100));
+        kvm.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(SYSCALL_VECTOR) }, gate(4, 0, 0));
+        common_path(&mut kvm, &stubs, 10);
+        kvm.step(&stubs, user, None);
+        // A page fault (error-code stub: 2 instructions) and a timer tick.
+        kvm.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(14) }, gate(0, 0, 0));
+        common_path(&mut kvm, &stubs, 5);
+        kvm.step(&stubs, user, None);
+        kvm.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(32) }, gate(0, 0, 0));
+        common_path(&mut kvm, &stubs, 7);
+        kvm.step(&stubs, user, None);
+        // An entry whose vector could not be read, and one without a stub.
+        kvm.patched_entry(&stubs, K + 100, Entry::Common { vector: None }, gate(0, 0, 0));
+        common_path(&mut kvm, &stubs, 1);
+        kvm.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(0x101) }, gate(0, 0, 0));
+        common_path(&mut kvm, &stubs, 1);
+        let (kvm, _) = kvm.finish();
+        assert_eq!(kvm.excursions["syscall 4"], vec![13, 4 + 10]);
+        assert_eq!(kvm.excursions["vector 14"], vec![2 + 5]);
+        assert_eq!(kvm.excursions["vector unknown"], vec![1]);
+        assert_eq!(kvm.excursions["vector 257"], vec![1]);
+        assert_eq!((kvm.timer_excursions, kvm.timer_instructions), (1, 3 + 7));
+        assert_eq!(kvm.patched_entries, 6, "the stepped-onto entry is not one");
+        assert_eq!(kvm.unaccounted_entries, 2);
+        assert_eq!(kvm.user_steps, 4);
+        assert_eq!(kvm.counted_instructions, 13 + 14 + 7 + 1 + 1);
+    }
+
+    #[test]
+    fn patched_entries_open_and_close_windows_and_keep_boot_apart() {
+        let stubs = stubs();
+        let user = 0x40_1000;
+        let gate = |rax, rdi, rsi, cr3| GateRegs { rax, rdi, rsi, cr3 };
+        let mut counter = Counter::default();
+        // Boot: stepped from the first instruction, one exception on the way.
+        counter.step(&stubs, K + 50, None);
+        counter.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(14) }, gate(0, 0, 0, 0));
+        common_path(&mut counter, &stubs, 3);
+        counter.exit();
+        counter.step(&stubs, user, None);
+        counter.first_user_instruction();
+        // Op 1 limited to CR3 0x1000, through syscall entries.
+        let syscall = |counter: &mut Counter, regs: GateRegs, path: u64| {
+            counter.patched_entry(&stubs, K + 200, Entry::Syscall, regs);
+            counter.step(&stubs, K + 207, None);
+            counter.step(&stubs, K + 100, None);
+            common_path(counter, &stubs, path);
+            counter.step(&stubs, user, None);
+        };
+        syscall(&mut counter, gate(MARK_BEGIN, 1, 1, 0x1000), 4);
+        syscall(&mut counter, gate(4, 0, 0, 0x1000), 6);
+        counter.exit();
+        // Another address space's fault and a tick: not in op 1's window.
+        counter.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(14) }, gate(0, 0, 0, 0x2000));
+        common_path(&mut counter, &stubs, 5);
+        counter.step(&stubs, user, None);
+        counter.patched_entry(&stubs, K + 100, Entry::Common { vector: Some(32) }, gate(0, 0, 0, 0x1000));
+        common_path(&mut counter, &stubs, 5);
+        counter.step(&stubs, user, None);
+        syscall(&mut counter, gate(MARK_END, 1, 1, 0x1000), 4);
+        let (counts, windows) = counter.finish();
+        assert_eq!(counts.boot_instructions, 1 + 2 + 3);
+        assert_eq!(counts.boot_exits, 1);
+        assert_eq!(windows[&1], Window { instructions: 2 + 6, exits: 1, ops: 1, regions: 1 });
+        assert_eq!(counts.excursions["syscall 4"], vec![8]);
+        assert_eq!(counts.excursions["vector 14"], vec![7]);
     }
 
     #[test]
