@@ -427,6 +427,8 @@ fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
         // (it would fault first, and the sample would be stale).
         loop {
             yield_now();
+            // SAFETY: word 1 of the owner's own shared clock mapping, which
+            // no Rust reference covers.
             if unsafe { read_u64(clock + 8) } == 1 {
                 break;
             }
@@ -489,6 +491,8 @@ fn grantee(owner: u32) -> Result<(), Failure> {
         // meant to fault once the owner revokes it.
         unsafe { write_u64(clock + 8, 1) };
         yield_now();
+        // SAFETY: as above: the clock stays mapped, and the read of the
+        // revoked region is the one meant to fault.
         unsafe {
             write_u64(clock + 8, 2);
             write_u64(clock, rdtsc());

@@ -466,13 +466,18 @@ fn far_transfer(kind: &str, selector: u64) {
     unsafe { asm!("lea {}, [rip + 2f]", "2:", out(reg) target, options(nomem, nostack)) };
     let operand: [u32; 2] = [target as u32, selector as u32];
     let p = operand.as_ptr();
-    // SAFETY (each block): deliberately not: the far transfer must fault.
     match kind {
+        // SAFETY: deliberately unsound: the far jump must fault (the kernel
+        // kills this process); `p` points at a live far pointer.
         "jump" => unsafe { asm!("ljmpl *({0})", in(reg) p, options(att_syntax, nostack)) },
+        // SAFETY: as for the jump: the far call must fault.
         "call" => unsafe { asm!("lcalll *({0})", in(reg) p, options(att_syntax)) },
+        // SAFETY: as for the jump: the far return must fault.
         "ret" => unsafe {
             asm!("push {sel}", "push {target}", "lretq", sel = in(reg) selector, target = in(reg) target, options(att_syntax))
         },
+        // SAFETY: as for the jump: the iretq to the old 32-bit selector
+        // must fault.
         "iret" => unsafe {
             asm!(
                 "mov %ss, %eax",
