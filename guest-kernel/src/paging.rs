@@ -298,6 +298,15 @@ impl Budget {
     }
 }
 
+/// For the table of `level` covering `base..`: the span of one entry and the
+/// entry indices `first..last` that overlap `start..end`.
+fn entry_range(level: u32, base: u64, start: u64, end: u64) -> (u64, usize, usize) {
+    let child_span = span(level - 1);
+    let first = ((start.max(base) - base) / child_span) as usize;
+    let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
+    (child_span, first, last)
+}
+
 /// The index of the first present entry of `table` in `from..last` (or
 /// `last`), found in a tight loop; the absent entries skipped cost the walk
 /// one unit per [`ENTRIES_PER_UNIT`]. If the units run out first, the walk
@@ -346,9 +355,7 @@ fn clear_range<M: PageTableMemory>(
     on_leaf: &mut impl FnMut(&mut M, u64, u64),
     on_table: &mut impl FnMut(&mut M, u64),
 ) -> bool {
-    let child_span = span(level - 1);
-    let first = ((start.max(base) - base) / child_span) as usize;
-    let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
+    let (child_span, first, last) = entry_range(level, base, start, end);
     let mut cleared = false;
     let mut i = first;
     loop {
@@ -431,9 +438,7 @@ fn visit_range<M: PageTableMemory>(
     walk: &mut Budget,
     on_leaf: &mut impl FnMut(&mut M, u64, usize, u64),
 ) {
-    let child_span = span(level - 1);
-    let first = ((start.max(base) - base) / child_span) as usize;
-    let last = ((end.min(base + span(level)) - base).div_ceil(child_span)) as usize;
+    let (child_span, first, last) = entry_range(level, base, start, end);
     let mut i = first;
     loop {
         i = next_present(mem, table, i, last, walk, |i| start.max(base + i as u64 * child_span));
