@@ -782,17 +782,17 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
                 }
                 step
             }
-            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
-                if watchdog.fired() {
-                    Step::Stop(GuestExit::Timeout(options.timeout))
-                } else {
-                    Step::Continue
-                }
-            }
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => Step::Continue,
             Err(error) => Step::Stop(GuestExit::VcpuError(error.to_string())),
         };
         if let Step::Stop(exit) = step {
             break exit;
+        }
+        // After every exit, not only at EINTR: when stepping, the vCPU
+        // thread is nearly always in the VMM when the kick lands, and the
+        // signal then interrupts nothing.
+        if watchdog.fired() {
+            break GuestExit::Timeout(options.timeout);
         }
     };
     watchdog.stop();
