@@ -41,6 +41,11 @@ pub trait Memory {
     fn alloc_frame(&mut self, owner: FrameOwner) -> Option<u64>;
     /// Scrubs and frees a frame.
     fn release_frame(&mut self, frame: u64);
+    /// Whether every entry of the table at `frame` is unused (see
+    /// [`PageTableMemory::table_is_empty`]).
+    fn table_is_empty(&mut self, frame: u64) -> bool {
+        self.table(frame).iter().all(|entry| entry.is_unused())
+    }
     /// The recorded owner of a frame (`None` if not managed).
     fn owner(&self, frame: u64) -> Option<FrameOwner>;
     /// Invalidates any cached translation of `va` in the address space whose
@@ -80,6 +85,9 @@ impl<M: Memory> PageTableMemory for Tables<'_, M> {
     fn free_table(&mut self, frame: u64) {
         self.memory.release_frame(frame);
         self.net -= 1;
+    }
+    fn table_is_empty(&mut self, frame: u64) -> bool {
+        self.memory.table_is_empty(frame)
     }
 }
 

@@ -36,12 +36,25 @@ pub fn zero_frame(frame: u64) {
     unsafe { core::ptr::write_bytes(direct::<u8>(frame), 0, PAGE_SIZE as usize) };
 }
 
-/// Whether every byte of `frame` is zero (debug injection only: on the PVM
-/// host each of the 512 loads is emulated).
+/// Whether every byte of `frame` is zero: one `repe scasq` (one emulated
+/// instruction on the PVM host, where a loop would cost ~6 per word).
 fn frame_is_zero(frame: u64) -> bool {
-    // SAFETY: as for `zero_frame`; the frame is read, not written.
-    let words = unsafe { core::slice::from_raw_parts(direct::<u64>(frame), (PAGE_SIZE / 8) as usize) };
-    words.iter().all(|&w| w == 0)
+    let zero: u8;
+    // SAFETY: reads the 512 words of a whole guest-RAM frame through the
+    // direct map, which covers all of guest RAM; DF is clear in the kernel
+    // (trap_common resets RFLAGS). rdi and rcx are consumed.
+    unsafe {
+        core::arch::asm!(
+            "repe scasq",
+            "sete {zero}",
+            zero = out(reg_byte) zero,
+            inout("rdi") direct::<u64>(frame) => _,
+            inout("rcx") PAGE_SIZE / 8 => _,
+            in("rax") 0u64,
+            options(nostack, readonly),
+        )
+    };
+    zero != 0
 }
 
 /// Copies `bytes` into guest-physical memory at `phys`.
@@ -159,6 +172,10 @@ impl Memory for KernelMemory {
         })
     }
 
+    fn table_is_empty(&mut self, frame: u64) -> bool {
+        frame_is_zero(frame)
+    }
+
     fn release_frame(&mut self, frame: u64) {
         if self.skip_one_scrub && !frame_is_zero(frame) {
             // DEBUG_SKIP_ONE_SCRUB: the fault the checker must catch.
@@ -210,5 +227,8 @@ impl PageTableMemory for KernelTables<'_> {
     }
     fn free_table(&mut self, frame: u64) {
         self.0.release_frame(frame);
+    }
+    fn table_is_empty(&mut self, frame: u64) -> bool {
+        frame_is_zero(frame)
     }
 }
