@@ -15,9 +15,9 @@ use superos_protocol::syscall::{decode_recv, decode_result, GateInfo, SysError, 
 pub use superos_protocol::layout::PAGE_SIZE;
 pub use superos_protocol::syscall::SysError as Error;
 pub use superos_protocol::syscall::{
-    CapInfo, MemStat, CAPS_MAX, CAPS_PER_GRANTER, MAILBOX_DEPTH, MESSAGE_MAX, PROT_EXEC, PROT_READ,
-    PROT_WRITE, RECV_NONBLOCK, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX,
-    SHM_PARTICIPANTS_MAX,
+    CapInfo, MemStat, CAPS_MAX, MAILBOX_DEPTH, MAILBOX_PER_SENDER, MESSAGE_MAX, OFFERS_PER_GRANTER,
+    PROT_EXEC, PROT_READ, PROT_WRITE, RECV_NONBLOCK, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE,
+    SHM_MAX, SHM_PARTICIPANTS_MAX,
 };
 
 /// Raw system calls through the gate page.
@@ -167,13 +167,26 @@ pub fn shm_create(len: u64, rights: u64) -> Result<u64, Error> {
     call(Syscall::ShmCreate, len, rights)
 }
 
-/// Gives process `pid` its own capability for the region behind `handle`,
+/// Offers process `pid` its own capability for the region behind `handle`,
 /// with `rights` (a subset of the caller's, which must include
-/// [`RIGHT_GRANT`]). Nothing is mapped in `pid`; it finds its (different)
-/// handle with [`cap_list`] or [`find_cap`], typically after being told the
-/// region id in a message ([`mem_share_message`]).
+/// [`RIGHT_GRANT`]). Sharing is opt-in: nothing reaches `pid`'s capability
+/// table until it calls [`shm_accept`] with the region id, typically after
+/// being told it in a message ([`mem_share_message`]). The offer is charged
+/// to the caller (at most [`OFFERS_PER_GRANTER`] outstanding; beyond, the
+/// caller's `capabilities` quota refuses it under its policy); the caller
+/// withdraws it with [`shm_revoke`]. Nothing is mapped.
 pub fn shm_grant(handle: u64, pid: u32, rights: u64) -> Result<(), Error> {
     call3(Syscall::ShmGrant, handle, u64::from(pid), rights).map(drop)
+}
+
+/// Accepts the capability for region `region` (`MEM_SHARE:<region>`) that
+/// another process offered the caller with [`shm_grant`], and returns the
+/// caller's own handle for it (counted against its [`CAPS_MAX`]). Errors:
+/// `bad-handle` (nothing offered to the caller for that region, or the offer
+/// was withdrawn or revoked), `quota-exceeded` (the caller's table is full,
+/// under its quota policy).
+pub fn shm_accept(region: u32) -> Result<u64, Error> {
+    call(Syscall::ShmAccept, u64::from(region), 0)
 }
 
 /// Maps the region behind `handle` into the caller with `prot`
@@ -194,10 +207,12 @@ pub fn shm_unmap(addr: u64) -> Result<(), Error> {
     call(Syscall::ShmUnmap, addr, 0).map(drop)
 }
 
-/// The owner takes the capability for the region behind `handle` away from
-/// `pid` and removes `pid`'s mapping at once; `pid`'s later uses of its
-/// handle are [`Error::BadHandle`] and its accesses to the old range are
-/// terminated as `use-after-revoke`.
+/// The owner (or whoever granted `pid` its capability) takes the capability
+/// for the region behind `handle` away from `pid` and removes `pid`'s
+/// mapping at once; `pid`'s later uses of its handle are
+/// [`Error::BadHandle`] and its accesses to the old range are terminated as
+/// `use-after-revoke`. Revocation is transitive: whatever `pid` granted
+/// from it is revoked in the same call. Withdraws an offer not yet accepted.
 pub fn shm_revoke(handle: u64, pid: u32) -> Result<(), Error> {
     call(Syscall::ShmRevoke, handle, u64::from(pid)).map(drop)
 }
@@ -210,7 +225,8 @@ pub fn shm_destroy(handle: u64) -> Result<(), Error> {
 
 /// Gives up the capability `handle` names (not a region the caller owns: it
 /// has `shm_destroy`). Its mapping, if any, becomes a revoked range (an
-/// access is `use-after-revoke`; [`shm_unmap`] releases it). Errors:
+/// access is `use-after-revoke`; [`shm_unmap`] releases it), and whatever
+/// the caller granted from it is revoked. Errors:
 /// `bad-handle`, `not-permitted` (the caller owns the region).
 pub fn cap_drop(handle: u64) -> Result<(), Error> {
     call(Syscall::CapDrop, handle, 0).map(drop)
@@ -255,9 +271,17 @@ pub fn cap_list() -> Result<Caps, Error> {
 }
 
 /// The caller's capability for region `region` (`MEM_SHARE:<region>`), if
-/// it holds one: how a grantee finds the handle it was given.
+/// it holds one (a grantee holds one once it accepted the offer).
 pub fn find_cap(region: u32) -> Option<CapInfo> {
     cap_list().ok()?.region(region)
+}
+
+/// Accepts the offer of a capability for region `region` ([`shm_accept`])
+/// and returns the caller's record of it (its handle, owner, rights,
+/// length): what a grantee does when told `MEM_SHARE:<region>`.
+pub fn accept_cap(region: u32) -> Result<CapInfo, Error> {
+    let handle = shm_accept(region)?;
+    cap_list()?.handle(handle).ok_or(Error::BadHandle)
 }
 
 /// Longest message [`tag_message`] writes.

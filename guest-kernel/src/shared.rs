@@ -6,20 +6,27 @@
 //!
 //! 1. `create` allocates the region's frames (owned `Shared(id)`, zeroed) and
 //!    gives the creator a capability; nothing is mapped.
-//! 2. `grant` puts a capability with at most the granter's rights in another
-//!    process's table; nothing is mapped.
+//! 2. `grant` offers another process a capability with at most the
+//!    granter's rights; the offer is charged to the granter
+//!    ([`OFFERS_PER_GRANTER`]) and takes nothing of the receiver's.
+//!    `accept` (the receiver's own call) puts the capability in its table:
+//!    sharing is opt-in for every participant. Nothing is mapped.
 //! 3. `map` maps the region into the caller (owner included) at an address
 //!    the kernel picks, with rights within the capability's.
 //! 4. `mem_protect` may only reduce a mapping's rights; nothing resizes or
 //!    moves a region.
-//! 5. `revoke`/`destroy` (owner only) remove mappings and capabilities at
-//!    once; the revoked range stays reserved so a later access faults as
-//!    `use-after-revoke`. Frames are freed only at destroy, after every
-//!    mapping is gone.
+//! 5. `revoke` (the owner, or whoever granted the target) and `destroy`
+//!    (owner only) remove mappings and capabilities at once; the revoked
+//!    range stays reserved so a later access faults as `use-after-revoke`.
+//!    Revocation is transitive: every capability or offer derived from a
+//!    revoked (dropped, or exiting) holder's goes in the same call. Frames
+//!    are freed only at destroy, after every mapping is gone.
 //!
 //! Invariants (checked by the property test): every capability in a table
-//! names a live region that lists its holder as a participant with the same
-//! rights, and vice versa; a participant's mapping exists exactly when its
+//! names a live region that lists its holder as a holding participant with
+//! the same rights, and vice versa; an offered participant holds nothing and
+//! maps nothing; every participant's `granted_by` chain runs through holding
+//! participants to the owner; a participant's mapping exists exactly when its
 //! address space maps the region's frames; every `Shared(id)` frame belongs
 //! to live region `id`; nothing leaks.
 
@@ -30,8 +37,8 @@ use superos_protocol::event::{Event, QuotaKind};
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
-    CapInfo, SysError, CAPS_MAX, CAPS_PER_GRANTER, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX, SHM_PAGES_MAX,
-    SHM_PARTICIPANTS_MAX, SHM_REGIONS_MAX,
+    CapInfo, SysError, CAPS_MAX, OFFERS_PER_GRANTER, PROT_EXEC, PROT_READ, PROT_WRITE, SHM_MAX,
+    SHM_PAGES_MAX, SHM_PARTICIPANTS_MAX, SHM_REGIONS_MAX,
 };
 
 /// A process holding a capability for a region.
@@ -43,9 +50,12 @@ pub struct Participant {
     pub rights: Rights,
     /// Where it has the region mapped, and with which `PROT_*`.
     pub mapping: Option<(u64, u64)>,
-    /// Who granted it the capability (the owner: itself), charged with it
-    /// ([`CAPS_PER_GRANTER`]).
+    /// Whose capability it was derived from (the owner: itself); revoking
+    /// that one revokes this one.
     pub granted_by: u32,
+    /// Whether it accepted (holds a capability in its table) or has only
+    /// been offered one, charged to `granted_by` ([`OFFERS_PER_GRANTER`]).
+    pub accepted: bool,
 }
 
 /// A live shared region.
@@ -87,11 +97,15 @@ pub trait Holders {
 pub struct SharedMemory {
     regions: Vec<SharedRegion>,
     next_id: u32,
+    /// `DEBUG_SHALLOW_REVOCATION` (checker self-test): revocation takes
+    /// only the named participant, leaving what was derived from it - the
+    /// bug `revocation-complete` must catch.
+    pub shallow_revocation: bool,
 }
 
 impl Default for SharedMemory {
     fn default() -> Self {
-        SharedMemory { regions: Vec::new(), next_id: 1 }
+        SharedMemory { regions: Vec::new(), next_id: 1, shallow_revocation: false }
     }
 }
 
@@ -173,13 +187,19 @@ impl SharedMemory {
             id,
             owner: caller,
             frames,
-            participants: alloc::vec![Participant { pid: caller, rights, mapping: None, granted_by: caller }],
+            participants: alloc::vec![Participant {
+                pid: caller,
+                rights,
+                mapping: None,
+                granted_by: caller,
+                accepted: true,
+            }],
         });
         let event = Event::ShmCreated { pid: caller, region: id.into(), len, rights: rights.bits() };
         Ok((handle, alloc::vec![event]))
     }
 
-    /// `shm_grant(handle, target, rights)`.
+    /// `shm_grant(handle, target, rights)`: an offer, charged to the caller.
     pub fn grant<H: Holders>(
         &mut self,
         holders: &mut H,
@@ -209,34 +229,27 @@ impl SharedMemory {
                 limit: SHM_PARTICIPANTS_MAX as u64,
             });
         }
-        // What this granter holds in the target's table already is charged
-        // to it: at most CAPS_PER_GRANTER, so no one granter fills it.
-        let from_me = self
+        // Outstanding offers are the granter's: at most OFFERS_PER_GRANTER.
+        let offered = self
             .regions
             .iter()
             .flat_map(|r| r.participants.iter())
-            .filter(|p| p.pid == target && p.granted_by == caller)
+            .filter(|p| !p.accepted && p.granted_by == caller)
             .count();
-        if from_me >= CAPS_PER_GRANTER {
+        if offered >= OFFERS_PER_GRANTER {
             return Err(Refusal::Quota {
                 kind: QuotaKind::Capabilities,
-                requested: from_me as u64 + 1,
-                limit: CAPS_PER_GRANTER as u64,
+                requested: offered as u64 + 1,
+                limit: OFFERS_PER_GRANTER as u64,
             });
         }
         let id = capability.region;
-        let theirs = holder(holders, target).caps;
-        let held = theirs.len() as u64;
-        theirs.insert(Capability { region: id, rights: granted }).ok_or(Refusal::Quota {
-            kind: QuotaKind::Capabilities,
-            requested: held + 1,
-            limit: CAPS_MAX as u64,
-        })?;
         self.regions[index].participants.push(Participant {
             pid: target,
             rights: granted,
             mapping: None,
             granted_by: caller,
+            accepted: false,
         });
         Ok(alloc::vec![Event::ShmGranted {
             pid: caller,
@@ -244,6 +257,39 @@ impl SharedMemory {
             grantee: target.into(),
             rights: granted.bits(),
         }])
+    }
+
+    /// `shm_accept(region)`: the caller takes the capability it was offered
+    /// for region `region` into its table; returns its handle.
+    pub fn accept<H: Holders>(
+        &mut self,
+        holders: &mut H,
+        caller: u32,
+        region: u64,
+    ) -> Result<(u64, Vec<Event>), Refusal> {
+        let index = u32::try_from(region).ok().and_then(|id| self.index(id)).ok_or(SysError::BadHandle)?;
+        let participant = self.regions[index]
+            .participants
+            .iter()
+            .position(|p| p.pid == caller && !p.accepted)
+            .ok_or(SysError::BadHandle)?;
+        let id = self.regions[index].id;
+        let Participant { rights, granted_by, .. } = self.regions[index].participants[participant];
+        let mine = holder(holders, caller).caps;
+        let held = mine.len() as u64;
+        let handle = mine.insert(Capability { region: id, rights }).ok_or(Refusal::Quota {
+            kind: QuotaKind::Capabilities,
+            requested: held + 1,
+            limit: CAPS_MAX as u64,
+        })?;
+        self.regions[index].participants[participant].accepted = true;
+        let event = Event::ShmAccepted {
+            pid: caller,
+            region: id.into(),
+            granter: granted_by.into(),
+            rights: rights.bits(),
+        };
+        Ok((handle, alloc::vec![event]))
     }
 
     /// `shm_map(handle, prot)`: returns the address.
@@ -330,10 +376,10 @@ impl SharedMemory {
         if self.regions[index].owner == caller {
             return Err(SysError::NotPermitted);
         }
-        Ok(alloc::vec![self.revoke_participant(memory, holders, index, caller, caller)])
+        Ok(self.revoke_participant(memory, holders, index, caller, caller))
     }
 
-    /// `shm_revoke(handle, target)`: owner only.
+    /// `shm_revoke(handle, target)`: the owner, or the target's granter.
     pub fn revoke<M: Memory, H: Holders>(
         &mut self,
         memory: &mut M,
@@ -343,14 +389,20 @@ impl SharedMemory {
         target: u64,
     ) -> Result<Vec<Event>, SysError> {
         let (_, index) = self.lookup(holder(holders, caller).caps, handle)?;
-        if self.regions[index].owner != caller {
+        let region = &self.regions[index];
+        let target = u32::try_from(target).map_err(|_| SysError::InvalidArgument)?;
+        let Some(participant) = region.participants.iter().find(|p| p.pid == target && target != caller)
+        else {
+            return Err(if region.owner == caller {
+                SysError::InvalidArgument
+            } else {
+                SysError::NotPermitted
+            });
+        };
+        if region.owner != caller && participant.granted_by != caller {
             return Err(SysError::NotPermitted);
         }
-        let target = u32::try_from(target).map_err(|_| SysError::InvalidArgument)?;
-        if target == caller || !self.regions[index].participants.iter().any(|p| p.pid == target) {
-            return Err(SysError::InvalidArgument);
-        }
-        Ok(alloc::vec![self.revoke_participant(memory, holders, index, target, caller)])
+        Ok(self.revoke_participant(memory, holders, index, target, caller))
     }
 
     /// `shm_destroy(handle)`: owner only.
@@ -391,8 +443,10 @@ impl SharedMemory {
             .collect()
     }
 
-    /// Takes `target`'s capability for region `index` away and removes its
-    /// mapping at once (the range stays reserved as revoked).
+    /// Takes `target`'s capability (or offer) for region `index` away and
+    /// removes its mapping at once (the range stays reserved as revoked),
+    /// then, transitively, everything derived from it. One event per
+    /// participant, `target`'s first.
     fn revoke_participant<M: Memory, H: Holders>(
         &mut self,
         memory: &mut M,
@@ -400,14 +454,43 @@ impl SharedMemory {
         index: usize,
         target: u32,
         by: u32,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        // Depth-first over the derivation tree; at most SHM_PARTICIPANTS_MAX
+        // entries are ever pending.
+        let mut pending = alloc::vec![target];
+        while let Some(pid) = pending.pop() {
+            let region = &mut self.regions[index];
+            let Some(position) = region.participants.iter().position(|p| p.pid == pid) else { continue };
+            let participant = region.participants.remove(position);
+            if self.shallow_revocation {
+                events.push(self.take_away(memory, holders, index, participant, by));
+                break;
+            }
+            pending.extend(region.participants.iter().filter(|p| p.granted_by == pid).map(|p| p.pid));
+            events.push(self.take_away(memory, holders, index, participant, by));
+        }
+        events
+    }
+
+    /// Removes what participant `participant` (already out of region
+    /// `index`'s list) held: its capability and its mapping.
+    fn take_away<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        index: usize,
+        participant: Participant,
+        by: u32,
     ) -> Event {
-        let region = &mut self.regions[index];
+        let region = &self.regions[index];
         let (id, owner, len) = (region.id, region.owner, region.byte_len());
-        let position = region.participants.iter().position(|p| p.pid == target).expect("checked by callers");
-        let participant = region.participants.remove(position);
+        let target = participant.pid;
         let mut addr = 0;
         if let Some(holder) = holders.holder(target) {
-            holder.caps.remove_region(id);
+            if participant.accepted {
+                holder.caps.remove_region(id);
+            }
             if participant.mapping.is_some() {
                 addr = holder.space.revoke_shared(memory, id).unwrap_or(0);
                 if target != owner {
@@ -428,10 +511,11 @@ impl SharedMemory {
         by: u32,
     ) -> Vec<Event> {
         let owner = self.regions[index].owner;
-        let others: Vec<u32> =
-            self.regions[index].participants.iter().map(|p| p.pid).filter(|&p| p != owner).collect();
-        let mut events: Vec<Event> =
-            others.into_iter().map(|pid| self.revoke_participant(memory, holders, index, pid, by)).collect();
+        let mut events = Vec::new();
+        while let Some(other) = self.regions[index].participants.iter().position(|p| p.pid != owner) {
+            let participant = self.regions[index].participants.remove(other);
+            events.push(self.take_away(memory, holders, index, participant, by));
+        }
         let region = self.regions.remove(index);
         if let Some(holder) = holders.holder(owner) {
             holder.caps.remove_region(region.id);
@@ -461,7 +545,31 @@ impl SharedMemory {
         events
     }
 
-    /// After process `pid` is gone: drops it from every region.
+    /// Before process `pid` goes away (while it is still live and
+    /// consistent): revokes, transitively, every capability and offer others
+    /// derived from its, with `pid` as the revoker.
+    pub fn revoke_derived<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        pid: u32,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for index in 0..self.regions.len() {
+            while let Some(derived) = self.regions[index]
+                .participants
+                .iter()
+                .find(|p| p.granted_by == pid && p.pid != pid)
+                .map(|p| p.pid)
+            {
+                events.extend(self.revoke_participant(memory, holders, index, derived, pid));
+            }
+        }
+        events
+    }
+
+    /// After process `pid` is gone: drops it from every region (what was
+    /// derived from its capabilities went before, [`Self::revoke_derived`]).
     pub fn forget(&mut self, pid: u32) {
         for region in &mut self.regions {
             region.participants.retain(|p| p.pid != pid);
@@ -576,7 +684,7 @@ mod tests {
     }
 
     #[test]
-    fn one_granter_fills_at_most_its_share_and_a_holder_drops_what_it_holds() {
+    fn offers_are_charged_to_the_granter_and_take_nothing_until_accepted() {
         let mut memory = FakeMemory::new();
         let mut world = world(&mut memory, &[1, 2, 3], Quotas::default());
         for (_, _, caps) in &mut world.processes {
@@ -584,48 +692,113 @@ mod tests {
         }
         let mut shm = SharedMemory::default();
         let mut refusal = None;
-        for _ in 0..=CAPS_PER_GRANTER {
+        let mut offered = Vec::new();
+        for _ in 0..=OFFERS_PER_GRANTER {
             let (handle, _) =
                 shm.create(&mut memory, &mut world, 1, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
-            if let Err(error) = shm.grant(&mut world, 1, handle, 2, RIGHT_READ) {
-                refusal = Some(error);
+            match shm.grant(&mut world, 1, handle, 2, RIGHT_READ) {
+                Ok(_) => offered.push(handle),
+                Err(error) => refusal = Some(error),
             }
         }
         assert_eq!(
             refusal,
             Some(Refusal::Quota {
                 kind: QuotaKind::Capabilities,
-                requested: CAPS_PER_GRANTER as u64 + 1,
-                limit: CAPS_PER_GRANTER as u64,
+                requested: OFFERS_PER_GRANTER as u64 + 1,
+                limit: OFFERS_PER_GRANTER as u64,
             })
         );
-        assert_eq!(world.holder(2).unwrap().caps.len(), CAPS_PER_GRANTER);
-        // Another granter still gets through.
+        // The receiver's table is untouched by offers.
+        assert!(world.holder(2).unwrap().caps.is_empty());
+        // Another granter still gets through, and its offer is accepted.
         let (other, _) = shm.create(&mut memory, &mut world, 3, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
         shm.grant(&mut world, 3, other, 2, RIGHT_READ).unwrap();
+        let region = shm.cap_infos(3, world.holder(3).unwrap().caps)[0].region;
+        let (theirs, events) = shm.accept(&mut world, 2, region.into()).unwrap();
+        assert_eq!(events, vec![Event::ShmAccepted { pid: 2, region: region.into(), granter: 3, rights: 1 }]);
+        assert_eq!(world.holder(2).unwrap().caps.len(), 1);
+        // Accepting twice, or what was never offered, is a bad handle.
+        assert_eq!(
+            shm.accept(&mut world, 2, region.into()).unwrap_err(),
+            Refusal::Error(SysError::BadHandle)
+        );
+        assert_eq!(shm.accept(&mut world, 3, 999).unwrap_err(), Refusal::Error(SysError::BadHandle));
         // The holder drops a mapped capability: its mapping is revoked, the
         // handle stale; an owner cannot drop its own.
-        let infos = shm.cap_infos(2, world.holder(2).unwrap().caps);
-        let theirs = infos.iter().find(|i| i.owner == 3).unwrap().handle;
         let (at, _) = shm.map(&mut memory, &mut world, 2, theirs, PROT_READ).unwrap();
         let events = shm.drop_capability(&mut memory, &mut world, 2, theirs).unwrap();
-        assert_eq!(
-            events,
-            vec![Event::ShmRevoked {
-                pid: 2,
-                region: u64::from(infos.iter().find(|i| i.owner == 3).unwrap().region),
-                target: 2,
-                addr: at
-            }]
-        );
+        assert_eq!(events, vec![Event::ShmRevoked { pid: 2, region: region.into(), target: 2, addr: at }]);
         assert_eq!(shm.drop_capability(&mut memory, &mut world, 2, theirs), Err(SysError::BadHandle));
         assert_eq!(shm.drop_capability(&mut memory, &mut world, 3, other), Err(SysError::NotPermitted));
-        assert_eq!(world.holder(2).unwrap().caps.len(), CAPS_PER_GRANTER);
-        // Dropping one of the first granter's frees its share for a new grant.
-        let first = shm.cap_infos(2, world.holder(2).unwrap().caps)[0].handle;
-        shm.drop_capability(&mut memory, &mut world, 2, first).unwrap();
+        // The granter withdraws an offer, which frees its share for a new one.
+        shm.revoke(&mut memory, &mut world, 1, offered[0], 2).unwrap();
         let (again, _) = shm.create(&mut memory, &mut world, 1, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
         assert!(shm.grant(&mut world, 1, again, 2, RIGHT_READ).is_ok());
+        // An accepted offer no longer counts as outstanding.
+        let first = offered[1];
+        let region = shm
+            .cap_infos(1, world.holder(1).unwrap().caps)
+            .iter()
+            .find(|i| i.handle == first)
+            .unwrap()
+            .region;
+        shm.accept(&mut world, 2, region.into()).unwrap();
+        let (more, _) = shm.create(&mut memory, &mut world, 1, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
+        assert!(shm.grant(&mut world, 1, more, 3, RIGHT_READ).is_ok());
+    }
+
+    #[test]
+    fn revocation_takes_everything_derived_from_the_revoked_capability() {
+        let mut memory = FakeMemory::new();
+        let mut world = world(&mut memory, &[1, 2, 3, 4], Quotas::default());
+        let mut shm = SharedMemory::default();
+        let all = RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT;
+        let (owner, _) = shm.create(&mut memory, &mut world, 1, 0x1000, all).unwrap();
+        // 1 -> 2 -> 3 (mapped), 2 -> 4 (offered only).
+        shm.grant(&mut world, 1, owner, 2, all).unwrap();
+        let (b, _) = shm.accept(&mut world, 2, 1).unwrap();
+        shm.grant(&mut world, 2, b, 3, RIGHT_READ | RIGHT_WRITE).unwrap();
+        let (c, _) = shm.accept(&mut world, 3, 1).unwrap();
+        let (at, _) = shm.map(&mut memory, &mut world, 3, c, RW).unwrap();
+        shm.grant(&mut world, 2, b, 4, RIGHT_READ).unwrap();
+        // Only the owner or the direct granter may revoke.
+        assert_eq!(shm.revoke(&mut memory, &mut world, 3, c, 4), Err(SysError::NotPermitted));
+        let events = shm.revoke(&mut memory, &mut world, 1, owner, 2).unwrap();
+        let targets: Vec<u64> = events
+            .iter()
+            .map(|e| match e {
+                Event::ShmRevoked { pid: 1, target, .. } => *target,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(targets.len(), 3);
+        assert_eq!(targets[0], 2);
+        assert!(targets.contains(&3) && targets.contains(&4));
+        assert!(events.contains(&Event::ShmRevoked { pid: 1, region: 1, target: 3, addr: at }));
+        assert!(world.holder(3).unwrap().caps.is_empty());
+        assert_eq!(shm.accept(&mut world, 4, 1).unwrap_err(), Refusal::Error(SysError::BadHandle));
+        assert_eq!(shm.regions()[0].participants.len(), 1);
+        // A granter's exit takes what it derived, too.
+        shm.grant(&mut world, 1, owner, 2, all).unwrap();
+        let (b, _) = shm.accept(&mut world, 2, 1).unwrap();
+        shm.grant(&mut world, 2, b, 3, RIGHT_READ).unwrap();
+        shm.accept(&mut world, 3, 1).unwrap();
+        let events = shm.revoke_derived(&mut memory, &mut world, 2);
+        assert_eq!(events, vec![Event::ShmRevoked { pid: 2, region: 1, target: 3, addr: 0 }]);
+        let index = world.processes.iter().position(|p| p.0 == 2).unwrap();
+        let (_, space, _) = world.processes.remove(index);
+        space.destroy(&mut memory);
+        shm.forget(2);
+        assert!(world.holder(3).unwrap().caps.is_empty());
+        // DEBUG_SHALLOW_REVOCATION: the bug the checker must catch.
+        shm.shallow_revocation = true;
+        shm.grant(&mut world, 1, owner, 3, all).unwrap();
+        let (c, _) = shm.accept(&mut world, 3, 1).unwrap();
+        shm.grant(&mut world, 3, c, 4, RIGHT_READ).unwrap();
+        shm.accept(&mut world, 4, 1).unwrap();
+        assert_eq!(shm.revoke(&mut memory, &mut world, 1, owner, 3).unwrap().len(), 1);
+        assert_eq!(world.holder(4).unwrap().caps.len(), 1);
     }
 
     #[test]
@@ -635,8 +808,11 @@ mod tests {
         let mut shm = SharedMemory::default();
         let (handle, _) =
             shm.create(&mut memory, &mut world, 1, 0x2000, RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT).unwrap();
-        // A grant maps nothing; the grantee's handle is its own.
+        // A grant is an offer that maps nothing; accepted, the grantee's
+        // handle is its own.
         shm.grant(&mut world, 1, handle, 2, RIGHT_READ).unwrap();
+        assert!(shm.cap_infos(2, world.holder(2).unwrap().caps).is_empty());
+        shm.accept(&mut world, 2, 1).unwrap();
         let infos = shm.cap_infos(2, world.holder(2).unwrap().caps);
         assert_eq!(infos.len(), 1);
         assert_eq!((infos[0].region, infos[0].mapped_at, infos[0].rights), (1, 0, RIGHT_READ));
@@ -663,7 +839,7 @@ mod tests {
         assert_eq!(
             shm.revoke(&mut memory, &mut world, 2, theirs, 1),
             Err(SysError::NotPermitted),
-            "not the owner"
+            "neither the owner nor the granter"
         );
         let events = shm.revoke(&mut memory, &mut world, 1, handle, 2).unwrap();
         assert_eq!(events, vec![Event::ShmRevoked { pid: 1, region: 1, target: 2, addr: at }]);
@@ -680,6 +856,8 @@ mod tests {
     enum Op {
         Create(u32, u8, u8),
         Grant(u32, u8, u32, u8),
+        Accept(u32, u8),
+        Drop(u32, u8),
         Map(u32, u8, bool),
         Unmap(u32, u8),
         Revoke(u32, u8, u32),
@@ -688,13 +866,15 @@ mod tests {
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        let pid = 1u32..4;
+        let pid = 1u32..5;
         prop_oneof![
             (pid.clone(), 1u8..4, 1u8..8).prop_map(|(p, n, r)| Op::Create(p, n, r)),
-            (pid.clone(), any::<u8>(), 1u32..4, 1u8..8).prop_map(|(p, h, t, r)| Op::Grant(p, h, t, r)),
+            (pid.clone(), any::<u8>(), 1u32..5, 1u8..8).prop_map(|(p, h, t, r)| Op::Grant(p, h, t, r)),
+            (pid.clone(), 1u8..6).prop_map(|(p, r)| Op::Accept(p, r)),
+            (pid.clone(), any::<u8>()).prop_map(|(p, h)| Op::Drop(p, h)),
             (pid.clone(), any::<u8>(), any::<bool>()).prop_map(|(p, h, w)| Op::Map(p, h, w)),
             (pid.clone(), any::<u8>()).prop_map(|(p, m)| Op::Unmap(p, m)),
-            (pid.clone(), any::<u8>(), 1u32..4).prop_map(|(p, h, t)| Op::Revoke(p, h, t)),
+            (pid.clone(), any::<u8>(), 1u32..5).prop_map(|(p, h, t)| Op::Revoke(p, h, t)),
             (pid.clone(), any::<u8>()).prop_map(|(p, h)| Op::Destroy(p, h)),
             pid.prop_map(Op::Exit),
         ]
@@ -718,7 +898,7 @@ mod tests {
         fn random_sequences_keep_the_tables_consistent(ops in prop::collection::vec(op(), 1..80)) {
             let mut memory = FakeMemory::new();
             let baseline = memory.allocator.free_frames();
-            let mut world = world(&mut memory, &[1, 2, 3], Quotas { max_shared: 6 * 4096, ..Quotas::default() });
+            let mut world = world(&mut memory, &[1, 2, 3, 4], Quotas { max_shared: 6 * 4096, ..Quotas::default() });
             let mut shm = SharedMemory::default();
             for op in ops {
                 match op {
@@ -728,6 +908,13 @@ mod tests {
                     Op::Grant(pid, pick, target, rights) if world.holder(pid).is_some() => {
                         let handle = some_handle(&mut world, pid, pick);
                         let _ = shm.grant(&mut world, pid, handle, u64::from(target), u64::from(rights));
+                    }
+                    Op::Accept(pid, region) if world.holder(pid).is_some() => {
+                        let _ = shm.accept(&mut world, pid, u64::from(region));
+                    }
+                    Op::Drop(pid, pick) if world.holder(pid).is_some() => {
+                        let handle = some_handle(&mut world, pid, pick);
+                        let _ = shm.drop_capability(&mut memory, &mut world, pid, handle);
                     }
                     Op::Map(pid, pick, write) if world.holder(pid).is_some() => {
                         let handle = some_handle(&mut world, pid, pick);
@@ -751,6 +938,7 @@ mod tests {
                     }
                     Op::Exit(pid) if world.holder(pid).is_some() => {
                         shm.destroy_owned(&mut memory, &mut world, pid);
+                        shm.revoke_derived(&mut memory, &mut world, pid);
                         let index = world.processes.iter().position(|p| p.0 == pid).unwrap();
                         let (_, space, _) = world.processes.remove(index);
                         space.destroy(&mut memory);
@@ -764,14 +952,26 @@ mod tests {
                         let region = shm.regions().iter().find(|r| r.id == capability.region);
                         prop_assert!(region.is_some(), "pid {} holds a capability for a dead region", pid);
                         let participant = region.unwrap().participants.iter().find(|p| p.pid == *pid);
-                        prop_assert_eq!(participant.map(|p| p.rights), Some(capability.rights));
+                        prop_assert_eq!(participant.map(|p| (p.rights, p.accepted)), Some((capability.rights, true)));
                     }
                 }
                 for region in shm.regions() {
                     prop_assert!(world.processes.iter().any(|p| p.0 == region.owner), "orphaned region");
                     for participant in &region.participants {
                         let (_, space, caps) = world.processes.iter().find(|p| p.0 == participant.pid).unwrap();
-                        prop_assert!(caps.find_region(region.id).is_some());
+                        prop_assert_eq!(caps.find_region(region.id).is_some(), participant.accepted);
+                        prop_assert!(participant.accepted || participant.mapping.is_none());
+                        // The derivation chain runs through holders to the owner.
+                        let mut at = *participant;
+                        for _ in 0..=SHM_PARTICIPANTS_MAX {
+                            if at.pid == region.owner {
+                                break;
+                            }
+                            let granter = region.participants.iter().find(|p| p.pid == at.granted_by && p.accepted);
+                            prop_assert!(granter.is_some(), "pid {} derived from pid {}, which holds nothing", at.pid, at.granted_by);
+                            at = *granter.unwrap();
+                        }
+                        prop_assert_eq!(at.pid, region.owner, "a derivation cycle");
                         // A mapping exists exactly when the page tables map the frames.
                         let first = region.frames[0];
                         match participant.mapping {
@@ -797,6 +997,7 @@ mod tests {
             let pids: Vec<u32> = world.processes.iter().map(|p| p.0).collect();
             for pid in pids {
                 shm.destroy_owned(&mut memory, &mut world, pid);
+                shm.revoke_derived(&mut memory, &mut world, pid);
                 let index = world.processes.iter().position(|p| p.0 == pid).unwrap();
                 let (_, space, _) = world.processes.remove(index);
                 space.destroy(&mut memory);

@@ -220,6 +220,9 @@ pub const DEBUG_EVENT_FLOOD: u32 = 1 << 11;
 /// as a kernel that wanted a new text baseline (after patching its text)
 /// would: the VMM must report it as a violation, never re-baseline.
 pub const DEBUG_SECOND_HELLO: u32 = 1 << 12;
+/// Checker self-test: revocation is not transitive (a capability derived
+/// from a revoked one survives), which `revocation-complete` must report.
+pub const DEBUG_SHALLOW_REVOCATION: u32 = 1 << 13;
 
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

@@ -95,7 +95,8 @@ pub enum EventKind {
     KernelShutdown = 14,
     /// A shared region was created. args: [region id, length, rights].
     ShmCreated = 15,
-    /// A capability was granted. args: [region id, grantee pid, rights].
+    /// A capability was offered (`shm_grant`; the grantee holds it once it
+    /// accepts). args: [region id, grantee pid, rights].
     ShmGranted = 16,
     /// A participant mapped a region. args: [region id, address, prot].
     ShmMapped = 17,
@@ -106,6 +107,9 @@ pub enum EventKind {
     ShmRevoked = 19,
     /// A region was destroyed. args: [region id, frames freed].
     ShmDestroyed = 20,
+    /// An offered capability was accepted (`shm_accept`). args: [region id,
+    /// the granter's pid, rights].
+    ShmAccepted = 21,
 }
 
 impl EventKind {
@@ -132,6 +136,7 @@ impl EventKind {
             18 => Self::ShmUnmapped,
             19 => Self::ShmRevoked,
             20 => Self::ShmDestroyed,
+            21 => Self::ShmAccepted,
             _ => return None,
         })
     }
@@ -473,8 +478,19 @@ pub enum Event {
         pid: u32,
         /// The region id.
         region: u64,
-        /// Who received the capability.
+        /// Who was offered the capability.
         grantee: u64,
+        /// Its rights.
+        rights: u64,
+    },
+    /// See [`EventKind::ShmAccepted`] (`pid` is the grantee).
+    ShmAccepted {
+        /// The grantee, now holding the capability.
+        pid: u32,
+        /// The region id.
+        region: u64,
+        /// Who offered it.
+        granter: u64,
         /// Its rights.
         rights: u64,
     },
@@ -586,6 +602,7 @@ impl EventRecord {
             EventKind::ShmUnmapped => Event::ShmUnmapped { pid, region: a0, addr: a1 },
             EventKind::ShmRevoked => Event::ShmRevoked { pid, region: a0, target: a1, addr: a2 },
             EventKind::ShmDestroyed => Event::ShmDestroyed { pid, region: a0, frames_freed: a1 },
+            EventKind::ShmAccepted => Event::ShmAccepted { pid, region: a0, granter: a1, rights: a2 },
         })
     }
 }
@@ -654,6 +671,9 @@ impl Event {
             }
             Event::ShmDestroyed { pid, region, frames_freed } => {
                 (EventKind::ShmDestroyed, pid, [region, frames_freed, 0, 0, 0])
+            }
+            Event::ShmAccepted { pid, region, granter, rights } => {
+                (EventKind::ShmAccepted, pid, [region, granter, rights, 0, 0])
             }
         };
         EventRecord { seq: 0, tick: 0, kind: kind as u32, pid, args }
@@ -784,8 +804,13 @@ impl core::fmt::Display for Event {
                 write!(f, "pid {pid} created MEM_SHARE:{region} ({len:#x} bytes, rights {})", RightsName(rights))
             }
             Event::ShmGranted { pid, region, grantee, rights } => {
-                write!(f, "pid {pid} granted MEM_SHARE:{region} to pid {grantee} (rights {})", RightsName(rights))
+                write!(f, "pid {pid} offered MEM_SHARE:{region} to pid {grantee} (rights {})", RightsName(rights))
             }
+            Event::ShmAccepted { pid, region, granter, rights } => write!(
+                f,
+                "pid {pid} accepted MEM_SHARE:{region} from pid {granter} (rights {})",
+                RightsName(rights)
+            ),
             Event::ShmMapped { pid, region, addr, prot } => {
                 write!(f, "pid {pid} mapped MEM_SHARE:{region} at {addr:#x} ({})", ProtName(prot))
             }
@@ -843,6 +868,7 @@ mod tests {
             Event::ShmUnmapped { pid: 2, region: 3, addr: 0x1_0000_0000 },
             Event::ShmRevoked { pid: 1, region: 3, target: 2, addr: 0x1_0000_0000 },
             Event::ShmDestroyed { pid: 1, region: 3, frames_freed: 4 },
+            Event::ShmAccepted { pid: 2, region: 3, granter: 1, rights: 1 },
         ];
         for event in events {
             assert_eq!(event.encode().decode(), Ok(event));

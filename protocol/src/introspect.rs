@@ -127,13 +127,28 @@ pub const REGION_PARTICIPANTS: usize = crate::syscall::SHM_PARTICIPANTS_MAX;
 pub struct ParticipantRecord {
     /// Its pid (0 in an empty slot).
     pub pid: u32,
-    /// `RIGHT_*` bits of its capability.
-    pub rights: u32,
+    /// `RIGHT_*` bits of its capability (or of the offer).
+    pub rights: u16,
+    /// `PARTICIPANT_*`: whether it holds a capability or has only been
+    /// offered one.
+    pub state: u16,
     /// Where it has the region mapped (0 if not mapped).
     pub mapped_at: u64,
     /// `PROT_*` of that mapping.
-    pub prot: u64,
+    pub prot: u32,
+    /// The pid whose capability this one was derived from (the owner's own
+    /// entry: the owner). Revoking that capability revokes this one
+    /// (`revocation-complete` checks the chain reaches the owner).
+    pub granted_by: u32,
 }
+
+/// `ParticipantRecord::state`: it holds a capability (it accepted an offer,
+/// or it is the owner).
+pub const PARTICIPANT_HOLDS: u16 = 0;
+/// `ParticipantRecord::state`: it has been offered a capability
+/// (`shm_grant`) and has not accepted it (`shm_accept`): it holds nothing
+/// and cannot map the region.
+pub const PARTICIPANT_OFFERED: u16 = 1;
 
 /// `RegionRecord::state`: the slot is empty.
 pub const REGION_FREE: u32 = 0;
@@ -156,7 +171,7 @@ pub struct RegionRecord {
     pub frames_gpa: u64,
     /// Length in bytes.
     pub len: u64,
-    /// Processes holding a capability for it.
+    /// Processes holding or offered a capability for it.
     pub participants: [ParticipantRecord; REGION_PARTICIPANTS],
 }
 

@@ -48,9 +48,11 @@ pub enum Syscall {
     /// quota; returns the caller's capability with `rights` ([`RIGHT_READ`],
     /// [`RIGHT_WRITE`], [`RIGHT_GRANT`]). Nothing is mapped.
     ShmCreate = 30,
-    /// `shm_grant(handle, pid, rights) -> 0`: put a capability for the same
-    /// region in `pid`'s table, with `rights` a subset of the caller's; the
-    /// caller needs [`RIGHT_GRANT`]. Nothing is mapped.
+    /// `shm_grant(handle, pid, rights) -> 0`: offer `pid` a capability for
+    /// the same region, with `rights` a subset of the caller's; the caller
+    /// needs [`RIGHT_GRANT`]. The offer takes nothing of `pid`'s (its table
+    /// is untouched until it calls `shm_accept`) and is charged to the
+    /// caller: at most [`OFFERS_PER_GRANTER`] outstanding. Nothing is mapped.
     ShmGrant = 31,
     /// `shm_map(handle, prot) -> addr`: map the region into the caller at an
     /// address the kernel chooses, with `prot` within the capability's rights
@@ -58,9 +60,11 @@ pub enum Syscall {
     ShmMap = 32,
     /// `shm_unmap(addr) -> 0`: remove the caller's mapping that starts at `addr`.
     ShmUnmap = 33,
-    /// `shm_revoke(handle, pid) -> 0`: the owner takes `pid`'s capability away
-    /// and removes its mapping at once; `pid`'s later accesses fault as
-    /// `use-after-revoke`.
+    /// `shm_revoke(handle, pid) -> 0`: the owner, or the process that
+    /// granted `pid` its capability (or offer), takes it away and removes its
+    /// mapping at once; `pid`'s later accesses fault as `use-after-revoke`.
+    /// Transitive: every capability and offer `pid` derived from it goes
+    /// too, in the same call.
     ShmRevoke = 34,
     /// `shm_destroy(handle) -> 0`: the owner revokes the region from everyone
     /// (itself included) and frees its frames.
@@ -75,8 +79,15 @@ pub enum Syscall {
     /// range) and the handle goes stale. Errors: `bad-handle`; an owner
     /// cannot drop its own region's capability (`not-permitted`: it has
     /// `shm_destroy`). Logged as `ShmRevoked` with the caller as both the
-    /// revoker and the target.
+    /// revoker and the target. What the caller derived from it (grants it
+    /// made) is revoked too.
     CapDrop = 37,
+    /// `shm_accept(region) -> handle`: accept the offer of a capability for
+    /// region `region` (`MEM_SHARE:<region>`) that `shm_grant` made to the
+    /// caller; the capability goes into the caller's table (its
+    /// `capabilities` quota, [`CAPS_MAX`]) and the handle is returned.
+    /// Errors: `bad-handle` (no such offer to the caller).
+    ShmAccept = 38,
     /// Used once by the kernel's own boot self-test of the gate; refused with
     /// [`SysError::NoSys`] from any user process.
     GateSelfTest = 0x5e1f,
@@ -104,6 +115,7 @@ impl Syscall {
             35 => Self::ShmDestroy,
             36 => Self::CapList,
             37 => Self::CapDrop,
+            38 => Self::ShmAccept,
             0x5e1f => Self::GateSelfTest,
             _ => return None,
         })
@@ -124,6 +136,13 @@ pub const PROT_EXEC: u64 = 4;
 pub const MESSAGE_MAX: u64 = 4096;
 /// Most messages waiting in one mailbox.
 pub const MAILBOX_DEPTH: usize = 8;
+/// Most messages one sender may have waiting in another process's mailbox
+/// (issue 11, the mailbox rule): a send beyond it is `mailbox-full` for that
+/// sender only, so no one sender takes more than half of a receiver's
+/// [`MAILBOX_DEPTH`] slots and another partner still gets through (only
+/// several senders together can fill a mailbox). Messages to oneself are
+/// limited by [`MAILBOX_DEPTH`] alone.
+pub const MAILBOX_PER_SENDER: usize = MAILBOX_DEPTH / 2;
 /// `ipc_recv` flag: return [`SysError::WouldBlock`] instead of blocking.
 pub const RECV_NONBLOCK: u64 = 1;
 
@@ -168,13 +187,13 @@ pub const MAPPINGS_MAX: usize = 256;
 /// itself.
 pub const REVOKED_MAX: usize = 16;
 
-/// Most capabilities one process may have granted into another's table at a
-/// time (issue 11): a grant beyond it is refused as the granter's
-/// `capabilities` quota (`QuotaDenied`, then `quota-exceeded` or, with
-/// policy `kill`, termination), so no one granter can fill a receiver's
-/// [`CAPS_MAX`] slots; the receiver drops what it does not want with
-/// `cap_drop`.
-pub const CAPS_PER_GRANTER: usize = CAPS_MAX / 4;
+/// Most offers (`shm_grant`s not yet accepted) one process may have
+/// outstanding, to anyone (issue 11): an offer is charged to the granter,
+/// and one beyond this is refused as the granter's `capabilities` quota
+/// (`QuotaDenied`, then `quota-exceeded` or, with policy `kill`,
+/// termination). The receiver pays nothing until it accepts; the granter
+/// withdraws an offer with `shm_revoke`.
+pub const OFFERS_PER_GRANTER: usize = CAPS_MAX / 4;
 
 /// One capability, as `cap_list` reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

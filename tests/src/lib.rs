@@ -485,6 +485,7 @@ fn fuzz_event_count(report: &RunReport, pid: u32, key: &str) -> Option<u64> {
         "shm-mapped" => count(|e, p| matches!(*e, Event::ShmMapped { pid, .. } if pid == p)),
         "shm-unmapped" => count(|e, p| matches!(*e, Event::ShmUnmapped { pid, .. } if pid == p)),
         "shm-granted" => count(|e, p| matches!(*e, Event::ShmGranted { pid, .. } if pid == p)),
+        "shm-accepted" => count(|e, p| matches!(*e, Event::ShmAccepted { pid, .. } if pid == p)),
         "shm-destroyed" => count(|e, p| matches!(*e, Event::ShmDestroyed { pid, .. } if pid == p)),
         "quota-denied" => count(|e, p| matches!(*e, Event::QuotaDenied { pid, .. } if pid == p)),
         _ => return None,

@@ -335,6 +335,27 @@ fn free_frames_scrubbed_catches_a_frame_freed_dirty_after_a_check_found_it_zero(
     assert!(found.details.contains("1 free frames are not zero"), "{found}");
 }
 
+/// A kernel whose revocation is not transitive (`DEBUG_SHALLOW_REVOCATION`):
+/// the owner revokes the middle, the leaf's capability derived from the
+/// middle's survives, and `revocation-complete` must name the leaf at that
+/// very event.
+#[test]
+fn revocation_complete_catches_a_capability_left_when_the_one_it_derives_from_was_revoked() {
+    if !kvm_available() {
+        return;
+    }
+    let text = process_toml("owner", "shm-attack", "mode=transitive role=owner peer=2 third=3", "")
+        + &process_toml("middle", "shm-attack", "mode=transitive role=middle peer=1 third=3", "")
+        + &process_toml("leaf", "shm-attack", "mode=transitive role=leaf peer=2 third=1", "");
+    let mut config = config(scenario(&text));
+    config.debug_flags = boot::DEBUG_SHALLOW_REVOCATION;
+    let report = run_config(config);
+    assert_stopped_for(&report, Invariant::RevocationComplete);
+    let found = &report.violations[0].violation;
+    assert_eq!(found.pids, [3], "{found}");
+    assert!(found.details.contains("derives from pid 2's"), "{found}");
+}
+
 #[test]
 fn kernel_text_unchanged_catches_a_patched_kernel() {
     if !kvm_available() {

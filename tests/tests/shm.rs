@@ -7,7 +7,7 @@
 use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::syscall::{
-    CAPS_MAX, CAPS_PER_GRANTER, PROT_READ, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_REGIONS_MAX,
+    CAPS_MAX, OFFERS_PER_GRANTER, PROT_READ, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_REGIONS_MAX,
 };
 use superos_tests::*;
 use superos_vmm::run::{ProcessStatus, RunReport};
@@ -506,7 +506,7 @@ fn revoked_ranges_are_never_charged_to_the_grantee_and_can_be_released() {
 /// with a `QuotaDenied` event); the victim still receives a real grant and
 /// drops what it does not want with `cap_drop`.
 #[test]
-fn one_granter_cannot_fill_a_capability_table_and_a_holder_can_drop_a_capability() {
+fn sharing_is_opt_in_offers_are_charged_to_the_granter_and_a_holder_can_drop_a_capability() {
     if !kvm_available() {
         return;
     }
@@ -516,22 +516,90 @@ fn one_granter_cannot_fill_a_capability_table_and_a_holder_can_drop_a_capability
             + &attack("partner", "mode=cap-flood role=partner peer=2 third=1", "")),
     );
     assert_success(&report);
-    assert_checks_pass(&report, "flooder", 2 + CAPS_PER_GRANTER);
-    assert_checks_pass(&report, "victim", 6 + 2 * CAPS_PER_GRANTER);
+    assert_checks_pass(&report, "flooder", 5 + OFFERS_PER_GRANTER);
+    assert_checks_pass(&report, "victim", 8);
     assert_checks_pass(&report, "partner", 2);
+    // The flooder's refusal is its own quota's, with an event.
     let denied: Vec<_> = events(&report)
         .filter_map(|e| match *e {
             Event::QuotaDenied { pid, quota, requested, limit } => Some((pid, quota, requested, limit)),
             _ => None,
         })
         .collect();
-    let per_granter = CAPS_PER_GRANTER as u64;
-    assert_eq!(denied, [(1, Some(QuotaKind::Capabilities), per_granter + 1, per_granter)]);
-    // Every drop is logged: the victim revoking its own capability.
+    let offers = OFFERS_PER_GRANTER as u64;
+    assert_eq!(denied, [(1, Some(QuotaKind::Capabilities), offers + 1, offers)]);
+    // The victim accepted the partner's offer alone, and dropped it.
+    let accepted: Vec<_> = events(&report)
+        .filter_map(|e| match *e {
+            Event::ShmAccepted { pid, granter, .. } => Some((pid, granter)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(accepted, [(2, 3)]);
     let dropped =
         events(&report).filter(|e| matches!(e, Event::ShmRevoked { pid: 2, target: 2, .. })).count();
-    assert_eq!(dropped, CAPS_PER_GRANTER + 1);
+    assert_eq!(dropped, 1);
     assert_no_frame_lost(&report);
+}
+
+/// The owner, the middle (re-grants read-write to the leaf) and the leaf,
+/// which writes in a loop until the revocation that reaches it kills it.
+fn transitive(mode: &str) -> String {
+    attack("owner", &format!("mode={mode} role=owner peer=2 third=3"), "")
+        + &attack("middle", &format!("mode={mode} role=middle peer=1 third=3"), "")
+        + &attack(
+            "leaf",
+            &format!("mode={mode} role=leaf peer=2 third=1"),
+            &expect_fault(FaultKind::UseAfterRevoke),
+        )
+}
+
+/// Asserts the leaf (pid 3) lost its derived capability to a `ShmRevoked`
+/// event by `revoker` before it was killed at its next write into the
+/// region, and that no frame was lost.
+fn assert_leaf_revoked_by(report: &RunReport, revoker: u32) {
+    assert_did_not_survive(report, "leaf");
+    let addr = shm_mappings(report, 3, 1)[0];
+    assert_killed_inside(report, "leaf", FaultKind::UseAfterRevoke, addr, PAGE_SIZE);
+    let (revoke, unmapped_at) = revoked(report, 1, 3).expect("a ShmRevoked event for the leaf");
+    assert_eq!(unmapped_at, addr);
+    assert!(
+        events(report)
+            .any(|e| matches!(*e, Event::ShmRevoked { pid, region: 1, target: 3, .. } if pid == revoker)),
+        "{:#?}",
+        report.events
+    );
+    let (kill, _, _) = kill_event(report, 3).expect("a ProcessKilled event");
+    assert!(revoke < kill, "revoked at event {revoke}, killed at {kill}");
+    assert_no_frame_lost(report);
+}
+
+#[test]
+fn revoking_a_capability_revokes_what_was_derived_from_it_in_the_same_call() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(&transitive("transitive"));
+    assert_success(&report);
+    assert_checks_pass(&report, "owner", 5);
+    assert_checks_pass(&report, "middle", 3);
+    // The middle's revocation and the leaf's are one call's events, in a row.
+    let (middle, _) = revoked(&report, 1, 2).expect("a ShmRevoked event for the middle");
+    let (leaf, _) = revoked(&report, 1, 3).expect("a ShmRevoked event for the leaf");
+    assert_eq!(leaf, middle + 1);
+    assert_leaf_revoked_by(&report, 1);
+}
+
+#[test]
+fn a_granters_exit_revokes_what_it_granted() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(&transitive("transitive-exit"));
+    assert_success(&report);
+    assert_checks_pass(&report, "owner", 4);
+    assert_eq!(status_of(&report, "middle"), ProcessStatus::Exited(0));
+    assert_leaf_revoked_by(&report, 2);
 }
 
 #[test]

@@ -906,6 +906,7 @@ pub fn entry_name(kind: &str) -> String {
             Some(Syscall::ShmDestroy) => "shm_destroy",
             Some(Syscall::CapList) => "cap_list",
             Some(Syscall::CapDrop) => "cap_drop",
+            Some(Syscall::ShmAccept) => "shm_accept",
             Some(Syscall::GateSelfTest) | None => return format!("syscall {number:#x}"),
         };
         return name.to_string();

@@ -13,7 +13,7 @@
 //! ownership disagreement; processes with malformed tables are left out of
 //! `quota-accounting`. So a single corruption names a single invariant.
 
-use crate::introspect::{IntrospectError, KernelView, OwnerLookup};
+use crate::introspect::{IntrospectError, KernelView, OwnerLookup, RegionInfo};
 use crate::memory::GuestRam;
 use crate::session::EventEntry;
 use crate::walk::{self, Mapping, Walk, WalkStats, KERNEL_HALF};
@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 use superos_protocol::event::Event;
+use superos_protocol::introspect::{ParticipantRecord, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED};
 use superos_protocol::layout::{GATE_VA, PAGE_SIZE};
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{PROT_WRITE, RIGHT_WRITE};
@@ -848,7 +849,9 @@ fn shared_frame(
         };
         if (m.va - p.mapped_at) / PAGE_SIZE != index as u64 {
             misplaced.push(m);
-        } else if m.writable && (u64::from(p.rights) & RIGHT_WRITE == 0 || p.prot & PROT_WRITE == 0) {
+        } else if m.writable
+            && (u64::from(p.rights) & RIGHT_WRITE == 0 || u64::from(p.prot) & PROT_WRITE == 0)
+        {
             too_strong.push(m);
         }
         if counted.insert(m.pid) {
@@ -1014,6 +1017,10 @@ fn quota_accounting(found: &mut Findings, view: &KernelView, walk: &Walk, counts
     }
 }
 
+/// `revocation-complete` over the region records: no dead process is still
+/// listed as mapping a region, an offer (not accepted) maps nothing, and
+/// every capability's derivation chain runs through processes that still
+/// hold theirs to the owner (revocation is transitive).
 fn dead_participants(found: &mut Findings, view: &KernelView) {
     for region in &view.regions {
         for p in region.participants.iter().filter(|p| p.mapped_at != 0 && !view.is_live(p.pid)) {
@@ -1028,7 +1035,55 @@ fn dead_participants(found: &mut Findings, view: &KernelView) {
             v.vas.push(p.mapped_at);
             found.add(v);
         }
+        for p in region.participants.iter().filter(|p| p.state == PARTICIPANT_OFFERED && p.mapped_at != 0) {
+            let mut v = Violation::new(
+                Invariant::NoImplicitSharing,
+                format!(
+                    "pid {} was only offered region {} (it never accepted) yet is listed as mapping it at {:#x}",
+                    p.pid, region.id, p.mapped_at
+                ),
+            );
+            v.pids.push(p.pid);
+            v.vas.push(p.mapped_at);
+            found.add(v);
+        }
+        for p in region.participants.iter().filter(|p| p.pid != region.owner) {
+            if let Err(broken) = derivation_reaches_owner(region, p) {
+                let mut v = Violation::new(
+                    Invariant::RevocationComplete,
+                    format!(
+                        "region {}: pid {}'s capability derives from pid {}'s, which pid {} no longer holds \
+                         (revocation did not reach what was derived from it)",
+                        region.id, p.pid, broken, broken
+                    ),
+                );
+                v.pids.push(p.pid);
+                if p.mapped_at != 0 {
+                    v.vas.push(p.mapped_at);
+                }
+                found.add(v);
+            }
+        }
     }
+}
+
+/// Follows `granted_by` from `p` through participants that hold their
+/// capability; `Err(pid)` names the first granter that holds none (or a
+/// cycle's member).
+fn derivation_reaches_owner(region: &RegionInfo, p: &ParticipantRecord) -> Result<(), u32> {
+    let mut at = *p;
+    for _ in 0..=region.participants.len() {
+        if at.pid == region.owner {
+            return Ok(());
+        }
+        let granter = at.granted_by;
+        at = *region
+            .participants
+            .iter()
+            .find(|q| q.pid == granter && q.state == PARTICIPANT_HOLDS && q.pid != at.pid)
+            .ok_or(granter)?;
+    }
+    Err(at.pid)
 }
 
 /// A zero page to compare free frames with (a slice comparison is a

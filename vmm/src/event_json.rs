@@ -39,6 +39,7 @@ pub fn kind_name(event: &Event) -> &'static str {
         Event::ShmUnmapped { .. } => "shm-unmapped",
         Event::ShmRevoked { .. } => "shm-revoked",
         Event::ShmDestroyed { .. } => "shm-destroyed",
+        Event::ShmAccepted { .. } => "shm-accepted",
     }
 }
 
@@ -115,6 +116,9 @@ fn fields(event: &Event) -> Value {
         }
         Event::ShmDestroyed { pid, region, frames_freed } => {
             json!({ "pid": pid, "region": region, "frames_freed": frames_freed })
+        }
+        Event::ShmAccepted { pid, region, granter, rights } => {
+            json!({ "pid": pid, "region": region, "granter": granter, "rights": rights })
         }
     }
 }

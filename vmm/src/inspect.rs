@@ -29,7 +29,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 use superos_protocol::event::Event;
 use superos_protocol::hypercall::BootHelloParams;
-use superos_protocol::introspect::{PROCESS_RECEIVING, PROCESS_RUNNABLE};
+use superos_protocol::introspect::{PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE};
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{PROT_EXEC, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
@@ -469,6 +469,10 @@ pub struct ShareParticipant {
     pub name: String,
     /// Capability rights, `rwg` style.
     pub rights: String,
+    /// Whose capability this one derives from (the owner: itself).
+    pub granted_by: u32,
+    /// Only offered (`shm_grant`), not yet accepted: it holds nothing.
+    pub offered: bool,
     /// Where it has the region mapped, if it has.
     pub mapped_at: Option<u64>,
     /// Protection of that mapping, `rw-` style.
@@ -978,9 +982,11 @@ pub fn shares(analysis: &Analysis, at: String) -> SharesResult {
                     ShareParticipant {
                         pid: p.pid,
                         name: analysis.name(p.pid),
-                        rights: rights_text(p.rights),
+                        rights: rights_text(p.rights.into()),
+                        granted_by: p.granted_by,
+                        offered: p.state == PARTICIPANT_OFFERED,
                         mapped_at: (p.mapped_at != 0).then_some(p.mapped_at),
-                        prot: if p.mapped_at != 0 { prot_text(p.prot) } else { "---".into() },
+                        prot: if p.mapped_at != 0 { prot_text(p.prot.into()) } else { "---".into() },
                         walked_pages,
                         walked_writable,
                     }
@@ -1442,8 +1448,8 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
                 );
                 let _ = writeln!(
                     out,
-                    "  {:>4}  {:<16} {:<6} {:<16} {:<5} walked",
-                    "pid", "name", "rights", "mapped at", "prot"
+                    "  {:>4}  {:<16} {:<6} {:<8} {:<16} {:<5} walked",
+                    "pid", "name", "rights", "from", "mapped at", "prot"
                 );
                 for p in &s.participants {
                     let walked = if p.walked_pages == 0 {
@@ -1451,12 +1457,20 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
                     } else {
                         format!("{} frames mapped, {} writable", p.walked_pages, p.walked_writable)
                     };
+                    let from = if p.pid == s.owner {
+                        "owner".to_string()
+                    } else if p.offered {
+                        format!("{}?", p.granted_by)
+                    } else {
+                        p.granted_by.to_string()
+                    };
                     let _ = writeln!(
                         out,
-                        "  {:>4}  {:<16} {:<6} {:<16} {:<5} {}",
+                        "  {:>4}  {:<16} {:<6} {:<8} {:<16} {:<5} {}",
                         p.pid,
                         p.name,
                         p.rights,
+                        from,
                         p.mapped_at.map_or("-".to_string(), |a| format!("{a:#x}")),
                         p.prot,
                         walked

@@ -581,7 +581,14 @@ pub(crate) mod tests {
             len: 0x2000,
             participants: [ParticipantRecord::default(); REGION_PARTICIPANTS],
         };
-        region.participants[3] = ParticipantRecord { pid: 3, rights: 3, mapped_at: 0x1_0000_0000, prot: 3 };
+        region.participants[3] = ParticipantRecord {
+            pid: 3,
+            rights: 3,
+            state: 0,
+            mapped_at: 0x1_0000_0000,
+            prot: 3,
+            granted_by: 1,
+        };
         ram.write(REGIONS + 224, &region).unwrap();
         ram.write(FRAMES, &[0x40_1000u64, 0x40_2000u64]).unwrap();
 

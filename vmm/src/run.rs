@@ -974,7 +974,8 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
             | Event::ShmMapped { .. }
             | Event::ShmUnmapped { .. }
             | Event::ShmRevoked { .. }
-            | Event::ShmDestroyed { .. } => {}
+            | Event::ShmDestroyed { .. }
+            | Event::ShmAccepted { .. } => {}
         }
     }
     outcomes

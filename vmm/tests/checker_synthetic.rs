@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use superos_protocol::introspect::{
     FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
-    PROCESS_RUNNABLE, REGION_FREE, REGION_LIVE, REGION_PARTICIPANTS,
+    PARTICIPANT_HOLDS, PARTICIPANT_OFFERED, PROCESS_RUNNABLE, REGION_FREE, REGION_LIVE, REGION_PARTICIPANTS,
 };
 use superos_protocol::layout::{GATE_VA, PAGE_SIZE, USER_STACK_TOP};
 use superos_protocol::ownership::FrameOwner;
@@ -95,12 +95,20 @@ impl Guest {
         let mut participants = [ParticipantRecord::default(); REGION_PARTICIPANTS];
         participants[0] = ParticipantRecord {
             pid: 1,
-            rights: (RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT) as u32,
+            rights: (RIGHT_READ | RIGHT_WRITE | RIGHT_GRANT) as u16,
+            state: PARTICIPANT_HOLDS,
             mapped_at: SHARED,
-            prot: PROT_READ | PROT_WRITE,
+            prot: (PROT_READ | PROT_WRITE) as u32,
+            granted_by: 1,
         };
-        participants[1] =
-            ParticipantRecord { pid: 2, rights: RIGHT_READ as u32, mapped_at: SHARED, prot: PROT_READ };
+        participants[1] = ParticipantRecord {
+            pid: 2,
+            rights: RIGHT_READ as u16,
+            state: PARTICIPANT_HOLDS,
+            mapped_at: SHARED,
+            prot: PROT_READ as u32,
+            granted_by: 1,
+        };
         let record = RegionRecord {
             id: 1,
             state: REGION_LIVE,
@@ -337,6 +345,10 @@ fn no_implicit_sharing() {
         g.set(first, b);
         g.set(second, a);
     });
+    let v = assert_only("a process only offered a region mapping it", Invariant::NoImplicitSharing, |g| {
+        g.regions[0].0.participants[1].state = PARTICIPANT_OFFERED;
+    });
+    assert!(v[0].details.contains("never accepted"), "{v:#?}");
 }
 
 #[test]
@@ -449,8 +461,24 @@ fn revocation_complete() {
         g.procs[1].shared_bytes = 0;
     });
     assert_only("a region still listing a dead participant", Invariant::RevocationComplete, |g| {
-        g.regions[0].0.participants[2] =
-            ParticipantRecord { pid: 7, rights: RIGHT_READ as u32, mapped_at: DATA, prot: PROT_READ };
+        g.regions[0].0.participants[2] = ParticipantRecord {
+            pid: 7,
+            rights: RIGHT_READ as u16,
+            state: PARTICIPANT_HOLDS,
+            mapped_at: DATA,
+            prot: PROT_READ as u32,
+            granted_by: 1,
+        };
+    });
+    let v = assert_only(
+        "a capability left when the one it derives from was revoked",
+        Invariant::RevocationComplete,
+        |g| g.regions[0].0.participants[1].granted_by = 5,
+    );
+    assert!(v[0].details.contains("derives from pid 5's"), "{v:#?}");
+    assert_eq!(v[0].pids, [2]);
+    assert_only("a derivation cycle that never reaches the owner", Invariant::RevocationComplete, |g| {
+        g.regions[0].0.participants[1].granted_by = 2;
     });
     assert_only("a page table freed but still linked", Invariant::RevocationComplete, |g| {
         let (gpa, _) = g.leaf(2, CODE);

@@ -46,10 +46,10 @@
 
 use core::hint::black_box;
 use superos_rt::{
-    arg, cap_list, find_cap, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect, mem_share_message,
-    mem_share_region, mem_unmap, parse_i64, println, raw, rdtsc, read_u64, shm_create, shm_destroy,
-    shm_grant, shm_map, shm_revoke, shm_unmap, write_u64, yield_now, Error, MESSAGE_MAX, PAGE_SIZE,
-    PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, TAG_MESSAGE_MAX,
+    accept_cap, arg, cap_list, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect,
+    mem_share_message, mem_share_region, mem_unmap, parse_i64, println, raw, rdtsc, read_u64, shm_create,
+    shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, write_u64, yield_now, Error, MESSAGE_MAX,
+    PAGE_SIZE, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, TAG_MESSAGE_MAX,
 };
 
 const RW: u64 = PROT_READ | PROT_WRITE;
@@ -343,7 +343,7 @@ fn shm_recv(peer: u32) -> Result<(), Failure> {
     let mut buffer = [0u8; 64];
     let len = recv_from(peer, &mut buffer)?;
     let id = mem_share_region(&buffer[..len]).ok_or(("no region named", Error::InvalidArgument))?;
-    let cap = find_cap(id).ok_or(("no capability for the region", Error::BadHandle))?;
+    let cap = accept_cap(id).map_err(fail("shm_accept"))?;
     let region = shm_map(cap.handle, PROT_READ).map_err(fail("shm_map"))?;
     let pages = cap.len.div_ceil(PAGE_SIZE);
     let target = mem_map(cap.len, RW).map_err(fail("mem_map"))?;
@@ -474,7 +474,7 @@ fn grantee(owner: u32) -> Result<(), Failure> {
     let mut map = |prot| -> Result<u64, Failure> {
         let len = recv_from(owner, &mut buffer)?;
         let id = mem_share_region(&buffer[..len]).ok_or(("no region named", Error::InvalidArgument))?;
-        let cap = find_cap(id).ok_or(("no capability for the region", Error::BadHandle))?;
+        let cap = accept_cap(id).map_err(fail("shm_accept"))?;
         shm_map(cap.handle, prot).map_err(fail("shm_map"))
     };
     let revoked = map(PROT_READ)?;

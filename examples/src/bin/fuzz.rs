@@ -57,8 +57,8 @@ use superos_protocol::layout::{
 use superos_protocol::syscall::{decode_recv, Syscall, MAX_ERRNO, WRITE_MAX};
 use superos_rt::{
     arg, exit, println, raw, read_u64, read_u8, write, write_u64, write_u8, CapInfo, Error, MemStat,
-    CAPS_MAX, MAILBOX_DEPTH, MESSAGE_MAX, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, RECV_NONBLOCK,
-    RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX,
+    CAPS_MAX, MAILBOX_DEPTH, MAILBOX_PER_SENDER, MESSAGE_MAX, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE,
+    RECV_NONBLOCK, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX,
 };
 
 const PAGE: u64 = PAGE_SIZE;
@@ -496,6 +496,7 @@ struct Stats {
     shm_mapped: u64,
     shm_unmapped: u64,
     granted: u64,
+    accepted: u64,
     destroyed: u64,
     denied: u64,
 }
@@ -595,6 +596,7 @@ impl Fuzz {
                 shm_mapped: 0,
                 shm_unmapped: 0,
                 granted: 0,
+                accepted: 0,
                 destroyed: 0,
                 denied: 0,
             },
@@ -1628,7 +1630,7 @@ impl Fuzz {
                     expect.may(Error::NoSuchProcess);
                     if self.active {
                         expect.may(Error::MailboxFull);
-                    } else if self.sent_to_passive >= MAILBOX_DEPTH as u64 {
+                    } else if self.sent_to_passive >= MAILBOX_PER_SENDER as u64 {
                         expect.must(Error::MailboxFull);
                     }
                 }
@@ -1841,8 +1843,8 @@ impl Fuzz {
                 } else {
                     expect.may(Error::NoSuchProcess);
                 }
-                // One granter holds at most CAPS_PER_GRANTER capabilities in
-                // the peer's table (a quota refusal, logged).
+                // A granter has at most OFFERS_PER_GRANTER offers outstanding
+                // (a quota refusal, logged).
                 expect.may(Error::QuotaExceeded);
                 match which {
                     Handle::Own(r) if self.own[r].granted.is_some() => expect.must(Error::InvalidArgument),
@@ -2095,6 +2097,44 @@ impl Fuzz {
         self.foreign[f] = ForeignCap::EMPTY;
     }
 
+    /// `shm_accept` of a region id: one of my own (never offered to me), a
+    /// small id the active peer may have offered, or a made-up one. What it
+    /// accepts, `cap_list` shows next (and the model learns there).
+    fn op_shm_accept(&mut self) {
+        let own: Option<u64> = {
+            let ids = self.own.iter().filter(|r| r.live).filter_map(|r| r.id).count();
+            (ids > 0 && self.rng.below(4) == 0).then(|| {
+                let pick = self.rng.below(ids as u64) as usize;
+                let id = self.own.iter().filter(|r| r.live).filter_map(|r| r.id).nth(pick);
+                u64::from(id.expect("counted above"))
+            })
+        };
+        let (region, mine) = match own {
+            Some(id) => (id, true),
+            None => match self.rng.below(8) {
+                0 => (self.rng.pick(&[0, u64::from(u32::MAX), 1 << 32 | 1, u64::MAX]), false),
+                _ => (1 + self.rng.below(64), false),
+            },
+        };
+        let mine = mine || self.own.iter().any(|r| r.live && r.id.map(u64::from) == Some(region));
+        let mut expect = Expect::OK;
+        if self.active && !mine && region <= u64::from(u32::MAX) {
+            // The peer may have offered it; my table may be full then.
+            expect.may(Error::BadHandle);
+            expect.may(Error::QuotaExceeded);
+        } else {
+            expect.must(Error::BadHandle);
+        }
+        if let Outcome::Ok(handle) = self.call("shm_accept", Syscall::ShmAccept as u64, &[region], expect) {
+            let known = self.own.iter().any(|r| r.live && r.handle == handle)
+                || self.foreign.iter().any(|c| c.live && c.handle == handle);
+            if known || self.stale[..self.stale_count].contains(&handle) {
+                self.wrong(format_args!("Ok({handle:#x}): a handle I already hold or held"));
+            }
+            self.stats.accepted += 1;
+        }
+    }
+
     fn op_cap_list(&mut self) {
         let max = match self.rng.below(10) {
             0..=4 => CAPS_MAX as u64,
@@ -2240,7 +2280,8 @@ impl Fuzz {
             625..=659 => self.op_shm_unmap(),
             660..=689 => self.op_shm_revoke(),
             690..=719 => self.op_shm_destroy(),
-            720..=769 => self.op_cap_list(),
+            720..=749 => self.op_cap_list(),
+            750..=769 => self.op_shm_accept(),
             770..=879 => self.fill(),
             _ => self.verify_some(),
         }
@@ -2339,7 +2380,7 @@ impl Fuzz {
         println!(
             "fuzz: seed {}: {} calls, {distinct} distinct errors, {} ok, {failed} errors, {} checks, {} fills \
              (errors: {}) (events: mapped={} unmapped={} protected={} shm-created={} shm-mapped={} \
-             shm-unmapped={} shm-granted={} shm-destroyed={} quota-denied={})",
+             shm-unmapped={} shm-granted={} shm-accepted={} shm-destroyed={} quota-denied={})",
             self.seed,
             self.index,
             s.ok,
@@ -2353,6 +2394,7 @@ impl Fuzz {
             s.shm_mapped,
             s.shm_unmapped,
             s.granted,
+            s.accepted,
             s.destroyed + live,
             s.denied
         );

@@ -11,7 +11,9 @@
 //!   the pattern (so order and content), prints the byte count, a checksum and
 //!   the throughput; exits 0 iff everything matched.
 //! - `flood peer=P`: sends to P, which never receives, until `mailbox-full`;
-//!   exits 0 iff exactly `MAILBOX_DEPTH` messages were accepted.
+//!   exits 0 iff exactly `MAILBOX_PER_SENDER` messages were accepted (the
+//!   mailbox rule: one sender gets at most that share of another's
+//!   `MAILBOX_DEPTH` slots).
 //! - `dead-peer peer=P`: sends to P until P has exited; then (and for pids
 //!   that never existed) the answer must be `no-such-process`.
 //! - `order peer=P n=N`: sends N numbered messages of varying length to P.
@@ -27,7 +29,7 @@
 use superos_protocol::syscall::{decode_result, Syscall};
 use superos_rt::{
     arg, cycles_to_ns, gate_info, getpid, ipc_recv, ipc_send, ipc_try_recv, parse_i64, println, raw, rdtsc,
-    read_u8, yield_now, Checks, Error, MAILBOX_DEPTH, MESSAGE_MAX, RECV_NONBLOCK,
+    read_u8, yield_now, Checks, Error, MAILBOX_DEPTH, MAILBOX_PER_SENDER, MESSAGE_MAX, RECV_NONBLOCK,
 };
 
 const MAX: usize = MESSAGE_MAX as usize;
@@ -170,7 +172,7 @@ fn flood(peer: u32) -> Result<i32, Error> {
         Some(error) => println!("ipc: flood: pid {peer} accepted {accepted} messages, then: {error}"),
         None => println!("ipc: flood: pid {peer} accepted {accepted} messages and was never full"),
     }
-    Ok(i32::from(error != Some(Error::MailboxFull) || accepted != MAILBOX_DEPTH))
+    Ok(i32::from(error != Some(Error::MailboxFull) || accepted != MAILBOX_PER_SENDER))
 }
 
 fn dead_peer(peer: u32) -> Result<i32, Error> {

@@ -6,8 +6,8 @@
 //! side with `peer=<pid>` (an owner may name several: `peer=2,3`). They talk
 //! through a tiny message protocol: the owner creates a region of `pages=N`
 //! pages (default 4) with every right, maps it read-write, fills it with a
-//! pattern, grants the grantee a capability and sends it `MEM_SHARE:<id>`;
-//! the grantee finds its own handle with `cap_list`. Further steps are single
+//! pattern, offers the grantee a capability and sends it `MEM_SHARE:<id>`;
+//! the grantee accepts it with `shm_accept`, which returns its own handle. Further steps are single
 //! words (`mapped`, `revoked`, `done`, ...) or `<TAG>:<number>` messages
 //! (`HANDLE:<value>`, `ADDR:<address>`). A side whose setup fails sends
 //! `abort` to the others, so nobody waits forever.
@@ -28,9 +28,9 @@
 //!   read-only mapping to read-write; it may grant read to W.
 //! - `regrant third=W`: a grantee with read+write but no grant right cannot
 //!   grant at all; its writes are visible to the owner.
-//! - `witness caps=N peer=G`: waits for `done` from G, checks it holds
-//!   exactly N capabilities, each read-only and unmapped, and answers
-//!   `checked`.
+//! - `witness caps=N peer=G`: waits for `done` from G, accepts every offer
+//!   made to it (region ids 1 to 64), checks it then holds exactly N
+//!   capabilities, each read-only and unmapped, and answers `checked`.
 //! - `map-after-revoke`: after revocation the grantee's handle cannot be
 //!   mapped and its old mapping is gone; a new grant gives a new handle and a
 //!   new address range.
@@ -39,12 +39,19 @@
 //!   its map still has room (revoked ranges are not charged to it), that it
 //!   holds no capability, and that `shm_unmap` releases its last revoked
 //!   range (once).
-//! - `cap-flood role=flooder|partner|victim`: the flooder grants the victim
-//!   one-page regions until refused (exactly `CAPS_PER_GRANTER` go through,
-//!   then `quota-exceeded`); the partner then shares a region with the
-//!   victim as usual; the victim maps it, drops every unwanted capability
-//!   with `cap_drop` (a second drop is `bad-handle`), then drops the
-//!   partner's (its mapping becomes a revoked range it releases).
+//! - `cap-flood role=flooder|partner|victim`: the flooder offers the victim
+//!   one-page regions until refused (exactly `OFFERS_PER_GRANTER` go
+//!   through, then the flooder's own `quota-exceeded`); the partner then
+//!   shares a region with the victim as usual; the victim, whose table the
+//!   offers did not touch, accepts and maps it, creates a region of its own,
+//!   then drops the partner's capability with `cap_drop` (its mapping
+//!   becomes a revoked range it releases; a second drop is `bad-handle`).
+//! - `transitive role=owner|middle|leaf` (and `transitive-exit`): the owner
+//!   offers the middle every right, the middle re-grants read-write to the
+//!   leaf, which writes a sequence number in a loop; the owner revokes the
+//!   middle (or tells it to exit): the leaf's derived capability must go in
+//!   the same call, so it is terminated with `use-after-revoke` and the
+//!   sequence never moves after the revocation returned.
 //! - `double-map`: mapping a region twice is `already-mapped`.
 //! - `own-stale`: the owner destroys its region and touches its own old
 //!   mapping: it must be terminated with `use-after-revoke`.
@@ -80,11 +87,12 @@
 use core::hint::black_box;
 use superos_protocol::syscall::{decode_result, Syscall};
 use superos_rt::{
-    arg, cap_drop, cap_list, find_cap, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect,
-    mem_share_message, mem_share_region, mem_stat, mem_unmap, parse_i64, println, raw, rdtsc, read_u64,
-    shm_create, shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, tag_message, tag_value, write_u64,
-    yield_now, CapInfo, Checks, Error, CAPS_MAX, CAPS_PER_GRANTER, MEM_SHARE, PAGE_SIZE, PROT_EXEC,
-    PROT_READ, PROT_WRITE, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX, TAG_MESSAGE_MAX,
+    accept_cap, arg, cap_drop, cap_list, find_cap, gate_info, getpid, ipc_recv, ipc_send, mem_map,
+    mem_protect, mem_share_message, mem_share_region, mem_stat, mem_unmap, parse_i64, println, raw, rdtsc,
+    read_u64, shm_accept, shm_create, shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, tag_message,
+    tag_value, write_u64, yield_now, CapInfo, Checks, Error, CAPS_MAX, MEM_SHARE, OFFERS_PER_GRANTER,
+    PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, SHM_MAX,
+    TAG_MESSAGE_MAX,
 };
 
 /// Read-write.
@@ -98,6 +106,9 @@ const NO_PID: u32 = 4000;
 const GIVE_UP_MS: u64 = 10_000;
 /// A value a grantee with write access leaves for the owner.
 const MARKER: u64 = 0x6772_616e_7465_6521;
+
+/// Region ids a witness tries to accept.
+const WITNESS_REGIONS: u32 = 64;
 
 /// Read-only data: never a valid `cap_list` buffer.
 static RODATA: [u8; 80] = [0x77; 80];
@@ -258,16 +269,20 @@ fn await_tag(from: u32, tag: &str) -> Result<u64, Fail> {
     })
 }
 
-/// Waits for `MEM_SHARE:<id>` from `owner` and finds the capability it names.
+/// Waits for `MEM_SHARE:<id>` from `owner` and accepts the capability it
+/// offered.
 fn accept(owner: u32) -> Result<CapInfo, Fail> {
     let message = recv(owner)?;
     let Some(region) = mem_share_region(message.bytes()) else {
         println!("shm-attack: expected {MEM_SHARE}:<id> from pid {owner}");
         return Err(Fail::Protocol);
     };
-    let Some(cap) = find_cap(region) else {
-        println!("shm-attack: told about {MEM_SHARE}:{region}, but cap_list has no capability for it");
-        return Err(Fail::Protocol);
+    let cap = match accept_cap(region) {
+        Ok(cap) => cap,
+        Err(error) => {
+            println!("shm-attack: told about {MEM_SHARE}:{region}, but shm_accept said {error:?}");
+            return Err(Fail::Protocol);
+        }
     };
     println!(
         "shm-attack: {MEM_SHARE}:{region} from pid {owner}: handle {:#x}, owner {}, rights {:#x}, {} bytes, mapped at {:#x}",
@@ -711,6 +726,13 @@ fn witness(args: &Args) -> Outcome {
     let mut checks = Checks::new("shm-attack: witness");
     let from = args.peer()?;
     await_word(from, "done")?;
+    // Accept whatever was offered (region ids are small and sequential).
+    for region in 1..=WITNESS_REGIONS {
+        match shm_accept(region) {
+            Ok(_) | Err(Error::BadHandle) => {}
+            Err(error) => return Err(Fail::Call("shm_accept", error)),
+        }
+    }
     let caps = cap_list().ctx("cap_list")?;
     checks.expect("capabilities held", caps.held() as u64, args.caps);
     for cap in caps.as_slice() {
@@ -822,35 +844,41 @@ fn revoke_churn_grantee(args: &Args) -> Outcome {
     Ok(checks.finish())
 }
 
-/// `cap-flood role=flooder peer=V,P`: grants the victim V one-page regions
-/// until refused; exactly `CAPS_PER_GRANTER` must go through, the next is
-/// `quota-exceeded`. Tells the partner P, then keeps its regions alive until
-/// V is done.
+/// `cap-flood role=flooder peer=V third=P`: offers the victim V one-page
+/// regions until refused; exactly `OFFERS_PER_GRANTER` must go through, the
+/// next is the flooder's own `quota-exceeded`. Withdrawing one makes room
+/// for another. Tells the partner P, then keeps its regions (and offers)
+/// alive until V is done.
 fn cap_flood_flooder(args: &Args) -> Outcome {
     let mut checks = Checks::new("shm-attack: cap-flood (flooder)");
     let (victim, partner) = (args.peer()?, args.third()?);
     let mut handles = [0u64; CAPS_MAX];
-    let mut granted = 0;
+    let mut offered = 0;
     let refused = loop {
-        if granted == CAPS_MAX {
+        if offered == CAPS_MAX {
             break None;
         }
         let handle = shm_create(PAGE_SIZE, RIGHTS_ALL).ctx("shm_create")?;
-        handles[granted] = handle;
+        handles[offered] = handle;
         match shm_grant(handle, victim, RIGHT_READ) {
-            Ok(()) => granted += 1,
+            Ok(()) => offered += 1,
             Err(error) => {
                 shm_destroy(handle).ctx("shm_destroy")?;
                 break Some(error);
             }
         }
     };
-    println!("shm-attack: cap-flood: granted {granted} capabilities to pid {victim}, then {refused:?}");
-    checks.expect("grants to one process before the refusal", granted, CAPS_PER_GRANTER);
+    println!("shm-attack: cap-flood: offered pid {victim} {offered} capabilities, then {refused:?}");
+    checks.expect("offers to anyone before the refusal", offered, OFFERS_PER_GRANTER);
     checks.expect("the refusal", refused, Some(Error::QuotaExceeded));
+    if let Some(&first) = handles[..offered].first() {
+        checks.expect("withdraw an offer", shm_revoke(first, victim), Ok(()));
+        checks.expect("withdraw it again", shm_revoke(first, victim), Err(Error::InvalidArgument));
+        checks.expect("offer it again in its place", shm_grant(first, victim, RIGHT_READ), Ok(()));
+    }
     send(partner, b"flooded")?;
     await_word(victim, "done")?;
-    for &handle in &handles[..granted] {
+    for &handle in &handles[..offered] {
         checks.expect("destroy a flood region", shm_destroy(handle), Ok(()));
     }
     Ok(checks.finish())
@@ -870,30 +898,114 @@ fn cap_flood_partner(args: &Args) -> Outcome {
     Ok(checks.finish())
 }
 
-/// `cap-flood role=victim peer=P third=F`: still receives P's grant, maps
-/// it, and drops every capability it does not want with `cap_drop`.
+/// `cap-flood role=victim peer=P third=F`: the flood took nothing of its
+/// capability table: it accepts P's offer, maps it, creates a region of its
+/// own, and drops P's capability with `cap_drop`.
 fn cap_flood_victim(args: &Args) -> Outcome {
     let mut checks = Checks::new("shm-attack: cap-flood (victim)");
     let (partner, flooder) = (args.peer()?, args.third()?);
     let cap = accept(partner)?;
     let addr = shm_map(cap.handle, PROT_READ).ctx("shm_map")?;
     checks.expect("the partner's data", bad_words(addr, cap.len, cap.region, &[]), 0);
-    let caps = cap_list().ctx("cap_list")?;
-    checks.expect("capabilities held", caps.held(), CAPS_PER_GRANTER + 1);
-    let mut dropped = 0;
-    for info in caps.as_slice().iter().filter(|info| info.owner == flooder) {
-        checks.expect("drop an unwanted capability", cap_drop(info.handle), Ok(()));
-        checks.expect("drop it again", cap_drop(info.handle), Err(Error::BadHandle));
-        dropped += 1;
+    checks.expect("capabilities held: the accepted one only", cap_list().map(|caps| caps.held()), Ok(1));
+    let own = shm_create(PAGE_SIZE, RIGHT_READ);
+    checks.expect("a region of its own", own.map(drop), Ok(()));
+    if let Ok(own) = own {
+        checks.expect("destroy it", shm_destroy(own), Ok(()));
     }
-    checks.expect("unwanted capabilities dropped", dropped, CAPS_PER_GRANTER);
-    checks.expect("capabilities left", cap_list().map(|caps| caps.held()), Ok(1));
     checks.expect("drop the partner's, mapped", cap_drop(cap.handle), Ok(()));
+    checks.expect("drop it again", cap_drop(cap.handle), Err(Error::BadHandle));
     checks.expect("its mapping is a revoked range, released once", shm_unmap(addr), Ok(()));
     checks.expect("nothing held", cap_list().map(|caps| caps.held()), Ok(0));
     send(flooder, b"done")?;
     send(partner, b"done")?;
     Ok(checks.finish())
+}
+
+/// `transitive role=owner peer=B third=C` and `transitive-exit`: offers B
+/// every right; once C (to whom B re-granted read-write) writes in its
+/// loop, revokes B (`transitive`) or tells B to exit (`transitive-exit`).
+/// Either way C's derived capability must go with B's at once: C is
+/// terminated with `use-after-revoke` at its next write, so the sequence
+/// word C writes never moves again after the revocation returned.
+fn transitive_owner(args: &Args, revoke: bool) -> Outcome {
+    let mut checks = Checks::new(if revoke {
+        "shm-attack: transitive (owner)"
+    } else {
+        "shm-attack: transitive-exit (owner)"
+    });
+    let (middle, leaf) = (args.peer()?, args.third()?);
+    let shared = create_shared(1)?;
+    offer(&shared, middle, RIGHTS_ALL)?;
+    await_word(leaf, "looping")?;
+    yield_now();
+    let before = peek(shared.addr);
+    if revoke {
+        checks.expect("revoke the middle, which re-granted", shm_revoke(shared.handle, middle), Ok(()));
+    } else {
+        send(middle, b"exit")?;
+        wait_gone(middle)?;
+    }
+    let at_revocation = peek(shared.addr);
+    wait_gone(leaf)?;
+    println!("shm-attack: transitive: the leaf wrote {before} before and {at_revocation} at the revocation");
+    checks.expect("the leaf wrote before the revocation", before > 0, true);
+    checks.expect("no write after the revocation returned", peek(shared.addr), at_revocation);
+    if revoke {
+        send(middle, b"revoked")?;
+        wait_gone(middle)?;
+    }
+    checks.expect("participants left: the owner", cap_list().map(|caps| caps.held()), Ok(1));
+    checks.expect("destroy", shm_destroy(shared.handle), Ok(()));
+    Ok(checks.finish())
+}
+
+/// `transitive role=middle peer=A third=C`: accepts A's offer and re-grants
+/// read-write to C; then waits for `revoked` (and checks its own capability
+/// is gone) or `exit` from A.
+fn transitive_middle(args: &Args) -> Outcome {
+    let mut checks = Checks::new("shm-attack: transitive (middle)");
+    let (owner, leaf) = (args.peer()?, args.third()?);
+    let cap = accept(owner)?;
+    checks.expect("re-grant read-write", shm_grant(cap.handle, leaf, RIGHT_READ | RIGHT_WRITE), Ok(()));
+    let mut buffer = [0u8; TAG_MESSAGE_MAX];
+    send(leaf, mem_share_message(cap.region, &mut buffer))?;
+    let message = recv(owner)?;
+    match message.bytes() {
+        b"revoked" => {
+            checks.expect("my capability is gone", find_cap(cap.region).map(|c| c.handle), None);
+            checks.expect(
+                "grant from it again",
+                shm_grant(cap.handle, leaf, RIGHT_READ),
+                Err(Error::BadHandle),
+            );
+        }
+        b"exit" => println!("shm-attack: transitive: exiting, holding what I re-granted"),
+        _ => return Err(Fail::Protocol),
+    }
+    Ok(checks.finish())
+}
+
+/// `transitive role=leaf peer=B third=A`: accepts B's re-grant, maps it
+/// read-write and writes an increasing sequence number into word 0 until
+/// the kernel stops it (or gives up after `GIVE_UP_MS`).
+fn transitive_leaf(args: &Args) -> Outcome {
+    let (middle, owner) = (args.peer()?, args.third()?);
+    let cap = accept(middle)?;
+    let addr = shm_map(cap.handle, RW).ctx("shm_map")?;
+    let mut seq = 1u64;
+    poke(addr, seq);
+    send(owner, b"looping")?;
+    let khz = gate_info().tsc_khz.max(1);
+    let start = rdtsc();
+    loop {
+        seq += 1;
+        poke(addr, seq);
+        if rdtsc().wrapping_sub(start) > GIVE_UP_MS * khz {
+            println!("shm-attack: SURVIVED: still writing after {seq} writes");
+            return Ok(1);
+        }
+    }
 }
 
 fn double_map(args: &Args) -> Outcome {
@@ -1420,6 +1532,10 @@ fn run(args: &Args) -> Outcome {
         (b"cap-flood", b"flooder") => cap_flood_flooder(args),
         (b"cap-flood", b"partner") => cap_flood_partner(args),
         (b"cap-flood", b"victim") => cap_flood_victim(args),
+        (b"transitive", b"owner") => transitive_owner(args, true),
+        (b"transitive-exit", b"owner") => transitive_owner(args, false),
+        (b"transitive" | b"transitive-exit", b"middle") => transitive_middle(args),
+        (b"transitive" | b"transitive-exit", b"leaf") => transitive_leaf(args),
         (b"revoke-churn", b"owner") => revoke_churn_owner(args),
         (b"revoke-churn", b"grantee") => revoke_churn_grantee(args),
         (b"own-stale", _) => own_stale(),
@@ -1440,8 +1556,8 @@ fn run(args: &Args) -> Outcome {
         (b"quota", b"grantee") => quota_grantee(args),
         _ => {
             println!(
-                "shm-attack: usage: mode=forged|foreign|stale|escalate|regrant|witness|map-after-revoke|revoke-churn|cap-flood|double-map|\
-                 bad-args|lifecycle|ro-write|no-map|mid-loop|owner-exit|own-stale|quota|fill-table [role=owner|grantee|witness|self] \
+                "shm-attack: usage: mode=forged|foreign|stale|escalate|regrant|witness|map-after-revoke|revoke-churn|cap-flood|transitive|transitive-exit|double-map|\
+                 bad-args|lifecycle|ro-write|no-map|mid-loop|owner-exit|own-stale|quota|fill-table [role=owner|grantee|witness|self|middle|leaf|flooder|victim|partner] \
                  [peer=<pid>[,<pid>...]] [third=<pid>] [dead=<pid>] [pages=N] [caps=N]"
             );
             Ok(2)

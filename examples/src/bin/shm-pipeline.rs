@@ -25,7 +25,7 @@
 
 use core::hint::black_box;
 use superos_rt::{
-    arg, cap_list, cycles_to_ns, find_cap, gate_info, ipc_recv, ipc_send, mem_share_message,
+    accept_cap, arg, cap_list, cycles_to_ns, find_cap, gate_info, ipc_recv, ipc_send, mem_share_message,
     mem_share_region, parse_i64, println, rdtsc, read_u64, shm_create, shm_destroy, shm_grant, shm_map,
     shm_revoke, shm_unmap, write_u64, yield_now, Error, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ,
     RIGHT_WRITE, TAG_MESSAGE_MAX,
@@ -225,7 +225,7 @@ fn consumer_setup(peer: u32) -> Result<(u32, u64, u64), &'static str> {
     let mut buffer = [0u8; 64];
     let len = recv_from(peer, &mut buffer, "consumer").ok_or("no region message")?;
     let id = mem_share_region(&buffer[..len]).ok_or("the producer did not name a region")?;
-    let cap = find_cap(id).ok_or("no capability for the region named")?;
+    let cap = accept_cap(id).map_err(|_| "could not accept the capability for the region named")?;
     println!(
         "shm-pipeline: consumer: MEM_SHARE:{id} from pid {}: handle {:#x}, rights {:#x}, {} bytes",
         cap.owner, cap.handle, cap.rights, cap.len

@@ -11,7 +11,8 @@ use super::Kernel;
 use crate::arch::KernelCell;
 use superos_protocol::introspect::{
     FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
-    MAX_FRAME_RANGES, PROCESS_RECEIVING, PROCESS_RUNNABLE, REGION_LIVE, REGION_PARTICIPANTS,
+    MAX_FRAME_RANGES, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE,
+    REGION_LIVE, REGION_PARTICIPANTS,
 };
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::PROTOCOL_VERSION;
@@ -59,7 +60,8 @@ const EMPTY_PROCESS: ProcessRecord = ProcessRecord {
     policy: 0,
     table_bytes: 0,
 };
-const EMPTY_PARTICIPANT: ParticipantRecord = ParticipantRecord { pid: 0, rights: 0, mapped_at: 0, prot: 0 };
+const EMPTY_PARTICIPANT: ParticipantRecord =
+    ParticipantRecord { pid: 0, rights: 0, state: 0, mapped_at: 0, prot: 0, granted_by: 0 };
 const EMPTY_REGION: RegionRecord = RegionRecord {
     id: 0,
     state: 0,
@@ -197,8 +199,14 @@ impl Kernel {
                     let mut participants = [EMPTY_PARTICIPANT; REGION_PARTICIPANTS];
                     for (out, p) in participants.iter_mut().zip(&region.participants) {
                         let (mapped_at, prot) = p.mapping.unwrap_or((0, 0));
-                        *out =
-                            ParticipantRecord { pid: p.pid, rights: p.rights.bits() as u32, mapped_at, prot };
+                        *out = ParticipantRecord {
+                            pid: p.pid,
+                            rights: p.rights.bits() as u16,
+                            state: if p.accepted { PARTICIPANT_HOLDS } else { PARTICIPANT_OFFERED },
+                            mapped_at,
+                            prot: prot as u32,
+                            granted_by: p.granted_by,
+                        };
                     }
                     RegionRecord {
                         id: region.id,

@@ -762,6 +762,7 @@ impl Kernel {
         // After `KernelReady`, which a checking VMM checks: every free frame
         // has been found zero by then.
         self.memory.skip_one_scrub = self.boot.debug_flags & boot::DEBUG_SKIP_ONE_SCRUB != 0;
+        self.shm.shallow_revocation = self.boot.debug_flags & boot::DEBUG_SHALLOW_REVOCATION != 0;
         for index in 0..self.boot.processes().len() {
             self.start_run(index);
         }

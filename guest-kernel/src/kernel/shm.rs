@@ -63,6 +63,18 @@ impl Kernel {
         Ok(0)
     }
 
+    /// `shm_accept(region)`.
+    pub(super) fn sys_shm_accept(&mut self, frame: &mut TrapFrame, region: u64) -> Outcome {
+        let (pid, _) = self.caller();
+        match self.shm.accept(&mut self.processes, pid, region) {
+            Ok((handle, events)) => {
+                self.emit_all(events);
+                Outcome::Return(Ok(handle))
+            }
+            Err(refusal) => self.refused(frame, refusal),
+        }
+    }
+
     /// `shm_map(handle, prot)`.
     pub(super) fn sys_shm_map(&mut self, frame: &mut TrapFrame, handle: u64, prot: u64) -> Outcome {
         let (pid, _) = self.caller();
@@ -83,7 +95,7 @@ impl Kernel {
         Ok(0)
     }
 
-    /// `shm_revoke(handle, pid)`: owner only.
+    /// `shm_revoke(handle, pid)`: the owner or `pid`'s granter.
     pub(super) fn sys_shm_revoke(&mut self, handle: u64, target: u64) -> Result<u64, SysError> {
         let (pid, _) = self.caller();
         let events = self.shm.revoke(&mut self.memory, &mut self.processes, pid, handle, target)?;
@@ -127,9 +139,12 @@ impl Kernel {
     }
 
     /// Before process `pid` goes away: destroy the regions it owns (revoking
-    /// them from everyone, with events).
+    /// them from everyone), then revoke what others derived from its
+    /// capabilities in regions it does not own, each step an event while it
+    /// is still a consistent, live process.
     pub(super) fn destroy_owned_regions(&mut self, pid: u32) {
-        let events = self.shm.destroy_owned(&mut self.memory, &mut self.processes, pid);
+        let mut events = self.shm.destroy_owned(&mut self.memory, &mut self.processes, pid);
+        events.extend(self.shm.revoke_derived(&mut self.memory, &mut self.processes, pid));
         self.emit_all(events);
     }
 

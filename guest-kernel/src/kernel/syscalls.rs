@@ -14,8 +14,8 @@ use superos_protocol::hypercall::STATUS_OK;
 use superos_protocol::layout::GATE_VA;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
-    self as sc, encode_recv, encode_result, MemStat, SysError, Syscall, MAILBOX_DEPTH, MESSAGE_MAX,
-    RECV_NONBLOCK,
+    self as sc, encode_recv, encode_result, MemStat, SysError, Syscall, MAILBOX_DEPTH, MAILBOX_PER_SENDER,
+    MESSAGE_MAX, RECV_NONBLOCK,
 };
 use zerocopy::IntoBytes;
 
@@ -77,6 +77,7 @@ impl Kernel {
             Some(Syscall::ShmRevoke) => Outcome::Return(self.sys_shm_revoke(a0, a1)),
             Some(Syscall::ShmDestroy) => Outcome::Return(self.sys_shm_destroy(a0)),
             Some(Syscall::CapDrop) => Outcome::Return(self.sys_cap_drop(a0)),
+            Some(Syscall::ShmAccept) => self.sys_shm_accept(frame, a0),
             Some(Syscall::CapList) => {
                 let result = self.sys_cap_list(a0, a1);
                 self.outcome(frame, result)
@@ -232,7 +233,13 @@ impl Kernel {
             .ok()
             .and_then(|pid| self.processes.iter().position(|p| p.pid == pid))
             .ok_or(SysError::NoSuchProcess)?;
-        if self.processes[target_index].mailbox.len() >= MAILBOX_DEPTH {
+        // The mailbox rule: MAILBOX_DEPTH slots, at most MAILBOX_PER_SENDER
+        // of them another sender's.
+        let mailbox = &self.processes[target_index].mailbox;
+        if mailbox.len() >= MAILBOX_DEPTH
+            || target_index != index
+                && mailbox.iter().filter(|m| m.sender == sender).count() >= MAILBOX_PER_SENDER
+        {
             return Err(SysError::MailboxFull.into());
         }
         let receiver = self.processes[target_index].pid;
