@@ -500,11 +500,12 @@ fn revoked_ranges_are_never_charged_to_the_grantee_and_can_be_released() {
     assert_no_frame_lost(&report);
 }
 
-/// Issue 11, finding 3: a capability table is not anyone's to fill. One
-/// granter may hold at most `CAPS_PER_GRANTER` capabilities in another's
-/// table (beyond that its grant is refused as its own `capabilities` quota,
-/// with a `QuotaDenied` event); the victim still receives a real grant and
-/// drops what it does not want with `cap_drop`.
+/// Issue 11, finding 3: a capability table is not anyone's to fill. A grant
+/// is an offer charged to the granter (at most `OFFERS_PER_GRANTER`
+/// outstanding; beyond that its grant is refused as its own `capabilities`
+/// quota, with a `QuotaDenied` event) that takes nothing of the receiver's
+/// until it accepts; the victim accepts its real partner's offer alone and
+/// can drop a capability with `cap_drop`.
 #[test]
 fn sharing_is_opt_in_offers_are_charged_to_the_granter_and_a_holder_can_drop_a_capability() {
     if !kvm_available() {

@@ -279,6 +279,10 @@ mod tests {
                 Event::ShmDestroyed { pid: 1, region: 3, frames_freed: 4 },
                 json!({"kind": "shm-destroyed", "pid": 1, "region": 3, "frames_freed": 4}),
             ),
+            (
+                Event::ShmAccepted { pid: 2, region: 3, granter: 1, rights: 1 },
+                json!({"kind": "shm-accepted", "pid": 2, "region": 3, "granter": 1, "rights": 1}),
+            ),
         ]
     }
 
