@@ -24,8 +24,8 @@ use alloc::vec::Vec;
 use superos_protocol::boot::{QuotaSpec, QUOTA_POLICY_KILL};
 use superos_protocol::event::{FaultKind, QuotaKind};
 use superos_protocol::layout::{
-    GATE_VA, PAGE_SIZE, USER_MMAP_BASE, USER_MMAP_LIMIT, USER_MMAP_MAX, USER_STACK_GUARD_PAGES,
-    USER_STACK_PAGES, USER_STACK_TOP, USER_STATE_VA,
+    GATE_VA, PAGE_SIZE, USER_HALF_END, USER_MMAP_BASE, USER_MMAP_LIMIT, USER_MMAP_MAX,
+    USER_STACK_GUARD_PAGES, USER_STACK_PAGES, USER_STACK_TOP, USER_STATE_VA,
 };
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{
@@ -969,7 +969,38 @@ impl AddressSpace {
     /// Tears the address space down: every private frame and every table
     /// frame is scrubbed and freed; kernel-owned frames (the gate page) are
     /// only unmapped. The caller must not be running on these tables.
-    pub fn destroy<M: Memory>(self, memory: &mut M) {
+    pub fn destroy<M: Memory>(mut self, memory: &mut M) {
+        while self.destroy_slice(memory, 0, u64::MAX).is_some() {}
+    }
+
+    /// Forgets the map entries (a dying address space needs only its
+    /// tables), returning their heap to the kernel at once.
+    pub fn release_map(&mut self) {
+        self.regions = Vec::new();
+    }
+
+    /// One slice of tearing down a dead process's address space: unlinks
+    /// the user half from `from` on within `budget` units (as
+    /// `mem_unmap`), releasing the process's private frames and every
+    /// table it empties; `Some(va)`: resume there. When it returns `None`
+    /// the PML4 is released too and nothing of the process remains.
+    pub fn destroy_slice<M: Memory>(&mut self, memory: &mut M, from: u64, budget: u64) -> Option<u64> {
+        let pid = self.pid;
+        let resume = self.unmap_range(memory, from, USER_HALF_END, budget, |memory, frame| {
+            if memory.owner(frame) == Some(FrameOwner::Private(pid)) {
+                memory.release_frame(frame);
+            }
+        });
+        if resume.is_none() {
+            memory.release_frame(self.pml4);
+        }
+        resume
+    }
+
+    /// The whole teardown in one go (tests: the reference `destroy_slice`
+    /// is compared with).
+    #[cfg(test)]
+    fn destroy_in_one_walk<M: Memory>(self, memory: &mut M) {
         let pid = self.pid;
         // Frames are released as the walk unlinks them: collecting them first
         // would need a heap allocation proportional to the process's size.
@@ -1388,6 +1419,40 @@ pub(crate) mod tests {
         assert_eq!(space.unmap_slice(&mut memory, b, len, b, 200), err(SysError::BadAddress));
         space.destroy(&mut memory);
         assert_eq!(memory.allocator.free_frames(), baseline - 2);
+    }
+
+    /// A dead process's address space torn down in small slices frees
+    /// exactly what the one-walk teardown frees, each slice making progress.
+    #[test]
+    fn a_dead_address_space_is_torn_down_in_bounded_slices() {
+        let build = |memory: &mut FakeMemory| {
+            let mut space = space(memory, Quotas::default());
+            let at = space.map_anonymous(64 << 21, RW).unwrap();
+            for i in 0..64 {
+                space.handle_page_fault(memory, at + (i << 21) + 0x3000, PF_WRITE).unwrap();
+            }
+            space
+        };
+        let mut memory = FakeMemory::new();
+        let baseline = memory.allocator.free_frames();
+        let reference = build(&mut memory);
+        let held = baseline - memory.allocator.free_frames();
+        reference.destroy_in_one_walk(&mut memory);
+        let freed_by_one_walk = memory.allocator.free_frames();
+
+        let mut memory = FakeMemory::new();
+        let mut space = build(&mut memory);
+        assert_eq!(baseline - memory.allocator.free_frames(), held);
+        space.release_map();
+        let (mut from, mut slices) = (0, 0);
+        while let Some(resume) = space.destroy_slice(&mut memory, from, 100) {
+            assert!(resume > from, "every slice makes progress");
+            from = resume;
+            slices += 1;
+        }
+        assert!(slices >= 64 * 17 / 100, "{slices} slices");
+        assert_eq!(memory.allocator.free_frames(), freed_by_one_walk);
+        assert_eq!(memory.allocator.free_frames(), baseline - 2, "only the kernel PML4 and the gate remain");
     }
 
     #[test]

@@ -8,12 +8,22 @@
 //! hypercall (one VM exit per batch, a host `memset` per frame); they stay
 //! owned by their old owner until the VMM has zeroed them, so a frame marked
 //! free is always zero.
+//!
+//! Teardown (issue 11, bounded kernel time): a dead process's address space
+//! is buried here and torn down a slice at a time, one slice at every kernel
+//! entry ([`KernelMemory::reap`]), so no exit or kill holds the CPU for
+//! time proportional to the process's size. Its frames stay owned by the
+//! dead pid, unmapped by anything live, until their slice frees them; an
+//! allocation that finds no free frame reaps everything first, and so does
+//! the shutdown, so nothing is lost or refused for it.
 
 use super::host::scrub_frames;
-use crate::address_space::Memory;
+use super::introspect::PROCESS_CAPACITY;
+use crate::address_space::{AddressSpace, Memory};
 use crate::arch::{cpu, KernelCell};
 use crate::frame::FrameAllocator;
 use crate::paging::PageTableMemory;
+use alloc::vec::Vec;
 use superos_protocol::hypercall::{SCRUB_BATCH_MAX, STATUS_OK};
 use superos_protocol::layout::{DIRECT_MAP_BASE, KERNEL_VMA_BASE, PAGE_SIZE};
 use superos_protocol::ownership::FrameOwner;
@@ -102,12 +112,47 @@ pub struct KernelMemory {
     /// `DEBUG_SKIP_ONE_SCRUB`: the next non-zero frame released is freed
     /// as it is.
     pub skip_one_scrub: bool,
+    /// Address spaces of processes that are gone, being torn down, with
+    /// where the next slice starts (at most `PROCESS_CAPACITY`: the vector's
+    /// doublings stop there).
+    dying: Vec<(AddressSpace, u64)>,
 }
 
 impl KernelMemory {
     /// Wraps the allocator.
     pub fn new(frames: FrameAllocator<'static>, scrub: Scrub) -> Self {
-        KernelMemory { frames, scrub, pending: 0, scrubbed: 0, skip_one_scrub: false }
+        KernelMemory { frames, scrub, pending: 0, scrubbed: 0, skip_one_scrub: false, dying: Vec::new() }
+    }
+
+    /// Takes the address space of a process that is gone (its CR3 no longer
+    /// live anywhere) for teardown in slices.
+    pub fn bury(&mut self, mut space: AddressSpace) {
+        space.release_map();
+        if self.dying.len() == PROCESS_CAPACITY {
+            self.reap_all();
+        }
+        self.dying.push((space, 0));
+    }
+
+    /// One slice of teardown, at most `budget` units (as `mem_unmap`).
+    pub fn reap(&mut self, budget: u64) {
+        let Some((mut space, from)) = self.dying.pop() else { return };
+        if let Some(resume) = space.destroy_slice(self, from, budget) {
+            self.dying.push((space, resume));
+        }
+    }
+
+    /// Tears every buried address space down completely.
+    pub fn reap_all(&mut self) {
+        while let Some((mut space, from)) = self.dying.pop() {
+            let finished = space.destroy_slice(self, from, u64::MAX);
+            debug_assert!(finished.is_none(), "an unlimited slice finishes");
+        }
+    }
+
+    /// Whether teardown work is pending.
+    pub fn reaping(&self) -> bool {
+        !self.dying.is_empty()
     }
 
     /// Which strategy is in use.
@@ -166,9 +211,17 @@ impl Memory for KernelMemory {
 
     fn alloc_frame(&mut self, owner: FrameOwner) -> Option<u64> {
         self.frames.alloc(owner).or_else(|| {
-            // Frames waiting to be scrubbed are memory too.
+            // Frames waiting to be scrubbed, and those of dead processes not
+            // yet torn down, are memory too.
             self.flush_scrub();
-            self.frames.alloc(owner)
+            self.frames.alloc(owner).or_else(|| {
+                if !self.reaping() {
+                    return None;
+                }
+                self.reap_all();
+                self.flush_scrub();
+                self.frames.alloc(owner)
+            })
         })
     }
 

@@ -680,6 +680,7 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         Phase::GateSelfTest { tried_other } => kernel.gate_self_test(frame, tried_other),
         Phase::Running => kernel.handle_user_trap(frame),
     }
+    kernel.memory.reap(syscalls::SLICE_BUDGET);
     kernel.memory.flush_scrub();
     kernel.republish_changed();
 }
@@ -848,6 +849,7 @@ impl Kernel {
 
     /// Shuts the VM down after logging the final frame accounting.
     fn finish(&mut self) -> ! {
+        self.memory.reap_all();
         self.memory.flush_scrub();
         self.emit(Event::KernelShutdown {
             free_frames: self.memory.frames.free_frames(),

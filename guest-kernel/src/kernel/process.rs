@@ -234,7 +234,8 @@ impl Kernel {
         for message in process.mailbox {
             self.memory.release_dirty_prefix(message.frame, message.len);
         }
-        process.space.destroy(&mut self.memory);
+        // Torn down a slice per kernel entry from now on (`KernelMemory::reap`).
+        self.memory.bury(process.space);
         self.forget_participant(pid);
         self.emit(event);
         let spec = process.spec_index;
