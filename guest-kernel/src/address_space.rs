@@ -842,28 +842,70 @@ impl AddressSpace {
         frames: &[u64],
         writable: bool,
     ) -> Result<u64, Refusal> {
-        let len = frames.len() as u64 * PAGE_SIZE;
+        let start = self.reserve_shared(memory, region, frames.len() as u64, writable)?;
+        if let Err(refusal) = self.map_shared_pages(memory, start, 0, frames, u64::MAX) {
+            self.unmap_shared(memory, start).expect("just reserved");
+            return Err(refusal);
+        }
+        Ok(start)
+    }
+
+    /// The first step of a shared mapping: checks the quotas (map entries,
+    /// virtual size, the tables the whole mapping would need) and reserves
+    /// `pages` pages for region `region` at an address the kernel picks,
+    /// mapping none of them yet ([`Self::map_shared_pages`] does, in
+    /// slices). Returns the address.
+    pub fn reserve_shared<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        region: u32,
+        pages: u64,
+        writable: bool,
+    ) -> Result<u64, Refusal> {
+        let len = pages * PAGE_SIZE;
         self.check_virtual(len)?;
         self.check_mappings(1)?;
         let start = self.place(len)?;
         let tables = self.missing_tables(memory, start, start + len);
         self.check_resident(tables)?;
+        self.insert_region(Region { start, end: start + len, kind: RegionKind::Shared { region, writable } });
+        Ok(start)
+    }
+
+    /// Maps `frames[first..]` into the shared mapping reserved at `start`,
+    /// page `first` on, spending at most `budget` units (a page mapped is
+    /// 17, like one `mem_unmap` unlinks). Returns the next page to map, or `None` when
+    /// every frame is mapped. On an error the caller removes the mapping
+    /// (`unmap_shared`).
+    pub fn map_shared_pages<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        start: u64,
+        first: usize,
+        frames: &[u64],
+        budget: u64,
+    ) -> Result<Option<usize>, Refusal> {
+        let writable = match self.region_at(start).map(|r| r.kind) {
+            Some(RegionKind::Shared { writable, .. }) => writable,
+            _ => return Err(SysError::BadAddress.into()),
+        };
         let mut flags = Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
         if writable {
             flags |= Flags::WRITABLE;
         }
-        for (i, &frame) in frames.iter().enumerate() {
+        // A page mapped costs like one unlinked (a walk down, entries made).
+        let pages = (budget / (paging::ENTRY_UNITS + paging::PRESENT_UNITS)).max(1);
+        let end = frames.len().min(first.saturating_add(usize::try_from(pages).unwrap_or(usize::MAX)));
+        for (i, &frame) in frames.iter().enumerate().take(end).skip(first) {
             let va = start + i as u64 * PAGE_SIZE;
             let mapped = self.with_tables(memory, |tables, pml4| {
                 paging::map(tables, pml4, va, frame, PageSize::Size4K, flags, USER_TABLE_FLAGS)
             });
             if mapped.is_err() {
-                self.unmap_range(memory, start, start + len, u64::MAX, |_, _| {});
                 return Err(SysError::OutOfMemory.into());
             }
         }
-        self.insert_region(Region { start, end: start + len, kind: RegionKind::Shared { region, writable } });
-        Ok(start)
+        Ok((end < frames.len()).then_some(end))
     }
 
     fn remove_shared_mapping<M: Memory>(&mut self, memory: &mut M, index: usize) -> Region {

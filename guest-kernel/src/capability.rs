@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use superos_protocol::syscall::{RIGHTS_ALL, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
 
 /// A set of `RIGHT_*` bits, normalised (write implies read).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rights(u64);
 
 impl Rights {

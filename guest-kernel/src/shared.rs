@@ -32,6 +32,7 @@
 
 use crate::address_space::{AddressSpace, Memory, Refusal};
 use crate::capability::{CapTable, Capability, Rights};
+use crate::paging;
 use alloc::vec::Vec;
 use superos_protocol::event::{Event, QuotaKind};
 use superos_protocol::layout::PAGE_SIZE;
@@ -78,6 +79,30 @@ impl SharedRegion {
     }
 }
 
+/// A region `shm_create` is building, between its slices: the id it will
+/// have, and the frames allocated so far (owned `Shared(id)`, mapped
+/// nowhere, not yet a live region).
+#[derive(Debug, Default)]
+pub struct RegionBuild {
+    /// Its id.
+    pub id: u32,
+    /// Its length (whole pages).
+    pub len: u64,
+    /// The owner's rights.
+    pub rights: Rights,
+    /// The frames so far (capacity for all of them reserved).
+    pub frames: Vec<u64>,
+}
+
+/// Where a sliced `shm_map` stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MapProgress {
+    /// Pages from this index on are still to map.
+    More(u64),
+    /// Every page is mapped: the event to log.
+    Done(Event),
+}
+
 /// What a process brings to a shared-memory operation.
 pub struct Holder<'a> {
     /// Its address space.
@@ -97,6 +122,9 @@ pub trait Holders {
 pub struct SharedMemory {
     regions: Vec<SharedRegion>,
     next_id: u32,
+    /// Pages of regions being built (`RegionBuild`), counted against
+    /// [`SHM_PAGES_MAX`] like live ones.
+    building_pages: u64,
     /// `DEBUG_SHALLOW_REVOCATION` (checker self-test): revocation takes
     /// only the named participant, leaving what was derived from it - the
     /// bug `revocation-complete` must catch.
@@ -105,7 +133,7 @@ pub struct SharedMemory {
 
 impl Default for SharedMemory {
     fn default() -> Self {
-        SharedMemory { regions: Vec::new(), next_id: 1, shallow_revocation: false }
+        SharedMemory { regions: Vec::new(), next_id: 1, building_pages: 0, shallow_revocation: false }
     }
 }
 
@@ -130,7 +158,8 @@ impl SharedMemory {
         Ok((capability, index))
     }
 
-    /// `shm_create(len, rights)`: returns the caller's handle.
+    /// `shm_create(len, rights)` in one go (host tests): returns the
+    /// caller's handle.
     pub fn create<M: Memory, H: Holders>(
         &mut self,
         memory: &mut M,
@@ -139,6 +168,24 @@ impl SharedMemory {
         len: u64,
         rights: u64,
     ) -> Result<(u64, Vec<Event>), Refusal> {
+        let mut build = self.create_begin(memory, holders, caller, len, rights)?;
+        while !self.create_step(memory, &mut build, u64::MAX)? {}
+        self.create_finish(memory, holders, caller, build)
+    }
+
+    /// The first step of `shm_create(len, rights)`: checks the arguments
+    /// and every limit, reserves a region id and the heap for the frame
+    /// list. Nothing is charged or visible yet; [`Self::create_step`]
+    /// allocates the frames in slices and [`Self::create_finish`] makes the
+    /// region live ([`Self::create_abort`] if the caller goes away first).
+    pub fn create_begin<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        len: u64,
+        rights: u64,
+    ) -> Result<RegionBuild, Refusal> {
         let rights = Rights::from_user(rights).ok_or(SysError::InvalidArgument)?;
         if len == 0 {
             return Err(SysError::InvalidArgument.into());
@@ -155,32 +202,96 @@ impl SharedMemory {
                 limit: CAPS_MAX as u64,
             });
         }
+        // Checked now, charged when the region goes live.
         me.space.charge_shared(len)?;
+        me.space.uncharge_shared(len);
         // The kernel's own resources: a slot in the region table, and heap
         // for the frame list (fallible, never an allocation failure panic).
         let pages = (len / PAGE_SIZE) as usize;
         let mut frames = Vec::new();
-        let live_pages: u64 = self.regions.iter().map(|r| r.frames.len() as u64).sum();
-        if self.regions.len() >= SHM_REGIONS_MAX
-            || live_pages + pages as u64 > SHM_PAGES_MAX
+        if !self.room_for(pages as u64)
             || !memory.heap_room(pages * core::mem::size_of::<u64>())
             || frames.try_reserve_exact(pages).is_err()
         {
-            me.space.uncharge_shared(len);
             return Err(SysError::OutOfMemory.into());
         }
         let id = self.next_id;
-        for _ in 0..pages {
-            match memory.alloc_frame(FrameOwner::Shared(id)) {
-                Some(frame) => frames.push(frame),
+        self.next_id += 1;
+        self.building_pages += pages as u64;
+        Ok(RegionBuild { id, len, rights, frames })
+    }
+
+    /// Whether the region table and the page limit ([`SHM_PAGES_MAX`], live
+    /// and being built) have room for a region of `pages` more pages.
+    fn room_for(&self, pages: u64) -> bool {
+        let live_pages: u64 = self.regions.iter().map(|r| r.frames.len() as u64).sum();
+        self.regions.len() < SHM_REGIONS_MAX && live_pages + self.building_pages + pages <= SHM_PAGES_MAX
+    }
+
+    /// One slice of `shm_create`: allocates frames (owned `Shared(id)`,
+    /// zero like every free frame) within `budget` units, 17 a frame.
+    /// Returns whether every frame is there. Out of frames: the build is
+    /// aborted (its frames freed) and the call refused.
+    pub fn create_step<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        build: &mut RegionBuild,
+        budget: u64,
+    ) -> Result<bool, Refusal> {
+        let pages = (build.len / PAGE_SIZE) as usize;
+        let mut left = (budget / (paging::ENTRY_UNITS + paging::PRESENT_UNITS)).max(1);
+        while build.frames.len() < pages && left > 0 {
+            match memory.alloc_frame(FrameOwner::Shared(build.id)) {
+                Some(frame) => build.frames.push(frame),
                 None => {
-                    frames.into_iter().for_each(|f| memory.release_frame(f));
-                    me.space.uncharge_shared(len);
+                    self.create_abort(memory, core::mem::take(build));
                     return Err(SysError::OutOfMemory.into());
                 }
             }
+            left -= 1;
         }
-        self.next_id += 1;
+        Ok(build.frames.len() == pages)
+    }
+
+    /// Gives up a region being built: frees its frames.
+    pub fn create_abort<M: Memory>(&mut self, memory: &mut M, build: RegionBuild) {
+        self.building_pages -= (build.len / PAGE_SIZE).min(self.building_pages);
+        for frame in build.frames {
+            memory.release_frame(frame);
+        }
+    }
+
+    /// The last step of `shm_create`: charges the caller, gives it the
+    /// capability and makes the region live. Returns the handle.
+    pub fn create_finish<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        build: RegionBuild,
+    ) -> Result<(u64, Vec<Event>), Refusal> {
+        self.building_pages -= (build.len / PAGE_SIZE).min(self.building_pages);
+        let me = holder(holders, caller);
+        // Nothing the caller holds grew while it was rewound (only its own
+        // calls add capabilities or charges), and another creator counted
+        // this build's pages, so these hold; checked anyway.
+        let checked = if me.caps.len() >= CAPS_MAX {
+            Err(Refusal::Quota {
+                kind: QuotaKind::Capabilities,
+                requested: me.caps.len() as u64 + 1,
+                limit: CAPS_MAX as u64,
+            })
+        } else if self.regions.len() >= SHM_REGIONS_MAX {
+            Err(SysError::OutOfMemory.into())
+        } else {
+            me.space.charge_shared(build.len)
+        };
+        if let Err(refusal) = checked {
+            self.building_pages += build.len / PAGE_SIZE;
+            self.create_abort(memory, build);
+            return Err(refusal);
+        }
+        let RegionBuild { id, len, rights, frames } = build;
         let handle =
             me.caps.insert(Capability { region: id, rights }).expect("the table had room (checked above)");
         self.regions.push(SharedRegion {
@@ -292,7 +403,7 @@ impl SharedMemory {
         Ok((handle, alloc::vec![event]))
     }
 
-    /// `shm_map(handle, prot)`: returns the address.
+    /// `shm_map(handle, prot)` in one go (host tests): returns the address.
     pub fn map<M: Memory, H: Holders>(
         &mut self,
         memory: &mut M,
@@ -301,6 +412,25 @@ impl SharedMemory {
         handle: u64,
         prot: u64,
     ) -> Result<(u64, Vec<Event>), Refusal> {
+        let addr = self.map_begin(memory, holders, caller, handle, prot)?;
+        match self.map_continue(memory, holders, caller, addr, 0, u64::MAX)? {
+            MapProgress::Done(event) => Ok((addr, alloc::vec![event])),
+            MapProgress::More(_) => unreachable!("an unlimited slice maps everything"),
+        }
+    }
+
+    /// The first step of `shm_map(handle, prot)`: checks the capability and
+    /// the quotas, charges the mapping and reserves its range (the
+    /// participant is mapped there from now on, with no page present yet).
+    /// Returns the address; [`Self::map_continue`] maps the pages.
+    pub fn map_begin<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        handle: u64,
+        prot: u64,
+    ) -> Result<u64, Refusal> {
         let me = holder(holders, caller);
         let (capability, index) = self.lookup(me.caps, handle)?;
         if prot & PROT_EXEC != 0 {
@@ -326,7 +456,7 @@ impl SharedMemory {
         // The owner was charged at creation; others are charged when they map.
         let charge = if region.owner == caller { 0 } else { region.byte_len() };
         me.space.charge_shared(charge)?;
-        let addr = match me.space.map_shared(memory, region.id, &region.frames, writable) {
+        let addr = match me.space.reserve_shared(memory, region.id, region.frames.len() as u64, writable) {
             Ok(addr) => addr,
             Err(refusal) => {
                 me.space.uncharge_shared(charge);
@@ -334,7 +464,44 @@ impl SharedMemory {
             }
         };
         region.participants[participant].mapping = Some((addr, prot));
-        Ok((addr, alloc::vec![Event::ShmMapped { pid: caller, region: region.id.into(), addr, prot }]))
+        Ok(addr)
+    }
+
+    /// One slice of `shm_map`: maps the caller's mapping at `addr` from page
+    /// `from` on, within `budget` units. A mapping revoked (or its region
+    /// destroyed) since [`Self::map_begin`] is `bad-handle`; a failure
+    /// removes the mapping and its charge.
+    pub fn map_continue<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        addr: u64,
+        from: u64,
+        budget: u64,
+    ) -> Result<MapProgress, Refusal> {
+        let found = self.regions.iter().enumerate().find_map(|(index, r)| {
+            r.participants
+                .iter()
+                .find(|p| p.pid == caller && p.mapping.is_some_and(|(at, _)| at == addr))
+                .map(|p| (index, p.mapping.map_or(0, |(_, prot)| prot)))
+        });
+        let Some((index, prot)) = found else {
+            return Err(SysError::BadHandle.into());
+        };
+        let region = &self.regions[index];
+        let from = usize::try_from(from).map_err(|_| SysError::InvalidArgument)?;
+        let me = holder(holders, caller);
+        match me.space.map_shared_pages(memory, addr, from, &region.frames, budget) {
+            Ok(Some(next)) => Ok(MapProgress::More(next as u64)),
+            Ok(None) => {
+                Ok(MapProgress::Done(Event::ShmMapped { pid: caller, region: region.id.into(), addr, prot }))
+            }
+            Err(refusal) => {
+                self.unmap(memory, holders, caller, addr).map_err(Refusal::from)?;
+                Err(refusal)
+            }
+        }
     }
 
     /// `shm_unmap(addr)`.
@@ -799,6 +966,88 @@ mod tests {
         shm.accept(&mut world, 4, 1).unwrap();
         assert_eq!(shm.revoke(&mut memory, &mut world, 1, owner, 3).unwrap().len(), 1);
         assert_eq!(world.holder(4).unwrap().caps.len(), 1);
+    }
+
+    /// A sliced `shm_create`: frames come a bounded number per slice, the
+    /// build counts against the page limit, and an abandoned build frees
+    /// every frame it had.
+    #[test]
+    fn a_create_in_slices_allocates_a_bounded_number_of_frames_per_slice() {
+        let mut memory = FakeMemory::new();
+        let mut world = world(&mut memory, &[1], Quotas::default());
+        let mut shm = SharedMemory::default();
+        let free = memory.allocator.free_frames();
+        let mut build = shm.create_begin(&mut memory, &mut world, 1, 40 * PAGE_SIZE, RIGHT_READ).unwrap();
+        let mut slices = 1;
+        while !shm.create_step(&mut memory, &mut build, 8 * 17).unwrap() {
+            assert_eq!(build.frames.len(), 8 * slices);
+            slices += 1;
+        }
+        assert_eq!(slices, 5);
+        assert!(build.frames.iter().all(|&f| memory.owner(f) == Some(FrameOwner::Shared(build.id))));
+        assert_eq!(world.holder(1).unwrap().space.stat().shared_bytes, 0, "charged only when live");
+        assert!(shm.regions().is_empty());
+        // The build's pages count: the limit refuses what would exceed it.
+        assert!(!shm.room_for(SHM_PAGES_MAX - 39));
+        shm.create_abort(&mut memory, build);
+        assert_eq!(memory.allocator.free_frames(), free);
+        assert!(shm.room_for(SHM_PAGES_MAX));
+        // A finished build is a live region, charged, with its capability.
+        let mut build = shm.create_begin(&mut memory, &mut world, 1, 3 * PAGE_SIZE, RIGHT_READ).unwrap();
+        while !shm.create_step(&mut memory, &mut build, 17).unwrap() {}
+        let (handle, events) = shm.create_finish(&mut memory, &mut world, 1, build).unwrap();
+        assert_eq!(
+            events,
+            vec![Event::ShmCreated { pid: 1, region: 2, len: 3 * PAGE_SIZE, rights: RIGHT_READ }]
+        );
+        assert_eq!(world.holder(1).unwrap().space.stat().shared_bytes, 3 * PAGE_SIZE);
+        assert!(world.holder(1).unwrap().caps.get(handle).is_some());
+    }
+
+    /// A sliced `shm_map`: the participant is mapped (with some pages) from
+    /// the first slice on; a revocation between slices makes the next slice
+    /// `bad-handle` and leaves a revoked range, with nothing charged.
+    #[test]
+    fn a_map_in_slices_is_consistent_between_slices_and_ends_with_a_revocation() {
+        let mut memory = FakeMemory::new();
+        let mut world = world(&mut memory, &[1, 2], Quotas::default());
+        let mut shm = SharedMemory::default();
+        let (owner, _) =
+            shm.create(&mut memory, &mut world, 1, 64 * PAGE_SIZE, RIGHT_READ | RIGHT_GRANT).unwrap();
+        shm.grant(&mut world, 1, owner, 2, RIGHT_READ).unwrap();
+        let (theirs, _) = shm.accept(&mut world, 2, 1).unwrap();
+        let at = shm.map_begin(&mut memory, &mut world, 2, theirs, PROT_READ).unwrap();
+        assert_eq!(shm.regions()[0].participants[1].mapping, Some((at, PROT_READ)));
+        let budget = 8 * 17;
+        let mut from = 0;
+        let mut slices = 0;
+        let event = loop {
+            match shm.map_continue(&mut memory, &mut world, 2, at, from, budget).unwrap() {
+                MapProgress::More(next) => {
+                    assert_eq!(next, from + 8);
+                    from = next;
+                    slices += 1;
+                }
+                MapProgress::Done(event) => break event,
+            }
+        };
+        assert_eq!(slices, 7);
+        assert_eq!(event, Event::ShmMapped { pid: 2, region: 1, addr: at, prot: PROT_READ });
+        assert_eq!(world.holder(2).unwrap().space.stat().shared_bytes, 64 * PAGE_SIZE);
+        shm.unmap(&mut memory, &mut world, 2, at).unwrap();
+        // Revoked after its first slice: the next one is refused.
+        let at = shm.map_begin(&mut memory, &mut world, 2, theirs, PROT_READ).unwrap();
+        assert!(matches!(
+            shm.map_continue(&mut memory, &mut world, 2, at, 0, budget),
+            Ok(MapProgress::More(8))
+        ));
+        shm.revoke(&mut memory, &mut world, 1, owner, 2).unwrap();
+        assert_eq!(
+            shm.map_continue(&mut memory, &mut world, 2, at, 8, budget),
+            Err(Refusal::Error(SysError::BadHandle))
+        );
+        assert_eq!(world.holder(2).unwrap().space.stat().shared_bytes, 0);
+        assert_eq!(world.holder(2).unwrap().space.revoked_ranges(), 1);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::arch::{cpu, TIMER_VECTOR};
 use crate::capability::CapTable;
 use crate::elf_image::check_user_image;
 use crate::fault::{Region, RegionKind};
+use crate::shared::RegionBuild;
 use alloc::collections::VecDeque;
 use superos_protocol::boot::ARGS_LEN;
 use superos_protocol::cpu::{initial_fxsave_image, FXSAVE_FCW, FXSAVE_MXCSR};
@@ -70,6 +71,8 @@ pub struct Process {
     /// A system call its work budget interrupted, resumed when the process
     /// enters the gate again with the same registers.
     pub resume: Option<Resume>,
+    /// The region a sliced `shm_create` is building (its frames so far).
+    pub building: Option<RegionBuild>,
 }
 
 /// Where an interrupted system call (`mem_unmap`, `mem_protect`) goes on:
@@ -79,9 +82,10 @@ pub struct Process {
 pub struct Resume {
     /// `rax` (the call), `rdi`, `rsi`, `rdx` of the call.
     pub call: [u64; 4],
-    /// The address the next slice starts at.
+    /// Where the next slice starts (an address, or a page index).
     pub at: u64,
-    /// What the earlier slices did (pages freed).
+    /// What the earlier slices did (pages freed), or what the call keeps
+    /// between slices (`shm_map`: the mapping's address).
     pub done: u64,
 }
 
@@ -178,6 +182,7 @@ impl Kernel {
             caps: super::shm::new_cap_table(pid, self.boot_entropy),
             published: (0, 0, 0, 0),
             resume: None,
+            building: None,
         });
         self.emit(Event::ProcessSpawned { pid, spec_index: spec_index as u64, pml4_gpa: pml4 });
         Ok(())
@@ -233,6 +238,9 @@ impl Kernel {
         self.resume_at = index;
         for message in process.mailbox {
             self.memory.release_dirty_prefix(message.frame, message.len);
+        }
+        if let Some(build) = process.building {
+            self.shm.create_abort(&mut self.memory, build);
         }
         // Torn down a slice per kernel entry from now on (`KernelMemory::reap`).
         self.memory.bury(process.space);

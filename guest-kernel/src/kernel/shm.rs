@@ -13,10 +13,11 @@
 use super::memory::write_phys;
 use super::process::Process;
 use super::syscalls::Outcome;
+use super::syscalls::SLICE_BUDGET;
 use super::{Kernel, TrapFrame};
 use crate::address_space::Refusal;
 use crate::capability::CapTable;
-use crate::shared::{Holder, Holders};
+use crate::shared::{Holder, Holders, MapProgress};
 use alloc::vec::Vec;
 use superos_protocol::event::Event;
 use superos_protocol::syscall::{CapInfo, SysError, CAPS_MAX};
@@ -42,15 +43,38 @@ impl Kernel {
         }
     }
 
-    /// `shm_create(len, rights)`.
+    /// `shm_create(len, rights)`, in slices of [`SLICE_BUDGET`]: the first
+    /// checks everything and reserves the id, each allocates a bounded
+    /// number of frames into the caller's `building` (the caller rewound to
+    /// the gate between them), the last makes the region live.
     pub(super) fn sys_shm_create(&mut self, frame: &mut TrapFrame, len: u64, rights: u64) -> Outcome {
         let (pid, index) = self.caller();
-        match self.shm.create(&mut self.memory, &mut self.processes, pid, len, rights) {
-            Ok((handle, events)) => {
-                self.emit_all(events);
-                self.after_allocation(index);
-                Outcome::Return(Ok(handle))
+        let resumed = self.resume_point(frame, index, u64::MAX).0 != u64::MAX;
+        let stale = if resumed { None } else { self.processes[index].building.take() };
+        if let Some(stale) = stale {
+            self.shm.create_abort(&mut self.memory, stale);
+        }
+        if self.processes[index].building.is_none() {
+            match self.shm.create_begin(&mut self.memory, &mut self.processes, pid, len, rights) {
+                Ok(build) => self.processes[index].building = Some(build),
+                Err(refusal) => return self.refused(frame, refusal),
             }
+        }
+        let mut build = self.processes[index].building.take().expect("set above");
+        match self.shm.create_step(&mut self.memory, &mut build, SLICE_BUDGET) {
+            Ok(false) => {
+                let done = build.frames.len() as u64;
+                self.processes[index].building = Some(build);
+                self.restart(frame, index, done, 0)
+            }
+            Ok(true) => match self.shm.create_finish(&mut self.memory, &mut self.processes, pid, build) {
+                Ok((handle, events)) => {
+                    self.emit_all(events);
+                    self.after_allocation(index);
+                    Outcome::Return(Ok(handle))
+                }
+                Err(refusal) => self.refused(frame, refusal),
+            },
             Err(refusal) => self.refused(frame, refusal),
         }
     }
@@ -75,12 +99,25 @@ impl Kernel {
         }
     }
 
-    /// `shm_map(handle, prot)`.
+    /// `shm_map(handle, prot)`, in slices of [`SLICE_BUDGET`]: the first
+    /// reserves and charges the mapping, each maps a bounded number of
+    /// pages, and the caller is rewound to the gate between them (the
+    /// `Resume` keeps the next page and the address).
     pub(super) fn sys_shm_map(&mut self, frame: &mut TrapFrame, handle: u64, prot: u64) -> Outcome {
-        let (pid, _) = self.caller();
-        match self.shm.map(&mut self.memory, &mut self.processes, pid, handle, prot) {
-            Ok((addr, events)) => {
-                self.emit_all(events);
+        let (pid, index) = self.caller();
+        let (from, addr) = match self.resume_point(frame, index, u64::MAX) {
+            (u64::MAX, _) => {
+                match self.shm.map_begin(&mut self.memory, &mut self.processes, pid, handle, prot) {
+                    Ok(addr) => (0, addr),
+                    Err(refusal) => return self.refused(frame, refusal),
+                }
+            }
+            resumed => resumed,
+        };
+        match self.shm.map_continue(&mut self.memory, &mut self.processes, pid, addr, from, SLICE_BUDGET) {
+            Ok(MapProgress::More(next)) => self.restart(frame, index, next, addr),
+            Ok(MapProgress::Done(event)) => {
+                self.emit(event);
                 Outcome::Return(Ok(addr))
             }
             Err(refusal) => self.refused(frame, refusal),

@@ -155,7 +155,7 @@ impl Kernel {
     /// Where this call starts: the resume point of the caller's interrupted
     /// call if this is that call entering again, else `default`; with what
     /// the earlier slices did.
-    fn resume_point(&mut self, frame: &TrapFrame, index: usize, default: u64) -> (u64, u64) {
+    pub(super) fn resume_point(&mut self, frame: &TrapFrame, index: usize, default: u64) -> (u64, u64) {
         let call = [frame.rax, frame.rdi, frame.rsi, frame.rdx];
         match self.processes[index].resume.take() {
             Some(resume) if resume.call == call => (resume.at, resume.done),
@@ -166,7 +166,7 @@ impl Kernel {
     /// Interrupts the current call after a slice of [`SLICE_BUDGET`]: the
     /// caller is rewound to the gate stub (its registers unchanged, so it
     /// makes the same call again) and the others get the CPU first.
-    fn restart(&mut self, frame: &mut TrapFrame, index: usize, at: u64, done: u64) -> Outcome {
+    pub(super) fn restart(&mut self, frame: &mut TrapFrame, index: usize, at: u64, done: u64) -> Outcome {
         let call = [frame.rax, frame.rdi, frame.rsi, frame.rdx];
         self.processes[index].resume = Some(Resume { call, at, done });
         frame.rip = GATE_VA;
