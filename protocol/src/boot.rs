@@ -220,6 +220,14 @@ pub const DEBUG_EVENT_FLOOD: u32 = 1 << 11;
 /// as a kernel that wanted a new text baseline (after patching its text)
 /// would: the VMM must report it as a violation, never re-baseline.
 pub const DEBUG_SECOND_HELLO: u32 = 1 << 12;
+/// `BootInfo::debug_flags`: the worst hostile kernel for the VMM's memory:
+/// writes every usable page of guest RAM outside the kernel image (each
+/// word rewritten with its own value: all of guest RAM resident in the VMM),
+/// then floods forever with everything [`DEBUG_CONSOLE_FLOOD`] and
+/// [`DEBUG_EVENT_FLOOD`] send, interleaved: partial lines from ever-new
+/// pids, whole lines, the largest scrub request and a full event ring per
+/// round. Only the watchdog ends the run.
+pub const DEBUG_ALL_FLOOD: u32 = 1 << 13;
 
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

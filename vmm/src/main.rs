@@ -164,6 +164,8 @@ enum Inject {
     EventFlood,
     /// Send the boot hello a second time after boot (a violation).
     SecondHello,
+    /// All guest RAM made resident, then console, scrub and event floods in turn, forever.
+    AllFlood,
 }
 
 fn main() -> ExitCode {
@@ -220,6 +222,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::ConsoleFlood => boot::DEBUG_CONSOLE_FLOOD,
                 Inject::EventFlood => boot::DEBUG_EVENT_FLOOD,
                 Inject::SecondHello => boot::DEBUG_SECOND_HELLO,
+                Inject::AllFlood => boot::DEBUG_ALL_FLOOD,
             }
     });
     let config = RunConfig {

@@ -10,7 +10,8 @@
 //! ([`super::probe`], from the first user instruction), whose per-excursion
 //! ring-0 instruction counts give the longest single kernel entry by kind.
 //!
-//! VMM peak memory: `superos-vmm run hello --debug-inject <flood>` is run as
+//! VMM peak memory: `superos-vmm run hello --debug-inject <flood>` (console,
+//! event, and all: both interleaved after all guest RAM is made resident) is run as
 //! a child of this process for a bounded time (the watchdog ends it, exit
 //! status 4), and its peak resident memory is read from `wait4`'s rusage
 //! (`ru_maxrss`): a figure for that child alone.
@@ -53,7 +54,7 @@ pub struct Case {
 pub fn cases(quick: bool) -> Vec<Case> {
     let (range_mib, range_stepped_mib, shm_mib, shm_guest) =
         if quick { (4, 4, 1, 64) } else { (1024, 128, 64, 128) };
-    let (range_watch, shm_watch) = if quick { (600, 600) } else { (12_000, 20_000) };
+    let (range_watch, shm_watch) = if quick { (600, 600) } else { (20_000, 30_000) };
     let ranges = |mib: u64| format!("mode=ranges mib={mib} dense_kib=256");
     vec![
         Case {
@@ -173,23 +174,36 @@ pub fn worst_by_kind(
     worst
 }
 
+/// Plain runs per case at most (the bystander's watch doubled each time).
+const WATCH_TRIES: usize = 3;
+
 /// Runs one case: the plain run with the bystander, then (if asked and
 /// `stepping` has not failed before) the stepped run of the hog alone.
 pub fn run_case(case: &Case, timeout: Duration, stepping: bool) -> CaseResult {
     let mut result = CaseResult { label: case.label.clone(), ..CaseResult::default() };
-    let bystander_args = format!("mode=watch ms={}", case.watch_ms);
-    let processes = [
-        Process::new("quota-hog", "bystander", bystander_args),
-        Process::new("quota-hog", "hog", case.hog.clone()),
-    ];
-    match guest::scenario("worst-entry", case.memory_mib, &processes).and_then(|s| guest::run(s, timeout)) {
-        Ok(report) => {
-            (result.wait_us, result.covered) = bystander(&report);
-            if result.wait_us.is_none() {
-                result.errors.push("the bystander printed no wait".into());
+    // A loaded machine runs the hog slower: a bystander that stopped
+    // watching before the hog exited watches twice as long the next time.
+    let mut watch_ms = case.watch_ms;
+    for _ in 0..WATCH_TRIES {
+        let processes = [
+            Process::new("quota-hog", "bystander", format!("mode=watch ms={watch_ms}")),
+            Process::new("quota-hog", "hog", case.hog.clone()),
+        ];
+        match guest::scenario("worst-entry", case.memory_mib, &processes).and_then(|s| guest::run(s, timeout))
+        {
+            Ok(report) => (result.wait_us, result.covered) = bystander(&report),
+            Err(e) => {
+                result.errors.push(format!("plain run: {e}"));
+                break;
             }
         }
-        Err(e) => result.errors.push(format!("plain run: {e}")),
+        if result.covered {
+            break;
+        }
+        watch_ms *= 2;
+    }
+    if result.wait_us.is_none() && result.errors.is_empty() {
+        result.errors.push("the bystander printed no wait".into());
     }
     let Some(stepped) = case.stepped.clone().filter(|_| stepping) else {
         return result;
@@ -219,7 +233,7 @@ pub fn run_case(case: &Case, timeout: Duration, stepping: bool) -> CaseResult {
 }
 
 /// The hostile kernels: `--debug-inject` values.
-pub const FLOODS: [&str; 2] = ["console-flood", "event-flood"];
+pub const FLOODS: [&str; 3] = ["console-flood", "event-flood", "all-flood"];
 
 /// The VMM's fixed memory budget beyond guest RAM that the bound allows:
 /// `vmm/tests/cli.rs` asserts 160 MiB for a 64 MiB guest (the caps of
@@ -243,7 +257,7 @@ pub struct Flood {
 pub fn flood(inject: &str, memory_mib: u64, seconds: f64) -> Result<Flood, String> {
     let exe = std::env::current_exe().map_err(|e| format!("this executable: {e}"))?;
     let child = std::process::Command::new(&exe)
-        .args(["run", "hello", "-q", "--check", "off", "--mem", &memory_mib.to_string()])
+        .args(["run", "hello", "-q", "--mem", &memory_mib.to_string()])
         .args(["--timeout", &seconds.to_string(), "--debug-inject", inject])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
