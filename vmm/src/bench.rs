@@ -758,7 +758,13 @@ impl Bench {
         for (i, case) in worst::cases(self.plan.quick).iter().enumerate() {
             self.progress.step(&format!("worst-entry: case {} ({})", i + 1, case.hog));
             let stepping = !matches!(self.stepping.result, Some(Err(_)));
-            results.push(worst::run_case(case, self.plan.timeout, stepping));
+            let result = worst::run_case(case, self.plan.timeout, stepping);
+            if let Some(outcome) = &result.stepping {
+                if outcome.is_err() || self.stepping.result.is_none() {
+                    self.stepping.result = Some(outcome.clone());
+                }
+            }
+            results.push(result);
         }
         let (reference, measured) = results.split_first().expect("a reference case");
         let worst = measured

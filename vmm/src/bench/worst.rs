@@ -52,10 +52,11 @@ pub struct Case {
 /// longest entry grows with the region, counted at its largest
 /// (`SHM_MAX`, 64 MiB) in the full plan.
 pub fn cases(quick: bool) -> Vec<Case> {
-    let (range_mib, range_stepped_mib, shm_mib, shm_guest) =
-        if quick { (4, 4, 1, 64) } else { (1024, 128, 64, 128) };
+    // Sizes in KiB.
+    let (range_kib, range_stepped_kib, shm_kib, shm_guest) =
+        if quick { (4 << 10, 4 << 10, 256, 64) } else { (1 << 20, 128 << 10, 64 << 10, 128) };
     let (range_watch, shm_watch) = if quick { (600, 600) } else { (20_000, 30_000) };
-    let ranges = |mib: u64| format!("mode=ranges mib={mib} dense_kib=256");
+    let ranges = |kib: u64| format!("mode=ranges kib={kib} dense_kib=256");
     vec![
         Case {
             label: "reference: a second ring-3 spinner".into(),
@@ -68,37 +69,37 @@ pub fn cases(quick: bool) -> Vec<Case> {
             label: format!(
                 "mem_protect + mem_unmap of {} (untouched, then with 1 page per 2 MiB and 256 KiB touched: a page \
                  table per 2 MiB){}",
-                mib_label(range_mib),
-                if range_stepped_mib == range_mib {
+                size_label(range_kib),
+                if range_stepped_kib == range_kib {
                     String::new()
                 } else {
-                    format!(", counted on {}", mib_label(range_stepped_mib))
+                    format!(", counted on {}", size_label(range_stepped_kib))
                 }
             ),
-            hog: ranges(range_mib),
-            stepped: Some(ranges(range_stepped_mib)),
+            hog: ranges(range_kib),
+            stepped: Some(ranges(range_stepped_kib)),
             memory_mib: 64,
             watch_ms: range_watch,
         },
         Case {
             label: format!(
                 "shm_create + shm_map + shm_unmap + shm_destroy of {}, then exit holding {} mapped",
-                mib_label(shm_mib),
-                mib_label(shm_mib)
+                size_label(shm_kib),
+                size_label(shm_kib)
             ),
-            hog: format!("mode=shm mib={shm_mib} exit=1"),
-            stepped: Some(format!("mode=shm mib={shm_mib} exit=1")),
+            hog: format!("mode=shm kib={shm_kib} exit=1"),
+            stepped: Some(format!("mode=shm kib={shm_kib} exit=1")),
             memory_mib: shm_guest,
             watch_ms: shm_watch,
         },
     ]
 }
 
-fn mib_label(mib: u64) -> String {
-    if mib >= 1024 && mib % 1024 == 0 {
-        format!("{} GiB", mib / 1024)
-    } else {
-        format!("{mib} MiB")
+fn size_label(kib: u64) -> String {
+    match kib {
+        k if k >= 1 << 20 && k % (1 << 20) == 0 => format!("{} GiB", k >> 20),
+        k if k >= 1 << 10 && k % (1 << 10) == 0 => format!("{} MiB", k >> 10),
+        k => format!("{k} KiB"),
     }
 }
 
@@ -116,6 +117,8 @@ pub struct CaseResult {
     pub worst_by_kind: BTreeMap<String, (u64, usize)>,
     /// Steps (ring-0 instructions and any others) of the stepped run.
     pub steps: u64,
+    /// Whether single-stepping worked in the stepped run (`None`: none made).
+    pub stepping: Option<Result<(), String>>,
     /// What went wrong, if anything.
     pub errors: Vec<String>,
 }
@@ -218,6 +221,7 @@ pub fn run_case(case: &Case, timeout: Duration, stepping: bool) -> CaseResult {
     let hog = [Process::new("quota-hog", "hog", stepped)];
     match guest::scenario("worst-entry", case.memory_mib, &hog).and_then(|s| probe::probe(&s, &options)) {
         Ok(found) => {
+            result.stepping = found.counts.stepping.clone();
             if let Some(Err(e)) = &found.counts.stepping {
                 result.errors.push(format!("stepping: {e}"));
             } else if !matches!(found.exit, GuestExit::Shutdown { code: 0 }) {
@@ -311,7 +315,9 @@ mod tests {
             }
         }
         let full = cases(false);
-        assert!(full[1].hog.contains("mib=1024") && full[2].hog.contains("mib=64"));
+        assert!(full[1].hog.contains("kib=1048576") && full[2].hog.contains("kib=65536"));
+        assert!(full[1].label.contains("of 1 GiB") && full[2].label.contains("of 64 MiB"));
+        assert!(cases(true)[2].label.contains("of 256 KiB"));
         assert_eq!(full[2].stepped.as_deref(), Some(full[2].hog.as_str()), "the largest region is counted");
     }
 }
