@@ -751,7 +751,7 @@ impl Bench {
     fn worst_entry(&mut self) -> Row {
         let mut row = Row::new(
             "worst-entry",
-            "worst single kernel entry (ring-0 instr) / a bystander's longest wait for the CPU",
+            "worst kernel entry (ring-0 instr) / a bystander's longest wait for the CPU",
             Unit::Time,
         );
         let mut results = Vec::new();
@@ -781,8 +781,7 @@ impl Bench {
         };
         if let Some((entry, n, _)) = &worst {
             row.instructions = Some(*n as f64);
-            row.operation =
-                format!("worst single kernel entry ({entry}) / a bystander's longest wait for the CPU");
+            row.operation = format!("worst kernel entry ({entry}) / a bystander's longest wait for the CPU");
         }
         row.host_baseline =
             "none: Linux's long calls are preemptible; the figure to compare is the time slice \
@@ -839,7 +838,7 @@ impl Bench {
         let mut row = Row::new(
             "vmm-peak-rss",
             &format!(
-                "VMM peak resident memory, worst hostile kernel, {memory_mib} MiB guest (bound {})",
+                "VMM peak RSS, worst hostile kernel, {memory_mib} MiB guest (bound {})",
                 report::format_bytes(bound as f64)
             ),
             Unit::Bytes,
@@ -858,7 +857,7 @@ impl Bench {
             Some(worst) => {
                 row.superos = Ok(Summary::single(worst.peak_bytes as f64));
                 row.operation = format!(
-                    "VMM peak resident memory, worst hostile kernel ({}), {memory_mib} MiB guest (bound {}: {})",
+                    "VMM peak RSS, worst hostile kernel ({}; {memory_mib} MiB guest, bound {} {})",
                     worst.inject,
                     report::format_bytes(bound as f64),
                     if held { "held" } else { "EXCEEDED" }
