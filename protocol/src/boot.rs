@@ -223,6 +223,14 @@ pub const DEBUG_SECOND_HELLO: u32 = 1 << 12;
 /// Checker self-test: revocation is not transitive (a capability derived
 /// from a revoked one survives), which `revocation-complete` must report.
 pub const DEBUG_SHALLOW_REVOCATION: u32 = 1 << 13;
+/// `BootInfo::debug_flags`: the worst hostile kernel for the VMM's memory:
+/// writes every usable page of guest RAM outside the kernel image (each
+/// word rewritten with its own value: all of guest RAM resident in the VMM),
+/// then floods forever with everything [`DEBUG_CONSOLE_FLOOD`] and
+/// [`DEBUG_EVENT_FLOOD`] send, interleaved: partial lines from ever-new
+/// pids, whole lines, the largest scrub request and a full event ring per
+/// round. Only the watchdog ends the run.
+pub const DEBUG_ALL_FLOOD: u32 = 1 << 14;
 
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

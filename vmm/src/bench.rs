@@ -18,6 +18,7 @@ pub mod invariants;
 pub mod probe;
 pub mod report;
 pub mod stats;
+pub mod worst;
 
 use guest::{Printed, Process};
 use probe::{ProbeOptions, Stepping, Window};
@@ -59,6 +60,12 @@ Operation groups (for --only):
   stream-shm  streaming 16 MiB through a shared region, vs memcpy
   shm         shared region create + grant + map + revoke, and revocation latency
   spawn       process spawn + exit inside the guest, vs posix_spawn + wait
+  vmm-peak    the VMM's peak resident memory under hostile kernels (console flood, event flood,
+              both after all guest RAM is made resident), run as child processes for a
+              bounded time, against its documented bound
+  worst-entry the longest single kernel entry the worst system calls make (mem_protect and
+              mem_unmap of 1 GiB, the largest shared region, exit holding it), in ring-0
+              instructions, and a bystander process's longest wait for the CPU meanwhile
   overhead    kernel memory per process, and the VMM's resident memory beyond guest RAM
   check       outside-in invariant check: time per full check and page-table entries
               per second for 1, 16 and 32 live processes at several resident sizes
@@ -171,7 +178,7 @@ impl Plan {
 const STEPPED_TIMEOUT_FACTOR: u32 = 5;
 
 /// The operation groups, in table order.
-pub const GROUPS: [&str; 11] = [
+pub const GROUPS: [&str; 13] = [
     "boot",
     "overhead",
     "syscall",
@@ -182,6 +189,8 @@ pub const GROUPS: [&str; 11] = [
     "stream-shm",
     "shm",
     "spawn",
+    "vmm-peak",
+    "worst-entry",
     "check",
 ];
 
@@ -367,6 +376,7 @@ impl Bench {
         match name {
             "boot" => self.boot(),
             "overhead" => self.overhead(),
+            "vmm-peak" => vec![self.vmm_peak()],
             "syscall" => vec![self.syscall()],
             "mem" => self.mem(),
             "fault" => vec![self.fault()],
@@ -375,6 +385,7 @@ impl Bench {
             "stream-shm" => vec![self.stream_shm()],
             "shm" => self.shm(),
             "spawn" => vec![self.spawn()],
+            "worst-entry" => vec![self.worst_entry()],
             "check" => self.check(),
             _ => unreachable!("unknown group {name}"),
         }
@@ -732,6 +743,153 @@ impl Bench {
              run's share includes the kernel's shutdown",
             self.plan.spawn_boots
         ));
+        row
+    }
+
+    /// Issue 11's row: the longest single kernel entry of the worst calls,
+    /// and a bystander's longest wait for the CPU meanwhile ([`worst`]).
+    fn worst_entry(&mut self) -> Row {
+        let mut row = Row::new(
+            "worst-entry",
+            "worst kernel entry (ring-0 instr) / a bystander's longest wait for the CPU",
+            Unit::Time,
+        );
+        let mut results = Vec::new();
+        for (i, case) in worst::cases(self.plan.quick).iter().enumerate() {
+            self.progress.step(&format!("worst-entry: case {} ({})", i + 1, case.hog));
+            let stepping = !matches!(self.stepping.result, Some(Err(_)));
+            let result = worst::run_case(case, self.plan.timeout, stepping);
+            if let Some(outcome) = &result.stepping {
+                if outcome.is_err() || self.stepping.result.is_none() {
+                    self.stepping.result = Some(outcome.clone());
+                }
+            }
+            results.push(result);
+        }
+        let (reference, measured) = results.split_first().expect("a reference case");
+        let worst = measured
+            .iter()
+            .filter_map(|r| r.worst().map(|(entry, n)| (entry.to_string(), n, r.label.clone())))
+            .max_by_key(|(_, n, _)| *n);
+        let wait =
+            measured.iter().filter_map(|r| r.wait_us.map(|w| (w, r.label.clone()))).max_by_key(|w| w.0);
+        let errors: Vec<String> =
+            results.iter().flat_map(|r| r.errors.iter().map(move |e| format!("{}: {e}", r.label))).collect();
+        row.superos = match &wait {
+            Some((us, _)) => Ok(Summary::single(*us as f64 * 1e3)),
+            None => Err(if errors.is_empty() { "no bystander wait".into() } else { errors.join("; ") }),
+        };
+        if let Some((entry, n, _)) = &worst {
+            row.instructions = Some(*n as f64);
+            row.operation = format!("worst kernel entry ({entry}) / a bystander's longest wait for the CPU");
+        }
+        row.host_baseline =
+            "none: Linux's long calls are preemptible; the figure to compare is the time slice \
+                             (the reference case)"
+                .into();
+        if let Some((entry, n, label)) = &worst {
+            row.notes.push(format!(
+                "ring-0 instr: the longest single kernel entry, `{entry}`, {} ring-0 instructions, in: {label} \
+                 (a stepped run of the hog alone, every kernel entry counted separately)",
+                report::format_count(*n as f64)
+            ));
+        }
+        if let Some((us, label)) = &wait {
+            row.notes.push(format!(
+                "median: the longest gap between two consecutive TSC reads of a `quota-hog mode=watch` bystander \
+                 spinning in ring 3 beside the hog (wall time, a plain run), {}, in: {label}; beside a second \
+                 ring-3 spinner instead (reference: the 10 ms time slice) it waited {}",
+                report::format_time(*us as f64 * 1e3),
+                reference.wait_us.map_or("?".into(), |w| report::format_time(w as f64 * 1e3)),
+            ));
+        }
+        for result in measured {
+            let entries: Vec<String> = result
+                .worst_by_kind
+                .iter()
+                .map(|(entry, (n, count))| format!("{entry} {} ({count})", report::format_count(*n as f64)))
+                .collect();
+            row.notes.push(format!(
+                "{}: bystander waited {}{}; longest entry by kind (entries): {}",
+                result.label,
+                result.wait_us.map_or("?".into(), |w| report::format_time(w as f64 * 1e3)),
+                if result.covered { "" } else { " (it stopped watching before the hog exited)" },
+                if entries.is_empty() { "not counted".into() } else { entries.join(", ") },
+            ));
+        }
+        row.notes.extend(errors.iter().map(|e| format!("error: {e}")));
+        row.details = json!({
+            "worst_entry": worst.as_ref().map(|(entry, n, label)| {
+                json!({ "entry": entry, "instructions": n, "case": label })
+            }),
+            "longest_wait_us": wait.as_ref().map(|(us, label)| json!({ "us": us, "case": label })),
+            "reference_wait_us": reference.wait_us,
+            "cases": results.iter().map(worst::CaseResult::json).collect::<Vec<_>>(),
+        });
+        row
+    }
+
+    /// Issue 13's row: the VMM's peak resident memory under each hostile
+    /// kernel, run as a child process ([`worst::flood`]).
+    fn vmm_peak(&mut self) -> Row {
+        let memory_mib = self.plan.memory_mib;
+        let bound = (memory_mib + worst::VMM_BUDGET_MIB) << 20;
+        let seconds = if self.plan.quick { 2.0 } else { 4.0 };
+        let mut row = Row::new(
+            "vmm-peak-rss",
+            &format!(
+                "VMM peak RSS, worst hostile kernel, {memory_mib} MiB guest (bound {})",
+                report::format_bytes(bound as f64)
+            ),
+            Unit::Bytes,
+        );
+        let mut floods = Vec::new();
+        let mut errors = Vec::new();
+        for inject in worst::FLOODS {
+            self.progress.step(&format!("vmm-peak: {inject} for {seconds} s"));
+            match worst::flood(inject, memory_mib, seconds) {
+                Ok(flood) => floods.push(flood),
+                Err(e) => errors.push(format!("{inject}: {e}")),
+            }
+        }
+        let held = errors.is_empty() && floods.iter().all(|f| f.peak_bytes < bound);
+        match floods.iter().max_by_key(|f| f.peak_bytes) {
+            Some(worst) => {
+                row.superos = Ok(Summary::single(worst.peak_bytes as f64));
+                row.operation = format!(
+                    "VMM peak RSS, worst hostile kernel ({}; {memory_mib} MiB guest, bound {} {})",
+                    worst.inject,
+                    report::format_bytes(bound as f64),
+                    if held { "held" } else { "EXCEEDED" }
+                );
+            }
+            None => row.superos = Err(errors.join("; ")),
+        }
+        for flood in &floods {
+            row.notes.push(format!(
+                "`run hello --debug-inject {}` for {seconds} s as a child process: peak RSS {} (ru_maxrss), exit \
+                 status {}{}",
+                flood.inject,
+                report::format_bytes(flood.peak_bytes as f64),
+                flood.status,
+                if flood.status == 4 { " (the watchdog stopped it, as it must)" } else { " (expected 4: the watchdog)" },
+            ));
+        }
+        row.notes.push(format!(
+            "bound: guest RAM ({memory_mib} MiB) + the VMM's fixed budget ({} MiB: the caps of docs/ARCHITECTURE.md, \
+             \"The VMM's memory bound\", and the program itself; vmm/tests/cli.rs asserts the same); `all-flood` \
+             (DEBUG_ALL_FLOOD) is the worst of them: every usable page of guest RAM made resident, then the console \
+             flood's writes and scrub request and the event flood's full ring in turn, forever",
+            worst::VMM_BUDGET_MIB
+        ));
+        row.notes.extend(errors.iter().map(|e| format!("error: {e}")));
+        row.details = json!({
+            "guest_ram_bytes": memory_mib << 20,
+            "bound_bytes": bound,
+            "bound_held": held,
+            "seconds_per_flood": seconds,
+            "floods": floods.iter().map(|f| json!({ "inject": f.inject, "peak_rss_bytes": f.peak_bytes, "exit_status": f.status })).collect::<Vec<_>>(),
+        });
         row
     }
 

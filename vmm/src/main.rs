@@ -166,6 +166,8 @@ enum Inject {
     SecondHello,
     /// Revoke only the named capability, not what was derived from it (a violation).
     ShallowRevocation,
+    /// All guest RAM made resident, then console, scrub and event floods in turn, forever.
+    AllFlood,
 }
 
 fn main() -> ExitCode {
@@ -223,6 +225,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::EventFlood => boot::DEBUG_EVENT_FLOOD,
                 Inject::SecondHello => boot::DEBUG_SECOND_HELLO,
                 Inject::ShallowRevocation => boot::DEBUG_SHALLOW_REVOCATION,
+                Inject::AllFlood => boot::DEBUG_ALL_FLOOD,
             }
     });
     let config = RunConfig {

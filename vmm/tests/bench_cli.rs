@@ -66,3 +66,96 @@ fn bench_rejects_an_unknown_group_and_lists_the_groups() {
         assert!(stdout.contains(needle), "--help lacks {needle:?}:\n{stdout}");
     }
 }
+
+/// Runs `bench --quick --only <group> --json`; the exit status, stdout and
+/// the JSON document.
+fn quick_group(group: &str) -> (i32, String, serde_json::Value) {
+    let json = std::env::temp_dir().join(format!("superos-bench-cli-{group}-{}.json", std::process::id()));
+    let (code, stdout, stderr) =
+        vmm(&["bench", "--quick", "--only", group, "--json", json.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("{group}: no JSON ({e}):\n{stderr}"));
+    std::fs::remove_file(&json).ok();
+    (code, stdout, serde_json::from_str(&text).expect("valid JSON"))
+}
+
+#[test]
+fn bench_quick_worst_entry_counts_the_longest_kernel_entry_and_a_bystanders_wait() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, document) = quick_group("worst-entry");
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("worst kernel entry ("), "{stdout}");
+    let rows = document["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!((&row["name"], &row["unit"]), (&"worst-entry".into(), &"ns".into()));
+    // The bystander's longest wait: at least a moment, at most the run.
+    let wait = row["superos"]["median"].as_f64().expect("a wait");
+    assert!(wait > 0.0 && wait < 60e9, "{row}");
+    let details = &row["details"];
+    assert!(details["reference_wait_us"].as_u64().is_some_and(|us| us > 0), "{details}");
+    let cases = details["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 3, "{details}");
+    for case in cases {
+        assert_eq!(case["errors"], serde_json::json!([]), "{case}");
+        assert!(case["bystander_outlasted_hog"].as_bool().unwrap(), "{case}");
+    }
+    // Where single-stepping works (PVM, and ordinary KVM with the patched
+    // entries), the longest entry is counted and named; the sliced calls
+    // stay within their bound whatever the region.
+    let Some(worst) = row["ring0_instructions_per_op"].as_f64() else {
+        eprintln!("no ring-0 counts on this host");
+        return;
+    };
+    assert!(worst > 0.0 && worst < 1e6, "{row}");
+    assert_eq!(details["worst_entry"]["instructions"].as_f64(), Some(worst));
+    assert!(details["worst_entry"]["entry"].is_string(), "{details}");
+    let by_entry = |case: &serde_json::Value, entry: &str| {
+        case["worst_by_entry"].as_array().unwrap().iter().find(|e| e["entry"] == entry).map(|e| {
+            let n = e["instructions"].as_u64().unwrap();
+            assert!(n > 0 && n <= worst as u64, "{e}");
+            n
+        })
+    };
+    for entry in ["mem_protect", "mem_unmap"] {
+        let n = by_entry(&cases[1], entry).unwrap_or_else(|| panic!("no {entry}: {}", cases[1]));
+        assert!(n < 50_000, "{entry}: {n} ring-0 instructions in one entry");
+    }
+    for entry in ["shm_create", "shm_map", "shm_destroy", "exit"] {
+        assert!(by_entry(&cases[2], entry).is_some(), "no {entry}: {}", cases[2]);
+    }
+}
+
+#[test]
+fn bench_quick_vmm_peak_stays_within_the_bound_under_every_flood() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, document) = quick_group("vmm-peak");
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("VMM peak RSS, worst hostile kernel (all-flood; 64 MiB guest, bound 160 MiB held)"),
+        "{stdout}"
+    );
+    let row = &document["rows"][0];
+    assert_eq!((&row["name"], &row["unit"]), (&"vmm-peak-rss".into(), &"bytes".into()));
+    let details = &row["details"];
+    let (peak, bound) =
+        (row["superos"]["median"].as_f64().unwrap(), details["bound_bytes"].as_f64().unwrap());
+    assert_eq!(details["guest_ram_bytes"], 64 << 20);
+    assert_eq!(bound, (160u64 << 20) as f64);
+    // More than nothing, less than the bound.
+    assert!(peak > (4u64 << 20) as f64 && peak < bound, "{row}");
+    assert_eq!(details["bound_held"], true);
+    let floods = details["floods"].as_array().unwrap();
+    let injects: Vec<&str> = floods.iter().map(|f| f["inject"].as_str().unwrap()).collect();
+    assert_eq!(injects, ["console-flood", "event-flood", "all-flood"]);
+    for flood in floods {
+        assert_eq!(flood["exit_status"], 4, "the watchdog ends every flood: {flood}");
+        assert!(flood["peak_rss_bytes"].as_f64().unwrap() <= peak, "{flood}");
+    }
+    // The kernel that makes all guest RAM resident is the worst.
+    let all = floods[2]["peak_rss_bytes"].as_f64().unwrap();
+    assert!(all >= (64u64 << 20) as f64 && all == peak, "{row}");
+}

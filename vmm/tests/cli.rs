@@ -236,7 +236,7 @@ fn the_worst_hostile_kernels_leave_the_vmm_within_its_memory_bound() {
     // the program itself: 160 MiB is generous. Before the bound, a console
     // flood grew the VMM by ~100 MB a second.
     const BOUND_KIB: i64 = 160 << 10;
-    for inject in ["console-flood", "event-flood"] {
+    for inject in ["console-flood", "event-flood", "all-flood"] {
         let (code, peak) = peak_rss_kib(&["run", "hello", "-q", "--timeout", "4", "--debug-inject", inject]);
         assert_eq!(code, 4, "{inject}: the watchdog ends it");
         assert!(peak < BOUND_KIB, "{inject}: peak RSS {peak} KiB, bound {BOUND_KIB} KiB");

@@ -40,12 +40,17 @@
 //! - `watch`: a bystander that spins for `ms` milliseconds (default 1000)
 //!   reading the TSC and prints the longest it waited between two reads (the
 //!   time others, and the kernel for them, held the CPU), in microseconds.
+//! - `shm`: the largest shared-region calls it can make (the worst-entry
+//!   bench row): creates a region of the size, maps it writable, writes one
+//!   word per page, unmaps and destroys it; then, with `exit=1` (the
+//!   default), creates and maps one more of the size and exits holding it,
+//!   so that the exit tears it down. Exits 0 if every call succeeded.
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
 use superos_rt::{
-    arg, mem_map, mem_protect, mem_stat, mem_unmap, parse_i64, println, read_u64, write_u64, Error,
-    PAGE_SIZE, PROT_READ, PROT_WRITE, RECV_NONBLOCK,
+    arg, mem_map, mem_protect, mem_stat, mem_unmap, parse_i64, println, read_u64, shm_create, shm_destroy,
+    shm_map, shm_unmap, write_u64, Error, PAGE_SIZE, PROT_READ, PROT_WRITE, RECV_NONBLOCK, RIGHTS_ALL,
 };
 
 const CHUNK: u64 = 64 << 10;
@@ -273,6 +278,39 @@ fn watch(ms: u64) -> i32 {
     0
 }
 
+fn shm_hog(size: u64, exit_holding: bool) -> i32 {
+    let region = || -> Result<(u64, u64), (&'static str, Error)> {
+        let handle = shm_create(size, RIGHTS_ALL).map_err(|e| ("shm_create", e))?;
+        let addr = shm_map(handle, PROT_READ | PROT_WRITE).map_err(|e| ("shm_map", e))?;
+        Ok((handle, addr))
+    };
+    let (handle, addr) = match region() {
+        Ok(region) => region,
+        Err((call, error)) => {
+            println!("quota-hog: shm: {call} of {} KiB failed: {error}", size >> 10);
+            return 2;
+        }
+    };
+    for page in 0..size / PAGE_SIZE {
+        // SAFETY: inside the writable shared mapping made above, which no
+        // Rust reference covers.
+        unsafe { write_u64(addr + page * PAGE_SIZE, page + 1) };
+    }
+    if let Err(error) = shm_unmap(addr).and_then(|()| shm_destroy(handle)) {
+        println!("quota-hog: shm: shm_unmap or shm_destroy failed: {error}");
+        return 2;
+    }
+    println!("quota-hog: shm: created, mapped, touched, unmapped and destroyed {} KiB", size >> 10);
+    if exit_holding {
+        if let Err((call, error)) = region() {
+            println!("quota-hog: shm: second {call} failed: {error}");
+            return 2;
+        }
+        println!("quota-hog: shm: exiting with {} KiB mapped", size >> 10);
+    }
+    0
+}
+
 fn main(args: &[u8]) -> i32 {
     let number = |key| arg(args, key).and_then(parse_i64).map(|n| n.max(0) as u64);
     let size = match (number("kib"), number("mib")) {
@@ -288,8 +326,9 @@ fn main(args: &[u8]) -> i32 {
         b"syscalls" => syscall_hog(size),
         b"ranges" => range_hog(size, number("dense_kib").unwrap_or(0) << 10),
         b"watch" => watch(number("ms").unwrap_or(1000)),
+        b"shm" => shm_hog(size, number("exit").unwrap_or(1) != 0),
         _ => {
-            println!("quota-hog: usage: mode=map|touch|fragment|tables|syscalls|ranges|watch mib=<N>|kib=<N>|ms=<N>");
+            println!("quota-hog: usage: mode=map|touch|fragment|tables|syscalls|ranges|watch|shm mib=<N>|kib=<N>|ms=<N>");
             2
         }
     }

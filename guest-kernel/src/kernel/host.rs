@@ -175,24 +175,30 @@ pub fn corrupt_event_ring() {
 pub fn flood_event_ring() -> ! {
     let mut tick = 0u64;
     loop {
-        // SAFETY: KernelCell invariant; the VMM writes only `tail`.
-        let ring = unsafe { EVENT_RING.get() };
-        // SAFETY: as in log_event: `tail` is written by the VMM.
-        let tail = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(ring.header.tail)) };
-        let mut head = ring.header.head;
-        while head.wrapping_sub(tail) < EVENT_RING_CAPACITY as u64 {
-            tick = tick.wrapping_add(1);
-            let mut record = Event::HypercallRefused { port: 0xf100, status: 1 }.encode();
-            record.seq = head;
-            record.tick = tick;
-            ring.records[(head % EVENT_RING_CAPACITY as u64) as usize] = record;
-            head = head.wrapping_add(1);
-        }
-        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-        ring.header.head = head;
-        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-        hypercall(Hypercall::EventNotify, 0);
+        fill_event_ring(&mut tick);
     }
+}
+
+/// One round of DEBUG_EVENT_FLOOD (and DEBUG_ALL_FLOOD): fills the ring
+/// with records up to its capacity and notifies.
+pub fn fill_event_ring(tick: &mut u64) {
+    // SAFETY: KernelCell invariant; the VMM writes only `tail`.
+    let ring = unsafe { EVENT_RING.get() };
+    // SAFETY: as in log_event: `tail` is written by the VMM.
+    let tail = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(ring.header.tail)) };
+    let mut head = ring.header.head;
+    while head.wrapping_sub(tail) < EVENT_RING_CAPACITY as u64 {
+        *tick = tick.wrapping_add(1);
+        let mut record = Event::HypercallRefused { port: 0xf100, status: 1 }.encode();
+        record.seq = head;
+        record.tick = *tick;
+        ring.records[(head % EVENT_RING_CAPACITY as u64) as usize] = record;
+        head = head.wrapping_add(1);
+    }
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    ring.header.head = head;
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    hypercall(Hypercall::EventNotify, 0);
 }
 
 /// Appends an event to the ring and tells the VMM.

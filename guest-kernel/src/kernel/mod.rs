@@ -319,6 +319,9 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     if boot.debug_flags & boot::DEBUG_EVENT_FLOOD != 0 {
         host::flood_event_ring();
     }
+    if boot.debug_flags & boot::DEBUG_ALL_FLOOD != 0 {
+        flood_all(boot);
+    }
 
     let gate = match GatePreference::from_raw(boot.gate_preference) {
         Some(GatePreference::Syscall) => Gate::Syscall,
@@ -603,6 +606,37 @@ fn flood_console() -> ! {
         host::console_write(pid, gpa, hc::CONSOLE_WRITE_MAX - 1);
         host::console_write(0, gpa, hc::CONSOLE_WRITE_MAX);
         host::scrub_frames(&FLOOD_FRAMES);
+    }
+}
+
+/// DEBUG_ALL_FLOOD: every usable page of guest RAM outside the kernel image
+/// made resident in the VMM (each word rewritten with itself, through the
+/// direct map: nothing changes), then DEBUG_CONSOLE_FLOOD's writes and scrub
+/// and DEBUG_EVENT_FLOOD's full ring, in turn, forever.
+fn flood_all(boot: &BootInfo) -> ! {
+    let image = boot.kernel_phys_start..boot.kernel_phys_end;
+    let regions = &boot.memory_map[..(boot.memory_map_len as usize).min(boot.memory_map.len())];
+    for region in regions.iter().filter(|r| r.kind == MEMORY_USABLE) {
+        let end = region.start.saturating_add(region.len).min(boot.mem_size);
+        for pa in (region.start.next_multiple_of(PAGE_SIZE)..end).step_by(PAGE_SIZE as usize) {
+            if image.contains(&pa) || pa + PAGE_SIZE > end {
+                continue;
+            }
+            let word = direct::<u64>(pa);
+            // SAFETY: a usable guest RAM page outside the kernel image, mapped
+            // writable by the direct map; the word is rewritten with its own
+            // value (a debug flag: nothing else runs).
+            unsafe { core::ptr::write_volatile(word, core::ptr::read_volatile(word)) };
+        }
+    }
+    let gpa = memory::image_gpa(FLOOD_BYTES.as_ptr());
+    let (mut pid, mut tick): (u32, u64) = (1000, 0);
+    loop {
+        pid = pid.wrapping_add(1);
+        host::console_write(pid, gpa, hc::CONSOLE_WRITE_MAX - 1);
+        host::console_write(0, gpa, hc::CONSOLE_WRITE_MAX);
+        host::scrub_frames(&FLOOD_FRAMES);
+        host::fill_event_ring(&mut tick);
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Row {
     pub exits: Option<f64>,
     /// Remarks: method, sizes, throughput, errors.
     pub notes: Vec<String>,
+    /// Row-specific figures for the JSON (`details`; null if none).
+    pub details: Value,
 }
 
 impl Row {
@@ -69,6 +71,7 @@ impl Row {
             instructions: None,
             exits: None,
             notes: Vec::new(),
+            details: Value::Null,
         }
     }
 
@@ -270,6 +273,7 @@ pub fn row_json(row: &Row) -> Value {
         "ring0_instructions_per_op": row.instructions,
         "vm_exits_per_op": row.exits,
         "notes": row.notes,
+        "details": row.details,
     })
 }
 
