@@ -501,6 +501,9 @@ pub enum Entry {
     },
 }
 
+/// The kind of the excursion a run ends in (see `Stepper::finish`).
+pub const SHUTDOWN_EXCURSION: &str = "kernel shutdown";
+
 /// The stepping state machine: excursions, windows, counters. Fed with
 /// every step, every patched entry and every other exit, it needs no KVM and
 /// is unit-tested.
@@ -687,9 +690,15 @@ impl Counter {
         self.length = 0;
     }
 
-    /// The counters and windows.
+    /// The counters and windows. The excursion still open when the run
+    /// ends is the one the kernel shut down in (the last process's exit,
+    /// the final teardown and the shutdown itself): it is counted apart,
+    /// as [`SHUTDOWN_EXCURSION`], not as the call that entered it.
     pub fn finish(mut self) -> (Counts, BTreeMap<u64, Window>) {
-        self.finish_excursion();
+        if let (Some(Kind::Counted(_)), true) = (&self.kind, self.booted) {
+            self.counts.excursions.entry(SHUTDOWN_EXCURSION.to_string()).or_default().push(self.length);
+            self.length = 0;
+        }
         (self.counts, self.windows)
     }
 }
@@ -1488,8 +1497,12 @@ mod tests {
         pvm.step(&stubs, K + 4, None);
         pvm.step(&stubs, K + 100, None);
         common_path(&mut pvm, &stubs, 10);
+        // The next entry (the last process's exit, say) ends it; the run
+        // ends inside that one.
+        pvm.step(&stubs, K + 2, Some(gate(2, 0, 0)));
         let (pvm, _) = pvm.finish();
         assert_eq!(pvm.excursions["syscall 4"], vec![13]);
+        assert_eq!(pvm.excursions[SHUTDOWN_EXCURSION], vec![1]);
 
         // Ordinary KVM, the same int3 getpid: the stub ran unstepped, the
         // patch at trap_common finds vector 3 on the stack and counts
@@ -1527,7 +1540,9 @@ mod tests {
         assert_eq!(kvm.excursions["syscall 4"], vec![13, 4 + 10]);
         assert_eq!(kvm.excursions["vector 14"], vec![2 + 5]);
         assert_eq!(kvm.excursions["vector unknown"], vec![1]);
-        assert_eq!(kvm.excursions["vector 257"], vec![1]);
+        // The run ended inside the last one: the kernel's shutdown.
+        assert!(!kvm.excursions.contains_key("vector 257"));
+        assert_eq!(kvm.excursions[SHUTDOWN_EXCURSION], vec![1]);
         assert_eq!((kvm.timer_excursions, kvm.timer_instructions), (1, 3 + 7));
         assert_eq!(kvm.patched_entries, 6, "the stepped-onto entry is not one");
         assert_eq!(kvm.unaccounted_entries, 2);
