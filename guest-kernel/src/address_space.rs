@@ -55,6 +55,14 @@ pub trait Memory {
     /// asked for (a shared region's frame list) and still keep the reserve
     /// the kernel needs for its own work.
     fn heap_room(&self, bytes: usize) -> bool;
+    /// Releases `frames` (mapped nowhere any more), now or a bounded number
+    /// per kernel entry from now on (the kernel's teardown, issue 11); until
+    /// then they keep their owner.
+    fn release_frames_later(&mut self, frames: Vec<u64>) {
+        for frame in frames {
+            self.release_frame(frame);
+        }
+    }
 }
 
 /// Page tables of one process: table frames are owned `PageTable(pid)`.
@@ -914,6 +922,31 @@ impl AddressSpace {
         self.unmap_range(memory, region.start, region.end, u64::MAX, |_, _| {});
         self.virtual_bytes -= region.end - region.start;
         region
+    }
+
+    /// One slice of `shm_unmap(addr)`: unlinks the pages of the shared
+    /// mapping that starts at `addr` from `from` on within `budget` units;
+    /// `Ok(None)` when none is left (the mapping is then removed), with the
+    /// region id and the mapping's length.
+    pub fn unmap_shared_slice<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        addr: u64,
+        from: u64,
+        budget: u64,
+    ) -> Result<(u32, u64, Option<u64>), SysError> {
+        let region = *self
+            .regions
+            .iter()
+            .find(|r| r.start == addr && matches!(r.kind, RegionKind::Shared { .. }))
+            .ok_or(SysError::BadAddress)?;
+        let RegionKind::Shared { region: id, .. } = region.kind else { unreachable!("found above") };
+        let from = from.clamp(region.start, region.end);
+        if let Some(resume) = self.unmap_range(memory, from, region.end, budget, |_, _| {}) {
+            return Ok((id, region.end - region.start, Some(resume)));
+        }
+        self.unmap_shared(memory, addr)?;
+        Ok((id, region.end - region.start, None))
     }
 
     /// `shm_unmap(addr)`: removes the shared mapping that starts at `addr`.

@@ -103,6 +103,15 @@ pub enum MapProgress {
     Done(Event),
 }
 
+/// Where a sliced `shm_unmap` stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UnmapProgress {
+    /// Pages from this address on are still mapped.
+    More(u64),
+    /// The mapping is gone: the events to log.
+    Done(Vec<Event>),
+}
+
 /// What a process brings to a shared-memory operation.
 pub struct Holder<'a> {
     /// Its address space.
@@ -256,9 +265,7 @@ impl SharedMemory {
     /// Gives up a region being built: frees its frames.
     pub fn create_abort<M: Memory>(&mut self, memory: &mut M, build: RegionBuild) {
         self.building_pages -= (build.len / PAGE_SIZE).min(self.building_pages);
-        for frame in build.frames {
-            memory.release_frame(frame);
-        }
+        memory.release_frames_later(build.frames);
     }
 
     /// The last step of `shm_create`: charges the caller, gives it the
@@ -504,7 +511,7 @@ impl SharedMemory {
         }
     }
 
-    /// `shm_unmap(addr)`.
+    /// `shm_unmap(addr)` in one go (host tests).
     pub fn unmap<M: Memory, H: Holders>(
         &mut self,
         memory: &mut M,
@@ -512,12 +519,38 @@ impl SharedMemory {
         caller: u32,
         addr: u64,
     ) -> Result<Vec<Event>, SysError> {
+        match self.unmap_slice(memory, holders, caller, addr, 0, u64::MAX)? {
+            UnmapProgress::Done(events) => Ok(events),
+            UnmapProgress::More(_) => unreachable!("an unlimited slice unmaps everything"),
+        }
+    }
+
+    /// One slice of `shm_unmap(addr)`, from `from` on within `budget`
+    /// units. Between slices the caller is still a mapped participant (the
+    /// pages below `from` are gone); if a revocation took the mapping
+    /// meanwhile, the next slice releases the revoked range instead.
+    pub fn unmap_slice<M: Memory, H: Holders>(
+        &mut self,
+        memory: &mut M,
+        holders: &mut H,
+        caller: u32,
+        addr: u64,
+        from: u64,
+        budget: u64,
+    ) -> Result<UnmapProgress, SysError> {
         let me = holder(holders, caller);
         if let Some(id) = me.space.release_revoked(addr) {
             // What a revocation left: released, nothing else changes.
-            return Ok(alloc::vec![Event::ShmUnmapped { pid: caller, region: id.into(), addr }]);
+            return Ok(UnmapProgress::Done(alloc::vec![Event::ShmUnmapped {
+                pid: caller,
+                region: id.into(),
+                addr
+            }]));
         }
-        let (id, len) = me.space.unmap_shared(memory, addr)?;
+        let (id, len, resume) = me.space.unmap_shared_slice(memory, addr, from, budget)?;
+        if let Some(resume) = resume {
+            return Ok(UnmapProgress::More(resume));
+        }
         if let Some(index) = self.index(id) {
             let region = &mut self.regions[index];
             if let Some(participant) = region.participants.iter_mut().find(|p| p.pid == caller) {
@@ -527,7 +560,7 @@ impl SharedMemory {
                 me.space.uncharge_shared(len);
             }
         }
-        Ok(alloc::vec![Event::ShmUnmapped { pid: caller, region: id.into(), addr }])
+        Ok(UnmapProgress::Done(alloc::vec![Event::ShmUnmapped { pid: caller, region: id.into(), addr }]))
     }
 
     /// `cap_drop(handle)`: the caller gives its capability up (not the
@@ -690,9 +723,7 @@ impl SharedMemory {
             holder.space.uncharge_shared(region.byte_len());
         }
         let frames_freed = region.frames.len() as u64;
-        for frame in region.frames {
-            memory.release_frame(frame);
-        }
+        memory.release_frames_later(region.frames);
         events.push(Event::ShmDestroyed { pid: by, region: region.id.into(), frames_freed });
         events
     }
@@ -1034,7 +1065,21 @@ mod tests {
         assert_eq!(slices, 7);
         assert_eq!(event, Event::ShmMapped { pid: 2, region: 1, addr: at, prot: PROT_READ });
         assert_eq!(world.holder(2).unwrap().space.stat().shared_bytes, 64 * PAGE_SIZE);
-        shm.unmap(&mut memory, &mut world, 2, at).unwrap();
+        // Unmapped in slices: still a mapped participant until the last.
+        let mut from = at;
+        let events = loop {
+            match shm.unmap_slice(&mut memory, &mut world, 2, at, from, budget).unwrap() {
+                UnmapProgress::More(next) => {
+                    assert!(next > from);
+                    assert_eq!(shm.regions()[0].participants[1].mapping, Some((at, PROT_READ)));
+                    from = next;
+                }
+                UnmapProgress::Done(events) => break events,
+            }
+        };
+        assert_eq!(events, vec![Event::ShmUnmapped { pid: 2, region: 1, addr: at }]);
+        assert_eq!(shm.regions()[0].participants[1].mapping, None);
+        assert_eq!(world.holder(2).unwrap().space.stat().shared_bytes, 0);
         // Revoked after its first slice: the next one is refused.
         let at = shm.map_begin(&mut memory, &mut world, 2, theirs, PROT_READ).unwrap();
         assert!(matches!(

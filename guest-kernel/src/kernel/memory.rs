@@ -13,7 +13,8 @@
 //! is buried here and torn down a slice at a time, one slice at every kernel
 //! entry ([`KernelMemory::reap`]), so no exit or kill holds the CPU for
 //! time proportional to the process's size. Its frames stay owned by the
-//! dead pid, unmapped by anything live, until their slice frees them; an
+//! dead pid, unmapped by anything live, until their slice frees them (a
+//! destroyed region's frames likewise, still owned `Shared(id)`); an
 //! allocation that finds no free frame reaps everything first, and so does
 //! the shutdown, so nothing is lost or refused for it.
 
@@ -27,6 +28,7 @@ use alloc::vec::Vec;
 use superos_protocol::hypercall::{SCRUB_BATCH_MAX, STATUS_OK};
 use superos_protocol::layout::{DIRECT_MAP_BASE, KERNEL_VMA_BASE, PAGE_SIZE};
 use superos_protocol::ownership::FrameOwner;
+use superos_protocol::syscall::{SHM_MAX, SHM_REGIONS_MAX};
 use x86_64::structures::paging::PageTable;
 
 /// Kernel virtual address of guest-physical `phys` in the direct map.
@@ -112,41 +114,89 @@ pub struct KernelMemory {
     /// `DEBUG_SKIP_ONE_SCRUB`: the next non-zero frame released is freed
     /// as it is.
     pub skip_one_scrub: bool,
-    /// Address spaces of processes that are gone, being torn down, with
-    /// where the next slice starts (at most `PROCESS_CAPACITY`: the vector's
-    /// doublings stop there).
-    dying: Vec<(AddressSpace, u64)>,
+    /// What is being torn down (at most [`DYING_MAX`]).
+    dying: Vec<Dying>,
+    /// Frames in `dying`'s frame lists (at most [`DYING_FRAMES_MAX`]).
+    dying_frames: usize,
+}
+
+/// Frames waiting in destroyed regions' lists at most, one largest region's
+/// (beyond, what waits is released at once first): with [`DYING_MAX`], what
+/// the teardown may hold of the kernel heap (counted in the heap bound,
+/// `kernel/mod.rs`).
+pub const DYING_FRAMES_MAX: usize = (SHM_MAX / PAGE_SIZE) as usize;
+
+/// Teardown work pending at most at once: every process's address space
+/// and every region's frames (beyond, the oldest is finished at once).
+pub const DYING_MAX: usize = PROCESS_CAPACITY + SHM_REGIONS_MAX;
+
+/// Something being torn down a slice at a time.
+pub enum Dying {
+    /// The address space of a process that is gone, and where the next
+    /// slice starts.
+    Space(AddressSpace, u64),
+    /// Frames mapped nowhere any more (a destroyed region's), the first
+    /// `.1` released already.
+    Frames(Vec<u64>, usize),
 }
 
 impl KernelMemory {
     /// Wraps the allocator.
     pub fn new(frames: FrameAllocator<'static>, scrub: Scrub) -> Self {
-        KernelMemory { frames, scrub, pending: 0, scrubbed: 0, skip_one_scrub: false, dying: Vec::new() }
+        KernelMemory {
+            frames,
+            scrub,
+            pending: 0,
+            scrubbed: 0,
+            skip_one_scrub: false,
+            dying: Vec::new(),
+            dying_frames: 0,
+        }
     }
 
     /// Takes the address space of a process that is gone (its CR3 no longer
     /// live anywhere) for teardown in slices.
     pub fn bury(&mut self, mut space: AddressSpace) {
         space.release_map();
-        if self.dying.len() == PROCESS_CAPACITY {
+        self.push_dying(Dying::Space(space, 0));
+    }
+
+    fn push_dying(&mut self, dying: Dying) {
+        if self.dying.len() >= DYING_MAX {
             self.reap_all();
         }
-        self.dying.push((space, 0));
+        self.dying.push(dying);
     }
 
-    /// One slice of teardown, at most `budget` units (as `mem_unmap`).
+    /// One slice of teardown, at most `budget` units (as `mem_unmap`: 17 a
+    /// frame released).
     pub fn reap(&mut self, budget: u64) {
-        let Some((mut space, from)) = self.dying.pop() else { return };
-        if let Some(resume) = space.destroy_slice(self, from, budget) {
-            self.dying.push((space, resume));
+        match self.dying.pop() {
+            None => {}
+            Some(Dying::Space(mut space, from)) => {
+                if let Some(resume) = space.destroy_slice(self, from, budget) {
+                    self.dying.push(Dying::Space(space, resume));
+                }
+            }
+            Some(Dying::Frames(frames, done)) => {
+                let per_frame = crate::paging::ENTRY_UNITS + crate::paging::PRESENT_UNITS;
+                let count = usize::try_from(budget / per_frame).unwrap_or(usize::MAX).max(1);
+                let end = frames.len().min(done.saturating_add(count));
+                for &frame in &frames[done..end] {
+                    self.release_frame(frame);
+                }
+                self.dying_frames -= end - done;
+                if end < frames.len() {
+                    self.dying.push(Dying::Frames(frames, end));
+                }
+            }
         }
     }
 
-    /// Tears every buried address space down completely.
+    /// Finishes every teardown.
     pub fn reap_all(&mut self) {
-        while let Some((mut space, from)) = self.dying.pop() {
-            let finished = space.destroy_slice(self, from, u64::MAX);
-            debug_assert!(finished.is_none(), "an unlimited slice finishes");
+        while !self.dying.is_empty() {
+            self.reap(u64::MAX);
         }
     }
 
@@ -259,6 +309,18 @@ impl Memory for KernelMemory {
 
     fn heap_room(&self, bytes: usize) -> bool {
         super::heap_free().saturating_sub(bytes) >= super::HEAP_RESERVE
+    }
+
+    fn release_frames_later(&mut self, frames: Vec<u64>) {
+        if self.dying_frames + frames.len() > DYING_FRAMES_MAX {
+            self.reap_all();
+        }
+        if frames.len() > DYING_FRAMES_MAX {
+            frames.into_iter().for_each(|frame| self.release_frame(frame));
+        } else if !frames.is_empty() {
+            self.dying_frames += frames.len();
+            self.push_dying(Dying::Frames(frames, 0));
+        }
     }
 
     fn flush(&mut self, pml4: u64, va: u64) {

@@ -69,6 +69,8 @@ const _: () = assert!(
         * crate::address_space::REGIONS_CAP
         * core::mem::size_of::<crate::fault::Region>()
         + SHM_PAGES_MAX as usize * core::mem::size_of::<u64>()
+        + memory::DYING_FRAMES_MAX * core::mem::size_of::<u64>()
+        + memory::DYING_MAX * core::mem::size_of::<memory::Dying>() * 2
         + HEAP_RESERVE
         <= HEAP_SIZE
 );

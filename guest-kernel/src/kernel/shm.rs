@@ -17,7 +17,7 @@ use super::syscalls::SLICE_BUDGET;
 use super::{Kernel, TrapFrame};
 use crate::address_space::Refusal;
 use crate::capability::CapTable;
-use crate::shared::{Holder, Holders, MapProgress};
+use crate::shared::{Holder, Holders, MapProgress, UnmapProgress};
 use alloc::vec::Vec;
 use superos_protocol::event::Event;
 use superos_protocol::syscall::{CapInfo, SysError, CAPS_MAX};
@@ -124,12 +124,19 @@ impl Kernel {
         }
     }
 
-    /// `shm_unmap(addr)`.
-    pub(super) fn sys_shm_unmap(&mut self, addr: u64) -> Result<u64, SysError> {
-        let (pid, _) = self.caller();
-        let events = self.shm.unmap(&mut self.memory, &mut self.processes, pid, addr)?;
-        self.emit_all(events);
-        Ok(0)
+    /// `shm_unmap(addr)`, in slices of [`SLICE_BUDGET`] (the caller rewound
+    /// to the gate between them, `Resume::at` the next address).
+    pub(super) fn sys_shm_unmap(&mut self, frame: &mut TrapFrame, addr: u64) -> Outcome {
+        let (pid, index) = self.caller();
+        let (from, _) = self.resume_point(frame, index, addr);
+        match self.shm.unmap_slice(&mut self.memory, &mut self.processes, pid, addr, from, SLICE_BUDGET) {
+            Ok(UnmapProgress::More(next)) => self.restart(frame, index, next, 0),
+            Ok(UnmapProgress::Done(events)) => {
+                self.emit_all(events);
+                Outcome::Return(Ok(0))
+            }
+            Err(error) => Outcome::Return(Err(error)),
+        }
     }
 
     /// `shm_revoke(handle, pid)`: the owner or `pid`'s granter.

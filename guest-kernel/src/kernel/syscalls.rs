@@ -73,7 +73,7 @@ impl Kernel {
                 self.outcome(frame, result)
             }
             Some(Syscall::ShmMap) => self.sys_shm_map(frame, a0, a1),
-            Some(Syscall::ShmUnmap) => Outcome::Return(self.sys_shm_unmap(a0)),
+            Some(Syscall::ShmUnmap) => self.sys_shm_unmap(frame, a0),
             Some(Syscall::ShmRevoke) => Outcome::Return(self.sys_shm_revoke(a0, a1)),
             Some(Syscall::ShmDestroy) => Outcome::Return(self.sys_shm_destroy(a0)),
             Some(Syscall::CapDrop) => Outcome::Return(self.sys_cap_drop(a0)),
