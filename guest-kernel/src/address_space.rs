@@ -63,7 +63,15 @@ pub trait Memory {
             self.release_frame(frame);
         }
     }
+    /// Invalidates every cached translation of the address space whose
+    /// PML4 is `pml4` (a no-op unless it is the live one).
+    fn flush_all(&mut self, pml4: u64) {
+        let _ = pml4;
+    }
 }
+
+/// Alignment of shared mappings: the span of one last-level page table.
+pub const SHARED_ALIGN: u64 = 2 << 20;
 
 /// Page tables of one process: table frames are owned `PageTable(pid)`.
 /// `net` counts the table frames allocated minus those freed through it, so
@@ -73,11 +81,14 @@ struct Tables<'m, M: Memory> {
     memory: &'m mut M,
     pid: u32,
     net: i64,
+    /// Last-level tables unlinked whole ([`paging::unmap_tables`]), to be
+    /// released after the walk (later, by the kernel's teardown).
+    detached: Vec<u64>,
 }
 
 impl<'m, M: Memory> Tables<'m, M> {
     fn new(memory: &'m mut M, pid: u32) -> Self {
-        Tables { memory, pid, net: 0 }
+        Tables { memory, pid, net: 0, detached: Vec::new() }
     }
 }
 
@@ -96,6 +107,10 @@ impl<M: Memory> PageTableMemory for Tables<'_, M> {
     }
     fn table_is_empty(&mut self, frame: u64) -> bool {
         self.memory.table_is_empty(frame)
+    }
+    fn detach_table(&mut self, frame: u64) {
+        self.detached.push(frame);
+        self.net -= 1;
     }
 }
 
@@ -329,6 +344,12 @@ impl AddressSpace {
         let mut tables = Tables::new(memory, self.pid);
         let result = f(&mut tables, self.pml4);
         self.table_pages = self.table_pages.wrapping_add_signed(tables.net);
+        let Tables { memory, detached, .. } = tables;
+        if !detached.is_empty() {
+            // Whole tables went: their translations are flushed at once.
+            memory.flush_all(self.pml4);
+            memory.release_frames_later(detached);
+        }
         result
     }
 
@@ -360,6 +381,33 @@ impl AddressSpace {
                     tables.memory.flush(pml4, va);
                     on_leaf(tables.memory, frame);
                 },
+                &mut |tables: &mut Tables<'_, M>, va| tables.memory.flush(pml4, va),
+            )
+        })
+    }
+
+    /// Unlinks a shared mapping's pages in `[start, end)` (the mapping
+    /// starts 2 MiB-aligned and its last-level tables are its own, see
+    /// [`Self::place_shared`]): whole tables at once, so the work is
+    /// proportional to the tables, not the pages. Within `budget`;
+    /// `Some(va)`: resume there.
+    fn unmap_shared_range<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        start: u64,
+        end: u64,
+        budget: u64,
+    ) -> Option<u64> {
+        let end = end.next_multiple_of(SHARED_ALIGN);
+        let mut budget = budget;
+        self.with_tables(memory, |tables, pml4| {
+            paging::unmap_tables(
+                tables,
+                pml4,
+                start,
+                end,
+                &mut budget,
+                &mut |tables: &mut Tables<'_, M>, va, _frame| tables.memory.flush(pml4, va),
                 &mut |tables: &mut Tables<'_, M>, va| tables.memory.flush(pml4, va),
             )
         })
@@ -827,12 +875,32 @@ impl AddressSpace {
     /// First-fit placement of `len` bytes in the mapping area, with one
     /// unmapped guard page after it.
     fn place(&self, len: u64) -> Result<u64, SysError> {
-        let mut candidate = USER_MMAP_BASE;
+        self.place_aligned(len, PAGE_SIZE)
+    }
+
+    /// Placement of a shared mapping: 2 MiB-aligned, and nothing else is
+    /// placed in the rest of its last 2 MiB, so that every last-level table
+    /// under it is its own and revocation unlinks whole tables.
+    fn place_shared(&self, len: u64) -> Result<u64, SysError> {
+        self.place_aligned(len.next_multiple_of(SHARED_ALIGN), SHARED_ALIGN)
+    }
+
+    fn place_aligned(&self, len: u64, align: u64) -> Result<u64, SysError> {
+        let mut candidate = USER_MMAP_BASE.next_multiple_of(align);
         for region in self.regions.iter().filter(|r| r.end > USER_MMAP_BASE && r.start < USER_MMAP_LIMIT) {
             if candidate + len + PAGE_SIZE <= region.start {
                 break;
             }
-            candidate = candidate.max(region.end + PAGE_SIZE);
+            // A shared mapping holds the rest of its last 2 MiB too (and
+            // so does the revoked range it may become: the same whichever
+            // it is, so a process can predict placement without knowing).
+            let end = match region.kind {
+                RegionKind::Shared { .. } | RegionKind::Revoked { .. } => {
+                    region.end.next_multiple_of(SHARED_ALIGN)
+                }
+                _ => region.end,
+            };
+            candidate = candidate.max((end + PAGE_SIZE).next_multiple_of(align));
         }
         if candidate + len + PAGE_SIZE > USER_MMAP_LIMIT {
             return Err(SysError::OutOfMemory);
@@ -873,7 +941,7 @@ impl AddressSpace {
         let len = pages * PAGE_SIZE;
         self.check_virtual(len)?;
         self.check_mappings(1)?;
-        let start = self.place(len)?;
+        let start = self.place_shared(len)?;
         let tables = self.missing_tables(memory, start, start + len);
         self.check_resident(tables)?;
         self.insert_region(Region { start, end: start + len, kind: RegionKind::Shared { region, writable } });
@@ -918,8 +986,9 @@ impl AddressSpace {
 
     fn remove_shared_mapping<M: Memory>(&mut self, memory: &mut M, index: usize) -> Region {
         let region = self.regions[index];
-        // Shared frames belong to the region: only unlinked here.
-        self.unmap_range(memory, region.start, region.end, u64::MAX, |_, _| {});
+        // Shared frames belong to the region: only unlinked here, a whole
+        // table at a time.
+        self.unmap_shared_range(memory, region.start, region.end, u64::MAX);
         self.virtual_bytes -= region.end - region.start;
         region
     }
@@ -942,7 +1011,7 @@ impl AddressSpace {
             .ok_or(SysError::BadAddress)?;
         let RegionKind::Shared { region: id, .. } = region.kind else { unreachable!("found above") };
         let from = from.clamp(region.start, region.end);
-        if let Some(resume) = self.unmap_range(memory, from, region.end, budget, |_, _| {}) {
+        if let Some(resume) = self.unmap_shared_range(memory, from, region.end, budget) {
             return Ok((id, region.end - region.start, Some(resume)));
         }
         self.unmap_shared(memory, addr)?;
@@ -1494,6 +1563,45 @@ pub(crate) mod tests {
         assert_eq!(space.unmap_slice(&mut memory, b, len, b, 200), err(SysError::BadAddress));
         space.destroy(&mut memory);
         assert_eq!(memory.allocator.free_frames(), baseline - 2);
+    }
+
+    /// Revoking a shared mapping unlinks whole last-level tables: the work
+    /// follows the tables (2 MiB each), not the pages, and the frames stay
+    /// the region's.
+    #[test]
+    fn a_shared_mapping_goes_a_whole_table_at_a_time() {
+        let mut memory = FakeMemory::new();
+        let mut space = space(&mut memory, Quotas::default());
+        let before = space.table_pages();
+        // 4 MiB of the one frame (the fake RAM is smaller): only the tables count.
+        let frames = vec![memory.allocator.alloc(FrameOwner::Shared(7)).unwrap(); 1024];
+        let at = space.map_shared(&mut memory, 7, &frames, true).unwrap();
+        assert_eq!(at % SHARED_ALIGN, 0, "2 MiB-aligned");
+        // Nothing else lands in its tables.
+        let next = space.map_anonymous(PAGE_SIZE, RW).unwrap();
+        assert!(next >= at + 4 * (1 << 20) + PAGE_SIZE, "{next:#x}");
+        space.handle_page_fault(&mut memory, next, PF_WRITE).unwrap();
+        let flushes = memory.flushes;
+        // Unmapped in slices of 3 tables' worth: two tables, few slices.
+        let mut from = at;
+        let mut slices = 0;
+        loop {
+            let (id, len, resume) = space.unmap_shared_slice(&mut memory, at, from, 3 * 17).unwrap();
+            assert_eq!((id, len), (7, 4 << 20));
+            slices += 1;
+            match resume {
+                Some(resume) => from = resume,
+                None => break,
+            }
+        }
+        assert!(slices <= 3, "{slices} slices for 1024 pages");
+        assert!(memory.flushes - flushes <= 4, "{} flushes", memory.flushes - flushes);
+        assert!(frames.iter().all(|&f| memory.owner(f) == Some(FrameOwner::Shared(7))));
+        // The anonymous page's table and the rest of the tree are untouched.
+        assert!(paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), next).is_some());
+        assert!(paging::translate(&mut Tables::new(&mut memory, 1), space.pml4(), at).is_none());
+        space.unmap_slice(&mut memory, next, PAGE_SIZE, next, u64::MAX).unwrap();
+        assert_eq!(space.table_pages(), before, "every table the mapping used went");
     }
 
     /// A dead process's address space torn down in small slices frees

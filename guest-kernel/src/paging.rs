@@ -28,6 +28,12 @@ pub trait PageTableMemory {
     fn table_is_empty(&mut self, frame: u64) -> bool {
         self.table(frame).iter().all(|entry| entry.is_unused())
     }
+    /// Releases a last-level table [`unmap_tables`] unlinked whole, with its
+    /// entries still in it (the implementation may release it later; it is
+    /// reachable from no table any more).
+    fn detach_table(&mut self, frame: u64) {
+        self.free_table(frame);
+    }
 }
 
 /// Why a mapping could not be made.
@@ -261,7 +267,32 @@ pub fn unmap_range<M: PageTableMemory>(
     if start >= end || end > (256 * span(3)) {
         return None;
     }
-    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None };
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None, detach: false };
+    clear_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf, on_table);
+    *budget = walk.left;
+    walk.stopped
+}
+
+/// [`unmap_range`] for ranges whose leaves need nothing done one by one
+/// (frames that belong to someone else, a shared region's): a last-level
+/// table the range covers whole is unlinked from its parent in one step
+/// and handed to [`PageTableMemory::detach_table`] with its entries, its
+/// leaves not visited (`on_leaf` is not called for them; `on_table` is, once
+/// for the 2 MiB it spanned, which the caller must flush whole). The work
+/// is then proportional to the number of such tables, not of pages.
+pub fn unmap_tables<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    start: u64,
+    end: u64,
+    budget: &mut u64,
+    on_leaf: &mut impl FnMut(&mut M, u64, u64),
+    on_table: &mut impl FnMut(&mut M, u64),
+) -> Option<u64> {
+    if start >= end || end > (256 * span(3)) {
+        return None;
+    }
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None, detach: true };
     clear_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf, on_table);
     *budget = walk.left;
     walk.stopped
@@ -286,6 +317,9 @@ pub const MIN_BUDGET: u64 = 4 * (ENTRY_UNITS + PRESENT_UNITS);
 struct Budget {
     left: u64,
     stopped: Option<u64>,
+    /// Unlink whole last-level tables without visiting their leaves
+    /// ([`unmap_tables`]).
+    detach: bool,
 }
 
 impl Budget {
@@ -385,6 +419,13 @@ fn clear_range<M: PageTableMemory>(
             on_leaf(mem, child_base, child);
             continue;
         }
+        if level == 2 && walk.detach && start <= child_base && child_base + child_span <= end {
+            entry.set_unused();
+            cleared = true;
+            on_table(mem, child_base);
+            mem.detach_table(child);
+            continue;
+        }
         if clear_range(mem, child, level - 1, child_base, start, end, walk, on_leaf, on_table) {
             mem.table(table)[i - 1].set_unused();
             cleared = true;
@@ -427,7 +468,7 @@ pub fn for_each_leaf<M: PageTableMemory>(
     if start >= end || end > (256 * span(3)) {
         return None;
     }
-    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None };
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None, detach: false };
     visit_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf);
     *budget = walk.left;
     walk.stopped

@@ -93,6 +93,9 @@ const SHM_KEY: u64 = 1 << 63;
 const HEADER: u64 = 24;
 /// Mixed into every stamp tag.
 const STAMP: u64 = 0x5f75_7a7a_2d73_7461;
+/// Alignment of shared mappings (the kernel's `SHARED_ALIGN`).
+const SHARED_ALIGN: u64 = 2 << 20;
+
 /// Size of a `cap_list` record.
 const CAP_RECORD: u64 = core::mem::size_of::<CapInfo>() as u64;
 /// Size of a `MemStat`.
@@ -694,12 +697,28 @@ impl Fuzz {
     /// Where the kernel puts the next mapping of `len` bytes: first fit from
     /// the window's base, with a guard page after every mapping.
     fn place(&self, len: u64) -> Option<u64> {
-        let mut candidate = USER_MMAP_BASE;
+        self.place_aligned(len, PAGE)
+    }
+
+    /// Where the kernel puts a shared mapping of `len` bytes: 2 MiB-aligned,
+    /// holding the rest of its last 2 MiB.
+    fn place_shared(&self, len: u64) -> Option<u64> {
+        self.place_aligned(len.next_multiple_of(SHARED_ALIGN), SHARED_ALIGN)
+    }
+
+    fn place_aligned(&self, len: u64, align: u64) -> Option<u64> {
+        let mut candidate = USER_MMAP_BASE.next_multiple_of(align);
         for area in &self.areas[..self.area_count] {
             if candidate + len + PAGE <= area.start {
                 break;
             }
-            candidate = candidate.max(area.end + PAGE);
+            // Shared mappings and revoked ranges hold the rest of their last
+            // 2 MiB (their page tables are their own).
+            let end = match area.kind {
+                Kind::Anon { .. } => area.end,
+                Kind::Own(_) | Kind::Foreign(_) | Kind::Revoked => area.end.next_multiple_of(SHARED_ALIGN),
+            };
+            candidate = candidate.max((end + PAGE).next_multiple_of(align));
         }
         (candidate + len + PAGE <= USER_MMAP_LIMIT).then_some(candidate)
     }
@@ -1914,7 +1933,7 @@ impl Fuzz {
             if !self.room(1) {
                 return;
             }
-            predicted = self.place(len);
+            predicted = self.place_shared(len);
         }
         match self.call("shm_map", Syscall::ShmMap as u64, &[handle, prot], expect) {
             Outcome::Ok(addr) => {

@@ -328,6 +328,15 @@ impl Memory for KernelMemory {
             cpu::invlpg(va);
         }
     }
+
+    fn flush_all(&mut self, pml4: u64) {
+        let cr3 = cpu::read_cr3();
+        if cr3 & !0xfff == pml4 {
+            // SAFETY: reloads the live tables unchanged: only the TLB's
+            // non-global entries go (the kernel's are global or re-read).
+            unsafe { cpu::write_cr3(cr3 & !0xfff) };
+        }
+    }
 }
 
 /// The kernel's own page tables: table frames are owned by the kernel.
