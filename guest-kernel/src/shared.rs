@@ -590,16 +590,19 @@ impl SharedMemory {
     ) -> Result<Vec<Event>, SysError> {
         let (_, index) = self.lookup(holder(holders, caller).caps, handle)?;
         let region = &self.regions[index];
-        let target = u32::try_from(target).map_err(|_| SysError::InvalidArgument)?;
-        let Some(participant) = region.participants.iter().find(|p| p.pid == target && target != caller)
-        else {
+        // Not the owner: only what the caller granted, whatever the target
+        // argument is (not-permitted before invalid-argument).
+        let participant = u32::try_from(target)
+            .ok()
+            .and_then(|target| region.participants.iter().find(|p| p.pid == target && target != caller));
+        let Some(&Participant { pid: target, granted_by, .. }) = participant else {
             return Err(if region.owner == caller {
                 SysError::InvalidArgument
             } else {
                 SysError::NotPermitted
             });
         };
-        if region.owner != caller && participant.granted_by != caller {
+        if region.owner != caller && granted_by != caller {
             return Err(SysError::NotPermitted);
         }
         Ok(self.revoke_participant(memory, holders, index, target, caller))

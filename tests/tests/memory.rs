@@ -410,6 +410,52 @@ fn mem_protect_and_mem_unmap_hold_ring_0_for_a_bounded_number_of_instructions() 
     assert!(worst(&unmap) <= RING0_BUDGET, "mem_unmap: {unmap:?}");
 }
 
+/// Issue 11, bounded kernel time, for everything else a process can make
+/// large: `shm_create` and `shm_map` of a region run in slices, `shm_unmap`,
+/// `shm_destroy` and revocation unlink whole page tables, and an exit's
+/// teardown goes a slice per kernel entry. A stepped run of the largest
+/// calls (and an exit holding the region mapped; a survivor keeps the
+/// kernel running, so the exit is not the shutdown) holds every kernel
+/// entry to the same budget as `mem_unmap`.
+#[test]
+fn shared_region_calls_and_exit_hold_ring_0_for_a_bounded_number_of_instructions() {
+    if !kvm_available() {
+        return;
+    }
+    let text = process_toml("hog", "quota-hog", "mode=shm kib=4096 exit=1", "")
+        + &process_toml("survivor", "quota-hog", "mode=outlive pid=1", "");
+    let report = run_text(&text);
+    assert_success(&report);
+    assert_no_frame_lost(&report);
+
+    use superos_vmm::bench::probe::{probe, ProbeOptions, Stepping, SHUTDOWN_EXCURSION};
+    let options = ProbeOptions {
+        stepping: Stepping::FromFirstUser,
+        snapshot: false,
+        checks: 0,
+        memory_mib: 64,
+        timeout: std::time::Duration::from_secs(600),
+    };
+    let probed = probe(&scenario(&text), &options).expect("an instrumented run");
+    assert!(matches!(probed.exit, superos_vmm::run::GuestExit::Shutdown { code: 0 }), "{}", probed.exit);
+    assert!(matches!(probed.counts.stepping, Some(Ok(()))), "stepping: {:?}", probed.counts.stepping);
+    if report.host != superos_protocol::boot::HostFlavor::Pvm && probed.counts.excursions.is_empty() {
+        eprintln!("no per-entry ring-0 counts on this host ({:?})", report.host);
+        return;
+    }
+    let excursions = &probed.counts.excursions;
+    let entries = |number: u64| excursions.get(&format!("syscall {number}")).cloned().unwrap_or_default();
+    let (create, map) = (entries(30), entries(32));
+    eprintln!("ring-0 instructions per kernel entry, worst by kind: {excursions:?}");
+    // 1024 pages each time, two regions: sliced into several entries.
+    assert!(create.len() > 4 && map.len() > 4, "shm_create {create:?}, shm_map {map:?}");
+    assert!(!entries(2).is_empty(), "the hog's exit is an entry of its own");
+    for (kind, lengths) in excursions.iter().filter(|(kind, _)| kind.as_str() != SHUTDOWN_EXCURSION) {
+        let worst = lengths.iter().copied().max().unwrap_or(0);
+        assert!(worst <= RING0_BUDGET, "{kind}: {worst} ring-0 instructions in one entry");
+    }
+}
+
 /// The most ring-0 instructions one `mem_protect` or `mem_unmap` kernel
 /// entry may take (`SLICE_BUDGET` units of work, the walk to them, the
 /// event and the switch to another process).

@@ -164,6 +164,10 @@ pub struct Kernel {
     runs_started: Vec<u32>,
     spawned: u64,
     ticks: u64,
+    /// A process was just switched in: the next timer tick (possibly one
+    /// left pending while the kernel ran a long slice for another) does
+    /// not preempt it, so it gets at least one whole timer period.
+    fresh_slice: bool,
     pool_low_reported: bool,
     /// Live shared regions.
     shm: crate::shared::SharedMemory,
@@ -350,6 +354,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         runs_started: alloc::vec![0; boot.processes().len()],
         spawned: 0,
         ticks: 0,
+        fresh_slice: false,
         pool_low_reported: false,
         shm: Default::default(),
         owner_table,
@@ -814,7 +819,9 @@ impl Kernel {
             v if v == u64::from(TIMER_VECTOR) => {
                 lapic::end_of_interrupt();
                 self.ticks += 1;
-                self.reschedule(frame, true);
+                if !core::mem::take(&mut self.fresh_slice) {
+                    self.reschedule(frame, true);
+                }
             }
             v if v == u64::from(SPURIOUS_VECTOR) => {}
             14 => self.page_fault(frame),

@@ -291,8 +291,10 @@ impl Kernel {
                     process.preemptions += 1;
                 }
                 let next_pid = self.processes[next].pid;
+                self.fresh_slice = true;
                 self.save_user_state_then_run(frame, next_pid);
             } else {
+                self.fresh_slice = true;
                 self.restore_user_state_then_run(frame, next);
             }
             return;
