@@ -25,7 +25,7 @@ use superos_protocol::event::Event;
 use superos_protocol::introspect::{ParticipantRecord, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED};
 use superos_protocol::layout::{GATE_VA, PAGE_SIZE};
 use superos_protocol::ownership::FrameOwner;
-use superos_protocol::syscall::{PROT_WRITE, RIGHT_WRITE};
+use superos_protocol::syscall::{CAPS_MAX, OFFERS_PER_GRANTER, PROT_WRITE, RIGHT_WRITE};
 
 /// One isolation invariant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -940,6 +940,7 @@ fn table_owners(found: &mut Findings, view: &KernelView, walk: &Walk) {
 }
 
 fn quota_accounting(found: &mut Findings, view: &KernelView, walk: &Walk, counts: &BTreeMap<u32, Counts>) {
+    capability_accounting(found, view);
     for process in &view.processes {
         let Some(record) = process.record else { continue };
         if walk.broken.contains(&process.pid) || !walk.complete {
@@ -1014,6 +1015,37 @@ fn quota_accounting(found: &mut Findings, view: &KernelView, walk: &Walk, counts
             v.frames.push(process.pml4);
             found.add(v);
         }
+    }
+}
+
+/// `quota-accounting` of capabilities, from the region records: no process
+/// holds more than its table's `CAPS_MAX`, and no granter has more than
+/// `OFFERS_PER_GRANTER` offers outstanding (offers are charged to it).
+fn capability_accounting(found: &mut Findings, view: &KernelView) {
+    let mut held: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut offered: BTreeMap<u32, usize> = BTreeMap::new();
+    for p in view.regions.iter().flat_map(|r| r.participants.iter()) {
+        if p.state == PARTICIPANT_OFFERED {
+            *offered.entry(p.granted_by).or_default() += 1;
+        } else {
+            *held.entry(p.pid).or_default() += 1;
+        }
+    }
+    let mut report = |pid: u32, details: String| {
+        let mut v = Violation::new(Invariant::QuotaAccounting, details);
+        v.pids.push(pid);
+        found.add(v);
+    };
+    for (&pid, &n) in held.iter().filter(|(_, &n)| n > CAPS_MAX) {
+        report(pid, format!("pid {pid} holds {n} capabilities; a capability table holds {CAPS_MAX}"));
+    }
+    for (&pid, &n) in offered.iter().filter(|(_, &n)| n > OFFERS_PER_GRANTER) {
+        report(
+            pid,
+            format!(
+                "pid {pid} has {n} offers outstanding; a granter is charged at most {OFFERS_PER_GRANTER}"
+            ),
+        );
     }
 }
 

@@ -439,6 +439,35 @@ fn quota_accounting() {
     assert_only("over the virtual quota", Invariant::QuotaAccounting, |g| {
         g.procs[1].max_virtual_bytes = PAGE_SIZE
     });
+    // Nine offers by pid 1: six in region 1, three in a second region it owns.
+    let v = assert_only("more offers than a granter is charged for", Invariant::QuotaAccounting, |g| {
+        let offer = |pid| ParticipantRecord {
+            pid,
+            rights: RIGHT_READ as u16,
+            state: PARTICIPANT_OFFERED,
+            mapped_at: 0,
+            prot: 0,
+            granted_by: 1,
+        };
+        for (slot, pid) in (2..8).zip(10..) {
+            g.regions[0].0.participants[slot] = offer(pid);
+        }
+        let frame = g.alloc(FrameOwner::Shared(2));
+        let mut second = g.regions[0].0;
+        second.id = 2;
+        second.frame_count = 1;
+        second.frames_gpa = REGION_FRAMES + 0x800;
+        second.len = PAGE_SIZE;
+        second.participants = [ParticipantRecord::default(); REGION_PARTICIPANTS];
+        second.participants[0] =
+            ParticipantRecord { mapped_at: 0, prot: 0, ..g.regions[0].0.participants[0] };
+        for (slot, pid) in (1..4).zip(20..) {
+            second.participants[slot] = offer(pid);
+        }
+        g.regions.push((second, vec![frame]));
+        g.procs[0].shared_bytes += PAGE_SIZE;
+    });
+    assert!(v.iter().any(|v| v.details.contains("9 offers outstanding")), "{v:#?}");
 }
 
 #[test]

@@ -48,9 +48,10 @@ pub struct Case {
 /// kernel entry), so their longest entry is the same for every region with
 /// one full slice of present pages (`dense_kib=256`: 64 present pages in
 /// one table); the full plan runs them over 1 GiB for the bystander and
-/// counts 128 MiB. The shared-region calls and `exit` are not sliced: their
-/// longest entry grows with the region, counted at its largest
-/// (`SHM_MAX`, 64 MiB) in the full plan.
+/// counts 128 MiB. The shared-region calls are sliced or unlink whole page
+/// tables and an exit's teardown goes a slice per kernel entry, so their
+/// longest entry no longer grows with the region; it is still counted at
+/// the largest (`SHM_MAX`, 64 MiB) in the full plan, to show it.
 pub fn cases(quick: bool) -> Vec<Case> {
     // Sizes in KiB.
     let (range_kib, range_stepped_kib, shm_kib, shm_guest) =
