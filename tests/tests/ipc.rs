@@ -63,12 +63,13 @@ fn one_sender_takes_at_most_half_a_mailbox_and_another_still_gets_through() {
     if !kvm_available() {
         return;
     }
-    // pid 1 computes and never receives; its queued messages are discarded
-    // when it exits. The mailbox rule: each flooder gets MAILBOX_PER_SENDER
-    // (4) of the 8 slots, whoever floods first, so the second sender's
-    // messages get through the first one's flood.
+    // pid 1 never receives and lives until both senders are gone; its
+    // queued messages are discarded when it exits. The mailbox rule: each
+    // flooder gets MAILBOX_PER_SENDER (4) of the 8 slots, whoever floods
+    // first, so the second sender's messages get through the first one's
+    // flood.
     let report = run_text(
-        &(process_toml("deaf", "hello", "spin=200", "")
+        &(process_toml("deaf", "quota-hog", "mode=outlive pid=2 and=3", "")
             + &process_toml("flood", "ipc", "mode=flood peer=1", "")
             + &process_toml("partner", "ipc", "mode=flood peer=1", "")),
     );

@@ -40,10 +40,11 @@
 //! - `watch`: a bystander that spins for `ms` milliseconds (default 1000)
 //!   reading the TSC and prints the longest it waited between two reads (the
 //!   time others, and the kernel for them, held the CPU), in microseconds.
-//! - `outlive pid=P`: spins in ring 3 until process P is gone (it looks
-//!   every ~50 ms, with one `ipc_send`), then exits 0: a process that keeps
-//!   the kernel running past P's exit, so that P's exit is an entry of its
-//!   own and not the kernel's shutdown.
+//! - `outlive pid=P [and=Q]`: spins in ring 3 until process P (and Q) is
+//!   gone (it looks every ~50 ms, with one `ipc_send` each; it never
+//!   receives), then exits 0: a process that keeps the kernel running past
+//!   P's exit, so that P's exit is an entry of its own and not the kernel's
+//!   shutdown.
 //! - `shm`: the largest shared-region calls it can make (the worst-entry
 //!   bench row): creates a region of the size, maps it writable, writes one
 //!   word per page, unmaps and destroys it; then, with `exit=1` (the
@@ -282,12 +283,12 @@ fn watch(ms: u64) -> i32 {
     0
 }
 
-fn outlive(pid: u32) -> i32 {
+fn outlive(pids: &[u32]) -> i32 {
     let khz = superos_rt::gate_info().tsc_khz.max(1);
     loop {
         let start = superos_rt::rdtsc();
         while superos_rt::rdtsc().wrapping_sub(start) < 50 * khz {}
-        if superos_rt::ipc_send(pid, b"") == Err(Error::NoSuchProcess) {
+        if pids.iter().all(|&pid| superos_rt::ipc_send(pid, b"") == Err(Error::NoSuchProcess)) {
             return 0;
         }
     }
@@ -341,7 +342,10 @@ fn main(args: &[u8]) -> i32 {
         b"syscalls" => syscall_hog(size),
         b"ranges" => range_hog(size, number("dense_kib").unwrap_or(0) << 10),
         b"watch" => watch(number("ms").unwrap_or(1000)),
-        b"outlive" => outlive(number("pid").unwrap_or(1) as u32),
+        b"outlive" => {
+            let first = number("pid").unwrap_or(1) as u32;
+            outlive(&[first, number("and").map_or(first, |pid| pid as u32)])
+        }
         b"shm" => shm_hog(size, number("exit").unwrap_or(1) != 0),
         _ => {
             println!("quota-hog: usage: mode=map|touch|fragment|tables|syscalls|ranges|watch|outlive|shm mib=<N>|kib=<N>|ms=<N>|pid=<N>");
