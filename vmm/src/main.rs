@@ -198,8 +198,13 @@ fn main() -> ExitCode {
 
 fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     let scenario = Scenario::load(&args.scenario).map_err(|e| e.to_string())?;
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(format!("--timeout must be a positive number of seconds, not {}", args.timeout));
+    // At most a year: the watchdog's deadline is an `Instant` plus it.
+    const MAX_TIMEOUT_SECS: f64 = 366.0 * 24.0 * 3600.0;
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= MAX_TIMEOUT_SECS) {
+        return Err(format!(
+            "--timeout must be a positive number of seconds, at most {MAX_TIMEOUT_SECS} (a year), not {}",
+            args.timeout
+        ));
     }
     let kernel = match &args.kernel {
         Some(path) => Cow::Owned(

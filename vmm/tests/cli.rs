@@ -90,12 +90,15 @@ fn events_json_prints_one_object_per_event_and_keeps_the_console() {
 
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["run", "no-such-scenario"], "no scenario file or embedded scenario named \"no-such-scenario\""),
         (&["run", "--mem", "15"], "guest memory of 15 MiB is not allowed"),
         (&["run", "--mem", "100000"], "guest memory of 100000 MiB is not allowed"),
         (&["run", "--kernel", "/nonexistent/kernel.elf"], "cannot read kernel /nonexistent/kernel.elf"),
         (&["run", "--timeout", "0"], "--timeout must be a positive number"),
+        (&["run", "--timeout", "1e20"], "--timeout must be a positive number"),
+        (&["run", "--timeout", "inf"], "--timeout must be a positive number"),
+        (&["run", "--timeout", "NaN"], "--timeout must be a positive number"),
         (&["run", "--scrub", "fast"], "invalid value 'fast' for '--scrub <SCRUB>'"),
         (&["run", "--events", "xml"], "invalid value 'xml' for '--events <FORMAT>'"),
     ];
