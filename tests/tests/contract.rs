@@ -82,3 +82,22 @@ fn every_named_invariant_is_one_the_checker_reports() {
         }
     }
 }
+
+/// The contract and every document a clone has link inside the repository
+/// (issue 15): a clone has no `../shared/`.
+#[test]
+fn the_docs_link_only_inside_the_repository() {
+    let contract = workspace().join("docs/memory-model-contract.md");
+    assert!(contract.is_file(), "the memory-model contract lives in docs/");
+    let mut documents = vec![workspace().join("README.md")];
+    for entry in std::fs::read_dir(workspace().join("docs")).expect("docs/") {
+        let path = entry.expect("a docs/ entry").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            documents.push(path);
+        }
+    }
+    for document in documents {
+        let text = std::fs::read_to_string(&document).expect("a document");
+        assert!(!text.contains("../shared"), "{} points outside the repository", document.display());
+    }
+}

@@ -944,7 +944,7 @@ impl Bench {
                 kernel.notes.push(format!(
                     "{} idle `bench-nop` processes alive, read from the kernel's frame-owner table: the figure is each \
                      one's page-table frames; user frames (image, stack, gate excluded) {} each; plus one {}-byte process-table record; \
-                     other kernel structures live in the kernel's static 256 KiB heap, not measured per process; \
+                     other kernel structures live in the kernel's static 1 MiB heap, not measured per process; \
                      kernel-owned frames: {}; free frames {} of {} (at boot, before any process: {})",
                     waiter_frames.len(),
                     private.map_or("?".into(), |s| format!("{:.0}", s.median)),

@@ -1,6 +1,7 @@
 //! `spin`: computes forever without a system call. Only preemption keeps the
-//! rest of the system running, and only the VMM's watchdog (or the end of the
-//! scenario's other work, if it is marked as expected to be unfinished) stops it.
+//! rest of the system running, and only the VMM's watchdog (`--timeout`)
+//! stops it: a run with `spin` in it ends as a timeout, whatever the other
+//! processes did (there is no "expected unfinished" outcome).
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
