@@ -360,8 +360,9 @@ impl Control {
     /// Waits until someone asks to quit.
     pub fn wait_for_quit(&self) {
         let mut state = self.lock();
-        while !state.quit {
-            state = self.wait(state, Duration::from_secs(1));
+        // SIGINT/SIGTERM end a linger too.
+        while !state.quit && crate::interrupt::received().is_none() {
+            state = self.wait(state, Duration::from_millis(100));
         }
     }
 
@@ -643,7 +644,9 @@ pub struct Attached {
     control: Option<Arc<Control>>,
     server: Option<Server>,
     linger: bool,
-    snapshot: Option<(PathBuf, File)>,
+    /// The snapshot's path, the file it is written to, and whether that is
+    /// a temporary file renamed over the path when whole.
+    snapshot: Option<(PathBuf, File, bool)>,
     on_finish: Option<fn(&RunReport)>,
     image: KernelImage,
 }
@@ -658,11 +661,18 @@ impl Attached {
         usable: &[(u64, u64)],
         image: KernelImage,
     ) -> Result<Attached, String> {
+        // Written to a temporary file beside it and renamed over it when
+        // whole, so an interrupted or failed write never leaves a partial
+        // snapshot at `path` (the file is created now, so a bad path fails
+        // before the guest runs). A path that is not a regular file (a
+        // device, a pipe) is written directly.
         let snapshot = match extras.snapshot_on_exit {
             Some(path) => {
-                let file = File::create(&path)
+                let atomic = std::fs::metadata(&path).map_or(true, |m| m.is_file());
+                let target = if atomic { snapshot_temporary(&path) } else { path.clone() };
+                let file = File::create(&target)
                     .map_err(|e| format!("cannot create the snapshot file {}: {e}", path.display()))?;
-                Some((path, file))
+                Some((path, file, atomic))
             }
             None => None,
         };
@@ -706,7 +716,7 @@ impl Attached {
         if let Some(control) = &self.control {
             control.finish(&report.events, hello, baseline.clone(), cpu.clone(), exit.clone(), self.linger);
         }
-        if let Some((path, file)) = self.snapshot.take() {
+        if let Some((path, file, atomic)) = self.snapshot.take() {
             let cr3 = match self.control.as_ref().and_then(|c| c.quit_at()) {
                 Some(Point::Ring3 { cr3, .. }) => Some(cr3),
                 _ => None,
@@ -721,7 +731,18 @@ impl Attached {
                 cpu,
             };
             let meta = snapshot::Meta::new(scenario, report.lost_events);
-            if let Err(error) = snapshot::write(file, ram, &state, &meta) {
+            let temporary = snapshot_temporary(&path);
+            let written = snapshot::write(file, ram, &state, &meta).and_then(|()| {
+                if atomic {
+                    std::fs::rename(&temporary, &path)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(error) = written {
+                if atomic {
+                    let _ = std::fs::remove_file(&temporary);
+                }
                 let message = format!("could not write the snapshot {}: {error}", path.display());
                 eprintln!("superos-vmm: {message}");
                 report.log.push(message.clone());
@@ -745,6 +766,14 @@ impl Attached {
             server.shutdown();
         }
     }
+}
+
+/// Where the snapshot for `path` is written before it is renamed over it:
+/// beside it (the same file system), named after it and this process.
+fn snapshot_temporary(path: &std::path::Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".partial-{}", std::process::id()));
+    path.with_file_name(name)
 }
 
 /// The `superos-vmm run` options for examining the guest from outside.

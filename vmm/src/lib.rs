@@ -49,6 +49,7 @@ pub mod images;
 pub mod input;
 pub mod inspect;
 pub mod inspect_cli;
+pub mod interrupt;
 pub mod introspect;
 pub mod memory;
 pub mod monitor;

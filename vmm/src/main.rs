@@ -57,7 +57,9 @@ Exit status: 0 every process did what the scenario expects; 1 some process did n
 5 an isolation invariant was violated (takes precedence over 1, 3 and 4; what the check at
 a kernel panic finds is listed but leaves the status at 3). A guest stopped with
 `inspect quit` exits 1 (its processes did not finish). 6: all went well but a requested
-output (the snapshot, stdout) could not be written.";
+output (the snapshot, stdout) could not be written. 130/143: interrupted by SIGINT (Ctrl-C)
+or SIGTERM: the guest stopped, the summary printed, the snapshot written whole, the
+socket removed.";
 
 #[derive(clap::Args)]
 struct RunArgs {
@@ -261,6 +263,9 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         vcpu_tamper: None,
         limits: Default::default(),
     };
+    // Ctrl-C and SIGTERM stop the guest as the watchdog would (the summary,
+    // the snapshot and the socket's removal then happen as usual).
+    superos_vmm::interrupt::install()?;
     let origin = config.scenario.origin.clone();
     if !args.quiet {
         out!("superos-vmm: running {origin}: {}", config.scenario.description);

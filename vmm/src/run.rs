@@ -135,6 +135,13 @@ pub enum GuestExit {
     UnexpectedExit(String),
     /// The watchdog fired.
     Timeout(Duration),
+    /// SIGINT or SIGTERM stopped the run ([`crate::interrupt`]).
+    Interrupted {
+        /// The signal.
+        signal: i32,
+        /// When, since the VMM started.
+        after: Duration,
+    },
     /// KVM_RUN itself failed.
     VcpuError(String),
     /// Stopped on request through the control socket (`inspect quit`).
@@ -163,6 +170,14 @@ impl std::fmt::Display for GuestExit {
             GuestExit::UnexpectedExit(what) => write!(f, "unexpected VM exit: {what}"),
             GuestExit::Timeout(after) => {
                 write!(f, "timed out after {:.1} s (--timeout)", after.as_secs_f64())
+            }
+            GuestExit::Interrupted { signal, after } => {
+                write!(
+                    f,
+                    "interrupted by {} after {:.1} s",
+                    crate::interrupt::name(*signal),
+                    after.as_secs_f64()
+                )
             }
             GuestExit::VcpuError(error) => write!(f, "KVM_RUN failed: {error}"),
             GuestExit::Stopped => f.write_str("stopped on request (inspect quit)"),
@@ -331,6 +346,9 @@ pub const EXIT_INVARIANT_VIOLATED: i32 = 5;
 /// The guest run was fine but a requested output (the snapshot, stdout)
 /// could not be written.
 pub const EXIT_OUTPUT_FAILED: i32 = 6;
+/// SIGINT (Ctrl-C) stopped the run: 128 + 2, as shells report it (SIGTERM:
+/// 128 + 15).
+pub const EXIT_INTERRUPTED: i32 = 128 + libc::SIGINT;
 
 impl RunReport {
     /// True if the kernel shut down cleanly and every process behaved.
@@ -362,6 +380,7 @@ impl RunReport {
             }
             GuestExit::Shutdown { .. } | GuestExit::Stopped => EXIT_UNEXPECTED_OUTCOME,
             GuestExit::Timeout(_) => EXIT_TIMEOUT,
+            GuestExit::Interrupted { signal, .. } => 128 + signal,
             _ => EXIT_GUEST_CRASH,
         }
     }
@@ -468,7 +487,12 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         CheckMode::Periodic(period) => Some(period),
         _ => None,
     };
-    let kicks = Kicks { stop: AtomicBool::new(false), check_due: AtomicBool::new(false), period };
+    let kicks = Kicks {
+        stop: AtomicBool::new(false),
+        stop_signal: std::sync::atomic::AtomicI32::new(0),
+        check_due: AtomicBool::new(false),
+        period,
+    };
     let vcpu_tamper = config.vcpu_tamper.clone();
     let (exit, exits, diagnosis, final_cpu) = std::thread::scope(|scope| -> Result<_, RunError> {
         let (sender, receiver) = mpsc::channel();
@@ -534,6 +558,8 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
 struct Kicks {
     /// The watchdog fired: stop.
     stop: AtomicBool,
+    /// Why: 0 the timeout, else the signal (SIGINT, SIGTERM) received.
+    stop_signal: std::sync::atomic::AtomicI32,
     /// A periodic check is due.
     check_due: AtomicBool,
     /// The periodic checks' period: the guest runs at least this long
@@ -542,6 +568,19 @@ struct Kicks {
     /// period; kicked on a fixed grid, the guest would barely run).
     period: Option<Duration>,
 }
+
+impl Kicks {
+    /// What the watchdog stopped the guest for, at `now`.
+    fn stopped(&self, now: Duration) -> GuestExit {
+        match self.stop_signal.load(Ordering::SeqCst) {
+            0 => GuestExit::Timeout(now),
+            signal => GuestExit::Interrupted { signal, after: now },
+        }
+    }
+}
+
+/// How often the watchdog looks for SIGINT/SIGTERM.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 enum VcpuMessage {
     Started(libc::pthread_t),
@@ -580,18 +619,27 @@ fn watchdog(
     install_kick_handler();
     let started = Instant::now();
     let deadline = || started + timeout + control.map_or(Duration::ZERO, Control::held_time);
+    let mut next_kick = period.map(|period| started + period);
     loop {
-        let left = deadline().saturating_duration_since(Instant::now());
-        let wait = period.map_or(left, |period| period.min(left));
+        let now = Instant::now();
+        let until = next_kick.map_or(deadline(), |kick| kick.min(deadline()));
+        // SIGINT/SIGTERM are looked at every SIGNAL_POLL.
+        let wait = until.saturating_duration_since(now).min(SIGNAL_POLL);
         if !matches!(receiver.recv_timeout(wait), Err(mpsc::RecvTimeoutError::Timeout)) {
             return;
+        }
+        if let Some(signal) = crate::interrupt::received() {
+            kicks.stop_signal.store(signal, Ordering::SeqCst);
+            break;
         }
         if Instant::now() >= deadline() {
             break;
         }
-        if period.is_none() {
+        let (Some(kick), Some(period)) = (next_kick, period) else { continue };
+        if Instant::now() < kick {
             continue;
         }
+        next_kick = Some(Instant::now() + period);
         kicks.check_due.store(true, Ordering::SeqCst);
         // SAFETY: as below: the vCPU thread has not sent Done, so it is
         // still running and its pthread_t is valid.
@@ -792,7 +840,7 @@ fn vcpu_loop(
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
                 *exits.entry("interrupted".to_string()).or_default() += 1;
                 if kicks.stop.load(Ordering::SeqCst) {
-                    Step::Stop(GuestExit::Timeout(session.now()))
+                    Step::Stop(kicks.stopped(session.now()))
                 } else {
                     Step::Continue
                 }
@@ -863,7 +911,7 @@ fn vcpu_loop(
         // interrupt `KVM_RUN`, so look at the flag here, after every exit.
         if kicks.stop.load(Ordering::SeqCst) {
             *exits.entry("stopped between exits".to_string()).or_default() += 1;
-            break GuestExit::Timeout(session.now());
+            break kicks.stopped(session.now());
         }
     };
     session.phases.guest_exit = Some(session.now());
@@ -894,6 +942,7 @@ fn diagnose(
     let rip_override = match exit {
         GuestExit::Shutdown { .. }
         | GuestExit::Timeout(_)
+        | GuestExit::Interrupted { .. }
         | GuestExit::InvariantViolated { .. }
         | GuestExit::Stopped => return None,
         GuestExit::KernelPanic(report) if report.fault_rip != 0 => Some(report.fault_rip),

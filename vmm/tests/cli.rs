@@ -246,3 +246,89 @@ fn the_worst_hostile_kernels_leave_the_vmm_within_its_memory_bound() {
         eprintln!("{inject}: peak RSS {} MiB", peak >> 10);
     }
 }
+
+/// Ctrl-C (SIGINT) and SIGTERM stop a run as the watchdog would (issue 15):
+/// the summary so far is printed, the control socket removed, the snapshot
+/// written whole (renamed into place: never a 0-byte or partial file), and
+/// the exit status is 128 + the signal.
+#[test]
+fn ctrl_c_and_sigterm_stop_the_guest_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("superos-signals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = dir.join("spin.toml");
+    std::fs::write(&scenario, "[[process]]\nprogram = \"spin\"\n").unwrap();
+    for (signal, name, status) in [(libc::SIGINT, "SIGINT", 130), (libc::SIGTERM, "SIGTERM", 143)] {
+        let socket = dir.join(format!("vm-{name}.sock"));
+        let snapshot = dir.join(format!("vm-{name}.snap"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+            .args(["run", scenario.to_str().unwrap(), "--timeout", "300", "--api"])
+            .arg(&socket)
+            .arg("--snapshot-on-exit")
+            .arg(&snapshot)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("superos-vmm starts");
+        // Until the kernel runs the spinner (the socket is served from
+        // before the guest boots).
+        let started = std::time::Instant::now();
+        loop {
+            assert!(started.elapsed() < std::time::Duration::from_secs(60), "spin never ran");
+            if socket.exists()
+                && vmm(&["inspect", "--api", socket.to_str().unwrap(), "ps"]).1.contains("spin")
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: kill(2) of our own child, still running (not waited for).
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let output = child.wait_with_output().expect("superos-vmm exits");
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert_eq!(output.status.code(), Some(status), "{name}: stdout:\n{stdout}\nstderr:\n{stderr}");
+        assert!(stdout.contains(&format!("interrupted by {name}")), "{name}: {stdout}");
+        assert!(stdout.contains("spin"), "the summary names the process: {stdout}");
+        assert!(!socket.exists(), "{name}: the socket was left behind");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{name}: {leftovers:?}");
+        let (code, ps, err) = vmm(&["inspect", "--snapshot", snapshot.to_str().unwrap(), "ps"]);
+        assert_eq!(code, 0, "{name}: the snapshot reads back: {err}");
+        assert!(ps.contains("spin"), "{name}: {ps}");
+    }
+    // A lingering VMM (the guest done, the socket still served) stops
+    // lingering: the run's own status, the socket removed.
+    let socket = dir.join("linger.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+        .args(["run", "hello", "--linger", "--api"])
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("superos-vmm starts");
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the guest never finished");
+        if socket.exists()
+            && vmm(&["inspect", "--api", socket.to_str().unwrap(), "ps"])
+                .1
+                .contains("after the guest stopped")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) of our own child, still running (not waited for).
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let output = child.wait_with_output().expect("superos-vmm exits");
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!socket.exists(), "the lingering VMM's socket was left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
