@@ -1143,6 +1143,14 @@ pub fn command(args: BenchArgs) -> i32 {
             return 2;
         }
     };
+    // The outputs must be writable before minutes of measuring (a typo in a
+    // path is a usage error at once, exit 2).
+    for path in [&args.json, &args.svg].into_iter().flatten() {
+        if let Err(e) = check_writable(path) {
+            eprintln!("superos-vmm: error: cannot write {}: {e}", path.display());
+            return 2;
+        }
+    }
     let started = Instant::now();
     let plan = Plan::new(args.quick);
     let mut bench = Bench {
@@ -1219,6 +1227,17 @@ pub fn command(args: BenchArgs) -> i32 {
         }
     }
     status
+}
+
+/// Whether `path` can be created or written, checked without leaving a
+/// file behind that was not there.
+fn check_writable(path: &std::path::Path) -> std::io::Result<()> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path)?;
+    if !existed {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
 }
 
 fn print_results(

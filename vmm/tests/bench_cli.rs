@@ -58,6 +58,14 @@ fn bench_rejects_an_unknown_group_and_lists_the_groups() {
     assert_eq!(code, 2, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stderr.contains("no benchmark group \"nonsense\""), "{stderr}");
     assert!(stderr.contains("boot, overhead, syscall, mem"), "{stderr}");
+    // Output paths are checked before anything is measured (no wait).
+    for option in ["--json", "--svg"] {
+        let started = std::time::Instant::now();
+        let (code, _, stderr) = vmm(&["bench", option, "/nonexistent/dir/out"]);
+        assert_eq!(code, 2, "{option}: {stderr}");
+        assert!(stderr.contains("cannot write /nonexistent/dir/out"), "{option}: {stderr}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{option}: it measured first");
+    }
     let (code, stdout, _) = vmm(&["bench", "--help"]);
     assert_eq!(code, 0);
     for needle in
