@@ -58,6 +58,7 @@ pub mod scenario;
 pub mod session;
 pub mod snapshot;
 pub mod svg;
+pub mod user_elf;
 pub mod vm;
 pub mod walk;
 pub mod write_log;

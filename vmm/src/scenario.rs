@@ -254,6 +254,7 @@ fn resolve_process(
         name: shown.clone(),
         message,
     };
+    let mut shown_program = String::new();
     let (program, image) = match (&raw.program, &raw.path) {
         (Some(name), None) => match images::program(name) {
             Some(image) => (name.clone(), image.to_vec()),
@@ -269,12 +270,19 @@ fn resolve_process(
             let image = crate::input::read_regular(&full, crate::input::MAX_ELF_BYTES)
                 .map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            shown_program = full.display().to_string();
             (stem, image)
         }
         _ => return Err(invalid("give exactly one of `program` (embedded) or `path` (ELF file)".into())),
     };
-    guest_kernel::elf_image::check_user_image(&image)
-        .map_err(|e| invalid(format!("program {program} is not a loadable SuperOS program: {e}")))?;
+    let shown_program = if shown_program.is_empty() { program.clone() } else { shown_program };
+    if let Err(kind) = guest_kernel::elf_image::check_user_image(&image) {
+        let why =
+            crate::user_elf::why_refused(&image).unwrap_or_else(|| "the kernel's check refuses it".into());
+        return Err(invalid(format!(
+            "program {shown_program} is not a loadable SuperOS program ({kind}): {why}"
+        )));
+    }
     let name = raw.name.unwrap_or_else(|| program.clone());
     if name.is_empty() || name.len() > NAME_LEN {
         return Err(invalid(format!("the name must be 1 to {NAME_LEN} bytes long")));
@@ -495,7 +503,13 @@ mod tests {
         std::fs::write(dir.join("junk.elf"), b"not an elf").unwrap();
         let error =
             Scenario::parse("[[process]]\npath = \"junk.elf\"\n", "t.toml", &dir).unwrap_err().to_string();
-        assert!(error.contains("program junk is not a loadable SuperOS program: bad-elf"), "{error}");
+        let shown = dir.join("junk.elf").display().to_string();
+        assert!(
+            error.contains(&format!(
+                "program {shown} is not a loadable SuperOS program (bad-elf): not an ELF file"
+            )),
+            "{error}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
