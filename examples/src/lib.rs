@@ -419,6 +419,36 @@ pub fn arg<'a>(args: &'a [u8], key: &str) -> Option<&'a [u8]> {
     })
 }
 
+/// What precedes a program's usage string in its ELF image (see
+/// [`entry!`]): `superos-vmm list --long` shows what follows it, up to a
+/// NUL byte.
+pub const USAGE_MARKER: &str = "\0superos-usage:";
+
+/// Checks `args` against a usage string such as `mode=a|b peer=<pid>
+/// [n=<count>]`: every `key=value` word must name a key the usage names
+/// (`key=` anywhere in it), and a word without `=` is allowed only if the
+/// usage has a positional (a word starting with `<`). Returns the first
+/// word that is not allowed. An empty usage takes no arguments.
+pub fn check_args<'a>(args: &'a [u8], usage: &str) -> Result<(), &'a [u8]> {
+    let positional = usage.split(' ').any(|word| word.trim_start_matches('[').starts_with('<'));
+    for word in args.split(|&b| b == b' ').filter(|w| !w.is_empty()) {
+        let known = match word.iter().position(|&b| b == b'=') {
+            Some(at) => {
+                let key = &word[..at];
+                usage.split(' ').any(|u| {
+                    let u = u.trim_start_matches('[').as_bytes();
+                    u.len() > key.len() && u.starts_with(key) && u[key.len()] == b'='
+                })
+            }
+            None => positional,
+        };
+        if !known {
+            return Err(word);
+        }
+    }
+    Ok(())
+}
+
 /// Console output with `core::fmt`, through a fixed stack buffer (one
 /// `write` system call per [`print!`]/[`println!`]).
 pub struct Console {
@@ -533,6 +563,42 @@ impl Checks {
 /// runtime's `_start` calls it and exits with the value it returns.
 #[macro_export]
 macro_rules! entry {
+    ($main:path, $usage:literal) => {
+        /// This program's arguments, found in its ELF by `superos-vmm list
+        /// --long` after the [`USAGE_MARKER`]; also what
+        /// [`check_args`] accepts.
+        #[used]
+        static __SUPEROS_USAGE: [u8; $crate::USAGE_MARKER.len() + $usage.len() + 1] = {
+            let mut bytes = [0u8; $crate::USAGE_MARKER.len() + $usage.len() + 1];
+            let (marker, usage) = ($crate::USAGE_MARKER.as_bytes(), $usage.as_bytes());
+            let mut i = 0;
+            while i < marker.len() {
+                bytes[i] = marker[i];
+                i += 1;
+            }
+            while i - marker.len() < usage.len() {
+                bytes[i] = usage[i - marker.len()];
+                i += 1;
+            }
+            bytes
+        };
+        #[no_mangle]
+        extern "C" fn __superos_main(args: *const u8, len: usize) -> ! {
+            // SAFETY: the kernel passes a pointer to `len` argument bytes it
+            // copied to the top of this process's stack.
+            let args = unsafe { core::slice::from_raw_parts(args, len) };
+            if let Err(word) = $crate::check_args(args, $usage) {
+                $crate::println!(
+                    "unknown argument {:?}; this program takes: {}",
+                    core::str::from_utf8(word).unwrap_or("<binary>"),
+                    if $usage.is_empty() { "no arguments" } else { $usage }
+                );
+                $crate::exit(2)
+            }
+            let main: fn(&[u8]) -> i32 = $main;
+            $crate::exit(main(args))
+        }
+    };
     ($main:path) => {
         #[no_mangle]
         extern "C" fn __superos_main(args: *const u8, len: usize) -> ! {
@@ -569,6 +635,19 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_arguments_are_found() {
+        let usage = "mode=a|b peer=<pid> [rounds=<n>]";
+        assert_eq!(check_args(b"mode=a peer=2 rounds=5", usage), Ok(()));
+        assert_eq!(check_args(b"", usage), Ok(()));
+        assert_eq!(check_args(b"mode=a code=5", usage), Err(&b"code=5"[..]));
+        assert_eq!(check_args(b"mod=a", usage), Err(&b"mod=a"[..]));
+        assert_eq!(check_args(b"5", usage), Err(&b"5"[..]), "no positional");
+        assert_eq!(check_args(b"5", "<code>"), Ok(()));
+        assert_eq!(check_args(b"code=5", "<code>"), Err(&b"code=5"[..]));
+        assert_eq!(check_args(b"anything", ""), Err(&b"anything"[..]));
+    }
 
     #[test]
     fn arguments_parse() {

@@ -259,3 +259,23 @@ fn yield_hands_the_cpu_to_the_other_process() {
     let last_a = report.lines.iter().rposition(|l| l.pid == pid_a).unwrap();
     assert!(first_b < last_a, "no turn taking: {:?}", report.lines);
 }
+
+/// An argument a program does not take is an error it reports (issue 15):
+/// `code=5` to `exit-code`, which takes a bare number, used to be ignored.
+#[test]
+fn an_unknown_program_argument_is_an_error_the_program_reports() {
+    if !kvm_available() {
+        return;
+    }
+    let report = run_text(
+        &(process_toml("typo", "exit-code", "code=5", "expect = { exit = 2 }")
+            + &process_toml("hello", "hello", "spin=5 colour=red", "expect = { exit = 2 }")
+            + &process_toml("fine", "exit-code", "5", "expect = { exit = 5 }")),
+    );
+    assert_success(&report);
+    assert_eq!(report.output_of("typo"), vec!["unknown argument \"code=5\"; this program takes: [<code>]"]);
+    assert_eq!(
+        report.output_of("hello"),
+        vec!["unknown argument \"colour=red\"; this program takes: [spin=<ms>]"]
+    );
+}

@@ -33,7 +33,11 @@ enum Command {
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// List the embedded scenarios and programs.
-    List,
+    List {
+        /// Also each program's arguments (from its image).
+        #[arg(long)]
+        long: bool,
+    },
     /// Examine a running VM (`run --api`) or a snapshot (`run --snapshot-on-exit`).
     Inspect(superos_vmm::inspect_cli::InspectArgs),
     /// Measure SuperOS operations beside host baselines measured in the same run.
@@ -176,13 +180,27 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     match cli.command {
-        Command::List => {
+        Command::List { long } => {
             out!("embedded scenarios:");
             for name in images::scenario_names() {
                 let description = Scenario::load(name).map(|s| s.description).unwrap_or_default();
                 out!("  {name:<14} {description}");
             }
-            out!("embedded programs: {}", images::program_names().join(", "));
+            if long {
+                out!("embedded programs and their arguments (an unknown one makes a program exit 2):");
+                for name in images::program_names() {
+                    let usage = images::program(name).and_then(images::usage);
+                    let usage = match usage.as_deref() {
+                        Some("") => "(no arguments)".to_string(),
+                        Some(usage) => usage.to_string(),
+                        None => "(arguments not declared)".to_string(),
+                    };
+                    out!("  {name:<14} {usage}");
+                }
+            } else {
+                out!("embedded programs: {}", images::program_names().join(", "));
+                out!("(`superos-vmm list --long` shows each program's arguments)");
+            }
             ExitCode::SUCCESS
         }
         Command::Bench(args) => ExitCode::from(superos_vmm::bench::command(args) as u8),

@@ -144,6 +144,19 @@ fn help_shows_examples_and_list_shows_what_is_embedded() {
     let (code, stdout, _) = vmm(&["list"]);
     assert_eq!(code, 0);
     assert!(stdout.contains("default") && stdout.contains("write-code"), "{stdout}");
+    // Every embedded program declares its arguments, read from its image.
+    let (code, stdout, _) = vmm(&["list", "--long"]);
+    assert_eq!(code, 0);
+    assert!(!stdout.contains("(arguments not declared)"), "{stdout}");
+    for needle in
+        ["  exit-code      [<code>]", "  hello          [spin=<ms>]", "  spin           (no arguments)"]
+    {
+        assert!(
+            stdout.contains(needle),
+            "list --long lacks {needle:?}:
+{stdout}"
+        );
+    }
 }
 
 #[test]

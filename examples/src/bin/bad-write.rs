@@ -32,4 +32,4 @@ fn main(_args: &[u8]) -> i32 {
     i32::from(failures > 0)
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "");

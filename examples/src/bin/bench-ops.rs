@@ -582,4 +582,4 @@ fn main(args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "mode=syscall|mem|fault|ping|pong|stream-send|stream-recv|shm-send|shm-recv|revoke|grantee|hold|release [peer=<pid>] [n=<calls>] [pages=<n>] [rounds=<n>] [kib=<n>] [chunk=<kib>] [samples=<n>] [mark=<0|1>] [owner=<pid>] [waiters=<n>] [sync=<0|1>]");

@@ -850,4 +850,4 @@ fn main(args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "mode=<attack, see cpu-attack.rs> [count=<n>] [ms=<n>] [seed=<n>] [stack=<addr>] [turns=<n>] [vector=<n>]");

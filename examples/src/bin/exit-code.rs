@@ -10,4 +10,4 @@ fn main(args: &[u8]) -> i32 {
     code
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "[<code>]");

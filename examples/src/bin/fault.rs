@@ -205,4 +205,4 @@ fn main(args: &[u8]) -> i32 {
     1
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "kind=<fault, see fault.rs> [addr=<hex>]");

@@ -2460,4 +2460,4 @@ fn main(args: &[u8]) -> i32 {
     code
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "seed=<n> calls=<n> peer=<pid|0> [active=1] [trace=1]");

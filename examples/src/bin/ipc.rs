@@ -356,4 +356,4 @@ fn main(args: &[u8]) -> i32 {
     })
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "mode=pingpong|pong|stream-send|stream-recv|flood|dead-peer|order|order-recv|bad-args|wait [peer=<pid>] [rounds=<n>] [kib=<n>] [n=<n>] [senders=<n>]");

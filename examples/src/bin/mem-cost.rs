@@ -63,4 +63,4 @@ fn main(args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "[n=<pages>]");

@@ -250,4 +250,4 @@ fn main(_args: &[u8]) -> i32 {
     checks.finish()
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "");

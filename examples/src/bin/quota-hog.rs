@@ -354,4 +354,4 @@ fn main(args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "mode=map|touch|fragment|tables|syscalls|ranges|watch|outlive|shm [mib=<n>] [kib=<n>] [dense_kib=<n>] [ms=<n>] [pid=<pid>] [and=<pid>] [exit=0|1]");

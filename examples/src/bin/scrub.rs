@@ -83,4 +83,4 @@ fn main(args: &[u8]) -> i32 {
     })
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "mode=fill|read [pages=<n>] [reader=<pid>] [filler=<pid>] [unmap=0|1]");

@@ -1581,4 +1581,4 @@ fn main(raw_args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "mode=<attack, see shm-attack.rs> [role=owner|grantee|witness|self|middle|leaf|flooder|victim|partner] [peer=<pid>[,<pid>...]] [third=<pid>] [dead=<pid>] [pages=<n>] [caps=<n>] [cycles=<n>]");

@@ -331,4 +331,4 @@ fn main(args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "mode=producer|consumer peer=<pid> [kib=<n>] [chunk=<kib>]");

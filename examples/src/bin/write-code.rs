@@ -15,4 +15,4 @@ fn main(_args: &[u8]) -> i32 {
     1
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "");

@@ -20,4 +20,4 @@ fn main(args: &[u8]) -> i32 {
     0
 }
 
-superos_rt::entry!(main);
+superos_rt::entry!(main, "[n=<turns>]");
