@@ -49,10 +49,12 @@ socket or an unreadable snapshot; 5 `check` found an isolation invariant violate
 #[command(after_help = EXAMPLES)]
 pub struct InspectArgs {
     /// The control socket of a `superos-vmm run --api <SOCKET>`.
-    #[arg(long, value_name = "SOCKET", required_unless_present = "snapshot", conflicts_with = "snapshot")]
+    /// (Before or after the request.)
+    #[arg(long, value_name = "SOCKET", global = true, conflicts_with = "snapshot")]
     pub api: Option<PathBuf>,
-    /// A snapshot written by `superos-vmm run --snapshot-on-exit <FILE>`, examined offline.
-    #[arg(long, value_name = "FILE")]
+    /// A snapshot written by `superos-vmm run --snapshot-on-exit <FILE>`, examined offline
+    /// (before or after the request).
+    #[arg(long, value_name = "FILE", global = true)]
     pub snapshot: Option<PathBuf>,
     /// Print the answer as JSON (events: one object per line) instead of tables.
     #[arg(long, global = true)]
@@ -216,7 +218,10 @@ pub fn main(args: InspectArgs) -> u8 {
 
 fn answer(args: InspectArgs) -> u8 {
     let mut source = match (&args.api, &args.snapshot) {
-        (Some(path), _) => match Client::connect(path) {
+        (Some(_), Some(_)) => {
+            return fail(EXIT_USAGE, "give one of --api <SOCKET> and --snapshot <FILE>, not both")
+        }
+        (Some(path), None) => match Client::connect(path) {
             Ok(client) => Source::Live(client),
             Err(error) => return fail(EXIT_USAGE, &error.to_string()),
         },

@@ -90,7 +90,12 @@ fn events_json_prints_one_object_per_event_and_keeps_the_console() {
 
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 12] = [
+        (&["inspect", "ps"], "name a VMM with --api <SOCKET> or a snapshot with --snapshot <FILE>"),
+        (
+            &["inspect", "--api", "a.sock", "ps", "--snapshot", "b.snap"],
+            "give one of --api <SOCKET> and --snapshot",
+        ),
         (&["run", "no-such-scenario"], "no scenario file or embedded scenario named \"no-such-scenario\""),
         (&["run", "--mem", "15"], "guest memory of 15 MiB is not allowed"),
         (&["run", "--mem", "100000"], "guest memory of 100000 MiB is not allowed"),
@@ -315,6 +320,9 @@ fn ctrl_c_and_sigterm_stop_the_guest_cleanly() {
         let (code, ps, err) = vmm(&["inspect", "--snapshot", snapshot.to_str().unwrap(), "ps"]);
         assert_eq!(code, 0, "{name}: the snapshot reads back: {err}");
         assert!(ps.contains("spin"), "{name}: {ps}");
+        // The source may follow the request too.
+        let (code, after, err) = vmm(&["inspect", "ps", "--snapshot", snapshot.to_str().unwrap()]);
+        assert_eq!((code, after.as_str()), (0, ps.as_str()), "{name}: {err}");
     }
     // A lingering VMM (the guest done, the socket still served) stops
     // lingering: the run's own status, the socket removed.
