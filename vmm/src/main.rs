@@ -20,8 +20,19 @@ macro_rules! out {
     };
 }
 
+/// `--version`: the crate version, the git commit built from, and the
+/// embedded kernel's build id (FNV-1a of its ELF).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("SUPEROS_GIT_COMMIT"),
+    ", kernel ",
+    env!("SUPEROS_KERNEL_ID"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(name = "superos-vmm", version, about = "Boot the SuperOS kernel on KVM and run its processes")]
+#[command(name = "superos-vmm", version = VERSION, about = "Boot the SuperOS kernel on KVM and run its processes")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -353,3 +353,15 @@ fn ctrl_c_and_sigterm_stop_the_guest_cleanly() {
     assert!(!socket.exists(), "the lingering VMM's socket was left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--version` names the git commit and the embedded kernel's build id
+/// (FNV-1a of the kernel ELF the binary carries) (issue 15).
+#[test]
+fn version_names_the_commit_and_the_kernel_build() {
+    let (code, stdout, _) = vmm(&["--version"]);
+    assert_eq!(code, 0);
+    let kernel = format!("{:016x}", superos_vmm::check::fnv1a(superos_vmm::images::KERNEL_ELF));
+    assert!(stdout.starts_with("superos-vmm 0."), "{stdout}");
+    assert!(stdout.contains(&format!(", kernel {kernel})")), "{stdout}");
+    assert!(stdout.contains("(git "), "{stdout}");
+}
