@@ -59,6 +59,10 @@ pub struct InspectArgs {
     /// Print the answer as JSON (events: one object per line) instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// With --api: wait up to SECONDS for the VMM's socket to accept a
+    /// connection (a VMM just started in the background may not serve yet).
+    #[arg(long, value_name = "SECONDS", global = true, default_value_t = 0.0)]
+    pub wait: f64,
     /// What to show or do.
     #[command(subcommand)]
     pub command: InspectCommand,
@@ -221,10 +225,21 @@ fn answer(args: InspectArgs) -> u8 {
         (Some(_), Some(_)) => {
             return fail(EXIT_USAGE, "give one of --api <SOCKET> and --snapshot <FILE>, not both")
         }
-        (Some(path), None) => match Client::connect(path) {
-            Ok(client) => Source::Live(client),
-            Err(error) => return fail(EXIT_USAGE, &error.to_string()),
-        },
+        (Some(path), None) => {
+            if !(args.wait.is_finite() && (0.0..=3600.0).contains(&args.wait)) {
+                return fail(EXIT_USAGE, &format!("--wait must be 0 to 3600 seconds, not {}", args.wait));
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(args.wait);
+            loop {
+                match Client::connect(path) {
+                    Ok(client) => break Source::Live(client),
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    Err(error) => return fail(EXIT_USAGE, &error.to_string()),
+                }
+            }
+        }
         (None, Some(file)) => match snapshot::read(file) {
             Ok(loaded) => Source::Offline(Box::new(loaded)),
             Err(error) => return fail(EXIT_USAGE, &error.to_string()),

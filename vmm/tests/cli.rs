@@ -290,6 +290,9 @@ fn ctrl_c_and_sigterm_stop_the_guest_cleanly() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("superos-vmm starts");
+        // `--wait` rides out the VMM's start (the socket is not there yet).
+        let (code, _, err) = vmm(&["inspect", "--api", socket.to_str().unwrap(), "--wait", "60", "status"]);
+        assert_eq!(code, 0, "{name}: inspect --wait: {err}");
         // Until the kernel runs the spinner (the socket is served from
         // before the guest boots).
         let started = std::time::Instant::now();
