@@ -329,9 +329,6 @@ fn events(source: &mut Source, follow: bool, json: bool) -> u8 {
 }
 
 fn map(source: &mut Source, file: Option<&Path>, json: bool) -> u8 {
-    if file.is_none() && !json {
-        return fail(EXIT_USAGE, "map needs --svg <FILE> (or --json for the frame runs)");
-    }
     let value = match source.ask(&Request::Map) {
         Ok(value) => value,
         Err(ClientError::Refused(why)) => return fail(EXIT_REFUSED, &why),
@@ -340,10 +337,16 @@ fn map(source: &mut Source, file: Option<&Path>, json: bool) -> u8 {
     if json {
         print(&format!("{value}\n"));
     }
-    let Some(file) = file else { return EXIT_OK };
+    if file.is_none() && json {
+        return EXIT_OK;
+    }
     let map: MapResult = match serde_json::from_value(value) {
         Ok(map) => map,
         Err(e) => return fail(EXIT_USAGE, &format!("unexpected answer from the VMM: {e}")),
+    };
+    let Some(file) = file else {
+        print(&text_map(&map, TEXT_MAP_RUNS));
+        return EXIT_OK;
     };
     if let Err(e) = std::fs::write(file, svg::render(&map)) {
         return fail(EXIT_USAGE, &format!("cannot write {}: {e}", file.display()));
@@ -369,9 +372,79 @@ fn map(source: &mut Source, file: Option<&Path>, json: bool) -> u8 {
     EXIT_OK
 }
 
+/// Runs a text map lists at most.
+const TEXT_MAP_RUNS: usize = 200;
+
+/// `map` without `--svg`: physical memory as a list of runs of frames with
+/// one owner, at most `limit` of them.
+fn text_map(map: &MapResult, limit: usize) -> String {
+    let verdict = if map.violated.is_empty() {
+        "no isolation invariant found violated".to_string()
+    } else {
+        format!("violated: {}", map.violated.join(", "))
+    };
+    let mut out = format!(
+        "physical memory {}: {} MiB, {} frames in {} runs; {verdict}\n{:>12}  {:>12}  {:>7}  owner\n",
+        map.at,
+        map.ram_bytes >> 20,
+        map.ram_bytes / 4096,
+        map.runs.len(),
+        "first",
+        "last",
+        "frames"
+    );
+    for run in map.runs.iter().take(limit) {
+        let mut notes = String::new();
+        if run.shared {
+            notes.push_str("  (mapped by several processes)");
+        }
+        if run.violation {
+            notes.push_str("  VIOLATION");
+        }
+        out.push_str(&format!(
+            "{:>#12x}  {:>#12x}  {:>7}  {}{notes}\n",
+            run.start,
+            run.start + (run.frames.max(1) - 1) * 4096,
+            run.frames,
+            run.owner
+        ));
+    }
+    if map.runs.len() > limit {
+        out.push_str(&format!(
+            "... {} more runs (--json lists them all, --svg draws them)\n",
+            map.runs.len() - limit
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_map_lists_runs_and_says_what_it_left_out() {
+        let run = |start: u64, frames: u64, owner: &str| crate::inspect::FrameRun {
+            start,
+            frames,
+            owner: owner.into(),
+            shared: false,
+            violation: false,
+        };
+        let map = MapResult {
+            at: "at event #3".into(),
+            ram_bytes: 16 << 20,
+            runs: vec![run(0, 256, "kernel"), run(0x10_0000, 3, "private:1"), run(0x10_3000, 3837, "free")],
+            processes: Vec::new(),
+            regions: Vec::new(),
+            violated: Vec::new(),
+        };
+        let text = text_map(&map, 2);
+        assert!(text.starts_with("physical memory at event #3: 16 MiB, 4096 frames in 3 runs"), "{text}");
+        assert!(text.contains("    0x100000      0x102000        3  private:1"), "{text}");
+        assert!(text.contains("... 1 more runs"), "{text}");
+        assert!(!text.contains("free"), "{text}");
+    }
 
     #[test]
     fn numbers_parse_in_hex_and_decimal() {
