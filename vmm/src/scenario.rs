@@ -234,7 +234,16 @@ impl Scenario {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Scenario {
             origin: origin.to_string(),
-            description: raw.description,
+            // Printed to a terminal: control characters are shown escaped.
+            description: raw
+                .description
+                .chars()
+                .flat_map(|c| {
+                    let escaped: String =
+                        if c.is_control() { c.escape_default().collect() } else { c.to_string() };
+                    escaped.chars().collect::<Vec<_>>()
+                })
+                .collect(),
             memory_mib: raw.vm.memory_mib,
             processes,
         })
@@ -286,6 +295,9 @@ fn resolve_process(
     let name = raw.name.unwrap_or_else(|| program.clone());
     if name.is_empty() || name.len() > NAME_LEN {
         return Err(invalid(format!("the name must be 1 to {NAME_LEN} bytes long")));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid(format!("the name {:?} has control characters", name)));
     }
     if raw.args.len() > ARGS_LEN {
         return Err(invalid(format!("args are {} bytes long; the limit is {ARGS_LEN}", raw.args.len())));
@@ -456,6 +468,15 @@ mod tests {
         let s = parse("[[process]]\nprogram = \"hello\"\nquota = { virtual_kib = 0, resident_kib = 64 }\n")
             .unwrap();
         assert_eq!(s.processes[0].quota.max_resident_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_names_and_escaped_in_descriptions() {
+        let error =
+            parse("[[process]]\nprogram = \"hello\"\nname = \"a\\u001b[2Jb\"\n").unwrap_err().to_string();
+        assert!(error.contains("has control characters"), "{error}");
+        let s = parse("description = \"red\\u001b[31m\\nline\"\n[[process]]\nprogram = \"hello\"\n").unwrap();
+        assert_eq!(s.description, "red\\u{1b}[31m\\nline");
     }
 
     #[test]
