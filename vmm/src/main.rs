@@ -295,6 +295,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     // Ctrl-C and SIGTERM stop the guest as the watchdog would (the summary,
     // the snapshot and the socket's removal then happen as usual).
     superos_vmm::interrupt::install()?;
+    QUIET.store(args.quiet, std::sync::atomic::Ordering::Relaxed);
     let origin = config.scenario.origin.clone();
     if !args.quiet {
         out!("superos-vmm: running {origin}: {}", config.scenario.description);
@@ -323,6 +324,9 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     }
 }
 
+/// `run -q`: no blank line before the summary.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn print_summary(report: &RunReport) {
     if let Some(diagnosis) = &report.diagnosis {
         use std::io::Write;
@@ -337,12 +341,20 @@ fn print_summary(report: &RunReport) {
             (p.name.as_str(), pid, p.describe(), p.expected.to_string(), verdict)
         })
         .collect();
-    // Repeated processes have longer outcomes; keep the columns aligned.
-    let width = rows.iter().map(|row| row.2.len()).max().unwrap_or(0).max(36);
-    out!("");
-    out!("{:<16} {:>4}  {:<width$} {:<28} ", "process", "pid", "outcome", "expected");
+    // Columns as wide as what they hold.
+    let widest = |column: fn(&(&str, String, String, String, &str)) -> usize, title: &str| {
+        rows.iter().map(column).max().unwrap_or(0).max(title.len())
+    };
+    let name_width = widest(|row| row.0.chars().count(), "process");
+    let pid_width = widest(|row| row.1.len(), "pid");
+    let outcome_width = widest(|row| row.2.len(), "outcome");
+    let expected_width = widest(|row| row.3.len(), "expected");
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        out!("");
+    }
+    out!("{:<name_width$}  {:>pid_width$}  {:<outcome_width$}  expected", "process", "pid", "outcome");
     for (name, pid, outcome, expected, verdict) in rows {
-        out!("{name:<16} {pid:>4}  {outcome:<width$} {expected:<28} {verdict}");
+        out!("{name:<name_width$}  {pid:>pid_width$}  {outcome:<outcome_width$}  {expected:<expected_width$}  {verdict}");
     }
     if !report.violations.is_empty() {
         let total = report.violations.len() as u64 + report.violations_dropped;
