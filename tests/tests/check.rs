@@ -223,6 +223,43 @@ fn quota_accounting_catches_a_page_table_the_kernel_does_not_count() {
     assert!(report.violations[0].violation.details.contains("page tables"), "{:?}", report.violations);
 }
 
+/// Issue 11: the capabilities a process holds are counted from outside too:
+/// a region record naming a 33rd capability of pid 1 (whose table holds 32:
+/// `fill-table` filled it) is a `quota-accounting` violation.
+#[test]
+fn quota_accounting_catches_more_capabilities_than_a_table_holds() {
+    if !kvm_available() {
+        return;
+    }
+    use superos_protocol::introspect::{ParticipantRecord, RegionRecord, PARTICIPANT_HOLDS};
+    let text = process_toml("filler-a", "shm-attack", "mode=fill-table peer=2", "")
+        + &process_toml("filler-b", "shm-attack", "mode=fill-table third=1", "");
+    // At filler-b's first region, filler-a holds 32; name it in that region too.
+    let first_of_b = |event: &Event| matches!(event, Event::ShmCreated { pid: 2, .. });
+    let config = tamper_config(scenario(&text), first_of_b, |ram, view| {
+        let root = view.root.expect("published");
+        let size = u64::from(root.region_record_size);
+        let slot = (0..u64::from(root.region_capacity))
+            .map(|i| root.region_table_gpa + i * size)
+            .find(|&gpa| ram.read::<RegionRecord>(gpa).is_ok_and(|r| r.owner == 2 && r.id != 0))
+            .expect("filler-b's region");
+        let mut record: RegionRecord = ram.read(slot).unwrap();
+        record.participants[1] = ParticipantRecord {
+            pid: 1,
+            rights: superos_protocol::syscall::RIGHT_READ as u16,
+            state: PARTICIPANT_HOLDS,
+            mapped_at: 0,
+            prot: 0,
+            granted_by: 2,
+        };
+        ram.write(slot, &record).unwrap();
+    });
+    let report = run_config(config);
+    assert_stopped_for(&report, Invariant::QuotaAccounting);
+    let found = &report.violations[0].violation;
+    assert!(found.details.contains("pid 1 holds 33 capabilities"), "{found}");
+}
+
 /// Issue 11: page tables count against the resident quota: a process whose
 /// data pages alone fit its quota but whose tables do not is a violation.
 #[test]
