@@ -632,6 +632,40 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     exit(101)
 }
 
+/// The worked example of docs/PROGRAMMING.md, compiled (never run on the
+/// host) so that the page cannot drift from the runtime's API.
+#[cfg(test)]
+#[allow(dead_code)]
+mod programming_example {
+    use crate::*;
+
+    fn producer(consumer: u32) -> Result<(), Error> {
+        let handle = shm_create(PAGE_SIZE, RIGHTS_ALL)?;
+        let addr = shm_map(handle, PROT_READ | PROT_WRITE)?;
+        // SAFETY: the caller's own shared mapping, which no Rust reference covers.
+        unsafe { write_u64(addr, 42) };
+        let region = cap_list()?.handle(handle).ok_or(Error::BadHandle)?.region;
+        shm_grant(handle, consumer, RIGHT_READ)?;
+        let mut buffer = [0u8; TAG_MESSAGE_MAX];
+        ipc_send(consumer, mem_share_message(region, &mut buffer))?;
+        let mut reply = [0u8; 8];
+        ipc_recv(&mut reply)?; // the consumer has read it
+        shm_destroy(handle)
+    }
+
+    fn consumer() -> Result<u64, Error> {
+        let mut message = [0u8; TAG_MESSAGE_MAX];
+        let (producer, len) = ipc_recv(&mut message)?;
+        let region = mem_share_region(&message[..len]).ok_or(Error::InvalidArgument)?;
+        let cap = accept_cap(region)?;
+        let addr = shm_map(cap.handle, PROT_READ)?;
+        // SAFETY: a shared mapping of this process's, read through a raw address.
+        let value = unsafe { read_u64(addr) };
+        ipc_send(producer, b"done")?;
+        Ok(value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
