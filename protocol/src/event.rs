@@ -752,10 +752,8 @@ impl core::fmt::Display for Event {
                 code,
                 preemptions,
             } => {
-                write!(
-                    f,
-                    "pid {pid} exited with code {code} (preempted {preemptions} times)"
-                )
+                let times = if preemptions == 1 { "time" } else { "times" };
+                write!(f, "pid {pid} exited with code {code} (preempted {preemptions} {times})")
             }
             Event::ProcessKilled {
                 pid,
