@@ -54,6 +54,7 @@ pub mod introspect;
 pub mod memory;
 pub mod monitor;
 pub mod run;
+pub mod run_report;
 pub mod scenario;
 pub mod session;
 pub mod snapshot;

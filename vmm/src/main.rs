@@ -117,6 +117,10 @@ struct RunArgs {
     /// Only print the summary, not the console and events as they happen.
     #[arg(long, short)]
     quiet: bool,
+    /// Also write the run as one JSON document to FILE: each process's outcome against its
+    /// expectation, the exit and its status, events, console lines, checks, violations, phases.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     #[command(flatten)]
     observe: superos_vmm::control::ObserveArgs,
     /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
@@ -306,9 +310,30 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         // Print the summary when the guest stops, not after `inspect quit`.
         extras.on_finish = Some(print_summary);
     }
+    // The report's file is created before the guest runs (a bad path is a
+    // usage error at once) and written whole at the end.
+    let report_file = match &args.report {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path)
+                .map_err(|e| format!("cannot create the report {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
     let report = run::run_with(config, extras).map_err(|e| e.to_string())?;
     if !lingers {
         print_summary(&report);
+    }
+    if let Some((path, mut file)) = report_file {
+        use std::io::Write;
+        let document = superos_vmm::run_report::to_json(&report, &origin);
+        let text = serde_json::to_string_pretty(&document).unwrap_or_default();
+        if let Err(e) = file.write_all(text.as_bytes()).and_then(|()| file.write_all(b"\n")) {
+            eprintln!("superos-vmm: could not write the report {}: {e}", path.display());
+            if report.exit_status() == run::EXIT_OK {
+                return Ok(run::EXIT_OUTPUT_FAILED);
+            }
+        }
     }
     if args.stats {
         print_stats(&report);

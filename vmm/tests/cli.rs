@@ -368,3 +368,39 @@ fn version_names_the_commit_and_the_kernel_build() {
     assert!(stdout.contains(&format!(", kernel {kernel})")), "{stdout}");
     assert!(stdout.contains("(git "), "{stdout}");
 }
+
+/// `run --report FILE`: the run as one JSON document (issue 15); a path
+/// that cannot be created is a usage error before anything runs.
+#[test]
+fn run_report_writes_the_run_as_json() {
+    if !kvm_available() {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("superos-report-{}.json", std::process::id()));
+    let (code, stdout, stderr) =
+        vmm(&["run", "two-hellos", "-q", "--check", "every-event", "--report", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let text = std::fs::read_to_string(&path).expect("the report");
+    let _ = std::fs::remove_file(&path);
+    let report: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(report["exit_status"], 0, "{report}");
+    assert_eq!(report["success"], true);
+    assert_eq!(report["scenario"], "embedded:two-hellos");
+    let processes = report["processes"].as_array().unwrap();
+    assert_eq!(processes.len(), 2, "{report}");
+    assert!(processes.iter().all(|p| p["as_expected"] == true && p["outcome"] == "exit 0"), "{report}");
+    let events = report["events"].as_array().unwrap();
+    assert!(events.iter().any(|e| e["kind"] == "process-exited"), "{report}");
+    assert!(report["checks"]["count"].as_u64().unwrap() > events.len() as u64 / 2, "{report}");
+    assert_eq!(report["violations"].as_array().unwrap().len(), 0);
+    assert!(report["console"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["text"].as_str().unwrap().contains("hello from ring 3")));
+    assert!(report["phases_ms"]["first_user_instruction"].as_f64().unwrap() > 0.0);
+
+    let (code, _, stderr) = vmm(&["run", "hello", "--report", "/nonexistent/dir/r.json"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("cannot create the report /nonexistent/dir/r.json"), "{stderr}");
+}
