@@ -367,23 +367,9 @@ impl AddressSpace {
         start: u64,
         end: u64,
         budget: u64,
-        mut on_leaf: impl FnMut(&mut M, u64),
+        on_leaf: impl FnMut(&mut M, u64),
     ) -> Option<u64> {
-        let mut budget = budget;
-        self.with_tables(memory, |tables, pml4| {
-            paging::unmap_range(
-                tables,
-                pml4,
-                start,
-                end,
-                &mut budget,
-                &mut |tables: &mut Tables<'_, M>, va, frame| {
-                    tables.memory.flush(pml4, va);
-                    on_leaf(tables.memory, frame);
-                },
-                &mut |tables: &mut Tables<'_, M>, va| tables.memory.flush(pml4, va),
-            )
-        })
+        self.unmap_walk(memory, start, end, budget, false, on_leaf)
     }
 
     /// Unlinks a shared mapping's pages in `[start, end)` (the mapping
@@ -398,18 +384,32 @@ impl AddressSpace {
         end: u64,
         budget: u64,
     ) -> Option<u64> {
-        let end = end.next_multiple_of(SHARED_ALIGN);
+        self.unmap_walk(memory, start, end.next_multiple_of(SHARED_ALIGN), budget, true, |_, _| {})
+    }
+
+    /// [`paging::unmap_range`] (or, `detach`, [`paging::unmap_tables`]) on
+    /// this address space, flushing each unlinked translation.
+    fn unmap_walk<M: Memory>(
+        &mut self,
+        memory: &mut M,
+        start: u64,
+        end: u64,
+        budget: u64,
+        detach: bool,
+        mut on_leaf: impl FnMut(&mut M, u64),
+    ) -> Option<u64> {
         let mut budget = budget;
         self.with_tables(memory, |tables, pml4| {
-            paging::unmap_tables(
-                tables,
-                pml4,
-                start,
-                end,
-                &mut budget,
-                &mut |tables: &mut Tables<'_, M>, va, _frame| tables.memory.flush(pml4, va),
-                &mut |tables: &mut Tables<'_, M>, va| tables.memory.flush(pml4, va),
-            )
+            let on_leaf = &mut |tables: &mut Tables<'_, M>, va, frame| {
+                tables.memory.flush(pml4, va);
+                on_leaf(tables.memory, frame);
+            };
+            let on_table = &mut |tables: &mut Tables<'_, M>, va| tables.memory.flush(pml4, va);
+            if detach {
+                paging::unmap_tables(tables, pml4, start, end, &mut budget, on_leaf, on_table)
+            } else {
+                paging::unmap_range(tables, pml4, start, end, &mut budget, on_leaf, on_table)
+            }
         })
     }
 

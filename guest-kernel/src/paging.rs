@@ -264,13 +264,7 @@ pub fn unmap_range<M: PageTableMemory>(
     on_leaf: &mut impl FnMut(&mut M, u64, u64),
     on_table: &mut impl FnMut(&mut M, u64),
 ) -> Option<u64> {
-    if start >= end || end > (256 * span(3)) {
-        return None;
-    }
-    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None, detach: false };
-    clear_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf, on_table);
-    *budget = walk.left;
-    walk.stopped
+    unmap_walk(mem, pml4, start, end, budget, false, on_leaf, on_table)
 }
 
 /// [`unmap_range`] for ranges whose leaves need nothing done one by one
@@ -289,10 +283,25 @@ pub fn unmap_tables<M: PageTableMemory>(
     on_leaf: &mut impl FnMut(&mut M, u64, u64),
     on_table: &mut impl FnMut(&mut M, u64),
 ) -> Option<u64> {
+    unmap_walk(mem, pml4, start, end, budget, true, on_leaf, on_table)
+}
+
+/// The walk of [`unmap_range`] and [`unmap_tables`].
+#[allow(clippy::too_many_arguments)]
+fn unmap_walk<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    start: u64,
+    end: u64,
+    budget: &mut u64,
+    detach: bool,
+    on_leaf: &mut impl FnMut(&mut M, u64, u64),
+    on_table: &mut impl FnMut(&mut M, u64),
+) -> Option<u64> {
     if start >= end || end > (256 * span(3)) {
         return None;
     }
-    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None, detach: true };
+    let mut walk = Budget { left: (*budget).max(MIN_BUDGET), stopped: None, detach };
     clear_range(mem, pml4, 4, 0, start, end, &mut walk, on_leaf, on_table);
     *budget = walk.left;
     walk.stopped
