@@ -146,6 +146,19 @@ impl Default for SharedMemory {
     }
 }
 
+/// The caller's `capabilities` quota: one more capability in `caps`.
+fn room_for_a_capability(caps: &CapTable) -> Result<(), Refusal> {
+    if caps.len() < CAPS_MAX {
+        return Ok(());
+    }
+    Err(capabilities_refusal(caps))
+}
+
+/// The `capabilities` quota refusal of a caller holding `caps`.
+fn capabilities_refusal(caps: &CapTable) -> Refusal {
+    Refusal::Quota { kind: QuotaKind::Capabilities, requested: caps.len() as u64 + 1, limit: CAPS_MAX as u64 }
+}
+
 fn holder<H: Holders>(holders: &mut H, pid: u32) -> Holder<'_> {
     holders.holder(pid).unwrap_or_else(|| panic!("shared memory: pid {pid} is not live"))
 }
@@ -204,13 +217,7 @@ impl SharedMemory {
         }
         let len = len.next_multiple_of(PAGE_SIZE);
         let me = holder(holders, caller);
-        if me.caps.len() >= CAPS_MAX {
-            return Err(Refusal::Quota {
-                kind: QuotaKind::Capabilities,
-                requested: me.caps.len() as u64 + 1,
-                limit: CAPS_MAX as u64,
-            });
-        }
+        room_for_a_capability(me.caps)?;
         // Checked now, charged when the region goes live.
         me.space.charge_shared(len)?;
         me.space.uncharge_shared(len);
@@ -282,17 +289,13 @@ impl SharedMemory {
         // Nothing the caller holds grew while it was rewound (only its own
         // calls add capabilities or charges), and another creator counted
         // this build's pages, so these hold; checked anyway.
-        let checked = if me.caps.len() >= CAPS_MAX {
-            Err(Refusal::Quota {
-                kind: QuotaKind::Capabilities,
-                requested: me.caps.len() as u64 + 1,
-                limit: CAPS_MAX as u64,
-            })
-        } else if self.regions.len() >= SHM_REGIONS_MAX {
-            Err(SysError::OutOfMemory.into())
-        } else {
-            me.space.charge_shared(build.len)
-        };
+        let checked = room_for_a_capability(me.caps).and_then(|()| {
+            if self.regions.len() >= SHM_REGIONS_MAX {
+                Err(SysError::OutOfMemory.into())
+            } else {
+                me.space.charge_shared(build.len)
+            }
+        });
         if let Err(refusal) = checked {
             self.building_pages += build.len / PAGE_SIZE;
             self.create_abort(memory, build);
@@ -394,12 +397,8 @@ impl SharedMemory {
         let id = self.regions[index].id;
         let Participant { rights, granted_by, .. } = self.regions[index].participants[participant];
         let mine = holder(holders, caller).caps;
-        let held = mine.len() as u64;
-        let handle = mine.insert(Capability { region: id, rights }).ok_or(Refusal::Quota {
-            kind: QuotaKind::Capabilities,
-            requested: held + 1,
-            limit: CAPS_MAX as u64,
-        })?;
+        let refusal = capabilities_refusal(mine);
+        let handle = mine.insert(Capability { region: id, rights }).ok_or(refusal)?;
         self.regions[index].participants[participant].accepted = true;
         let event = Event::ShmAccepted {
             pid: caller,
