@@ -7,7 +7,7 @@ use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::layout::{PAGE_SIZE, USER_STACK_PAGES, USER_STACK_TOP};
 use superos_protocol::syscall::{MAPPINGS_MAX, PROT_READ, PROT_WRITE};
 use superos_tests::*;
-use superos_vmm::run::ProcessStatus;
+use superos_vmm::run::{ProcessStatus, RunReport};
 
 /// Where the kernel places a process's first mapping.
 const MAP_BASE: u64 = 0x1_0000_0000;
@@ -365,32 +365,9 @@ fn mem_protect_and_mem_unmap_hold_ring_0_for_a_bounded_number_of_instructions() 
     assert_eq!(status_of(&report, "bystander"), ProcessStatus::Exited(0));
     assert_no_frame_lost(&report);
 
-    use superos_vmm::bench::probe::{probe, ProbeOptions, Stepping};
-    let options = ProbeOptions {
-        stepping: Stepping::FromFirstUser,
-        snapshot: false,
-        checks: 0,
-        memory_mib: 64,
-        timeout: std::time::Duration::from_secs(300),
-    };
     // The hog alone: every ring-0 instruction is a VM exit here, and the
     // bystander's 512 faults would add ~360,000 of them (~40 s under TCG).
-    let probed = probe(&scenario(&hog), &options).expect("an instrumented run");
-    assert!(
-        !matches!(probed.exit, superos_vmm::run::GuestExit::Timeout(_)),
-        "the stepped run: {}",
-        probed.exit
-    );
-    assert!(matches!(probed.counts.stepping, Some(Ok(()))), "stepping: {:?}", probed.counts.stepping);
-    if report.host != superos_protocol::boot::HostFlavor::Pvm && probed.counts.excursions.is_empty() {
-        // A host whose single-stepped run records no kernel entry has
-        // nothing to count here; the plain run above is what it checks.
-        // (Ordinary KVM records them since bench patched its kernel
-        // entries, `superos_vmm::bench::probe::Method`: the nested host of
-        // tests/nested/run is bounded here like PVM.)
-        eprintln!("no per-entry ring-0 counts on this host ({:?})", report.host);
-        return;
-    }
+    let Some(probed) = stepped_run(&hog, &report, 300) else { return };
     let entries =
         |number: u64| probed.counts.excursions.get(&format!("syscall {number}")).cloned().unwrap_or_default();
     let (protect, unmap) = (entries(12), entries(11));
@@ -428,21 +405,7 @@ fn shared_region_calls_and_exit_hold_ring_0_for_a_bounded_number_of_instructions
     assert_success(&report);
     assert_no_frame_lost(&report);
 
-    use superos_vmm::bench::probe::{probe, ProbeOptions, Stepping, SHUTDOWN_EXCURSION};
-    let options = ProbeOptions {
-        stepping: Stepping::FromFirstUser,
-        snapshot: false,
-        checks: 0,
-        memory_mib: 64,
-        timeout: std::time::Duration::from_secs(600),
-    };
-    let probed = probe(&scenario(&text), &options).expect("an instrumented run");
-    assert!(matches!(probed.exit, superos_vmm::run::GuestExit::Shutdown { code: 0 }), "{}", probed.exit);
-    assert!(matches!(probed.counts.stepping, Some(Ok(()))), "stepping: {:?}", probed.counts.stepping);
-    if report.host != superos_protocol::boot::HostFlavor::Pvm && probed.counts.excursions.is_empty() {
-        eprintln!("no per-entry ring-0 counts on this host ({:?})", report.host);
-        return;
-    }
+    let Some(probed) = stepped_run(&text, &report, 600) else { return };
     let excursions = &probed.counts.excursions;
     let entries = |number: u64| excursions.get(&format!("syscall {number}")).cloned().unwrap_or_default();
     let (create, map) = (entries(30), entries(32));
@@ -450,10 +413,40 @@ fn shared_region_calls_and_exit_hold_ring_0_for_a_bounded_number_of_instructions
     // 1024 pages each time, two regions: sliced into several entries.
     assert!(create.len() > 4 && map.len() > 4, "shm_create {create:?}, shm_map {map:?}");
     assert!(!entries(2).is_empty(), "the hog's exit is an entry of its own");
-    for (kind, lengths) in excursions.iter().filter(|(kind, _)| kind.as_str() != SHUTDOWN_EXCURSION) {
+    let shutdown = superos_vmm::bench::probe::SHUTDOWN_EXCURSION;
+    for (kind, lengths) in excursions.iter().filter(|(kind, _)| kind.as_str() != shutdown) {
         let worst = lengths.iter().copied().max().unwrap_or(0);
         assert!(worst <= RING0_BUDGET, "{kind}: {worst} ring-0 instructions in one entry");
     }
+}
+
+/// `text` run again single-stepped from its first user instruction
+/// (`superos_vmm::bench::probe`), which must end in a clean shutdown with
+/// stepping working; `None` on a host whose stepped run records no kernel
+/// entry (the plain run `report` is what it checks there; ordinary KVM
+/// records them since bench patches the kernel entries, so the nested host
+/// of tests/nested/run is bounded like PVM).
+fn stepped_run(text: &str, report: &RunReport, timeout_s: u64) -> Option<superos_vmm::bench::probe::Probe> {
+    use superos_vmm::bench::probe::{probe, ProbeOptions, Stepping};
+    let options = ProbeOptions {
+        stepping: Stepping::FromFirstUser,
+        snapshot: false,
+        checks: 0,
+        memory_mib: 64,
+        timeout: std::time::Duration::from_secs(timeout_s),
+    };
+    let probed = probe(&scenario(text), &options).expect("an instrumented run");
+    assert!(
+        matches!(probed.exit, superos_vmm::run::GuestExit::Shutdown { code: 0 }),
+        "the stepped run: {}",
+        probed.exit
+    );
+    assert!(matches!(probed.counts.stepping, Some(Ok(()))), "stepping: {:?}", probed.counts.stepping);
+    if report.host != superos_protocol::boot::HostFlavor::Pvm && probed.counts.excursions.is_empty() {
+        eprintln!("no per-entry ring-0 counts on this host ({:?})", report.host);
+        return None;
+    }
+    Some(probed)
 }
 
 /// The most ring-0 instructions one `mem_protect` or `mem_unmap` kernel
