@@ -711,58 +711,45 @@ impl<T: core::fmt::Display> core::fmt::Display for OptName<T> {
     }
 }
 
+/// `n` and a noun, plural unless `n` is 1 ("1 frame", "2 frames", "3 processes").
+struct Count<N>(N, &'static str);
+
+impl<N: Copy + Into<u64> + core::fmt::Display> core::fmt::Display for Count<N> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let Count(n, noun) = *self;
+        let plural = match (n.into() == 1, noun.ends_with('s')) {
+            (true, _) => "",
+            (false, true) => "es",
+            (false, false) => "s",
+        };
+        write!(f, "{n} {noun}{plural}")
+    }
+}
+
 impl core::fmt::Display for Event {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         use crate::syscall::gate_kind_name;
         match *self {
-            Event::KernelReady {
-                gate_kind,
-                free_frames,
-                total_frames,
-            } => write!(
+            Event::KernelReady { gate_kind, free_frames, total_frames } => write!(
                 f,
                 "kernel ready: gate={}, {free_frames} of {total_frames} frames free",
                 gate_kind_name(gate_kind)
             ),
-            Event::GateSelfTestFailed {
-                gate_kind,
-                vector,
-                rip,
-                error_code,
-            } => write!(
+            Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => write!(
                 f,
                 "gate self-test failed for {}: vector {vector} at rip {rip:#x} (error {error_code:#x})",
                 gate_kind_name(gate_kind)
             ),
-            Event::ProcessSpawned {
-                pid,
-                spec_index,
-                pml4_gpa,
-            } => {
-                write!(
-                    f,
-                    "pid {pid} spawned (boot process #{spec_index}, pml4 at {pml4_gpa:#x})"
-                )
+            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
+                write!(f, "pid {pid} spawned (boot process #{spec_index}, pml4 at {pml4_gpa:#x})")
             }
             Event::SpawnFailed { spec_index, error } => {
                 write!(f, "boot process #{spec_index} not started: {}", OptName(error))
             }
-            Event::ProcessExited {
-                pid,
-                code,
-                preemptions,
-            } => {
-                let times = if preemptions == 1 { "time" } else { "times" };
-                write!(f, "pid {pid} exited with code {code} (preempted {preemptions} {times})")
+            Event::ProcessExited { pid, code, preemptions } => {
+                write!(f, "pid {pid} exited with code {code} (preempted {})", Count(preemptions, "time"))
             }
-            Event::ProcessKilled {
-                pid,
-                fault,
-                addr,
-                rip,
-                error_code,
-                vector,
-            } => write!(
+            Event::ProcessKilled { pid, fault, addr, rip, error_code, vector } => write!(
                 f,
                 "pid {pid} killed: {} at {addr:#x} (rip {rip:#x}, vector {vector}, error {error_code:#x})",
                 OptName(fault)
@@ -774,7 +761,8 @@ impl core::fmt::Display for Event {
                 write!(f, "pid {pid} mapped {len:#x} bytes at {addr:#x} ({})", ProtName(prot))
             }
             Event::MemUnmapped { pid, addr, len, freed_pages } => {
-                write!(f, "pid {pid} unmapped {len:#x} bytes at {addr:#x} ({freed_pages} resident pages freed)")
+                let freed = Count(freed_pages, "resident page");
+                write!(f, "pid {pid} unmapped {len:#x} bytes at {addr:#x} ({freed} freed)")
             }
             Event::MemProtected { pid, addr, len, prot } => {
                 write!(f, "pid {pid} protected {len:#x} bytes at {addr:#x} as {}", ProtName(prot))
@@ -796,13 +784,22 @@ impl core::fmt::Display for Event {
             }
             Event::KernelShutdown { free_frames, total_frames, spawned } => write!(
                 f,
-                "kernel shutting down: {free_frames} of {total_frames} frames free, {spawned} processes created"
+                "kernel shutting down: {free_frames} of {total_frames} frames free, {} created",
+                Count(spawned, "process")
             ),
             Event::ShmCreated { pid, region, len, rights } => {
-                write!(f, "pid {pid} created MEM_SHARE:{region} ({len:#x} bytes, rights {})", RightsName(rights))
+                write!(
+                    f,
+                    "pid {pid} created MEM_SHARE:{region} ({len:#x} bytes, rights {})",
+                    RightsName(rights)
+                )
             }
             Event::ShmGranted { pid, region, grantee, rights } => {
-                write!(f, "pid {pid} offered MEM_SHARE:{region} to pid {grantee} (rights {})", RightsName(rights))
+                write!(
+                    f,
+                    "pid {pid} offered MEM_SHARE:{region} to pid {grantee} (rights {})",
+                    RightsName(rights)
+                )
             }
             Event::ShmAccepted { pid, region, granter, rights } => write!(
                 f,
@@ -812,7 +809,9 @@ impl core::fmt::Display for Event {
             Event::ShmMapped { pid, region, addr, prot } => {
                 write!(f, "pid {pid} mapped MEM_SHARE:{region} at {addr:#x} ({})", ProtName(prot))
             }
-            Event::ShmUnmapped { pid, region, addr } => write!(f, "pid {pid} unmapped MEM_SHARE:{region} at {addr:#x}"),
+            Event::ShmUnmapped { pid, region, addr } => {
+                write!(f, "pid {pid} unmapped MEM_SHARE:{region} at {addr:#x}")
+            }
             Event::ShmRevoked { pid, region, target, addr } => {
                 write!(f, "pid {pid} revoked MEM_SHARE:{region} from pid {target}")?;
                 if addr != 0 {
@@ -821,7 +820,7 @@ impl core::fmt::Display for Event {
                 Ok(())
             }
             Event::ShmDestroyed { pid, region, frames_freed } => {
-                write!(f, "MEM_SHARE:{region} destroyed by pid {pid}: {frames_freed} frames freed")
+                write!(f, "MEM_SHARE:{region} destroyed by pid {pid}: {} freed", Count(frames_freed, "frame"))
             }
         }
     }
@@ -830,6 +829,20 @@ impl core::fmt::Display for Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_plural_unless_one() {
+        extern crate std;
+        use std::string::ToString;
+        assert_eq!(Count(1u32, "frame").to_string(), "1 frame");
+        assert_eq!(Count(0u64, "frame").to_string(), "0 frames");
+        assert_eq!(Count(3u32, "process").to_string(), "3 processes");
+        assert_eq!(Count(1u32, "process").to_string(), "1 process");
+        let exit = Event::ProcessExited { pid: 2, code: 0, preemptions: 1 }.to_string();
+        assert_eq!(exit, "pid 2 exited with code 0 (preempted 1 time)");
+        let shutdown = Event::KernelShutdown { free_frames: 5, total_frames: 9, spawned: 1 }.to_string();
+        assert_eq!(shutdown, "kernel shutting down: 5 of 9 frames free, 1 process created");
+    }
 
     #[test]
     fn events_round_trip_through_records() {

@@ -277,6 +277,7 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot restrict the control socket {}: {e}", path.display()))?;
     listener.set_nonblocking(true).map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    tracing::info!(socket = %path.display(), "serving the control socket");
     Ok(listener)
 }
 
@@ -355,6 +356,7 @@ fn serve(listener: &UnixListener, control: &Control, stop: &AtomicBool, idle: Du
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     if control.clients() >= MAX_CLIENTS {
+                        tracing::warn!("control socket: connection refused, {MAX_CLIENTS} clients already");
                         let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                         let line = error_line(&format!("too many connections (at most {MAX_CLIENTS})"));
                         let _ = writeln!(stream, "{line}");
@@ -363,6 +365,7 @@ fn serve(listener: &UnixListener, control: &Control, stop: &AtomicBool, idle: Du
                     control.client_connected();
                     next_id += 1;
                     let id = next_id;
+                    tracing::debug!(client = id, "control socket: client connected");
                     let spawned = std::thread::Builder::new().name("api-client".into()).spawn_scoped(
                         scope,
                         move || {

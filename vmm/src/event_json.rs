@@ -140,6 +140,13 @@ pub fn to_line(entry: &EventEntry) -> String {
     to_json(entry).to_string()
 }
 
+/// A console line in the same stream as the events (`--events json` keeps
+/// stdout all JSON): `{"kind":"console","pid":1,"source":"hello-a#1","text":"..."}`
+/// (pid 0 and source `kernel` for the kernel's own lines).
+pub fn console_line(pid: u32, source: &str, text: &str) -> String {
+    json!({ "kind": "console", "pid": pid, "source": source, "text": text }).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -694,33 +694,89 @@ pub struct MapResult {
     pub regions: Vec<MapRegion>,
     /// The invariants a check at this point found violated (empty: none).
     pub violated: Vec<String>,
+    /// True if that check read the kernel's published tables (before the
+    /// kernel publishes them, only what needs no tables was checked).
+    #[serde(default)]
+    pub published: bool,
+}
+
+impl MapResult {
+    /// What the check at this point says, in the words every rendering of
+    /// the map uses.
+    pub fn verdict(&self) -> String {
+        if !self.violated.is_empty() {
+            format!("ISOLATION VIOLATED: {}", self.violated.join(", "))
+        } else if !self.published {
+            "not fully checked: the kernel has not published its tables yet (nothing checked without them was violated)".into()
+        } else {
+            "every isolation invariant held".into()
+        }
+    }
 }
 
 /// Answers one query on one consistent view. Control requests (`pause`,
 /// `resume`, `quit`, `status`) are not queries and are refused here.
 pub fn answer(machine: &Machine<'_>, request: &Request) -> Result<Value, String> {
-    let at = machine.state.point.to_string();
+    // The answers about processes say which one the vCPU is in.
+    let analysed = || {
+        let analysis = Analysis::new(machine);
+        let at = where_the_vcpu_is(&machine.state.point, analysis.running);
+        (analysis, at)
+    };
     let value = match *request {
         Request::Events { since, .. } => to_value(events(machine.state, since)),
-        Request::Ps => to_value(ps(&Analysis::new(machine), at)),
-        Request::Maps { pid } => to_value(maps(&Analysis::new(machine), at, pid)?),
-        Request::Frames => to_value(frames(&Analysis::new(machine), machine.ram, at)),
-        Request::Shares => to_value(shares(&Analysis::new(machine), at)),
-        Request::Check => to_value(check(&Analysis::new(machine), machine.ram, at)),
+        Request::Ps => {
+            let (analysis, at) = analysed();
+            to_value(ps(&analysis, at))
+        }
+        Request::Maps { pid } => {
+            let (analysis, at) = analysed();
+            to_value(maps(&analysis, at, pid)?)
+        }
+        Request::Frames => {
+            let (analysis, at) = analysed();
+            to_value(frames(&analysis, machine.ram, at))
+        }
+        Request::Shares => {
+            let (analysis, at) = analysed();
+            to_value(shares(&analysis, at))
+        }
+        Request::Check => {
+            let (analysis, at) = analysed();
+            to_value(check(&analysis, machine.ram, at))
+        }
         Request::Translate { pid, vaddr } => {
-            let analysis = Analysis::new(machine);
+            let (analysis, at) = analysed();
             to_value(translate(&analysis, machine.ram, at, pid, vaddr)?)
         }
         Request::Dump { pid, vaddr, len } => {
-            let analysis = Analysis::new(machine);
+            let (analysis, at) = analysed();
             to_value(dump(&analysis, machine.ram, at, pid, vaddr, len)?)
         }
-        Request::Map => to_value(map(&Analysis::new(machine), machine.ram, at)),
+        Request::Map => {
+            let (analysis, at) = analysed();
+            to_value(map(&analysis, machine.ram, at))
+        }
         Request::Status | Request::Pause | Request::Resume | Request::Quit => {
             return Err(format!("`{}` is not a query", request.name()))
         }
     };
     value.map_err(|e| format!("internal error: cannot encode the answer: {e}"))
+}
+
+/// Where the guest is, naming the process whose user code the vCPU is in
+/// (found by its CR3), so that an answer about another process does not
+/// seem to carry that one's rip and cr3.
+fn where_the_vcpu_is(point: &Point, running: Option<u32>) -> String {
+    match (point, running) {
+        (Point::Ring3 { rip, cr3 }, Some(pid)) => {
+            format!("with the vCPU in user code of pid {pid} at rip {rip:#x} (cr3 {cr3:#x})")
+        }
+        (Point::Ring3 { rip, cr3 }, None) => {
+            format!("with the vCPU in user code of no known process at rip {rip:#x} (cr3 {cr3:#x})")
+        }
+        (point, _) => point.to_string(),
+    }
 }
 
 fn to_value<T: Serialize>(value: T) -> Result<Value, serde_json::Error> {
@@ -1252,7 +1308,7 @@ pub fn map(analysis: &Analysis, ram: &GuestRam, at: String) -> MapResult {
             participants: r.participants.iter().map(|p| p.pid).collect(),
         })
         .collect();
-    MapResult { at, ram_bytes: ram.size(), runs, processes, regions, violated }
+    MapResult { at, ram_bytes: ram.size(), runs, processes, regions, violated, published: check.published }
 }
 
 // ---------------------------------------------------------------------------

@@ -165,8 +165,17 @@ fn print(text: &str) {
     }
 }
 
+/// Set by `--json`: a failure is also a JSON object on stdout.
+static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reports a failure on stderr (and with `--json` as
+/// `{"error":"...","exit_status":N}` on stdout, where a script reads) and
+/// returns `code`.
 fn fail(code: u8, message: &str) -> u8 {
     let _ = writeln!(std::io::stderr(), "superos-vmm inspect: {message}");
+    if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
+        print(&format!("{}\n", json!({ "error": message, "exit_status": code })));
+    }
     code
 }
 
@@ -212,6 +221,7 @@ impl Source {
 /// Runs `superos-vmm inspect`; returns the exit status (non-zero if the
 /// answer could not be written).
 pub fn main(args: InspectArgs) -> u8 {
+    JSON_ERRORS.store(args.json, std::sync::atomic::Ordering::Relaxed);
     match answer(args) {
         EXIT_OK if crate::session::output_failed() => {
             fail(EXIT_OUTPUT_FAILED, "could not write the answer to stdout")
@@ -353,11 +363,7 @@ fn map(source: &mut Source, file: Option<&Path>, json: bool) -> u8 {
     }
     if !json {
         let owners: std::collections::BTreeSet<&str> = map.runs.iter().map(|r| r.owner.as_str()).collect();
-        let verdict = if map.violated.is_empty() {
-            "every isolation invariant held".to_string()
-        } else {
-            format!("violated: {}", map.violated.join(", "))
-        };
+        let verdict = map.verdict();
         print(&format!(
             "wrote {}: {} MiB, {} frames, {} owners, {} live processes, {} shared regions {}; {verdict}\n",
             file.display(),
@@ -378,11 +384,7 @@ const TEXT_MAP_RUNS: usize = 200;
 /// `map` without `--svg`: physical memory as a list of runs of frames with
 /// one owner, at most `limit` of them.
 fn text_map(map: &MapResult, limit: usize) -> String {
-    let verdict = if map.violated.is_empty() {
-        "no isolation invariant found violated".to_string()
-    } else {
-        format!("violated: {}", map.violated.join(", "))
-    };
+    let verdict = map.verdict();
     let mut out = format!(
         "physical memory {}: {} MiB, {} frames in {} runs; {verdict}\n{:>12}  {:>12}  {:>7}  owner\n",
         map.at,
@@ -438,6 +440,7 @@ mod tests {
             processes: Vec::new(),
             regions: Vec::new(),
             violated: Vec::new(),
+            published: true,
         };
         let text = text_map(&map, 2);
         assert!(text.starts_with("physical memory at event #3: 16 MiB, 4096 frames in 3 runs"), "{text}");

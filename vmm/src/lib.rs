@@ -53,6 +53,7 @@ pub mod interrupt;
 pub mod introspect;
 pub mod memory;
 pub mod monitor;
+pub mod new_project;
 pub mod run;
 pub mod run_report;
 pub mod scenario;

@@ -13,11 +13,25 @@ use superos_vmm::run::{self, RunConfig, RunReport, EXIT_USAGE};
 use superos_vmm::scenario::Scenario;
 use superos_vmm::session::{emit, Echo, EventFormat};
 
-/// `println!` that ignores a closed stdout instead of panicking.
+/// A line for people: on stdout (ignoring a closed stdout instead of
+/// panicking), or on stderr while stdout carries JSON (`run --json`,
+/// `run --events json`).
 macro_rules! out {
     ($($arg:tt)*) => {
-        emit(format_args!($($arg)*))
+        human(format_args!($($arg)*))
     };
+}
+
+/// Set by `run --json` and `run --events json`: stdout is for JSON only.
+static STDOUT_IS_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn human(line: std::fmt::Arguments<'_>) {
+    if STDOUT_IS_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    } else {
+        emit(line);
+    }
 }
 
 /// `--version`: the crate version, the git commit built from, and the
@@ -34,6 +48,10 @@ const VERSION: &str = concat!(
 #[derive(Parser)]
 #[command(name = "superos-vmm", version = VERSION, about = "Boot the SuperOS kernel on KVM and run its processes")]
 struct Cli {
+    /// More log output on stderr: -v the VMM's steps, -vv each invariant check, -vvv each VM
+    /// exit. RUST_LOG (tracing's filter syntax, e.g. `superos_vmm=debug`) overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,6 +72,17 @@ enum Command {
     /// Measure SuperOS operations beside host baselines measured in the same run.
     #[command(after_help = superos_vmm::bench::BENCH_HELP)]
     Bench(superos_vmm::bench::BenchArgs),
+    /// Create a program project: `cargo build --release` there, then
+    /// `superos-vmm run DIR/scenario.toml`.
+    New(superos_vmm::new_project::NewArgs),
+    /// Print a shell completion script (e.g. `superos-vmm completions bash >
+    /// ~/.local/share/bash-completion/completions/superos-vmm`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `superos-vmm man | man -l -`).
+    Man,
 }
 
 const RUN_EXAMPLES: &str = "\
@@ -62,7 +91,8 @@ Examples:
   superos-vmm run two-hellos --stats       an embedded scenario, with exit counts and boot phases
   superos-vmm run my-scenario.toml         a scenario file (programs by name or ELF path)
   superos-vmm run --mem 128 --timeout 10   more guest memory, a shorter watchdog
-  superos-vmm run --events json | grep '^{'   the kernel's events as JSON lines
+  superos-vmm run --events json           events and console lines as JSON lines (summary on stderr)
+  superos-vmm run --json > run.json        the whole run as one JSON document
   superos-vmm run --check every-event      check the isolation invariants at every kernel event
   superos-vmm run --api /tmp/vm.sock --linger   serve `superos-vmm inspect --api /tmp/vm.sock ...`
   superos-vmm run --snapshot-on-exit vm.snap    for `superos-vmm inspect --snapshot vm.snap ...`
@@ -108,8 +138,9 @@ struct RunArgs {
     /// outside against the kernel's published tables): at every kernel event,
     /// every <ms> milliseconds when the vCPU is in user mode (at least <ms> after the previous
     /// check ended), once at exit, or never.
-    #[arg(long, value_name = "every-event|periodic:<ms>|exit|off", default_value = "exit", value_parser = parse_check)]
-    check: CheckMode,
+    /// Default: the scenario's `[vm] check`, else `exit`.
+    #[arg(long, value_name = "every-event|periodic:<ms>|exit|off", value_parser = parse_check)]
+    check: Option<CheckMode>,
     /// Do not stop the guest at the first invariant violation: collect them
     /// all and report them at the end (the exit status is still 5).
     #[arg(long)]
@@ -117,6 +148,10 @@ struct RunArgs {
     /// Only print the summary, not the console and events as they happen.
     #[arg(long, short)]
     quiet: bool,
+    /// Print the run as one JSON document on stdout when it ends (what `--report` writes),
+    /// and nothing else there: the summary goes to stderr, nothing is printed live.
+    #[arg(long, conflicts_with = "events")]
+    json: bool,
     /// Also write the run as one JSON document to FILE: each process's outcome against its
     /// expectation, the exit and its status, events, console lines, checks, violations, phases.
     #[arg(long, value_name = "FILE")]
@@ -153,7 +188,7 @@ enum Scrub {
 enum Events {
     /// `event #N tick T <description>` lines, for people.
     Text,
-    /// One JSON object per event and line on stdout, for programs; console lines stay text.
+    /// One JSON object per event and per console line on stdout, for programs (the summary goes to stderr).
     Json,
 }
 
@@ -194,7 +229,30 @@ enum Inject {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "superos-vmm", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => {
+                    use std::io::Write;
+                    if std::io::stdout().write_all(&page).is_err() {
+                        return ExitCode::from(run::EXIT_OUTPUT_FAILED as u8);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("superos-vmm: error: cannot render the manual page: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::List { long } => {
             out!("embedded scenarios:");
             for name in images::scenario_names() {
@@ -219,6 +277,20 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Bench(args) => ExitCode::from(superos_vmm::bench::command(args) as u8),
+        Command::New(args) => match superos_vmm::new_project::create(&args) {
+            Ok(name) => {
+                let dir = args.dir.display();
+                out!("created the SuperOS program project {name} in {dir}");
+                out!("  build it:  (cd {dir} && cargo build --release)");
+                out!("  run it:    superos-vmm run {dir}/scenario.toml");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "superos-vmm: error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Inspect(args) => ExitCode::from(superos_vmm::inspect_cli::main(args)),
         Command::Run(args) => match run_command(args, started) {
             Ok(code) => ExitCode::from(code as u8),
@@ -229,6 +301,25 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Log output (tracing) on stderr: warnings by default, more with each
+/// `-v`; `RUST_LOG`, when set, decides instead.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "superos_vmm=info",
+        2 => "superos_vmm=debug",
+        _ => "superos_vmm=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // A second initialisation (never here) would only be refused.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
@@ -268,6 +359,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::AllFlood => boot::DEBUG_ALL_FLOOD,
             }
     });
+    let check = args.check.or(scenario.check).unwrap_or(CheckMode::Exit);
     let config = RunConfig {
         scenario,
         kernel,
@@ -284,13 +376,13 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
             Scrub::Vmm => ScrubStrategy::Hypercall,
         },
         debug_flags,
-        echo: if args.quiet { Echo::Quiet } else { Echo::Live },
+        echo: if args.quiet || args.json { Echo::Quiet } else { Echo::Live },
         events: match args.events {
             Events::Text => EventFormat::Text,
             Events::Json => EventFormat::Json,
         },
         started,
-        check: args.check,
+        check,
         keep_going: args.keep_going,
         tamper: None,
         vcpu_tamper: None,
@@ -299,9 +391,11 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     // Ctrl-C and SIGTERM stop the guest as the watchdog would (the summary,
     // the snapshot and the socket's removal then happen as usual).
     superos_vmm::interrupt::install()?;
-    QUIET.store(args.quiet, std::sync::atomic::Ordering::Relaxed);
+    QUIET.store(args.quiet || args.json, std::sync::atomic::Ordering::Relaxed);
+    STDOUT_IS_JSON
+        .store(args.json || config.events == EventFormat::Json, std::sync::atomic::Ordering::Relaxed);
     let origin = config.scenario.origin.clone();
-    if !args.quiet {
+    if !(args.quiet || args.json) {
         out!("superos-vmm: running {origin}: {}", config.scenario.description);
     }
     let mut extras = args.observe.extras();
@@ -324,10 +418,16 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
     if !lingers {
         print_summary(&report);
     }
+    let document = || {
+        let document = superos_vmm::run_report::to_json(&report, &origin);
+        serde_json::to_string_pretty(&document).unwrap_or_default()
+    };
+    if args.json {
+        emit(format_args!("{}", document()));
+    }
     if let Some((path, mut file)) = report_file {
         use std::io::Write;
-        let document = superos_vmm::run_report::to_json(&report, &origin);
-        let text = serde_json::to_string_pretty(&document).unwrap_or_default();
+        let text = document();
         if let Err(e) = file.write_all(text.as_bytes()).and_then(|()| file.write_all(b"\n")) {
             eprintln!("superos-vmm: could not write the report {}: {e}", path.display());
             if report.exit_status() == run::EXIT_OK {

@@ -332,7 +332,14 @@ impl Monitor {
     /// then due with the same trigger ([`Monitor::take_cpu_due`]).
     pub fn check(&mut self, ram: &GuestRam, trigger: Trigger) -> Option<Stop> {
         self.cpu_due = Some(trigger);
+        let started = std::time::Instant::now();
         let outcome: CheckOutcome = self.checker.check(ram);
+        tracing::debug!(
+            %trigger,
+            violations = outcome.violations.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "invariant check"
+        );
         if let Some(failure) = self.checker.write_log_failure() {
             self.note(format!("the write log failed ({failure}): that check read every free frame"));
         }

@@ -438,6 +438,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     let memory_mib = config.memory_mib.or(config.scenario.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
     let ram = GuestRam::new(memory_mib)?;
     let host = detect_host_flavor();
+    tracing::info!(memory_mib, ?host, scenario = %config.scenario.origin, check = ?config.check, "creating the VM");
     let symbols = KernelSymbols::parse(&config.kernel);
     // The kernel's text and read-only data go into a read-only memory slot:
     // the range comes from the ELF the VMM loads, not from the kernel.
@@ -452,6 +453,12 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     };
     let prepared = boot::prepare(&ram, &config.kernel, &config.scenario, options)?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
+    tracing::info!(
+        entry = format_args!("{:#x}", prepared.entry),
+        read_only = ?layout.read_only,
+        processes = config.scenario.processes.len(),
+        "kernel loaded"
+    );
 
     let names: Vec<String> = config.scenario.processes.iter().map(|p| p.name.clone()).collect();
     let usable = prepared.usable_ranges();
@@ -521,9 +528,11 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
             Ok(VcpuMessage::Started(thread)) => thread,
             _ => return Err(RunError::Thread("the vCPU thread exited before starting".into())),
         };
+        tracing::info!("vCPU 0 started");
         watchdog(&receiver, thread, kicks, config.timeout, period, control);
         handle.join().map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
     })?;
+    tracing::info!(%exit, vm_exits = exits.values().sum::<u64>(), "guest stopped");
     session.finish_console();
     session.phases.guest_exit.get_or_insert(session.now());
     let processes = outcomes(&config.scenario, &session.events);
@@ -668,7 +677,10 @@ pub enum Step {
 /// Handles one VM exit. A free function of the exit and the session, so it
 /// can be tested with made-up exits.
 pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BTreeMap<String, u64>) -> Step {
-    let mut count = |kind: &str| *exits.entry(kind.to_string()).or_default() += 1;
+    let mut count = |kind: &str| {
+        tracing::trace!(kind, "VM exit");
+        *exits.entry(kind.to_string()).or_default() += 1
+    };
     match exit {
         VcpuExit::IoOut(port, data) => match hypercall::decode(port, data) {
             Ok(request) => {

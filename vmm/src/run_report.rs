@@ -1,8 +1,9 @@
-//! `superos-vmm run --report FILE`: the run as one JSON document for
-//! scripts (issue 15): each process's outcome against its expectation, the
-//! exit and its status, the events (as `--events json` prints them), the
-//! console lines, the checks, the violations and the boot phases. Text and
-//! JSON never share a stream: the report goes to its own file.
+//! `superos-vmm run --report FILE` and `run --json`: the run as one JSON
+//! document for scripts (issue 15): each process's outcome against its
+//! expectation, the exit and its status, the events (as `--events json`
+//! prints them), the console lines, the checks, the violations and the boot
+//! phases. Text and JSON never share a stream: the report goes to its own
+//! file, or to stdout with the summary moved to stderr.
 
 use crate::run::RunReport;
 use serde_json::{json, Value};

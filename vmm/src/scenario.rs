@@ -6,6 +6,8 @@
 //! description = "what this shows"
 //! [vm]
 //! memory_mib = 64                      # optional; --mem overrides it
+//! check = "every-event"                # optional: when the VMM checks the isolation
+//!                                      # invariants (as `run --check`, which overrides it)
 //! [[process]]
 //! program = "hello"                    # an embedded example program, or
 //! # path = "build/my-program.elf"      # an ELF file, relative to this file
@@ -19,6 +21,7 @@
 //! quota = { virtual_kib = 1024, resident_kib = 256, shared_kib = 64, on_violation = "fail" }
 //! ```
 
+use crate::check::CheckMode;
 use crate::images;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -80,6 +83,8 @@ pub struct Scenario {
     pub description: String,
     /// Guest memory in MiB, if the scenario sets it.
     pub memory_mib: Option<u64>,
+    /// When to check the isolation invariants, if the scenario says.
+    pub check: Option<CheckMode>,
     /// The processes, in start order.
     pub processes: Vec<ProcessConfig>,
 }
@@ -152,6 +157,7 @@ struct RawScenario {
 #[serde(deny_unknown_fields)]
 struct RawVm {
     memory_mib: Option<u64>,
+    check: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +232,11 @@ impl Scenario {
                 raw.process.len()
             )));
         }
+        let check = match raw.vm.check.as_deref().map(str::parse::<CheckMode>) {
+            Some(Err(e)) => return Err(scenario_error(format!("[vm] check: {e}"))),
+            Some(Ok(mode)) => Some(mode),
+            None => None,
+        };
         let processes = raw
             .process
             .into_iter()
@@ -245,6 +256,7 @@ impl Scenario {
                 })
                 .collect(),
             memory_mib: raw.vm.memory_mib,
+            check,
             processes,
         })
     }
@@ -276,8 +288,14 @@ fn resolve_process(
         },
         (None, Some(path)) => {
             let full = base.join(path);
-            let image = crate::input::read_regular(&full, crate::input::MAX_ELF_BYTES)
-                .map_err(|e| invalid(format!("cannot read {}: {e}", full.display())))?;
+            let image = crate::input::read_regular(&full, crate::input::MAX_ELF_BYTES).map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                    " (not built yet? `cargo build --release` in the program's project)"
+                } else {
+                    ""
+                };
+                invalid(format!("cannot read {}: {e}{hint}", full.display()))
+            })?;
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             shown_program = full.display().to_string();
             (stem, image)

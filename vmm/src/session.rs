@@ -126,13 +126,14 @@ pub enum Echo {
     Quiet,
 }
 
-/// How live events are printed (console lines are always text).
+/// How live events and console lines are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EventFormat {
     /// `  event #N   tick T     <description>`, for people.
     #[default]
     Text,
-    /// One JSON object per line (see [`crate::event_json`]), for programs.
+    /// One JSON object per event and console line (see
+    /// [`crate::event_json`]), for programs.
     Json,
 }
 
@@ -396,7 +397,13 @@ impl<'a> Session<'a> {
     pub fn add_lines(&mut self, lines: Vec<ConsoleLine>) {
         for line in lines {
             if self.echo == Echo::Live {
-                emit(format_args!("[{}] {}", self.label(line.pid), line.text));
+                match self.event_format {
+                    EventFormat::Text => emit(format_args!("[{}] {}", self.label(line.pid), line.text)),
+                    EventFormat::Json => emit(format_args!(
+                        "{}",
+                        crate::event_json::console_line(line.pid, &self.label(line.pid), &line.text)
+                    )),
+                }
             }
             let cost = (line.text.len() + std::mem::size_of::<ConsoleLine>()) as u64;
             if self.console_bytes + cost > self.limits.console_bytes {

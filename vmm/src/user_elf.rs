@@ -10,8 +10,9 @@ use elf::ElfBytes;
 use superos_protocol::layout::{USER_IMAGE_BASE, USER_IMAGE_LIMIT};
 
 /// How an in-tree or out-of-tree program is built so that it loads.
-const HOW: &str = "build for x86_64-unknown-none with the static relocation model and the \
-                   program linker script (examples/user.ld), as examples/build.rs and .cargo/config.toml do";
+const HOW: &str = "build it in a program project (`superos-vmm new DIR` writes one): for \
+                   x86_64-unknown-none, with the static relocation model and superos-rt's linker \
+                   script (-Tsuperos-user.ld), as that project's .cargo/config.toml does";
 
 /// What is wrong with `image` as a SuperOS program, or `None` if nothing
 /// this function knows of (the kernel's check has the last word).

@@ -58,22 +58,27 @@ fn run_stats_names_the_host_as_this_machine_is() {
 }
 
 #[test]
-fn events_json_prints_one_object_per_event_and_keeps_the_console() {
+fn events_json_makes_stdout_json_lines_only_events_and_console() {
     if !kvm_available() {
         return;
     }
     let (code, stdout, stderr) = vmm(&["run", "--events", "json", "--scrub", "kernel"]);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(!stdout.contains("  event #"), "text event lines in JSON mode:\n{stdout}");
+    // Every line on stdout is one JSON object; the summary is on stderr.
+    let objects: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}")))
+        .collect();
+    assert!(stderr.contains("processes as expected"), "{stderr}");
+    assert!(stderr.contains("running embedded:default"), "{stderr}");
+    let console: Vec<&serde_json::Value> = objects.iter().filter(|o| o["kind"] == "console").collect();
     assert!(
-        stdout.lines().any(|l| l.starts_with("[exit-code#") && l.ends_with("] exit-code: exiting with 3")),
+        console.iter().any(|line| line["source"].as_str().is_some_and(|s| s.starts_with("exit-code#"))
+            && line["text"] == "exit-code: exiting with 3"
+            && line["pid"].is_u64()),
         "{stdout}"
     );
-    let events: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
-        .collect();
+    let events: Vec<&serde_json::Value> = objects.iter().filter(|o| o["kind"] != "console").collect();
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{stdout}");
     assert_eq!(events[0]["kind"], "kernel-ready", "{stdout}");
@@ -86,6 +91,27 @@ fn events_json_prints_one_object_per_event_and_keeps_the_console() {
         events.iter().find(|e| e["kind"] == "process-killed").unwrap_or_else(|| panic!("no kill:\n{stdout}"));
     assert_eq!(killed["fault"], "write-to-code");
     assert!(killed["rip"].is_u64());
+}
+
+#[test]
+fn json_prints_the_run_as_one_document_and_nothing_else_on_stdout() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, stderr) = vmm(&["run", "--json", "--stats", "--scrub", "kernel"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document: {e}\n{stdout}"));
+    assert_eq!(document["exit_status"], 0, "{stdout}");
+    let processes = document["processes"].as_array().expect("processes");
+    assert_eq!(processes.len(), 9, "{stdout}");
+    assert!(processes.iter().all(|p| p["as_expected"] == true), "{stdout}");
+    // The summary and --stats are for people: on stderr.
+    assert!(stderr.contains("processes as expected"), "{stderr}");
+    assert!(stderr.contains("boot phases"), "{stderr}");
+    let (code, _, stderr) = vmm(&["run", "--json", "--events", "json"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
 
 #[test]
@@ -403,4 +429,63 @@ fn run_report_writes_the_run_as_json() {
     let (code, _, stderr) = vmm(&["run", "hello", "--report", "/nonexistent/dir/r.json"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("cannot create the report /nonexistent/dir/r.json"), "{stderr}");
+}
+
+#[test]
+fn verbose_logs_the_vmms_steps_on_stderr_and_rust_log_overrides_it() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, stderr) = vmm(&["run", "hello", "-q"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("creating the VM"), "no log lines by default:\n{stderr}");
+    let (code, stdout_v, stderr) = vmm(&["run", "hello", "-q", "-v"]);
+    assert_eq!(code, 0, "{stderr}");
+    for step in ["creating the VM", "kernel loaded", "vCPU 0 started", "guest stopped"] {
+        assert!(stderr.contains(step), "-v lacks {step:?}:\n{stderr}");
+    }
+    assert!(!stderr.contains("invariant check"), "-v is not -vv:\n{stderr}");
+    assert_eq!(stdout.lines().count(), stdout_v.lines().count(), "logging stays off stdout");
+    let (_, _, stderr) = vmm(&["-vv", "run", "hello", "-q", "--check", "every-event"]);
+    assert!(stderr.contains("invariant check"), "-vv (before the subcommand too) logs checks:\n{stderr}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+        .args(["run", "hello", "-q"])
+        .env("RUST_LOG", "superos_vmm=trace")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("VM exit"), "RUST_LOG=superos_vmm=trace logs every exit:\n{stderr}");
+}
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_command_line_definition() {
+    let (code, script, _) = vmm(&["completions", "bash"]);
+    assert_eq!(code, 0);
+    for word in ["superos-vmm", "inspect", "--check", "--snapshot-on-exit", "new"] {
+        assert!(script.contains(word), "the bash completions lack {word:?}");
+    }
+    let (code, script, _) = vmm(&["completions", "zsh"]);
+    assert_eq!(code, 0);
+    assert!(script.contains("#compdef superos-vmm"), "{script}");
+    let (code, _, stderr) = vmm(&["completions", "tcsh"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("invalid value 'tcsh'"), "{stderr}");
+    let (code, page, _) = vmm(&["man"]);
+    assert_eq!(code, 0);
+    assert!(page.starts_with(".ie") || page.contains(".TH superos-vmm"), "{page}");
+    assert!(page.contains("Boot the SuperOS kernel on KVM"), "{page}");
+}
+
+#[test]
+fn inspect_json_reports_errors_as_json_on_stdout() {
+    let (code, stdout, stderr) = vmm(&["inspect", "--json", "--snapshot", "/nonexistent/vm.snap", "ps"]);
+    assert_eq!(code, 2, "{stderr}");
+    let error: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    assert_eq!(error["exit_status"], 2);
+    assert!(error["error"].as_str().is_some_and(|e| e.contains("/nonexistent/vm.snap")), "{error}");
+    assert!(stderr.contains("/nonexistent/vm.snap"), "people still read it on stderr: {stderr}");
+    let (code, stdout, _) = vmm(&["inspect", "--snapshot", "/nonexistent/vm.snap", "ps"]);
+    assert_eq!(code, 2);
+    assert!(stdout.is_empty(), "without --json, stdout stays empty: {stdout}");
 }

@@ -268,9 +268,30 @@ struct Panel<'a> {
     value: fn(&Point) -> f64,
 }
 
+/// Round tick values for an axis from 0 to at least `max`: a step of 1, 2
+/// or 5 times a power of ten giving 4 to 10 intervals, and the axis's end
+/// (a whole number of steps).
+fn ticks(max: f64) -> (f64, f64) {
+    let max = if max.is_finite() && max > 0.0 { max } else { 1.0 };
+    let power = 10f64.powf((max / 5.0).log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|step| max / step <= 10.0)
+        .unwrap_or(power * 10.0);
+    let step = if max / step < 4.0 { step / 2.0 } else { step };
+    (step, (max / step).ceil() * step)
+}
+
+/// A tick value with as many decimals as the step needs.
+fn tick_label(value: f64, step: f64) -> String {
+    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+    format!("{value:.decimals$}")
+}
+
 fn panel(out: &mut String, points: &[Point], counts: &[u32], p: Panel<'_>) {
-    let max_x = points.iter().map(|q| q.mappings as f64).fold(1.0, f64::max) * 1.05;
-    let max_y = points.iter().map(|q| (p.value)(q) / p.scale).fold(1e-3, f64::max) * 1.15;
+    let (step_x, max_x) = ticks(points.iter().map(|q| q.mappings as f64).fold(1.0, f64::max));
+    let (step_y, max_y) = ticks(points.iter().map(|q| (p.value)(q) / p.scale).fold(1e-3, f64::max));
     let bottom = p.top + p.height;
     let x = |v: f64| p.left + v / max_x * p.width;
     let y = |v: f64| bottom - v / max_y * p.height;
@@ -288,18 +309,31 @@ fn panel(out: &mut String, points: &[Point], counts: &[u32], p: Panel<'_>) {
         escape(p.label),
         bottom + 36.0
     );
-    for i in 0..=4 {
-        let (vx, vy) = (max_x * f64::from(i) / 4.0, max_y * f64::from(i) / 4.0);
+    // Gridlines and labels at round values.
+    for i in 0..=(max_x / step_x).round() as u32 {
+        let vx = step_x * f64::from(i);
         let _ = writeln!(
             out,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            "<line x1=\"{0:.1}\" y1=\"{1}\" x2=\"{0:.1}\" y2=\"{bottom}\" stroke=\"#e0e0e0\"/>\n\
+             <text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{3}</text>",
             x(vx),
+            p.top,
             bottom + 16.0,
-            vx,
+            tick_label(vx, step_x)
+        );
+    }
+    for i in 0..=(max_y / step_y).round() as u32 {
+        let vy = step_y * f64::from(i);
+        let _ = writeln!(
+            out,
+            "<line x1=\"{0}\" y1=\"{1:.1}\" x2=\"{2}\" y2=\"{1:.1}\" stroke=\"#e0e0e0\"/>\n\
+             <text x=\"{3:.1}\" y=\"{4:.1}\" text-anchor=\"end\">{5}</text>",
+            p.left,
+            y(vy),
+            p.left + p.width,
             p.left - 6.0,
             y(vy) + 4.0,
-            if max_y < 10.0 { format!("{vy:.2}") } else { format!("{vy:.0}") }
+            tick_label(vy, step_y)
         );
     }
     for (i, count) in counts.iter().enumerate() {
@@ -332,6 +366,27 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_are_round_and_cover_the_data() {
+        for (max, step, end) in [
+            (1.0, 0.1, 1.0),
+            (7.3, 1.0, 8.0),
+            (14.2, 2.0, 16.0),
+            (96.0, 10.0, 100.0),
+            (1234.0, 200.0, 1400.0),
+            (0.037, 0.005, 0.04),
+        ] {
+            let (s, e) = ticks(max);
+            assert!((s - step).abs() < step * 1e-9 && (e - end).abs() < step * 1e-6, "{max}: {s} {e}");
+            let intervals = e / s;
+            assert!((4.0..=10.5).contains(&intervals), "{max}: {intervals} intervals");
+        }
+        assert_eq!(ticks(0.0), ticks(1.0));
+        assert_eq!(tick_label(0.6000000000000001, 0.2), "0.6");
+        assert_eq!(tick_label(1400.0, 200.0), "1400");
+        assert_eq!(tick_label(0.015, 0.005), "0.015");
+    }
 
     fn point(processes: u32, pages: u64, ms: f64) -> Point {
         let s = Summary::single(ms * 1e6);
