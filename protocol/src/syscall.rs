@@ -32,7 +32,7 @@ pub enum Syscall {
     /// `mem_unmap(addr, len) -> 0`: remove whole pages of `mem_map` memory.
     MemUnmap = 11,
     /// `mem_protect(addr, len, prot) -> 0`: change the rights of `mem_map`
-    /// pages; rights can only be removed.
+    /// pages, or of a whole `shm_map` mapping; rights can only be removed.
     MemProtect = 12,
     /// `mem_stat(buf) -> 0`: write a [`MemStat`] to `buf`.
     MemStat = 13,
@@ -56,7 +56,8 @@ pub enum Syscall {
     ShmGrant = 31,
     /// `shm_map(handle, prot) -> addr`: map the region into the caller at an
     /// address the kernel chooses, with `prot` within the capability's rights
-    /// (never executable), counted against the caller's shared quota.
+    /// (never executable), counted against the caller's shared quota (the
+    /// owner's region was counted when it created it).
     ShmMap = 32,
     /// `shm_unmap(addr) -> 0`: remove the caller's mapping that starts at `addr`.
     ShmUnmap = 33,

@@ -5,6 +5,38 @@
 //! the kernel's gate page (so the same binary runs whichever entry instruction
 //! the kernel chose), memory, IPC and shared-memory calls, console printing,
 //! and a panic handler that prints the panic and exits with code 101.
+//!
+//! # Errors and faults
+//!
+//! Each system-call wrapper lists under `# Errors` the [`Error`] values the
+//! kernel returns for it, and when. Three rules hold for all of them:
+//!
+//! - Quota refusals: a call that a quota refuses logs a `QuotaDenied` kernel
+//!   event, then returns [`Error::QuotaExceeded`]; under the process's quota
+//!   policy `kill` it terminates the process instead with that quota's fault
+//!   (`virtual-quota-exceeded`, `resident-quota-exceeded`,
+//!   `shared-quota-exceeded`, `mapping-quota-exceeded` or
+//!   `capability-quota-exceeded`), and the call does not return.
+//! - Buffers: the kernel checks a buffer a wrapper passes against the
+//!   caller's mappings (writable where the kernel writes) before it uses it,
+//!   and returns [`Error::BadAddress`] if it is not all mapped so. It faults
+//!   in untouched demand-zero pages of the buffer, which the resident quota
+//!   may refuse (as above) or which may find no free frame
+//!   ([`Error::OutOfMemory`]). A slice that follows this crate's rules (no
+//!   reference over `mem_map` or shared memory) is always mapped and
+//!   touched, so these errors come only from slices made with `unsafe` code.
+//! - Faults: an access the process may not make terminates it, with a fault
+//!   the kernel logs by name: `unmapped-access` (nothing is mapped there,
+//!   e.g. after [`mem_unmap`] or [`shm_unmap`]), `write-to-read-only`,
+//!   `execute-non-executable`, or `use-after-revoke` (where a shared mapping
+//!   was before [`shm_revoke`], [`shm_destroy`] or [`cap_drop`] took it; a
+//!   process keeps at most `REVOKED_MAX` (16) such ranges, and beyond that
+//!   the kernel releases the one at the lowest address other than the
+//!   newest, where an access is then `unmapped-access`). The first
+//!   touch of a demand-zero page that would exceed the resident quota logs
+//!   `QuotaDenied` and terminates the process with `resident-quota-exceeded`
+//!   whatever its policy; one that finds no free frame terminates it with
+//!   `out-of-memory`.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
@@ -70,7 +102,15 @@ fn call3(number: Syscall, a0: u64, a1: u64, a2: u64) -> Result<u64, SysError> {
     decode_result(unsafe { raw::syscall(number as u64, a0, a1, a2, 0, 0) })
 }
 
-/// Writes `bytes` to the console; returns the number of bytes written.
+/// Writes `bytes` to the console; returns the number of bytes written (all
+/// of them).
+///
+/// # Errors
+/// - [`Error::TooLarge`]: `bytes` is longer than `WRITE_MAX` (4096) bytes.
+/// - [`Error::BadAddress`]: `bytes` is not all mapped in the caller (see
+///   [buffers](crate#errors-and-faults)).
+/// - [`Error::InvalidArgument`]: the VMM refused the console output (not
+///   expected once the kernel has checked the buffer).
 pub fn write(bytes: &[u8]) -> Result<u64, SysError> {
     call(Syscall::Write, bytes.as_ptr() as u64, bytes.len() as u64)
 }
@@ -108,23 +148,71 @@ pub fn gate_info() -> GateInfo {
 /// The memory is reached only through raw addresses (see [`read_u64`] and
 /// [`write_u64`]), never through Rust references, so mapping, unmapping and
 /// protecting it are safe operations.
+///
+/// Each page is allocated on first touch; a write to a read-only mapping
+/// terminates the process with `write-to-read-only` (see
+/// [faults](crate#errors-and-faults)).
+///
+/// # Errors
+/// - [`Error::NotPermitted`]: `prot` has [`PROT_EXEC`].
+/// - [`Error::InvalidArgument`]: `prot` is neither [`PROT_READ`] nor
+///   `PROT_READ | PROT_WRITE`, or `len` is 0.
+/// - [`Error::TooLarge`]: `len` is over `USER_MMAP_MAX` (1 GiB).
+/// - [`Error::QuotaExceeded`]: the mapping would exceed the virtual quota, or
+///   the process's map would need more than `MAPPINGS_MAX` (256) entries (a
+///   [quota refusal](crate#errors-and-faults)).
+/// - [`Error::OutOfMemory`]: no free range of that length is left where the
+///   kernel places mappings.
 pub fn mem_map(len: u64, prot: u64) -> Result<u64, Error> {
     call(Syscall::MemMap, len, prot)
 }
 
-/// Removes the whole pages `[addr, addr + len)` of `mem_map` memory; resident
-/// pages are scrubbed and freed. Later accesses fault.
+/// Removes the whole pages `[addr, addr + len)` (`len` rounded up to whole
+/// pages) of `mem_map` memory; resident pages are scrubbed and freed. A later
+/// access to the range terminates the process with `unmapped-access`, until
+/// the kernel places another mapping there.
+///
+/// # Errors
+/// - [`Error::Unaligned`]: `addr` is not page-aligned.
+/// - [`Error::InvalidArgument`]: `len` is 0.
+/// - [`Error::Overflow`]: `addr + len`, rounded up to a page, overflows.
+/// - [`Error::BadAddress`]: some page of the range is not `mem_map` memory
+///   (never mapped, already unmapped, a guard page, or other memory).
+/// - [`Error::QuotaExceeded`]: the hole would split a mapping in two and the
+///   process's map has no room for one more entry (`MAPPINGS_MAX`; a
+///   [quota refusal](crate#errors-and-faults)).
 pub fn mem_unmap(addr: u64, len: u64) -> Result<(), Error> {
     call(Syscall::MemUnmap, addr, len).map(drop)
 }
 
 /// Changes the rights of the `mem_map` pages `[addr, addr + len)` to `prot`;
-/// rights can only be removed.
+/// rights can only be removed. A whole [`shm_map`] mapping (`addr` its
+/// start, `len` its length rounded up to whole pages) may lose write access
+/// the same way. A later write to a page made read-only terminates the
+/// process with `write-to-read-only`.
+///
+/// # Errors
+/// - [`Error::NotPermitted`]: `prot` has [`PROT_EXEC`], or would add write
+///   access to a page that lacks it.
+/// - [`Error::InvalidArgument`]: `prot` is neither [`PROT_READ`] nor
+///   `PROT_READ | PROT_WRITE`, or `len` is 0.
+/// - [`Error::Unaligned`]: `addr` is not page-aligned.
+/// - [`Error::Overflow`]: `addr + len`, rounded up to a page, overflows.
+/// - [`Error::BadAddress`]: some page of the range is not `mem_map` memory,
+///   and the range is not a whole shared mapping.
+/// - [`Error::QuotaExceeded`]: splitting a mapping at `addr` or
+///   `addr + len` would need more than `MAPPINGS_MAX` map entries (a
+///   [quota refusal](crate#errors-and-faults)).
 pub fn mem_protect(addr: u64, len: u64, prot: u64) -> Result<(), Error> {
     call3(Syscall::MemProtect, addr, len, prot).map(drop)
 }
 
 /// The caller's memory usage and quotas.
+///
+/// # Errors
+/// None in practice: the kernel refuses only a buffer it cannot write (see
+/// [buffers](crate#errors-and-faults)), and this wrapper passes one on the
+/// caller's stack.
 pub fn mem_stat() -> Result<MemStat, Error> {
     let mut stat = MemStat::default();
     call(Syscall::MemStat, &raw mut stat as u64, 0)?;
@@ -132,7 +220,19 @@ pub fn mem_stat() -> Result<MemStat, Error> {
 }
 
 /// Copies `message` (at most [`MESSAGE_MAX`] bytes) into the mailbox of
-/// process `pid`.
+/// process `pid`. A message to the caller itself is allowed.
+///
+/// # Errors
+/// - [`Error::TooLarge`]: `message` is longer than [`MESSAGE_MAX`] bytes.
+/// - [`Error::BadAddress`]: `message` is not all mapped in the caller (see
+///   [buffers](crate#errors-and-faults)).
+/// - [`Error::NoSuchProcess`]: no live process has pid `pid`.
+/// - [`Error::MailboxFull`]: `pid`'s mailbox holds [`MAILBOX_DEPTH`]
+///   messages, or [`MAILBOX_PER_SENDER`] from the caller (not counted for a
+///   message to oneself). A plain error: no `QuotaDenied` event, whatever
+///   the quota policy.
+/// - [`Error::OutOfMemory`]: no free frame for the kernel's copy of the
+///   message.
 pub fn ipc_send(pid: u32, message: &[u8]) -> Result<(), Error> {
     call3(Syscall::IpcSend, u64::from(pid), message.as_ptr() as u64, message.len() as u64).map(drop)
 }
@@ -146,12 +246,29 @@ fn recv(buffer: &mut [u8], flags: u64) -> Result<(u32, usize), Error> {
 /// Takes the oldest message from the caller's mailbox into `buffer`, waiting
 /// for one if the mailbox is empty. Returns (sender pid, message length).
 /// A message longer than `buffer` stays queued ([`Error::BufferTooSmall`]).
+/// At most the first [`MESSAGE_MAX`] bytes of `buffer` are used. When no
+/// process can run and some wait for a message, the kernel terminates every
+/// waiting process with the `deadlock` fault.
+///
+/// # Errors
+/// - [`Error::BufferTooSmall`]: the oldest message (waiting, or the one that
+///   woke the caller) is longer than `buffer`; it stays queued.
+/// - [`Error::BadAddress`]: `buffer` is not all mapped writable in the
+///   caller, checked before any message is taken and again when one wakes
+///   the caller (see [buffers](crate#errors-and-faults)).
 pub fn ipc_recv(buffer: &mut [u8]) -> Result<(u32, usize), Error> {
     recv(buffer, 0)
 }
 
 /// Like [`ipc_recv`], but returns [`Error::WouldBlock`] instead of waiting
 /// when the mailbox is empty.
+///
+/// # Errors
+/// - [`Error::WouldBlock`]: the mailbox is empty.
+/// - [`Error::BufferTooSmall`]: the oldest message is longer than `buffer`;
+///   it stays queued.
+/// - [`Error::BadAddress`]: `buffer` is not all mapped writable in the
+///   caller (see [buffers](crate#errors-and-faults)).
 pub fn ipc_try_recv(buffer: &mut [u8]) -> Result<(u32, usize), Error> {
     recv(buffer, RECV_NONBLOCK)
 }
@@ -163,6 +280,18 @@ pub fn ipc_try_recv(buffer: &mut [u8]) -> Result<(u32, usize), Error> {
 ///
 /// The handle is opaque and means something only to the caller: another
 /// process that learns the number cannot use it.
+///
+/// # Errors
+/// - [`Error::InvalidArgument`]: `len` is 0, or `rights` is 0 or has bits
+///   other than `RIGHT_*`.
+/// - [`Error::TooLarge`]: `len` is over [`SHM_MAX`].
+/// - [`Error::QuotaExceeded`]: the caller holds [`CAPS_MAX`] capabilities,
+///   or the region would exceed its shared quota (a
+///   [quota refusal](crate#errors-and-faults)).
+/// - [`Error::OutOfMemory`]: the kernel's region table is full
+///   (`SHM_REGIONS_MAX`), all regions together would exceed `SHM_PAGES_MAX`
+///   pages, the kernel heap has no room for the frame list, or the guest
+///   runs out of free frames.
 pub fn shm_create(len: u64, rights: u64) -> Result<u64, Error> {
     call(Syscall::ShmCreate, len, rights)
 }
@@ -175,16 +304,34 @@ pub fn shm_create(len: u64, rights: u64) -> Result<u64, Error> {
 /// to the caller (at most [`OFFERS_PER_GRANTER`] outstanding; beyond, the
 /// caller's `capabilities` quota refuses it under its policy); the caller
 /// withdraws it with [`shm_revoke`]. Nothing is mapped.
+///
+/// # Errors
+/// - [`Error::BadHandle`]: `handle` names no capability of the caller.
+/// - [`Error::InvalidArgument`]: `rights` is 0 or has bits other than
+///   `RIGHT_*`; or `pid` is the caller, or already holds or was offered a
+///   capability for the region.
+/// - [`Error::NotPermitted`]: the caller's capability lacks
+///   [`RIGHT_GRANT`], or `rights` is not a subset of its rights.
+/// - [`Error::NoSuchProcess`]: no live process has pid `pid`.
+/// - [`Error::QuotaExceeded`]: the region has [`SHM_PARTICIPANTS_MAX`]
+///   participants (offers included), or the caller has
+///   [`OFFERS_PER_GRANTER`] offers outstanding (a
+///   [quota refusal](crate#errors-and-faults) of the `capabilities` quota).
 pub fn shm_grant(handle: u64, pid: u32, rights: u64) -> Result<(), Error> {
     call3(Syscall::ShmGrant, handle, u64::from(pid), rights).map(drop)
 }
 
 /// Accepts the capability for region `region` (`MEM_SHARE:<region>`) that
 /// another process offered the caller with [`shm_grant`], and returns the
-/// caller's own handle for it (counted against its [`CAPS_MAX`]). Errors:
-/// `bad-handle` (nothing offered to the caller for that region, or the offer
-/// was withdrawn or revoked), `quota-exceeded` (the caller's table is full,
-/// under its quota policy).
+/// caller's own handle for it (counted against its [`CAPS_MAX`]).
+///
+/// # Errors
+/// - [`Error::BadHandle`]: nothing is offered to the caller for `region`
+///   (never offered, already accepted, withdrawn or revoked, or the region
+///   is gone).
+/// - [`Error::QuotaExceeded`]: the caller already holds [`CAPS_MAX`]
+///   capabilities (a [quota refusal](crate#errors-and-faults)); the offer
+///   stays open.
 pub fn shm_accept(region: u32) -> Result<u64, Error> {
     call(Syscall::ShmAccept, u64::from(region), 0)
 }
@@ -197,12 +344,37 @@ pub fn shm_accept(region: u32) -> Result<u64, Error> {
 /// Like [`mem_map`] memory, shared memory is reached only through raw
 /// addresses ([`read_u64`], [`write_u64`]): another process may change it at
 /// any time, and the owner may revoke it, so no Rust reference may cover it.
+/// A write through a read-only mapping terminates the process with
+/// `write-to-read-only`; an access after revocation, with `use-after-revoke`.
+///
+/// # Errors
+/// - [`Error::BadHandle`]: `handle` names no capability of the caller, or
+///   the capability was revoked (or the region destroyed) before the mapping
+///   was complete.
+/// - [`Error::NotPermitted`]: `prot` has [`PROT_EXEC`] or asks for write
+///   without [`RIGHT_WRITE`], or the capability lacks [`RIGHT_READ`].
+/// - [`Error::InvalidArgument`]: `prot` is neither [`PROT_READ`] nor
+///   `PROT_READ | PROT_WRITE`.
+/// - [`Error::AlreadyMapped`]: the caller has the region mapped already.
+/// - [`Error::QuotaExceeded`]: the mapping would exceed the caller's shared
+///   quota (a non-owner is charged the region's length), virtual quota, or
+///   resident quota (for page tables), or need more than `MAPPINGS_MAX` map
+///   entries (a [quota refusal](crate#errors-and-faults)).
+/// - [`Error::OutOfMemory`]: no free range of that length is left where the
+///   kernel places mappings, or no free frame for a page table.
 pub fn shm_map(handle: u64, prot: u64) -> Result<u64, Error> {
     call(Syscall::ShmMap, handle, prot)
 }
 
-/// Removes the caller's shared mapping that starts at `addr`. The region and
-/// its data live on until the owner destroys it.
+/// Removes the caller's shared mapping that starts at `addr`, or releases the
+/// revoked range that starts there (what a revocation left of one). The
+/// region and its data live on until the owner destroys it. A later access to
+/// the range terminates the process with `unmapped-access`, until the kernel
+/// places another mapping there.
+///
+/// # Errors
+/// - [`Error::BadAddress`]: no shared mapping or revoked range of the caller
+///   starts at `addr`.
 pub fn shm_unmap(addr: u64) -> Result<(), Error> {
     call(Syscall::ShmUnmap, addr, 0).map(drop)
 }
@@ -213,12 +385,25 @@ pub fn shm_unmap(addr: u64) -> Result<(), Error> {
 /// [`Error::BadHandle`] and its accesses to the old range are terminated as
 /// `use-after-revoke`. Revocation is transitive: whatever `pid` granted
 /// from it is revoked in the same call. Withdraws an offer not yet accepted.
+///
+/// # Errors
+/// - [`Error::BadHandle`]: `handle` names no capability of the caller.
+/// - [`Error::NotPermitted`]: the caller does not own the region and did not
+///   grant `pid` its capability or offer (`pid` the caller included).
+/// - [`Error::InvalidArgument`]: the caller owns the region, and `pid` is
+///   the caller or holds no capability or offer for it.
 pub fn shm_revoke(handle: u64, pid: u32) -> Result<(), Error> {
     call(Syscall::ShmRevoke, handle, u64::from(pid)).map(drop)
 }
 
 /// The owner revokes the region behind `handle` from every participant
-/// (itself included), then the kernel scrubs and frees its frames.
+/// (itself included), then the kernel scrubs and frees its frames. Every
+/// mapping of it, the owner's included, becomes a revoked range (an access
+/// is `use-after-revoke`), and every handle for it goes stale.
+///
+/// # Errors
+/// - [`Error::BadHandle`]: `handle` names no capability of the caller.
+/// - [`Error::NotPermitted`]: the caller does not own the region.
 pub fn shm_destroy(handle: u64) -> Result<(), Error> {
     call(Syscall::ShmDestroy, handle, 0).map(drop)
 }
@@ -226,8 +411,11 @@ pub fn shm_destroy(handle: u64) -> Result<(), Error> {
 /// Gives up the capability `handle` names (not a region the caller owns: it
 /// has `shm_destroy`). Its mapping, if any, becomes a revoked range (an
 /// access is `use-after-revoke`; [`shm_unmap`] releases it), and whatever
-/// the caller granted from it is revoked. Errors:
-/// `bad-handle`, `not-permitted` (the caller owns the region).
+/// the caller granted from it is revoked.
+///
+/// # Errors
+/// - [`Error::BadHandle`]: `handle` names no capability of the caller.
+/// - [`Error::NotPermitted`]: the caller owns the region.
 pub fn cap_drop(handle: u64) -> Result<(), Error> {
     call(Syscall::CapDrop, handle, 0).map(drop)
 }
@@ -263,6 +451,11 @@ impl Caps {
 
 /// Lists the caller's capabilities (handle, region id, owner, rights,
 /// length, where it is mapped).
+///
+/// # Errors
+/// None in practice: the kernel refuses only a buffer it cannot write (see
+/// [buffers](crate#errors-and-faults)), and this wrapper passes one on the
+/// caller's stack.
 pub fn cap_list() -> Result<Caps, Error> {
     let mut caps = Caps { records: [CapInfo::default(); CAPS_MAX], held: 0 };
     let held = call(Syscall::CapList, caps.records.as_mut_ptr() as u64, CAPS_MAX as u64)?;
@@ -279,6 +472,9 @@ pub fn find_cap(region: u32) -> Option<CapInfo> {
 /// Accepts the offer of a capability for region `region` ([`shm_accept`])
 /// and returns the caller's record of it (its handle, owner, rights,
 /// length): what a grantee does when told `MEM_SHARE:<region>`.
+///
+/// # Errors
+/// Those of [`shm_accept`].
 pub fn accept_cap(region: u32) -> Result<CapInfo, Error> {
     let handle = shm_accept(region)?;
     cap_list()?.handle(handle).ok_or(Error::BadHandle)
