@@ -233,20 +233,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "superos-vmm", &mut std::io::stdout());
-            ExitCode::SUCCESS
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "superos-vmm", &mut script);
+            write_stdout(&script)
         }
         Command::Man => {
             use clap::CommandFactory;
             let mut page = Vec::new();
             match clap_mangen::Man::new(Cli::command()).render(&mut page) {
-                Ok(()) => {
-                    use std::io::Write;
-                    if std::io::stdout().write_all(&page).is_err() {
-                        return ExitCode::from(run::EXIT_OUTPUT_FAILED as u8);
-                    }
-                    ExitCode::SUCCESS
-                }
+                Ok(()) => write_stdout(&page),
                 Err(e) => {
                     eprintln!("superos-vmm: error: cannot render the manual page: {e}");
                     ExitCode::from(1)
@@ -300,6 +295,17 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_USAGE as u8)
             }
         },
+    }
+}
+
+/// Writes generated text to stdout: a closed pipe or a full disk is the
+/// exit status for an output that could not be written, not a panic.
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(run::EXIT_OUTPUT_FAILED as u8),
     }
 }
 

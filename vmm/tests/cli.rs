@@ -489,3 +489,18 @@ fn inspect_json_reports_errors_as_json_on_stdout() {
     assert_eq!(code, 2);
     assert!(stdout.is_empty(), "without --json, stdout stays empty: {stdout}");
 }
+
+#[test]
+fn generated_text_to_a_full_or_closed_stdout_is_an_exit_status_not_a_panic() {
+    for args in [&["completions", "bash"][..], &["man"][..]] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_superos-vmm"))
+            .args(args)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(6), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
