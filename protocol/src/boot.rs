@@ -262,6 +262,11 @@ pub struct BootInfo {
     pub process_count: u32,
     /// [`ScrubStrategy`] as a raw value.
     pub scrub_strategy: u32,
+    /// vCPUs the VM has (1 ..= [`crate::cpu::MAX_CPUS`]): the kernel starts
+    /// the others with [`crate::hypercall::Hypercall::CpuStart`].
+    pub cpu_count: u32,
+    /// Zero.
+    pub reserved: u32,
     /// Physical memory map.
     pub memory_map: [MemoryRegion; MAX_MEMORY_REGIONS],
     /// Program images placed by the VMM.
@@ -306,10 +311,11 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, version), 8);
         assert_eq!(offset_of!(BootInfo, mem_size), 24);
         assert_eq!(offset_of!(BootInfo, memory_map_len), 56);
-        assert_eq!(offset_of!(BootInfo, memory_map), 72);
-        assert_eq!(offset_of!(BootInfo, programs), 72 + 16 * 24);
-        assert_eq!(offset_of!(BootInfo, processes), 72 + 16 * 24 + 32 * 48);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 72 + 16 * 24 + 32 * 48 + 32 * 208);
+        assert_eq!(offset_of!(BootInfo, cpu_count), 72);
+        assert_eq!(offset_of!(BootInfo, memory_map), 80);
+        assert_eq!(offset_of!(BootInfo, programs), 80 + 16 * 24);
+        assert_eq!(offset_of!(BootInfo, processes), 80 + 16 * 24 + 32 * 48);
+        assert_eq!(core::mem::size_of::<BootInfo>(), 80 + 16 * 24 + 32 * 48 + 32 * 208);
         assert_eq!(offset_of!(ProcessSpec, quota), 168);
     }
 

@@ -194,6 +194,73 @@ pub mod symbols {
     pub const TEXT_END: &str = "__text_end";
 }
 
+/// Most vCPUs a VM may have (`run --cpus`).
+pub const MAX_CPUS: u32 = 8;
+
+/// Bytes of each CPU's kernel stack (`TSS.RSP0`, `SYSENTER_ESP`).
+pub const KERNEL_STACK_BYTES: u64 = 64 * 1024;
+
+/// Where the stacks of the application processors (CPUs 1 and up) are
+/// mapped: CPU `n` has the window `CPU_STACKS_VA + n * CPU_STACKS_STRIDE`
+/// (the window of CPU 0 stays unused: its stacks are the kernel image's
+/// `__kernel_stack_top` and the IST symbols). In each window, from the
+/// bottom: an unmapped guard page, the kernel stack, then per
+/// [`IST_SLOTS`] entry an unmapped guard page and that stack. The VMM
+/// computes the tops it expects in each AP's TSS from these constants,
+/// never from the kernel.
+pub const CPU_STACKS_VA: u64 = 0xffff_ffff_c000_0000;
+/// Size of one CPU's stack window.
+pub const CPU_STACKS_STRIDE: u64 = 512 * 1024;
+/// Bytes of an unmapped guard page.
+pub const STACK_GUARD_BYTES: u64 = 4096;
+
+/// A CPU's stacks: the kernel stack or the stack of an IST slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuStack {
+    /// The kernel stack.
+    Kernel,
+    /// The stack of [`IST_SLOTS`]`[index]`.
+    Ist(usize),
+}
+
+/// For an application processor (`cpu` 1 ..= [`MAX_CPUS`] - 1), the
+/// `[bottom, top)` of `stack` in its window; `None` for CPU 0 (whose
+/// stacks are in the kernel image) and out-of-range CPUs or slots.
+pub const fn ap_stack(cpu: u32, stack: CpuStack) -> Option<(u64, u64)> {
+    if cpu == 0 || cpu >= MAX_CPUS {
+        return None;
+    }
+    let mut bottom = CPU_STACKS_VA + cpu as u64 * CPU_STACKS_STRIDE + STACK_GUARD_BYTES;
+    let index = match stack {
+        CpuStack::Kernel => return Some((bottom, bottom + KERNEL_STACK_BYTES)),
+        CpuStack::Ist(index) => index,
+    };
+    if index >= IST_SLOTS.len() {
+        return None;
+    }
+    bottom += KERNEL_STACK_BYTES;
+    let mut i = 0;
+    while i < index {
+        bottom += STACK_GUARD_BYTES + IST_SLOTS[i].bytes;
+        i += 1;
+    }
+    bottom += STACK_GUARD_BYTES;
+    Some((bottom, bottom + IST_SLOTS[index].bytes))
+}
+
+const _: () = {
+    // Every AP window holds its stacks and guard pages.
+    let mut bytes = STACK_GUARD_BYTES + KERNEL_STACK_BYTES;
+    let mut i = 0;
+    while i < IST_SLOTS.len() {
+        bytes += STACK_GUARD_BYTES + IST_SLOTS[i].bytes;
+        i += 1;
+    }
+    assert!(bytes <= CPU_STACKS_STRIDE);
+    // The windows end below the local APIC's page.
+    assert!(CPU_STACKS_VA + MAX_CPUS as u64 * CPU_STACKS_STRIDE <= crate::layout::LAPIC_VA);
+};
+
 /// An interrupt-stack-table slot (1-based, as in an IDT gate).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IstSlot {
@@ -201,8 +268,10 @@ pub struct IstSlot {
     pub vector: u8,
     /// Its slot in the TSS (1..=7).
     pub slot: u8,
-    /// The kernel symbol at the top of its stack.
+    /// The kernel symbol at the top of CPU 0's stack.
     pub top_symbol: &'static str,
+    /// Its size (the same on every CPU; CPU 0's in the linker script).
+    pub bytes: u64,
 }
 
 /// Vectors that always run on a stack of their own, whatever RSP was when
@@ -210,10 +279,10 @@ pub struct IstSlot {
 /// entry (still on the user's RSP) must not push onto user memory, and #DF
 /// and #MC must work whatever state the kernel stack is in.
 pub const IST_SLOTS: [IstSlot; 4] = [
-    IstSlot { vector: 8, slot: 1, top_symbol: "__ist_double_fault_top" },
-    IstSlot { vector: 2, slot: 2, top_symbol: "__ist_nmi_top" },
-    IstSlot { vector: 1, slot: 3, top_symbol: "__ist_debug_top" },
-    IstSlot { vector: 18, slot: 4, top_symbol: "__ist_machine_check_top" },
+    IstSlot { vector: 8, slot: 1, top_symbol: "__ist_double_fault_top", bytes: 16 * 1024 },
+    IstSlot { vector: 2, slot: 2, top_symbol: "__ist_nmi_top", bytes: 8 * 1024 },
+    IstSlot { vector: 1, slot: 3, top_symbol: "__ist_debug_top", bytes: 64 * 1024 },
+    IstSlot { vector: 18, slot: 4, top_symbol: "__ist_machine_check_top", bytes: 64 * 1024 },
 ];
 
 /// The only IDT gate ring 3 may invoke with `int n`: `int3`, the system-call
@@ -356,6 +425,33 @@ mod tests {
         assert_eq!((STAR_VALUE >> 48) + 8, u64::from(USER_DATA_SELECTOR));
         assert_eq!((STAR_VALUE >> 32) & 0xffff, u64::from(KERNEL_CODE_SELECTOR));
         assert_eq!(SFMASK_VALUE, 0x4_7700);
+    }
+
+    #[test]
+    fn ap_stacks_are_disjoint_page_aligned_and_guarded() {
+        assert_eq!(ap_stack(0, CpuStack::Kernel), None);
+        assert_eq!(ap_stack(MAX_CPUS, CpuStack::Kernel), None);
+        assert_eq!(ap_stack(1, CpuStack::Ist(IST_SLOTS.len())), None);
+        let mut all = [(0u64, 0u64); (MAX_CPUS as usize - 1) * (IST_SLOTS.len() + 1)];
+        let mut count = 0;
+        for cpu in 1..MAX_CPUS {
+            let window = CPU_STACKS_VA + u64::from(cpu) * CPU_STACKS_STRIDE;
+            let stacks = core::iter::once(CpuStack::Kernel).chain((0..IST_SLOTS.len()).map(CpuStack::Ist));
+            for stack in stacks {
+                let (bottom, top) = ap_stack(cpu, stack).unwrap();
+                assert_eq!(bottom % 4096, 0);
+                assert_eq!(top % 4096, 0);
+                assert!(bottom >= window + STACK_GUARD_BYTES && top <= window + CPU_STACKS_STRIDE);
+                all[count] = (bottom, top);
+                count += 1;
+            }
+        }
+        assert_eq!(count, all.len());
+        all.sort();
+        for pair in all.windows(2) {
+            // A guard page between any two stacks.
+            assert!(pair[0].1 + STACK_GUARD_BYTES <= pair[1].0, "{pair:x?}");
+        }
     }
 
     #[test]

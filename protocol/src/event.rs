@@ -337,6 +337,9 @@ pub enum Event {
         free_frames: u64,
         /// Frames of guest RAM managed by the allocator.
         total_frames: u64,
+        /// CPUs online (the bootstrap CPU and every application processor
+        /// the kernel started).
+        cpus: u32,
     },
     /// See [`EventKind::GateSelfTestFailed`].
     GateSelfTestFailed {
@@ -556,9 +559,12 @@ impl EventRecord {
         let pid = self.pid;
         let kind = EventKind::from_raw(self.kind).ok_or(UnknownEventKind(self.kind))?;
         Ok(match kind {
-            EventKind::KernelReady => {
-                Event::KernelReady { gate_kind: a0 as u32, free_frames: a1, total_frames: a2 }
-            }
+            EventKind::KernelReady => Event::KernelReady {
+                gate_kind: a0 as u32,
+                free_frames: a1,
+                total_frames: a2,
+                cpus: a3 as u32,
+            },
             EventKind::GateSelfTestFailed => {
                 Event::GateSelfTestFailed { gate_kind: a0 as u32, vector: a1, rip: a2, error_code: a3 }
             }
@@ -612,8 +618,8 @@ impl Event {
     /// ring to fill in).
     pub fn encode(&self) -> EventRecord {
         let (kind, pid, args) = match *self {
-            Event::KernelReady { gate_kind, free_frames, total_frames } => {
-                (EventKind::KernelReady, 0, [gate_kind as u64, free_frames, total_frames, 0, 0])
+            Event::KernelReady { gate_kind, free_frames, total_frames, cpus } => {
+                (EventKind::KernelReady, 0, [gate_kind as u64, free_frames, total_frames, cpus as u64, 0])
             }
             Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => {
                 (EventKind::GateSelfTestFailed, 0, [gate_kind as u64, vector, rip, error_code, 0])
@@ -730,10 +736,11 @@ impl core::fmt::Display for Event {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         use crate::syscall::gate_kind_name;
         match *self {
-            Event::KernelReady { gate_kind, free_frames, total_frames } => write!(
+            Event::KernelReady { gate_kind, free_frames, total_frames, cpus } => write!(
                 f,
-                "kernel ready: gate={}, {free_frames} of {total_frames} frames free",
-                gate_kind_name(gate_kind)
+                "kernel ready: gate={}, {free_frames} of {total_frames} frames free, {}",
+                gate_kind_name(gate_kind),
+                Count(cpus, "CPU")
             ),
             Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => write!(
                 f,
@@ -847,7 +854,7 @@ mod tests {
     #[test]
     fn events_round_trip_through_records() {
         let events = [
-            Event::KernelReady { gate_kind: 2, free_frames: 10, total_frames: 20 },
+            Event::KernelReady { gate_kind: 2, free_frames: 10, total_frames: 20, cpus: 2 },
             Event::GateSelfTestFailed {
                 gate_kind: 1,
                 vector: 14,

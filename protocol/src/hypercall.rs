@@ -29,6 +29,9 @@ pub enum Hypercall {
     Shutdown = 0x505,
     /// Zero a batch of freed frames: value = GPA of [`ScrubFramesParams`].
     ScrubFrames = 0x506,
+    /// Start an application processor in long mode: value = GPA of
+    /// [`CpuStartParams`]. Each AP may be started once.
+    CpuStart = 0x507,
 }
 
 impl Hypercall {
@@ -42,6 +45,7 @@ impl Hypercall {
             0x504 => Self::Panic,
             0x505 => Self::Shutdown,
             0x506 => Self::ScrubFrames,
+            0x507 => Self::CpuStart,
             _ => return None,
         })
     }
@@ -61,6 +65,7 @@ impl Hypercall {
             Self::Panic => "panic",
             Self::Shutdown => "shutdown",
             Self::ScrubFrames => "scrub-frames",
+            Self::CpuStart => "cpu-start",
         }
     }
 }
@@ -176,7 +181,29 @@ pub struct ScrubFramesParams {
     pub status: u32,
 }
 
+/// Parameters of [`Hypercall::CpuStart`]: the VMM puts the AP in long mode
+/// (the boot GDT's flat segments, paging on with `pml4`, interrupts off) at
+/// `rip` with `rsp` and `rdi = cpu`. It refuses (`STATUS_BAD_ARGUMENT`) a
+/// CPU that is the bootstrap one, beyond the VM's count or already started,
+/// a `rip` outside the kernel text, an `rsp` outside the kernel half, and a
+/// `pml4` that is not a page of guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct CpuStartParams {
+    /// The CPU (vCPU index, 1 ..= `BootInfo::cpu_count - 1`).
+    pub cpu: u32,
+    /// Host-written status (`STATUS_*`).
+    pub status: u32,
+    /// Where it starts.
+    pub rip: u64,
+    /// Its stack pointer.
+    pub rsp: u64,
+    /// Its CR3.
+    pub pml4: u64,
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<CpuStartParams>() == 32);
     assert!(core::mem::size_of::<ScrubFramesParams>() == 16);
     assert!(core::mem::size_of::<BootHelloParams>() == 48);
     assert!(core::mem::size_of::<ConsoleWriteParams>() == 24);
@@ -197,11 +224,12 @@ mod tests {
             Hypercall::Panic,
             Hypercall::Shutdown,
             Hypercall::ScrubFrames,
+            Hypercall::CpuStart,
         ] {
             assert_eq!(Hypercall::from_port(call.port()), Some(call));
         }
         assert_eq!(Hypercall::from_port(0x3f8), None);
-        assert_eq!(Hypercall::from_port(0x507), None);
+        assert_eq!(Hypercall::from_port(0x508), None);
     }
 
     #[test]

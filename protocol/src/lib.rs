@@ -35,7 +35,7 @@ pub mod syscall;
 /// Version of the whole ABI in this crate. The VMM writes it into
 /// [`boot::BootInfo::version`] and the kernel refuses to boot on a mismatch, so a
 /// stale kernel image is reported instead of misinterpreted.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Copies `src` into a fixed-size, NUL-padded name field, truncating at a
 /// character boundary if needed. Used for process and program names.

@@ -221,6 +221,8 @@ pub struct BootOptions {
     pub debug_flags: u32,
     /// Guest TSC frequency (0 if unknown).
     pub tsc_khz: u64,
+    /// vCPUs the VM has.
+    pub cpus: u32,
 }
 
 /// The result of [`prepare`].
@@ -332,6 +334,7 @@ pub fn prepare(
     boot_info.host_flavor = options.host as u32;
     boot_info.gate_preference = options.gate as u32;
     boot_info.scrub_strategy = options.scrub as u32;
+    boot_info.cpu_count = options.cpus;
     boot_info.debug_flags = options.debug_flags;
     boot_info.mem_size = mem;
     boot_info.tsc_khz = options.tsc_khz;
@@ -445,6 +448,7 @@ mod tests {
             scrub: ScrubStrategy::Auto,
             debug_flags: 0,
             tsc_khz: 1,
+            cpus: 1,
         };
         let prepared = prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
@@ -483,6 +487,7 @@ mod tests {
             scrub: ScrubStrategy::Hypercall,
             debug_flags: 0,
             tsc_khz: 0,
+            cpus: 1,
         };
         prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();

@@ -438,6 +438,37 @@ pub struct Expected<'a> {
     /// The gate the kernel announced (`GATE_KIND_*`); `None` before its
     /// `KernelReady` event (EFER.SCE is not checked then).
     pub gate_kind: Option<u32>,
+    /// Which vCPU the state is of: CPU 0's stacks are the kernel image's
+    /// symbols, an application processor's are in its window of
+    /// [`design::CPU_STACKS_VA`] (`superos_protocol::cpu::ap_stack`).
+    pub cpu: u32,
+}
+
+/// The top of `cpu`'s `stack` as the design places it, with words for a
+/// finding, or a finding that it cannot be known.
+fn stack_top(
+    found: &mut Findings,
+    image: &KernelImage,
+    cpu: u32,
+    stack: design::CpuStack,
+) -> Option<(u64, String)> {
+    if cpu != 0 {
+        let Some((_, top)) = design::ap_stack(cpu, stack) else {
+            found.add(format!("CPU {cpu} has no stacks in the design (at most {} CPUs)", design::MAX_CPUS));
+            return None;
+        };
+        let what = match stack {
+            design::CpuStack::Kernel => "kernel stack".to_string(),
+            design::CpuStack::Ist(i) => format!("IST stack for vector {}", IST_SLOTS[i].vector),
+        };
+        return Some((top, format!("CPU {cpu}'s {what}")));
+    }
+    let name = match stack {
+        design::CpuStack::Kernel => symbols::KERNEL_STACK_TOP,
+        design::CpuStack::Ist(i) => IST_SLOTS[i].top_symbol,
+    };
+    let top = symbol(found, image, name, "a stack top")?;
+    Some((top, format!("`{name}`")))
 }
 
 /// Findings of one comparison, in words, before they become violations.
@@ -724,13 +755,13 @@ fn registers(found: &mut Findings, state: &CpuState, expected: Expected<'_>) {
     if u64::from(state.idt.limit) != IDT_LIMIT {
         found.add(format!("IDTR limit is {:#x}, expected {IDT_LIMIT:#x} (256 gates)", state.idt.limit));
     }
-    msrs(found, state, image);
+    msrs(found, state, image, expected.cpu);
 }
 
-fn msrs(found: &mut Findings, state: &CpuState, image: &KernelImage) {
+fn msrs(found: &mut Findings, state: &CpuState, image: &KernelImage, cpu: u32) {
     let name_of = |index: u32| MSRS.iter().find(|(i, _)| *i == index).map_or("?", |(_, n)| n);
     let foreign = || format!("the entry that kills the caller, `{}`", symbols::FOREIGN_ENTRY);
-    let stack = || format!("the kernel stack top, `{}`", symbols::KERNEL_STACK_TOP);
+    let kernel_stack = stack_top(found, image, cpu, design::CpuStack::Kernel);
     let entries: [(u32, Option<u64>, String, bool); 8] = [
         (
             msr::STAR,
@@ -761,8 +792,8 @@ fn msrs(found: &mut Findings, state: &CpuState, image: &KernelImage) {
         // (KVM reads them back so there): the symbol or its low half.
         (
             msr::SYSENTER_ESP,
-            symbol(found, image, symbols::KERNEL_STACK_TOP, "SYSENTER_ESP and TSS.RSP0"),
-            stack(),
+            kernel_stack.as_ref().map(|(top, _)| *top),
+            format!("the kernel stack top, {}", kernel_stack.as_ref().map_or("?", |(_, what)| what.as_str())),
             true,
         ),
         (msr::SYSENTER_EIP, image.symbols.get(symbols::FOREIGN_ENTRY).copied(), foreign(), true),
@@ -803,7 +834,7 @@ fn tables(found: &mut Findings, state: &CpuState, expected: Expected<'_>, ram: &
         }
     };
     gdt(found, state, ram);
-    tss(found, state, image, ram);
+    tss(found, state, image, expected.cpu, ram);
     idt(found, state, text, ram);
 }
 
@@ -909,7 +940,7 @@ fn tss_descriptor(found: &mut Findings, state: &CpuState, low: u64, high: Option
     }
 }
 
-fn tss(found: &mut Findings, state: &CpuState, image: &KernelImage, ram: &GuestRam) {
+fn tss(found: &mut Findings, state: &CpuState, image: &KernelImage, cpu: u32, ram: &GuestRam) {
     let base = state.tr.base;
     let Some(bytes) = read_table_in(found, state, ram, "TSS", base, TSS_SIZE) else { return };
     let u64_at = |offset: usize| {
@@ -918,14 +949,11 @@ fn tss(found: &mut Findings, state: &CpuState, image: &KernelImage, ram: &GuestR
         u64::from_le_bytes(raw)
     };
     // RSP0: the kernel stack; RSP1 and RSP2 unused.
-    let stack_top = image.symbols.get(symbols::KERNEL_STACK_TOP).copied();
+    let kernel_stack = stack_top(found, image, cpu, design::CpuStack::Kernel);
     let rsp0 = u64_at(4);
-    if let Some(top) = stack_top {
-        if rsp0 != top {
-            found.add_at(
-                format!("TSS.RSP0 is {rsp0:#x}, expected {top:#x} (`{}`)", symbols::KERNEL_STACK_TOP),
-                base + 4,
-            );
+    if let Some((top, what)) = &kernel_stack {
+        if rsp0 != *top {
+            found.add_at(format!("TSS.RSP0 is {rsp0:#x}, expected {top:#x} ({what})"), base + 4);
         }
     }
     for (ring, offset) in [(1, 12), (2, 20)] {
@@ -939,26 +967,23 @@ fn tss(found: &mut Findings, state: &CpuState, image: &KernelImage, ram: &GuestR
     }
     // The IST slots: the designed ones at their stack tops, the rest zero.
     let mut stacks = Vec::new();
-    if stack_top == Some(rsp0) {
+    if kernel_stack.map(|(top, _)| top) == Some(rsp0) {
         stacks.push(("RSP0 (the kernel stack)".to_string(), rsp0));
     }
     for slot in 1..=7u8 {
         let offset = 0x24 + 8 * (usize::from(slot) - 1);
         let value = u64_at(offset);
-        match IST_SLOTS.iter().find(|s| s.slot == slot) {
-            Some(designed) => {
-                let Some(&top) = image.symbols.get(designed.top_symbol) else {
-                    found.add(format!(
-                        "the kernel ELF has no symbol `{}`: TSS.IST{slot} cannot be checked",
-                        designed.top_symbol
-                    ));
+        match IST_SLOTS.iter().position(|s| s.slot == slot) {
+            Some(index) => {
+                let designed = IST_SLOTS[index];
+                let Some((top, what)) = stack_top(found, image, cpu, design::CpuStack::Ist(index)) else {
                     continue;
                 };
                 if value != top {
                     found.add_at(
                         format!(
-                            "TSS.IST{slot} (vector {}) is {value:#x}, expected {top:#x} (`{}`)",
-                            designed.vector, designed.top_symbol
+                            "TSS.IST{slot} (vector {}) is {value:#x}, expected {top:#x} ({what})",
+                            designed.vector
                         ),
                         base + offset as u64,
                     );
@@ -1243,7 +1268,7 @@ mod tests {
         }
 
         fn findings(&self, gate_kind: Option<u32>) -> Vec<String> {
-            check(&self.state, Expected { image: &self.image, gate_kind }, &self.ram)
+            check(&self.state, Expected { image: &self.image, gate_kind, cpu: 0 }, &self.ram)
                 .into_iter()
                 .inspect(|v| assert_eq!(v.invariant, Invariant::CpuStateIntact))
                 .map(|v| v.details)
@@ -1522,7 +1547,7 @@ mod tests {
                 cr4: next(),
                 ..Default::default()
             };
-            let _ = check(&state, Expected { image: &image, gate_kind: Some(next() as u32) }, &ram);
+            let _ = check(&state, Expected { image: &image, gate_kind: Some(next() as u32), cpu: 0 }, &ram);
         }
     }
 
@@ -1566,7 +1591,7 @@ mod tests {
         let events = [
             entry(Event::HypercallRefused { port: 0x501, status: 2 }),
             entry(Event::GateSelfTestFailed { gate_kind: 1, vector: 6, rip: 0, error_code: 0 }),
-            entry(Event::KernelReady { gate_kind: 2, free_frames: 1, total_frames: 2 }),
+            entry(Event::KernelReady { gate_kind: 2, free_frames: 1, total_frames: 2, cpus: 1 }),
             entry(Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0 }),
         ];
         assert_eq!(gate_kind(&events), Some(2));

@@ -49,11 +49,12 @@ fn fields(event: &Event) -> Value {
     let quota = |quota: Option<QuotaKind>| json!(quota.map(QuotaKind::name));
     let spawn_error = |error: Option<SpawnError>| json!(error.map(SpawnError::name));
     match *event {
-        Event::KernelReady { gate_kind, free_frames, total_frames } => json!({
+        Event::KernelReady { gate_kind, free_frames, total_frames, cpus } => json!({
             "gate_kind": gate_kind,
             "gate": gate_kind_name(gate_kind),
             "free_frames": free_frames,
             "total_frames": total_frames,
+            "cpus": cpus,
         }),
         Event::GateSelfTestFailed { gate_kind, vector, rip, error_code } => json!({
             "gate_kind": gate_kind,
@@ -158,9 +159,14 @@ mod tests {
     fn cases() -> Vec<(Event, Value)> {
         vec![
             (
-                Event::KernelReady { gate_kind: GATE_KIND_INT3, free_frames: 15688, total_frames: 15697 },
+                Event::KernelReady {
+                    gate_kind: GATE_KIND_INT3,
+                    free_frames: 15688,
+                    total_frames: 15697,
+                    cpus: 1,
+                },
                 json!({"kind": "kernel-ready", "gate_kind": GATE_KIND_INT3, "gate": "int3",
-                       "free_frames": 15688, "total_frames": 15697}),
+                       "free_frames": 15688, "total_frames": 15697, "cpus": 1}),
             ),
             (
                 Event::GateSelfTestFailed {

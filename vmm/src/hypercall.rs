@@ -9,7 +9,8 @@ use crate::events::EventRing;
 use crate::monitor::Stop;
 use crate::session::Session;
 use superos_protocol::hypercall::{
-    self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, Hypercall, PanicParams, ScrubFramesParams,
+    self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, CpuStartParams, Hypercall, PanicParams,
+    ScrubFramesParams,
 };
 use superos_protocol::PROTOCOL_VERSION;
 use thiserror::Error;
@@ -32,6 +33,8 @@ pub enum Request {
     Shutdown(u32),
     /// Zero freed frames; parameter block at the GPA.
     ScrubFrames(u64),
+    /// Start an application processor; parameter block at the GPA.
+    CpuStart(u64),
 }
 
 /// A port write that is not a well-formed hypercall.
@@ -65,6 +68,7 @@ pub fn decode(port: u16, data: &[u8]) -> Result<Request, DecodeError> {
         Hypercall::Panic => Request::Panic(gpa),
         Hypercall::Shutdown => Request::Shutdown(value),
         Hypercall::ScrubFrames => Request::ScrubFrames(gpa),
+        Hypercall::CpuStart => Request::CpuStart(gpa),
     })
 }
 
@@ -138,7 +142,34 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
             scrub_frames(session, gpa);
             Flow::Continue
         }
+        Request::CpuStart(gpa) => {
+            cpu_start(session, gpa);
+            Flow::Continue
+        }
     }
+}
+
+/// Accepts an AP start (its thread starts it once this exit is handled:
+/// [`crate::aps`]) or refuses it with `STATUS_BAD_ARGUMENT` and a warning.
+fn cpu_start(session: &mut Session<'_>, gpa: u64) {
+    let Some(params) = read_params::<CpuStartParams>(session, Hypercall::CpuStart, gpa) else {
+        return;
+    };
+    let status = match session.cpu_starts.accept(&params) {
+        Ok(start) => {
+            tracing::info!(
+                cpu = start.cpu,
+                rip = format_args!("{:#x}", start.rip),
+                "starting an application processor"
+            );
+            hc::STATUS_OK
+        }
+        Err(reason) => {
+            session.warn(format!("hypercall cpu-start refused: {reason}"));
+            hc::STATUS_BAD_ARGUMENT
+        }
+    };
+    write_status(session, gpa, core::mem::offset_of!(CpuStartParams, status), &status);
 }
 
 /// Reads a parameter block, or logs why it could not.

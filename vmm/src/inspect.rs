@@ -1068,7 +1068,7 @@ pub fn check(analysis: &Analysis, ram: &GuestRam, at: String) -> CheckResult {
         evaluate(&analysis.view, &analysis.walk, ram, &analysis.facts, analysis.error.as_ref());
     let cpu = match &analysis.cpu {
         Some(capture) => {
-            let expected = cpu::Expected { image: &analysis.image, gate_kind: analysis.gate_kind };
+            let expected = cpu::Expected { image: &analysis.image, gate_kind: analysis.gate_kind, cpu: 0 };
             violations.extend(listed(cpu::check(&capture.state, expected, ram)));
             format!("read {}", capture.at)
         }

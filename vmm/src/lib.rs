@@ -34,6 +34,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
+pub mod aps;
 pub mod arch;
 pub mod bench;
 pub mod boot;

@@ -114,6 +114,10 @@ struct RunArgs {
     /// Guest memory in MiB (a multiple of 2, 16 to 3072); overrides the scenario's.
     #[arg(long, value_name = "MIB")]
     mem: Option<u64>,
+    /// vCPUs (1 to 8); overrides the scenario's `[vm] cpus` (default 1). The kernel
+    /// starts the others at boot; today they come online and idle (issue 14).
+    #[arg(long, value_name = "N", value_parser = parse_cpus)]
+    cpus: Option<u32>,
     /// Stop the guest after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = run::DEFAULT_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -161,6 +165,11 @@ struct RunArgs {
     /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
     #[arg(long, value_enum, hide = true)]
     debug_inject: Vec<Inject>,
+}
+
+fn parse_cpus(text: &str) -> Result<u32, String> {
+    let n: i64 = text.parse().map_err(|_| format!("`{text}` is not a number of vCPUs"))?;
+    superos_vmm::scenario::parse_cpus(n)
 }
 
 fn parse_check(text: &str) -> Result<CheckMode, String> {
@@ -370,6 +379,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         scenario,
         kernel,
         memory_mib: args.mem,
+        cpus: args.cpus,
         timeout: Duration::from_secs_f64(args.timeout),
         gate: match args.gate {
             Gate::Auto => GatePreference::Auto,

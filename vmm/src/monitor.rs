@@ -75,17 +75,34 @@ pub type VcpuTamperFn = dyn FnMut(&VcpuFd, &GuestRam, &EventEntry) -> bool + Sen
 /// at an event, before that event's CPU-state check. Not for production
 /// use.
 #[derive(Clone)]
-pub struct VcpuTamper(Arc<Mutex<Box<VcpuTamperFn>>>);
+pub struct VcpuTamper {
+    cpu: u32,
+    callback: Arc<Mutex<Box<VcpuTamperFn>>>,
+}
 
 impl VcpuTamper {
-    /// Wraps a callback.
+    /// Wraps a callback that changes CPU 0.
     pub fn new(callback: impl FnMut(&VcpuFd, &GuestRam, &EventEntry) -> bool + Send + 'static) -> VcpuTamper {
-        VcpuTamper(Arc::new(Mutex::new(Box::new(callback))))
+        VcpuTamper::on_cpu(0, callback)
+    }
+
+    /// Wraps a callback that changes vCPU `cpu` (an application processor
+    /// is paused while it runs).
+    pub fn on_cpu(
+        cpu: u32,
+        callback: impl FnMut(&VcpuFd, &GuestRam, &EventEntry) -> bool + Send + 'static,
+    ) -> VcpuTamper {
+        VcpuTamper { cpu, callback: Arc::new(Mutex::new(Box::new(callback))) }
+    }
+
+    /// The vCPU it changes.
+    pub fn cpu(&self) -> u32 {
+        self.cpu
     }
 
     /// Calls the hook; true once it has tampered.
     pub fn call(&self, vcpu: &VcpuFd, ram: &GuestRam, entry: &EventEntry) -> bool {
-        match self.0.lock() {
+        match self.callback.lock() {
             Ok(mut callback) => callback(vcpu, ram, entry),
             Err(_) => true,
         }
@@ -376,11 +393,14 @@ impl Monitor {
         &mut self,
         ram: &GuestRam,
         trigger: Trigger,
+        cpu: u32,
         state: CpuState,
         read_time: Duration,
     ) -> Option<Stop> {
-        let violations = self.checker.check_cpu(ram, &state, read_time);
-        self.last_cpu = Some(CpuCapture { at: format!("at {trigger}"), state });
+        let violations = self.checker.check_cpu(ram, cpu, &state, read_time);
+        if cpu == 0 {
+            self.last_cpu = Some(CpuCapture { at: format!("at {trigger}"), state });
+        }
         self.record(violations, trigger)
     }
 
@@ -599,6 +619,7 @@ mod tests {
                 gate_kind: 2,
                 free_frames: 1,
                 total_frames: 1,
+                cpus: 1,
             },
         };
         let events = vec![events[0], ready];
@@ -608,19 +629,19 @@ mod tests {
         // A made-up state against an image without symbols or CPUID: findings,
         // recorded once each however often they are seen.
         let state = CpuState { cr0: 0x8005_0033, ..Default::default() };
-        let stop = monitor.check_cpu(&ram, Trigger::Event(0), state.clone(), Duration::from_micros(5));
+        let stop = monitor.check_cpu(&ram, Trigger::Event(0), 0, state.clone(), Duration::from_micros(5));
         assert_eq!(stop, None, "keep going");
         let first = monitor.violations.len();
         assert!(first > 0);
         assert!(monitor.violations.iter().all(|v| v.violation.invariant == Invariant::CpuStateIntact));
         assert!(monitor.violations.iter().any(|v| v.violation.details.contains("no symbol `syscall_entry`")));
-        monitor.check_cpu(&ram, Trigger::Shutdown, state, Duration::ZERO);
+        monitor.check_cpu(&ram, Trigger::Shutdown, 0, state, Duration::ZERO);
         assert_eq!(monitor.violations.len(), first, "the same findings are kept once");
         assert_eq!(monitor.checker.stats.cpu_checks, 2);
         assert_eq!(monitor.last_cpu.as_ref().map(|c| c.at.as_str()), Some("at shutdown"));
         // Without keep_going, a finding stops the guest with the trigger.
         let mut strict = Monitor::new(CheckMode::Exit, false, None, vec![]);
-        let stop = strict.check_cpu(&ram, Trigger::Ring3(0x40_0000), CpuState::default(), Duration::ZERO);
+        let stop = strict.check_cpu(&ram, Trigger::Ring3(0x40_0000), 0, CpuState::default(), Duration::ZERO);
         let stop = stop.expect("a stop");
         assert_eq!(
             (stop.at.as_str(), stop.invariants.as_slice()),
@@ -630,6 +651,7 @@ mod tests {
         strict.check_cpu(
             &ram,
             Trigger::Panic,
+            0,
             CpuState { rflags: 3 << 12, ..Default::default() },
             Duration::ZERO,
         );

@@ -15,6 +15,7 @@
 //! the vCPU thread asks [`Control::after_exit`] whether a query wants it
 //! held at this point.
 
+use crate::aps::{ApStop, Aps, CpuStarts, Paused};
 use crate::boot::{self, BootError, BootOptions};
 use crate::check::{CheckMode, CheckStats, Invariant, KernelImage};
 use crate::console::ConsoleLine;
@@ -36,6 +37,7 @@ use std::sync::mpsc;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
+use superos_protocol::cpu as cpu_design;
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::hypercall::Hypercall;
 use superos_protocol::layout::BOOT_INFO_GPA;
@@ -53,6 +55,8 @@ pub struct RunConfig {
     pub kernel: Cow<'static, [u8]>,
     /// Guest memory in MiB; overrides the scenario's.
     pub memory_mib: Option<u64>,
+    /// vCPUs; overrides the scenario's (default 1).
+    pub cpus: Option<u32>,
     /// Watchdog: the guest is stopped after this long.
     pub timeout: Duration,
     /// Which system-call gate the kernel should try first.
@@ -91,6 +95,7 @@ impl RunConfig {
             scenario,
             kernel: Cow::Borrowed(images::KERNEL_ELF),
             memory_mib: None,
+            cpus: None,
             timeout: DEFAULT_TIMEOUT,
             gate: GatePreference::Auto,
             scrub: ScrubStrategy::Auto,
@@ -443,13 +448,15 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     // The kernel's text and read-only data go into a read-only memory slot:
     // the range comes from the ELF the VMM loads, not from the kernel.
     let layout = boot::check_kernel_elf(&config.kernel, ram.size())?;
-    let mut vm = Vm::new(&ram, layout.read_only)?;
+    let cpus = config.cpus.or(config.scenario.cpus).unwrap_or(1);
+    let mut vm = Vm::new(&ram, layout.read_only, cpus)?;
     let options = BootOptions {
         host,
         gate: config.gate,
         scrub: config.scrub,
         debug_flags: config.debug_flags,
         tsc_khz: vm.tsc_khz(),
+        cpus,
     };
     let prepared = boot::prepare(&ram, &config.kernel, &config.scenario, options)?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
@@ -482,11 +489,15 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
             monitor.checker.log_writes(Box::new(log), ram.size() / superos_protocol::layout::PAGE_SIZE);
         }
     }
+    let text_symbol = |name: &str| image.symbols.get(name).copied();
+    let text = text_symbol(cpu_design::symbols::TEXT_START).zip(text_symbol(cpu_design::symbols::TEXT_END));
     let mut session = Session::new(&ram, config.started, config.echo, names)
         .with_event_format(config.events)
         .with_limits(config.limits)
         .with_read_only(vm.read_only())
         .with_monitor(monitor);
+    session.cpu_starts = CpuStarts::new(cpus, text, ram.size());
+    let aps = Aps::new(std::mem::take(&mut vm.aps));
     let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
     let control = attached.control();
     install_kick_handler();
@@ -507,23 +518,40 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         let session = &mut session;
         let kicks = &kicks;
         let symbols = &symbols;
-        let handle = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn_scoped(scope, move || {
-                // SAFETY: pthread_self has no preconditions.
-                let thread = unsafe { libc::pthread_self() };
-                if let Some(control) = control {
-                    control.vcpu_started(thread);
-                }
-                let _ = sender.send(VcpuMessage::Started(thread));
-                let result = vcpu_loop(vcpu, session, kicks, symbols, control, vcpu_tamper);
-                if let Some(control) = control {
-                    control.vcpu_exited();
-                }
-                let _ = sender.send(VcpuMessage::Done);
-                result
-            })
-            .map_err(|e| RunError::Thread(e.to_string()))?;
+        let aps = &aps;
+        for cpu in 1..=aps.len() as u32 {
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{cpu}"))
+                .spawn_scoped(scope, move || aps.run_ap(cpu));
+            if let Err(error) = spawned {
+                aps.stop();
+                return Err(RunError::Thread(error.to_string()));
+            }
+        }
+        let spawned = std::thread::Builder::new().name("vcpu0".into()).spawn_scoped(scope, move || {
+            // SAFETY: pthread_self has no preconditions.
+            let thread = unsafe { libc::pthread_self() };
+            aps.set_bootstrap_thread(thread);
+            if let Some(control) = control {
+                control.vcpu_started(thread);
+            }
+            let _ = sender.send(VcpuMessage::Started(thread));
+            let result = vcpu_loop(vcpu, aps, session, kicks, symbols, control, vcpu_tamper);
+            // The run is over: the application processors' threads end.
+            aps.stop();
+            if let Some(control) = control {
+                control.vcpu_exited();
+            }
+            let _ = sender.send(VcpuMessage::Done);
+            result
+        });
+        let handle = match spawned {
+            Ok(handle) => handle,
+            Err(error) => {
+                aps.stop();
+                return Err(RunError::Thread(error.to_string()));
+            }
+        };
         let thread = match receiver.recv() {
             Ok(VcpuMessage::Started(thread)) => thread,
             _ => return Err(RunError::Thread("the vCPU thread exited before starting".into())),
@@ -750,6 +778,7 @@ fn hypercall_name(request: &hypercall::Request) -> &'static str {
         Panic(_) => "panic",
         Shutdown(_) => "shutdown",
         ScrubFrames(_) => "scrub-frames",
+        CpuStart(_) => "cpu-start",
     }
 }
 
@@ -764,6 +793,7 @@ type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>, Option<C
 /// recorded).
 fn cpu_check_after_exit(
     vcpu: &VcpuFd,
+    aps: Option<&Paused<'_>>,
     session: &mut Session<'_>,
     tamper: &mut Option<VcpuTamper>,
     events_before: usize,
@@ -771,14 +801,41 @@ fn cpu_check_after_exit(
 ) -> Step {
     if let Some(hook) = tamper.as_ref() {
         let fresh = session.events.get(events_before..).unwrap_or_default();
-        if fresh.iter().any(|entry| hook.call(vcpu, session.ram, entry)) {
+        let tampered = match hook.cpu() {
+            0 => fresh.iter().any(|entry| hook.call(vcpu, session.ram, entry)),
+            cpu => aps
+                .into_iter()
+                .flat_map(Paused::vcpus)
+                .filter(|(ap, _)| *ap == cpu)
+                .any(|(_, ap)| fresh.iter().any(|entry| hook.call(&ap, session.ram, entry))),
+        };
+        if tampered {
             *tamper = None;
         }
     }
     let Some(trigger) = session.cpu_check_due() else { return step };
     let started = Instant::now();
     let state = cpu::capture(vcpu);
-    let Some(stop) = session.check_cpu(trigger, state, started.elapsed()) else { return step };
+    let mut stop = session.check_cpu(trigger, 0, state, started.elapsed());
+    // Every application processor too: paused, so read at the same point.
+    for (cpu, ap) in aps.into_iter().flat_map(Paused::vcpus) {
+        let started = Instant::now();
+        let state = cpu::capture(&ap);
+        if let Some(found) = session.check_cpu(trigger, cpu, state, started.elapsed()) {
+            stop = Some(match stop {
+                Some(mut stop) => {
+                    for invariant in found.invariants {
+                        if !stop.invariants.contains(&invariant) {
+                            stop.invariants.push(invariant);
+                        }
+                    }
+                    stop
+                }
+                None => found,
+            });
+        }
+    }
+    let Some(stop) = stop else { return step };
     match step {
         Step::Continue | Step::Stop(GuestExit::Shutdown { .. }) => {
             Step::Stop(GuestExit::InvariantViolated { at: stop.at, invariants: stop.invariants })
@@ -792,6 +849,25 @@ fn cpu_check_after_exit(
             Step::Stop(GuestExit::InvariantViolated { at, invariants })
         }
         other => other,
+    }
+}
+
+/// An application processor stopped the guest: a panic hypercall is the
+/// kernel's panic (handled as if CPU 0 had made it); anything else ends
+/// the run as an unexpected exit that names the vCPU.
+fn ap_stopped(session: &mut Session<'_>, stop: ApStop) -> GuestExit {
+    match stop {
+        ApStop::Hypercall { request: request @ hypercall::Request::Panic(_), .. } => {
+            match hypercall::handle(session, request) {
+                Flow::Panic(report) => GuestExit::KernelPanic(report),
+                _ => GuestExit::UnexpectedExit("a panic hypercall from an application processor".into()),
+            }
+        }
+        ApStop::Hypercall { cpu, request } => GuestExit::UnexpectedExit(format!(
+            "vCPU {cpu}: hypercall {} (application processors make none yet)",
+            hypercall_name(&request)
+        )),
+        ApStop::Exit { cpu, what } => GuestExit::UnexpectedExit(format!("vCPU {cpu}: {what}")),
     }
 }
 
@@ -819,6 +895,7 @@ fn final_cpu_state(
 
 fn vcpu_loop(
     vcpu: &mut VcpuFd,
+    aps: &Aps,
     session: &mut Session<'_>,
     kicks: &Kicks,
     symbols: &KernelSymbols,
@@ -839,7 +916,10 @@ fn vcpu_loop(
         let mut event_exit = false;
         let mut refused_write = None;
         let events_before = session.events.len();
-        let step = match vcpu.run() {
+        let result = vcpu.run();
+        // The VMM handles this exit with every other vCPU out of KVM_RUN.
+        let paused = (!aps.is_empty()).then(|| aps.pause());
+        let step = match result {
             Ok(VcpuExit::MmioWrite(gpa, data)) if session.in_read_only(gpa) => {
                 refused_write = Some((gpa, data.to_vec()));
                 Step::Continue
@@ -902,8 +982,15 @@ fn vcpu_loop(
             }
             step => step,
         };
+        // Starts the kernel asked for, and an AP that stopped the guest.
+        aps.start(session.cpu_starts.take_pending());
+        let step = match (step, aps.stopped()) {
+            (Step::Continue, Some(stop)) => Step::Stop(ap_stopped(session, stop)),
+            (step, _) => step,
+        };
         // The CPU state, if this exit ran a check.
-        let step = cpu_check_after_exit(vcpu, session, &mut vcpu_tamper, events_before, step);
+        let step =
+            cpu_check_after_exit(vcpu, paused.as_ref(), session, &mut vcpu_tamper, events_before, step);
         if checks_run(session) != checks_before {
             last_check_end = Some(Instant::now());
         }

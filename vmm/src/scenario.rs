@@ -8,6 +8,7 @@
 //! memory_mib = 64                      # optional; --mem overrides it
 //! check = "every-event"                # optional: when the VMM checks the isolation
 //!                                      # invariants (as `run --check`, which overrides it)
+//! cpus = 2                             # optional, 1 to 8 vCPUs; --cpus overrides it
 //! [[process]]
 //! program = "hello"                    # an embedded example program, or
 //! # path = "build/my-program.elf"      # an ELF file, relative to this file
@@ -85,6 +86,8 @@ pub struct Scenario {
     pub memory_mib: Option<u64>,
     /// When to check the isolation invariants, if the scenario says.
     pub check: Option<CheckMode>,
+    /// vCPUs, if the scenario says.
+    pub cpus: Option<u32>,
     /// The processes, in start order.
     pub processes: Vec<ProcessConfig>,
 }
@@ -158,6 +161,7 @@ struct RawScenario {
 struct RawVm {
     memory_mib: Option<u64>,
     check: Option<String>,
+    cpus: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +241,10 @@ impl Scenario {
             Some(Ok(mode)) => Some(mode),
             None => None,
         };
+        let cpus = match raw.vm.cpus {
+            Some(n) => Some(parse_cpus(n).map_err(|e| scenario_error(format!("[vm] cpus: {e}")))?),
+            None => None,
+        };
         let processes = raw
             .process
             .into_iter()
@@ -257,8 +265,18 @@ impl Scenario {
                 .collect(),
             memory_mib: raw.vm.memory_mib,
             check,
+            cpus,
             processes,
         })
+    }
+}
+
+/// A vCPU count, 1 ..= [`superos_protocol::cpu::MAX_CPUS`].
+pub fn parse_cpus(n: i64) -> Result<u32, String> {
+    let max = superos_protocol::cpu::MAX_CPUS;
+    match u32::try_from(n) {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{n} vCPUs: a VM has 1 to {max}")),
     }
 }
 

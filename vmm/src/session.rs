@@ -175,6 +175,8 @@ pub struct Session<'a> {
     /// MMIO writes and are reported, not ignored.
     pub read_only: Option<(u64, u64)>,
     warnings: u64,
+    /// The kernel's requests to start application processors.
+    pub cpu_starts: crate::aps::CpuStarts,
     /// Boot hellos accepted or refused as a second one (not counting
     /// those refused for a bad version or ring before the first).
     pub hellos: u64,
@@ -206,6 +208,7 @@ impl<'a> Session<'a> {
             monitor: None,
             read_only: None,
             warnings: 0,
+            cpu_starts: Default::default(),
             hellos: 0,
             dropped: Dropped::default(),
             limits: Limits::default(),
@@ -316,18 +319,19 @@ impl<'a> Session<'a> {
         self.monitor.as_mut()?.take_cpu_due()
     }
 
-    /// Checks the vCPU's `state`, read in `read_time` right after the exit
+    /// Checks vCPU `cpu`'s `state`, read in `read_time` right after the exit
     /// whose check was `trigger` (`cpu-state-intact`). `Some` if the guest
     /// must stop.
     pub fn check_cpu(
         &mut self,
         trigger: Trigger,
+        cpu: u32,
         state: crate::cpu::CpuState,
         read_time: Duration,
     ) -> Option<Stop> {
         let ram = self.ram;
         let reported = self.monitor.as_ref()?.violations.len();
-        let stop = self.monitor.as_mut()?.check_cpu(ram, trigger, state, read_time);
+        let stop = self.monitor.as_mut()?.check_cpu(ram, trigger, cpu, state, read_time);
         self.echo_violations(reported);
         stop
     }

@@ -144,7 +144,7 @@ pub fn parse_host_kind(
     HostKind { flavor: HostFlavor::Kvm, virtualization, nested_paging }
 }
 
-/// A VM with guest RAM registered, an in-kernel irqchip and one vCPU.
+/// A VM with guest RAM registered, an in-kernel irqchip and its vCPUs.
 pub struct Vm {
     /// Kept open for the VM's lifetime.
     _kvm: Kvm,
@@ -154,8 +154,11 @@ pub struct Vm {
     slots: Vec<(u64, u64, u32)>,
     /// Host address of guest-physical 0.
     host_address: u64,
-    /// The vCPU.
+    /// The bootstrap vCPU (CPU 0).
     pub vcpu: VcpuFd,
+    /// The application processors' vCPUs (CPUs 1 and up), halted until
+    /// the kernel starts them ([`crate::aps`]).
+    pub aps: Vec<VcpuFd>,
     /// The guest-physical range registered read-only (`[start, end)`), if any.
     read_only: Option<(u64, u64)>,
     /// What the CPUID given to the vCPU says about the protection features.
@@ -168,7 +171,10 @@ impl Vm {
     /// (`KVM_CAP_READONLY_MEM`, which ordinary KVM and the PVM fork both
     /// have): the guest's writes there are dropped and reach the VMM as
     /// MMIO writes. The rest of RAM is ordinary read-write memory.
-    pub fn new(ram: &GuestRam, read_only: Option<(u64, u64)>) -> Result<Vm, VmError> {
+    ///
+    /// `cpus` vCPUs (1 ..= [`superos_protocol::cpu::MAX_CPUS`]) are created,
+    /// each with the host's CPUID and its own APIC ID (its index).
+    pub fn new(ram: &GuestRam, read_only: Option<(u64, u64)>, cpus: u32) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
         vm.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
@@ -187,14 +193,22 @@ impl Vm {
         for (slot, &(start, end, flags)) in slots.iter().enumerate() {
             register_slot(&vm, host_address, slot as u32, start, end, flags).map_err(VmError::SetMemory)?;
         }
-        let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
         // Without the host's CPUID some MSR writes (EFER.SCE) raise #GP.
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::Cpuid)?;
-        vcpu.set_cpuid2(&cpuid).map_err(VmError::Cpuid)?;
+        let mut vcpus = Vec::new();
+        for index in 0..cpus.clamp(1, superos_protocol::cpu::MAX_CPUS) {
+            let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmError::CreateVcpu)?;
+            let mut own = cpuid.clone();
+            with_apic_id(own.as_mut_slice(), index);
+            vcpu.set_cpuid2(&own).map_err(VmError::Cpuid)?;
+            vcpus.push(vcpu);
+        }
         let entries: Vec<_> =
             cpuid.as_slice().iter().map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx)).collect();
         let features = CpuFeatures::from_entries(&entries);
-        Ok(Vm { _kvm: kvm, vm: Arc::new(vm), slots, host_address, vcpu, read_only, features })
+        let vcpu = vcpus.remove(0);
+        let aps = vcpus;
+        Ok(Vm { _kvm: kvm, vm: Arc::new(vm), slots, host_address, vcpu, aps, read_only, features })
     }
 
     /// Turns on KVM's dirty log for the read-write slots and returns the
@@ -239,6 +253,19 @@ impl Vm {
     /// The guest TSC frequency in kHz, or 0 if KVM does not say.
     pub fn tsc_khz(&self) -> u64 {
         self.vcpu.get_tsc_khz().map(u64::from).unwrap_or(0)
+    }
+}
+
+/// Sets the APIC ID CPUID reports for vCPU `index` (leaf 1 EBX[31:24],
+/// and leaf 0xb's x2APIC ID in EDX): the same as the LAPIC's, which KVM
+/// gives each vCPU from its index.
+fn with_apic_id(entries: &mut [kvm_bindings::kvm_cpuid_entry2], index: u32) {
+    for entry in entries {
+        match entry.function {
+            1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (index << 24),
+            0xb | 0x1f => entry.edx = index,
+            _ => {}
+        }
     }
 }
 

@@ -28,6 +28,17 @@ _start:
     .type _start, @function
     .size _start, . - _start
 
+    // An application processor, started by the VMM in long mode on its own
+    // kernel stack (rsp) with rdi = its CPU number.
+    .global ap_start
+ap_start:
+    cli
+    xor ebp, ebp
+    call {ap_main}
+    ud2
+    .type ap_start, @function
+    .size ap_start, . - ap_start
+
     .text
     .macro TRAP_NO_ERROR_CODE vector
     .global trap_stub_\vector
@@ -149,6 +160,7 @@ syscall_user_rsp:
     .quad 0
 "#,
     kernel_main = sym crate::kernel::kernel_main,
+    ap_main = sym crate::kernel::smp::ap_main,
     dispatch = sym crate::kernel::trap_dispatch,
     user_ss = const tables::USER_DATA_SELECTOR,
     user_cs = const tables::USER_CODE_SELECTOR,
@@ -163,6 +175,8 @@ extern "C" {
     pub fn trap_stub_32();
     /// Stub for the spurious vector.
     pub fn trap_stub_255();
+    /// Where an application processor starts.
+    pub fn ap_start();
     /// The `syscall` entry point (LSTAR).
     pub fn syscall_entry();
     /// The entry `CSTAR` and `SYSENTER_EIP` name: kills the caller.

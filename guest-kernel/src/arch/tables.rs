@@ -7,7 +7,7 @@
 
 use super::entry;
 use super::{KernelCell, SPURIOUS_VECTOR, TIMER_VECTOR};
-use superos_protocol::cpu::{self as design, IST_SLOTS};
+use superos_protocol::cpu::{self as design, CpuStack, IST_SLOTS, MAX_CPUS};
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
 use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
@@ -20,35 +20,54 @@ pub use design::{
     USER_DATA_SELECTOR,
 };
 
-static TSS: KernelCell<TaskStateSegment> = KernelCell::new(TaskStateSegment::new());
-static GDT: KernelCell<GlobalDescriptorTable<{ design::GDT_SLOTS }>> =
-    KernelCell::new(GlobalDescriptorTable::empty());
+/// Each CPU's TSS (its kernel and IST stacks) and GDT (whose TSS
+/// descriptor names that TSS); the IDT is shared.
+static TSS: [KernelCell<TaskStateSegment>; MAX_CPUS as usize] =
+    [const { KernelCell::new(TaskStateSegment::new()) }; MAX_CPUS as usize];
+static GDT: [KernelCell<GlobalDescriptorTable<{ design::GDT_SLOTS }>>; MAX_CPUS as usize] =
+    [const { KernelCell::new(GlobalDescriptorTable::empty()) }; MAX_CPUS as usize];
 static IDT: KernelCell<Option<InterruptDescriptorTable>> = KernelCell::new(None);
 
-/// The top of the IST stack for `vector`'s slot, and the slot (0-based, as
-/// the x86_64 crate counts them).
-fn ist_stack(vector: u8) -> (u16, u64) {
-    let slot = IST_SLOTS.iter().find(|s| s.vector == vector).expect("vector has an IST slot");
-    // The symbols are defined by the linker script; only their addresses are taken.
-    let top = match vector {
+/// The top of CPU 0's IST stack for `vector`'s slot (linker-script symbols).
+fn boot_ist_top(vector: u8) -> u64 {
+    match vector {
         8 => core::ptr::addr_of!(entry::__ist_double_fault_top) as u64,
         2 => core::ptr::addr_of!(entry::__ist_nmi_top) as u64,
         1 => core::ptr::addr_of!(entry::__ist_debug_top) as u64,
         18 => core::ptr::addr_of!(entry::__ist_machine_check_top) as u64,
         _ => unreachable!("IST_SLOTS names only these vectors"),
-    };
-    (u16::from(slot.slot) - 1, top)
+    }
 }
 
-/// Loads the GDT, TSS and IDT. Called once, early at boot.
-pub fn init() {
-    // SAFETY: called once at boot before anything else uses these cells.
-    let (tss, gdt, idt) = unsafe { (TSS.get(), GDT.get(), IDT.get()) };
-    let stack_top = core::ptr::addr_of!(entry::__kernel_stack_top) as u64;
-    tss.privilege_stack_table[0] = VirtAddr::new(stack_top);
-    for slot in IST_SLOTS {
-        let (index, top) = ist_stack(slot.vector);
-        tss.interrupt_stack_table[usize::from(index)] = VirtAddr::new(top);
+/// The IST index (0-based, as the x86_64 crate counts them) of `vector`.
+fn ist_index(vector: u8) -> u16 {
+    let slot = IST_SLOTS.iter().find(|s| s.vector == vector).expect("vector has an IST slot");
+    u16::from(slot.slot) - 1
+}
+
+/// The top of `cpu`'s kernel stack: CPU 0's is in the kernel image, the
+/// others' in their windows of [`design::CPU_STACKS_VA`].
+pub fn kernel_stack_top(cpu: u32) -> u64 {
+    match design::ap_stack(cpu, CpuStack::Kernel) {
+        Some((_, top)) => top,
+        None => core::ptr::addr_of!(entry::__kernel_stack_top) as u64,
+    }
+}
+
+/// Fills `cpu`'s TSS and GDT and loads them (segment registers, TR, an
+/// empty LDTR). The stacks of an application processor must be mapped.
+fn load_cpu_tables(cpu: u32) {
+    let index = cpu as usize;
+    // SAFETY: each CPU fills its own TSS and GDT once, before loading them,
+    // and nothing else touches them afterwards.
+    let (tss, gdt) = unsafe { (TSS[index].get(), GDT[index].get()) };
+    tss.privilege_stack_table[0] = VirtAddr::new(kernel_stack_top(cpu));
+    for (i, slot) in IST_SLOTS.iter().enumerate() {
+        let top = match design::ap_stack(cpu, CpuStack::Ist(i)) {
+            Some((_, top)) => top,
+            None => boot_ist_top(slot.vector),
+        };
+        tss.interrupt_stack_table[usize::from(ist_index(slot.vector))] = VirtAddr::new(top);
     }
 
     let null = Descriptor::UserSegment(0);
@@ -61,13 +80,13 @@ pub fn init() {
     gdt.append(null); // 0x38
                       // SAFETY: the TSS is a static that lives for the whole run and is not
                       // moved; it is only modified above, before the descriptor is loaded.
-    let tss_selector = gdt.append(unsafe { Descriptor::tss_segment_unchecked(TSS.as_ptr()) }); // 0x40
+    let tss_selector = gdt.append(unsafe { Descriptor::tss_segment_unchecked(TSS[index].as_ptr()) }); // 0x40
     debug_assert_eq!(code.0, KERNEL_CODE_SELECTOR);
     debug_assert_eq!(tss_selector.0, TSS_SELECTOR);
 
     // SAFETY: the GDT is a static, so the 'static borrow `load` needs holds
     // for as long as the CPU uses it; it is never modified again.
-    unsafe { (*GDT.as_ptr()).load_unsafe() };
+    unsafe { (*GDT[index].as_ptr()).load_unsafe() };
     // SAFETY: the selectors index the descriptors appended above; a null
     // LDT selector disables the LDT.
     unsafe {
@@ -81,6 +100,14 @@ pub fn init() {
         // through it.
         core::arch::asm!("lldt {0:x}", in(reg) 0u16, options(nostack, preserves_flags));
     }
+}
+
+/// Loads the bootstrap CPU's GDT and TSS and builds and loads the IDT.
+/// Called once, early at boot.
+pub fn init() {
+    load_cpu_tables(0);
+    // SAFETY: called once at boot before anything else uses the IDT cell.
+    let idt = unsafe { IDT.get() };
 
     // Vectors 15, 22-27 and 31 are reserved by the architecture and never
     // raised; everything else gets its stub.
@@ -93,8 +120,8 @@ pub fn init() {
     unsafe {
         let addr = |v: usize| VirtAddr::new(stubs[v]);
         idt.divide_error.set_handler_addr(addr(0));
-        idt.debug.set_handler_addr(addr(1)).set_stack_index(ist_stack(1).0);
-        idt.non_maskable_interrupt.set_handler_addr(addr(2)).set_stack_index(ist_stack(2).0);
+        idt.debug.set_handler_addr(addr(1)).set_stack_index(ist_index(1));
+        idt.non_maskable_interrupt.set_handler_addr(addr(2)).set_stack_index(ist_index(2));
         // int3 is the system-call gate on PVM hosts: callable from ring 3.
         idt.breakpoint.set_handler_addr(addr(3)).set_privilege_level(PrivilegeLevel::Ring3);
         const _: () = assert!(design::USER_GATE_VECTOR == 3);
@@ -102,7 +129,7 @@ pub fn init() {
         idt.bound_range_exceeded.set_handler_addr(addr(5));
         idt.invalid_opcode.set_handler_addr(addr(6));
         idt.device_not_available.set_handler_addr(addr(7));
-        idt.double_fault.set_handler_addr(addr(8)).set_stack_index(ist_stack(8).0);
+        idt.double_fault.set_handler_addr(addr(8)).set_stack_index(ist_index(8));
         idt.invalid_tss.set_handler_addr(addr(10));
         idt.segment_not_present.set_handler_addr(addr(11));
         idt.stack_segment_fault.set_handler_addr(addr(12));
@@ -110,7 +137,7 @@ pub fn init() {
         idt.page_fault.set_handler_addr(addr(14));
         idt.x87_floating_point.set_handler_addr(addr(16));
         idt.alignment_check.set_handler_addr(addr(17));
-        idt.machine_check.set_handler_addr(addr(18)).set_stack_index(ist_stack(18).0);
+        idt.machine_check.set_handler_addr(addr(18)).set_stack_index(ist_index(18));
         idt.simd_floating_point.set_handler_addr(addr(19));
         idt.virtualization.set_handler_addr(addr(20));
         idt.cp_protection_exception.set_handler_addr(addr(21));
@@ -120,8 +147,24 @@ pub fn init() {
         idt[TIMER_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_32 as *const () as u64));
         idt[SPURIOUS_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_255 as *const () as u64));
     }
-    // SAFETY: the IDT lives in a static and is never modified after loading.
-    unsafe { idt.load_unsafe() };
+    load_idt();
+}
+
+fn load_idt() {
+    // SAFETY: the IDT lives in a static, built once by `init` on the
+    // bootstrap CPU before any application processor starts, and is never
+    // modified after.
+    if let Some(idt) = unsafe { (*IDT.as_ptr()).as_ref() } {
+        // SAFETY: as above: a 'static table that no longer changes.
+        unsafe { idt.load_unsafe() };
+    }
+}
+
+/// Loads application processor `cpu`'s GDT and TSS (its stacks must be
+/// mapped) and the shared IDT.
+pub fn init_application_processor(cpu: u32) {
+    load_cpu_tables(cpu);
+    load_idt();
 }
 
 /// Replaces the IDT with an empty one (debug: forces a triple fault on the

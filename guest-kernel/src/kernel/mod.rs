@@ -19,6 +19,7 @@ pub mod introspect;
 pub mod memory;
 pub mod process;
 pub mod shm;
+pub mod smp;
 pub mod syscalls;
 pub mod user_cpu;
 
@@ -365,7 +366,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         switch_step: None,
         switch_returns: [0; 2],
     };
-    set_entry_msrs(gate);
+    set_entry_msrs(gate, 0);
     kernel.write_gate_page();
     let space = AddressSpace::new(&mut kernel.memory, 0, kernel_pml4, gate_frame, Default::default())
         .unwrap_or_else(|| panic!("out of memory for the gate self-test"));
@@ -564,9 +565,9 @@ fn enable_protection_features() -> bool {
 /// the caller, `SYSENTER_CS` zero (so `sysenter` never enters ring 0), and
 /// EFER.SCE only while `gate` is `syscall` (with the `int3` gate, a
 /// `syscall` in ring 3 is #UD).
-fn set_entry_msrs(gate: Gate) {
+fn set_entry_msrs(gate: Gate, cpu: u32) {
     use superos_protocol::cpu::*;
-    let kernel_stack_top = core::ptr::addr_of!(crate::arch::entry::__kernel_stack_top) as u64;
+    let kernel_stack_top = tables::kernel_stack_top(cpu);
     let efer = cpu::rdmsr(msr::EFER);
     let efer = if gate == Gate::Syscall { efer | EFER_SCE } else { efer & !EFER_SCE };
     // SAFETY: architectural MSRs: the entry points are the stubs of
@@ -776,10 +777,12 @@ impl Kernel {
             }
             self.memory.flush_scrub();
             self.phase = Phase::Running;
+            let cpus = self.start_application_processors();
             self.emit(Event::KernelReady {
                 gate_kind: self.gate.kind(),
                 free_frames: self.memory.frames.free_frames(),
                 total_frames: self.memory.frames.total_frames(),
+                cpus,
             });
             self.start_processes(frame);
             return;
@@ -794,7 +797,7 @@ impl Kernel {
             panic!("no working system-call gate: both syscall and int3 failed the self-test");
         }
         self.gate = self.gate.other();
-        set_entry_msrs(self.gate);
+        set_entry_msrs(self.gate, 0);
         self.write_gate_page();
         self.phase = Phase::GateSelfTest { tried_other: true };
         *frame = self_test_frame();

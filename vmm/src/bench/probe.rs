@@ -708,7 +708,7 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
     let kernel = crate::images::KERNEL_ELF;
     let entries = kernel_entries(kernel)?;
     let ram = GuestRam::new(options.memory_mib).map_err(|e| e.to_string())?;
-    let mut vm = Vm::new(&ram, None).map_err(|e| e.to_string())?;
+    let mut vm = Vm::new(&ram, None, 1).map_err(|e| e.to_string())?;
     let host = detect_host_flavor();
     let boot_options = BootOptions {
         host,
@@ -716,6 +716,8 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
         scrub: ScrubStrategy::Auto,
         debug_flags: 0,
         tsc_khz: vm.tsc_khz(),
+        // Single-stepping counts one CPU's instructions.
+        cpus: 1,
     };
     let prepared = boot::prepare(&ram, kernel, scenario, boot_options).map_err(|e| e.to_string())?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA).map_err(|e| e.to_string())?;
