@@ -49,7 +49,10 @@ pub trait Memory {
     /// The recorded owner of a frame (`None` if not managed).
     fn owner(&self, frame: u64) -> Option<FrameOwner>;
     /// Invalidates any cached translation of `va` in the address space whose
-    /// PML4 is `pml4` (a no-op unless it is the live one).
+    /// PML4 is `pml4`, on every CPU, before it returns: this CPU's if the
+    /// space is live here, and every other CPU's where it is live (TLB
+    /// shootdown, `kernel::smp`). Callers free a frame or table only after
+    /// flushing every translation that reached it.
     fn flush(&mut self, pml4: u64, va: u64);
     /// Whether the kernel heap can spare `bytes` for bookkeeping a process
     /// asked for (a shared region's frame list) and still keep the reserve
@@ -64,7 +67,7 @@ pub trait Memory {
         }
     }
     /// Invalidates every cached translation of the address space whose
-    /// PML4 is `pml4` (a no-op unless it is the live one).
+    /// PML4 is `pml4`, on every CPU where it is live, before it returns.
     fn flush_all(&mut self, pml4: u64) {
         let _ = pml4;
     }

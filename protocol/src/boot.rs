@@ -231,6 +231,10 @@ pub const DEBUG_SHALLOW_REVOCATION: u32 = 1 << 13;
 /// pids, whole lines, the largest scrub request and a full event ring per
 /// round. Only the watchdog ends the run.
 pub const DEBUG_ALL_FLOOD: u32 = 1 << 14;
+/// `BootInfo::debug_flags`: the kernel never asks another CPU to flush its
+/// TLB (no shootdown IPI): the bug the SMP revocation tests must catch on
+/// a host whose TLB keeps stale translations (ordinary KVM).
+pub const DEBUG_SKIP_SHOOTDOWN: u32 = 1 << 15;
 
 /// The boot-info block (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]

@@ -192,6 +192,40 @@ pub mod symbols {
     pub const TEXT_START: &str = "__text_start";
     /// End of kernel text.
     pub const TEXT_END: &str = "__text_end";
+    /// The idle context's code (a CPU with nothing to run halts there with
+    /// interrupts on): a vCPU there is not half-way through kernel work.
+    pub const IDLE_LOOP: &str = "idle_loop";
+    /// One past the idle loop.
+    pub const IDLE_LOOP_END: &str = "idle_loop_end";
+    /// Where a CPU halts waiting for the big kernel lock (it holds nothing
+    /// and has changed nothing yet).
+    pub const LOCK_WAIT: &str = "lock_wait";
+    /// One past `lock_wait`.
+    pub const LOCK_WAIT_END: &str = "lock_wait_end";
+    /// Each CPU's `syscall` entry (its LSTAR), by CPU; CPU 0's is also
+    /// [`SYSCALL_ENTRY`].
+    pub const SYSCALL_ENTRIES: [&str; super::MAX_CPUS as usize] = [
+        SYSCALL_ENTRY,
+        "syscall_entry_cpu1",
+        "syscall_entry_cpu2",
+        "syscall_entry_cpu3",
+        "syscall_entry_cpu4",
+        "syscall_entry_cpu5",
+        "syscall_entry_cpu6",
+        "syscall_entry_cpu7",
+    ];
+    /// Each CPU's CSTAR and SYSENTER_EIP entry (kills the caller), by CPU;
+    /// CPU 0's is also [`FOREIGN_ENTRY`].
+    pub const FOREIGN_ENTRIES: [&str; super::MAX_CPUS as usize] = [
+        FOREIGN_ENTRY,
+        "foreign_entry_cpu1",
+        "foreign_entry_cpu2",
+        "foreign_entry_cpu3",
+        "foreign_entry_cpu4",
+        "foreign_entry_cpu5",
+        "foreign_entry_cpu6",
+        "foreign_entry_cpu7",
+    ];
 }
 
 /// Most vCPUs a VM may have (`run --cpus`).

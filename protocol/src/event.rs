@@ -44,7 +44,9 @@ pub struct EventRecord {
     /// Timer ticks since boot when the event happened.
     pub tick: u64,
     /// [`EventKind`] as a raw value.
-    pub kind: u32,
+    pub kind: u16,
+    /// The CPU that logged it.
+    pub cpu: u16,
     /// The process concerned (0 for the kernel itself).
     pub pid: u32,
     /// Kind-specific arguments.
@@ -557,7 +559,7 @@ impl EventRecord {
     pub fn decode(&self) -> Result<Event, UnknownEventKind> {
         let [a0, a1, a2, a3, a4] = self.args;
         let pid = self.pid;
-        let kind = EventKind::from_raw(self.kind).ok_or(UnknownEventKind(self.kind))?;
+        let kind = EventKind::from_raw(u32::from(self.kind)).ok_or(UnknownEventKind(u32::from(self.kind)))?;
         Ok(match kind {
             EventKind::KernelReady => Event::KernelReady {
                 gate_kind: a0 as u32,
@@ -682,7 +684,7 @@ impl Event {
                 (EventKind::ShmAccepted, pid, [region, granter, rights, 0, 0])
             }
         };
-        EventRecord { seq: 0, tick: 0, kind: kind as u32, pid, args }
+        EventRecord { seq: 0, tick: 0, kind: kind as u16, cpu: 0, pid, args }
     }
 }
 
@@ -898,7 +900,7 @@ mod tests {
         let record = EventRecord { kind: 999, ..Default::default() };
         assert_eq!(record.decode(), Err(UnknownEventKind(999)));
         let record = EventRecord {
-            kind: EventKind::ProcessKilled as u32,
+            kind: EventKind::ProcessKilled as u16,
             args: [77, 0, 0, 0, 0],
             ..Default::default()
         };

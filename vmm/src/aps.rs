@@ -6,10 +6,11 @@
 //! and parked ([`Aps::pause`]), so the VMM reads all of guest memory and
 //! every vCPU's registers with no guest instruction running.
 //!
-//! Today the kernel brings its APs online and leaves them halted (issue 14
-//! is in progress, `docs/SMP.md`): an AP that exits to the VMM for any
-//! reason but a kick stops the whole guest, and a panic hypercall from an
-//! AP is reported as the kernel's panic.
+//! An AP's hypercalls and writes into the read-only kernel image are
+//! forwarded ([`Forward`]): its thread hands them to the bootstrap thread,
+//! which owns the session, and waits until they are handled (the
+//! bootstrap thread handles them with every AP paused, as its own exits);
+//! any other exit of an AP stops the guest and names the vCPU.
 
 use crate::arch::regs;
 use crate::hypercall::{self, Request};
@@ -97,23 +98,29 @@ impl CpuStarts {
     }
 }
 
+/// An AP exit the bootstrap thread handles for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// A hypercall.
+    Hypercall(Request),
+    /// A write into the read-only kernel image (KVM dropped it).
+    ReadOnlyWrite {
+        /// Where.
+        gpa: u64,
+        /// What.
+        bytes: Vec<u8>,
+        /// The AP's RIP after the exit.
+        rip: Option<u64>,
+    },
+}
+
 /// Why an AP stopped the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApStop {
-    /// It asked for a hypercall (only a panic is expected of an AP today).
-    Hypercall {
-        /// The CPU.
-        cpu: u32,
-        /// The request.
-        request: Request,
-    },
-    /// Any other exit, or an error.
-    Exit {
-        /// The CPU.
-        cpu: u32,
-        /// What happened.
-        what: String,
-    },
+pub struct ApStop {
+    /// The CPU.
+    pub cpu: u32,
+    /// What happened.
+    pub what: String,
 }
 
 #[derive(Default)]
@@ -130,6 +137,10 @@ struct Gate {
     threads: Vec<Option<libc::pthread_t>>,
     /// The first AP that stopped the guest.
     stopped: Option<ApStop>,
+    /// Exits handed to the bootstrap thread, not yet handled.
+    forwarded: Vec<(u32, Forward)>,
+    /// By AP index: its forwarded exit is not handled yet.
+    waiting: Vec<bool>,
 }
 
 /// The APs' vCPUs and the threads that run them.
@@ -141,8 +152,9 @@ pub struct Aps {
     bootstrap: Mutex<Option<libc::pthread_t>>,
 }
 
-/// How long the pause waits for an AP to leave `KVM_RUN` before kicking it
-/// again (a kick that lands just before it enters `KVM_RUN` is lost).
+/// How long the pause waits for an AP to leave `KVM_RUN` (and an AP for the
+/// bootstrap thread to take its forwarded exit) before kicking again: a kick
+/// that lands just before `KVM_RUN` is lost.
 const KICK_AGAIN: Duration = Duration::from_millis(1);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +179,7 @@ impl Aps {
             gate: Mutex::new(Gate {
                 start: vec![None; count],
                 threads: vec![None; count],
+                waiting: vec![false; count],
                 ..Gate::default()
             }),
             changed: Condvar::new(),
@@ -228,7 +241,7 @@ impl Aps {
             }
         };
         if let Err(what) = self.enter_long_mode(index, start) {
-            self.stop_guest(ApStop::Exit { cpu, what });
+            self.stop_guest(ApStop { cpu, what });
             return;
         }
         loop {
@@ -245,9 +258,9 @@ impl Aps {
             let outcome = {
                 let mut vcpu = lock(&self.vcpus[index]);
                 match vcpu.run() {
-                    Ok(exit) => Some(describe_exit(cpu, exit)),
+                    Ok(exit) => Some(classify_exit(exit)),
                     Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => None,
-                    Err(error) => Some(ApStop::Exit { cpu, what: format!("KVM_RUN failed: {error}") }),
+                    Err(error) => Some(Err(format!("KVM_RUN failed: {error}"))),
                 }
             };
             {
@@ -255,11 +268,57 @@ impl Aps {
                 gate.running -= 1;
                 self.changed.notify_all();
             }
-            if let Some(stop) = outcome {
-                self.stop_guest(stop);
-                return;
+            match outcome {
+                None => {}
+                Some(Ok(forward)) => {
+                    let forward = match forward {
+                        Forward::ReadOnlyWrite { gpa, bytes, .. } => {
+                            let rip = lock(&self.vcpus[index]).get_regs().ok().map(|regs| regs.rip);
+                            Forward::ReadOnlyWrite { gpa, bytes, rip }
+                        }
+                        other => other,
+                    };
+                    if !self.forward(index, cpu, forward) {
+                        return;
+                    }
+                }
+                Some(Err(what)) => {
+                    self.stop_guest(ApStop { cpu, what });
+                    return;
+                }
             }
         }
+    }
+
+    /// Hands `forward` to the bootstrap thread and waits until it is
+    /// handled; false if the run ended first.
+    fn forward(&self, index: usize, cpu: u32, forward: Forward) -> bool {
+        let bootstrap = *lock(&self.bootstrap);
+        let mut gate = lock(&self.gate);
+        gate.forwarded.push((cpu, forward));
+        gate.waiting[index] = true;
+        while gate.waiting[index] && !gate.stop {
+            if let Some(thread) = bootstrap {
+                kick(thread);
+            }
+            gate = self.changed.wait_timeout(gate, KICK_AGAIN).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        !gate.stop
+    }
+
+    /// The exits APs forwarded since the last call (the bootstrap thread
+    /// handles each, then calls [`Aps::answer`]).
+    pub fn take_forwarded(&self) -> Vec<(u32, Forward)> {
+        std::mem::take(&mut lock(&self.gate).forwarded)
+    }
+
+    /// CPU `cpu`'s forwarded exit is handled: it may run on.
+    pub fn answer(&self, cpu: u32) {
+        let mut gate = lock(&self.gate);
+        if let Some(waiting) = gate.waiting.get_mut(cpu as usize - 1) {
+            *waiting = false;
+        }
+        self.changed.notify_all();
     }
 
     fn enter_long_mode(&self, index: usize, start: ApStart) -> Result<(), String> {
@@ -328,15 +387,18 @@ impl Drop for Paused<'_> {
     }
 }
 
-fn describe_exit(cpu: u32, exit: VcpuExit<'_>) -> ApStop {
+/// What the bootstrap thread must handle for an AP's exit, or why the
+/// exit stops the guest.
+fn classify_exit(exit: VcpuExit<'_>) -> Result<Forward, String> {
     match exit {
         VcpuExit::IoOut(port, data) => match hypercall::decode(port, data) {
-            Ok(request) => ApStop::Hypercall { cpu, request },
-            Err(error) => ApStop::Exit { cpu, what: error.to_string() },
+            Ok(request) => Ok(Forward::Hypercall(request)),
+            Err(error) => Err(error.to_string()),
         },
-        VcpuExit::Shutdown => ApStop::Exit { cpu, what: "triple fault (shutdown)".into() },
-        VcpuExit::Hlt => ApStop::Exit { cpu, what: "hlt".into() },
-        other => ApStop::Exit { cpu, what: format!("unexpected exit {other:?}") },
+        VcpuExit::MmioWrite(gpa, data) => Ok(Forward::ReadOnlyWrite { gpa, bytes: data.to_vec(), rip: None }),
+        VcpuExit::Shutdown => Err("triple fault (shutdown)".into()),
+        VcpuExit::Hlt => Err("hlt".into()),
+        other => Err(format!("unexpected exit {other:?}")),
     }
 }
 

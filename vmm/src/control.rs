@@ -248,10 +248,10 @@ impl Control {
 
     /// After a VM exit the run loop is about to resume from. Publishes new
     /// events; if a pause is wanted and this is a consistent point (`event`:
-    /// the exit was an `EventNotify` hypercall; or the vCPU is in ring 3),
-    /// holds the vCPU until the queries are done. True if the guest must
-    /// stop (`quit`).
-    pub fn after_exit(&self, vcpu: &VcpuFd, session: &Session<'_>, event: bool) -> bool {
+    /// the exit was an `EventNotify` hypercall; or the vCPU is in ring 3 and
+    /// `others_quiet`: every other vCPU in ring 3 or idle), holds the vCPU
+    /// until the queries are done. True if the guest must stop (`quit`).
+    pub fn after_exit(&self, vcpu: &VcpuFd, session: &Session<'_>, event: bool, others_quiet: bool) -> bool {
         if session.events.len() > self.published.load(Ordering::SeqCst) {
             let mut state = self.lock();
             self.publish(&mut state, session);
@@ -264,7 +264,7 @@ impl Control {
             session.events.last().map(|entry| Point::Event { seq: entry.seq })
         } else {
             match (vcpu.get_sregs(), vcpu.get_regs()) {
-                (Ok(sregs), Ok(regs)) if sregs.cs.selector & 3 == 3 => {
+                (Ok(sregs), Ok(regs)) if sregs.cs.selector & 3 == 3 && others_quiet => {
                     Some(Point::Ring3 { rip: regs.rip, cr3: sregs.cr3 })
                 }
                 _ => None,

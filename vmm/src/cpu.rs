@@ -86,16 +86,20 @@ pub const MSRS: [(u32, &str); 10] = [
     (msr::KERNEL_GS_BASE, "KERNEL_GS_BASE"),
 ];
 
-/// The kernel symbols the design names: the entry points, the kernel
-/// stack, the text bounds and the IST stack tops.
+/// The kernel symbols the design names: every CPU's entry points, CPU 0's
+/// kernel stack, the text bounds, CPU 0's IST stack tops and the idle loop.
 pub fn design_symbol_names() -> Vec<&'static str> {
     let mut names = vec![
-        symbols::SYSCALL_ENTRY,
-        symbols::FOREIGN_ENTRY,
         symbols::KERNEL_STACK_TOP,
         symbols::TEXT_START,
         symbols::TEXT_END,
+        symbols::IDLE_LOOP,
+        symbols::IDLE_LOOP_END,
+        symbols::LOCK_WAIT,
+        symbols::LOCK_WAIT_END,
     ];
+    names.extend(symbols::SYSCALL_ENTRIES);
+    names.extend(symbols::FOREIGN_ENTRIES);
     names.extend(IST_SLOTS.iter().map(|slot| slot.top_symbol));
     names
 }
@@ -760,7 +764,9 @@ fn registers(found: &mut Findings, state: &CpuState, expected: Expected<'_>) {
 
 fn msrs(found: &mut Findings, state: &CpuState, image: &KernelImage, cpu: u32) {
     let name_of = |index: u32| MSRS.iter().find(|(i, _)| *i == index).map_or("?", |(_, n)| n);
-    let foreign = || format!("the entry that kills the caller, `{}`", symbols::FOREIGN_ENTRY);
+    let index = (cpu as usize).min(design::MAX_CPUS as usize - 1);
+    let (syscall_entry, foreign_entry) = (symbols::SYSCALL_ENTRIES[index], symbols::FOREIGN_ENTRIES[index]);
+    let foreign = || format!("the entry that kills the caller, `{foreign_entry}`");
     let kernel_stack = stack_top(found, image, cpu, design::CpuStack::Kernel);
     let entries: [(u32, Option<u64>, String, bool); 8] = [
         (
@@ -769,18 +775,8 @@ fn msrs(found: &mut Findings, state: &CpuState, image: &KernelImage, cpu: u32) {
             "CS 0x10/SS 0x18 on entry, 0x23 for a 32-bit sysret".into(),
             false,
         ),
-        (
-            msr::LSTAR,
-            symbol(found, image, symbols::SYSCALL_ENTRY, "LSTAR"),
-            format!("`{}`", symbols::SYSCALL_ENTRY),
-            false,
-        ),
-        (
-            msr::CSTAR,
-            symbol(found, image, symbols::FOREIGN_ENTRY, "CSTAR and SYSENTER_EIP"),
-            foreign(),
-            false,
-        ),
+        (msr::LSTAR, symbol(found, image, syscall_entry, "LSTAR"), format!("`{syscall_entry}`"), false),
+        (msr::CSTAR, symbol(found, image, foreign_entry, "CSTAR and SYSENTER_EIP"), foreign(), false),
         (msr::SFMASK, Some(design::SFMASK_VALUE), "IF TF DF IOPL AC NT cleared on entry".into(), false),
         (
             msr::SYSENTER_CS,
@@ -796,7 +792,7 @@ fn msrs(found: &mut Findings, state: &CpuState, image: &KernelImage, cpu: u32) {
             format!("the kernel stack top, {}", kernel_stack.as_ref().map_or("?", |(_, what)| what.as_str())),
             true,
         ),
-        (msr::SYSENTER_EIP, image.symbols.get(symbols::FOREIGN_ENTRY).copied(), foreign(), true),
+        (msr::SYSENTER_EIP, image.symbols.get(foreign_entry).copied(), foreign(), true),
         (msr::KERNEL_GS_BASE, Some(0), "zero: the kernel never uses swapgs".into(), false),
     ];
     for (index, wanted, meaning, low_half_ok) in entries {
@@ -1586,7 +1582,7 @@ mod tests {
 
     #[test]
     fn the_gate_kind_is_the_last_kernel_ready_event_and_the_design_holds_from_the_self_test() {
-        let entry = |event| EventEntry { seq: 0, tick: 0, event };
+        let entry = |event| EventEntry { seq: 0, tick: 0, cpu: None, event };
         assert_eq!(gate_kind(&[]), None);
         let events = [
             entry(Event::HypercallRefused { port: 0x501, status: 2 }),

@@ -124,7 +124,8 @@ fn fields(event: &Event) -> Value {
     }
 }
 
-/// One event as a JSON object: `seq`, `tick`, `kind`, then the event's fields.
+/// One event as a JSON object: `seq`, `tick`, `kind`, then the event's
+/// fields, and `cpu` (the CPU that logged it) on a VM with several.
 pub fn to_json(entry: &EventEntry) -> Value {
     let mut object = Map::new();
     object.insert("seq".into(), json!(entry.seq));
@@ -132,6 +133,9 @@ pub fn to_json(entry: &EventEntry) -> Value {
     object.insert("kind".into(), json!(kind_name(&entry.event)));
     if let Value::Object(fields) = fields(&entry.event) {
         object.extend(fields);
+    }
+    if let Some(cpu) = entry.cpu {
+        object.insert("cpu".into(), json!(cpu));
     }
     Value::Object(object)
 }
@@ -303,7 +307,7 @@ mod tests {
     fn every_event_variant_becomes_a_json_object_with_all_its_fields() {
         let mut kinds_seen = Vec::new();
         for (i, (event, want)) in cases().into_iter().enumerate() {
-            let entry = EventEntry { seq: 100 + i as u64, tick: 7 * i as u64, event };
+            let entry = EventEntry { seq: 100 + i as u64, tick: 7 * i as u64, cpu: None, event };
             let line = to_line(&entry);
             assert!(!line.contains('\n'), "one line per event: {line}");
             let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
@@ -318,7 +322,7 @@ mod tests {
             rest.remove("seq");
             rest.remove("tick");
             assert_eq!(Value::Object(rest), want, "{line}");
-            kinds_seen.push(entry.event.encode().kind);
+            kinds_seen.push(u32::from(entry.event.encode().kind));
         }
         // The cases cover every event kind the protocol defines.
         for raw in 0..256 {
@@ -330,8 +334,12 @@ mod tests {
 
     #[test]
     fn the_documented_example_is_what_comes_out() {
-        let entry =
-            EventEntry { seq: 5, tick: 2, event: Event::ProcessExited { pid: 3, code: 3, preemptions: 0 } };
+        let entry = EventEntry {
+            seq: 5,
+            tick: 2,
+            cpu: None,
+            event: Event::ProcessExited { pid: 3, code: 3, preemptions: 0 },
+        };
         assert_eq!(
             to_line(&entry),
             r#"{"seq":5,"tick":2,"kind":"process-exited","pid":3,"code":3,"preemptions":0}"#

@@ -1699,6 +1699,7 @@ mod tests {
         let spawned = |seq, pid, pml4_gpa| EventEntry {
             seq,
             tick: 0,
+            cpu: None,
             event: Event::ProcessSpawned { pid, spec_index: 0, pml4_gpa },
         };
         let state =

@@ -231,6 +231,8 @@ enum Inject {
     SecondHello,
     /// Revoke only the named capability, not what was derived from it (a violation).
     ShallowRevocation,
+    /// Never ask another CPU to flush its TLB (no TLB shootdown).
+    SkipShootdown,
     /// All guest RAM made resident, then console, scrub and event floods in turn, forever.
     AllFlood,
 }
@@ -371,6 +373,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
                 Inject::EventFlood => boot::DEBUG_EVENT_FLOOD,
                 Inject::SecondHello => boot::DEBUG_SECOND_HELLO,
                 Inject::ShallowRevocation => boot::DEBUG_SHALLOW_REVOCATION,
+                Inject::SkipShootdown => boot::DEBUG_SKIP_SHOOTDOWN,
                 Inject::AllFlood => boot::DEBUG_ALL_FLOOD,
             }
     });

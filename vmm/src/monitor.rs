@@ -485,7 +485,12 @@ mod tests {
     use superos_protocol::event::Event;
 
     fn spawned(seq: u64, pid: u32, pml4: u64) -> EventEntry {
-        EventEntry { seq, tick: 0, event: Event::ProcessSpawned { pid, spec_index: 0, pml4_gpa: pml4 } }
+        EventEntry {
+            seq,
+            tick: 0,
+            cpu: None,
+            event: Event::ProcessSpawned { pid, spec_index: 0, pml4_gpa: pml4 },
+        }
     }
 
     #[test]
@@ -615,6 +620,7 @@ mod tests {
         let ready = EventEntry {
             seq: 1,
             tick: 0,
+            cpu: None,
             event: superos_protocol::event::Event::KernelReady {
                 gate_kind: 2,
                 free_frames: 1,

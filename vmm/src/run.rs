@@ -15,7 +15,7 @@
 //! the vCPU thread asks [`Control::after_exit`] whether a query wants it
 //! held at this point.
 
-use crate::aps::{ApStop, Aps, CpuStarts, Paused};
+use crate::aps::{ApStop, Aps, CpuStarts, Forward, Paused};
 use crate::boot::{self, BootError, BootOptions};
 use crate::check::{CheckMode, CheckStats, Invariant, KernelImage};
 use crate::console::ConsoleLine;
@@ -852,22 +852,73 @@ fn cpu_check_after_exit(
     }
 }
 
-/// An application processor stopped the guest: a panic hypercall is the
-/// kernel's panic (handled as if CPU 0 had made it); anything else ends
-/// the run as an unexpected exit that names the vCPU.
-fn ap_stopped(session: &mut Session<'_>, stop: ApStop) -> GuestExit {
-    match stop {
-        ApStop::Hypercall { request: request @ hypercall::Request::Panic(_), .. } => {
-            match hypercall::handle(session, request) {
-                Flow::Panic(report) => GuestExit::KernelPanic(report),
-                _ => GuestExit::UnexpectedExit("a panic hypercall from an application processor".into()),
+/// Handles the exits application processors forwarded (with every AP
+/// paused, as if they were the bootstrap vCPU's own) and lets each AP run
+/// on. Returns how the run goes on and whether an event hypercall was among
+/// them.
+fn forwarded_exits(
+    aps: &Aps,
+    session: &mut Session<'_>,
+    symbols: &KernelSymbols,
+    exits: &mut BTreeMap<String, u64>,
+    step: Step,
+) -> (Step, bool) {
+    let mut step = step;
+    let mut event = false;
+    for (cpu, forward) in aps.take_forwarded() {
+        let outcome = match forward {
+            Forward::Hypercall(request) => {
+                *exits.entry(format!("hypercall {}", hypercall_name(&request))).or_default() += 1;
+                event |= request == hypercall::Request::EventNotify;
+                match hypercall::handle(session, request) {
+                    Flow::Continue => Step::Continue,
+                    Flow::Shutdown(code) => Step::Stop(GuestExit::Shutdown { code }),
+                    Flow::Panic(report) => Step::Stop(GuestExit::KernelPanic(report)),
+                    Flow::InvariantViolated(Stop { at, invariants }) => {
+                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
+                    }
+                }
             }
+            Forward::ReadOnlyWrite { gpa, bytes, rip } if session.in_read_only(gpa) => {
+                *exits.entry("mmio-write (read-only kernel image)".to_string()).or_default() += 1;
+                let symbol = rip.and_then(|rip| symbols.lookup(rip));
+                match session.read_only_write(gpa, &bytes, rip, symbol) {
+                    Some(Stop { at, invariants }) => {
+                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
+                    }
+                    None => Step::Continue,
+                }
+            }
+            Forward::ReadOnlyWrite { gpa, .. } => {
+                *exits.entry("mmio-write".to_string()).or_default() += 1;
+                session.warn(format!("ignored: MMIO write at {gpa:#x} by vCPU {cpu}"));
+                Step::Continue
+            }
+        };
+        aps.answer(cpu);
+        // The first stop wins (a shutdown after a violation stays a violation).
+        if step == Step::Continue {
+            step = outcome;
         }
-        ApStop::Hypercall { cpu, request } => GuestExit::UnexpectedExit(format!(
-            "vCPU {cpu}: hypercall {} (application processors make none yet)",
-            hypercall_name(&request)
-        )),
-        ApStop::Exit { cpu, what } => GuestExit::UnexpectedExit(format!("vCPU {cpu}: {what}")),
+    }
+    (step, event)
+}
+
+/// Whether every application processor is in ring 3, in the kernel's idle
+/// loop or halted waiting for the big kernel lock (none can be half-way
+/// through kernel work), read while they are paused. `quiet` are the
+/// kernel's `[start, end)` ranges of the latter two, from its ELF.
+fn aps_quiet(aps: Option<&Paused<'_>>, quiet: &[(u64, u64)]) -> bool {
+    aps.into_iter().flat_map(Paused::vcpus).all(|(_, vcpu)| vcpu_quiet(&vcpu, quiet))
+}
+
+/// Whether `vcpu` is in ring 3 or at a RIP in one of the `quiet` ranges.
+fn vcpu_quiet(vcpu: &VcpuFd, quiet: &[(u64, u64)]) -> bool {
+    match (vcpu.get_sregs(), vcpu.get_regs()) {
+        (Ok(sregs), Ok(regs)) => {
+            sregs.cs.selector & 3 == 3 || quiet.iter().any(|&(start, end)| (start..end).contains(&regs.rip))
+        }
+        _ => false,
     }
 }
 
@@ -907,6 +958,14 @@ fn vcpu_loop(
     // `run --paused`: held before the first instruction (`quit` there stops it).
     let mut quit_at_start = control.is_some_and(|control| control.before_start(session));
     let checks_run = |session: &Session<'_>| session.monitor.as_ref().map_or(0, |m| m.checker.stats.checks);
+    let range = |start: &str, end: &str| symbols.address(start).zip(symbols.address(end));
+    let idle: Vec<(u64, u64)> = [
+        range(cpu_design::symbols::IDLE_LOOP, cpu_design::symbols::IDLE_LOOP_END),
+        range(cpu_design::symbols::LOCK_WAIT, cpu_design::symbols::LOCK_WAIT_END),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let mut last_check_end: Option<Instant> = None;
     let exit = loop {
         let checks_before = checks_run(session);
@@ -969,10 +1028,13 @@ fn vcpu_loop(
                     let shortest = &mut monitor.checker.stats.shortest_gap;
                     *shortest = Some(shortest.map_or(gap, |s| s.min(gap)));
                 }
+                // A consistent point: this vCPU in user code and every other
+                // one in user code or idle (none half-way through the kernel).
                 let ring3_rip = match (vcpu.get_sregs(), vcpu.get_regs()) {
                     (Ok(sregs), Ok(regs)) if sregs.cs.selector & 3 == 3 => Some(regs.rip),
                     _ => None,
-                };
+                }
+                .filter(|_| aps_quiet(paused.as_ref(), &idle));
                 match session.kicked(ring3_rip) {
                     Some(Stop { at, invariants }) => {
                         Step::Stop(GuestExit::InvariantViolated { at, invariants })
@@ -982,10 +1044,15 @@ fn vcpu_loop(
             }
             step => step,
         };
-        // Starts the kernel asked for, and an AP that stopped the guest.
+        // What the APs forwarded, the starts the kernel asked for, and an AP
+        // that stopped the guest.
+        let (step, forwarded_event) = forwarded_exits(aps, session, symbols, &mut exits, step);
+        event_exit |= forwarded_event;
         aps.start(session.cpu_starts.take_pending());
         let step = match (step, aps.stopped()) {
-            (Step::Continue, Some(stop)) => Step::Stop(ap_stopped(session, stop)),
+            (Step::Continue, Some(ApStop { cpu, what })) => {
+                Step::Stop(GuestExit::UnexpectedExit(format!("vCPU {cpu}: {what}")))
+            }
             (step, _) => step,
         };
         // The CPU state, if this exit ran a check.
@@ -997,7 +1064,9 @@ fn vcpu_loop(
         // The control socket: hold the vCPU here for a query if this is a
         // consistent point, or stop it (`quit`).
         let step = match (step, control) {
-            (Step::Continue, Some(control)) if control.after_exit(vcpu, session, event_exit) => {
+            (Step::Continue, Some(control))
+                if control.after_exit(vcpu, session, event_exit, aps_quiet(paused.as_ref(), &idle)) =>
+            {
                 Step::Stop(GuestExit::Stopped)
             }
             (step, _) => step,
@@ -1178,7 +1247,7 @@ mod tests {
             std::path::Path::new("."),
         )
         .unwrap();
-        let entry = |event| EventEntry { seq: 0, tick: 0, event };
+        let entry = |event| EventEntry { seq: 0, tick: 0, cpu: None, event };
         let events = [
             entry(Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0 }),
             entry(Event::ProcessSpawned { pid: 2, spec_index: 3, pml4_gpa: 0 }),
@@ -1214,7 +1283,7 @@ mod tests {
             std::path::Path::new("."),
         )
         .unwrap();
-        let entry = |seq, event| EventEntry { seq, tick: 0, event };
+        let entry = |seq, event| EventEntry { seq, tick: 0, cpu: None, event };
         let spawned = |pid, spec_index| Event::ProcessSpawned { pid, spec_index, pml4_gpa: 0 };
         let exited = |pid, code| Event::ProcessExited { pid, code, preemptions: u64::from(pid) };
         let killed = |pid| Event::ProcessKilled {
@@ -1310,7 +1379,7 @@ mod tests {
                     Event::ProcessExited { pid, code: 0, preemptions: 0 },
                 ]
             })
-            .map(|event| EventEntry { seq: 0, tick: 0, event })
+            .map(|event| EventEntry { seq: 0, tick: 0, cpu: None, event })
             .collect();
         let result = outcomes(&scenario, &events[..4]);
         assert!(result[0].as_expected(), "{:?}", result[0]);
@@ -1380,6 +1449,7 @@ mod tests {
             .map(|(pid, spec_index)| EventEntry {
                 seq: 0,
                 tick: 0,
+                cpu: None,
                 event: Event::ProcessSpawned { pid, spec_index, pml4_gpa: 0 },
             })
             .collect();

@@ -100,6 +100,8 @@ pub struct EventEntry {
     pub seq: u64,
     /// Timer tick at which it happened.
     pub tick: u64,
+    /// The CPU that logged it, on a VM with several (`None` on one).
+    pub cpu: Option<u32>,
     /// The decoded event.
     pub event: Event,
 }
@@ -141,7 +143,12 @@ impl EventFormat {
     /// The line printed for `entry` in this format (without a newline).
     pub fn line(self, entry: &EventEntry) -> String {
         match self {
-            EventFormat::Text => format!("  event #{:<3} tick {:<5} {}", entry.seq, entry.tick, entry.event),
+            EventFormat::Text => match entry.cpu {
+                Some(cpu) => {
+                    format!("  event #{:<3} tick {:<5} cpu {cpu} {}", entry.seq, entry.tick, entry.event)
+                }
+                None => format!("  event #{:<3} tick {:<5} {}", entry.seq, entry.tick, entry.event),
+            },
             EventFormat::Json => crate::event_json::to_line(entry),
         }
     }
@@ -433,7 +440,8 @@ impl<'a> Session<'a> {
                         self.process_names.get(spec_index as usize).cloned().unwrap_or_else(|| "?".into());
                     self.pid_names.insert(pid, name);
                 }
-                let entry = EventEntry { seq: record.seq, tick: record.tick, event };
+                let cpu = (self.cpu_starts.cpus() > 1).then_some(u32::from(record.cpu));
+                let entry = EventEntry { seq: record.seq, tick: record.tick, cpu, event };
                 if self.echo == Echo::Live {
                     emit(format_args!("{}", self.event_format.line(&entry)));
                 }
@@ -460,6 +468,7 @@ mod tests {
         let entry = EventEntry {
             seq: 7,
             tick: 4,
+            cpu: None,
             event: Event::ProcessKilled {
                 pid: 4,
                 fault: Some(FaultKind::WriteToCode),

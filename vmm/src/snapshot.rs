@@ -493,7 +493,7 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
         let event = record
             .decode()
             .map_err(|unknown| corrupt(format!("event #{i} has unknown kind {}", unknown.0)))?;
-        events.push(EventEntry { seq: record.seq, tick: record.tick, event });
+        events.push(EventEntry { seq: record.seq, tick: record.tick, cpu: None, event });
     }
     let set: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
     if set != stored {
@@ -560,11 +560,13 @@ mod tests {
                 EventEntry {
                     seq: 0,
                     tick: 0,
+                    cpu: None,
                     event: Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0x5000 },
                 },
                 EventEntry {
                     seq: 1,
                     tick: 3,
+                    cpu: None,
                     event: Event::ProcessExited { pid: 1, code: 7, preemptions: 2 },
                 },
             ],

@@ -4,11 +4,14 @@
 //! [`super::TrapFrame`], calls [`crate::kernel::trap_dispatch`] and resumes
 //! whatever context the frame then holds with `iretq`.
 //!
-//! There is one kernel stack. Every entry from ring 3 starts on an empty stack
-//! (TSS.RSP0 for interrupts and exceptions, an IST stack for NMI, #DB, #MC and
-//! #DF, an explicit switch for `syscall`), so the kernel keeps no per-process
-//! kernel state on a stack: switching processes means rewriting the frame
-//! before `iretq`. The common path resets RFLAGS before any Rust code runs, so
+//! Each CPU has one kernel stack. Every entry from ring 3 starts on its
+//! CPU's empty stack (TSS.RSP0 for interrupts and exceptions, an IST stack
+//! for NMI, #DB, #MC and #DF, an explicit switch for `syscall` in the CPU's
+//! own entry), so the kernel keeps no per-process kernel state on a stack:
+//! switching processes means rewriting the frame before `iretq`. A CPU with
+//! nothing to run resumes the idle context (`idle_loop` in ring 0, on the
+//! top of its kernel stack, interrupts on), so an interrupt there builds the
+//! same frame at the same place as one from ring 3. The common path resets RFLAGS before any Rust code runs, so
 //! flags a user left set (AC, which would lift SMAP; DF) never reach the kernel.
 
 use super::{tables, SYSCALL_VECTOR};
@@ -55,7 +58,7 @@ trap_stub_\vector:
     jmp trap_common
     .endm
 
-    .irp vector, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,255
+    .irp vector, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,48,49,255
     TRAP_NO_ERROR_CODE \vector
     .endr
     .irp vector, 8,10,11,12,13,14,17,21,29,30
@@ -106,29 +109,38 @@ trap_iretq:
 
     // syscall: rcx = user rip, r11 = user rflags, rsp = user stack. Build the
     // same frame an interrupt from ring 3 would, then share the common path.
-    .global syscall_entry
-syscall_entry:
-    mov [rip + syscall_user_rsp], rsp
-    lea rsp, [rip + __kernel_stack_top]
+    // One entry per CPU (each CPU's LSTAR names its own), each with its own
+    // scratch slot and kernel stack: no register is free to find them.
+    .irp cpu, 0,1,2,3,4,5,6,7
+    .global syscall_entry_cpu\cpu
+syscall_entry_cpu\cpu:
+    mov [rip + syscall_user_rsp + 8 * \cpu], rsp
+    mov rsp, [rip + cpu_kernel_stack_tops + 8 * \cpu]
     push {user_ss}
-    push qword ptr [rip + syscall_user_rsp]
+    push qword ptr [rip + syscall_user_rsp + 8 * \cpu]
     push r11
     push {user_cs}
     push rcx
     push 0
     push {syscall_vector}
     jmp trap_common
-    .type syscall_entry, @function
-    .size syscall_entry, . - syscall_entry
+    .type syscall_entry_cpu\cpu, @function
+    .size syscall_entry_cpu\cpu, . - syscall_entry_cpu\cpu
+    .endr
+    // CPU 0's entry under the name the CPU design gives it.
+    .global syscall_entry
+    .set syscall_entry, syscall_entry_cpu0
 
-    // CSTAR (syscall from compatibility mode) and SYSENTER_EIP. Neither is a
-    // way into this kernel: compatibility mode has no code segment, and
-    // SYSENTER_CS is zero. Should a CPU enter here anyway, leave whatever
-    // stack it came on at once and report a foreign entry, which kills the
-    // caller (rcx is the user RIP for syscall; the rest is not kept).
-    .global foreign_entry
-foreign_entry:
-    lea rsp, [rip + __kernel_stack_top]
+    // CSTAR (syscall from compatibility mode) and SYSENTER_EIP, per CPU.
+    // Neither is a way into this kernel: compatibility mode has no code
+    // segment, and SYSENTER_CS is zero. Should a CPU enter here anyway,
+    // leave whatever stack it came on at once and report a foreign entry,
+    // which kills the caller (rcx is the user RIP for syscall; the rest is
+    // not kept).
+    .irp cpu, 0,1,2,3,4,5,6,7
+    .global foreign_entry_cpu\cpu
+foreign_entry_cpu\cpu:
+    mov rsp, [rip + cpu_kernel_stack_tops + 8 * \cpu]
     push {user_ss}
     push 0
     push 2
@@ -137,8 +149,39 @@ foreign_entry:
     push 0
     push {foreign_vector}
     jmp trap_common
-    .type foreign_entry, @function
-    .size foreign_entry, . - foreign_entry
+    .type foreign_entry_cpu\cpu, @function
+    .size foreign_entry_cpu\cpu, . - foreign_entry_cpu\cpu
+    .endr
+    .global foreign_entry
+    .set foreign_entry, foreign_entry_cpu0
+
+    // What a CPU with nothing to run runs: a ring-0 context (entered with
+    // iretq, interrupts on, on the top of its kernel stack) that halts until
+    // an interrupt, which enters the kernel like one from ring 3.
+    .global idle_loop
+idle_loop:
+    hlt
+    jmp idle_loop
+    .global idle_loop_end
+idle_loop_end:
+    .type idle_loop, @function
+    .size idle_loop, . - idle_loop
+
+    // lock_wait(): halts until an interrupt with interrupts on (the sti
+    // shadow makes `sti; hlt` atomic: an interrupt already pending wakes
+    // the hlt), then returns with them off again. What a CPU waiting for
+    // the big kernel lock runs; an interrupt there only acknowledges
+    // itself (and serves a flush request) before it returns here.
+    .global lock_wait
+lock_wait:
+    sti
+    hlt
+    cli
+    ret
+    .global lock_wait_end
+lock_wait_end:
+    .type lock_wait, @function
+    .size lock_wait, . - lock_wait
 
     // enter_user(frame: *const TrapFrame) -> !: resume the context in `frame`.
     .global enter_user
@@ -154,10 +197,30 @@ trap_stub_table:
     .quad trap_stub_\vector
     .endr
 
+    // Each CPU's kernel stack top (CPU 0's in the image, the others' at
+    // their windows of CPU_STACKS_VA), and its entries for the MSRs.
+    .balign 8
+    .global cpu_kernel_stack_tops
+cpu_kernel_stack_tops:
+    .quad __kernel_stack_top
+    .irp cpu, 1,2,3,4,5,6,7
+    .quad {stacks_va} + \cpu * {stacks_stride} + {guard} + {kernel_stack}
+    .endr
+    .global syscall_entry_table
+syscall_entry_table:
+    .irp cpu, 0,1,2,3,4,5,6,7
+    .quad syscall_entry_cpu\cpu
+    .endr
+    .global foreign_entry_table
+foreign_entry_table:
+    .irp cpu, 0,1,2,3,4,5,6,7
+    .quad foreign_entry_cpu\cpu
+    .endr
+
     .section .data
     .balign 8
 syscall_user_rsp:
-    .quad 0
+    .fill 8, 8, 0
 "#,
     kernel_main = sym crate::kernel::kernel_main,
     ap_main = sym crate::kernel::smp::ap_main,
@@ -166,21 +229,39 @@ syscall_user_rsp:
     user_cs = const tables::USER_CODE_SELECTOR,
     syscall_vector = const SYSCALL_VECTOR,
     foreign_vector = const superos_protocol::cpu::entry_vector::FOREIGN,
+    stacks_va = const superos_protocol::cpu::CPU_STACKS_VA,
+    stacks_stride = const superos_protocol::cpu::CPU_STACKS_STRIDE,
+    guard = const superos_protocol::cpu::STACK_GUARD_BYTES,
+    kernel_stack = const superos_protocol::cpu::KERNEL_STACK_BYTES,
 );
+
+const _: () = assert!(superos_protocol::cpu::MAX_CPUS == 8, "the .irp lists above name CPUs 0 to 7");
 
 extern "C" {
     /// Addresses of the stubs for exception vectors 0..32.
     pub static trap_stub_table: [u64; 32];
     /// Stub for the timer vector.
     pub fn trap_stub_32();
+    /// Stub for the TLB-flush IPI vector.
+    pub fn trap_stub_48();
+    /// Stub for the wake-up IPI vector.
+    pub fn trap_stub_49();
+    /// Each CPU's `syscall` entry (its LSTAR).
+    pub static syscall_entry_table: [u64; 8];
+    /// Each CPU's entry for CSTAR and SYSENTER_EIP (kills the caller).
+    pub static foreign_entry_table: [u64; 8];
+    /// The idle context's code, `[idle_loop, idle_loop_end)`.
+    pub fn idle_loop();
+    /// One past the idle loop.
+    pub fn idle_loop_end();
+    /// Halts until an interrupt, with interrupts on only for the halt.
+    pub fn lock_wait();
+    /// One past `lock_wait`.
+    pub fn lock_wait_end();
     /// Stub for the spurious vector.
     pub fn trap_stub_255();
     /// Where an application processor starts.
     pub fn ap_start();
-    /// The `syscall` entry point (LSTAR).
-    pub fn syscall_entry();
-    /// The entry `CSTAR` and `SYSENTER_EIP` name: kills the caller.
-    pub fn foreign_entry();
     /// The `iretq` that resumes every ring-3 context (a fault here means
     /// the context could not be resumed).
     pub fn trap_iretq();

@@ -89,6 +89,10 @@ pub const FOREIGN_ENTRY_VECTOR: u64 = superos_protocol::cpu::entry_vector::FOREI
 pub const TIMER_VECTOR: u8 = 0x20;
 /// Vector of the LAPIC spurious interrupt.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// Vector of the TLB-flush IPI (TLB shootdown, `kernel::smp`).
+pub const FLUSH_VECTOR: u8 = 0x30;
+/// Vector of the wake-up IPI (an idle CPU looks for work).
+pub const WAKE_VECTOR: u8 = 0x31;
 
 impl TrapFrame {
     /// True if the trap came from ring 3.

@@ -6,7 +6,7 @@
 //! switch to compatibility mode.
 
 use super::entry;
-use super::{KernelCell, SPURIOUS_VECTOR, TIMER_VECTOR};
+use super::{KernelCell, FLUSH_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
 use superos_protocol::cpu::{self as design, CpuStack, IST_SLOTS, MAX_CPUS};
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
@@ -146,6 +146,8 @@ pub fn init() {
         idt.security_exception.set_handler_addr(addr(30));
         idt[TIMER_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_32 as *const () as u64));
         idt[SPURIOUS_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_255 as *const () as u64));
+        idt[FLUSH_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_48 as *const () as u64));
+        idt[WAKE_VECTOR].set_handler_addr(VirtAddr::new(entry::trap_stub_49 as *const () as u64));
     }
     load_idt();
 }

@@ -152,7 +152,7 @@ static EVENT_RING: KernelCell<EventRing> = KernelCell::new(EventRing {
         lost: 0,
         reserved: 0,
     },
-    records: [EventRecord { seq: 0, tick: 0, kind: 0, pid: 0, args: [0; 5] }; EVENT_RING_CAPACITY],
+    records: [EventRecord { seq: 0, tick: 0, kind: 0, cpu: 0, pid: 0, args: [0; 5] }; EVENT_RING_CAPACITY],
 });
 
 /// Guest-physical address and size of the event ring.
@@ -215,6 +215,7 @@ pub fn log_event(event: Event, tick: u64) {
         let mut record = event.encode();
         record.seq = head;
         record.tick = tick;
+        record.cpu = super::smp::BIG_LOCK.owner() as u16;
         ring.records[(head % EVENT_RING_CAPACITY as u64) as usize] = record;
         core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
         ring.header.head = head + 1;

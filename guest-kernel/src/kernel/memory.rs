@@ -327,6 +327,7 @@ impl Memory for KernelMemory {
         if cpu::read_cr3() & !0xfff == pml4 {
             cpu::invlpg(va);
         }
+        super::smp::shootdown(super::smp::BIG_LOCK.owner(), pml4);
     }
 
     fn flush_all(&mut self, pml4: u64) {
@@ -336,6 +337,7 @@ impl Memory for KernelMemory {
             // non-global entries go (the kernel's are global or re-read).
             unsafe { cpu::write_cr3(cr3 & !0xfff) };
         }
+        super::smp::shootdown(super::smp::BIG_LOCK.owner(), pml4);
     }
 }
 

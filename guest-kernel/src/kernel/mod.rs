@@ -24,11 +24,11 @@ pub mod syscalls;
 pub mod user_cpu;
 
 use crate::address_space::{AddressSpace, Memory};
-use crate::arch::entry::{enter_user, foreign_entry, syscall_entry};
+use crate::arch::entry::{enter_user, foreign_entry_table, syscall_entry_table};
 use crate::arch::user_state::pending_x87_instruction;
 use crate::arch::{
-    cpu, lapic, tables, KernelCell, TrapFrame, FOREIGN_ENTRY_VECTOR, SPURIOUS_VECTOR, SYSCALL_VECTOR,
-    TIMER_VECTOR,
+    cpu, lapic, tables, KernelCell, TrapFrame, FLUSH_VECTOR, FOREIGN_ENTRY_VECTOR, SPURIOUS_VECTOR,
+    SYSCALL_VECTOR, TIMER_VECTOR, WAKE_VECTOR,
 };
 use crate::fault::classify_exception;
 use crate::frame::FrameAllocator;
@@ -38,6 +38,7 @@ use host::{hypercall, hypercall_with, log_event, report_panic, ExceptionInfo};
 use memory::{direct, KernelMemory, KernelTables, Scrub};
 use process::Process;
 use superos_protocol::boot::{self, BootInfo, GatePreference, HostFlavor, ScrubStrategy, MEMORY_USABLE};
+use superos_protocol::cpu::MAX_CPUS;
 use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::hypercall::{self as hc, Hypercall};
 use superos_protocol::layout::*;
@@ -155,9 +156,13 @@ pub struct Kernel {
     /// The address space the gate self-test runs in (only the gate page).
     self_test: Option<AddressSpace>,
     processes: Vec<Process>,
-    /// Index into `processes` of the process whose context is live in the
-    /// trap frame.
-    current: Option<usize>,
+    /// The CPU holding the big kernel lock (the one running kernel code).
+    cpu: u32,
+    /// Per CPU: index into `processes` of the process whose context is live
+    /// in that CPU's trap frame (or whose switch stub runs there).
+    current: [Option<usize>; MAX_CPUS as usize],
+    /// CPUs in the idle context (a mask).
+    idle: u32,
     /// Where the round-robin scan resumes when the current process is gone.
     resume_at: usize,
     next_pid: u32,
@@ -165,10 +170,11 @@ pub struct Kernel {
     runs_started: Vec<u32>,
     spawned: u64,
     ticks: u64,
-    /// A process was just switched in: the next timer tick (possibly one
-    /// left pending while the kernel ran a long slice for another) does
-    /// not preempt it, so it gets at least one whole timer period.
-    fresh_slice: bool,
+    /// Per CPU: a process was just switched in: the next timer tick
+    /// (possibly one left pending while the kernel ran a long slice for
+    /// another) does not preempt it, so it gets at least one whole timer
+    /// period.
+    fresh_slice: [bool; MAX_CPUS as usize],
     pool_low_reported: bool,
     /// Live shared regions.
     shm: crate::shared::SharedMemory,
@@ -181,8 +187,8 @@ pub struct Kernel {
     /// The CPU has XSAVE (the switch stubs use `xsave`/`xrstor`, else
     /// `fxsave`/`fxrstor`).
     xsave: bool,
-    /// The switch stub running now, during a process switch.
-    switch_step: Option<user_cpu::Step>,
+    /// Per CPU: the switch stub running there now, during a process switch.
+    switch_step: [Option<user_cpu::Step>; MAX_CPUS as usize],
     /// Where the save and the restore stub trap back into the kernel.
     switch_returns: [u64; 2],
 }
@@ -284,7 +290,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     let kernel_pml4 = build_kernel_page_tables(boot, &mut memory);
     // SAFETY: the new tables map the kernel image, stacks and direct map
     // exactly as the VMM's boot tables did (same virtual addresses).
-    unsafe { cpu::write_cr3(kernel_pml4) };
+    unsafe { smp::switch_address_space(0, kernel_pml4) };
     let xsave = enable_protection_features();
     // SAFETY: HEAP_SPACE is a static used only as the heap, handed over once.
     unsafe {
@@ -349,13 +355,15 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         phase: Phase::Running,
         self_test: None,
         processes: Vec::new(),
-        current: None,
+        cpu: 0,
+        current: [None; MAX_CPUS as usize],
+        idle: 0,
         resume_at: 0,
         next_pid: 1,
         runs_started: alloc::vec![0; boot.processes().len()],
         spawned: 0,
         ticks: 0,
-        fresh_slice: false,
+        fresh_slice: [false; MAX_CPUS as usize],
         pool_low_reported: false,
         shm: Default::default(),
         owner_table,
@@ -363,7 +371,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         boot_entropy: unsafe { core::arch::x86_64::_rdtsc() },
         published_slots: (0, 0),
         xsave,
-        switch_step: None,
+        switch_step: [None; MAX_CPUS as usize],
         switch_returns: [0; 2],
     };
     set_entry_msrs(gate, 0);
@@ -378,7 +386,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     let (slot, frame) = unsafe { (KERNEL.get(), BOOT_FRAME.get()) };
     *slot = Some(kernel);
     // SAFETY: `pml4` maps the kernel half like the kernel's own tables.
-    unsafe { cpu::write_cr3(pml4) };
+    unsafe { smp::switch_address_space(0, pml4) };
     *frame = self_test_frame();
     // SAFETY: the frame describes a ring-3 context at the gate stub, in an
     // address space that maps the gate page.
@@ -575,12 +583,12 @@ fn set_entry_msrs(gate: Gate, cpu: u32) {
     // kernel stack, and EFER only gains or loses SCE.
     unsafe {
         cpu::wrmsr(msr::STAR, STAR_VALUE);
-        cpu::wrmsr(msr::LSTAR, syscall_entry as *const () as u64);
-        cpu::wrmsr(msr::CSTAR, foreign_entry as *const () as u64);
+        cpu::wrmsr(msr::LSTAR, syscall_entry_table[cpu as usize]);
+        cpu::wrmsr(msr::CSTAR, foreign_entry_table[cpu as usize]);
         cpu::wrmsr(msr::SFMASK, SFMASK_VALUE);
         cpu::wrmsr(msr::SYSENTER_CS, SYSENTER_CS_VALUE);
         cpu::wrmsr(msr::SYSENTER_ESP, kernel_stack_top);
-        cpu::wrmsr(msr::SYSENTER_EIP, foreign_entry as *const () as u64);
+        cpu::wrmsr(msr::SYSENTER_EIP, foreign_entry_table[cpu as usize]);
         cpu::wrmsr(msr::EFER, efer);
     }
 }
@@ -704,15 +712,35 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     if frame.vector == NMI_VECTOR {
         return;
     }
-    if !frame.from_user() {
+    let cpu = smp::cpu_of_stack(frame as *const TrapFrame as u64);
+    // The flush IPI is served without the lock: its sender holds it and
+    // waits for this CPU.
+    if frame.vector == u64::from(FLUSH_VECTOR) {
+        smp::serve_flush(cpu);
+        lapic::end_of_interrupt();
+        return;
+    }
+    if !frame.from_user() && is_lock_wait_interrupt(frame) {
+        // A CPU halted for the lock: the holder's wake-up, or its timer.
+        smp::serve_flush(cpu);
+        if frame.vector != u64::from(SPURIOUS_VECTOR) {
+            lapic::end_of_interrupt();
+        }
+        return;
+    }
+    if !frame.from_user() && !is_idle_interrupt(frame) {
         kernel_exception(frame);
     }
+    smp::BIG_LOCK.lock(cpu);
     let kernel = kernel();
-    if let Some(step) = kernel.switch_step.take() {
+    kernel.cpu = cpu;
+    if let Some(step) = kernel.switch_step[cpu as usize].take() {
         if kernel.is_switch_stub_return(frame, step) {
             // The fast path of a process switch: nothing else changed, so
             // there is nothing to scrub or publish.
             kernel.continue_switch(frame, step);
+            kernel.wake_idle_cpus();
+            smp::BIG_LOCK.unlock();
             return;
         }
         // Anything else from inside a stub (a save page the process corrupted
@@ -720,11 +748,36 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     }
     match kernel.phase {
         Phase::GateSelfTest { tried_other } => kernel.gate_self_test(frame, tried_other),
-        Phase::Running => kernel.handle_user_trap(frame),
+        Phase::Running => kernel.handle_trap(frame),
     }
     kernel.memory.reap(syscalls::SLICE_BUDGET);
     kernel.memory.flush_scrub();
     kernel.republish_changed();
+    kernel.wake_idle_cpus();
+    smp::BIG_LOCK.unlock();
+}
+
+/// An interrupt that arrived in the idle context (ring-0 code that runs
+/// with interrupts on).
+fn is_idle_interrupt(frame: &TrapFrame) -> bool {
+    use crate::arch::entry::{idle_loop, idle_loop_end};
+    is_interrupt_in(frame, idle_loop as *const () as u64, idle_loop_end as *const () as u64)
+}
+
+/// An interrupt that arrived while this CPU halted for the big kernel lock
+/// (the other ring-0 code that runs with interrupts on).
+fn is_lock_wait_interrupt(frame: &TrapFrame) -> bool {
+    use crate::arch::entry::{lock_wait, lock_wait_end};
+    is_interrupt_in(frame, lock_wait as *const () as u64, lock_wait_end as *const () as u64)
+}
+
+/// A timer, wake-up or spurious interrupt at a RIP in `[start, end)`.
+fn is_interrupt_in(frame: &TrapFrame, start: u64, end: u64) -> bool {
+    let vector = frame.vector;
+    (start..end).contains(&frame.rip)
+        && (vector == u64::from(TIMER_VECTOR)
+            || vector == u64::from(WAKE_VECTOR)
+            || vector == u64::from(SPURIOUS_VECTOR))
 }
 
 /// Vector of the non-maskable interrupt.
@@ -771,7 +824,7 @@ impl Kernel {
     fn gate_self_test(&mut self, frame: &mut TrapFrame, tried_other: bool) {
         if self.is_gate_entry(frame) && frame.rax == Syscall::GateSelfTest as u64 {
             // SAFETY: switching to the kernel's own tables before freeing these.
-            unsafe { cpu::write_cr3(self.kernel_pml4) };
+            unsafe { smp::switch_address_space(self.cpu, self.kernel_pml4) };
             if let Some(space) = self.self_test.take() {
                 space.destroy(&mut self.memory);
             }
@@ -808,6 +861,7 @@ impl Kernel {
         // has been found zero by then.
         self.memory.skip_one_scrub = self.boot.debug_flags & boot::DEBUG_SKIP_ONE_SCRUB != 0;
         self.shm.shallow_revocation = self.boot.debug_flags & boot::DEBUG_SHALLOW_REVOCATION != 0;
+        smp::skip_shootdowns(self.boot.debug_flags & boot::DEBUG_SKIP_SHOOTDOWN != 0);
         for index in 0..self.boot.processes().len() {
             self.start_run(index);
         }
@@ -816,16 +870,31 @@ impl Kernel {
         self.reschedule(frame, false);
     }
 
-    fn handle_user_trap(&mut self, frame: &mut TrapFrame) {
+    fn handle_trap(&mut self, frame: &mut TrapFrame) {
+        let cpu = self.cpu as usize;
+        if !frame.from_user() {
+            // The idle context, woken by its timer or a wake-up IPI.
+            if frame.vector != u64::from(SPURIOUS_VECTOR) {
+                lapic::end_of_interrupt();
+            }
+            if self.cpu == 0 && frame.vector == u64::from(TIMER_VECTOR) {
+                self.ticks += 1;
+            }
+            self.reschedule(frame, false);
+            return;
+        }
         match frame.vector {
             _ if self.is_gate_entry(frame) => self.syscall(frame),
             v if v == u64::from(TIMER_VECTOR) => {
                 lapic::end_of_interrupt();
-                self.ticks += 1;
-                if !core::mem::take(&mut self.fresh_slice) {
+                if self.cpu == 0 {
+                    self.ticks += 1;
+                }
+                if !core::mem::take(&mut self.fresh_slice[cpu]) {
                     self.reschedule(frame, true);
                 }
             }
+            v if v == u64::from(WAKE_VECTOR) => lapic::end_of_interrupt(),
             v if v == u64::from(SPURIOUS_VECTOR) => {}
             14 => self.page_fault(frame),
             SYSCALL_VECTOR | FOREIGN_ENTRY_VECTOR => {
@@ -843,9 +912,28 @@ impl Kernel {
         }
     }
 
+    /// The process this CPU runs.
+    pub(super) fn current(&self) -> Option<usize> {
+        self.current[self.cpu as usize]
+    }
+
+    /// Sets the process this CPU runs.
+    pub(super) fn set_current(&mut self, index: Option<usize>) {
+        self.current[self.cpu as usize] = index;
+    }
+
+    /// Sends the wake-up IPI to the idle CPUs if some process is ready and
+    /// no CPU runs it.
+    fn wake_idle_cpus(&self) {
+        let idle = self.idle & !(1 << self.cpu);
+        if idle != 0 && (0..self.processes.len()).any(|i| self.available(i)) {
+            smp::wake(self.cpu, idle);
+        }
+    }
+
     fn page_fault(&mut self, frame: &mut TrapFrame) {
         let addr = cpu::read_cr2();
-        let Some(index) = self.current else {
+        let Some(index) = self.current() else {
             panic!("page fault from ring 3 with no current process");
         };
         let process = &mut self.processes[index];

@@ -3,6 +3,8 @@
 //! process's memory.
 
 use super::memory::write_phys;
+use super::smp;
+use super::user_cpu::Step;
 use super::{Kernel, TrapFrame};
 use crate::address_space::{AddressSpace, Memory, Quotas, Refusal};
 use crate::arch::user_state::SegmentBases;
@@ -13,6 +15,7 @@ use crate::fault::{Region, RegionKind};
 use crate::shared::RegionBuild;
 use alloc::collections::VecDeque;
 use superos_protocol::boot::ARGS_LEN;
+use superos_protocol::cpu::MAX_CPUS;
 use superos_protocol::cpu::{initial_fxsave_image, FXSAVE_FCW, FXSAVE_MXCSR};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::layout::{PAGE_SIZE, USER_ARGS_MAX, USER_STACK_TOP};
@@ -195,7 +198,7 @@ impl Kernel {
 
     /// Ends the current process and runs the next one.
     pub(super) fn terminate_current(&mut self, frame: &mut TrapFrame, how: Termination) {
-        let Some(index) = self.current.take() else {
+        let Some(index) = self.current[self.cpu as usize].take() else {
             panic!("trap from ring 3 with no current process");
         };
         let event = {
@@ -228,12 +231,15 @@ impl Kernel {
         self.destroy_owned_regions(pid);
         // SAFETY: the kernel's tables map the kernel like every process's, and
         // the process being removed may be the one CR3 points at.
-        unsafe { cpu::write_cr3(self.kernel_pml4) };
+        unsafe { smp::switch_address_space(self.cpu, self.kernel_pml4) };
         let index = self.processes.iter().position(|p| p.pid == pid).expect("still listed");
         let process = self.processes.remove(index);
-        match self.current {
-            Some(current) if current > index => self.current = Some(current - 1),
-            _ => {}
+        for current in &mut self.current {
+            match *current {
+                Some(i) if i > index => *current = Some(i - 1),
+                Some(i) if i == index => panic!("pid {pid} removed while a CPU runs it"),
+                _ => {}
+            }
         }
         self.resume_at = index;
         for message in process.mailbox {
@@ -254,7 +260,10 @@ impl Kernel {
     }
 
     /// Round-robin: resumes the next runnable process after the current one
-    /// (possibly the current one again). `current_alive` says whether the
+    /// (possibly the current one again) that no other CPU runs or is
+    /// switching to or from; with none, the idle context while another CPU
+    /// still runs a process, else (every process waits for a message nobody
+    /// can send) the deadlock is resolved. `current_alive` says whether the
     /// context in `frame` belongs to a live current process and must be saved.
     pub(super) fn reschedule(&mut self, frame: &mut TrapFrame, current_alive: bool) {
         loop {
@@ -262,20 +271,24 @@ impl Kernel {
             if count == 0 {
                 self.finish();
             }
-            let start = self.current.map_or(self.resume_at, |c| c + 1);
+            let start = self.current().map_or(self.resume_at, |c| c + 1);
             let next = (0..count)
                 .map(|offset| (start + offset) % count)
-                .find(|&i| self.processes[i].state == ProcessState::Runnable);
+                .find(|&i| self.processes[i].state == ProcessState::Runnable && !self.claimed_elsewhere(i));
             let Some(next) = next else {
+                if self.other_cpus_busy() {
+                    self.go_idle(frame, current_alive);
+                    return;
+                }
                 self.resolve_deadlock(frame, current_alive);
                 continue;
             };
-            if Some(next) == self.current {
+            if Some(next) == self.current() {
                 let pml4 = self.processes[next].space.pml4();
                 if cpu::read_cr3() & !0xfff != pml4 {
                     // SAFETY: a removal switched to the kernel's tables; every
                     // process PML4 shares the kernel half.
-                    unsafe { cpu::write_cr3(pml4) };
+                    unsafe { smp::switch_address_space(self.cpu, pml4) };
                 }
                 return;
             }
@@ -284,30 +297,86 @@ impl Kernel {
             // current one's is saved, and whatever the CPU holds, saved or
             // dying with a killed process, is replaced by the next one's
             // before it runs.
-            if let (Some(current), true) = (self.current, current_alive) {
-                let process = &mut self.processes[current];
-                process.context = *frame;
-                if frame.vector == u64::from(TIMER_VECTOR) {
-                    process.preemptions += 1;
-                }
+            self.fresh_slice[self.cpu as usize] = true;
+            if let (Some(current), true) = (self.current(), current_alive) {
+                self.save_context(current, frame);
                 let next_pid = self.processes[next].pid;
-                self.fresh_slice = true;
-                self.save_user_state_then_run(frame, next_pid);
+                self.save_user_state_then_run(frame, Some(next_pid));
             } else {
-                self.fresh_slice = true;
                 self.restore_user_state_then_run(frame, next);
             }
             return;
         }
     }
 
+    /// Keeps the context in `frame` as process `index`'s.
+    fn save_context(&mut self, index: usize, frame: &TrapFrame) {
+        let process = &mut self.processes[index];
+        process.context = *frame;
+        if frame.vector == u64::from(TIMER_VECTOR) {
+            process.preemptions += 1;
+        }
+    }
+
+    /// Nothing for this CPU to run: its current process (if alive) is saved
+    /// first, then the CPU resumes the idle context.
+    fn go_idle(&mut self, frame: &mut TrapFrame, current_alive: bool) {
+        if let (Some(current), true) = (self.current(), current_alive) {
+            self.save_context(current, frame);
+            self.save_user_state_then_run(frame, None);
+            return;
+        }
+        self.enter_idle(frame);
+    }
+
+    /// Makes `frame` the idle context: ring 0 at `idle_loop` on the top of
+    /// this CPU's kernel stack with interrupts on, the kernel's own tables
+    /// loaded (so it caches no process's translations).
+    pub(super) fn enter_idle(&mut self, frame: &mut TrapFrame) {
+        self.set_current(None);
+        // SAFETY: the kernel's tables map the kernel half like every process's.
+        unsafe { smp::switch_address_space(self.cpu, self.kernel_pml4) };
+        self.idle |= 1 << self.cpu;
+        *frame = TrapFrame {
+            rip: crate::arch::entry::idle_loop as *const () as u64,
+            cs: u64::from(crate::arch::tables::KERNEL_CODE_SELECTOR),
+            rflags: 0x202,
+            rsp: crate::arch::tables::kernel_stack_top(self.cpu),
+            ss: u64::from(crate::arch::tables::KERNEL_DATA_SELECTOR),
+            ..TrapFrame::default()
+        };
+    }
+
+    /// Whether another CPU runs process `index` or is switching to or from it.
+    pub(super) fn claimed_elsewhere(&self, index: usize) -> bool {
+        let pid = self.processes[index].pid;
+        (0..MAX_CPUS as usize).filter(|&cpu| cpu != self.cpu as usize).any(|cpu| {
+            self.current[cpu] == Some(index)
+                || matches!(self.switch_step[cpu], Some(Step::Saving { to: Some(to) }) if to == pid)
+        })
+    }
+
+    /// Whether process `index` is ready and no CPU runs it.
+    pub(super) fn available(&self, index: usize) -> bool {
+        self.processes[index].state == ProcessState::Runnable
+            && self.current() != Some(index)
+            && !self.claimed_elsewhere(index)
+    }
+
+    /// Whether another CPU runs a process or is in a switch.
+    fn other_cpus_busy(&self) -> bool {
+        (0..MAX_CPUS as usize)
+            .filter(|&cpu| cpu != self.cpu as usize)
+            .any(|cpu| self.current[cpu].is_some() || self.switch_step[cpu].is_some())
+    }
+
     /// No process can run and some wait for messages that nobody can send:
     /// terminate every waiting process.
     fn resolve_deadlock(&mut self, frame: &mut TrapFrame, current_alive: bool) {
-        if let (Some(current), true) = (self.current, current_alive) {
+        if let (Some(current), true) = (self.current(), current_alive) {
             self.processes[current].context = *frame;
         }
-        self.current = None;
+        self.set_current(None);
         while let Some(index) = self.processes.iter().position(|p| p.state != ProcessState::Runnable) {
             let process = &self.processes[index];
             let event = Event::ProcessKilled {

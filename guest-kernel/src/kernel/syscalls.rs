@@ -91,7 +91,7 @@ impl Kernel {
 
     /// (pid, index) of the calling process.
     pub(super) fn caller(&self) -> (u32, usize) {
-        let index = self.current.unwrap_or_else(|| panic!("system call with no current process"));
+        let index = self.current().unwrap_or_else(|| panic!("system call with no current process"));
         (self.processes[index].pid, index)
     }
 

@@ -25,8 +25,7 @@
 //! it is killed when its restore stub faults (harm to itself alone); the
 //! next process's restore replaces whatever the faulting one left behind.
 
-use super::{Kernel, TrapFrame};
-use crate::arch::cpu;
+use super::{smp, Kernel, TrapFrame};
 use crate::arch::user_state::SegmentBases;
 use superos_protocol::cpu::XSAVE_REQUEST;
 use superos_protocol::layout::{
@@ -37,10 +36,10 @@ use superos_protocol::layout::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// The current process's save stub; then the process `to` (a pid) is
-    /// restored.
+    /// restored, or (`None`) the CPU goes idle.
     Saving {
         /// The process to run next.
-        to: u32,
+        to: Option<u32>,
     },
     /// The current process's restore stub; then its context is resumed.
     Restoring,
@@ -151,12 +150,12 @@ impl Kernel {
 
     /// Starts the switch away from the current process, whose context is
     /// already saved: its FS and GS bases now, its registers by its save stub.
-    pub(super) fn save_user_state_then_run(&mut self, frame: &mut TrapFrame, next_pid: u32) {
-        if let Some(index) = self.current {
+    pub(super) fn save_user_state_then_run(&mut self, frame: &mut TrapFrame, next_pid: Option<u32>) {
+        if let Some(index) = self.current() {
             self.processes[index].bases = SegmentBases::save();
         }
         let step = Step::Saving { to: next_pid };
-        self.switch_step = Some(step);
+        self.switch_step[self.cpu as usize] = Some(step);
         *frame = Self::switch_stub_frame(step);
     }
 
@@ -164,26 +163,30 @@ impl Kernel {
     /// restore stub; its context is resumed when the stub is back.
     pub(super) fn restore_user_state_then_run(&mut self, frame: &mut TrapFrame, index: usize) {
         // SAFETY: every process PML4 shares the kernel half.
-        unsafe { cpu::write_cr3(self.processes[index].space.pml4()) };
-        self.current = Some(index);
-        self.switch_step = Some(Step::Restoring);
+        unsafe { smp::switch_address_space(self.cpu, self.processes[index].space.pml4()) };
+        self.set_current(Some(index));
+        self.idle &= !(1 << self.cpu);
+        self.switch_step[self.cpu as usize] = Some(Step::Restoring);
         *frame = Self::switch_stub_frame(Step::Restoring);
     }
 
     /// A stub came back: take the switch one step further.
     pub(super) fn continue_switch(&mut self, frame: &mut TrapFrame, step: Step) {
         match step {
-            Step::Saving { to } => {
-                // Nothing runs between the stubs, so `to` is still there; were
-                // it not, the saved process itself would simply run on.
-                let next = self.processes.iter().position(|p| p.pid == to).or(self.current);
+            Step::Saving { to: None } => self.enter_idle(frame),
+            Step::Saving { to: Some(to) } => {
+                // This CPU claimed `to` (no other runs it) and nothing
+                // removes a runnable process it does not run, so it is
+                // still there; were it not, the saved process itself would
+                // simply run on.
+                let next = self.processes.iter().position(|p| p.pid == to).or(self.current());
                 match next {
                     Some(index) => self.restore_user_state_then_run(frame, index),
-                    None => panic!("a save stub came back with no process to run"),
+                    None => self.enter_idle(frame),
                 }
             }
             Step::Restoring => {
-                let Some(index) = self.current else {
+                let Some(index) = self.current() else {
                     panic!("a restore stub came back with no current process");
                 };
                 let process = &self.processes[index];
