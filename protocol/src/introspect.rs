@@ -116,7 +116,14 @@ pub struct ProcessRecord {
     /// `PageTable(pid)`), charged to the resident quota with
     /// `resident_bytes`.
     pub table_bytes: u64,
+    /// The CPU running it (or switching to or from it), [`NO_CPU`] if none.
+    pub cpu: u32,
+    /// Zero.
+    pub reserved: u32,
 }
+
+/// [`ProcessRecord::cpu`] of a process no CPU runs.
+pub const NO_CPU: u32 = u32::MAX;
 
 /// Most participants a region records (owner included).
 pub const REGION_PARTICIPANTS: usize = crate::syscall::SHM_PARTICIPANTS_MAX;
@@ -178,7 +185,7 @@ pub struct RegionRecord {
 const _: () = {
     assert!(core::mem::size_of::<FrameRange>() == 24);
     assert!(core::mem::size_of::<IntrospectionRoot>() == 104 + 24 * MAX_FRAME_RANGES + 16);
-    assert!(core::mem::size_of::<ProcessRecord>() == 112);
+    assert!(core::mem::size_of::<ProcessRecord>() == 120);
     assert!(core::mem::size_of::<ParticipantRecord>() == 24);
     assert!(core::mem::size_of::<RegionRecord>() == 32 + 24 * REGION_PARTICIPANTS);
 };

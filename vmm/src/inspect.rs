@@ -319,11 +319,15 @@ pub struct PsEntry {
     /// Its name ("?" if unknown).
     pub name: String,
     /// `runnable`, `receiving` (blocked in `ipc_recv`), `running` (its
-    /// user code was interrupted), or `hidden` (alive according to the
-    /// events, missing from the process table).
+    /// user code was interrupted, or a CPU runs it), or `hidden` (alive
+    /// according to the events, missing from the process table).
     pub state: String,
     /// Its PML4.
     pub pml4: u64,
+    /// The CPU running it, as the kernel's table says (`None`: none, or
+    /// no table).
+    #[serde(default)]
+    pub cpu: Option<u32>,
     /// Virtual bytes the kernel counts (`None` without the kernel's table).
     pub virtual_bytes: Option<u64>,
     /// Resident (private) bytes the kernel counts.
@@ -857,7 +861,8 @@ pub fn ps(analysis: &Analysis, at: String) -> PsResult {
         .iter()
         .map(|p| {
             let record = p.record;
-            let state = if analysis.running == Some(p.pid) {
+            let on_a_cpu = record.is_some_and(|r| r.cpu != superos_protocol::introspect::NO_CPU);
+            let state = if analysis.running == Some(p.pid) || on_a_cpu {
                 "running".to_string()
             } else {
                 match record.map(|r| r.state) {
@@ -872,6 +877,7 @@ pub fn ps(analysis: &Analysis, at: String) -> PsResult {
                 name: sanitize(&p.name),
                 state,
                 pml4: p.pml4,
+                cpu: record.map(|r| r.cpu).filter(|&cpu| cpu != superos_protocol::introspect::NO_CPU),
                 virtual_bytes: record.map(|r| r.virtual_bytes),
                 resident_bytes: record.map(|r| r.resident_bytes),
                 shared_bytes: record.map(|r| r.shared_bytes),
@@ -888,6 +894,7 @@ pub fn ps(analysis: &Analysis, at: String) -> PsResult {
             name: "?".into(),
             state: "hidden".into(),
             pml4,
+            cpu: None,
             virtual_bytes: None,
             resident_bytes: None,
             shared_bytes: None,
@@ -1376,10 +1383,11 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
             let _ = writeln!(out, "{} processes {}; from {}", r.processes.len(), r.at, r.source);
             let _ = writeln!(
                 out,
-                "{:>4}  {:<16} {:<10} {:<10} {:>13} {:>13} {:>13}  {:>6} {:>7} {:>6} {:>5} {:>6}",
+                "{:>4}  {:<16} {:<10} {:>3} {:<10} {:>13} {:>13} {:>13}  {:>6} {:>7} {:>6} {:>5} {:>6}",
                 "pid",
                 "name",
                 "state",
+                "cpu",
                 "pml4",
                 "virtual",
                 "resident",
@@ -1393,10 +1401,11 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
             for p in &r.processes {
                 let _ = writeln!(
                     out,
-                    "{:>4}  {:<16} {:<10} {:<10} {:>13} {:>13} {:>13}  {:>6} {:>7} {:>6} {:>5} {:>6}",
+                    "{:>4}  {:<16} {:<10} {:>3} {:<10} {:>13} {:>13} {:>13}  {:>6} {:>7} {:>6} {:>5} {:>6}",
                     p.pid,
                     p.name,
                     p.state,
+                    p.cpu.map_or("-".to_string(), |cpu| cpu.to_string()),
                     format!("{:#x}", p.pml4),
                     usage(p.virtual_bytes, p.max_virtual_bytes),
                     usage(p.resident_bytes, p.max_resident_bytes),

@@ -852,6 +852,43 @@ fn cpu_check_after_exit(
     }
 }
 
+/// Where `vcpu` is, in words: ring 3 and its RIP, or the kernel function;
+/// then its interrupt flag and local APIC (vectors in service and pending).
+fn vcpu_place(vcpu: &VcpuFd, symbols: &KernelSymbols) -> String {
+    let place = match (vcpu.get_sregs(), vcpu.get_regs()) {
+        (Ok(sregs), Ok(regs)) if sregs.cs.selector & 3 == 3 => format!("in user code at rip {:#x}", regs.rip),
+        (Ok(_), Ok(regs)) => match symbols.lookup(regs.rip) {
+            Some(symbol) => format!("in the kernel at rip {:#x} ({symbol})", regs.rip),
+            None => format!("in the kernel at rip {:#x}", regs.rip),
+        },
+        (Err(e), _) | (_, Err(e)) => return format!("unreadable ({e})"),
+    };
+    let interrupts = vcpu.get_regs().map_or(String::new(), |regs| {
+        format!(", interrupts {}", if regs.rflags & cpu_design::RFLAGS_IF != 0 { "on" } else { "off" })
+    });
+    let apic = vcpu.get_lapic().map_or(String::new(), |lapic| {
+        let word = |offset: usize| {
+            let bytes: Vec<u8> = lapic.regs[offset..offset + 4].iter().map(|&b| b as u8).collect();
+            u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+        };
+        let vectors = |base: usize| -> Vec<String> {
+            (0..256u32)
+                .filter(|&v| word(base + 0x10 * (v as usize / 32)) & (1 << (v % 32)) != 0)
+                .map(|v| format!("{v:#x}"))
+                .collect()
+        };
+        format!(
+            ", APIC: in service [{}], pending [{}], TPR {:#x}, timer LVT {:#x} count {}",
+            vectors(0x100).join(" "),
+            vectors(0x200).join(" "),
+            word(0x80),
+            word(0x320),
+            word(0x390)
+        )
+    });
+    format!("{place}{interrupts}{apic}")
+}
+
 /// Handles the exits application processors forwarded (with every AP
 /// paused, as if they were the bootstrap vCPU's own) and lets each AP run
 /// on. Returns how the run goes on and whether an event hypercall was among
@@ -1087,6 +1124,26 @@ fn vcpu_loop(
         GuestExit::InternalError { .. } => internal_error_details(vcpu),
         other => other,
     };
+    if matches!(exit, GuestExit::Timeout(_) | GuestExit::Interrupted { .. }) && !aps.is_empty() {
+        // Where a guest that did not finish was, CPU by CPU.
+        let paused = aps.pause();
+        let mut places = vec![(0, vcpu_place(vcpu, symbols))];
+        places.extend(paused.vcpus().map(|(cpu, ap)| (cpu, vcpu_place(&ap, symbols))));
+        for (cpu, place) in places {
+            session.warn(format!("when the guest stopped, vCPU {cpu} was {place}"));
+        }
+        // The kernel's big lock (`#[repr(C)]` next, serving, owner, waiters).
+        let lock = symbols.address("BIG_LOCK").and_then(|va| {
+            let gpa = va.checked_sub(superos_protocol::layout::KERNEL_VMA_BASE)?;
+            session.ram.read::<[u32; 4]>(gpa).ok()
+        });
+        if let Some([next, serving, owner, waiters]) = lock {
+            session.warn(format!(
+                "the big kernel lock: next ticket {next}, serving {serving}, owner {}, waiters {waiters:#b}",
+                if owner == u32::MAX { "none".to_string() } else { format!("CPU {owner}") }
+            ));
+        }
+    }
     let diagnosis = diagnose(vcpu, session, &exit, symbols);
     let final_cpu = final_cpu_state(vcpu, session, &exit, control);
     (exit, exits, diagnosis, final_cpu)

@@ -182,6 +182,50 @@ name = "spinner"
 program = "spin"
 "#;
 
+/// Two spinners on two CPUs.
+const TWO_CPUS_SCENARIO: &str = r#"
+description = "two spinners on two CPUs"
+[vm]
+cpus = 2
+
+[[process]]
+name = "spinner-a"
+program = "spin"
+
+[[process]]
+name = "spinner-b"
+program = "spin"
+"#;
+
+#[test]
+fn ps_names_the_cpu_running_each_process() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("two-cpus");
+    let scenario = dir.join("two-cpus.toml");
+    std::fs::write(&scenario, TWO_CPUS_SCENARIO).unwrap();
+    let socket = dir.join("vm.sock");
+    let mut vmm = Vmm::start(&[scenario.to_str().unwrap(), "--timeout", "120"], &socket);
+    vmm.wait_for_line("[spinner-a#1] spin: spinning forever");
+    vmm.wait_for_line("[spinner-b#2] spin: spinning forever");
+    let paused = vmm.text(&["pause"]);
+    assert!(paused.starts_with("paused "), "{paused}");
+    // Each spinner has a CPU of its own (neither ever blocks, and a CPU
+    // never takes a process another one runs).
+    let ps = vmm.json(&["ps"]);
+    let processes = ps["processes"].as_array().unwrap();
+    let mut cpus: Vec<u64> = processes.iter().map(|p| p["cpu"].as_u64().unwrap_or_else(|| panic!("{p}"))).collect();
+    cpus.sort_unstable();
+    assert_eq!(cpus, [0, 1], "{ps}");
+    assert!(processes.iter().all(|p| p["state"] == "running"), "{ps}");
+    let table = vmm.text(&["ps"]);
+    assert!(table.lines().nth(1).is_some_and(|header| header.contains(" cpu ")), "{table}");
+    vmm.text(&["quit"]);
+    let (code, output) = vmm.finish();
+    assert_eq!(code, 1, "stopped with processes unfinished:\n{output}");
+}
+
 #[test]
 fn a_live_vm_is_examined_through_its_control_socket_and_its_snapshot_answers_the_same() {
     if !kvm_available() {

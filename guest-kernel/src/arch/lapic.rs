@@ -33,11 +33,15 @@ pub fn start_timer(vector: u8, spurious_vector: u8) {
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 
+/// ICR level bit: "assert", which every delivery mode but INIT de-assert
+/// must set.
+const ICR_ASSERT: u32 = 1 << 14;
+
 /// Sends interrupt `vector` to the CPU whose APIC ID is `apic_id` (fixed
-/// delivery, physical destination; the VMM gives vCPU `n` APIC ID `n`).
+/// delivery, edge, physical destination; the VMM gives vCPU `n` APIC ID `n`).
 pub fn send_ipi(apic_id: u32, vector: u8) {
     write(ICR_HIGH, apic_id << 24);
-    write(ICR_LOW, u32::from(vector));
+    write(ICR_LOW, ICR_ASSERT | u32::from(vector));
 }
 
 /// Signals the end of the current interrupt.

@@ -12,7 +12,7 @@ use crate::arch::KernelCell;
 use superos_protocol::introspect::{
     FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
     MAX_FRAME_RANGES, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE,
-    REGION_LIVE, REGION_PARTICIPANTS,
+    NO_CPU, REGION_LIVE, REGION_PARTICIPANTS,
 };
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::PROTOCOL_VERSION;
@@ -59,6 +59,8 @@ const EMPTY_PROCESS: ProcessRecord = ProcessRecord {
     spec_index: 0,
     policy: 0,
     table_bytes: 0,
+    cpu: NO_CPU,
+    reserved: 0,
 };
 const EMPTY_PARTICIPANT: ParticipantRecord =
     ParticipantRecord { pid: 0, rights: 0, state: 0, mapped_at: 0, prot: 0, granted_by: 0 };
@@ -111,6 +113,7 @@ fn published_state(state: ProcessState) -> u32 {
 fn process_record(
     boot: &superos_protocol::boot::BootInfo,
     process: &mut super::process::Process,
+    cpu: u32,
 ) -> ProcessRecord {
     let stat = process.space.stat();
     let state = published_state(process.state);
@@ -119,6 +122,7 @@ fn process_record(
         stat.resident_bytes + process.space.table_pages() * PAGE_SIZE,
         stat.shared_bytes,
         state,
+        cpu,
     );
     ProcessRecord {
         pid: process.pid,
@@ -134,10 +138,24 @@ fn process_record(
         spec_index: process.spec_index as u32,
         policy: stat.policy,
         table_bytes: process.space.table_pages() * PAGE_SIZE,
+        cpu,
+        reserved: 0,
     }
 }
 
 impl Kernel {
+    /// By process slot: the CPU running it (or switching to or from it),
+    /// [`NO_CPU`] if none.
+    fn cpus_by_process(&self) -> [u32; PROCESS_CAPACITY] {
+        let mut cpus = [NO_CPU; PROCESS_CAPACITY];
+        for (cpu, current) in self.current.iter().enumerate() {
+            if let Some(slot) = current.filter(|&slot| slot < PROCESS_CAPACITY) {
+                cpus[slot] = cpu as u32;
+            }
+        }
+        cpus
+    }
+
     /// At the end of a trap: republishes the records of processes whose
     /// counters or state changed without an event (demand-zero faults, pages faulted
     /// in by system calls), so the tables are also consistent whenever the
@@ -146,12 +164,14 @@ impl Kernel {
         // SAFETY: KernelCell invariant; these statics are only used here.
         let (root, processes) = unsafe { (ROOT.get(), PROCESSES.get()) };
         let mut changed = false;
+        let cpus = self.cpus_by_process();
         for (slot, process) in self.processes.iter_mut().enumerate().take(PROCESS_CAPACITY) {
             let stat = process.space.stat();
             let charged = stat.resident_bytes + process.space.table_pages() * PAGE_SIZE;
-            let now = (stat.virtual_bytes, charged, stat.shared_bytes, published_state(process.state));
+            let cpu = cpus[slot];
+            let now = (stat.virtual_bytes, charged, stat.shared_bytes, published_state(process.state), cpu);
             if process.published != now {
-                processes[slot] = process_record(self.boot, process);
+                processes[slot] = process_record(self.boot, process, cpu);
                 changed = true;
             }
         }
@@ -186,10 +206,11 @@ impl Kernel {
         let live_regions = self.shm.regions();
         let region_slots = live_regions.len().max(self.published_slots.1).min(REGION_CAPACITY);
         self.published_slots = (self.processes.len(), live_regions.len());
+        let cpus = self.cpus_by_process();
         for (slot, record) in processes[..process_slots].iter_mut().enumerate() {
             *record = match self.processes.get_mut(slot) {
                 None => EMPTY_PROCESS,
-                Some(process) => process_record(self.boot, process),
+                Some(process) => process_record(self.boot, process, cpus[slot]),
             };
         }
         for (slot, record) in regions[..region_slots].iter_mut().enumerate() {

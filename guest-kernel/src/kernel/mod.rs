@@ -713,19 +713,23 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         return;
     }
     let cpu = smp::cpu_of_stack(frame as *const TrapFrame as u64);
+    // Interrupts are acknowledged at once, before the lock: an interrupt
+    // left in service would mask every vector of its priority class and
+    // below (the flush and wake-up IPIs among them) while this CPU waits
+    // for the lock, and nothing could wake it.
+    let vector = frame.vector;
+    if vector == u64::from(TIMER_VECTOR) || vector == u64::from(WAKE_VECTOR) || vector == u64::from(FLUSH_VECTOR) {
+        lapic::end_of_interrupt();
+    }
     // The flush IPI is served without the lock: its sender holds it and
     // waits for this CPU.
-    if frame.vector == u64::from(FLUSH_VECTOR) {
+    if vector == u64::from(FLUSH_VECTOR) {
         smp::serve_flush(cpu);
-        lapic::end_of_interrupt();
         return;
     }
     if !frame.from_user() && is_lock_wait_interrupt(frame) {
         // A CPU halted for the lock: the holder's wake-up, or its timer.
         smp::serve_flush(cpu);
-        if frame.vector != u64::from(SPURIOUS_VECTOR) {
-            lapic::end_of_interrupt();
-        }
         return;
     }
     if !frame.from_user() && !is_idle_interrupt(frame) {
@@ -873,10 +877,8 @@ impl Kernel {
     fn handle_trap(&mut self, frame: &mut TrapFrame) {
         let cpu = self.cpu as usize;
         if !frame.from_user() {
-            // The idle context, woken by its timer or a wake-up IPI.
-            if frame.vector != u64::from(SPURIOUS_VECTOR) {
-                lapic::end_of_interrupt();
-            }
+            // The idle context, woken by its timer or a wake-up IPI
+            // (acknowledged on entry).
             if self.cpu == 0 && frame.vector == u64::from(TIMER_VECTOR) {
                 self.ticks += 1;
             }
@@ -886,7 +888,6 @@ impl Kernel {
         match frame.vector {
             _ if self.is_gate_entry(frame) => self.syscall(frame),
             v if v == u64::from(TIMER_VECTOR) => {
-                lapic::end_of_interrupt();
                 if self.cpu == 0 {
                     self.ticks += 1;
                 }
@@ -894,8 +895,8 @@ impl Kernel {
                     self.reschedule(frame, true);
                 }
             }
-            v if v == u64::from(WAKE_VECTOR) => lapic::end_of_interrupt(),
-            v if v == u64::from(SPURIOUS_VECTOR) => {}
+            // Acknowledged on entry; nothing else to do in ring 3.
+            v if v == u64::from(WAKE_VECTOR) || v == u64::from(SPURIOUS_VECTOR) => {}
             14 => self.page_fault(frame),
             SYSCALL_VECTOR | FOREIGN_ENTRY_VECTOR => {
                 self.kill_current(frame, FaultKind::IllegalGateEntry, frame.rip)

@@ -69,8 +69,8 @@ pub struct Process {
     pub mailbox: VecDeque<Message>,
     /// Its shared-memory capabilities.
     pub caps: CapTable,
-    /// (virtual, resident, shared bytes, state) as last published for the VMM.
-    pub published: (u64, u64, u64, u32),
+    /// (virtual, resident, shared bytes, state, CPU) as last published for the VMM.
+    pub published: (u64, u64, u64, u32, u32),
     /// A system call its work budget interrupted, resumed when the process
     /// enters the gate again with the same registers.
     pub resume: Option<Resume>,
@@ -183,7 +183,7 @@ impl Kernel {
             preemptions: 0,
             mailbox: VecDeque::new(),
             caps: super::shm::new_cap_table(pid, self.boot_entropy),
-            published: (0, 0, 0, 0),
+            published: (0, 0, 0, 0, superos_protocol::introspect::NO_CPU),
             resume: None,
             building: None,
         });

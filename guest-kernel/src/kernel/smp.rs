@@ -86,6 +86,7 @@ pub fn cpu_of_stack(address: u64) -> u32 {
 const NO_OWNER: u32 = u32::MAX;
 
 /// A ticket lock: CPUs get it in the order they asked.
+#[repr(C)]
 pub struct BigLock {
     next: AtomicU32,
     serving: AtomicU32,
@@ -94,7 +95,9 @@ pub struct BigLock {
     waiters: AtomicU32,
 }
 
-/// The big kernel lock.
+/// The big kernel lock (unmangled: the VMM reads it, from the ELF's
+/// symbol, to say who held it when a guest stopped).
+#[no_mangle]
 pub static BIG_LOCK: BigLock = BigLock {
     next: AtomicU32::new(0),
     serving: AtomicU32::new(0),
