@@ -59,6 +59,8 @@ Operation groups (for --only):
   stream-ipc  streaming 16 MiB between two processes by messages, vs a pipe
   stream-shm  streaming 16 MiB through a shared region, vs memcpy
   shm         shared region create + grant + map + revoke, and revocation latency
+  smp         two vCPUs: the message round trip across CPUs, the revocation latency with the
+              grantee on the other CPU (TLB shootdown), two computing processes on 2 CPUs vs 1
   spawn       process spawn + exit inside the guest, vs posix_spawn + wait
   vmm-peak    the VMM's peak resident memory under hostile kernels (console flood, event flood,
               both after all guest RAM is made resident), run as child processes for a
@@ -178,7 +180,7 @@ impl Plan {
 const STEPPED_TIMEOUT_FACTOR: u32 = 5;
 
 /// The operation groups, in table order.
-pub const GROUPS: [&str; 13] = [
+pub const GROUPS: [&str; 14] = [
     "boot",
     "overhead",
     "syscall",
@@ -188,6 +190,7 @@ pub const GROUPS: [&str; 13] = [
     "stream-ipc",
     "stream-shm",
     "shm",
+    "smp",
     "spawn",
     "vmm-peak",
     "worst-entry",
@@ -277,11 +280,106 @@ fn ns(duration: Duration) -> f64 {
 
 impl Bench {
     fn timing(&mut self, name: &str, processes: &[Process<'_>]) -> Result<Printed, String> {
-        self.progress.step(&format!("{name}: SuperOS"));
-        let scenario = guest::scenario(name, self.plan.memory_mib, processes)?;
+        self.timing_on(name, 1, processes).map(|(_, printed)| printed)
+    }
+
+    /// A timing run on `cpus` vCPUs; its report too.
+    fn timing_on(
+        &mut self,
+        name: &str,
+        cpus: u32,
+        processes: &[Process<'_>],
+    ) -> Result<(crate::run::RunReport, Printed), String> {
+        self.progress.step(&format!("{name}: SuperOS on {cpus} vCPU{}", if cpus == 1 { "" } else { "s" }));
+        let scenario = guest::scenario_on(name, self.plan.memory_mib, cpus, processes)?;
         let (report, printed) = guest::run_and_parse(scenario, self.plan.timeout)?;
         self.last = Some((report.stats.exits.values().sum(), printed.clone()));
-        Ok(printed)
+        Ok((report, printed))
+    }
+
+    /// Two vCPUs: IPC across CPUs, revocation with the grantee on the other
+    /// CPU (the TLB shootdown), and the speed-up of two computing processes.
+    fn smp(&mut self) -> Vec<Row> {
+        let mut ipc =
+            Row::new("smp.ipc-rtt", "64-byte message round trip, two processes on 2 vCPUs", Unit::Time);
+        let rounds = self.plan.ipc_rounds;
+        let ping = [
+            Process::new(
+                "bench-ops",
+                "ping",
+                format!("mode=ping peer=2 rounds={rounds} samples={}", self.plan.samples),
+            ),
+            Process::new("bench-ops", "pong", "mode=pong"),
+        ];
+        ipc.superos = self
+            .timing_on("smp-ipc", 2, &ping)
+            .and_then(|(_, p)| summary(&p.ns_per_op("ipc-rtt"), "ipc-rtt"));
+        ipc.notes.push(format!(
+            "{} samples of {rounds} round trips; each process on its own CPU while the other waits in ipc_recv \
+             (the receiver's CPU idles until the wake-up IPI); compare ipc-rtt (one vCPU)",
+            self.plan.samples
+        ));
+
+        let mut latency = Row::new(
+            "smp.shootdown",
+            "revocation on 2 vCPUs: shm_revoke called -> the grantee on the other CPU loses the page",
+            Unit::Time,
+        );
+        let rounds = self.plan.revoke_rounds;
+        latency.superos = self
+            .timing_on("smp-shm", 2, &Self::revoke_processes(rounds, false))
+            .and_then(|(_, p)| summary(&p.ns_per_op("revoke-to-fault"), "revoke-to-fault"));
+        latency.notes.push(
+            "the grantee spins on another CPU reading the region and writing rdtsc to a second one; this is the \
+             owner's rdtsc before shm_revoke to the grantee's last timestamp before the read that faulted: the \
+             unmap, the TLB shootdown (flush IPI, the remote CR3 reload, the acknowledgement) and the grantee's \
+             next access; the grantee faults before shm_revoke returns (revoke-latency on one vCPU is a process \
+             switch instead)"
+                .into(),
+        );
+
+        let mut throughput = Row::new(
+            "smp.compute-2",
+            "two processes computing 200 million steps each: first user instruction -> exit, on 2 vCPUs",
+            Unit::Time,
+        );
+        let workers = [Process::new("hello", "a", "work=200"), Process::new("hello", "b", "work=200")];
+        let mut runs = Vec::new();
+        for cpus in [1, 2] {
+            let mut times = Vec::new();
+            for _ in 0..self.plan.samples.min(3) {
+                self.progress.step(&format!(
+                    "smp-compute: SuperOS on {cpus} vCPU{}",
+                    if cpus == 1 { "" } else { "s" }
+                ));
+                let scenario = guest::scenario_on("smp-compute", self.plan.memory_mib, cpus, &workers);
+                let time = scenario.and_then(|s| guest::run(s, self.plan.timeout)).and_then(|report| {
+                    let phases = report.stats.phases;
+                    match (phases.first_user_instruction, phases.guest_exit) {
+                        (Some(first), Some(exit)) => Ok(ns(exit.saturating_sub(first))),
+                        _ => Err("no phase timings".to_string()),
+                    }
+                });
+                match time {
+                    Ok(time) => times.push(time),
+                    Err(e) => {
+                        throughput.superos = Err(e);
+                        return vec![ipc, latency, throughput];
+                    }
+                }
+            }
+            runs.push(summary(&times, "smp-compute"));
+        }
+        let one = runs.remove(0);
+        throughput.superos = runs.remove(0);
+        if let (Ok(one), Ok(two)) = (&one, &throughput.superos) {
+            throughput.notes.push(format!(
+                "on 1 vCPU: {:.1} ms (median); 2 vCPUs take {:.2}x as long",
+                one.median / 1e6,
+                two.median / one.median
+            ));
+        }
+        vec![ipc, latency, throughput]
     }
 
     /// An instrumented run; `None` (and the reason kept) if stepping fails.
@@ -384,6 +482,7 @@ impl Bench {
             "stream-ipc" => vec![self.stream_ipc()],
             "stream-shm" => vec![self.stream_shm()],
             "shm" => self.shm(),
+            "smp" => self.smp(),
             "spawn" => vec![self.spawn()],
             "worst-entry" => vec![self.worst_entry()],
             "check" => self.check(),

@@ -215,7 +215,8 @@ fn ps_names_the_cpu_running_each_process() {
     // never takes a process another one runs).
     let ps = vmm.json(&["ps"]);
     let processes = ps["processes"].as_array().unwrap();
-    let mut cpus: Vec<u64> = processes.iter().map(|p| p["cpu"].as_u64().unwrap_or_else(|| panic!("{p}"))).collect();
+    let mut cpus: Vec<u64> =
+        processes.iter().map(|p| p["cpu"].as_u64().unwrap_or_else(|| panic!("{p}"))).collect();
     cpus.sort_unstable();
     assert_eq!(cpus, [0, 1], "{ps}");
     assert!(processes.iter().all(|p| p["state"] == "running"), "{ps}");

@@ -453,6 +453,12 @@ fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
         // SAFETY: as above.
         let faulted = unsafe { read_u64(clock) };
         sample("shm-cycle", 1, setup + revoked.wrapping_sub(before));
+        // From the call to the grantee's last access before its fault: on
+        // several CPUs the grantee runs meanwhile and faults while (or
+        // right after) the shootdown reaches its CPU.
+        if faulted > before {
+            sample("revoke-to-fault", 1, faulted - before);
+        }
         if faulted > revoked {
             sample("revoke-latency", 1, faulted - revoked);
         } else {

@@ -11,8 +11,8 @@ use super::Kernel;
 use crate::arch::KernelCell;
 use superos_protocol::introspect::{
     FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
-    MAX_FRAME_RANGES, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE,
-    NO_CPU, REGION_LIVE, REGION_PARTICIPANTS,
+    MAX_FRAME_RANGES, NO_CPU, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE,
+    REGION_LIVE, REGION_PARTICIPANTS,
 };
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::PROTOCOL_VERSION;

@@ -718,7 +718,10 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     // below (the flush and wake-up IPIs among them) while this CPU waits
     // for the lock, and nothing could wake it.
     let vector = frame.vector;
-    if vector == u64::from(TIMER_VECTOR) || vector == u64::from(WAKE_VECTOR) || vector == u64::from(FLUSH_VECTOR) {
+    if vector == u64::from(TIMER_VECTOR)
+        || vector == u64::from(WAKE_VECTOR)
+        || vector == u64::from(FLUSH_VECTOR)
+    {
         lapic::end_of_interrupt();
     }
     // The flush IPI is served without the lock: its sender holds it and

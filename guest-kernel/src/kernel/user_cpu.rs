@@ -173,7 +173,13 @@ impl Kernel {
     /// A stub came back: take the switch one step further.
     pub(super) fn continue_switch(&mut self, frame: &mut TrapFrame, step: Step) {
         match step {
-            Step::Saving { to: None } => self.enter_idle(frame),
+            Step::Saving { to: None } => {
+                // Its state is saved: it may run anywhere now. Something may
+                // have become ready while the stub ran (a message for a
+                // process this CPU let go of): look again before idling.
+                self.set_current(None);
+                self.reschedule(frame, false);
+            }
             Step::Saving { to: Some(to) } => {
                 // This CPU claimed `to` (no other runs it) and nothing
                 // removes a runnable process it does not run, so it is

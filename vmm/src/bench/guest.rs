@@ -97,7 +97,12 @@ impl<'a> Process<'a> {
 
 /// The scenario text for `processes`.
 pub fn scenario_text(description: &str, memory_mib: u64, processes: &[Process<'_>]) -> String {
-    let mut text = format!("description = {description:?}\n[vm]\nmemory_mib = {memory_mib}\n");
+    scenario_text_on(description, memory_mib, 1, processes)
+}
+
+/// The scenario text for `processes` on `cpus` vCPUs.
+pub fn scenario_text_on(description: &str, memory_mib: u64, cpus: u32, processes: &[Process<'_>]) -> String {
+    let mut text = format!("description = {description:?}\n[vm]\nmemory_mib = {memory_mib}\ncpus = {cpus}\n");
     for p in processes {
         text.push_str(&format!(
             "[[process]]\nprogram = {:?}\nname = {:?}\nargs = {:?}\nruns = {}\n",
@@ -112,7 +117,17 @@ pub fn scenario_text(description: &str, memory_mib: u64, processes: &[Process<'_
 
 /// The scenario for `processes`.
 pub fn scenario(name: &str, memory_mib: u64, processes: &[Process<'_>]) -> Result<Scenario, String> {
-    let text = scenario_text(&format!("superos-vmm bench: {name}"), memory_mib, processes);
+    scenario_on(name, memory_mib, 1, processes)
+}
+
+/// The scenario for `processes` on `cpus` vCPUs.
+pub fn scenario_on(
+    name: &str,
+    memory_mib: u64,
+    cpus: u32,
+    processes: &[Process<'_>],
+) -> Result<Scenario, String> {
+    let text = scenario_text_on(&format!("superos-vmm bench: {name}"), memory_mib, cpus, processes);
     Scenario::parse(&text, &format!("bench:{name}"), Path::new(".")).map_err(|e| e.to_string())
 }
 
