@@ -252,6 +252,12 @@ pub struct Monitor {
 }
 
 impl Monitor {
+    /// Whether it ever looks at the guest while it runs: checks in any mode
+    /// but `off`, or a tamper hook.
+    pub fn checks_anything(&self) -> bool {
+        self.mode != CheckMode::Off || self.tamper.is_some()
+    }
+
     /// A monitor for a run whose usable RAM is `usable`.
     pub fn new(
         mode: CheckMode,

@@ -991,6 +991,9 @@ fn vcpu_loop(
     mut vcpu_tamper: Option<VcpuTamper>,
 ) -> LoopResult {
     let mut exits = BTreeMap::new();
+    let looks_at_the_guest = session.monitor.as_ref().is_some_and(|m| m.checks_anything())
+        || control.is_some()
+        || vcpu_tamper.is_some();
     session.phases.vcpu_start = Some(session.now());
     // `run --paused`: held before the first instruction (`quit` there stops it).
     let mut quit_at_start = control.is_some_and(|control| control.before_start(session));
@@ -1013,8 +1016,12 @@ fn vcpu_loop(
         let mut refused_write = None;
         let events_before = session.events.len();
         let result = vcpu.run();
-        // The VMM handles this exit with every other vCPU out of KVM_RUN.
-        let paused = (!aps.is_empty()).then(|| aps.pause());
+        // The VMM handles this exit with every other vCPU out of KVM_RUN
+        // when it may look at the guest (a check, the control socket, the
+        // tamper hook); a run that does none of that never stops the other
+        // vCPUs (a pause is not free, and it must not hide what the kernel
+        // itself has to do: on QEMU's SVM a vCPU's exit drops its TLB).
+        let paused = (!aps.is_empty() && looks_at_the_guest).then(|| aps.pause());
         let step = match result {
             Ok(VcpuExit::MmioWrite(gpa, data)) if session.in_read_only(gpa) => {
                 refused_write = Some((gpa, data.to_vec()));
@@ -1124,7 +1131,14 @@ fn vcpu_loop(
         GuestExit::InternalError { .. } => internal_error_details(vcpu),
         other => other,
     };
-    if matches!(exit, GuestExit::Timeout(_) | GuestExit::Interrupted { .. }) && !aps.is_empty() {
+    if matches!(
+        exit,
+        GuestExit::Timeout(_)
+            | GuestExit::Interrupted { .. }
+            | GuestExit::TripleFault
+            | GuestExit::UnexpectedExit(_)
+    ) && !aps.is_empty()
+    {
         // Where a guest that did not finish was, CPU by CPU.
         let paused = aps.pause();
         let mut places = vec![(0, vcpu_place(vcpu, symbols))];

@@ -113,8 +113,8 @@ fn published_state(state: ProcessState) -> u32 {
 fn process_record(
     boot: &superos_protocol::boot::BootInfo,
     process: &mut super::process::Process,
-    cpu: u32,
 ) -> ProcessRecord {
+    let cpu = process.cpu;
     let stat = process.space.stat();
     let state = published_state(process.state);
     process.published = (
@@ -144,18 +144,6 @@ fn process_record(
 }
 
 impl Kernel {
-    /// By process slot: the CPU running it (or switching to or from it),
-    /// [`NO_CPU`] if none.
-    fn cpus_by_process(&self) -> [u32; PROCESS_CAPACITY] {
-        let mut cpus = [NO_CPU; PROCESS_CAPACITY];
-        for (cpu, current) in self.current.iter().enumerate() {
-            if let Some(slot) = current.filter(|&slot| slot < PROCESS_CAPACITY) {
-                cpus[slot] = cpu as u32;
-            }
-        }
-        cpus
-    }
-
     /// At the end of a trap: republishes the records of processes whose
     /// counters or state changed without an event (demand-zero faults, pages faulted
     /// in by system calls), so the tables are also consistent whenever the
@@ -164,14 +152,13 @@ impl Kernel {
         // SAFETY: KernelCell invariant; these statics are only used here.
         let (root, processes) = unsafe { (ROOT.get(), PROCESSES.get()) };
         let mut changed = false;
-        let cpus = self.cpus_by_process();
         for (slot, process) in self.processes.iter_mut().enumerate().take(PROCESS_CAPACITY) {
             let stat = process.space.stat();
             let charged = stat.resident_bytes + process.space.table_pages() * PAGE_SIZE;
-            let cpu = cpus[slot];
-            let now = (stat.virtual_bytes, charged, stat.shared_bytes, published_state(process.state), cpu);
+            let now =
+                (stat.virtual_bytes, charged, stat.shared_bytes, published_state(process.state), process.cpu);
             if process.published != now {
-                processes[slot] = process_record(self.boot, process, cpu);
+                processes[slot] = process_record(self.boot, process);
                 changed = true;
             }
         }
@@ -206,11 +193,10 @@ impl Kernel {
         let live_regions = self.shm.regions();
         let region_slots = live_regions.len().max(self.published_slots.1).min(REGION_CAPACITY);
         self.published_slots = (self.processes.len(), live_regions.len());
-        let cpus = self.cpus_by_process();
         for (slot, record) in processes[..process_slots].iter_mut().enumerate() {
             *record = match self.processes.get_mut(slot) {
                 None => EMPTY_PROCESS,
-                Some(process) => process_record(self.boot, process, cpus[slot]),
+                Some(process) => process_record(self.boot, process),
             };
         }
         for (slot, record) in regions[..region_slots].iter_mut().enumerate() {

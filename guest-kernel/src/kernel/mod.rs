@@ -921,9 +921,18 @@ impl Kernel {
         self.current[self.cpu as usize]
     }
 
-    /// Sets the process this CPU runs.
+    /// Sets the process this CPU runs (and which CPU each runs on).
     pub(super) fn set_current(&mut self, index: Option<usize>) {
-        self.current[self.cpu as usize] = index;
+        let cpu = self.cpu;
+        if let Some(old) = self.current[cpu as usize] {
+            if let Some(process) = self.processes.get_mut(old).filter(|p| p.cpu == cpu) {
+                process.cpu = superos_protocol::introspect::NO_CPU;
+            }
+        }
+        self.current[cpu as usize] = index;
+        if let Some(process) = index.and_then(|new| self.processes.get_mut(new)) {
+            process.cpu = cpu;
+        }
     }
 
     /// Sends the wake-up IPI to the idle CPUs if some process is ready and

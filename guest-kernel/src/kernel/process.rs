@@ -4,7 +4,6 @@
 
 use super::memory::write_phys;
 use super::smp;
-use super::user_cpu::Step;
 use super::{Kernel, TrapFrame};
 use crate::address_space::{AddressSpace, Memory, Quotas, Refusal};
 use crate::arch::user_state::SegmentBases;
@@ -18,6 +17,7 @@ use superos_protocol::boot::ARGS_LEN;
 use superos_protocol::cpu::MAX_CPUS;
 use superos_protocol::cpu::{initial_fxsave_image, FXSAVE_FCW, FXSAVE_MXCSR};
 use superos_protocol::event::{Event, FaultKind, SpawnError};
+use superos_protocol::introspect::NO_CPU;
 use superos_protocol::layout::{PAGE_SIZE, USER_ARGS_MAX, USER_STACK_TOP};
 use superos_protocol::syscall::{encode_result, SysError};
 use x86_64::structures::paging::PageTableFlags as Flags;
@@ -65,6 +65,8 @@ pub struct Process {
     pub bases: SegmentBases,
     /// Times the timer took the CPU away from it.
     pub preemptions: u64,
+    /// The CPU running it, or switching to or from it (`NO_CPU`: none).
+    pub cpu: u32,
     /// Messages waiting for it, oldest first.
     pub mailbox: VecDeque<Message>,
     /// Its shared-memory capabilities.
@@ -181,9 +183,10 @@ impl Kernel {
             context,
             bases: SegmentBases::default(),
             preemptions: 0,
+            cpu: NO_CPU,
             mailbox: VecDeque::new(),
             caps: super::shm::new_cap_table(pid, self.boot_entropy),
-            published: (0, 0, 0, 0, superos_protocol::introspect::NO_CPU),
+            published: (0, 0, 0, 0, NO_CPU),
             resume: None,
             building: None,
         });
@@ -349,18 +352,14 @@ impl Kernel {
 
     /// Whether another CPU runs process `index` or is switching to or from it.
     pub(super) fn claimed_elsewhere(&self, index: usize) -> bool {
-        let pid = self.processes[index].pid;
-        (0..MAX_CPUS as usize).filter(|&cpu| cpu != self.cpu as usize).any(|cpu| {
-            self.current[cpu] == Some(index)
-                || matches!(self.switch_step[cpu], Some(Step::Saving { to: Some(to) }) if to == pid)
-        })
+        let cpu = self.processes[index].cpu;
+        cpu != NO_CPU && cpu != self.cpu
     }
 
     /// Whether process `index` is ready and no CPU runs it.
     pub(super) fn available(&self, index: usize) -> bool {
-        self.processes[index].state == ProcessState::Runnable
-            && self.current() != Some(index)
-            && !self.claimed_elsewhere(index)
+        let process = &self.processes[index];
+        process.state == ProcessState::Runnable && process.cpu == NO_CPU
     }
 
     /// Whether another CPU runs a process or is in a switch.

@@ -154,8 +154,13 @@ impl Kernel {
         if let Some(index) = self.current() {
             self.processes[index].bases = SegmentBases::save();
         }
+        // The next process is this CPU's from now on: no other may take it.
+        let cpu = self.cpu;
+        if let Some(next) = next_pid.and_then(|pid| self.processes.iter_mut().find(|p| p.pid == pid)) {
+            next.cpu = cpu;
+        }
         let step = Step::Saving { to: next_pid };
-        self.switch_step[self.cpu as usize] = Some(step);
+        self.switch_step[cpu as usize] = Some(step);
         *frame = Self::switch_stub_frame(step);
     }
 
