@@ -276,6 +276,6 @@ fn an_unknown_program_argument_is_an_error_the_program_reports() {
     assert_eq!(report.output_of("typo"), vec!["unknown argument \"code=5\"; this program takes: [<code>]"]);
     assert_eq!(
         report.output_of("hello"),
-        vec!["unknown argument \"colour=red\"; this program takes: [spin=<ms>]"]
+        vec!["unknown argument \"colour=red\"; this program takes: [spin=<ms>] [work=<millions>]"]
     );
 }
