@@ -345,13 +345,19 @@ impl Aps {
     pub fn pause(&self) -> Paused<'_> {
         let mut gate = lock(&self.gate);
         gate.paused = true;
+        self.kick_out(gate);
+        Paused { aps: self }
+    }
+
+    /// Kicks the AP threads until none is in `KVM_RUN` (the flag that keeps
+    /// them out is already set in `gate`).
+    fn kick_out(&self, mut gate: MutexGuard<'_, Gate>) {
         while gate.running > 0 {
             for thread in gate.threads.iter().flatten() {
                 kick(*thread);
             }
             gate = self.changed.wait_timeout(gate, KICK_AGAIN).unwrap_or_else(PoisonError::into_inner).0;
         }
-        Paused { aps: self }
     }
 
     /// Ends every AP thread (the run is over).
@@ -359,12 +365,7 @@ impl Aps {
         let mut gate = lock(&self.gate);
         gate.stop = true;
         self.changed.notify_all();
-        while gate.running > 0 {
-            for thread in gate.threads.iter().flatten() {
-                kick(*thread);
-            }
-            gate = self.changed.wait_timeout(gate, KICK_AGAIN).unwrap_or_else(PoisonError::into_inner).0;
-        }
+        self.kick_out(gate);
     }
 }
 

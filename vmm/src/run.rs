@@ -702,6 +702,37 @@ pub enum Step {
     Stop(GuestExit),
 }
 
+impl Step {
+    /// How the run goes on after a hypercall's `flow`.
+    fn after(flow: Flow) -> Step {
+        match flow {
+            Flow::Continue => Step::Continue,
+            Flow::Shutdown(code) => Step::Stop(GuestExit::Shutdown { code }),
+            Flow::Panic(report) => Step::Stop(GuestExit::KernelPanic(report)),
+            Flow::InvariantViolated(stop) => Step::violated(stop),
+        }
+    }
+
+    /// How the run goes on after a check or a refused write: on if
+    /// nothing stopped it.
+    fn stopped_by(stop: Option<Stop>) -> Step {
+        stop.map_or(Step::Continue, Step::violated)
+    }
+
+    fn violated(Stop { at, invariants }: Stop) -> Step {
+        Step::Stop(GuestExit::InvariantViolated { at, invariants })
+    }
+}
+
+/// Adds to `into` the invariants of `from` it does not list yet.
+fn merge_invariants(into: &mut Vec<Invariant>, from: Vec<Invariant>) {
+    for invariant in from {
+        if !into.contains(&invariant) {
+            into.push(invariant);
+        }
+    }
+}
+
 /// Handles one VM exit. A free function of the exit and the session, so it
 /// can be tested with made-up exits.
 pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BTreeMap<String, u64>) -> Step {
@@ -713,14 +744,7 @@ pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BT
         VcpuExit::IoOut(port, data) => match hypercall::decode(port, data) {
             Ok(request) => {
                 count(&format!("hypercall {}", hypercall_name(&request)));
-                match hypercall::handle(session, request) {
-                    Flow::Continue => Step::Continue,
-                    Flow::Shutdown(code) => Step::Stop(GuestExit::Shutdown { code }),
-                    Flow::Panic(report) => Step::Stop(GuestExit::KernelPanic(report)),
-                    Flow::InvariantViolated(Stop { at, invariants }) => {
-                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
-                    }
-                }
+                Step::after(hypercall::handle(session, request))
             }
             Err(error) => {
                 count("io-out (other)");
@@ -824,11 +848,7 @@ fn cpu_check_after_exit(
         if let Some(found) = session.check_cpu(trigger, cpu, state, started.elapsed()) {
             stop = Some(match stop {
                 Some(mut stop) => {
-                    for invariant in found.invariants {
-                        if !stop.invariants.contains(&invariant) {
-                            stop.invariants.push(invariant);
-                        }
-                    }
+                    merge_invariants(&mut stop.invariants, found.invariants);
                     stop
                 }
                 None => found,
@@ -837,15 +857,9 @@ fn cpu_check_after_exit(
     }
     let Some(stop) = stop else { return step };
     match step {
-        Step::Continue | Step::Stop(GuestExit::Shutdown { .. }) => {
-            Step::Stop(GuestExit::InvariantViolated { at: stop.at, invariants: stop.invariants })
-        }
+        Step::Continue | Step::Stop(GuestExit::Shutdown { .. }) => Step::violated(stop),
         Step::Stop(GuestExit::InvariantViolated { at, mut invariants }) => {
-            for invariant in stop.invariants {
-                if !invariants.contains(&invariant) {
-                    invariants.push(invariant);
-                }
-            }
+            merge_invariants(&mut invariants, stop.invariants);
             Step::Stop(GuestExit::InvariantViolated { at, invariants })
         }
         other => other,
@@ -907,24 +921,12 @@ fn forwarded_exits(
             Forward::Hypercall(request) => {
                 *exits.entry(format!("hypercall {}", hypercall_name(&request))).or_default() += 1;
                 event |= request == hypercall::Request::EventNotify;
-                match hypercall::handle(session, request) {
-                    Flow::Continue => Step::Continue,
-                    Flow::Shutdown(code) => Step::Stop(GuestExit::Shutdown { code }),
-                    Flow::Panic(report) => Step::Stop(GuestExit::KernelPanic(report)),
-                    Flow::InvariantViolated(Stop { at, invariants }) => {
-                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
-                    }
-                }
+                Step::after(hypercall::handle(session, request))
             }
             Forward::ReadOnlyWrite { gpa, bytes, rip } if session.in_read_only(gpa) => {
                 *exits.entry("mmio-write (read-only kernel image)".to_string()).or_default() += 1;
                 let symbol = rip.and_then(|rip| symbols.lookup(rip));
-                match session.read_only_write(gpa, &bytes, rip, symbol) {
-                    Some(Stop { at, invariants }) => {
-                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
-                    }
-                    None => Step::Continue,
-                }
+                Step::stopped_by(session.read_only_write(gpa, &bytes, rip, symbol))
             }
             Forward::ReadOnlyWrite { gpa, .. } => {
                 *exits.entry("mmio-write".to_string()).or_default() += 1;
@@ -1049,12 +1051,7 @@ fn vcpu_loop(
                 *exits.entry("mmio-write (read-only kernel image)".to_string()).or_default() += 1;
                 let rip = vcpu.get_regs().ok().map(|regs| regs.rip);
                 let symbol = rip.and_then(|rip| symbols.lookup(rip));
-                match session.read_only_write(gpa, &bytes, rip, symbol) {
-                    Some(Stop { at, invariants }) => {
-                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
-                    }
-                    None => Step::Continue,
-                }
+                Step::stopped_by(session.read_only_write(gpa, &bytes, rip, symbol))
             }
             None => step,
         };
@@ -1079,12 +1076,7 @@ fn vcpu_loop(
                     _ => None,
                 }
                 .filter(|_| aps_quiet(paused.as_ref(), &idle));
-                match session.kicked(ring3_rip) {
-                    Some(Stop { at, invariants }) => {
-                        Step::Stop(GuestExit::InvariantViolated { at, invariants })
-                    }
-                    None => Step::Continue,
-                }
+                Step::stopped_by(session.kicked(ring3_rip))
             }
             step => step,
         };
