@@ -567,7 +567,7 @@ mod tests {
 
     fn finished_control() -> Control {
         let control = Control::new(GuestRam::new(16).unwrap(), vec![(0x10_0000, 16 << 20)], false);
-        control.finish(&[], None, None, None, "the kernel shut down with status 0".into(), true);
+        control.finish(&[], None, None, Vec::new(), "the kernel shut down with status 0".into(), true);
         control
     }
 

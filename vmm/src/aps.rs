@@ -381,6 +381,19 @@ impl Paused<'_> {
     }
 }
 
+impl Paused<'_> {
+    /// Each AP's state, read now, as captured `at`.
+    pub fn capture(&self, at: &str) -> Vec<crate::cpu::CpuCapture> {
+        self.vcpus()
+            .map(|(cpu, vcpu)| crate::cpu::CpuCapture {
+                cpu,
+                at: at.to_string(),
+                state: crate::cpu::capture(&vcpu),
+            })
+            .collect()
+    }
+}
+
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
         lock(&self.aps.gate).paused = false;

@@ -1373,13 +1373,7 @@ impl Checker {
     ) -> Vec<Violation> {
         let started = Instant::now();
         let expected = crate::cpu::Expected { image: &self.image, gate_kind: self.gate_kind, cpu };
-        let mut violations = crate::cpu::check(state, expected, ram);
-        if cpu != 0 {
-            for violation in &mut violations {
-                violation.details = format!("vCPU {cpu}: {}", violation.details);
-            }
-        }
-        let violations = listed(violations);
+        let violations = listed(crate::cpu::check(state, expected, ram));
         let compare = started.elapsed();
         let stats = &mut self.stats;
         stats.cpu_checks += 1;

@@ -34,6 +34,7 @@
 //! the run ended with is used.
 
 use crate::api::{ApiOptions, Server};
+use crate::aps::Paused;
 use crate::check::{KernelImage, TextBaseline};
 use crate::cpu::{self, CpuCapture};
 use crate::inspect::{events_from, EventsResult, Machine, MachineState, Point};
@@ -103,10 +104,10 @@ struct State {
     hello: Option<BootHelloParams>,
     baseline: Option<TextBaseline>,
     events: Vec<EventEntry>,
-    /// The CPU state read where the vCPU is held.
-    held_cpu: Option<CpuCapture>,
-    /// The CPU state the run ended with.
-    final_cpu: Option<CpuCapture>,
+    /// Every vCPU's state, read where the vCPUs are held.
+    held_cpus: Vec<CpuCapture>,
+    /// Every vCPU's state the run ended with (empty if none).
+    final_cpus: Vec<CpuCapture>,
 }
 
 /// The shared state of the pause handshake (one per run with `--api`).
@@ -162,8 +163,8 @@ impl Control {
                 hello: None,
                 baseline: None,
                 events: Vec::new(),
-                held_cpu: None,
-                final_cpu: None,
+                held_cpus: Vec::new(),
+                final_cpus: Vec::new(),
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(paused),
@@ -241,7 +242,7 @@ impl Control {
     /// Before the first instruction: holds the vCPU there if a pause is
     /// wanted (`--paused`). True if the guest must not run (`quit`).
     pub fn before_start(&self, session: &Session<'_>) -> bool {
-        let quit = self.attention.load(Ordering::SeqCst) && self.hold(Point::Boot, session, None);
+        let quit = self.attention.load(Ordering::SeqCst) && self.hold(Point::Boot, session, Vec::new());
         self.lock().guest_entered = true;
         quit
     }
@@ -251,7 +252,14 @@ impl Control {
     /// the exit was an `EventNotify` hypercall; or the vCPU is in ring 3 and
     /// `others_quiet`: every other vCPU in ring 3 or idle), holds the vCPU
     /// until the queries are done. True if the guest must stop (`quit`).
-    pub fn after_exit(&self, vcpu: &VcpuFd, session: &Session<'_>, event: bool, others_quiet: bool) -> bool {
+    pub fn after_exit(
+        &self,
+        vcpu: &VcpuFd,
+        aps: Option<&Paused<'_>>,
+        session: &Session<'_>,
+        event: bool,
+        others_quiet: bool,
+    ) -> bool {
         if session.events.len() > self.published.load(Ordering::SeqCst) {
             let mut state = self.lock();
             self.publish(&mut state, session);
@@ -284,8 +292,10 @@ impl Control {
         }
         match point {
             Some(point) => {
-                let cpu = CpuCapture { at: point.to_string(), state: cpu::capture(vcpu) };
-                self.hold(point, session, Some(cpu))
+                let at = point.to_string();
+                let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
+                cpus.extend(aps.map(|aps| aps.capture(&at)).unwrap_or_default());
+                self.hold(point, session, cpus)
             }
             None => false,
         }
@@ -293,7 +303,7 @@ impl Control {
 
     /// Holds the vCPU at `point` (its CPU state `cpu`) while queries or an
     /// explicit pause want it.
-    fn hold(&self, point: Point, session: &Session<'_>, cpu: Option<CpuCapture>) -> bool {
+    fn hold(&self, point: Point, session: &Session<'_>, cpus: Vec<CpuCapture>) -> bool {
         let mut state = self.lock();
         self.publish(&mut state, session);
         if state.quit {
@@ -304,14 +314,14 @@ impl Control {
             return false;
         }
         state.held = Some(point);
-        state.held_cpu = cpu;
+        state.held_cpus = cpus;
         state.held_since = Some(Instant::now());
         self.changed.notify_all();
         while (state.queries > 0 || state.explicit) && !state.quit {
             state = self.wait(state, Duration::from_secs(1));
         }
         let point = state.held.take();
-        state.held_cpu = None;
+        state.held_cpus = Vec::new();
         if state.quit {
             state.quit_at = point;
         }
@@ -338,7 +348,7 @@ impl Control {
         events: &[EventEntry],
         hello: Option<BootHelloParams>,
         baseline: Option<TextBaseline>,
-        cpu: Option<CpuCapture>,
+        cpus: Vec<CpuCapture>,
         exit: String,
         lingering: bool,
     ) {
@@ -346,7 +356,7 @@ impl Control {
         state.events = events.to_vec();
         state.hello = hello;
         state.baseline = baseline;
-        state.final_cpu = cpu;
+        state.final_cpus = cpus;
         state.finished = Some(exit);
         state.finished_cr3 = match state.quit_at {
             Some(Point::Ring3 { cr3, .. }) => Some(cr3),
@@ -379,12 +389,12 @@ impl Control {
     // --- The control socket's side. ---
 
     fn machine_state(&self, state: &State) -> MachineState {
-        let (point, cpu) = match (&state.finished, &state.held) {
+        let (point, cpus) = match (&state.finished, &state.held) {
             (Some(exit), _) => {
-                (Point::Finished { exit: exit.clone(), cr3: state.finished_cr3 }, state.final_cpu.clone())
+                (Point::Finished { exit: exit.clone(), cr3: state.finished_cr3 }, state.final_cpus.clone())
             }
-            (None, Some(point)) => (point.clone(), state.held_cpu.clone()),
-            (None, None) => (Point::Boot, None),
+            (None, Some(point)) => (point.clone(), state.held_cpus.clone()),
+            (None, None) => (Point::Boot, Vec::new()),
         };
         MachineState {
             hello: state.hello,
@@ -393,7 +403,7 @@ impl Control {
             events: state.events.clone(),
             point,
             image: self.image.clone(),
-            cpu,
+            cpus,
         }
     }
 
@@ -704,7 +714,7 @@ impl Attached {
         ram: &GuestRam,
         hello: Option<BootHelloParams>,
         baseline: Option<TextBaseline>,
-        cpu: Option<CpuCapture>,
+        cpus: Vec<CpuCapture>,
         usable: &[(u64, u64)],
         scenario: &str,
         report: &mut RunReport,
@@ -714,7 +724,7 @@ impl Attached {
             (exit, _) => exit.to_string(),
         };
         if let Some(control) = &self.control {
-            control.finish(&report.events, hello, baseline.clone(), cpu.clone(), exit.clone(), self.linger);
+            control.finish(&report.events, hello, baseline.clone(), cpus.clone(), exit.clone(), self.linger);
         }
         if let Some((path, file, atomic)) = self.snapshot.take() {
             let cr3 = match self.control.as_ref().and_then(|c| c.quit_at()) {
@@ -728,7 +738,7 @@ impl Attached {
                 events: report.events.clone(),
                 point: Point::Finished { exit, cr3 },
                 image: self.image.clone(),
-                cpu,
+                cpus,
             };
             let meta = snapshot::Meta::new(scenario, report.lost_events);
             let temporary = snapshot_temporary(&path);

@@ -313,9 +313,13 @@ impl CpuState {
     }
 }
 
-/// A CPU state and where it was captured (for `inspect` and snapshots).
+/// A vCPU's state and where it was captured (for `inspect` and snapshots).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuCapture {
+    /// Which vCPU (0 is the bootstrap one; absent in snapshots of version 3,
+    /// which carry only vCPU 0's).
+    #[serde(default)]
+    pub cpu: u32,
     /// Where the vCPU was, as a phrase (`at event #12`, `at shutdown`, `in
     /// user code at rip 0x400073 (cr3 0x28000)`).
     pub at: String,
@@ -528,8 +532,9 @@ const EFER_NAMES: [(u64, &str); 4] = [
     (design::EFER_NXE, "NXE"),
 ];
 
-/// Compares `state` (and the tables it names in `ram`) with the design;
-/// one violation of `cpu-state-intact` per finding.
+/// Compares `state` (and the tables it names in `ram`) with the design for
+/// vCPU `expected.cpu`; one violation of `cpu-state-intact` per finding, an
+/// application processor's starting `vCPU N:`.
 pub fn check(state: &CpuState, expected: Expected<'_>, ram: &GuestRam) -> Vec<Violation> {
     let mut found = Findings { found: Vec::new() };
     for error in &state.errors {
@@ -537,6 +542,12 @@ pub fn check(state: &CpuState, expected: Expected<'_>, ram: &GuestRam) -> Vec<Vi
     }
     registers(&mut found, state, expected);
     tables(&mut found, state, expected, ram);
+    // An application processor's findings name it.
+    if expected.cpu != 0 {
+        for violation in &mut found.found {
+            violation.details = format!("vCPU {}: {}", expected.cpu, violation.details);
+        }
+    }
     found.found
 }
 

@@ -99,9 +99,9 @@ pub struct MachineState {
     pub point: Point,
     /// What the VMM knows of the kernel image it loaded.
     pub image: KernelImage,
-    /// The vCPU's CPU state at this point (read when the vCPU was held, or
-    /// the one the run ended with), if there is one.
-    pub cpu: Option<CpuCapture>,
+    /// Every vCPU's state at this point (read when the vCPUs were held, or
+    /// the one the run ended with), in vCPU order; empty if there is none.
+    pub cpus: Vec<CpuCapture>,
 }
 
 impl Default for MachineState {
@@ -113,7 +113,7 @@ impl Default for MachineState {
             events: Vec::new(),
             point: Point::Boot,
             image: KernelImage::default(),
-            cpu: None,
+            cpus: Vec::new(),
         }
     }
 }
@@ -142,8 +142,8 @@ pub struct Analysis {
     pub hidden: Vec<(u32, u64)>,
     /// The process whose address space was loaded (a ring-3 point only).
     pub running: Option<u32>,
-    /// The CPU state to check, with what it is compared with.
-    pub cpu: Option<CpuCapture>,
+    /// The vCPU states to check (empty: none), in vCPU order.
+    pub cpus: Vec<CpuCapture>,
     /// Why there is no CPU state to check, if there is none.
     pub cpu_missing: &'static str,
     /// What the VMM knows of the kernel image.
@@ -218,7 +218,7 @@ impl Analysis {
             facts,
             hidden,
             running,
-            cpu: state.cpu.clone().filter(|_| in_force),
+            cpus: if in_force { state.cpus.clone() } else { Vec::new() },
             cpu_missing,
             image: state.image.clone(),
             gate_kind: cpu::gate_kind(&state.events),
@@ -1073,13 +1073,15 @@ pub fn check(analysis: &Analysis, ram: &GuestRam, at: String) -> CheckResult {
     let started = Instant::now();
     let (mut violations, counters) =
         evaluate(&analysis.view, &analysis.walk, ram, &analysis.facts, analysis.error.as_ref());
-    let cpu = match &analysis.cpu {
-        Some(capture) => {
-            let expected = cpu::Expected { image: &analysis.image, gate_kind: analysis.gate_kind, cpu: 0 };
-            violations.extend(listed(cpu::check(&capture.state, expected, ram)));
-            format!("read {}", capture.at)
-        }
-        None => analysis.cpu_missing.to_string(),
+    for capture in &analysis.cpus {
+        let expected =
+            cpu::Expected { image: &analysis.image, gate_kind: analysis.gate_kind, cpu: capture.cpu };
+        violations.extend(listed(cpu::check(&capture.state, expected, ram)));
+    }
+    let cpu = match analysis.cpus.as_slice() {
+        [] => analysis.cpu_missing.to_string(),
+        [only] => format!("read {}", only.at),
+        [first, ..] => format!("of {} vCPUs read {}", analysis.cpus.len(), first.at),
     };
     let micros = started.elapsed().as_micros() as u64;
     CheckResult {
@@ -1102,7 +1104,7 @@ pub fn check(analysis: &Analysis, ram: &GuestRam, at: String) -> CheckResult {
         mappings: counters.walk.mappings,
         frames_scanned: counters.frames_scanned,
         micros,
-        cpu_checked: analysis.cpu.is_some(),
+        cpu_checked: !analysis.cpus.is_empty(),
         cpu,
     }
 }

@@ -247,8 +247,8 @@ pub struct Monitor {
     periodic_pending: bool,
     /// A check ran: the CPU state is to be checked with this trigger.
     cpu_due: Option<Trigger>,
-    /// The last CPU state checked, and where.
-    pub last_cpu: Option<CpuCapture>,
+    /// The last state checked of each vCPU, and where, in vCPU order.
+    pub last_cpus: Vec<CpuCapture>,
 }
 
 impl Monitor {
@@ -276,7 +276,7 @@ impl Monitor {
             seen: HashSet::new(),
             periodic_pending: false,
             cpu_due: None,
-            last_cpu: None,
+            last_cpus: Vec::new(),
         }
     }
 
@@ -404,8 +404,10 @@ impl Monitor {
         read_time: Duration,
     ) -> Option<Stop> {
         let violations = self.checker.check_cpu(ram, cpu, &state, read_time);
-        if cpu == 0 {
-            self.last_cpu = Some(CpuCapture { at: format!("at {trigger}"), state });
+        let capture = CpuCapture { cpu, at: format!("at {trigger}"), state };
+        match self.last_cpus.binary_search_by_key(&cpu, |c| c.cpu) {
+            Ok(i) => self.last_cpus[i] = capture,
+            Err(i) => self.last_cpus.insert(i, capture),
         }
         self.record(violations, trigger)
     }
@@ -650,7 +652,7 @@ mod tests {
         monitor.check_cpu(&ram, Trigger::Shutdown, 0, state, Duration::ZERO);
         assert_eq!(monitor.violations.len(), first, "the same findings are kept once");
         assert_eq!(monitor.checker.stats.cpu_checks, 2);
-        assert_eq!(monitor.last_cpu.as_ref().map(|c| c.at.as_str()), Some("at shutdown"));
+        assert_eq!(monitor.last_cpus.first().map(|c| c.at.as_str()), Some("at shutdown"));
         // Without keep_going, a finding stops the guest with the trigger.
         let mut strict = Monitor::new(CheckMode::Exit, false, None, vec![]);
         let stop = strict.check_cpu(&ram, Trigger::Ring3(0x40_0000), 0, CpuState::default(), Duration::ZERO);

@@ -512,7 +512,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         period,
     };
     let vcpu_tamper = config.vcpu_tamper.clone();
-    let (exit, exits, diagnosis, final_cpu) = std::thread::scope(|scope| -> Result<_, RunError> {
+    let (exit, exits, diagnosis, final_cpus) = std::thread::scope(|scope| -> Result<_, RunError> {
         let (sender, receiver) = mpsc::channel();
         let vcpu = &mut vm.vcpu;
         let session = &mut session;
@@ -587,7 +587,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         check_notes,
     };
     drop(vm);
-    attached.finish(&ram, session.hello, baseline, final_cpu, &usable, &config.scenario.origin, &mut report);
+    attached.finish(&ram, session.hello, baseline, final_cpus, &usable, &config.scenario.origin, &mut report);
     Ok(report)
 }
 
@@ -806,7 +806,7 @@ fn hypercall_name(request: &hypercall::Request) -> &'static str {
     }
 }
 
-type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>, Option<CpuCapture>);
+type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>, Vec<CpuCapture>);
 
 /// After an exit whose handling ran a check (`session.cpu_check_due`): the
 /// vCPU tamper hook for the new events (`session.events[events_before..]`),
@@ -961,16 +961,18 @@ fn vcpu_quiet(vcpu: &VcpuFd, quiet: &[(u64, u64)]) -> bool {
     }
 }
 
-/// The CPU state the run ends with, for `inspect` and the snapshot: read
-/// now if the vCPU stopped at a consistent point (the shutdown hypercall, a
-/// check that stopped the guest, a `quit` at a consistent point), else the
-/// last one a check read.
-fn final_cpu_state(
+/// Every vCPU's state the run ends with, for `inspect` and the snapshot:
+/// read now if the bootstrap vCPU stopped at a consistent point (the
+/// shutdown hypercall, a check that stopped the guest, a `quit` at a
+/// consistent point; the APs are paused while they are read), else the last
+/// ones a check read.
+fn final_cpu_states(
     vcpu: &VcpuFd,
+    aps: &Aps,
     session: &Session<'_>,
     exit: &GuestExit,
     control: Option<&Control>,
-) -> Option<CpuCapture> {
+) -> Vec<CpuCapture> {
     let at = match exit {
         GuestExit::Shutdown { .. } => Some(format!("at {}", Trigger::Shutdown)),
         GuestExit::InvariantViolated { at, .. } => Some(format!("at {at}")),
@@ -978,8 +980,14 @@ fn final_cpu_state(
         _ => None,
     };
     match at {
-        Some(at) => Some(CpuCapture { at, state: cpu::capture(vcpu) }),
-        None => session.monitor.as_ref().and_then(|m| m.last_cpu.clone()),
+        Some(at) => {
+            let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
+            if !aps.is_empty() {
+                cpus.extend(aps.pause().capture(&at));
+            }
+            cpus
+        }
+        None => session.monitor.as_ref().map(|m| m.last_cpus.clone()).unwrap_or_default(),
     }
 }
 
@@ -1101,7 +1109,13 @@ fn vcpu_loop(
         // consistent point, or stop it (`quit`).
         let step = match (step, control) {
             (Step::Continue, Some(control))
-                if control.after_exit(vcpu, session, event_exit, aps_quiet(paused.as_ref(), &idle)) =>
+                if control.after_exit(
+                    vcpu,
+                    paused.as_ref(),
+                    session,
+                    event_exit,
+                    aps_quiet(paused.as_ref(), &idle),
+                ) =>
             {
                 Step::Stop(GuestExit::Stopped)
             }
@@ -1151,8 +1165,8 @@ fn vcpu_loop(
         }
     }
     let diagnosis = diagnose(vcpu, session, &exit, symbols);
-    let final_cpu = final_cpu_state(vcpu, session, &exit, control);
-    (exit, exits, diagnosis, final_cpu)
+    let final_cpus = final_cpu_states(vcpu, aps, session, &exit, control);
+    (exit, exits, diagnosis, final_cpus)
 }
 
 fn internal_error_details(vcpu: &mut VcpuFd) -> GuestExit {

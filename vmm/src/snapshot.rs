@@ -3,14 +3,14 @@
 //! read by `superos-vmm inspect --snapshot <file> <command>`, which answers
 //! the same queries as the live control socket.
 //!
-//! # Format, version 3
+//! # Format, version 4
 //!
 //! All integers are little-endian. A fixed 64-byte header:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `SOSSNAP\0` |
-//! | 8 | 4 | format version, 3 (1 and 2 are read too) |
+//! | 8 | 4 | format version, 4 (1 to 3 are read too) |
 //! | 12 | 4 | header size, 64 |
 //! | 16 | 8 | guest RAM size in bytes (a multiple of 2 MiB, 16 MiB to 3 GiB) |
 //! | 24 | 8 | metadata length `M` (at most 1 MiB) |
@@ -35,15 +35,18 @@
 //!    version 3 what `cpu-state-intact` needs: `kernel_symbols` (the kernel
 //!    symbols the CPU design names, name to address, from the ELF),
 //!    `cpu_features` (what the vCPU's CPUID says: `smep`, `smap`, `umip`,
-//!    `fsgsbase`, `xsave`, `xcr0_supported`) and `cpu` (the CPU state the
-//!    run ended with, `at` where it was read and `state` the registers, as
-//!    [`crate::cpu::CpuState`]; `null` if the guest did not stop at a
-//!    consistent point and no check read one before). A snapshot without
-//!    `cpu` (older versions included) says the CPU state was not checked;
+//!    `fsgsbase`, `xsave`, `xcr0_supported`) and, in version 3 only, `cpu`
+//!    (the bootstrap vCPU's state the run ended with, `at` where it was read
+//!    and `state` the registers, as [`crate::cpu::CpuState`]; `null` if the
+//!    guest did not stop at a consistent point and no check read one
+//!    before); since version 4 `cpus`, every vCPU's such state (each with
+//!    its number `cpu`, in order from 0; empty for none). A snapshot without
+//!    them (older versions included) says the CPU state was not checked;
 //! 2. the kernel text as it was at the boot hello, `T` bytes (what
 //!    `kernel-text-unchanged` compares with);
-//! 3. the kernel events received, `E` raw event records (`seq` and `tick`
-//!    filled in);
+//! 3. the kernel events received, `E` raw event records (`seq`, `tick` and
+//!    `cpu` filled in; `cpu` is read only where the kernel said it brought
+//!    several CPUs online);
 //! 4. a page bitmap, one bit per 4 KiB page of RAM (bit `i % 8` of byte
 //!    `i / 8` set: page `i` is stored); pages not stored are all zero;
 //! 5. the stored pages, 4096 bytes each, in address order (`P` of them,
@@ -78,7 +81,7 @@ use zerocopy::{FromBytes, IntoBytes};
 /// The first 8 bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"SOSSNAP\0";
 /// The format version this VMM writes.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The oldest format version this VMM reads (each later version only adds
 /// metadata fields, which older files lack).
 pub const OLDEST_VERSION: u32 = 1;
@@ -176,9 +179,12 @@ struct FileMeta {
     /// Version 3.
     #[serde(default)]
     cpu_features: Option<crate::cpu::CpuFeatures>,
-    /// Version 3.
-    #[serde(default)]
+    /// Version 3 only (vCPU 0's state; version 4 has `cpus`).
+    #[serde(default, skip_serializing)]
     cpu: Option<crate::cpu::CpuCapture>,
+    /// Version 4: every vCPU's state, in vCPU order.
+    #[serde(default)]
+    cpus: Vec<crate::cpu::CpuCapture>,
 }
 
 /// Most kernel symbols, MSRs or error lines a snapshot may carry.
@@ -235,7 +241,8 @@ pub fn write(mut file: File, ram: &GuestRam, state: &MachineState, meta: &Meta) 
         kernel_read_only: state.image.read_only.map(|(start, end)| [start, end]),
         kernel_symbols: state.image.symbols.clone(),
         cpu_features: state.image.features,
-        cpu: state.cpu.clone(),
+        cpu: None,
+        cpus: state.cpus.clone(),
     };
     let meta_bytes = serde_json::to_vec(&file_meta).map_err(std::io::Error::other)?;
     let baseline: &[u8] = state.baseline.as_ref().map_or(&[], |b| &b.bytes);
@@ -246,6 +253,7 @@ pub fn write(mut file: File, ram: &GuestRam, state: &MachineState, meta: &Meta) 
             let mut record = entry.event.encode();
             record.seq = entry.seq;
             record.tick = entry.tick;
+            record.cpu = entry.cpu.map_or(0, |cpu| cpu as u16);
             record.as_bytes().to_vec()
         })
         .collect();
@@ -467,8 +475,22 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
             meta.kernel_symbols.len()
         )));
     }
-    let mut cpu = meta.cpu;
-    if let Some(capture) = &mut cpu {
+    let mut cpus = match (meta.cpu, meta.cpus) {
+        (Some(_), cpus) if !cpus.is_empty() => return Err(corrupt("both `cpu` and `cpus`")),
+        (Some(cpu), _) => vec![crate::cpu::CpuCapture { cpu: 0, ..cpu }],
+        (None, cpus) => cpus,
+    };
+    if cpus.len() > superos_protocol::cpu::MAX_CPUS as usize {
+        return Err(corrupt(format!(
+            "{} vCPU states (at most {})",
+            cpus.len(),
+            superos_protocol::cpu::MAX_CPUS
+        )));
+    }
+    if cpus.iter().enumerate().any(|(i, capture)| capture.cpu as usize != i) {
+        return Err(corrupt("the vCPU states are not numbered 0, 1, ... in order"));
+    }
+    for capture in &mut cpus {
         if capture.state.msrs.len() > MAX_CPU_ITEMS || capture.state.errors.len() > MAX_CPU_ITEMS {
             return Err(corrupt("the CPU state has too many MSRs or errors"));
         }
@@ -493,7 +515,21 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
         let event = record
             .decode()
             .map_err(|unknown| corrupt(format!("event #{i} has unknown kind {}", unknown.0)))?;
-        events.push(EventEntry { seq: record.seq, tick: record.tick, cpu: None, event });
+        events.push(EventEntry {
+            seq: record.seq,
+            tick: record.tick,
+            cpu: Some(u32::from(record.cpu)),
+            event,
+        });
+    }
+    // Events name their CPU where the kernel ran on several (as in a live run).
+    let several = events
+        .iter()
+        .any(|e| matches!(e.event, superos_protocol::event::Event::KernelReady { cpus, .. } if cpus > 1));
+    if !several {
+        for entry in &mut events {
+            entry.cpu = None;
+        }
     }
     let set: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
     if set != stored {
@@ -520,7 +556,7 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
                 symbols: meta.kernel_symbols,
                 features: meta.cpu_features,
             },
-            cpu,
+            cpus,
         },
         meta: Meta {
             vmm_version: meta.vmm_version,
@@ -580,15 +616,18 @@ mod tests {
                     ..Default::default()
                 }),
             },
-            cpu: Some(crate::cpu::CpuCapture {
-                at: "at shutdown".into(),
-                state: crate::cpu::CpuState {
-                    cr0: 0x8005_0033,
-                    msrs: vec![(0xc000_0082, 0xffff_ffff_8010_0000)],
-                    xcr0: Some(7),
-                    ..Default::default()
-                },
-            }),
+            cpus: (0..2)
+                .map(|cpu| crate::cpu::CpuCapture {
+                    cpu,
+                    at: "at shutdown".into(),
+                    state: crate::cpu::CpuState {
+                        cr0: 0x8005_0033,
+                        msrs: vec![(0xc000_0082, 0xffff_ffff_8010_0000 + u64::from(cpu) * 0x40)],
+                        xcr0: Some(7),
+                        ..Default::default()
+                    },
+                })
+                .collect(),
         };
         (ram, state)
     }
@@ -649,7 +688,7 @@ mod tests {
         let cases: Vec<(Damage, &str)> = vec![
             (Box::new(|b| b.truncate(10)), "shorter than the header"),
             (Box::new(|b| b[0] = b'X'), "wrong magic"),
-            (Box::new(|b| b[8] = 9), "version 9 is not supported (this VMM reads versions 1 to 3)"),
+            (Box::new(|b| b[8] = 9), "version 9 is not supported (this VMM reads versions 1 to 4)"),
             (Box::new(|b| b[8] = 0), "version 0 is not supported"),
             (Box::new(|b| b.push(0)), "header describes"),
             (Box::new(|b| b.truncate(b.len() - 1)), "header describes"),
@@ -698,29 +737,52 @@ mod tests {
         let (ram, state) = sample();
         let good = bytes_of(&ram, &state);
         let v1 = with_meta(&good, 1, |meta| {
-            for field in ["kernel_read_only", "kernel_symbols", "cpu_features", "cpu"] {
+            for field in ["kernel_read_only", "kernel_symbols", "cpu_features", "cpus"] {
                 meta.as_object_mut().unwrap().remove(field);
             }
         });
         let loaded = parse(&v1).unwrap();
         assert_eq!(loaded.state.image, crate::check::KernelImage::default());
-        assert_eq!(loaded.state.cpu, None);
+        assert_eq!(loaded.state.cpus, []);
         assert_eq!(loaded.state.events, state.events);
         let v2 = with_meta(&good, 2, |meta| {
-            for field in ["kernel_symbols", "cpu_features", "cpu"] {
+            for field in ["kernel_symbols", "cpu_features", "cpus"] {
                 meta.as_object_mut().unwrap().remove(field);
             }
         });
         let loaded = parse(&v2).unwrap();
         assert_eq!(loaded.state.image.read_only, state.image.read_only);
-        assert_eq!((loaded.state.image.features, loaded.state.cpu), (None, None));
+        assert_eq!((loaded.state.image.features, loaded.state.cpus.len()), (None, 0));
+        // Version 3 carried the bootstrap vCPU's state alone, as `cpu`.
+        let v3 = with_meta(&good, 3, |meta| {
+            let mut first = meta["cpus"][0].clone();
+            first.as_object_mut().unwrap().remove("cpu");
+            meta["cpu"] = first;
+            meta.as_object_mut().unwrap().remove("cpus");
+        });
+        assert_eq!(parse(&v3).unwrap().state.cpus, state.cpus[..1]);
+        // vCPU states out of order, too many, or in both forms are refused.
+        let swapped = with_meta(&good, 4, |meta| meta["cpus"][0]["cpu"] = serde_json::json!(1));
+        assert!(parse(&swapped).unwrap_err().to_string().contains("not numbered"));
+        let nine = with_meta(&good, 4, |meta| {
+            meta["cpus"] = (0..9)
+                .map(|cpu| {
+                    let mut one = meta["cpus"][0].clone();
+                    one["cpu"] = serde_json::json!(cpu);
+                    one
+                })
+                .collect();
+        });
+        assert!(parse(&nine).unwrap_err().to_string().contains("9 vCPU states"));
+        let both = with_meta(&good, 4, |meta| meta["cpu"] = meta["cpus"][0].clone());
+        assert!(parse(&both).unwrap_err().to_string().contains("both"));
         // What a file carries is bounded and made printable.
         let many: serde_json::Map<String, serde_json::Value> =
             (0..100).map(|i| (format!("s{i}"), serde_json::json!(i))).collect();
         let damaged = with_meta(&good, 3, |meta| meta["kernel_symbols"] = serde_json::Value::Object(many));
         assert!(parse(&damaged).unwrap_err().to_string().contains("kernel symbols"));
-        let escape = with_meta(&good, 3, |meta| meta["cpu"]["at"] = serde_json::json!("x\u{1b}[31m"));
-        assert_eq!(parse(&escape).unwrap().state.cpu.unwrap().at, "x?[31m");
+        let escape = with_meta(&good, 4, |meta| meta["cpus"][1]["at"] = serde_json::json!("x\u{1b}[31m"));
+        assert_eq!(parse(&escape).unwrap().state.cpus[1].at, "x?[31m");
         // A bad range is refused, not trusted.
         for bad in [[0x10_0000u64, 0x10_0000], [0x10_0800, 0x10_1000], [0, 32 << 20]] {
             let damaged = with_meta(&good, 3, |meta| meta["kernel_read_only"] = serde_json::json!(bad));

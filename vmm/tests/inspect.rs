@@ -197,8 +197,12 @@ name = "spinner-b"
 program = "spin"
 "#;
 
+/// On two CPUs: `ps` names each process's CPU, `check` reads and checks
+/// every vCPU (live, with the other vCPU paused, and in the snapshot, which
+/// carries each vCPU's state), and a snapshot whose second vCPU's state was
+/// altered is caught naming that vCPU.
 #[test]
-fn ps_names_the_cpu_running_each_process() {
+fn two_cpus_are_examined_live_and_in_a_snapshot_vcpu_by_vcpu() {
     if !kvm_available() {
         return;
     }
@@ -206,7 +210,11 @@ fn ps_names_the_cpu_running_each_process() {
     let scenario = dir.join("two-cpus.toml");
     std::fs::write(&scenario, TWO_CPUS_SCENARIO).unwrap();
     let socket = dir.join("vm.sock");
-    let mut vmm = Vmm::start(&[scenario.to_str().unwrap(), "--timeout", "120"], &socket);
+    let snapshot = dir.join("vm.snap");
+    let mut vmm = Vmm::start(
+        &[scenario.to_str().unwrap(), "--timeout", "120", "--snapshot-on-exit", snapshot.to_str().unwrap()],
+        &socket,
+    );
     vmm.wait_for_line("[spinner-a#1] spin: spinning forever");
     vmm.wait_for_line("[spinner-b#2] spin: spinning forever");
     let paused = vmm.text(&["pause"]);
@@ -222,9 +230,37 @@ fn ps_names_the_cpu_running_each_process() {
     assert!(processes.iter().all(|p| p["state"] == "running"), "{ps}");
     let table = vmm.text(&["ps"]);
     assert!(table.lines().nth(1).is_some_and(|header| header.contains(" cpu ")), "{table}");
+    let check = vmm.text(&["check"]);
+    assert!(
+        check.contains("every invariant held") && check.contains("the CPU state of 2 vCPUs read"),
+        "{check}"
+    );
     vmm.text(&["quit"]);
     let (code, output) = vmm.finish();
     assert_eq!(code, 1, "stopped with processes unfinished:\n{output}");
+
+    // The snapshot: both vCPUs' states, checked; events name their CPU.
+    let snap = snapshot.to_str().unwrap();
+    let (code, stdout, _) = inspect(&["--snapshot", snap, "check"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("the CPU state of 2 vCPUs read in user code"), "{stdout}");
+    let (_, events, _) = inspect(&["--snapshot", snap, "events"]);
+    assert!(events.lines().next().is_some_and(|l| l.contains("cpu 0 kernel ready")), "{events}");
+    // vCPU 1's LSTAR moved in the file: the offline check names vCPU 1.
+    let mut loaded = superos_vmm::snapshot::read(&snapshot).unwrap();
+    assert_eq!(loaded.state.cpus.iter().map(|c| c.cpu).collect::<Vec<_>>(), [0, 1]);
+    let lstar =
+        &mut loaded.state.cpus[1].state.msrs.iter_mut().find(|(index, _)| *index == 0xc000_0082).unwrap().1;
+    *lstar += 1;
+    let altered = dir.join("altered.snap");
+    let file = std::fs::File::create(&altered).unwrap();
+    superos_vmm::snapshot::write(file, &loaded.ram, &loaded.state, &loaded.meta).unwrap();
+    let (code, stdout, _) = inspect(&["--snapshot", altered.to_str().unwrap(), "check"]);
+    assert_eq!(code, 5, "violations found: {stdout}");
+    assert!(
+        stdout.contains("cpu-state-intact") && stdout.contains("vCPU 1: ") && stdout.contains("LSTAR"),
+        "{stdout}"
+    );
 }
 
 #[test]
