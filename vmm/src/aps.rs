@@ -141,6 +141,23 @@ struct Gate {
     forwarded: Vec<(u32, Forward)>,
     /// By AP index: its forwarded exit is not handled yet.
     waiting: Vec<bool>,
+    /// By AP index: `KVM_RUN` calls a kick interrupted.
+    interrupted: Vec<u64>,
+    /// Pauses so far, their total time, and when the current one began.
+    pauses: u64,
+    paused_time: Duration,
+    paused_since: Option<std::time::Instant>,
+}
+
+/// How often and how long the bootstrap thread held the APs out of
+/// `KVM_RUN` (to handle an exit with the guest still, for a check, the
+/// control socket or a tamper hook).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PauseStats {
+    /// Pauses.
+    pub pauses: u64,
+    /// Their total time.
+    pub time: Duration,
 }
 
 /// The APs' vCPUs and the threads that run them.
@@ -180,6 +197,7 @@ impl Aps {
                 start: vec![None; count],
                 threads: vec![None; count],
                 waiting: vec![false; count],
+                interrupted: vec![0; count],
                 ..Gate::default()
             }),
             changed: Condvar::new(),
@@ -266,6 +284,9 @@ impl Aps {
             {
                 let mut gate = lock(&self.gate);
                 gate.running -= 1;
+                if outcome.is_none() {
+                    gate.interrupted[index] += 1;
+                }
                 self.changed.notify_all();
             }
             match outcome {
@@ -345,6 +366,8 @@ impl Aps {
     pub fn pause(&self) -> Paused<'_> {
         let mut gate = lock(&self.gate);
         gate.paused = true;
+        gate.pauses += 1;
+        gate.paused_since = Some(std::time::Instant::now());
         self.kick_out(gate);
         Paused { aps: self }
     }
@@ -358,6 +381,18 @@ impl Aps {
             }
             gate = self.changed.wait_timeout(gate, KICK_AGAIN).unwrap_or_else(PoisonError::into_inner).0;
         }
+    }
+
+    /// AP `cpu`'s `KVM_RUN` calls that a kick interrupted (each a VM exit
+    /// the bootstrap thread never sees).
+    pub fn interrupted(&self, cpu: u32) -> u64 {
+        lock(&self.gate).interrupted.get(cpu as usize - 1).copied().unwrap_or(0)
+    }
+
+    /// The pauses so far.
+    pub fn pause_stats(&self) -> PauseStats {
+        let gate = lock(&self.gate);
+        PauseStats { pauses: gate.pauses, time: gate.paused_time }
     }
 
     /// Ends every AP thread (the run is over).
@@ -396,7 +431,12 @@ impl Paused<'_> {
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
-        lock(&self.aps.gate).paused = false;
+        let mut gate = lock(&self.aps.gate);
+        gate.paused = false;
+        if let Some(since) = gate.paused_since.take() {
+            gate.paused_time += since.elapsed();
+        }
+        drop(gate);
         self.aps.changed.notify_all();
     }
 }

@@ -150,6 +150,8 @@ pub struct Analysis {
     pub image: KernelImage,
     /// The gate the kernel announced (`GATE_KIND_*`).
     pub gate_kind: Option<u32>,
+    /// The CPUs the kernel said it brought online (0: it has not said).
+    pub cpus_online: u32,
 }
 
 impl Analysis {
@@ -222,6 +224,15 @@ impl Analysis {
             cpu_missing,
             image: state.image.clone(),
             gate_kind: cpu::gate_kind(&state.events),
+            cpus_online: state
+                .events
+                .iter()
+                .rev()
+                .find_map(|entry| match entry.event {
+                    Event::KernelReady { cpus, .. } => Some(cpus),
+                    _ => None,
+                })
+                .unwrap_or(0),
         }
     }
 
@@ -669,6 +680,9 @@ pub struct MapProcess {
     pub pid: u32,
     /// Name.
     pub name: String,
+    /// The CPU running it, if one is.
+    #[serde(default)]
+    pub cpu: Option<u32>,
 }
 
 /// `map`: a live region, for the legend.
@@ -702,9 +716,27 @@ pub struct MapResult {
     /// kernel publishes them, only what needs no tables was checked).
     #[serde(default)]
     pub published: bool,
+    /// The CPUs the kernel brought online (0: not known yet).
+    #[serde(default)]
+    pub cpus: u32,
 }
 
 impl MapResult {
+    /// On several CPUs, what each runs (`2 CPUs: CPU 0 runs pid 1 a, CPU 1
+    /// idle`); `None` on one.
+    pub fn cpu_line(&self) -> Option<String> {
+        if self.cpus < 2 {
+            return None;
+        }
+        let each: Vec<String> = (0..self.cpus)
+            .map(|cpu| match self.processes.iter().find(|p| p.cpu == Some(cpu)) {
+                Some(p) => format!("CPU {cpu} runs pid {} {}", p.pid, p.name),
+                None => format!("CPU {cpu} idle"),
+            })
+            .collect();
+        Some(format!("{} CPUs: {}", self.cpus, each.join(", ")))
+    }
+
     /// What the check at this point says, in the words every rendering of
     /// the map uses.
     pub fn verdict(&self) -> String {
@@ -1304,9 +1336,17 @@ pub fn map(analysis: &Analysis, ram: &GuestRam, at: String) -> MapResult {
         }
         runs.push(FrameRun { start: frame, frames: 1, owner, shared, violation });
     }
-    let mut processes: Vec<MapProcess> =
-        analysis.view.processes.iter().map(|p| MapProcess { pid: p.pid, name: sanitize(&p.name) }).collect();
-    processes.extend(analysis.hidden.iter().map(|&(pid, _)| MapProcess { pid, name: "?".into() }));
+    let mut processes: Vec<MapProcess> = analysis
+        .view
+        .processes
+        .iter()
+        .map(|p| MapProcess {
+            pid: p.pid,
+            name: sanitize(&p.name),
+            cpu: p.record.map(|r| r.cpu).filter(|&cpu| cpu != superos_protocol::introspect::NO_CPU),
+        })
+        .collect();
+    processes.extend(analysis.hidden.iter().map(|&(pid, _)| MapProcess { pid, name: "?".into(), cpu: None }));
     let regions = analysis
         .view
         .regions
@@ -1317,7 +1357,16 @@ pub fn map(analysis: &Analysis, ram: &GuestRam, at: String) -> MapResult {
             participants: r.participants.iter().map(|p| p.pid).collect(),
         })
         .collect();
-    MapResult { at, ram_bytes: ram.size(), runs, processes, regions, violated, published: check.published }
+    MapResult {
+        at,
+        ram_bytes: ram.size(),
+        runs,
+        processes,
+        regions,
+        violated,
+        published: check.published,
+        cpus: analysis.cpus_online,
+    }
 }
 
 // ---------------------------------------------------------------------------

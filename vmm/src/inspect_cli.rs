@@ -385,8 +385,9 @@ const TEXT_MAP_RUNS: usize = 200;
 /// one owner, at most `limit` of them.
 fn text_map(map: &MapResult, limit: usize) -> String {
     let verdict = map.verdict();
+    let cpus = map.cpu_line().map_or(String::new(), |line| format!("{line}\n"));
     let mut out = format!(
-        "physical memory {}: {} MiB, {} frames in {} runs; {verdict}\n{:>12}  {:>12}  {:>7}  owner\n",
+        "physical memory {}: {} MiB, {} frames in {} runs; {verdict}\n{cpus}{:>12}  {:>12}  {:>7}  owner\n",
         map.at,
         map.ram_bytes >> 20,
         map.ram_bytes / 4096,
@@ -441,6 +442,7 @@ mod tests {
             regions: Vec::new(),
             violated: Vec::new(),
             published: true,
+            cpus: 1,
         };
         let text = text_map(&map, 2);
         assert!(text.starts_with("physical memory at event #3: 16 MiB, 4096 frames in 3 runs"), "{text}");

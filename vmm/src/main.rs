@@ -544,12 +544,39 @@ fn print_stats(report: &RunReport) {
     out!("  kernel entry            {}", ms(phases.kernel_entry));
     out!("  first user instruction  {}", ms(phases.first_user_instruction));
     out!("  guest exit              {}", ms(phases.guest_exit));
-    out!("VM exits:");
-    for (kind, count) in &report.stats.exits {
-        out!("  {kind:<28} {count}");
+    let by_cpu = &report.stats.exits_by_cpu;
+    if by_cpu.is_empty() {
+        out!("VM exits:");
+        for (kind, count) in &report.stats.exits {
+            out!("  {kind:<28} {count}");
+        }
+        let total: u64 = report.stats.exits.values().sum();
+        out!("  {:<28} {total}", "total");
+    } else {
+        // One column per vCPU, then the total.
+        let header: String = (0..by_cpu.len()).map(|cpu| format!(" {:>9}", format!("vCPU {cpu}"))).collect();
+        out!("VM exits:{:<21}{header} {:>9}", "", "total");
+        let row = |kind: &str, count: &dyn Fn(&std::collections::BTreeMap<String, u64>) -> u64| {
+            let cells: String = by_cpu.iter().map(|exits| format!(" {:>9}", count(exits))).collect();
+            let total: u64 = by_cpu.iter().map(count).sum();
+            out!("  {kind:<28}{cells} {total:>9}");
+        };
+        for kind in report.stats.exits.keys() {
+            row(kind, &|exits| exits.get(kind).copied().unwrap_or(0));
+        }
+        row("total", &|exits| exits.values().sum());
+        // Kernel events by the CPU that logged them.
+        let events: String = (0..by_cpu.len() as u32)
+            .map(|cpu| format!(" {:>9}", report.events.iter().filter(|e| e.cpu == Some(cpu)).count()))
+            .collect();
+        out!("  {:<28}{events} {:>9}", "kernel events logged", report.events.len());
+        let pauses = report.stats.ap_pauses;
+        out!(
+            "the other vCPUs held out of the guest while the VMM looked at it: {} times, {:.3} ms in all",
+            pauses.pauses,
+            pauses.time.as_secs_f64() * 1e3
+        );
     }
-    let total: u64 = report.stats.exits.values().sum();
-    out!("  {:<28} {total}", "total");
     let checks = &report.stats.checks;
     if checks.checks > 0 || checks.deferred > 0 {
         let per_check = |n: u64| n / checks.checks.max(1);

@@ -288,8 +288,15 @@ fn status_matches(expected: Expectation, status: ProcessStatus) -> bool {
 /// Counters and timings of a run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunStats {
-    /// VM exits by kind.
+    /// VM exits by kind, every vCPU's.
     pub exits: BTreeMap<String, u64>,
+    /// On several vCPUs, each one's VM exits by kind (vCPU order; an AP's
+    /// hypercalls are counted where they happened, though the bootstrap
+    /// thread handles them). Empty on one.
+    pub exits_by_cpu: Vec<BTreeMap<String, u64>>,
+    /// On several vCPUs: how often and how long the application processors
+    /// were held out of `KVM_RUN` while the VMM looked at the guest.
+    pub ap_pauses: crate::aps::PauseStats,
     /// Boot milestones.
     pub phases: Phases,
     /// Total wall time from VMM start to the end of the run.
@@ -560,6 +567,15 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         watchdog(&receiver, thread, kicks, config.timeout, period, control);
         handle.join().map_err(|_| RunError::Thread("the vCPU thread panicked".into()))
     })?;
+    let mut exits_by_cpu = exits;
+    let mut exits = BTreeMap::new();
+    for (kind, count) in exits_by_cpu.iter().flatten() {
+        *exits.entry(kind.clone()).or_default() += count;
+    }
+    if exits_by_cpu.len() < 2 {
+        exits_by_cpu.clear();
+    }
+    let ap_pauses = aps.pause_stats();
     tracing::info!(%exit, vm_exits = exits.values().sum::<u64>(), "guest stopped");
     session.finish_console();
     session.phases.guest_exit.get_or_insert(session.now());
@@ -567,7 +583,14 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     let baseline = session.monitor.as_ref().and_then(|m| m.checker.text_baseline().cloned());
     let monitor = session.monitor.take();
     let checks = monitor.as_ref().map(|m| m.checker.stats).unwrap_or_default();
-    let stats = RunStats { exits, phases: session.phases, wall: config.started.elapsed(), checks };
+    let stats = RunStats {
+        exits,
+        exits_by_cpu,
+        ap_pauses,
+        phases: session.phases,
+        wall: config.started.elapsed(),
+        checks,
+    };
     let (violations, violations_dropped, check_notes) =
         monitor.map(|m| (m.violations, m.violations_dropped, m.notes)).unwrap_or_default();
     let mut report = RunReport {
@@ -806,7 +829,9 @@ fn hypercall_name(request: &hypercall::Request) -> &'static str {
     }
 }
 
-type LoopResult = (GuestExit, BTreeMap<String, u64>, Option<Diagnosis>, Vec<CpuCapture>);
+/// Why the guest stopped, each vCPU's exits by kind, the diagnosis and
+/// every vCPU's final state.
+type LoopResult = (GuestExit, Vec<BTreeMap<String, u64>>, Option<Diagnosis>, Vec<CpuCapture>);
 
 /// After an exit whose handling ran a check (`session.cpu_check_due`): the
 /// vCPU tamper hook for the new events (`session.events[events_before..]`),
@@ -905,18 +930,24 @@ fn vcpu_place(vcpu: &VcpuFd, symbols: &KernelSymbols) -> String {
 
 /// Handles the exits application processors forwarded (with every AP
 /// paused, as if they were the bootstrap vCPU's own) and lets each AP run
-/// on. Returns how the run goes on and whether an event hypercall was among
-/// them.
+/// on, counting each in `exits` of its AP (`exits[0]` is CPU 1's). Returns
+/// how the run goes on and whether an event hypercall was among them.
 fn forwarded_exits(
     aps: &Aps,
     session: &mut Session<'_>,
     symbols: &KernelSymbols,
-    exits: &mut BTreeMap<String, u64>,
+    exits: &mut [BTreeMap<String, u64>],
     step: Step,
 ) -> (Step, bool) {
     let mut step = step;
     let mut event = false;
+    let mut unknown = BTreeMap::new();
     for (cpu, forward) in aps.take_forwarded() {
+        // `exits` is by AP: CPU 1 first (the AP threads name only those).
+        let exits = match (cpu as usize).checked_sub(1).and_then(|index| exits.get_mut(index)) {
+            Some(exits) => exits,
+            None => &mut unknown,
+        };
         let outcome = match forward {
             Forward::Hypercall(request) => {
                 *exits.entry(format!("hypercall {}", hypercall_name(&request))).or_default() += 1;
@@ -1000,7 +1031,10 @@ fn vcpu_loop(
     control: Option<&Control>,
     mut vcpu_tamper: Option<VcpuTamper>,
 ) -> LoopResult {
-    let mut exits = BTreeMap::new();
+    // By vCPU; the bootstrap vCPU's own are `exits[0]`.
+    let mut all_exits = vec![BTreeMap::new(); 1 + aps.len()];
+    let (own, forwarded) = all_exits.split_at_mut(1);
+    let exits = &mut own[0];
     let looks_at_the_guest = session.monitor.as_ref().is_some_and(|m| m.checks_anything())
         || control.is_some()
         || vcpu_tamper.is_some();
@@ -1040,7 +1074,7 @@ fn vcpu_loop(
             Ok(exit) => {
                 event_exit =
                     matches!(exit, VcpuExit::IoOut(port, _) if port == Hypercall::EventNotify.port());
-                handle_exit(session, exit, &mut exits)
+                handle_exit(session, exit, exits)
             }
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
                 *exits.entry("interrupted".to_string()).or_default() += 1;
@@ -1090,7 +1124,7 @@ fn vcpu_loop(
         };
         // What the APs forwarded, the starts the kernel asked for, and an AP
         // that stopped the guest.
-        let (step, forwarded_event) = forwarded_exits(aps, session, symbols, &mut exits, step);
+        let (step, forwarded_event) = forwarded_exits(aps, session, symbols, forwarded, step);
         event_exit |= forwarded_event;
         aps.start(session.cpu_starts.take_pending());
         let step = match (step, aps.stopped()) {
@@ -1166,7 +1200,13 @@ fn vcpu_loop(
     }
     let diagnosis = diagnose(vcpu, session, &exit, symbols);
     let final_cpus = final_cpu_states(vcpu, aps, session, &exit, control);
-    (exit, exits, diagnosis, final_cpus)
+    for (index, exits) in forwarded.iter_mut().enumerate() {
+        let interrupted = aps.interrupted(index as u32 + 1);
+        if interrupted > 0 {
+            *exits.entry("interrupted".to_string()).or_default() += interrupted;
+        }
+    }
+    (exit, all_exits, diagnosis, final_cpus)
 }
 
 fn internal_error_details(vcpu: &mut VcpuFd) -> GuestExit {

@@ -60,6 +60,8 @@ pub fn to_json(report: &RunReport, scenario: &str) -> Value {
             "wall": report.stats.wall.as_secs_f64() * 1e3,
         },
         "vm_exits": report.stats.exits,
+        "vm_exits_by_cpu": report.stats.exits_by_cpu,
+        "ap_pauses": { "count": report.stats.ap_pauses.pauses, "ms": report.stats.ap_pauses.time.as_secs_f64() * 1e3 },
         "log": report.log,
         "output_errors": report.output_errors,
     })

@@ -133,7 +133,13 @@ impl Palette<'_> {
 
     fn name(&self, pid: u32) -> String {
         match self.map.processes.iter().find(|p| p.pid == pid) {
-            Some(p) => format!("pid {pid} {}", p.name.chars().take(20).collect::<String>()),
+            Some(p) => {
+                let on = match p.cpu {
+                    Some(cpu) if self.map.cpus > 1 => format!(" (on CPU {cpu})"),
+                    _ => String::new(),
+                };
+                format!("pid {pid} {}{on}", p.name.chars().take(20).collect::<String>())
+            }
             None => format!("pid {pid}"),
         }
     }
@@ -344,7 +350,8 @@ pub fn render(map: &MapResult) -> String {
             format!("{} ({})", palette.words(key), plural(counts[key], "frame")),
         ));
     }
-    let legend_lines = legend.len() as u64 + 6;
+    let cpu_line = map.cpu_line();
+    let legend_lines = legend.len() as u64 + 6 + u64::from(cpu_line.is_some()) * 2;
     let height = (grid_bottom + 48).max(TOP + legend_lines * LINE + 24);
     let width = legend_x + LEGEND_WIDTH;
 
@@ -523,6 +530,11 @@ pub fn render(map: &MapResult) -> String {
         y + 10,
         plural(violation_frames, "frame")
     );
+    // On several CPUs, what each one runs.
+    if let Some(line) = cpu_line {
+        y += LINE + 12;
+        let _ = writeln!(svg, r#"<text x="{legend_x}" y="{}">{}</text>"#, y + 10, xml_escape(&line));
+    }
     let _ = writeln!(svg, "</svg>");
     svg
 }
@@ -688,18 +700,20 @@ mod tests {
             ram_bytes: 16 << 20,
             runs,
             processes: vec![
-                MapProcess { pid: 1, name: "producer".into() },
-                MapProcess { pid: 2, name: "evil\u{1b}<name>".into() },
+                MapProcess { pid: 1, name: "producer".into(), cpu: Some(1) },
+                MapProcess { pid: 2, name: "evil\u{1b}<name>".into(), cpu: None },
             ],
             regions: vec![MapRegion { id: 1, owner: 1, participants: vec![1, 2] }],
             violated: vec!["no-implicit-sharing".into()],
             published: true,
+            cpus: 2,
         };
         let svg = render(&map);
         assert_eq!(well_formed(&svg), Ok(()));
         assert!(svg.starts_with("<?xml"));
-        assert!(svg.contains("pid 1 producer: private (10 frames)"), "{svg}");
-        assert!(svg.contains("pid 1 producer: page tables (4 frames)"));
+        assert!(svg.contains("pid 1 producer (on CPU 1): private (10 frames)"), "{svg}");
+        assert!(svg.contains("pid 1 producer (on CPU 1): page tables (4 frames)"));
+        assert!(svg.contains("2 CPUs: CPU 0 idle, CPU 1 runs pid 1 producer"), "{svg}");
         assert!(svg.contains("shared region 1 (owner pid 1, granted to 2) (2 frames)"));
         assert!(svg.contains("pid 2 evil?&lt;name&gt;: private (3 frames)"));
         assert!(svg.contains("at kernel event #3 &lt;&amp;&gt;"));
@@ -723,6 +737,7 @@ mod tests {
             regions: vec![],
             violated: vec![],
             published: false,
+            cpus: 1,
         };
         let svg = render(&map);
         assert_eq!(well_formed(&svg), Ok(()));

@@ -114,6 +114,35 @@ fn json_prints_the_run_as_one_document_and_nothing_else_on_stdout() {
     assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
 
+/// On several vCPUs, `--stats` and the JSON report give each vCPU's VM
+/// exits (adding up to the totals), the events each CPU logged, and the
+/// time the other vCPUs were held while the VMM looked.
+#[test]
+fn stats_on_two_cpus_are_given_vcpu_by_vcpu() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stdout, stderr) =
+        vmm(&["run", "two-hellos", "--cpus", "2", "--check", "every-event", "--json", "--stats"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let by_cpu = document["vm_exits_by_cpu"].as_array().expect("vm_exits_by_cpu");
+    assert_eq!(by_cpu.len(), 2, "{stdout}");
+    for (kind, total) in document["vm_exits"].as_object().unwrap() {
+        let sum: u64 = by_cpu.iter().map(|exits| exits[kind].as_u64().unwrap_or(0)).sum();
+        assert_eq!(Some(sum), total.as_u64(), "{kind}: {stdout}");
+    }
+    // Every vCPU left the guest (an AP at least when it was held for a check).
+    assert!(by_cpu.iter().all(|exits| exits.as_object().is_some_and(|e| !e.is_empty())), "{stdout}");
+    assert!(document["ap_pauses"]["count"].as_u64() > Some(0), "{stdout}");
+    let header = stderr.lines().find(|l| l.starts_with("VM exits:")).unwrap_or_default();
+    assert!(header.contains("vCPU 0") && header.contains("vCPU 1") && header.contains("total"), "{stderr}");
+    assert!(stderr.contains("kernel events logged") && stderr.contains("held out of the guest"), "{stderr}");
+    // On one vCPU, no columns.
+    let (_, _, stderr) = vmm(&["run", "hello", "--json", "--stats"]);
+    assert!(stderr.lines().any(|l| l == "VM exits:"), "{stderr}");
+}
+
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
     let cases: [(&[&str], &str); 12] = [

@@ -231,6 +231,14 @@ fn two_cpus_are_examined_live_and_in_a_snapshot_vcpu_by_vcpu() {
     let table = vmm.text(&["ps"]);
     assert!(table.lines().nth(1).is_some_and(|header| header.contains(" cpu ")), "{table}");
     let check = vmm.text(&["check"]);
+    // The map says what each CPU runs, and so does its SVG legend.
+    let map = vmm.text(&["map"]);
+    let line = map.lines().nth(1).unwrap_or_default().to_string();
+    assert!(line.starts_with("2 CPUs: CPU 0 runs pid ") && line.contains(", CPU 1 runs pid "), "{map}");
+    let svg = dir.join("map.svg");
+    vmm.text(&["map", "--svg", svg.to_str().unwrap()]);
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.contains("spinner-a (on CPU ") && svg.contains(&line), "{svg}");
     assert!(
         check.contains("every invariant held") && check.contains("the CPU state of 2 vCPUs read"),
         "{check}"
