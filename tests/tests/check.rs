@@ -3,8 +3,11 @@
 //! invariant is shown to catch what it claims to by corrupting a running
 //! guest from the VMM side (at a kernel event, just before that event's
 //! check) and asserting that the checker stops the run for exactly that
-//! invariant.
+//! invariant. Each tamper test runs twice, on 2 CPUs and on 1
+//! ([`on_two_cpus_and_one`]): the same corruption must stop both runs for the
+//! same invariants, naming the same processes.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use superos_protocol::boot::{self, GatePreference};
@@ -17,9 +20,10 @@ use superos_vmm::arch::paging::{PTE_ADDRESS_MASK, PTE_NO_EXECUTE, PTE_PRESENT, P
 use superos_vmm::check::{CheckMode, Invariant};
 use superos_vmm::cpu::{self, tamper as vcpu_set, CpuFeatures, VcpuFd};
 use superos_vmm::images;
+use superos_vmm::introspect::KernelView;
 use superos_vmm::memory::GuestRam;
 use superos_vmm::monitor::{Tamper, VcpuTamper};
-use superos_vmm::run::{GuestExit, EXIT_INVARIANT_VIOLATED};
+use superos_vmm::run::{GuestExit, RunConfig, RunReport, EXIT_INVARIANT_VIOLATED};
 use superos_vmm::scenario::Scenario;
 use superos_vmm::walk;
 
@@ -34,11 +38,89 @@ fn second_spawn(event: &Event) -> bool {
     matches!(event, Event::ProcessSpawned { spec_index: 1, .. })
 }
 
-/// Runs `two_processes` with `action` applied at the second spawn.
-fn tampered(
-    action: impl FnMut(&superos_vmm::memory::GuestRam, &superos_vmm::introspect::KernelView) + Send + 'static,
-) -> superos_vmm::run::RunReport {
-    run_config(tamper_config(two_processes(), second_spawn, action))
+/// What the checker found in a run: each violation's invariant with the
+/// processes it names (frames, addresses and words may differ between runs).
+fn findings(report: &RunReport) -> BTreeSet<(Invariant, Vec<u32>)> {
+    report
+        .violations
+        .iter()
+        .map(|found| {
+            let mut pids = found.violation.pids.clone();
+            pids.sort_unstable();
+            (found.violation.invariant, pids)
+        })
+        .collect()
+}
+
+/// The kernel event whose check stopped the run, if a check at an event did.
+fn stopping_event(report: &RunReport) -> Option<&Event> {
+    let GuestExit::InvariantViolated { at, .. } = &report.exit else { return None };
+    let seq: u64 = at.strip_prefix("event #")?.parse().ok()?;
+    report.events.iter().find(|entry| entry.seq == seq).map(|entry| &entry.event)
+}
+
+/// Runs the config `make` builds on 2 CPUs, then as built (on 1 CPU unless
+/// it says otherwise), and asserts that the two runs ended alike: the same
+/// exit status; stopped for the same invariants by a check at the same kind
+/// of kernel event (or the same other check; with periodic checks, at any
+/// check), or ended the same way; with the same findings (see
+/// [`findings`]). Returns both reports, the 2-CPU run's first; the 2-CPU run
+/// goes first, so that a tamper action shared by both runs that records what
+/// it did (in an `Arc<Mutex<..>>`) holds the values of the 1-CPU run, the
+/// one the tests' detailed assertions look at.
+#[track_caller]
+fn on_two_cpus_and_one(mut make: impl FnMut() -> RunConfig) -> (RunReport, RunReport) {
+    let mut config = make();
+    config.cpus = Some(2);
+    let periodic = matches!(config.check, CheckMode::Periodic(_));
+    let two = run_config(config);
+    let one = run_config(make());
+    let listing =
+        |report: &RunReport| -> Vec<String> { report.violations.iter().map(ToString::to_string).collect() };
+    let both = || {
+        format!("on 2 CPUs: {}\n{:#?}\non 1 CPU: {}\n{:#?}", two.exit, listing(&two), one.exit, listing(&one))
+    };
+    let cpus = |report: &RunReport| {
+        events(report).find_map(|event| match *event {
+            Event::KernelReady { cpus, .. } => Some(cpus),
+            _ => None,
+        })
+    };
+    assert_eq!((cpus(&two), cpus(&one)), (Some(2), Some(1)), "{}", both());
+    assert_eq!(two.exit_status(), one.exit_status(), "{}", both());
+    match (&two.exit, &one.exit) {
+        (
+            GuestExit::InvariantViolated { invariants: on_two, .. },
+            GuestExit::InvariantViolated { invariants: on_one, .. },
+        ) => {
+            assert_eq!(on_two, on_one, "{}", both());
+            match (stopping_event(&two), stopping_event(&one)) {
+                _ if periodic => {}
+                (Some(on_two), Some(on_one)) => assert_eq!(
+                    std::mem::discriminant(on_two),
+                    std::mem::discriminant(on_one),
+                    "stopped at {on_two:?} on 2 CPUs, at {on_one:?} on 1\n{}",
+                    both()
+                ),
+                _ => assert_eq!(two.exit, one.exit, "{}", both()),
+            }
+        }
+        (on_two, on_one) => assert_eq!(on_two, on_one, "{}", both()),
+    }
+    assert_eq!(findings(&two), findings(&one), "{}", both());
+    (two, one)
+}
+
+/// Runs `two_processes` with `action` applied at the second spawn, on 2 CPUs
+/// and on 1 ([`on_two_cpus_and_one`]); returns the 1-CPU report.
+#[track_caller]
+fn tampered(action: impl FnMut(&GuestRam, &KernelView) + Send + 'static) -> RunReport {
+    let action = Arc::new(Mutex::new(action));
+    let (_, report) = on_two_cpus_and_one(|| {
+        let action = action.clone();
+        tamper_config(two_processes(), second_spawn, move |ram, view| (action.lock().unwrap())(ram, view))
+    });
+    report
 }
 
 #[test]
@@ -236,7 +318,7 @@ fn quota_accounting_catches_more_capabilities_than_a_table_holds() {
         + &process_toml("filler-b", "shm-attack", "mode=fill-table third=1", "");
     // At filler-b's first region, filler-a holds 32; name it in that region too.
     let first_of_b = |event: &Event| matches!(event, Event::ShmCreated { pid: 2, .. });
-    let config = tamper_config(scenario(&text), first_of_b, |ram, view| {
+    let name_pid_1 = |ram: &GuestRam, view: &KernelView| {
         let root = view.root.expect("published");
         let size = u64::from(root.region_record_size);
         let slot = (0..u64::from(root.region_capacity))
@@ -253,8 +335,8 @@ fn quota_accounting_catches_more_capabilities_than_a_table_holds() {
             granted_by: 2,
         };
         ram.write(slot, &record).unwrap();
-    });
-    let report = run_config(config);
+    };
+    let (_, report) = on_two_cpus_and_one(|| tamper_config(scenario(&text), first_of_b, name_pid_1));
     assert_stopped_for(&report, Invariant::QuotaAccounting);
     let found = &report.violations[0].violation;
     assert!(found.details.contains("pid 1 holds 33 capabilities"), "{found}");
@@ -300,28 +382,30 @@ fn revocation_complete_catches_a_mapping_left_after_revoke() {
     // when it maps the region, and put it back when it is revoked (in a
     // spare slot of its tables: revocation freed the page table that held
     // it, as it was left empty).
-    let mut config = config(Scenario::load("shm-pipeline").unwrap());
-    let mut remembered = None;
-    let mut addr_of_remembered = 0;
-    config.tamper = Some(Tamper::new(move |ram, view, entry| match entry.event {
-        Event::ShmMapped { pid: 2, addr, .. } => {
-            remembered = Some(leaf_of(ram, view, 2, addr));
-            addr_of_remembered = addr;
-            false
-        }
-        Event::ShmRevoked { target: 2, .. } => {
-            let (_, pte) = remembered.expect("the consumer mapped the region first");
-            assert!(
-                walk::leaf_entry(ram, pml4_of(view, 2), addr_of_remembered).is_none(),
-                "revocation cleared the entry"
-            );
-            let (slot, _) = spare_slot(ram, view, 2);
-            ram.write(slot, &pte).unwrap();
-            true
-        }
-        _ => false,
-    }));
-    let report = run_config(config);
+    let (_, report) = on_two_cpus_and_one(|| {
+        let mut config = config(Scenario::load("shm-pipeline").unwrap());
+        let mut remembered = None;
+        let mut addr_of_remembered = 0;
+        config.tamper = Some(Tamper::new(move |ram, view, entry| match entry.event {
+            Event::ShmMapped { pid: 2, addr, .. } => {
+                remembered = Some(leaf_of(ram, view, 2, addr));
+                addr_of_remembered = addr;
+                false
+            }
+            Event::ShmRevoked { target: 2, .. } => {
+                let (_, pte) = remembered.expect("the consumer mapped the region first");
+                assert!(
+                    walk::leaf_entry(ram, pml4_of(view, 2), addr_of_remembered).is_none(),
+                    "revocation cleared the entry"
+                );
+                let (slot, _) = spare_slot(ram, view, 2);
+                ram.write(slot, &pte).unwrap();
+                true
+            }
+            _ => false,
+        }));
+        config
+    });
     assert_stopped_for(&report, Invariant::RevocationComplete);
     let found = &report.violations[0].violation;
     assert_eq!(found.pids, [2], "{found}");
@@ -365,7 +449,7 @@ fn free_frames_scrubbed_catches_a_frame_freed_dirty_after_a_check_found_it_zero(
     );
 
     clean.debug_flags = boot::DEBUG_SKIP_ONE_SCRUB;
-    let report = run_config(clean);
+    let (_, report) = on_two_cpus_and_one(|| clean.clone());
     assert_stopped_for(&report, Invariant::FreeFramesScrubbed);
     let found = &report.violations[0].violation;
     assert_eq!(found.frames.len(), 1, "{found}");
@@ -384,9 +468,11 @@ fn revocation_complete_catches_a_capability_left_when_the_one_it_derives_from_wa
     let text = process_toml("owner", "shm-attack", "mode=transitive role=owner peer=2 third=3", "")
         + &process_toml("middle", "shm-attack", "mode=transitive role=middle peer=1 third=3", "")
         + &process_toml("leaf", "shm-attack", "mode=transitive role=leaf peer=2 third=1", "");
-    let mut config = config(scenario(&text));
-    config.debug_flags = boot::DEBUG_SHALLOW_REVOCATION;
-    let report = run_config(config);
+    let (_, report) = on_two_cpus_and_one(|| {
+        let mut config = config(scenario(&text));
+        config.debug_flags = boot::DEBUG_SHALLOW_REVOCATION;
+        config
+    });
     assert_stopped_for(&report, Invariant::RevocationComplete);
     let found = &report.violations[0].violation;
     assert_eq!(found.pids, [3], "{found}");
@@ -463,27 +549,50 @@ fn kernel_w_xor_x_catches_a_kernel_data_page_made_executable() {
     assert!(found.details.ends_with("is writable and executable"), "{found}");
 }
 
-/// Runs `two_processes` with `action` applied to the vCPU (and guest RAM)
-/// at the second spawn, before that event's CPU-state check.
-fn vcpu_tampered(action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static) -> superos_vmm::run::RunReport {
+/// Runs `two_processes` with `action` applied to vCPU 0, the bootstrap
+/// processor (and guest RAM), at the second spawn, before that event's
+/// CPU-state check, on 2 CPUs and on 1 ([`on_two_cpus_and_one`]); returns
+/// the 1-CPU report.
+#[track_caller]
+fn vcpu_tampered(action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static) -> RunReport {
     vcpu_tampered_with(GatePreference::Auto, action)
 }
 
 /// [`vcpu_tampered`] with the kernel asked to use `gate`.
+#[track_caller]
 fn vcpu_tampered_with(
     gate: GatePreference,
-    mut action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static,
-) -> superos_vmm::run::RunReport {
-    let mut config = config(two_processes());
-    config.gate = gate;
-    config.vcpu_tamper = Some(VcpuTamper::new(move |vcpu, ram, entry| {
-        if !second_spawn(&entry.event) {
-            return false;
-        }
-        action(vcpu, ram);
-        true
-    }));
-    run_config(config)
+    action: impl FnMut(&VcpuFd, &GuestRam) + Send + 'static,
+) -> RunReport {
+    let action = Arc::new(Mutex::new(action));
+    let (two, one) = on_two_cpus_and_one(|| {
+        let action = action.clone();
+        let mut config = config(two_processes());
+        config.gate = gate;
+        config.vcpu_tamper = Some(VcpuTamper::new(move |vcpu, ram, entry| {
+            if !second_spawn(&entry.event) {
+                return false;
+            }
+            (action.lock().unwrap())(vcpu, ram);
+            true
+        }));
+        config
+    });
+    // On 2 CPUs the bootstrap processor's findings are those of the single
+    // CPU, word for word; the application processor's (`vCPU 1: `) can only
+    // repeat them, for what the two share (the IDT).
+    let details = |report: &RunReport| -> BTreeSet<String> {
+        report.violations.iter().map(|found| found.violation.details.clone()).collect()
+    };
+    let (on_two, on_one) = (details(&two), details(&one));
+    assert!(on_one.is_subset(&on_two), "on 2 CPUs: {on_two:#?}\non 1 CPU: {on_one:#?}");
+    for found in &on_two {
+        assert!(
+            on_one.contains(found.strip_prefix("vCPU 1: ").unwrap_or(found)),
+            "{found:?} on 2 CPUs only; on 1 CPU: {on_one:#?}"
+        );
+    }
+    one
 }
 
 /// The guest-physical address of kernel virtual address `va` under the
@@ -496,7 +605,7 @@ fn kernel_gpa(vcpu: &VcpuFd, ram: &GuestRam, va: u64) -> u64 {
 /// Panics unless the run stopped for `cpu-state-intact` alone, with one
 /// finding whose details contain every one of `needles`.
 #[track_caller]
-fn assert_cpu_finding(report: &superos_vmm::run::RunReport, needles: &[&str]) {
+fn assert_cpu_finding(report: &RunReport, needles: &[&str]) {
     assert_stopped_for(report, Invariant::CpuStateIntact);
     let listing: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
     assert_eq!(report.violations.len(), 1, "{listing:#?}");
@@ -664,25 +773,29 @@ fn cpu_state_intact_is_checked_in_ring_3_by_periodic_checks() {
     if !kvm_available() {
         return;
     }
-    let mut config = config(scenario(&process_toml("a", "hello", "spin=300", "")));
-    config.check = CheckMode::Periodic(Duration::from_millis(10));
-    config.vcpu_tamper = Some(VcpuTamper::new(|vcpu, _, entry| {
-        if !matches!(entry.event, Event::ProcessSpawned { .. }) {
-            return false;
-        }
-        vcpu_set::set_msr(vcpu, 0xc000_0083, 0).unwrap();
-        true
-    }));
-    let report = run_config(config);
-    assert_stopped_for(&report, Invariant::CpuStateIntact);
-    assert!(report.stats.checks.cpu_checks >= 1, "{:?}", report.stats.checks);
-    // Found by a periodic check (in ring 3, or at the next event if a kick
-    // found the kernel running), not only at the shutdown 300 ms later.
-    assert!(
-        matches!(&report.exit, GuestExit::InvariantViolated { at, .. } if at != "shutdown"),
-        "{}",
-        report.exit
-    );
+    let (two, one) = on_two_cpus_and_one(|| {
+        let mut config = config(scenario(&process_toml("a", "hello", "spin=300", "")));
+        config.check = CheckMode::Periodic(Duration::from_millis(10));
+        config.vcpu_tamper = Some(VcpuTamper::new(|vcpu, _, entry| {
+            if !matches!(entry.event, Event::ProcessSpawned { .. }) {
+                return false;
+            }
+            vcpu_set::set_msr(vcpu, 0xc000_0083, 0).unwrap();
+            true
+        }));
+        config
+    });
+    for report in [&two, &one] {
+        assert_stopped_for(report, Invariant::CpuStateIntact);
+        assert!(report.stats.checks.cpu_checks >= 1, "{:?}", report.stats.checks);
+        // Found by a periodic check (in ring 3, or at the next event if a kick
+        // found the kernel running), not only at the shutdown 300 ms later.
+        assert!(
+            matches!(&report.exit, GuestExit::InvariantViolated { at, .. } if at != "shutdown"),
+            "{}",
+            report.exit
+        );
+    }
 }
 
 #[test]
@@ -690,16 +803,18 @@ fn cpu_state_intact_keep_going_reports_a_lasting_change_once() {
     if !kvm_available() {
         return;
     }
-    let mut config = config(two_processes());
-    config.keep_going = true;
-    config.vcpu_tamper = Some(VcpuTamper::new(|vcpu, _, entry| {
-        if !second_spawn(&entry.event) {
-            return false;
-        }
-        vcpu_set::set_dr7(vcpu, 0x400 | (1 << 3)).unwrap();
-        true
-    }));
-    let report = run_config(config);
+    let (_, report) = on_two_cpus_and_one(|| {
+        let mut config = config(two_processes());
+        config.keep_going = true;
+        config.vcpu_tamper = Some(VcpuTamper::new(|vcpu, _, entry| {
+            if !second_spawn(&entry.event) {
+                return false;
+            }
+            vcpu_set::set_dr7(vcpu, 0x400 | (1 << 3)).unwrap();
+            true
+        }));
+        config
+    });
     assert_eq!(report.exit, GuestExit::Shutdown { code: 0 });
     assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
     assert!(report.violations[0].violation.details.contains("(G1)"), "{}", report.violations[0]);
@@ -712,9 +827,11 @@ fn introspection_valid_catches_a_corrupt_root() {
     if !kvm_available() {
         return;
     }
-    let mut config = config(Scenario::load("hello").unwrap());
-    config.debug_flags = boot::DEBUG_CORRUPT_INTROSPECTION;
-    let report = run_config(config);
+    let (_, report) = on_two_cpus_and_one(|| {
+        let mut config = config(Scenario::load("hello").unwrap());
+        config.debug_flags = boot::DEBUG_CORRUPT_INTROSPECTION;
+        config
+    });
     assert_stopped_for(&report, Invariant::IntrospectionValid);
     assert!(report.violations[0].violation.details.contains("unusable"), "{:?}", report.violations);
 }
@@ -726,11 +843,13 @@ fn keep_going_collects_each_violation_once_and_runs_to_the_end() {
     }
     // A dirty free frame at the end of RAM stays dirty (and free) to the end:
     // found at every later check, reported once.
-    let mut config = tamper_config(two_processes(), second_spawn, |ram, view| {
-        ram.write_bytes(last_free_frame(view), &[1]).unwrap();
+    let (_, report) = on_two_cpus_and_one(|| {
+        let mut config = tamper_config(two_processes(), second_spawn, |ram, view| {
+            ram.write_bytes(last_free_frame(view), &[1]).unwrap();
+        });
+        config.keep_going = true;
+        config
     });
-    config.keep_going = true;
-    let report = run_config(config);
     assert_eq!(report.exit, GuestExit::Shutdown { code: 0 });
     assert!(report.processes.iter().all(|p| p.as_expected()), "{:#?}", report.processes);
     assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
@@ -750,11 +869,13 @@ fn exit_mode_checks_once_at_shutdown() {
     assert_success(&report);
     assert_eq!(report.stats.checks.checks, 1);
 
-    let mut config = tamper_config(two_processes(), second_spawn, |ram, view| {
-        ram.write_bytes(last_free_frame(view), &[1]).unwrap();
+    let (_, report) = on_two_cpus_and_one(|| {
+        let mut config = tamper_config(two_processes(), second_spawn, |ram, view| {
+            ram.write_bytes(last_free_frame(view), &[1]).unwrap();
+        });
+        config.check = CheckMode::Exit;
+        config
     });
-    config.check = CheckMode::Exit;
-    let report = run_config(config);
     assert_stopped_for(&report, Invariant::FreeFramesScrubbed);
     assert!(
         matches!(&report.exit, GuestExit::InvariantViolated { at, .. } if at == "shutdown"),
@@ -803,21 +924,25 @@ fn periodic_checks_run_while_user_code_runs_and_catch_a_violation() {
     // Tampered at the spawn, found by a periodic check: in ring 3, or at the
     // spawn event itself if a kick had found the kernel running before it;
     // not only at the shutdown, 300 ms later.
-    let mut config = tamper_config(
-        long(),
-        |e| matches!(e, Event::ProcessSpawned { .. }),
-        |ram, view| {
-            ram.write_bytes(last_free_frame(view), &[1]).unwrap();
-        },
-    );
-    config.check = CheckMode::Periodic(Duration::from_millis(10));
-    let report = run_config(config);
-    assert_stopped_for(&report, Invariant::FreeFramesScrubbed);
-    assert!(
-        matches!(&report.exit, GuestExit::InvariantViolated { at, .. } if at != "shutdown"),
-        "{}",
-        report.exit
-    );
+    let (two, one) = on_two_cpus_and_one(|| {
+        let mut config = tamper_config(
+            long(),
+            |e| matches!(e, Event::ProcessSpawned { .. }),
+            |ram, view| {
+                ram.write_bytes(last_free_frame(view), &[1]).unwrap();
+            },
+        );
+        config.check = CheckMode::Periodic(Duration::from_millis(10));
+        config
+    });
+    for report in [&two, &one] {
+        assert_stopped_for(report, Invariant::FreeFramesScrubbed);
+        assert!(
+            matches!(&report.exit, GuestExit::InvariantViolated { at, .. } if at != "shutdown"),
+            "{}",
+            report.exit
+        );
+    }
 }
 
 /// Runs `processes` processes each touching `mib` MiB (in `memory_mib` of

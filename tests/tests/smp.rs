@@ -1,17 +1,18 @@
-//! Several vCPUs (issue 14, first step): the kernel brings every
-//! application processor online with its own GDT, TSS and stacks, the VMM
-//! checks every vCPU's state at every check with the others paused, and
-//! tampering with an application processor's state is caught and named.
-//! Processes still run on CPU 0 only (the scheduler is the next step).
+//! Several vCPUs (issue 14): the kernel brings every application processor
+//! online with its own GDT, TSS and stacks, the VMM checks every vCPU's
+//! state at every check with the others paused, and tampering with an
+//! application processor's state is caught and named. Processes run on
+//! every CPU and migrate between them: what one CPU takes away (a shared
+//! region, a write permission) is gone on the others when the call returns.
 
 use superos_protocol::cpu::{ap_stack, CpuStack, MAX_CPUS};
-use superos_protocol::event::Event;
+use superos_protocol::event::{Event, FaultKind};
 use superos_tests::*;
 use superos_vmm::check::{CheckMode, Invariant};
 use superos_vmm::cpu::{self, tamper as vcpu_set, VcpuFd};
 use superos_vmm::memory::GuestRam;
 use superos_vmm::monitor::VcpuTamper;
-use superos_vmm::run::RunReport;
+use superos_vmm::run::{ProcessStatus, RunReport};
 use superos_vmm::scenario::Scenario;
 use superos_vmm::walk;
 
@@ -309,4 +310,94 @@ fn a_thousand_process_lifetimes_on_two_cpus_lose_no_frame() {
     assert_eq!(spawned, 1000);
     assert_eq!(Some(free), ready_free_frames(&report), "frames lost");
     assert!(report.lines.iter().all(|line| !line.text.starts_with("churn")), "a run failed");
+}
+
+/// Each run of scenario process `spec_index`, in spawn order: its pid and
+/// the CPUs that logged its `MemMapped`, `MemProtected` and `ProcessKilled`.
+fn cpus_of_runs(report: &RunReport, spec_index: u64) -> Vec<(u32, [Option<u32>; 3])> {
+    let pids = pick_events(report, |event| match *event {
+        Event::ProcessSpawned { pid, spec_index: index, .. } if index == spec_index => Some(pid),
+        _ => None,
+    });
+    pids.into_iter()
+        .map(|(_, pid)| {
+            let mapped = cpu_of(report, |e| matches!(*e, Event::MemMapped { pid: p, .. } if p == pid));
+            let protected = cpu_of(report, |e| matches!(*e, Event::MemProtected { pid: p, .. } if p == pid));
+            let killed = cpu_of(report, |e| matches!(*e, Event::ProcessKilled { pid: p, .. } if p == pid));
+            (pid, [mapped, protected, killed])
+        })
+        .collect()
+}
+
+/// `mem_protect` to read-only holds while the (single-threaded) process
+/// itself migrates between CPUs. `fault kind=write-protected yields=4` maps
+/// a page, writes it, yields 4 times, protects it read-only, yields 4 times,
+/// reads it back and writes it: started `runs` times in a row, next to one
+/// `yield-turns` per CPU (more runnable processes than CPUs, all yielding, so
+/// a yield hands the CPU to another process and the next CPU free picks the
+/// faulter up again). Whichever CPU the write comes from, and whatever an
+/// earlier CPU's TLB held, every run is killed for `write-to-read-only`
+/// (none prints `SURVIVED`, none reads back anything but what it wrote), with
+/// checks at every event; and the process did move: some runs protected the
+/// page on another CPU than the one that mapped it, some were killed on
+/// another CPU than the one that protected it. 30 runs on 2 CPUs; 10 on 4
+/// (each CPU more costs time on a 2-core host, and migrations are more
+/// frequent there). As with the shootdown tests above, only ordinary KVM can
+/// show a stale translation; on the PVM host a page-table write reaches every
+/// vCPU at once (`docs/SMP.md`).
+#[test]
+fn mem_protect_to_read_only_holds_while_the_process_migrates_between_cpus() {
+    if !kvm_available() {
+        return;
+    }
+    // (CPUs, runs of the faulter, turns of each competitor: about as long as
+    // the runs take, measured on the PVM host.)
+    for (cpus, runs, turns) in [(2u32, 30u32, 300), (4, 10, 80)] {
+        let mut text = process_toml(
+            "protect",
+            "fault",
+            "kind=write-protected yields=4",
+            &format!("runs = {runs}\nexpect = {{ fault = \"write-to-read-only\" }}"),
+        );
+        for i in 0..cpus {
+            text += &process_toml(&format!("turns-{i}"), "yield-turns", &format!("n={turns}"), "");
+        }
+        let mut config = config(scenario(&text));
+        config.cpus = Some(cpus);
+        assert_eq!(config.check, CheckMode::EveryEvent);
+        let report = run_config(config);
+        let what = format!("{runs} runs on {cpus} CPUs");
+        assert_success(&report);
+        assert_no_violation(&report);
+        assert!(report.stats.checks.checks > report.events.len() as u64, "{what}: {:?}", report.stats.checks);
+        let protect = report.process("protect").expect("the faulter's outcome");
+        assert_eq!(
+            (protect.runs_finished, protect.runs_as_expected),
+            (runs, runs),
+            "{what}: {}",
+            protect.describe()
+        );
+        let output = report.output_of("protect");
+        assert!(!output.iter().any(|l| l.contains("SURVIVED") || l.contains("WRONG")), "{what}: {output:#?}");
+        let writes = output.iter().filter(|l| l.ends_with("after protecting it read-only")).count();
+        assert_eq!(writes, runs as usize, "{what}: every run got as far as the write: {output:#?}");
+        let cpus_of_runs = cpus_of_runs(&report, 0);
+        assert_eq!(cpus_of_runs.len(), runs as usize, "{what}: {cpus_of_runs:?}");
+        for &(pid, logged) in &cpus_of_runs {
+            let (_, fault, _) =
+                kill_event(&report, pid).unwrap_or_else(|| panic!("{what}: pid {pid} not killed"));
+            assert_eq!(fault, Some(FaultKind::WriteToReadOnly), "{what}: pid {pid}");
+            assert!(logged.iter().all(Option::is_some), "{what}: pid {pid}: {logged:?}");
+        }
+        let moved = |from: usize| cpus_of_runs.iter().filter(|(_, cpu)| cpu[from] != cpu[from + 1]).count();
+        let (protected_elsewhere, killed_elsewhere) = (moved(0), moved(1));
+        assert!(
+            protected_elsewhere > 0 && killed_elsewhere > 0,
+            "{what}: the faulter never moved between {}: {cpus_of_runs:?}",
+            if protected_elsewhere == 0 { "mem_map and mem_protect" } else { "mem_protect and the write" }
+        );
+        for i in 0..cpus {
+            assert_eq!(status_of(&report, &format!("turns-{i}")), ProcessStatus::Exited(0), "{what}");
+        }
+    }
 }

@@ -8,7 +8,11 @@
 //! `write-code` (write-to-code), `write-rodata` (write-to-read-only),
 //! `exec-heap` and `exec-stack` (execute-non-executable), `kernel-read` and
 //! `kernel-write` (kernel-access), `write-protected` (write-to-read-only:
-//! mem_map read-write, mem_protect to read-only, write),
+//! mem_map read-write, write, mem_protect to read-only, write; with
+//! `yields=<n>` it yields n times after the first write and n times again
+//! after the mem_protect, so on several CPUs the process may migrate between
+//! the write, the protect and the faulting write; before that write it
+//! reads the page back, and prints `WRONG` and exits 1 unless it reads 1),
 //! `write-read-only-map` (write-to-read-only: write to a PROT_READ mapping),
 //! `use-after-unmap` (unmapped-access), `guard-overflow` (unmapped-access:
 //! one byte past a one-page mapping, in its guard page), `exec-kernel`
@@ -25,8 +29,8 @@
 
 use core::hint::black_box;
 use superos_rt::{
-    arg, mem_map, mem_protect, mem_unmap, println, read_u64, write_u64, write_u8, Error, PAGE_SIZE,
-    PROT_READ, PROT_WRITE,
+    arg, mem_map, mem_protect, mem_unmap, parse_i64, println, read_u64, write_u64, write_u8, yield_now,
+    Error, PAGE_SIZE, PROT_READ, PROT_WRITE,
 };
 
 /// An address in the user image window that no program occupies.
@@ -62,6 +66,14 @@ fn map_page(prot: u64) -> Result<u64, Error> {
     let addr = mem_map(PAGE_SIZE, prot)?;
     println!("fault: mapped a page at {addr:#x}");
     Ok(addr)
+}
+
+/// Gives up the CPU `times` times (the kernel may run this process on
+/// another CPU after each).
+fn yield_times(times: i64) {
+    for _ in 0..times {
+        yield_now();
+    }
 }
 
 /// The `addr=` argument, if given (hexadecimal with 0x, or decimal).
@@ -123,10 +135,19 @@ fn commit(kind: &str, args: &[u8]) -> Result<(), Error> {
             unsafe { write_u64(KERNEL, 0) };
         }
         "write-protected" => {
+            let yields = arg(args, "yields").and_then(parse_i64).unwrap_or(0).max(0);
             let addr = map_page(PROT_READ | PROT_WRITE)?;
             // SAFETY: the page was just mapped writable and nothing else uses it.
             unsafe { write_u64(addr, 1) };
+            yield_times(yields);
             mem_protect(addr, PAGE_SIZE, PROT_READ)?;
+            yield_times(yields);
+            // SAFETY: the page is mapped (read-only now) and nothing else uses it.
+            let value = unsafe { read_u64(addr) };
+            if value != 1 {
+                println!("fault: read {value} from {addr:#x} after protecting it, expected 1: WRONG");
+                superos_rt::exit(1);
+            }
             println!("fault: writing to {addr:#x} after protecting it read-only");
             // SAFETY: deliberately not: the write must fault.
             unsafe { write_u64(addr, 2) };
@@ -205,4 +226,4 @@ fn main(args: &[u8]) -> i32 {
     1
 }
 
-superos_rt::entry!(main, "kind=<fault, see fault.rs> [addr=<hex>]");
+superos_rt::entry!(main, "kind=<fault, see fault.rs> [addr=<hex>] [yields=<n>]");
