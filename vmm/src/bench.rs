@@ -12,6 +12,7 @@
 //! exits per operation. The outside-in invariant check figures have their
 //! own hook ([`invariants`]). [`report`] prints the table and the JSON.
 
+pub mod budget;
 pub mod guest;
 pub mod host;
 pub mod invariants;
@@ -21,7 +22,7 @@ pub mod stats;
 pub mod worst;
 
 use guest::{Printed, Process};
-use probe::{ProbeOptions, Stepping, Window};
+use probe::{ProbeOptions, Stepping};
 use report::{Row, Unit};
 use serde_json::json;
 use stats::Summary;
@@ -46,6 +47,10 @@ pub struct BenchArgs {
     /// pages) as SVG to this file.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
+    /// After the table, where each operation's ring-0 instructions go: the
+    /// kernel functions they were stepped in, per operation, most first.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Help text listing the groups.
@@ -268,6 +273,8 @@ struct Bench {
     baseline_exits: Option<u64>,
     /// Ring-0 excursions of every stepped run, by kind.
     excursions: std::collections::BTreeMap<String, Vec<u64>>,
+    /// The kernel's symbols (for the profiles).
+    symbols: crate::diagnose::KernelSymbols,
 }
 
 fn summary(values: &[f64], what: &str) -> Result<Summary, String> {
@@ -440,8 +447,10 @@ impl Bench {
         let Some(found) = found else {
             return self.fallback_exits(row);
         };
-        let window = found.windows.get(&op).copied().unwrap_or(Window::default());
+        let window = found.windows.get(&op).cloned().unwrap_or_default();
         row.instructions = window.instructions_per_op().map(|v| v * factor);
+        row.profile = budget::profile(&window.pcs, window.ops as f64 / factor, &self.symbols);
+        row.profile_addresses = budget::per_operation(&window.pcs, window.ops as f64 / factor);
         row.exits = window.exits_per_op().map(|v| v * factor);
     }
 
@@ -528,6 +537,8 @@ impl Bench {
         let found = self.probe("boot", &[Process::new("bench-nop", "nop", "")], Stepping::FromBoot);
         if let Some(found) = found {
             first.instructions = Some(found.counts.boot_instructions as f64);
+            first.profile = budget::profile(&found.counts.boot_pcs, 1.0, &self.symbols);
+            first.profile_addresses = budget::per_operation(&found.counts.boot_pcs, 1.0);
             first.exits = Some(found.counts.boot_exits as f64);
             exit.instructions =
                 Some((found.counts.boot_instructions + found.counts.counted_instructions) as f64);
@@ -835,6 +846,8 @@ impl Bench {
         nop.runs = step_runs;
         if let Some(found) = self.probe("spawn", &[nop], Stepping::FromFirstUser) {
             row.instructions = Some(found.counts.counted_instructions as f64 / f64::from(step_runs));
+            row.profile = budget::profile(&found.counts.counted_pcs, f64::from(step_runs), &self.symbols);
+            row.profile_addresses = budget::per_operation(&found.counts.counted_pcs, f64::from(step_runs));
             row.exits = Some(found.counts.counted_exits as f64 / f64::from(step_runs));
         }
         row.notes.push(format!(
@@ -1260,16 +1273,26 @@ pub fn command(args: BenchArgs) -> i32 {
         last: None,
         baseline_exits: None,
         excursions: Default::default(),
+        symbols: crate::diagnose::KernelSymbols::parse(crate::images::KERNEL_ELF),
     };
     let mut rows = Vec::new();
     for group in &groups {
         rows.extend(bench.group(group));
+    }
+    for row in &mut rows {
+        row.budget = budget::budget(&row.name);
+        if !args.profile {
+            row.profile_addresses.clear();
+        }
     }
     bench.progress.finish();
     let date = utc_now();
     let machine = machine();
     let stepping = stepping_note(&bench.stepping, crate::vm::detect_host_flavor());
     print_results(&rows, &machine, &date, &stepping, args.quick, started.elapsed());
+    if args.profile {
+        print_profiles(&rows);
+    }
     let entries = kernel_entries(&bench.excursions);
     if !entries.is_empty() {
         crate::session::emit(format_args!(""));
@@ -1337,6 +1360,35 @@ fn check_writable(path: &std::path::Path) -> std::io::Result<()> {
         std::fs::remove_file(path)?;
     }
     Ok(())
+}
+
+/// Kernel functions listed per operation by `--profile`.
+const PROFILE_LINES: usize = 16;
+
+/// `--profile`: where each stepped operation's ring-0 instructions go.
+fn print_profiles(rows: &[Row]) {
+    use crate::session::emit;
+    emit(format_args!(""));
+    emit(format_args!(
+        "where the ring-0 instructions go (--profile): stepped instructions per operation by the kernel function \
+         they ran in (inlined code counts in its caller; a vector stub's 2 or 3 instructions are not stepped)"
+    ));
+    for row in rows.iter().filter(|r| !r.profile.is_empty()) {
+        let total = row.instructions.map_or("?".into(), report::format_count);
+        let budget = row.budget.map_or(String::new(), |b| format!(", budget {}", report::format_count(b)));
+        emit(format_args!("  {} ({total} per operation{budget}):", row.name));
+        for (function, count) in row.profile.iter().take(PROFILE_LINES) {
+            emit(format_args!("    {:>10}  {function}", report::format_count(*count)));
+        }
+        if row.profile.len() > PROFILE_LINES {
+            let rest: f64 = row.profile[PROFILE_LINES..].iter().map(|(_, c)| c).sum();
+            emit(format_args!(
+                "    {:>10}  ({} more functions)",
+                report::format_count(rest),
+                row.profile.len() - PROFILE_LINES
+            ));
+        }
+    }
 }
 
 fn print_results(

@@ -10,6 +10,10 @@ use elf::ElfBytes;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use std::fmt::Write as _;
 
+/// How far past a label (a symbol without size) [`KernelSymbols::function`]
+/// still names it.
+pub const LABEL_REACH: u64 = 256;
+
 /// Function symbols of the kernel image, for RIP lookups, and the address
 /// of every named symbol (linker-script symbols included).
 #[derive(Debug, Default)]
@@ -59,6 +63,23 @@ impl KernelSymbols {
         let (start, size, name) = &self.entries[index];
         let offset = address - start;
         (offset < (*size).max(1)).then(|| format!("{name}+{offset:#x}"))
+    }
+
+    /// The (demangled) name of the function `address` lies in, or else of
+    /// the nearest label at or below it within [`LABEL_REACH`] bytes (the
+    /// assembly entry code's labels have no size or type).
+    pub fn function(&self, address: u64) -> Option<&str> {
+        if let Some(index) = self.entries.partition_point(|e| e.0 <= address).checked_sub(1) {
+            let (start, size, name) = &self.entries[index];
+            if address - start < (*size).max(1) {
+                return Some(name.as_str());
+            }
+        }
+        self.addresses
+            .iter()
+            .filter(|(_, &value)| value <= address && address - value < LABEL_REACH)
+            .max_by_key(|(_, &value)| value)
+            .map(|(name, _)| name.as_str())
     }
 
     /// Number of symbols known.

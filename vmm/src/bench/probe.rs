@@ -134,10 +134,14 @@ pub struct ProbeOptions {
 }
 
 /// Ring-0 work inside one operation's marked regions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Window {
     /// Ring-0 instructions (timer excursions and the markers excluded).
     pub instructions: u64,
+    /// The stepped ones by address (what `bench --profile` attributes to
+    /// kernel functions; a vector stub's instructions counted from its text
+    /// are not among them).
+    pub pcs: BTreeMap<u64, u64>,
     /// VM exits to the VMM (hypercalls).
     pub exits: u64,
     /// Operations, as the program's end markers said.
@@ -198,6 +202,12 @@ pub struct Counts {
     pub rep_skips: u64,
     /// The whole stepped run (from the first `KVM_SET_GUEST_DEBUG`).
     pub stepped_time: Duration,
+    /// Stepped ring-0 instructions by address: before the first user
+    /// instruction, and after it outside timer and marker excursions (for
+    /// `bench --profile`).
+    pub boot_pcs: BTreeMap<u64, u64>,
+    /// See `boot_pcs`.
+    pub counted_pcs: BTreeMap<u64, u64>,
 }
 
 /// Frames one process holds, from the kernel's owner table.
@@ -568,6 +578,16 @@ impl Counter {
         }
         self.last_stub = stub;
         self.add(1);
+        match self.current() {
+            Kind::Boot => *self.counts.boot_pcs.entry(pc).or_default() += 1,
+            Kind::Counted(_) => {
+                *self.counts.counted_pcs.entry(pc).or_default() += 1;
+                for op in self.counting() {
+                    *self.windows.entry(op).or_default().pcs.entry(pc).or_default() += 1;
+                }
+            }
+            Kind::Timer | Kind::Marker => {}
+        }
     }
 
     /// Whether an entry at `pc` is one the vCPU was single-stepped onto (its instructions so far were counted step by step: nothing
@@ -1589,7 +1609,9 @@ mod tests {
         let (counts, windows) = counter.finish();
         assert_eq!(counts.boot_instructions, 1 + 2 + 3);
         assert_eq!(counts.boot_exits, 1);
-        assert_eq!(windows[&1], Window { instructions: 2 + 6, exits: 1, ops: 1, regions: 1 });
+        let window = &windows[&1];
+        assert_eq!((window.instructions, window.exits, window.ops, window.regions), (2 + 6, 1, 1, 1));
+        assert_eq!(window.pcs.values().sum::<u64>(), 8, "each stepped instruction at its address: {:?}", window.pcs);
         assert_eq!(counts.excursions["syscall 4"], vec![8]);
         assert_eq!(counts.excursions["vector 14"], vec![7]);
     }
@@ -1638,8 +1660,10 @@ mod tests {
         assert_eq!(counts.counted_exits, 3);
         assert_eq!(counts.excursions["syscall 4"], vec![3, 3, 3]);
         assert_eq!(counts.excursions["vector 14"], vec![2]);
-        let window = windows[&1];
-        assert_eq!(window, Window { instructions: 8, exits: 2, ops: 2, regions: 1 });
+        let window = &windows[&1];
+        assert_eq!((window.instructions, window.exits, window.ops, window.regions), (8, 2, 2, 1));
+        let pcs: Vec<(u64, u64)> = window.pcs.iter().map(|(&pc, &n)| (pc, n)).collect();
+        assert_eq!(pcs, [(K + 2, 2), (K + 11, 1), (common, 3), (common + 3, 2)]);
         assert_eq!(window.instructions_per_op(), Some(4.0));
         assert_eq!(window.exits_per_op(), Some(1.0));
     }

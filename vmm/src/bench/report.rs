@@ -2,6 +2,7 @@
 
 use super::stats::{ratio, Summary};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 /// What a row's figures measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +57,14 @@ pub struct Row {
     pub notes: Vec<String>,
     /// Row-specific figures for the JSON (`details`; null if none).
     pub details: Value,
+    /// Issue 16's budget for `instructions` (ring-0 instructions per
+    /// operation), if the row has one.
+    pub budget: Option<f64>,
+    /// Where `instructions` go: kernel function and instructions per
+    /// operation, most first (`bench --profile`; empty if not stepped).
+    pub profile: Vec<(String, f64)>,
+    /// The same by instruction address (kept for the JSON with `--profile`).
+    pub profile_addresses: BTreeMap<u64, f64>,
 }
 
 impl Row {
@@ -72,6 +81,23 @@ impl Row {
             exits: None,
             notes: Vec::new(),
             details: Value::Null,
+            budget: None,
+            profile: Vec::new(),
+            profile_addresses: BTreeMap::new(),
+        }
+    }
+
+    /// Whether the counted ring-0 instructions exceed the row's budget.
+    pub fn over_budget(&self) -> bool {
+        matches!((self.instructions, self.budget), (Some(count), Some(budget)) if count > budget)
+    }
+
+    fn budget_cell(&self) -> String {
+        match (self.budget, self.instructions) {
+            (None, _) => "—".into(),
+            (Some(budget), None) => format!("≤ {}", format_count(budget)),
+            (Some(budget), Some(_)) if self.over_budget() => format!("≤ {} OVER", format_count(budget)),
+            (Some(budget), Some(_)) => format!("≤ {} ok", format_count(budget)),
         }
     }
 
@@ -185,18 +211,29 @@ pub fn format_count(value: f64) -> String {
     }
 }
 
+/// Columns of [`table`].
+const COLUMNS: usize = 7;
+
 /// The header cells of [`table`].
-pub const HEADER: [&str; 6] =
-    ["operation", "SuperOS median (min–max)", "host median", "ratio", "ring-0 instr/op", "VM exits/op"];
+pub const HEADER: [&str; COLUMNS] = [
+    "operation",
+    "SuperOS median (min–max)",
+    "host median",
+    "ratio",
+    "ring-0 instr/op",
+    "budget",
+    "VM exits/op",
+];
 
 /// The cells of one row of [`table`].
-pub fn cells(row: &Row) -> [String; 6] {
+pub fn cells(row: &Row) -> [String; COLUMNS] {
     [
         row.operation.clone(),
         row.superos_cell(),
         row.host_cell(),
         row.ratio().map_or("—".into(), format_ratio),
         row.instructions.map_or("—".into(), format_count),
+        row.budget_cell(),
         row.exits.map_or("—".into(), format_count),
     ]
 }
@@ -204,14 +241,14 @@ pub fn cells(row: &Row) -> [String; 6] {
 /// The table as text: a header, a rule, one line per row; columns padded
 /// to their widest cell (counted in characters), numbers right-aligned.
 pub fn table(rows: &[Row]) -> String {
-    let body: Vec<[String; 6]> = rows.iter().map(cells).collect();
+    let body: Vec<[String; COLUMNS]> = rows.iter().map(cells).collect();
     let mut widths = HEADER.map(|h| h.chars().count());
     for cells in &body {
         for (width, cell) in widths.iter_mut().zip(cells) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; COLUMNS]| {
         let mut text = String::new();
         for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
             let pad = " ".repeat(width - cell.chars().count());
@@ -272,6 +309,10 @@ pub fn row_json(row: &Row) -> Value {
         "ratio": row.ratio(),
         "ring0_instructions_per_op": row.instructions,
         "vm_exits_per_op": row.exits,
+        "budget_instructions_per_op": row.budget,
+        "over_budget": row.over_budget(),
+        "profile": row.profile.iter().map(|(function, count)| json!({ "function": function, "instructions_per_op": count })).collect::<Vec<_>>(),
+        "profile_addresses": row.profile_addresses.iter().map(|(address, count)| json!({ "address": format!("{address:#x}"), "instructions_per_op": count })).collect::<Vec<_>>(),
         "notes": row.notes,
         "details": row.details,
     })
@@ -317,7 +358,11 @@ mod tests {
         let mut stable = row("syscall", &[90_000.0, 89_000.0, 95_000.0], Some(450.0));
         stable.instructions = Some(130.0);
         stable.exits = Some(0.0);
-        let rows = [stable, row("no-host", &[1e6], None), failed];
+        stable.budget = Some(60.0);
+        let mut within = row("within", &[1e6], None);
+        within.instructions = Some(50.0);
+        within.budget = Some(60.0);
+        let rows = [stable, row("no-host", &[1e6], None), failed, within];
         let text = table(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2 + rows.len());
@@ -330,7 +375,9 @@ mod tests {
         }
         assert!(lines[2].contains("90.0 µs (89.0 µs–95.0 µs)"), "{}", lines[2]);
         assert!(lines[2].contains("450 ns") && lines[2].contains("200×"), "{}", lines[2]);
-        assert!(lines[2].ends_with("130            0"), "{}", lines[2]);
+        assert!(lines[2].ends_with("130  ≤ 60 OVER            0"), "{}", lines[2]);
+        assert!(lines[5].ends_with("50    ≤ 60 ok            —"), "{}", lines[5]);
+        assert!(rows[0].over_budget() && !rows[3].over_budget() && !rows[1].over_budget());
         assert!(lines[3].contains("1.00 ms") && lines[3].contains('—'), "{}", lines[3]);
         assert!(lines[4].contains("failed (see notes)"), "{}", lines[4]);
         let widths: Vec<usize> = lines.iter().map(|l| l.chars().count()).collect();
