@@ -169,8 +169,17 @@ impl KernelMemory {
     }
 
     /// One slice of teardown, at most `budget` units (as `mem_unmap`: 17 a
-    /// frame released).
+    /// frame released). Called at the end of every kernel entry: the common
+    /// case, nothing to do, costs a test.
+    #[inline(always)]
     pub fn reap(&mut self, budget: u64) {
+        if !self.dying.is_empty() {
+            self.reap_slice(budget);
+        }
+    }
+
+    #[inline(never)]
+    fn reap_slice(&mut self, budget: u64) {
         match self.dying.pop() {
             None => {}
             Some(Dying::Space(mut space, from)) => {
@@ -210,11 +219,17 @@ impl KernelMemory {
         self.scrub
     }
 
-    /// Zeroes and frees every frame waiting for the VMM.
+    /// Zeroes and frees every frame waiting for the VMM. Called at the end
+    /// of every kernel entry: the common case, none, costs a test.
+    #[inline(always)]
     pub fn flush_scrub(&mut self) {
-        if self.pending == 0 {
-            return;
+        if self.pending != 0 {
+            self.flush_scrub_pending();
         }
+    }
+
+    #[inline(never)]
+    fn flush_scrub_pending(&mut self) {
         // SAFETY: KernelCell invariant; the list is only used here and in
         // release_frame, never at the same time.
         let list = unsafe { SCRUB_LIST.get() };

@@ -14,6 +14,7 @@
 //! (shared regions and capabilities), [`introspect`] (the tables the VMM
 //! checks).
 
+pub mod fast;
 pub mod host;
 pub mod introspect;
 pub mod memory;
@@ -706,6 +707,10 @@ fn kernel() -> &'static mut Kernel {
 /// `frame` is resumed.
 #[no_mangle]
 pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    // `getpid` first: the most frequent call, answered without the lock.
+    if fast::answer(frame) {
+        return;
+    }
     // An NMI may arrive anywhere, ring 0 included (on its own stack); the VMM
     // sends none and there is nothing to do: resume what it interrupted,
     // before touching any kernel state.
@@ -713,6 +718,12 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         return;
     }
     let cpu = smp::cpu_of_stack(frame as *const TrapFrame as u64);
+    trap_dispatch_locked(frame, cpu);
+}
+
+/// Every entry but the NMI and a lock-free `getpid` ([`fast`]): on `cpu`.
+#[inline(never)]
+fn trap_dispatch_locked(frame: &mut TrapFrame, cpu: u32) {
     // Interrupts are acknowledged at once, before the lock: an interrupt
     // left in service would mask every vector of its priority class and
     // below (the flush and wake-up IPIs among them) while this CPU waits
@@ -747,6 +758,7 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             // there is nothing to scrub or publish.
             kernel.continue_switch(frame, step);
             kernel.wake_idle_cpus();
+            fast::set_resumed(cpu, kernel.resumed_pid(frame));
             smp::BIG_LOCK.unlock();
             return;
         }
@@ -761,6 +773,7 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     kernel.memory.flush_scrub();
     kernel.republish_changed();
     kernel.wake_idle_cpus();
+    fast::set_resumed(cpu, kernel.resumed_pid(frame));
     smp::BIG_LOCK.unlock();
 }
 
@@ -837,6 +850,7 @@ impl Kernel {
             }
             self.memory.flush_scrub();
             self.phase = Phase::Running;
+            fast::set_gate(self.gate.vector(), self.gate.return_rip());
             let cpus = self.start_application_processors();
             self.emit(Event::KernelReady {
                 gate_kind: self.gate.kind(),
@@ -914,6 +928,16 @@ impl Kernel {
             }
             vector => self.kill_current(frame, classify_exception(vector), frame.rip),
         }
+    }
+
+    /// The pid of the process this CPU resumes with `frame`: its current
+    /// process's, unless the frame is the idle context or a switch stub, or
+    /// processes do not run yet.
+    fn resumed_pid(&self, frame: &TrapFrame) -> Option<u32> {
+        let resumes_current = matches!(self.phase, Phase::Running)
+            && frame.from_user()
+            && self.switch_step[self.cpu as usize].is_none();
+        self.current().filter(|_| resumes_current).map(|index| self.processes[index].pid)
     }
 
     /// The process this CPU runs.
