@@ -46,6 +46,15 @@ pub trait Memory {
     fn table_is_empty(&mut self, frame: u64) -> bool {
         self.table(frame).iter().all(|entry| entry.is_unused())
     }
+    /// See [`PageTableMemory::next_used`].
+    fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
+        self.table(frame)
+            .iter()
+            .take(to)
+            .skip(from)
+            .position(|entry| !entry.is_unused())
+            .map_or(to, |i| from + i)
+    }
     /// The recorded owner of a frame (`None` if not managed).
     fn owner(&self, frame: u64) -> Option<FrameOwner>;
     /// Invalidates any cached translation of `va` in the address space whose
@@ -110,6 +119,9 @@ impl<M: Memory> PageTableMemory for Tables<'_, M> {
     }
     fn table_is_empty(&mut self, frame: u64) -> bool {
         self.memory.table_is_empty(frame)
+    }
+    fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
+        self.memory.next_used(frame, from, to)
     }
     fn detach_table(&mut self, frame: u64) {
         self.detached.push(frame);

@@ -28,6 +28,17 @@ pub trait PageTableMemory {
     fn table_is_empty(&mut self, frame: u64) -> bool {
         self.table(frame).iter().all(|entry| entry.is_unused())
     }
+    /// The index of the first used (nonzero) entry of the table at `frame`
+    /// in `from..to` (`from <= to <= 512`), or `to`. The kernel's
+    /// implementation is one `repe scasq`, as for `table_is_empty`.
+    fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
+        self.table(frame)
+            .iter()
+            .take(to)
+            .skip(from)
+            .position(|entry| !entry.is_unused())
+            .map_or(to, |i| from + i)
+    }
     /// Releases a last-level table [`unmap_tables`] unlinked whole, with its
     /// entries still in it (the implementation may release it later; it is
     /// reachable from no table any more).
@@ -101,6 +112,28 @@ pub fn map<M: PageTableMemory>(
     if !is_canonical(va) || va % align != 0 || phys % align != 0 {
         return Err(MapError::BadAddress);
     }
+    let table = leaf_table(mem, pml4, va, leaf_level, table_flags)?;
+    let entry = &mut mem.table(table)[index(va, leaf_level)];
+    if !entry.is_unused() {
+        return Err(MapError::AlreadyMapped);
+    }
+    let mut leaf = flags | Flags::PRESENT;
+    if size == PageSize::Size2M {
+        leaf |= Flags::HUGE_PAGE;
+    }
+    entry.set_addr(PhysAddr::new(phys), leaf);
+    Ok(())
+}
+
+/// The table of `leaf_level` whose entry maps `va`, created (with
+/// `table_flags` in the entries above it) where missing.
+fn leaf_table<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    va: u64,
+    leaf_level: u32,
+    table_flags: Flags,
+) -> Result<u64, MapError> {
     let mut table = pml4;
     for level in (leaf_level + 1..=4).rev() {
         let entry = &mut mem.table(table)[index(va, level)];
@@ -114,15 +147,49 @@ pub fn map<M: PageTableMemory>(
             table = entry.addr().as_u64();
         }
     }
-    let entry = &mut mem.table(table)[index(va, leaf_level)];
-    if !entry.is_unused() {
-        return Err(MapError::AlreadyMapped);
+    Ok(table)
+}
+
+/// Maps the `pages` 4 KiB pages from `va` to the frames from `phys`, all
+/// with the leaf `flags` (`PRESENT` is added), as [`map`] would one by one
+/// but descending the tables once per last-level table (the kernel's boot
+/// maps its image this way: every ring-0 instruction counts on some hosts).
+/// On an error the pages before the failing one stay mapped.
+#[allow(clippy::too_many_arguments)]
+pub fn map_4k_run<M: PageTableMemory>(
+    mem: &mut M,
+    pml4: u64,
+    va: u64,
+    phys: u64,
+    pages: u64,
+    flags: Flags,
+    table_flags: Flags,
+) -> Result<(), MapError> {
+    let end =
+        pages.checked_mul(PAGE_SIZE).and_then(|bytes| va.checked_add(bytes)).ok_or(MapError::BadAddress)?;
+    if !is_canonical(va)
+        || va % PAGE_SIZE != 0
+        || phys % PAGE_SIZE != 0
+        || (pages > 0 && !is_canonical(end - 1))
+    {
+        return Err(MapError::BadAddress);
     }
-    let mut leaf = flags | Flags::PRESENT;
-    if size == PageSize::Size2M {
-        leaf |= Flags::HUGE_PAGE;
+    let leaf = flags | Flags::PRESENT;
+    let mut done = 0;
+    while done < pages {
+        let at = va + done * PAGE_SIZE;
+        let table = leaf_table(mem, pml4, at, 1, table_flags)?;
+        let first = index(at, 1);
+        let count = (512 - first as u64).min(pages - done) as usize;
+        let entries = mem.table(table);
+        if entries.iter().skip(first).take(count).any(|entry| !entry.is_unused()) {
+            return Err(MapError::AlreadyMapped);
+        }
+        for (i, entry) in entries.iter_mut().skip(first).take(count).enumerate() {
+            entry.set_addr(PhysAddr::new_truncate(phys + (done + i as u64) * PAGE_SIZE), leaf);
+        }
+        done += count as u64;
     }
-    entry.set_addr(PhysAddr::new(phys), leaf);
     Ok(())
 }
 
@@ -374,13 +441,17 @@ fn next_present<M: PageTableMemory>(
     }
     let affordable = usize::try_from(walk.left.saturating_mul(ENTRIES_PER_UNIT)).unwrap_or(usize::MAX);
     let bound = last.min(from.saturating_add(affordable));
-    let skipped = mem
-        .table(table)
-        .iter()
-        .skip(from)
-        .take(bound - from)
-        .position(|entry| !entry.is_unused() && entry.flags().contains(Flags::PRESENT))
-        .unwrap_or(bound - from);
+    // Used entries that are not present (none are made, but the walk never
+    // trusts that) are skipped like unused ones.
+    let mut index = from;
+    loop {
+        index = mem.next_used(table, index, bound);
+        if index >= bound || mem.table(table)[index].flags().contains(Flags::PRESENT) {
+            break;
+        }
+        index += 1;
+    }
+    let skipped = index - from;
     walk.left = walk.left.saturating_sub((skipped as u64).div_ceil(ENTRIES_PER_UNIT));
     let index = from + skipped;
     if index == bound && bound < last {
@@ -675,6 +746,54 @@ pub(crate) mod tests {
         );
         assert_eq!(
             map_2m_as_4k(&mut mem, pml4, va + 0x1000, 0, KERNEL_TABLE_FLAGS, flags_of),
+            Err(MapError::BadAddress)
+        );
+    }
+
+    proptest! {
+        /// A run maps exactly what as many single mappings would.
+        #[test]
+        fn a_run_maps_what_single_pages_would(first in 0u64..1500, pages in 0u64..1100, writable in any::<bool>()) {
+            let (va, pa) = (0xffff_ffff_8000_0000 + first * PAGE_SIZE, 0x40_0000 + first * PAGE_SIZE);
+            let flags = if writable { Flags::WRITABLE | Flags::NO_EXECUTE } else { Flags::empty() };
+            let (mut run, mut single) = (FakeMemory::default(), FakeMemory::default());
+            let (run_pml4, single_pml4) = (run.alloc_table().unwrap(), single.alloc_table().unwrap());
+            map_4k_run(&mut run, run_pml4, va, pa, pages, flags, KERNEL_TABLE_FLAGS).unwrap();
+            for page in 0..pages {
+                let at = page * PAGE_SIZE;
+                map(&mut single, single_pml4, va + at, pa + at, PageSize::Size4K, flags, KERNEL_TABLE_FLAGS).unwrap();
+            }
+            for page in 0..pages + 2 {
+                let at = va + page * PAGE_SIZE;
+                prop_assert_eq!(translate(&mut run, run_pml4, at), translate(&mut single, single_pml4, at));
+            }
+            prop_assert_eq!(run.tables.len(), single.tables.len());
+            if pages > 0 {
+                // Mapping any of it again is refused.
+                prop_assert_eq!(
+                    map_4k_run(&mut run, run_pml4, va + (pages - 1) * PAGE_SIZE, pa, 1, flags, KERNEL_TABLE_FLAGS),
+                    Err(MapError::AlreadyMapped)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_refuses_bad_addresses() {
+        let mut mem = FakeMemory::default();
+        let pml4 = mem.alloc_table().unwrap();
+        let flags = Flags::empty();
+        assert_eq!(
+            map_4k_run(&mut mem, pml4, 0x1001, 0, 1, flags, KERNEL_TABLE_FLAGS),
+            Err(MapError::BadAddress)
+        );
+        assert_eq!(
+            map_4k_run(&mut mem, pml4, 0x7fff_ffff_f000, 0, 2, flags, KERNEL_TABLE_FLAGS),
+            Err(MapError::BadAddress),
+            "the run would leave the lower half"
+        );
+        assert_eq!(
+            map_4k_run(&mut mem, pml4, 0x1000, 0, u64::MAX, flags, KERNEL_TABLE_FLAGS),
             Err(MapError::BadAddress)
         );
     }

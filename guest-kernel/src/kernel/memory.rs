@@ -69,6 +69,38 @@ fn frame_is_zero(frame: u64) -> bool {
     zero != 0
 }
 
+/// The index of the first nonzero word of `frame` in `from..to` (`from <=
+/// to <= 512`), or `to`: one `repe scasq`, like [`frame_is_zero`].
+fn next_nonzero_word(frame: u64, from: usize, to: usize) -> usize {
+    debug_assert!(from <= to && to <= (PAGE_SIZE / 8) as usize);
+    if from >= to {
+        return to;
+    }
+    let left: usize;
+    let zero: u8;
+    // SAFETY: reads words `from..to` of a whole guest-RAM frame through the
+    // direct map, which covers all of guest RAM; DF is clear in the kernel.
+    // `repe scasq` stops after the first nonzero word (ZF clear) with rcx
+    // counting the words not yet compared.
+    unsafe {
+        core::arch::asm!(
+            "repe scasq",
+            "sete {zero}",
+            zero = out(reg_byte) zero,
+            inout("rdi") direct::<u64>(frame).add(from) => _,
+            inout("rcx") to - from => left,
+            in("rax") 0u64,
+            options(nostack, readonly),
+        )
+    };
+    if zero != 0 {
+        to
+    } else {
+        // The nonzero word was the last one compared.
+        to - left - 1
+    }
+}
+
 /// Copies `bytes` into guest-physical memory at `phys`.
 ///
 /// The range must lie in one frame the kernel owns or is filling on a
@@ -294,6 +326,10 @@ impl Memory for KernelMemory {
         frame_is_zero(frame)
     }
 
+    fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
+        next_nonzero_word(frame, from, to)
+    }
+
     fn release_frame(&mut self, frame: u64) {
         if self.skip_one_scrub && !frame_is_zero(frame) {
             // DEBUG_SKIP_ONE_SCRUB: the fault the checker must catch.
@@ -371,5 +407,9 @@ impl PageTableMemory for KernelTables<'_> {
     }
     fn table_is_empty(&mut self, frame: u64) -> bool {
         frame_is_zero(frame)
+    }
+
+    fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
+        next_nonzero_word(frame, from, to)
     }
 }

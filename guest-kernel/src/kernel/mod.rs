@@ -486,9 +486,17 @@ fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
     let sections =
         [(text, Flags::empty()), (rodata, Flags::NO_EXECUTE), (data, Flags::WRITABLE | Flags::NO_EXECUTE)];
     for ((start, end), flags) in sections {
-        for va in (start..end).step_by(PAGE_SIZE as usize) {
-            map_4k(&mut tables, va, va - KERNEL_VMA_BASE, flags);
-        }
+        let pages = (end - start).div_ceil(PAGE_SIZE);
+        paging::map_4k_run(
+            &mut tables,
+            pml4,
+            start,
+            start - KERNEL_VMA_BASE,
+            pages,
+            flags,
+            KERNEL_TABLE_FLAGS,
+        )
+        .unwrap_or_else(|e| panic!("mapping the kernel image at {start:#x}: {e:?}"));
     }
     // The guard pages below the stacks stay unmapped (cheaper than a test per
     // page above: ring 0 is emulated on some hosts).

@@ -1611,7 +1611,12 @@ mod tests {
         assert_eq!(counts.boot_exits, 1);
         let window = &windows[&1];
         assert_eq!((window.instructions, window.exits, window.ops, window.regions), (2 + 6, 1, 1, 1));
-        assert_eq!(window.pcs.values().sum::<u64>(), 8, "each stepped instruction at its address: {:?}", window.pcs);
+        assert_eq!(
+            window.pcs.values().sum::<u64>(),
+            8,
+            "each stepped instruction at its address: {:?}",
+            window.pcs
+        );
         assert_eq!(counts.excursions["syscall 4"], vec![8]);
         assert_eq!(counts.excursions["vector 14"], vec![7]);
     }
