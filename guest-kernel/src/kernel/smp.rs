@@ -186,12 +186,13 @@ pub fn shootdown(cpu: u32, pml4: u64) {
     if SKIP_SHOOTDOWN.load(Ordering::Relaxed) {
         return;
     }
-    let online = ONLINE.load(Ordering::Acquire);
+    // The other CPUs online, lowest first (none: nothing to do, at the cost
+    // of a test; the common case on one CPU and for most calls on several).
+    let mut others = ONLINE.load(Ordering::Acquire) & !(1 << cpu);
     let mut targets = 0u32;
-    for other in 0..MAX_CPUS {
-        if other == cpu || online & (1 << other) == 0 {
-            continue;
-        }
+    while others != 0 {
+        let other = others.trailing_zeros();
+        others &= others - 1;
         if LIVE_PML4[other as usize].load(Ordering::Acquire) == pml4 {
             FLUSH_PENDING[other as usize].store(true, Ordering::Release);
             lapic::send_ipi(other, FLUSH_VECTOR);
@@ -199,8 +200,11 @@ pub fn shootdown(cpu: u32, pml4: u64) {
         }
     }
     while targets != 0 {
-        for other in 0..MAX_CPUS {
-            if targets & (1 << other) != 0 && !FLUSH_PENDING[other as usize].load(Ordering::Acquire) {
+        let mut waiting = targets;
+        while waiting != 0 {
+            let other = waiting.trailing_zeros();
+            waiting &= waiting - 1;
+            if !FLUSH_PENDING[other as usize].load(Ordering::Acquire) {
                 targets &= !(1 << other);
             }
         }
@@ -210,11 +214,11 @@ pub fn shootdown(cpu: u32, pml4: u64) {
 
 /// Sends the wake-up IPI to every CPU in `cpus` (a mask) but `cpu`.
 pub fn wake(cpu: u32, cpus: u32) {
-    let online = ONLINE.load(Ordering::Acquire);
-    for other in 0..MAX_CPUS {
-        if other != cpu && cpus & online & (1 << other) != 0 {
-            lapic::send_ipi(other, WAKE_VECTOR);
-        }
+    let mut targets = cpus & ONLINE.load(Ordering::Acquire) & !(1 << cpu);
+    while targets != 0 {
+        let other = targets.trailing_zeros();
+        targets &= targets - 1;
+        lapic::send_ipi(other, WAKE_VECTOR);
     }
 }
 
