@@ -152,11 +152,13 @@ fn cpu_state_intact_catches_an_application_processor_without_write_protection() 
 }
 
 /// The owner (pid 1) shares a page with the grantee (pid 2), both spinning
-/// on it, then takes it away with `op` (`smp-share`).
+/// on it, then takes it away with `op` (`smp-share`; `unmap` takes away the
+/// owner's own mapping, then the owner reads through it and is killed).
 fn shared_then_taken_away(op: &str, rounds: u64) -> Scenario {
     let owner_args = format!("mode=owner peer=2 op={op} rounds={rounds}");
+    let owner_expect = if op == "unmap" { "expect = { fault = \"unmapped-access\" }" } else { "" };
     scenario(
-        &(process_toml("owner", "smp-share", &owner_args, "")
+        &(process_toml("owner", "smp-share", &owner_args, owner_expect)
             + &process_toml(
                 "grantee",
                 "smp-share",
@@ -186,14 +188,17 @@ fn cpu_of(report: &RunReport, mut pick: impl FnMut(&Event) -> bool) -> Option<u3
 /// freed frame (`free-frames-scrubbed` at the next check), never survives.
 /// With checks at every event, and with none (then the VMM never stops the
 /// other vCPUs, whose exits would flush their TLBs on some hosts: only the
-/// kernel's shootdown does).
+/// kernel's shootdown does). `shm_unmap` by the owner takes away only the
+/// owner's mapping: its read through the unmapped address is killed
+/// (`unmapped-access`) while the grantee on the other CPU goes on, until the
+/// owner's death destroys the region and kills it at its next access.
 #[test]
 fn a_grantee_on_another_cpu_loses_the_region_when_the_call_returns() {
     if !kvm_available() {
         return;
     }
     for (cpus, check) in [(2, CheckMode::EveryEvent), (4, CheckMode::EveryEvent), (2, CheckMode::Off)] {
-        for op in ["revoke", "destroy", "exit"] {
+        for op in ["revoke", "destroy", "exit", "unmap"] {
             let report = take_away(op, cpus, check, 0);
             let what = format!("{op} on {cpus} CPUs, checks {check:?}");
             let grantee = report.output_of("grantee");
@@ -203,16 +208,35 @@ fn a_grantee_on_another_cpu_loses_the_region_when_the_call_returns() {
             );
             assert_success(&report);
             assert_no_violation(&report);
-            assert!(
-                report.output_of("owner").iter().any(|l| l.contains("50 rounds acknowledged by pid 2")),
-                "{what}: {:?}",
-                report.output_of("owner")
-            );
+            let owner = report.output_of("owner");
+            assert!(owner.iter().any(|l| l.contains("50 rounds acknowledged by pid 2")), "{what}: {owner:?}");
+            assert!(!owner.iter().any(|l| l.contains("SURVIVED")), "{what}: {owner:?}");
+            if op == "unmap" {
+                // The owner's shm_unmap left the grantee's mapping alone: the
+                // grantee died of the owner's death, after it.
+                let killed = |pid: u32| {
+                    report.events.iter().find_map(|entry| match entry.event {
+                        Event::ProcessKilled { pid: p, .. } if p == pid => Some(entry.seq),
+                        _ => None,
+                    })
+                };
+                assert!(
+                    owner.iter().any(|l| l.contains("unmapped") && l.contains("reading it")),
+                    "{what}: {owner:?}"
+                );
+                assert!(
+                    killed(1).is_some() && killed(1) < killed(2),
+                    "{what}: {:?} {:?}",
+                    killed(1),
+                    killed(2)
+                );
+            }
             // The two ran side by side: the region was taken away on one CPU
             // and the grantee killed on another.
             let taken = cpu_of(&report, |e| match op {
                 "revoke" => matches!(e, Event::ShmRevoked { .. }),
                 "destroy" => matches!(e, Event::ShmDestroyed { .. }),
+                "unmap" => matches!(e, Event::ShmUnmapped { pid: 1, .. }),
                 _ => matches!(e, Event::ProcessExited { pid: 1, .. }),
             });
             let killed = cpu_of(&report, |e| matches!(e, Event::ProcessKilled { pid: 2, .. }));

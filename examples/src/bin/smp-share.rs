@@ -2,7 +2,7 @@
 //! takes it away on another, to show that the kernel's TLB shootdown leaves
 //! no stale translation behind.
 //!
-//! - `mode=owner peer=<grantee pid> op=revoke|destroy|exit [rounds=N]`:
+//! - `mode=owner peer=<grantee pid> op=revoke|destroy|exit|unmap [rounds=N]`:
 //!   creates a one-page region, grants it read-write to the grantee, names
 //!   it in a message, maps it and waits for `mapped`. Then, for each round
 //!   `1..=N` (default 50), it publishes the round as the sequence number and
@@ -11,8 +11,11 @@
 //!   operation: `revoke` (`shm_revoke` of the grantee) and, once it has
 //!   returned, sequence numbers beyond N written through its own mapping
 //!   for 100 ms; `destroy` (`shm_destroy`: the frame is scrubbed and
-//!   freed); `exit` (the owner exits, which destroys the region). It exits 0
-//!   if every step worked.
+//!   freed); `exit` (the owner exits, which destroys the region); `unmap`
+//!   (`shm_unmap` of the owner's own mapping while the grantee goes on
+//!   using its own, 20 ms, then a read through the unmapped address: the
+//!   kernel must kill the owner `unmapped-access`, and its death destroys
+//!   the region). It exits 0 if every step worked (never, for `unmap`).
 //! - `mode=grantee peer=<owner pid>`: accepts and maps the region, answers
 //!   `mapped`, then loops: reads the sequence number and copies it to the
 //!   acknowledgement word. The owner wrote N into the region's limit word
@@ -27,8 +30,8 @@
 
 use superos_rt::{
     accept_cap, arg, cap_list, gate_info, ipc_recv, ipc_send, mem_share_message, mem_share_region, parse_i64,
-    println, rdtsc, read_u64, shm_create, shm_destroy, shm_grant, shm_map, shm_revoke, write_u64, yield_now,
-    Error, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, TAG_MESSAGE_MAX,
+    println, rdtsc, read_u64, shm_create, shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, write_u64,
+    yield_now, Error, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, TAG_MESSAGE_MAX,
 };
 
 /// The words of the region.
@@ -116,6 +119,19 @@ fn owner(peer: u32, op: &[u8], rounds: u64) -> Result<(), &'static str> {
             println!("smp-share: owner: exiting with MEM_SHARE:{id} still granted");
             Ok(())
         }
+        b"unmap" => {
+            shm_unmap(addr).map_err(|_| "shm_unmap failed")?;
+            // The grantee goes on using its own mapping meanwhile (it dies
+            // only when this process's death destroys the region).
+            let start = rdtsc();
+            while rdtsc().wrapping_sub(start) < ticks(20) {
+                core::hint::spin_loop();
+            }
+            println!("smp-share: owner: unmapped {addr:#x}; reading it");
+            let value = peek(addr + SEQ);
+            println!("smp-share: owner: SURVIVED: read {value} through the unmapped {addr:#x}");
+            Err("still alive after reading an unmapped address")
+        }
         _ => Err("unknown op"),
     }
 }
@@ -182,4 +198,4 @@ fn run(args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(run, "mode=owner|grantee peer=<pid> [op=revoke|destroy|exit] [rounds=<n>]");
+superos_rt::entry!(run, "mode=owner|grantee peer=<pid> [op=revoke|destroy|exit|unmap] [rounds=<n>]");
