@@ -194,8 +194,11 @@ pub struct Chunks {
 
 impl Chunks {
     fn push(&mut self, chunk: Chunk) {
-        let slot = self.items.iter_mut().find(|s| s.is_none()).expect("at most two pieces");
-        *slot = Some(chunk);
+        match &mut self.items {
+            [first @ None, _] => *first = Some(chunk),
+            [_, second @ None] => *second = Some(chunk),
+            _ => panic!("at most two pieces"),
+        }
     }
 
     /// The first `len` bytes of the buffer.
@@ -643,8 +646,10 @@ impl AddressSpace {
         // nothing. A buffer spans at most two pages; remember each page's
         // translation so it is walked only once.
         let first = addr & !(PAGE_SIZE - 1);
+        let pages = if (end - 1) & !(PAGE_SIZE - 1) == first { 1 } else { 2 };
         let mut frames: [Option<u64>; 2] = [None; 2];
-        for (slot, page) in (first..end).step_by(PAGE_SIZE as usize).enumerate() {
+        for slot in 0..pages {
+            let page = first + slot as u64 * PAGE_SIZE;
             let present = paging::translate(&mut Tables::new(&mut *memory, self.pid), self.pml4, page);
             let allowed = match present {
                 Some(t) => {
@@ -660,8 +665,9 @@ impl AddressSpace {
             }
         }
         let mut va = addr;
-        for (slot, page) in (first..end).step_by(PAGE_SIZE as usize).enumerate() {
-            let phys = match frames[slot] {
+        for (slot, frame) in frames.iter().enumerate().take(pages) {
+            let page = first + slot as u64 * PAGE_SIZE;
+            let phys = match *frame {
                 Some(phys) => phys,
                 None => {
                     let kind = self.region_at(page).map(|r| r.kind).ok_or(SysError::BadAddress)?;

@@ -150,6 +150,15 @@ fn leaf_table<M: PageTableMemory>(
     Ok(table)
 }
 
+/// The entries of `table` as raw words, to fill runs of leaves with one
+/// store each (the `x86_64` crate's `set_addr` asserts and masks per entry).
+fn words(table: &mut PageTable) -> &mut [u64; 512] {
+    // SAFETY: `PageTable` is `repr(C)` over `[PageTableEntry; 512]` and
+    // `PageTableEntry` is `repr(transparent)` over `u64` (x86_64 0.15), so
+    // the two types have the same layout; the borrow stays exclusive.
+    unsafe { &mut *(table as *mut PageTable).cast::<[u64; 512]>() }
+}
+
 /// Maps the `pages` 4 KiB pages from `va` to the frames from `phys`, all
 /// with the leaf `flags` (`PRESENT` is added), as [`map`] would one by one
 /// but descending the tables once per last-level table (the kernel's boot
@@ -181,12 +190,12 @@ pub fn map_4k_run<M: PageTableMemory>(
         let table = leaf_table(mem, pml4, at, 1, table_flags)?;
         let first = index(at, 1);
         let count = (512 - first as u64).min(pages - done) as usize;
-        let entries = mem.table(table);
-        if entries.iter().skip(first).take(count).any(|entry| !entry.is_unused()) {
+        if mem.next_used(table, first, first + count) < first + count {
             return Err(MapError::AlreadyMapped);
         }
-        for (i, entry) in entries.iter_mut().skip(first).take(count).enumerate() {
-            entry.set_addr(PhysAddr::new_truncate(phys + (done + i as u64) * PAGE_SIZE), leaf);
+        let start = phys + done * PAGE_SIZE;
+        for (i, word) in words(mem.table(table))[first..first + count].iter_mut().enumerate() {
+            *word = (start + i as u64 * PAGE_SIZE) | leaf.bits();
         }
         done += count as u64;
     }
@@ -215,13 +224,12 @@ pub fn map_2m_as_4k<M: PageTableMemory>(
     for level in (2..=4).rev() {
         table = mem.table(table)[index(va, level)].addr().as_u64();
     }
-    let leaves = mem.table(table);
-    if leaves.iter().skip(1).any(|entry| !entry.is_unused()) {
+    if mem.next_used(table, 1, 512) < 512 {
         return Err(MapError::AlreadyMapped);
     }
-    for (i, entry) in leaves.iter_mut().enumerate().skip(1) {
+    for (i, word) in words(mem.table(table)).iter_mut().enumerate().skip(1) {
         let page = phys + i as u64 * PAGE_SIZE;
-        entry.set_addr(PhysAddr::new_truncate(page), flags_of(page) | Flags::PRESENT);
+        *word = page | (flags_of(page) | Flags::PRESENT).bits();
     }
     Ok(())
 }

@@ -127,7 +127,7 @@ fn a_writable_and_executable_segment_is_refused_by_the_kernel() {
     // Bypass the VMM's own pre-check: patch hello's code segment to RWX after
     // the scenario was resolved, so only the kernel can refuse it.
     let mut scenario = scenario("[[process]]\nprogram = \"hello\"\n[[process]]\nname = \"ok\"\nprogram = \"exit-code\"\nargs = \"0\"\n");
-    let image = &mut scenario.processes[0].image;
+    let image = scenario.processes[0].image.to_mut();
     let phoff = u64::from_le_bytes(image[32..40].try_into().unwrap()) as usize;
     let phnum = u16::from_le_bytes(image[56..58].try_into().unwrap()) as usize;
     let code = (0..phnum)

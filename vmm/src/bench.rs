@@ -1039,7 +1039,13 @@ impl Bench {
         let mut images = 0;
         let outcome = guest::scenario("overhead", self.plan.memory_mib, &processes)
             .and_then(|scenario| {
-                images = scenario.processes.iter().map(|p| p.image.len()).sum::<usize>();
+                // Copies only: embedded images are borrowed from the binary.
+                images = scenario
+                    .processes
+                    .iter()
+                    .filter(|p| matches!(p.image, std::borrow::Cow::Owned(_)))
+                    .map(|p| p.image.len())
+                    .sum::<usize>();
                 probe::probe(&scenario, &options)
             })
             .and_then(|found| {
@@ -1071,9 +1077,9 @@ impl Bench {
                 vmm.notes.push(format!(
                     "VmRSS of this process ({}) minus the guest RAM pages resident in it (mincore over the {} guest \
                      mapping: {}), with {} processes alive: file-backed {} (the binary, whose embedded guest images \
-                     were read, and shared libraries), anonymous beyond guest RAM {} (heap, of which the scenario's \
-                     copies of the processes' ELF images are {}; thread stacks; kvm_run); KVM's in-kernel state is \
-                     not in VmRSS",
+                     were read, and shared libraries), anonymous beyond guest RAM {} (heap, of which copies of the \
+                     processes' ELF images {}: embedded images are used in place; thread stacks; kvm_run); KVM's \
+                     in-kernel state is not in VmRSS",
                     report::format_bytes(snapshot.vm_rss as f64),
                     report::format_bytes(snapshot.guest_size as f64),
                     report::format_bytes(snapshot.guest_resident as f64),

@@ -266,11 +266,8 @@ pub fn prepare(
     // Distinct programs, each placed once, page-aligned, after the kernel.
     let mut programs: Vec<(&str, &[u8])> = Vec::new();
     for process in &scenario.processes {
-        if !programs
-            .iter()
-            .any(|(name, image)| *name == process.program && *image == process.image.as_slice())
-        {
-            programs.push((&process.program, &process.image));
+        if !programs.iter().any(|(name, image)| *name == process.program && *image == &process.image[..]) {
+            programs.push((&process.program, &process.image[..]));
         }
     }
     if programs.len() > MAX_PROGRAMS {
@@ -297,7 +294,7 @@ pub fn prepare(
     for (i, process) in scenario.processes.iter().enumerate() {
         let program = programs
             .iter()
-            .position(|(name, image)| *name == process.program && *image == process.image.as_slice())
+            .position(|(name, image)| *name == process.program && *image == &process.image[..])
             .expect("every process's program was placed");
         let mut args = [0u8; superos_protocol::boot::ARGS_LEN];
         args[..process.args.len()].copy_from_slice(process.args.as_bytes());

@@ -25,6 +25,7 @@
 use crate::check::CheckMode;
 use crate::images;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use superos_protocol::boot::{
     QuotaSpec, ARGS_LEN, MAX_BOOT_PROCESSES, NAME_LEN, QUOTA_POLICY_FAIL, QUOTA_POLICY_KILL,
@@ -63,8 +64,9 @@ pub struct ProcessConfig {
     pub name: String,
     /// The program's name (embedded name or file stem).
     pub program: String,
-    /// The program's ELF image.
-    pub image: Vec<u8>,
+    /// The program's ELF image: the embedded one itself (borrowed, never
+    /// copied per process), or a file's bytes.
+    pub image: Cow<'static, [u8]>,
     /// Argument bytes.
     pub args: String,
     /// Expected outcome (of every run).
@@ -296,7 +298,7 @@ fn resolve_process(
     let mut shown_program = String::new();
     let (program, image) = match (&raw.program, &raw.path) {
         (Some(name), None) => match images::program(name) {
-            Some(image) => (name.clone(), image.to_vec()),
+            Some(image) => (name.clone(), Cow::Borrowed(image)),
             None => {
                 return Err(invalid(format!(
                     "no embedded program {name:?} (embedded: {})",
@@ -316,7 +318,7 @@ fn resolve_process(
             })?;
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             shown_program = full.display().to_string();
-            (stem, image)
+            (stem, Cow::Owned(image))
         }
         _ => return Err(invalid("give exactly one of `program` (embedded) or `path` (ELF file)".into())),
     };
