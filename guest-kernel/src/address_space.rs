@@ -648,12 +648,12 @@ impl AddressSpace {
         let first = addr & !(PAGE_SIZE - 1);
         let pages = if (end - 1) & !(PAGE_SIZE - 1) == first { 1 } else { 2 };
         let mut frames: [Option<u64>; 2] = [None; 2];
-        for slot in 0..pages {
+        for (slot, frame) in frames.iter_mut().enumerate().take(pages) {
             let page = first + slot as u64 * PAGE_SIZE;
             let present = paging::translate(&mut Tables::new(&mut *memory, self.pid), self.pml4, page);
             let allowed = match present {
                 Some(t) => {
-                    frames[slot] = Some(t.phys);
+                    *frame = Some(t.phys);
                     t.flags.contains(Flags::USER_ACCESSIBLE) && (!write || t.flags.contains(Flags::WRITABLE))
                 }
                 None => self
