@@ -60,13 +60,14 @@ Operation groups (for --only):
   syscall     null system call round trip, vs getppid()
   mem         mem_map + first touch + mem_unmap of 1, 16, 256 pages, vs mmap/touch/munmap
   fault       demand-zero fault alone, vs a host minor fault
+  switch      a yield to another process (one process switch); cap_list with one capability
   ipc         64-byte message round trip between two processes, vs a pipe ping-pong
   stream-ipc  streaming 16 MiB between two processes by messages, vs a pipe
   stream-shm  streaming 16 MiB through a shared region, vs memcpy
   shm         shared region create + grant + map + revoke, and revocation latency
   smp         two vCPUs: the message round trip across CPUs, the revocation latency with the
               grantee on the other CPU (TLB shootdown), two computing processes on 2 CPUs vs 1
-  spawn       process spawn + exit inside the guest, vs posix_spawn + wait
+  spawn       process spawn + exit inside the guest, vs posix_spawn + wait; the exit entry alone
   vmm-peak    the VMM's peak resident memory under hostile kernels (console flood, event flood,
               both after all guest RAM is made resident), run as child processes for a
               bounded time, against its documented bound
@@ -185,12 +186,13 @@ impl Plan {
 const STEPPED_TIMEOUT_FACTOR: u32 = 5;
 
 /// The operation groups, in table order.
-pub const GROUPS: [&str; 14] = [
+pub const GROUPS: [&str; 15] = [
     "boot",
     "overhead",
     "syscall",
     "mem",
     "fault",
+    "switch",
     "ipc",
     "stream-ipc",
     "stream-shm",
@@ -485,6 +487,7 @@ impl Bench {
             "overhead" => self.overhead(),
             "vmm-peak" => vec![self.vmm_peak()],
             "syscall" => vec![self.syscall()],
+            "switch" => vec![self.yield_row(), self.cap_list()],
             "mem" => self.mem(),
             "fault" => vec![self.fault()],
             "ipc" => vec![self.ipc()],
@@ -492,7 +495,7 @@ impl Bench {
             "stream-shm" => vec![self.stream_shm()],
             "shm" => self.shm(),
             "smp" => self.smp(),
-            "spawn" => vec![self.spawn()],
+            "spawn" => self.spawn(),
             "worst-entry" => vec![self.worst_entry()],
             "check" => self.check(),
             _ => unreachable!("unknown group {name}"),
@@ -580,6 +583,57 @@ impl Bench {
         );
         self.window(&mut row, found.as_ref(), probe::OP_SYSCALL, 1.0);
         row.notes.push(format!("{samples} samples of {calls} calls"));
+        row
+    }
+
+    /// Two processes yielding to each other: per yield (a process switch).
+    fn yield_row(&mut self) -> Row {
+        let mut row = Row::new("yield", "yield to another process (one process switch)", Unit::Time);
+        let (turns, samples) = (self.plan.syscall_calls / 4, self.plan.samples);
+        let processes = |args: String| {
+            [Process::new("bench-ops", "yield", args), Process::new("bench-ops", "yielder", "mode=yielder")]
+        };
+        row.superos = self
+            .timing("yield", &processes(format!("mode=yield peer=2 n={turns} samples={samples}")))
+            .and_then(|p| summary(&p.ns_per_op("yield"), "yield"));
+        let found = self.probe(
+            "yield",
+            &processes("mode=yield peer=2 n=10 samples=1 mark=1".into()),
+            Stepping::FromFirstUser,
+        );
+        self.window(&mut row, found.as_ref(), probe::OP_YIELD, 1.0);
+        row.notes.push(format!(
+            "{samples} samples of {turns} yields each way: the process switches to a partner that yields straight back; \
+             each switch runs the yield, the save stub of the process left and the restore stub of the one resumed \
+             (three kernel entries); no host baseline (a Linux sched_yield switches only if another task is runnable \
+             on the same CPU)"
+        ));
+        row
+    }
+
+    /// `cap_list` with one capability held.
+    fn cap_list(&mut self) -> Row {
+        let mut row = Row::new("cap-list", "cap_list with one capability held", Unit::Time);
+        let (calls, samples) = (self.plan.syscall_calls / 4, self.plan.samples);
+        row.superos = self
+            .timing(
+                "cap-list",
+                &[Process::new(
+                    "bench-ops",
+                    "cap-list",
+                    format!("mode=cap-list n={calls} samples={samples}"),
+                )],
+            )
+            .and_then(|p| summary(&p.ns_per_op("cap-list"), "cap-list"));
+        let found = self.probe(
+            "cap-list",
+            &[Process::new("bench-ops", "cap-list", "mode=cap-list n=10 samples=1 mark=1")],
+            Stepping::FromFirstUser,
+        );
+        self.window(&mut row, found.as_ref(), probe::OP_CAP_LIST, 1.0);
+        row.notes.push(format!(
+            "{samples} samples of {calls} calls; no host counterpart (Linux has no capabilities to list)"
+        ));
         row
     }
 
@@ -816,8 +870,13 @@ impl Bench {
         vec![cycle, latency]
     }
 
-    fn spawn(&mut self) -> Row {
+    fn spawn(&mut self) -> Vec<Row> {
         let mut row = Row::new("spawn", "process spawn + exit inside the guest", Unit::Time);
+        let mut exit = Row::new(
+            "exit",
+            "process exit (small process): ring-0 instructions of the exit entry, median (min–max)",
+            Unit::Count,
+        );
         let runs = self.plan.spawn_runs;
         let mut values = Vec::new();
         let mut error = None;
@@ -849,13 +908,28 @@ impl Bench {
             row.profile = budget::profile(&found.counts.counted_pcs, f64::from(step_runs), &self.symbols);
             row.profile_addresses = budget::per_operation(&found.counts.counted_pcs, f64::from(step_runs));
             row.exits = Some(found.counts.counted_exits as f64 / f64::from(step_runs));
+            let exit_entries = found
+                .counts
+                .excursions
+                .get(&format!("syscall {}", superos_protocol::syscall::Syscall::Exit as u64))
+                .cloned()
+                .unwrap_or_default();
+            exit.superos = Summary::of(&exit_entries.iter().map(|&n| n as f64).collect::<Vec<_>>())
+                .ok_or_else(|| "no exit entry was stepped".to_string());
+            exit.instructions = exit.superos.as_ref().ok().map(|s| s.median);
+            exit.notes.push(format!(
+                "the `exit` entry of `bench-nop`, {} stepped exits (the last one's is the kernel's shutdown, \
+                 counted apart); the rest of the teardown goes a slice per later kernel entry and is in the \
+                 spawn row",
+                exit_entries.len()
+            ));
         }
         row.notes.push(format!(
             "`bench-nop` with runs = {runs}: (guest exit - first user instruction) / {runs}, {} boots; the last \
              run's share includes the kernel's shutdown",
             self.plan.spawn_boots
         ));
-        row
+        vec![row, exit]
     }
 
     /// Issue 11's row: the longest single kernel entry of the worst calls,

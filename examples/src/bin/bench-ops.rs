@@ -15,6 +15,9 @@
 //!
 //! Modes (`samples=<k>` samples each; pids are given by the VMM):
 //! - `syscall n=N`: N `getpid` round trips.
+//! - `yield peer=Q n=N` / `yielder`: N yields to Q, which yields straight
+//!   back until told to stop: 2N process switches.
+//! - `cap-list n=N`: N `cap_list` calls, one capability held.
 //! - `mem pages=P rounds=R`: R times `mem_map` of P pages, one write to each
 //!   page, `mem_unmap`.
 //! - `fault pages=P`: writes to P fresh demand-zero pages, minus the same
@@ -46,7 +49,7 @@
 
 use core::hint::black_box;
 use superos_rt::{
-    accept_cap, arg, cap_list, gate_info, getpid, ipc_recv, ipc_send, mem_map, mem_protect,
+    accept_cap, arg, cap_list, gate_info, getpid, ipc_recv, ipc_send, ipc_try_recv, mem_map, mem_protect,
     mem_share_message, mem_share_region, mem_unmap, parse_i64, println, raw, rdtsc, read_u64, shm_create,
     shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, write_u64, yield_now, Error, MESSAGE_MAX,
     PAGE_SIZE, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, TAG_MESSAGE_MAX,
@@ -68,6 +71,8 @@ const OP_IPC_RTT: u64 = 4;
 const OP_STREAM_IPC: u64 = 5;
 const OP_STREAM_SHM: u64 = 6;
 const OP_SHM_CYCLE: u64 = 7;
+const OP_YIELD: u64 = 8;
+const OP_CAP_LIST: u64 = 9;
 
 const STOP: &[u8] = b"stop";
 const GO: &[u8] = b"go";
@@ -159,6 +164,57 @@ fn syscall(calls: u64, samples: u64, marks: Marks) -> Result<(), Failure> {
         let cycles = rdtsc().wrapping_sub(start);
         marks.end(OP_SYSCALL, calls);
         sample("syscall", calls, cycles);
+    }
+    Ok(())
+}
+
+/// `yield n=N peer=Q`: N yields, each to `Q` (a `yielder`, which yields
+/// straight back): 2N process switches, each one operation (all the kernel
+/// work counts: the yield, the save stub of the process left, the restore
+/// stub of the one resumed). Then tells Q to stop.
+fn yield_op(peer: u32, yields: u64, samples: u64, marks: Marks) -> Result<(), Failure> {
+    for _ in 0..samples {
+        marks.begin(OP_YIELD);
+        let start = rdtsc();
+        for _ in 0..yields {
+            yield_now();
+        }
+        let cycles = rdtsc().wrapping_sub(start);
+        marks.end(OP_YIELD, 2 * yields);
+        sample("yield", 2 * yields, cycles);
+    }
+    send(peer, STOP)
+}
+
+/// `yielder`: yields until a `stop` message arrives (looked for every 64
+/// turns, so that nearly every turn is a plain yield).
+fn yielder() -> Result<(), Failure> {
+    let mut buffer = [0u8; 64];
+    loop {
+        for _ in 0..64 {
+            yield_now();
+        }
+        match ipc_try_recv(&mut buffer) {
+            Ok((_, len)) if &buffer[..len] == STOP => return Ok(()),
+            Ok(_) | Err(Error::WouldBlock) => {}
+            Err(error) => return Err(("ipc_try_recv", error)),
+        }
+    }
+}
+
+/// `cap-list n=N`: N `cap_list` calls with one capability held (a region of
+/// its own).
+fn cap_list_op(calls: u64, samples: u64, marks: Marks) -> Result<(), Failure> {
+    shm_create(PAGE_SIZE, RIGHT_READ | RIGHT_WRITE).map_err(fail("shm_create"))?;
+    for _ in 0..samples {
+        marks.begin(OP_CAP_LIST);
+        let start = rdtsc();
+        for _ in 0..calls {
+            black_box(cap_list().map_err(fail("cap_list"))?);
+        }
+        let cycles = rdtsc().wrapping_sub(start);
+        marks.end(OP_CAP_LIST, calls);
+        sample("cap-list", calls, cycles);
     }
     Ok(())
 }
@@ -556,6 +612,9 @@ fn main(args: &[u8]) -> i32 {
     println!("bench: tsc_khz={}", gate_info().tsc_khz);
     let result = match arg(args, "mode").unwrap_or(b"") {
         b"syscall" => syscall(number("n", 1000).max(1), samples, marks),
+        b"yield" => yield_op(peer, number("n", 100).max(1), samples, marks),
+        b"yielder" => yielder(),
+        b"cap-list" => cap_list_op(number("n", 100).max(1), samples, marks),
         b"mem" => mem(number("pages", 1).max(1), number("rounds", 10).max(1), samples, marks),
         b"fault" => fault(number("pages", 64).max(1), samples, marks),
         b"ping" => ping(peer, number("rounds", 50).max(1), samples, marks),
@@ -575,7 +634,7 @@ fn main(args: &[u8]) -> i32 {
         b"hold" => hold(number("pages", 0), peer),
         b"release" => release(number("waiters", 0) as u32, number("pages", 0), number("sync", 1) != 0),
         _ => {
-            println!("bench: usage: mode=syscall|mem|fault|ping|pong|stream-send|stream-recv|shm-send|shm-recv|revoke|grantee|hold|release");
+            println!("bench: usage: mode=syscall|yield|yielder|cap-list|mem|fault|ping|pong|stream-send|stream-recv|shm-send|shm-recv|revoke|grantee|hold|release");
             return 2;
         }
     };
@@ -588,4 +647,4 @@ fn main(args: &[u8]) -> i32 {
     }
 }
 
-superos_rt::entry!(main, "mode=syscall|mem|fault|ping|pong|stream-send|stream-recv|shm-send|shm-recv|revoke|grantee|hold|release [peer=<pid>] [n=<calls>] [pages=<n>] [rounds=<n>] [kib=<n>] [chunk=<kib>] [samples=<n>] [mark=<0|1>] [owner=<pid>] [waiters=<n>] [sync=<0|1>]");
+superos_rt::entry!(main, "mode=syscall|yield|yielder|cap-list|mem|fault|ping|pong|stream-send|stream-recv|shm-send|shm-recv|revoke|grantee|hold|release [peer=<pid>] [n=<calls>] [pages=<n>] [rounds=<n>] [kib=<n>] [chunk=<kib>] [samples=<n>] [mark=<0|1>] [owner=<pid>] [waiters=<n>] [sync=<0|1>]");

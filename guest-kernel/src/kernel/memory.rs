@@ -25,6 +25,7 @@ use crate::arch::{cpu, KernelCell};
 use crate::frame::FrameAllocator;
 use crate::paging::PageTableMemory;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
 use superos_protocol::hypercall::{SCRUB_BATCH_MAX, STATUS_OK};
 use superos_protocol::layout::{DIRECT_MAP_BASE, KERNEL_VMA_BASE, PAGE_SIZE};
 use superos_protocol::ownership::FrameOwner;
@@ -69,12 +70,32 @@ fn frame_is_zero(frame: u64) -> bool {
     zero != 0
 }
 
+/// Whether page-table scans use `repe scasq` ([`next_nonzero_word`]): on
+/// the PVM host, where every ring-0 instruction is emulated and a `rep`
+/// string instruction costs one. Elsewhere a plain loop is as fast, and
+/// the nested host (QEMU TCG's SVM) is spared a `rep` instruction per scan
+/// (its known L1 stall came more often once scans used one: an unproven
+/// suspicion, see the stop-23 note).
+static REP_SCANS: AtomicBool = AtomicBool::new(false);
+
+/// Chooses how page-table scans run (once, at boot).
+pub fn use_rep_scans(on: bool) {
+    REP_SCANS.store(on, Ordering::Relaxed);
+}
+
 /// The index of the first nonzero word of `frame` in `from..to` (`from <=
-/// to <= 512`), or `to`: one `repe scasq`, like [`frame_is_zero`].
+/// to <= 512`), or `to`: one `repe scasq`, like [`frame_is_zero`], or a
+/// plain loop (see [`REP_SCANS`]).
 fn next_nonzero_word(frame: u64, from: usize, to: usize) -> usize {
     debug_assert!(from <= to && to <= (PAGE_SIZE / 8) as usize);
     if from >= to {
         return to;
+    }
+    if !REP_SCANS.load(Ordering::Relaxed) {
+        // SAFETY: `frame` is a whole guest-RAM frame reached through the
+        // direct map; words `from..to` lie inside it.
+        let words = unsafe { core::slice::from_raw_parts(direct::<u64>(frame), (PAGE_SIZE / 8) as usize) };
+        return words[from..to].iter().position(|&word| word != 0).map_or(to, |i| from + i);
     }
     let left: usize;
     let zero: u8;

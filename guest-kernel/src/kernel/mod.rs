@@ -286,6 +286,7 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
             _ => Scrub::InKernel,
         },
     };
+    memory::use_rep_scans(HostFlavor::from_raw(boot.host_flavor) == Some(HostFlavor::Pvm));
     let (frames, owner_table) = frame_allocator(boot);
     let mut memory = KernelMemory::new(frames, scrub);
     let kernel_pml4 = build_kernel_page_tables(boot, &mut memory);

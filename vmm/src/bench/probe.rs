@@ -96,6 +96,10 @@ pub const OP_STREAM_IPC: u64 = 5;
 pub const OP_STREAM_SHM: u64 = 6;
 /// Shared region create + grant + map + revoke.
 pub const OP_SHM_CYCLE: u64 = 7;
+/// A yield to another process (one process switch).
+pub const OP_YIELD: u64 = 8;
+/// `cap_list`.
+pub const OP_CAP_LIST: u64 = 9;
 
 /// Where the kernel half of the address space begins.
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;

@@ -13,6 +13,8 @@ pub enum Unit {
     Bytes,
     /// Events per second.
     Rate,
+    /// A plain count (ring-0 instructions of one kernel entry).
+    Count,
 }
 
 impl Unit {
@@ -21,6 +23,7 @@ impl Unit {
             Unit::Time => "ns",
             Unit::Bytes => "bytes",
             Unit::Rate => "per-second",
+            Unit::Count => "count",
         }
     }
 
@@ -30,6 +33,7 @@ impl Unit {
             Unit::Time => format_time(value),
             Unit::Bytes => format_bytes(value),
             Unit::Rate => format_rate(value),
+            Unit::Count => format_count(value),
         }
     }
 }
