@@ -30,7 +30,8 @@ pub trait PageTableMemory {
     }
     /// The index of the first used (nonzero) entry of the table at `frame`
     /// in `from..to` (`from <= to <= 512`), or `to`. The kernel's
-    /// implementation is one `repe scasq`, as for `table_is_empty`.
+    /// implementation is one `repe scasq` on the PVM host, as for
+    /// `table_is_empty`, and a plain loop elsewhere.
     fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
         self.table(frame)
             .iter()
