@@ -48,12 +48,7 @@ pub trait Memory {
     }
     /// See [`PageTableMemory::next_used`].
     fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
-        self.table(frame)
-            .iter()
-            .take(to)
-            .skip(from)
-            .position(|entry| !entry.is_unused())
-            .map_or(to, |i| from + i)
+        paging::first_used(self.table(frame), from, to)
     }
     /// The recorded owner of a frame (`None` if not managed).
     fn owner(&self, frame: u64) -> Option<FrameOwner>;

@@ -33,12 +33,7 @@ pub trait PageTableMemory {
     /// implementation is one `repe scasq` on the PVM host, as for
     /// `table_is_empty`, and a plain loop elsewhere.
     fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
-        self.table(frame)
-            .iter()
-            .take(to)
-            .skip(from)
-            .position(|entry| !entry.is_unused())
-            .map_or(to, |i| from + i)
+        first_used(self.table(frame), from, to)
     }
     /// Releases a last-level table [`unmap_tables`] unlinked whole, with its
     /// entries still in it (the implementation may release it later; it is
@@ -83,6 +78,12 @@ pub struct Translation {
 pub const USER_TABLE_FLAGS: Flags = Flags::PRESENT.union(Flags::WRITABLE).union(Flags::USER_ACCESSIBLE);
 /// Flags of intermediate entries for kernel mappings.
 pub const KERNEL_TABLE_FLAGS: Flags = Flags::PRESENT.union(Flags::WRITABLE);
+
+/// The index of the first used entry of `table` in `from..to`, or `to`
+/// (the plain scan behind both `next_used` defaults).
+pub fn first_used(table: &PageTable, from: usize, to: usize) -> usize {
+    table.iter().take(to).skip(from).position(|entry| !entry.is_unused()).map_or(to, |i| from + i)
+}
 
 fn index(va: u64, level: u32) -> usize {
     ((va >> (12 + 9 * (level - 1))) & 0x1ff) as usize
