@@ -432,6 +432,7 @@ fn stepped_run(text: &str, report: &RunReport, timeout_s: u64) -> Option<superos
         stepping: Stepping::FromFirstUser,
         snapshot: false,
         checks: 0,
+        dirtied: &[],
         memory_mib: 64,
         timeout: std::time::Duration::from_secs(timeout_s),
     };

@@ -15,6 +15,7 @@
 pub mod budget;
 pub mod guest;
 pub mod host;
+pub mod incremental;
 pub mod invariants;
 pub mod probe;
 pub mod report;
@@ -76,7 +77,9 @@ Operation groups (for --only):
               instructions, and a bystander process's longest wait for the CPU meanwhile
   overhead    kernel memory per process, and the VMM's resident memory beyond guest RAM
   check       outside-in invariant check: time per full check and page-table entries
-              per second for 1, 16 and 32 live processes at several resident sizes
+              per second for 1, 16 and 32 live processes at several resident sizes; the
+              incremental check of an idle 64 MiB, 256 MiB and 1 GiB guest against the
+              full one, and after 16, 256 and 4096 pages were dirtied
 
 Columns: SuperOS median (min-max) over samples; the host baseline's median,
 measured by this binary in this run; their ratio; ring-0 instructions and VM
@@ -268,6 +271,8 @@ struct Bench {
     stepping: SteppingState,
     /// Invariant-check points, once measured.
     points: Vec<invariants::Point>,
+    /// Incremental-check points by guest size, once measured.
+    sizes: Vec<incremental::SizePoint>,
     /// The latest timing run: its VM exits and what it printed (for VM
     /// exits per operation when single-stepping is not available).
     last: Option<(u64, Printed)>,
@@ -401,6 +406,7 @@ impl Bench {
             stepping,
             snapshot: false,
             checks: 0,
+            dirtied: &[],
             memory_mib: self.plan.memory_mib,
             // Stepped, ring 0 runs an exit per instruction: far slower than
             // a plain run (on ordinary KVM nested under QEMU's TCG, about
@@ -1088,7 +1094,17 @@ impl Bench {
                 Err(e) => errors.push(format!("{processes} processes x {pages} pages: {e}")),
             }
         }
-        invariants::rows(&self.points, &errors)
+        let mut rows = invariants::rows(&self.points, &errors);
+        let mut errors = Vec::new();
+        for mib in incremental::GUEST_SIZES_MIB {
+            self.progress.step(&format!("check: incremental, {mib} MiB guest"));
+            match incremental::measure(&self.plan, mib) {
+                Ok(point) => self.sizes.push(point),
+                Err(e) => errors.push(format!("{mib} MiB: {e}")),
+            }
+        }
+        rows.extend(incremental::rows(&self.sizes, &errors));
+        rows
     }
 
     fn overhead(&mut self) -> Vec<Row> {
@@ -1107,6 +1123,7 @@ impl Bench {
             stepping: Stepping::Off,
             snapshot: true,
             checks: 0,
+            dirtied: &[],
             memory_mib: self.plan.memory_mib,
             timeout: self.plan.timeout,
         };
@@ -1350,6 +1367,7 @@ pub fn command(args: BenchArgs) -> i32 {
         progress: Progress::new(groups.len()),
         stepping: SteppingState::default(),
         points: Vec::new(),
+        sizes: Vec::new(),
         last: None,
         baseline_exits: None,
         excursions: Default::default(),
@@ -1395,6 +1413,12 @@ pub fn command(args: BenchArgs) -> i32 {
             crate::session::emit(format_args!("{line}"));
         }
     }
+    if !bench.sizes.is_empty() {
+        crate::session::emit(format_args!(""));
+        for line in incremental::table(&bench.sizes).lines() {
+            crate::session::emit(format_args!("{line}"));
+        }
+    }
     let mut status = i32::from(rows.iter().any(|r| r.superos.is_err() || matches!(r.host, Some(Err(_)))));
     if let Some(path) = &args.svg {
         let title = format!("SuperOS outside-in invariant check ({date})");
@@ -1417,6 +1441,7 @@ pub fn command(args: BenchArgs) -> i32 {
             "seconds": started.elapsed().as_secs_f64(),
             "rows": rows.iter().map(report::row_json).collect::<Vec<_>>(),
             "check_scaling": bench.points.iter().map(invariants::Point::json).collect::<Vec<_>>(),
+            "check_incremental": bench.sizes.iter().map(incremental::SizePoint::json).collect::<Vec<_>>(),
             "kernel_entries": entries
                 .iter()
                 .map(|(name, median, count)| json!({ "entry": name, "median_instructions": median, "count": count }))

@@ -110,11 +110,13 @@ pub fn configurations(plan: &Plan) -> Vec<(u32, u64)> {
     configurations
 }
 
-/// Measures one configuration.
-pub fn measure(plan: &Plan, processes: u32, pages: u64) -> Result<Point, String> {
+/// `processes - 1` processes that map and touch `pages` pages each and
+/// wait, and the releaser (the last pid), whose `MemProtected` event comes
+/// once they all hold their pages.
+pub fn hold_processes(processes: u32, pages: u64) -> Vec<Process<'static>> {
     let holders = processes - 1;
     let releaser = processes;
-    let mut list: Vec<Process<'_>> = (0..holders)
+    let mut list: Vec<Process<'static>> = (0..holders)
         .map(|_| Process::new("bench-ops", "hold", format!("mode=hold pages={pages} peer={releaser}")))
         .collect();
     list.push(Process::new(
@@ -122,11 +124,17 @@ pub fn measure(plan: &Plan, processes: u32, pages: u64) -> Result<Point, String>
         "release",
         format!("mode=release waiters={holders} pages={pages} sync=1"),
     ));
-    let scenario = guest::scenario("check", CHECK_MEMORY_MIB, &list)?;
+    list
+}
+
+/// Measures one configuration.
+pub fn measure(plan: &Plan, processes: u32, pages: u64) -> Result<Point, String> {
+    let scenario = guest::scenario("check", CHECK_MEMORY_MIB, &hold_processes(processes, pages))?;
     let options = ProbeOptions {
         stepping: Stepping::Off,
         snapshot: true,
         checks: 1 + if plan.quick { 3 } else { 7 },
+        dirtied: &[],
         memory_mib: CHECK_MEMORY_MIB,
         timeout: plan.timeout,
     };

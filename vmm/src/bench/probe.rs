@@ -73,7 +73,7 @@ use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
 use superos_protocol::event::Event;
 use superos_protocol::hypercall::BootHelloParams;
 use superos_protocol::introspect::{IntrospectionRoot, INTROSPECTION_MAGIC};
-use superos_protocol::layout::{BOOT_INFO_GPA, KERNEL_VMA_BASE};
+use superos_protocol::layout::{BOOT_INFO_GPA, KERNEL_VMA_BASE, PAGE_SIZE};
 use superos_protocol::ownership::FrameOwner;
 
 /// Marker system call: a measured region of operation `rdi` begins.
@@ -131,6 +131,11 @@ pub struct ProbeOptions {
     pub snapshot: bool,
     /// Full invariant checks to run at the snapshot.
     pub checks: u32,
+    /// Non-empty: the run logs the guest's writes (KVM's dirty log), and
+    /// after the full checks the snapshot measures the incremental check
+    /// ([`Incremental`]): `checks` idle, then `checks` after zeros are
+    /// written into each of these numbers of free frames.
+    pub dirtied: &'static [u64],
     /// Guest memory in MiB.
     pub memory_mib: u64,
     /// Give up after this long.
@@ -253,6 +258,23 @@ pub struct Snapshot {
     pub guest_size: u64,
     /// The invariant checks run at the snapshot.
     pub checks: Vec<CheckSample>,
+    /// The incremental checks after them (`ProbeOptions::dirtied`), or why
+    /// there are none.
+    pub incremental: Option<Result<Incremental, String>>,
+}
+
+/// Incremental checks at the snapshot: the checker keeps the free frames
+/// it found zero and, at each check, re-reads only those written since
+/// (KVM's dirty log and the VMM's own writes, [`crate::write_log`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Incremental {
+    /// With nothing written since the previous check (the first check with
+    /// the log, which reads every free frame, is left out).
+    pub idle: Vec<CheckSample>,
+    /// `(n, checks)`: each check after the VMM wrote a page of zeros into
+    /// `n` free frames (their contents unchanged, their log bits set: what
+    /// a guest that dirtied `n` pages since the last check costs it).
+    pub dirtied: Vec<(u64, Vec<CheckSample>)>,
 }
 
 /// One full invariant check at the snapshot.
@@ -270,6 +292,8 @@ pub struct CheckSample {
     pub mappings: u64,
     /// Free frames verified zero.
     pub frames_scanned: u64,
+    /// Free frames not read: known zero and not written since.
+    pub frames_known_zero: u64,
     /// Violations found (there should be none).
     pub violations: usize,
 }
@@ -749,6 +773,9 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
     let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, names);
     let usable = prepared.usable_ranges();
     let mut checker = Checker::new(usable);
+    // Logged from the start, as `run --check` logs: the checker gets the
+    // log only after the full checks at the snapshot.
+    let mut write_log = if options.dirtied.is_empty() { None } else { vm.log_writes() };
 
     let mut counter = Counter::default();
     let mut counts_stepping = None;
@@ -813,6 +840,14 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
                     let mut taken = take_snapshot(&ram, root_gpa, &session.events)?;
                     checker.observe(&session.events);
                     taken.checks = (0..options.checks).map(|_| timed_check(&mut checker, &ram)).collect();
+                    if !options.dirtied.is_empty() {
+                        taken.incremental = Some(match write_log.take() {
+                            Some(log) => incremental_checks(&mut checker, &ram, log, root_gpa, options),
+                            None => {
+                                Err("KVM refused to log the guest's writes (KVM_MEM_LOG_DIRTY_PAGES)".into())
+                            }
+                        });
+                    }
                     snapshot = Some(taken);
                 }
                 step
@@ -1206,8 +1241,60 @@ fn timed_check(checker: &mut Checker, ram: &GuestRam) -> CheckSample {
         tables: outcome.counters.walk.tables,
         mappings: outcome.counters.walk.mappings,
         frames_scanned: outcome.counters.frames_scanned,
+        frames_known_zero: outcome.counters.frames_known_zero,
         violations: outcome.violations.len(),
     }
+}
+
+/// The incremental checks of [`Incremental`], with `log` handed to the
+/// checker now (its first check reads every free frame).
+fn incremental_checks(
+    checker: &mut Checker,
+    ram: &GuestRam,
+    log: crate::write_log::KvmWriteLog,
+    root_gpa: Option<u64>,
+    options: &ProbeOptions,
+) -> Result<Incremental, String> {
+    checker.log_writes(Box::new(log), ram.size() / PAGE_SIZE);
+    let first = timed_check(checker, ram);
+    if let Some(failure) = checker.write_log_failure() {
+        return Err(format!("the write log failed: {failure}"));
+    }
+    if first.frames_scanned == 0 {
+        return Err("the first check with the log read no free frame".into());
+    }
+    let view = crate::introspect::KernelView::read(ram, root_gpa.unwrap_or(0)).map_err(|e| e.to_string())?;
+    let free: Vec<u64> = view
+        .ranges
+        .iter()
+        .flat_map(|range| {
+            let owners = view.owners.get(range.first_index as usize..).unwrap_or_default();
+            (0..(range.end - range.start) / PAGE_SIZE)
+                .filter(move |&i| owners.get(i as usize) == Some(&FrameOwner::Free.encode()))
+                .map(move |i| range.start + i * PAGE_SIZE)
+        })
+        .collect();
+    let zeros = vec![0u8; PAGE_SIZE as usize];
+    let mut found = Incremental {
+        idle: (0..options.checks).map(|_| timed_check(checker, ram)).collect(),
+        dirtied: Vec::new(),
+    };
+    for &count in options.dirtied {
+        let Some(frames) = free.get(..count as usize) else {
+            break;
+        };
+        let samples = (0..options.checks)
+            .map(|_| {
+                for &gpa in frames {
+                    // Zeros into a free frame: nothing changes but its log bit.
+                    let _ = ram.write_bytes(gpa, &zeros);
+                }
+                timed_check(checker, ram)
+            })
+            .collect();
+        found.dirtied.push((count, samples));
+    }
+    Ok(found)
 }
 
 /// Stops a probe run that takes too long: a helper thread kicks the

@@ -222,6 +222,7 @@ pub fn run_case(case: &Case, timeout: Duration, stepping: bool) -> CaseResult {
         stepping: Stepping::FromFirstUser,
         snapshot: false,
         checks: 0,
+        dirtied: &[],
         memory_mib: case.memory_mib,
         timeout: timeout * super::STEPPED_TIMEOUT_FACTOR,
     };
