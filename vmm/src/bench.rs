@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Run one operation group only (see the list in `--help`).
     #[arg(long, value_name = "NAME")]
     pub only: Option<String>,
+    /// Also write the table as Markdown to this file (the machine and date
+    /// above it, the check tables below: what the README shows).
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
     /// Write the invariant-check scaling plot (check time against mapped
     /// pages) as SVG to this file.
     #[arg(long, value_name = "FILE")]
@@ -1354,7 +1358,7 @@ pub fn command(args: BenchArgs) -> i32 {
     };
     // The outputs must be writable before minutes of measuring (a typo in a
     // path is a usage error at once, exit 2).
-    for path in [&args.json, &args.svg].into_iter().flatten() {
+    for path in [&args.json, &args.svg, &args.markdown].into_iter().flatten() {
         if let Err(e) = check_writable(path) {
             eprintln!("superos-vmm: error: cannot write {}: {e}", path.display());
             return 2;
@@ -1430,6 +1434,21 @@ pub fn command(args: BenchArgs) -> i32 {
             status = 1;
         }
     }
+    if let Some(path) = &args.markdown {
+        let mut text = format!("{}\n\n", heading(&machine, &date, args.quick));
+        text += &report::markdown(&rows);
+        text += &format!("\nratio = SuperOS median / host median; {stepping}.\n");
+        for table in [invariants::scaling_table(&bench.points), incremental::table(&bench.sizes)] {
+            if bench.points.is_empty() && bench.sizes.is_empty() {
+                break;
+            }
+            text += &format!("\n```text\n{table}```\n");
+        }
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("superos-vmm: error: cannot write {}: {e}", path.display());
+            return 1;
+        }
+    }
     if let Some(path) = &args.json {
         let document = json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -1496,6 +1515,19 @@ fn print_profiles(rows: &[Row]) {
     }
 }
 
+/// The line above the table: the command, the machine, the date.
+fn heading(machine: &serde_json::Value, date: &str, quick: bool) -> String {
+    format!(
+        "superos-vmm bench{}: {}, {} cores, host kernel {}, {}; load average {} at the end; {date}",
+        if quick { " --quick" } else { "" },
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["cores"],
+        machine["host_kernel"].as_str().unwrap_or("?"),
+        machine["kvm"].as_str().unwrap_or("?"),
+        machine["load_average_1min"].as_str().unwrap_or("?"),
+    )
+}
+
 fn print_results(
     rows: &[Row],
     machine: &serde_json::Value,
@@ -1505,16 +1537,7 @@ fn print_results(
     elapsed: Duration,
 ) {
     use crate::session::emit;
-    let label = format!(
-        "superos-vmm bench{}: {}, {} cores, host kernel {}, {}; load average {} at the end; {date}",
-        if quick { " --quick" } else { "" },
-        machine["cpu"].as_str().unwrap_or("?"),
-        machine["cores"],
-        machine["host_kernel"].as_str().unwrap_or("?"),
-        machine["kvm"].as_str().unwrap_or("?"),
-        machine["load_average_1min"].as_str().unwrap_or("?"),
-    );
-    emit(format_args!("{label}"));
+    emit(format_args!("{}", heading(machine, date, quick)));
     emit(format_args!(""));
     for line in report::table(rows).lines() {
         emit(format_args!("{line}"));

@@ -4,13 +4,22 @@ mod common;
 use common::{kvm_available, vmm};
 
 #[test]
-fn bench_quick_only_syscall_prints_one_row_and_the_same_json() {
+fn bench_quick_only_syscall_prints_one_row_and_the_same_json_and_markdown() {
     if !kvm_available() {
         return;
     }
     let json = std::env::temp_dir().join(format!("superos-bench-cli-{}.json", std::process::id()));
-    let (code, stdout, stderr) =
-        vmm(&["bench", "--quick", "--only", "syscall", "--json", json.to_str().unwrap()]);
+    let markdown = json.with_extension("md");
+    let (code, stdout, stderr) = vmm(&[
+        "bench",
+        "--quick",
+        "--only",
+        "syscall",
+        "--json",
+        json.to_str().unwrap(),
+        "--markdown",
+        markdown.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stderr.contains("bench: [1/1] syscall"), "no progress on stderr:\n{stderr}");
 
@@ -50,6 +59,19 @@ fn bench_quick_only_syscall_prints_one_row_and_the_same_json() {
     // Where single-stepping works the instruction count is there; the
     // column exists either way.
     assert!(syscall.get("ring0_instructions_per_op").is_some() && syscall.get("vm_exits_per_op").is_some());
+
+    // The Markdown: the same label line, then the table with the budget
+    // column and the one row.
+    let text = std::fs::read_to_string(&markdown).expect("the Markdown file");
+    std::fs::remove_file(&markdown).ok();
+    let md: Vec<&str> = text.lines().collect();
+    assert_eq!(md[0], lines[0], "{text}");
+    assert!(md[2].starts_with("| operation |") && md[2].contains("| budget |"), "{text}");
+    assert!(
+        md[4].starts_with("| null system call round trip (getpid) |") && md[4].contains("≤ 60"),
+        "{text}"
+    );
+    assert!(md.iter().skip(5).all(|l| !l.starts_with('|')), "one row only:\n{text}");
 }
 
 #[test]
@@ -59,7 +81,7 @@ fn bench_rejects_an_unknown_group_and_lists_the_groups() {
     assert!(stderr.contains("no benchmark group \"nonsense\""), "{stderr}");
     assert!(stderr.contains("boot, overhead, syscall, mem"), "{stderr}");
     // Output paths are checked before anything is measured (no wait).
-    for option in ["--json", "--svg"] {
+    for option in ["--json", "--svg", "--markdown"] {
         let started = std::time::Instant::now();
         let (code, _, stderr) = vmm(&["bench", option, "/nonexistent/dir/out"]);
         assert_eq!(code, 2, "{option}: {stderr}");
@@ -68,9 +90,15 @@ fn bench_rejects_an_unknown_group_and_lists_the_groups() {
     }
     let (code, stdout, _) = vmm(&["bench", "--help"]);
     assert_eq!(code, 0);
-    for needle in
-        ["--quick", "--json <FILE>", "--only <NAME>", "--svg <FILE>", "stream-shm", "revocation latency"]
-    {
+    for needle in [
+        "--quick",
+        "--json <FILE>",
+        "--markdown <FILE>",
+        "--only <NAME>",
+        "--svg <FILE>",
+        "stream-shm",
+        "revocation latency",
+    ] {
         assert!(stdout.contains(needle), "--help lacks {needle:?}:\n{stdout}");
     }
 }
