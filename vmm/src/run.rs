@@ -492,9 +492,9 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     // A run that checks logs the guest's writes, so that a check reads only
     // the free frames that can have changed since an earlier one.
     if config.check != CheckMode::Off {
-        if let Some(log) = vm.log_writes() {
-            monitor.checker.log_writes(Box::new(log), ram.size() / superos_protocol::layout::PAGE_SIZE);
-        }
+        monitor
+            .checker
+            .log_writes(Box::new(vm.write_log()), ram.size() / superos_protocol::layout::PAGE_SIZE);
     }
     let text_symbol = |name: &str| image.symbols.get(name).copied();
     let text = text_symbol(cpu_design::symbols::TEXT_START).zip(text_symbol(cpu_design::symbols::TEXT_END));

@@ -4,9 +4,7 @@ use crate::arch::regs;
 use crate::cpu::CpuFeatures;
 use crate::memory::GuestRam;
 use crate::write_log::KvmWriteLog;
-use kvm_bindings::{
-    kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
-};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -211,24 +209,20 @@ impl Vm {
         Ok(Vm { _kvm: kvm, vm: Arc::new(vm), slots, host_address, vcpu, aps, read_only, features })
     }
 
-    /// Turns on KVM's dirty log for the read-write slots and returns the
-    /// log (with the VMM's own writes, see [`crate::write_log`]). `None` if
-    /// KVM refuses (the checker then reads every free frame at each check).
-    pub fn log_writes(&mut self) -> Option<KvmWriteLog> {
-        let mut logged = Vec::new();
-        for (slot, entry) in self.slots.iter_mut().enumerate() {
-            let (start, end, flags) = *entry;
-            if flags & KVM_MEM_READONLY != 0 {
-                continue;
-            }
-            let with_log = flags | KVM_MEM_LOG_DIRTY_PAGES;
-            if register_slot(&self.vm, self.host_address, slot as u32, start, end, with_log).is_err() {
-                return None;
-            }
-            *entry = (start, end, with_log);
-            logged.push((slot as u32, start, end - start));
-        }
-        Some(KvmWriteLog::new(self.vm.clone(), logged))
+    /// The write log of the read-write slots (with the VMM's own writes,
+    /// see [`crate::write_log`]). KVM's dirty log is off until the log's
+    /// first harvest turns it on: a run that never checks twice never pays
+    /// for it (a logged page is write-protected again at every harvest, and
+    /// its next write faults into KVM).
+    pub fn write_log(&self) -> KvmWriteLog {
+        let slots = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, _, flags))| flags & KVM_MEM_READONLY == 0)
+            .map(|(slot, &(start, end, flags))| (slot as u32, start, end, flags))
+            .collect();
+        KvmWriteLog::new(self.vm.clone(), self.host_address, slots)
     }
 
     /// The range registered read-only, if one was.
@@ -271,7 +265,7 @@ fn with_apic_id(entries: &mut [kvm_bindings::kvm_cpuid_entry2], index: u32) {
 
 /// Registers (or re-registers, with new flags) memory slot `slot`:
 /// guest-physical `start..end` at `host_address + start`.
-fn register_slot(
+pub(crate) fn register_slot(
     vm: &VmFd,
     host_address: u64,
     slot: u32,

@@ -10,6 +10,11 @@
 //!   `KVM_MEM_LOG_DIRTY_PAGES`, and `KVM_GET_DIRTY_LOG` hands over (and
 //!   clears) the pages written since the last call. The guest cannot avoid
 //!   it: the hypervisor write-protects the pages, not the guest's tables.
+//!   The first harvest turns the log on (re-registers the slots with the
+//!   flag) and reports every page written, since nothing before it was
+//!   logged: a run that checks once (`--check exit`, the default) never
+//!   pays for the log, whose write-protection costs a fault into KVM at the
+//!   first write to each page after every harvest.
 //! - **The VMM**, through [`GuestRam::write_bytes`], which marks the pages it
 //!   writes ([`GuestRam::take_written`]).
 //!
@@ -21,7 +26,9 @@
 //! trusted and the check reads every free frame, as it does without a log.
 
 use crate::memory::GuestRam;
-use std::sync::Arc;
+use crate::vm::register_slot;
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+use std::sync::{Arc, Mutex, PoisonError};
 use superos_protocol::layout::PAGE_SIZE;
 
 /// One bit per guest page.
@@ -73,6 +80,11 @@ impl PageBitmap {
         }
     }
 
+    /// Sets every page.
+    pub fn set_all(&mut self) {
+        self.words.fill(u64::MAX);
+    }
+
     /// Pages set.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -90,14 +102,46 @@ pub trait WriteSource: Send + std::fmt::Debug {
 #[derive(Debug)]
 pub struct KvmWriteLog {
     vm: Arc<kvm_ioctls::VmFd>,
-    /// `(slot, first guest-physical byte, size)` of each logged slot.
-    slots: Vec<(u32, u64, u64)>,
+    /// Where guest RAM is mapped in the VMM (for re-registering the slots).
+    host_address: u64,
+    /// `(slot, first guest-physical byte, end, flags)` of each logged slot.
+    slots: Vec<(u32, u64, u64, u32)>,
+    state: Mutex<LogState>,
+}
+
+/// Whether KVM's log is on.
+#[derive(Debug)]
+enum LogState {
+    /// Not yet: the next harvest turns it on.
+    Off,
+    On,
+    /// KVM refused to turn it on (why); every harvest fails with it.
+    Refused(String),
 }
 
 impl KvmWriteLog {
-    /// The log of `slots` (registered with `KVM_MEM_LOG_DIRTY_PAGES`) of `vm`.
-    pub fn new(vm: Arc<kvm_ioctls::VmFd>, slots: Vec<(u32, u64, u64)>) -> KvmWriteLog {
-        KvmWriteLog { vm, slots }
+    /// The log of `slots` of `vm` (guest RAM at `host_address` in the VMM),
+    /// off until the first harvest.
+    pub fn new(
+        vm: Arc<kvm_ioctls::VmFd>,
+        host_address: u64,
+        slots: Vec<(u32, u64, u64, u32)>,
+    ) -> KvmWriteLog {
+        KvmWriteLog { vm, host_address, slots, state: Mutex::new(LogState::Off) }
+    }
+
+    /// Turns KVM's log on; `Err` (kept) if KVM refuses.
+    fn start(&self, state: &mut LogState) -> Result<(), String> {
+        for &(slot, start, end, flags) in &self.slots {
+            let with_log = flags | KVM_MEM_LOG_DIRTY_PAGES;
+            if let Err(error) = register_slot(&self.vm, self.host_address, slot, start, end, with_log) {
+                let why = format!("KVM refused to log the writes to memory slot {slot}: {error}");
+                *state = LogState::Refused(why.clone());
+                return Err(why);
+            }
+        }
+        *state = LogState::On;
+        Ok(())
     }
 }
 
@@ -106,11 +150,23 @@ impl WriteSource for KvmWriteLog {
         // The VMM's writes first: a write racing with this harvest is then
         // either taken here or left for the next one, never lost.
         written.set_shifted(0, &ram.take_written());
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*state {
+            LogState::On => {}
+            LogState::Refused(why) => return Err(why.clone()),
+            LogState::Off => {
+                // Nothing before this moment was logged: every page may
+                // have been written.
+                self.start(&mut state)?;
+                written.set_all();
+                return Ok(());
+            }
+        }
         let mut failure = None;
-        for &(slot, start, size) in &self.slots {
+        for &(slot, start, end, _) in &self.slots {
             // Every slot is harvested even after a failure, so that the next
             // harvest starts from a clean log.
-            match self.vm.get_dirty_log(slot, size as usize) {
+            match self.vm.get_dirty_log(slot, (end - start) as usize) {
                 Ok(words) => written.set_shifted(start / PAGE_SIZE, &words),
                 Err(error) => failure = Some(format!("KVM_GET_DIRTY_LOG of slot {slot}: {error}")),
             }

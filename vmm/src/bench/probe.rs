@@ -773,9 +773,9 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
     let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, names);
     let usable = prepared.usable_ranges();
     let mut checker = Checker::new(usable);
-    // Logged from the start, as `run --check` logs: the checker gets the
-    // log only after the full checks at the snapshot.
-    let mut write_log = if options.dirtied.is_empty() { None } else { vm.log_writes() };
+    // The checker gets the write log only after the full checks at the
+    // snapshot (its first harvest turns KVM's log on).
+    let mut write_log = (!options.dirtied.is_empty()).then(|| vm.write_log());
 
     let mut counter = Counter::default();
     let mut counts_stepping = None;
@@ -841,12 +841,9 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
                     checker.observe(&session.events);
                     taken.checks = (0..options.checks).map(|_| timed_check(&mut checker, &ram)).collect();
                     if !options.dirtied.is_empty() {
-                        taken.incremental = Some(match write_log.take() {
-                            Some(log) => incremental_checks(&mut checker, &ram, log, root_gpa, options),
-                            None => {
-                                Err("KVM refused to log the guest's writes (KVM_MEM_LOG_DIRTY_PAGES)".into())
-                            }
-                        });
+                        taken.incremental = write_log
+                            .take()
+                            .map(|log| incremental_checks(&mut checker, &ram, log, root_gpa, options));
                     }
                     snapshot = Some(taken);
                 }
