@@ -49,25 +49,49 @@ pub fn zero_frame(frame: u64) {
     unsafe { core::ptr::write_bytes(direct::<u8>(frame), 0, PAGE_SIZE as usize) };
 }
 
-/// Whether every byte of `frame` is zero: one `repe scasq` (one emulated
-/// instruction on the PVM host, where a loop would cost ~6 per word).
-fn frame_is_zero(frame: u64) -> bool {
+/// How many of the `count` words at `words` are zero before the first
+/// nonzero one (`count` if all are): one `repe scasq`, one emulated
+/// instruction on the PVM host, where a loop costs ~6 per word.
+///
+/// # Safety
+///
+/// `words..words + count` must be readable: words of one guest-RAM frame,
+/// reached through the direct map.
+unsafe fn zero_words(words: *const u64, count: usize) -> usize {
+    if count == 0 {
+        // With rcx = 0 `repe scasq` compares nothing and leaves ZF as it was.
+        return 0;
+    }
+    let left: usize;
     let zero: u8;
-    // SAFETY: reads the 512 words of a whole guest-RAM frame through the
-    // direct map, which covers all of guest RAM; DF is clear in the kernel
-    // (trap_common resets RFLAGS). rdi and rcx are consumed.
+    // SAFETY: the caller's (the words are readable); DF is clear in the
+    // kernel (trap_common resets RFLAGS). `repe scasq` stops after the first
+    // nonzero word (ZF clear) with rcx counting the words not yet compared.
     unsafe {
         core::arch::asm!(
             "repe scasq",
             "sete {zero}",
             zero = out(reg_byte) zero,
-            inout("rdi") direct::<u64>(frame) => _,
-            inout("rcx") PAGE_SIZE / 8 => _,
+            inout("rdi") words => _,
+            inout("rcx") count => left,
             in("rax") 0u64,
             options(nostack, readonly),
         )
     };
-    zero != 0
+    if zero != 0 {
+        count
+    } else {
+        // The nonzero word was the last one compared.
+        count - left - 1
+    }
+}
+
+/// Whether every byte of `frame` is zero ([`zero_words`]).
+fn frame_is_zero(frame: u64) -> bool {
+    const WORDS: usize = (PAGE_SIZE / 8) as usize;
+    // SAFETY: a whole guest-RAM frame, through the direct map, which covers
+    // all of guest RAM.
+    unsafe { zero_words(direct::<u64>(frame), WORDS) == WORDS }
 }
 
 /// Whether page-table scans use `repe scasq` ([`next_nonzero_word`]): on
@@ -84,8 +108,8 @@ pub fn use_rep_scans(on: bool) {
 }
 
 /// The index of the first nonzero word of `frame` in `from..to` (`from <=
-/// to <= 512`), or `to`: one `repe scasq`, like [`frame_is_zero`], or a
-/// plain loop (see [`REP_SCANS`]).
+/// to <= 512`), or `to`: one `repe scasq` ([`zero_words`]), or a plain
+/// loop (see [`REP_SCANS`]).
 fn next_nonzero_word(frame: u64, from: usize, to: usize) -> usize {
     debug_assert!(from <= to && to <= (PAGE_SIZE / 8) as usize);
     if from >= to {
@@ -97,29 +121,9 @@ fn next_nonzero_word(frame: u64, from: usize, to: usize) -> usize {
         let words = unsafe { core::slice::from_raw_parts(direct::<u64>(frame), (PAGE_SIZE / 8) as usize) };
         return words[from..to].iter().position(|&word| word != 0).map_or(to, |i| from + i);
     }
-    let left: usize;
-    let zero: u8;
-    // SAFETY: reads words `from..to` of a whole guest-RAM frame through the
-    // direct map, which covers all of guest RAM; DF is clear in the kernel.
-    // `repe scasq` stops after the first nonzero word (ZF clear) with rcx
-    // counting the words not yet compared.
-    unsafe {
-        core::arch::asm!(
-            "repe scasq",
-            "sete {zero}",
-            zero = out(reg_byte) zero,
-            inout("rdi") direct::<u64>(frame).add(from) => _,
-            inout("rcx") to - from => left,
-            in("rax") 0u64,
-            options(nostack, readonly),
-        )
-    };
-    if zero != 0 {
-        to
-    } else {
-        // The nonzero word was the last one compared.
-        to - left - 1
-    }
+    // SAFETY: words `from..to` of a whole guest-RAM frame, through the
+    // direct map.
+    from + unsafe { zero_words(direct::<u64>(frame).add(from), to - from) }
 }
 
 /// Copies `bytes` into guest-physical memory at `phys`.
