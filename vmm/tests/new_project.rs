@@ -17,13 +17,19 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// `cargo build --release` in `project`, as a user would type it: without
-/// the variables the outer `cargo test` sets for its own build.
+/// the variables the outer `cargo test` sets for its own build. rustup's
+/// (`RUSTUP_*`) and `CARGO_HOME` stay: the user's toolchain and cargo home
+/// are the ones this test runs with. (Without `RUSTUP_TOOLCHAIN`, the rustc
+/// proxies cargo starts resolved the toolchain afresh, and on one machine
+/// two of them at once set about updating it and failed.)
 fn cargo_build(project: &Path) -> (bool, String) {
     let mut command = Command::new(env!("CARGO"));
     command.current_dir(project).args(["build", "--release"]);
     for (var, _) in std::env::vars_os() {
         let name = var.to_string_lossy();
-        if name.starts_with("CARGO_") || name.starts_with("RUST") || name == "CLIPPY_ARGS" {
+        let user_setting = name.starts_with("RUSTUP_") || name == "CARGO_HOME";
+        if !user_setting && (name.starts_with("CARGO_") || name.starts_with("RUST") || name == "CLIPPY_ARGS")
+        {
             command.env_remove(&var);
         }
     }
