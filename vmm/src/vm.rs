@@ -282,8 +282,10 @@ pub(crate) fn register_slot(
     };
     // SAFETY: `host_address` is the start of the guest RAM mapping and
     // `start..end` lies inside it (`memory_slots` never leaves RAM); the
-    // mapping outlives the VM and every handle to its fd (`run::run` drops
-    // the `Vm` and the session holding a `KvmWriteLog` before the `GuestRam`).
+    // mapping outlives the VM and every handle to its fd (`run::run` and
+    // `bench::probe` drop the `Vm` and the checker holding a `KvmWriteLog`,
+    // which re-registers the slots at its first harvest, before the
+    // `GuestRam`).
     unsafe { vm.set_user_memory_region(region) }
 }
 
