@@ -171,9 +171,8 @@ impl Kernel {
         let chunks = self.processes[index].space.user_buffer(&mut self.memory, buf, max * record, true)?;
         let infos = self.shm.cap_infos(pid, &self.processes[index].caps);
         let held = infos.len() as u64;
-        let written: Vec<u8> =
-            infos.iter().take(max as usize).flat_map(|info| info.as_bytes().iter().copied()).collect();
-        let mut bytes = written.as_slice();
+        // The records as they lie in memory (`repr(C)`, no padding): no copy.
+        let mut bytes = infos[..infos.len().min(max as usize)].as_bytes();
         for chunk in chunks.iter() {
             let take = (chunk.len as usize).min(bytes.len());
             write_phys(chunk.phys, &bytes[..take]);
