@@ -280,12 +280,11 @@ pub(crate) fn register_slot(
         memory_size: end - start,
         userspace_addr: host_address + start,
     };
+    // The mapping outlives the VM and every handle to its fd: `run::run` and
+    // `bench::probe` drop the `Vm` and the checker holding a `KvmWriteLog`
+    // (which re-registers the slots at its first harvest) before the RAM.
     // SAFETY: `host_address` is the start of the guest RAM mapping and
-    // `start..end` lies inside it (`memory_slots` never leaves RAM); the
-    // mapping outlives the VM and every handle to its fd (`run::run` and
-    // `bench::probe` drop the `Vm` and the checker holding a `KvmWriteLog`,
-    // which re-registers the slots at its first harvest, before the
-    // `GuestRam`).
+    // `start..end` lies inside it (`memory_slots` never leaves RAM).
     unsafe { vm.set_user_memory_region(region) }
 }
 
