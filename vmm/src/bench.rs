@@ -1438,11 +1438,11 @@ pub fn command(args: BenchArgs) -> i32 {
         let mut text = format!("{}\n\n", heading(&machine, &date, args.quick));
         text += &report::markdown(&rows);
         text += &format!("\nratio = SuperOS median / host median; {stepping}.\n");
-        for table in [invariants::scaling_table(&bench.points), incremental::table(&bench.sizes)] {
-            if bench.points.is_empty() && bench.sizes.is_empty() {
-                break;
-            }
-            text += &format!("\n```text\n{table}```\n");
+        if !bench.points.is_empty() {
+            text += &format!("\n```text\n{}```\n", invariants::scaling_table(&bench.points));
+        }
+        if !bench.sizes.is_empty() {
+            text += &format!("\n```text\n{}```\n", incremental::table(&bench.sizes));
         }
         if let Err(e) = std::fs::write(path, text) {
             eprintln!("superos-vmm: error: cannot write {}: {e}", path.display());

@@ -131,10 +131,10 @@ pub struct ProbeOptions {
     pub snapshot: bool,
     /// Full invariant checks to run at the snapshot.
     pub checks: u32,
-    /// Non-empty: the run logs the guest's writes (KVM's dirty log), and
-    /// after the full checks the snapshot measures the incremental check
-    /// ([`Incremental`]): `checks` idle, then `checks` after zeros are
-    /// written into each of these numbers of free frames.
+    /// Non-empty: after the full checks the snapshot hands the checker the
+    /// write log (its first harvest turns KVM's dirty log on) and measures
+    /// the incremental check ([`Incremental`]): `checks` idle, then `checks`
+    /// after zeros are written into each of these numbers of free frames.
     pub dirtied: &'static [u64],
     /// Guest memory in MiB.
     pub memory_mib: u64,
@@ -292,8 +292,6 @@ pub struct CheckSample {
     pub mappings: u64,
     /// Free frames verified zero.
     pub frames_scanned: u64,
-    /// Free frames not read: known zero and not written since.
-    pub frames_known_zero: u64,
     /// Violations found (there should be none).
     pub violations: usize,
 }
@@ -840,11 +838,9 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
                     let mut taken = take_snapshot(&ram, root_gpa, &session.events)?;
                     checker.observe(&session.events);
                     taken.checks = (0..options.checks).map(|_| timed_check(&mut checker, &ram)).collect();
-                    if !options.dirtied.is_empty() {
-                        taken.incremental = write_log
-                            .take()
-                            .map(|log| incremental_checks(&mut checker, &ram, log, root_gpa, options));
-                    }
+                    taken.incremental = write_log
+                        .take()
+                        .map(|log| incremental_checks(&mut checker, &ram, log, root_gpa, options));
                     snapshot = Some(taken);
                 }
                 step
@@ -1238,7 +1234,6 @@ fn timed_check(checker: &mut Checker, ram: &GuestRam) -> CheckSample {
         tables: outcome.counters.walk.tables,
         mappings: outcome.counters.walk.mappings,
         frames_scanned: outcome.counters.frames_scanned,
-        frames_known_zero: outcome.counters.frames_known_zero,
         violations: outcome.violations.len(),
     }
 }
@@ -1262,14 +1257,9 @@ fn incremental_checks(
     }
     let view = crate::introspect::KernelView::read(ram, root_gpa.unwrap_or(0)).map_err(|e| e.to_string())?;
     let free: Vec<u64> = view
-        .ranges
-        .iter()
-        .flat_map(|range| {
-            let owners = view.owners.get(range.first_index as usize..).unwrap_or_default();
-            (0..(range.end - range.start) / PAGE_SIZE)
-                .filter(move |&i| owners.get(i as usize) == Some(&FrameOwner::Free.encode()))
-                .map(move |i| range.start + i * PAGE_SIZE)
-        })
+        .managed_frames()
+        .filter(|&(_, owner)| owner == FrameOwner::Free.encode())
+        .map(|(gpa, _)| gpa)
         .collect();
     let zeros = vec![0u8; PAGE_SIZE as usize];
     let mut found = Incremental {
