@@ -93,6 +93,33 @@ impl ScrubStrategy {
     }
 }
 
+/// When the kernel makes the [`crate::hypercall::Hypercall::EventNotify`]
+/// hypercall (a VM exit) for the events it appends to its ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum EventNotifyPolicy {
+    /// After every event, with its published tables consistent: the VMM
+    /// checks, tampers or answers the control socket at events.
+    EveryEvent = 0,
+    /// Only when the ring is half full, at the first timer tick with events
+    /// unannounced, and before it stops: the VMM drains the ring at every
+    /// hypercall it handles anyway, so a run that only checks at its end
+    /// pays no VM exit per event.
+    Batched = 1,
+}
+
+impl EventNotifyPolicy {
+    /// Decodes the raw field; unknown values yield `None` (the kernel then
+    /// notifies at every event, the safe choice).
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::EveryEvent),
+            1 => Some(Self::Batched),
+            _ => None,
+        }
+    }
+}
+
 /// `MemoryRegion::kind`: RAM the kernel may allocate from.
 pub const MEMORY_USABLE: u32 = 1;
 /// `MemoryRegion::kind`: boot info and boot page tables.
@@ -269,8 +296,9 @@ pub struct BootInfo {
     /// vCPUs the VM has (1 ..= [`crate::cpu::MAX_CPUS`]): the kernel starts
     /// the others with [`crate::hypercall::Hypercall::CpuStart`].
     pub cpu_count: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// [`EventNotifyPolicy`] as a raw value: when the kernel tells the VMM about
+    /// the events it appended to its ring.
+    pub event_notify: u32,
     /// Physical memory map.
     pub memory_map: [MemoryRegion; MAX_MEMORY_REGIONS],
     /// Program images placed by the VMM.

@@ -14,8 +14,8 @@ use elf::ElfBytes;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::io::Cursor;
 use superos_protocol::boot::{
-    BootInfo, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage, ScrubStrategy,
-    BOOT_INFO_MAGIC, MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE,
+    BootInfo, EventNotifyPolicy, GatePreference, HostFlavor, MemoryRegion, ProcessSpec, ProgramImage,
+    ScrubStrategy, BOOT_INFO_MAGIC, MAX_MEMORY_REGIONS, MAX_PROGRAMS, MEMORY_BOOT_DATA, MEMORY_KERNEL_IMAGE,
     MEMORY_PROGRAM_IMAGES, MEMORY_USABLE,
 };
 use superos_protocol::layout::{
@@ -223,6 +223,8 @@ pub struct BootOptions {
     pub tsc_khz: u64,
     /// vCPUs the VM has.
     pub cpus: u32,
+    /// When the kernel tells the VMM about its events.
+    pub event_notify: EventNotifyPolicy,
 }
 
 /// The result of [`prepare`].
@@ -332,6 +334,7 @@ pub fn prepare(
     boot_info.gate_preference = options.gate as u32;
     boot_info.scrub_strategy = options.scrub as u32;
     boot_info.cpu_count = options.cpus;
+    boot_info.event_notify = options.event_notify as u32;
     boot_info.debug_flags = options.debug_flags;
     boot_info.mem_size = mem;
     boot_info.tsc_khz = options.tsc_khz;
@@ -446,12 +449,14 @@ mod tests {
             debug_flags: 0,
             tsc_khz: 1,
             cpus: 1,
+            event_notify: EventNotifyPolicy::EveryEvent,
         };
         let prepared = prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
         assert_eq!(info, *prepared.boot_info);
         assert_eq!(info.process_count as usize, scenario.processes.len());
         assert_eq!(info.scrub_strategy, 0, "auto");
+        assert_eq!(EventNotifyPolicy::from_raw(info.event_notify), Some(EventNotifyPolicy::EveryEvent));
         // Processes running the same program share one placed image.
         let mut distinct: Vec<&str> = scenario.processes.iter().map(|p| p.program.as_str()).collect();
         distinct.sort();
@@ -485,6 +490,7 @@ mod tests {
             debug_flags: 0,
             tsc_khz: 0,
             cpus: 1,
+            event_notify: EventNotifyPolicy::Batched,
         };
         prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
@@ -505,6 +511,7 @@ mod tests {
         assert_eq!(plain.runs, 1);
         assert_eq!(plain.quota, QuotaSpec::default());
         assert_eq!(ScrubStrategy::from_raw(info.scrub_strategy), Some(ScrubStrategy::Hypercall));
+        assert_eq!(EventNotifyPolicy::from_raw(info.event_notify), Some(EventNotifyPolicy::Batched));
         assert_eq!(info.gate_preference, GatePreference::Int3 as u32);
         assert_eq!(superos_protocol::name_from_array(&plain.name), "exit-code");
     }

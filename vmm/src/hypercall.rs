@@ -102,6 +102,18 @@ pub struct PanicReport {
 
 /// Carries out `request`.
 pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
+    // A kernel that batches its events (`EventNotifyPolicy::Batched`) leaves
+    // them in the ring until it notifies; every other hypercall drains them
+    // first, so the log keeps its order with console output and CPU starts.
+    if matches!(
+        request,
+        Request::ConsoleWrite(_) | Request::Phase(_) | Request::ScrubFrames(_) | Request::CpuStart(_)
+    ) {
+        let new = drain_events(session, false);
+        if let Some(stop) = session.after_events(new) {
+            return Flow::InvariantViolated(stop);
+        }
+    }
     match request {
         Request::BootHello(gpa) => boot_hello(session, gpa),
         Request::ConsoleWrite(gpa) => console_write(session, gpa),
@@ -313,7 +325,7 @@ fn scrub_frames(session: &mut Session<'_>, gpa: u64) {
 /// Drains the event ring; `notified` says the kernel claimed there are
 /// events (so a missing ring is worth a warning). Returns how many events
 /// were added.
-fn drain_events(session: &mut Session<'_>, notified: bool) -> usize {
+pub(crate) fn drain_events(session: &mut Session<'_>, notified: bool) -> usize {
     let before = session.events.len();
     if session.ring.is_none() {
         if notified {

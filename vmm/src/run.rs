@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Once;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
+use superos_protocol::boot::{EventNotifyPolicy, GatePreference, HostFlavor, ScrubStrategy};
 use superos_protocol::cpu as cpu_design;
 use superos_protocol::event::{Event, FaultKind, SpawnError};
 use superos_protocol::hypercall::Hypercall;
@@ -439,6 +439,19 @@ pub enum RunError {
     Extras(String),
 }
 
+/// Every event is a VM exit only where the VMM looks at the guest at events:
+/// checks at every event or periodic ones (which wait for the next event
+/// when the kernel is busy), a tamper hook, or the control socket (whose
+/// queries stop at events). Otherwise the kernel batches them.
+fn event_notify_policy(config: &RunConfig, extras: &RunExtras) -> EventNotifyPolicy {
+    let checks_at_events = matches!(config.check, CheckMode::EveryEvent | CheckMode::Periodic(_));
+    if checks_at_events || config.tamper.is_some() || config.vcpu_tamper.is_some() || extras.api.is_some() {
+        EventNotifyPolicy::EveryEvent
+    } else {
+        EventNotifyPolicy::Batched
+    }
+}
+
 /// Runs the scenario in `config` to completion (or crash, or timeout).
 pub fn run(config: RunConfig) -> Result<RunReport, RunError> {
     run_with(config, RunExtras::default())
@@ -464,6 +477,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         debug_flags: config.debug_flags,
         tsc_khz: vm.tsc_khz(),
         cpus,
+        event_notify: event_notify_policy(&config, &extras),
     };
     let prepared = boot::prepare(&ram, &config.kernel, &config.scenario, options)?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
@@ -1167,6 +1181,10 @@ fn vcpu_loop(
         }
     };
     session.phases.guest_exit = Some(session.now());
+    // Events a batching kernel had not announced when the guest stopped
+    // other than by its own shutdown or panic (a timeout, a violation):
+    // into the log, which they belong to; nothing checks them any more.
+    hypercall::drain_events(session, false);
     let exit = match exit {
         GuestExit::InternalError { .. } => internal_error_details(vcpu),
         other => other,
@@ -1318,6 +1336,34 @@ fn outcomes(scenario: &Scenario, events: &[EventEntry]) -> Vec<ProcessOutcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_batches_its_events_only_where_nothing_looks_at_them_during_the_run() {
+        let base = RunConfig::new(Scenario::load("hello").unwrap());
+        let policy = |check: CheckMode, tamper: bool, api: bool| {
+            let mut config = base.clone();
+            config.check = check;
+            config.tamper = tamper.then(|| crate::monitor::Tamper::new(|_, _, _| false));
+            let extras = RunExtras {
+                api: api.then(|| crate::api::ApiOptions {
+                    socket: "/nonexistent/s".into(),
+                    paused: false,
+                    linger: false,
+                }),
+                ..RunExtras::default()
+            };
+            event_notify_policy(&config, &extras)
+        };
+        assert_eq!(policy(CheckMode::Exit, false, false), EventNotifyPolicy::Batched);
+        assert_eq!(policy(CheckMode::Off, false, false), EventNotifyPolicy::Batched);
+        assert_eq!(policy(CheckMode::EveryEvent, false, false), EventNotifyPolicy::EveryEvent);
+        assert_eq!(
+            policy(CheckMode::Periodic(Duration::from_millis(5)), false, false),
+            EventNotifyPolicy::EveryEvent
+        );
+        assert_eq!(policy(CheckMode::Exit, true, false), EventNotifyPolicy::EveryEvent);
+        assert_eq!(policy(CheckMode::Off, false, true), EventNotifyPolicy::EveryEvent);
+    }
 
     #[test]
     fn exits_are_handled_without_kvm() {

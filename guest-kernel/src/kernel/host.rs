@@ -201,8 +201,15 @@ pub fn fill_event_ring(tick: &mut u64) {
     hypercall(Hypercall::EventNotify, 0);
 }
 
-/// Appends an event to the ring and tells the VMM.
+/// Appends an event to the ring and tells the VMM at once.
 pub fn log_event(event: Event, tick: u64) {
+    append_event(event, tick);
+    notify_events();
+}
+
+/// Appends an event to the ring (or counts it lost if the ring is full);
+/// the VMM sees it at its next drain ([`notify_events`] or any hypercall).
+pub fn append_event(event: Event, tick: u64) {
     // SAFETY: KernelCell invariant. The VMM writes only `tail`, read volatile.
     let ring = unsafe { EVENT_RING.get() };
     let head = ring.header.head;
@@ -217,9 +224,29 @@ pub fn log_event(event: Event, tick: u64) {
         record.tick = tick;
         record.cpu = super::smp::BIG_LOCK.owner() as u16;
         ring.records[(head % EVENT_RING_CAPACITY as u64) as usize] = record;
+        // The record before the head that makes it visible: a VMM that
+        // drains while another CPU runs reads the head first.
         core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
         ring.header.head = head + 1;
     }
+}
+
+/// Tells the VMM about the events appended since its last drain (a VM exit).
+pub fn notify_events() {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     hypercall(Hypercall::EventNotify, 0);
 }
+
+/// Records in the ring the VMM has not drained yet (it drains the whole
+/// ring at every hypercall it handles).
+pub fn events_undrained() -> u64 {
+    // SAFETY: KernelCell invariant; the caller holds the big kernel lock.
+    let ring = unsafe { EVENT_RING.get() };
+    // SAFETY: as in append_event: `tail` is written by the VMM.
+    let tail = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(ring.header.tail)) };
+    ring.header.head.wrapping_sub(tail)
+}
+
+/// Undrained records at which a batching kernel notifies: half the ring,
+/// long before one could be lost.
+pub const EVENTS_NOTIFY_AT: u64 = EVENT_RING_CAPACITY as u64 / 2;

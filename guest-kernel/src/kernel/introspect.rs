@@ -160,6 +160,9 @@ impl Kernel {
             if process.published != now {
                 processes[slot] = process_record(self.boot, process);
                 changed = true;
+                // The next full publication clears this slot if it is
+                // empty by then.
+                self.published_slots.0 = self.published_slots.0.max(slot + 1);
             }
         }
         if changed {

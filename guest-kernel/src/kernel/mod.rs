@@ -35,10 +35,12 @@ use crate::fault::classify_exception;
 use crate::frame::FrameAllocator;
 use crate::paging::{self, PageSize, KERNEL_TABLE_FLAGS};
 use alloc::vec::Vec;
-use host::{hypercall, hypercall_with, log_event, report_panic, ExceptionInfo};
+use host::{append_event, hypercall, hypercall_with, log_event, report_panic, ExceptionInfo};
 use memory::{direct, KernelMemory, KernelTables, Scrub};
 use process::Process;
-use superos_protocol::boot::{self, BootInfo, GatePreference, HostFlavor, ScrubStrategy, MEMORY_USABLE};
+use superos_protocol::boot::{
+    self, BootInfo, EventNotifyPolicy, GatePreference, HostFlavor, ScrubStrategy, MEMORY_USABLE,
+};
 use superos_protocol::cpu::MAX_CPUS;
 use superos_protocol::event::{Event, FaultKind, QuotaKind};
 use superos_protocol::hypercall::{self as hc, Hypercall};
@@ -177,6 +179,12 @@ pub struct Kernel {
     /// period.
     fresh_slice: [bool; MAX_CPUS as usize],
     pool_low_reported: bool,
+    /// The VMM asked for events in batches ([`EventNotifyPolicy::Batched`]):
+    /// [`Kernel::emit`] appends, and notifies only when the ring is half
+    /// full; the timer tick and [`Kernel::finish`] announce the rest.
+    events_batched: bool,
+    /// The tick of the last announcement ([`Kernel::announce_events`]).
+    events_announced_at: u64,
     /// Live shared regions.
     shm: crate::shared::SharedMemory,
     /// GPA and entry count of the frame-ownership table (published).
@@ -195,6 +203,11 @@ pub struct Kernel {
 }
 
 static KERNEL: KernelCell<Option<Kernel>> = KernelCell::new(None);
+
+/// Timer ticks (10 ms each) a batching kernel lets its events wait in the
+/// ring at most, when nothing else drains them: the event log's latency
+/// for someone watching a run, and a bound of 10 VM exits a second.
+pub const EVENT_ANNOUNCE_TICKS: u64 = 10;
 /// The context the gate self-test is entered from.
 static BOOT_FRAME: KernelCell<TrapFrame> = KernelCell::new(TrapFrame {
     r15: 0,
@@ -367,6 +380,8 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
         ticks: 0,
         fresh_slice: [false; MAX_CPUS as usize],
         pool_low_reported: false,
+        events_batched: EventNotifyPolicy::from_raw(boot.event_notify) == Some(EventNotifyPolicy::Batched),
+        events_announced_at: 0,
         shm: Default::default(),
         owner_table,
         // SAFETY: rdtsc has no side effects; it only seeds handle scrambling.
@@ -906,7 +921,7 @@ impl Kernel {
             // The idle context, woken by its timer or a wake-up IPI
             // (acknowledged on entry).
             if self.cpu == 0 && frame.vector == u64::from(TIMER_VECTOR) {
-                self.ticks += 1;
+                self.tick();
             }
             self.reschedule(frame, false);
             return;
@@ -915,7 +930,7 @@ impl Kernel {
             _ if self.is_gate_entry(frame) => self.syscall(frame),
             v if v == u64::from(TIMER_VECTOR) => {
                 if self.cpu == 0 {
-                    self.ticks += 1;
+                    self.tick();
                 }
                 if !core::mem::take(&mut self.fresh_slice[cpu]) {
                     self.reschedule(frame, true);
@@ -1018,13 +1033,45 @@ impl Kernel {
         }
     }
 
-    /// Logs an event, after making the published tables (and the scrub
-    /// batch) consistent with the kernel's state, so the VMM can check them
-    /// at every event.
+    /// Logs an event. With every event notified, the published tables (and
+    /// the scrub batch) are made consistent with the kernel's state first, so
+    /// the VMM can check them at every event; batched, the event waits in
+    /// the ring for the next notification or hypercall.
     fn emit(&mut self, event: Event) {
+        if !self.events_batched {
+            self.memory.flush_scrub();
+            self.publish();
+            log_event(event, self.ticks);
+        } else {
+            append_event(event, self.ticks);
+            if host::events_undrained() >= host::EVENTS_NOTIFY_AT {
+                self.announce_events();
+            }
+        }
+    }
+
+    /// Tells the VMM about the events in the ring, with the published
+    /// tables consistent (an `EventNotify` is a point where the VMM may
+    /// look at them).
+    fn announce_events(&mut self) {
         self.memory.flush_scrub();
         self.publish();
-        log_event(event, self.ticks);
+        host::notify_events();
+        self.events_announced_at = self.ticks;
+    }
+
+    /// One timer tick on the bootstrap CPU: counts it and, batching,
+    /// announces the events left waiting if the last announcement is
+    /// [`EVENT_ANNOUNCE_TICKS`] old (at most one VM exit per that many
+    /// ticks, and only when there are events).
+    fn tick(&mut self) {
+        self.ticks += 1;
+        if self.events_batched
+            && self.ticks - self.events_announced_at >= EVENT_ANNOUNCE_TICKS
+            && host::events_undrained() > 0
+        {
+            self.announce_events();
+        }
     }
 
     /// Shuts the VM down after logging the final frame accounting.
@@ -1036,6 +1083,10 @@ impl Kernel {
             total_frames: self.memory.frames.total_frames(),
             spawned: self.spawned,
         });
+        if self.events_batched {
+            // The VMM drains the ring and checks at the shutdown hypercall.
+            self.publish();
+        }
         hypercall(Hypercall::Shutdown, 0);
         cpu::halt_forever();
     }

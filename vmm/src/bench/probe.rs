@@ -69,7 +69,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use superos_protocol::boot::{GatePreference, HostFlavor, ScrubStrategy};
+use superos_protocol::boot::{EventNotifyPolicy, GatePreference, HostFlavor, ScrubStrategy};
 use superos_protocol::event::Event;
 use superos_protocol::hypercall::BootHelloParams;
 use superos_protocol::introspect::{IntrospectionRoot, INTROSPECTION_MAGIC};
@@ -764,6 +764,13 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
         tsc_khz: vm.tsc_khz(),
         // Single-stepping counts one CPU's instructions.
         cpus: 1,
+        // What a plain run does; the snapshot is taken at an event, where
+        // the tables are consistent, so it needs every event notified.
+        event_notify: if options.snapshot {
+            EventNotifyPolicy::EveryEvent
+        } else {
+            EventNotifyPolicy::Batched
+        },
     };
     let prepared = boot::prepare(&ram, kernel, scenario, boot_options).map_err(|e| e.to_string())?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA).map_err(|e| e.to_string())?;
