@@ -215,6 +215,18 @@ impl Chunks {
     pub fn iter(&self) -> impl Iterator<Item = Chunk> + '_ {
         self.items.iter().flatten().copied()
     }
+
+    /// The physical pieces of the buffer's bytes `[offset, offset + len)`,
+    /// in order (fewer bytes in all if the buffer ends first).
+    pub fn range(&self, offset: u64, len: u64) -> impl Iterator<Item = Chunk> + '_ {
+        let mut start = 0u64;
+        self.iter().filter_map(move |chunk| {
+            let (from, to) = (start.max(offset), (start + chunk.len).min(offset.saturating_add(len)));
+            let piece = (from < to).then(|| Chunk { phys: chunk.phys + (from - start), len: to - from });
+            start += chunk.len;
+            piece
+        })
+    }
 }
 
 /// Largest user buffer a system call may name (so that it spans at most two
@@ -1199,6 +1211,20 @@ pub(crate) mod tests {
     /// A refusal with a plain error, as any call returns it.
     fn err<T>(error: SysError) -> Result<T, Refusal> {
         Err(Refusal::Error(error))
+    }
+
+    #[test]
+    fn a_range_of_a_two_piece_buffer_is_cut_at_the_piece_boundary_and_the_end() {
+        let mut chunks = Chunks::default();
+        chunks.push(Chunk { phys: 0x1000, len: 0x300 });
+        chunks.push(Chunk { phys: 0x5000, len: 0xd00 });
+        let range = |offset, len| chunks.range(offset, len).map(|c| (c.phys, c.len)).collect::<Vec<_>>();
+        assert_eq!(range(0x100, 0x10), [(0x1100, 0x10)]);
+        assert_eq!(range(0x2f0, 0x20), [(0x12f0, 0x10), (0x5000, 0x10)]);
+        assert_eq!(range(0x300, 0x8), [(0x5000, 0x8)]);
+        assert_eq!(range(0xff8, 0x20), [(0x5cf8, 0x8)], "cut at the buffer's end");
+        assert_eq!(range(0x1000, 0x8), []);
+        assert_eq!(range(u64::MAX - 4, 0x20), [], "no overflow");
     }
 
     /// The refusal for a map that would need `requested` entries.

@@ -623,26 +623,24 @@ impl SharedMemory {
     }
 
     /// `cap_list`: the caller's capabilities, in table order.
-    pub fn cap_infos(&self, caller: u32, caps: &CapTable) -> Vec<CapInfo> {
-        caps.iter()
-            .filter_map(|(handle, capability)| {
-                let region = &self.regions[self.index(capability.region)?];
-                let mapped_at = region
-                    .participants
-                    .iter()
-                    .find(|p| p.pid == caller)
-                    .and_then(|p| p.mapping)
-                    .map_or(0, |(addr, _)| addr);
-                Some(CapInfo {
-                    handle,
-                    region: capability.region,
-                    owner: region.owner,
-                    rights: capability.rights.bits(),
-                    len: region.byte_len(),
-                    mapped_at,
-                })
+    pub fn cap_infos<'a>(&'a self, caller: u32, caps: &'a CapTable) -> impl Iterator<Item = CapInfo> + 'a {
+        caps.iter().filter_map(move |(handle, capability)| {
+            let region = &self.regions[self.index(capability.region)?];
+            let mapped_at = region
+                .participants
+                .iter()
+                .find(|p| p.pid == caller)
+                .and_then(|p| p.mapping)
+                .map_or(0, |(addr, _)| addr);
+            Some(CapInfo {
+                handle,
+                region: capability.region,
+                owner: region.owner,
+                rights: capability.rights.bits(),
+                len: region.byte_len(),
+                mapped_at,
             })
-            .collect()
+        })
     }
 
     /// Takes `target`'s capability (or offer) for region `index` away and
@@ -914,7 +912,7 @@ mod tests {
         // Another granter still gets through, and its offer is accepted.
         let (other, _) = shm.create(&mut memory, &mut world, 3, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
         shm.grant(&mut world, 3, other, 2, RIGHT_READ).unwrap();
-        let region = shm.cap_infos(3, world.holder(3).unwrap().caps)[0].region;
+        let region = shm.cap_infos(3, world.holder(3).unwrap().caps).next().unwrap().region;
         let (theirs, events) = shm.accept(&mut world, 2, region.into()).unwrap();
         assert_eq!(events, vec![Event::ShmAccepted { pid: 2, region: region.into(), granter: 3, rights: 1 }]);
         assert_eq!(world.holder(2).unwrap().caps.len(), 1);
@@ -937,12 +935,8 @@ mod tests {
         assert!(shm.grant(&mut world, 1, again, 2, RIGHT_READ).is_ok());
         // An accepted offer no longer counts as outstanding.
         let first = offered[1];
-        let region = shm
-            .cap_infos(1, world.holder(1).unwrap().caps)
-            .iter()
-            .find(|i| i.handle == first)
-            .unwrap()
-            .region;
+        let region =
+            shm.cap_infos(1, world.holder(1).unwrap().caps).find(|i| i.handle == first).unwrap().region;
         shm.accept(&mut world, 2, region.into()).unwrap();
         let (more, _) = shm.create(&mut memory, &mut world, 1, 0x1000, RIGHT_READ | RIGHT_GRANT).unwrap();
         assert!(shm.grant(&mut world, 1, more, 3, RIGHT_READ).is_ok());
@@ -1107,9 +1101,9 @@ mod tests {
         // A grant is an offer that maps nothing; accepted, the grantee's
         // handle is its own.
         shm.grant(&mut world, 1, handle, 2, RIGHT_READ).unwrap();
-        assert!(shm.cap_infos(2, world.holder(2).unwrap().caps).is_empty());
+        assert_eq!(shm.cap_infos(2, world.holder(2).unwrap().caps).count(), 0);
         shm.accept(&mut world, 2, 1).unwrap();
-        let infos = shm.cap_infos(2, world.holder(2).unwrap().caps);
+        let infos: Vec<_> = shm.cap_infos(2, world.holder(2).unwrap().caps).collect();
         assert_eq!(infos.len(), 1);
         assert_eq!((infos[0].region, infos[0].mapped_at, infos[0].rights), (1, 0, RIGHT_READ));
         let theirs = infos[0].handle;

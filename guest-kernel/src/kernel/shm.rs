@@ -169,14 +169,19 @@ impl Kernel {
         let record = core::mem::size_of::<CapInfo>() as u64;
         let max = max.min(CAPS_MAX as u64);
         let chunks = self.processes[index].space.user_buffer(&mut self.memory, buf, max * record, true)?;
-        let infos = self.shm.cap_infos(pid, &self.processes[index].caps);
-        let held = infos.len() as u64;
-        // The records as they lie in memory (`repr(C)`, no padding): no copy.
-        let mut bytes = infos[..infos.len().min(max as usize)].as_bytes();
-        for chunk in chunks.iter() {
-            let take = (chunk.len as usize).min(bytes.len());
-            write_phys(chunk.phys, &bytes[..take]);
-            bytes = &bytes[take..];
+        // Each record straight into the user's buffer, as it lies in memory
+        // (`repr(C)`, no padding): nothing collected, nothing allocated.
+        let mut held = 0u64;
+        for info in self.shm.cap_infos(pid, &self.processes[index].caps) {
+            if held < max {
+                let mut bytes = info.as_bytes();
+                for piece in chunks.range(held * record, record) {
+                    let (now, rest) = bytes.split_at(piece.len as usize);
+                    write_phys(piece.phys, now);
+                    bytes = rest;
+                }
+            }
+            held += 1;
         }
         Ok(held)
     }
