@@ -918,6 +918,13 @@ impl Bench {
             row.profile = budget::profile(&found.counts.counted_pcs, f64::from(step_runs), &self.symbols);
             row.profile_addresses = budget::per_operation(&found.counts.counted_pcs, f64::from(step_runs));
             row.exits = Some(found.counts.counted_exits as f64 / f64::from(step_runs));
+        }
+        // The exit row: separate processes, one run each, all spawned at boot,
+        // so that an exit entry is the exit alone (with runs = N, each exit
+        // entry also spawns the next run, which is the spawn row's).
+        let names: Vec<String> = (1..=step_runs).map(|i| format!("nop{i}")).collect();
+        let nops: Vec<Process<'_>> = names.iter().map(|name| Process::new("bench-nop", name, "")).collect();
+        if let Some(found) = self.probe("exit", &nops, Stepping::FromFirstUser) {
             let exit_entries = found
                 .counts
                 .excursions
@@ -928,9 +935,9 @@ impl Bench {
                 .ok_or_else(|| "no exit entry was stepped".to_string());
             exit.instructions = exit.superos.as_ref().ok().map(|s| s.median);
             exit.notes.push(format!(
-                "the `exit` entry of `bench-nop`, {} stepped exits (the last one's is the kernel's shutdown, \
-                 counted apart); the rest of the teardown goes a slice per later kernel entry and is in the \
-                 spawn row",
+                "the `exit` entries of {step_runs} `bench-nop` processes spawned at boot, {} stepped (the last \
+                 one's is the kernel's shutdown, counted apart): the exit, the first slice of its teardown and \
+                 the switch to the next process; the rest of the teardown goes a slice per later kernel entry",
                 exit_entries.len()
             ));
         }
