@@ -1108,7 +1108,7 @@ impl AddressSpace {
 
     /// Reports each quota whose usage has crossed 90% since the last call
     /// (once per crossing; re-armed when usage drops below).
-    pub fn pressure_crossings(&mut self) -> impl Iterator<Item = (QuotaKind, u64, u64)> {
+    pub fn pressure_crossings(&mut self) -> impl Iterator<Item = (QuotaKind, u64, u64)> + use<> {
         let usage = [
             (QuotaKind::Virtual, self.virtual_bytes, self.quotas.max_virtual),
             (QuotaKind::Resident, self.charged_pages() * PAGE_SIZE, self.quotas.max_resident),

@@ -1020,8 +1020,7 @@ impl Kernel {
     fn after_allocation(&mut self, index: usize) {
         let process = &mut self.processes[index];
         let pid = process.pid;
-        let crossings: Vec<_> = process.space.pressure_crossings().collect();
-        for (quota, used, limit) in crossings {
+        for (quota, used, limit) in process.space.pressure_crossings() {
             self.emit(Event::QuotaPressure { pid, quota: Some(quota), used, limit });
         }
         let (free, total) = (self.memory.frames.free_frames(), self.memory.frames.total_frames());
