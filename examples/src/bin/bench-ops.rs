@@ -49,10 +49,10 @@
 
 use core::hint::black_box;
 use superos_rt::{
-    accept_cap, arg, cap_list, gate_info, getpid, ipc_recv, ipc_send, ipc_try_recv, mem_map, mem_protect,
-    mem_share_message, mem_share_region, mem_unmap, parse_i64, println, raw, rdtsc, read_u64, shm_create,
-    shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, write_u64, yield_now, Error, MESSAGE_MAX,
-    PAGE_SIZE, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, TAG_MESSAGE_MAX,
+    accept_cap, arg, cap_list, cycles_to_ns, gate_info, getpid, ipc_recv, ipc_send, ipc_try_recv, mem_map,
+    mem_protect, mem_share_message, mem_share_region, mem_unmap, parse_i64, println, raw, rdtsc, read_u64,
+    shm_create, shm_destroy, shm_grant, shm_map, shm_revoke, shm_unmap, write_u64, yield_now, Error,
+    MESSAGE_MAX, PAGE_SIZE, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE, TAG_MESSAGE_MAX,
 };
 
 const RW: u64 = PROT_READ | PROT_WRITE;
@@ -448,6 +448,13 @@ fn region(pages: u64, grantee: u32, rights: u64) -> Result<(u64, u32, u64), Fail
     Ok((handle, id, addr))
 }
 
+/// Whether 5 s have passed since TSC value `since` (true at once if the
+/// TSC's rate is unknown).
+fn waited_5_s(since: u64) -> bool {
+    let ns = cycles_to_ns(rdtsc().wrapping_sub(since));
+    ns == 0 || ns > 5_000_000_000
+}
+
 fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
     let mut buffer = [0u8; 64];
     let mut message = [0u8; TAG_MESSAGE_MAX];
@@ -494,13 +501,18 @@ fn revoke(rounds: u64, marks: Marks) -> Result<(), Failure> {
         shm_revoke(handle, grantee).map_err(fail("shm_revoke"))?;
         let revoked = rdtsc();
         marks.end(OP_SHM_CYCLE, 1);
+        // Until the grantee is gone: 1,000 tries and 5 s at least. On
+        // several CPUs the grantee runs on another, and a host that time-
+        // slices the vCPUs on fewer CPUs (the nested host's L1 has one) may
+        // not run that vCPU for a while; meanwhile each try here is a yield
+        // that finds nothing else to run.
         let mut tries = 0;
         loop {
             yield_now();
             tries += 1;
             match ipc_send(grantee, b"?") {
                 Err(Error::NoSuchProcess) => break,
-                _ if tries > 1000 => {
+                _ if tries > 1000 && waited_5_s(revoked) => {
                     return Err(("the grantee survived the revocation", Error::NotPermitted))
                 }
                 _ => {}
