@@ -439,13 +439,16 @@ pub enum RunError {
     Extras(String),
 }
 
-/// Every event is a VM exit only where the VMM looks at the guest at events:
-/// checks at every event or periodic ones (which wait for the next event
-/// when the kernel is busy), a tamper hook, or the control socket (whose
-/// queries stop at events). Otherwise the kernel batches them.
+/// Every event is a VM exit only where the VMM looks at the guest while it
+/// runs: checks at every event or periodic ones (which wait for the next
+/// event when the kernel is busy), a tamper hook, the control socket (whose
+/// queries stop at events), or a snapshot wherever the guest stops (a
+/// batching kernel's tables are consistent only where it notifies and at
+/// its shutdown). Otherwise the kernel batches them.
 fn event_notify_policy(config: &RunConfig, extras: &RunExtras) -> EventNotifyPolicy {
     let checks_at_events = matches!(config.check, CheckMode::EveryEvent | CheckMode::Periodic(_));
-    if checks_at_events || config.tamper.is_some() || config.vcpu_tamper.is_some() || extras.api.is_some() {
+    let looks = config.tamper.is_some() || config.vcpu_tamper.is_some() || !extras.is_empty();
+    if checks_at_events || looks {
         EventNotifyPolicy::EveryEvent
     } else {
         EventNotifyPolicy::Batched
@@ -1363,6 +1366,10 @@ mod tests {
         );
         assert_eq!(policy(CheckMode::Exit, true, false), EventNotifyPolicy::EveryEvent);
         assert_eq!(policy(CheckMode::Off, false, true), EventNotifyPolicy::EveryEvent);
+        let exit_only = RunConfig { check: CheckMode::Exit, ..base.clone() };
+        let snapshot =
+            RunExtras { snapshot_on_exit: Some("/nonexistent/snapshot".into()), ..RunExtras::default() };
+        assert_eq!(event_notify_policy(&exit_only, &snapshot), EventNotifyPolicy::EveryEvent);
     }
 
     #[test]
