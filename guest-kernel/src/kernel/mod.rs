@@ -208,6 +208,7 @@ static KERNEL: KernelCell<Option<Kernel>> = KernelCell::new(None);
 /// ring at most, when nothing else drains them: the event log's latency
 /// for someone watching a run, and a bound of 10 VM exits a second.
 pub const EVENT_ANNOUNCE_TICKS: u64 = 10;
+
 /// The context the gate self-test is entered from.
 static BOOT_FRAME: KernelCell<TrapFrame> = KernelCell::new(TrapFrame {
     r15: 0,
