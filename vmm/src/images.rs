@@ -38,3 +38,28 @@ pub fn scenario(name: &str) -> Option<&'static str> {
 pub fn scenario_names() -> Vec<&'static str> {
     generated::SCENARIOS.iter().map(|(n, _)| *n).collect()
 }
+
+/// The file name [`export`] gives the kernel's ELF.
+pub const KERNEL_FILE_NAME: &str = "superos-kernel";
+
+/// Writes the kernel's ELF ([`KERNEL_FILE_NAME`]) and every embedded
+/// program's (under its name) into `dir`, creating it if missing; returns
+/// the names written. A file of that name is replaced; anything else there
+/// (a directory, a symbolic link) is an error, and nothing is written
+/// through a link.
+pub fn export(dir: &std::path::Path) -> Result<Vec<String>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let images = std::iter::once((KERNEL_FILE_NAME, KERNEL_ELF)).chain(generated::PROGRAMS.iter().copied());
+    let mut written = Vec::new();
+    for (name, image) in images {
+        let path = dir.join(name);
+        if let Ok(metadata) = std::fs::symlink_metadata(&path) {
+            if !metadata.file_type().is_file() {
+                return Err(format!("{} exists and is not a regular file; not replacing it", path.display()));
+            }
+        }
+        std::fs::write(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(name.to_string());
+    }
+    Ok(written)
+}

@@ -66,6 +66,11 @@ enum Command {
         /// Also each program's arguments (from its image).
         #[arg(long)]
         long: bool,
+        /// Also write the kernel's and every embedded program's ELF file into
+        /// this directory (created if missing), with their symbols and debug
+        /// information, for gdb and objdump.
+        #[arg(long, value_name = "DIR")]
+        export: Option<std::path::PathBuf>,
     },
     /// Examine a running VM (`run --api`) or a snapshot (`run --snapshot-on-exit`).
     Inspect(superos_vmm::inspect_cli::InspectArgs),
@@ -259,7 +264,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::List { long } => {
+        Command::List { long, export } => {
             out!("embedded scenarios:");
             for name in images::scenario_names() {
                 let description = Scenario::load(name).map(|s| s.description).unwrap_or_default();
@@ -280,7 +285,18 @@ fn main() -> ExitCode {
                 out!("embedded programs: {}", images::program_names().join(", "));
                 out!("(`superos-vmm list --long` shows each program's arguments)");
             }
-            ExitCode::SUCCESS
+            match export.map(|dir| images::export(&dir).map(|written| (dir, written))) {
+                None => ExitCode::SUCCESS,
+                Some(Ok((dir, written))) => {
+                    out!("wrote {} ELF files into {}: {}", written.len(), dir.display(), written.join(", "));
+                    ExitCode::SUCCESS
+                }
+                Some(Err(e)) => {
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "superos-vmm: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Bench(args) => ExitCode::from(superos_vmm::bench::command(args) as u8),
         Command::New(args) => match superos_vmm::new_project::create(&args) {

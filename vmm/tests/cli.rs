@@ -220,6 +220,42 @@ fn help_shows_examples_and_list_shows_what_is_embedded() {
 }
 
 #[test]
+fn list_export_writes_the_kernel_and_every_program_as_elf_files() {
+    let dir = std::env::temp_dir().join(format!("superos-cli-export-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("elf");
+    let (code, stdout, stderr) = vmm(&["list", "--export", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut names = vec![superos_vmm::images::KERNEL_FILE_NAME];
+    names.extend(superos_vmm::images::program_names());
+    assert!(stdout.contains(&format!("wrote {} ELF files into", names.len())), "{stdout}");
+    for name in &names {
+        let written = std::fs::read(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let embedded = match *name {
+            superos_vmm::images::KERNEL_FILE_NAME => superos_vmm::images::KERNEL_ELF,
+            program => superos_vmm::images::program(program).unwrap(),
+        };
+        assert!(written == embedded, "{name} differs from the embedded image");
+        assert_eq!(&written[..4], b"\x7fELF", "{name}");
+    }
+    // Again over the same files: replaced.
+    assert_eq!(vmm(&["list", "--export", out.to_str().unwrap()]).0, 0);
+    // Where a program's file would go there is a directory: an error, exit 1.
+    std::fs::remove_file(out.join("hello")).unwrap();
+    std::fs::create_dir(out.join("hello")).unwrap();
+    let (code, _, stderr) = vmm(&["list", "--export", out.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("hello exists and is not a regular file"), "{stderr}");
+    // A plain file where the directory should be: an error, exit 1.
+    let file = dir.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let (code, _, stderr) = vmm(&["list", "--export", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot create"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn outputs_that_cannot_be_written_make_the_exit_status_non_zero() {
     if !kvm_available() || !std::path::Path::new("/dev/full").exists() {
         return;
