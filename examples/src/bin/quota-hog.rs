@@ -40,11 +40,13 @@
 //! - `watch`: a bystander that spins for `ms` milliseconds (default 1000)
 //!   reading the TSC and prints the longest it waited between two reads (the
 //!   time others, and the kernel for them, held the CPU), in microseconds.
-//! - `outlive pid=P [and=Q]`: spins in ring 3 until process P (and Q) is
-//!   gone (it looks every ~50 ms, with one `ipc_send` each; it never
-//!   receives), then exits 0: a process that keeps the kernel running past
-//!   P's exit, so that P's exit is an entry of its own and not the kernel's
-//!   shutdown.
+//! - `outlive pid=P [and=Q]`: yields until process P (and Q) is gone (it
+//!   looks every ~50 ms, with one `ipc_send` each; it never receives), then
+//!   exits 0: a process that keeps the kernel running past P's exit, so that
+//!   P's exit is an entry of its own and not the kernel's shutdown. It
+//!   yields rather than spins so that P, whose long calls go in slices with
+//!   the others run in between, gets the CPU back at once and not after a
+//!   whole time slice (in a stepped run the timer is slowed 16-fold).
 //! - `shm`: the largest shared-region calls it can make (the worst-entry
 //!   bench row): creates a region of the size, maps it writable, writes one
 //!   word per page, unmaps and destroys it; then, with `exit=1` (the
@@ -287,7 +289,9 @@ fn outlive(pids: &[u32]) -> i32 {
     let khz = superos_rt::gate_info().tsc_khz.max(1);
     loop {
         let start = superos_rt::rdtsc();
-        while superos_rt::rdtsc().wrapping_sub(start) < 50 * khz {}
+        while superos_rt::rdtsc().wrapping_sub(start) < 50 * khz {
+            superos_rt::yield_now();
+        }
         if pids.iter().all(|&pid| superos_rt::ipc_send(pid, b"") == Err(Error::NoSuchProcess)) {
             return 0;
         }
