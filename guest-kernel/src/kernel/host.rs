@@ -184,8 +184,7 @@ pub fn flood_event_ring() -> ! {
 pub fn fill_event_ring(tick: &mut u64) {
     // SAFETY: KernelCell invariant; the VMM writes only `tail`.
     let ring = unsafe { EVENT_RING.get() };
-    // SAFETY: as in log_event: `tail` is written by the VMM.
-    let tail = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(ring.header.tail)) };
+    let tail = ring_tail(ring);
     let mut head = ring.header.head;
     while head.wrapping_sub(tail) < EVENT_RING_CAPACITY as u64 {
         *tick = tick.wrapping_add(1);
@@ -213,9 +212,7 @@ pub fn append_event(event: Event, tick: u64) {
     // SAFETY: KernelCell invariant. The VMM writes only `tail`, read volatile.
     let ring = unsafe { EVENT_RING.get() };
     let head = ring.header.head;
-    // SAFETY: `tail` is a plain u64 inside the ring; the VMM updates it while
-    // the vCPU is stopped in a hypercall, so read it fresh.
-    let tail = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(ring.header.tail)) };
+    let tail = ring_tail(ring);
     if head.wrapping_sub(tail) >= EVENT_RING_CAPACITY as u64 {
         ring.header.lost += 1;
     } else {
@@ -242,9 +239,15 @@ pub fn notify_events() {
 pub fn events_undrained() -> u64 {
     // SAFETY: KernelCell invariant; the caller holds the big kernel lock.
     let ring = unsafe { EVENT_RING.get() };
-    // SAFETY: as in append_event: `tail` is written by the VMM.
-    let tail = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(ring.header.tail)) };
-    ring.header.head.wrapping_sub(tail)
+    ring.header.head.wrapping_sub(ring_tail(ring))
+}
+
+/// The ring's `tail`, read afresh: the VMM writes it while this vCPU is
+/// stopped in a hypercall.
+fn ring_tail(ring: &EventRing) -> u64 {
+    // SAFETY: a reference to an aligned, initialised u64 is valid for a
+    // volatile read.
+    unsafe { core::ptr::read_volatile(&ring.header.tail) }
 }
 
 /// Undrained records at which a batching kernel notifies: half the ring,
