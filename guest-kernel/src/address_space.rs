@@ -75,6 +75,15 @@ pub trait Memory {
     fn flush_all(&mut self, pml4: u64) {
         let _ = pml4;
     }
+    /// Whether a CPU may hold translations of the address space whose PML4
+    /// is `pml4`: it is loaded on one now. An address space no CPU has
+    /// loaded has none cached anywhere (no PCIDs: a CR3 switch drops every
+    /// translation of the space switched away from), so unlinking its pages
+    /// needs no [`Memory::flush`]. `true` (flush) unless the memory knows.
+    fn loaded_anywhere(&mut self, pml4: u64) -> bool {
+        let _ = pml4;
+        true
+    }
 }
 
 /// Alignment of shared mappings: the span of one last-level page table.
@@ -413,7 +422,9 @@ impl AddressSpace {
     }
 
     /// [`paging::unmap_range`] (or, `detach`, [`paging::unmap_tables`]) on
-    /// this address space, flushing each unlinked translation.
+    /// this address space, flushing each unlinked translation if a CPU has
+    /// the space loaded ([`Memory::loaded_anywhere`]; a dead process's,
+    /// being torn down, is loaded nowhere).
     fn unmap_walk<M: Memory>(
         &mut self,
         memory: &mut M,
@@ -424,12 +435,19 @@ impl AddressSpace {
         mut on_leaf: impl FnMut(&mut M, u64),
     ) -> Option<u64> {
         let mut budget = budget;
+        let flush = memory.loaded_anywhere(self.pml4);
         self.with_tables(memory, |tables, pml4| {
             let on_leaf = &mut |tables: &mut Tables<'_, M>, va, frame| {
-                tables.memory.flush(pml4, va);
+                if flush {
+                    tables.memory.flush(pml4, va);
+                }
                 on_leaf(tables.memory, frame);
             };
-            let on_table = &mut |tables: &mut Tables<'_, M>, va| tables.memory.flush(pml4, va);
+            let on_table = &mut |tables: &mut Tables<'_, M>, va| {
+                if flush {
+                    tables.memory.flush(pml4, va);
+                }
+            };
             if detach {
                 paging::unmap_tables(tables, pml4, start, end, &mut budget, on_leaf, on_table)
             } else {
@@ -1282,6 +1300,9 @@ pub(crate) mod tests {
         pub allocator: FrameAllocator<'static>,
         pub frames: BTreeMap<u64, Box<FrameBytes>>,
         pub flushes: u64,
+        /// PML4s [`Memory::loaded_anywhere`] says no CPU has loaded (every
+        /// other is loaded somewhere).
+        pub unloaded: Vec<u64>,
         /// Bytes [`Memory::heap_room`] grants at most.
         pub heap_room: usize,
     }
@@ -1297,6 +1318,7 @@ pub(crate) mod tests {
                 allocator: FrameAllocator::new(&[FAKE_RAM], stack, owners),
                 frames: BTreeMap::new(),
                 flushes: 0,
+                unloaded: Vec::new(),
                 heap_room: usize::MAX,
             }
         }
@@ -1324,8 +1346,12 @@ pub(crate) mod tests {
         fn owner(&self, frame: u64) -> Option<FrameOwner> {
             self.allocator.owner(frame)
         }
-        fn flush(&mut self, _pml4: u64, _va: u64) {
+        fn flush(&mut self, pml4: u64, _va: u64) {
+            assert!(!self.unloaded.contains(&pml4), "a flush of an address space no CPU has loaded");
             self.flushes += 1;
+        }
+        fn loaded_anywhere(&mut self, pml4: u64) -> bool {
+            !self.unloaded.contains(&pml4)
         }
         fn heap_room(&self, bytes: usize) -> bool {
             bytes <= self.heap_room
@@ -1678,6 +1704,34 @@ pub(crate) mod tests {
         assert!(slices >= 64 * 17 / 100, "{slices} slices");
         assert_eq!(memory.allocator.free_frames(), freed_by_one_walk);
         assert_eq!(memory.allocator.free_frames(), baseline - 2, "only the kernel PML4 and the gate remain");
+    }
+
+    /// Unlinking pages of an address space no CPU has loaded (a dead
+    /// process's, or another process's revoked mapping) flushes nothing and
+    /// frees the same; one loaded somewhere is flushed page by page.
+    #[test]
+    fn an_address_space_loaded_nowhere_is_unmapped_without_flushes() {
+        let teardown = |unloaded: bool| {
+            let mut memory = FakeMemory::new();
+            let mut space = space(&mut memory, Quotas::default());
+            let at = space.map_anonymous(8 * PAGE_SIZE, RW).unwrap();
+            for page in 0..8 {
+                space.handle_page_fault(&mut memory, at + page * PAGE_SIZE, PF_WRITE).unwrap();
+            }
+            if unloaded {
+                memory.unloaded.push(space.pml4());
+            }
+            let flushes = memory.flushes;
+            space.unmap_slice(&mut memory, at, 4 * PAGE_SIZE, at, u64::MAX).unwrap();
+            space.release_map();
+            while space.destroy_slice(&mut memory, 0, u64::MAX).is_some() {}
+            (memory.flushes - flushes, memory.allocator.free_frames())
+        };
+        let (loaded_flushes, loaded_free) = teardown(false);
+        let (unloaded_flushes, unloaded_free) = teardown(true);
+        assert!(loaded_flushes >= 8, "each page of a loaded space is flushed: {loaded_flushes}");
+        assert_eq!(unloaded_flushes, 0);
+        assert_eq!(unloaded_free, loaded_free);
     }
 
     #[test]

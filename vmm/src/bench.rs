@@ -925,15 +925,15 @@ impl Bench {
         let names: Vec<String> = (1..=step_runs).map(|i| format!("nop{i}")).collect();
         let nops: Vec<Process<'_>> = names.iter().map(|name| Process::new("bench-nop", name, "")).collect();
         if let Some(found) = self.probe("exit", &nops, Stepping::FromFirstUser) {
-            let exit_entries = found
-                .counts
-                .excursions
-                .get(&format!("syscall {}", superos_protocol::syscall::Syscall::Exit as u64))
-                .cloned()
-                .unwrap_or_default();
+            let exit_kind = format!("syscall {}", superos_protocol::syscall::Syscall::Exit as u64);
+            let exit_entries = found.counts.excursions.get(&exit_kind).cloned().unwrap_or_default();
             exit.superos = Summary::of(&exit_entries.iter().map(|&n| n as f64).collect::<Vec<_>>())
                 .ok_or_else(|| "no exit entry was stepped".to_string());
             exit.instructions = exit.superos.as_ref().ok().map(|s| s.median);
+            if let Some(pcs) = found.counts.excursion_pcs.get(&exit_kind) {
+                exit.profile = budget::profile(pcs, exit_entries.len() as f64, &self.symbols);
+                exit.profile_addresses = budget::per_operation(pcs, exit_entries.len() as f64);
+            }
             exit.notes.push(format!(
                 "the `exit` entries of {step_runs} `bench-nop` processes spawned at boot, {} stepped (the last \
                  one's is the kernel's shutdown, counted apart): the exit, the first slice of its teardown and \

@@ -110,6 +110,7 @@ pub fn use_rep_scans(on: bool) {
 /// The index of the first nonzero word of `frame` in `from..to` (`from <=
 /// to <= 512`), or `to`: one `repe scasq` ([`zero_words`]), or a plain
 /// loop (see [`REP_SCANS`]).
+#[inline(always)]
 fn next_nonzero_word(frame: u64, from: usize, to: usize) -> usize {
     debug_assert!(from <= to && to <= (PAGE_SIZE / 8) as usize);
     if from >= to {
@@ -351,6 +352,7 @@ impl Memory for KernelMemory {
         frame_is_zero(frame)
     }
 
+    #[inline(always)]
     fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
         next_nonzero_word(frame, from, to)
     }
@@ -406,6 +408,10 @@ impl Memory for KernelMemory {
         super::smp::shootdown(super::smp::BIG_LOCK.owner(), pml4);
     }
 
+    fn loaded_anywhere(&mut self, pml4: u64) -> bool {
+        cpu::read_cr3() & !0xfff == pml4 || super::smp::loaded_elsewhere(super::smp::BIG_LOCK.owner(), pml4)
+    }
+
     fn flush_all(&mut self, pml4: u64) {
         let cr3 = cpu::read_cr3();
         if cr3 & !0xfff == pml4 {
@@ -434,6 +440,7 @@ impl PageTableMemory for KernelTables<'_> {
         frame_is_zero(frame)
     }
 
+    #[inline(always)]
     fn next_used(&mut self, frame: u64, from: usize, to: usize) -> usize {
         next_nonzero_word(frame, from, to)
     }

@@ -212,6 +212,19 @@ pub fn shootdown(cpu: u32, pml4: u64) {
     }
 }
 
+/// Whether a CPU online other than `cpu` has `pml4` loaded.
+pub fn loaded_elsewhere(cpu: u32, pml4: u64) -> bool {
+    let mut others = ONLINE.load(Ordering::Acquire) & !(1 << cpu);
+    while others != 0 {
+        let other = others.trailing_zeros();
+        others &= others - 1;
+        if LIVE_PML4[other as usize].load(Ordering::Acquire) == pml4 {
+            return true;
+        }
+    }
+    false
+}
+
 /// Sends the wake-up IPI to every CPU in `cpus` (a mask) but `cpu`.
 pub fn wake(cpu: u32, cpus: u32) {
     let mut targets = cpus & ONLINE.load(Ordering::Acquire) & !(1 << cpu);

@@ -217,6 +217,9 @@ pub struct Counts {
     pub boot_pcs: BTreeMap<u64, u64>,
     /// See `boot_pcs`.
     pub counted_pcs: BTreeMap<u64, u64>,
+    /// `counted_pcs` by excursion kind, the keys of `excursions` (for a
+    /// profile of one kind of kernel entry: `bench`'s exit row).
+    pub excursion_pcs: BTreeMap<String, BTreeMap<u64, u64>>,
 }
 
 /// Frames one process holds, from the kernel's owner table.
@@ -553,6 +556,8 @@ pub struct Counter {
     cr3: u64,
     kind: Option<Kind>,
     length: u64,
+    /// The current excursion's stepped instructions by address.
+    excursion_pcs: BTreeMap<u64, u64>,
     last_stub: Option<usize>,
     /// Where the latest step or patched entry left the vCPU (`None` after
     /// any other exit): an entry there is one the vCPU was stepped onto.
@@ -608,6 +613,7 @@ impl Counter {
             Kind::Boot => *self.counts.boot_pcs.entry(pc).or_default() += 1,
             Kind::Counted(_) => {
                 *self.counts.counted_pcs.entry(pc).or_default() += 1;
+                *self.excursion_pcs.entry(pc).or_default() += 1;
                 for op in self.counting() {
                     *self.windows.entry(op).or_default().pcs.entry(pc).or_default() += 1;
                 }
@@ -731,9 +737,19 @@ impl Counter {
         if let Some(Kind::Counted(key)) = &self.kind {
             if self.booted {
                 self.counts.excursions.entry(key.clone()).or_default().push(self.length);
+                self.record_excursion_pcs(key.clone());
             }
         }
         self.length = 0;
+        self.excursion_pcs.clear();
+    }
+
+    /// Adds the current excursion's addresses to those of its `kind`.
+    fn record_excursion_pcs(&mut self, kind: String) {
+        let pcs = self.counts.excursion_pcs.entry(kind).or_default();
+        for (pc, count) in std::mem::take(&mut self.excursion_pcs) {
+            *pcs.entry(pc).or_default() += count;
+        }
     }
 
     /// The counters and windows. The excursion still open when the run
@@ -743,6 +759,7 @@ impl Counter {
     pub fn finish(mut self) -> (Counts, BTreeMap<u64, Window>) {
         if let (Some(Kind::Counted(_)), true) = (&self.kind, self.booted) {
             self.counts.excursions.entry(SHUTDOWN_EXCURSION.to_string()).or_default().push(self.length);
+            self.record_excursion_pcs(SHUTDOWN_EXCURSION.to_string());
             self.length = 0;
         }
         (self.counts, self.windows)
@@ -1756,6 +1773,16 @@ mod tests {
         assert_eq!(counts.counted_exits, 3);
         assert_eq!(counts.excursions["syscall 4"], vec![3, 3, 3]);
         assert_eq!(counts.excursions["vector 14"], vec![2]);
+        let by_kind =
+            |kind: &str| counts.excursion_pcs[kind].iter().map(|(&pc, &n)| (pc, n)).collect::<Vec<_>>();
+        assert_eq!(by_kind("syscall 4"), [(K + 2, 3), (K + 4, 1), (common, 3), (common + 3, 2)]);
+        assert_eq!(by_kind("vector 14"), [(K + 11, 1), (common, 1)]);
+        assert_eq!(
+            counts.excursion_pcs.len(),
+            2,
+            "markers and timer ticks have none: {:?}",
+            counts.excursion_pcs
+        );
         let window = &windows[&1];
         assert_eq!((window.instructions, window.exits, window.ops, window.regions), (8, 2, 2, 1));
         let pcs: Vec<(u64, u64)> = window.pcs.iter().map(|(&pc, &n)| (pc, n)).collect();
