@@ -195,9 +195,10 @@ pub fn map_4k_run<M: PageTableMemory>(
         if mem.next_used(table, first, first + count) < first + count {
             return Err(MapError::AlreadyMapped);
         }
-        let start = phys + done * PAGE_SIZE;
-        for (i, word) in words(mem.table(table))[first..first + count].iter_mut().enumerate() {
-            *word = (start + i as u64 * PAGE_SIZE) | leaf.bits();
+        let mut entry = (phys + done * PAGE_SIZE) | leaf.bits();
+        for word in &mut words(mem.table(table))[first..first + count] {
+            *word = entry;
+            entry += PAGE_SIZE;
         }
         done += count as u64;
     }
@@ -206,22 +207,28 @@ pub fn map_4k_run<M: PageTableMemory>(
 
 /// Maps the 2 MiB range at `va` to the 2 MiB at `phys` with one last-level
 /// table of 4 KiB leaves (where a single large page would give every page the
-/// same rights): page `i` gets `flags_of(phys + i * 4 KiB)` (`PRESENT` is
-/// added). Used for the direct map around the kernel image, so that the
-/// kernel's own text and read-only data have no writable alias.
+/// same rights): every page gets `flags`, except those whose frame lies in
+/// `except.0`, which get `except.1` (`PRESENT` is added). Used for the direct
+/// map around the kernel image, so that the kernel's own text and read-only
+/// data have no writable alias. The leaves are written in up to three runs
+/// of equal rights, a few instructions each (boot maps this table in ring
+/// 0, which the PVM host emulates instruction by instruction).
 pub fn map_2m_as_4k<M: PageTableMemory>(
     mem: &mut M,
     pml4: u64,
     va: u64,
     phys: u64,
     table_flags: Flags,
-    flags_of: impl Fn(u64) -> Flags,
+    flags: Flags,
+    except: (core::ops::Range<u64>, Flags),
 ) -> Result<(), MapError> {
     const LARGE: u64 = 2 << 20;
     if va % LARGE != 0 || phys % LARGE != 0 {
         return Err(MapError::BadAddress);
     }
-    map(mem, pml4, va, phys, PageSize::Size4K, flags_of(phys), table_flags)?;
+    let (range, except_flags) = except;
+    let first_flags = if range.contains(&phys) { except_flags } else { flags };
+    map(mem, pml4, va, phys, PageSize::Size4K, first_flags, table_flags)?;
     let mut table = pml4;
     for level in (2..=4).rev() {
         table = mem.table(table)[index(va, level)].addr().as_u64();
@@ -229,9 +236,16 @@ pub fn map_2m_as_4k<M: PageTableMemory>(
     if mem.next_used(table, 1, 512) < 512 {
         return Err(MapError::AlreadyMapped);
     }
-    for (i, word) in words(mem.table(table)).iter_mut().enumerate().skip(1) {
-        let page = phys + i as u64 * PAGE_SIZE;
-        *word = page | (flags_of(page) | Flags::PRESENT).bits();
+    // The page indices whose frames lie in `range`: `from..to`, within 1..512.
+    let page_index = |pa: u64| (pa.saturating_sub(phys).div_ceil(PAGE_SIZE)).clamp(1, 512) as usize;
+    let (from, to) = (page_index(range.start), page_index(range.end).max(page_index(range.start)));
+    let words = words(mem.table(table));
+    for (run, bits) in [(1..from, flags), (from..to, except_flags), (to..512, flags)] {
+        let mut leaf = (phys + run.start as u64 * PAGE_SIZE) | (bits | Flags::PRESENT).bits();
+        for word in &mut words[run] {
+            *word = leaf;
+            leaf += PAGE_SIZE;
+        }
     }
     Ok(())
 }
@@ -727,15 +741,9 @@ pub(crate) mod tests {
         let mut mem = FakeMemory::default();
         let pml4 = mem.alloc_table().unwrap();
         let va = 0xffff_8000_0000_0000;
-        let read_only = 0x10_0000..0x14_0000;
-        let flags_of = |pa: u64| {
-            if read_only.contains(&pa) {
-                Flags::NO_EXECUTE
-            } else {
-                Flags::WRITABLE | Flags::NO_EXECUTE
-            }
-        };
-        map_2m_as_4k(&mut mem, pml4, va, 0, KERNEL_TABLE_FLAGS, flags_of).unwrap();
+        let read_only = (0x10_0000..0x14_0000, Flags::NO_EXECUTE);
+        let rw = Flags::WRITABLE | Flags::NO_EXECUTE;
+        map_2m_as_4k(&mut mem, pml4, va, 0, KERNEL_TABLE_FLAGS, rw, read_only.clone()).unwrap();
         for (offset, writable) in [
             (0, true),
             (0xf_f000, true),
@@ -751,13 +759,39 @@ pub(crate) mod tests {
             assert!(!t.flags.contains(Flags::HUGE_PAGE));
         }
         assert_eq!(
-            map_2m_as_4k(&mut mem, pml4, va, 0, KERNEL_TABLE_FLAGS, flags_of),
+            map_2m_as_4k(&mut mem, pml4, va, 0, KERNEL_TABLE_FLAGS, rw, read_only.clone()),
             Err(MapError::AlreadyMapped)
         );
         assert_eq!(
-            map_2m_as_4k(&mut mem, pml4, va + 0x1000, 0, KERNEL_TABLE_FLAGS, flags_of),
+            map_2m_as_4k(&mut mem, pml4, va + 0x1000, 0, KERNEL_TABLE_FLAGS, rw, read_only),
             Err(MapError::BadAddress)
         );
+    }
+
+    proptest! {
+        /// Every page of the 2 MiB gets what a test of its frame against the
+        /// exception gives it, wherever the exception lies (before, across,
+        /// inside, after; empty or inverted too).
+        #[test]
+        fn each_page_of_a_2m_range_gets_the_rights_of_its_frame(
+            start in 0u64..0x50_0000,
+            len in 0u64..0x30_0000,
+            inverted in any::<bool>(),
+        ) {
+            let mut mem = FakeMemory::default();
+            let pml4 = mem.alloc_table().unwrap();
+            let (va, phys) = (0xffff_8000_0020_0000, 0x20_0000);
+            let range = if inverted { start + len..start } else { start..start + len };
+            let rw = Flags::WRITABLE | Flags::NO_EXECUTE;
+            map_2m_as_4k(&mut mem, pml4, va, phys, KERNEL_TABLE_FLAGS, rw, (range.clone(), Flags::NO_EXECUTE)).unwrap();
+            for page in 0..512u64 {
+                let t = translate(&mut mem, pml4, va + page * PAGE_SIZE).unwrap();
+                prop_assert_eq!(t.phys, phys + page * PAGE_SIZE);
+                let writable = !range.contains(&t.phys);
+                prop_assert_eq!(t.flags.contains(Flags::WRITABLE), writable, "page {}", page);
+                prop_assert!(t.flags.contains(Flags::PRESENT | Flags::NO_EXECUTE));
+            }
+        }
     }
 
     proptest! {

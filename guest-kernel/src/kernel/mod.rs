@@ -527,20 +527,15 @@ fn build_kernel_page_tables(boot: &BootInfo, memory: &mut KernelMemory) -> u64 {
     // 2 MiB around them are mapped page by page), so no mapping anywhere lets
     // the kernel write its own code.
     let read_only = (text.0 - KERNEL_VMA_BASE)..(rodata.1 - KERNEL_VMA_BASE);
-    let flags_of = |pa: u64| {
-        if read_only.contains(&pa) {
-            Flags::NO_EXECUTE
-        } else {
-            Flags::WRITABLE | Flags::NO_EXECUTE
-        }
-    };
+    let read_write = Flags::WRITABLE | Flags::NO_EXECUTE;
     let direct_end = boot.mem_size.next_multiple_of(LARGE_PAGE_SIZE);
     for pa in (0..direct_end).step_by(LARGE_PAGE_SIZE as usize) {
         let va = DIRECT_MAP_BASE + pa;
         let mapped = if pa < read_only.end && read_only.start < pa + LARGE_PAGE_SIZE {
-            paging::map_2m_as_4k(&mut tables, pml4, va, pa, KERNEL_TABLE_FLAGS, flags_of)
+            let except = (read_only.clone(), Flags::NO_EXECUTE);
+            paging::map_2m_as_4k(&mut tables, pml4, va, pa, KERNEL_TABLE_FLAGS, read_write, except)
         } else {
-            paging::map(&mut tables, pml4, va, pa, PageSize::Size2M, flags_of(pa), KERNEL_TABLE_FLAGS)
+            paging::map(&mut tables, pml4, va, pa, PageSize::Size2M, read_write, KERNEL_TABLE_FLAGS)
         };
         mapped.unwrap_or_else(|e| panic!("mapping the direct map at {pa:#x}: {e:?}"));
     }
