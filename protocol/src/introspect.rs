@@ -75,6 +75,72 @@ pub struct IntrospectionRoot {
     pub free_frames: u64,
     /// Managed frames.
     pub total_frames: u64,
+    /// The registers of the last process a fault or kill terminated.
+    pub last_fault: FaultRegisters,
+}
+
+/// The user registers of the last process the kernel terminated for a fault
+/// (or killed: quota, deadlock), as it had them at that point (a fault's
+/// registers are those the CPU trapped with; a system call's, those the call
+/// was made with). Written just before the process's `process-killed` event,
+/// while its page tables are still whole, so that the VMM can write a core
+/// file at that event (`superos-vmm run --core-dir`). Nothing here is
+/// trusted: the VMM takes it only for the pid the event names, and reads
+/// memory only through the page tables it walks itself. `pid` 0: no process
+/// has been killed yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct FaultRegisters {
+    /// The process.
+    pub pid: u32,
+    /// The trap's vector (0 for a kill that was no trap).
+    pub vector: u32,
+    /// Its PML4, not yet torn down when the event is logged.
+    pub pml4: u64,
+    /// The exception's error code (0 where there is none).
+    pub error_code: u64,
+    /// The faulting address, as in the event.
+    pub addr: u64,
+    #[allow(missing_docs)]
+    pub rax: u64,
+    #[allow(missing_docs)]
+    pub rbx: u64,
+    #[allow(missing_docs)]
+    pub rcx: u64,
+    #[allow(missing_docs)]
+    pub rdx: u64,
+    #[allow(missing_docs)]
+    pub rsi: u64,
+    #[allow(missing_docs)]
+    pub rdi: u64,
+    #[allow(missing_docs)]
+    pub rbp: u64,
+    #[allow(missing_docs)]
+    pub rsp: u64,
+    #[allow(missing_docs)]
+    pub r8: u64,
+    #[allow(missing_docs)]
+    pub r9: u64,
+    #[allow(missing_docs)]
+    pub r10: u64,
+    #[allow(missing_docs)]
+    pub r11: u64,
+    #[allow(missing_docs)]
+    pub r12: u64,
+    #[allow(missing_docs)]
+    pub r13: u64,
+    #[allow(missing_docs)]
+    pub r14: u64,
+    #[allow(missing_docs)]
+    pub r15: u64,
+    #[allow(missing_docs)]
+    pub rip: u64,
+    #[allow(missing_docs)]
+    pub rflags: u64,
+    #[allow(missing_docs)]
+    pub cs: u64,
+    #[allow(missing_docs)]
+    pub ss: u64,
 }
 
 /// `ProcessRecord::state`: the slot is empty.
@@ -184,7 +250,11 @@ pub struct RegionRecord {
 
 const _: () = {
     assert!(core::mem::size_of::<FrameRange>() == 24);
-    assert!(core::mem::size_of::<IntrospectionRoot>() == 104 + 24 * MAX_FRAME_RANGES + 16);
+    assert!(core::mem::size_of::<FaultRegisters>() == 32 + 20 * 8);
+    assert!(
+        core::mem::size_of::<IntrospectionRoot>()
+            == 104 + 24 * MAX_FRAME_RANGES + 16 + core::mem::size_of::<FaultRegisters>()
+    );
     assert!(core::mem::size_of::<ProcessRecord>() == 120);
     assert!(core::mem::size_of::<ParticipantRecord>() == 24);
     assert!(core::mem::size_of::<RegionRecord>() == 32 + 24 * REGION_PARTICIPANTS);
@@ -200,6 +270,8 @@ mod tests {
         assert_eq!(offset_of!(IntrospectionRoot, process_table_gpa), 48);
         assert_eq!(offset_of!(IntrospectionRoot, owner_table_gpa), 80);
         assert_eq!(offset_of!(IntrospectionRoot, frame_ranges), 104);
+        assert_eq!(offset_of!(IntrospectionRoot, last_fault), 104 + 24 * MAX_FRAME_RANGES + 16);
+        assert_eq!(offset_of!(FaultRegisters, rip), 32 + 16 * 8);
         assert_eq!(offset_of!(ProcessRecord, pml4), 40);
         assert_eq!(offset_of!(RegionRecord, participants), 32);
     }

@@ -41,6 +41,7 @@ pub mod boot;
 pub mod check;
 pub mod console;
 pub mod control;
+pub mod core_dump;
 pub mod cpu;
 pub mod diagnose;
 pub mod event_json;

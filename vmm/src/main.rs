@@ -167,6 +167,12 @@ struct RunArgs {
     report: Option<PathBuf>,
     #[command(flatten)]
     observe: superos_vmm::control::ObserveArgs,
+    /// Write an ELF core file into DIR (created if missing) for every process the kernel
+    /// kills: its registers at the fault, every page it maps, and a note with the fault and
+    /// its event. Open it with `gdb PROGRAM DIR/NAME.PID.core` (the programs' ELF files:
+    /// `superos-vmm list --export DIR`). Makes every kernel event a VM exit.
+    #[arg(long, value_name = "DIR")]
+    core_dir: Option<PathBuf>,
     /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
     #[arg(long, value_enum, hide = true)]
     debug_inject: Vec<Inject>,
@@ -394,6 +400,9 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
             }
     });
     let check = args.check.or(scenario.check).unwrap_or(CheckMode::Exit);
+    if let Some(dir) = &args.core_dir {
+        superos_vmm::core_dump::prepare_dir(dir)?;
+    }
     let config = RunConfig {
         scenario,
         kernel,
@@ -422,6 +431,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         tamper: None,
         vcpu_tamper: None,
         limits: Default::default(),
+        core_dir: args.core_dir.clone(),
     };
     // Ctrl-C and SIGTERM stop the guest as the watchdog would (the summary,
     // the snapshot and the socket's removal then happen as usual).
@@ -535,6 +545,9 @@ fn print_summary(report: &RunReport) {
     }
     if !report.dropped.is_empty() {
         out!("superos-vmm: note: {}", report.dropped);
+    }
+    for core in &report.cores {
+        out!("superos-vmm: core file {}", core.display());
     }
     let behaved = report.processes.iter().filter(|p| p.as_expected()).count();
     let checks = &report.stats.checks;

@@ -86,6 +86,9 @@ pub struct RunConfig {
     /// What the VMM stores at most (events, console bytes); beyond that it
     /// counts ([`RunReport::dropped`]).
     pub limits: crate::session::Limits,
+    /// Write an ELF core file here for every process the kernel kills
+    /// ([`crate::core_dump`]; the directory must exist).
+    pub core_dir: Option<std::path::PathBuf>,
 }
 
 impl RunConfig {
@@ -108,6 +111,7 @@ impl RunConfig {
             tamper: None,
             vcpu_tamper: None,
             limits: Default::default(),
+            core_dir: None,
         }
     }
 }
@@ -323,6 +327,8 @@ pub struct RunReport {
     /// What the VMM dropped to keep its memory bounded (events, console
     /// bytes, warnings beyond their caps).
     pub dropped: crate::session::Dropped,
+    /// Core files written (`RunConfig::core_dir`), one per killed process.
+    pub cores: Vec<std::path::PathBuf>,
     /// Requested outputs that could not be written (the snapshot): the
     /// exit status is then [`EXIT_OUTPUT_FAILED`] unless already non-zero.
     pub output_errors: Vec<String>,
@@ -441,13 +447,17 @@ pub enum RunError {
 
 /// Every event is a VM exit only where the VMM looks at the guest while it
 /// runs: checks at every event or periodic ones (which wait for the next
-/// event when the kernel is busy), a tamper hook, the control socket (whose
+/// event when the kernel is busy), a tamper hook, core files (written at a
+/// kill's event, before the teardown), the control socket (whose
 /// queries stop at events), or a snapshot wherever the guest stops (a
 /// batching kernel's tables are consistent only where it notifies and at
 /// its shutdown). Otherwise the kernel batches them.
 fn event_notify_policy(config: &RunConfig, extras: &RunExtras) -> EventNotifyPolicy {
     let checks_at_events = matches!(config.check, CheckMode::EveryEvent | CheckMode::Periodic(_));
-    let looks = config.tamper.is_some() || config.vcpu_tamper.is_some() || !extras.is_empty();
+    let looks = config.tamper.is_some()
+        || config.vcpu_tamper.is_some()
+        || config.core_dir.is_some()
+        || !extras.is_empty();
     if checks_at_events || looks {
         EventNotifyPolicy::EveryEvent
     } else {
@@ -519,7 +529,8 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         .with_event_format(config.events)
         .with_limits(config.limits)
         .with_read_only(vm.read_only())
-        .with_monitor(monitor);
+        .with_monitor(monitor)
+        .with_core_dir(config.core_dir.clone());
     session.cpu_starts = CpuStarts::new(cpus, text, ram.size());
     let aps = Aps::new(std::mem::take(&mut vm.aps));
     let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
@@ -618,6 +629,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         log: std::mem::take(&mut session.log),
         lost_events: session.lost_events,
         dropped: session.dropped,
+        cores: std::mem::take(&mut session.cores),
         output_errors: Vec::new(),
         stats,
         diagnosis,
@@ -1570,6 +1582,7 @@ mod tests {
             log: Vec::new(),
             lost_events: 0,
             dropped: Default::default(),
+            cores: Vec::new(),
             output_errors: Vec::new(),
             stats: RunStats::default(),
             diagnosis: None,
@@ -1632,6 +1645,7 @@ mod tests {
             log: Vec::new(),
             lost_events: 0,
             dropped: Default::default(),
+            cores: Vec::new(),
             output_errors: Vec::new(),
             stats: RunStats::default(),
             diagnosis: None,

@@ -36,6 +36,7 @@ pub fn to_json(report: &RunReport, scenario: &str) -> Value {
         "events": report.events.iter().map(crate::event_json::to_json).collect::<Vec<_>>(),
         "lost_events": report.lost_events,
         "dropped": report.dropped.to_string(),
+        "cores": report.cores.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "console": report.lines.iter().map(|l| json!({ "pid": l.pid, "text": l.text })).collect::<Vec<_>>(),
         "checks": {
             "count": checks.checks,

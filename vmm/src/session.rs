@@ -197,6 +197,14 @@ pub struct Session<'a> {
     event_format: EventFormat,
     process_names: Vec<String>,
     pid_names: BTreeMap<u32, String>,
+    /// Where core files of killed processes go (`run --core-dir`).
+    core_dir: Option<std::path::PathBuf>,
+    /// The core files written.
+    pub cores: Vec<std::path::PathBuf>,
+    /// Their bytes, against [`crate::core_dump::max_core_bytes`].
+    core_bytes: u64,
+    /// Whether the warning that the run's cores reached their limit was given.
+    cores_capped: bool,
 }
 
 impl<'a> Session<'a> {
@@ -226,7 +234,18 @@ impl<'a> Session<'a> {
             event_format: EventFormat::Text,
             process_names,
             pid_names: BTreeMap::new(),
+            core_dir: None,
+            cores: Vec::new(),
+            core_bytes: 0,
+            cores_capped: false,
         }
+    }
+
+    /// Writes a core file into `dir` for every process the kernel kills
+    /// ([`crate::core_dump`]); the kernel must notify every event.
+    pub fn with_core_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.core_dir = dir;
+        self
     }
 
     /// Prints live events (with [`Echo::Live`]) in `format` instead of text.
@@ -445,9 +464,62 @@ impl<'a> Session<'a> {
                 if self.echo == Echo::Live {
                     emit(format_args!("{}", self.event_format.line(&entry)));
                 }
+                if let (Event::ProcessKilled { pid, fault, .. }, Some(_)) = (&entry.event, &self.core_dir) {
+                    let line = EventFormat::Text.line(&entry);
+                    self.dump_core(*pid, *fault, line);
+                }
                 self.events.push(entry);
             }
             Err(unknown) => self.warn(format!("event #{} has unknown kind {}", record.seq, unknown.0)),
+        }
+    }
+
+    /// The core file of process `pid`, killed for `fault` (its event `line`),
+    /// from the registers the kernel published for it and its page tables,
+    /// still whole at its event. What goes wrong is a warning: the run goes
+    /// on without that core.
+    fn dump_core(&mut self, pid: u32, fault: Option<superos_protocol::event::FaultKind>, line: String) {
+        let Some(dir) = self.core_dir.clone() else { return };
+        let byte_limit = crate::core_dump::max_core_bytes(self.ram.size());
+        if self.cores.len() >= crate::core_dump::MAX_CORES || self.core_bytes >= byte_limit {
+            if !std::mem::replace(&mut self.cores_capped, true) {
+                self.warn(format!(
+                    "no more core files (pid {pid} and after): {} files, {} bytes written; one run writes at most {} files or {byte_limit} bytes",
+                    self.cores.len(),
+                    self.core_bytes,
+                    crate::core_dump::MAX_CORES
+                ));
+            }
+            return;
+        }
+        let name = self.pid_names.get(&pid).cloned().unwrap_or_else(|| "process".to_string());
+        let result = (|| {
+            let root_gpa = self.hello.as_ref().ok_or("no boot hello yet")?.introspection_root_gpa;
+            let root: superos_protocol::introspect::IntrospectionRoot =
+                self.ram.read(root_gpa).map_err(|e| format!("the introspection root: {e}"))?;
+            let regs = root.last_fault;
+            if regs.pid != pid {
+                return Err(format!("the kernel published the registers of pid {}, not {pid}", regs.pid));
+            }
+            let process = crate::core_dump::CoreProcess { name: &name, regs, fault, event: line };
+            let bytes = crate::core_dump::core_file(self.ram, &process)?;
+            if self.core_bytes + bytes.len() as u64 > byte_limit {
+                return Err(format!(
+                    "its {} bytes would take the run's core files past {byte_limit} bytes",
+                    bytes.len()
+                ));
+            }
+            self.core_bytes += bytes.len() as u64;
+            let path = dir.join(format!("{}.{pid}.core", crate::core_dump::file_stem(&name)));
+            std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok::<_, String>(path)
+        })();
+        match result {
+            Ok(path) => {
+                tracing::info!(pid, path = %path.display(), "core file written");
+                self.cores.push(path);
+            }
+            Err(error) => self.warn(format!("no core file for pid {pid} ({name}): {error}")),
         }
     }
 

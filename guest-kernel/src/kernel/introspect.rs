@@ -10,9 +10,9 @@ use super::process::ProcessState;
 use super::Kernel;
 use crate::arch::KernelCell;
 use superos_protocol::introspect::{
-    FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord, INTROSPECTION_MAGIC,
-    MAX_FRAME_RANGES, NO_CPU, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE,
-    REGION_LIVE, REGION_PARTICIPANTS,
+    FaultRegisters, FrameRange, IntrospectionRoot, ParticipantRecord, ProcessRecord, RegionRecord,
+    INTROSPECTION_MAGIC, MAX_FRAME_RANGES, NO_CPU, PARTICIPANT_HOLDS, PARTICIPANT_OFFERED, PROCESS_RECEIVING,
+    PROCESS_RUNNABLE, REGION_LIVE, REGION_PARTICIPANTS,
 };
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::PROTOCOL_VERSION;
@@ -43,6 +43,33 @@ static ROOT: KernelCell<IntrospectionRoot> = KernelCell::new(IntrospectionRoot {
     frame_ranges: [FrameRange { start: 0, end: 0, first_index: 0 }; MAX_FRAME_RANGES],
     free_frames: 0,
     total_frames: 0,
+    last_fault: FaultRegisters {
+        pid: 0,
+        vector: 0,
+        pml4: 0,
+        error_code: 0,
+        addr: 0,
+        rax: 0,
+        rbx: 0,
+        rcx: 0,
+        rdx: 0,
+        rsi: 0,
+        rdi: 0,
+        rbp: 0,
+        rsp: 0,
+        r8: 0,
+        r9: 0,
+        r10: 0,
+        r11: 0,
+        r12: 0,
+        r13: 0,
+        r14: 0,
+        r15: 0,
+        rip: 0,
+        rflags: 0,
+        cs: 0,
+        ss: 0,
+    },
 });
 
 const EMPTY_PROCESS: ProcessRecord = ProcessRecord {
@@ -88,6 +115,41 @@ pub fn init(kernel_text_gpa: u64, kernel_text_len: u64) -> u64 {
     root.process_table_gpa = image_gpa(PROCESSES.as_ptr());
     root.region_table_gpa = image_gpa(REGIONS.as_ptr());
     image_gpa(ROOT.as_ptr())
+}
+
+/// Publishes the registers of process `pid` (page tables at `pml4`), which
+/// is being terminated for `addr`, as `frame` holds them
+/// ([`FaultRegisters`]); called before its `process-killed` event.
+pub fn publish_fault(pid: u32, pml4: u64, addr: u64, frame: &crate::arch::TrapFrame) {
+    // SAFETY: KernelCell invariant (the kernel lock is held).
+    let root = unsafe { ROOT.get() };
+    root.last_fault = FaultRegisters {
+        pid,
+        vector: u32::try_from(frame.vector).unwrap_or(u32::MAX),
+        pml4,
+        error_code: frame.error_code,
+        addr,
+        rax: frame.rax,
+        rbx: frame.rbx,
+        rcx: frame.rcx,
+        rdx: frame.rdx,
+        rsi: frame.rsi,
+        rdi: frame.rdi,
+        rbp: frame.rbp,
+        rsp: frame.rsp,
+        r8: frame.r8,
+        r9: frame.r9,
+        r10: frame.r10,
+        r11: frame.r11,
+        r12: frame.r12,
+        r13: frame.r13,
+        r14: frame.r14,
+        r15: frame.r15,
+        rip: frame.rip,
+        rflags: frame.rflags,
+        cs: frame.cs,
+        ss: frame.ss,
+    };
 }
 
 /// DEBUG_CORRUPT_INTROSPECTION: points every table of the root at

@@ -210,14 +210,17 @@ impl Kernel {
                 Termination::Exit(code) => {
                     Event::ProcessExited { pid: process.pid, code, preemptions: process.preemptions }
                 }
-                Termination::Killed { fault, addr } => Event::ProcessKilled {
-                    pid: process.pid,
-                    fault: Some(fault),
-                    addr,
-                    rip: frame.rip,
-                    error_code: frame.error_code,
-                    vector: frame.vector,
-                },
+                Termination::Killed { fault, addr } => {
+                    super::introspect::publish_fault(process.pid, process.space.pml4(), addr, frame);
+                    Event::ProcessKilled {
+                        pid: process.pid,
+                        fault: Some(fault),
+                        addr,
+                        rip: frame.rip,
+                        error_code: frame.error_code,
+                        vector: frame.vector,
+                    }
+                }
             }
         };
         self.remove_process(index, event);
@@ -378,6 +381,7 @@ impl Kernel {
         self.set_current(None);
         while let Some(index) = self.processes.iter().position(|p| p.state != ProcessState::Runnable) {
             let process = &self.processes[index];
+            super::introspect::publish_fault(process.pid, process.space.pml4(), 0, &process.context);
             let event = Event::ProcessKilled {
                 pid: process.pid,
                 fault: Some(FaultKind::Deadlock),
