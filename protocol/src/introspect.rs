@@ -77,6 +77,45 @@ pub struct IntrospectionRoot {
     pub total_frames: u64,
     /// The registers of the last process a fault or kill terminated.
     pub last_fault: FaultRegisters,
+    /// Each CPU's kernel stack top (kernel virtual address; 0 for a CPU
+    /// that does not exist). An entry from ring 3 saves the user registers
+    /// as a [`UserContext`] right below it, so while a CPU is in the kernel
+    /// on behalf of its current process that process's registers are there.
+    pub kernel_stack_tops: [u64; crate::cpu::MAX_CPUS as usize],
+}
+
+/// The user registers as the kernel's trap entry saves them, lowest address
+/// first: what it pushes on the top of the CPU's kernel stack on an entry
+/// from ring 3 ([`IntrospectionRoot::kernel_stack_tops`]), and what it keeps
+/// for a process that is not running ([`ProcessRecord::context_gpa`]).
+/// `vector` is the entry's (an exception vector or the system-call gate's);
+/// `error_code` 0 where the CPU pushes none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+#[allow(missing_docs)]
+pub struct UserContext {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
 }
 
 /// The user registers of the last process the kernel terminated for a fault
@@ -186,6 +225,9 @@ pub struct ProcessRecord {
     pub cpu: u32,
     /// Zero.
     pub reserved: u32,
+    /// GPA of the [`UserContext`] the kernel keeps for it: its registers
+    /// whenever no CPU runs it (`cpu` is [`NO_CPU`]); stale while one does.
+    pub context_gpa: u64,
 }
 
 /// [`ProcessRecord::cpu`] of a process no CPU runs.
@@ -253,9 +295,14 @@ const _: () = {
     assert!(core::mem::size_of::<FaultRegisters>() == 32 + 20 * 8);
     assert!(
         core::mem::size_of::<IntrospectionRoot>()
-            == 104 + 24 * MAX_FRAME_RANGES + 16 + core::mem::size_of::<FaultRegisters>()
+            == 104
+                + 24 * MAX_FRAME_RANGES
+                + 16
+                + core::mem::size_of::<FaultRegisters>()
+                + 8 * crate::cpu::MAX_CPUS as usize
     );
-    assert!(core::mem::size_of::<ProcessRecord>() == 120);
+    assert!(core::mem::size_of::<UserContext>() == 22 * 8);
+    assert!(core::mem::size_of::<ProcessRecord>() == 128);
     assert!(core::mem::size_of::<ParticipantRecord>() == 24);
     assert!(core::mem::size_of::<RegionRecord>() == 32 + 24 * REGION_PARTICIPANTS);
 };
@@ -273,6 +320,9 @@ mod tests {
         assert_eq!(offset_of!(IntrospectionRoot, last_fault), 104 + 24 * MAX_FRAME_RANGES + 16);
         assert_eq!(offset_of!(FaultRegisters, rip), 32 + 16 * 8);
         assert_eq!(offset_of!(ProcessRecord, pml4), 40);
+        assert_eq!(offset_of!(ProcessRecord, context_gpa), 120);
+        assert_eq!(offset_of!(UserContext, rip), 17 * 8);
+        assert_eq!(offset_of!(UserContext, ss), 21 * 8);
         assert_eq!(offset_of!(RegionRecord, participants), 32);
     }
 }

@@ -23,6 +23,7 @@
 //! {"cmd":"check"}                                   runs the isolation checker now
 //! {"cmd":"translate","pid":3,"vaddr":4194304}      walks one address, level by level
 //! {"cmd":"dump","pid":3,"vaddr":4194304,"len":64}  bytes the process maps (at most 65536)
+//! {"cmd":"regs","pid":3}                            the user registers it resumes with, and where they are kept
 //! {"cmd":"map"}                                     every frame's owner, run-length encoded
 //! {"cmd":"pause"}  {"cmd":"resume"}  {"cmd":"quit"}
 //! ```
@@ -125,6 +126,12 @@ pub enum Request {
         /// How many bytes (1 to [`inspect::MAX_DUMP`]).
         len: u64,
     },
+    /// A process's user registers (those it resumes with).
+    #[serde(rename = "regs")]
+    Registers {
+        /// The process.
+        pid: u32,
+    },
     /// Every frame's owner (for the SVG map).
     Map,
     /// Hold the vCPU at the next consistent point until `resume`.
@@ -148,6 +155,7 @@ impl Request {
             Request::Check => "check",
             Request::Translate { .. } => "translate",
             Request::Dump { .. } => "dump",
+            Request::Registers { .. } => "regs",
             Request::Map => "map",
             Request::Pause => "pause",
             Request::Resume => "resume",
@@ -192,6 +200,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
             "events" => &["since", "wait_ms"],
             "translate" => &["pid", "vaddr"],
             "dump" => &["pid", "vaddr", "len"],
+            "regs" => &["pid"],
             _ => &[],
         };
         if let Some(extra) = object.keys().find(|k| *k != "cmd" && !allowed.contains(&k.as_str())) {
@@ -593,7 +602,7 @@ mod tests {
         /// arguments) are answered with errors, not panics.
         #[test]
         fn odd_requests_get_answers(
-            cmd in prop_oneof![Just("ps"), Just("maps"), Just("dump"), Just("translate"), Just("events"), Just("x"), Just("")],
+            cmd in prop_oneof![Just("ps"), Just("maps"), Just("dump"), Just("regs"), Just("translate"), Just("events"), Just("x"), Just("")],
             pid in any::<i64>(),
             vaddr in any::<u64>(),
             len in any::<u64>(),

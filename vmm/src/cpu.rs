@@ -285,7 +285,17 @@ pub struct CpuState {
     pub dr7: Option<u64>,
     /// What could not be read, in words.
     pub errors: Vec<String>,
+    /// The general registers, in [`GENERAL_REGISTERS`] order (absent from
+    /// snapshots written before they were kept: zeros).
+    #[serde(default)]
+    pub general: [u64; 16],
 }
+
+/// The names of [`CpuState::general`], in order.
+pub const GENERAL_REGISTERS: [&str; 16] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15",
+];
 
 impl CpuState {
     /// The value of MSR `index`, if it was read.
@@ -335,6 +345,10 @@ pub fn capture(vcpu: &VcpuFd) -> CpuState {
         Ok(regs) => {
             state.rip = regs.rip;
             state.rflags = regs.rflags;
+            state.general = [
+                regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp, regs.r8,
+                regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+            ];
         }
         Err(error) => state.errors.push(format!("KVM_GET_REGS failed: {error}")),
     }
@@ -1230,6 +1244,7 @@ mod tests {
                 xcr0: Some(0xe7),
                 dr7: Some(0x400),
                 errors: Vec::new(),
+                general: [0; 16],
             };
             let machine = Machine { ram, image, state };
             // The GDT: the designed slots and the TSS descriptor.

@@ -29,10 +29,13 @@ use std::fmt::Write as _;
 use std::time::Instant;
 use superos_protocol::event::Event;
 use superos_protocol::hypercall::BootHelloParams;
-use superos_protocol::introspect::{PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE};
+use superos_protocol::introspect::{
+    UserContext, NO_CPU, PARTICIPANT_OFFERED, PROCESS_RECEIVING, PROCESS_RUNNABLE,
+};
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{PROT_EXEC, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
+use zerocopy::FromBytes;
 
 /// Most bytes `dump` shows at once.
 pub const MAX_DUMP: u64 = 64 * 1024;
@@ -658,6 +661,134 @@ pub struct DumpResult {
     pub hex: String,
 }
 
+/// `regs <pid>`: a process's user registers, the ones it resumes with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistersResult {
+    /// Where the guest was.
+    pub at: String,
+    /// The process.
+    pub pid: u32,
+    /// Its name.
+    pub name: String,
+    /// GPA of its PML4.
+    pub pml4: u64,
+    /// Where the registers were read: `the context the kernel keeps for
+    /// it`, `vCPU N (in ring 3)` or `the top of CPU N's kernel stack`.
+    pub source: String,
+    /// The general registers, RIP, RFLAGS, CS and SS, by name, in
+    /// [`REGISTER_ORDER`].
+    pub registers: BTreeMap<String, u64>,
+    /// The kernel entry that saved them (exception vector or the system-call
+    /// gate's) and its error code; absent when read from the vCPU itself.
+    pub entry: Option<(u64, u64)>,
+}
+
+/// How `regs` lists the registers (gdb's `info registers` order).
+pub const REGISTER_ORDER: [&str; 20] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15", "rip", "rflags", "cs", "ss",
+];
+
+impl RegistersResult {
+    /// Register `name` (0 if absent).
+    pub fn get(&self, name: &str) -> u64 {
+        self.registers.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// The registers of a [`UserContext`], by name.
+fn context_registers(context: &UserContext) -> BTreeMap<String, u64> {
+    let c = context;
+    let values = [
+        c.rax, c.rbx, c.rcx, c.rdx, c.rsi, c.rdi, c.rbp, c.rsp, c.r8, c.r9, c.r10, c.r11, c.r12, c.r13,
+        c.r14, c.r15, c.rip, c.rflags, c.cs, c.ss,
+    ];
+    REGISTER_ORDER.iter().map(|n| n.to_string()).zip(values).collect()
+}
+
+/// `regs <pid>`: the registers process `pid` resumes with. A process no CPU
+/// runs has them in the context the kernel keeps for it
+/// ([`ProcessRecord::context_gpa`](superos_protocol::introspect::ProcessRecord));
+/// one a vCPU runs in ring 3 has them in that vCPU; one a CPU is in the
+/// kernel for has them in the frame its entry saved at the top of that
+/// CPU's kernel stack. Everything read is the kernel's claim, read only
+/// within guest RAM; what does not hold together is refused.
+pub fn registers(
+    analysis: &Analysis,
+    machine: &Machine<'_>,
+    at: String,
+    pid: u32,
+) -> Result<RegistersResult, String> {
+    let (pml4, name) = analysis.process(pid)?;
+    let record = analysis.view.process(pid).and_then(|p| p.record).ok_or_else(|| {
+        format!("pid {pid} is known only from the events (the kernel publishes no record of it): its registers are not known")
+    })?;
+    let ram = machine.ram;
+    let read_context = |gpa: u64, what: &str| -> Result<UserContext, String> {
+        ram.read::<UserContext>(gpa)
+            .map_err(|e| format!("the context the kernel keeps for pid {pid} ({what} at {gpa:#x}): {e}"))
+    };
+    let sharing =
+        analysis.view.processes.iter().filter(|p| p.record.is_some_and(|r| r.cpu == record.cpu)).count();
+    let (source, registers, entry) = if record.cpu == NO_CPU || sharing > 1 {
+        // Not running, or its CPU is switching between it and another
+        // process: the kernel saved the outgoing one's context before the
+        // switch began and the incoming one's is still where it was kept.
+        let context = read_context(record.context_gpa, "GPA")?;
+        (
+            "the context the kernel keeps for it".to_string(),
+            context_registers(&context),
+            Some((context.vector, context.error_code)),
+        )
+    } else {
+        let cpu = record.cpu;
+        let capture =
+            machine.state.cpus.iter().find(|c| c.cpu == cpu).ok_or_else(|| {
+                format!("pid {pid} runs on CPU {cpu}, whose state was not read at this point")
+            })?;
+        let state = &capture.state;
+        if state.in_ring3() {
+            if state.cr3 & PTE_ADDRESS_MASK != pml4 {
+                return Err(format!(
+                    "pid {pid} runs on vCPU {cpu}, which is in ring 3 with CR3 {:#x}, not pid {pid}'s PML4 {pml4:#x}",
+                    state.cr3
+                ));
+            }
+            let mut registers: BTreeMap<String, u64> =
+                cpu::GENERAL_REGISTERS.iter().map(|n| n.to_string()).zip(state.general).collect();
+            registers.insert("rip".into(), state.rip);
+            registers.insert("rflags".into(), state.rflags);
+            registers.insert("cs".into(), u64::from(state.cs.selector));
+            registers.insert("ss".into(), u64::from(state.ss.selector));
+            (format!("vCPU {cpu} (in ring 3)"), registers, None)
+        } else {
+            let root = analysis.view.root.as_ref().ok_or("the kernel published no introspection root")?;
+            let top = root.kernel_stack_tops.get(cpu as usize).copied().unwrap_or(0);
+            if top == 0 {
+                return Err(format!("the kernel published no kernel stack for CPU {cpu}"));
+            }
+            let size = std::mem::size_of::<UserContext>();
+            let va =
+                top.checked_sub(size as u64).ok_or("the published kernel stack top is below its frame")?;
+            let bytes = walk::read_virtual(ram, root.kernel_pml4, va, size)
+                .map_err(|e| format!("CPU {cpu}'s kernel stack at {va:#x}: {e}"))?;
+            let context = UserContext::read_from_bytes(&bytes).map_err(|_| "a frame of the wrong size")?;
+            if context.cs & 3 != 3 {
+                return Err(format!(
+                    "the frame at the top of CPU {cpu}'s kernel stack is not one from ring 3 (cs {:#x}): pid {pid}'s registers are not there now",
+                    context.cs
+                ));
+            }
+            (
+                format!("the top of CPU {cpu}'s kernel stack"),
+                context_registers(&context),
+                Some((context.vector, context.error_code)),
+            )
+        }
+    };
+    Ok(RegistersResult { at, pid, name, pml4, source, registers, entry })
+}
+
 /// `map`: a run of frames with the same owner and marks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameRun {
@@ -788,6 +919,10 @@ pub fn answer(machine: &Machine<'_>, request: &Request) -> Result<Value, String>
         Request::Dump { pid, vaddr, len } => {
             let (analysis, at) = analysed();
             to_value(dump(&analysis, machine.ram, at, pid, vaddr, len)?)
+        }
+        Request::Registers { pid } => {
+            let (analysis, at) = analysed();
+            to_value(registers(&analysis, machine, at, pid)?)
         }
         Request::Map => {
             let (analysis, at) = analysed();
@@ -1668,6 +1803,17 @@ pub fn render(request: &Request, value: &Value) -> Result<String, String> {
             let _ = writeln!(out, "pid {} {:#x}+{} {}:", r.pid, r.vaddr, bytes.len(), r.at);
             out.push_str(&hexdump(r.vaddr, &bytes));
         }
+        Request::Registers { .. } => {
+            let r: RegistersResult = decode(value)?;
+            let _ = writeln!(out, "pid {} ({}) {}, registers from {}:", r.pid, r.name, r.at, r.source);
+            for name in REGISTER_ORDER {
+                let value = r.get(name);
+                let _ = writeln!(out, "{name:<8} {value:#018x}  {value}");
+            }
+            if let Some((vector, error_code)) = r.entry {
+                let _ = writeln!(out, "saved by kernel entry vector {vector:#x}, error code {error_code:#x}");
+            }
+        }
         Request::Map => {
             let r: MapResult = decode(value)?;
             let _ = writeln!(out, "{} runs of frames {}; use --svg <file> to draw them", r.runs.len(), r.at);
@@ -1792,6 +1938,149 @@ mod tests {
             frames.mapped_frames,
             frames.ram_frames
         );
+    }
+
+    /// A machine whose kernel publishes pid 3 (`cpu`, its context at
+    /// `CONTEXT`) and, with `two_on_cpu`, pid 4 on the same CPU; CPU 0's
+    /// kernel stack top at `STACK_TOP`, mapped by the kernel's tables.
+    fn machine_with_one_process(cpu: u32, two_on_cpu: bool) -> (GuestRam, MachineState, u64) {
+        use crate::introspect::tests::{sample_root, PROCS, ROOT};
+        use superos_protocol::introspect::ProcessRecord;
+        const CONTEXT: u64 = 0x9000;
+        let ram = GuestRam::new(16).unwrap();
+        let mut tables = walk::tests::Tables { ram: &ram, next: 0x40_0000 };
+        let (pml4, kernel_pml4, stack) = (tables.frame(), tables.frame(), tables.frame());
+        tables.map(kernel_pml4, STACK_TOP - 4096, stack, PTE_PRESENT | PTE_WRITABLE);
+        let mut root = sample_root(&ram);
+        root.kernel_pml4 = kernel_pml4;
+        root.kernel_stack_tops[0] = STACK_TOP;
+        ram.write(ROOT, &root).unwrap();
+        let record = |pid| ProcessRecord {
+            pid,
+            state: PROCESS_RUNNABLE,
+            pml4,
+            cpu,
+            context_gpa: CONTEXT,
+            ..Default::default()
+        };
+        ram.write(PROCS, &record(3)).unwrap();
+        if two_on_cpu {
+            ram.write(PROCS + std::mem::size_of::<ProcessRecord>() as u64, &record(4)).unwrap();
+        }
+        let kept = UserContext {
+            rip: 0x40_1000,
+            rsp: 0x7fff_f000,
+            rax: 7,
+            cs: 0x33,
+            ss: 0x2b,
+            vector: 3,
+            ..Default::default()
+        };
+        ram.write(CONTEXT, &kept).unwrap();
+        let on_stack = UserContext {
+            rip: 0x40_2000,
+            rbx: 9,
+            cs: 0x33,
+            ss: 0x2b,
+            vector: 14,
+            error_code: 6,
+            ..Default::default()
+        };
+        ram.write(stack + 4096 - std::mem::size_of::<UserContext>() as u64, &on_stack).unwrap();
+        let hello = BootHelloParams { introspection_root_gpa: ROOT, ..Default::default() };
+        let state = MachineState { hello: Some(hello), ..Default::default() };
+        (ram, state, stack)
+    }
+
+    const STACK_TOP: u64 = 0xffff_8000_0010_0000;
+
+    fn regs_of(ram: &GuestRam, state: &MachineState, pid: u32) -> Result<RegistersResult, String> {
+        let machine = Machine { ram, state };
+        answer(&machine, &Request::Registers { pid }).map(|value| serde_json::from_value(value).unwrap())
+    }
+
+    fn captured(cpu: u32, cs: u16, cr3: u64) -> CpuCapture {
+        let mut state = cpu::CpuState::default();
+        state.cs.selector = cs;
+        state.cr3 = cr3;
+        state.rip = 0x40_3000;
+        state.general[1] = 0xb; // rbx
+        CpuCapture { cpu, at: String::new(), state }
+    }
+
+    #[test]
+    fn registers_come_from_where_the_process_is_and_nowhere_else() {
+        // No CPU runs it: the context the kernel keeps.
+        let (ram, state, _) = machine_with_one_process(NO_CPU, false);
+        let regs = regs_of(&ram, &state, 3).unwrap();
+        assert_eq!(
+            (regs.source.as_str(), regs.get("rip"), regs.get("rax")),
+            ("the context the kernel keeps for it", 0x40_1000, 7)
+        );
+        assert_eq!(regs.entry, Some((3, 0)));
+        let text = render(&Request::Registers { pid: 3 }, &serde_json::to_value(&regs).unwrap()).unwrap();
+        assert!(text.contains("rip      0x0000000000401000"), "{text}");
+
+        // CPU 0 runs it in ring 3 in its address space: the vCPU's registers.
+        let (ram, mut state, _) = machine_with_one_process(0, false);
+        let pml4 = 0x40_0000;
+        state.cpus = vec![captured(0, 0x33, pml4)];
+        let regs = regs_of(&ram, &state, 3).unwrap();
+        assert_eq!(
+            (regs.source.as_str(), regs.get("rip"), regs.get("rbx")),
+            ("vCPU 0 (in ring 3)", 0x40_3000, 0xb)
+        );
+        // ... but not if the vCPU is in another address space.
+        state.cpus = vec![captured(0, 0x33, 0x77_7000)];
+        let error = regs_of(&ram, &state, 3).unwrap_err();
+        assert!(error.contains("CR3 0x777000, not pid 3's PML4"), "{error}");
+        // CPU 0 is in the kernel for it: the frame at the top of its kernel stack.
+        state.cpus = vec![captured(0, 0x8, pml4)];
+        let regs = regs_of(&ram, &state, 3).unwrap();
+        assert_eq!(
+            (regs.source.as_str(), regs.get("rip"), regs.get("rbx")),
+            ("the top of CPU 0's kernel stack", 0x40_2000, 9)
+        );
+        assert_eq!(regs.entry, Some((14, 6)));
+        // No capture of its CPU: refused.
+        state.cpus.clear();
+        assert!(regs_of(&ram, &state, 3).unwrap_err().contains("whose state was not read"));
+
+        // Two processes claim CPU 0 (a switch between them): each one's kept context.
+        let (ram, mut state, _) = machine_with_one_process(0, true);
+        state.cpus = vec![captured(0, 0x8, pml4)];
+        assert_eq!(regs_of(&ram, &state, 4).unwrap().source, "the context the kernel keeps for it");
+    }
+
+    #[test]
+    fn registers_the_kernel_misplaces_are_refused_not_invented() {
+        use crate::introspect::tests::{PROCS, ROOT};
+        use superos_protocol::introspect::{IntrospectionRoot, ProcessRecord};
+        let pml4 = 0x40_0000;
+        // The frame at the top of the stack is a kernel one.
+        let (ram, mut state, stack) = machine_with_one_process(0, false);
+        state.cpus = vec![captured(0, 0x8, pml4)];
+        let frame = stack + 4096 - std::mem::size_of::<UserContext>() as u64;
+        ram.write(frame, &UserContext { cs: 0x8, ..Default::default() }).unwrap();
+        let error = regs_of(&ram, &state, 3).unwrap_err();
+        assert!(error.contains("not one from ring 3 (cs 0x8)"), "{error}");
+        // No stack published for the CPU; a stack the kernel's tables do not map.
+        let mut root: IntrospectionRoot = ram.read(ROOT).unwrap();
+        root.kernel_stack_tops[0] = 0;
+        ram.write(ROOT, &root).unwrap();
+        assert!(regs_of(&ram, &state, 3).unwrap_err().contains("no kernel stack for CPU 0"));
+        root.kernel_stack_tops[0] = 0xffff_9000_0000_0000;
+        ram.write(ROOT, &root).unwrap();
+        assert!(regs_of(&ram, &state, 3).unwrap_err().contains("CPU 0's kernel stack at"));
+        // A kept context outside guest RAM.
+        let (ram, state, _) = machine_with_one_process(NO_CPU, false);
+        let mut record: ProcessRecord = ram.read(PROCS).unwrap();
+        record.context_gpa = u64::MAX - 8;
+        ram.write(PROCS, &record).unwrap();
+        let error = regs_of(&ram, &state, 3).unwrap_err();
+        assert!(error.contains("the context the kernel keeps for pid 3"), "{error}");
+        // No such process.
+        assert!(regs_of(&ram, &state, 5).unwrap_err().contains("no live process with pid 5"));
     }
 
     #[test]

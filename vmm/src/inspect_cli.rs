@@ -36,6 +36,8 @@ Examples:
   superos-vmm inspect --api /tmp/vm.sock maps 1                 what pid 1 maps, from its page tables
   superos-vmm inspect --api /tmp/vm.sock check                  the isolation invariants, now
   superos-vmm inspect --api /tmp/vm.sock dump 1 0x400000 64     bytes pid 1 maps
+  superos-vmm inspect --api /tmp/vm.sock regs 1                 the registers pid 1 resumes with
+  superos-vmm inspect --api /tmp/vm.sock core 1 hello.core      a core file of pid 1, for gdb
   superos-vmm inspect --api /tmp/vm.sock events --follow        kernel events until the guest stops
   superos-vmm inspect --api /tmp/vm.sock map --svg memory.svg   physical memory, coloured by owner
   superos-vmm inspect --snapshot vm.snap ps                     the same, offline
@@ -113,6 +115,21 @@ pub enum InspectCommand {
         #[arg(value_parser = parse_number)]
         len: u64,
     },
+    /// A process's user registers (those it resumes with) and where the
+    /// kernel keeps them.
+    Regs {
+        /// The process.
+        pid: u32,
+    },
+    /// Write an ELF core file of a live process (its registers and every
+    /// page it maps), for `gdb PROGRAM FILE`. A running guest is paused
+    /// while it is read and resumed after.
+    Core {
+        /// The process.
+        pid: u32,
+        /// The core file to write.
+        file: PathBuf,
+    },
     /// Physical memory frame by frame, coloured by owner.
     Map {
         /// Draw it into this SVG file.
@@ -151,6 +168,9 @@ impl InspectCommand {
             InspectCommand::Translate { pid, vaddr } => Request::Translate { pid, vaddr },
             InspectCommand::Dump { pid, vaddr, len } => Request::Dump { pid, vaddr, len },
             InspectCommand::Map { .. } => Request::Map,
+            InspectCommand::Regs { pid } => Request::Registers { pid },
+            // Registers first; `core` asks for the rest itself.
+            InspectCommand::Core { pid, .. } => Request::Registers { pid },
             InspectCommand::Pause => Request::Pause,
             InspectCommand::Resume => Request::Resume,
             InspectCommand::Quit => Request::Quit,
@@ -270,6 +290,7 @@ fn answer(args: InspectArgs) -> u8 {
     match &args.command {
         InspectCommand::Events { follow } => events(&mut source, *follow, args.json),
         InspectCommand::Map { svg } => map(&mut source, svg.as_deref(), args.json),
+        InspectCommand::Core { pid, file } => core(&mut source, *pid, file, args.json),
         command => {
             let request = command.request();
             let value = match source.ask(&request) {
@@ -336,6 +357,139 @@ fn events(source: &mut Source, follow: bool, json: bool) -> u8 {
             return EXIT_OK;
         }
     }
+}
+
+/// Asks `request` and decodes its answer as `T`; a failure is the exit
+/// status and message `fail` reports.
+fn ask_as<T: serde::de::DeserializeOwned>(source: &mut Source, request: &Request) -> Result<T, (u8, String)> {
+    let value = source.ask(request).map_err(|e| match e {
+        ClientError::Refused(why) => (EXIT_REFUSED, why),
+        ClientError::Transport(why) => (EXIT_USAGE, why),
+    })?;
+    serde_json::from_value(value).map_err(|e| (EXIT_USAGE, format!("unexpected answer from the VMM: {e}")))
+}
+
+/// `core <pid> <file>`: the process's registers (`regs`), its mappings
+/// (`maps`) and their bytes (`dump`, [`inspect::MAX_DUMP`] at a time) made
+/// into a core file ([`crate::core_dump::assemble`]). A running guest is
+/// paused for the reading, so that all of it is of one moment, and resumed.
+fn core(source: &mut Source, pid: u32, file: &Path, json: bool) -> u8 {
+    let paused_here = match source {
+        Source::Live(_) => match ask_as::<ControlResult>(source, &Request::Status) {
+            Ok(status) if status.state == "running" => match ask_as::<ControlResult>(source, &Request::Pause)
+            {
+                Ok(_) => true,
+                Err((code, why)) => return fail(code, &why),
+            },
+            Ok(_) => false,
+            Err((code, why)) => return fail(code, &why),
+        },
+        Source::Offline(_) => false,
+    };
+    let written = read_core(source, pid);
+    if paused_here {
+        if let Err((code, why)) = ask_as::<ControlResult>(source, &Request::Resume) {
+            return fail(code, &format!("the core was read, but the guest could not be resumed: {why}"));
+        }
+    }
+    let (regs, segments) = match written {
+        Ok(read) => read,
+        Err((code, why)) => return fail(code, &why),
+    };
+    let fault_registers = superos_protocol::introspect::FaultRegisters {
+        pid,
+        vector: regs.entry.map_or(0, |(vector, _)| u32::try_from(vector).unwrap_or(u32::MAX)),
+        pml4: regs.pml4,
+        error_code: regs.entry.map_or(0, |(_, code)| code),
+        addr: 0,
+        rax: regs.get("rax"),
+        rbx: regs.get("rbx"),
+        rcx: regs.get("rcx"),
+        rdx: regs.get("rdx"),
+        rsi: regs.get("rsi"),
+        rdi: regs.get("rdi"),
+        rbp: regs.get("rbp"),
+        rsp: regs.get("rsp"),
+        r8: regs.get("r8"),
+        r9: regs.get("r9"),
+        r10: regs.get("r10"),
+        r11: regs.get("r11"),
+        r12: regs.get("r12"),
+        r13: regs.get("r13"),
+        r14: regs.get("r14"),
+        r15: regs.get("r15"),
+        rip: regs.get("rip"),
+        rflags: regs.get("rflags"),
+        cs: regs.get("cs"),
+        ss: regs.get("ss"),
+    };
+    let process = crate::core_dump::CoreProcess {
+        name: &regs.name,
+        regs: fault_registers,
+        fault: None,
+        event: regs.at.clone(),
+        live: true,
+    };
+    let bytes = crate::core_dump::assemble(&process, &segments);
+    if let Err(e) = std::fs::write(file, &bytes) {
+        return fail(EXIT_OUTPUT_FAILED, &format!("cannot write {}: {e}", file.display()));
+    }
+    let pages: usize = segments.iter().map(|s| s.bytes.len() / 4096).sum();
+    if json {
+        print(&format!(
+            "{}\n",
+            json!({ "file": file.display().to_string(), "pid": pid, "name": regs.name, "at": regs.at,
+                    "registers_from": regs.source, "segments": segments.len(), "pages": pages, "bytes": bytes.len() })
+        ));
+    } else {
+        print(&format!(
+            "wrote {}: pid {} ({}) {}, registers from {}, {} pages in {} segments\n",
+            file.display(),
+            pid,
+            regs.name,
+            regs.at,
+            regs.source,
+            pages,
+            segments.len()
+        ));
+    }
+    EXIT_OK
+}
+
+/// The registers and memory of process `pid`, for [`core`].
+fn read_core(
+    source: &mut Source,
+    pid: u32,
+) -> Result<(inspect::RegistersResult, Vec<crate::core_dump::LoadSegment>), (u8, String)> {
+    let regs: inspect::RegistersResult = ask_as(source, &Request::Registers { pid })?;
+    let maps: inspect::MapsResult = ask_as(source, &Request::Maps { pid })?;
+    if maps.partial {
+        return Err((
+            EXIT_REFUSED,
+            format!("pid {pid}'s page tables are larger than the walk's budget: no core"),
+        ));
+    }
+    let mut segments = Vec::new();
+    for range in maps.ranges.iter().filter(|r| r.user) {
+        let mut bytes = Vec::with_capacity((range.end - range.start) as usize);
+        let mut at = range.start;
+        while at < range.end {
+            let len = (range.end - at).min(inspect::MAX_DUMP);
+            let dump: inspect::DumpResult = ask_as(source, &Request::Dump { pid, vaddr: at, len })?;
+            let chunk = inspect::hex_decode(&dump.hex)
+                .filter(|chunk| chunk.len() as u64 == len)
+                .ok_or((EXIT_USAGE, "unexpected answer from the VMM: bad hex".to_string()))?;
+            bytes.extend_from_slice(&chunk);
+            at += len;
+        }
+        segments.push(crate::core_dump::LoadSegment {
+            va: range.start,
+            writable: range.writable,
+            executable: !range.nx,
+            bytes,
+        });
+    }
+    Ok((regs, segments))
 }
 
 fn map(source: &mut Source, file: Option<&Path>, json: bool) -> u8 {

@@ -535,7 +535,7 @@ pub(crate) mod tests {
 
     /// A root at 0x2000 with tables behind it, in a fresh 16 MiB RAM.
     pub(crate) const ROOT: u64 = 0x2000;
-    const PROCS: u64 = 0x3000;
+    pub(crate) const PROCS: u64 = 0x3000;
     const REGIONS: u64 = 0x5000;
     const OWNERS: u64 = 0x8000;
     const FRAMES: u64 = 0x7000;

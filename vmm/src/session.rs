@@ -501,7 +501,8 @@ impl<'a> Session<'a> {
             if regs.pid != pid {
                 return Err(format!("the kernel published the registers of pid {}, not {pid}", regs.pid));
             }
-            let process = crate::core_dump::CoreProcess { name: &name, regs, fault, event: line };
+            let process =
+                crate::core_dump::CoreProcess { name: &name, regs, fault, event: line, live: false };
             let bytes = crate::core_dump::core_file(self.ram, &process)?;
             if self.core_bytes + bytes.len() as u64 > byte_limit {
                 return Err(format!(

@@ -230,6 +230,14 @@ fn two_cpus_are_examined_live_and_in_a_snapshot_vcpu_by_vcpu() {
     assert!(processes.iter().all(|p| p["state"] == "running"), "{ps}");
     let table = vmm.text(&["ps"]);
     assert!(table.lines().nth(1).is_some_and(|header| header.contains(" cpu ")), "{table}");
+    // Each one's registers are its vCPU's: it is in ring 3 there, in `spin`'s code.
+    for p in processes {
+        let pid = p["pid"].to_string();
+        let regs = vmm.json(&["regs", &pid]);
+        assert_eq!(regs["source"], format!("vCPU {} (in ring 3)", p["cpu"]), "{regs}");
+        let rip = regs["registers"]["rip"].as_u64().unwrap();
+        assert!((0x40_0000..0x41_0000).contains(&rip), "{regs}");
+    }
     let check = vmm.text(&["check"]);
     // The map says what each CPU runs, and so does its SVG legend.
     let map = vmm.text(&["map"]);
@@ -766,5 +774,86 @@ fn a_kernel_busy_in_ring_0_makes_queries_fail_instead_of_hanging() {
     let (code, output) = vmm.finish();
     assert_eq!(code, 1, "{output}");
     assert!(output.contains("stopped on request"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// gdb, if this machine has it (`.ci/run` installs Debian's; the nested
+/// host's L1 has none, and there the core is checked without it).
+fn gdb() -> Option<&'static str> {
+    let found = Command::new("gdb").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(
+        found || std::env::var_os("CI").is_none() || std::env::var_os("SUPEROS_NESTED_L1").is_some(),
+        "gdb is not installed, and CI is set (.ci/run installs it)"
+    );
+    found.then_some("gdb")
+}
+
+/// `inspect regs` and `inspect core` of live processes: the producer blocked
+/// in `ipc_recv` (its registers the context the kernel keeps for it) and the
+/// spinner (the vCPU's, or its kept context if it was preempted): gdb opens
+/// each core and walks the stack back to `_start` through the program's
+/// own functions. The guest runs on afterwards.
+#[test]
+fn a_live_process_core_opens_in_gdb_where_the_process_is() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("live-core");
+    let scenario = dir.join("live.toml");
+    std::fs::write(&scenario, LIVE_SCENARIO).unwrap();
+    let socket = dir.join("vm.sock");
+    let mut vmm = Vmm::start(&[scenario.to_str().unwrap(), "--timeout", "120"], &socket);
+    vmm.wait_for_line("[spinner#2] spin: spinning forever");
+    vmm.wait_for_line("[producer#1] shm-pipeline: producer: MEM_SHARE:1 mapped read-write at 0x100000000");
+
+    let regs = vmm.json(&["regs", "1"]);
+    assert_eq!(regs["source"], "the context the kernel keeps for it", "{regs}");
+    assert_eq!(regs["registers"]["cs"], 0x33, "a ring-3 context: {regs}");
+    let text = vmm.text(&["regs", "1"]);
+    assert!(
+        text.contains("registers from the context the kernel keeps for it") && text.contains("rip "),
+        "{text}"
+    );
+    let (producer_core, spinner_core) = (dir.join("producer.core"), dir.join("spinner.core"));
+    let wrote = vmm.text(&["core", "1", producer_core.to_str().unwrap()]);
+    assert!(wrote.starts_with(&format!("wrote {}: pid 1 (producer)", producer_core.display())), "{wrote}");
+    let wrote = vmm.json(&["core", "2", spinner_core.to_str().unwrap()]);
+    assert_eq!((wrote["pid"].as_u64(), wrote["name"].as_str()), (Some(2), Some("spinner")), "{wrote}");
+    assert!(wrote["pages"].as_u64().unwrap() >= 4, "{wrote}");
+    // `core` paused a running guest and let it go again.
+    assert!(vmm.text(&["status"]).starts_with("running"));
+    // A pid that is not there, a file that cannot be written: errors.
+    let (code, _, stderr) = vmm.inspect(&["core", "9", dir.join("x.core").to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no live process with pid 9"), "{stderr}");
+    let (code, _, stderr) = vmm.inspect(&["core", "1", dir.join("no/such/dir/x.core").to_str().unwrap()]);
+    assert_eq!(code, 6, "{stderr}");
+    assert!(stderr.contains("cannot write"), "{stderr}");
+    assert!(vmm.text(&["status"]).starts_with("running"));
+    vmm.text(&["quit"]);
+    vmm.finish();
+
+    let Some(gdb) = gdb() else {
+        eprintln!("gdb is not installed here: the cores were written, not read by gdb");
+        return;
+    };
+    let programs = dir.join("programs");
+    let (code, _, stderr) = common::vmm(&["list", "--export", programs.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    for (program, core, function) in
+        [("shm-pipeline", &producer_core, "shm_pipeline::producer"), ("spin", &spinner_core, "spin::main")]
+    {
+        let output = Command::new(gdb)
+            .args(["-nx", "-batch", "-ex", "bt", "-ex", "info registers rip"])
+            .arg(programs.join(program))
+            .arg(core)
+            .output()
+            .unwrap();
+        let text =
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        assert!(text.contains("(live)'"), "the core says it is of a live process:\n{text}");
+        assert!(!text.contains("Program terminated"), "no signal killed it:\n{text}");
+        assert!(text.contains(function) && text.contains("in _start ()"), "{function} on the stack:\n{text}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -81,6 +81,24 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
+// The frame is published as `superos_protocol::introspect::UserContext` (the
+// VMM reads a process's registers from it): the same layout, field by field.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    use superos_protocol::introspect::UserContext;
+    assert!(size_of::<TrapFrame>() == size_of::<UserContext>());
+    assert!(offset_of!(TrapFrame, r15) == offset_of!(UserContext, r15));
+    assert!(offset_of!(TrapFrame, r8) == offset_of!(UserContext, r8));
+    assert!(offset_of!(TrapFrame, rax) == offset_of!(UserContext, rax));
+    assert!(offset_of!(TrapFrame, vector) == offset_of!(UserContext, vector));
+    assert!(offset_of!(TrapFrame, error_code) == offset_of!(UserContext, error_code));
+    assert!(offset_of!(TrapFrame, rip) == offset_of!(UserContext, rip));
+    assert!(offset_of!(TrapFrame, cs) == offset_of!(UserContext, cs));
+    assert!(offset_of!(TrapFrame, rflags) == offset_of!(UserContext, rflags));
+    assert!(offset_of!(TrapFrame, rsp) == offset_of!(UserContext, rsp));
+    assert!(offset_of!(TrapFrame, ss) == offset_of!(UserContext, ss));
+};
+
 /// Pseudo-vector the `syscall` entry stub records in [`TrapFrame::vector`].
 pub const SYSCALL_VECTOR: u64 = superos_protocol::cpu::entry_vector::SYSCALL;
 /// Pseudo-vector of the `CSTAR`/`SYSENTER` stub: never a legitimate entry.

@@ -70,6 +70,7 @@ static ROOT: KernelCell<IntrospectionRoot> = KernelCell::new(IntrospectionRoot {
         cs: 0,
         ss: 0,
     },
+    kernel_stack_tops: [0; superos_protocol::cpu::MAX_CPUS as usize],
 });
 
 const EMPTY_PROCESS: ProcessRecord = ProcessRecord {
@@ -88,6 +89,7 @@ const EMPTY_PROCESS: ProcessRecord = ProcessRecord {
     table_bytes: 0,
     cpu: NO_CPU,
     reserved: 0,
+    context_gpa: 0,
 };
 const EMPTY_PARTICIPANT: ParticipantRecord =
     ParticipantRecord { pid: 0, rights: 0, state: 0, mapped_at: 0, prot: 0, granted_by: 0 };
@@ -106,12 +108,16 @@ static PROCESSES: KernelCell<[ProcessRecord; PROCESS_CAPACITY]> =
 static REGIONS: KernelCell<[RegionRecord; REGION_CAPACITY]> =
     KernelCell::new([EMPTY_REGION; REGION_CAPACITY]);
 
-/// Fills in the parts of the root that never change; returns its GPA.
-pub fn init(kernel_text_gpa: u64, kernel_text_len: u64) -> u64 {
+/// Fills in the parts of the root that never change (for a VM of
+/// `cpu_count` CPUs); returns its GPA.
+pub fn init(kernel_text_gpa: u64, kernel_text_len: u64, cpu_count: u32) -> u64 {
     // SAFETY: KernelCell invariant (boot, single CPU, interrupts off).
     let root = unsafe { ROOT.get() };
     root.kernel_text_gpa = kernel_text_gpa;
     root.kernel_text_len = kernel_text_len;
+    for (cpu, top) in root.kernel_stack_tops.iter_mut().enumerate().take(cpu_count as usize) {
+        *top = crate::arch::tables::kernel_stack_top(cpu as u32);
+    }
     root.process_table_gpa = image_gpa(PROCESSES.as_ptr());
     root.region_table_gpa = image_gpa(REGIONS.as_ptr());
     image_gpa(ROOT.as_ptr())
@@ -202,6 +208,8 @@ fn process_record(
         table_bytes: process.space.table_pages() * PAGE_SIZE,
         cpu,
         reserved: 0,
+        // Processes live in the kernel heap, a static of the image.
+        context_gpa: image_gpa(&process.context),
     }
 }
 

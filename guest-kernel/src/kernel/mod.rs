@@ -265,7 +265,8 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     // SAFETY: linker-script symbols; only addresses are used.
     let (text_start, text_end) = unsafe { (symbol_address(&__text_start), symbol_address(&__text_end)) };
     let (ring_gpa, ring_bytes) = host::event_ring_location();
-    let introspection_root_gpa = introspect::init(text_start - KERNEL_VMA_BASE, text_end - text_start);
+    let introspection_root_gpa =
+        introspect::init(text_start - KERNEL_VMA_BASE, text_end - text_start, boot.cpu_count);
     let hello = hc::BootHelloParams {
         version: PROTOCOL_VERSION,
         status: hc::STATUS_PENDING,
