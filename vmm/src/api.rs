@@ -749,7 +749,7 @@ mod tests {
                 // SAFETY: pthread_self has no preconditions.
                 control.vcpu_started(unsafe { libc::pthread_self() });
                 while !done.load(Ordering::SeqCst) {
-                    control.before_start(&session);
+                    control.before_start(&session, Vec::new);
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 control.vcpu_exited();

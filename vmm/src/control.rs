@@ -97,6 +97,8 @@ struct State {
     held_total: Duration,
     /// Set when the guest has stopped for good: why.
     finished: Option<String>,
+    /// The kernel's shutdown status, if it shut down (for gdb's `exited`).
+    exit_code: Option<u8>,
     /// The CR3 of the user code `quit` stopped it in, if any.
     finished_cr3: Option<u64>,
     /// The VMM stays up after the guest has finished.
@@ -158,6 +160,7 @@ impl Control {
                 held_since: None,
                 held_total: Duration::ZERO,
                 finished: None,
+                exit_code: None,
                 finished_cr3: None,
                 lingering: false,
                 hello: None,
@@ -240,9 +243,11 @@ impl Control {
     }
 
     /// Before the first instruction: holds the vCPU there if a pause is
-    /// wanted (`--paused`). True if the guest must not run (`quit`).
-    pub fn before_start(&self, session: &Session<'_>) -> bool {
-        let quit = self.attention.load(Ordering::SeqCst) && self.hold(Point::Boot, session, Vec::new());
+    /// wanted (`--paused`, `--gdb-wait`); `cpus` is its state there (the
+    /// bootstrap vCPU's: the others have not started). True if the guest
+    /// must not run (`quit`).
+    pub fn before_start(&self, session: &Session<'_>, cpus: impl FnOnce() -> Vec<CpuCapture>) -> bool {
+        let quit = self.attention.load(Ordering::SeqCst) && self.hold(Point::Boot, session, cpus());
         self.lock().guest_entered = true;
         quit
     }
@@ -365,6 +370,19 @@ impl Control {
         state.lingering = lingering;
         state.vcpu = Vcpu::Finished;
         self.changed.notify_all();
+    }
+
+    /// The kernel's shutdown status, before [`Control::finish`]: what
+    /// [`Control::ended`] reports (`None`: it did not shut down).
+    pub fn set_exit_code(&self, code: Option<u8>) {
+        self.lock().exit_code = code;
+    }
+
+    /// `None` while the guest runs; once it has stopped, its shutdown
+    /// status (`None` inside: it did not shut down, it was stopped).
+    pub fn ended(&self) -> Option<Option<u8>> {
+        let state = self.lock();
+        state.finished.as_ref().map(|_| state.exit_code)
     }
 
     /// Waits until someone asks to quit.
@@ -628,6 +646,9 @@ impl Control {
 pub struct RunExtras {
     /// `--api`: the control socket.
     pub api: Option<ApiOptions>,
+    /// `--gdb`: where gdb connects, and whether the vCPU waits for it
+    /// before its first instruction (`--gdb-wait`).
+    pub gdb: Option<(crate::gdb::GdbAddress, bool)>,
     /// `--snapshot-on-exit`: where to write the snapshot.
     pub snapshot_on_exit: Option<PathBuf>,
     /// Called with the report once the guest has stopped, before the VMM
@@ -638,7 +659,7 @@ pub struct RunExtras {
 impl RunExtras {
     /// True if nothing beyond a plain run was asked for.
     pub fn is_empty(&self) -> bool {
-        self.api.is_none() && self.snapshot_on_exit.is_none()
+        self.api.is_none() && self.gdb.is_none() && self.snapshot_on_exit.is_none()
     }
 
     /// True if the VMM keeps serving after the guest has finished.
@@ -653,6 +674,7 @@ impl RunExtras {
 pub struct Attached {
     control: Option<Arc<Control>>,
     server: Option<Server>,
+    gdb: Option<crate::gdb::GdbServer>,
     linger: bool,
     /// The snapshot's path, the file it is written to, and whether that is
     /// a temporary file renamed over the path when whole.
@@ -686,17 +708,23 @@ impl Attached {
             }
             None => None,
         };
-        let (control, server, linger) = match extras.api {
-            Some(api) => {
-                let control = Arc::new(
-                    Control::new(ram.clone(), usable.to_vec(), api.paused).with_image(image.clone()),
-                );
-                let server = Server::start(&api.socket, control.clone())?;
-                (Some(control), Some(server), api.linger)
+        // The control socket and the gdb stub share one pause handshake.
+        let paused = extras.api.as_ref().is_some_and(|api| api.paused)
+            || extras.gdb.as_ref().is_some_and(|(_, wait)| *wait);
+        let control = (extras.api.is_some() || extras.gdb.is_some())
+            .then(|| Arc::new(Control::new(ram.clone(), usable.to_vec(), paused).with_image(image.clone())));
+        // gdb's listener first: once the control socket answers, both do.
+        let gdb = match (&extras.gdb, &control) {
+            (Some((address, _)), Some(control)) => {
+                Some(crate::gdb::GdbServer::start(address, control.clone())?)
             }
-            None => (None, None, false),
+            _ => None,
         };
-        Ok(Attached { control, server, linger, snapshot, on_finish: extras.on_finish, image })
+        let (server, linger) = match (&extras.api, &control) {
+            (Some(api), Some(control)) => (Some(Server::start(&api.socket, control.clone())?), api.linger),
+            _ => (None, false),
+        };
+        Ok(Attached { control, server, gdb, linger, snapshot, on_finish: extras.on_finish, image })
     }
 
     /// The pause handshake, if the socket is served.
@@ -724,6 +752,11 @@ impl Attached {
             (exit, _) => exit.to_string(),
         };
         if let Some(control) = &self.control {
+            let code = match report.exit {
+                GuestExit::Shutdown { code } => Some(u8::try_from(code).unwrap_or(u8::MAX)),
+                _ => None,
+            };
+            control.set_exit_code(code);
             control.finish(&report.events, hello, baseline.clone(), cpus.clone(), exit.clone(), self.linger);
         }
         if let Some((path, file, atomic)) = self.snapshot.take() {
@@ -775,6 +808,17 @@ impl Attached {
         if let Some(server) = self.server.take() {
             server.shutdown();
         }
+        // gdb hears that the guest has stopped when it next waits for it;
+        // the stub stops once that session has ended.
+        if let Some(gdb) = self.gdb.take() {
+            if gdb.in_session() {
+                eprintln!(
+                    "superos-vmm: the guest has stopped; serving gdb on {} until it detaches",
+                    gdb.address()
+                );
+            }
+            gdb.shutdown();
+        }
     }
 }
 
@@ -804,6 +848,15 @@ pub struct ObserveArgs {
     /// it to FILE, for `superos-vmm inspect --snapshot FILE`.
     #[arg(long, value_name = "FILE")]
     pub snapshot_on_exit: Option<PathBuf>,
+    /// Serve gdb's remote protocol at ADDRESS (`host:port`, or a Unix socket
+    /// path): processes and vCPUs are threads; `monitor ps|maps|check|...`.
+    /// The guest is paused while gdb is attached and stopped, and runs on
+    /// when it detaches. See docs/DEBUGGING.md.
+    #[arg(long, value_name = "ADDRESS")]
+    pub gdb: Option<String>,
+    /// With --gdb: hold the vCPU before its first instruction until gdb continues.
+    #[arg(long, requires = "gdb")]
+    pub gdb_wait: bool,
 }
 
 impl ObserveArgs {
@@ -815,6 +868,7 @@ impl ObserveArgs {
                 paused: self.paused,
                 linger: self.linger,
             }),
+            gdb: self.gdb.as_deref().map(|address| (crate::gdb::GdbAddress::parse(address), self.gdb_wait)),
             snapshot_on_exit: self.snapshot_on_exit.clone(),
             on_finish: None,
         }

@@ -46,6 +46,7 @@ pub mod cpu;
 pub mod diagnose;
 pub mod event_json;
 pub mod events;
+pub mod gdb;
 pub mod hypercall;
 pub mod images;
 pub mod input;

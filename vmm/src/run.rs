@@ -1069,7 +1069,12 @@ fn vcpu_loop(
         || vcpu_tamper.is_some();
     session.phases.vcpu_start = Some(session.now());
     // `run --paused`: held before the first instruction (`quit` there stops it).
-    let mut quit_at_start = control.is_some_and(|control| control.before_start(session));
+    let mut quit_at_start = control.is_some_and(|control| {
+        control.before_start(session, || {
+            let at = crate::inspect::Point::Boot.to_string();
+            vec![CpuCapture { cpu: 0, at, state: cpu::capture(vcpu) }]
+        })
+    });
     let checks_run = |session: &Session<'_>| session.monitor.as_ref().map_or(0, |m| m.checker.stats.checks);
     let range = |start: &str, end: &str| symbols.address(start).zip(symbols.address(end));
     let idle: Vec<(u64, u64)> = [

@@ -2,16 +2,13 @@
 //! kernel kills, which gdb opens with the program's ELF file.
 
 mod common;
-use common::{kvm_available, vmm};
+use common::{gdb, kvm_available, vmm};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use superos_vmm::core_dump::read_notes;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("superos-core-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("core", name)
 }
 
 /// The `SUPEROS` note of a core file, as `key=value` lines.
@@ -28,17 +25,6 @@ fn superos_note(core: &Path) -> Vec<(String, String)> {
 
 fn value<'a>(note: &'a [(String, String)], key: &str) -> &'a str {
     &note.iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("no {key} in {note:?}")).1
-}
-
-/// gdb, if this machine has it (`.ci/run` installs Debian's; the nested
-/// host's L1 has none, and there the file is checked without it).
-fn gdb() -> Option<&'static str> {
-    let found = Command::new("gdb").arg("--version").output().is_ok_and(|o| o.status.success());
-    assert!(
-        found || std::env::var_os("CI").is_none() || std::env::var_os("SUPEROS_NESTED_L1").is_some(),
-        "gdb is not installed, and CI is set (.ci/run installs it)"
-    );
-    found.then_some("gdb")
 }
 
 #[test]

@@ -1,0 +1,260 @@
+//! `superos-vmm run --gdb`: real gdb (Debian's, in batch mode) attached to a
+//! live guest, and hostile remote-protocol packets sent by hand.
+//!
+//! Synchronisation is on observable facts only (a line of the VMM's output,
+//! a socket accepting connections, gdb's own exit); never a sleep.
+
+mod common;
+use common::{gdb, kvm_available, scratch, vmm, Vmm};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// A producer blocked in `ipc_recv` beside a spinner, forever.
+const LIVE_SCENARIO: &str = r#"
+description = "a producer waiting forever beside a spinner"
+
+[[process]]
+name = "producer"
+program = "shm-pipeline"
+args = "mode=producer peer=2 kib=64 chunk=16"
+
+[[process]]
+name = "spinner"
+program = "spin"
+"#;
+
+/// Runs gdb in batch mode on `program` with `commands` after attaching to
+/// `socket`; everything it printed.
+fn gdb_batch(gdb: &str, program: &Path, socket: &Path, commands: &[&str]) -> String {
+    let mut command = Command::new(gdb);
+    command.args(["-nx", "-batch", "-ex", "set pagination off", "-ex"]);
+    command.arg(format!("target remote {}", socket.display()));
+    for c in commands {
+        command.args(["-ex", c]);
+    }
+    let output = command.arg(program).output().expect("run gdb");
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// The embedded programs' ELF files, for gdb's symbols.
+fn export_programs(dir: &Path) -> std::path::PathBuf {
+    let programs = dir.join("programs");
+    let (code, _, stderr) = vmm(&["list", "--export", programs.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    programs
+}
+
+/// gdb attached to a running guest: `info threads` lists each process (pid
+/// and name) and the vCPU; a process's thread has its registers and stack;
+/// the monitor commands answer as `inspect` does; a process thread cannot
+/// read the kernel half; `kill` stops the guest.
+#[test]
+fn gdb_sees_every_process_as_a_thread_and_asks_the_checker() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(gdb) = gdb() else { return };
+    let dir = scratch("gdb", "threads");
+    let programs = export_programs(&dir);
+    let scenario = dir.join("live.toml");
+    std::fs::write(&scenario, LIVE_SCENARIO).unwrap();
+    let socket = dir.join("gdb.sock");
+    let mut vm = Vmm::start(
+        &[scenario.to_str().unwrap(), "--timeout", "120", "--gdb", socket.to_str().unwrap()],
+        &dir.join("api.sock"),
+    );
+    vm.wait_for_line("[spinner#2] spin: spinning forever");
+    vm.wait_for_line("[producer#1] shm-pipeline: producer: MEM_SHARE:1 mapped read-write");
+    let text = gdb_batch(
+        gdb,
+        &programs.join("shm-pipeline"),
+        &socket,
+        &[
+            "info threads",
+            "thread 1",
+            "bt",
+            "monitor check",
+            "monitor maps 1",
+            "monitor regs 1",
+            "monitor translate 1 0x400000",
+            "monitor reboot",
+            "x/4xb 0xffffffff80100000",
+            "thread 3",
+            "x/4xb 0xffffffff80100000",
+            "info registers cs",
+            "kill",
+        ],
+    );
+    // Threads: the two processes by pid and name, and vCPU 0.
+    assert!(text.contains("(pid 1 producer)") && text.contains("(pid 2 spinner, on CPU 0)"), "{text}");
+    assert!(text.contains("(vCPU 0, in ring 3)") || text.contains("(vCPU 0, in the kernel)"), "{text}");
+    // The producer, blocked receiving: its stack back to _start.
+    assert!(text.contains("superos_rt::ipc_recv") && text.contains("shm_pipeline::producer"), "{text}");
+    assert!(text.contains("in _start ()"), "{text}");
+    // The monitor commands are inspect's.
+    assert!(text.contains("every invariant held"), "{text}");
+    assert!(
+        text.contains("pid 1 (producer)") && text.contains("MEM_SHARE") || text.contains("shared region 1"),
+        "{text}"
+    );
+    assert!(text.contains("registers from the context the kernel keeps for it"), "{text}");
+    assert!(text.contains("PML4 [  0]"), "{text}");
+    assert!(text.contains("unknown monitor command `reboot`"), "{text}");
+    // A process thread reads only its own user pages; the vCPU thread
+    // (selected third: the processes come first) reads the kernel half.
+    let first = text.find("Cannot access memory at address 0xffffffff80100000");
+    assert!(first.is_some(), "the kernel half from a process thread is refused:\n{text}");
+    assert!(text.contains("0xffffffff80100000:"), "the vCPU thread reads the kernel:\n{text}");
+    let (code, output) = vm.finish();
+    assert_eq!(code, 1, "gdb's kill stopped the guest with its processes unfinished:\n{output}");
+    assert!(output.contains("unfinished"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--gdb-wait`: gdb finds the vCPU before the kernel's first instruction;
+/// a breakpoint is refused (not planted as an `int3`); `continue` runs the
+/// default scenario to its clean end, which gdb reports as an exit.
+#[test]
+fn gdb_waits_for_the_first_instruction_and_continues_to_a_clean_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(gdb) = gdb() else { return };
+    let dir = scratch("gdb", "wait");
+    let programs = export_programs(&dir);
+    let socket = dir.join("gdb.sock");
+    let vm = Vmm::start(
+        &["--timeout", "120", "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
+        &dir.join("api.sock"),
+    );
+    let status = vm.text(&["status"]);
+    assert!(status.starts_with("paused before the first guest instruction"), "{status}");
+    let text = gdb_batch(
+        gdb,
+        &programs.join("write-code"),
+        &socket,
+        &[
+            "info threads",
+            "info registers rip cs",
+            "break write_code::main",
+            "continue",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(text.contains("(vCPU 0, in the kernel)"), "{text}");
+    assert!(text.contains("cs             0x10"), "the kernel's code segment:\n{text}");
+    assert!(text.contains("Cannot insert breakpoint 1"), "{text}");
+    assert!(text.contains("exited normally"), "gdb heard of the clean end:\n{text}");
+    // The breakpoint refused (the first `continue` aborted), deleted, the
+    // second `continue` ran the guest to its end.
+    let (code, output) = vm.finish();
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("9 of 9 processes as expected"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `$<body>#<checksum>`.
+fn packet(body: &str) -> Vec<u8> {
+    let sum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+    format!("${body}#{sum:02x}").into_bytes()
+}
+
+/// Sends `body` and reads the stub's reply packet's body (acks skipped).
+fn exchange(stream: &mut UnixStream, body: &str) -> String {
+    stream.write_all(&packet(body)).unwrap();
+    read_reply(stream)
+}
+
+fn read_reply(stream: &mut UnixStream) -> String {
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        stream.read_exact(&mut byte).unwrap_or_else(|e| panic!("no reply ({e}) after {reply:?}"));
+        match byte[0] {
+            b'+' if reply.is_empty() => continue,
+            b'$' if reply.is_empty() => {}
+            b'#' => {
+                let mut sum = [0u8; 2];
+                stream.read_exact(&mut sum).unwrap();
+                stream.write_all(b"+").unwrap();
+                return String::from_utf8_lossy(&reply).into_owned();
+            }
+            b => reply.push(b),
+        }
+    }
+}
+
+/// Hostile packets: huge reads, unmapped and kernel-half reads of a process
+/// thread, threads that do not exist, writes the stub refuses, garbage. Each
+/// gets an error reply (or an empty one: unsupported), the session goes on,
+/// and after it a real gdb still attaches: the VMM never panics.
+#[test]
+fn hostile_remote_protocol_packets_get_error_replies() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("gdb", "hostile");
+    let scenario = dir.join("live.toml");
+    std::fs::write(&scenario, LIVE_SCENARIO).unwrap();
+    let socket = dir.join("gdb.sock");
+    let mut vm = Vmm::start(
+        &[scenario.to_str().unwrap(), "--timeout", "120", "--gdb", socket.to_str().unwrap()],
+        &dir.join("api.sock"),
+    );
+    vm.wait_for_line("[spinner#2] spin: spinning forever");
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert!(exchange(&mut stream, "qSupported:multiprocess+").contains("PacketSize="));
+    assert!(exchange(&mut stream, "?").starts_with('T'), "a stop reply: the guest is paused for gdb");
+    assert_eq!(exchange(&mut stream, "Hg1"), "OK");
+    let registers = exchange(&mut stream, "g");
+    assert!(!registers.is_empty() && !registers.starts_with('E'), "{registers}");
+    let refusals = [
+        ("m0,ffffffffffffffff", "a huge read of unmapped memory"),
+        ("mffffffff80100000,10", "the kernel half through a process thread"),
+        ("mfffffffffffffff0,100", "a read that wraps around"),
+        ("M400000,4:90909090", "a write to read-only code"),
+        ("Z0,400000,1", "a software breakpoint"),
+    ];
+    for (body, what) in refusals {
+        let reply = exchange(&mut stream, body);
+        assert!(reply.starts_with('E') || reply.is_empty(), "{what} ({body}): {reply:?}");
+    }
+    // A thread that does not exist: selecting it is gdb's business, reading it an error.
+    exchange(&mut stream, "Hg999");
+    assert!(exchange(&mut stream, "g").starts_with('E'), "the registers of no thread");
+    assert!(exchange(&mut stream, "m400000,10").starts_with('E'), "the memory of no thread");
+    // A huge read of mapped memory is cut to what the packet can carry.
+    assert_eq!(exchange(&mut stream, "Hg1"), "OK");
+    let code = exchange(&mut stream, "m400000,100000");
+    assert!(!code.is_empty() && !code.starts_with('E') && code.len() <= 2 * 0x10_0000, "{}", code.len());
+    // A register packet of the wrong size, and a packet with a bad checksum,
+    // are protocol errors that end the session (gdbstub's rule) as a detach
+    // would: the guest runs on and gdb may attach again.
+    stream.write_all(&packet("G00")).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.write_all(b"$qfoo#00\x00\xff").unwrap();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(vm.text(&["status"]).starts_with("running"), "the guest runs on after a broken session");
+    // A connection dropped mid-packet.
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.write_all(b"$m4000").unwrap();
+    drop(stream);
+    // The VMM still answers, and a real gdb still attaches.
+    assert!(vm.text(&["status"]).contains("events so far"));
+    if let Some(gdb) = gdb() {
+        let text = gdb_batch(gdb, Path::new(""), &socket, &["monitor ps", "kill"]);
+        assert!(text.contains("2 processes"), "{text}");
+    } else {
+        vm.text(&["quit"]);
+    }
+    let (_, output) = vm.finish();
+    assert!(!output.contains("panicked"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
