@@ -374,9 +374,12 @@ fn mem_protect_to_read_only_holds_while_the_process_migrates_between_cpus() {
     if !kvm_available() {
         return;
     }
-    // (CPUs, runs of the faulter, turns of each competitor: about as long as
-    // the runs take, measured on the PVM host.)
-    for (cpus, runs, turns) in [(2u32, 30u32, 300), (4, 10, 80)] {
+    // (CPUs, runs of the faulter, turns of each competitor: about three
+    // times as long as the runs take on an idle PVM host, so that on a
+    // loaded one the competitors still outlast the faulter, which alone
+    // never moves: 300 turns once ran out a third of the way into the runs
+    // under a full parallel `cargo test`.)
+    for (cpus, runs, turns) in [(2u32, 30u32, 900), (4, 10, 240)] {
         let mut text = process_toml(
             "protect",
             "fault",
