@@ -320,17 +320,26 @@ fn vcpu_capture<'m>(machine: &'m Machine<'_>, cpu: u32) -> Result<&'m CpuCapture
         .ok_or_else(|| format!("no state of vCPU {cpu} at this point"))
 }
 
+/// The PML4 of process `pid`, from the kernel's published table alone: gdb
+/// asks for memory many times per command, and [`Analysis::new`] would walk
+/// every process's page tables for each request. Without a published root
+/// (early boot), the processes the events name.
+fn process_pml4(machine: &Machine<'_>, pid: u32) -> Result<u64, String> {
+    let root = machine.state.hello.map(|h| h.introspection_root_gpa).filter(|&gpa| gpa != 0);
+    let published = root.and_then(|gpa| crate::introspect::KernelView::read(machine.ram, gpa).ok());
+    let pml4 = match published {
+        Some(view) => view.process(pid).map(|p| p.pml4),
+        None => Analysis::new(machine).view.process(pid).map(|p| p.pml4),
+    };
+    pml4.ok_or_else(|| format!("no live process with pid {pid}"))
+}
+
 /// Reads what `tid` sees at `start` into `data`, page by page; the number of
 /// bytes read (fewer at the first page it cannot read), an error if none.
 fn read_memory(machine: &Machine<'_>, thread: Thread, start: u64, data: &mut [u8]) -> Result<usize, String> {
     let ram: &GuestRam = machine.ram;
     let (cr3, user_only) = match thread {
-        Thread::Process(pid) => {
-            let analysis = Analysis::new(machine);
-            let process =
-                analysis.view.process(pid).ok_or_else(|| format!("no live process with pid {pid}"))?;
-            (process.pml4, true)
-        }
+        Thread::Process(pid) => (process_pml4(machine, pid)?, true),
         Thread::Vcpu(cpu) => (vcpu_capture(machine, cpu)?.state.cr3, false),
     };
     let mut done = 0usize;
@@ -441,9 +450,7 @@ impl MultiThreadBase for GdbTarget {
             return non_fatal("memory writes go through a process thread");
         };
         let written = self.query(|machine| {
-            let analysis = Analysis::new(machine);
-            let pml4 =
-                analysis.view.process(pid).ok_or_else(|| format!("no live process with pid {pid}"))?.pml4;
+            let pml4 = process_pml4(machine, pid)?;
             // Every page first: all of the write or none of it.
             let mut pieces = Vec::new();
             let mut done = 0usize;

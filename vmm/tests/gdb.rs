@@ -5,26 +5,12 @@
 //! a socket accepting connections, gdb's own exit); never a sleep.
 
 mod common;
-use common::{gdb, kvm_available, scratch, vmm, Vmm};
+use common::{gdb, kvm_available, scratch, vmm, Vmm, LIVE_SCENARIO};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-/// A producer blocked in `ipc_recv` beside a spinner, forever.
-const LIVE_SCENARIO: &str = r#"
-description = "a producer waiting forever beside a spinner"
-
-[[process]]
-name = "producer"
-program = "shm-pipeline"
-args = "mode=producer peer=2 kib=64 chunk=16"
-
-[[process]]
-name = "spinner"
-program = "spin"
-"#;
 
 /// Runs gdb in batch mode on `program` with `commands` after attaching to
 /// `socket`; everything it printed.

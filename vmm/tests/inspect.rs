@@ -10,7 +10,7 @@
 //! connected clients; never a sleep.
 
 mod common;
-use common::{gdb, inspect, kvm_available, wait_connectable, Vmm, PATIENCE};
+use common::{gdb, inspect, kvm_available, wait_connectable, Vmm, LIVE_SCENARIO, PATIENCE};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -31,21 +31,6 @@ fn without_at(mut value: Value) -> Value {
     value.as_object_mut().unwrap().remove("at");
     value
 }
-
-/// A producer that creates a region, grants it to pid 2 and waits for an
-/// answer that never comes, beside pid 2, which spins: both stay alive.
-const LIVE_SCENARIO: &str = r#"
-description = "a producer waiting forever beside a spinner"
-
-[[process]]
-name = "producer"
-program = "shm-pipeline"
-args = "mode=producer peer=2 kib=64 chunk=16"
-
-[[process]]
-name = "spinner"
-program = "spin"
-"#;
 
 /// Two spinners on two CPUs.
 const TWO_CPUS_SCENARIO: &str = r#"

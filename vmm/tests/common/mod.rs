@@ -178,3 +178,18 @@ impl Drop for Vmm {
         }
     }
 }
+
+/// A producer blocked forever in `ipc_recv` (its consumer never comes)
+/// beside a process that spins: a guest that stays alive to be examined.
+pub const LIVE_SCENARIO: &str = r#"
+description = "a producer waiting forever beside a spinner"
+
+[[process]]
+name = "producer"
+program = "shm-pipeline"
+args = "mode=producer peer=2 kib=64 chunk=16"
+
+[[process]]
+name = "spinner"
+program = "spin"
+"#;
