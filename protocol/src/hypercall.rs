@@ -32,6 +32,12 @@ pub enum Hypercall {
     /// Start an application processor in long mode: value = GPA of
     /// [`CpuStartParams`]. Each AP may be started once.
     CpuStart = 0x507,
+    /// A process trapped on a breakpoint or a completed single step (an
+    /// `int3` in ring 3 outside the gate, or a debug exception from ring 3):
+    /// value = GPA of [`DebugTrapParams`]. The VMM answers in the block:
+    /// with a debugger attached that asked for the trap, once the debugger
+    /// resumes the guest; otherwise at once, with [`DEBUG_ACTION_KILL`].
+    DebugTrap = 0x508,
 }
 
 impl Hypercall {
@@ -46,6 +52,7 @@ impl Hypercall {
             0x505 => Self::Shutdown,
             0x506 => Self::ScrubFrames,
             0x507 => Self::CpuStart,
+            0x508 => Self::DebugTrap,
             _ => return None,
         })
     }
@@ -66,6 +73,7 @@ impl Hypercall {
             Self::Shutdown => "shutdown",
             Self::ScrubFrames => "scrub-frames",
             Self::CpuStart => "cpu-start",
+            Self::DebugTrap => "debug-trap",
         }
     }
 }
@@ -210,6 +218,43 @@ const _: () = {
     assert!(core::mem::size_of::<PanicParams>() == 48);
 };
 
+/// [`DebugTrapParams::action`]: the trap is the process's own fault (no
+/// debugger asked for it): the kernel terminates the process as it would
+/// without the call.
+pub const DEBUG_ACTION_KILL: u32 = 0;
+/// [`DebugTrapParams::action`]: resume the process at
+/// [`DebugTrapParams::resume_rip`] with the trap flag clear.
+pub const DEBUG_ACTION_CONTINUE: u32 = 1;
+/// [`DebugTrapParams::action`]: resume the process at
+/// [`DebugTrapParams::resume_rip`] with the trap flag set, so that it traps
+/// again after one instruction (or when its next system call returns).
+pub const DEBUG_ACTION_STEP: u32 = 2;
+
+/// Parameters of [`Hypercall::DebugTrap`]. The kernel fills every field but
+/// `status`, `action` and `resume_rip`, which the VMM writes (it sets
+/// `action` to [`DEBUG_ACTION_KILL`] and `status` to [`STATUS_OK`] for a
+/// trap no debugger asked for). The kernel honours a continue or a step
+/// only with `status` OK and a `resume_rip` in the user half; anything
+/// else terminates the process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DebugTrapParams {
+    /// The trapping process.
+    pub pid: u32,
+    /// Host-written status (`STATUS_*`).
+    pub status: u32,
+    /// The CPU it trapped on.
+    pub cpu: u32,
+    /// Host-written: what the kernel does next (`DEBUG_ACTION_*`).
+    pub action: u32,
+    /// Host-written: where the process resumes (the kernel writes the
+    /// trapping RIP here first).
+    pub resume_rip: u64,
+    /// The registers it trapped with: `vector` 3 (`int3`, `rip` after it)
+    /// or 1 (a debug exception, `rip` at the next instruction).
+    pub registers: crate::introspect::UserContext,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,11 +270,12 @@ mod tests {
             Hypercall::Shutdown,
             Hypercall::ScrubFrames,
             Hypercall::CpuStart,
+            Hypercall::DebugTrap,
         ] {
             assert_eq!(Hypercall::from_port(call.port()), Some(call));
         }
         assert_eq!(Hypercall::from_port(0x3f8), None);
-        assert_eq!(Hypercall::from_port(0x508), None);
+        assert_eq!(Hypercall::from_port(0x509), None);
     }
 
     #[test]
@@ -239,5 +285,9 @@ mod tests {
         assert_eq!(offset_of!(ConsoleWriteParams, gpa), 8);
         assert_eq!(offset_of!(PanicParams, status), 20);
         assert_eq!(offset_of!(BootHelloParams, event_ring_gpa), 8);
+        assert_eq!(offset_of!(DebugTrapParams, status), 4);
+        assert_eq!(offset_of!(DebugTrapParams, action), 12);
+        assert_eq!(offset_of!(DebugTrapParams, resume_rip), 16);
+        assert_eq!(offset_of!(DebugTrapParams, registers), 24);
     }
 }

@@ -93,6 +93,7 @@ fn compatibility_mode_far_transfers_and_foreign_entries_never_reach_ring_0() {
         ("syscall-raw", ""),
         ("syscall-raw-non-canonical", "stack=non-canonical"),
         ("syscall-raw-zero", "stack=zero"),
+        ("syscall-single-step", ""),
         ("int", "vector=128"),
         ("call-switch-stub", ""),
     ];
@@ -123,6 +124,12 @@ fn compatibility_mode_far_transfers_and_foreign_entries_never_reach_ring_0() {
             // the kernel, which sees it did not come from the gate stub.
             (HostFlavor::Pvm, m) if m.starts_with("syscall-raw") => &[KernelAccess],
             (HostFlavor::Kvm, m) if m.starts_with("syscall-raw") => &[IllegalGateEntry],
+            // With the trap flag set, the `syscall` traps once complete: on
+            // ordinary KVM at the kernel's entry in ring 0 (a debug trap the
+            // kernel resumes from, not a kernel panic), then as above; on
+            // the PVM host at LSTAR, in ring 3 (the step or the fetch).
+            (HostFlavor::Pvm, "syscall-single-step") => &[DebugException, KernelAccess],
+            (HostFlavor::Kvm, "syscall-single-step") => &[IllegalGateEntry],
             // `sysenter` in long mode is #UD on AMD; on Intel SYSENTER_CS = 0
             // makes it #GP. Either way it never enters ring 0.
             (_, "sysenter") => &[InvalidOpcode, GeneralProtection],

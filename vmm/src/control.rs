@@ -37,7 +37,8 @@ use crate::api::{ApiOptions, Server};
 use crate::aps::Paused;
 use crate::check::{KernelImage, TextBaseline};
 use crate::cpu::{self, CpuCapture};
-use crate::inspect::{events_from, EventsResult, Machine, MachineState, Point};
+use crate::debug_trap::{Debugger, RFLAGS_TF};
+use crate::inspect::{events_from, EventsResult, Machine, MachineState, Point, TrapStop};
 use crate::memory::GuestRam;
 use crate::run::{GuestExit, RunReport};
 use crate::session::{EventEntry, Session};
@@ -48,7 +49,39 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use superos_protocol::hypercall::BootHelloParams;
+use superos_protocol::hypercall::{self as hc, BootHelloParams};
+
+/// The live processes' PML4s and spec indices, by pid, as the kernel
+/// publishes them (as the events tell, before it does).
+fn live_processes(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, (u64, usize)> {
+    use superos_protocol::event::Event;
+    let root = machine.state.hello.map(|h| h.introspection_root_gpa).filter(|&gpa| gpa != 0);
+    if let Some(view) = root.and_then(|gpa| crate::introspect::KernelView::read(machine.ram, gpa).ok()) {
+        return view
+            .processes
+            .iter()
+            .filter_map(|p| Some((p.pid, (p.pml4, p.record?.spec_index as usize))))
+            .collect();
+    }
+    let mut live = std::collections::BTreeMap::new();
+    for entry in &machine.state.events {
+        match entry.event {
+            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
+                live.insert(pid, (pml4_gpa, spec_index as usize));
+            }
+            Event::ProcessExited { pid, .. } | Event::ProcessKilled { pid, .. } => {
+                live.remove(&pid);
+            }
+            _ => {}
+        }
+    }
+    live
+}
+
+/// [`live_processes`] without the spec indices.
+fn live_pml4s(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, u64> {
+    live_processes(machine).into_iter().map(|(pid, (pml4, _))| (pid, pml4)).collect()
+}
 
 /// How long a query waits for the vCPU to reach a consistent point.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -110,6 +143,10 @@ struct State {
     held_cpus: Vec<CpuCapture>,
     /// Every vCPU's state the run ended with (empty if none).
     final_cpus: Vec<CpuCapture>,
+    /// What a debugger (the gdb stub) asked for.
+    debug: Debugger,
+    /// The program each boot process runs, by spec index.
+    programs: Vec<String>,
 }
 
 /// The shared state of the pause handshake (one per run with `--api`).
@@ -168,6 +205,8 @@ impl Control {
                 events: Vec::new(),
                 held_cpus: Vec::new(),
                 final_cpus: Vec::new(),
+                debug: Debugger::default(),
+                programs: Vec::new(),
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(paused),
@@ -233,7 +272,22 @@ impl Control {
     fn publish(&self, state: &mut State, session: &Session<'_>) {
         let published = self.published.load(Ordering::SeqCst);
         if session.events.len() > published {
-            state.events.extend_from_slice(&session.events[published..]);
+            let new = &session.events[published..];
+            if state.debug.attached {
+                // Before the new process's first instruction (the kernel
+                // logs its spawn before it runs it): the debugger's
+                // breakpoints go in.
+                for entry in new {
+                    if let superos_protocol::event::Event::ProcessSpawned { pid, pml4_gpa, spec_index } =
+                        entry.event
+                    {
+                        if let Some(program) = state.programs.get(spec_index as usize).cloned() {
+                            state.debug.plant_in(&self.ram, pid, pml4_gpa, &program);
+                        }
+                    }
+                }
+            }
+            state.events.extend_from_slice(new);
             self.published.store(session.events.len(), Ordering::SeqCst);
         }
         if state.hello.is_none() && session.hello.is_some() {
@@ -300,7 +354,9 @@ impl Control {
                 let at = point.to_string();
                 let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
                 cpus.extend(aps.map(|aps| aps.capture(&at)).unwrap_or_default());
-                self.hold(point, session, cpus)
+                let quit = self.hold(point, session, cpus);
+                self.apply_vcpu_steps(vcpu, aps);
+                quit
             }
             None => false,
         }
@@ -336,6 +392,179 @@ impl Control {
         self.settle(&state);
         self.changed.notify_all();
         state.quit
+    }
+
+    /// A debug trap the kernel reported: if an attached debugger asked for
+    /// it (an `int3` it inserted, a step it asked for), holds the guest
+    /// there (`cpus`: every vCPU's state) until the debugger resumes it, and
+    /// returns how the process resumes (`DEBUG_ACTION_*`, at `rip`); `None`
+    /// for a trap no debugger asked for (the kernel kills the process) or
+    /// when the guest is to stop (`quit` while held: [`Control::quitting`]).
+    pub fn debug_trap(
+        &self,
+        trap: &crate::hypercall::DebugTrap,
+        session: &Session<'_>,
+        cpus: impl FnOnce(&Point) -> Vec<CpuCapture>,
+    ) -> Option<(u32, u64)> {
+        let params = trap.params;
+        let stop = {
+            let mut state = self.lock();
+            let stop = state.debug.claim(params.pid, params.cpu, &params.registers)?;
+            state.debug.trap = Some(stop);
+            state.debug.reported = false;
+            state.debug.action = None;
+            state.explicit = true;
+            state.paused_by = None;
+            state.orphaned_since = None;
+            self.attention.store(true, Ordering::SeqCst);
+            stop
+        };
+        let registers = stop.registers;
+        let point = Point::Trap { pid: params.pid, cpu: params.cpu, rip: registers.rip };
+        let cpus = cpus(&point);
+        let quit = self.hold(point, session, cpus);
+        let mut state = self.lock();
+        state.debug.trap = None;
+        let action = state.debug.action.take().unwrap_or(hc::DEBUG_ACTION_CONTINUE);
+        (!quit).then_some((action, registers.rip))
+    }
+
+    /// A debugger attached: traps it asks for will be held for it.
+    pub fn attach_debugger(&self) {
+        self.lock().debug = Debugger::attach();
+    }
+
+    /// The debugger left: its breakpoints come out of the guest (with the
+    /// guest held, or at once if it has stopped) and no trap is held for it
+    /// any more.
+    pub fn detach_debugger(&self) {
+        let live = self.query(live_pml4s).unwrap_or_default();
+        let mut state = self.lock();
+        state.debug.remove_all(&self.ram, &live);
+        state.debug = Debugger::default();
+    }
+
+    /// Names the program each boot process runs (by spec index), for
+    /// breakpoints ([`Control::insert_breakpoint`]).
+    pub fn set_programs(&self, programs: Vec<String>) {
+        self.lock().programs = programs;
+    }
+
+    /// The program process `pid` runs, if it is live and known.
+    pub fn program_of(&self, pid: u32) -> Option<String> {
+        let spec = self.query(|machine| live_processes(machine).get(&pid).map(|&(_, spec)| spec)).ok()??;
+        self.lock().programs.get(spec).cloned()
+    }
+
+    /// The programs boot processes run, each once.
+    pub fn program_names(&self) -> Vec<String> {
+        let mut names = self.lock().programs.clone();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// A breakpoint at `addr` in `program`: in every live process of it
+    /// that has user code there, and in every one spawned while it stays;
+    /// how many live processes took it now.
+    pub fn insert_breakpoint(&self, addr: u64, program: &str) -> Result<usize, String> {
+        if !self.lock().programs.iter().any(|p| p == program) {
+            return Err(format!("no process of this run runs a program named {program}"));
+        }
+        self.query(|machine| {
+            let live = live_processes(machine);
+            let mut state = self.lock();
+            let ours: Vec<(u32, u64)> = live
+                .iter()
+                .filter(|(_, &(_, spec))| state.programs.get(spec).is_some_and(|p| p == program))
+                .map(|(&pid, &(pml4, _))| (pid, pml4))
+                .collect();
+            state.debug.insert(machine.ram, addr, program, &ours)
+        })?
+    }
+
+    /// No breakpoint at `addr` any more; false if there was none.
+    pub fn remove_breakpoint(&self, addr: u64) -> Result<bool, String> {
+        self.query(|machine| {
+            let live = live_pml4s(machine);
+            self.lock().debug.remove(machine.ram, addr, &live)
+        })
+    }
+
+    /// The debugger wants `pid`'s next debug exception (a step it set up).
+    pub fn expect_step(&self, pid: u32) {
+        self.lock().debug.expect_step(pid);
+    }
+
+    /// Sets the trap flag wherever process `pid`'s registers are (the
+    /// context the kernel keeps for it, the frame at the top of a kernel
+    /// stack, or a vCPU that runs it in ring 3, which its thread sets when
+    /// the guest resumes), so that it takes one step and traps.
+    pub fn arm_step(&self, pid: u32) -> Result<(), String> {
+        use crate::inspect::{Analysis, RegisterHome};
+        use superos_protocol::introspect::UserContext;
+        let home =
+            self.query(|machine| crate::inspect::register_home(&Analysis::new(machine), machine, pid))??;
+        let gpa = match home {
+            RegisterHome::Trap(_) => {
+                return Err(format!("pid {pid} is held at its trap: its answer steps it"))
+            }
+            RegisterHome::Vcpu { cpu } => {
+                self.lock().debug.vcpu_steps.push(cpu);
+                return Ok(());
+            }
+            RegisterHome::Kept { gpa } | RegisterHome::KernelStack { gpa, .. } => gpa,
+        };
+        let at = gpa + std::mem::offset_of!(UserContext, rflags) as u64;
+        let rflags = self.ram.read::<u64>(at).map_err(|e| e.to_string())?;
+        self.ram.write_bytes(at, &(rflags | RFLAGS_TF).to_le_bytes()).map_err(|e| e.to_string())
+    }
+
+    /// Sets the trap flag in the vCPUs [`Control::arm_step`] named (the
+    /// bootstrap vCPU `vcpu`, the others through `aps`); called by the
+    /// bootstrap thread when a hold ends.
+    pub fn apply_vcpu_steps(&self, vcpu: &VcpuFd, aps: Option<&Paused<'_>>) {
+        let cpus = std::mem::take(&mut self.lock().debug.vcpu_steps);
+        let arm = |cpu: u32, vcpu: &VcpuFd| {
+            let armed = vcpu.get_regs().and_then(|mut regs| {
+                regs.rflags |= RFLAGS_TF;
+                vcpu.set_regs(&regs)
+            });
+            if let Err(error) = armed {
+                tracing::warn!(cpu, %error, "could not set the trap flag for a step");
+            }
+        };
+        for cpu in cpus {
+            if cpu == 0 {
+                arm(0, vcpu);
+            } else if let Some((_, ap)) = aps.and_then(|aps| aps.vcpus().find(|(n, _)| *n == cpu)) {
+                arm(cpu, &ap);
+            }
+        }
+    }
+
+    /// How the process held at a trap resumes when the guest is next
+    /// resumed (`DEBUG_ACTION_*`).
+    pub fn set_trap_action(&self, action: u32) {
+        self.lock().debug.action = Some(action);
+    }
+
+    /// The trap the guest is held at, once (`None` after the first call for
+    /// the same trap, or when not held at one).
+    pub fn take_trap_report(&self) -> Option<TrapStop> {
+        let mut state = self.lock();
+        if state.held.is_none() || state.debug.reported {
+            return None;
+        }
+        let trap = state.debug.trap?;
+        state.debug.reported = true;
+        Some(trap)
+    }
+
+    /// The trap the guest is held at, if it is.
+    pub fn held_trap(&self) -> Option<TrapStop> {
+        let state = self.lock();
+        state.debug.trap.filter(|_| state.held.is_some())
     }
 
     /// Time the vCPU has been held so far (the watchdog does not count it).
@@ -422,6 +651,7 @@ impl Control {
             point,
             image: self.image.clone(),
             cpus,
+            trap: state.debug.trap.filter(|_| state.held.is_some() && state.finished.is_none()),
         }
     }
 
@@ -772,6 +1002,7 @@ impl Attached {
                 point: Point::Finished { exit, cr3 },
                 image: self.image.clone(),
                 cpus,
+                trap: None,
             };
             let meta = snapshot::Meta::new(scenario, report.lost_events);
             let temporary = snapshot_temporary(&path);

@@ -24,22 +24,41 @@
 //! memory of a process, a thread that does not exist, a write the stub
 //! refuses) is an error reply.
 //!
-//! Not yet: breakpoints and single-stepping (a request to insert a
-//! breakpoint is refused, so gdb says so instead of writing `int3` into the
-//! guest: on the PVM host `int3` is the kernel's system-call gate, and an
-//! `int3` anywhere else kills the process), register writes, memory writes
-//! outside a process's writable user pages, and the FPU/SSE registers (read
-//! as zero).
+//! Breakpoints and single steps in user programs are the kernel's and the
+//! VMM's together ([`crate::debug_trap`]): a breakpoint is an `int3` the
+//! stub writes into the code of every process of one program (`monitor
+//! program NAME`; by default the program of the process held at a trap, or
+//! the run's only program), including processes spawned later, before
+//! their first instruction. The kernel reports a ring-3 `int3` or debug
+//! exception to the VMM before it would kill the process for it; one the
+//! debugger asked for holds the whole guest (`SwBreak` or `SIGTRAP` for
+//! that process's thread) until gdb resumes it, the process then resuming
+//! at the breakpoint's address, with the trap flag set for a step. Any
+//! other one is the program's own fault, as without a debugger. A step of a
+//! process not held at a trap sets the trap flag where its registers are
+//! (the context the kernel keeps, the frame on a kernel stack, or the vCPU
+//! running it). Steps and breakpoints in the kernel itself are not offered
+//! (a request is refused): on the PVM host ring 0 is an instruction
+//! emulator's, and QEMU's TCG before 9.1 arms no DR7 breakpoint of an SVM
+//! guest.
+//!
+//! Not yet: register writes, memory writes outside a process's writable
+//! user pages, and the FPU/SSE registers (read as zero). A step resumes the
+//! whole guest (gdb's scheduler locking is accepted, not enforced): other
+//! processes may run on other CPUs meanwhile.
 
 use crate::control::Control;
 use crate::cpu::CpuCapture;
-use crate::inspect::{self, Analysis, Machine, RegistersResult};
+use crate::inspect::{self, Analysis, Machine, RegistersResult, TrapKind};
 use crate::memory::GuestRam;
 use crate::walk;
 use gdbstub::common::{Signal, Tid};
 use gdbstub::conn::ConnectionExt;
 use gdbstub::stub::{run_blocking, DisconnectReason, GdbStub, MultiThreadStopReason};
-use gdbstub::target::ext::base::multithread::{MultiThreadBase, MultiThreadResume, MultiThreadResumeOps};
+use gdbstub::target::ext::base::multithread::{
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
+    MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
+};
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps};
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
@@ -230,8 +249,13 @@ where
 {
     tracing::info!("gdb attached");
     let _ = control.pause();
-    let mut target = GdbTarget { control: control.clone() };
-    let reason = match GdbStub::new(stream).run_blocking::<EventLoop<C>>(&mut target) {
+    control.attach_debugger();
+    let mut target = GdbTarget { control: control.clone(), stepping: Vec::new(), program: None };
+    let result = GdbStub::new(stream).run_blocking::<EventLoop<C>>(&mut target);
+    // Whatever ended the session, no `int3` of gdb's stays in the guest and
+    // no trap is held for it any more.
+    control.detach_debugger();
+    let reason = match result {
         Ok(reason) => reason,
         Err(error) => {
             // A protocol error or a lost connection: as a detach, the guest runs on.
@@ -257,6 +281,10 @@ where
 /// The target gdb debugs: the guest, through the pause handshake.
 pub struct GdbTarget {
     control: Arc<Control>,
+    /// The threads gdb asked to step at the next resume.
+    stepping: Vec<Tid>,
+    /// The program breakpoints go into (`monitor program NAME`).
+    program: Option<String>,
 }
 
 /// What a thread id names.
@@ -294,6 +322,40 @@ fn non_fatal<T>(why: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
 }
 
 impl GdbTarget {
+    /// The program breakpoints go into: the one `monitor program` named,
+    /// else that of the process held at a debug trap, else the only
+    /// program of the run.
+    fn breakpoint_program(&self) -> Option<String> {
+        if let Some(program) = &self.program {
+            return Some(program.clone());
+        }
+        if let Some(program) = self.control.held_trap().and_then(|trap| self.control.program_of(trap.pid)) {
+            return Some(program);
+        }
+        let names = self.control.program_names();
+        (names.len() == 1).then(|| names[0].clone())
+    }
+
+    /// `monitor program [NAME]`: names the program breakpoints go into, or
+    /// says which it is.
+    fn program_command(&mut self, name: Option<&str>) -> String {
+        let names = self.control.program_names();
+        match name {
+            Some(name) if names.iter().any(|n| n == name) => {
+                self.program = Some(name.to_string());
+                format!("breakpoints go into the processes of {name}\n")
+            }
+            Some(name) => format!("no process of this run runs {name}; the programs: {}\n", names.join(", ")),
+            None => match self.breakpoint_program() {
+                Some(program) => format!("breakpoints go into the processes of {program}\n"),
+                None => format!(
+                    "no program chosen for breakpoints: `monitor program NAME` (the programs: {})\n",
+                    names.join(", ")
+                ),
+            },
+        }
+    }
+
     /// Runs `f` on a consistent view of the machine.
     fn query<R>(&self, f: impl FnOnce(&Machine<'_>) -> R) -> Result<R, String> {
         self.control.query(f)
@@ -504,17 +566,73 @@ impl MultiThreadBase for GdbTarget {
 
 impl MultiThreadResume for GdbTarget {
     fn resume(&mut self) -> Result<(), Self::Error> {
+        // The process held at a trap steps or continues; every other one
+        // gdb asked to step gets the trap flag where its registers are.
+        let trap = self.control.held_trap();
+        let mut trapped_steps = false;
+        for tid in std::mem::take(&mut self.stepping) {
+            let Thread::Process(pid) = Thread::of(tid) else {
+                tracing::warn!(tid = tid.get(), "gdb asked to step a vCPU thread: it continues");
+                continue;
+            };
+            if trap.is_some_and(|t| t.pid == pid) {
+                trapped_steps = true;
+                self.control.expect_step(pid);
+                continue;
+            }
+            match self.control.arm_step(pid) {
+                Ok(()) => self.control.expect_step(pid),
+                Err(why) => {
+                    tracing::warn!(pid, %why, "gdb asked to step a process that cannot be: it continues")
+                }
+            }
+        }
+        if trap.is_some() {
+            self.control.set_trap_action(if trapped_steps {
+                superos_protocol::hypercall::DEBUG_ACTION_STEP
+            } else {
+                superos_protocol::hypercall::DEBUG_ACTION_CONTINUE
+            });
+        }
         // A guest that has stopped cannot run on; the event loop reports how it ended.
         let _ = self.control.resume();
         Ok(())
     }
 
     fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
+        self.stepping.clear();
         Ok(())
+    }
+
+    #[inline(always)]
+    fn support_single_step(&mut self) -> Option<MultiThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+
+    #[inline(always)]
+    fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
+        Some(self)
     }
 
     fn set_resume_action_continue(&mut self, _tid: Tid, _signal: Option<Signal>) -> Result<(), Self::Error> {
         // Every thread runs on: the guest is resumed as a whole.
+        Ok(())
+    }
+}
+
+impl MultiThreadSingleStep for GdbTarget {
+    fn set_resume_action_step(&mut self, tid: Tid, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        self.stepping.push(tid);
+        Ok(())
+    }
+}
+
+impl MultiThreadSchedulerLocking for GdbTarget {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
+        // gdb steps one thread this way. The guest resumes as a whole: the
+        // stepped process runs at once (its trap is answered and resumed on
+        // its CPU), and another process runs meanwhile only on another CPU
+        // or if a timer tick preempts the step.
         Ok(())
     }
 }
@@ -553,13 +671,27 @@ impl Breakpoints for GdbTarget {
 }
 
 impl SwBreakpoint for GdbTarget {
-    fn add_sw_breakpoint(&mut self, _addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        // Refused: gdb reports that it cannot insert the breakpoint.
-        Ok(false)
+    fn add_sw_breakpoint(&mut self, addr: u64, kind: usize) -> TargetResult<bool, Self> {
+        if kind != 1 {
+            return non_fatal(format!("a breakpoint of kind {kind} (x86's int3 is kind 1)"));
+        }
+        // Planted in every live process of the program gdb debugs with user
+        // code there, and in every one spawned while it stays (a breakpoint
+        // set at `--gdb-wait` waits for its program).
+        let Some(program) = self.breakpoint_program() else {
+            return non_fatal("which program? `monitor program NAME`");
+        };
+        match self.control.insert_breakpoint(addr, &program) {
+            Ok(_) => Ok(true),
+            Err(why) => non_fatal(why),
+        }
     }
 
-    fn remove_sw_breakpoint(&mut self, _addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(false)
+    fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        match self.control.remove_breakpoint(addr) {
+            Ok(removed) => Ok(removed),
+            Err(why) => non_fatal(why),
+        }
     }
 }
 
@@ -579,7 +711,7 @@ pub fn monitor_request(command: &str) -> Result<crate::api::Request, String> {
         ["regs", p] => Ok(Request::Registers { pid: pid(p)? }),
         ["translate", p, vaddr] => Ok(Request::Translate { pid: pid(p)?, vaddr: number(vaddr)? }),
         _ => Err(format!(
-            "unknown monitor command `{command}`; the commands: ps, maps <pid>, check, translate <pid> <vaddr>, regs <pid>, frames, shares"
+            "unknown monitor command `{command}`; the commands: ps, maps <pid>, check, translate <pid> <vaddr>, regs <pid>, frames, shares, program [NAME]"
         )),
     }
 }
@@ -587,6 +719,16 @@ pub fn monitor_request(command: &str) -> Result<crate::api::Request, String> {
 impl MonitorCmd for GdbTarget {
     fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), Self::Error> {
         let command = String::from_utf8_lossy(cmd);
+        let words: Vec<&str> = command.split_whitespace().collect();
+        if let ["program", rest @ ..] = words.as_slice() {
+            let text = match rest {
+                [] => self.program_command(None),
+                [name] => self.program_command(Some(name)),
+                _ => "usage: monitor program [NAME]\n".to_string(),
+            };
+            gdbstub::output!(out, "{text}");
+            return Ok(());
+        }
         let text = match monitor_request(&command) {
             Err(why) => why + "\n",
             Ok(request) => match self.query(|machine| inspect::answer(machine, &request)) {
@@ -623,6 +765,15 @@ where
                 return Ok(run_blocking::Event::TargetStopped(match ended {
                     Some(code) => MultiThreadStopReason::Exited(code),
                     None => MultiThreadStopReason::Terminated(Signal::SIGKILL),
+                }));
+            }
+            if let Some(trap) = target.control.take_trap_report() {
+                let tid = Thread::Process(trap.pid).tid().unwrap_or_else(|| target.current_thread());
+                return Ok(run_blocking::Event::TargetStopped(match trap.kind {
+                    TrapKind::Breakpoint => MultiThreadStopReason::SwBreak(tid),
+                    TrapKind::Step => {
+                        MultiThreadStopReason::SignalWithThread { tid, signal: Signal::SIGTRAP }
+                    }
                 }));
             }
             if readable(conn.as_raw_fd(), POLL_INTERVAL) {

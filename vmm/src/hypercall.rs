@@ -6,11 +6,12 @@
 //! and a line in the VMM log. Nothing the guest sends can panic the VMM.
 
 use crate::events::EventRing;
+use crate::memory::GuestRam;
 use crate::monitor::Stop;
 use crate::session::Session;
 use superos_protocol::hypercall::{
-    self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, CpuStartParams, Hypercall, PanicParams,
-    ScrubFramesParams,
+    self as hc, BootHelloParams, BootPhase, ConsoleWriteParams, CpuStartParams, DebugTrapParams, Hypercall,
+    PanicParams, ScrubFramesParams,
 };
 use superos_protocol::PROTOCOL_VERSION;
 use thiserror::Error;
@@ -35,6 +36,8 @@ pub enum Request {
     ScrubFrames(u64),
     /// Start an application processor; parameter block at the GPA.
     CpuStart(u64),
+    /// A process's breakpoint or single-step trap; parameter block at the GPA.
+    DebugTrap(u64),
 }
 
 /// A port write that is not a well-formed hypercall.
@@ -69,6 +72,7 @@ pub fn decode(port: u16, data: &[u8]) -> Result<Request, DecodeError> {
         Hypercall::Shutdown => Request::Shutdown(value),
         Hypercall::ScrubFrames => Request::ScrubFrames(gpa),
         Hypercall::CpuStart => Request::CpuStart(gpa),
+        Hypercall::DebugTrap => Request::DebugTrap(gpa),
     })
 }
 
@@ -107,7 +111,11 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
     // first, so the log keeps its order with console output and CPU starts.
     if matches!(
         request,
-        Request::ConsoleWrite(_) | Request::Phase(_) | Request::ScrubFrames(_) | Request::CpuStart(_)
+        Request::ConsoleWrite(_)
+            | Request::Phase(_)
+            | Request::ScrubFrames(_)
+            | Request::CpuStart(_)
+            | Request::DebugTrap(_)
     ) {
         let new = drain_events(session, false);
         if let Some(stop) = session.after_events(new) {
@@ -158,7 +166,46 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
             cpu_start(session, gpa);
             Flow::Continue
         }
+        Request::DebugTrap(gpa) => {
+            debug_trap(session, gpa);
+            Flow::Continue
+        }
     }
+}
+
+/// A trap a debugger may have asked for ([`Request::DebugTrap`]), answered
+/// for now with [`hc::DEBUG_ACTION_KILL`]; the run loop hands it to the
+/// debugger, if one is attached, before the vCPU resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DebugTrap {
+    /// Where the kernel's parameter block is.
+    pub gpa: u64,
+    /// What it said.
+    pub params: DebugTrapParams,
+}
+
+/// Answers a debug trap with "kill" (what the kernel does without a
+/// debugger) and leaves it in [`Session::debug_trap`] for the run loop.
+fn debug_trap(session: &mut Session<'_>, gpa: u64) {
+    let Some(params) = read_params::<DebugTrapParams>(session, Hypercall::DebugTrap, gpa) else {
+        return;
+    };
+    answer_debug_trap(session.ram, gpa, hc::DEBUG_ACTION_KILL, params.resume_rip);
+    session.debug_trap = Some(DebugTrap { gpa, params });
+}
+
+/// Writes the answer to a debug trap: `action` (`DEBUG_ACTION_*`), where
+/// the process resumes, and `status` OK. False if the block cannot be
+/// written (the kernel then kills the process: its status stays pending).
+pub fn answer_debug_trap(ram: &GuestRam, gpa: u64, action: u32, resume_rip: u64) -> bool {
+    use core::mem::offset_of;
+    let field = |offset: usize| gpa.checked_add(offset as u64);
+    let writes = [
+        (field(offset_of!(DebugTrapParams, action)), action.to_le_bytes().to_vec()),
+        (field(offset_of!(DebugTrapParams, resume_rip)), resume_rip.to_le_bytes().to_vec()),
+        (field(offset_of!(DebugTrapParams, status)), hc::STATUS_OK.to_le_bytes().to_vec()),
+    ];
+    writes.into_iter().all(|(at, bytes)| at.is_some_and(|at| ram.write_bytes(at, &bytes).is_ok()))
 }
 
 /// Accepts an AP start (its thread starts it once this exit is handled:

@@ -35,7 +35,6 @@ use superos_protocol::introspect::{
 use superos_protocol::layout::PAGE_SIZE;
 use superos_protocol::ownership::FrameOwner;
 use superos_protocol::syscall::{PROT_EXEC, PROT_READ, PROT_WRITE, RIGHT_GRANT, RIGHT_READ, RIGHT_WRITE};
-use zerocopy::FromBytes;
 
 /// Most bytes `dump` shows at once.
 pub const MAX_DUMP: u64 = 64 * 1024;
@@ -63,6 +62,18 @@ pub enum Point {
         /// CR3 (the running process's PML4).
         cr3: u64,
     },
+    /// Held at a process's debug trap that the debugger asked for (a
+    /// breakpoint or a single step): the kernel took the trap from ring 3
+    /// and asked the VMM before changing anything (its tables are as it
+    /// published them when it last returned to ring 3).
+    Trap {
+        /// The process.
+        pid: u32,
+        /// The CPU it trapped on.
+        cpu: u32,
+        /// Where it resumes.
+        rip: u64,
+    },
     /// The guest has stopped for good.
     Finished {
         /// Why (the run's [`crate::run::GuestExit`], in words).
@@ -80,6 +91,9 @@ impl std::fmt::Display for Point {
             Point::Boot => f.write_str("before the first guest instruction"),
             Point::Event { seq } => write!(f, "at kernel event #{seq}"),
             Point::Ring3 { rip, cr3 } => write!(f, "in user code at rip {rip:#x} (cr3 {cr3:#x})"),
+            Point::Trap { pid, cpu, rip } => {
+                write!(f, "at a debug trap of pid {pid} on CPU {cpu} (resuming at rip {rip:#x})")
+            }
             Point::Finished { exit, .. } => write!(f, "after the guest stopped ({exit})"),
         }
     }
@@ -105,6 +119,32 @@ pub struct MachineState {
     /// Every vCPU's state at this point (read when the vCPUs were held, or
     /// the one the run ended with), in vCPU order; empty if there is none.
     pub cpus: Vec<CpuCapture>,
+    /// The debug trap the guest is held at ([`Point::Trap`]).
+    pub trap: Option<TrapStop>,
+}
+
+/// Why a process stopped at a debug trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrapKind {
+    /// It ran into an `int3` the debugger inserted.
+    Breakpoint,
+    /// It completed the single step the debugger asked for.
+    Step,
+}
+
+/// A process held at a debug trap the debugger asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrapStop {
+    /// The process.
+    pub pid: u32,
+    /// The CPU it trapped on.
+    pub cpu: u32,
+    /// Why.
+    pub kind: TrapKind,
+    /// Its registers as it will resume with them (at a breakpoint, `rip`
+    /// is the breakpoint's address, the `int3` it ran having been undone).
+    pub registers: UserContext,
 }
 
 impl Default for MachineState {
@@ -117,6 +157,7 @@ impl Default for MachineState {
             point: Point::Boot,
             image: KernelImage::default(),
             cpus: Vec::new(),
+            trap: None,
         }
     }
 }
@@ -706,13 +747,92 @@ fn context_registers(context: &UserContext) -> BTreeMap<String, u64> {
     REGISTER_ORDER.iter().map(|n| n.to_string()).zip(values).collect()
 }
 
+/// Where the registers a process resumes with are at one point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegisterHome {
+    /// In the debug trap the guest is held at ([`MachineState::trap`]).
+    Trap(TrapStop),
+    /// In the context the kernel keeps for it (not running), a
+    /// [`UserContext`] at this guest-physical address.
+    Kept {
+        /// Where.
+        gpa: u64,
+    },
+    /// In vCPU `cpu`, which runs it in ring 3.
+    Vcpu {
+        /// The vCPU.
+        cpu: u32,
+    },
+    /// In the frame its entry into the kernel saved at the top of CPU
+    /// `cpu`'s kernel stack, a [`UserContext`] at this guest-physical
+    /// address.
+    KernelStack {
+        /// The CPU.
+        cpu: u32,
+        /// Where the frame is.
+        gpa: u64,
+    },
+}
+
+/// Where process `pid`'s registers are (see [`registers`]).
+pub fn register_home(analysis: &Analysis, machine: &Machine<'_>, pid: u32) -> Result<RegisterHome, String> {
+    let (pml4, _) = analysis.process(pid)?;
+    let record = analysis.view.process(pid).and_then(|p| p.record).ok_or_else(|| {
+        format!("pid {pid} is known only from the events (the kernel publishes no record of it): its registers are not known")
+    })?;
+    if let Some(trap) = machine.state.trap.filter(|trap| trap.pid == pid) {
+        return Ok(RegisterHome::Trap(trap));
+    }
+    let sharing =
+        analysis.view.processes.iter().filter(|p| p.record.is_some_and(|r| r.cpu == record.cpu)).count();
+    if record.cpu == NO_CPU || sharing > 1 {
+        // Not running, or its CPU is switching between it and another
+        // process: the kernel saved the outgoing one's context before the
+        // switch began and the incoming one's is still where it was kept.
+        return Ok(RegisterHome::Kept { gpa: record.context_gpa });
+    }
+    let cpu = record.cpu;
+    let capture = machine
+        .state
+        .cpus
+        .iter()
+        .find(|c| c.cpu == cpu)
+        .ok_or_else(|| format!("pid {pid} runs on CPU {cpu}, whose state was not read at this point"))?;
+    let state = &capture.state;
+    if state.in_ring3() {
+        if state.cr3 & PTE_ADDRESS_MASK != pml4 {
+            return Err(format!(
+                "pid {pid} runs on vCPU {cpu}, which is in ring 3 with CR3 {:#x}, not pid {pid}'s PML4 {pml4:#x}",
+                state.cr3
+            ));
+        }
+        return Ok(RegisterHome::Vcpu { cpu });
+    }
+    let root = analysis.view.root.as_ref().ok_or("the kernel published no introspection root")?;
+    let top = root.kernel_stack_tops.get(cpu as usize).copied().unwrap_or(0);
+    if top == 0 {
+        return Err(format!("the kernel published no kernel stack for CPU {cpu}"));
+    }
+    let size = std::mem::size_of::<UserContext>() as u64;
+    let va = top.checked_sub(size).ok_or("the published kernel stack top is below its frame")?;
+    let first = walk::translate(machine.ram, root.kernel_pml4, va)
+        .map_err(|e| format!("CPU {cpu}'s kernel stack at {va:#x}: {e}"))?;
+    let last = walk::translate(machine.ram, root.kernel_pml4, va + size - 1)
+        .map_err(|e| format!("CPU {cpu}'s kernel stack at {:#x}: {e}", va + size - 1))?;
+    if last.phys != first.phys + size - 1 {
+        return Err(format!("the frame at the top of CPU {cpu}'s kernel stack crosses into another frame"));
+    }
+    Ok(RegisterHome::KernelStack { cpu, gpa: first.phys })
+}
+
 /// `regs <pid>`: the registers process `pid` resumes with. A process no CPU
 /// runs has them in the context the kernel keeps for it
 /// ([`ProcessRecord::context_gpa`](superos_protocol::introspect::ProcessRecord));
 /// one a vCPU runs in ring 3 has them in that vCPU; one a CPU is in the
 /// kernel for has them in the frame its entry saved at the top of that
-/// CPU's kernel stack. Everything read is the kernel's claim, read only
-/// within guest RAM; what does not hold together is refused.
+/// CPU's kernel stack; one held at a debug trap, in that trap. Everything
+/// read is the kernel's claim, read only within guest RAM; what does not
+/// hold together is refused.
 pub fn registers(
     analysis: &Analysis,
     machine: &Machine<'_>,
@@ -720,40 +840,25 @@ pub fn registers(
     pid: u32,
 ) -> Result<RegistersResult, String> {
     let (pml4, name) = analysis.process(pid)?;
-    let record = analysis.view.process(pid).and_then(|p| p.record).ok_or_else(|| {
-        format!("pid {pid} is known only from the events (the kernel publishes no record of it): its registers are not known")
-    })?;
     let ram = machine.ram;
-    let read_context = |gpa: u64, what: &str| -> Result<UserContext, String> {
-        ram.read::<UserContext>(gpa)
-            .map_err(|e| format!("the context the kernel keeps for pid {pid} ({what} at {gpa:#x}): {e}"))
-    };
-    let sharing =
-        analysis.view.processes.iter().filter(|p| p.record.is_some_and(|r| r.cpu == record.cpu)).count();
-    let (source, registers, entry) = if record.cpu == NO_CPU || sharing > 1 {
-        // Not running, or its CPU is switching between it and another
-        // process: the kernel saved the outgoing one's context before the
-        // switch began and the incoming one's is still where it was kept.
-        let context = read_context(record.context_gpa, "GPA")?;
-        (
-            "the context the kernel keeps for it".to_string(),
-            context_registers(&context),
-            Some((context.vector, context.error_code)),
-        )
-    } else {
-        let cpu = record.cpu;
-        let capture =
-            machine.state.cpus.iter().find(|c| c.cpu == cpu).ok_or_else(|| {
-                format!("pid {pid} runs on CPU {cpu}, whose state was not read at this point")
-            })?;
-        let state = &capture.state;
-        if state.in_ring3() {
-            if state.cr3 & PTE_ADDRESS_MASK != pml4 {
-                return Err(format!(
-                    "pid {pid} runs on vCPU {cpu}, which is in ring 3 with CR3 {:#x}, not pid {pid}'s PML4 {pml4:#x}",
-                    state.cr3
-                ));
-            }
+    let (source, registers, entry) = match register_home(analysis, machine, pid)? {
+        RegisterHome::Trap(trap) => (
+            format!("its debug trap on CPU {}", trap.cpu),
+            context_registers(&trap.registers),
+            Some((trap.registers.vector, trap.registers.error_code)),
+        ),
+        RegisterHome::Kept { gpa } => {
+            let context = ram
+                .read::<UserContext>(gpa)
+                .map_err(|e| format!("the context the kernel keeps for pid {pid} (GPA at {gpa:#x}): {e}"))?;
+            (
+                "the context the kernel keeps for it".to_string(),
+                context_registers(&context),
+                Some((context.vector, context.error_code)),
+            )
+        }
+        RegisterHome::Vcpu { cpu } => {
+            let state = &machine.state.cpus.iter().find(|c| c.cpu == cpu).ok_or("no vCPU state")?.state;
             let mut registers: BTreeMap<String, u64> =
                 cpu::GENERAL_REGISTERS.iter().map(|n| n.to_string()).zip(state.general).collect();
             registers.insert("rip".into(), state.rip);
@@ -761,18 +866,11 @@ pub fn registers(
             registers.insert("cs".into(), u64::from(state.cs.selector));
             registers.insert("ss".into(), u64::from(state.ss.selector));
             (format!("vCPU {cpu} (in ring 3)"), registers, None)
-        } else {
-            let root = analysis.view.root.as_ref().ok_or("the kernel published no introspection root")?;
-            let top = root.kernel_stack_tops.get(cpu as usize).copied().unwrap_or(0);
-            if top == 0 {
-                return Err(format!("the kernel published no kernel stack for CPU {cpu}"));
-            }
-            let size = std::mem::size_of::<UserContext>();
-            let va =
-                top.checked_sub(size as u64).ok_or("the published kernel stack top is below its frame")?;
-            let bytes = walk::read_virtual(ram, root.kernel_pml4, va, size)
-                .map_err(|e| format!("CPU {cpu}'s kernel stack at {va:#x}: {e}"))?;
-            let context = UserContext::read_from_bytes(&bytes).map_err(|_| "a frame of the wrong size")?;
+        }
+        RegisterHome::KernelStack { cpu, gpa } => {
+            let context = ram
+                .read::<UserContext>(gpa)
+                .map_err(|e| format!("CPU {cpu}'s kernel stack at GPA {gpa:#x}: {e}"))?;
             if context.cs & 3 != 3 {
                 return Err(format!(
                     "the frame at the top of CPU {cpu}'s kernel stack is not one from ring 3 (cs {:#x}): pid {pid}'s registers are not there now",

@@ -43,6 +43,7 @@ pub mod console;
 pub mod control;
 pub mod core_dump;
 pub mod cpu;
+pub mod debug_trap;
 pub mod diagnose;
 pub mod event_json;
 pub mod events;

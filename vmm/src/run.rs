@@ -535,6 +535,9 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     let aps = Aps::new(std::mem::take(&mut vm.aps));
     let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
     let control = attached.control();
+    if let Some(control) = control {
+        control.set_programs(config.scenario.processes.iter().map(|p| p.program.clone()).collect());
+    }
     install_kick_handler();
     let period = match config.check {
         CheckMode::Periodic(period) => Some(period),
@@ -855,6 +858,7 @@ fn hypercall_name(request: &hypercall::Request) -> &'static str {
         Shutdown(_) => "shutdown",
         ScrubFrames(_) => "scrub-frames",
         CpuStart(_) => "cpu-start",
+        DebugTrap(_) => "debug-trap",
     }
 }
 
@@ -1173,6 +1177,28 @@ fn vcpu_loop(
         if checks_run(session) != checks_before {
             last_check_end = Some(Instant::now());
         }
+        // A debug trap (the kernel answered "kill" unless a debugger asked
+        // for it): held here until the debugger resumes the guest.
+        let step = match (session.debug_trap.take(), control, step) {
+            (Some(trap), Some(control), Step::Continue) => {
+                let answer = control.debug_trap(&trap, session, |point| {
+                    let at = point.to_string();
+                    let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
+                    cpus.extend(paused.as_ref().map(|aps| aps.capture(&at)).unwrap_or_default());
+                    cpus
+                });
+                control.apply_vcpu_steps(vcpu, paused.as_ref());
+                match answer {
+                    Some((action, rip)) => {
+                        hypercall::answer_debug_trap(session.ram, trap.gpa, action, rip);
+                        Step::Continue
+                    }
+                    None if control.quitting() => Step::Stop(GuestExit::Stopped),
+                    None => Step::Continue,
+                }
+            }
+            (_, _, step) => step,
+        };
         // The control socket: hold the vCPU here for a query if this is a
         // consistent point, or stop it (`quit`).
         let step = match (step, control) {

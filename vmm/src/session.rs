@@ -184,6 +184,9 @@ pub struct Session<'a> {
     warnings: u64,
     /// The kernel's requests to start application processors.
     pub cpu_starts: crate::aps::CpuStarts,
+    /// A debug trap the kernel reported in the exit being handled (answered
+    /// "kill" until a debugger says otherwise).
+    pub debug_trap: Option<crate::hypercall::DebugTrap>,
     /// Boot hellos accepted or refused as a second one (not counting
     /// those refused for a bad version or ring before the first).
     pub hellos: u64,
@@ -224,6 +227,7 @@ impl<'a> Session<'a> {
             read_only: None,
             warnings: 0,
             cpu_starts: Default::default(),
+            debug_trap: None,
             hellos: 0,
             dropped: Dropped::default(),
             limits: Limits::default(),

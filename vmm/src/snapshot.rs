@@ -557,6 +557,7 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
                 features: meta.cpu_features,
             },
             cpus,
+            trap: None,
         },
         meta: Meta {
             vmm_version: meta.vmm_version,
@@ -628,6 +629,7 @@ mod tests {
                     },
                 })
                 .collect(),
+            trap: None,
         };
         (ram, state)
     }

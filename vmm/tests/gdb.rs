@@ -101,8 +101,9 @@ fn gdb_sees_every_process_as_a_thread_and_asks_the_checker() {
 }
 
 /// `--gdb-wait`: gdb finds the vCPU before the kernel's first instruction;
-/// a breakpoint is refused (not planted as an `int3`); `continue` runs the
-/// default scenario to its clean end, which gdb reports as an exit.
+/// a breakpoint in the kernel half is refused (only user code takes one);
+/// `continue` runs the default scenario to its clean end, which gdb reports
+/// as an exit.
 #[test]
 fn gdb_waits_for_the_first_instruction_and_continues_to_a_clean_exit() {
     if !kvm_available() {
@@ -125,7 +126,7 @@ fn gdb_waits_for_the_first_instruction_and_continues_to_a_clean_exit() {
         &[
             "info threads",
             "info registers rip cs",
-            "break write_code::main",
+            "break *0xffffffff80100010",
             "continue",
             "delete",
             "continue",
@@ -140,6 +141,80 @@ fn gdb_waits_for_the_first_instruction_and_continues_to_a_clean_exit() {
     let (code, output) = vm.finish();
     assert_eq!(code, 0, "{output}");
     assert!(output.contains("9 of 9 processes as expected"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A breakpoint set before the program exists (`--gdb-wait`) goes into the
+/// process when it is spawned; the process stops there (gdb names its
+/// thread and function, `bt` and `monitor check` work while it is held),
+/// single steps move it one instruction at a time, and once the breakpoint
+/// is deleted `continue` runs the scenario to its clean end: the program
+/// then meets the fault it was written for, as without a debugger.
+#[test]
+fn gdb_breaks_in_a_user_program_steps_and_continues_to_a_clean_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(gdb) = gdb() else { return };
+    let dir = scratch("gdb", "break");
+    let programs = export_programs(&dir);
+    let socket = dir.join("gdb.sock");
+    let vm = Vmm::start(
+        &["--timeout", "120", "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
+        &dir.join("api.sock"),
+    );
+    let text = gdb_batch(
+        gdb,
+        &programs.join("write-code"),
+        &socket,
+        &[
+            "monitor program",
+            "monitor program nonesuch",
+            "monitor program write-code",
+            "break write_code::main",
+            "continue",
+            "info threads",
+            "bt",
+            "monitor check",
+            "print/x $pc",
+            "stepi",
+            "print/x $pc",
+            "stepi",
+            "print/x $pc",
+            "x/i $pc",
+            "info registers eflags",
+            "delete",
+            "continue",
+        ],
+    );
+    assert!(text.contains("no program chosen for breakpoints"), "{text}");
+    assert!(text.contains("no process of this run runs nonesuch"), "{text}");
+    assert!(text.contains("breakpoints go into the processes of write-code"), "{text}");
+    assert!(text.contains("Breakpoint 1 at 0x"), "{text}");
+    assert!(text.contains("hit Breakpoint 1, ") && text.contains("write_code::main"), "{text}");
+    assert!(text.contains("write-code") && text.contains("(pid "), "its thread is named:\n{text}");
+    assert!(text.contains("in _start ()"), "bt from the breakpoint:\n{text}");
+    assert!(text.contains("every invariant held"), "{text}");
+    // At the breakpoint's address (the int3 undone), then one instruction on
+    // per stepi; the trap flag is the debugger's, not shown.
+    let at = |name: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}:\n{text}"));
+        u64::from_str_radix(line.trim_start_matches(name).trim_start_matches("0x"), 16).unwrap()
+    };
+    let set = text.lines().find_map(|l| l.strip_prefix("Breakpoint 1 at 0x")?.split(':').next()).unwrap();
+    let (first, second, third) = (at("$1 = "), at("$2 = "), at("$3 = "));
+    assert_eq!(first, u64::from_str_radix(set, 16).unwrap(), "{text}");
+    assert!(
+        first < second && second < third && third - first < 32,
+        "{first:#x} {second:#x} {third:#x}\n{text}"
+    );
+    assert!(text.contains("=> 0x"), "{text}");
+    assert!(!text.contains(" TF "), "{text}");
+    assert!(text.contains("exited normally"), "{text}");
+    let (code, output) = vm.finish();
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("9 of 9 processes as expected"), "{output}");
+    assert!(output.contains("write-code") && output.contains("killed: write-to-code"), "{output}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

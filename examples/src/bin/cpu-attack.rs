@@ -13,7 +13,11 @@
 //! on Intel), `syscall-raw` (a `syscall` outside the gate, with RSP aimed at
 //! the kernel's direct map, or `stack=non-canonical` or `stack=zero`:
 //! illegal-gate-entry where the kernel uses the `syscall` gate; on the PVM
-//! host `syscall` jumps to LSTAR still in ring 3: kernel-access), `int` (`int vector=<n>`,
+//! host `syscall` jumps to LSTAR still in ring 3: kernel-access),
+//! `syscall-single-step` (a `syscall` outside the gate with the trap flag
+//! set: the kernel takes the debug trap at its entry in stride, then
+//! illegal-gate-entry; on the PVM host debug-exception or kernel-access at
+//! LSTAR), `int` (`int vector=<n>`,
 //! default 0x80: general-protection; 3 is illegal-gate-entry), `int1` and
 //! `single-step` (debug-exception), `load-kernel-ds`, `load-null-slot`,
 //! `load-kernel-ss` (general-protection).
@@ -639,6 +643,13 @@ unsafe fn violate(mode: &str, vector: u64, stack: &str) -> bool {
         "iret-kernel" => far_transfer("iret", KERNEL_CS),
         "sysenter" => {
             asm!("sysenter", options(nostack))
+        }
+        "syscall-single-step" => {
+            // The trap flag set for a `syscall`: the CPU traps once the
+            // `syscall` has completed, that is at the kernel's entry, in ring
+            // 0 with the user stack still loaded (ordinary KVM), or at LSTAR
+            // in ring 3 (the PVM host). The kernel must survive either.
+            asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq", "syscall", out("rcx") _, out("r11") _)
         }
         "syscall-raw" => {
             // RSP aimed at the kernel's direct map (were the entry to run on

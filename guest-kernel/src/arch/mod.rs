@@ -51,7 +51,7 @@ impl<T> KernelCell<T> {
 /// The register state saved on every entry from ring 3, in the order the trap
 /// stubs push it. The same layout is used to resume a process: `iretq` reads
 /// `rip`..`ss`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable)]
 #[repr(C)]
 #[allow(missing_docs)]
 pub struct TrapFrame {
@@ -116,6 +116,11 @@ impl TrapFrame {
     /// True if the trap came from ring 3.
     pub fn from_user(&self) -> bool {
         self.cs & 3 == 3
+    }
+
+    /// The frame as the protocol publishes it (the same layout, asserted above).
+    pub fn user_context(&self) -> superos_protocol::introspect::UserContext {
+        zerocopy::transmute!(*self)
     }
 
     /// A fresh ring-3 context starting at `rip` with stack `rsp`.

@@ -35,6 +35,70 @@ pub fn console_write(pid: u32, gpa: u64, len: u64) -> u32 {
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(params.status)) }
 }
 
+static DEBUG_TRAP_PARAMS: KernelCell<hc::DebugTrapParams> = KernelCell::new(hc::DebugTrapParams {
+    pid: 0,
+    status: 0,
+    cpu: 0,
+    action: 0,
+    resume_rip: 0,
+    registers: superos_protocol::introspect::UserContext {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rcx: 0,
+        rbx: 0,
+        rax: 0,
+        vector: 0,
+        error_code: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
+    },
+});
+
+/// Tells the VMM that process `pid` trapped on CPU `cpu` with `registers`
+/// (a breakpoint or a single step) and returns its answer: the action
+/// (`DEBUG_ACTION_*`, [`hc::DEBUG_ACTION_KILL`] unless the VMM answered
+/// well) and where to resume. With a debugger attached the call returns
+/// only when the debugger resumes the guest.
+pub fn debug_trap(pid: u32, cpu: u32, registers: superos_protocol::introspect::UserContext) -> (u32, u64) {
+    // SAFETY: KernelCell invariant (the caller holds the big kernel lock).
+    let params = unsafe { DEBUG_TRAP_PARAMS.get() };
+    *params = hc::DebugTrapParams {
+        pid,
+        status: hc::STATUS_PENDING,
+        cpu,
+        action: hc::DEBUG_ACTION_KILL,
+        resume_rip: registers.rip,
+        registers,
+    };
+    hypercall_with(Hypercall::DebugTrap, params);
+    // SAFETY: the VMM wrote these fields during the hypercall; read them afresh.
+    let (status, action, rip) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!(params.status)),
+            core::ptr::read_volatile(core::ptr::addr_of!(params.action)),
+            core::ptr::read_volatile(core::ptr::addr_of!(params.resume_rip)),
+        )
+    };
+    if status == hc::STATUS_OK {
+        (action, rip)
+    } else {
+        (hc::DEBUG_ACTION_KILL, rip)
+    }
+}
+
 static SCRUB_PARAMS: KernelCell<hc::ScrubFramesParams> =
     KernelCell::new(hc::ScrubFramesParams { list_gpa: 0, count: 0, status: 0 });
 
