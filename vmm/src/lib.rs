@@ -64,6 +64,7 @@ pub mod scenario;
 pub mod session;
 pub mod snapshot;
 pub mod svg;
+pub mod trace;
 pub mod user_elf;
 pub mod vm;
 pub mod walk;

@@ -173,6 +173,12 @@ struct RunArgs {
     /// `superos-vmm list --export DIR`). Makes every kernel event a VM exit.
     #[arg(long, value_name = "DIR")]
     core_dir: Option<PathBuf>,
+    /// Write the run's timeline to FILE as Chrome/Perfetto trace-event JSON (ui.perfetto.dev,
+    /// chrome://tracing): a track per process (its life, its kernel events), per vCPU (its VM
+    /// exits) and for the VMM (invariant checks with their durations, holds). Makes every
+    /// kernel event a VM exit.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
     #[arg(long, value_enum, hide = true)]
     debug_inject: Vec<Inject>,
@@ -432,6 +438,7 @@ fn run_command(args: RunArgs, started: Instant) -> Result<i32, String> {
         vcpu_tamper: None,
         limits: Default::default(),
         core_dir: args.core_dir.clone(),
+        trace: args.trace.clone(),
     };
     // Ctrl-C and SIGTERM stop the guest as the watchdog would (the summary,
     // the snapshot and the socket's removal then happen as usual).

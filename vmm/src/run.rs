@@ -89,6 +89,8 @@ pub struct RunConfig {
     /// Write an ELF core file here for every process the kernel kills
     /// ([`crate::core_dump`]; the directory must exist).
     pub core_dir: Option<std::path::PathBuf>,
+    /// Write the run's timeline here ([`crate::trace`]).
+    pub trace: Option<std::path::PathBuf>,
 }
 
 impl RunConfig {
@@ -112,6 +114,7 @@ impl RunConfig {
             vcpu_tamper: None,
             limits: Default::default(),
             core_dir: None,
+            trace: None,
         }
     }
 }
@@ -457,6 +460,7 @@ fn event_notify_policy(config: &RunConfig, extras: &RunExtras) -> EventNotifyPol
     let looks = config.tamper.is_some()
         || config.vcpu_tamper.is_some()
         || config.core_dir.is_some()
+        || config.trace.is_some()
         || !extras.is_empty();
     if checks_at_events || looks {
         EventNotifyPolicy::EveryEvent
@@ -530,7 +534,8 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         .with_limits(config.limits)
         .with_read_only(vm.read_only())
         .with_monitor(monitor)
-        .with_core_dir(config.core_dir.clone());
+        .with_core_dir(config.core_dir.clone())
+        .with_trace(config.trace.is_some());
     session.cpu_starts = CpuStarts::new(cpus, text, ram.size());
     let aps = Aps::new(std::mem::take(&mut vm.aps));
     let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
@@ -641,6 +646,13 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         violations_dropped,
         check_notes,
     };
+    if let (Some(path), Some(trace)) = (&config.trace, &session.trace) {
+        if let Err(error) = trace.write(path, session.now(), session.pid_names()) {
+            let message = format!("could not write the trace {}: {error}", path.display());
+            eprintln!("superos-vmm: {message}");
+            report.output_errors.push(message);
+        }
+    }
     drop(vm);
     attached.finish(&ram, session.hello, baseline, final_cpus, &usable, &config.scenario.origin, &mut report);
     Ok(report)
@@ -791,57 +803,59 @@ fn merge_invariants(into: &mut Vec<Invariant>, from: Vec<Invariant>) {
 /// Handles one VM exit. A free function of the exit and the session, so it
 /// can be tested with made-up exits.
 pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BTreeMap<String, u64>) -> Step {
-    let mut count = |kind: &str| {
+    // Counted, and in the timeline if one is kept (the bootstrap vCPU's).
+    fn tally(exits: &mut BTreeMap<String, u64>, session: &mut Session<'_>, kind: &str) {
         tracing::trace!(kind, "VM exit");
-        *exits.entry(kind.to_string()).or_default() += 1
-    };
+        *exits.entry(kind.to_string()).or_default() += 1;
+        session.trace_exit(0, kind);
+    }
     match exit {
         VcpuExit::IoOut(port, data) => match hypercall::decode(port, data) {
             Ok(request) => {
-                count(&format!("hypercall {}", hypercall_name(&request)));
+                tally(exits, session, &format!("hypercall {}", hypercall_name(&request)));
                 Step::after(hypercall::handle(session, request))
             }
             Err(error) => {
-                count("io-out (other)");
+                tally(exits, session, "io-out (other)");
                 session.warn(format!("ignored: {error}"));
                 Step::Continue
             }
         },
         VcpuExit::IoIn(port, data) => {
-            count("io-in");
+            tally(exits, session, "io-in");
             data.fill(0xff);
             session.warn(format!("ignored: read from I/O port {port:#x}"));
             Step::Continue
         }
         VcpuExit::MmioRead(address, data) => {
-            count("mmio-read");
+            tally(exits, session, "mmio-read");
             data.fill(0xff);
             session.warn(format!("ignored: MMIO read at {address:#x}"));
             Step::Continue
         }
         VcpuExit::MmioWrite(address, _) => {
-            count("mmio-write");
+            tally(exits, session, "mmio-write");
             session.warn(format!("ignored: MMIO write at {address:#x}"));
             Step::Continue
         }
         VcpuExit::Shutdown => {
-            count("shutdown");
+            tally(exits, session, "shutdown");
             Step::Stop(GuestExit::TripleFault)
         }
         VcpuExit::InternalError => {
-            count("internal-error");
+            tally(exits, session, "internal-error");
             Step::Stop(GuestExit::InternalError { suberror: 0, data: Vec::new() })
         }
         VcpuExit::FailEntry(reason, _) => {
-            count("fail-entry");
+            tally(exits, session, "fail-entry");
             Step::Stop(GuestExit::FailEntry { reason })
         }
         VcpuExit::Hlt => {
-            count("hlt");
+            tally(exits, session, "hlt");
             Step::Stop(GuestExit::UnexpectedExit("hlt".into()))
         }
         other => {
-            count("other");
+            tally(exits, session, "other");
             Step::Stop(GuestExit::UnexpectedExit(format!("{other:?}")))
         }
     }
@@ -983,7 +997,9 @@ fn forwarded_exits(
         };
         let outcome = match forward {
             Forward::Hypercall(request) => {
-                *exits.entry(format!("hypercall {}", hypercall_name(&request))).or_default() += 1;
+                let kind = format!("hypercall {}", hypercall_name(&request));
+                session.trace_exit(cpu, &kind);
+                *exits.entry(kind).or_default() += 1;
                 event |= request == hypercall::Request::EventNotify;
                 Step::after(hypercall::handle(session, request))
             }
@@ -1177,6 +1193,7 @@ fn vcpu_loop(
         if checks_run(session) != checks_before {
             last_check_end = Some(Instant::now());
         }
+        let (hold_at, held_before) = (session.now(), control.map(Control::held_time));
         // A debug trap (the kernel answered "kill" unless a debugger asked
         // for it): held here until the debugger resumes the guest.
         let step = match (session.debug_trap.take(), control, step) {
@@ -1215,6 +1232,12 @@ fn vcpu_loop(
             }
             (step, _) => step,
         };
+        if let (Some(control), Some(before), Some(_)) = (control, held_before, &session.trace) {
+            let held = control.held_time().saturating_sub(before);
+            if !held.is_zero() {
+                session.trace_held(hold_at, held, "for the control socket or a debugger".into());
+            }
+        }
         if let Step::Stop(exit) = step {
             break exit;
         }

@@ -202,6 +202,8 @@ pub struct Session<'a> {
     pid_names: BTreeMap<u32, String>,
     /// Where core files of killed processes go (`run --core-dir`).
     core_dir: Option<std::path::PathBuf>,
+    /// The run's timeline (`run --trace`), if one is kept.
+    pub trace: Option<crate::trace::Trace>,
     /// The core files written.
     pub cores: Vec<std::path::PathBuf>,
     /// Their bytes, against [`crate::core_dump::max_core_bytes`].
@@ -239,9 +241,57 @@ impl<'a> Session<'a> {
             process_names,
             pid_names: BTreeMap::new(),
             core_dir: None,
+            trace: None,
             cores: Vec::new(),
             core_bytes: 0,
             cores_capped: false,
+        }
+    }
+
+    /// The name of each process spawned so far, by pid.
+    pub fn pid_names(&self) -> &BTreeMap<u32, String> {
+        &self.pid_names
+    }
+
+    /// Keeps the run's timeline (`run --trace`).
+    pub fn with_trace(mut self, keep: bool) -> Self {
+        self.trace = keep.then(crate::trace::Trace::default);
+        self
+    }
+
+    /// Notes a VM exit of vCPU `cpu` in the timeline (if one is kept).
+    pub fn trace_exit(&mut self, cpu: u32, kind: &str) {
+        let at = self.now();
+        if let Some(trace) = &mut self.trace {
+            trace.push(crate::trace::Record::Exit { at, cpu, kind: kind.to_string() });
+        }
+    }
+
+    /// Notes that the guest was held from `at` for `took` (if a timeline is
+    /// kept).
+    pub fn trace_held(&mut self, at: Duration, took: Duration, point: String) {
+        if let Some(trace) = &mut self.trace {
+            trace.push(crate::trace::Record::Held { at, took, point });
+        }
+    }
+
+    /// Checks run and violations found so far (for the timeline).
+    fn check_counts(&self) -> (u64, usize) {
+        self.monitor.as_ref().map_or((0, 0), |m| (m.checker.stats.checks, m.violations.len()))
+    }
+
+    /// Notes the check that ran since `at`, when the counts were `before`,
+    /// if one did (and a timeline is kept).
+    fn trace_check(&mut self, at: Duration, before: (u64, usize), trigger: &str) {
+        let after = self.check_counts();
+        let took = self.now().saturating_sub(at);
+        if let (Some(trace), true) = (&mut self.trace, after.0 > before.0) {
+            trace.push(crate::trace::Record::Check {
+                at,
+                took,
+                trigger: trigger.to_string(),
+                violations: after.1.saturating_sub(before.1),
+            });
         }
     }
 
@@ -317,29 +367,35 @@ impl<'a> Session<'a> {
     /// Runs the tamper hook and the checks due after `new` events were
     /// drained. `Some` if the guest must stop.
     pub fn after_events(&mut self, new: usize) -> Option<Stop> {
+        let (at, before) = (self.now(), self.check_counts());
         let ram = self.ram;
         let reported = self.monitor.as_ref()?.violations.len();
         let stop = self.monitor.as_mut()?.after_events(ram, &self.events, new);
         self.echo_violations(reported);
+        self.trace_check(at, before, "at a kernel event");
         stop
     }
 
     /// The last check, at shutdown (`shutdown`) or at a kernel panic.
     pub fn check_at_end(&mut self, shutdown: bool) -> Option<Stop> {
+        let (at, before) = (self.now(), self.check_counts());
         let ram = self.ram;
         let reported = self.monitor.as_ref()?.violations.len();
         let stop = self.monitor.as_mut()?.at_end(ram, &self.events, shutdown);
         self.echo_violations(reported);
+        self.trace_check(at, before, "at the end");
         stop
     }
 
     /// A periodic kick found the vCPU stopped; `ring3_rip` is its RIP if it
     /// was running user code.
     pub fn kicked(&mut self, ring3_rip: Option<u64>) -> Option<Stop> {
+        let (at, before) = (self.now(), self.check_counts());
         let ram = self.ram;
         let reported = self.monitor.as_ref()?.violations.len();
         let stop = self.monitor.as_mut()?.kicked(ram, &self.events, ring3_rip);
         self.echo_violations(reported);
+        self.trace_check(at, before, "periodic");
         stop
     }
 
@@ -368,10 +424,12 @@ impl<'a> Session<'a> {
 
     /// Runs one check now, whatever the mode.
     pub fn check_now(&mut self, trigger: Trigger) -> Option<Stop> {
+        let (at, before) = (self.now(), self.check_counts());
         let ram = self.ram;
         let reported = self.monitor.as_ref()?.violations.len();
         let stop = self.monitor.as_mut()?.check(ram, trigger);
         self.echo_violations(reported);
+        self.trace_check(at, before, "on request");
         stop
     }
 
@@ -471,6 +529,9 @@ impl<'a> Session<'a> {
                 if let (Event::ProcessKilled { pid, fault, .. }, Some(_)) = (&entry.event, &self.core_dir) {
                     let line = EventFormat::Text.line(&entry);
                     self.dump_core(*pid, *fault, line);
+                }
+                if let Some(trace) = &mut self.trace {
+                    trace.push(crate::trace::Record::Event { at: self.started.elapsed(), entry });
                 }
                 self.events.push(entry);
             }

@@ -279,12 +279,36 @@ fn hostile_remote_protocol_packets_get_error_replies() {
         ("mffffffff80100000,10", "the kernel half through a process thread"),
         ("mfffffffffffffff0,100", "a read that wraps around"),
         ("M400000,4:90909090", "a write to read-only code"),
-        ("Z0,400000,1", "a software breakpoint"),
+        ("Z0,400000,1", "a breakpoint with no program chosen (two run here)"),
     ];
     for (body, what) in refusals {
         let reply = exchange(&mut stream, body);
         assert!(reply.starts_with('E') || reply.is_empty(), "{what} ({body}): {reply:?}");
     }
+    // With a program chosen: breakpoints outside user code are refused; one
+    // in its code is planted and taken out again, the byte as it was.
+    let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let chosen = exchange(&mut stream, &format!("qRcmd,{}", hex("program spin")));
+    assert!(chosen.starts_with('O') || chosen == "OK", "{chosen}");
+    if chosen.starts_with('O') {
+        assert_eq!(read_reply(&mut stream), "OK");
+    }
+    for (body, what) in [
+        ("Z0,ffffffff80100010,1", "a breakpoint in the kernel half"),
+        ("Z0,7fffffff0004,1", "a breakpoint in the gate page"),
+        ("Z0,400000,2", "a breakpoint of another size than int3's"),
+        ("Z1,400000,1", "a hardware breakpoint"),
+    ] {
+        let reply = exchange(&mut stream, body);
+        assert!(reply.starts_with('E') || reply.is_empty(), "{what} ({body}): {reply:?}");
+    }
+    assert_eq!(exchange(&mut stream, "Hg2"), "OK");
+    let before = exchange(&mut stream, "m400000,1");
+    assert_eq!(exchange(&mut stream, "Z0,400000,1"), "OK");
+    assert_eq!(exchange(&mut stream, "z0,400000,1"), "OK");
+    assert_eq!(exchange(&mut stream, "m400000,1"), before, "the byte is back");
+    let again = exchange(&mut stream, "z0,400000,1");
+    assert!(again.starts_with('E') || again.is_empty(), "no breakpoint there any more: {again:?}");
     // A thread that does not exist: selecting it is gdb's business, reading it an error.
     exchange(&mut stream, "Hg999");
     assert!(exchange(&mut stream, "g").starts_with('E'), "the registers of no thread");
