@@ -1065,8 +1065,9 @@ fn snapshot_temporary(path: &std::path::Path) -> PathBuf {
 #[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObserveArgs {
     /// Serve a control socket at SOCKET for `superos-vmm inspect --api SOCKET`
-    /// (ps, maps, frames, shares, events, check, translate, dump, map, pause,
-    /// resume, quit). Queries hold the vCPU at a consistent point while they read.
+    /// (ps, maps, frames, shares, events, check, translate, dump, map, regs,
+    /// core, pause, resume, quit). Queries hold the vCPU at a consistent point
+    /// while they read.
     #[arg(long, value_name = "SOCKET")]
     pub api: Option<PathBuf>,
     /// With --api: hold the vCPU before its first instruction until `inspect resume`.
