@@ -124,10 +124,10 @@ fn compatibility_mode_far_transfers_and_foreign_entries_never_reach_ring_0() {
             // the kernel, which sees it did not come from the gate stub.
             (HostFlavor::Pvm, m) if m.starts_with("syscall-raw") => &[KernelAccess],
             (HostFlavor::Kvm, m) if m.starts_with("syscall-raw") => &[IllegalGateEntry],
-            // With the trap flag set, the `syscall` traps once complete: on
-            // ordinary KVM at the kernel's entry in ring 0 (a debug trap the
-            // kernel resumes from, not a kernel panic), then as above; on
-            // the PVM host at LSTAR, in ring 3 (the step or the fetch).
+            // With the trap flag set across it: on ordinary KVM SFMASK clears
+            // the flag and no trap is taken in ring 0 (the kernel would stop
+            // on one), then as above; on the PVM host at LSTAR, in ring 3
+            // (the step or the fetch).
             (HostFlavor::Pvm, "syscall-single-step") => &[DebugException, KernelAccess],
             (HostFlavor::Kvm, "syscall-single-step") => &[IllegalGateEntry],
             // `sysenter` in long mode is #UD on AMD; on Intel SYSENTER_CS = 0

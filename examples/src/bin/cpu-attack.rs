@@ -15,9 +15,8 @@
 //! illegal-gate-entry where the kernel uses the `syscall` gate; on the PVM
 //! host `syscall` jumps to LSTAR still in ring 3: kernel-access),
 //! `syscall-single-step` (a `syscall` outside the gate with the trap flag
-//! set: the kernel takes the debug trap at its entry in stride, then
-//! illegal-gate-entry; on the PVM host debug-exception or kernel-access at
-//! LSTAR), `int` (`int vector=<n>`,
+//! set: illegal-gate-entry, the kernel unharmed; on the PVM host
+//! debug-exception or kernel-access at LSTAR), `int` (`int vector=<n>`,
 //! default 0x80: general-protection; 3 is illegal-gate-entry), `int1` and
 //! `single-step` (debug-exception), `load-kernel-ds`, `load-null-slot`,
 //! `load-kernel-ss` (general-protection).
@@ -645,10 +644,12 @@ unsafe fn violate(mode: &str, vector: u64, stack: &str) -> bool {
             asm!("sysenter", options(nostack))
         }
         "syscall-single-step" => {
-            // The trap flag set for a `syscall`: the CPU traps once the
-            // `syscall` has completed, that is at the kernel's entry, in ring
-            // 0 with the user stack still loaded (ordinary KVM), or at LSTAR
-            // in ring 3 (the PVM host). The kernel must survive either.
+            // The trap flag set across a `syscall`: were the single-step trap
+            // taken at the kernel's entry (in ring 0, the user stack still
+            // loaded, as SYSENTER's is on Intel), the kernel would meet a
+            // debug exception of its own. SFMASK clears the flag; on the PVM
+            // host `syscall` jumps to LSTAR in ring 3. The kernel must
+            // survive either way.
             asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq", "syscall", out("rcx") _, out("r11") _)
         }
         "syscall-raw" => {

@@ -738,14 +738,6 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     if frame.vector == NMI_VECTOR {
         return;
     }
-    // A `syscall` made with the trap flag set traps after it completes, at
-    // the entry's first instruction (ring 0, on the debug IST stack, the
-    // user stack still loaded); `SFMASK` has cleared the flag. Nothing is
-    // wrong: resume the entry. The flag comes back with the user's RFLAGS
-    // on return, and the process traps after its next instruction.
-    if frame.vector == DEBUG_VECTOR && is_syscall_entry(frame) {
-        return;
-    }
     let cpu = smp::cpu_of_stack(frame as *const TrapFrame as u64);
     trap_dispatch_locked(frame, cpu);
 }
@@ -813,13 +805,6 @@ fn trap_dispatch_locked(frame: &mut TrapFrame, cpu: u32) {
     kernel.wake_idle_cpus();
     fast::set_resumed(cpu, kernel.resumed_pid(frame));
     smp::BIG_LOCK.unlock();
-}
-
-/// A frame in ring 0 at the first instruction of a CPU's `syscall` entry.
-fn is_syscall_entry(frame: &TrapFrame) -> bool {
-    // SAFETY: a table of addresses in the read-only image, never written.
-    let entries = unsafe { &syscall_entry_table };
-    !frame.from_user() && entries.contains(&frame.rip)
 }
 
 /// An interrupt that arrived in the idle context (ring-0 code that runs
