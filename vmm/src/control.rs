@@ -83,6 +83,20 @@ fn live_pml4s(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, u64> {
     live_processes(machine).into_iter().map(|(pid, (pml4, _))| (pid, pml4)).collect()
 }
 
+/// Arms (or, with `on` false, disarms) KVM's single-step of `vcpu`, with
+/// interrupts held off for the step where KVM can.
+pub fn arm_single_step(vcpu: &VcpuFd, on: bool) -> Result<(), kvm_ioctls::Error> {
+    use kvm_bindings::{
+        kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    };
+    let with = |control: u32| kvm_guest_debug { control, ..Default::default() };
+    if !on {
+        return vcpu.set_guest_debug(&with(0));
+    }
+    vcpu.set_guest_debug(&with(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ))
+        .or_else(|_| vcpu.set_guest_debug(&with(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)))
+}
+
 /// How long a query waits for the vCPU to reach a consistent point.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `quit` waits for a consistent point before it stops the guest
@@ -520,10 +534,63 @@ impl Control {
         self.ram.write_bytes(at, &(rflags | RFLAGS_TF).to_le_bytes()).map_err(|e| e.to_string())
     }
 
+    /// The debugger wants the bootstrap vCPU to take one step of whatever
+    /// it runs (the kernel too) when the guest resumes.
+    pub fn request_kernel_step(&self) {
+        self.lock().debug.kernel_step = true;
+    }
+
+    /// The bootstrap vCPU's debug exit is the step the debugger armed.
+    pub fn kernel_step_armed(&self) -> bool {
+        self.lock().debug.kernel_step_armed
+    }
+
+    /// The armed step completed (`vcpu` is the bootstrap vCPU, already
+    /// out of single-stepping): holds the guest there until the debugger
+    /// resumes it. True if the guest must stop (`quit`).
+    pub fn kernel_step_done(&self, vcpu: &VcpuFd, aps: Option<&Paused<'_>>, session: &Session<'_>) -> bool {
+        {
+            let mut state = self.lock();
+            state.debug.kernel_step_armed = false;
+            state.debug.kernel_step_done = true;
+            state.explicit = true;
+            state.paused_by = None;
+            state.orphaned_since = None;
+            self.attention.store(true, Ordering::SeqCst);
+        }
+        let rip = vcpu.get_regs().map_or(0, |regs| regs.rip);
+        let point = Point::Step { cpu: 0, rip };
+        let at = point.to_string();
+        let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
+        cpus.extend(aps.map(|aps| aps.capture(&at)).unwrap_or_default());
+        let quit = self.hold(point, session, cpus);
+        self.lock().debug.kernel_step_done = false;
+        self.apply_vcpu_steps(vcpu, aps);
+        quit
+    }
+
+    /// The completed kernel step the debugger has not been told of, once.
+    pub fn take_kernel_step_report(&self) -> bool {
+        let mut state = self.lock();
+        if state.held.is_some() && state.debug.kernel_step_done {
+            state.debug.kernel_step_done = false;
+            return true;
+        }
+        false
+    }
+
     /// Sets the trap flag in the vCPUs [`Control::arm_step`] named (the
-    /// bootstrap vCPU `vcpu`, the others through `aps`); called by the
-    /// bootstrap thread when a hold ends.
+    /// bootstrap vCPU `vcpu`, the others through `aps`), and arms KVM's
+    /// single-step on the bootstrap vCPU if the debugger asked for a kernel
+    /// step; called by the bootstrap thread when a hold ends.
     pub fn apply_vcpu_steps(&self, vcpu: &VcpuFd, aps: Option<&Paused<'_>>) {
+        if std::mem::take(&mut self.lock().debug.kernel_step) {
+            let armed = arm_single_step(vcpu, true);
+            match armed {
+                Ok(()) => self.lock().debug.kernel_step_armed = true,
+                Err(error) => tracing::warn!(%error, "could not single-step vCPU 0"),
+            }
+        }
         let cpus = std::mem::take(&mut self.lock().debug.vcpu_steps);
         let arm = |cpu: u32, vcpu: &VcpuFd| {
             let armed = vcpu.get_regs().and_then(|mut regs| {

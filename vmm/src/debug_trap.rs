@@ -60,6 +60,14 @@ pub struct Debugger {
     pub action: Option<u32>,
     /// vCPUs whose ring-3 code takes one step when the guest resumes.
     pub vcpu_steps: Vec<u32>,
+    /// The bootstrap vCPU is to take one step of whatever it runs, kernel
+    /// included (KVM's single-step), when the guest resumes.
+    pub kernel_step: bool,
+    /// That step is armed in KVM: its debug exit is the debugger's.
+    pub kernel_step_armed: bool,
+    /// The bootstrap vCPU completed the step and is held there; the
+    /// debugger has not been told yet.
+    pub kernel_step_done: bool,
 }
 
 /// Why an address cannot take a breakpoint, if it cannot.

@@ -37,10 +37,16 @@
 //! other one is the program's own fault, as without a debugger. A step of a
 //! process not held at a trap sets the trap flag where its registers are
 //! (the context the kernel keeps, the frame on a kernel stack, or the vCPU
-//! running it). Steps and breakpoints in the kernel itself are not offered
-//! (a request is refused): on the PVM host ring 0 is an instruction
-//! emulator's, and QEMU's TCG before 9.1 arms no DR7 breakpoint of an SVM
-//! guest.
+//! running it). A step of vCPU 0's thread is KVM's single-step: one
+//! instruction of whatever it runs, the kernel included (from
+//! `--gdb-wait`, the kernel's first instructions); on the PVM host, whose
+//! KVM steps only its ring-0 emulation, a step taken in ring 3 ends at the
+//! next kernel instruction. The guest is then held wherever that is, so
+//! `monitor check` may find the kernel half-way through a change. Kernel
+//! breakpoints are not offered (a request is refused): on the PVM host
+//! ring 0 is an instruction emulator's, and QEMU's TCG before 9.1 arms no
+//! DR7 breakpoint of an SVM guest; steps of the other vCPUs' threads are
+//! not either (their exits go through the bootstrap thread).
 //!
 //! Not yet: register writes, memory writes outside a process's writable
 //! user pages, and the FPU/SSE registers (read as zero). A step resumes the
@@ -571,9 +577,18 @@ impl MultiThreadResume for GdbTarget {
         let trap = self.control.held_trap();
         let mut trapped_steps = false;
         for tid in std::mem::take(&mut self.stepping) {
-            let Thread::Process(pid) = Thread::of(tid) else {
-                tracing::warn!(tid = tid.get(), "gdb asked to step a vCPU thread: it continues");
-                continue;
+            let pid = match Thread::of(tid) {
+                Thread::Process(pid) => pid,
+                Thread::Vcpu(0) => {
+                    // KVM's single-step: one instruction of whatever vCPU 0
+                    // runs, the kernel included.
+                    self.control.request_kernel_step();
+                    continue;
+                }
+                Thread::Vcpu(cpu) => {
+                    tracing::warn!(cpu, "gdb asked to step a vCPU other than 0: it continues");
+                    continue;
+                }
             };
             if trap.is_some_and(|t| t.pid == pid) {
                 trapped_steps = true;
@@ -765,6 +780,13 @@ where
                 return Ok(run_blocking::Event::TargetStopped(match ended {
                     Some(code) => MultiThreadStopReason::Exited(code),
                     None => MultiThreadStopReason::Terminated(Signal::SIGKILL),
+                }));
+            }
+            if target.control.take_kernel_step_report() {
+                let tid = Thread::Vcpu(0).tid().unwrap_or_else(|| target.current_thread());
+                return Ok(run_blocking::Event::TargetStopped(MultiThreadStopReason::SignalWithThread {
+                    tid,
+                    signal: Signal::SIGTRAP,
                 }));
             }
             if let Some(trap) = target.control.take_trap_report() {

@@ -74,6 +74,15 @@ pub enum Point {
         /// Where it resumes.
         rip: u64,
     },
+    /// Held after one instruction of the bootstrap vCPU the debugger asked
+    /// to step (KVM's single-step): anywhere, in the kernel too, so the
+    /// kernel's tables may be half-way through a change.
+    Step {
+        /// The vCPU.
+        cpu: u32,
+        /// Its instruction pointer.
+        rip: u64,
+    },
     /// The guest has stopped for good.
     Finished {
         /// Why (the run's [`crate::run::GuestExit`], in words).
@@ -91,6 +100,7 @@ impl std::fmt::Display for Point {
             Point::Boot => f.write_str("before the first guest instruction"),
             Point::Event { seq } => write!(f, "at kernel event #{seq}"),
             Point::Ring3 { rip, cr3 } => write!(f, "in user code at rip {rip:#x} (cr3 {cr3:#x})"),
+            Point::Step { cpu, rip } => write!(f, "after a single step of vCPU {cpu} (rip {rip:#x})"),
             Point::Trap { pid, cpu, rip } => {
                 write!(f, "at a debug trap of pid {pid} on CPU {cpu} (resuming at rip {rip:#x})")
             }

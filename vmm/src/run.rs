@@ -1095,6 +1095,10 @@ fn vcpu_loop(
             vec![CpuCapture { cpu: 0, at, state: cpu::capture(vcpu) }]
         })
     });
+    // A step gdb asked for at the first instruction is armed as it resumes.
+    if let Some(control) = control {
+        control.apply_vcpu_steps(vcpu, None);
+    }
     let checks_run = |session: &Session<'_>| session.monitor.as_ref().map_or(0, |m| m.checker.stats.checks);
     let range = |start: &str, end: &str| symbols.address(start).zip(symbols.address(end));
     let idle: Vec<(u64, u64)> = [
@@ -1120,9 +1124,16 @@ fn vcpu_loop(
         // vCPUs (a pause is not free, and it must not hide what the kernel
         // itself has to do: on QEMU's SVM a vCPU's exit drops its TLB).
         let paused = (!aps.is_empty() && looks_at_the_guest).then(|| aps.pause());
+        let mut kernel_stepped = false;
         let step = match result {
             Ok(VcpuExit::MmioWrite(gpa, data)) if session.in_read_only(gpa) => {
                 refused_write = Some((gpa, data.to_vec()));
+                Step::Continue
+            }
+            // The single step a debugger asked of this vCPU.
+            Ok(VcpuExit::Debug(_)) if control.is_some_and(Control::kernel_step_armed) => {
+                *exits.entry("debug (a debugger's step)".to_string()).or_default() += 1;
+                kernel_stepped = true;
                 Step::Continue
             }
             Ok(exit) => {
@@ -1194,6 +1205,22 @@ fn vcpu_loop(
             last_check_end = Some(Instant::now());
         }
         let (hold_at, held_before) = (session.now(), control.map(Control::held_time));
+        // The debugger's step of this vCPU completed: held here until it
+        // resumes the guest.
+        let step = match (kernel_stepped, control, step) {
+            (true, Some(control), Step::Continue) => {
+                if let Err(error) = crate::control::arm_single_step(vcpu, false) {
+                    Step::Stop(GuestExit::VcpuError(format!(
+                        "single-stepping could not be switched off: {error}"
+                    )))
+                } else if control.kernel_step_done(vcpu, paused.as_ref(), session) {
+                    Step::Stop(GuestExit::Stopped)
+                } else {
+                    Step::Continue
+                }
+            }
+            (_, _, step) => step,
+        };
         // A debug trap (the kernel answered "kill" unless a debugger asked
         // for it): held here until the debugger resumes the guest.
         let step = match (session.debug_trap.take(), control, step) {

@@ -100,8 +100,9 @@ fn gdb_sees_every_process_as_a_thread_and_asks_the_checker() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `--gdb-wait`: gdb finds the vCPU before the kernel's first instruction;
-/// a breakpoint in the kernel half is refused (only user code takes one);
+/// `--gdb-wait`: gdb finds the vCPU before the kernel's first instruction
+/// and steps the kernel's first instruction; a breakpoint in the kernel
+/// half is refused (only user code takes one);
 /// `continue` runs the default scenario to its clean end, which gdb reports
 /// as an exit.
 #[test]
@@ -126,6 +127,8 @@ fn gdb_waits_for_the_first_instruction_and_continues_to_a_clean_exit() {
         &[
             "info threads",
             "info registers rip cs",
+            "stepi",
+            "print/x $pc",
             "break *0xffffffff80100010",
             "continue",
             "delete",
@@ -134,6 +137,10 @@ fn gdb_waits_for_the_first_instruction_and_continues_to_a_clean_exit() {
     );
     assert!(text.contains("(vCPU 0, in the kernel)"), "{text}");
     assert!(text.contains("cs             0x10"), "the kernel's code segment:\n{text}");
+    // One kernel instruction on (KVM's single-step of vCPU 0).
+    let stepped = text.lines().find_map(|l| l.strip_prefix("$1 = 0x")).unwrap_or_else(|| panic!("{text}"));
+    let stepped = u64::from_str_radix(stepped.trim(), 16).unwrap();
+    assert!(stepped > 0xffff_ffff_8010_0000 && stepped < 0xffff_ffff_8010_0010, "{stepped:#x}\n{text}");
     assert!(text.contains("Cannot insert breakpoint 1"), "{text}");
     assert!(text.contains("exited normally"), "gdb heard of the clean end:\n{text}");
     // The breakpoint refused (the first `continue` aborted), deleted, the
@@ -241,12 +248,100 @@ fn read_reply(stream: &mut UnixStream) -> String {
             b'#' => {
                 let mut sum = [0u8; 2];
                 stream.read_exact(&mut sum).unwrap();
-                stream.write_all(b"+").unwrap();
+                // The stub may already have closed the connection after its
+                // last reply (the guest's end): the acknowledgement is moot.
+                let _ = stream.write_all(b"+");
                 return String::from_utf8_lossy(&reply).into_owned();
             }
             b => reply.push(b),
         }
     }
+}
+
+/// The thread a stop reply names (`thread:[pP.]HEX;`).
+fn stop_thread(stop: &str) -> u64 {
+    let (_, rest) = stop.split_once("thread:").unwrap_or_else(|| panic!("{stop}"));
+    let id = rest.split(';').next().unwrap().rsplit('.').next().unwrap();
+    u64::from_str_radix(id, 16).unwrap_or_else(|_| panic!("{stop}"))
+}
+
+/// A reply's body with gdb's run-length encoding undone (`X*N`: `X` and
+/// `N - 29` more of it).
+fn unrle(body: &str) -> String {
+    let mut out = String::new();
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        if c == '*' {
+            let last = out.chars().last().expect("a run after a character");
+            let count = chars.next().expect("a run length") as usize - 29;
+            out.extend(std::iter::repeat_n(last, count));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The instruction pointer in a `g` reply (x86-64: after 16 registers).
+fn rip_of(registers: &str) -> u64 {
+    let registers = unrle(registers);
+    let hex = registers.get(256..272).unwrap_or_else(|| panic!("a register packet: {registers:?}"));
+    let bytes: Vec<u8> = (0..8).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    u64::from_le_bytes(bytes.try_into().unwrap())
+}
+
+/// Breakpoints and steps by hand, packet by packet, so that they are
+/// checked on every host (the nested host's L1 has no gdb): a breakpoint at
+/// write-code's entry point, set before it exists, stops it there; a step
+/// moves it one instruction; a step of vCPU 0 moves the kernel one
+/// instruction; with the breakpoint out, the guest runs to its clean end.
+#[test]
+fn breakpoints_and_steps_work_packet_by_packet() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("gdb", "packets");
+    let programs = export_programs(&dir);
+    let elf = std::fs::read(programs.join("write-code")).unwrap();
+    let entry = u64::from_le_bytes(elf[24..32].try_into().unwrap());
+    let socket = dir.join("gdb.sock");
+    let vm = Vmm::start(
+        &["--timeout", "120", "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
+        &dir.join("api.sock"),
+    );
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert!(exchange(&mut stream, "qSupported:swbreak+").contains("PacketSize="));
+    assert!(exchange(&mut stream, "?").starts_with('T'));
+    let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let chosen = exchange(&mut stream, &format!("qRcmd,{}", hex("program write-code")));
+    if chosen.starts_with('O') {
+        assert_eq!(read_reply(&mut stream), "OK");
+    }
+    assert_eq!(exchange(&mut stream, &format!("Z0,{entry:x},1")), "OK");
+    // write-code is pid 9 in the default scenario.
+    let stop = exchange(&mut stream, "vCont;c");
+    assert!(stop.starts_with("T05") && stop_thread(&stop) == 9, "{stop}");
+    assert!(stop.contains("swbreak"), "{stop}");
+    assert_eq!(exchange(&mut stream, "Hg9"), "OK");
+    assert_eq!(rip_of(&exchange(&mut stream, "g")), entry, "stopped on the breakpoint, the int3 undone");
+    assert_eq!(exchange(&mut stream, &format!("z0,{entry:x},1")), "OK");
+    let stop = exchange(&mut stream, "vCont;s:9");
+    assert!(stop.starts_with("T05") && stop_thread(&stop) == 9, "{stop}");
+    let stepped = rip_of(&exchange(&mut stream, "g"));
+    assert!(stepped > entry && stepped < entry + 16, "one instruction on: {entry:#x} -> {stepped:#x}");
+    // vCPU 0's thread: one instruction of the kernel, which holds the step's trap.
+    let stop = exchange(&mut stream, "vCont;s:f4240");
+    assert!(stop.starts_with("T05") && stop_thread(&stop) == 1_000_000, "{stop}");
+    assert_eq!(exchange(&mut stream, "Hgf4240"), "OK");
+    let kernel = rip_of(&exchange(&mut stream, "g"));
+    assert!(kernel >= 0xffff_8000_0000_0000, "a kernel instruction: {kernel:#x}");
+    let end = exchange(&mut stream, "vCont;c");
+    assert!(end.starts_with('W'), "the guest ran to its end: {end}");
+    let (code, output) = vm.finish();
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("9 of 9 processes as expected"), "{output}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Hostile packets: huge reads, unmapped and kernel-half reads of a process
