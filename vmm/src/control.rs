@@ -38,7 +38,7 @@ use crate::aps::Paused;
 use crate::check::{KernelImage, TextBaseline};
 use crate::cpu::{self, CpuCapture};
 use crate::debug_trap::{Debugger, RFLAGS_TF};
-use crate::inspect::{events_from, EventsResult, Machine, MachineState, Point, TrapStop};
+use crate::inspect::{events_from, live_processes, EventsResult, Machine, MachineState, Point, TrapStop};
 use crate::memory::GuestRam;
 use crate::run::{GuestExit, RunReport};
 use crate::session::{EventEntry, Session};
@@ -50,33 +50,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use superos_protocol::hypercall::{self as hc, BootHelloParams};
-
-/// The live processes' PML4s and spec indices, by pid, as the kernel
-/// publishes them (as the events tell, before it does).
-fn live_processes(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, (u64, usize)> {
-    use superos_protocol::event::Event;
-    let root = machine.state.hello.map(|h| h.introspection_root_gpa).filter(|&gpa| gpa != 0);
-    if let Some(view) = root.and_then(|gpa| crate::introspect::KernelView::read(machine.ram, gpa).ok()) {
-        return view
-            .processes
-            .iter()
-            .filter_map(|p| Some((p.pid, (p.pml4, p.record?.spec_index as usize))))
-            .collect();
-    }
-    let mut live = std::collections::BTreeMap::new();
-    for entry in &machine.state.events {
-        match entry.event {
-            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
-                live.insert(pid, (pml4_gpa, spec_index as usize));
-            }
-            Event::ProcessExited { pid, .. } | Event::ProcessKilled { pid, .. } => {
-                live.remove(&pid);
-            }
-            _ => {}
-        }
-    }
-    live
-}
 
 /// [`live_processes`] without the spec indices.
 fn live_pml4s(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, u64> {
@@ -364,14 +337,7 @@ impl Control {
             }
         }
         match point {
-            Some(point) => {
-                let at = point.to_string();
-                let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
-                cpus.extend(aps.map(|aps| aps.capture(&at)).unwrap_or_default());
-                let quit = self.hold(point, session, cpus);
-                self.apply_vcpu_steps(vcpu, aps);
-                quit
-            }
+            Some(point) => self.hold_vcpus(point, vcpu, aps, session),
             None => false,
         }
     }
@@ -410,15 +376,17 @@ impl Control {
 
     /// A debug trap the kernel reported: if an attached debugger asked for
     /// it (an `int3` it inserted, a step it asked for), holds the guest
-    /// there (`cpus`: every vCPU's state) until the debugger resumes it, and
-    /// returns how the process resumes (`DEBUG_ACTION_*`, at `rip`); `None`
-    /// for a trap no debugger asked for (the kernel kills the process) or
-    /// when the guest is to stop (`quit` while held: [`Control::quitting`]).
+    /// there (`vcpu` the bootstrap vCPU, the others through `aps`) until the
+    /// debugger resumes it, and returns how the process resumes
+    /// (`DEBUG_ACTION_*`, at `rip`); `None` for a trap no debugger asked for
+    /// (the kernel kills the process) or when the guest is to stop (`quit`
+    /// while held: [`Control::quitting`]).
     pub fn debug_trap(
         &self,
         trap: &crate::hypercall::DebugTrap,
+        vcpu: &VcpuFd,
+        aps: Option<&Paused<'_>>,
         session: &Session<'_>,
-        cpus: impl FnOnce(&Point) -> Vec<CpuCapture>,
     ) -> Option<(u32, u64)> {
         let params = trap.params;
         let stop = {
@@ -427,20 +395,42 @@ impl Control {
             state.debug.trap = Some(stop);
             state.debug.reported = false;
             state.debug.action = None;
-            state.explicit = true;
-            state.paused_by = None;
-            state.orphaned_since = None;
-            self.attention.store(true, Ordering::SeqCst);
+            self.pause_for_debugger(&mut state);
             stop
         };
-        let registers = stop.registers;
-        let point = Point::Trap { pid: params.pid, cpu: params.cpu, rip: registers.rip };
-        let cpus = cpus(&point);
-        let quit = self.hold(point, session, cpus);
+        let rip = stop.registers.rip;
+        let quit = self.hold_vcpus(Point::Trap { pid: params.pid, cpu: params.cpu, rip }, vcpu, aps, session);
         let mut state = self.lock();
         state.debug.trap = None;
         let action = state.debug.action.take().unwrap_or(hc::DEBUG_ACTION_CONTINUE);
-        (!quit).then_some((action, registers.rip))
+        (!quit).then_some((action, rip))
+    }
+
+    /// Pauses the guest for the debugger (as its `pause` would), at the hold
+    /// the caller is about to enter.
+    fn pause_for_debugger(&self, state: &mut State) {
+        state.explicit = true;
+        state.paused_by = None;
+        state.orphaned_since = None;
+        self.attention.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds the vCPUs at `point` (reading each one's state there: `vcpu`
+    /// the bootstrap one, the others through `aps`), then arms the steps the
+    /// debugger asked for meanwhile. True if the guest must stop (`quit`).
+    fn hold_vcpus(
+        &self,
+        point: Point,
+        vcpu: &VcpuFd,
+        aps: Option<&Paused<'_>>,
+        session: &Session<'_>,
+    ) -> bool {
+        let at = point.to_string();
+        let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
+        cpus.extend(aps.map(|aps| aps.capture(&at)).unwrap_or_default());
+        let quit = self.hold(point, session, cpus);
+        self.apply_vcpu_steps(vcpu, aps);
+        quit
     }
 
     /// A debugger attached: traps it asks for will be held for it.
@@ -553,19 +543,11 @@ impl Control {
             let mut state = self.lock();
             state.debug.kernel_step_armed = false;
             state.debug.kernel_step_done = true;
-            state.explicit = true;
-            state.paused_by = None;
-            state.orphaned_since = None;
-            self.attention.store(true, Ordering::SeqCst);
+            self.pause_for_debugger(&mut state);
         }
         let rip = vcpu.get_regs().map_or(0, |regs| regs.rip);
-        let point = Point::Step { cpu: 0, rip };
-        let at = point.to_string();
-        let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
-        cpus.extend(aps.map(|aps| aps.capture(&at)).unwrap_or_default());
-        let quit = self.hold(point, session, cpus);
+        let quit = self.hold_vcpus(Point::Step { cpu: 0, rip }, vcpu, aps, session);
         self.lock().debug.kernel_step_done = false;
-        self.apply_vcpu_steps(vcpu, aps);
         quit
     }
 

@@ -26,7 +26,7 @@ use crate::memory::GuestRam;
 use crate::walk;
 use std::collections::{BTreeMap, BTreeSet};
 use superos_protocol::introspect::UserContext;
-use superos_protocol::layout::{GATE_VA, KERNEL_HALF_START, PAGE_SIZE, USER_HALF_END};
+use superos_protocol::layout::{GATE_VA, PAGE_SIZE, USER_HALF_END};
 
 /// `int3`, the one-byte breakpoint instruction (gdb's kind 1 on x86).
 pub const INT3: u8 = 0xcc;
@@ -164,7 +164,8 @@ impl Debugger {
 
     /// Takes every breakpoint out (the debugger is leaving).
     pub fn remove_all(&mut self, ram: &GuestRam, live: &BTreeMap<u32, u64>) {
-        let addrs: Vec<u64> = self.wanted.keys().chain(self.planted.keys()).copied().collect();
+        // Every planted breakpoint is a wanted one.
+        let addrs: Vec<u64> = self.wanted.keys().copied().collect();
         for addr in addrs {
             self.remove(ram, addr, live);
         }
@@ -201,12 +202,10 @@ impl Debugger {
     }
 }
 
-const _: () = assert!(USER_HALF_END <= KERNEL_HALF_START);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use superos_protocol::layout::USER_IMAGE_BASE;
+    use superos_protocol::layout::{KERNEL_HALF_START, USER_IMAGE_BASE};
 
     const PML4: u64 = 0x1000;
     const CODE: u64 = 0x8000;

@@ -78,14 +78,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use superos_protocol::layout::PAGE_SIZE;
+use superos_protocol::layout::{PAGE_SIZE, USER_HALF_END};
 
 /// Thread id of vCPU 0; vCPU `n` is this plus `n`. Pids at or above it are
 /// not shown as threads.
 pub const VCPU_THREAD_BASE: usize = 1_000_000;
-
-/// The first address of the kernel half: a process thread reads below it.
-const KERNEL_HALF: u64 = 0x8000_0000_0000;
 
 /// How often a waiting stub looks for the guest's end between bytes from gdb.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -388,18 +385,15 @@ fn vcpu_capture<'m>(machine: &'m Machine<'_>, cpu: u32) -> Result<&'m CpuCapture
         .ok_or_else(|| format!("no state of vCPU {cpu} at this point"))
 }
 
-/// The PML4 of process `pid`, from the kernel's published table alone: gdb
-/// asks for memory many times per command, and [`Analysis::new`] would walk
-/// every process's page tables for each request. Without a published root
-/// (early boot), the processes the events name.
+/// The PML4 of process `pid`, from the kernel's published table alone
+/// ([`inspect::live_processes`]): gdb asks for memory many times per
+/// command, and [`Analysis::new`] would walk every process's page tables for
+/// each request.
 fn process_pml4(machine: &Machine<'_>, pid: u32) -> Result<u64, String> {
-    let root = machine.state.hello.map(|h| h.introspection_root_gpa).filter(|&gpa| gpa != 0);
-    let published = root.and_then(|gpa| crate::introspect::KernelView::read(machine.ram, gpa).ok());
-    let pml4 = match published {
-        Some(view) => view.process(pid).map(|p| p.pml4),
-        None => Analysis::new(machine).view.process(pid).map(|p| p.pml4),
-    };
-    pml4.ok_or_else(|| format!("no live process with pid {pid}"))
+    inspect::live_processes(machine)
+        .get(&pid)
+        .map(|&(pml4, _)| pml4)
+        .ok_or_else(|| format!("no live process with pid {pid}"))
 }
 
 /// Reads what `tid` sees at `start` into `data`, page by page; the number of
@@ -413,7 +407,7 @@ fn read_memory(machine: &Machine<'_>, thread: Thread, start: u64, data: &mut [u8
     let mut done = 0usize;
     while done < data.len() {
         let Some(at) = start.checked_add(done as u64) else { break };
-        if user_only && at >= KERNEL_HALF {
+        if user_only && at >= USER_HALF_END {
             if done == 0 {
                 return Err(format!(
                     "{at:#x} is in the kernel half; a process thread reads its own user pages"
@@ -526,7 +520,7 @@ impl MultiThreadBase for GdbTarget {
                 let at = start.checked_add(done as u64).ok_or("the range overflows")?;
                 let chunk = ((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize).min(data.len() - done);
                 let leaf = walk::translate(machine.ram, pml4, at)?;
-                if at >= KERNEL_HALF || !leaf.user || !leaf.writable {
+                if at >= USER_HALF_END || !leaf.user || !leaf.writable {
                     return Err(format!("{at:#x} is not a page pid {pid} may write"));
                 }
                 pieces.push((leaf.phys, done, chunk));

@@ -757,6 +757,33 @@ fn context_registers(context: &UserContext) -> BTreeMap<String, u64> {
     REGISTER_ORDER.iter().map(|n| n.to_string()).zip(values).collect()
 }
 
+/// The live processes' PML4s and spec indices, by pid, as the kernel
+/// publishes them (as the events tell, before it does).
+pub fn live_processes(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, (u64, usize)> {
+    use superos_protocol::event::Event;
+    let root = machine.state.hello.map(|h| h.introspection_root_gpa).filter(|&gpa| gpa != 0);
+    if let Some(view) = root.and_then(|gpa| crate::introspect::KernelView::read(machine.ram, gpa).ok()) {
+        return view
+            .processes
+            .iter()
+            .filter_map(|p| Some((p.pid, (p.pml4, p.record?.spec_index as usize))))
+            .collect();
+    }
+    let mut live = std::collections::BTreeMap::new();
+    for entry in &machine.state.events {
+        match entry.event {
+            Event::ProcessSpawned { pid, spec_index, pml4_gpa } => {
+                live.insert(pid, (pml4_gpa, spec_index as usize));
+            }
+            Event::ProcessExited { pid, .. } | Event::ProcessKilled { pid, .. } => {
+                live.remove(&pid);
+            }
+            _ => {}
+        }
+    }
+    live
+}
+
 /// Where the registers a process resumes with are at one point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RegisterHome {

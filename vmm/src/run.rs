@@ -1204,7 +1204,11 @@ fn vcpu_loop(
         if checks_run(session) != checks_before {
             last_check_end = Some(Instant::now());
         }
-        let (hold_at, held_before) = (session.now(), control.map(Control::held_time));
+        // For the timeline: whether this exit held the guest, and how long.
+        let (hold_at, held_before) = match (&session.trace, control) {
+            (Some(_), Some(control)) => (session.now(), Some(control.held_time())),
+            _ => (Duration::ZERO, None),
+        };
         // The debugger's step of this vCPU completed: held here until it
         // resumes the guest.
         let step = match (kernel_stepped, control, step) {
@@ -1225,14 +1229,7 @@ fn vcpu_loop(
         // for it): held here until the debugger resumes the guest.
         let step = match (session.debug_trap.take(), control, step) {
             (Some(trap), Some(control), Step::Continue) => {
-                let answer = control.debug_trap(&trap, session, |point| {
-                    let at = point.to_string();
-                    let mut cpus = vec![CpuCapture { cpu: 0, at: at.clone(), state: cpu::capture(vcpu) }];
-                    cpus.extend(paused.as_ref().map(|aps| aps.capture(&at)).unwrap_or_default());
-                    cpus
-                });
-                control.apply_vcpu_steps(vcpu, paused.as_ref());
-                match answer {
+                match control.debug_trap(&trap, vcpu, paused.as_ref(), session) {
                     Some((action, rip)) => {
                         hypercall::answer_debug_trap(session.ram, trap.gpa, action, rip);
                         Step::Continue
@@ -1259,7 +1256,7 @@ fn vcpu_loop(
             }
             (step, _) => step,
         };
-        if let (Some(control), Some(before), Some(_)) = (control, held_before, &session.trace) {
+        if let (Some(control), Some(before)) = (control, held_before) {
             let held = control.held_time().saturating_sub(before);
             if !held.is_zero() {
                 session.trace_held(hold_at, held, "for the control socket or a debugger".into());

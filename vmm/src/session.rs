@@ -261,9 +261,9 @@ impl<'a> Session<'a> {
 
     /// Notes a VM exit of vCPU `cpu` in the timeline (if one is kept).
     pub fn trace_exit(&mut self, cpu: u32, kind: &str) {
-        let at = self.now();
+        let started = self.started;
         if let Some(trace) = &mut self.trace {
-            trace.push(crate::trace::Record::Exit { at, cpu, kind: kind.to_string() });
+            trace.push(crate::trace::Record::Exit { at: started.elapsed(), cpu, kind: kind.to_string() });
         }
     }
 

@@ -113,6 +113,32 @@ pub const FLUSH_VECTOR: u8 = 0x30;
 pub const WAKE_VECTOR: u8 = 0x31;
 
 impl TrapFrame {
+    /// Every register zero (statics start from it).
+    pub const ZERO: TrapFrame = TrapFrame {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rcx: 0,
+        rbx: 0,
+        rax: 0,
+        vector: 0,
+        error_code: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
+    };
+
     /// True if the trap came from ring 3.
     pub fn from_user(&self) -> bool {
         self.cs & 3 == 3
