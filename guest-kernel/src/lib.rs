@@ -7,7 +7,8 @@
 //! (shared regions: grants, mappings, revocation),
 //! [`paging`] (page-table
 //! construction and walks), [`elf_image`] (user image checks and load plans)
-//! and [`fault`] (user fault classification). Everything that touches the CPU
+//! [`fault`] (user fault classification) and [`ring`] (the rings the VMM
+//! drains). Everything that touches the CPU
 //! lives under [`arch`] and [`kernel`], which are only compiled for
 //! `x86_64-unknown-none`; all of the kernel's `unsafe` code is there.
 #![cfg_attr(not(test), no_std)]
@@ -22,6 +23,7 @@ pub mod elf_image;
 pub mod fault;
 pub mod frame;
 pub mod paging;
+pub mod ring;
 pub mod shared;
 
 #[cfg(target_os = "none")]

@@ -299,6 +299,11 @@ pub struct BootInfo {
     /// [`EventNotifyPolicy`] as a raw value: when the kernel tells the VMM about
     /// the events it appended to its ring.
     pub event_notify: u32,
+    /// Nonzero: keep the trace ring ([`crate::trace`]) for `run --trace`
+    /// (and answer every `getpid` under the lock, so that it is traced).
+    pub trace: u32,
+    /// Always zero.
+    pub reserved: u32,
     /// Physical memory map.
     pub memory_map: [MemoryRegion; MAX_MEMORY_REGIONS],
     /// Program images placed by the VMM.
@@ -344,10 +349,11 @@ mod tests {
         assert_eq!(offset_of!(BootInfo, mem_size), 24);
         assert_eq!(offset_of!(BootInfo, memory_map_len), 56);
         assert_eq!(offset_of!(BootInfo, cpu_count), 72);
-        assert_eq!(offset_of!(BootInfo, memory_map), 80);
-        assert_eq!(offset_of!(BootInfo, programs), 80 + 16 * 24);
-        assert_eq!(offset_of!(BootInfo, processes), 80 + 16 * 24 + 32 * 48);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 80 + 16 * 24 + 32 * 48 + 32 * 208);
+        assert_eq!(offset_of!(BootInfo, trace), 80);
+        assert_eq!(offset_of!(BootInfo, memory_map), 88);
+        assert_eq!(offset_of!(BootInfo, programs), 88 + 16 * 24);
+        assert_eq!(offset_of!(BootInfo, processes), 88 + 16 * 24 + 32 * 48);
+        assert_eq!(core::mem::size_of::<BootInfo>(), 88 + 16 * 24 + 32 * 48 + 32 * 208);
         assert_eq!(offset_of!(ProcessSpec, quota), 168);
     }
 

@@ -38,6 +38,12 @@ pub enum Hypercall {
     /// with a debugger attached that asked for the trap, once the debugger
     /// resumes the guest; otherwise at once, with [`DEBUG_ACTION_KILL`].
     DebugTrap = 0x508,
+    /// New records are in the trace ring (`run --trace`, see
+    /// [`crate::trace`]): value = GPA of the ring's header. The first call
+    /// announces the ring; later ones must name the same one. The last
+    /// record before each call is a [`crate::trace::TraceKind::Clock`]: the
+    /// VMM pairs its TSC with its own clock.
+    TraceNotify = 0x509,
 }
 
 impl Hypercall {
@@ -53,6 +59,7 @@ impl Hypercall {
             0x506 => Self::ScrubFrames,
             0x507 => Self::CpuStart,
             0x508 => Self::DebugTrap,
+            0x509 => Self::TraceNotify,
             _ => return None,
         })
     }
@@ -74,6 +81,7 @@ impl Hypercall {
             Self::ScrubFrames => "scrub-frames",
             Self::CpuStart => "cpu-start",
             Self::DebugTrap => "debug-trap",
+            Self::TraceNotify => "trace-notify",
         }
     }
 }
@@ -271,11 +279,12 @@ mod tests {
             Hypercall::ScrubFrames,
             Hypercall::CpuStart,
             Hypercall::DebugTrap,
+            Hypercall::TraceNotify,
         ] {
             assert_eq!(Hypercall::from_port(call.port()), Some(call));
         }
         assert_eq!(Hypercall::from_port(0x3f8), None);
-        assert_eq!(Hypercall::from_port(0x509), None);
+        assert_eq!(Hypercall::from_port(0x50a), None);
     }
 
     #[test]

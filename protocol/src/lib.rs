@@ -11,6 +11,7 @@
 //! * [`hypercall`]: the kernel -> VMM calls (port I/O) and their parameter blocks.
 //! * [`syscall`]: the user -> kernel system-call numbers, argument and error encoding.
 //! * [`event`]: the kernel event records and the ring the VMM drains.
+//! * [`trace`]: the TSC-stamped run and system-call records of a traced run.
 //! * [`ownership`]: the frame-ownership encoding shared by kernel and VMM.
 //! * [`introspect`]: the kernel's published tables (processes, frame owners,
 //!   shared regions) that the VMM checks against the page tables.
@@ -31,6 +32,7 @@ pub mod introspect;
 pub mod layout;
 pub mod ownership;
 pub mod syscall;
+pub mod trace;
 
 /// Version of the whole ABI in this crate. The VMM writes it into
 /// [`boot::BootInfo::version`] and the kernel refuses to boot on a mismatch, so a

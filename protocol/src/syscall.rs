@@ -121,6 +121,33 @@ impl Syscall {
             _ => return None,
         })
     }
+
+    /// The name programs know it by (`mem_map`), used in traces and
+    /// benchmark reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Exit => "exit",
+            Self::Yield => "yield",
+            Self::GetPid => "getpid",
+            Self::MemMap => "mem_map",
+            Self::MemUnmap => "mem_unmap",
+            Self::MemProtect => "mem_protect",
+            Self::MemStat => "mem_stat",
+            Self::IpcSend => "ipc_send",
+            Self::IpcRecv => "ipc_recv",
+            Self::ShmCreate => "shm_create",
+            Self::ShmGrant => "shm_grant",
+            Self::ShmMap => "shm_map",
+            Self::ShmUnmap => "shm_unmap",
+            Self::ShmRevoke => "shm_revoke",
+            Self::ShmDestroy => "shm_destroy",
+            Self::CapList => "cap_list",
+            Self::CapDrop => "cap_drop",
+            Self::ShmAccept => "shm_accept",
+            Self::GateSelfTest => "gate_self_test",
+        }
+    }
 }
 
 /// Most bytes one `write` call accepts.

@@ -1265,29 +1265,10 @@ pub fn kernel_entries(
 pub fn entry_name(kind: &str) -> String {
     use superos_protocol::syscall::Syscall;
     if let Some(number) = kind.strip_prefix("syscall ").and_then(|n| n.parse::<u64>().ok()) {
-        let name = match Syscall::from_raw(number) {
-            Some(Syscall::Write) => "write",
-            Some(Syscall::Exit) => "exit",
-            Some(Syscall::Yield) => "yield",
-            Some(Syscall::GetPid) => "getpid",
-            Some(Syscall::MemMap) => "mem_map",
-            Some(Syscall::MemUnmap) => "mem_unmap",
-            Some(Syscall::MemProtect) => "mem_protect",
-            Some(Syscall::MemStat) => "mem_stat",
-            Some(Syscall::IpcSend) => "ipc_send",
-            Some(Syscall::IpcRecv) => "ipc_recv",
-            Some(Syscall::ShmCreate) => "shm_create",
-            Some(Syscall::ShmGrant) => "shm_grant",
-            Some(Syscall::ShmMap) => "shm_map",
-            Some(Syscall::ShmUnmap) => "shm_unmap",
-            Some(Syscall::ShmRevoke) => "shm_revoke",
-            Some(Syscall::ShmDestroy) => "shm_destroy",
-            Some(Syscall::CapList) => "cap_list",
-            Some(Syscall::CapDrop) => "cap_drop",
-            Some(Syscall::ShmAccept) => "shm_accept",
-            Some(Syscall::GateSelfTest) | None => return format!("syscall {number:#x}"),
+        return match Syscall::from_raw(number) {
+            Some(Syscall::GateSelfTest) | None => format!("syscall {number:#x}"),
+            Some(call) => call.name().to_string(),
         };
-        return name.to_string();
     }
     match kind {
         "vector 14" => "page fault".into(),

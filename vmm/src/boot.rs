@@ -225,6 +225,8 @@ pub struct BootOptions {
     pub cpus: u32,
     /// When the kernel tells the VMM about its events.
     pub event_notify: EventNotifyPolicy,
+    /// Have the kernel keep its trace ring (`run --trace`).
+    pub trace: bool,
 }
 
 /// The result of [`prepare`].
@@ -335,6 +337,7 @@ pub fn prepare(
     boot_info.scrub_strategy = options.scrub as u32;
     boot_info.cpu_count = options.cpus;
     boot_info.event_notify = options.event_notify as u32;
+    boot_info.trace = u32::from(options.trace);
     boot_info.debug_flags = options.debug_flags;
     boot_info.mem_size = mem;
     boot_info.tsc_khz = options.tsc_khz;
@@ -450,6 +453,7 @@ mod tests {
             tsc_khz: 1,
             cpus: 1,
             event_notify: EventNotifyPolicy::EveryEvent,
+            trace: true,
         };
         let prepared = prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
@@ -457,6 +461,7 @@ mod tests {
         assert_eq!(info.process_count as usize, scenario.processes.len());
         assert_eq!(info.scrub_strategy, 0, "auto");
         assert_eq!(EventNotifyPolicy::from_raw(info.event_notify), Some(EventNotifyPolicy::EveryEvent));
+        assert_eq!(info.trace, 1);
         // Processes running the same program share one placed image.
         let mut distinct: Vec<&str> = scenario.processes.iter().map(|p| p.program.as_str()).collect();
         distinct.sort();
@@ -491,6 +496,7 @@ mod tests {
             tsc_khz: 0,
             cpus: 1,
             event_notify: EventNotifyPolicy::Batched,
+            trace: false,
         };
         prepare(&ram, KERNEL_ELF, &scenario, options).unwrap();
         let info: BootInfo = ram.read(BOOT_INFO_GPA).unwrap();
@@ -512,6 +518,7 @@ mod tests {
         assert_eq!(plain.quota, QuotaSpec::default());
         assert_eq!(ScrubStrategy::from_raw(info.scrub_strategy), Some(ScrubStrategy::Hypercall));
         assert_eq!(EventNotifyPolicy::from_raw(info.event_notify), Some(EventNotifyPolicy::Batched));
+        assert_eq!(info.trace, 0);
         assert_eq!(info.gate_preference, GatePreference::Int3 as u32);
         assert_eq!(superos_protocol::name_from_array(&plain.name), "exit-code");
     }

@@ -1,19 +1,47 @@
-//! Draining the kernel's event ring (see `superos_protocol::event`) from
-//! guest memory. The ring's location comes from the kernel's boot hello; every
-//! field read from it is validated, and a corrupt ring is an error, not a
-//! reason to trust the guest.
+//! Draining the kernel's rings from guest memory: the event ring (see
+//! `superos_protocol::event`) and the trace ring (`superos_protocol::trace`),
+//! one reader for both. A ring's location comes from the kernel (its boot
+//! hello, its first trace notify); every field read from it is validated,
+//! and a corrupt ring is an error, not a reason to trust the guest.
 
 use crate::memory::{GuestRam, MemoryError};
+use std::marker::PhantomData;
 use superos_protocol::event::{EventRecord, EventRingHeader, EVENT_RING_MAGIC};
+use superos_protocol::trace::{TraceRecord, TRACE_RING_MAGIC};
 use superos_protocol::PROTOCOL_VERSION;
 use thiserror::Error;
+use zerocopy::{FromBytes, Immutable, KnownLayout};
 
-/// Why the ring could not be used.
+/// A record type a ring holds.
+pub trait RingRecord: FromBytes + Immutable + KnownLayout + Copy {
+    /// The ring header's magic.
+    const MAGIC: u32;
+    /// The ring's name in messages.
+    const NAME: &'static str;
+    /// The most records such a ring may have.
+    const MAX_CAPACITY: u32;
+}
+
+impl RingRecord for EventRecord {
+    const MAGIC: u32 = EVENT_RING_MAGIC;
+    const NAME: &'static str = "event ring";
+    const MAX_CAPACITY: u32 = u32::MAX;
+}
+
+impl RingRecord for TraceRecord {
+    const MAGIC: u32 = TRACE_RING_MAGIC;
+    const NAME: &'static str = "trace ring";
+    const MAX_CAPACITY: u32 = superos_protocol::trace::TRACE_RING_MAX_CAPACITY;
+}
+
+/// Why a ring could not be used.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum EventRingError {
-    /// The header is not an event ring header of our protocol version.
-    #[error("event ring at {gpa:#x} has a bad header (magic {magic:#x}, version {version}, record size {record_size})")]
+    /// The header is not a header of this ring of our protocol version.
+    #[error("{ring} at {gpa:#x} has a bad header (magic {magic:#x}, version {version}, record size {record_size})")]
     BadHeader {
+        /// Which ring.
+        ring: &'static str,
         /// Ring address.
         gpa: u64,
         /// Magic found.
@@ -24,8 +52,10 @@ pub enum EventRingError {
         record_size: u32,
     },
     /// The ring does not fit where the kernel said it is.
-    #[error("event ring at {gpa:#x} with {capacity} records does not fit in {bytes} bytes of guest memory")]
+    #[error("{ring} at {gpa:#x} with {capacity} records does not fit in {bytes} bytes of guest memory")]
     BadSize {
+        /// Which ring.
+        ring: &'static str,
         /// Ring address.
         gpa: u64,
         /// Capacity claimed.
@@ -34,8 +64,10 @@ pub enum EventRingError {
         bytes: u64,
     },
     /// `head` is behind `tail` or more than a full ring ahead.
-    #[error("event ring indices are inconsistent: head {head}, tail {tail}, capacity {capacity}")]
+    #[error("{ring} indices are inconsistent: head {head}, tail {tail}, capacity {capacity}")]
     BadIndices {
+        /// Which ring.
+        ring: &'static str,
         /// Head found.
         head: u64,
         /// Tail expected.
@@ -44,7 +76,7 @@ pub enum EventRingError {
         capacity: u32,
     },
     /// Reading guest memory failed.
-    #[error("event ring: {0}")]
+    #[error("ring: {0}")]
     Memory(String),
 }
 
@@ -54,22 +86,28 @@ impl From<MemoryError> for EventRingError {
     }
 }
 
-/// A validated event ring location.
+/// A validated ring location.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EventRing {
+pub struct Ring<R> {
     gpa: u64,
     capacity: u32,
     /// Records consumed so far (the VMM's copy of `tail`).
     tail: u64,
     /// Lost-record count last seen.
     lost: u64,
+    record: PhantomData<R>,
 }
 
+/// The kernel's event ring.
+pub type EventRing = Ring<EventRecord>;
+/// The kernel's trace ring (`run --trace`).
+pub type TraceRing = Ring<TraceRecord>;
+
 /// What one drain produced.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Drained {
+#[derive(Debug, PartialEq, Eq)]
+pub struct Drained<R> {
     /// New records, oldest first.
-    pub records: Vec<EventRecord>,
+    pub records: Vec<R>,
     /// Records the kernel dropped since the last drain.
     pub newly_lost: u64,
     /// The kernel's lost-record count went backwards (`(was, now)`): it
@@ -78,44 +116,56 @@ pub struct Drained {
 }
 
 const HEADER_SIZE: u64 = core::mem::size_of::<EventRingHeader>() as u64;
-const RECORD_SIZE: u64 = core::mem::size_of::<EventRecord>() as u64;
 
-impl EventRing {
+impl<R: RingRecord> Ring<R> {
+    const RECORD_SIZE: u64 = core::mem::size_of::<R>() as u64;
+
     /// Validates the ring the kernel announced at `gpa` (`bytes` long).
-    pub fn open(ram: &GuestRam, gpa: u64, bytes: u64) -> Result<EventRing, EventRingError> {
+    pub fn open(ram: &GuestRam, gpa: u64, bytes: u64) -> Result<Self, EventRingError> {
         let header: EventRingHeader = ram.read(gpa)?;
-        if header.magic != EVENT_RING_MAGIC
+        if header.magic != R::MAGIC
             || header.version != PROTOCOL_VERSION
-            || header.record_size as u64 != RECORD_SIZE
+            || u64::from(header.record_size) != Self::RECORD_SIZE
         {
             return Err(EventRingError::BadHeader {
+                ring: R::NAME,
                 gpa,
                 magic: header.magic,
                 version: header.version,
                 record_size: header.record_size,
             });
         }
-        let needed = HEADER_SIZE + u64::from(header.capacity) * RECORD_SIZE;
-        if header.capacity == 0 || needed > bytes || !ram.contains(gpa, needed) {
-            return Err(EventRingError::BadSize { gpa, capacity: header.capacity, bytes });
+        let needed = HEADER_SIZE + u64::from(header.capacity) * Self::RECORD_SIZE;
+        if header.capacity == 0
+            || header.capacity > R::MAX_CAPACITY
+            || needed > bytes
+            || !ram.contains(gpa, needed)
+        {
+            return Err(EventRingError::BadSize { ring: R::NAME, gpa, capacity: header.capacity, bytes });
         }
-        Ok(EventRing { gpa, capacity: header.capacity, tail: header.tail, lost: header.lost })
+        Ok(Ring { gpa, capacity: header.capacity, tail: header.tail, lost: header.lost, record: PhantomData })
+    }
+
+    /// Where the ring is.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
     }
 
     /// Copies out every record written since the last drain and hands the
     /// slots back to the kernel.
-    pub fn drain(&mut self, ram: &GuestRam) -> Result<Drained, EventRingError> {
+    pub fn drain(&mut self, ram: &GuestRam) -> Result<Drained<R>, EventRingError> {
         self.drain_at_most(ram, u64::MAX)
     }
 
-    /// [`EventRing::drain`], but at most `max` records (the oldest); the
-    /// rest stay in the ring for the next call. A ring as large as guest
-    /// RAM is then drained in bounded pieces.
-    pub fn drain_at_most(&mut self, ram: &GuestRam, max: u64) -> Result<Drained, EventRingError> {
+    /// [`Ring::drain`], but at most `max` records (the oldest); the rest
+    /// stay in the ring for the next call. A ring as large as guest RAM is
+    /// then drained in bounded pieces.
+    pub fn drain_at_most(&mut self, ram: &GuestRam, max: u64) -> Result<Drained<R>, EventRingError> {
         let header: EventRingHeader = ram.read(self.gpa)?;
         let pending = header.head.wrapping_sub(self.tail);
         if pending > u64::from(self.capacity) {
             return Err(EventRingError::BadIndices {
+                ring: R::NAME,
                 head: header.head,
                 tail: self.tail,
                 capacity: self.capacity,
@@ -129,7 +179,7 @@ impl EventRing {
         for i in 0..pending {
             let seq = self.tail.wrapping_add(i);
             let slot = seq % u64::from(self.capacity);
-            records.push(ram.read::<EventRecord>(self.gpa + HEADER_SIZE + slot * RECORD_SIZE)?);
+            records.push(ram.read::<R>(self.gpa + HEADER_SIZE + slot * Self::RECORD_SIZE)?);
         }
         self.tail = self.tail.wrapping_add(pending);
         ram.write(self.gpa + core::mem::offset_of!(EventRingHeader, tail) as u64, &self.tail)?;
@@ -148,6 +198,7 @@ mod tests {
     use superos_protocol::event::Event;
 
     const RING: u64 = 0x20_0000;
+    const RECORD_SIZE: u64 = EventRing::RECORD_SIZE;
 
     fn ring_with(ram: &GuestRam, capacity: u32, events: &[Event]) {
         let header = EventRingHeader {
@@ -247,5 +298,30 @@ mod tests {
         // The guest claims more records than the ring holds.
         ram.write(RING + core::mem::offset_of!(EventRingHeader, head) as u64, &100u64).unwrap();
         assert!(matches!(ring.drain(&ram), Err(EventRingError::BadIndices { head: 100, .. })));
+        // An event ring is not a trace ring.
+        assert!(matches!(
+            TraceRing::open(&ram, RING, 1 << 20),
+            Err(EventRingError::BadHeader { ring: "trace ring", .. })
+        ));
+    }
+
+    #[test]
+    fn a_trace_ring_larger_than_its_maximum_is_refused() {
+        let ram = GuestRam::new(16).unwrap();
+        let header = EventRingHeader {
+            magic: TRACE_RING_MAGIC,
+            version: PROTOCOL_VERSION,
+            capacity: superos_protocol::trace::TRACE_RING_MAX_CAPACITY + 1,
+            record_size: TraceRing::RECORD_SIZE as u32,
+            ..Default::default()
+        };
+        ram.write(RING, &header).unwrap();
+        assert!(matches!(TraceRing::open(&ram, RING, 8 << 20), Err(EventRingError::BadSize { .. })));
+        ram.write(RING + 8, &4u32).unwrap();
+        let mut ring = TraceRing::open(&ram, RING, 8 << 20).unwrap();
+        let record = TraceRecord { tsc: 7, kind: 2, cpu: 1, pid: 9, a: 0, b: 0 };
+        ram.write(RING + HEADER_SIZE, &record).unwrap();
+        ram.write(RING + core::mem::offset_of!(EventRingHeader, head) as u64, &1u64).unwrap();
+        assert_eq!(ring.drain(&ram).unwrap().records, [record]);
     }
 }

@@ -38,6 +38,26 @@ pub enum Request {
     CpuStart(u64),
     /// A process's breakpoint or single-step trap; parameter block at the GPA.
     DebugTrap(u64),
+    /// New records in the trace ring at the GPA.
+    TraceNotify(u64),
+}
+
+impl Request {
+    /// The hypercall it is.
+    pub fn call(&self) -> Hypercall {
+        match self {
+            Request::BootHello(_) => Hypercall::BootHello,
+            Request::ConsoleWrite(_) => Hypercall::ConsoleWrite,
+            Request::Phase(_) => Hypercall::Phase,
+            Request::EventNotify => Hypercall::EventNotify,
+            Request::Panic(_) => Hypercall::Panic,
+            Request::Shutdown(_) => Hypercall::Shutdown,
+            Request::ScrubFrames(_) => Hypercall::ScrubFrames,
+            Request::CpuStart(_) => Hypercall::CpuStart,
+            Request::DebugTrap(_) => Hypercall::DebugTrap,
+            Request::TraceNotify(_) => Hypercall::TraceNotify,
+        }
+    }
 }
 
 /// A port write that is not a well-formed hypercall.
@@ -73,6 +93,7 @@ pub fn decode(port: u16, data: &[u8]) -> Result<Request, DecodeError> {
         Hypercall::ScrubFrames => Request::ScrubFrames(gpa),
         Hypercall::CpuStart => Request::CpuStart(gpa),
         Hypercall::DebugTrap => Request::DebugTrap(gpa),
+        Hypercall::TraceNotify => Request::TraceNotify(gpa),
     })
 }
 
@@ -142,6 +163,7 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
             }
         }
         Request::Panic(gpa) => {
+            drain_trace(session, false);
             let new = drain_events(session, false);
             // The panic is what ends the run; a check here only records.
             let _ = session.after_events(new);
@@ -149,6 +171,7 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
             Flow::Panic(read_panic(session, gpa))
         }
         Request::Shutdown(code) => {
+            drain_trace(session, false);
             let new = drain_events(session, false);
             if let Some(stop) = session.after_events(new) {
                 return Flow::InvariantViolated(stop);
@@ -169,6 +192,83 @@ pub fn handle(session: &mut Session<'_>, request: Request) -> Flow {
         Request::DebugTrap(gpa) => {
             debug_trap(session, gpa);
             Flow::Continue
+        }
+        Request::TraceNotify(gpa) => {
+            trace_notify(session, gpa);
+            Flow::Continue
+        }
+    }
+}
+
+/// The kernel's trace ring has records ([`Request::TraceNotify`]): the
+/// first call announces the ring, which is validated; every call drains
+/// it, its last record (a clock record) pairing the guest's TSC with the
+/// VMM's clock. A notify in a run that keeps no trace, or naming another
+/// ring, is a warning and changes nothing.
+fn trace_notify(session: &mut Session<'_>, gpa: u64) {
+    if session.trace.is_none() {
+        session.warn("hypercall trace-notify in a run without --trace: ignored".into());
+        return;
+    }
+    match session.trace_ring {
+        Some(ring) if ring.gpa() != gpa => {
+            session.warn(format!(
+                "hypercall trace-notify names a ring at {gpa:#x}, the kernel announced {:#x}: ignored",
+                ring.gpa()
+            ));
+            return;
+        }
+        Some(_) => {}
+        None => match crate::events::TraceRing::open(session.ram, gpa, TRACE_RING_MAX_BYTES) {
+            Ok(ring) => session.trace_ring = Some(ring),
+            Err(error) => {
+                session.warn(format!("hypercall trace-notify: {error}"));
+                return;
+            }
+        },
+    }
+    drain_trace(session, true);
+}
+
+/// The most bytes a trace ring may span.
+const TRACE_RING_MAX_BYTES: u64 = core::mem::size_of::<superos_protocol::event::EventRingHeader>() as u64
+    + superos_protocol::trace::TRACE_RING_MAX_CAPACITY as u64
+        * core::mem::size_of::<superos_protocol::trace::TraceRecord>() as u64;
+
+/// Drains the trace ring into the timeline, in pieces; `clocked`: the
+/// kernel's last record is a clock record written just before this exit,
+/// whose TSC is paired with now.
+pub(crate) fn drain_trace(session: &mut Session<'_>, clocked: bool) {
+    let now = session.now();
+    loop {
+        let (Some(ring), Some(_)) = (session.trace_ring.as_mut(), session.trace.as_ref()) else { return };
+        let drained = match ring.drain_at_most(session.ram, DRAIN_PIECE) {
+            Ok(drained) => drained,
+            Err(error) => {
+                session.warn(error.to_string());
+                return;
+            }
+        };
+        if let Some((was, now)) = drained.lost_backwards {
+            session.warn(format!(
+                "the kernel's trace ring lost-record count went backwards from {was} to {now}"
+            ));
+        }
+        let last = (drained.records.len() as u64) < DRAIN_PIECE;
+        let Some(trace) = session.trace.as_mut() else { return };
+        trace.kernel_lost += drained.newly_lost;
+        if let (true, true, Some(record)) = (last, clocked, drained.records.last()) {
+            if record.kind == superos_protocol::trace::TraceKind::Clock as u16 {
+                trace.clock.anchor(record.tsc, now);
+            }
+        }
+        for record in drained.records {
+            if record.kind != superos_protocol::trace::TraceKind::Clock as u16 {
+                trace.push(crate::trace::Record::Kernel(record));
+            }
+        }
+        if last {
+            return;
         }
     }
 }
@@ -664,5 +764,68 @@ mod tests {
         let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
         assert_eq!(handle(&mut session, Request::ScrubFrames(end - 8)), Flow::Continue);
         assert!(session.log[0].contains("scrub-frames"), "{:?}", session.log);
+    }
+
+    /// Writes a trace ring of `capacity` slots at `gpa` holding `records`.
+    fn trace_ring(ram: &GuestRam, gpa: u64, capacity: u32, records: &[superos_protocol::trace::TraceRecord]) {
+        use superos_protocol::event::EventRingHeader;
+        let header = EventRingHeader {
+            magic: superos_protocol::trace::TRACE_RING_MAGIC,
+            version: PROTOCOL_VERSION,
+            capacity,
+            record_size: 32,
+            head: records.len() as u64,
+            ..Default::default()
+        };
+        ram.write(gpa, &header).unwrap();
+        for (i, record) in records.iter().enumerate() {
+            ram.write(gpa + 48 + i as u64 * 32, record).unwrap();
+        }
+    }
+
+    #[test]
+    fn trace_notify_drains_the_ring_and_pairs_its_clock_record_with_the_vmm_clock() {
+        use superos_protocol::trace::{TraceKind, TraceRecord};
+        let ram = GuestRam::new(16).unwrap();
+        let record =
+            |kind: TraceKind, tsc: u64| TraceRecord { tsc, kind: kind as u16, cpu: 0, pid: 1, a: 0, b: 0 };
+        trace_ring(&ram, PARAMS, 8, &[record(TraceKind::Run, 10), record(TraceKind::Clock, 20)]);
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]).with_trace(Some(1000));
+        assert_eq!(handle(&mut session, Request::TraceNotify(PARAMS)), Flow::Continue);
+        let trace = session.trace.as_ref().unwrap();
+        // The clock record is an anchor, not a record: TSC 20 is now.
+        assert_eq!(trace.records(), [crate::trace::Record::Kernel(record(TraceKind::Run, 10))]);
+        assert!(trace.clock.at(20).is_some());
+        assert!(session.log.is_empty(), "{:?}", session.log);
+        let header: superos_protocol::event::EventRingHeader = ram.read(PARAMS).unwrap();
+        assert_eq!(header.tail, 2, "the slots are handed back");
+    }
+
+    #[test]
+    fn hostile_trace_notifies_are_warnings_and_change_nothing() {
+        let ram = GuestRam::new(16).unwrap();
+        trace_ring(&ram, PARAMS, 8, &[]);
+        // A run that keeps no trace.
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]);
+        assert_eq!(handle(&mut session, Request::TraceNotify(PARAMS)), Flow::Continue);
+        assert!(session.log[0].contains("without --trace"), "{:?}", session.log);
+        assert!(session.trace_ring.is_none());
+        // Not a ring, a ring past the end of RAM, one larger than allowed.
+        let mut session = Session::new(&ram, Instant::now(), Echo::Quiet, vec![]).with_trace(Some(0));
+        trace_ring(&ram, 0x20_0000, superos_protocol::trace::TRACE_RING_MAX_CAPACITY + 1, &[]);
+        for gpa in [0x30_0000, ram.size() - 16, u64::MAX - 7, 0x20_0000] {
+            assert_eq!(handle(&mut session, Request::TraceNotify(gpa)), Flow::Continue);
+        }
+        assert_eq!(session.log.len(), 4, "{:?}", session.log);
+        assert!(session.trace_ring.is_none());
+        // Once announced, another ring is refused.
+        assert_eq!(handle(&mut session, Request::TraceNotify(PARAMS)), Flow::Continue);
+        assert_eq!(handle(&mut session, Request::TraceNotify(PARAMS + 0x1000)), Flow::Continue);
+        assert!(session.log[4].contains("the kernel announced 0x100000"), "{:?}", session.log);
+        // Indices that claim more than the ring holds.
+        ram.write(PARAMS + 16, &100u64).unwrap();
+        assert_eq!(handle(&mut session, Request::TraceNotify(PARAMS)), Flow::Continue);
+        assert!(session.log[5].contains("trace ring indices are inconsistent"), "{:?}", session.log);
+        assert!(session.trace.as_ref().unwrap().records().is_empty());
     }
 }

@@ -495,6 +495,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         tsc_khz: vm.tsc_khz(),
         cpus,
         event_notify: event_notify_policy(&config, &extras),
+        trace: config.trace.is_some(),
     };
     let prepared = boot::prepare(&ram, &config.kernel, &config.scenario, options)?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA)?;
@@ -535,7 +536,7 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         .with_read_only(vm.read_only())
         .with_monitor(monitor)
         .with_core_dir(config.core_dir.clone())
-        .with_trace(config.trace.is_some());
+        .with_trace(config.trace.is_some().then_some(vm.tsc_khz()));
     session.cpu_starts = CpuStarts::new(cpus, text, ram.size());
     let aps = Aps::new(std::mem::take(&mut vm.aps));
     let attached = Attached::start(extras, &ram, &usable, image).map_err(RunError::Extras)?;
@@ -862,18 +863,7 @@ pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BT
 }
 
 fn hypercall_name(request: &hypercall::Request) -> &'static str {
-    use hypercall::Request::*;
-    match request {
-        BootHello(_) => "boot-hello",
-        ConsoleWrite(_) => "console-write",
-        Phase(_) => "phase",
-        EventNotify => "event-notify",
-        Panic(_) => "panic",
-        Shutdown(_) => "shutdown",
-        ScrubFrames(_) => "scrub-frames",
-        CpuStart(_) => "cpu-start",
-        DebugTrap(_) => "debug-trap",
-    }
+    request.call().name()
 }
 
 /// Why the guest stopped, each vCPU's exits by kind, the diagnosis and

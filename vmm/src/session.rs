@@ -196,6 +196,8 @@ pub struct Session<'a> {
     console_bytes: u64,
     pub(crate) console: Console,
     pub(crate) ring: Option<EventRing>,
+    /// The kernel's trace ring, once it announced it (`run --trace`).
+    pub(crate) trace_ring: Option<crate::events::TraceRing>,
     echo: Echo,
     event_format: EventFormat,
     process_names: Vec<String>,
@@ -236,6 +238,7 @@ impl<'a> Session<'a> {
             console_bytes: 0,
             console: Console::default(),
             ring: None,
+            trace_ring: None,
             echo,
             event_format: EventFormat::Text,
             process_names,
@@ -253,9 +256,10 @@ impl<'a> Session<'a> {
         &self.pid_names
     }
 
-    /// Keeps the run's timeline (`run --trace`).
-    pub fn with_trace(mut self, keep: bool) -> Self {
-        self.trace = keep.then(crate::trace::Trace::default);
+    /// Keeps the run's timeline (`run --trace`) when given the guest's TSC
+    /// frequency (kHz, 0 if unknown: [`crate::trace::TscClock`]).
+    pub fn with_trace(mut self, tsc_khz: Option<u64>) -> Self {
+        self.trace = tsc_khz.map(crate::trace::Trace::new);
         self
     }
 

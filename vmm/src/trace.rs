@@ -13,6 +13,12 @@
 //!   pool);
 //! - one track per vCPU: every VM exit the VMM handled for it (hypercalls by
 //!   name, the others by kind) as an instant;
+//! - from the kernel's trace ring (`superos_protocol::trace`, kept only in
+//!   a traced run): one track per CPU with a slice for each stretch it ran
+//!   one process, and on each process's track its system calls as slices
+//!   from entry to return, with their number, first argument and result.
+//!   Those records carry the guest's TSC, placed on the VMM's clock by
+//!   [`TscClock`];
 //! - a VMM track: every invariant check as a slice with its duration, what
 //!   triggered it and how many violations it found, and each time the guest
 //!   was held for the control socket or gdb.
@@ -31,6 +37,8 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use superos_protocol::event::Event;
+use superos_protocol::syscall::{decode_result, Syscall};
+use superos_protocol::trace::{TraceKind, TraceRecord};
 
 /// Most records one trace keeps.
 pub const MAX_RECORDS: usize = 1 << 20;
@@ -45,6 +53,68 @@ const VCPU_TRACK: u64 = 1_000_000;
 const KERNEL_TRACK: u64 = 0;
 /// Track id of the VMM's checks and holds.
 const CHECK_TRACK: u64 = 1;
+/// Track id of a CPU's run slices: this plus its number.
+const CPU_TRACK: u64 = 2_000_000;
+/// Most clock anchors one trace keeps (one per drain of the trace ring).
+const MAX_ANCHORS: usize = 1 << 16;
+
+/// Places the guest's TSC values on the VMM's clock: pairs (TSC, VMM time)
+/// taken when the kernel had the trace ring drained (its clock record is
+/// the last thing it does before that VM exit), interpolated between pairs
+/// and extrapolated beyond them at the guest's TSC frequency (or, if KVM
+/// did not say it, the pairs' own rate). Pairs that do not advance both
+/// clocks (a kernel that lies about its TSC) are ignored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TscClock {
+    anchors: Vec<(u64, Duration)>,
+    khz: u64,
+}
+
+impl TscClock {
+    /// A clock for a guest whose TSC runs at `khz` (0: unknown).
+    pub fn new(khz: u64) -> Self {
+        TscClock { anchors: Vec::new(), khz }
+    }
+
+    /// The guest's TSC read `tsc` at VMM time `at`.
+    pub fn anchor(&mut self, tsc: u64, at: Duration) {
+        let advances = self.anchors.last().is_none_or(|&(t, d)| tsc > t && at >= d);
+        if advances && self.anchors.len() < MAX_ANCHORS {
+            self.anchors.push((tsc, at));
+        }
+    }
+
+    /// The VMM time of guest TSC `tsc`, if the clock knows enough.
+    pub fn at(&self, tsc: u64) -> Option<Duration> {
+        let nanos = |d: Duration| d.as_nanos() as i128;
+        let after = self.anchors.partition_point(|&(t, _)| t <= tsc);
+        let placed = match (after.checked_sub(1).map(|i| self.anchors[i]), self.anchors.get(after)) {
+            (Some((t0, d0)), Some(&(t1, d1))) => {
+                nanos(d0) + i128::from(tsc - t0) * (nanos(d1) - nanos(d0)) / i128::from(t1 - t0)
+            }
+            (Some((t0, d0)), None) | (None, Some(&(t0, d0))) => {
+                // Ticks per microsecond, scaled by 1000: kHz.
+                let khz = match self.khz {
+                    0 => {
+                        let (&(first_t, first_d), &(last_t, last_d)) =
+                            (self.anchors.first()?, self.anchors.last()?);
+                        if last_t == first_t || last_d == first_d {
+                            return None;
+                        }
+                        i128::from(last_t - first_t) * 1_000_000 / (nanos(last_d) - nanos(first_d))
+                    }
+                    khz => i128::from(khz),
+                };
+                if khz == 0 {
+                    return None;
+                }
+                nanos(d0) + (i128::from(tsc) - i128::from(t0)) * 1_000_000 / khz
+            }
+            (None, None) => return None,
+        };
+        Some(Duration::from_nanos(u64::try_from(placed.max(0)).unwrap_or(u64::MAX)))
+    }
+}
 
 /// One thing that happened, timed since the VMM started.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,15 +155,18 @@ pub enum Record {
         /// Where (a [`crate::inspect::Point`] in words).
         point: String,
     },
+    /// A record from the kernel's trace ring, timed by its TSC.
+    Kernel(TraceRecord),
 }
 
 impl Record {
-    fn at(&self) -> Duration {
+    fn at(&self, clock: &TscClock) -> Option<Duration> {
         match self {
             Record::Event { at, .. }
             | Record::Exit { at, .. }
             | Record::Check { at, .. }
-            | Record::Held { at, .. } => *at,
+            | Record::Held { at, .. } => Some(*at),
+            Record::Kernel(record) => clock.at(record.tsc),
         }
     }
 }
@@ -104,6 +177,36 @@ pub struct Trace {
     records: Vec<Record>,
     /// Records not kept (beyond [`MAX_RECORDS`]).
     pub dropped: u64,
+    /// Places the kernel's records on the VMM's clock.
+    pub clock: TscClock,
+    /// Records the kernel's trace ring lost (it was full).
+    pub kernel_lost: u64,
+}
+
+/// A system call entered and not yet returned from.
+struct OpenCall {
+    number: u64,
+    arg: u64,
+    cpu: u16,
+    at: Duration,
+}
+
+/// A system call as a slice on its process's track, ending at `end` with
+/// `result` (JSON).
+fn syscall_slice(pid: u32, call: &OpenCall, end: Duration, result: Value) -> Value {
+    let name = Syscall::from_raw(call.number)
+        .map_or_else(|| format!("syscall {}", call.number), |s| s.name().into());
+    json!({"ph": "X", "name": name, "pid": GUEST, "tid": u64::from(pid), "ts": micros(call.at),
+        "dur": micros(end.saturating_sub(call.at)),
+        "args": {"number": call.number, "arg0": call.arg, "cpu": call.cpu, "result": result}})
+}
+
+/// A system call's result in words: its value, or its error's name.
+fn result_json(rax: u64) -> Value {
+    match decode_result(rax) {
+        Ok(value) => json!(value),
+        Err(error) => json!(format!("error {}", error.name())),
+    }
 }
 
 fn micros(at: Duration) -> f64 {
@@ -111,6 +214,11 @@ fn micros(at: Duration) -> f64 {
 }
 
 impl Trace {
+    /// An empty trace of a guest whose TSC runs at `tsc_khz` (0: unknown).
+    pub fn new(tsc_khz: u64) -> Self {
+        Trace { clock: TscClock::new(tsc_khz), ..Default::default() }
+    }
+
     /// Keeps `record` (or counts it, past [`MAX_RECORDS`]).
     pub fn push(&mut self, record: Record) {
         if self.records.len() >= MAX_RECORDS {
@@ -145,11 +253,56 @@ impl Trace {
         events.push(meta(VMM, Some(CHECK_TRACK), "invariant checks and holds"));
         let mut tracks = std::collections::BTreeSet::new();
         let mut live: BTreeMap<u32, Duration> = BTreeMap::new();
-        let mut records: Vec<&Record> = self.records.iter().collect();
-        records.sort_by_key(|r| r.at());
-        for record in records {
+        let mut calls: BTreeMap<u32, OpenCall> = BTreeMap::new();
+        let mut running: BTreeMap<u16, (u32, Duration)> = BTreeMap::new();
+        let mut unplaced = 0u64;
+        let mut records: Vec<(Duration, &Record)> = Vec::with_capacity(self.records.len());
+        for record in &self.records {
+            match record.at(&self.clock) {
+                Some(at) => records.push((at.min(end), record)),
+                None => unplaced += 1,
+            }
+        }
+        // Stable: records of one time keep the order they came in.
+        records.sort_by_key(|&(at, _)| at);
+        let run_slice = |cpu: u16, pid: u32, from: Duration, to: Duration| -> Value {
+            let name = names.get(&pid).map_or("?", String::as_str);
+            json!({"ph": "X", "name": format!("pid {pid} {name}"), "pid": GUEST, "tid": CPU_TRACK + u64::from(cpu),
+                "ts": micros(from), "dur": micros(to.saturating_sub(from)), "args": {"pid": pid}})
+        };
+        for (at, record) in records {
             match record {
-                Record::Event { at, entry } => {
+                Record::Kernel(kernel) => {
+                    let (cpu, pid) = (kernel.cpu, kernel.pid);
+                    match TraceKind::from_raw(kernel.kind) {
+                        Some(kind @ (TraceKind::Run | TraceKind::Idle)) => {
+                            if tracks.insert(CPU_TRACK + u64::from(cpu)) {
+                                events.push(meta(
+                                    GUEST,
+                                    Some(CPU_TRACK + u64::from(cpu)),
+                                    &format!("CPU {cpu}"),
+                                ));
+                            }
+                            if let Some((was, from)) = running.remove(&cpu) {
+                                events.push(run_slice(cpu, was, from, at));
+                            }
+                            if kind == TraceKind::Run {
+                                running.insert(cpu, (pid, at));
+                            }
+                        }
+                        // Only within the process's life: its track's slice.
+                        Some(TraceKind::SyscallEnter) if live.get(&pid).is_some_and(|&born| born <= at) => {
+                            calls.insert(pid, OpenCall { number: kernel.a, arg: kernel.b, cpu, at });
+                        }
+                        Some(TraceKind::SyscallReturn) => {
+                            if let Some(call) = calls.remove(&pid).filter(|call| call.number == kernel.a) {
+                                events.push(syscall_slice(pid, &call, at, result_json(kernel.b)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Record::Event { at: _, entry } => {
                     let pid = entry.event.encode().pid;
                     let track = if pid == 0 { KERNEL_TRACK } else { u64::from(pid) };
                     if pid != 0 && tracks.insert(track) {
@@ -158,39 +311,51 @@ impl Trace {
                     }
                     let kind = event_json::kind_name(&entry.event);
                     if let Event::ProcessSpawned { .. } = entry.event {
-                        live.insert(pid, *at);
+                        live.insert(pid, at);
                         events.push(json!({"ph": "B", "name": "process", "pid": GUEST, "tid": track,
-                            "ts": micros(*at), "args": {"pid": pid}}));
+                            "ts": micros(at), "args": {"pid": pid}}));
                     }
                     events.push(json!({"ph": "i", "s": "t", "name": kind, "pid": GUEST, "tid": track,
-                        "ts": micros(*at), "args": event_json::to_json(entry)}));
+                        "ts": micros(at), "args": event_json::to_json(entry)}));
                     if let Event::ProcessExited { .. } | Event::ProcessKilled { .. } = entry.event {
+                        // A call it never returned from (`exit`, a kill in
+                        // a call) ends with it.
+                        if let Some(call) = calls.remove(&pid) {
+                            events.push(syscall_slice(pid, &call, at, json!(format!("none: {kind}"))));
+                        }
                         if live.remove(&pid).is_some() {
-                            events.push(json!({"ph": "E", "pid": GUEST, "tid": track, "ts": micros(*at),
+                            events.push(json!({"ph": "E", "pid": GUEST, "tid": track, "ts": micros(at),
                                 "args": {"outcome": kind}}));
                         }
                     }
                 }
-                Record::Exit { at, cpu, kind } => {
+                Record::Exit { at: _, cpu, kind } => {
                     let track = VCPU_TRACK + u64::from(*cpu);
                     if tracks.insert(track) {
                         events.push(meta(GUEST, Some(track), &format!("vCPU {cpu}: VM exits")));
                     }
                     events.push(json!({"ph": "i", "s": "t", "name": kind, "pid": GUEST, "tid": track,
-                        "ts": micros(*at)}));
+                        "ts": micros(at)}));
                 }
-                Record::Check { at, took, trigger, violations } => {
+                Record::Check { at: _, took, trigger, violations } => {
                     events.push(json!({"ph": "X", "name": "invariant check", "pid": VMM, "tid": CHECK_TRACK,
-                        "ts": micros(*at), "dur": micros(*took),
+                        "ts": micros(at), "dur": micros(*took),
                         "args": {"trigger": trigger, "violations": violations}}));
                 }
-                Record::Held { at, took, point } => {
+                Record::Held { at: _, took, point } => {
                     events.push(json!({"ph": "X", "name": "guest held", "pid": VMM, "tid": CHECK_TRACK,
-                        "ts": micros(*at), "dur": micros(*took), "args": {"at": point}}));
+                        "ts": micros(at), "dur": micros(*took), "args": {"at": point}}));
                 }
             }
         }
-        // Every begin has its end: a process still live when the run ended.
+        // Every begin has its end: what still ran, or was in a system call,
+        // when the run ended.
+        for (cpu, (pid, from)) in running {
+            events.push(run_slice(cpu, pid, from, end));
+        }
+        for (pid, call) in calls {
+            events.push(syscall_slice(pid, &call, end, json!("none: unfinished")));
+        }
         for pid in live.into_keys() {
             events.push(json!({"ph": "E", "pid": GUEST, "tid": u64::from(pid), "ts": micros(end),
                 "args": {"outcome": "unfinished"}}));
@@ -198,7 +363,8 @@ impl Trace {
         json!({
             "traceEvents": events,
             "displayTimeUnit": "ms",
-            "otherData": {"producer": "superos-vmm run --trace", "dropped": self.dropped},
+            "otherData": {"producer": "superos-vmm run --trace", "dropped": self.dropped,
+                "kernel_lost": self.kernel_lost, "unplaced": unplaced},
         })
     }
 
@@ -268,5 +434,116 @@ mod tests {
             trace.push(Record::Exit { at: Duration::from_nanos(i), cpu: 0, kind: "io-in".into() });
         }
         assert_eq!((trace.records().len(), trace.dropped), (MAX_RECORDS, 3));
+    }
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn the_tsc_clock_interpolates_between_anchors_and_extrapolates_at_the_tsc_rate() {
+        // 1 GHz: a tick is a nanosecond.
+        let mut clock = TscClock::new(1_000_000);
+        assert_eq!(clock.at(5), None, "no anchor yet");
+        clock.anchor(1_000_000, ms(10));
+        clock.anchor(3_000_000, ms(14)); // the VMM's clock ran twice as fast here
+        assert_eq!(clock.at(2_000_000), Some(ms(12)));
+        assert_eq!(clock.at(4_000_000), Some(ms(15)), "after the last anchor: 1 ms per million ticks");
+        assert_eq!(clock.at(500_000), Some(us(9_500)));
+        assert_eq!(clock.at(0), Some(ms(9)));
+        // Anchors that do not advance both clocks are a lying kernel's: ignored.
+        clock.anchor(2_000_000, ms(20));
+        clock.anchor(5_000_000, ms(13));
+        assert_eq!(clock.at(4_000_000), Some(ms(15)));
+        // Before time began: clamped to the VMM's start.
+        let mut early = TscClock::new(1);
+        early.anchor(u64::MAX, ms(1));
+        assert_eq!(early.at(0), Some(Duration::ZERO));
+        // Without a TSC frequency, the anchors' own rate; with one anchor, none.
+        let mut unknown = TscClock::new(0);
+        unknown.anchor(1_000, ms(1));
+        assert_eq!(unknown.at(2_000), None);
+        unknown.anchor(3_000, ms(3));
+        assert_eq!(unknown.at(5_000), Some(ms(5)));
+    }
+
+    fn kernel(tsc: u64, kind: TraceKind, cpu: u16, pid: u32, a: u64, b: u64) -> Record {
+        Record::Kernel(TraceRecord { tsc, kind: kind as u16, cpu, pid, a, b })
+    }
+
+    #[test]
+    fn kernel_records_become_run_slices_per_cpu_and_system_calls_per_process() {
+        use superos_protocol::syscall::{encode_result, SysError};
+        let mut trace = Trace::new(1_000); // 1 MHz: a tick is a microsecond
+        trace.clock.anchor(0, Duration::ZERO);
+        trace.push(Record::Event {
+            at: ms(1),
+            entry: entry(0, Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0x5000 }),
+        });
+        trace.push(kernel(2_000, TraceKind::Run, 0, 1, 0, 0));
+        trace.push(kernel(3_000, TraceKind::SyscallEnter, 0, 1, Syscall::MemMap as u64, 4096));
+        trace.push(kernel(4_000, TraceKind::SyscallReturn, 0, 1, Syscall::MemMap as u64, 0x1_0000_0000));
+        trace.push(kernel(5_000, TraceKind::SyscallEnter, 0, 1, Syscall::IpcSend as u64, 7));
+        let refused = encode_result(Err(SysError::NoSuchProcess));
+        trace.push(kernel(6_000, TraceKind::SyscallReturn, 0, 1, Syscall::IpcSend as u64, refused));
+        trace.push(kernel(7_000, TraceKind::SyscallEnter, 0, 1, Syscall::Exit as u64, 0));
+        trace.push(Record::Event {
+            at: ms(8),
+            entry: entry(1, Event::ProcessExited { pid: 1, code: 0, preemptions: 0 }),
+        });
+        trace.push(kernel(8_500, TraceKind::Idle, 0, 0, 0, 0));
+        // A return for a process that is gone, and a call of one never
+        // spawned: not on any track.
+        trace.push(kernel(8_600, TraceKind::SyscallReturn, 0, 1, Syscall::Exit as u64, 0));
+        trace.push(kernel(8_700, TraceKind::SyscallEnter, 1, 5, Syscall::Yield as u64, 0));
+        // CPU 1 still runs pid 2 when the run ends at 10 ms.
+        trace.push(kernel(9_000, TraceKind::Run, 1, 2, 0, 0));
+        let names = BTreeMap::from([(1, "a".to_string()), (2, "b".to_string())]);
+        let json = trace.to_json(ms(10), &names);
+        let events = json["traceEvents"].as_array().unwrap();
+        let slices: Vec<(u64, &str, f64, f64)> = events
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .map(|e| {
+                (
+                    e["tid"].as_u64().unwrap(),
+                    e["name"].as_str().unwrap(),
+                    e["ts"].as_f64().unwrap(),
+                    e["dur"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            slices,
+            [
+                (1, "mem_map", 3000.0, 1000.0),
+                (1, "ipc_send", 5000.0, 1000.0),
+                (1, "exit", 7000.0, 1000.0),
+                (CPU_TRACK, "pid 1 a", 2000.0, 6500.0),
+                (CPU_TRACK + 1, "pid 2 b", 9000.0, 1000.0),
+            ]
+        );
+        let result =
+            |name: &str| events.iter().find(|e| e["name"] == name).unwrap()["args"]["result"].clone();
+        assert_eq!(result("mem_map"), json!(0x1_0000_0000u64));
+        assert_eq!(result("ipc_send"), json!("error no-such-process"));
+        assert_eq!(result("exit"), json!("none: process-exited"));
+        assert!(events
+            .iter()
+            .any(|e| e["ph"] == "M" && e["tid"] == CPU_TRACK + 1 && e["args"]["name"] == "CPU 1"));
+        assert_eq!(json["otherData"]["unplaced"], 0);
+    }
+
+    #[test]
+    fn kernel_records_without_a_clock_are_counted_not_placed() {
+        let mut trace = Trace::new(0);
+        trace.push(kernel(1, TraceKind::Run, 0, 1, 0, 0));
+        trace.kernel_lost = 3;
+        let json = trace.to_json(ms(1), &BTreeMap::new());
+        assert_eq!(
+            (json["otherData"]["unplaced"].as_u64(), json["otherData"]["kernel_lost"].as_u64()),
+            (Some(1), Some(3))
+        );
+        assert!(!json["traceEvents"].as_array().unwrap().iter().any(|e| e["ph"] == "X"));
     }
 }

@@ -3,6 +3,7 @@
 
 use super::memory::image_gpa;
 use crate::arch::{cpu, KernelCell};
+use crate::ring::Ring;
 use core::fmt::Write;
 use superos_protocol::event::{Event, EventRecord, EventRingHeader, EVENT_RING_MAGIC};
 use superos_protocol::hypercall::{self as hc, Hypercall};
@@ -176,25 +177,13 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 const EVENT_RING_CAPACITY: usize = 255;
 
 /// The event ring: a header and its records, in one static the VMM reads.
-#[repr(C, align(4096))]
-pub struct EventRing {
-    header: EventRingHeader,
-    records: [EventRecord; EVENT_RING_CAPACITY],
-}
+pub type EventRing = Ring<EventRecord, EVENT_RING_CAPACITY>;
 
-static EVENT_RING: KernelCell<EventRing> = KernelCell::new(EventRing {
-    header: EventRingHeader {
-        magic: EVENT_RING_MAGIC,
-        version: PROTOCOL_VERSION,
-        capacity: EVENT_RING_CAPACITY as u32,
-        record_size: core::mem::size_of::<EventRecord>() as u32,
-        head: 0,
-        tail: 0,
-        lost: 0,
-        reserved: 0,
-    },
-    records: [EventRecord { seq: 0, tick: 0, kind: 0, cpu: 0, pid: 0, args: [0; 5] }; EVENT_RING_CAPACITY],
-});
+static EVENT_RING: KernelCell<EventRing> = KernelCell::new(Ring::new(
+    EVENT_RING_MAGIC,
+    PROTOCOL_VERSION,
+    EventRecord { seq: 0, tick: 0, kind: 0, cpu: 0, pid: 0, args: [0; 5] },
+));
 
 /// Guest-physical address and size of the event ring.
 pub fn event_ring_location() -> (u64, u64) {
@@ -225,18 +214,16 @@ pub fn flood_event_ring() -> ! {
 pub fn fill_event_ring(tick: &mut u64) {
     // SAFETY: KernelCell invariant; the VMM writes only `tail`.
     let ring = unsafe { EVENT_RING.get() };
-    let tail = ring_tail(ring);
-    let mut head = ring.header.head;
-    while head.wrapping_sub(tail) < EVENT_RING_CAPACITY as u64 {
+    let tail = ring_tail(&ring.header);
+    while ring.push(tail, |seq| {
         *tick = tick.wrapping_add(1);
         let mut record = Event::HypercallRefused { port: 0xf100, status: 1 }.encode();
-        record.seq = head;
+        record.seq = seq;
         record.tick = *tick;
-        ring.records[(head % EVENT_RING_CAPACITY as u64) as usize] = record;
-        head = head.wrapping_add(1);
-    }
-    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-    ring.header.head = head;
+        record
+    }) {}
+    // The last push found the ring full: not a loss, the flood's own limit.
+    ring.header.lost -= 1;
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     hypercall(Hypercall::EventNotify, 0);
 }
@@ -252,21 +239,14 @@ pub fn log_event(event: Event, tick: u64) {
 pub fn append_event(event: Event, tick: u64) {
     // SAFETY: KernelCell invariant. The VMM writes only `tail`, read volatile.
     let ring = unsafe { EVENT_RING.get() };
-    let head = ring.header.head;
-    let tail = ring_tail(ring);
-    if head.wrapping_sub(tail) >= EVENT_RING_CAPACITY as u64 {
-        ring.header.lost += 1;
-    } else {
+    let tail = ring_tail(&ring.header);
+    ring.push(tail, |seq| {
         let mut record = event.encode();
-        record.seq = head;
+        record.seq = seq;
         record.tick = tick;
         record.cpu = super::smp::BIG_LOCK.owner() as u16;
-        ring.records[(head % EVENT_RING_CAPACITY as u64) as usize] = record;
-        // The record before the head that makes it visible: a VMM that
-        // drains while another CPU runs reads the head first.
-        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
-        ring.header.head = head + 1;
-    }
+        record
+    });
 }
 
 /// Tells the VMM about the events appended since its last drain (a VM exit).
@@ -280,15 +260,15 @@ pub fn notify_events() {
 pub fn events_undrained() -> u64 {
     // SAFETY: KernelCell invariant; the caller holds the big kernel lock.
     let ring = unsafe { EVENT_RING.get() };
-    ring.header.head.wrapping_sub(ring_tail(ring))
+    ring.undrained(ring_tail(&ring.header))
 }
 
-/// The ring's `tail`, read afresh: the VMM writes it while this vCPU is
+/// A ring's `tail`, read afresh: the VMM writes it while this vCPU is
 /// stopped in a hypercall.
-fn ring_tail(ring: &EventRing) -> u64 {
+pub fn ring_tail(header: &EventRingHeader) -> u64 {
     // SAFETY: a reference to an aligned, initialised u64 is valid for a
     // volatile read.
-    unsafe { core::ptr::read_volatile(&ring.header.tail) }
+    unsafe { core::ptr::read_volatile(&header.tail) }
 }
 
 /// Undrained records at which a batching kernel notifies: half the ring,

@@ -22,6 +22,7 @@ pub mod process;
 pub mod shm;
 pub mod smp;
 pub mod syscalls;
+pub mod trace;
 pub mod user_cpu;
 
 use crate::address_space::{AddressSpace, Memory};
@@ -328,6 +329,9 @@ pub extern "C" fn kernel_main(boot_info_gpa: u64) -> ! {
     }
     if boot.debug_flags & boot::DEBUG_ALL_FLOOD != 0 {
         flood_all(boot);
+    }
+    if boot.trace != 0 {
+        trace::start();
     }
 
     let gate = match GatePreference::from_raw(boot.gate_preference) {
@@ -759,12 +763,18 @@ fn trap_dispatch_locked(frame: &mut TrapFrame, cpu: u32) {
     smp::BIG_LOCK.lock(cpu);
     let kernel = kernel();
     kernel.cpu = cpu;
+    if trace::on() {
+        kernel.trace_entry(frame);
+    }
     if let Some(step) = kernel.switch_step[cpu as usize].take() {
         if kernel.is_switch_stub_return(frame, step) {
             // The fast path of a process switch: nothing else changed, so
             // there is nothing to scrub or publish.
             kernel.continue_switch(frame, step);
             kernel.wake_idle_cpus();
+            if trace::on() {
+                kernel.trace_resume(frame);
+            }
             fast::set_resumed(cpu, kernel.resumed_pid(frame));
             smp::BIG_LOCK.unlock();
             return;
@@ -780,6 +790,9 @@ fn trap_dispatch_locked(frame: &mut TrapFrame, cpu: u32) {
     kernel.memory.flush_scrub();
     kernel.republish_changed();
     kernel.wake_idle_cpus();
+    if trace::on() {
+        kernel.trace_resume(frame);
+    }
     fast::set_resumed(cpu, kernel.resumed_pid(frame));
     smp::BIG_LOCK.unlock();
 }
@@ -868,7 +881,10 @@ impl Kernel {
             }
             self.memory.flush_scrub();
             self.phase = Phase::Running;
-            fast::set_gate(self.gate.vector(), self.gate.return_rip());
+            if !trace::on() {
+                // Traced, `getpid` takes the lock as every call does.
+                fast::set_gate(self.gate.vector(), self.gate.return_rip());
+            }
             let cpus = self.start_application_processors();
             self.emit(Event::KernelReady {
                 gate_kind: self.gate.kind(),
@@ -1104,6 +1120,9 @@ impl Kernel {
         if self.events_batched {
             // The VMM drains the ring and checks at the shutdown hypercall.
             self.publish();
+        }
+        if trace::on() {
+            trace::drain();
         }
         hypercall(Hypercall::Shutdown, 0);
         cpu::halt_forever();

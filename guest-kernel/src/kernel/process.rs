@@ -78,6 +78,8 @@ pub struct Process {
     pub resume: Option<Resume>,
     /// The region a sliced `shm_create` is building (its frames so far).
     pub building: Option<RegionBuild>,
+    /// `run --trace`: the system call it entered and has not returned from.
+    pub traced_syscall: Option<u64>,
 }
 
 /// Where an interrupted system call (`mem_unmap`, `mem_protect`) goes on:
@@ -189,6 +191,7 @@ impl Kernel {
             published: (0, 0, 0, 0, NO_CPU),
             resume: None,
             building: None,
+            traced_syscall: None,
         });
         self.emit(Event::ProcessSpawned { pid, spec_index: spec_index as u64, pml4_gpa: pml4 });
         Ok(())

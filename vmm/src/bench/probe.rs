@@ -788,6 +788,7 @@ pub fn probe(scenario: &Scenario, options: &ProbeOptions) -> Result<Probe, Strin
         } else {
             EventNotifyPolicy::Batched
         },
+        trace: false,
     };
     let prepared = boot::prepare(&ram, kernel, scenario, boot_options).map_err(|e| e.to_string())?;
     vm.setup_registers(prepared.entry, prepared.boot_pml4, BOOT_INFO_GPA).map_err(|e| e.to_string())?;
