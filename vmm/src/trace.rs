@@ -58,61 +58,81 @@ const CPU_TRACK: u64 = 2_000_000;
 /// Most clock anchors one trace keeps (one per drain of the trace ring).
 const MAX_ANCHORS: usize = 1 << 16;
 
-/// Places the guest's TSC values on the VMM's clock: pairs (TSC, VMM time)
-/// taken when the kernel had the trace ring drained (its clock record is
-/// the last thing it does before that VM exit), interpolated between pairs
-/// and extrapolated beyond them at the guest's TSC frequency (or, if KVM
-/// did not say it, the pairs' own rate). Pairs that do not advance both
+/// Places the guest's TSC values on the VMM's clock, from pairs (TSC, VMM
+/// time) taken when the kernel had the trace ring drained: its clock record
+/// is the last thing it does before that VM exit, so each pair's VMM time
+/// is late by the time the exit took to reach the VMM (microseconds; more
+/// when the host descheduled the VMM's thread meanwhile), never early.
+///
+/// With the guest's TSC frequency known (KVM says it), a TSC value is
+/// placed at that rate from the offset of the least-late pair, the best
+/// estimate of the two clocks' offset (a late pair would put every record
+/// of the run late, even after the kernel events that followed it). If KVM
+/// did not say the frequency, the pairs are interpolated between and
+/// extrapolated beyond at their own rate. Pairs that do not advance both
 /// clocks (a kernel that lies about its TSC) are ignored.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TscClock {
     anchors: Vec<(u64, Duration)>,
     khz: u64,
+    /// With `khz` known: the smallest VMM time minus TSC time of a pair, in
+    /// nanoseconds.
+    offset: Option<i128>,
+}
+
+fn nanos(at: Duration) -> i128 {
+    at.as_nanos() as i128
 }
 
 impl TscClock {
     /// A clock for a guest whose TSC runs at `khz` (0: unknown).
     pub fn new(khz: u64) -> Self {
-        TscClock { anchors: Vec::new(), khz }
+        TscClock { khz, ..Default::default() }
+    }
+
+    /// TSC ticks as nanoseconds at `khz` ticks per millisecond.
+    fn ticks_to_nanos(ticks: i128, khz: i128) -> i128 {
+        ticks * 1_000_000 / khz
     }
 
     /// The guest's TSC read `tsc` at VMM time `at`.
     pub fn anchor(&mut self, tsc: u64, at: Duration) {
         let advances = self.anchors.last().is_none_or(|&(t, d)| tsc > t && at >= d);
-        if advances && self.anchors.len() < MAX_ANCHORS {
-            self.anchors.push((tsc, at));
+        if !advances || self.anchors.len() >= MAX_ANCHORS {
+            return;
+        }
+        self.anchors.push((tsc, at));
+        if self.khz != 0 {
+            let offset = nanos(at) - Self::ticks_to_nanos(i128::from(tsc), i128::from(self.khz));
+            self.offset = Some(self.offset.map_or(offset, |least| least.min(offset)));
         }
     }
 
     /// The VMM time of guest TSC `tsc`, if the clock knows enough.
     pub fn at(&self, tsc: u64) -> Option<Duration> {
-        let nanos = |d: Duration| d.as_nanos() as i128;
-        let after = self.anchors.partition_point(|&(t, _)| t <= tsc);
-        let placed = match (after.checked_sub(1).map(|i| self.anchors[i]), self.anchors.get(after)) {
-            (Some((t0, d0)), Some(&(t1, d1))) => {
-                nanos(d0) + i128::from(tsc - t0) * (nanos(d1) - nanos(d0)) / i128::from(t1 - t0)
-            }
-            (Some((t0, d0)), None) | (None, Some(&(t0, d0))) => {
-                // Ticks per microsecond, scaled by 1000: kHz.
-                let khz = match self.khz {
-                    0 => {
-                        let (&(first_t, first_d), &(last_t, last_d)) =
-                            (self.anchors.first()?, self.anchors.last()?);
-                        if last_t == first_t || last_d == first_d {
-                            return None;
-                        }
-                        i128::from(last_t - first_t) * 1_000_000 / (nanos(last_d) - nanos(first_d))
-                    }
-                    khz => i128::from(khz),
-                };
-                if khz == 0 {
-                    return None;
-                }
-                nanos(d0) + (i128::from(tsc) - i128::from(t0)) * 1_000_000 / khz
-            }
-            (None, None) => return None,
+        let placed = match self.offset {
+            Some(offset) => Self::ticks_to_nanos(i128::from(tsc), i128::from(self.khz)) + offset,
+            None => self.interpolated(tsc)?,
         };
         Some(Duration::from_nanos(u64::try_from(placed.max(0)).unwrap_or(u64::MAX)))
+    }
+
+    /// Without the TSC frequency: between the pairs around `tsc`, or at the
+    /// rate of the first and last pair beyond them.
+    fn interpolated(&self, tsc: u64) -> Option<i128> {
+        let (&(first_t, first_d), &(last_t, last_d)) = (self.anchors.first()?, self.anchors.last()?);
+        let after = self.anchors.partition_point(|&(t, _)| t <= tsc);
+        if let (Some(&(t0, d0)), Some(&(t1, d1))) =
+            (after.checked_sub(1).and_then(|i| self.anchors.get(i)), self.anchors.get(after))
+        {
+            return Some(nanos(d0) + i128::from(tsc - t0) * (nanos(d1) - nanos(d0)) / i128::from(t1 - t0));
+        }
+        if last_t == first_t || last_d == first_d {
+            return None;
+        }
+        let (t0, d0) = if after == 0 { (first_t, first_d) } else { (last_t, last_d) };
+        let ticks = i128::from(tsc) - i128::from(t0);
+        Some(nanos(d0) + ticks * (nanos(last_d) - nanos(first_d)) / i128::from(last_t - first_t))
     }
 }
 
@@ -441,30 +461,39 @@ mod tests {
     }
 
     #[test]
-    fn the_tsc_clock_interpolates_between_anchors_and_extrapolates_at_the_tsc_rate() {
+    fn the_tsc_clock_takes_the_offset_of_the_least_late_anchor() {
         // 1 GHz: a tick is a nanosecond.
         let mut clock = TscClock::new(1_000_000);
         assert_eq!(clock.at(5), None, "no anchor yet");
-        clock.anchor(1_000_000, ms(10));
-        clock.anchor(3_000_000, ms(14)); // the VMM's clock ran twice as fast here
+        clock.anchor(3_000_000, ms(14)); // offset 11 ms
+        assert_eq!(clock.at(3_000_000), Some(ms(14)));
+        clock.anchor(5_000_000, ms(14) + ms(1)); // offset 10 ms: the earlier pair was late
         assert_eq!(clock.at(2_000_000), Some(ms(12)));
-        assert_eq!(clock.at(4_000_000), Some(ms(15)), "after the last anchor: 1 ms per million ticks");
-        assert_eq!(clock.at(500_000), Some(us(9_500)));
-        assert_eq!(clock.at(0), Some(ms(9)));
+        assert_eq!(clock.at(6_000_000), Some(ms(16)));
+        clock.anchor(9_000_000, ms(30)); // a late one changes nothing
+        assert_eq!(clock.at(6_000_000), Some(ms(16)));
         // Anchors that do not advance both clocks are a lying kernel's: ignored.
-        clock.anchor(2_000_000, ms(20));
-        clock.anchor(5_000_000, ms(13));
-        assert_eq!(clock.at(4_000_000), Some(ms(15)));
+        clock.anchor(1_000, ms(40));
+        clock.anchor(10_000_000, ms(1));
+        assert_eq!(clock.at(6_000_000), Some(ms(16)));
         // Before time began: clamped to the VMM's start.
         let mut early = TscClock::new(1);
         early.anchor(u64::MAX, ms(1));
         assert_eq!(early.at(0), Some(Duration::ZERO));
-        // Without a TSC frequency, the anchors' own rate; with one anchor, none.
-        let mut unknown = TscClock::new(0);
-        unknown.anchor(1_000, ms(1));
-        assert_eq!(unknown.at(2_000), None);
-        unknown.anchor(3_000, ms(3));
-        assert_eq!(unknown.at(5_000), Some(ms(5)));
+    }
+
+    #[test]
+    fn without_the_tsc_rate_the_clock_interpolates_its_anchors() {
+        let mut clock = TscClock::new(0);
+        clock.anchor(1_000, ms(1));
+        assert_eq!(clock.at(2_000), None, "one anchor gives no rate");
+        clock.anchor(3_000, ms(3));
+        clock.anchor(4_000, ms(7));
+        assert_eq!(clock.at(2_000), Some(ms(2)));
+        assert_eq!(clock.at(3_500), Some(ms(5)));
+        // Beyond the anchors, their overall rate: 2 ms per 1000 ticks.
+        assert_eq!(clock.at(5_000), Some(ms(9)));
+        assert_eq!(clock.at(500), Some(Duration::ZERO));
     }
 
     fn kernel(tsc: u64, kind: TraceKind, cpu: u16, pid: u32, a: u64, b: u64) -> Record {

@@ -106,3 +106,144 @@ fn an_unwritable_trace_is_reported_not_a_panic() {
     assert!(stdout.contains("as expected"), "the run's own summary is still there: {stdout}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// One slice of a track: (start, end) in microseconds, its name and args.
+struct Slice {
+    from: f64,
+    to: f64,
+    name: String,
+    args: Value,
+}
+
+/// The `X` slices of the guest's track `tid`, in time order.
+fn slices(events: &[Value], tid: u64) -> Vec<Slice> {
+    let mut found: Vec<Slice> = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["pid"] == 1 && e["tid"] == tid)
+        .map(|e| {
+            let from = e["ts"].as_f64().unwrap();
+            Slice {
+                from,
+                to: from + e["dur"].as_f64().unwrap(),
+                name: e["name"].as_str().unwrap().to_string(),
+                args: e["args"].clone(),
+            }
+        })
+        .collect();
+    found.sort_by(|a, b| a.from.total_cmp(&b.from));
+    found
+}
+
+/// The default scenario on two vCPUs, traced: the kernel's trace ring gives
+/// each CPU a track of run slices that never overlap, and each process its
+/// system calls, inside its life, each kernel event of a call inside that
+/// call's slice (which a wrong TSC-to-clock mapping would break), and the
+/// `exit` call of every process that exited ending with it.
+#[test]
+fn the_kernel_s_run_slices_and_system_calls_are_on_the_timeline() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("trace", "kernel");
+    let trace = dir.join("run.trace.json");
+    let (code, _, stderr) = vmm(&["run", "--quiet", "--cpus", "2", "--trace", trace.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let trace: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).expect("the trace is JSON");
+    let events = trace["traceEvents"].as_array().expect("traceEvents");
+    let other = &trace["otherData"];
+    assert_eq!(
+        (&other["kernel_lost"], &other["unplaced"], &other["dropped"]),
+        (&0.into(), &0.into(), &0.into())
+    );
+
+    // Each process's life, from its begin and end.
+    let mut lives: BTreeMap<u64, (f64, f64, String)> = BTreeMap::new();
+    for event in events.iter().filter(|e| e["pid"] == 1 && e["tid"].as_u64().unwrap() < 1_000_000) {
+        let tid = event["tid"].as_u64().unwrap();
+        match event["ph"].as_str().unwrap() {
+            "B" => drop(lives.insert(tid, (event["ts"].as_f64().unwrap(), f64::MAX, String::new()))),
+            "E" => {
+                let life = lives.get_mut(&tid).unwrap();
+                life.1 = event["ts"].as_f64().unwrap();
+                life.2 = event["args"]["outcome"].as_str().unwrap().to_string();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(lives.len(), 9);
+
+    // Run slices: on "CPU n" tracks, never overlapping on one CPU, and every
+    // process ran somewhere.
+    let mut ran = std::collections::BTreeSet::new();
+    for cpu in 0..2u64 {
+        let tid = 2_000_000 + cpu;
+        assert!(
+            events
+                .iter()
+                .any(|e| e["ph"] == "M" && e["tid"] == tid && e["args"]["name"] == format!("CPU {cpu}")),
+            "a track for CPU {cpu}"
+        );
+        let runs = slices(events, tid);
+        for pair in runs.windows(2) {
+            // (1 ns: the rounding of ts + dur in microseconds.)
+            assert!(
+                pair[0].to <= pair[1].from + 1e-3,
+                "CPU {cpu}: {} overlaps {}",
+                pair[0].name,
+                pair[1].name
+            );
+        }
+        ran.extend(runs.iter().map(|run| run.args["pid"].as_u64().unwrap()));
+    }
+    assert_eq!(ran, lives.keys().copied().collect(), "every process ran on a CPU");
+
+    // System calls: inside their process's life; `exit` ends an exited one.
+    let mut exits = 0;
+    for (&pid, (born, ended, outcome)) in &lives {
+        let calls = slices(events, pid);
+        assert!(!calls.is_empty(), "pid {pid} made system calls");
+        for call in &calls {
+            // (1 ns: the rounding of ts + dur in microseconds.)
+            let inside = *born <= call.from + 1e-3 && call.to <= *ended + 1e-3;
+            assert!(inside, "pid {pid}: {} outside its life", call.name);
+            assert!(call.args["number"].is_u64() && !call.args["result"].is_null(), "{}", call.args);
+        }
+        if outcome == "process-exited" {
+            let last = calls.last().unwrap();
+            assert_eq!(last.name, "exit", "pid {pid}");
+            assert!(
+                (last.to - ended).abs() < 1e-3,
+                "pid {pid}: exit ends at {}, the process at {ended}",
+                last.to
+            );
+            assert_eq!(last.args["result"], "none: process-exited");
+            exits += 1;
+        }
+    }
+    assert_eq!(exits, 7);
+
+    // A kernel event of a call happens inside that call (within 0.1 ms: the
+    // clock is right to about the time of a VM exit).
+    let call_of = [
+        ("mem-mapped", "mem_map"),
+        ("shm-created", "shm_create"),
+        ("shm-mapped", "shm_map"),
+        ("shm-revoked", "shm_revoke"),
+    ];
+    let mut inside = 0;
+    for event in events.iter().filter(|e| e["ph"] == "i") {
+        let Some(&(_, call)) = call_of.iter().find(|(kind, _)| event["name"] == *kind) else { continue };
+        let (tid, at) = (event["tid"].as_u64().unwrap(), event["ts"].as_f64().unwrap());
+        assert!(
+            slices(events, tid).iter().any(|s| s.name == call && s.from - 100.0 <= at && at <= s.to + 100.0),
+            "{event} is not inside a {call} of its process"
+        );
+        inside += 1;
+    }
+    assert!(inside >= 10, "{inside} events checked");
+    // The quota-denied process's refused mem_map returned its error.
+    assert!(slices(events, 7)
+        .iter()
+        .any(|s| s.name == "mem_map" && s.args["result"] == "error quota-exceeded"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
