@@ -456,10 +456,6 @@ mod tests {
         assert_eq!((trace.records().len(), trace.dropped), (MAX_RECORDS, 3));
     }
 
-    fn us(n: u64) -> Duration {
-        Duration::from_micros(n)
-    }
-
     #[test]
     fn the_tsc_clock_takes_the_offset_of_the_least_late_anchor() {
         // 1 GHz: a tick is a nanosecond.
