@@ -218,7 +218,7 @@ fn syscall_slice(pid: u32, call: &OpenCall, end: Duration, result: Value) -> Val
         .map_or_else(|| format!("syscall {}", call.number), |s| s.name().into());
     json!({"ph": "X", "name": name, "pid": GUEST, "tid": u64::from(pid), "ts": micros(call.at),
         "dur": micros(end.saturating_sub(call.at)),
-        "args": {"number": call.number, "arg0": call.arg, "cpu": call.cpu, "result": result}})
+        "args": {"number": call.number, "arg0": format!("{:#x}", call.arg), "cpu": call.cpu, "result": result}})
 }
 
 /// A system call's result in words: its value, or its error's name.
@@ -343,6 +343,15 @@ impl Trace {
                         if let Some(call) = calls.remove(&pid) {
                             events.push(syscall_slice(pid, &call, at, json!(format!("none: {kind}"))));
                         }
+                        // And so does its run on a CPU (the last process of
+                        // a run leaves no idle record: the kernel stops).
+                        running.retain(|&cpu, &mut (was, from)| {
+                            let ends = was == pid;
+                            if ends {
+                                events.push(run_slice(cpu, was, from, at));
+                            }
+                            !ends
+                        });
                         if live.remove(&pid).is_some() {
                             events.push(json!({"ph": "E", "pid": GUEST, "tid": track, "ts": micros(at),
                                 "args": {"outcome": kind}}));
@@ -544,13 +553,15 @@ mod tests {
                 (1, "mem_map", 3000.0, 1000.0),
                 (1, "ipc_send", 5000.0, 1000.0),
                 (1, "exit", 7000.0, 1000.0),
-                (CPU_TRACK, "pid 1 a", 2000.0, 6500.0),
+                (CPU_TRACK, "pid 1 a", 2000.0, 6000.0),
                 (CPU_TRACK + 1, "pid 2 b", 9000.0, 1000.0),
             ]
         );
         let result =
             |name: &str| events.iter().find(|e| e["name"] == name).unwrap()["args"]["result"].clone();
         assert_eq!(result("mem_map"), json!(0x1_0000_0000u64));
+        let mem_map = events.iter().find(|e| e["name"] == "mem_map").unwrap();
+        assert_eq!((&mem_map["args"]["arg0"], &mem_map["args"]["cpu"]), (&json!("0x1000"), &json!(0)));
         assert_eq!(result("ipc_send"), json!("error no-such-process"));
         assert_eq!(result("exit"), json!("none: process-exited"));
         assert!(events

@@ -193,7 +193,17 @@ fn the_kernel_s_run_slices_and_system_calls_are_on_the_timeline() {
                 pair[1].name
             );
         }
-        ran.extend(runs.iter().map(|run| run.args["pid"].as_u64().unwrap()));
+        for run in &runs {
+            let pid = run.args["pid"].as_u64().unwrap();
+            let (born, ended, _) = &lives[&pid];
+            // (1 ns: the rounding of ts + dur in microseconds.)
+            assert!(
+                *born <= run.from + 1e-3 && run.to <= ended + 1e-3,
+                "CPU {cpu}: {} outside its life",
+                run.name
+            );
+            ran.insert(pid);
+        }
     }
     assert_eq!(ran, lives.keys().copied().collect(), "every process ran on a CPU");
 
