@@ -174,9 +174,10 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     core_dir: Option<PathBuf>,
     /// Write the run's timeline to FILE as Chrome/Perfetto trace-event JSON (ui.perfetto.dev,
-    /// chrome://tracing): a track per process (its life, its kernel events), per vCPU (its VM
-    /// exits) and for the VMM (invariant checks with their durations, holds). Makes every
-    /// kernel event a VM exit.
+    /// chrome://tracing): a track per process (its life, its kernel events, its system calls),
+    /// per CPU (the processes it ran), per vCPU (its VM exits) and for the VMM (invariant
+    /// checks with their durations, holds). Makes every kernel event a VM exit, and has the
+    /// kernel keep TSC-stamped run and system-call records (getpid then takes its lock).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
     /// Make the kernel misbehave on purpose, to exercise the VMM's reports.
