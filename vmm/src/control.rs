@@ -391,7 +391,14 @@ impl Control {
         let params = trap.params;
         let stop = {
             let mut state = self.lock();
-            let stop = state.debug.claim(params.pid, params.cpu, &params.registers)?;
+            let Some(stop) = state.debug.claim(params.pid, params.cpu, &params.registers) else {
+                // A step a debugger set up and left before it was taken:
+                // the process goes on as if it had not been asked.
+                return state
+                    .debug
+                    .take_abandoned_step(params.pid, &params.registers)
+                    .then_some((hc::DEBUG_ACTION_CONTINUE, params.registers.rip));
+            };
             state.debug.trap = Some(stop);
             state.debug.reported = false;
             state.debug.action = None;
@@ -435,7 +442,8 @@ impl Control {
 
     /// A debugger attached: traps it asks for will be held for it.
     pub fn attach_debugger(&self) {
-        self.lock().debug = Debugger::attach();
+        let mut state = self.lock();
+        state.debug = std::mem::take(&mut state.debug).succeeded(true);
     }
 
     /// The debugger left: its breakpoints come out of the guest (with the
@@ -445,7 +453,7 @@ impl Control {
         let live = self.query(live_pml4s).unwrap_or_default();
         let mut state = self.lock();
         state.debug.remove_all(&self.ram, &live);
-        state.debug = Debugger::default();
+        state.debug = std::mem::take(&mut state.debug).succeeded(false);
     }
 
     /// Names the program each boot process runs (by spec index), for
@@ -530,9 +538,11 @@ impl Control {
         self.lock().debug.kernel_step = true;
     }
 
-    /// The bootstrap vCPU's debug exit is the step the debugger armed.
+    /// The bootstrap vCPU's debug exit is the step a debugger armed (or
+    /// armed and left behind).
     pub fn kernel_step_armed(&self) -> bool {
-        self.lock().debug.kernel_step_armed
+        let state = self.lock();
+        state.debug.kernel_step_armed || state.debug.abandoned_kernel_step
     }
 
     /// The armed step completed (`vcpu` is the bootstrap vCPU, already
@@ -541,6 +551,10 @@ impl Control {
     pub fn kernel_step_done(&self, vcpu: &VcpuFd, aps: Option<&Paused<'_>>, session: &Session<'_>) -> bool {
         {
             let mut state = self.lock();
+            if std::mem::take(&mut state.debug.abandoned_kernel_step) && !state.debug.kernel_step_armed {
+                // Its debugger left: nobody to hold the guest for.
+                return false;
+            }
             state.debug.kernel_step_armed = false;
             state.debug.kernel_step_done = true;
             self.pause_for_debugger(&mut state);

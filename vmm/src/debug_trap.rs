@@ -68,6 +68,14 @@ pub struct Debugger {
     /// The bootstrap vCPU completed the step and is held there; the
     /// debugger has not been told yet.
     pub kernel_step_done: bool,
+    /// Steps a debugger set up and left (it detached) before they were
+    /// taken: the process resumes from such a debug exception as if its
+    /// trap flag had never been set, instead of being killed for it. Kept
+    /// across attaches.
+    abandoned_steps: BTreeSet<u32>,
+    /// A kernel step was armed in KVM when the debugger left: its debug
+    /// exit is switched off and the guest goes on.
+    pub abandoned_kernel_step: bool,
 }
 
 /// Why an address cannot take a breakpoint, if it cannot.
@@ -93,6 +101,27 @@ impl Debugger {
     /// A debugger attached: no request yet.
     pub fn attach() -> Debugger {
         Debugger { attached: true, ..Debugger::default() }
+    }
+
+    /// What is left of this debugger when it goes (a new one attaches, or
+    /// it detaches: `attached`): the steps it set up and that were not
+    /// taken yet, which must not kill their processes.
+    pub fn succeeded(self, attached: bool) -> Debugger {
+        let mut abandoned_steps = self.abandoned_steps;
+        abandoned_steps.extend(self.steps);
+        Debugger {
+            attached,
+            abandoned_steps,
+            abandoned_kernel_step: self.abandoned_kernel_step || self.kernel_step_armed,
+            ..Debugger::default()
+        }
+    }
+
+    /// Whether the trap `pid` took with `registers` is a step a debugger
+    /// that left set up (once): the process then resumes as it is, trap
+    /// flag clear.
+    pub fn take_abandoned_step(&mut self, pid: u32, registers: &UserContext) -> bool {
+        registers.vector == DEBUG_VECTOR && self.abandoned_steps.remove(&pid)
     }
 
     /// Wants a breakpoint at `addr` in `program` and plants it in
@@ -310,5 +339,24 @@ mod tests {
         let mut detached = Debugger::default();
         detached.expect_step(4);
         assert_eq!(detached.claim(4, 0, &trap(1, 0x40_1000)), None, "no debugger attached");
+    }
+
+    #[test]
+    fn a_step_the_debugger_left_behind_resumes_its_process_once() {
+        let mut debugger = Debugger::attach();
+        debugger.expect_step(4);
+        debugger.kernel_step_armed = true;
+        let mut left = debugger.succeeded(false);
+        assert!(left.abandoned_kernel_step);
+        assert_eq!(left.claim(4, 0, &trap(1, 0x40_1000)), None, "no debugger to report it to");
+        assert!(!left.take_abandoned_step(4, &trap(3, 0x40_1000)), "a breakpoint is not a step");
+        assert!(left.take_abandoned_step(4, &trap(1, 0x40_1000)));
+        assert!(!left.take_abandoned_step(4, &trap(1, 0x40_1003)), "once: then the program's own");
+        // A debugger that attaches meanwhile does not claim it as its own.
+        let mut debugger = Debugger::attach();
+        debugger.expect_step(5);
+        let mut next = debugger.succeeded(true);
+        assert_eq!(next.claim(5, 0, &trap(1, 0x40_1000)), None);
+        assert!(next.take_abandoned_step(5, &trap(1, 0x40_1000)));
     }
 }
