@@ -192,6 +192,10 @@ pub mod symbols {
     pub const TEXT_START: &str = "__text_start";
     /// End of kernel text.
     pub const TEXT_END: &str = "__text_end";
+    /// One past the kernel's debug path (from [`TEXT_START`]: the entry
+    /// stubs, `trap_dispatch`, the kernel's debug trap), where a debugger's
+    /// breakpoint would trap again before it could be answered.
+    pub const DEBUG_PATH_END: &str = "__debug_path_end";
     /// The idle context's code (a CPU with nothing to run halts there with
     /// interrupts on): a vCPU there is not half-way through kernel work.
     pub const IDLE_LOOP: &str = "idle_loop";

@@ -93,6 +93,7 @@ pub fn design_symbol_names() -> Vec<&'static str> {
         symbols::KERNEL_STACK_TOP,
         symbols::TEXT_START,
         symbols::TEXT_END,
+        symbols::DEBUG_PATH_END,
         symbols::IDLE_LOOP,
         symbols::IDLE_LOOP_END,
         symbols::LOCK_WAIT,

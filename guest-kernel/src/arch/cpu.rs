@@ -3,6 +3,7 @@
 use core::arch::asm;
 
 /// Writes `value` to I/O `port` (a VM exit to the VMM for hypercall ports).
+#[inline(always)]
 pub fn out32(port: u16, value: u32) {
     // SAFETY: the hypercall ports have no effect on guest memory or CPU state
     // beyond what the VMM documents for them.

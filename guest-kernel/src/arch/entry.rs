@@ -42,7 +42,10 @@ ap_start:
     .type ap_start, @function
     .size ap_start, . - ap_start
 
-    .text
+    // The way into the kernel and back: the start of its debug path, where
+    // a debugger's breakpoint would trap again before it could be answered
+    // (kernel.ld).
+    .section .text.debug_path, "ax"
     .macro TRAP_NO_ERROR_CODE vector
     .global trap_stub_\vector
 trap_stub_\vector:

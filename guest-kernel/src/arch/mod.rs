@@ -140,11 +140,13 @@ impl TrapFrame {
     };
 
     /// True if the trap came from ring 3.
+    #[inline(always)]
     pub fn from_user(&self) -> bool {
         self.cs & 3 == 3
     }
 
     /// The frame as the protocol publishes it (the same layout, asserted above).
+    #[inline(always)]
     pub fn user_context(&self) -> superos_protocol::introspect::UserContext {
         zerocopy::transmute!(*self)
     }

@@ -6,6 +6,7 @@ use crate::arch::{cpu, KernelCell};
 use crate::ring::Ring;
 use core::fmt::Write;
 use superos_protocol::event::{Event, EventRecord, EventRingHeader, EVENT_RING_MAGIC};
+use superos_protocol::cpu::MAX_CPUS;
 use superos_protocol::hypercall::{self as hc, Hypercall};
 use superos_protocol::PROTOCOL_VERSION;
 use zerocopy::{Immutable, IntoBytes};
@@ -36,14 +37,23 @@ pub fn console_write(pid: u32, gpa: u64, len: u64) -> u32 {
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(params.status)) }
 }
 
-static DEBUG_TRAP_PARAMS: KernelCell<hc::DebugTrapParams> = KernelCell::new(hc::DebugTrapParams {
+/// An empty debug-trap block.
+const NO_DEBUG_TRAP: hc::DebugTrapParams = hc::DebugTrapParams {
     pid: 0,
     status: 0,
     cpu: 0,
     action: 0,
     resume_rip: 0,
     registers: zerocopy::transmute!(crate::arch::TrapFrame::ZERO),
-});
+};
+
+/// The block of the debug traps of processes (under the big kernel lock).
+static DEBUG_TRAP_PARAMS: KernelCell<hc::DebugTrapParams> = KernelCell::new(NO_DEBUG_TRAP);
+
+/// Per CPU: the block of the kernel's own debug traps (taken without the
+/// lock, anywhere in ring 0).
+static KERNEL_DEBUG_TRAP_PARAMS: KernelCell<[hc::DebugTrapParams; MAX_CPUS as usize]> =
+    KernelCell::new([NO_DEBUG_TRAP; MAX_CPUS as usize]);
 
 /// Tells the VMM that process `pid` trapped on CPU `cpu` with `registers`
 /// (a breakpoint or a single step) and returns its answer: the action
@@ -52,7 +62,29 @@ static DEBUG_TRAP_PARAMS: KernelCell<hc::DebugTrapParams> = KernelCell::new(hc::
 /// only when the debugger resumes the guest.
 pub fn debug_trap(pid: u32, cpu: u32, registers: superos_protocol::introspect::UserContext) -> (u32, u64) {
     // SAFETY: KernelCell invariant (the caller holds the big kernel lock).
-    let params = unsafe { DEBUG_TRAP_PARAMS.get() };
+    ask_debugger(unsafe { DEBUG_TRAP_PARAMS.get() }, pid, cpu, registers)
+}
+
+/// [`debug_trap`] for the kernel itself (pid 0): a breakpoint a debugger
+/// planted in its text, or the step over one, on `cpu`.
+#[link_section = ".text.debug_path"]
+pub fn kernel_debug_trap(cpu: u32, registers: superos_protocol::introspect::UserContext) -> (u32, u64) {
+    // SAFETY: KernelCell invariant: each CPU uses only its own block, and
+    // the caller keeps a trap in this path from re-entering it.
+    let blocks = unsafe { KERNEL_DEBUG_TRAP_PARAMS.get() };
+    match blocks.get_mut(cpu as usize) {
+        Some(params) => ask_debugger(params, 0, cpu, registers),
+        None => (hc::DEBUG_ACTION_KILL, registers.rip),
+    }
+}
+
+#[link_section = ".text.debug_path"]
+fn ask_debugger(
+    params: &mut hc::DebugTrapParams,
+    pid: u32,
+    cpu: u32,
+    registers: superos_protocol::introspect::UserContext,
+) -> (u32, u64) {
     *params = hc::DebugTrapParams {
         pid,
         status: hc::STATUS_PENDING,
@@ -61,7 +93,8 @@ pub fn debug_trap(pid: u32, cpu: u32, registers: superos_protocol::introspect::U
         resume_rip: registers.rip,
         registers,
     };
-    hypercall_with(Hypercall::DebugTrap, params);
+    // Not `hypercall_with`: nothing outside the debug path on the way.
+    cpu::out32(Hypercall::DebugTrap.port(), image_gpa(params as *const hc::DebugTrapParams) as u32);
     // SAFETY: the VMM wrote these fields during the hypercall; read them afresh.
     let (status, action, rip) = unsafe {
         (

@@ -38,6 +38,7 @@ pub fn direct<T>(phys: u64) -> *mut T {
 }
 
 /// Guest-physical address of a kernel-image virtual address (statics).
+#[inline(always)]
 pub fn image_gpa<T>(pointer: *const T) -> u64 {
     pointer as u64 - KERNEL_VMA_BASE
 }

@@ -36,6 +36,7 @@ use crate::fault::classify_exception;
 use crate::frame::FrameAllocator;
 use crate::paging::{self, PageSize, KERNEL_TABLE_FLAGS};
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
 use host::{append_event, hypercall, hypercall_with, log_event, report_panic, ExceptionInfo};
 use memory::{direct, KernelMemory, KernelTables, Scrub};
 use process::Process;
@@ -708,6 +709,7 @@ fn kernel() -> &'static mut Kernel {
 /// Called by the assembly stubs for every trap. On return, the context in
 /// `frame` is resumed.
 #[no_mangle]
+#[link_section = ".text.debug_path"]
 pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     // `getpid` first: the most frequent call, answered without the lock.
     if fast::answer(frame) {
@@ -720,7 +722,43 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         return;
     }
     let cpu = smp::cpu_of_stack(frame as *const TrapFrame as u64);
+    if !frame.from_user() && (frame.vector == BREAKPOINT_VECTOR || frame.vector == DEBUG_VECTOR) {
+        kernel_debug_trap(frame, cpu);
+        return;
+    }
     trap_dispatch_locked(frame, cpu);
+}
+
+/// Per CPU: a kernel debug trap is being answered there.
+static IN_KERNEL_DEBUG_TRAP: [AtomicBool; MAX_CPUS as usize] = [const { AtomicBool::new(false) }; MAX_CPUS as usize];
+
+/// A breakpoint (`int3`) or a single step in ring 0: only a debugger's
+/// (`run --gdb`: an `int3` it planted in the kernel's text, or the step
+/// over one), so the VMM decides, without the big lock (the trap may come
+/// with it held, or not). It answers where the kernel resumes (in the
+/// kernel half) and whether with the trap flag; anything else, and a trap
+/// while one is being answered on this CPU (a breakpoint in this very
+/// path), is a kernel exception as before.
+#[inline(never)]
+#[link_section = ".text.debug_path"]
+fn kernel_debug_trap(frame: &mut TrapFrame, cpu: u32) {
+    let Some(busy) = IN_KERNEL_DEBUG_TRAP.get(cpu as usize) else { kernel_exception(frame) };
+    if busy.swap(true, Ordering::Acquire) {
+        kernel_exception(frame);
+    }
+    let (action, rip) = host::kernel_debug_trap(cpu, frame.user_context());
+    match action {
+        hc::DEBUG_ACTION_CONTINUE | hc::DEBUG_ACTION_STEP if rip >= KERNEL_HALF_START => {
+            frame.rip = rip;
+            if action == hc::DEBUG_ACTION_STEP {
+                frame.rflags |= RFLAGS_TF;
+            } else {
+                frame.rflags &= !RFLAGS_TF;
+            }
+        }
+        _ => kernel_exception(frame),
+    }
+    busy.store(false, Ordering::Release);
 }
 
 /// Every entry but the NMI and a lock-free `getpid` ([`fast`]): on `cpu`.

@@ -73,6 +73,7 @@ pub fn online_count() -> u32 {
 /// The CPU whose stacks hold `address` (a trap frame's): an application
 /// processor's window of `CPU_STACKS_VA`, else CPU 0 (its stacks are in
 /// the kernel image).
+#[inline(always)]
 pub fn cpu_of_stack(address: u64) -> u32 {
     let start = superos_protocol::cpu::CPU_STACKS_VA;
     let stride = superos_protocol::cpu::CPU_STACKS_STRIDE;
