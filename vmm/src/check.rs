@@ -315,6 +315,9 @@ pub struct Facts {
     /// the ELF the VMM loaded (`boot::KernelLayout::read_only`): nothing may
     /// map it writable.
     pub kernel_read_only: Option<(u64, u64)>,
+    /// The `int3`s a debugger (`run --gdb`) planted in the kernel's text:
+    /// not a change of the text while they stay what it wrote.
+    pub text_patches: crate::debug_trap::TextPatches,
 }
 
 impl Facts {
@@ -1223,8 +1226,20 @@ fn kernel_text_unchanged(found: &mut Findings, ram: &GuestRam, facts: &Facts) ->
     if now == text.bytes {
         return now.len() as u64;
     }
-    let changed: Vec<usize> =
-        now.iter().zip(&text.bytes).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
+    let patches = facts.text_patches.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let debuggers = |i: usize, now: u8, was: u8| {
+        now == crate::debug_trap::INT3 && patches.get(&(text.gpa + i as u64)) == Some(&was)
+    };
+    let changed: Vec<usize> = now
+        .iter()
+        .zip(&text.bytes)
+        .enumerate()
+        .filter(|&(i, (&a, &b))| a != b && !debuggers(i, a, b))
+        .map(|(i, _)| i)
+        .collect();
+    if changed.is_empty() {
+        return now.len() as u64;
+    }
     let mut pages: Vec<u64> = changed.iter().map(|&i| (text.gpa + i as u64) & !(PAGE_SIZE - 1)).collect();
     pages.dedup();
     let first = changed[0];
@@ -1417,6 +1432,12 @@ impl Checker {
         self.facts.text_missing = why;
     }
 
+    /// Shares the debugger's record of the `int3`s it plants in the
+    /// kernel's text ([`crate::control::Control::text_patches`]).
+    pub fn share_text_patches(&mut self, patches: crate::debug_trap::TextPatches) {
+        self.facts.text_patches = patches;
+    }
+
     /// At the boot hello: remembers where the kernel says its text is (to
     /// compare with its root; the baseline is the VMM's own,
     /// [`Checker::baseline_image`]) and the root's address (0 = not
@@ -1558,6 +1579,40 @@ mod tests {
             assert!(invariant.name().chars().all(|c| c.is_ascii_lowercase() || c == '-'));
         }
         assert_eq!(Invariant::from_name("w^x"), None);
+    }
+
+    #[test]
+    fn a_debuggers_int3_in_the_kernel_text_is_not_a_change_but_any_other_byte_is() {
+        let ram = GuestRam::new(16).unwrap();
+        const TEXT: u64 = 0x10_0000;
+        let bytes = vec![0x90u8; 64];
+        ram.write_bytes(TEXT, &bytes).unwrap();
+        let facts = Facts {
+            text: Some(TextBaseline { gpa: TEXT, hash: fnv1a(&bytes), bytes }),
+            ..Default::default()
+        };
+        let check = || {
+            let mut found =
+                Findings { violations: Vec::new(), listed: BTreeMap::new(), unlisted: BTreeMap::new() };
+            kernel_text_unchanged(&mut found, &ram, &facts);
+            found.violations.iter().map(|v| v.details.clone()).collect::<Vec<_>>()
+        };
+        // The debugger's int3 over the byte it recorded: held.
+        ram.write_bytes(TEXT + 8, &[crate::debug_trap::INT3]).unwrap();
+        facts.text_patches.lock().unwrap().insert(TEXT + 8, 0x90);
+        assert!(check().is_empty(), "{:?}", check());
+        // An int3 the debugger did not plant, or a patch it recorded wrongly: not.
+        ram.write_bytes(TEXT + 9, &[crate::debug_trap::INT3]).unwrap();
+        assert!(
+            check()[0].contains("1 bytes of kernel text differ") && check()[0].contains("first at 0x100009")
+        );
+        ram.write_bytes(TEXT + 9, &[0x90]).unwrap();
+        facts.text_patches.lock().unwrap().insert(TEXT + 8, 0x55);
+        assert!(check()[0].contains("first at 0x100008"), "{:?}", check());
+        // Where the debugger's patch is, any other byte is a change.
+        facts.text_patches.lock().unwrap().insert(TEXT + 8, 0x90);
+        ram.write_bytes(TEXT + 8, &[0x0f]).unwrap();
+        assert!(check()[0].contains("first at 0x100008"), "{:?}", check());
     }
 
     #[test]

@@ -134,6 +134,8 @@ struct State {
     debug: Debugger,
     /// The program each boot process runs, by spec index.
     programs: Vec<String>,
+    /// Why this host takes no kernel breakpoint, if it does not.
+    kernel_breakpoints_refused: Option<String>,
 }
 
 /// The shared state of the pause handshake (one per run with `--api`).
@@ -194,6 +196,7 @@ impl Control {
                 final_cpus: Vec::new(),
                 debug: Debugger::default(),
                 programs: Vec::new(),
+                kernel_breakpoints_refused: None,
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(paused),
@@ -280,6 +283,10 @@ impl Control {
         if state.hello.is_none() && session.hello.is_some() {
             state.hello = session.hello;
             state.baseline = session.monitor.as_ref().and_then(|m| m.checker.text_baseline().cloned());
+            // The kernel can report a breakpoint from now on.
+            if let Err(error) = state.debug.plant_kernel(&self.ram) {
+                tracing::warn!(%error, "a kernel breakpoint could not be planted");
+            }
         }
     }
 
@@ -396,7 +403,7 @@ impl Control {
                 // the process goes on as if it had not been asked.
                 return state
                     .debug
-                    .take_abandoned_step(params.pid, &params.registers)
+                    .take_abandoned_step(params.pid, params.cpu, &params.registers)
                     .then_some((hc::DEBUG_ACTION_CONTINUE, params.registers.rip));
             };
             state.debug.trap = Some(stop);
@@ -493,6 +500,45 @@ impl Control {
                 .collect();
             state.debug.insert(machine.ram, addr, program, &ours)
         })?
+    }
+
+    /// A breakpoint at kernel address `addr` (in its text, past its debug
+    /// path: [`superos_protocol::cpu::symbols::DEBUG_PATH_END`]).
+    pub fn insert_kernel_breakpoint(&self, addr: u64) -> Result<(), String> {
+        use superos_protocol::cpu::symbols;
+        let symbol = |name: &str| {
+            self.image
+                .symbols
+                .get(name)
+                .copied()
+                .ok_or_else(|| format!("the kernel ELF has no symbol {name}"))
+        };
+        if let Some(why) = self.lock().kernel_breakpoints_refused.clone() {
+            return Err(why);
+        }
+        let breakable = symbol(symbols::DEBUG_PATH_END)?..symbol(symbols::TEXT_END)?;
+        self.query(|machine| {
+            let mut state = self.lock();
+            let ready = state.hello.is_some();
+            state.debug.insert_kernel(machine.ram, addr, breakable, ready)
+        })?
+    }
+
+    /// This host takes no kernel breakpoint, for `why`.
+    pub fn refuse_kernel_breakpoints(&self, why: String) {
+        self.lock().kernel_breakpoints_refused = Some(why);
+    }
+
+    /// The bytes of kernel text the debugger replaced (the checker's view
+    /// of them: [`crate::debug_trap::TextPatches`]).
+    pub fn text_patches(&self) -> crate::debug_trap::TextPatches {
+        self.lock().debug.patches.clone()
+    }
+
+    /// The debugger wants the next ring-0 debug exception on `cpu` (a step
+    /// of the kernel held at a kernel trap there).
+    pub fn expect_kernel_step(&self, cpu: u32) {
+        self.lock().debug.expect_kernel_step(cpu);
     }
 
     /// No breakpoint at `addr` any more; false if there was none.
@@ -715,6 +761,7 @@ impl Control {
             image: self.image.clone(),
             cpus,
             trap: state.debug.trap.filter(|_| state.held.is_some() && state.finished.is_none()),
+            text_patches: state.debug.patches.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 
@@ -1066,6 +1113,7 @@ impl Attached {
                 image: self.image.clone(),
                 cpus,
                 trap: None,
+                text_patches: Default::default(),
             };
             let meta = snapshot::Meta::new(scenario, report.lost_events);
             let temporary = snapshot_temporary(&path);

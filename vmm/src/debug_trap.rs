@@ -20,13 +20,33 @@
 //! process it went into still maps that frame at that address and the
 //! `int3` is still there: a process that exited gave its frames back, and
 //! they may be another's by now.
+//!
+//! A breakpoint in the kernel (an address in its text past its debug path,
+//! [`superos_protocol::cpu::symbols::DEBUG_PATH_END`]) is an `int3` in the
+//! one copy of the text every CPU runs. The kernel reports a ring-0 `int3`
+//! or debug exception as a trap of pid 0 on its CPU (without its big lock);
+//! one the debugger asked for holds the guest (the stop is that vCPU's
+//! thread's) and the kernel resumes where the answer says, with the trap
+//! flag for a step. The bytes replaced are in [`TextPatches`], shared with
+//! the checker, for which they are the debugger's, not a change of the
+//! kernel's text (any other byte still is).
 
 use crate::inspect::{TrapKind, TrapStop};
 use crate::memory::GuestRam;
 use crate::walk;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use superos_protocol::introspect::UserContext;
-use superos_protocol::layout::{GATE_VA, PAGE_SIZE, USER_HALF_END};
+use superos_protocol::layout::{GATE_VA, KERNEL_VMA_BASE, PAGE_SIZE, USER_HALF_END};
+
+/// The bytes of kernel text a debugger replaced with `int3`: their
+/// guest-physical address and the byte that was there. Shared by the
+/// debugger ([`Debugger`]) and the checker (`kernel-text-unchanged`).
+pub type TextPatches = Arc<Mutex<BTreeMap<u64, u8>>>;
+
+/// The pid of the kernel's own traps.
+pub const KERNEL_PID: u32 = 0;
 
 /// `int3`, the one-byte breakpoint instruction (gdb's kind 1 on x86).
 pub const INT3: u8 = 0xcc;
@@ -76,6 +96,17 @@ pub struct Debugger {
     /// A kernel step was armed in KVM when the debugger left: its debug
     /// exit is switched off and the guest goes on.
     pub abandoned_kernel_step: bool,
+    /// Breakpoints in the kernel's text: address -> guest-physical address
+    /// of the `int3`, once planted (at the kernel's boot hello: before it,
+    /// the kernel has no way to report one).
+    kernel: BTreeMap<u64, Option<u64>>,
+    /// CPUs whose next ring-0 debug exception is a step the debugger asked
+    /// of the kernel, held at a kernel trap there.
+    kernel_trap_steps: BTreeSet<u32>,
+    /// Such steps a debugger left before they were taken.
+    abandoned_kernel_trap_steps: BTreeSet<u32>,
+    /// The kernel-text bytes replaced, shared with the checker.
+    pub patches: TextPatches,
 }
 
 /// Why an address cannot take a breakpoint, if it cannot.
@@ -109,10 +140,14 @@ impl Debugger {
     pub fn succeeded(self, attached: bool) -> Debugger {
         let mut abandoned_steps = self.abandoned_steps;
         abandoned_steps.extend(self.steps);
+        let mut abandoned_kernel_trap_steps = self.abandoned_kernel_trap_steps;
+        abandoned_kernel_trap_steps.extend(self.kernel_trap_steps);
         Debugger {
             attached,
             abandoned_steps,
             abandoned_kernel_step: self.abandoned_kernel_step || self.kernel_step_armed,
+            abandoned_kernel_trap_steps,
+            patches: self.patches,
             ..Debugger::default()
         }
     }
@@ -120,8 +155,88 @@ impl Debugger {
     /// Whether the trap `pid` took with `registers` is a step a debugger
     /// that left set up (once): the process then resumes as it is, trap
     /// flag clear.
-    pub fn take_abandoned_step(&mut self, pid: u32, registers: &UserContext) -> bool {
-        registers.vector == DEBUG_VECTOR && self.abandoned_steps.remove(&pid)
+    pub fn take_abandoned_step(&mut self, pid: u32, cpu: u32, registers: &UserContext) -> bool {
+        registers.vector == DEBUG_VECTOR
+            && match pid {
+                KERNEL_PID => self.abandoned_kernel_trap_steps.remove(&cpu),
+                pid => self.abandoned_steps.remove(&pid),
+            }
+    }
+
+    /// Wants a breakpoint at kernel address `addr`, which must be in
+    /// `breakable` (the kernel's text past its debug path), and plants it
+    /// if the kernel is `ready` (it said its boot hello), else when it is
+    /// ([`Debugger::plant_kernel`]).
+    pub fn insert_kernel(
+        &mut self,
+        ram: &GuestRam,
+        addr: u64,
+        breakable: Range<u64>,
+        ready: bool,
+    ) -> Result<(), String> {
+        if !breakable.contains(&addr) {
+            return Err(format!(
+                "{addr:#x} is not in the kernel's text past its debug path ({:#x}..{:#x}): the way to the debugger and back takes no breakpoint",
+                breakable.start, breakable.end
+            ));
+        }
+        self.kernel.entry(addr).or_insert(None);
+        if ready {
+            self.plant_kernel(ram)?;
+        }
+        Ok(())
+    }
+
+    /// Plants the kernel breakpoints not planted yet (the kernel is ready
+    /// to report them).
+    pub fn plant_kernel(&mut self, ram: &GuestRam) -> Result<(), String> {
+        for (&addr, planted) in self.kernel.iter_mut().filter(|(_, planted)| planted.is_none()) {
+            let gpa = addr - KERNEL_VMA_BASE;
+            let mut byte = [0u8; 1];
+            ram.read_bytes(gpa, &mut byte).map_err(|e| e.to_string())?;
+            ram.write_bytes(gpa, &[INT3]).map_err(|e| e.to_string())?;
+            self.patches.lock().unwrap_or_else(|e| e.into_inner()).insert(gpa, byte[0]);
+            *planted = Some(gpa);
+        }
+        Ok(())
+    }
+
+    /// Takes the kernel breakpoint at `addr` out; false if there was none.
+    fn remove_kernel(&mut self, ram: &GuestRam, addr: u64) -> bool {
+        let Some(planted) = self.kernel.remove(&addr) else { return false };
+        let Some(gpa) = planted else { return true };
+        let original = self.patches.lock().unwrap_or_else(|e| e.into_inner()).remove(&gpa);
+        let mut byte = [0u8; 1];
+        if let (Some(original), Ok(())) = (original, ram.read_bytes(gpa, &mut byte)) {
+            if byte[0] == INT3 {
+                let _ = ram.write_bytes(gpa, &[original]);
+            }
+        }
+        true
+    }
+
+    /// The next ring-0 debug exception on `cpu` is a step the debugger
+    /// asked of the kernel (held at a kernel trap there).
+    pub fn expect_kernel_step(&mut self, cpu: u32) {
+        self.kernel_trap_steps.insert(cpu);
+    }
+
+    /// A trap of the kernel itself (`pid` 0) on `cpu`: the debugger's if
+    /// it hit one of its kernel breakpoints or ends a step it asked there.
+    fn claim_kernel(&mut self, cpu: u32, registers: &mut UserContext) -> Option<TrapKind> {
+        match registers.vector {
+            BREAKPOINT_VECTOR => {
+                let at = registers.rip.checked_sub(1)?;
+                self.kernel.get(&at).copied().flatten()?;
+                registers.rip = at;
+                Some(TrapKind::Breakpoint)
+            }
+            DEBUG_VECTOR if self.kernel_trap_steps.remove(&cpu) => {
+                registers.rflags &= !RFLAGS_TF;
+                Some(TrapKind::Step)
+            }
+            _ => None,
+        }
     }
 
     /// Wants a breakpoint at `addr` in `program` and plants it in
@@ -173,6 +288,9 @@ impl Debugger {
     /// No breakpoint at `addr` any more (`live`: the PML4 of each live
     /// process, by pid); false if there was none.
     pub fn remove(&mut self, ram: &GuestRam, addr: u64, live: &BTreeMap<u32, u64>) -> bool {
+        if self.remove_kernel(ram, addr) {
+            return true;
+        }
         let wanted = self.wanted.remove(&addr).is_some();
         for (pid, phys) in self.planted.remove(&addr).unwrap_or_default() {
             let Some((original, count)) = self.originals.get_mut(&phys) else { continue };
@@ -194,7 +312,7 @@ impl Debugger {
     /// Takes every breakpoint out (the debugger is leaving).
     pub fn remove_all(&mut self, ram: &GuestRam, live: &BTreeMap<u32, u64>) {
         // Every planted breakpoint is a wanted one.
-        let addrs: Vec<u64> = self.wanted.keys().copied().collect();
+        let addrs: Vec<u64> = self.wanted.keys().chain(self.kernel.keys()).copied().collect();
         for addr in addrs {
             self.remove(ram, addr, live);
         }
@@ -214,6 +332,10 @@ impl Debugger {
             return None;
         }
         let mut registers = *registers;
+        if pid == KERNEL_PID {
+            let kind = self.claim_kernel(cpu, &mut registers)?;
+            return Some(TrapStop { pid, cpu, kind, registers });
+        }
         let kind = match registers.vector {
             BREAKPOINT_VECTOR => {
                 let at = registers.rip.checked_sub(1)?;
@@ -349,14 +471,59 @@ mod tests {
         let mut left = debugger.succeeded(false);
         assert!(left.abandoned_kernel_step);
         assert_eq!(left.claim(4, 0, &trap(1, 0x40_1000)), None, "no debugger to report it to");
-        assert!(!left.take_abandoned_step(4, &trap(3, 0x40_1000)), "a breakpoint is not a step");
-        assert!(left.take_abandoned_step(4, &trap(1, 0x40_1000)));
-        assert!(!left.take_abandoned_step(4, &trap(1, 0x40_1003)), "once: then the program's own");
+        assert!(!left.take_abandoned_step(4, 0, &trap(3, 0x40_1000)), "a breakpoint is not a step");
+        assert!(left.take_abandoned_step(4, 0, &trap(1, 0x40_1000)));
+        assert!(!left.take_abandoned_step(4, 0, &trap(1, 0x40_1003)), "once: then the program's own");
         // A debugger that attaches meanwhile does not claim it as its own.
         let mut debugger = Debugger::attach();
         debugger.expect_step(5);
         let mut next = debugger.succeeded(true);
         assert_eq!(next.claim(5, 0, &trap(1, 0x40_1000)), None);
-        assert!(next.take_abandoned_step(5, &trap(1, 0x40_1000)));
+        assert!(next.take_abandoned_step(5, 0, &trap(1, 0x40_1000)));
+    }
+
+    #[test]
+    fn kernel_breakpoints_wait_for_the_kernel_are_claimed_on_any_cpu_and_come_out_whole() {
+        let ram = GuestRam::new(16).unwrap();
+        let text = 0x10_0000u64;
+        ram.write_bytes(text, &[0x55, 0x48, 0x89, 0xe5]).unwrap();
+        let (at, breakable) =
+            (KERNEL_VMA_BASE + text + 1, KERNEL_VMA_BASE + text..KERNEL_VMA_BASE + text + 4);
+        let mut debugger = Debugger::attach();
+        // Outside the text past the debug path: refused.
+        assert!(debugger.insert_kernel(&ram, KERNEL_VMA_BASE + text + 4, breakable.clone(), true).is_err());
+        assert!(debugger.insert_kernel(&ram, USER_IMAGE_BASE, breakable.clone(), true).is_err());
+        // Before the kernel is ready: wanted, not planted, not claimed.
+        debugger.insert_kernel(&ram, at, breakable.clone(), false).unwrap();
+        assert_eq!(byte(&ram, text + 1), 0x48);
+        assert_eq!(debugger.claim(KERNEL_PID, 0, &trap(3, at + 1)), None);
+        debugger.plant_kernel(&ram).unwrap();
+        assert_eq!(byte(&ram, text + 1), INT3);
+        assert_eq!(debugger.patches.lock().unwrap().get(&(text + 1)), Some(&0x48));
+        // Hit on CPU 1: stopped on the int3's address.
+        let stop = debugger.claim(KERNEL_PID, 1, &trap(3, at + 1)).expect("its breakpoint");
+        assert_eq!((stop.kind, stop.cpu, stop.registers.rip), (TrapKind::Breakpoint, 1, at));
+        // A process's int3 at that address is not the kernel's.
+        assert_eq!(debugger.claim(7, 1, &trap(3, at + 1)), None);
+        // A step asked of CPU 1's kernel: its debug exception there only.
+        assert_eq!(debugger.claim(KERNEL_PID, 1, &trap(1, at + 2)), None, "not asked");
+        debugger.expect_kernel_step(1);
+        assert_eq!(debugger.claim(KERNEL_PID, 0, &trap(1, at + 2)), None, "another CPU");
+        let step = debugger.claim(KERNEL_PID, 1, &trap(1, at + 2)).expect("the step");
+        assert_eq!((step.kind, step.registers.rflags & RFLAGS_TF), (TrapKind::Step, 0));
+        // Out: the byte is back and the checker's record forgets it.
+        assert!(debugger.remove(&ram, at, &BTreeMap::new()));
+        assert_eq!(byte(&ram, text + 1), 0x48);
+        assert!(debugger.patches.lock().unwrap().is_empty());
+        assert!(!debugger.remove(&ram, at, &BTreeMap::new()));
+        // Left behind by a debugger that goes: restored by remove_all; a
+        // step it asked resumes its CPU instead of panicking the kernel.
+        debugger.insert_kernel(&ram, at, breakable, true).unwrap();
+        debugger.expect_kernel_step(0);
+        debugger.remove_all(&ram, &BTreeMap::new());
+        assert_eq!(byte(&ram, text + 1), 0x48);
+        let mut left = debugger.succeeded(false);
+        assert!(left.take_abandoned_step(KERNEL_PID, 0, &trap(1, at + 2)));
+        assert!(!left.take_abandoned_step(KERNEL_PID, 0, &trap(1, at + 2)));
     }
 }

@@ -57,6 +57,12 @@ impl KernelSymbols {
         self.addresses.get(name).copied()
     }
 
+    /// The address of the function whose demangled name is `name`
+    /// (`guest_kernel::kernel::Kernel::handle_trap`), if there is one.
+    pub fn function_named(&self, name: &str) -> Option<u64> {
+        self.entries.iter().find(|e| e.2 == name).map(|e| e.0)
+    }
+
     /// `symbol+0xoffset` for `address`, if it falls inside a known function.
     pub fn lookup(&self, address: u64) -> Option<String> {
         let index = self.entries.partition_point(|e| e.0 <= address).checked_sub(1)?;

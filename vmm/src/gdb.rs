@@ -55,6 +55,7 @@
 
 use crate::control::Control;
 use crate::cpu::CpuCapture;
+use crate::debug_trap::KERNEL_PID;
 use crate::inspect::{self, Analysis, Machine, RegistersResult, TrapKind};
 use crate::memory::GuestRam;
 use crate::walk;
@@ -446,6 +447,18 @@ fn process_registers(regs: &RegistersResult, out: &mut X86_64CoreRegs) {
     out.segments.ss = regs.get("ss") as u32;
 }
 
+/// gdb's registers from a trap frame's.
+fn trap_registers(frame: &superos_protocol::introspect::UserContext, out: &mut X86_64CoreRegs) {
+    out.regs = [
+        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp, frame.rsp, frame.r8,
+        frame.r9, frame.r10, frame.r11, frame.r12, frame.r13, frame.r14, frame.r15,
+    ];
+    out.rip = frame.rip;
+    out.eflags = frame.rflags as u32;
+    out.segments.cs = frame.cs as u32;
+    out.segments.ss = frame.ss as u32;
+}
+
 /// gdb's registers from a vCPU's.
 fn vcpu_registers(capture: &CpuCapture, out: &mut X86_64CoreRegs) {
     let g = &capture.state.general;
@@ -488,7 +501,15 @@ impl MultiThreadBase for GdbTarget {
                 inspect::registers(&analysis, machine, String::new(), pid)
                     .map(|r| process_registers(&r, regs))
             }
-            Thread::Vcpu(cpu) => vcpu_capture(machine, cpu).map(|c| vcpu_registers(c, regs)),
+            // Held at a kernel trap on that CPU: the kernel's registers
+            // there (the vCPU itself is in the kernel's call to the VMM).
+            Thread::Vcpu(cpu) => match machine.state.trap.filter(|t| t.pid == KERNEL_PID && t.cpu == cpu) {
+                Some(trap) => {
+                    trap_registers(&trap.registers, regs);
+                    Ok(())
+                }
+                None => vcpu_capture(machine, cpu).map(|c| vcpu_registers(c, regs)),
+            },
         });
         match read {
             Ok(Ok(())) => Ok(()),
@@ -573,6 +594,13 @@ impl MultiThreadResume for GdbTarget {
         for tid in std::mem::take(&mut self.stepping) {
             let pid = match Thread::of(tid) {
                 Thread::Process(pid) => pid,
+                // Held at a kernel trap on that CPU: the kernel steps from
+                // there (the trap flag, in the kernel's answer).
+                Thread::Vcpu(cpu) if trap.is_some_and(|t| t.pid == KERNEL_PID && t.cpu == cpu) => {
+                    trapped_steps = true;
+                    self.control.expect_kernel_step(cpu);
+                    continue;
+                }
                 Thread::Vcpu(0) => {
                     // KVM's single-step: one instruction of whatever vCPU 0
                     // runs, the kernel included.
@@ -684,6 +712,13 @@ impl SwBreakpoint for GdbTarget {
         if kind != 1 {
             return non_fatal(format!("a breakpoint of kind {kind} (x86's int3 is kind 1)"));
         }
+        // In the kernel's text: the one copy every CPU runs.
+        if addr >= superos_protocol::layout::KERNEL_HALF_START {
+            return match self.control.insert_kernel_breakpoint(addr) {
+                Ok(()) => Ok(true),
+                Err(why) => non_fatal(why),
+            };
+        }
         // Planted in every live process of the program gdb debugs with user
         // code there, and in every one spawned while it stays (a breakpoint
         // set at `--gdb-wait` waits for its program).
@@ -784,7 +819,11 @@ where
                 }));
             }
             if let Some(trap) = target.control.take_trap_report() {
-                let tid = Thread::Process(trap.pid).tid().unwrap_or_else(|| target.current_thread());
+                let thread = match trap.pid {
+                    KERNEL_PID => Thread::Vcpu(trap.cpu),
+                    pid => Thread::Process(pid),
+                };
+                let tid = thread.tid().unwrap_or_else(|| target.current_thread());
                 return Ok(run_blocking::Event::TargetStopped(match trap.kind {
                     TrapKind::Breakpoint => MultiThreadStopReason::SwBreak(tid),
                     TrapKind::Step => {

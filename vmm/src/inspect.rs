@@ -101,6 +101,9 @@ impl std::fmt::Display for Point {
             Point::Event { seq } => write!(f, "at kernel event #{seq}"),
             Point::Ring3 { rip, cr3 } => write!(f, "in user code at rip {rip:#x} (cr3 {cr3:#x})"),
             Point::Step { cpu, rip } => write!(f, "after a single step of vCPU {cpu} (rip {rip:#x})"),
+            Point::Trap { pid: crate::debug_trap::KERNEL_PID, cpu, rip } => {
+                write!(f, "at a debug trap of the kernel on CPU {cpu} (resuming at rip {rip:#x})")
+            }
             Point::Trap { pid, cpu, rip } => {
                 write!(f, "at a debug trap of pid {pid} on CPU {cpu} (resuming at rip {rip:#x})")
             }
@@ -131,6 +134,9 @@ pub struct MachineState {
     pub cpus: Vec<CpuCapture>,
     /// The debug trap the guest is held at ([`Point::Trap`]).
     pub trap: Option<TrapStop>,
+    /// The `int3`s a debugger planted in the kernel's text (not a change of
+    /// it for `kernel-text-unchanged`).
+    pub text_patches: BTreeMap<u64, u8>,
 }
 
 /// Why a process stopped at a debug trap.
@@ -168,6 +174,7 @@ impl Default for MachineState {
             image: KernelImage::default(),
             cpus: Vec::new(),
             trap: None,
+            text_patches: Default::default(),
         }
     }
 }
@@ -236,6 +243,7 @@ impl Analysis {
             text_range,
             live_from_events: live,
             kernel_read_only: state.image.read_only,
+            text_patches: std::sync::Arc::new(std::sync::Mutex::new(state.text_patches.clone())),
         };
         let root = state.hello.map(|h| h.introspection_root_gpa).filter(|&gpa| gpa != 0);
         let (view, error) = match root.map(|gpa| KernelView::read(ram, gpa)) {

@@ -543,6 +543,16 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
     let control = attached.control();
     if let Some(control) = control {
         control.set_programs(config.scenario.processes.iter().map(|p| p.program.clone()).collect());
+        if let Some(monitor) = session.monitor.as_mut() {
+            monitor.checker.share_text_patches(control.text_patches());
+        }
+        if host == HostFlavor::Pvm {
+            // Its ring 0 is KVM's instruction emulator, which has no `int3`
+            // outside real mode: the vCPU would stop with an emulation failure.
+            control.refuse_kernel_breakpoints(
+                "this host (PVM) runs ring 0 in KVM's instruction emulator, which cannot execute an int3 there: no kernel breakpoints".into(),
+            );
+        }
     }
     install_kick_handler();
     let period = match config.check {

@@ -558,6 +558,7 @@ pub fn parse(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
             },
             cpus,
             trap: None,
+            text_patches: Default::default(),
         },
         meta: Meta {
             vmm_version: meta.vmm_version,
@@ -630,6 +631,7 @@ mod tests {
                 })
                 .collect(),
             trap: None,
+            text_patches: Default::default(),
         };
         (ram, state)
     }

@@ -234,6 +234,7 @@ impl Guest {
             text_range: Some((TEXT, TEXT_LEN)),
             live_from_events: self.procs.iter().map(|p| (p.pid, p.pml4)).collect(),
             kernel_read_only: Some((TEXT, TEXT + TEXT_LEN)),
+            text_patches: Default::default(),
         }
     }
 

@@ -730,7 +730,8 @@ pub extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
 }
 
 /// Per CPU: a kernel debug trap is being answered there.
-static IN_KERNEL_DEBUG_TRAP: [AtomicBool; MAX_CPUS as usize] = [const { AtomicBool::new(false) }; MAX_CPUS as usize];
+static IN_KERNEL_DEBUG_TRAP: [AtomicBool; MAX_CPUS as usize] =
+    [const { AtomicBool::new(false) }; MAX_CPUS as usize];
 
 /// A breakpoint (`int3`) or a single step in ring 0: only a debugger's
 /// (`run --gdb`: an `int3` it planted in the kernel's text, or the step
