@@ -234,7 +234,10 @@ fn packet(body: &str) -> Vec<u8> {
 /// Sends `body` and reads the stub's reply packet's body (acks skipped).
 fn exchange(stream: &mut UnixStream, body: &str) -> String {
     stream.write_all(&packet(body)).unwrap();
-    read_reply(stream)
+    let reply = read_reply(stream);
+    // On the test's output (shown when it fails): the conversation so far.
+    println!("gdb> {body}\n  < {reply}");
+    reply
 }
 
 fn read_reply(stream: &mut UnixStream) -> String {
@@ -392,7 +395,9 @@ fn kernel_breakpoints_work_packet_by_packet() {
         let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
         let mut reply = exchange(&mut stream, &format!("qRcmd,{}", hex("check")));
         let mut said = Vec::new();
-        while let Some(output) = reply.strip_prefix('O') {
+        // Console output comes in `O` packets until the reply, "OK".
+        while let Some(output) = reply.strip_prefix('O').filter(|_| reply != "OK") {
+            let output = unrle(output);
             said.extend(
                 (0..output.len() / 2).map(|i| u8::from_str_radix(&output[2 * i..2 * i + 2], 16).unwrap()),
             );
