@@ -535,10 +535,77 @@ impl Control {
         self.lock().debug.patches.clone()
     }
 
-    /// The debugger wants the next ring-0 debug exception on `cpu` (a step
-    /// of the kernel held at a kernel trap there).
-    pub fn expect_kernel_step(&self, cpu: u32) {
-        self.lock().debug.expect_kernel_step(cpu);
+    /// The debugger wants the kernel held at a kernel trap on `cpu` to take
+    /// one step: the trap flag in the kernel's answer, or, where the vCPU
+    /// itself stopped at the breakpoint (the PVM host), KVM's single-step.
+    pub fn step_kernel_at_trap(&self, cpu: u32) {
+        let mut state = self.lock();
+        if state.debug.vcpu_trap {
+            state.debug.kernel_step = true;
+        } else {
+            state.debug.expect_kernel_step(cpu);
+        }
+    }
+
+    /// Whether the bootstrap vCPU, stopped at `rip`, stopped at a kernel
+    /// breakpoint (on the PVM host: an emulation failure at its `int3`).
+    pub fn kernel_breakpoint_at(&self, rip: u64) -> bool {
+        self.lock().debug.kernel_breakpoint_at(&self.ram, rip)
+    }
+
+    /// The bootstrap vCPU (`vcpu`) stopped at a kernel breakpoint itself
+    /// (the PVM host's ring-0 emulator cannot execute the `int3`): holds the
+    /// guest there until the debugger resumes it, with the vCPU's registers
+    /// as the trap's. The vCPU resumes at the breakpoint's address: the
+    /// debugger takes the `int3` out first (as gdb does), or it stops there
+    /// again. True if the guest must stop (`quit`).
+    pub fn vcpu_kernel_breakpoint(
+        &self,
+        vcpu: &VcpuFd,
+        aps: Option<&Paused<'_>>,
+        session: &Session<'_>,
+    ) -> bool {
+        let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else { return false };
+        let registers = superos_protocol::introspect::UserContext {
+            r15: regs.r15,
+            r14: regs.r14,
+            r13: regs.r13,
+            r12: regs.r12,
+            r11: regs.r11,
+            r10: regs.r10,
+            r9: regs.r9,
+            r8: regs.r8,
+            rbp: regs.rbp,
+            rdi: regs.rdi,
+            rsi: regs.rsi,
+            rdx: regs.rdx,
+            rcx: regs.rcx,
+            rbx: regs.rbx,
+            rax: regs.rax,
+            vector: 3,
+            error_code: 0,
+            rip: regs.rip,
+            cs: u64::from(sregs.cs.selector),
+            rflags: regs.rflags,
+            rsp: regs.rsp,
+            ss: u64::from(sregs.ss.selector),
+        };
+        {
+            let mut state = self.lock();
+            let kind = crate::inspect::TrapKind::Breakpoint;
+            state.debug.trap = Some(TrapStop { pid: crate::debug_trap::KERNEL_PID, cpu: 0, kind, registers });
+            state.debug.reported = false;
+            state.debug.action = None;
+            state.debug.vcpu_trap = true;
+            self.pause_for_debugger(&mut state);
+        }
+        let point = Point::Trap { pid: crate::debug_trap::KERNEL_PID, cpu: 0, rip: regs.rip };
+        let quit = self.hold_vcpus(point, vcpu, aps, session);
+        let mut state = self.lock();
+        state.debug.trap = None;
+        state.debug.vcpu_trap = false;
+        state.debug.action = None;
+        quit
     }
 
     /// No breakpoint at `addr` any more; false if there was none.

@@ -107,6 +107,10 @@ pub struct Debugger {
     abandoned_kernel_trap_steps: BTreeSet<u32>,
     /// The kernel-text bytes replaced, shared with the checker.
     pub patches: TextPatches,
+    /// The held trap is a kernel breakpoint the vCPU itself stopped at (the
+    /// PVM host: its ring-0 emulator cannot execute the `int3`), not one
+    /// the kernel reported: a step from it is KVM's single-step.
+    pub vcpu_trap: bool,
 }
 
 /// Why an address cannot take a breakpoint, if it cannot.
@@ -213,6 +217,13 @@ impl Debugger {
             }
         }
         true
+    }
+
+    /// Whether `rip` is one of the kernel breakpoints, its `int3` in place.
+    pub fn kernel_breakpoint_at(&self, ram: &GuestRam, rip: u64) -> bool {
+        let Some(Some(gpa)) = self.kernel.get(&rip) else { return false };
+        let mut byte = [0u8; 1];
+        ram.read_bytes(*gpa, &mut byte).is_ok() && byte[0] == INT3
     }
 
     /// The next ring-0 debug exception on `cpu` is a step the debugger

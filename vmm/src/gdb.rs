@@ -598,7 +598,7 @@ impl MultiThreadResume for GdbTarget {
                 // there (the trap flag, in the kernel's answer).
                 Thread::Vcpu(cpu) if trap.is_some_and(|t| t.pid == KERNEL_PID && t.cpu == cpu) => {
                     trapped_steps = true;
-                    self.control.expect_kernel_step(cpu);
+                    self.control.step_kernel_at_trap(cpu);
                     continue;
                 }
                 Thread::Vcpu(0) => {

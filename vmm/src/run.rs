@@ -546,11 +546,13 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         if let Some(monitor) = session.monitor.as_mut() {
             monitor.checker.share_text_patches(control.text_patches());
         }
-        if host == HostFlavor::Pvm {
+        if host == HostFlavor::Pvm && cpus > 1 {
             // Its ring 0 is KVM's instruction emulator, which has no `int3`
-            // outside real mode: the vCPU would stop with an emulation failure.
+            // outside real mode: the vCPU stops with an emulation failure,
+            // which the VMM takes as the breakpoint on the bootstrap vCPU
+            // only (the others' exits are forwarded, not held there).
             control.refuse_kernel_breakpoints(
-                "this host (PVM) runs ring 0 in KVM's instruction emulator, which cannot execute an int3 there: no kernel breakpoints".into(),
+                "on this host (PVM) a kernel breakpoint stops the vCPU itself (its ring-0 emulator cannot execute an int3), which only a run on one vCPU can hold".into(),
             );
         }
     }
@@ -1125,6 +1127,7 @@ fn vcpu_loop(
         // itself has to do: on QEMU's SVM a vCPU's exit drops its TLB).
         let paused = (!aps.is_empty() && looks_at_the_guest).then(|| aps.pause());
         let mut kernel_stepped = false;
+        let mut emulation_failed = false;
         let step = match result {
             Ok(VcpuExit::MmioWrite(gpa, data)) if session.in_read_only(gpa) => {
                 refused_write = Some((gpa, data.to_vec()));
@@ -1139,6 +1142,7 @@ fn vcpu_loop(
             Ok(exit) => {
                 event_exit =
                     matches!(exit, VcpuExit::IoOut(port, _) if port == Hypercall::EventNotify.port());
+                emulation_failed = matches!(exit, VcpuExit::InternalError);
                 handle_exit(session, exit, exits)
             }
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
@@ -1150,6 +1154,21 @@ fn vcpu_loop(
                 }
             }
             Err(error) => Step::Stop(GuestExit::VcpuError(error.to_string())),
+        };
+        // On the PVM host, a kernel breakpoint: its ring-0 emulator cannot
+        // execute the debugger's int3 and stops the vCPU on it.
+        let step = match (emulation_failed, control) {
+            (true, Some(control))
+                if vcpu.get_regs().is_ok_and(|regs| control.kernel_breakpoint_at(regs.rip)) =>
+            {
+                *exits.entry("internal error (a kernel breakpoint)".to_string()).or_default() += 1;
+                if control.vcpu_kernel_breakpoint(vcpu, paused.as_ref(), session) {
+                    Step::Stop(GuestExit::Stopped)
+                } else {
+                    Step::Continue
+                }
+            }
+            _ => step,
         };
         // A write into the read-only kernel image: KVM dropped it; report it
         // with the RIP of the writer.
