@@ -450,8 +450,11 @@ fn kernel_breakpoints_work_packet_by_packet() {
     let handle_trap =
         symbols.function_named("guest_kernel::kernel::Kernel::handle_trap").expect("handle_trap");
     let socket = dir.join("gdb.sock");
+    // Two vCPUs where the kernel reports its breakpoints (any CPU may hit
+    // it first); the PVM host holds one on the bootstrap vCPU only.
+    let cpus = if Path::new("/sys/module/kvm_pvm").exists() { "1" } else { "2" };
     let vm = Vmm::start(
-        &["--timeout", "120", "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
+        &["--timeout", "120", "--cpus", cpus, "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
         &dir.join("api.sock"),
     );
     let mut stream = UnixStream::connect(&socket).unwrap();
