@@ -42,14 +42,21 @@
 //! `--gdb-wait`, the kernel's first instructions); on the PVM host, whose
 //! KVM steps only its ring-0 emulation, a step taken in ring 3 ends at the
 //! next kernel instruction. The guest is then held wherever that is, so
-//! `monitor check` may find the kernel half-way through a change. Kernel
-//! breakpoints are not offered (a request is refused): on the PVM host
-//! ring 0 is an instruction emulator's, and QEMU's TCG before 9.1 arms no
-//! DR7 breakpoint of an SVM guest; steps of the other vCPUs' threads are
-//! not either (their exits go through the bootstrap thread).
+//! `monitor check` may find the kernel half-way through a change.
 //!
-//! Not yet: register writes, memory writes outside a process's writable
-//! user pages, and the FPU/SSE registers (read as zero). A step resumes the
+//! A breakpoint at a kernel address is an `int3` in the kernel's text
+//! ([`crate::debug_trap`]: past its debug path, planted once the kernel
+//! said its boot hello); a hit stops the thread of the vCPU that hit it,
+//! with the kernel's registers there, and a step of that thread steps the
+//! kernel from there (the trap flag in the kernel's answer; on the PVM host,
+//! whose ring-0 emulator stops the vCPU on the `int3` itself, KVM's
+//! single-step, which is why that host takes them in runs on one vCPU only).
+//! Steps of the other vCPUs' threads are not offered elsewhere (their exits
+//! go through the bootstrap thread).
+//!
+//! Not yet: hardware breakpoints, register writes, memory writes outside a
+//! process's writable user pages, and the FPU/SSE registers (read as
+//! zero). A step resumes the
 //! whole guest (gdb's scheduler locking is accepted, not enforced): other
 //! processes may run on other CPUs meanwhile.
 
