@@ -237,6 +237,16 @@ pub const DEBUG_ACTION_CONTINUE: u32 = 1;
 /// [`DebugTrapParams::resume_rip`] with the trap flag set, so that it traps
 /// again after one instruction (or when its next system call returns).
 pub const DEBUG_ACTION_STEP: u32 = 2;
+/// Or'ed into [`DebugTrapParams::action`] (with a continue or a step): the
+/// debugger changed registers; the kernel resumes with the general
+/// registers of [`DebugTrapParams::registers`] as the VMM rewrote them,
+/// and of its RFLAGS only the bits a `popf` of the trapped code could
+/// change ([`DEBUG_WRITABLE_RFLAGS`]); the segments stay the kernel's.
+pub const DEBUG_ACTION_REGISTERS: u32 = 1 << 8;
+/// The RFLAGS bits a debugger may change: the status flags CF, PF, AF,
+/// ZF, SF, OF and DF. Never TF (the action's), IF, IOPL, NT, RF, AC, VM or
+/// the virtual-interrupt bits.
+pub const DEBUG_WRITABLE_RFLAGS: u64 = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800;
 
 /// Parameters of [`Hypercall::DebugTrap`]. The kernel fills every field but
 /// `status`, `action` and `resume_rip`, which the VMM writes (it sets
@@ -253,13 +263,15 @@ pub struct DebugTrapParams {
     pub status: u32,
     /// The CPU it trapped on.
     pub cpu: u32,
-    /// Host-written: what the kernel does next (`DEBUG_ACTION_*`).
+    /// Host-written: what the kernel does next (`DEBUG_ACTION_*`, with
+    /// [`DEBUG_ACTION_REGISTERS`] if `registers` were rewritten).
     pub action: u32,
     /// Host-written: where the process resumes (the kernel writes the
     /// trapping RIP here first).
     pub resume_rip: u64,
     /// The registers it trapped with: `vector` 3 (`int3`, `rip` after it)
-    /// or 1 (a debug exception, `rip` at the next instruction).
+    /// or 1 (a debug exception, `rip` at the next instruction); rewritten
+    /// by the VMM with [`DEBUG_ACTION_REGISTERS`].
     pub registers: crate::introspect::UserContext,
 }
 

@@ -394,7 +394,7 @@ impl Control {
         vcpu: &VcpuFd,
         aps: Option<&Paused<'_>>,
         session: &Session<'_>,
-    ) -> Option<(u32, u64)> {
+    ) -> Option<(u32, u64, Option<superos_protocol::introspect::UserContext>)> {
         let params = trap.params;
         let stop = {
             let mut state = self.lock();
@@ -404,7 +404,7 @@ impl Control {
                 return state
                     .debug
                     .take_abandoned_step(params.pid, params.cpu, &params.registers)
-                    .then_some((hc::DEBUG_ACTION_CONTINUE, params.registers.rip));
+                    .then_some((hc::DEBUG_ACTION_CONTINUE, params.registers.rip, None));
             };
             state.debug.trap = Some(stop);
             state.debug.reported = false;
@@ -415,9 +415,59 @@ impl Control {
         let rip = stop.registers.rip;
         let quit = self.hold_vcpus(Point::Trap { pid: params.pid, cpu: params.cpu, rip }, vcpu, aps, session);
         let mut state = self.lock();
-        state.debug.trap = None;
+        // Where and with what it resumes: the registers as the debugger
+        // left them (it may have rewritten them, `rip` included).
+        let held = state.debug.trap.take().map_or(stop.registers, |trap| trap.registers);
+        let written = std::mem::take(&mut state.debug.registers_written).then_some(held);
         let action = state.debug.action.take().unwrap_or(hc::DEBUG_ACTION_CONTINUE);
-        (!quit).then_some((action, rip))
+        (!quit).then_some((action, held.rip, written))
+    }
+
+    /// gdb rewrote the registers of `thread` (a process by pid, or the
+    /// kernel on a CPU: [`crate::debug_trap::KERNEL_PID`] and the CPU) held
+    /// at a debug trap: the general registers, the RIP and the status
+    /// flags of RFLAGS ([`hc::DEBUG_WRITABLE_RFLAGS`]) are taken, the rest
+    /// is the trap's. An error for anything not held at a trap.
+    pub fn write_trap_registers(
+        &self,
+        pid: u32,
+        cpu: Option<u32>,
+        new: &superos_protocol::introspect::UserContext,
+    ) -> Result<(), String> {
+        let mut state = self.lock();
+        let held = state.held.is_some();
+        let Some(trap) =
+            state.debug.trap.as_mut().filter(|t| held && t.pid == pid && cpu.is_none_or(|c| c == t.cpu))
+        else {
+            return Err(match cpu {
+                Some(cpu) => {
+                    format!("vCPU {cpu} is not held at a kernel breakpoint or step: its registers are KVM's")
+                }
+                None => format!(
+                    "pid {pid} is not held at a breakpoint or a step: only there are its registers written"
+                ),
+            });
+        };
+        let old = trap.registers;
+        let flags = (old.rflags & !hc::DEBUG_WRITABLE_RFLAGS) | (new.rflags & hc::DEBUG_WRITABLE_RFLAGS);
+        let in_half = if pid == crate::debug_trap::KERNEL_PID {
+            new.rip >= superos_protocol::layout::KERNEL_HALF_START
+        } else {
+            new.rip < superos_protocol::layout::USER_HALF_END
+        };
+        if !in_half {
+            return Err(format!("rip {:#x} is not in the half the trapped code runs in", new.rip));
+        }
+        trap.registers = superos_protocol::introspect::UserContext {
+            vector: old.vector,
+            error_code: old.error_code,
+            cs: old.cs,
+            ss: old.ss,
+            rflags: flags,
+            ..*new
+        };
+        state.debug.registers_written = true;
+        Ok(())
     }
 
     /// Pauses the guest for the debugger (as its `pause` would), at the hold
@@ -602,9 +652,35 @@ impl Control {
         let point = Point::Trap { pid: crate::debug_trap::KERNEL_PID, cpu: 0, rip: regs.rip };
         let quit = self.hold_vcpus(point, vcpu, aps, session);
         let mut state = self.lock();
-        state.debug.trap = None;
+        let held = state.debug.trap.take();
         state.debug.vcpu_trap = false;
         state.debug.action = None;
+        if let (true, Some(trap)) = (std::mem::take(&mut state.debug.registers_written), held) {
+            let r = trap.registers;
+            let rewritten = kvm_bindings::kvm_regs {
+                rax: r.rax,
+                rbx: r.rbx,
+                rcx: r.rcx,
+                rdx: r.rdx,
+                rsi: r.rsi,
+                rdi: r.rdi,
+                rsp: r.rsp,
+                rbp: r.rbp,
+                r8: r.r8,
+                r9: r.r9,
+                r10: r.r10,
+                r11: r.r11,
+                r12: r.r12,
+                r13: r.r13,
+                r14: r.r14,
+                r15: r.r15,
+                rip: r.rip,
+                rflags: r.rflags,
+            };
+            if let Err(error) = vcpu.set_regs(&rewritten) {
+                tracing::warn!(%error, "the registers gdb wrote could not be given to vCPU 0");
+            }
+        }
         quit
     }
 

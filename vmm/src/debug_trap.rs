@@ -107,6 +107,9 @@ pub struct Debugger {
     abandoned_kernel_trap_steps: BTreeSet<u32>,
     /// The kernel-text bytes replaced, shared with the checker.
     pub patches: TextPatches,
+    /// The debugger rewrote the registers of the held trap
+    /// ([`TrapStop::registers`]): the trapped code resumes with them.
+    pub registers_written: bool,
     /// The held trap is a kernel breakpoint the vCPU itself stopped at (the
     /// PVM host: its ring-0 emulator cannot execute the `int3`), not one
     /// the kernel reported: a step from it is KVM's single-step.

@@ -524,8 +524,40 @@ impl MultiThreadBase for GdbTarget {
         }
     }
 
-    fn write_registers(&mut self, _regs: &X86_64CoreRegs, _tid: Tid) -> TargetResult<(), Self> {
-        non_fatal("register writes are not supported")
+    fn write_registers(&mut self, regs: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        // Only where the trapped code resumes from the trap's registers: a
+        // process held at its breakpoint or step, the kernel at one of its
+        // breakpoints (the vCPU thread of its CPU).
+        let (pid, cpu) = match Thread::of(tid) {
+            Thread::Process(pid) => (pid, None),
+            Thread::Vcpu(cpu) => (KERNEL_PID, Some(cpu)),
+        };
+        let r = &regs.regs;
+        let new = superos_protocol::introspect::UserContext {
+            rax: r[0],
+            rbx: r[1],
+            rcx: r[2],
+            rdx: r[3],
+            rsi: r[4],
+            rdi: r[5],
+            rbp: r[6],
+            rsp: r[7],
+            r8: r[8],
+            r9: r[9],
+            r10: r[10],
+            r11: r[11],
+            r12: r[12],
+            r13: r[13],
+            r14: r[14],
+            r15: r[15],
+            rip: regs.rip,
+            rflags: u64::from(regs.eflags),
+            ..Default::default()
+        };
+        match self.control.write_trap_registers(pid, cpu, &new) {
+            Ok(()) => Ok(()),
+            Err(why) => non_fatal(why),
+        }
     }
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {

@@ -290,21 +290,31 @@ fn debug_trap(session: &mut Session<'_>, gpa: u64) {
     let Some(params) = read_params::<DebugTrapParams>(session, Hypercall::DebugTrap, gpa) else {
         return;
     };
-    answer_debug_trap(session.ram, gpa, hc::DEBUG_ACTION_KILL, params.resume_rip);
+    answer_debug_trap(session.ram, gpa, hc::DEBUG_ACTION_KILL, params.resume_rip, None);
     session.debug_trap = Some(DebugTrap { gpa, params });
 }
 
 /// Writes the answer to a debug trap: `action` (`DEBUG_ACTION_*`), where
 /// the process resumes, and `status` OK. False if the block cannot be
 /// written (the kernel then kills the process: its status stays pending).
-pub fn answer_debug_trap(ram: &GuestRam, gpa: u64, action: u32, resume_rip: u64) -> bool {
+pub fn answer_debug_trap(
+    ram: &GuestRam,
+    gpa: u64,
+    action: u32,
+    resume_rip: u64,
+    registers: Option<&superos_protocol::introspect::UserContext>,
+) -> bool {
     use core::mem::offset_of;
+    use zerocopy::IntoBytes;
     let field = |offset: usize| gpa.checked_add(offset as u64);
-    let writes = [
+    let action = action | if registers.is_some() { hc::DEBUG_ACTION_REGISTERS } else { 0 };
+    let rewritten = registers.map(|r| (field(offset_of!(DebugTrapParams, registers)), r.as_bytes().to_vec()));
+    let writes = rewritten.into_iter().chain([
         (field(offset_of!(DebugTrapParams, action)), action.to_le_bytes().to_vec()),
         (field(offset_of!(DebugTrapParams, resume_rip)), resume_rip.to_le_bytes().to_vec()),
         (field(offset_of!(DebugTrapParams, status)), hc::STATUS_OK.to_le_bytes().to_vec()),
-    ];
+    ]);
+    // The status last: the kernel reads nothing else without it.
     writes.into_iter().all(|(at, bytes)| at.is_some_and(|at| ram.write_bytes(at, &bytes).is_ok()))
 }
 

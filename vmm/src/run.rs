@@ -1249,8 +1249,8 @@ fn vcpu_loop(
         let step = match (session.debug_trap.take(), control, step) {
             (Some(trap), Some(control), Step::Continue) => {
                 match control.debug_trap(&trap, vcpu, paused.as_ref(), session) {
-                    Some((action, rip)) => {
-                        hypercall::answer_debug_trap(session.ram, trap.gpa, action, rip);
+                    Some((action, rip, registers)) => {
+                        hypercall::answer_debug_trap(session.ram, trap.gpa, action, rip, registers.as_ref());
                         Step::Continue
                     }
                     None if control.quitting() => Step::Stop(GuestExit::Stopped),

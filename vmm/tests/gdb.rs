@@ -293,6 +293,24 @@ fn rip_of(registers: &str) -> u64 {
     u64::from_le_bytes(bytes.try_into().unwrap())
 }
 
+/// The 64-bit register `index` (gdb's x86-64 order: rax, rbx, rcx, rdx,
+/// rsi, rdi, rbp, rsp, r8..r15, then rip at 16) of a `g` reply.
+fn register_of(registers: &str, index: usize) -> u64 {
+    let registers = unrle(registers);
+    let hex = &registers[16 * index..16 * index + 16];
+    let bytes: Vec<u8> = (0..8).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    u64::from_le_bytes(bytes.try_into().unwrap())
+}
+
+/// A `G` packet: the registers of a `g` reply with register `index` set
+/// to `value`.
+fn with_register(registers: &str, index: usize, value: u64) -> String {
+    let mut registers = unrle(registers);
+    let hex: String = value.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    registers.replace_range(16 * index..16 * index + 16, &hex);
+    format!("G{registers}")
+}
+
 /// Breakpoints and steps by hand, packet by packet, so that they are
 /// checked on every host (the nested host's L1 has no gdb): a breakpoint at
 /// write-code's entry point, set before it exists, stops it there; a step
@@ -331,8 +349,28 @@ fn breakpoints_and_steps_work_packet_by_packet() {
     assert_eq!(exchange(&mut stream, &format!("z0,{entry:x},1")), "OK");
     let stop = exchange(&mut stream, "vCont;s:9");
     assert!(stop.starts_with("T05") && stop_thread(&stop) == 9, "{stop}");
-    let stepped = rip_of(&exchange(&mut stream, "g"));
+    let registers = exchange(&mut stream, "g");
+    let stepped = rip_of(&registers);
     assert!(stepped > entry && stepped < entry + 16, "one instruction on: {entry:#x} -> {stepped:#x}");
+    // Registers written at the step's trap are those it resumes with: rbx,
+    // and rip past `xor ebp, ebp` to `_start`'s call, whose target it steps to.
+    let call = unrle(&exchange(&mut stream, "m400006,5"));
+    assert_eq!(&call[..2], "e8", "_start calls __superos_main at +6");
+    let offset = u32::from_str_radix(&call[2..], 16).unwrap().swap_bytes() as i32;
+    let target = (0x40000b_i64 + i64::from(offset)) as u64;
+    assert_eq!(exchange(&mut stream, &with_register(&registers, 1, 0x5eed)), "OK");
+    let registers = exchange(&mut stream, "g");
+    assert_eq!(register_of(&registers, 1), 0x5eed);
+    assert_eq!(exchange(&mut stream, &with_register(&registers, 16, 0x400006)), "OK");
+    let stop = exchange(&mut stream, "vCont;s:9");
+    assert!(stop.starts_with("T05") && stop_thread(&stop) == 9, "{stop}");
+    let registers = exchange(&mut stream, "g");
+    assert_eq!((rip_of(&registers), register_of(&registers, 1)), (target, 0x5eed), "resumed as written");
+    // A vCPU not held at a kernel trap: its registers are not written.
+    assert_eq!(exchange(&mut stream, "Hgf4240"), "OK");
+    let vcpu = exchange(&mut stream, "g");
+    assert!(exchange(&mut stream, &with_register(&vcpu, 1, 1)).starts_with('E'), "vCPU 0 is not at a trap");
+    assert_eq!(exchange(&mut stream, "Hg9"), "OK");
     // vCPU 0's thread: one instruction of the kernel, which holds the step's trap.
     let stop = exchange(&mut stream, "vCont;s:f4240");
     assert!(stop.starts_with("T05") && stop_thread(&stop) == 1_000_000, "{stop}");
@@ -491,10 +529,16 @@ fn kernel_breakpoints_work_packet_by_packet() {
     let text = exchange(&mut stream, &format!("m{:x},1", handle_trap));
     assert_eq!(text, "cc", "the int3 is in the kernel's text while the breakpoint is in");
     assert_eq!(exchange(&mut stream, &format!("z0,{handle_trap:x},1")), "OK");
+    // r11 (scratch at a function's entry) written at the breakpoint: the
+    // kernel steps on with it.
+    let registers = exchange(&mut stream, "g");
+    assert_eq!(exchange(&mut stream, &with_register(&registers, 11, 0x5eed)), "OK");
     let stop = exchange(&mut stream, &format!("vCont;s:{thread:x}"));
     assert!(stop.starts_with("T05") && stop_thread(&stop) == thread, "{stop}");
-    let stepped = rip_of(&exchange(&mut stream, "g"));
+    let registers = exchange(&mut stream, "g");
+    let stepped = rip_of(&registers);
     assert!(stepped > handle_trap && stepped < handle_trap + 16, "one instruction on: {stepped:#x}");
+    assert_eq!(register_of(&registers, 11), 0x5eed, "the kernel resumed with the register gdb wrote");
     let end = exchange(&mut stream, "vCont;c");
     assert!(end.starts_with('W'), "the guest ran to its end: {end}");
     let (code, output) = vm.finish();

@@ -145,6 +145,24 @@ impl TrapFrame {
         self.cs & 3 == 3
     }
 
+    /// Takes the registers a debugger rewrote (`registers`): every general
+    /// register, and of RFLAGS only the bits it may change
+    /// ([`superos_protocol::hypercall::DEBUG_WRITABLE_RFLAGS`]); the
+    /// segments, the vector and the RIP (the answer's) stay this frame's.
+    #[inline(always)]
+    pub fn apply_debugger_registers(&mut self, registers: &superos_protocol::introspect::UserContext) {
+        use superos_protocol::hypercall::DEBUG_WRITABLE_RFLAGS;
+        let (vector, error_code, rip, cs, ss, rflags) =
+            (self.vector, self.error_code, self.rip, self.cs, self.ss, self.rflags);
+        *self = zerocopy::transmute!(*registers);
+        self.vector = vector;
+        self.error_code = error_code;
+        self.rip = rip;
+        self.cs = cs;
+        self.ss = ss;
+        self.rflags = (rflags & !DEBUG_WRITABLE_RFLAGS) | (registers.rflags & DEBUG_WRITABLE_RFLAGS);
+    }
+
     /// The frame as the protocol publishes it (the same layout, asserted above).
     #[inline(always)]
     pub fn user_context(&self) -> superos_protocol::introspect::UserContext {

@@ -60,7 +60,7 @@ static KERNEL_DEBUG_TRAP_PARAMS: KernelCell<[hc::DebugTrapParams; MAX_CPUS as us
 /// (`DEBUG_ACTION_*`, [`hc::DEBUG_ACTION_KILL`] unless the VMM answered
 /// well) and where to resume. With a debugger attached the call returns
 /// only when the debugger resumes the guest.
-pub fn debug_trap(pid: u32, cpu: u32, registers: superos_protocol::introspect::UserContext) -> (u32, u64) {
+pub fn debug_trap(pid: u32, cpu: u32, registers: superos_protocol::introspect::UserContext) -> DebugAnswer {
     // SAFETY: KernelCell invariant (the caller holds the big kernel lock).
     ask_debugger(unsafe { DEBUG_TRAP_PARAMS.get() }, pid, cpu, registers)
 }
@@ -68,14 +68,25 @@ pub fn debug_trap(pid: u32, cpu: u32, registers: superos_protocol::introspect::U
 /// [`debug_trap`] for the kernel itself (pid 0): a breakpoint a debugger
 /// planted in its text, or the step over one, on `cpu`.
 #[link_section = ".text.debug_path"]
-pub fn kernel_debug_trap(cpu: u32, registers: superos_protocol::introspect::UserContext) -> (u32, u64) {
+pub fn kernel_debug_trap(cpu: u32, registers: superos_protocol::introspect::UserContext) -> DebugAnswer {
     // SAFETY: KernelCell invariant: each CPU uses only its own block, and
     // the caller keeps a trap in this path from re-entering it.
     let blocks = unsafe { KERNEL_DEBUG_TRAP_PARAMS.get() };
     match blocks.get_mut(cpu as usize) {
         Some(params) => ask_debugger(params, 0, cpu, registers),
-        None => (hc::DEBUG_ACTION_KILL, registers.rip),
+        None => DebugAnswer { action: hc::DEBUG_ACTION_KILL, rip: registers.rip, registers: None },
     }
+}
+
+/// What the VMM answered a debug trap.
+pub struct DebugAnswer {
+    /// `DEBUG_ACTION_*` (without [`hc::DEBUG_ACTION_REGISTERS`]).
+    pub action: u32,
+    /// Where to resume.
+    pub rip: u64,
+    /// The registers the debugger rewrote, if it did (to be applied with
+    /// [`crate::arch::TrapFrame::apply_debugger_registers`]).
+    pub registers: Option<superos_protocol::introspect::UserContext>,
 }
 
 #[link_section = ".text.debug_path"]
@@ -84,7 +95,7 @@ fn ask_debugger(
     pid: u32,
     cpu: u32,
     registers: superos_protocol::introspect::UserContext,
-) -> (u32, u64) {
+) -> DebugAnswer {
     *params = hc::DebugTrapParams {
         pid,
         status: hc::STATUS_PENDING,
@@ -103,11 +114,13 @@ fn ask_debugger(
             core::ptr::read_volatile(core::ptr::addr_of!(params.resume_rip)),
         )
     };
-    if status == hc::STATUS_OK {
-        (action, rip)
-    } else {
-        (hc::DEBUG_ACTION_KILL, rip)
+    if status != hc::STATUS_OK {
+        return DebugAnswer { action: hc::DEBUG_ACTION_KILL, rip, registers: None };
     }
+    // SAFETY: as above: the VMM rewrote the block's registers.
+    let rewritten = (action & hc::DEBUG_ACTION_REGISTERS != 0)
+        .then(|| unsafe { core::ptr::read_volatile(core::ptr::addr_of!(params.registers)) });
+    DebugAnswer { action: action & !hc::DEBUG_ACTION_REGISTERS, rip, registers: rewritten }
 }
 
 static SCRUB_PARAMS: KernelCell<hc::ScrubFramesParams> =

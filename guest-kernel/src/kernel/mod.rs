@@ -747,9 +747,13 @@ fn kernel_debug_trap(frame: &mut TrapFrame, cpu: u32) {
     if busy.swap(true, Ordering::Acquire) {
         kernel_exception(frame);
     }
-    let (action, rip) = host::kernel_debug_trap(cpu, frame.user_context());
+    let answer = host::kernel_debug_trap(cpu, frame.user_context());
+    let (action, rip) = (answer.action, answer.rip);
     match action {
         hc::DEBUG_ACTION_CONTINUE | hc::DEBUG_ACTION_STEP if rip >= KERNEL_HALF_START => {
+            if let Some(registers) = &answer.registers {
+                frame.apply_debugger_registers(registers);
+            }
             frame.rip = rip;
             if action == hc::DEBUG_ACTION_STEP {
                 frame.rflags |= RFLAGS_TF;
@@ -1014,9 +1018,13 @@ impl Kernel {
             panic!("debug trap from ring 3 with no current process");
         };
         let pid = self.processes[index].pid;
-        let (action, rip) = host::debug_trap(pid, self.cpu, frame.user_context());
+        let answer = host::debug_trap(pid, self.cpu, frame.user_context());
+        let (action, rip) = (answer.action, answer.rip);
         match action {
             hc::DEBUG_ACTION_CONTINUE | hc::DEBUG_ACTION_STEP if rip < USER_HALF_END => {
+                if let Some(registers) = &answer.registers {
+                    frame.apply_debugger_registers(registers);
+                }
                 frame.rip = rip;
                 if action == hc::DEBUG_ACTION_STEP {
                     frame.rflags |= RFLAGS_TF;
