@@ -54,9 +54,13 @@
 //! Steps of the other vCPUs' threads are not offered elsewhere (their exits
 //! go through the bootstrap thread).
 //!
-//! Not yet: hardware breakpoints, register writes, memory writes outside a
-//! process's writable user pages, and the FPU/SSE registers (read as
-//! zero). A step resumes the
+//! Registers are written only where the stopped code resumes from the
+//! trap's registers (a process at its breakpoint or step, the kernel at one
+//! of its breakpoints): [`Control::write_trap_registers`].
+//!
+//! Not yet: hardware breakpoints, memory writes outside a process's
+//! writable user pages, and the FPU/SSE registers (read as zero). A step
+//! resumes the
 //! whole guest (gdb's scheduler locking is accepted, not enforced): other
 //! processes may run on other CPUs meanwhile.
 
