@@ -290,6 +290,38 @@ pub struct CpuState {
     /// snapshots written before they were kept: zeros).
     #[serde(default)]
     pub general: [u64; 16],
+    /// The x87 and SSE registers as an `fxsave` image (the legacy region of
+    /// an `xsave` image, [`FXSAVE_BYTES`] long), from `KVM_GET_XSAVE` (or
+    /// `KVM_GET_FPU`, whose MXCSR is always zero, where that fails); the
+    /// kernel never uses them, so they are the user code's the vCPU runs or
+    /// trapped from (the gdb stub shows them). Not kept in snapshots.
+    #[serde(skip)]
+    pub fpu: Option<Vec<u8>>,
+}
+
+/// Bytes of an `fxsave` image (and of the legacy region of an `xsave` one).
+pub const FXSAVE_BYTES: usize = 512;
+
+/// The `fxsave` image of what `KVM_GET_FPU` says (MXCSR zero: KVM does not
+/// fill it) (its layout: FCW, FSW,
+/// the abridged tag, FOP, FIP, FDP, MXCSR at 24, ST0-7 from 32 in 16-byte
+/// slots, XMM0-15 from 160).
+pub fn fxsave_image(fpu: &kvm_bindings::kvm_fpu) -> Vec<u8> {
+    let mut image = vec![0u8; FXSAVE_BYTES];
+    image[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
+    image[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
+    image[4] = fpu.ftwx;
+    image[6..8].copy_from_slice(&fpu.last_opcode.to_le_bytes());
+    image[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
+    image[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
+    image[24..28].copy_from_slice(&fpu.mxcsr.to_le_bytes());
+    for (i, st) in fpu.fpr.iter().enumerate() {
+        image[32 + 16 * i..48 + 16 * i].copy_from_slice(st);
+    }
+    for (i, xmm) in fpu.xmm.iter().enumerate() {
+        image[160 + 16 * i..176 + 16 * i].copy_from_slice(xmm);
+    }
+    image
 }
 
 /// The names of [`CpuState::general`], in order.
@@ -379,6 +411,14 @@ pub fn capture(vcpu: &VcpuFd) -> CpuState {
             Err(error) => state.errors.push(format!("KVM_GET_XCRS failed: {error}")),
         }
     }
+    // KVM_GET_XSAVE's first 512 bytes are the legacy region, MXCSR
+    // included (KVM_GET_FPU leaves its MXCSR field zero).
+    state.fpu = match vcpu.get_xsave() {
+        Ok(xsave) => {
+            Some(xsave.region.iter().flat_map(|word| word.to_le_bytes()).take(FXSAVE_BYTES).collect())
+        }
+        Err(_) => vcpu.get_fpu().ok().map(|fpu| fxsave_image(&fpu)),
+    };
     match vcpu.get_debug_regs() {
         Ok(debug) => state.dr7 = Some(debug.dr7),
         Err(error) => state.errors.push(format!("KVM_GET_DEBUGREGS failed: {error}")),
@@ -1246,6 +1286,7 @@ mod tests {
                 dr7: Some(0x400),
                 errors: Vec::new(),
                 general: [0; 16],
+                fpu: None,
             };
             let machine = Machine { ram, image, state };
             // The GDT: the designed slots and the TSS descriptor.

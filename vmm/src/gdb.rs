@@ -58,8 +58,12 @@
 //! trap's registers (a process at its breakpoint or step, the kernel at one
 //! of its breakpoints): [`Control::write_trap_registers`].
 //!
+//! The x87 and SSE registers are read where the general ones live: the
+//! vCPU a process runs on or trapped from (the kernel never touches them),
+//! else its save page.
+//!
 //! Not yet: hardware breakpoints, memory writes outside a process's
-//! writable user pages, and the FPU/SSE registers (read as zero). A step
+//! writable user pages, and writes of the x87/SSE registers. A step
 //! resumes the
 //! whole guest (gdb's scheduler locking is accepted, not enforced): other
 //! processes may run on other CPUs meanwhile.
@@ -458,6 +462,50 @@ fn process_registers(regs: &RegistersResult, out: &mut X86_64CoreRegs) {
     out.segments.ss = regs.get("ss") as u32;
 }
 
+/// gdb's x87 and SSE registers from an `fxsave` image (a vCPU's, or the
+/// legacy region of a process's save page); a short image is left out.
+fn fpu_registers(image: &[u8], out: &mut X86_64CoreRegs) {
+    if image.len() < crate::cpu::FXSAVE_BYTES {
+        return;
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([image[at], image[at + 1]]);
+    let u32_at = |at: usize| u32::from_le_bytes(image[at..at + 4].try_into().unwrap_or_default());
+    out.fpu.fctrl = u32::from(u16_at(0));
+    out.fpu.fstat = u32::from(u16_at(2));
+    // gdb's tag word has two bits a register (11: empty); `fxsave` keeps
+    // one (1: in use). A register in use is shown as valid (00).
+    out.fpu.ftag = (0..8).filter(|i| image[4] & (1 << i) == 0).fold(0, |tag, i| tag | (0b11 << (2 * i)));
+    out.fpu.fop = u32::from(u16_at(6) & 0x7ff);
+    out.fpu.fioff = u32_at(8);
+    out.fpu.fooff = u32_at(16);
+    out.mxcsr = u32_at(24);
+    for (i, st) in out.st.iter_mut().enumerate() {
+        st.copy_from_slice(&image[32 + 16 * i..42 + 16 * i]);
+    }
+    for (i, xmm) in out.xmm.iter_mut().enumerate() {
+        *xmm = u128::from_le_bytes(image[160 + 16 * i..176 + 16 * i].try_into().unwrap_or_default());
+    }
+}
+
+/// The `fxsave` image of process `pid`'s x87/SSE registers: where its
+/// general registers are live (a vCPU it runs on or trapped from: the
+/// kernel never touches them), that vCPU's; else its save page.
+fn process_fpu(analysis: &Analysis, machine: &Machine<'_>, pid: u32) -> Option<Vec<u8>> {
+    use inspect::RegisterHome;
+    let cpu = match inspect::register_home(analysis, machine, pid).ok()? {
+        RegisterHome::Trap(trap) => trap.cpu,
+        RegisterHome::Vcpu { cpu } | RegisterHome::KernelStack { cpu, .. } => cpu,
+        RegisterHome::Kept { .. } => {
+            let (pml4, _) = analysis.process(pid).ok()?;
+            let leaf = walk::translate(machine.ram, pml4, superos_protocol::layout::USER_STATE_VA).ok()?;
+            let mut image = vec![0u8; crate::cpu::FXSAVE_BYTES];
+            machine.ram.read_bytes(leaf.phys, &mut image).ok()?;
+            return Some(image);
+        }
+    };
+    vcpu_capture(machine, cpu).ok()?.state.fpu.clone()
+}
+
 /// gdb's registers from a trap frame's.
 fn trap_registers(frame: &superos_protocol::introspect::UserContext, out: &mut X86_64CoreRegs) {
     out.regs = [
@@ -509,17 +557,29 @@ impl MultiThreadBase for GdbTarget {
         let read = self.query(|machine| match Thread::of(tid) {
             Thread::Process(pid) => {
                 let analysis = Analysis::new(machine);
-                inspect::registers(&analysis, machine, String::new(), pid)
-                    .map(|r| process_registers(&r, regs))
+                let read = inspect::registers(&analysis, machine, String::new(), pid)
+                    .map(|r| process_registers(&r, regs));
+                if let (Ok(()), Some(image)) = (&read, process_fpu(&analysis, machine, pid)) {
+                    fpu_registers(&image, regs);
+                }
+                read
             }
             // Held at a kernel trap on that CPU: the kernel's registers
             // there (the vCPU itself is in the kernel's call to the VMM).
             Thread::Vcpu(cpu) => match machine.state.trap.filter(|t| t.pid == KERNEL_PID && t.cpu == cpu) {
                 Some(trap) => {
                     trap_registers(&trap.registers, regs);
+                    if let Some(image) = vcpu_capture(machine, cpu).ok().and_then(|c| c.state.fpu.as_ref()) {
+                        fpu_registers(image, regs);
+                    }
                     Ok(())
                 }
-                None => vcpu_capture(machine, cpu).map(|c| vcpu_registers(c, regs)),
+                None => vcpu_capture(machine, cpu).map(|c| {
+                    vcpu_registers(c, regs);
+                    if let Some(image) = &c.state.fpu {
+                        fpu_registers(image, regs);
+                    }
+                }),
             },
         });
         match read {
@@ -896,6 +956,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fxsave_images_become_gdbs_x87_and_sse_registers() {
+        let mut image = vec![0u8; crate::cpu::FXSAVE_BYTES];
+        image[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+        image[2..4].copy_from_slice(&0x3800u16.to_le_bytes()); // top of stack 7
+        image[4] = 0b1000_0001; // st0 and st7 in use
+        image[6..8].copy_from_slice(&0xfdd9u16.to_le_bytes()); // fop: 11 bits
+        image[8..16].copy_from_slice(&0x40_1234u64.to_le_bytes());
+        image[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        image[32 + 16 * 2..42 + 16 * 2].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        image[160 + 16 * 3..176 + 16 * 3]
+            .copy_from_slice(&0x0123_4567_89ab_cdef_fedc_ba98_7654_3210u128.to_le_bytes());
+        let mut regs = X86_64CoreRegs::default();
+        fpu_registers(&image, &mut regs);
+        assert_eq!(
+            (regs.fpu.fctrl, regs.fpu.fstat, regs.fpu.fop, regs.fpu.fioff),
+            (0x37f, 0x3800, 0x5d9, 0x40_1234)
+        );
+        assert_eq!(regs.fpu.ftag, 0x3ffc, "st0 and st7 valid, the rest empty");
+        assert_eq!(regs.mxcsr, 0x1f80);
+        assert_eq!(regs.st[2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(regs.xmm[3], 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        // A short image (none read) changes nothing.
+        let mut untouched = X86_64CoreRegs::default();
+        fpu_registers(&image[..100], &mut untouched);
+        assert_eq!(untouched.mxcsr, 0);
+    }
 
     #[test]
     fn thread_ids_name_processes_and_vcpus() {

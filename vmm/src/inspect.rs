@@ -300,7 +300,7 @@ impl Analysis {
 
     /// The PML4 and name of a live process (from the table, or from the
     /// events if the table hides it).
-    fn process(&self, pid: u32) -> Result<(u64, String), String> {
+    pub fn process(&self, pid: u32) -> Result<(u64, String), String> {
         if let Some(p) = self.view.process(pid) {
             return Ok((p.pml4, sanitize(&p.name)));
         }

@@ -302,6 +302,15 @@ fn register_of(registers: &str, index: usize) -> u64 {
     u64::from_le_bytes(bytes.try_into().unwrap())
 }
 
+/// The 32-bit register at byte `offset` of a `g` reply (x86-64: fctrl at
+/// 244, mxcsr at 532).
+fn register32_at(registers: &str, offset: usize) -> u32 {
+    let registers = unrle(registers);
+    let hex = registers.get(2 * offset..2 * offset + 8).unwrap_or_else(|| panic!("short: {registers}"));
+    let bytes: Vec<u8> = (0..4).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    u32::from_le_bytes(bytes.try_into().unwrap())
+}
+
 /// A `G` packet: the registers of a `g` reply with register `index` set
 /// to `value`.
 fn with_register(registers: &str, index: usize, value: u64) -> String {
@@ -345,7 +354,15 @@ fn breakpoints_and_steps_work_packet_by_packet() {
     assert!(stop.starts_with("T05") && stop_thread(&stop) == 9, "{stop}");
     assert!(stop.contains("swbreak"), "{stop}");
     assert_eq!(exchange(&mut stream, "Hg9"), "OK");
-    assert_eq!(rip_of(&exchange(&mut stream, "g")), entry, "stopped on the breakpoint, the int3 undone");
+    let registers = exchange(&mut stream, "g");
+    assert_eq!(rip_of(&registers), entry, "stopped on the breakpoint, the int3 undone");
+    // Its x87 and SSE registers, from the vCPU it trapped on: as the kernel
+    // restored them for its first instruction (the initial state).
+    assert_eq!(
+        (register32_at(&registers, 244), register32_at(&registers, 532)),
+        (0x37f, 0x1f80),
+        "fctrl, mxcsr"
+    );
     assert_eq!(exchange(&mut stream, &format!("z0,{entry:x},1")), "OK");
     let stop = exchange(&mut stream, "vCont;s:9");
     assert!(stop.starts_with("T05") && stop_thread(&stop) == 9, "{stop}");
@@ -575,6 +592,16 @@ fn hostile_remote_protocol_packets_get_error_replies() {
     assert_eq!(exchange(&mut stream, "Hg1"), "OK");
     let registers = exchange(&mut stream, "g");
     assert!(!registers.is_empty() && !registers.starts_with('E'), "{registers}");
+    // The x87 and SSE registers of the waiting producer (its save page) and
+    // of the spinner (the vCPU, or its save page): neither uses them, so
+    // both are the initial state the kernel gave them.
+    for pid in [1, 2] {
+        assert_eq!(exchange(&mut stream, &format!("Hg{pid}")), "OK");
+        let registers = exchange(&mut stream, "g");
+        let fpu = (register32_at(&registers, 244), register32_at(&registers, 532));
+        assert_eq!(fpu, (0x37f, 0x1f80), "pid {pid}'s fctrl and mxcsr");
+    }
+    assert_eq!(exchange(&mut stream, "Hg1"), "OK");
     let refusals = [
         ("m0,ffffffffffffffff", "a huge read of unmapped memory"),
         ("mffffffff80100000,10", "the kernel half through a process thread"),
