@@ -58,11 +58,24 @@ fn live_pml4s(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, u64> {
 
 /// Arms (or, with `on` false, disarms) KVM's single-step of `vcpu`, with
 /// interrupts held off for the step where KVM can.
-pub fn arm_single_step(vcpu: &VcpuFd, on: bool) -> Result<(), kvm_ioctls::Error> {
+pub fn arm_single_step(vcpu: &VcpuFd, on: bool, hardware: &[u64]) -> Result<(), kvm_ioctls::Error> {
     use kvm_bindings::{
         kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+        KVM_GUESTDBG_USE_HW_BP,
     };
-    let with = |control: u32| kvm_guest_debug { control, ..Default::default() };
+    let with = |control: u32| {
+        let mut debug = kvm_guest_debug { control, ..Default::default() };
+        if !hardware.is_empty() {
+            debug.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+            // DR0-3 the addresses, DR7 a local enable of each as an
+            // instruction breakpoint (R/W and LEN 0).
+            for (i, &addr) in hardware.iter().take(crate::debug_trap::HARDWARE_SLOTS).enumerate() {
+                debug.arch.debugreg[i] = addr;
+                debug.arch.debugreg[7] |= 1 << (2 * i);
+            }
+        }
+        debug
+    };
     if !on {
         return vcpu.set_guest_debug(&with(0));
     }
@@ -136,6 +149,8 @@ struct State {
     programs: Vec<String>,
     /// Why this host takes no kernel breakpoint, if it does not.
     kernel_breakpoints_refused: Option<String>,
+    /// Why this run takes no hardware breakpoint, if it does not.
+    hardware_breakpoints_refused: Option<String>,
 }
 
 /// The shared state of the pause handshake (one per run with `--api`).
@@ -197,6 +212,7 @@ impl Control {
                 debug: Debugger::default(),
                 programs: Vec::new(),
                 kernel_breakpoints_refused: None,
+                hardware_breakpoints_refused: None,
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(paused),
@@ -754,6 +770,66 @@ impl Control {
         quit
     }
 
+    /// The hardware breakpoints armed in the bootstrap vCPU (its guest
+    /// debugging keeps them when a step is switched off).
+    pub fn hardware_breakpoints(&self) -> Vec<u64> {
+        self.lock().debug.hardware.clone()
+    }
+
+    /// A hardware breakpoint at kernel address `addr`, in the bootstrap
+    /// vCPU (armed when the guest resumes).
+    pub fn insert_hardware_breakpoint(&self, addr: u64) -> Result<(), String> {
+        let mut state = self.lock();
+        if let Some(why) = state.hardware_breakpoints_refused.clone() {
+            return Err(why);
+        }
+        state.debug.insert_hardware(addr)
+    }
+
+    /// No hardware breakpoint at `addr` any more; false if there was none.
+    pub fn remove_hardware_breakpoint(&self, addr: u64) -> bool {
+        self.lock().debug.remove_hardware(addr)
+    }
+
+    /// This run takes no hardware breakpoint, for `why`.
+    pub fn refuse_hardware_breakpoints(&self, why: String) {
+        self.lock().hardware_breakpoints_refused = Some(why);
+    }
+
+    /// The bootstrap vCPU met a hardware breakpoint (`vcpu`, its debug exit
+    /// handled): holds the guest there until the debugger resumes it. True
+    /// if the guest must stop (`quit`).
+    pub fn hardware_breakpoint_hit(
+        &self,
+        vcpu: &VcpuFd,
+        aps: Option<&Paused<'_>>,
+        session: &Session<'_>,
+    ) -> bool {
+        {
+            let mut state = self.lock();
+            if !state.debug.attached || state.debug.hardware.is_empty() {
+                // Its debugger left while the guest ran: switched off.
+                state.debug.hardware_changed = false;
+                if let Err(error) = arm_single_step(vcpu, false, &state.debug.hardware) {
+                    tracing::warn!(%error, "could not switch vCPU 0's hardware breakpoints off");
+                }
+                return false;
+            }
+            state.debug.hardware_hit = true;
+            self.pause_for_debugger(&mut state);
+        }
+        let rip = vcpu.get_regs().map_or(0, |regs| regs.rip);
+        let quit = self.hold_vcpus(Point::HardwareBreakpoint { cpu: 0, rip }, vcpu, aps, session);
+        self.lock().debug.hardware_hit = false;
+        quit
+    }
+
+    /// The hardware breakpoint the debugger has not been told of, once.
+    pub fn take_hardware_breakpoint_report(&self) -> bool {
+        let mut state = self.lock();
+        state.held.is_some() && std::mem::take(&mut state.debug.hardware_hit)
+    }
+
     /// The completed kernel step the debugger has not been told of, once.
     pub fn take_kernel_step_report(&self) -> bool {
         let mut state = self.lock();
@@ -769,11 +845,16 @@ impl Control {
     /// single-step on the bootstrap vCPU if the debugger asked for a kernel
     /// step; called by the bootstrap thread when a hold ends.
     pub fn apply_vcpu_steps(&self, vcpu: &VcpuFd, aps: Option<&Paused<'_>>) {
-        if std::mem::take(&mut self.lock().debug.kernel_step) {
-            let armed = arm_single_step(vcpu, true);
-            match armed {
-                Ok(()) => self.lock().debug.kernel_step_armed = true,
-                Err(error) => tracing::warn!(%error, "could not single-step vCPU 0"),
+        let (step, hardware) = {
+            let mut state = self.lock();
+            let changed = std::mem::take(&mut state.debug.hardware_changed);
+            let step = std::mem::take(&mut state.debug.kernel_step);
+            (step, (step || changed).then(|| state.debug.hardware.clone()))
+        };
+        if let Some(hardware) = hardware {
+            match arm_single_step(vcpu, step, &hardware) {
+                Ok(()) => self.lock().debug.kernel_step_armed |= step,
+                Err(error) => tracing::warn!(%error, step, "could not set vCPU 0's guest debugging"),
             }
         }
         let cpus = std::mem::take(&mut self.lock().debug.vcpu_steps);

@@ -48,6 +48,9 @@ pub type TextPatches = Arc<Mutex<BTreeMap<u64, u8>>>;
 /// The pid of the kernel's own traps.
 pub const KERNEL_PID: u32 = 0;
 
+/// Hardware breakpoints a vCPU has (DR0-3).
+pub const HARDWARE_SLOTS: usize = 4;
+
 /// `int3`, the one-byte breakpoint instruction (gdb's kind 1 on x86).
 pub const INT3: u8 = 0xcc;
 /// The `#DB` vector (a single step).
@@ -110,6 +113,14 @@ pub struct Debugger {
     /// The debugger rewrote the registers of the held trap
     /// ([`TrapStop::registers`]): the trapped code resumes with them.
     pub registers_written: bool,
+    /// Hardware breakpoints (kernel instruction addresses, at most
+    /// [`HARDWARE_SLOTS`]), armed in the bootstrap vCPU through KVM.
+    pub hardware: Vec<u64>,
+    /// `hardware` changed since it was last given to KVM.
+    pub hardware_changed: bool,
+    /// The bootstrap vCPU is held at a hardware breakpoint; the debugger
+    /// has not been told yet.
+    pub hardware_hit: bool,
     /// The held trap is a kernel breakpoint the vCPU itself stopped at (the
     /// PVM host: its ring-0 emulator cannot execute the `int3`), not one
     /// the kernel reported: a step from it is KVM's single-step.
@@ -151,6 +162,8 @@ impl Debugger {
         abandoned_kernel_trap_steps.extend(self.kernel_trap_steps);
         Debugger {
             attached,
+            // The vCPU still has them armed: given back empty to KVM.
+            hardware_changed: self.hardware_changed || !self.hardware.is_empty(),
             abandoned_steps,
             abandoned_kernel_step: self.abandoned_kernel_step || self.kernel_step_armed,
             abandoned_kernel_trap_steps,
@@ -220,6 +233,32 @@ impl Debugger {
             }
         }
         true
+    }
+
+    /// A hardware breakpoint at kernel address `addr` (armed in the
+    /// bootstrap vCPU when the guest resumes).
+    pub fn insert_hardware(&mut self, addr: u64) -> Result<(), String> {
+        if addr < superos_protocol::layout::KERNEL_HALF_START {
+            return Err(format!(
+                "{addr:#x} is not a kernel address: hardware breakpoints watch the kernel (every program is linked at the same addresses; a process's code takes an int3)"
+            ));
+        }
+        if !self.hardware.contains(&addr) {
+            if self.hardware.len() == HARDWARE_SLOTS {
+                return Err(format!("the vCPU has {HARDWARE_SLOTS} hardware breakpoints, all in use"));
+            }
+            self.hardware.push(addr);
+            self.hardware_changed = true;
+        }
+        Ok(())
+    }
+
+    /// No hardware breakpoint at `addr` any more; false if there was none.
+    pub fn remove_hardware(&mut self, addr: u64) -> bool {
+        let before = self.hardware.len();
+        self.hardware.retain(|&a| a != addr);
+        self.hardware_changed |= self.hardware.len() != before;
+        self.hardware.len() != before
     }
 
     /// Whether `rip` is one of the kernel breakpoints, its `int3` in place.
@@ -539,5 +578,25 @@ mod tests {
         let mut left = debugger.succeeded(false);
         assert!(left.take_abandoned_step(KERNEL_PID, 0, &trap(1, at + 2)));
         assert!(!left.take_abandoned_step(KERNEL_PID, 0, &trap(1, at + 2)));
+    }
+
+    #[test]
+    fn hardware_breakpoints_take_kernel_addresses_four_at_most() {
+        let mut debugger = Debugger::attach();
+        assert!(debugger.insert_hardware(USER_IMAGE_BASE).is_err(), "every program shares user addresses");
+        for i in 0..HARDWARE_SLOTS as u64 {
+            debugger.insert_hardware(KERNEL_VMA_BASE + 0x10_0000 + i).unwrap();
+        }
+        debugger.insert_hardware(KERNEL_VMA_BASE + 0x10_0000).unwrap();
+        assert_eq!(debugger.hardware.len(), HARDWARE_SLOTS, "the same address once");
+        assert!(debugger.insert_hardware(KERNEL_VMA_BASE + 0x20_0000).unwrap_err().contains("all in use"));
+        assert!(std::mem::take(&mut debugger.hardware_changed));
+        assert!(debugger.remove_hardware(KERNEL_VMA_BASE + 0x10_0001));
+        assert!(!debugger.remove_hardware(KERNEL_VMA_BASE + 0x10_0001));
+        assert!(debugger.hardware_changed);
+        // A debugger that leaves has its breakpoints switched off in KVM.
+        debugger.hardware_changed = false;
+        let left = debugger.succeeded(false);
+        assert!(left.hardware.is_empty() && left.hardware_changed);
     }
 }

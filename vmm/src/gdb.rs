@@ -82,7 +82,9 @@ use gdbstub::target::ext::base::multithread::{
     MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
 use gdbstub::target::ext::base::BaseOps;
-use gdbstub::target::ext::breakpoints::{Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps};
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, SwBreakpoint, SwBreakpointOps,
+};
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
@@ -808,6 +810,27 @@ impl Breakpoints for GdbTarget {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         Some(self)
     }
+
+    #[inline(always)]
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl HwBreakpoint for GdbTarget {
+    fn add_hw_breakpoint(&mut self, addr: u64, kind: usize) -> TargetResult<bool, Self> {
+        if kind != 1 {
+            return non_fatal(format!("a hardware breakpoint of kind {kind} (an instruction's is kind 1)"));
+        }
+        match self.control.insert_hardware_breakpoint(addr) {
+            Ok(()) => Ok(true),
+            Err(why) => non_fatal(why),
+        }
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        Ok(self.control.remove_hardware_breakpoint(addr))
+    }
 }
 
 impl SwBreakpoint for GdbTarget {
@@ -913,6 +936,10 @@ where
                     Some(code) => MultiThreadStopReason::Exited(code),
                     None => MultiThreadStopReason::Terminated(Signal::SIGKILL),
                 }));
+            }
+            if target.control.take_hardware_breakpoint_report() {
+                let tid = Thread::Vcpu(0).tid().unwrap_or_else(|| target.current_thread());
+                return Ok(run_blocking::Event::TargetStopped(MultiThreadStopReason::HwBreak(tid)));
             }
             if target.control.take_kernel_step_report() {
                 let tid = Thread::Vcpu(0).tid().unwrap_or_else(|| target.current_thread());

@@ -83,6 +83,14 @@ pub enum Point {
         /// Its instruction pointer.
         rip: u64,
     },
+    /// Held where the bootstrap vCPU met a hardware breakpoint (KVM's
+    /// guest debugging: DR0-3), anywhere in the kernel.
+    HardwareBreakpoint {
+        /// The vCPU.
+        cpu: u32,
+        /// Its instruction pointer (the breakpoint's address).
+        rip: u64,
+    },
     /// The guest has stopped for good.
     Finished {
         /// Why (the run's [`crate::run::GuestExit`], in words).
@@ -101,6 +109,9 @@ impl std::fmt::Display for Point {
             Point::Event { seq } => write!(f, "at kernel event #{seq}"),
             Point::Ring3 { rip, cr3 } => write!(f, "in user code at rip {rip:#x} (cr3 {cr3:#x})"),
             Point::Step { cpu, rip } => write!(f, "after a single step of vCPU {cpu} (rip {rip:#x})"),
+            Point::HardwareBreakpoint { cpu, rip } => {
+                write!(f, "at a hardware breakpoint of vCPU {cpu} (rip {rip:#x})")
+            }
             Point::Trap { pid: crate::debug_trap::KERNEL_PID, cpu, rip } => {
                 write!(f, "at a debug trap of the kernel on CPU {cpu} (resuming at rip {rip:#x})")
             }

@@ -546,6 +546,11 @@ pub fn run_with(config: RunConfig, extras: RunExtras) -> Result<RunReport, RunEr
         if let Some(monitor) = session.monitor.as_mut() {
             monitor.checker.share_text_patches(control.text_patches());
         }
+        if cpus > 1 {
+            control.refuse_hardware_breakpoints(
+                "hardware breakpoints are armed in vCPU 0 only (the others' debug exits are forwarded, not held): a run on one vCPU takes them".into(),
+            );
+        }
         if host == HostFlavor::Pvm && cpus > 1 {
             // Its ring 0 is KVM's instruction emulator, which has no `int3`
             // outside real mode: the vCPU stops with an emulation failure,
@@ -1127,6 +1132,7 @@ fn vcpu_loop(
         // itself has to do: on QEMU's SVM a vCPU's exit drops its TLB).
         let paused = (!aps.is_empty() && looks_at_the_guest).then(|| aps.pause());
         let mut kernel_stepped = false;
+        let mut hardware_hit = false;
         let mut emulation_failed = false;
         let step = match result {
             Ok(VcpuExit::MmioWrite(gpa, data)) if session.in_read_only(gpa) => {
@@ -1137,6 +1143,12 @@ fn vcpu_loop(
             Ok(VcpuExit::Debug(_)) if control.is_some_and(Control::kernel_step_armed) => {
                 *exits.entry("debug (a debugger's step)".to_string()).or_default() += 1;
                 kernel_stepped = true;
+                Step::Continue
+            }
+            // DR6's B0-B3: one of the debugger's hardware breakpoints.
+            Ok(VcpuExit::Debug(arch)) if arch.dr6 & 0xf != 0 && control.is_some() => {
+                *exits.entry("debug (a hardware breakpoint)".to_string()).or_default() += 1;
+                hardware_hit = true;
                 Step::Continue
             }
             Ok(exit) => {
@@ -1154,6 +1166,14 @@ fn vcpu_loop(
                 }
             }
             Err(error) => Step::Stop(GuestExit::VcpuError(error.to_string())),
+        };
+        let step = match (hardware_hit, control, step) {
+            (true, Some(control), Step::Continue)
+                if control.hardware_breakpoint_hit(vcpu, paused.as_ref(), session) =>
+            {
+                Step::Stop(GuestExit::Stopped)
+            }
+            (_, _, step) => step,
         };
         // On the PVM host, a kernel breakpoint: its ring-0 emulator cannot
         // execute the debugger's int3 and stops the vCPU on it.
@@ -1232,7 +1252,9 @@ fn vcpu_loop(
         // resumes the guest.
         let step = match (kernel_stepped, control, step) {
             (true, Some(control), Step::Continue) => {
-                if let Err(error) = crate::control::arm_single_step(vcpu, false) {
+                if let Err(error) =
+                    crate::control::arm_single_step(vcpu, false, &control.hardware_breakpoints())
+                {
                     Step::Stop(GuestExit::VcpuError(format!(
                         "single-stepping could not be switched off: {error}"
                     )))
