@@ -62,7 +62,11 @@
 //! vCPU a process runs on or trapped from (the kernel never touches them),
 //! else its save page.
 //!
-//! Not yet: hardware breakpoints, memory writes outside a process's
+//! A hardware breakpoint (`Z1`) at a kernel address is one of vCPU 0's
+//! debug address registers, armed through KVM's guest debugging; its hit is
+//! held at [`inspect::Point::HardwareBreakpoint`] (runs on one vCPU only).
+//!
+//! Not yet: watchpoints, memory writes outside a process's
 //! writable user pages, and writes of the x87/SSE registers. A step
 //! resumes the
 //! whole guest (gdb's scheduler locking is accepted, not enforced): other
