@@ -1337,7 +1337,12 @@ impl Attached {
                 image: self.image.clone(),
                 cpus,
                 trap: None,
-                text_patches: Default::default(),
+                // Written back to what they replaced in the snapshot.
+                text_patches: self
+                    .control
+                    .as_ref()
+                    .map(|control| control.text_patches().lock().unwrap_or_else(|e| e.into_inner()).clone())
+                    .unwrap_or_default(),
             };
             let meta = snapshot::Meta::new(scenario, report.lost_events);
             let temporary = snapshot_temporary(&path);

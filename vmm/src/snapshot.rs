@@ -215,8 +215,20 @@ pub fn write(mut file: File, ram: &GuestRam, state: &MachineState, meta: &Meta) 
     let mut bitmap = vec![0u8; (pages / 8) as usize];
     let mut stored = 0u64;
     let mut page = vec![0u8; PAGE_SIZE as usize];
+    // A page as the guest had it without the debugger: its `int3`s in the
+    // kernel text (`MachineState::text_patches`) are not the guest's.
+    let read = |i: u64, page: &mut [u8]| -> std::io::Result<()> {
+        ram.read_bytes(i * PAGE_SIZE, page).map_err(io)?;
+        for (&gpa, &original) in state.text_patches.range(i * PAGE_SIZE..(i + 1) * PAGE_SIZE) {
+            let byte = &mut page[(gpa - i * PAGE_SIZE) as usize];
+            if *byte == crate::debug_trap::INT3 {
+                *byte = original;
+            }
+        }
+        Ok(())
+    };
     for i in 0..pages {
-        ram.read_bytes(i * PAGE_SIZE, &mut page).map_err(io)?;
+        read(i, &mut page)?;
         if page != ZERO_PAGE {
             bitmap[(i / 8) as usize] |= 1 << (i % 8);
             stored += 1;
@@ -273,7 +285,7 @@ pub fn write(mut file: File, ram: &GuestRam, state: &MachineState, meta: &Meta) 
     }
     for i in 0..pages {
         if bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0 {
-            ram.read_bytes(i * PAGE_SIZE, &mut page).map_err(io)?;
+            read(i, &mut page)?;
             hash.update(&page);
             out.write_all(&page)?;
         }
@@ -682,6 +694,20 @@ mod tests {
             hash.update(&bytes[HEADER_SIZE..]);
             bytes[56..64].copy_from_slice(&hash.0.to_le_bytes());
         }
+    }
+
+    #[test]
+    fn a_debuggers_int3s_in_the_kernel_text_are_not_in_the_snapshot() {
+        let (ram, mut state) = sample();
+        ram.write_bytes(0x10_0004, &[crate::debug_trap::INT3]).unwrap();
+        state.text_patches.insert(0x10_0004, 0x90);
+        // An int3 the debugger did not write (or one overwritten since) stays.
+        ram.write_bytes(0x10_0008, &[crate::debug_trap::INT3]).unwrap();
+        let loaded = parse(&bytes_of(&ram, &state)).unwrap();
+        let mut text = [0u8; 16];
+        loaded.ram.read_bytes(0x10_0000, &mut text).unwrap();
+        assert_eq!((text[4], text[8]), (0x90, crate::debug_trap::INT3));
+        assert!(loaded.state.text_patches.is_empty(), "the snapshot has no debugger");
     }
 
     #[test]
