@@ -50,6 +50,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use superos_protocol::hypercall::{self as hc, BootHelloParams};
+use superos_protocol::introspect::UserContext;
 
 /// [`live_processes`] without the spec indices.
 fn live_pml4s(machine: &Machine<'_>) -> std::collections::BTreeMap<u32, u64> {
@@ -81,6 +82,59 @@ pub fn arm_single_step(vcpu: &VcpuFd, on: bool, hardware: &[u64]) -> Result<(), 
     }
     vcpu.set_guest_debug(&with(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ))
         .or_else(|_| vcpu.set_guest_debug(&with(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)))
+}
+
+/// A vCPU stopped on a kernel `int3` (PVM's emulation failure) as the trap
+/// frame the kernel would have reported (#BP, at the `int3`).
+fn trap_context(regs: &kvm_bindings::kvm_regs, sregs: &kvm_bindings::kvm_sregs) -> UserContext {
+    UserContext {
+        r15: regs.r15,
+        r14: regs.r14,
+        r13: regs.r13,
+        r12: regs.r12,
+        r11: regs.r11,
+        r10: regs.r10,
+        r9: regs.r9,
+        r8: regs.r8,
+        rbp: regs.rbp,
+        rdi: regs.rdi,
+        rsi: regs.rsi,
+        rdx: regs.rdx,
+        rcx: regs.rcx,
+        rbx: regs.rbx,
+        rax: regs.rax,
+        vector: 3,
+        error_code: 0,
+        rip: regs.rip,
+        cs: u64::from(sregs.cs.selector),
+        rflags: regs.rflags,
+        rsp: regs.rsp,
+        ss: u64::from(sregs.ss.selector),
+    }
+}
+
+/// The vCPU registers of trap registers (the debugger's rewrite of them).
+fn vcpu_registers(r: &UserContext) -> kvm_bindings::kvm_regs {
+    kvm_bindings::kvm_regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
 }
 
 /// How long a query waits for the vCPU to reach a consistent point.
@@ -410,7 +464,7 @@ impl Control {
         vcpu: &VcpuFd,
         aps: Option<&Paused<'_>>,
         session: &Session<'_>,
-    ) -> Option<(u32, u64, Option<superos_protocol::introspect::UserContext>)> {
+    ) -> Option<(u32, u64, Option<UserContext>)> {
         let params = trap.params;
         let stop = {
             let mut state = self.lock();
@@ -444,12 +498,7 @@ impl Control {
     /// at a debug trap: the general registers, the RIP and the status
     /// flags of RFLAGS ([`hc::DEBUG_WRITABLE_RFLAGS`]) are taken, the rest
     /// is the trap's. An error for anything not held at a trap.
-    pub fn write_trap_registers(
-        &self,
-        pid: u32,
-        cpu: Option<u32>,
-        new: &superos_protocol::introspect::UserContext,
-    ) -> Result<(), String> {
+    pub fn write_trap_registers(&self, pid: u32, cpu: Option<u32>, new: &UserContext) -> Result<(), String> {
         let mut state = self.lock();
         let held = state.held.is_some();
         let Some(trap) =
@@ -474,7 +523,7 @@ impl Control {
         if !in_half {
             return Err(format!("rip {:#x} is not in the half the trapped code runs in", new.rip));
         }
-        trap.registers = superos_protocol::introspect::UserContext {
+        trap.registers = UserContext {
             vector: old.vector,
             error_code: old.error_code,
             cs: old.cs,
@@ -632,30 +681,7 @@ impl Control {
         session: &Session<'_>,
     ) -> bool {
         let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else { return false };
-        let registers = superos_protocol::introspect::UserContext {
-            r15: regs.r15,
-            r14: regs.r14,
-            r13: regs.r13,
-            r12: regs.r12,
-            r11: regs.r11,
-            r10: regs.r10,
-            r9: regs.r9,
-            r8: regs.r8,
-            rbp: regs.rbp,
-            rdi: regs.rdi,
-            rsi: regs.rsi,
-            rdx: regs.rdx,
-            rcx: regs.rcx,
-            rbx: regs.rbx,
-            rax: regs.rax,
-            vector: 3,
-            error_code: 0,
-            rip: regs.rip,
-            cs: u64::from(sregs.cs.selector),
-            rflags: regs.rflags,
-            rsp: regs.rsp,
-            ss: u64::from(sregs.ss.selector),
-        };
+        let registers = trap_context(&regs, &sregs);
         {
             let mut state = self.lock();
             let kind = crate::inspect::TrapKind::Breakpoint;
@@ -672,27 +698,7 @@ impl Control {
         state.debug.vcpu_trap = false;
         state.debug.action = None;
         if let (true, Some(trap)) = (std::mem::take(&mut state.debug.registers_written), held) {
-            let r = trap.registers;
-            let rewritten = kvm_bindings::kvm_regs {
-                rax: r.rax,
-                rbx: r.rbx,
-                rcx: r.rcx,
-                rdx: r.rdx,
-                rsi: r.rsi,
-                rdi: r.rdi,
-                rsp: r.rsp,
-                rbp: r.rbp,
-                r8: r.r8,
-                r9: r.r9,
-                r10: r.r10,
-                r11: r.r11,
-                r12: r.r12,
-                r13: r.r13,
-                r14: r.r14,
-                r15: r.r15,
-                rip: r.rip,
-                rflags: r.rflags,
-            };
+            let rewritten = vcpu_registers(&trap.registers);
             if let Err(error) = vcpu.set_regs(&rewritten) {
                 tracing::warn!(%error, "the registers gdb wrote could not be given to vCPU 0");
             }
@@ -719,7 +725,6 @@ impl Control {
     /// the guest resumes), so that it takes one step and traps.
     pub fn arm_step(&self, pid: u32) -> Result<(), String> {
         use crate::inspect::{Analysis, RegisterHome};
-        use superos_protocol::introspect::UserContext;
         let home =
             self.query(|machine| crate::inspect::register_home(&Analysis::new(machine), machine, pid))??;
         let gpa = match home {

@@ -830,7 +830,7 @@ pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BT
     match exit {
         VcpuExit::IoOut(port, data) => match hypercall::decode(port, data) {
             Ok(request) => {
-                tally(exits, session, &format!("hypercall {}", hypercall_name(&request)));
+                tally(exits, session, &format!("hypercall {}", request.call().name()));
                 Step::after(hypercall::handle(session, request))
             }
             Err(error) => {
@@ -877,10 +877,6 @@ pub fn handle_exit(session: &mut Session<'_>, exit: VcpuExit<'_>, exits: &mut BT
             Step::Stop(GuestExit::UnexpectedExit(format!("{other:?}")))
         }
     }
-}
-
-fn hypercall_name(request: &hypercall::Request) -> &'static str {
-    request.call().name()
 }
 
 /// Why the guest stopped, each vCPU's exits by kind, the diagnosis and
@@ -1004,7 +1000,7 @@ fn forwarded_exits(
         };
         let outcome = match forward {
             Forward::Hypercall(request) => {
-                let kind = format!("hypercall {}", hypercall_name(&request));
+                let kind = format!("hypercall {}", request.call().name());
                 session.trace_exit(cpu, &kind);
                 *exits.entry(kind).or_default() += 1;
                 event |= request == hypercall::Request::EventNotify;

@@ -225,6 +225,20 @@ fn gdb_breaks_in_a_user_program_steps_and_continues_to_a_clean_exit() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A connection to the stub at `socket`, each reply waited for at most a
+/// minute.
+fn connect(socket: &Path) -> UnixStream {
+    let stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream
+}
+
+/// The symbols of the kernel ELF `list --export` wrote into `programs`.
+fn kernel_symbols(programs: &Path) -> superos_vmm::diagnose::KernelSymbols {
+    let kernel = std::fs::read(programs.join(superos_vmm::images::KERNEL_FILE_NAME)).unwrap();
+    superos_vmm::diagnose::KernelSymbols::parse(&kernel)
+}
+
 /// `$<body>#<checksum>`.
 fn packet(body: &str) -> Vec<u8> {
     let sum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
@@ -339,8 +353,7 @@ fn breakpoints_and_steps_work_packet_by_packet() {
         &["--timeout", "120", "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
         &dir.join("api.sock"),
     );
-    let mut stream = UnixStream::connect(&socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut stream = connect(&socket);
     assert!(exchange(&mut stream, "qSupported:swbreak+").contains("PacketSize="));
     assert!(exchange(&mut stream, "?").starts_with('T'));
     let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
@@ -493,8 +506,7 @@ fn kernel_breakpoints_work_packet_by_packet() {
     }
     let dir = scratch("gdb", "kernel-packets");
     let programs = export_programs(&dir);
-    let kernel = std::fs::read(programs.join(superos_vmm::images::KERNEL_FILE_NAME)).unwrap();
-    let symbols = superos_vmm::diagnose::KernelSymbols::parse(&kernel);
+    let symbols = kernel_symbols(&programs);
     let handle_trap =
         symbols.function_named("guest_kernel::kernel::Kernel::handle_trap").expect("handle_trap");
     let socket = dir.join("gdb.sock");
@@ -505,8 +517,7 @@ fn kernel_breakpoints_work_packet_by_packet() {
         &["--timeout", "120", "--cpus", cpus, "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
         &dir.join("api.sock"),
     );
-    let mut stream = UnixStream::connect(&socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut stream = connect(&socket);
     assert!(exchange(&mut stream, "qSupported:swbreak+").contains("PacketSize="));
     assert!(exchange(&mut stream, "?").starts_with('T'));
     // The kernel's debug path (its entry stubs first in its text) takes none.
@@ -576,16 +587,14 @@ fn hardware_breakpoints_work_packet_by_packet() {
     let fires = Path::new("/sys/module/kvm_pvm").exists();
     let dir = scratch("gdb", "hardware-packets");
     let programs = export_programs(&dir);
-    let kernel = std::fs::read(programs.join(superos_vmm::images::KERNEL_FILE_NAME)).unwrap();
-    let symbols = superos_vmm::diagnose::KernelSymbols::parse(&kernel);
+    let symbols = kernel_symbols(&programs);
     let trap_dispatch = symbols.address("trap_dispatch").expect("trap_dispatch");
     let socket = dir.join("gdb.sock");
     let vm = Vmm::start(
         &["--timeout", "120", "--gdb", socket.to_str().unwrap(), "--gdb-wait"],
         &dir.join("api.sock"),
     );
-    let mut stream = UnixStream::connect(&socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut stream = connect(&socket);
     assert!(exchange(&mut stream, "qSupported:swbreak+;hwbreak+").contains("hwbreak+"));
     assert!(exchange(&mut stream, "?").starts_with('T'));
     assert!(exchange(&mut stream, "Z1,400000,1").starts_with('E'), "a user address");
@@ -625,8 +634,7 @@ fn hostile_remote_protocol_packets_get_error_replies() {
         &dir.join("api.sock"),
     );
     vm.wait_for_line("[spinner#2] spin: spinning forever");
-    let mut stream = UnixStream::connect(&socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut stream = connect(&socket);
     assert!(exchange(&mut stream, "qSupported:multiprocess+").contains("PacketSize="));
     assert!(exchange(&mut stream, "?").starts_with('T'), "a stop reply: the guest is paused for gdb");
     assert_eq!(exchange(&mut stream, "Hg1"), "OK");

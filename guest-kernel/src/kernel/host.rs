@@ -78,6 +78,33 @@ pub fn kernel_debug_trap(cpu: u32, registers: superos_protocol::introspect::User
     }
 }
 
+impl DebugAnswer {
+    /// Resumes the trapped code in `frame` as answered, if the answer is
+    /// a continue or a step at a RIP `allowed` accepts (the trapped code's
+    /// half): the registers the debugger rewrote, the RIP, and the trap
+    /// flag for a step. False for anything else (the caller's fault path).
+    #[inline(always)]
+    pub fn resume(&self, frame: &mut crate::arch::TrapFrame, allowed: impl Fn(u64) -> bool) -> bool {
+        let resumes = matches!(self.action, hc::DEBUG_ACTION_CONTINUE | hc::DEBUG_ACTION_STEP);
+        if !resumes || !allowed(self.rip) {
+            return false;
+        }
+        if let Some(registers) = &self.registers {
+            frame.apply_debugger_registers(registers);
+        }
+        frame.rip = self.rip;
+        if self.action == hc::DEBUG_ACTION_STEP {
+            frame.rflags |= RFLAGS_TF;
+        } else {
+            frame.rflags &= !RFLAGS_TF;
+        }
+        true
+    }
+}
+
+/// RFLAGS.TF, the trap flag: a debug exception after the next instruction.
+const RFLAGS_TF: u64 = 1 << 8;
+
 /// What the VMM answered a debug trap.
 pub struct DebugAnswer {
     /// `DEBUG_ACTION_*` (without [`hc::DEBUG_ACTION_REGISTERS`]).

@@ -748,20 +748,8 @@ fn kernel_debug_trap(frame: &mut TrapFrame, cpu: u32) {
         kernel_exception(frame);
     }
     let answer = host::kernel_debug_trap(cpu, frame.user_context());
-    let (action, rip) = (answer.action, answer.rip);
-    match action {
-        hc::DEBUG_ACTION_CONTINUE | hc::DEBUG_ACTION_STEP if rip >= KERNEL_HALF_START => {
-            if let Some(registers) = &answer.registers {
-                frame.apply_debugger_registers(registers);
-            }
-            frame.rip = rip;
-            if action == hc::DEBUG_ACTION_STEP {
-                frame.rflags |= RFLAGS_TF;
-            } else {
-                frame.rflags &= !RFLAGS_TF;
-            }
-        }
-        _ => kernel_exception(frame),
+    if !answer.resume(frame, |rip| rip >= KERNEL_HALF_START) {
+        kernel_exception(frame);
     }
     busy.store(false, Ordering::Release);
 }
@@ -874,8 +862,6 @@ const DEBUG_VECTOR: u64 = 1;
 /// Vector of the breakpoint exception (#BP): an `int3` in ring 3 outside
 /// the gate.
 const BREAKPOINT_VECTOR: u64 = 3;
-/// RFLAGS.TF, the trap flag: a debug exception after the next instruction.
-const RFLAGS_TF: u64 = 1 << 8;
 /// Vector of the x87 floating-point error (#MF).
 const X87_FLOATING_POINT_VECTOR: u64 = 16;
 
@@ -1019,20 +1005,8 @@ impl Kernel {
         };
         let pid = self.processes[index].pid;
         let answer = host::debug_trap(pid, self.cpu, frame.user_context());
-        let (action, rip) = (answer.action, answer.rip);
-        match action {
-            hc::DEBUG_ACTION_CONTINUE | hc::DEBUG_ACTION_STEP if rip < USER_HALF_END => {
-                if let Some(registers) = &answer.registers {
-                    frame.apply_debugger_registers(registers);
-                }
-                frame.rip = rip;
-                if action == hc::DEBUG_ACTION_STEP {
-                    frame.rflags |= RFLAGS_TF;
-                } else {
-                    frame.rflags &= !RFLAGS_TF;
-                }
-            }
-            _ => self.kill_current(frame, classify_exception(frame.vector), frame.rip),
+        if !answer.resume(frame, |rip| rip < USER_HALF_END) {
+            self.kill_current(frame, classify_exception(frame.vector), frame.rip);
         }
     }
 
