@@ -57,6 +57,8 @@ pub enum TraceKind {
     /// Process `pid` returns from system call `a` with result `b` (the raw
     /// `rax`: see [`crate::syscall::decode_result`]).
     SyscallReturn = 5,
+    /// The kernel logged event number `a` (its `seq` in the event ring).
+    Event = 6,
 }
 
 impl TraceKind {
@@ -68,6 +70,7 @@ impl TraceKind {
             3 => Self::Idle,
             4 => Self::SyscallEnter,
             5 => Self::SyscallReturn,
+            6 => Self::Event,
             _ => return None,
         })
     }
@@ -85,10 +88,11 @@ mod tests {
             TraceKind::Idle,
             TraceKind::SyscallEnter,
             TraceKind::SyscallReturn,
+            TraceKind::Event,
         ] {
             assert_eq!(TraceKind::from_raw(kind as u16), Some(kind));
         }
         assert_eq!(TraceKind::from_raw(0), None);
-        assert_eq!(TraceKind::from_raw(6), None);
+        assert_eq!(TraceKind::from_raw(7), None);
     }
 }

@@ -276,9 +276,26 @@ impl Trace {
         let mut calls: BTreeMap<u32, OpenCall> = BTreeMap::new();
         let mut running: BTreeMap<u16, (u32, Duration)> = BTreeMap::new();
         let mut unplaced = 0u64;
+        // A traced kernel stamps each event it logs: placed on the same clock
+        // as the calls around it (else at the drain that brought it).
+        let logged: BTreeMap<u64, u64> = self
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Kernel(k) if k.kind == TraceKind::Event as u16 => Some((k.a, k.tsc)),
+                _ => None,
+            })
+            .collect();
         let mut records: Vec<(Duration, &Record)> = Vec::with_capacity(self.records.len());
         for record in &self.records {
-            match record.at(&self.clock) {
+            let at = match record {
+                Record::Event { entry, .. } => logged
+                    .get(&entry.seq)
+                    .and_then(|&tsc| self.clock.at(tsc))
+                    .or_else(|| record.at(&self.clock)),
+                _ => record.at(&self.clock),
+            };
+            match at {
                 Some(at) => records.push((at.min(end), record)),
                 None => unplaced += 1,
             }
@@ -568,6 +585,33 @@ mod tests {
             .iter()
             .any(|e| e["ph"] == "M" && e["tid"] == CPU_TRACK + 1 && e["args"]["name"] == "CPU 1"));
         assert_eq!(json["otherData"]["unplaced"], 0);
+    }
+
+    #[test]
+    fn an_event_the_kernel_stamped_is_placed_at_its_stamp_not_its_drain() {
+        let mut trace = Trace::new(1_000); // a tick is a microsecond
+        trace.clock.anchor(0, Duration::ZERO);
+        trace.push(Record::Event {
+            at: ms(1),
+            entry: entry(0, Event::ProcessSpawned { pid: 1, spec_index: 0, pml4_gpa: 0x5000 }),
+        });
+        trace.push(kernel(2_000, TraceKind::SyscallEnter, 0, 1, Syscall::Exit as u64, 0));
+        // Drained (timed) at 1.5 ms by a late clock pair, logged at 3 ms.
+        trace.push(Record::Event {
+            at: us(1_500),
+            entry: entry(1, Event::ProcessExited { pid: 1, code: 0, preemptions: 0 }),
+        });
+        trace.push(kernel(3_000, TraceKind::Event, 0, 0, 1, 0));
+        let json = trace.to_json(ms(9), &BTreeMap::from([(1, "a".to_string())]));
+        let events = json["traceEvents"].as_array().unwrap();
+        let exited = events.iter().find(|e| e["name"] == "process-exited").unwrap();
+        assert_eq!(exited["ts"].as_f64(), Some(3000.0));
+        let exit = events.iter().find(|e| e["name"] == "exit").expect("the exit call, inside the life");
+        assert_eq!((exit["ts"].as_f64(), exit["dur"].as_f64()), (Some(2000.0), Some(1000.0)));
+    }
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
     }
 
     #[test]

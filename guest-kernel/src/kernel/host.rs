@@ -313,13 +313,17 @@ pub fn append_event(event: Event, tick: u64) {
     // SAFETY: KernelCell invariant. The VMM writes only `tail`, read volatile.
     let ring = unsafe { EVENT_RING.get() };
     let tail = ring_tail(&ring.header);
-    ring.push(tail, |seq| {
+    let (seq, cpu) = (ring.header.head, super::smp::BIG_LOCK.owner());
+    let appended = ring.push(tail, |seq| {
         let mut record = event.encode();
         record.seq = seq;
         record.tick = tick;
-        record.cpu = super::smp::BIG_LOCK.owner() as u16;
+        record.cpu = cpu as u16;
         record
     });
+    if appended && super::trace::on() {
+        super::trace::event(seq, cpu);
+    }
 }
 
 /// Tells the VMM about the events appended since its last drain (a VM exit).

@@ -66,6 +66,12 @@ fn record(kind: TraceKind, cpu: u32, pid: u32, a: u64, b: u64) {
     ring.push(tail, |_| TraceRecord { tsc, kind: kind as u16, cpu: cpu as u16, pid, a, b });
 }
 
+/// Event `seq` was appended to the event ring by `cpu`: its time, so that
+/// the VMM places the event on the same clock as the calls around it.
+pub fn event(seq: u64, cpu: u32) {
+    record(TraceKind::Event, cpu, 0, seq, 0);
+}
+
 /// Has the VMM drain the ring: a clock record, then the hypercall.
 pub fn drain() {
     record(TraceKind::Clock, 0, 0, 0, 0);
